@@ -1,0 +1,43 @@
+# Two entry points: `make demo` (the main job) and `make test` (the suite). Both build .venv on first use.
+# On a machine without an NVIDIA GPU, torch is pinned to the CPU build that installs from local disk; where
+# `nvidia-smi` works, an already-installed torch is kept (or set TORCH_SPEC to choose one).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(HAS_GPU),1)
+TORCH_SPEC ?= torch
+else
+TORCH_SPEC ?= torch==2.13.0
+endif
+PYTEST_ARGS ?=
+
+.PHONY: venv install test test-dist demo bench clean
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.deps: requirements-dev.txt | $(VENV)/bin/python
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# The package (and its C++ extension) is rebuilt whenever sources change; --no-build-isolation keeps the build on
+# the torch installed above instead of fetching another.
+$(VENV)/.installed: $(VENV)/.deps setup.py $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h)
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-build-isolation -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+
+demo: install
+	$(PY) -m fastpeft.demo
+
+bench: install
+	$(PY) -m pytest -q benchmarks --benchmark-only
+
+clean:
+	rm -rf $(VENV) build *.egg-info fastpeft/*.so

@@ -1,0 +1,105 @@
+"""The backend table: ``reference``, ``cpu``, ``triton``, ``cuda``.
+
+``auto`` (the default, or ``FASTPEFT_BACKEND=auto``) picks, per call, the fastest available backend that
+supports the call's device and weight: ``cuda`` then ``triton`` for CUDA tensors, ``cpu`` for CPU tensors (and
+``triton`` on CPU tensors only under ``TRITON_INTERPRET=1`` when forced), ``reference`` everywhere else.
+``set_backend(name)`` forces one; asking for an unavailable backend raises with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from typing import Optional
+
+from .base import Backend
+from .reference import ReferenceBackend
+
+BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
+_MODULES = {"cpu": ".cpu", "triton": ".triton", "cuda": ".cuda"}
+_instances: dict[str, Backend] = {"reference": ReferenceBackend()}
+_load_errors: dict[str, str] = {}
+_forced: Optional[str] = None
+_warned_fallback: set[tuple[str, str]] = set()
+
+
+def _instance(name: str) -> Optional[Backend]:
+    """The backend object, importing its module lazily; None (with the reason kept) if the module fails."""
+    if name in _instances:
+        return _instances[name]
+    if name in _load_errors:
+        return None
+    try:
+        module = importlib.import_module(_MODULES[name], __name__)
+        _instances[name] = module.BACKEND
+    except Exception as exc:  # an optional dependency is missing or broken: report, never fail import
+        _load_errors[name] = f"{type(exc).__name__}: {exc}"
+        return None
+    return _instances[name]
+
+
+def availability(name: str) -> tuple[bool, str]:
+    """``(available, reason)`` for one backend name."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"fastpeft: unknown backend {name!r}; choose one of {('auto',) + BACKEND_NAMES}")
+    backend = _instance(name)
+    if backend is None:
+        return False, f"could not be loaded ({_load_errors[name]})"
+    try:
+        return backend.availability()
+    except Exception as exc:
+        return False, f"availability check failed ({type(exc).__name__}: {exc})"
+
+
+def backend_info() -> dict[str, dict]:
+    """Which backends are available here, and why not: ``{name: {"available": bool, "reason": str}}``, plus
+    ``"selected"``: the forced name or ``"auto"``."""
+    info: dict[str, dict] = {}
+    for name in BACKEND_NAMES:
+        ok, reason = availability(name)
+        info[name] = {"available": ok, "reason": reason}
+    info["selected"] = _selected_name()  # type: ignore[assignment]
+    return info
+
+
+def _selected_name() -> str:
+    return _forced or os.environ.get("FASTPEFT_BACKEND", "auto").strip().lower() or "auto"
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Force a backend by name (``auto`` or None restores automatic choice). Raises ``RuntimeError`` with the
+    reason if the backend is unavailable here."""
+    global _forced
+    if name is None or name == "auto":
+        _forced = None
+        return
+    ok, reason = availability(name)
+    if not ok:
+        raise RuntimeError(f"fastpeft: backend {name!r} is not available: {reason}")
+    _forced = name
+
+
+def get_backend(x, weight) -> Backend:
+    """The backend that serves a call with input ``x`` and base ``weight``."""
+    name = _selected_name()
+    if name != "auto":
+        ok, reason = availability(name)
+        if not ok:
+            raise RuntimeError(f"fastpeft: backend {name!r} (from FASTPEFT_BACKEND/set_backend) is not available: {reason}")
+        backend = _instances[name]
+        if backend.supports(x, weight):
+            return backend
+        key = (name, f"{x.device.type}/{x.dtype}/{type(weight).__name__}")
+        if key not in _warned_fallback:
+            _warned_fallback.add(key)
+            warnings.warn(
+                f"fastpeft: backend {name!r} does not serve {key[1]} inputs; using the reference backend for them",
+                stacklevel=3,
+            )
+        return _instances["reference"]
+    order = ("cuda", "triton") if x.device.type == "cuda" else ("cpu",)
+    for candidate in order:
+        if availability(candidate)[0] and _instances[candidate].supports(x, weight):
+            return _instances[candidate]
+    return _instances["reference"]

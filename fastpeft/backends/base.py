@@ -1,0 +1,104 @@
+"""The contract every fastpeft backend implements.
+
+A backend is a set of plain (non-autograd) forward and backward functions. ``fastpeft.functional`` owns autograd,
+decides what to save, draws the dropout seeds, and calls these. Every backend must agree with
+``fastpeft.reference`` (outputs and gradients), including the dropout mask, which is defined in
+``fastpeft._philox`` and regenerated from ``seeds`` (never stored).
+
+Conventions shared by all functions below:
+
+- ``x``: ``(M, K)``, any strides, dtype fp16/bf16/fp32. The functional layer flattens leading dims first.
+- ``weight``: ``(N, K)``, any strides (``fan_in_fan_out`` layers pass the transposed view of their ``(K, N)``
+  storage), same dtype as ``x``; or a ``fastpeft.quant.QuantizedWeight`` for 4-bit/8-bit bases (a backend that
+  cannot fuse dequantization calls ``weight.dequantize()``).
+- ``bias``: ``(N,)`` or None.
+- ``lora_A[i]``: ``(r_i, K)``, ``lora_B[i]``: ``(N, r_i)``, ``lora_bias[i]``: ``(N,)`` or None; adapter tensors
+  may be in a different dtype than ``x`` (PEFT keeps them in fp32 under a bf16 base by default). Adapter ``i``
+  sees ``x`` cast to ``lora_A[i].dtype``.
+- ``scaling[i]``: float; ``dropout_p[i]``: float in [0, 1) (0 in eval mode); ``seeds[i]``: int in [0, 2**31).
+- Accumulate in fp32. Outputs keep PEFT's dtypes: ``y`` in ``x``'s dtype, ``xa[i]`` in ``lora_A[i]``'s dtype,
+  each gradient in its parameter's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+
+class Backend:
+    """Base class: a named backend that may or may not be usable here.
+
+    Subclasses set ``name``, implement ``availability`` and the kernels. ``supports`` says whether this backend
+    can run a given call (device, dtype, quantized weight kind); the dispatcher falls back to the reference when a
+    chosen backend declines a call it cannot serve, and says so once.
+    """
+
+    name = "base"
+
+    def availability(self) -> tuple[bool, str]:
+        """``(True, "")`` when usable in this process, else ``(False, reason)``; must never raise."""
+        raise NotImplementedError
+
+    def supports(self, x: torch.Tensor, weight) -> bool:
+        """Whether this backend serves a call with input ``x`` and base ``weight`` (Tensor or QuantizedWeight)."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------------------- LoRA
+    def lora_forward(
+        self,
+        x: torch.Tensor,
+        weight,
+        bias: Optional[torch.Tensor],
+        lora_A: Sequence[torch.Tensor],
+        lora_B: Sequence[torch.Tensor],
+        lora_bias: Sequence[Optional[torch.Tensor]],
+        scaling: Sequence[float],
+        dropout_p: Sequence[float],
+        seeds: Sequence[int],
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Returns ``y`` ``(M, N)`` and ``xa[i] = drop_i(x_i) @ A_i^T`` ``(M, r_i)``, kept for ``dB``."""
+        raise NotImplementedError
+
+    def lora_backward(
+        self,
+        grad_y: torch.Tensor,
+        x: Optional[torch.Tensor],
+        weight,
+        lora_A: Sequence[torch.Tensor],
+        lora_B: Sequence[torch.Tensor],
+        xa: Sequence[torch.Tensor],
+        scaling: Sequence[float],
+        dropout_p: Sequence[float],
+        seeds: Sequence[int],
+        needs_grad_x: bool,
+        needs_grad_A: bool,
+    ) -> tuple[Optional[torch.Tensor], list[Optional[torch.Tensor]], list[torch.Tensor], list[torch.Tensor]]:
+        """Returns ``(dx, dA, dB, dbias)``; ``dx`` None unless ``needs_grad_x``; ``dA[i]`` None unless
+        ``needs_grad_A`` (``x`` may then be None). ``dbias[i] = s_i * grad_y.sum(0)`` (used only when the adapter
+        has a ``lora_bias``). Formulas: see ``fastpeft.functional.LoRALinearFunction``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------------------ IA3
+    def ia3_forward(
+        self, x: torch.Tensor, weight, bias: Optional[torch.Tensor], scale: torch.Tensor, is_feedforward: bool
+    ) -> torch.Tensor:
+        """``scale`` is the product of active IA3 vectors, ``(K,)`` if ``is_feedforward`` else ``(N,)``, in the
+        IA3 vectors' dtype. Feedforward: ``y = ((x * scale).to(x.dtype)) W^T + bias``; else
+        ``y = ((x W^T + bias) * scale).to(x.dtype)``."""
+        raise NotImplementedError
+
+    def ia3_backward(
+        self,
+        grad_y: torch.Tensor,
+        x: torch.Tensor,
+        weight,
+        bias: Optional[torch.Tensor],
+        scale: torch.Tensor,
+        is_feedforward: bool,
+        needs_grad_x: bool,
+    ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """Returns ``(dx, dscale)``; ``dscale`` has ``scale``'s shape and dtype. Formulas: see
+        ``fastpeft.functional.IA3LinearFunction``."""
+        raise NotImplementedError

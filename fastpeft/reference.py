@@ -1,0 +1,87 @@
+"""The executable spec of fastpeft: PEFT's LoRA and IA3 semantics, written plainly in torch.
+
+Used three ways: as the ``reference`` backend (the fallback that runs anywhere), by every test as the oracle beside
+PEFT itself, and by the benchmarks as a baseline. Everything here is differentiable by torch autograd, so the
+reference gradients are autograd's, not a second hand-written formula.
+
+Shapes: ``x`` is ``(M, K)``; ``weight`` is ``(N, K)`` (for ``fan_in_fan_out`` pass the transposed view of the stored
+``(K, N)`` weight); ``lora_A[i]`` is ``(r_i, K)``; ``lora_B[i]`` is ``(N, r_i)``; biases are ``(N,)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ._philox import dropout_keep_mask
+
+
+def apply_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """``drop(x)``: ``x * keep / (1 - p)`` with fastpeft's Philox mask (see ``fastpeft._philox``); identity at p=0."""
+    if p <= 0.0:
+        return x
+    if p >= 1.0:
+        return torch.zeros_like(x)
+    keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], p, device=x.device)
+    return x * keep.to(x.dtype) / (1.0 - p)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: Sequence[torch.Tensor],
+    lora_B: Sequence[torch.Tensor],
+    lora_bias: Sequence[Optional[torch.Tensor]],
+    scaling: Sequence[float],
+    dropout_p: Sequence[float],
+    seeds: Sequence[int],
+) -> torch.Tensor:
+    """PEFT's ``lora.Linear.forward`` for a 2-D input, adapters applied in order.
+
+    ``y = base(x) + sum_i s_i * (drop_i(x_i) A_i^T B_i^T + b_i)`` where ``x_i`` is ``x`` cast to ``A_i``'s dtype (as
+    PEFT's ``_cast_input_dtype`` does, cumulatively), each adapter term is computed in its own dtype, the sum is
+    carried in the promoted dtype and the result is cast back to the base output's dtype.
+    """
+    result = torch.nn.functional.linear(x, weight, bias)
+    result_dtype = result.dtype
+    for A, B, b, s, p, seed in zip(lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
+        x = x.to(A.dtype)
+        update = torch.nn.functional.linear(torch.nn.functional.linear(apply_dropout(x, p, seed), A), B, b)
+        result = result + update * s
+    return result.to(result_dtype)
+
+
+def ia3_scale_vector(ia3_vectors: Sequence[torch.Tensor]) -> tuple[torch.Tensor | float, torch.dtype | None]:
+    """Product of the active IA3 vectors (flattened) and the dtype of the last one, as PEFT forms them."""
+    scale: torch.Tensor | float = 1.0
+    dtype = None
+    for vector in ia3_vectors:
+        dtype = vector.dtype
+        scale = scale * vector.flatten()
+    return scale, dtype
+
+
+def ia3_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    ia3_vectors: Sequence[torch.Tensor],
+    is_feedforward: bool,
+) -> torch.Tensor:
+    """PEFT's ``ia3.Linear.forward`` for a 2-D input.
+
+    Feedforward modules scale the input: ``y = base((x * l).to(x.dtype))`` with ``l`` of shape ``(K,)``; others scale
+    the output: ``y = (base(x) * l).to(base dtype)`` with ``l`` of shape ``(N,)``. ``l`` is the product of all active
+    vectors.
+    """
+    previous_dtype = x.dtype
+    scale, dtype = ia3_scale_vector(ia3_vectors)
+    if dtype is None:
+        return torch.nn.functional.linear(x, weight, bias)
+    if is_feedforward:
+        scaled = (x.to(dtype) * scale).to(previous_dtype)
+        return torch.nn.functional.linear(scaled, weight, bias)
+    result = torch.nn.functional.linear(x, weight, bias)
+    return (result * scale).to(result.dtype)

@@ -1,0 +1,66 @@
+"""Build and install fastpeft.
+
+The Triton sources in ``kernels/`` install as ``fastpeft.kernels`` (never as a top-level ``kernels``, a name another
+well-known package owns). The CPU extension ``fastpeft._C`` is built from ``csrc/cpu/*.cpp`` when torch is importable
+at build time; set ``FASTPEFT_SKIP_CPU_BUILD=1`` to skip it (the ``cpu`` backend then reports that it is not built
+and the reference backend serves). Install with ``pip install --no-build-isolation .`` so the build sees the torch you
+already have instead of downloading another one. ``MAX_JOBS`` is honoured by torch's ninja build.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cpu_extension():
+    """``(ext_modules, cmdclass)`` for the C++ CPU backend, or empty ones when skipped or torch is missing."""
+    if os.environ.get("FASTPEFT_SKIP_CPU_BUILD", "0") == "1":
+        print("fastpeft: FASTPEFT_SKIP_CPU_BUILD=1, not building the CPU extension")
+        return [], {}
+    sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    if not sources:
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        print("fastpeft: torch is not importable at build time, not building the CPU extension")
+        return [], {}
+    extension = CppExtension(
+        "fastpeft._C",
+        sources,
+        include_dirs=[os.path.join(HERE, "csrc", "cpu")],
+        extra_compile_args={"cxx": ["-O3", "-fopenmp", "-std=c++17"]},
+        extra_link_args=["-fopenmp"],
+    )
+    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = cpu_extension()
+
+setup(
+    name="fastpeft",
+    version="0.1.0",
+    description="Fused LoRA, QLoRA and IA3 kernels (Triton, CUDA, CPU) behind Hugging Face PEFT's API",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["fastpeft", "fastpeft.backends", "fastpeft.bench", "fastpeft.kernels"],
+    package_dir={"fastpeft.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.5,<2.16",
+        "peft>=0.17",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "triton": ["triton>=3.2"],
+        "bnb": ["bitsandbytes>=0.45"],
+        "bench": ["matplotlib>=3.7", "tqdm>=4.60"],
+    },
+    entry_points={"console_scripts": ["fastpeft-bench=fastpeft.bench.__main__:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

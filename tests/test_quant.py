@@ -1,0 +1,95 @@
+"""fastpeft.quant: its own dequantization is bit-equal to bitsandbytes' on every layout bitsandbytes produces."""
+
+import copy
+
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+F = bnb.functional
+
+from fastpeft.quant import QuantizedWeight, code_table, quantized_weight_of  # noqa: E402
+
+SHAPES = [(64, 96), (33, 50), (7, 12)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 4096], ids=lambda b: f"bs{b}")
+@pytest.mark.parametrize("nested", [False, True], ids=["nested=F", "nested=T"])
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_dequantize_4bit_bit_equal(kind, nested, blocksize, dtype):
+    torch.manual_seed(0)
+    for N, K in SHAPES:
+        w = (torch.randn(N, K) * 0.3).to(dtype)
+        packed, state = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested, quant_type=kind)
+        ref = F.dequantize_4bit(packed, state)
+        q = QuantizedWeight.from_quant_state(packed, state)
+        assert q.kind == kind and q.shape == (N, K) and q.nested == nested and q.dtype == dtype
+        assert q.data.data_ptr() == packed.data_ptr(), "the packed weight must not be copied"
+        out = q.dequantize()
+        assert out.dtype == ref.dtype and torch.equal(out, ref), f"{kind} {N}x{K}"
+        assert torch.equal(q.dequantize(torch.float32), ref.float())
+
+
+def test_dequantize_odd_k():
+    # odd K: packed bytes straddle rows and blocks straddle rows
+    torch.manual_seed(1)
+    w = torch.randn(5, 23)
+    packed, state = F.quantize_4bit(w, blocksize=32, compress_statistics=True, quant_type="nf4")
+    assert torch.equal(QuantizedWeight.from_quant_state(packed, state).dequantize(), F.dequantize_4bit(packed, state))
+
+
+def test_code_tables_match_bitsandbytes():
+    for kind in ("nf4", "fp4"):
+        assert torch.equal(code_table(kind), F.get_4bit_type(kind, device="cpu"))
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["nested=F", "nested=T"])
+def test_cpu_inference_repack_is_undone(nested):
+    """bitsandbytes' first eval forward on some CPUs rewrites the weight into a tiled [N, K/2] layout with a
+    bfloat16 absmax; fastpeft reads that layout too (codes unchanged, absmax as bitsandbytes rounded it)."""
+    torch.manual_seed(2)
+    packed, state = F.quantize_4bit(torch.randn(64, 128), blocksize=64, compress_statistics=nested, quant_type="nf4")
+    before = QuantizedWeight.from_quant_state(packed, state)
+    tiled, tiled_state = F._convert_weight_packed_for_cpu(packed.clone(), copy.deepcopy(state))
+    assert tuple(tiled.shape) == (64, 64)
+    after = QuantizedWeight.from_quant_state(tiled, tiled_state)
+    assert torch.equal(after.codes(), before.codes())
+    assert torch.equal(after.absmax, before.absmax_float().to(torch.bfloat16).float())
+    assert not after.nested and after.dtype == torch.float32
+
+
+def test_int8_bit_equal():
+    torch.manual_seed(3)
+    lin = bnb.nn.Linear8bitLt(40, 24, has_fp16_weights=False, bias=True).to("cpu")
+    q = quantized_weight_of(lin)
+    assert q is not None and q.kind == "int8" and q.shape == (24, 40)
+    assert q.data.data_ptr() == lin.weight.data.data_ptr()
+    assert torch.equal(q.dequantize(), F.int8_vectorwise_dequant(lin.weight.data, lin.weight.SCB))
+
+
+def test_linear4bit_module_and_dense_is_none():
+    lin = bnb.nn.Linear4bit(64, 32, compress_statistics=True, quant_type="fp4").to("cpu")
+    q = quantized_weight_of(lin)
+    assert q.kind == "fp4" and q.shape == (32, 64) and q.nested
+    assert torch.equal(q.dequantize(), F.dequantize_4bit(lin.weight.data, lin.weight.quant_state))
+    assert quantized_weight_of(torch.nn.Linear(4, 4)) is None
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
+def test_quantize_like_roundtrip(kind):
+    """Requantizing a dequantized weight reproduces it (the codes are fixed points of quantization)."""
+    torch.manual_seed(4)
+    w = torch.randn(32, 64)
+    if kind == "int8":
+        cb, scb, _ = F.int8_vectorwise_quant(w.half())
+        q = QuantizedWeight(kind="int8", shape=(32, 64), dtype=torch.float32, data=cb, absmax=scb)
+    else:
+        q = QuantizedWeight.from_quant_state(*F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type=kind))
+    dense = q.dequantize()
+    q2 = q.quantize_like(dense)
+    assert q2.kind == q.kind and q2.shape == q.shape and q2.nested == q.nested
+    torch.testing.assert_close(q2.dequantize(), dense, rtol=0.02, atol=0.02)
+    # and a changed weight moves the quantized one
+    q3 = q.quantize_like(dense + 0.5)
+    assert (q3.dequantize() - dense).mean() > 0.3

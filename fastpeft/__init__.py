@@ -2,9 +2,26 @@
 
 ``import fastpeft`` works with no GPU, no Triton and no compiled extension; missing pieces are reported by
 ``backend_info()`` and raised, with the reason, only when asked for.
+
+Public API: ``patch``, ``accelerate``, ``register``, ``save_pretrained``, ``load_adapter``, ``set_backend``,
+``backend_info``; the functional ops are in ``fastpeft.functional``.
 """
 
 from .backends import backend_info, set_backend
+from .functional import ia3_linear, lora_linear
+from .io import load_adapter, save_pretrained
+from .patching import accelerate, patch, register
 
 __version__ = "0.1.0"
-__all__ = ["backend_info", "set_backend", "__version__"]
+__all__ = [
+    "accelerate",
+    "backend_info",
+    "ia3_linear",
+    "load_adapter",
+    "lora_linear",
+    "patch",
+    "register",
+    "save_pretrained",
+    "set_backend",
+    "__version__",
+]

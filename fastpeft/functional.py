@@ -1,0 +1,336 @@
+"""The functional layer: autograd, dispatch, and the ``torch.library`` custom ops.
+
+Public functions:
+
+- ``lora_linear(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, training)``
+- ``ia3_linear(x, weight, bias, ia3_vectors, is_feedforward)``
+
+Both take ``x`` of shape ``(..., K)`` and return ``(..., N)`` in ``x``'s dtype. ``weight`` is the ``(N, K)`` base
+weight (a transposed view for ``fan_in_fan_out`` layers) or a ``fastpeft.quant.QuantizedWeight``.
+
+Dense weights go through the custom ops ``fastpeft::lora_linear`` / ``fastpeft::ia3_linear`` (with fake
+implementations and registered autograd, so ``torch.compile`` traces them without graph breaks); quantized weights go
+through ``torch.autograd.Function`` twins. Both routes call the same ``_lora_backward`` / ``_ia3_backward``, so the
+gradient math lives in one place:
+
+LoRA, per adapter ``i`` with ``h_i = drop_i(x) A_i^T`` (M x r_i, saved) and ``g_i = s_i * dY B_i`` (M x r_i)::
+
+    dX   = dY W + sum_i (g_i A_i) * mask_i / (1 - p_i)
+    dA_i = g_i^T drop_i(x)            (mask regenerated from the seed; drop(x) is never stored)
+    dB_i = s_i * dY^T h_i
+    db_i = s_i * sum_m dY             (lora_bias)
+
+IA3 with the product ``l`` of active vectors::
+
+    feedforward:  y = (x * l) W^T + b      ->  dX = (dY W) * l,   dl = sum_m (dY W) * x
+    otherwise:    y = (x W^T + b) * l      ->  dX = (dY * l) W,   dl = sum_m dY * (x W^T + b)
+
+Saved for backward: ``x`` (only when an adapter weight needs a gradient), the small ``h_i``, the parameters and the
+seeds. Never ``drop(x)``, a mask, or a dequantized weight.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .backends import get_backend
+
+
+
+def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    return x.reshape(-1, x.shape[-1]), tuple(x.shape[:-1])
+
+
+def draw_seeds(n: int, dropout_p: Sequence[float], training: bool) -> torch.Tensor:
+    """One int64 seed per adapter, drawn from torch's CPU generator when dropout is active.
+
+    Drawing from torch's RNG (not a private counter) is what makes ``torch.manual_seed`` reproduce a run and makes
+    activation-checkpoint recompute (which restores the RNG state) regenerate forward's masks.
+    """
+    if training and any(p > 0 for p in dropout_p):
+        return torch.randint(0, 2**31 - 1, (n,), dtype=torch.int64)
+    return torch.zeros(n, dtype=torch.int64)
+
+
+# ------------------------------------------------------------------------------------------------------------ LoRA
+def _lora_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
+    backend = get_backend(x, weight)
+    return backend.lora_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
+
+
+def _lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A):
+    backend = get_backend(grad_y, weight)
+    return backend.lora_backward(
+        grad_y.contiguous(), x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A
+    )
+
+
+@torch.library.custom_op("fastpeft::lora_linear", mutates_args=())
+def lora_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: list[torch.Tensor],
+    lora_B: list[torch.Tensor],
+    lora_bias: list[torch.Tensor],
+    scaling: list[float],
+    dropout_p: list[float],
+    seeds: torch.Tensor,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Fused LoRA forward on 2-D ``x`` (M, K): returns ``y`` (M, N) and ``h_i = drop_i(x) A_i^T`` (M, r_i).
+
+    ``lora_bias[i]`` is an empty tensor for an adapter without one (``Tensor?[]`` lists do not round-trip through
+    the registered autograd)."""
+    biases = [b if b.numel() else None for b in lora_bias]
+    y, xa = _lora_forward(x, weight, bias, lora_A, lora_B, biases, scaling, dropout_p, seeds.tolist())
+    return y, list(xa)
+
+
+@lora_linear_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
+    y = x.new_empty(x.shape[0], weight.shape[0])
+    return y, [x.new_empty(x.shape[0], A.shape[0], dtype=A.dtype) for A in lora_A]
+
+
+@torch.library.custom_op("fastpeft::lora_linear_backward", mutates_args=())
+def lora_linear_backward_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: list[torch.Tensor],
+    lora_B: list[torch.Tensor],
+    xa: list[torch.Tensor],
+    scaling: list[float],
+    dropout_p: list[float],
+    seeds: torch.Tensor,
+    needs_grad_x: bool,
+    needs_grad_A: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Backward of ``fastpeft::lora_linear``; gradients not asked for come back as empty tensors."""
+    dx, dA, dB, db = _lora_backward(
+        grad_y, x if needs_grad_A else None, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds.tolist(),
+        needs_grad_x, needs_grad_A,
+    )
+    dx = dx if dx is not None else grad_y.new_empty(0)
+    dA = [g if g is not None else A.new_empty(0) for g, A in zip(dA, lora_A)]
+    return dx, dA, list(dB), list(db)
+
+
+@lora_linear_backward_op.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A):
+    M, K = grad_y.shape[0], weight.shape[1]
+    dx = grad_y.new_empty(M, K) if needs_grad_x else grad_y.new_empty(0)
+    dA = [A.new_empty(A.shape) if needs_grad_A else A.new_empty(0) for A in lora_A]
+    dB = [B.new_empty(B.shape) for B in lora_B]
+    db = [B.new_empty(B.shape[0]) for B in lora_B]
+    return dx, dA, dB, db
+
+
+def _lora_setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds = inputs
+    _, xa = output
+    ctx.n = len(lora_A)
+    ctx.scaling, ctx.dropout_p = list(scaling), list(dropout_p)
+    ctx.needs_grad_A = any(A.requires_grad for A in lora_A)
+    ctx.has_lora_bias = [b.numel() > 0 for b in lora_bias]
+    # x is kept only for dA; with dropout it is still x itself, never a dropped copy.
+    saved_x = x if ctx.needs_grad_A else None
+    ctx.save_for_backward(saved_x, weight, seeds, *lora_A, *lora_B, *xa)
+
+
+def _lora_setup_backward(ctx, grad_y, grad_xa):
+    saved = ctx.saved_tensors
+    x, weight, seeds = saved[:3]
+    n = ctx.n
+    lora_A, lora_B, xa = list(saved[3 : 3 + n]), list(saved[3 + n : 3 + 2 * n]), list(saved[3 + 2 * n :])
+    needs_grad_x = ctx.needs_input_grad[0]
+    dx, dA, dB, db = lora_linear_backward_op(
+        grad_y, x if x is not None else grad_y.new_empty(0), weight, lora_A, lora_B, xa, ctx.scaling,
+        ctx.dropout_p, seeds, needs_grad_x, ctx.needs_grad_A,
+    )
+    grad_A = [g if ctx.needs_grad_A else None for g in dA]
+    grad_bias = [g if has else None for g, has in zip(db, ctx.has_lora_bias)]
+    return dx if needs_grad_x else None, None, None, grad_A, list(dB), grad_bias, None, None, None
+
+
+lora_linear_op.register_autograd(_lora_setup_backward, setup_context=_lora_setup_context)
+
+
+class QuantizedLoRALinearFunction(torch.autograd.Function):
+    """The same forward/backward as ``fastpeft::lora_linear`` for a ``QuantizedWeight`` base (not a tensor)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, n, scaling, dropout_p, seeds, *adapter_tensors):
+        lora_A = list(adapter_tensors[:n])
+        lora_B = list(adapter_tensors[n : 2 * n])
+        lora_bias = list(adapter_tensors[2 * n :])
+        y, xa = _lora_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
+        ctx.weight, ctx.n, ctx.scaling, ctx.dropout_p, ctx.seeds = weight, n, scaling, dropout_p, seeds
+        ctx.needs_grad_A = any(A.requires_grad for A in lora_A)
+        ctx.has_lora_bias = [b is not None for b in lora_bias]
+        ctx.save_for_backward(x if ctx.needs_grad_A else None, *lora_A, *lora_B, *xa)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        saved = ctx.saved_tensors
+        n = ctx.n
+        x, lora_A, lora_B, xa = saved[0], list(saved[1 : 1 + n]), list(saved[1 + n : 1 + 2 * n]), list(saved[1 + 2 * n :])
+        needs_grad_x = ctx.needs_input_grad[0]
+        dx, dA, dB, db = _lora_backward(
+            grad_y, x, ctx.weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, ctx.seeds, needs_grad_x,
+            ctx.needs_grad_A,
+        )
+        grad_bias = [g if has else None for g, has in zip(db, ctx.has_lora_bias)]
+        return (dx, None, None, None, None, None, None, *dA, *dB, *grad_bias)
+
+
+def _autocast(x, weight, bias, tensors):
+    """Apply autocast as ``F.linear`` would: custom ops are opaque to it, so cast explicitly."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, weight, bias, tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = lambda t: t if (t is None or not t.is_floating_point()) else t.to(dtype)  # noqa: E731
+    weight = cast(weight) if isinstance(weight, torch.Tensor) else weight
+    return cast(x), weight, cast(bias), [[cast(t) for t in group] for group in tensors]
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight,
+    bias: Optional[torch.Tensor],
+    lora_A: Sequence[torch.Tensor],
+    lora_B: Sequence[torch.Tensor],
+    lora_bias: Sequence[Optional[torch.Tensor]],
+    scaling: Sequence[float],
+    dropout_p: Sequence[float],
+    training: bool,
+) -> torch.Tensor:
+    """PEFT's LoRA ``Linear`` forward, fused: ``y = x W^T + b + sum_i s_i (drop_i(x) A_i^T B_i^T + b_i)``.
+
+    Args:
+        x: ``(..., K)``, fp16/bf16/fp32, same dtype as a dense ``weight``.
+        weight: ``(N, K)`` tensor (any strides) or ``fastpeft.quant.QuantizedWeight``.
+        bias: ``(N,)`` or None.
+        lora_A, lora_B, lora_bias: per active adapter, ``(r_i, K)``, ``(N, r_i)``, ``(N,)``/None.
+        scaling: ``lora_alpha / r`` (or ``/ sqrt(r)`` with rsLoRA) per adapter.
+        dropout_p: per adapter; applied only when ``training``.
+    Returns:
+        ``(..., N)`` in ``x``'s dtype.
+    """
+    x2, lead = _flatten(x)
+    ps = [float(p) if training else 0.0 for p in dropout_p]
+    seeds = draw_seeds(len(lora_A), ps, training)
+    x2, weight, bias, (As, Bs, bs) = _autocast(x2, weight, bias, [list(lora_A), list(lora_B), list(lora_bias)])
+    scaling = [float(s) for s in scaling]
+    if isinstance(weight, torch.Tensor):
+        biases = [b if b is not None else A.new_empty(0) for b, A in zip(bs, As)]
+        y, _ = torch.ops.fastpeft.lora_linear(x2, weight, bias, As, Bs, biases, scaling, ps, seeds)
+    else:
+        y = QuantizedLoRALinearFunction.apply(x2, weight, bias, len(As), scaling, ps, seeds.tolist(), *As, *Bs, *bs)
+    return y.view(*lead, y.shape[-1])
+
+
+# ------------------------------------------------------------------------------------------------------------- IA3
+def _ia3_forward(x, weight, bias, scale, is_feedforward):
+    return get_backend(x, weight).ia3_forward(x, weight, bias, scale, is_feedforward)
+
+
+def _ia3_backward(grad_y, x, weight, bias, scale, is_feedforward, needs_grad_x):
+    return get_backend(grad_y, weight).ia3_backward(
+        grad_y.contiguous(), x, weight, bias, scale, is_feedforward, needs_grad_x
+    )
+
+
+@torch.library.custom_op("fastpeft::ia3_linear", mutates_args=())
+def ia3_linear_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: torch.Tensor, is_feedforward: bool
+) -> torch.Tensor:
+    """Fused IA3 forward on 2-D ``x`` (M, K); ``scale`` is ``(K,)`` if ``is_feedforward`` else ``(N,)``."""
+    return _ia3_forward(x, weight, bias, scale, is_feedforward)
+
+
+@ia3_linear_op.register_fake
+def _(x, weight, bias, scale, is_feedforward):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("fastpeft::ia3_linear_backward", mutates_args=())
+def ia3_linear_backward_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    scale: torch.Tensor,
+    is_feedforward: bool,
+    needs_grad_x: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of ``fastpeft::ia3_linear``: ``(dx or empty, dscale)``."""
+    dx, dscale = _ia3_backward(grad_y, x, weight, bias, scale, is_feedforward, needs_grad_x)
+    return (dx if dx is not None else grad_y.new_empty(0)), dscale
+
+
+@ia3_linear_backward_op.register_fake
+def _(grad_y, x, weight, bias, scale, is_feedforward, needs_grad_x):
+    dx = x.new_empty(x.shape) if needs_grad_x else grad_y.new_empty(0)
+    return dx, scale.new_empty(scale.shape)
+
+
+def _ia3_setup_context(ctx, inputs, output):
+    x, weight, bias, scale, is_feedforward = inputs
+    ctx.is_feedforward = is_feedforward
+    ctx.save_for_backward(x, weight, bias, scale)
+
+
+def _ia3_setup_backward(ctx, grad_y):
+    x, weight, bias, scale = ctx.saved_tensors
+    needs_grad_x = ctx.needs_input_grad[0]
+    dx, dscale = ia3_linear_backward_op(grad_y, x, weight, bias, scale, ctx.is_feedforward, needs_grad_x)
+    return (dx if needs_grad_x else None), None, None, dscale, None
+
+
+ia3_linear_op.register_autograd(_ia3_setup_backward, setup_context=_ia3_setup_context)
+
+
+class QuantizedIA3LinearFunction(torch.autograd.Function):
+    """``fastpeft::ia3_linear`` for a ``QuantizedWeight`` base."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, is_feedforward):
+        ctx.weight, ctx.is_feedforward = weight, is_feedforward
+        ctx.save_for_backward(x, bias, scale)
+        return _ia3_forward(x, weight, bias, scale, is_feedforward)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, bias, scale = ctx.saved_tensors
+        dx, dscale = _ia3_backward(grad_y, x, ctx.weight, bias, scale, ctx.is_feedforward, ctx.needs_input_grad[0])
+        return dx, None, None, dscale, None
+
+
+def ia3_linear(
+    x: torch.Tensor, weight, bias: Optional[torch.Tensor], ia3_vectors: Sequence[torch.Tensor], is_feedforward: bool
+) -> torch.Tensor:
+    """PEFT's IA3 ``Linear`` forward, fused.
+
+    Args:
+        x: ``(..., K)``.
+        weight: ``(N, K)`` tensor (any strides) or ``fastpeft.quant.QuantizedWeight``.
+        ia3_vectors: the active adapters' ``ia3_l`` parameters, ``(1, K)`` (feedforward) or ``(N, 1)``; their
+            product is the scale, differentiated by autograd back to each vector.
+    Returns:
+        ``(..., N)`` in ``x``'s dtype.
+    """
+    x2, lead = _flatten(x)
+    scale = ia3_vectors[0].flatten()
+    for vector in ia3_vectors[1:]:
+        scale = scale * vector.flatten()
+    x2, weight, bias, _ = _autocast(x2, weight, bias, [])
+    if isinstance(weight, torch.Tensor):
+        y = torch.ops.fastpeft.ia3_linear(x2, weight, bias, scale, is_feedforward)
+    else:
+        y = QuantizedIA3LinearFunction.apply(x2, weight, bias, scale, is_feedforward)
+    return y.view(*lead, y.shape[-1])

@@ -1,0 +1,173 @@
+"""The module layer: fused twins of PEFT's LoRA and IA3 layers. They hold parameters; the math is in
+``fastpeft.functional``.
+
+Each fused class subclasses PEFT's own layer class and only overrides ``forward``, so PEFT's API (merge, unmerge,
+``set_adapter``, ``disable_adapter``, ``add_adapter``, ``delete_adapter``, ``save_pretrained``) and the state_dict
+keys are PEFT's. ``fastpeft.accelerate`` turns a PEFT layer into its twin in place by switching its class: the same
+object, the same parameters, the same names.
+
+Where a call is outside what the fused path covers (adapters disabled or merged, mixed-batch ``adapter_names``, a
+LoRA variant such as DoRA, extra arguments for the base layer, hooks on the base layer), the fused layer runs PEFT's
+own forward: same meaning, not fused.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from peft.tuners.ia3.layer import Linear as PeftIA3Linear
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from torch import nn
+
+from . import functional
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # transformers is optional for the functional layer
+    Conv1D = None
+
+# A reader returns ``(weight, bias)`` for the functional layer (``weight`` as ``(N, K)`` tensor or a
+# ``QuantizedWeight``), or None when it does not know the base layer. The quantized-bases module appends its own.
+BaseWeightReader = Callable[[nn.Module, bool], Optional[tuple[object, Optional[torch.Tensor]]]]
+
+
+def read_dense_base(base: nn.Module, fan_in_fan_out: bool):
+    """``nn.Linear`` (weight ``(N, K)``) and transformers ``Conv1D`` (weight stored ``(K, N)``) with plain tensors."""
+    dense_types = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+    if type(base) not in dense_types or type(base.weight) not in (nn.Parameter, torch.Tensor):
+        return None
+    weight = base.weight.t() if fan_in_fan_out else base.weight
+    return weight, base.bias
+
+
+BASE_WEIGHT_READERS: list[BaseWeightReader] = [read_dense_base]
+
+
+def read_base_weight(base: nn.Module, fan_in_fan_out: bool):
+    """``(weight, bias)`` for a base layer fastpeft can fuse, else None."""
+    for reader in BASE_WEIGHT_READERS:
+        found = reader(base, fan_in_fan_out)
+        if found is not None:
+            return found
+    return None
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def layer_name(module: nn.Module) -> str:
+    """The module's name in its model (set by ``accelerate``) for error messages."""
+    return getattr(module, "_fastpeft_name", None) or type(module).__name__
+
+
+def check_input(module: nn.Module, x: torch.Tensor, weight, in_features: int) -> None:
+    """Raise a clear error for an input the layer cannot take; autocast may change dtypes, so dtype is not checked
+    under it."""
+    name = layer_name(module)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"fastpeft: module '{name}': input x must be a torch.Tensor, got {type(x).__name__}")
+    if x.shape[-1] != in_features:
+        raise ValueError(
+            f"fastpeft: module '{name}': input x has {x.shape[-1]} features in its last dimension "
+            f"(shape {tuple(x.shape)}), but the layer takes {in_features}"
+        )
+    device = weight.device
+    if x.device != device:
+        raise ValueError(f"fastpeft: module '{name}': input x is on {x.device}, but the layer's weight is on {device}")
+    if isinstance(weight, torch.Tensor) and not torch.is_autocast_enabled(x.device.type) and x.dtype != weight.dtype:
+        raise TypeError(
+            f"fastpeft: module '{name}': input x has dtype {x.dtype}, but the base weight is {weight.dtype}; "
+            f"cast the input (or the model) so they match"
+        )
+
+
+class FusedLoraLinear(PeftLoraLinear):
+    """PEFT's ``lora.Linear`` (over ``nn.Linear``, transformers ``Conv1D`` or a quantized base) with a fused forward.
+
+    ``forward(x)``: ``x`` is ``(..., in_features)`` in the base weight's dtype; returns ``(..., out_features)``.
+    """
+
+    def _fused_call(self, x, args, kwargs):
+        """Arguments for ``functional.lora_linear``, or None when PEFT's own forward must run."""
+        if args or kwargs or self.disable_adapters or self.merged:
+            return None
+        active = [name for name in self.active_adapters if name in self.lora_A]
+        if any(name in self.lora_variant for name in active):
+            return None
+        base = self.get_base_layer()
+        if _has_hooks(base):
+            return None
+        found = read_base_weight(base, self.fan_in_fan_out)
+        if found is None:
+            return None
+        weight, bias = found
+        return active, weight, bias
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        call = self._fused_call(x, args, kwargs)
+        if call is None:
+            return super().forward(x, *args, **kwargs)
+        active, weight, bias = call
+        check_input(self, x, weight, self.in_features)
+        if not active:
+            return self.base_layer(x)
+        dropouts = [self.lora_dropout[name] for name in active]
+        return functional.lora_linear(
+            x,
+            weight,
+            bias,
+            [self.lora_A[name].weight for name in active],
+            [self.lora_B[name].weight for name in active],
+            [self.lora_B[name].bias if self.lora_bias[name] else None for name in active],
+            [self.scaling[name] for name in active],
+            [d.p if isinstance(d, nn.Dropout) else 0.0 for d in dropouts],
+            training=any(d.training for d in dropouts),
+        )
+
+
+class FusedIA3Linear(PeftIA3Linear):
+    """PEFT's ``ia3.Linear`` with a fused forward: the input scale in the GEMM prologue (feedforward modules) or the
+    output scale in its epilogue.
+
+    ``forward(x)``: ``x`` is ``(..., in_features)``; returns ``(..., out_features)``.
+    """
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.get_base_layer()
+        found = None
+        if not (args or kwargs or self.disable_adapters or self.merged or _has_hooks(base)):
+            found = read_base_weight(base, self.fan_in_fan_out)
+        if found is None:
+            return super().forward(x, *args, **kwargs)
+        weight, bias = found
+        check_input(self, x, weight, self.in_features)
+        vectors = [self.ia3_l[name] for name in self.active_adapters if name in self.ia3_l]
+        if not vectors:
+            return self.base_layer(x)
+        return functional.ia3_linear(x, weight, bias, vectors, self.is_feedforward)
+
+
+# PEFT layer class -> fused twin. The quantized-bases module adds PEFT's bitsandbytes layer classes.
+FUSED_LAYER_TYPES: dict[type, type] = {
+    PeftLoraLinear: FusedLoraLinear,
+    PeftIA3Linear: FusedIA3Linear,
+}
+
+
+def fusable(module: nn.Module) -> tuple[bool, str]:
+    """Whether ``accelerate`` can turn this PEFT layer into its fused twin, and why not."""
+    if type(module) in FUSED_LAYER_TYPES.values():
+        return True, ""
+    if type(module) not in FUSED_LAYER_TYPES:
+        return False, f"{type(module).__module__}.{type(module).__name__} has no fused twin"
+    variants = getattr(module, "lora_variant", {})
+    if variants:
+        kinds = sorted({type(v).__name__ for v in variants.values()})
+        return False, f"LoRA variant {', '.join(kinds)} (e.g. DoRA) is not fused"
+    base = module.get_base_layer()
+    if FUSED_LAYER_TYPES[type(module)] in (FusedLoraLinear, FusedIA3Linear):
+        if read_base_weight(base, getattr(module, "fan_in_fan_out", False)) is None:
+            return False, f"base layer {type(base).__name__} is not supported"
+    return True, ""

@@ -1,0 +1,186 @@
+"""Entry points that put fastpeft into a model: ``patch``, ``accelerate`` and ``register``."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import warnings
+from typing import Iterable, Optional, Union
+
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from . import layers as _layers
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except Exception:
+    Conv1D = None
+
+# Names of output heads that "every linear layer of the transformer blocks" must not include.
+_HEAD_NAMES = {"lm_head", "embed_out", "score", "classifier", "qa_outputs", "output_projection", "pooler", "cls"}
+
+
+def _linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
+
+
+def _in_block(name: str) -> bool:
+    """A module inside a stack of blocks has a numeric path component (``layers.0``, ``h.3``, ``block.1``)."""
+    return any(part.isdigit() for part in name.split("."))
+
+
+def default_lora_targets(model: nn.Module) -> list[str]:
+    """Every linear layer (``nn.Linear``, ``Conv1D``, bitsandbytes linears) inside the transformer blocks, not the
+    output head. Returns leaf names (``q_proj``) when those select exactly these modules, else full names."""
+    heads = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_embeddings = get_out() if callable(get_out) else None
+    chosen, others = [], []
+    for name, module in model.named_modules():
+        if not _linear_like(module):
+            continue
+        parts = set(name.split("."))
+        if module is out_embeddings or parts & _HEAD_NAMES or not _in_block(name):
+            heads.add(name)
+            others.append(name)
+        else:
+            chosen.append(name)
+    if not chosen:
+        raise ValueError(
+            f"fastpeft.patch: found no linear layer inside transformer blocks of {type(model).__name__}; "
+            f"pass target_modules explicitly"
+        )
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in chosen})
+    if any(name.rsplit(".", 1)[-1] in leaves for name in others):
+        return chosen
+    return leaves
+
+
+def check_target_modules(model: nn.Module, target_modules: Union[str, Iterable[str]], caller: str) -> None:
+    """Raise ``ValueError`` naming every ``target_modules`` entry that matches no module, with close names."""
+    names = [name for name, _ in model.named_modules() if name]
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear" or any(re.fullmatch(target_modules, n) for n in names):
+            return
+        raise ValueError(f"{caller}: target_modules regex {target_modules!r} matches no module of {type(model).__name__}")
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        hints = {t: difflib.get_close_matches(t.rsplit(".", 1)[-1], leaves, n=4, cutoff=0.5) for t in missing}
+        detail = "; ".join(f"{t!r} (close: {', '.join(h) if h else 'none'})" for t, h in hints.items())
+        raise ValueError(f"{caller}: target_modules entries match no module of {type(model).__name__}: {detail}")
+
+
+def accelerate(peft_model: nn.Module, strict: bool = False) -> nn.Module:
+    """Turn, in place, every supported PEFT LoRA/IA3 layer of ``peft_model`` into its fused twin.
+
+    Parameters, names and state_dict keys stay the same. Layers fastpeft does not support yet (DoRA, Conv2d,
+    Embedding, ...) stay as PEFT made them and are listed in one warning; with ``strict=True`` a ``TypeError`` is
+    raised instead and nothing is changed. Calling it again is harmless (and fuses adapters added since).
+    """
+    plan, unsupported = [], []
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        ok, reason = _layers.fusable(module)
+        if ok:
+            plan.append((name, module))
+        else:
+            unsupported.append(f"{name}: {reason}")
+    if not plan and not unsupported:
+        raise TypeError(
+            f"fastpeft.accelerate: {type(peft_model).__name__} has no PEFT adapter layers; build it with "
+            f"peft.get_peft_model (or use fastpeft.patch)"
+        )
+    if unsupported and strict:
+        raise TypeError("fastpeft.accelerate(strict=True): unsupported adapter layers:\n  " + "\n  ".join(unsupported))
+    for name, module in plan:
+        fused = _layers.FUSED_LAYER_TYPES.get(type(module), type(module))
+        module.__class__ = fused
+        module._fastpeft_name = name
+    if unsupported:
+        warnings.warn(
+            "fastpeft.accelerate: these adapter layers keep PEFT's implementation:\n  " + "\n  ".join(unsupported),
+            stacklevel=2,
+        )
+    return peft_model
+
+
+def _ia3_defaults(model: nn.Module, target_modules, feedforward_modules):
+    if target_modules is not None:
+        return target_modules, feedforward_modules
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD,
+        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS,
+    )
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in TARGETS:
+        raise ValueError(
+            f"fastpeft.patch(method='ia3'): no default IA3 targets for model type {model_type!r}; pass target_modules "
+            f"and feedforward_modules"
+        )
+    return TARGETS[model_type], (feedforward_modules if feedforward_modules is not None else FEEDFORWARD[model_type])
+
+
+def patch(
+    model: nn.Module,
+    r: int = 8,
+    lora_alpha: int = 8,
+    lora_dropout: float = 0.0,
+    target_modules: Optional[Union[str, list[str]]] = None,
+    method: str = "lora",
+    adapter_name: str = "default",
+    **peft_kwargs,
+) -> PeftModel:
+    """Add LoRA (or IA3) adapters with fused layers to ``model`` and freeze everything else.
+
+    ``target_modules=None`` targets every linear layer of the transformer blocks (LoRA) or PEFT's IA3 defaults for the
+    model type. Extra keyword arguments go to ``peft.LoraConfig`` / ``peft.IA3Config`` (``use_rslora``,
+    ``lora_bias``, ``fan_in_fan_out``, ``feedforward_modules``, ...). On a ``PeftModel`` the adapter is added beside
+    the existing ones. Invalid arguments raise before the model is touched.
+    """
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"fastpeft.patch: r must be a positive integer, got {r!r}")
+    if not 0.0 <= float(lora_dropout) < 1.0:
+        raise ValueError(f"fastpeft.patch: lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    method = method.lower()
+    if method == "lora":
+        targets = target_modules if target_modules is not None else default_lora_targets(inner)
+        check_target_modules(inner, targets, "fastpeft.patch")
+        config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets, **peft_kwargs)
+    elif method == "ia3":
+        targets, feedforward = _ia3_defaults(inner, target_modules, peft_kwargs.pop("feedforward_modules", None))
+        check_target_modules(inner, targets, "fastpeft.patch")
+        config = IA3Config(target_modules=targets, feedforward_modules=feedforward, **peft_kwargs)
+    else:
+        raise ValueError(f"fastpeft.patch: method must be 'lora' or 'ia3', got {method!r}")
+    if isinstance(model, PeftModel):
+        model.add_adapter(adapter_name, config)
+        model.set_adapter(adapter_name)
+        peft_model = model
+    else:
+        peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    accelerate(peft_model)
+    return peft_model
+
+
+def register(config: Union[LoraConfig, IA3Config]):
+    """Register fastpeft's fused layers with PEFT's custom-module mechanism so ``get_peft_model(model, config)``
+    builds them directly (LoRA over ``nn.Linear`` and ``Conv1D``). The mapping is not saved with the adapter:
+    call ``register`` on the config again before loading. Returns the config."""
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"fastpeft.register: only LoraConfig is supported by PEFT's custom modules, got {type(config).__name__}")
+    # PEFT's default dispatcher flips fan_in_fan_out on for Conv1D; custom modules skip that step, so each base
+    # type is registered only under the config that describes its weight layout correctly.
+    if config.fan_in_fan_out:
+        if Conv1D is None:
+            raise TypeError("fastpeft.register: fan_in_fan_out=True needs transformers' Conv1D, which is not importable")
+        mapping = {Conv1D: _layers.FusedLoraLinear}
+    else:
+        mapping = {nn.Linear: _layers.FusedLoraLinear}
+    config._register_custom_module(mapping)
+    return config

@@ -1,0 +1,252 @@
+"""Shared pieces of fastpeft's Triton kernels: the one fused GEMM kernel, its autotune configs, and launch helpers.
+
+Every dense GEMM fastpeft runs (LoRA forward, LoRA ``dX``, IA3 forward and backward) is the same tiled kernel,
+``_fused_gemm_kernel``, specialised by ``constexpr`` flags:
+
+    out[m, n] = vout[n] * ( sum_k a'[m, k] b[k, n] + bias[n]
+                            + mask?(m, n) * sum_r (down[m, r] rscale[r]) up[r, n]      # FUSE_DOWN
+                            + sum_q pre[m, q] upre[q, n] )                               # HAS_PRE
+    down[m, r] = sum_k drop?(a')[m, k] dn[k, r]        with a' = a * vin[k] (IN_SCALE)
+
+The low-rank down-projection ``down`` reuses the ``a`` tiles the base GEMM already loaded (the fused LoRA kernel),
+and the up-projection runs in the epilogue, so ``out`` is written once. ``COLSUM`` writes per-row-block partial
+column sums of ``(acc + bias) * other`` (the IA3 vector gradients) instead of needing a second pass.
+
+Dropout masks are never stored: element ``(m, c)`` keeps iff ``tl.rand(seed, m * drop_cols + c) >= p`` in fp32,
+which is ``fastpeft._philox`` bit for bit (offsets are int64).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` set before import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_pow2(n: int, floor: int = 16) -> int:
+    """Smallest power of two >= max(n, floor): ``tl.dot`` needs every dimension >= 16."""
+    return max(floor, triton.next_power_of_2(max(int(n), 1)))
+
+
+# --------------------------------------------------------------------------------------------------- the kernel
+@triton.jit
+def _fused_gemm_kernel(
+    # pointers: main operands, low-rank operands, IA3 vectors, outputs
+    a_ptr, b_ptr, bias_ptr,
+    dn_ptr, up_ptr, rscale_ptr,
+    pre_ptr, upre_ptr,
+    vin_ptr, vout_ptr,
+    other_ptr, colsum_ptr,
+    out_ptr, down_ptr,
+    # dimensions and the dropout draw
+    M, N, K, R, RP, seed, p, drop_cols,
+    # strides
+    stride_am, stride_ak, stride_bk, stride_bn,
+    stride_dk, stride_dr, stride_ur, stride_un,
+    stride_pm, stride_pq, stride_qq, stride_qn,
+    stride_xm, stride_xn, stride_om, stride_on, stride_sm, stride_sr,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, FUSE_DOWN: tl.constexpr, DROP_IN: tl.constexpr, DROP_OUT: tl.constexpr,
+    HAS_PRE: tl.constexpr, IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, COLSUM: tl.constexpr,
+    STORE_OUT: tl.constexpr, STORE_DOWN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_RP: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out (M, N) = a (M, K) @ b (K, N) + epilogue terms; see the module docstring. fp32 accumulation."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # grouped ordering: GROUP_M row blocks share each b column block while it is hot in L2
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rm = offs_m.to(tl.int64)  # int64: M * K overflows int32 at long contexts
+    rn = offs_n.to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    down = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < K
+        rk = kk.to(tl.int64)
+        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if IN_SCALE:
+            # PEFT rounds (x * l) to l's dtype, then to x's dtype, before the base matmul
+            v = tl.load(vin_ptr + rk, mask=mask_k, other=0.0)
+            a = (a.to(tl.float32) * v.to(tl.float32)[None, :]).to(vin_ptr.dtype.element_ty).to(a_ptr.dtype.element_ty)
+        b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc)
+        if FUSE_DOWN:
+            d = tl.load(dn_ptr + rk[:, None] * stride_dk + offs_r[None, :] * stride_dr,
+                        mask=mask_k[:, None] & (offs_r[None, :] < R), other=0.0)
+            if DROP_IN:
+                keep = tl.rand(seed, rm[:, None] * drop_cols + rk[None, :]) >= p
+                ad = tl.where(keep, a.to(tl.float32) / (1.0 - p), 0.0)
+                down = tl.dot(ad.to(dn_ptr.dtype.element_ty), d, down)
+            else:
+                down = tl.dot(a.to(dn_ptr.dtype.element_ty), d, down)
+
+    if FUSE_DOWN:
+        if STORE_DOWN:
+            # every column block computed the same rows of `down`; the first one writes them
+            first = (offs_r * 0 + pid_n) == 0
+            tl.store(down_ptr + rm[:, None] * stride_sm + offs_r[None, :] * stride_sr, down,
+                     mask=mask_m[:, None] & ((offs_r < R) & first)[None, :])
+        rs = tl.load(rscale_ptr + offs_r, mask=offs_r < R, other=0.0)
+        u = tl.load(up_ptr + offs_r[:, None] * stride_ur + rn[None, :] * stride_un,
+                    mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0)
+        low = tl.dot((down * rs[None, :]).to(up_ptr.dtype.element_ty), u)
+        if DROP_OUT:
+            keep = tl.rand(seed, rm[:, None] * drop_cols + rn[None, :]) >= p
+            low = tl.where(keep, low / (1.0 - p), 0.0)
+        acc += low
+    if HAS_PRE:
+        offs_q = tl.arange(0, BLOCK_RP)
+        for q0 in range(0, RP, BLOCK_RP):
+            qq = q0 + offs_q
+            pre = tl.load(pre_ptr + rm[:, None] * stride_pm + qq[None, :] * stride_pq,
+                          mask=mask_m[:, None] & (qq[None, :] < RP), other=0.0)
+            uq = tl.load(upre_ptr + qq[:, None] * stride_qq + rn[None, :] * stride_qn,
+                         mask=(qq[:, None] < RP) & mask_n[None, :], other=0.0)
+            acc = tl.dot(pre.to(upre_ptr.dtype.element_ty), uq, acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    if COLSUM:
+        other = tl.load(other_ptr + rm[:, None] * stride_xm + rn[None, :] * stride_xn, mask=mask_mn, other=0.0)
+        tl.store(colsum_ptr + pid_m.to(tl.int64) * N + rn, tl.sum(acc * other.to(tl.float32), axis=0), mask=mask_n)
+    if OUT_SCALE:
+        acc = acc * tl.load(vout_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if STORE_OUT:
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+                 mask=mask_mn)
+
+
+# ------------------------------------------------------------------------------------------------------ configs
+# (BLOCK_M, BLOCK_N, BLOCK_K for 16-bit inputs, num_warps, num_stages); fp32 inputs halve BLOCK_K so that the
+# pipelined tiles take the same shared memory. Chosen to fit 163 KB (sm_80) / 227 KB (sm_90) with the fused
+# low-rank tiles (BLOCK_R <= 64) and to compile without spills (tests/test_triton_compile.py checks both).
+GEMM_CONFIGS = {
+    80: [(128, 128, 32, 8, 3), (64, 128, 32, 4, 4)],
+    90: [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4)],
+}
+GROUP_M = 8
+# Largest padded low-rank width fused into the base GEMM's K loop. Every column block recomputes the (BLOCK_M,
+# BLOCK_R) down-projection, costing BLOCK_R / BLOCK_N extra tensor-core work: at 64 / 128 that is still cheaper than
+# a second pass over X, beyond it the separate down-projection kernel wins (and registers run out).
+MAX_FUSED_R = 64
+INTERPRET_CONFIG = (32, 32, 32, 4, 1)
+
+
+def block_k(config, dtype: torch.dtype) -> int:
+    return config[2] // 2 if dtype == torch.float32 else config[2]
+
+
+def config_kwargs(config, dtype: torch.dtype) -> dict:
+    bm, bn, _, warps, stages = config
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k(config, dtype), "GROUP_M": GROUP_M,
+            "num_warps": warps, "num_stages": stages}
+
+
+_AUTOTUNE_KEY = ["M", "N", "K", "HAS_BIAS", "FUSE_DOWN", "DROP_IN", "DROP_OUT", "HAS_PRE", "IN_SCALE", "OUT_SCALE",
+                 "COLSUM", "STORE_OUT", "BLOCK_R"]
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(arch: int, fp32: bool):
+    """The GEMM kernel wrapped in ``triton.autotune`` over this architecture's configs, keyed on shape and flags."""
+    dtype = torch.float32 if fp32 else torch.float16
+    configs = []
+    for config in GEMM_CONFIGS[arch]:
+        kw = config_kwargs(config, dtype)
+        warps, stages = kw.pop("num_warps"), kw.pop("num_stages")
+        configs.append(triton.Config(kw, num_warps=warps, num_stages=stages))
+    return triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(_fused_gemm_kernel)
+
+
+def arch_of(device: torch.device) -> int:
+    """80 for Ampere and Ada, 90 for Hopper and newer (config table row)."""
+    major, _ = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
+
+
+def _strides2(t, swap=False):
+    if t is None:
+        return 0, 0
+    s0, s1 = t.stride(0), t.stride(1)
+    return (s1, s0) if swap else (s0, s1)
+
+
+def launch_gemm(a, b, out, *, bias=None, dn=None, up=None, rscale=None, down=None, pre=None, upre=None, vin=None,
+                vout=None, other=None, colsum=None, seed=0, p=0.0, drop_cols=0, drop_in=False, drop_out=False,
+                store_out=True, config=None):
+    """Launch ``_fused_gemm_kernel``: ``out (M, N) = a (M, K) @ b (K, N)`` plus the terms given.
+
+    ``a``, ``b`` are 2-D views of any strides in the same dtype (``b`` is usually ``W.t()``); ``dn`` ``(K, R)`` and
+    ``up`` ``(R, N)`` are in the adapter compute dtype, ``rscale`` ``(R,)`` fp32, ``down`` an fp32 ``(M, R)`` buffer
+    (or None), ``pre`` fp32 ``(M, RP)`` and ``upre`` ``(RP, N)``; ``vin`` ``(K,)``, ``vout`` ``(N,)``; ``other``
+    ``(M, N)`` with ``colsum`` an fp32 ``(cdiv(M, BLOCK_M), N)`` buffer. ``config`` overrides the autotuner.
+    Returns the ``BLOCK_M`` used (needed to size ``colsum``: pass ``config`` when ``colsum`` is given).
+    """
+    M, K = a.shape
+    N = b.shape[1]
+    fuse = dn is not None
+    R = dn.shape[1] if fuse else 0
+    RP = pre.shape[1] if pre is not None else 0
+    dummy = out if out is not None else a
+    args = (
+        a, b, bias if bias is not None else dummy,
+        dn if fuse else dummy, up if fuse else dummy, rscale if fuse else dummy,
+        pre if pre is not None else dummy, upre if upre is not None else dummy,
+        vin if vin is not None else dummy, vout if vout is not None else dummy,
+        other if other is not None else dummy, colsum if colsum is not None else dummy,
+        out if out is not None else dummy, down if down is not None else dummy,
+        M, N, K, R, RP, int(seed), float(p), int(drop_cols),
+        *_strides2(a), *_strides2(b),
+        *_strides2(dn), *_strides2(up),
+        *_strides2(pre), *_strides2(upre),
+        *_strides2(other), *_strides2(out), *_strides2(down),
+    )
+    flags = dict(
+        HAS_BIAS=bias is not None, FUSE_DOWN=fuse, DROP_IN=bool(drop_in), DROP_OUT=bool(drop_out),
+        HAS_PRE=pre is not None, IN_SCALE=vin is not None, OUT_SCALE=vout is not None, COLSUM=colsum is not None,
+        STORE_OUT=bool(store_out), STORE_DOWN=down is not None,
+        BLOCK_R=next_pow2(R), BLOCK_RP=32,
+    )
+    if config is None and interpreting():
+        config = INTERPRET_CONFIG
+    if config is not None:
+        kw = config_kwargs(config, a.dtype)
+        grid = (triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(N, kw["BLOCK_N"]),)
+        _fused_gemm_kernel[grid](*args, **flags, **kw)
+        return kw["BLOCK_M"]
+    kernel = _autotuned(arch_of(a.device), a.dtype == torch.float32)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    kernel[grid](*args, **flags)
+    return None
+
+
+def gpu_config(a: torch.Tensor):
+    """A fixed config for launches whose output size depends on BLOCK_M (the COLSUM partials)."""
+    if interpreting() or a.device.type != "cuda":
+        return INTERPRET_CONFIG
+    return GEMM_CONFIGS[arch_of(a.device)][0]

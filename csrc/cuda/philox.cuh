@@ -1,0 +1,65 @@
+// fastpeft's dropout RNG for CUDA C++: Philox-4x32-10, bit-exact with fastpeft/_philox.py and Triton's
+// tl.rand(seed, offset). Header-only and __host__ __device__ so that the same code runs in the kernels and in a
+// host program the tests compile with g++ to compare masks bit for bit with the Python spec (no GPU needed).
+#pragma once
+
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define FASTPEFT_HD __host__ __device__ __forceinline__
+#else
+#define FASTPEFT_HD inline
+#endif
+
+namespace fastpeft {
+
+// The Philox-4x32 round multipliers and Weyl key increments (Salmon et al., 2011), as in _philox.py.
+constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;
+constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
+constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
+// 2**-31 rounded as Triton rounds it: maps a 31-bit integer into [0, 1) in float32.
+constexpr float kUniformScale = 4.6566127342e-10f;
+
+FASTPEFT_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umulhi(a, b);
+#else
+  return (uint32_t)(((uint64_t)a * (uint64_t)b) >> 32);
+#endif
+}
+
+// First output word of Philox-4x32-10 for counter (offset_lo, offset_hi, 0, 0) and key (seed_lo, seed_hi).
+FASTPEFT_HD uint32_t philox_first_word(uint64_t seed, uint64_t offset) {
+  uint32_t c0 = (uint32_t)offset, c1 = (uint32_t)(offset >> 32), c2 = 0u, c3 = 0u;
+  uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t hi_b = mulhi32(kPhiloxRoundB, c2), lo_b = kPhiloxRoundB * c2;
+    const uint32_t hi_a = mulhi32(kPhiloxRoundA, c0), lo_a = kPhiloxRoundA * c0;
+    const uint32_t n0 = hi_b ^ c1 ^ k0, n2 = hi_a ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo_b;
+    c2 = n2;
+    c3 = lo_a;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  return c0;
+}
+
+// tl.rand: the word read as int32, folded to 31 bits (x < 0 -> ~x), scaled in float32.
+FASTPEFT_HD float philox_uniform(uint64_t seed, uint64_t offset) {
+  int32_t word = (int32_t)philox_first_word(seed, offset);
+  if (word < 0) word = ~word;
+  return (float)word * kUniformScale;
+}
+
+// keep[m, k] = uniform(seed, m * K + k) >= p, compared in float32.
+FASTPEFT_HD bool dropout_keep(uint64_t seed, int64_t m, int64_t k, int64_t K, float p) {
+  return philox_uniform(seed, (uint64_t)(m * K + k)) >= p;
+}
+
+}  // namespace fastpeft

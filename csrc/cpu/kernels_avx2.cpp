@@ -1,0 +1,20 @@
+// The avx2 build of kernels_impl.h; chosen at run time by ops.cpp from cpuid.
+#include <immintrin.h>
+
+#include <cstdint>
+#include "kernels.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define FASTPEFT_NS isa_avx2
+#define FASTPEFT_VW 8
+#include "kernels_impl.h"
+#pragma GCC pop_options
+
+namespace fastpeft {
+const KernelTable& kernels_avx2() {
+  static const KernelTable table{"avx2", isa_avx2::dropout_scale, isa_avx2::xa_rows, isa_avx2::epilogue_rows,
+                                 isa_avx2::dy_rows, isa_avx2::dx_rows};
+  return table;
+}
+}  // namespace fastpeft

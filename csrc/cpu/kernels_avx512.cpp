@@ -1,0 +1,20 @@
+// The avx512 build of kernels_impl.h; chosen at run time by ops.cpp from cpuid.
+#include <immintrin.h>
+
+#include <cstdint>
+#include "kernels.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#define FASTPEFT_NS isa_avx512
+#define FASTPEFT_VW 16
+#include "kernels_impl.h"
+#pragma GCC pop_options
+
+namespace fastpeft {
+const KernelTable& kernels_avx512() {
+  static const KernelTable table{"avx512", isa_avx512::dropout_scale, isa_avx512::xa_rows, isa_avx512::epilogue_rows,
+                                 isa_avx512::dy_rows, isa_avx512::dx_rows};
+  return table;
+}
+}  // namespace fastpeft

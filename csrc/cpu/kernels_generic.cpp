@@ -1,0 +1,17 @@
+// The generic build of kernels_impl.h; chosen at run time by ops.cpp from cpuid.
+#include <immintrin.h>
+
+#include <cstdint>
+#include "kernels.h"
+
+#define FASTPEFT_NS isa_generic
+#define FASTPEFT_VW 4
+#include "kernels_impl.h"
+
+namespace fastpeft {
+const KernelTable& kernels_generic() {
+  static const KernelTable table{"generic", isa_generic::dropout_scale, isa_generic::xa_rows, isa_generic::epilogue_rows,
+                                 isa_generic::dy_rows, isa_generic::dx_rows};
+  return table;
+}
+}  // namespace fastpeft

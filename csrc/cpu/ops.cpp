@@ -1,0 +1,202 @@
+// Torch bindings of the fastpeft CPU kernels (module fastpeft._C). Threading is at::parallel_for over rows, so
+// torch.set_num_threads governs it; the kernel table (AVX-512, AVX2 or generic) is chosen once from cpuid.
+//
+// Python (fastpeft/backends/cpu.py) composes these with torch's own GEMMs: the base matmul stays on oneDNN/MKL,
+// these functions do the passes PEFT adds around it, each in one sweep over the big operand.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "kernels.h"
+
+namespace fastpeft {
+namespace {
+
+const KernelTable& select_kernels() {
+  const char* force = std::getenv("FASTPEFT_CPU_ISA");  // testing aid: "generic", "avx2" or "avx512"
+  std::string want = force ? force : "";
+  __builtin_cpu_init();
+  const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (want == "generic") return kernels_generic();
+  if (want == "avx2" && has2) return kernels_avx2();
+  if (has512 && (want.empty() || want == "avx512")) return kernels_avx512();
+  if (has2) return kernels_avx2();
+  return kernels_generic();
+}
+
+const KernelTable& K() {
+  static const KernelTable& table = select_kernels();
+  return table;
+}
+
+int dtype_code(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kF32;
+    case at::kBFloat16: return kBF16;
+    case at::kHalf: return kF16;
+    default: TORCH_CHECK(false, "fastpeft._C: unsupported dtype ", t.scalar_type(), " (need fp32, bf16 or fp16)");
+  }
+}
+
+// Rows must be unit-stride; the row stride is free (so slices of a bigger buffer need no copy).
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "fastpeft._C: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.dim() == 2, "fastpeft._C: ", name, " must be 2-D, got ", t.dim(), "-D");
+  TORCH_CHECK(t.stride(1) == 1 || t.size(1) <= 1, "fastpeft._C: ", name, " needs unit column stride");
+  dtype_code(t);
+}
+
+void check_f32(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.sizes() == shape, "fastpeft._C: ", name,
+              " must be contiguous fp32 of shape ", shape, ", got ", t.scalar_type(), " ", t.sizes());
+}
+
+int64_t grain(int64_t work_per_row) {
+  // About 64k multiply-adds per task: enough to hide the fork, small enough to balance two threads at M=16.
+  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, work_per_row));
+}
+
+// ------------------------------------------------------------------------------------------------- bindings
+at::Tensor dropout_scale(int64_t seed, int64_t rows, int64_t cols, double p, double scale) {
+  auto out = at::empty({rows, cols}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, rows, grain(cols * 20), [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) K().dropout_scale(uint32_t(seed), m * cols, cols, float(p), float(scale), o + m * cols);
+  });
+  return out;
+}
+
+at::Tensor keep_mask(int64_t seed, int64_t rows, int64_t cols, double p) {
+  return dropout_scale(seed, rows, cols, p, 1.0).ne(0);
+}
+
+// xa = drop(x) A^T in fp32: x (M, K) fp32/bf16/fp16, A (r, K) fp32 contiguous -> (M, r) fp32.
+at::Tensor lora_xa(const at::Tensor& x, const at::Tensor& A, double p, int64_t seed) {
+  check_rows(x, "x");
+  const int64_t M = x.size(0), Kd = x.size(1), r = A.size(0);
+  check_f32(A, "A", {r, Kd});
+  auto xa = at::empty({M, r}, at::kFloat);
+  const int dt = dtype_code(x);
+  const void* xp = x.data_ptr();
+  const int64_t ldx = x.stride(0);
+  float* out = xa.data_ptr<float>();
+  const float* Ap = A.data_ptr<float>();
+  at::parallel_for(0, M, grain(Kd * (r + (p > 0 ? 20 : 0))), [&](int64_t b, int64_t e) {
+    std::vector<float> buf(Kd);
+    K().xa_rows(dt, xp, ldx, Kd, b, e, Ap, r, float(p), uint32_t(seed), out, r, buf.data());
+  });
+  return xa;
+}
+
+// y += xs Bt + bias in place: y (M, N) any float dtype, xs (M, R) fp32 (scaled), Bt (R, N) fp32, bias (N,) fp32.
+void lora_epilogue_(at::Tensor& y, const at::Tensor& xs, const at::Tensor& Bt, const c10::optional<at::Tensor>& bias) {
+  check_rows(y, "y");
+  const int64_t M = y.size(0), N = y.size(1), R = xs.size(1);
+  check_f32(xs, "xs", {M, R});
+  check_f32(Bt, "Bt", {R, N});
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    check_f32(*bias, "bias", {N});
+    bp = bias->data_ptr<float>();
+  }
+  const int dt = dtype_code(y);
+  void* yp = y.data_ptr();
+  const int64_t ldy = y.stride(0);
+  const float *xsp = xs.data_ptr<float>(), *Btp = Bt.data_ptr<float>();
+  at::parallel_for(0, M, grain(N * (R + 1)), [&](int64_t b, int64_t e) {
+    K().epilogue_rows(dt, yp, ldy, N, b, e, xsp, R, Btp, bp);
+  });
+}
+
+// One sweep over dy (M, N): returns g (M, R) = (dy Bt^T) * svec, dBt (R, N) = xa^T dy (unscaled) or empty,
+// colsum (N,) = dy.sum(0) or empty. Bt (R, N) fp32, xa (M, R) fp32, svec (R,) fp32.
+std::vector<at::Tensor> lora_dy_pass(const at::Tensor& dy, const at::Tensor& Bt, const at::Tensor& xa,
+                                     const at::Tensor& svec, bool need_dB, bool need_colsum) {
+  check_rows(dy, "grad_y");
+  const int64_t M = dy.size(0), N = dy.size(1), R = Bt.size(0);
+  check_f32(Bt, "Bt", {R, N});
+  check_f32(xa, "xa", {M, R});
+  check_f32(svec, "svec", {R});
+  auto g = at::empty({M, R}, at::kFloat);
+  const int nt = at::get_num_threads();
+  // Per-thread partial sums, reduced once at the end: no atomics, deterministic for a fixed thread count.
+  at::Tensor acc = need_dB ? at::zeros({nt, R, N}, at::kFloat) : at::Tensor();
+  at::Tensor cs = need_colsum ? at::zeros({nt, N}, at::kFloat) : at::Tensor();
+  const int dt = dtype_code(dy);
+  const void* dyp = dy.data_ptr();
+  const int64_t ldd = dy.stride(0);
+  const float *Btp = Bt.data_ptr<float>(), *xap = xa.data_ptr<float>(), *sp = svec.data_ptr<float>();
+  float* gp = g.data_ptr<float>();
+  float* accp = need_dB ? acc.data_ptr<float>() : nullptr;
+  float* csp = need_colsum ? cs.data_ptr<float>() : nullptr;
+  at::parallel_for(0, M, grain(N * R * 2), [&](int64_t b, int64_t e) {
+    const int tid = at::get_thread_num();
+    std::vector<float> buf(N);
+    K().dy_rows(dt, dyp, ldd, N, b, e, Btp, xap, R, sp, gp, accp ? accp + tid * R * N : nullptr,
+                csp ? csp + tid * N : nullptr, buf.data());
+  });
+  return {g, need_dB ? acc.sum(0) : at::Tensor(), need_colsum ? cs.sum(0) : at::Tensor()};
+}
+
+// One sweep over x / dx rows for one adapter: dx += (g A) * mask/(1-p) in place (if dx given) and returns
+// dA = g^T drop(x) (r, K) fp32 (if x given; else empty). g (M, r) fp32 with unit column stride, A (r, K) fp32.
+at::Tensor lora_dx_pass(const c10::optional<at::Tensor>& dx, const c10::optional<at::Tensor>& x, const at::Tensor& A,
+                        const at::Tensor& g, double p, int64_t seed) {
+  const int64_t r = A.size(0), Kd = A.size(1), M = g.size(0);
+  check_f32(A, "A", {r, Kd});
+  TORCH_CHECK(g.scalar_type() == at::kFloat && g.dim() == 2 && g.size(1) == r && g.stride(1) == 1,
+              "fastpeft._C: g must be fp32 (M, r) with unit column stride");
+  void* dxp = nullptr;
+  int dt_dx = kF32;
+  int64_t lddx = 0;
+  if (dx.has_value()) {
+    check_rows(*dx, "dx");
+    TORCH_CHECK(dx->size(0) == M && dx->size(1) == Kd, "fastpeft._C: dx shape mismatch");
+    dxp = dx->data_ptr();
+    dt_dx = dtype_code(*dx);
+    lddx = dx->stride(0);
+  }
+  const void* xp = nullptr;
+  int dt_x = kF32;
+  int64_t ldx = 0;
+  at::Tensor acc;
+  const int nt = at::get_num_threads();
+  if (x.has_value()) {
+    check_rows(*x, "x");
+    TORCH_CHECK(x->size(0) == M && x->size(1) == Kd, "fastpeft._C: x shape mismatch");
+    xp = x->data_ptr();
+    dt_x = dtype_code(*x);
+    ldx = x->stride(0);
+    acc = at::zeros({nt, r, Kd}, at::kFloat);
+  }
+  float* accp = acc.defined() ? acc.data_ptr<float>() : nullptr;
+  const float *Ap = A.data_ptr<float>(), *gp = g.data_ptr<float>();
+  const int64_t ldg = g.stride(0);
+  at::parallel_for(0, M, grain(Kd * (2 * r + (p > 0 ? 20 : 0))), [&](int64_t b, int64_t e) {
+    const int tid = at::get_thread_num();
+    std::vector<float> buf(2 * Kd);
+    K().dx_rows(dt_x, xp, ldx, dt_dx, dxp, lddx, Kd, b, e, Ap, r, gp, ldg, float(p), uint32_t(seed),
+                accp ? accp + tid * r * Kd : nullptr, buf.data());
+  });
+  return acc.defined() ? acc.sum(0) : at::Tensor();
+}
+
+std::string isa() { return K().isa; }
+
+}  // namespace
+}  // namespace fastpeft
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastpeft CPU kernels: fused LoRA passes with an on-the-fly Philox dropout mask";
+  m.def("isa", &fastpeft::isa, "the SIMD code path chosen at run time: avx512, avx2 or generic");
+  m.def("dropout_scale", &fastpeft::dropout_scale, "(seed, rows, cols, p, scale) -> fp32 (rows, cols): scale where kept, else 0");
+  m.def("keep_mask", &fastpeft::keep_mask, "(seed, rows, cols, p) -> bool (rows, cols): fastpeft._philox.dropout_keep_mask");
+  m.def("lora_xa", &fastpeft::lora_xa, "(x, A32, p, seed) -> drop(x) A^T in fp32");
+  m.def("lora_epilogue_", &fastpeft::lora_epilogue_, "(y, xs32, Bt32, bias32|None): y += xs Bt + bias in place");
+  m.def("lora_dy_pass", &fastpeft::lora_dy_pass, "(dy, Bt32, xa32, svec, need_dB, need_colsum) -> [g, dBt, colsum]");
+  m.def("lora_dx_pass", &fastpeft::lora_dx_pass, "(dx|None, x|None, A32, g32, p, seed) -> dA32 (dx updated in place)");
+}

@@ -1,0 +1,159 @@
+"""The ``cpu`` backend: torch's own GEMM for the base matmul, the compiled extension ``fastpeft._C`` for the rest.
+
+PEFT adds several full passes over the activations around the base GEMM (materialise ``drop(x)`` and its mask, cast
+``x`` to the adapter dtype, a second ``(M, N)`` result and an add). Here each adapter costs one sweep over ``x``
+(forward), one in-place sweep over ``y``, and in backward one sweep over ``dY`` and one over ``x``/``dX``; the
+Philox dropout mask (``fastpeft._philox``) is regenerated on the fly inside those sweeps and never stored.
+
+Forward, per adapter ``i`` (``x_i`` = ``x`` cast to ``A_i``'s dtype, cumulatively, as PEFT does)::
+
+    y    = x W^T + bias                                  (torch: oneDNN / MKL)
+    xa_i = drop_i(x_i) A_i^T                             (_C.lora_xa: one pass over x, fp32 accumulation)
+    y   += sum_i s_i (xa_i B_i^T + b_i)                  (_C.lora_epilogue_: in place, rounded once)
+
+Backward (``g_i = s_i dY B_i``)::
+
+    g, dB, db = one pass over dY                         (_C.lora_dy_pass)
+    dX  = dY W                                           (torch)
+    dX += (g_i A_i) * mask_i / (1 - p_i);  dA_i = g_i^T drop_i(x)   (_C.lora_dx_pass: one pass over x and dX)
+
+Adapter matrices are converted to contiguous fp32 (they are ``r x K``: tiny); activations stay in their dtype and
+are widened in registers. All accumulation is fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .base import Backend
+from .reference import ReferenceBackend, dense_weight
+
+try:
+    from .. import _C  # type: ignore[attr-defined]
+
+    _IMPORT_ERROR: Optional[str] = None
+except Exception as exc:  # the extension is optional: report why, never fail the import
+    _C = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as contiguous fp32 with no autograd history (a no-op for contiguous fp32 tensors)."""
+    return t.detach().to(torch.float32).contiguous()
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with unit-stride rows (the kernels take any row stride, so slices of a wider buffer are not copied)."""
+    if t.dim() == 2 and (t.stride(1) == 1 or t.shape[1] <= 1):
+        return t
+    return t.contiguous()
+
+
+def _lossless(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether casting ``src`` to ``dst`` is exact, so the kernels may widen ``src`` in registers instead."""
+    return src == dst or dst == torch.float32
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def __init__(self):
+        self._reference = ReferenceBackend()
+
+    def availability(self):
+        if _C is None:
+            return False, (
+                f"the C++ extension fastpeft._C is not built ({_IMPORT_ERROR}); build with "
+                "pip install --no-build-isolation -e . or unset FASTPEFT_SKIP_CPU_BUILD"
+            )
+        return True, ""
+
+    def isa(self) -> str:
+        """The SIMD code path the extension chose from cpuid (``avx512``, ``avx2`` or ``generic``)."""
+        return _C.isa() if _C is not None else "unavailable"
+
+    def supports(self, x, weight):
+        if x.device.type != "cpu" or x.dtype not in _FLOATS:
+            return False
+        if isinstance(weight, torch.Tensor):
+            return weight.device.type == "cpu" and weight.layout == torch.strided and weight.dtype in _FLOATS
+        # A QuantizedWeight: served by dequantizing, then the dense path (fused dequantization is not written yet).
+        return getattr(weight, "device", None) is not None and weight.device.type == "cpu"
+
+    # ----------------------------------------------------------------------------------------------------- LoRA
+    def lora_forward(self, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
+        W = dense_weight(weight)
+        y = torch.nn.functional.linear(x, W.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        if not lora_A:
+            return y, []
+        xa_out, xs_cols, bt_rows = [], [], []
+        bias_sum = None
+        xi = x
+        for A, B, b, s, p, seed in zip(lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
+            if not _lossless(xi.dtype, A.dtype):
+                xi = xi.to(A.dtype)  # a narrowing step of PEFT's cumulative cast: rounding must happen as there
+            xa32 = _C.lora_xa(_rows(xi), _f32(A), float(p), int(seed))
+            xa_out.append(xa32 if A.dtype == torch.float32 else xa32.to(A.dtype))
+            xs_cols.append(xa32 * float(s) if s != 1 else xa32)
+            bt_rows.append(B.detach().t().to(torch.float32))
+            if b is not None:
+                term = b.detach().to(torch.float32) * float(s)
+                bias_sum = term if bias_sum is None else bias_sum + term
+        xs = xs_cols[0].contiguous() if len(xs_cols) == 1 else torch.cat(xs_cols, 1)
+        bt = torch.cat(bt_rows, 0).contiguous()
+        y = _rows(y)
+        _C.lora_epilogue_(y, xs, bt, None if bias_sum is None else bias_sum.contiguous())
+        return y, xa_out
+
+    def lora_backward(
+        self, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A
+    ):
+        dy = _rows(grad_y)
+        ranks = [A.shape[0] for A in lora_A]
+        bt = torch.cat([B.detach().t().to(torch.float32) for B in lora_B], 0).contiguous()
+        xa32 = torch.cat([h.detach().to(torch.float32) for h in xa], 1).contiguous()
+        svec = torch.cat([torch.full((r,), float(s), dtype=torch.float32) for r, s in zip(ranks, scaling)])
+        g, dbt, colsum = _C.lora_dy_pass(dy, bt, xa32, svec, True, True)
+
+        grad_x = None
+        acc = None
+        if needs_grad_x:
+            grad_x = torch.mm(dy, dense_weight(weight).to(dy.dtype))
+            # Several adapters in low precision: carry dX in fp32 like the reference, round once at the end.
+            acc = grad_x.float() if (len(lora_A) > 1 and grad_x.dtype != torch.float32) else grad_x
+        grad_A: list[Optional[torch.Tensor]] = []
+        grad_B: list[torch.Tensor] = []
+        grad_bias: list[torch.Tensor] = []
+        off = 0
+        for A, B, r, s, p, seed in zip(lora_A, lora_B, ranks, scaling, dropout_p, seeds):
+            grad_B.append((dbt[off : off + r].t() * float(s)).to(B.dtype))
+            grad_bias.append((colsum * float(s)).to(B.dtype))
+            xi = None
+            if needs_grad_A:
+                xi = _rows(x if _lossless(x.dtype, A.dtype) else x.to(A.dtype))
+            if needs_grad_x or needs_grad_A:
+                dA = _C.lora_dx_pass(acc, xi, _f32(A), g[:, off : off + r], float(p), int(seed))
+            grad_A.append(dA.to(A.dtype) if needs_grad_A else None)
+            off += r
+        if acc is not None and acc is not grad_x:
+            grad_x = acc.to(grad_x.dtype)
+        return grad_x, grad_A, grad_B, grad_bias
+
+    # ------------------------------------------------------------------------------------------------------ IA3
+    def ia3_forward(self, x, weight, bias, scale, is_feedforward):
+        if is_feedforward:
+            return self._reference.ia3_forward(x, weight, bias, scale, is_feedforward)
+        z = torch.nn.functional.linear(x, dense_weight(weight).to(x.dtype), None if bias is None else bias.to(x.dtype))
+        # In place: torch computes z * scale in the promoted dtype and rounds into z, the reference's
+        # (z * scale).to(z.dtype) without a second (M, N) tensor.
+        return z.mul_(scale)
+
+    def ia3_backward(self, grad_y, x, weight, bias, scale, is_feedforward, needs_grad_x):
+        return self._reference.ia3_backward(grad_y, x, weight, bias, scale, is_feedforward, needs_grad_x)
+
+
+BACKEND = CpuBackend()

@@ -1,6 +1,7 @@
 // Python bindings of the CUDA LoRA/IA3 kernels as the extension fastpeft._cuda (built by setup.py only where CUDA
 // and a CUDA torch exist). Checks shapes and dtypes, allocates outputs and split workspaces, and launches on torch's
-// current stream; the kernels themselves know nothing of torch (lora_kernels.cuh).
+// current stream; the kernels themselves know nothing of torch (lora_kernels.cuh). In-place outputs are taken by
+// value: a Tensor is a handle, and the kernels write through its storage.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -55,7 +56,7 @@ at::Tensor lora_down_dropout(const at::Tensor& x, const at::Tensor& A, double p,
 }
 
 // y += s * (xa @ B^T + bias), in place. y (M, N) with unit column stride, in xa's dtype or float32.
-void lora_up_epilogue_(at::Tensor& y, const at::Tensor& xa, const at::Tensor& B, const c10::optional<at::Tensor>& bias,
+void lora_up_epilogue_(at::Tensor y, const at::Tensor& xa, const at::Tensor& B, const std::optional<at::Tensor>& bias,
                        double scale) {
   const auto t = check_16bit(B, "B");
   check_same(xa, B, "xa and B");
@@ -77,7 +78,7 @@ void lora_up_epilogue_(at::Tensor& y, const at::Tensor& xa, const at::Tensor& B,
 }
 
 // dx += (g @ A) * mask / (1 - p), in place. dx (M, K) with unit column stride, in A's dtype or float32.
-void lora_backward_dx_mask_(at::Tensor& dx, const at::Tensor& g, const at::Tensor& A, double p, int64_t seed) {
+void lora_backward_dx_mask_(at::Tensor dx, const at::Tensor& g, const at::Tensor& A, double p, int64_t seed) {
   const auto t = check_16bit(A, "A");
   check_same(g, A, "g and A");
   TORCH_CHECK(dx.scalar_type() == A.scalar_type() || dx.scalar_type() == at::kFloat,
@@ -109,7 +110,7 @@ at::Tensor lora_grad_A(const at::Tensor& g, const at::Tensor& x, double p, int64
 }
 
 // out = (inp * scale[None, :]) rounded to inp's dtype; out may be inp (in-place IA3 output scaling).
-void ia3_scale_cols(at::Tensor& out, const at::Tensor& inp, const at::Tensor& scale) {
+void ia3_scale_cols(at::Tensor out, const at::Tensor& inp, const at::Tensor& scale) {
   TORCH_CHECK(inp.is_cuda() && out.is_cuda() && scale.is_cuda(), "fastpeft._cuda: CUDA tensors expected");
   TORCH_CHECK(inp.dim() == 2 && inp.stride(1) == 1 && out.stride(1) == 1 && out.sizes() == inp.sizes(),
               "fastpeft._cuda: (M, C) tensors with unit column stride expected");

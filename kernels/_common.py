@@ -82,28 +82,34 @@ def _fused_gemm_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     down = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    # pointer tiles are built once and advanced by BLOCK_K: rebuilding 64-bit addresses every step costs the
+    # registers the accumulators need
+    a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + rn[None, :] * stride_bn
+    d_ptrs = dn_ptr + offs_k[:, None] * stride_dk + offs_r[None, :] * stride_dr
+    v_ptrs = vin_ptr + offs_k
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < K
-        rk = kk.to(tl.int64)
-        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        mask_k = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if IN_SCALE:
             # PEFT rounds (x * l) to l's dtype, then to x's dtype, before the base matmul
-            v = tl.load(vin_ptr + rk, mask=mask_k, other=0.0)
+            v = tl.load(v_ptrs, mask=mask_k, other=0.0)
             a = (a.to(tl.float32) * v.to(tl.float32)[None, :]).to(vin_ptr.dtype.element_ty).to(a_ptr.dtype.element_ty)
-        b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn,
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            v_ptrs += BLOCK_K
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc)
         if FUSE_DOWN:
-            d = tl.load(dn_ptr + rk[:, None] * stride_dk + offs_r[None, :] * stride_dr,
-                        mask=mask_k[:, None] & (offs_r[None, :] < R), other=0.0)
+            d = tl.load(d_ptrs, mask=mask_k[:, None] & (offs_r[None, :] < R), other=0.0)
             if DROP_IN:
+                rk = (k0 + offs_k).to(tl.int64)
                 keep = tl.rand(seed, rm[:, None] * drop_cols + rk[None, :]) >= p
                 ad = tl.where(keep, a.to(tl.float32) / (1.0 - p), 0.0)
                 down = tl.dot(ad.to(dn_ptr.dtype.element_ty), d, down)
             else:
                 down = tl.dot(a.to(dn_ptr.dtype.element_ty), d, down)
+            d_ptrs += BLOCK_K * stride_dk
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
 
     if FUSE_DOWN:
         if STORE_DOWN:

@@ -7,6 +7,9 @@
 
 #include <ATen/Parallel.h>
 
+#include <atomic>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "kernels.h"
@@ -14,23 +17,60 @@
 namespace fastpeft {
 namespace {
 
-const KernelTable& select_kernels() {
-  const char* force = std::getenv("FASTPEFT_CPU_ISA");  // testing aid: "generic", "avx2" or "avx512"
-  std::string want = force ? force : "";
+bool cpu_has_avx512() {
   __builtin_cpu_init();
-  const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  if (want == "generic") return kernels_generic();
-  if (want == "avx2" && has2) return kernels_avx2();
-  if (has512 && (want.empty() || want == "avx512")) return kernels_avx512();
-  if (has2) return kernels_avx2();
-  return kernels_generic();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
+// The widest code path this CPU runs, unless FASTPEFT_CPU_ISA (generic, avx2, avx512) asks for a narrower one.
+const KernelTable* select_kernels() {
+  const char* force = std::getenv("FASTPEFT_CPU_ISA");
+  const std::string want = force ? force : "";
+  if (want == "generic") return &kernels_generic();
+  if (want != "avx2" && cpu_has_avx512()) return &kernels_avx512();
+  if (cpu_has_avx2()) return &kernels_avx2();
+  return &kernels_generic();
+}
+
+std::atomic<const KernelTable*> g_table{nullptr};
+
 const KernelTable& K() {
-  static const KernelTable& table = select_kernels();
-  return table;
+  const KernelTable* t = g_table.load(std::memory_order_acquire);
+  if (!t) {
+    t = select_kernels();
+    g_table.store(t, std::memory_order_release);
+  }
+  return *t;
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out{"generic"};
+  if (cpu_has_avx2()) out.push_back("avx2");
+  if (cpu_has_avx512()) out.push_back("avx512");
+  return out;
+}
+
+// Testing aid: switch the code path at run time (every path must give the same results).
+std::string set_isa(const std::string& name) {
+  if (name == "generic") {
+    g_table.store(&kernels_generic());
+  } else if (name == "avx2") {
+    TORCH_CHECK(cpu_has_avx2(), "fastpeft._C: this CPU lacks AVX2/FMA/F16C");
+    g_table.store(&kernels_avx2());
+  } else if (name == "avx512") {
+    TORCH_CHECK(cpu_has_avx512(), "fastpeft._C: this CPU lacks AVX-512 (F, BW, VL, DQ)");
+    g_table.store(&kernels_avx512());
+  } else if (name == "auto") {
+    g_table.store(select_kernels());
+  } else {
+    TORCH_CHECK(false, "fastpeft._C: unknown ISA ", name, " (generic, avx2, avx512 or auto)");
+  }
+  return K().isa;
 }
 
 int dtype_code(const at::Tensor& t) {
@@ -72,6 +112,13 @@ at::Tensor dropout_scale(int64_t seed, int64_t rows, int64_t cols, double p, dou
 
 at::Tensor keep_mask(int64_t seed, int64_t rows, int64_t cols, double p) {
   return dropout_scale(seed, rows, cols, p, 1.0).ne(0);
+}
+
+// keep(offset0 + i) for i < n: reaches offsets past 2**32 (the high counter word) without a huge tensor.
+at::Tensor keep_mask_at(int64_t seed, int64_t offset0, int64_t n, double p) {
+  auto out = at::empty({n}, at::kFloat);
+  K().dropout_scale(uint32_t(seed), offset0, n, float(p), 1.f, out.data_ptr<float>());
+  return out.ne(0);
 }
 
 // xa = drop(x) A^T in fp32: x (M, K) fp32/bf16/fp16, A (r, K) fp32 contiguous -> (M, r) fp32.
@@ -194,6 +241,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastpeft CPU kernels: fused LoRA passes with an on-the-fly Philox dropout mask";
   m.def("isa", &fastpeft::isa, "the SIMD code path chosen at run time: avx512, avx2 or generic");
   m.def("dropout_scale", &fastpeft::dropout_scale, "(seed, rows, cols, p, scale) -> fp32 (rows, cols): scale where kept, else 0");
+  m.def("supported_isas", &fastpeft::supported_isas, "code paths this CPU can run");
+  m.def("set_isa", &fastpeft::set_isa, "(name) -> name: force generic, avx2, avx512 or auto (testing aid)");
+  m.def("keep_mask_at", &fastpeft::keep_mask_at, "(seed, offset0, n, p) -> bool (n,): keep(offset0 + i)");
   m.def("keep_mask", &fastpeft::keep_mask, "(seed, rows, cols, p) -> bool (rows, cols): fastpeft._philox.dropout_keep_mask");
   m.def("lora_xa", &fastpeft::lora_xa, "(x, A32, p, seed) -> drop(x) A^T in fp32");
   m.def("lora_epilogue_", &fastpeft::lora_epilogue_, "(y, xs32, Bt32, bias32|None): y += xs Bt + bias in place");

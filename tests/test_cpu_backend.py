@@ -1,0 +1,249 @@
+"""The ``cpu`` backend (compiled extension ``fastpeft._C``) against the executable spec.
+
+Every output and gradient (y, xa, dX, dA, dB, dbias; IA3 y, dX, dscale) is compared with ``ReferenceBackend`` and,
+in fp32, with torch autograd through ``fastpeft.reference.lora_linear``. Tolerances: fp32 relative error <= 1e-5;
+bf16/fp16 at most 2x the error that the reference computed in the same dtypes makes against an fp32 reference (plus
+a tiny floor). The dropout mask must equal ``fastpeft._philox`` bit for bit, on every SIMD path this CPU runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastpeft import reference as spec
+from fastpeft._philox import dropout_keep_mask, philox_uniform
+from fastpeft.backends.cpu import BACKEND as CPU
+from fastpeft.backends.reference import ReferenceBackend
+
+AVAILABLE, REASON = CPU.availability()
+pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"cpu backend unavailable: {REASON}")
+REF = ReferenceBackend()
+
+if AVAILABLE:
+    from fastpeft import _C
+
+    ISAS = list(_C.supported_isas())
+else:
+    ISAS = []
+
+DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Relative RMS error ``|got - want| / |want|`` in fp64."""
+    got, want = got.double(), want.double()
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def assert_close(name: str, got, want, oracle, ref_same_dtype=None, all_fp32=True):
+    """All inputs fp32: rel err vs ``want`` <= 1e-5. Any low-precision input (even when this output is fp32, e.g.
+    y under bf16 adapters): err vs the fp32 ``oracle`` <= 2x the reference's own same-dtype error
+    (``ref_same_dtype`` vs ``oracle``) + 1e-6."""
+    assert got is not None, f"{name}: missing"
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
+    if all_fp32:
+        err = rel_err(got, want)
+        assert err <= 1e-5, f"{name}: fp32 relative error {err:.3g} > 1e-5"
+    else:
+        ours = rel_err(got, oracle)
+        theirs = rel_err(ref_same_dtype if ref_same_dtype is not None else want, oracle)
+        assert ours <= 2 * theirs + 1e-6, f"{name}: error {ours:.3g} > 2x reference's {theirs:.3g}"
+
+
+@pytest.fixture(params=ISAS or ["none"])
+def isa(request):
+    """Run the test on every SIMD path this CPU supports (generic, avx2, avx512)."""
+    _C.set_isa(request.param)
+    yield request.param
+    _C.set_isa("auto")
+
+
+# ------------------------------------------------------------------------------------------------ dropout mask
+@pytest.mark.parametrize("seed,rows,cols,p", [(0, 3, 123, 0.1), (12345, 17, 2048, 0.5), (2**31 - 2, 5, 97, 0.1),
+                                              (7, 1, 1, 0.3), (99, 4, 33, 0.9)])
+def test_mask_matches_philox_spec(isa, seed, rows, cols, p):
+    got = _C.keep_mask(seed, rows, cols, p)
+    want = dropout_keep_mask(seed, rows, cols, p)
+    assert torch.equal(got, want), f"{isa}: {(got != want).sum().item()} mask bits differ"
+
+
+@pytest.mark.parametrize("offset0", [2**32 - 21, 3 * 2**32 + 5, 2**40 - 7])
+def test_mask_high_counter_word(isa, offset0):
+    """Offsets past 2**32 use the high Philox counter word; a vector that straddles the wrap must carry."""
+    n, p, seed = 61, 0.4, 4242
+    got = _C.keep_mask_at(seed, offset0, n, p)
+    want = philox_uniform(seed, torch.arange(offset0, offset0 + n, dtype=torch.int64)) >= torch.tensor(
+        p, dtype=torch.float32
+    )
+    assert torch.equal(got, want)
+
+
+def test_dropout_scale_values():
+    out = _C.dropout_scale(5, 9, 70, 0.25, 1 / 0.75)
+    keep = dropout_keep_mask(5, 9, 70, 0.25)
+    assert torch.equal(out, keep.float() * torch.tensor(1 / 0.75, dtype=torch.float32))
+
+
+# ------------------------------------------------------------------------------------------------------- LoRA
+def make_case(M, K, N, ranks, xdt, adt, bias, lora_bias, layout, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    if layout == "strided":
+        x = rnd(M, 2 * K)[:, ::2].to(xdt)  # column stride 2: the backend must not assume contiguity
+    elif layout == "transposed":
+        x = rnd(K, M).to(xdt).t()
+    else:
+        x = rnd(M, K).to(xdt)
+    W = rnd(K, N).to(xdt).t() if layout == "transposed" else rnd(N, K).to(xdt)  # fan_in_fan_out view
+    W = W / K**0.5
+    b = rnd(N).to(xdt) if bias else None
+    A = [(rnd(r, K) / K**0.5).to(adt) for r in ranks]
+    B = [(rnd(N, r) / r**0.5).to(adt) for r in ranks]
+    lb = [rnd(N).to(adt) if (lora_bias and i == len(ranks) - 1) else None for i in range(len(ranks))]
+    scaling = [2.0 / (i + 1) for i in range(len(ranks))]
+    return x, W, b, A, B, lb, scaling
+
+
+def as_f32(t):
+    return None if t is None else t.float()
+
+
+CASES = [
+    # id, M, K, N, ranks, bias, lora_bias, layout
+    ("M1-r16", 1, 123, 97, [16], True, False, "contig"),
+    ("M37-r1", 37, 123, 97, [1], False, False, "contig"),
+    ("M64-r16-lorabias", 64, 256, 97, [16], True, True, "contig"),
+    ("M33-two-adapters", 33, 123, 97, [16, 3], True, True, "contig"),
+    ("M29-strided-x", 29, 123, 97, [8], True, False, "strided"),
+    ("M31-transposed", 31, 123, 97, [16], False, True, "transposed"),
+]
+DTYPES = [("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp32"), ("fp16", "fp16"),
+          ("fp32", "bf16")]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"drop{p}")
+@pytest.mark.parametrize("xdt,adt", DTYPES, ids=[f"x{a}-A{b}" for a, b in DTYPES])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_lora_matches_reference(case, xdt, adt, p):
+    _, M, K, N, ranks, bias, lora_bias, layout = case
+    x, W, b, A, B, lb, s = make_case(M, K, N, ranks, DT[xdt], DT[adt], bias, lora_bias, layout)
+    ps = [p] * len(ranks)
+    seeds = [1234 + 17 * i for i in range(len(ranks))]
+    args = (A, B, lb, s, ps, seeds)
+    f32 = ([as_f32(t) for t in A], [as_f32(t) for t in B], [as_f32(t) for t in lb], s, ps, seeds)
+
+    exact = xdt == adt == "fp32"
+    y, xa = CPU.lora_forward(x, W, b, *args)
+    y_ref, xa_ref = REF.lora_forward(x, W, b, *args)
+    y_o, xa_o = REF.lora_forward(x.float(), W.float(), as_f32(b), *f32)
+    assert_close("y", y, y_ref, y_o, all_fp32=exact)
+    for i in range(len(ranks)):
+        assert_close(f"xa[{i}]", xa[i], xa_ref[i], xa_o[i], all_fp32=exact)
+
+    gy = torch.randn(M, N, generator=torch.Generator().manual_seed(9)).to(DT[xdt])
+    got = CPU.lora_backward(gy, x, W, A, B, xa_ref, s, ps, seeds, True, True)
+    ref = REF.lora_backward(gy, x, W, A, B, xa_ref, s, ps, seeds, True, True)
+    ora = REF.lora_backward(gy.float(), x.float(), W.float(), f32[0], f32[1], [h.float() for h in xa_ref], s, ps,
+                            seeds, True, True)
+    assert_close("dx", got[0], ref[0], ora[0], all_fp32=exact)
+    for i in range(len(ranks)):
+        assert_close(f"dA[{i}]", got[1][i], ref[1][i], ora[1][i], all_fp32=exact)
+        assert_close(f"dB[{i}]", got[2][i], ref[2][i], ora[2][i], all_fp32=exact)
+        assert_close(f"dbias[{i}]", got[3][i], ref[3][i], ora[3][i], all_fp32=exact)
+
+
+@pytest.mark.parametrize("needs_grad_x,needs_grad_A", [(True, False), (False, True), (False, False)])
+def test_lora_backward_partial_grads(needs_grad_x, needs_grad_A):
+    x, W, b, A, B, lb, s = make_case(19, 123, 97, [16], torch.bfloat16, torch.float32, True, False, "contig")
+    ps, seeds = [0.1], [77]
+    _, xa = REF.lora_forward(x, W, b, A, B, lb, s, ps, seeds)
+    gy = torch.randn(19, 97).to(torch.bfloat16)
+    got = CPU.lora_backward(gy, x if needs_grad_A else None, W, A, B, xa, s, ps, seeds, needs_grad_x, needs_grad_A)
+    ref = REF.lora_backward(gy, x, W, A, B, xa, s, ps, seeds, True, True)
+    assert (got[0] is None) == (not needs_grad_x)
+    assert (got[1][0] is None) == (not needs_grad_A)
+    if needs_grad_x:
+        assert rel_err(got[0], ref[0]) < 1e-2
+    if needs_grad_A:
+        assert rel_err(got[1][0], ref[1][0]) < 1e-5
+    assert rel_err(got[2][0], ref[2][0]) < 1e-5
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"drop{p}")
+def test_lora_matches_autograd(isa, p):
+    """fp32 gradients against torch autograd through the spec (not a hand-written formula)."""
+    x, W, b, A, B, lb, s = make_case(45, 123, 97, [16, 1], torch.float32, torch.float32, True, True, "contig", 3)
+    ps, seeds = [p, p], [11, 22]
+    leaves = [t.clone().requires_grad_(True) for t in [x] + A + B + [lb[1]]]
+    xl, Al, Bl, lbl = leaves[0], leaves[1:3], leaves[3:5], [None, leaves[5]]
+    y_ref = spec.lora_linear(xl, W, b, Al, Bl, lbl, s, ps, seeds)
+    gy = torch.randn_like(y_ref)
+    y_ref.backward(gy)
+
+    y, xa = CPU.lora_forward(x, W, b, A, B, lb, s, ps, seeds)
+    dx, dA, dB, dbias = CPU.lora_backward(gy, x, W, A, B, xa, s, ps, seeds, True, True)
+    tol = 1e-5
+    assert rel_err(y, y_ref.detach()) < tol, "y"
+    assert rel_err(dx, xl.grad) < tol, "dx"
+    for i in range(2):
+        assert rel_err(dA[i], Al[i].grad) < tol, f"dA[{i}]"
+        assert rel_err(dB[i], Bl[i].grad) < tol, f"dB[{i}]"
+    assert rel_err(dbias[1], lbl[1].grad) < tol, "dbias"
+
+
+@pytest.mark.parametrize("xdt", ["fp32", "bf16"])
+def test_lora_every_isa_agrees(isa, xdt):
+    """Each SIMD path (tails included: K=123, N=97) against the reference."""
+    x, W, b, A, B, lb, s = make_case(23, 123, 97, [16, 5], DT[xdt], torch.float32, True, True, "contig", 5)
+    ps, seeds = [0.1, 0.0], [5, 6]
+    y, xa = CPU.lora_forward(x, W, b, A, B, lb, s, ps, seeds)
+    y_ref, xa_ref = REF.lora_forward(x, W, b, A, B, lb, s, ps, seeds)
+    tol = 1e-5 if xdt == "fp32" else 1e-2
+    assert rel_err(y, y_ref) < tol
+    assert rel_err(xa[0], xa_ref[0]) < 1e-5
+    gy = torch.randn(23, 97).to(DT[xdt])
+    got = CPU.lora_backward(gy, x, W, A, B, xa_ref, s, ps, seeds, True, True)
+    ref = REF.lora_backward(gy, x, W, A, B, xa_ref, s, ps, seeds, True, True)
+    assert rel_err(got[0], ref[0]) < tol
+    for i in range(2):
+        assert rel_err(got[1][i], ref[1][i]) < 1e-5
+        assert rel_err(got[2][i], ref[2][i]) < 1e-5
+
+
+# -------------------------------------------------------------------------------------------------------- IA3
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "out"])
+@pytest.mark.parametrize("xdt", ["fp32", "bf16"])
+def test_ia3_matches_reference(xdt, feedforward):
+    M, K, N = 21, 123, 97
+    x = torch.randn(M, K).to(DT[xdt])
+    W = (torch.randn(N, K) / K**0.5).to(DT[xdt])
+    b = torch.randn(N).to(DT[xdt])
+    scale = torch.rand(K if feedforward else N) + 0.5  # fp32 like PEFT's vectors
+    y = CPU.ia3_forward(x, W, b, scale, feedforward)
+    y_ref = REF.ia3_forward(x, W, b, scale, feedforward)
+    y_o = REF.ia3_forward(x.float(), W.float(), b.float(), scale, feedforward)
+    exact = xdt == "fp32"
+    assert_close("y", y, y_ref, y_o, all_fp32=exact)
+    gy = torch.randn(M, N).to(DT[xdt])
+    dx, ds = CPU.ia3_backward(gy, x, W, b, scale, feedforward, True)
+    dx_r, ds_r = REF.ia3_backward(gy, x, W, b, scale, feedforward, True)
+    dx_o, ds_o = REF.ia3_backward(gy.float(), x.float(), W.float(), b.float(), scale, feedforward, True)
+    assert_close("dx", dx, dx_r, dx_o, all_fp32=exact)
+    assert_close("dscale", ds, ds_r, ds_o, all_fp32=exact)
+
+
+# ------------------------------------------------------------------------------------------------- dispatching
+def test_auto_dispatch_picks_cpu():
+    from fastpeft.backends import backend_info, get_backend
+
+    info = backend_info()
+    assert info["cpu"]["available"], info["cpu"]["reason"]
+    x, W = torch.randn(2, 8), torch.randn(4, 8)
+    assert get_backend(x, W).name in ("cpu",) or info["selected"] != "auto"
+
+
+def test_supports():
+    assert CPU.supports(torch.randn(2, 3), torch.randn(4, 3))
+    assert not CPU.supports(torch.randn(2, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64))

@@ -1,0 +1,141 @@
+"""Triton backend functions for quantized bases (``fastpeft.quant.QuantizedWeight``: nf4, fp4, int8).
+
+``fastpeft.backends.triton`` delegates here when ``weight`` is a ``QuantizedWeight``. Signatures and semantics are
+the contract's (``fastpeft.backends.base``). The two large products, ``X deq(W)^T`` in forward and ``dY deq(W)`` in
+backward, run in ``fastpeft.kernels.quant_matmul``, which dequantizes inside the K loop; the rank-``r`` pieces are
+small torch matmuls and the LoRA up-projection rides in the kernel's epilogue (``pre @ upre``), so ``y`` and ``dx``
+are written once. A dense copy of the weight is never made.
+
+Dropout masks come from ``fastpeft._philox`` (the canonical mask), regenerated in backward from the seed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._philox import dropout_keep_mask
+from ..quant import QuantizedWeight
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _kernels():
+    from ..kernels import quant_matmul  # imported lazily: Triton is optional
+
+    return quant_matmul
+
+
+def supports(x: torch.Tensor, weight) -> bool:
+    """A ``QuantizedWeight`` on a CUDA device (or CPU tensors under ``TRITON_INTERPRET=1``), 2-D float ``x``."""
+    if not isinstance(weight, QuantizedWeight) or x.dtype not in _FLOATS or x.dim() != 2:
+        return False
+    if weight.dtype not in _FLOATS or x.device != weight.device:
+        return False
+    if x.device.type == "cuda":
+        return True
+    return x.device.type == "cpu" and _kernels().interpreting()
+
+
+def _keep_scale(seed: int, rows: int, cols: int, p: float, dtype, device) -> Optional[torch.Tensor]:
+    if p <= 0:
+        return None
+    return dropout_keep_mask(seed, rows, cols, p, device=device).to(dtype) / (1.0 - p)
+
+
+def lora_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
+    """``y = x deq(W)^T + b + sum_i s_i (drop_i(x_i) A_i^T B_i^T + b_i)`` and ``xa[i]`` (see the contract)."""
+    qm = _kernels()
+    xa, pre, upre = [], [], []
+    extra_bias = None
+    xi = x
+    for A, B, b, s, p, seed in zip(lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
+        xi = xi.to(A.dtype)
+        keep = _keep_scale(int(seed), xi.shape[0], xi.shape[1], float(p), A.dtype, x.device)
+        h = (xi if keep is None else xi * keep) @ A.t()
+        xa.append(h)
+        pre.append(h.float() * float(s))
+        upre.append(B.t().float())
+        if b is not None:
+            term = b.float() * float(s)
+            extra_bias = term if extra_bias is None else extra_bias + term
+    fused_bias = bias
+    if extra_bias is not None:
+        fused_bias = extra_bias if bias is None else bias.float() + extra_bias
+    if pre:
+        pre_t = torch.cat(pre, dim=1)
+        upre_t = torch.cat(upre, dim=0)
+        # fp16/bf16 activations: the epilogue's (M, R) x (R, N) product runs in x's dtype on tensor cores
+        if x.dtype != torch.float32:
+            upre_t = upre_t.to(x.dtype)
+        y = qm.quant_matmul(x, weight, bias=fused_bias, pre=pre_t, upre=upre_t)
+    else:
+        y = qm.quant_matmul(x, weight, bias=fused_bias)
+    return y, xa
+
+
+def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A):
+    """``(dx, dA, dB, dbias)``; ``dx = dY deq(W) + sum_i (g_i A_i) * mask_i / (1 - p_i)`` with ``g_i = s_i dY B_i``."""
+    qm = _kernels()
+    grad_A, grad_B, grad_bias = [], [], []
+    pre, upre, dropped_terms = [], [], []
+    for A, B, h, s, p, seed in zip(lora_A, lora_B, xa, scaling, dropout_p, seeds):
+        dy = grad_y.to(B.dtype)
+        grad_B.append((dy.t() @ h) * s)
+        grad_bias.append(dy.sum(0) * s)
+        g = (dy @ B) * s
+        keep = _keep_scale(int(seed), g.shape[0], A.shape[1], float(p), A.dtype, g.device)
+        if needs_grad_A:
+            xd = x.to(A.dtype)
+            grad_A.append(g.t() @ (xd if keep is None else xd * keep))
+        else:
+            grad_A.append(None)
+        if needs_grad_x:
+            if keep is None:
+                pre.append(g.float())
+                upre.append(A.float())
+            else:
+                dropped_terms.append((g @ A) * keep)  # the mask is elementwise on (M, K): not an epilogue GEMM
+    grad_x = None
+    if needs_grad_x:
+        if pre:
+            upre_t = torch.cat(upre, dim=0)
+            if grad_y.dtype != torch.float32:
+                upre_t = upre_t.to(grad_y.dtype)
+            out_dtype = torch.float32 if dropped_terms else grad_y.dtype
+            grad_x = qm.quant_matmul(grad_y, weight, transpose=True, pre=torch.cat(pre, dim=1), upre=upre_t,
+                                     out_dtype=out_dtype)
+        else:
+            grad_x = qm.quant_matmul(grad_y, weight, transpose=True,
+                                     out_dtype=torch.float32 if dropped_terms else grad_y.dtype)
+        if dropped_terms:
+            for term in dropped_terms:
+                grad_x = grad_x + term.float()
+            grad_x = grad_x.to(grad_y.dtype)
+    return grad_x, grad_A, grad_B, grad_bias
+
+
+def ia3_forward(x, weight, bias, scale, is_feedforward):
+    """Feedforward: ``((x * l).to(x.dtype)) deq(W)^T + b``; else ``((x deq(W)^T + b) * l).to(x.dtype)``."""
+    qm = _kernels()
+    if is_feedforward:
+        return qm.quant_matmul(x, weight, bias=bias, vin=scale)
+    return qm.quant_matmul(x, weight, bias=bias, vout=scale)
+
+
+def ia3_backward(grad_y, x, weight, bias, scale, is_feedforward, needs_grad_x):
+    """``(dx, dscale)``; formulas in ``fastpeft.functional``. The non-feedforward ``z = x deq(W)^T + b`` is
+    recomputed by the dequantizing kernel rather than saved."""
+    qm = _kernels()
+    if is_feedforward:
+        grad_scaled = qm.quant_matmul(grad_y, weight, transpose=True)  # (M, K): gradient reaching (x * l)
+        grad_scale = (grad_scaled.to(scale.dtype) * x.to(scale.dtype)).sum(0)
+        grad_x = (grad_scaled.to(scale.dtype) * scale).to(x.dtype) if needs_grad_x else None
+        return grad_x, grad_scale
+    z = qm.quant_matmul(x, weight, bias=bias)
+    grad_scale = (grad_y.to(scale.dtype) * z.to(scale.dtype)).sum(0)
+    grad_x = None
+    if needs_grad_x:
+        grad_x = qm.quant_matmul((grad_y.to(scale.dtype) * scale).to(x.dtype), weight, transpose=True)
+    return grad_x, grad_scale

@@ -1,0 +1,273 @@
+"""GEMMs over a quantized base weight that dequantize inside the K loop (never writing a dense weight).
+
+One kernel, ``_quant_gemm_kernel``, two orientations (``TRANS_W``):
+
+    forward   out[m, n] = vout[n] * ( sum_c a'[m, c] deq(W)[n, c] + bias[n] + sum_q pre[m, q] upre[q, n] )
+    backward  out[m, n] =             sum_c a[m, c]  deq(W)[c, n]                + sum_q pre[m, q] upre[q, n]
+
+with ``a' = (a * vin[c])`` rounded as PEFT's IA3 does (``IN_SCALE``). Forward is ``Y = X deq(W)^T + b`` (the base
+layer), backward is ``dX = dY deq(W)``; the ``pre @ upre`` epilogue carries the LoRA up-projection (``pre`` the
+scaled ``(M, r)`` down-projections, ``upre`` the concatenated ``B^T`` or ``A``), so ``out`` is written once.
+
+``deq(W)`` is built tile by tile in registers from ``fastpeft.quant.QuantizedWeight``'s storage:
+
+- nf4/fp4: value ``i = row * K + col`` of the flattened ``(N, K)`` weight is the high nibble (even ``i``) or low
+  nibble (odd ``i``) of byte ``i // 2``, looked up in the 16-entry code table and scaled by ``absmax[i // blocksize]``
+  (fp32); under double quantization ``absmax[j] = ncode[qa[j]] * nabsmax[j // nbs] + offset``.
+- int8: ``q[row, col] * SCB[row] * (1/127)``.
+
+The fp32 value is cast to the weight's own dtype (as bitsandbytes' dequantize does) and then to ``a``'s dtype for the
+tensor-core ``tl.dot``; accumulation is fp32. The code table and absmax gathers hit L1: each ``BLOCK_C``-wide tile
+row touches at most two absmax blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+INT8_INV_127 = 7.874015718698502e-3
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` set before import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _dequant_tile(w_ptr, absmax_ptr, code_ptr, ncode_ptr, nabsmax_ptr, noffset,
+                  rows, cols, mask, c0, N_w, K_w, blocksize, nbs, stride_wn, stride_wk,
+                  IS_INT8: tl.constexpr, NESTED: tl.constexpr, W_DTYPE: tl.constexpr, ROW_ALIGNED: tl.constexpr):
+    """deq(W)[rows, cols] (broadcast int64 index tensors) in ``W_DTYPE``; zero where ``mask`` is false.
+    ``ROW_ALIGNED`` (forward orientation only): ``rows`` is ``(1, BLOCK_N)`` and all ``cols`` of the tile start at
+    ``c0`` inside one absmax block."""
+    if IS_INT8:
+        q = tl.load(w_ptr + rows * stride_wn + cols * stride_wk, mask=mask, other=0)
+        s = tl.load(absmax_ptr + rows, mask=mask, other=0.0)
+        w = q.to(tl.float32) * s * 7.874015718698502e-3
+    else:
+        # int32 flat index: the launcher checks N * K < 2**31 (a 46k x 46k weight)
+        i = rows.to(tl.int32) * K_w + cols.to(tl.int32)
+        byte = tl.load(w_ptr + i // 2, mask=mask, other=0).to(tl.int32)
+        nib = tl.where((i % 2) == 0, byte >> 4, byte & 0xF)
+        v = tl.load(code_ptr + nib)
+        if ROW_ALIGNED:
+            # every absmax block lies inside one weight row and holds whole BLOCK_C-wide tiles: one scale per row
+            blk = (rows.to(tl.int32) * K_w + c0) // blocksize
+            smask = rows < N_w
+        else:
+            blk = i // blocksize
+            smask = mask
+        if NESTED:
+            qa = tl.load(absmax_ptr + blk, mask=smask, other=0).to(tl.int32)
+            s = tl.load(ncode_ptr + qa) * tl.load(nabsmax_ptr + blk // nbs, mask=smask, other=0.0) + noffset
+        else:
+            s = tl.load(absmax_ptr + blk, mask=smask, other=0.0)
+        w = tl.where(mask, v * s, 0.0)
+    return w.to(W_DTYPE)
+
+
+@triton.jit
+def _quant_gemm_kernel(
+    # pointers: activations, quantized weight pieces, epilogue operands, output
+    a_ptr, w_ptr, absmax_ptr, code_ptr, ncode_ptr, nabsmax_ptr,
+    bias_ptr, vin_ptr, vout_ptr, pre_ptr, upre_ptr, out_ptr,
+    # dimensions and quantization scalars
+    M, N, C, RP, Nw, K_w, blocksize, nbs, noffset,
+    # strides
+    stride_am, stride_ac, stride_wn, stride_wk, stride_pm, stride_pq, stride_qq, stride_qn, stride_om, stride_on,
+    # meta-parameters
+    IS_INT8: tl.constexpr, NESTED: tl.constexpr, W_DTYPE: tl.constexpr, TRANS_W: tl.constexpr,
+    ROW_ALIGNED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, HAS_PRE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_RP: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """out (M, N) = a (M, C) @ deq(W)^T (or deq(W) if TRANS_W) + epilogue; see the module docstring."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # grouped ordering: GROUP_M row blocks reuse one packed weight column block while it is in L2
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rm = offs_m.to(tl.int64)  # int64: N * K overflows int32 for large weights
+    rn = offs_n.to(tl.int64)
+    offs_c = tl.arange(0, BLOCK_C)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + offs_c
+        mask_c = cc < C
+        rc = cc.to(tl.int64)
+        a = tl.load(a_ptr + rm[:, None] * stride_am + rc[None, :] * stride_ac,
+                    mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+        if IN_SCALE:
+            # PEFT rounds (x * l) to l's dtype, then to x's dtype, before the base matmul
+            v = tl.load(vin_ptr + rc, mask=mask_c, other=0.0)
+            a = (a.to(tl.float32) * v.to(tl.float32)[None, :]).to(vin_ptr.dtype.element_ty).to(a_ptr.dtype.element_ty)
+        wmask = mask_c[:, None] & mask_n[None, :]
+        if TRANS_W:  # b[c, n] = W[c, n]
+            b = _dequant_tile(w_ptr, absmax_ptr, code_ptr, ncode_ptr, nabsmax_ptr, noffset,
+                              rc[:, None], rn[None, :], wmask, c0, Nw, K_w, blocksize, nbs, stride_wn, stride_wk,
+                              IS_INT8, NESTED, W_DTYPE, False)
+        else:  # b[c, n] = W[n, c]
+            b = _dequant_tile(w_ptr, absmax_ptr, code_ptr, ncode_ptr, nabsmax_ptr, noffset,
+                              rn[None, :], rc[:, None], wmask, c0, Nw, K_w, blocksize, nbs, stride_wn, stride_wk,
+                              IS_INT8, NESTED, W_DTYPE, ROW_ALIGNED)
+        b = b.to(a_ptr.dtype.element_ty)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+
+    if HAS_PRE:
+        offs_q = tl.arange(0, BLOCK_RP)
+        for q0 in range(0, RP, BLOCK_RP):
+            qq = q0 + offs_q
+            pre = tl.load(pre_ptr + rm[:, None] * stride_pm + qq[None, :] * stride_pq,
+                          mask=mask_m[:, None] & (qq[None, :] < RP), other=0.0)
+            uq = tl.load(upre_ptr + qq[:, None] * stride_qq + rn[None, :] * stride_qn,
+                         mask=(qq[:, None] < RP) & mask_n[None, :], other=0.0)
+            acc = tl.dot(pre.to(upre_ptr.dtype.element_ty).to(DOT_DTYPE), uq.to(DOT_DTYPE), acc,
+                         input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if OUT_SCALE:
+        # PEFT: z = base(x) in x's dtype, then (z * l) cast back to z's dtype
+        z = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        acc = z * tl.load(vout_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ------------------------------------------------------------------------------------------------------ configs
+# (BLOCK_M, BLOCK_N, BLOCK_C, num_warps, num_stages). The dequantized tile is built in registers from gathers
+# (packed byte, code, absmax, nested absmax), which costs registers: 8 warps over a 64 x 128 tile and 2 stages keep
+# both orientations at <= 182 registers with no stack on sm_80 and sm_90, where 4 warps or 3 stages spilled
+# (tests/test_quant_triton.py compiles them and checks tensor-core instructions, spills, shared memory).
+QUANT_CONFIGS = {
+    80: [(64, 128, 32, 8, 2), (64, 64, 32, 4, 2)],
+    90: [(64, 128, 64, 8, 2), (64, 64, 32, 4, 2)],
+}
+GROUP_M = 8
+INTERPRET_CONFIG = (32, 32, 32, 4, 1)
+BLOCK_RP = 16
+
+
+def config_kwargs(config, dtype: torch.dtype) -> dict:
+    """Kernel meta-parameters for ``config``; fp32 activations halve BLOCK_C to keep shared memory the same."""
+    bm, bn, bc, warps, stages = config
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_C": bc // 2 if dtype == torch.float32 else bc,
+            "GROUP_M": GROUP_M, "num_warps": warps, "num_stages": stages}
+
+
+_AUTOTUNE_KEY = ["M", "N", "C", "IS_INT8", "NESTED", "TRANS_W", "ROW_ALIGNED", "HAS_BIAS", "IN_SCALE", "OUT_SCALE", "HAS_PRE"]
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(arch: int, fp32: bool):
+    dtype = torch.float32 if fp32 else torch.float16
+    configs = []
+    for config in QUANT_CONFIGS[arch]:
+        kw = config_kwargs(config, dtype)
+        warps, stages = kw.pop("num_warps"), kw.pop("num_stages")
+        configs.append(triton.Config(kw, num_warps=warps, num_stages=stages))
+    return triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(_quant_gemm_kernel)
+
+
+def _dot_dtype(dtype: torch.dtype):
+    """``tl.dot`` operand type: ``dtype``'s, except bf16 under the 3.9 interpreter, whose bf16 dot is broken; there
+    the (already bf16-rounded) operands are widened to fp32 exactly, which matches bf16 tensor cores' fp32
+    accumulation."""
+    if dtype == torch.bfloat16 and interpreting():
+        return tl.float32
+    return TL_DTYPES[dtype]
+
+
+def _arch(device: torch.device) -> int:
+    major, _ = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
+
+
+def _weight_args(qw):
+    """Pointer and scalar arguments describing a ``QuantizedWeight``; unused pointers get a valid dummy."""
+    dummy = qw.absmax
+    is_int8 = qw.kind == "int8"
+    data = qw.data
+    if is_int8:
+        stride_wn, stride_wk = data.stride(0), data.stride(1)
+    else:
+        stride_wn, stride_wk = 0, 0
+    ptrs = (data, qw.absmax, qw.code if qw.code is not None else dummy,
+            qw.nested_code if qw.nested else dummy, qw.nested_absmax if qw.nested else dummy)
+    scalars = dict(K_w=qw.shape[1], blocksize=max(qw.blocksize, 1), nbs=max(qw.nested_blocksize, 1),
+                   noffset=float(qw.nested_offset))
+    return ptrs, scalars, (stride_wn, stride_wk), is_int8
+
+
+def quant_matmul(a: torch.Tensor, qw, *, transpose: bool = False, bias=None, vin=None, vout=None, pre=None,
+                 upre=None, out_dtype=None, config=None) -> torch.Tensor:
+    """``a @ deq(W)^T`` (``transpose=False``; ``a`` ``(M, K)`` -> ``(M, N)``) or ``a @ deq(W)`` (``transpose=True``;
+    ``a`` ``(M, N)`` -> ``(M, K)``), with the fused epilogue terms given.
+
+    ``a``: fp16/bf16/fp32, any strides. ``qw``: ``fastpeft.quant.QuantizedWeight`` on ``a``'s device. ``bias``
+    ``(N,)`` any float dtype (added in fp32). ``vin`` ``(K,)`` IA3 input scale, ``vout`` ``(N,)`` IA3 output scale
+    (forward only). ``pre`` ``(M, RP)`` and ``upre`` ``(RP, n_out)``: ``+ pre @ upre`` in ``upre``'s dtype.
+    ``out_dtype`` defaults to ``a.dtype``. ``config`` (BLOCK_M, BLOCK_N, BLOCK_C, warps, stages) overrides tuning.
+    """
+    Nw, Kw = qw.shape
+    M, C = a.shape
+    if C != (Nw if transpose else Kw):
+        raise ValueError(f"fastpeft.quant_matmul: a has {C} columns, weight is {qw.shape} (transpose={transpose})")
+    if a.dtype not in TL_DTYPES or qw.dtype not in TL_DTYPES:
+        raise TypeError(f"fastpeft.quant_matmul: unsupported dtypes a={a.dtype}, weight={qw.dtype}")
+    if transpose and (vin is not None or vout is not None or bias is not None):
+        raise ValueError("fastpeft.quant_matmul: bias and IA3 scales belong to the forward orientation")
+    n_out = Kw if transpose else Nw
+    out = torch.empty((M, n_out), dtype=out_dtype or a.dtype, device=a.device)
+    if M == 0 or n_out == 0:
+        return out
+    ptrs, scalars, (swn, swk), is_int8 = _weight_args(qw)
+    RP = pre.shape[1] if pre is not None else 0
+    args = (
+        a, *ptrs,
+        bias if bias is not None else out, vin if vin is not None else out, vout if vout is not None else out,
+        pre if pre is not None else out, upre if upre is not None else out, out,
+        M, n_out, C, RP, Nw, scalars["K_w"], scalars["blocksize"], scalars["nbs"], scalars["noffset"],
+        a.stride(0), a.stride(1), swn, swk,
+        *(pre.stride() if pre is not None else (0, 0)), *(upre.stride() if upre is not None else (0, 0)),
+        out.stride(0), out.stride(1),
+    )
+    if not is_int8 and Nw * Kw >= 2**31:
+        raise ValueError(f"fastpeft.quant_matmul: 4-bit weight {qw.shape} has 2**31 or more values")
+    # blocksize >= 64 >= every BLOCK_C, so a row-aligned block holds whole tiles
+    row_aligned = not transpose and not is_int8 and qw.blocksize >= 64 and Kw % qw.blocksize == 0
+    flags = dict(IS_INT8=is_int8, NESTED=qw.nested, W_DTYPE=TL_DTYPES[qw.dtype], TRANS_W=bool(transpose),
+                 ROW_ALIGNED=row_aligned,
+                 HAS_BIAS=bias is not None, IN_SCALE=vin is not None, OUT_SCALE=vout is not None,
+                 HAS_PRE=pre is not None, INPUT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+                 DOT_DTYPE=_dot_dtype(a.dtype),
+                 BLOCK_RP=BLOCK_RP)
+    if config is None and (interpreting() or a.device.type != "cuda"):
+        config = INTERPRET_CONFIG
+    if config is not None:
+        kw = config_kwargs(config, a.dtype)
+        grid = (triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(n_out, kw["BLOCK_N"]),)
+        _quant_gemm_kernel[grid](*args, **flags, **kw)
+        return out
+    kernel = _autotuned(_arch(a.device), a.dtype == torch.float32)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
+    kernel[grid](*args, **flags)
+    return out

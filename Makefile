@@ -31,9 +31,9 @@ $(VENV)/.installed: $(VENV)/.deps setup.py $(wildcard csrc/cpu/*.cpp csrc/cpu/*.
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider -m "not dist" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
 
-# Multi-process (gloo) DDP/FSDP2 tests: 2 worker processes each import torch+transformers (~2-3 min on 2 cores).
+# Only the multi-process (gloo) DDP/FSDP2 tests (also part of `make test`): handy when working on them.
 test-dist: install
 	$(PY) -m pytest -q -p no:cacheprovider -m dist $(PYTEST_ARGS) tests
 

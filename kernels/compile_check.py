@@ -74,6 +74,13 @@ _FLAG_NAMES = ["HAS_BIAS", "FUSE_DOWN", "DROP_IN", "DROP_OUT", "HAS_PRE", "IN_SC
 _F32_PTRS = {"rscale_ptr", "pre_ptr", "colsum_ptr", "down_ptr"}
 
 
+def _jit(fn):
+    """A compilable JITFunction even when the module was imported under TRITON_INTERPRET=1 (tests mix both)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return triton.JITFunction(fn.fn) if isinstance(fn, InterpretedFunction) else fn
+
+
 def _signature(fn, dt: str, f32_ptrs: set, unit: dict, constexprs: dict) -> dict:
     sig = {}
     for name in fn.arg_names:
@@ -89,7 +96,7 @@ def _signature(fn, dt: str, f32_ptrs: set, unit: dict, constexprs: dict) -> dict
 
 
 def _gemm_specs(arch: int, dt: str):
-    fn = _common._fused_gemm_kernel
+    fn = _jit(_common._fused_gemm_kernel)
     # contiguous row-major X and W (b = W^T): unit strides are specialised to 1 by the launcher, as here
     unit = {"stride_ak": 1, "stride_bk": 1, "stride_on": 1, "stride_sr": 1}
     for name, flags in GEMM_VARIANTS.items():
@@ -121,6 +128,7 @@ def _small_specs(arch: int, dt: str):
          {"stride_xk": 1, "stride_ok": 1}),
     ]
     for name, fn, tile, ce, f32, unit in table:
+        fn = _jit(fn)
         bm, bk, warps = lora.SMALL_KERNEL_TILES[tile]
         ce = dict(ce, BLOCK_M=bm, **({"BLOCK_N": bk} if "BLOCK_N" in fn.arg_names else {"BLOCK_K": bk}))
         ce.update(unit)

@@ -1,0 +1,222 @@
+"""The module layer for bitsandbytes bases (QLoRA): fused twins of PEFT's bnb LoRA/IA3 layers.
+
+PEFT builds ``peft.tuners.lora.bnb.Linear4bit`` / ``Linear8bitLt`` and ``peft.tuners.ia3.bnb.Linear4bit`` /
+``Linear8bitLt`` around ``bitsandbytes.nn.Linear4bit`` / ``Linear8bitLt``. Their twins here subclass them (so merge,
+unmerge, ``merge_and_unload``, save/load and state_dict keys stay PEFT's) and replace ``forward``: the base weight is
+described by a ``fastpeft.quant.QuantizedWeight`` (no copy) and the whole layer, base product included, goes
+through ``fastpeft.functional``. bitsandbytes' own matmul is never called, so the CPU gradient bugs of bitsandbytes
+0.50.2 (wrong input gradient through ``Linear4bit``, none under IA3) are not inherited, and the CPU inference repack
+never happens. No dequantized weight is saved for backward: the autograd functions keep the ``QuantizedWeight``.
+
+Dtypes follow bitsandbytes and PEFT: ``Linear4bit`` computes in its compute dtype (set from the first input, as
+bitsandbytes' ``set_compute_type`` does) and returns the input's dtype; ``Linear8bitLt`` computes in the input's
+dtype. The int8 weight is used as ``int8 * SCB / 127`` whatever the layer's outlier ``threshold``: with
+``threshold > 0`` bitsandbytes would instead run outlier input columns against the same dequantized columns in fp16,
+so fastpeft's result is the same product without the int8 rounding of the activations (closer to the fp reference).
+PEFT's IA3 bnb layers cast the input to fp32 and return fp32; the twins do the same.
+
+``register_bnb_layers(registry, readers)`` adds these classes to ``fastpeft.layers.FUSED_LAYER_TYPES`` (used by
+``fastpeft.accelerate``) and a base-weight reader to ``fastpeft.layers.BASE_WEIGHT_READERS`` so PEFT's generic
+``lora.Linear`` wrapping a bitsandbytes base (``fastpeft.register`` / custom modules) is fused too. Importing this
+module registers them.
+
+Merging into a quantized base (PEFT's own code for LoRA: dequantize, add, requantize) rounds; PEFT warns. For the
+generic ``lora.Linear`` over a bitsandbytes base, :func:`merge_quantized` / :func:`unmerge_quantized` do the same.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import functional
+from .layers import BASE_WEIGHT_READERS, FUSED_LAYER_TYPES, _has_hooks, check_input
+from .quant import QuantizedWeight, is_bnb_quantized, quantized_weight_of
+
+try:
+    import bitsandbytes as bnb
+    from peft.tuners.ia3 import bnb as _ia3_bnb
+    from peft.tuners.lora import bnb as _lora_bnb
+except Exception:  # bitsandbytes missing or broken: nothing to register
+    bnb = None
+    _ia3_bnb = _lora_bnb = None
+
+
+def compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype bitsandbytes would compute ``base(x)`` in (and set its compute dtype from ``x`` on first use, as
+    ``Linear4bit.forward`` does, so fused and unfused calls agree)."""
+    if bnb is not None and isinstance(base, bnb.nn.Linear4bit):
+        if not base.compute_type_is_set:
+            base.set_compute_type(x)
+            base.compute_type_is_set = True
+        return base.compute_dtype or x.dtype
+    return x.dtype
+
+
+def read_bnb_base(base: nn.Module, fan_in_fan_out: bool):
+    """``(QuantizedWeight, bias)`` for a quantized bitsandbytes linear, else None (a ``BASE_WEIGHT_READERS``
+    entry). The bias is cast to the layer's configured compute dtype, as bitsandbytes does."""
+    if fan_in_fan_out or not is_bnb_quantized(base):
+        return None
+    bias = base.bias
+    dtype = getattr(base, "compute_dtype", None)
+    if bias is not None and dtype is not None:
+        bias = bias.to(dtype)
+    return QuantizedWeight.from_bnb_linear(base), bias
+
+
+def _base_only(x: torch.Tensor, qw: QuantizedWeight, bias) -> torch.Tensor:
+    """``x deq(W)^T + b`` through the functional layer, with a correct input gradient (disabled or merged adapters;
+    bitsandbytes' own CPU matmul would give a wrong one). Routed as IA3 with a feedforward scale of exact ones: the
+    product is unchanged and the backward's only extra work is an elementwise ``(M, K)`` reduction. (A LoRA call
+    with zero adapters would be the natural route, but not every backend accepts empty adapter lists.)"""
+    ones = torch.ones(1, qw.shape[1], dtype=x.dtype, device=x.device)
+    return functional.ia3_linear(x, qw, bias, [ones], True)
+
+
+class _FusedBnbLoraMixin:
+    """Forward shared by the LoRA twins; ``x`` ``(..., in_features)`` -> ``(..., out_features)`` in ``x``'s dtype."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.get_base_layer()
+        active = [name for name in self.active_adapters if name in self.lora_A]
+        if (args or kwargs or _has_hooks(base) or any(name in self.lora_variant for name in active)
+                or not is_bnb_quantized(base)):
+            return super().forward(x, *args, **kwargs)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            active = []
+        elif self.merged:
+            active = []
+        qw = QuantizedWeight.from_bnb_linear(base)
+        check_input(self, x, qw, self.in_features)
+        dtype = compute_dtype(base, x)
+        xc = x.to(dtype)
+        bias = base.bias.to(dtype) if base.bias is not None else None
+        if not active:
+            return _base_only(xc, qw, bias).to(x.dtype)
+        dropouts = [self.lora_dropout[name] for name in active]
+        y = functional.lora_linear(
+            xc,
+            qw,
+            bias,
+            [self.lora_A[name].weight for name in active],
+            [self.lora_B[name].weight for name in active],
+            [self.lora_B[name].bias if self.lora_bias.get(name, False) else None for name in active],
+            [self.scaling[name] for name in active],
+            [d.p if isinstance(d, nn.Dropout) else 0.0 for d in dropouts],
+            training=any(d.training for d in dropouts),
+        )
+        return y.to(x.dtype)
+
+
+class _FusedBnbIA3Mixin:
+    """Forward shared by the IA3 twins. Like PEFT's bnb IA3 layers, a non-fp32 input is computed from ``x.float()``
+    (then in the base's compute dtype) and the result is fp32."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.get_base_layer()
+        if args or kwargs or _has_hooks(base) or not is_bnb_quantized(base):
+            return super().forward(x, *args, **kwargs)
+        qw = QuantizedWeight.from_bnb_linear(base)
+        check_input(self, x, qw, self.in_features)
+        if self.disable_adapters:
+            dtype = compute_dtype(base, x)
+            bias = base.bias.to(dtype) if base.bias is not None else None
+            return _base_only(x.to(dtype), qw, bias).to(x.dtype)
+        vectors = [self.ia3_l[name] for name in self.active_adapters if name in self.ia3_l]
+        convert = not torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float32
+        xf = x.float() if convert else x
+        dtype = compute_dtype(base, xf)
+        bias = base.bias.to(dtype) if base.bias is not None else None
+        if not vectors:
+            return _base_only(xf.to(dtype), qw, bias).to(xf.dtype)
+        return functional.ia3_linear(xf.to(dtype), qw, bias, vectors, self.is_feedforward).to(xf.dtype)
+
+
+FUSED_BNB_LAYER_TYPES: dict[type, type] = {}
+if _lora_bnb is not None:
+    if hasattr(_lora_bnb, "Linear4bit"):
+
+        class FusedLoraLinear4bit(_FusedBnbLoraMixin, _lora_bnb.Linear4bit):
+            """PEFT's ``lora.bnb.Linear4bit`` (NF4/FP4 base) with a fused, dequantize-in-GEMM forward."""
+
+        class FusedIA3Linear4bit(_FusedBnbIA3Mixin, _ia3_bnb.Linear4bit):
+            """PEFT's ``ia3.bnb.Linear4bit`` with a fused forward."""
+
+        FUSED_BNB_LAYER_TYPES[_lora_bnb.Linear4bit] = FusedLoraLinear4bit
+        FUSED_BNB_LAYER_TYPES[_ia3_bnb.Linear4bit] = FusedIA3Linear4bit
+    if hasattr(_lora_bnb, "Linear8bitLt"):
+
+        class FusedLoraLinear8bitLt(_FusedBnbLoraMixin, _lora_bnb.Linear8bitLt):
+            """PEFT's ``lora.bnb.Linear8bitLt`` (int8 base) with a fused forward."""
+
+        class FusedIA3Linear8bitLt(_FusedBnbIA3Mixin, _ia3_bnb.Linear8bitLt):
+            """PEFT's ``ia3.bnb.Linear8bitLt`` with a fused forward."""
+
+        FUSED_BNB_LAYER_TYPES[_lora_bnb.Linear8bitLt] = FusedLoraLinear8bitLt
+        FUSED_BNB_LAYER_TYPES[_ia3_bnb.Linear8bitLt] = FusedIA3Linear8bitLt
+
+
+# ------------------------------------------------------------------------------------------------------ merging
+def _write_back(base: nn.Module, qw: QuantizedWeight, dense: torch.Tensor) -> None:
+    """Requantize ``dense`` into ``base``'s bitsandbytes parameter the way bitsandbytes quantizes it."""
+    weight = base.weight
+    if qw.kind == "int8":
+        new = bnb.nn.Int8Params(dense.to("cpu").to(torch.float16), requires_grad=False, has_fp16_weights=False)
+        base.weight = new.to(weight.device)
+        if hasattr(base, "state"):
+            base.state.reset_grads() if hasattr(base.state, "reset_grads") else None
+        return
+    kwargs = {k: v for k, v in weight.__dict__.items() if k not in ("data", "quant_state", "bnb_quantized")}
+    kwargs.pop("_is_hf_initialized", None)
+    new = bnb.nn.Params4bit(dense.to("cpu").to(qw.dtype), requires_grad=False, **kwargs)
+    base.weight = new.to(weight.device)
+
+
+def merge_quantized(layer, adapter_names: Optional[list[str]] = None) -> None:
+    """Merge LoRA adapters of a generic ``lora.Linear`` whose base is a bitsandbytes layer: dequantize, add
+    ``s B A``, requantize (rounds, like PEFT's bnb merge; warns)."""
+    base = layer.get_base_layer()
+    names = adapter_names or [n for n in layer.active_adapters if n in layer.lora_A]
+    warnings.warn("fastpeft: merging LoRA into a quantized base requantizes it; outputs change by rounding",
+                  stacklevel=2)
+    qw = quantized_weight_of(base)
+    dense = qw.dequantize(torch.float32)
+    for name in names:
+        if name in layer.merged_adapters:
+            continue
+        dense = dense + layer.get_delta_weight(name).float()
+        layer.merged_adapters.append(name)
+    _write_back(base, qw, dense)
+
+
+def unmerge_quantized(layer) -> None:
+    """Undo :func:`merge_quantized` (dequantize, subtract, requantize; rounds again)."""
+    base = layer.get_base_layer()
+    warnings.warn("fastpeft: unmerging LoRA from a quantized base requantizes it; outputs change by rounding",
+                  stacklevel=2)
+    qw = quantized_weight_of(base)
+    dense = qw.dequantize(torch.float32)
+    while layer.merged_adapters:
+        dense = dense - layer.get_delta_weight(layer.merged_adapters.pop()).float()
+    _write_back(base, qw, dense)
+
+
+# ------------------------------------------------------------------------------------------------- registration
+def register_bnb_layers(registry: Optional[dict] = None, readers: Optional[list] = None) -> dict:
+    """Add PEFT's bnb layer classes -> fused twins to ``registry`` (default ``fastpeft.layers.FUSED_LAYER_TYPES``)
+    and :func:`read_bnb_base` to ``readers`` (default ``fastpeft.layers.BASE_WEIGHT_READERS``). Idempotent."""
+    registry = FUSED_LAYER_TYPES if registry is None else registry
+    readers = BASE_WEIGHT_READERS if readers is None else readers
+    registry.update(FUSED_BNB_LAYER_TYPES)
+    if bnb is not None and read_bnb_base not in readers:
+        readers.append(read_bnb_base)
+    return registry
+
+
+register_bnb_layers()

@@ -1,0 +1,279 @@
+"""PEFT LoRA/IA3 over bitsandbytes NF4/FP4/double-quant/int8 bases, after ``fastpeft.accelerate``.
+
+The oracle is never bitsandbytes' matmul (wrong on the CPU, see shared/ENVIRONMENT.md): it is a float32 computation
+from the dequantized weights (``bitsandbytes.functional.dequantize_4bit`` / ``int8 * SCB / 127``) and fp32 copies of
+the adapter parameters, differentiated by torch autograd. Checked: outputs, adapter gradients, input gradients,
+that no dequantized weight is saved for backward, PEFT save/load round trip, merge/unmerge.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+bnb = pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
+
+import fastpeft  # noqa: E402
+import fastpeft.layers_bnb as layers_bnb  # noqa: E402  (registers the bnb twins)
+from fastpeft.layers import FusedLoraLinear  # noqa: E402
+from fastpeft.quant import quantized_weight_of  # noqa: E402
+
+from conftest import assert_close  # noqa: E402
+
+K, H = 64, 96
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+BASES = [
+    pytest.param(("nf4", False), id="nf4"),
+    pytest.param(("fp4", False), id="fp4"),
+    pytest.param(("nf4", True), id="nf4-nested=T"),
+    pytest.param(("int8", False), id="int8"),
+]
+
+
+def _quant_linear(w: torch.Tensor, b: torch.Tensor, kind: str, nested: bool, dtype: torch.dtype) -> nn.Module:
+    """A fresh, quantized bitsandbytes linear holding ``w`` (N, K) and ``b`` (never deep-copied)."""
+    N, Kin = w.shape
+    if kind == "int8":
+        lin = bnb.nn.Linear8bitLt(Kin, N, bias=True, has_fp16_weights=False)
+        lin.weight = bnb.nn.Int8Params(w.half(), requires_grad=False, has_fp16_weights=False)
+        lin.bias = nn.Parameter(b.to(dtype))
+        return lin.to("cpu")
+    lin = bnb.nn.Linear4bit(Kin, N, bias=True, compute_dtype=dtype, compress_statistics=nested, quant_type=kind)
+    lin.weight = bnb.nn.Params4bit(w.to(dtype), requires_grad=False, compress_statistics=nested, quant_type=kind,
+                                   blocksize=64)
+    lin.bias = nn.Parameter(b.to(dtype))
+    return lin.to("cpu")
+
+
+class MLP(nn.Module):
+    def __init__(self, kind, nested, dtype, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.up = _quant_linear(torch.randn(H, K, generator=g) * 0.1, torch.randn(H, generator=g) * 0.1, kind,
+                                nested, dtype)
+        self.down = _quant_linear(torch.randn(K, H, generator=g) * 0.1, torch.randn(K, generator=g) * 0.1, kind,
+                                  nested, dtype)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+def _dense(module) -> torch.Tensor:
+    """fp32 dequantized base weight, computed with bitsandbytes' own dequantization (the independent oracle)."""
+    w = module.weight
+    if w.dtype == torch.int8:
+        return bnb.functional.int8_vectorwise_dequant(w.data, w.SCB).float()
+    return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+
+
+def _mark_quantized(model, kind):
+    """What transformers sets on a bitsandbytes-quantized model; PEFT then builds its bnb layer classes."""
+    if kind == "int8":
+        model.is_loaded_in_8bit = True
+    else:
+        model.is_loaded_in_4bit = True
+    return model
+
+
+def _lora_model(kind, nested, dtype, dropout=0.0, seed=0, peft_bnb_classes=True):
+    """PEFT LoRA on the MLP: PEFT's bnb layer classes (``peft_bnb_classes``) or its generic ``lora.Linear`` around
+    the bitsandbytes base (what PEFT builds when the model is not marked as quantized)."""
+    model = MLP(kind, nested, dtype, seed)
+    if peft_bnb_classes:
+        _mark_quantized(model, kind)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], lora_dropout=dropout)
+    pm = peft.get_peft_model(model, config)
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, p in pm.named_parameters():
+        if "lora_B" in name:  # nonzero B so the adapter contributes
+            p.data = torch.randn(p.shape, generator=g) * 0.1
+    return pm
+
+
+def _lora_reference(pm, x):
+    """fp32 forward from the dequantized weights; returns (y, x_ref, {param name: fp32 leaf})."""
+    leaves = {n: p.detach().float().clone().requires_grad_(True) for n, p in pm.named_parameters() if p.requires_grad}
+    xr = x.detach().float().clone().requires_grad_(True)
+
+    def layer(name, inp):
+        mod = dict(pm.named_modules())[f"base_model.model.{name}"]
+        base = mod.get_base_layer()
+        y = inp @ _dense(base).t() + base.bias.float()
+        A = leaves[f"base_model.model.{name}.lora_A.default.weight"]
+        B = leaves[f"base_model.model.{name}.lora_B.default.weight"]
+        return y + (inp @ A.t() @ B.t()) * mod.scaling["default"]
+
+    y = layer("down", torch.nn.functional.gelu(layer("up", xr)))
+    return y, xr, leaves
+
+
+@pytest.mark.parametrize("layer_class", ["peft-bnb", "generic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("base", BASES)
+def test_lora_outputs_and_gradients(base, dtype, layer_class):
+    kind, nested = base
+    if kind == "int8" and dtype == torch.bfloat16:
+        dtype = torch.float16  # Linear8bitLt's usual activation dtype
+    tol = TOL.get(dtype, 2e-2)
+    pm = _lora_model(kind, nested, dtype, peft_bnb_classes=layer_class == "peft-bnb")
+    fastpeft.accelerate(pm, strict=True)
+    fused = tuple(layers_bnb.FUSED_BNB_LAYER_TYPES.values()) if layer_class == "peft-bnb" else FusedLoraLinear
+    assert isinstance(pm.base_model.model.up, fused)
+    x = torch.randn(2, 5, K).to(dtype).requires_grad_(True)
+    y = pm(x)
+    assert y.dtype == dtype
+    y_ref, xr, leaves = _lora_reference(pm, x)
+    assert_close("y", y, y_ref, tol)
+    gy = torch.randn(y.shape)
+    y.backward(gy.to(dtype))
+    y_ref.backward(gy)
+    assert_close("dx", x.grad, xr.grad, tol)
+    for name, p in pm.named_parameters():
+        if p.requires_grad:
+            assert_close(f"d{name}", p.grad, leaves[name].grad, tol)
+
+
+def test_lora_dequantized_weight_never_saved():
+    pm = _lora_model("nf4", True, torch.float32)
+    fastpeft.accelerate(pm, strict=True)
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    x = torch.randn(3, K, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = pm(x)
+    assert shapes, "nothing saved at all?"
+    for bad in [(H, K), (K, H)]:
+        assert bad not in shapes, f"a dense {bad} weight was saved for backward: {shapes}"
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_lora_dropout_training_runs_and_matches_eval_without_dropout():
+    pm = _lora_model("nf4", False, torch.float32, dropout=0.3)
+    fastpeft.accelerate(pm, strict=True)
+    x = torch.randn(4, K)
+    pm.train()
+    torch.manual_seed(0)
+    y1 = pm(x)
+    torch.manual_seed(0)
+    y2 = pm(x)
+    assert torch.equal(y1, y2), "dropout must be reproducible from torch's seed"
+    pm.eval()
+    y_ref, _, _ = _lora_reference(pm, x)
+    assert_close("eval y", pm(x), y_ref, 1e-4)
+
+
+def test_disabled_adapters_give_base_with_input_gradient():
+    pm = _lora_model("fp4", False, torch.float32)
+    fastpeft.accelerate(pm, strict=True)
+    x = torch.randn(3, K, requires_grad=True)
+    with pm.disable_adapter():
+        y = pm(x)
+    base = pm.base_model.model
+    xr = x.detach().clone().requires_grad_(True)
+    up, down = base.up.get_base_layer(), base.down.get_base_layer()
+    yr = torch.nn.functional.gelu(xr @ _dense(up).t() + up.bias) @ _dense(down).t() + down.bias
+    assert_close("y", y, yr, 1e-4)
+    y.sum().backward()
+    yr.sum().backward()
+    assert_close("dx", x.grad, xr.grad, 1e-4)
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_ia3_outputs_and_gradients(base):
+    kind, nested = base
+    dtype = torch.float16 if kind == "int8" else torch.bfloat16
+    model = _mark_quantized(MLP(kind, nested, dtype), kind)
+    pm = peft.get_peft_model(model, peft.IA3Config(target_modules=["up", "down"], feedforward_modules=["down"]))
+    g = torch.Generator().manual_seed(5)
+    for name, p in pm.named_parameters():
+        if "ia3_l" in name:
+            p.data = 1 + 0.2 * torch.randn(p.shape, generator=g)
+    fastpeft.accelerate(pm, strict=True)
+    x = torch.randn(2, 3, K).to(dtype).requires_grad_(True)
+    y = pm(x)
+    xr = x.detach().float().clone().requires_grad_(True)
+    mods = dict(pm.named_modules())
+    leaves = {n: p.detach().float().clone().requires_grad_(True) for n, p in pm.named_parameters() if p.requires_grad}
+    upb, downb = mods["base_model.model.up"].get_base_layer(), mods["base_model.model.down"].get_base_layer()
+    h = (xr @ _dense(upb).t() + upb.bias.float()) * leaves["base_model.model.up.ia3_l.default"].flatten()
+    h = torch.nn.functional.gelu(h)
+    yr = (h * leaves["base_model.model.down.ia3_l.default"].flatten()) @ _dense(downb).t() + downb.bias.float()
+    assert_close("y", y, yr, 2e-2)
+    gy = torch.randn(y.shape)
+    y.backward(gy.to(y.dtype))
+    yr.backward(gy)
+    assert x.grad is not None, "IA3 over a quantized base must give an input gradient"
+    assert_close("dx", x.grad, xr.grad, 2e-2)
+    for name, p in pm.named_parameters():
+        if p.requires_grad:
+            assert_close(f"d{name}", p.grad, leaves[name].grad, 2e-2)
+
+
+@pytest.mark.parametrize("base", [BASES[2], BASES[3]])
+def test_save_pretrained_round_trip(tmp_path, base):
+    kind, nested = base
+    pm = _lora_model(kind, nested, torch.float32, seed=3)
+    fastpeft.accelerate(pm, strict=True)
+    x = torch.randn(3, K)
+    y = pm(x).detach()
+    pm.save_pretrained(str(tmp_path))
+    fresh = peft.PeftModel.from_pretrained(_mark_quantized(MLP(kind, nested, torch.float32, seed=3), kind),
+                                           str(tmp_path))
+    fastpeft.accelerate(fresh, strict=True)
+    assert isinstance(fresh.base_model.model.down, tuple(layers_bnb.FUSED_BNB_LAYER_TYPES.values()))
+    assert_close("y after reload", fresh(x), y, 1e-6)
+
+
+def _plain_reference(pm, x):
+    """fp32 forward of the current (possibly merged) quantized bases alone."""
+    base = pm.base_model.model
+    up, down = base.up.get_base_layer(), base.down.get_base_layer()
+    return torch.nn.functional.gelu(x @ _dense(up).t() + up.bias.float()) @ _dense(down).t() + down.bias.float()
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_merge_unmerge_and_unload(kind):
+    pm = _lora_model(kind, kind == "nf4", torch.float32, seed=4)
+    fastpeft.accelerate(pm, strict=True)
+    up = pm.base_model.model.up
+    x = torch.randn(3, K)
+    w_before = _dense(up.get_base_layer())
+    delta = up.get_delta_weight("default").detach()
+    with pytest.warns(UserWarning, match="rounding"):
+        pm.merge_adapter()
+    assert up.merged
+    # merge = requantize(deq(W) + s B A): within one quantization step of the exact sum
+    w_merged = _dense(up.get_base_layer())
+    assert_close("merged weight", w_merged, w_before + delta, 0.12)
+    assert (w_merged - w_before).abs().sum() > 0
+    # merged forward: the merged quantized bases alone, computed exactly
+    assert_close("merged y", pm(x), _plain_reference(pm, x), 1e-4)
+    with pytest.warns(UserWarning, match="rounding"):
+        pm.unmerge_adapter()
+    assert not up.merged
+    assert_close("unmerged weight", _dense(up.get_base_layer()), w_before, 0.12)
+    y_ref, _, _ = _lora_reference(pm, x)
+    assert_close("unmerged y", pm(x), y_ref, 1e-4)
+    with pytest.warns(UserWarning):
+        unloaded = pm.merge_and_unload()
+    assert isinstance(unloaded.up, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    assert quantized_weight_of(unloaded.up) is not None
+
+
+def test_generic_lora_linear_over_bnb_base_is_fused():
+    """PEFT's generic lora.Linear with a bitsandbytes base (custom-module route) reads the base via fastpeft."""
+    from fastpeft.layers import read_base_weight
+
+    lin = _quant_linear(torch.randn(16, K) * 0.1, torch.zeros(16), "nf4", False, torch.float32)
+    weight, bias = read_base_weight(lin, False)
+    assert weight.kind == "nf4" and weight.shape == (16, K)
+    assert read_base_weight(lin, True) is None

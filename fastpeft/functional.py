@@ -43,6 +43,25 @@ def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     return x.reshape(-1, x.shape[-1]), tuple(x.shape[:-1])
 
 
+def _unalias(tensors: list[torch.Tensor], inputs: Sequence[Optional[torch.Tensor]] = ()) -> list[torch.Tensor]:
+    """Clone any output that shares storage with an earlier output or with an input.
+
+    Custom ops must not return aliases, but a backend may hand back per-adapter slices of one concatenated buffer
+    (``xa``, ``dA``, ``dB`` are small: M x r or r x K). Empty tensors have no storage to share.
+    """
+    seen = {t.untyped_storage().data_ptr() for t in inputs if t is not None and t.numel()}
+    out = []
+    for t in tensors:
+        if t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                t = t.clone()
+                ptr = t.untyped_storage().data_ptr()
+            seen.add(ptr)
+        out.append(t)
+    return out
+
+
 def draw_seeds(n: int, dropout_p: Sequence[float], training: bool) -> torch.Tensor:
     """One int64 seed per adapter, drawn from torch's CPU generator when dropout is active.
 
@@ -85,7 +104,8 @@ def lora_linear_op(
     the registered autograd)."""
     biases = [b if b.numel() else None for b in lora_bias]
     y, xa = _lora_forward(x, weight, bias, lora_A, lora_B, biases, scaling, dropout_p, seeds.tolist())
-    return y, list(xa)
+    y, *xa = _unalias([y, *xa], [x, weight, bias, *lora_A, *lora_B, *biases])
+    return y, xa
 
 
 @lora_linear_op.register_fake
@@ -115,7 +135,9 @@ def lora_linear_backward_op(
     )
     dx = dx if dx is not None else grad_y.new_empty(0)
     dA = [g if g is not None else A.new_empty(0) for g, A in zip(dA, lora_A)]
-    return dx, dA, list(dB), list(db)
+    n = len(lora_A)
+    flat = _unalias([dx, *dA, *dB, *db], [grad_y, x, weight, *lora_A, *lora_B, *xa])
+    return flat[0], flat[1 : 1 + n], flat[1 + n : 1 + 2 * n], flat[1 + 2 * n :]
 
 
 @lora_linear_backward_op.register_fake
@@ -250,7 +272,7 @@ def ia3_linear_op(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: torch.Tensor, is_feedforward: bool
 ) -> torch.Tensor:
     """Fused IA3 forward on 2-D ``x`` (M, K); ``scale`` is ``(K,)`` if ``is_feedforward`` else ``(N,)``."""
-    return _ia3_forward(x, weight, bias, scale, is_feedforward)
+    return _unalias([_ia3_forward(x, weight, bias, scale, is_feedforward)], [x, weight, bias, scale])[0]
 
 
 @ia3_linear_op.register_fake
@@ -270,7 +292,9 @@ def ia3_linear_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward of ``fastpeft::ia3_linear``: ``(dx or empty, dscale)``."""
     dx, dscale = _ia3_backward(grad_y, x, weight, bias, scale, is_feedforward, needs_grad_x)
-    return (dx if dx is not None else grad_y.new_empty(0)), dscale
+    dx = dx if dx is not None else grad_y.new_empty(0)
+    dx, dscale = _unalias([dx, dscale], [grad_y, x, weight, bias, scale])
+    return dx, dscale
 
 
 @ia3_linear_backward_op.register_fake

@@ -44,14 +44,17 @@ def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
 
 
 def _unalias(tensors: list[torch.Tensor], inputs: Sequence[Optional[torch.Tensor]] = ()) -> list[torch.Tensor]:
-    """Clone any output that shares storage with an earlier output or with an input.
+    """Make op outputs what the fake implementations promise: contiguous, and sharing no storage with each other
+    or with an input (clones where needed).
 
-    Custom ops must not return aliases, but a backend may hand back per-adapter slices of one concatenated buffer
-    (``xa``, ``dA``, ``dB`` are small: M x r or r x K). Empty tensors have no storage to share.
+    A backend may hand back a transposed gradient (the CPU backend's ``dB``) or per-adapter slices of one
+    concatenated buffer (``xa``, ``dA``, ``dB``: M x r or r x K, small). torch.library forbids aliased outputs, and
+    inductor checks strides against the fakes. Empty tensors have no storage to share.
     """
     seen = {t.untyped_storage().data_ptr() for t in inputs if t is not None and t.numel()}
     out = []
     for t in tensors:
+        t = t.contiguous()
         if t.numel():
             ptr = t.untyped_storage().data_ptr()
             if ptr in seen:

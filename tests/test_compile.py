@@ -121,12 +121,6 @@ def test_ia3_layer_fullgraph_no_graph_break(is_feedforward):
     assert_close("dl", vec.grad, vr.grad, 1e-6)
 
 
-@pytest.mark.xfail(
-    reason="known bug: a backend's lora_linear_backward returns dB transposed (strides (1, N)) while the fake kernel "
-    "declares contiguous outputs; inductor's stride assert fails. Fix: make the real op's outputs contiguous "
-    "(fastpeft/functional.py lora_linear_backward_op). Remove this marker then.",
-    strict=False,
-)
 def test_lora_layer_inductor_bf16():
     """The full inductor pipeline (C++ codegen around the opaque custom op) on one bf16 layer, against eager."""
     layer = _lora_layer(dtype=torch.bfloat16)

@@ -1,0 +1,259 @@
+"""Layer-level benchmark cases: which layers, shapes and providers are compared, and how each one is built.
+
+A *case* is one (kind, shape, M, dtype, dropout, mode) point. For each case every *provider* gets its own layer
+built from the same seed, so the numbers compare the same arithmetic:
+
+- ``base``: the frozen base layer alone (``nn.Linear``, or the bitsandbytes ``Linear4bit``/``Linear8bitLt``): the
+  floor every adapter implementation pays;
+- ``peft``: PEFT's own adapter layer around that base (``get_peft_model``);
+- ``fastpeft``: the same PEFT layer after ``fastpeft.accelerate`` with the automatic backend choice;
+- ``fastpeft-<name>``: the same, with ``fastpeft.set_backend(name)`` forced before each run.
+
+Dense bases are shared between providers (the base weight is never modified); quantized bases are built fresh per
+provider from the same seed, never deep-copied (bitsandbytes repacks CPU 4-bit weights in place on first use).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+import fastpeft
+from fastpeft import backends as _backends
+
+# (name, K = in_features, N = out_features): projections of LLaMA-7B (hidden 4096, MLP 11008) and LLaMA-3-8B
+# (MLP 14336). down_proj is the one IA3 treats as a feedforward module (scale on the input).
+SHAPES = {
+    "7b-qkvo": (4096, 4096),
+    "7b-up": (4096, 11008),
+    "7b-down": (11008, 4096),
+    "8b-up": (4096, 14336),
+    "8b-down": (14336, 4096),
+}
+KINDS = ("lora", "ia3", "qlora-nf4", "qlora-int8")
+MODES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TOKENS = (1, 16, 512, 2048)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measured point. ``K``/``N`` are already divided by ``--scale``."""
+
+    kind: str
+    shape: str
+    K: int
+    N: int
+    M: int
+    dtype: str
+    dropout: float
+    mode: str
+    r: int = 16
+
+    @property
+    def quantized(self) -> bool:
+        return self.kind.startswith("qlora")
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.shape} {self.K}x{self.N} M={self.M} {self.dtype} drop={self.dropout} {self.mode}"
+
+
+def scaled(dim: int, scale: int) -> int:
+    """``dim / scale`` rounded up to a multiple of 64 (bitsandbytes' 4-bit blocks and the CPU repack need it)."""
+    return max(64, -(-dim // scale // 64) * 64)
+
+
+def available_backends(device: torch.device) -> list[str]:
+    """fastpeft backends usable here for tensors on ``device``. Triton on CPU tensors means its interpreter, which
+    is orders of magnitude slower than any real kernel, so it is listed only when asked for by name."""
+    info = fastpeft.backend_info()
+    names = [n for n in _backends.BACKEND_NAMES if info.get(n, {}).get("available")]
+    if device.type != "cuda":
+        names = [n for n in names if n not in ("triton", "cuda")]
+    return names
+
+
+def default_providers(device: torch.device) -> list[str]:
+    return ["base", "peft", "fastpeft"] + [f"fastpeft-{n}" for n in available_backends(device)]
+
+
+class _Holder(nn.Module):
+    """A one-layer model PEFT can wrap: ``get_peft_model`` needs a parent module to replace ``proj`` in."""
+
+    def __init__(self, proj: nn.Module):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _make_base(case: Case, device: torch.device, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    dtype = DTYPES[case.dtype]
+    if case.kind == "qlora-nf4":
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(case.K, case.N, bias=False, compute_dtype=dtype, quant_type="nf4")
+        return layer.to(device)  # moving quantizes
+    if case.kind == "qlora-int8":
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear8bitLt(case.K, case.N, bias=False, has_fp16_weights=False)
+        return layer.to(device)
+    layer = nn.Linear(case.K, case.N, bias=False, device=device, dtype=dtype)
+    layer.requires_grad_(False)
+    return layer
+
+
+def _wrap(case: Case, base: nn.Module, seed: int) -> nn.Module:
+    """PEFT's adapter layer around ``base`` (random B for LoRA so the adapter's arithmetic is not trivially zero)."""
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    torch.manual_seed(seed + 1)
+    if case.kind == "ia3":
+        config = IA3Config(target_modules=["proj"], feedforward_modules=["proj"] if "down" in case.shape else [])
+    else:
+        config = LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout, target_modules=["proj"],
+                            init_lora_weights=False)
+    model = get_peft_model(_Holder(base), config)
+    model.train()
+    return model
+
+
+@dataclass
+class Built:
+    """A provider's layer, ready to run: ``select()`` is called (outside the timed region) before each run."""
+
+    provider: str
+    module: nn.Module
+    model: Optional[nn.Module]  # the PeftModel holding it (None for base)
+    select: Callable[[], None]
+    fused: bool
+    backend: str
+    params: list = field(default_factory=list)
+
+
+def _select_backend(name: Optional[str]) -> Callable[[], None]:
+    return lambda: fastpeft.set_backend(name)
+
+
+def _served_by(module: nn.Module, x: torch.Tensor) -> str:
+    """The fastpeft backend the dispatcher picks for this layer's calls (for the CSV's ``backend`` column)."""
+    try:
+        base = module.get_base_layer()
+        from fastpeft.quant import quantized_weight_of
+
+        weight = quantized_weight_of(base) or base.weight
+        return _backends.get_backend(x, weight).name
+    except Exception:
+        return "?"
+
+
+def build(case: Case, provider: str, device: torch.device, x: torch.Tensor, seed: int = 0,
+          shared_base: Optional[nn.Module] = None) -> Built:
+    """Build ``provider``'s layer for ``case``. ``shared_base`` is reused for dense bases."""
+    base = shared_base if (shared_base is not None and not case.quantized) else _make_base(case, device, seed)
+    if provider == "base":
+        base.requires_grad_(False)
+        return Built(provider, base, None, _select_backend(None), False, "")
+    model = _wrap(case, base, seed)
+    layer = model.base_model.model.proj
+    params = [p for p in layer.parameters() if p.requires_grad]
+    if provider == "peft":
+        return Built(provider, layer, model, _select_backend(None), False, "", params)
+    if not provider.startswith("fastpeft"):
+        raise ValueError(f"unknown provider {provider!r}")
+    backend_name = provider.split("-", 1)[1] if "-" in provider else None
+    cls_before = type(layer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an unfused quantized layer is reported in the CSV's `fused` column
+        fastpeft.accelerate(model)
+    layer = model.base_model.model.proj
+    fused = type(layer) is not cls_before
+    select = _select_backend(backend_name)
+    select()
+    served = (backend_name or _served_by(layer, x)) if fused else "peft (not fused)"
+    fastpeft.set_backend(None)
+    return Built(provider, layer, model, select, fused, served, params)
+
+
+@contextlib.contextmanager
+def backend_restored():
+    """Leave the process on the automatic backend choice whatever a provider forced."""
+    try:
+        yield
+    finally:
+        fastpeft.set_backend(None)
+
+
+def make_inputs(case: Case, device: torch.device, seed: int = 0):
+    """``x`` (M, K) requiring grad (a layer inside a network receives a differentiable input) and ``dy`` (M, N)."""
+    g = torch.Generator(device="cpu").manual_seed(seed + 2)
+    dtype = DTYPES[case.dtype]
+    x = torch.randn(case.M, case.K, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    dy = torch.randn(case.M, case.N, generator=g).to(device=device, dtype=dtype)
+    return x, dy
+
+
+def make_runner(built: Built, mode: str, x: torch.Tensor, dy: torch.Tensor):
+    """``(prepare, run)`` for one provider and mode. ``prepare`` (untimed) selects the backend, clears gradients
+    and, for ``bwd``, runs the forward whose graph ``run`` then differentiates."""
+    layer = built.module
+    state: dict = {}
+
+    def clear():
+        built.select()
+        x.grad = None
+        for p in built.params:
+            p.grad = None
+        state.clear()
+
+    if mode == "fwd":
+        def prepare():
+            clear()
+
+        def run():
+            state["y"] = layer(x)
+    elif mode == "bwd":
+        def prepare():
+            clear()
+            state["y"] = layer(x)
+
+        def run():
+            state["y"].backward(dy, retain_graph=True)  # repeatable on CUDA, where prepare runs once
+    elif mode == "fwd+bwd":
+        def prepare():
+            clear()
+
+        def run():
+            layer(x).backward(dy)
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    return prepare, run
+
+
+def enumerate_cases(kinds, shapes, tokens, dtypes, dropouts, modes, scale: int, r: int = 16) -> list[Case]:
+    """The cross product, minus points with no meaning: IA3 has no dropout; QLoRA bases compute in bf16/fp16
+    (int8 always in its own dtype), so fp32 QLoRA rows are skipped."""
+    cases = []
+    for kind in kinds:
+        for shape in shapes:
+            K, N = SHAPES[shape]
+            for dtype in dtypes:
+                if kind.startswith("qlora") and dtype == "fp32":
+                    continue
+                for dropout in dropouts:
+                    if kind == "ia3" and dropout:
+                        continue
+                    for mode in modes:
+                        for M in tokens:
+                            cases.append(Case(kind, shape, scaled(K, scale), scaled(N, scale), M, dtype, dropout,
+                                              mode, r))
+    return cases

@@ -1,0 +1,94 @@
+"""Timing: CUDA through ``triton.testing.do_bench`` (CUDA events, medians); CPU through interleaved medians.
+
+On a shared CPU the machine's speed drifts over seconds (other processes, frequency changes). Timing provider A
+for a while, then B, would turn that drift into a difference between providers. Interleaving one run of each
+provider per round (A, B, C, A, B, C, ...) spreads the drift over all of them, and the median discards the rounds
+another process disturbed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+# (provider, prepare, run, grads): ``grads()`` lists the tensors whose .grad a run fills
+Runner = tuple[str, Callable[[], None], Callable[[], None], Callable[[], list]]
+
+
+def summarize(samples: Sequence[float]) -> dict:
+    """Median and quartiles of per-run times in milliseconds."""
+    ordered = sorted(samples)
+    n = len(ordered)
+    q = statistics.quantiles(ordered, n=4) if n >= 2 else [ordered[0]] * 3
+    return {"median_ms": statistics.median(ordered), "q25_ms": q[0], "q75_ms": q[2], "reps": n}
+
+
+def time_cpu_interleaved(runners: Sequence[Runner], budget_s: float = 0.5, min_reps: int = 3,
+                         max_reps: int = 200, warmup: int = 1) -> dict[str, dict]:
+    """Interleaved rounds, each running every provider once; ``prepare`` is untimed.
+
+    The number of rounds is chosen from the warm-up round's cost so one case takes about ``budget_s``.
+    """
+    t_round = 0.0
+    for _ in range(max(1, warmup)):
+        start = time.perf_counter()
+        for _name, prepare, run, _grads in runners:
+            prepare()
+            run()
+        t_round = time.perf_counter() - start
+    reps = int(min(max_reps, max(min_reps, budget_s / max(t_round, 1e-9))))
+    samples: dict[str, list[float]] = {r[0]: [] for r in runners}
+    for _ in range(reps):
+        for name, prepare, run, _grads in runners:
+            prepare()
+            start = time.perf_counter()
+            run()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: summarize(s) for name, s in samples.items()}
+
+
+def time_cuda(runners: Sequence[Runner], budget_s: float = 0.5) -> dict[str, dict]:
+    """``triton.testing.do_bench`` per provider (it flushes the L2 cache between runs and times with CUDA events).
+
+    ``prepare`` runs once; for ``bwd`` it built the graph that ``run`` differentiates (``run`` retains it, so it
+    can be repeated). Gradients are reset to None by ``do_bench`` between runs, as ``prepare`` does on the CPU, so
+    no accumulation kernel is timed. Falls back to CUDA events when Triton is missing.
+    """
+    results = {}
+    rep_ms = max(25, int(budget_s * 1e3 / max(1, len(runners))))
+    for name, prepare, run, grads in runners:
+        prepare()
+        fn = run
+        try:
+            from triton.testing import do_bench
+
+            qs = do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, grad_to_none=grads(),
+                          quantiles=[0.5, 0.25, 0.75])
+            results[name] = {"median_ms": qs[0], "q25_ms": qs[1], "q75_ms": qs[2], "reps": -1}
+        except ImportError:
+            results[name] = _time_cuda_events(fn, reps=max(10, rep_ms))
+    return results
+
+
+def _time_cuda_events(fn: Callable[[], None], reps: int) -> dict:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end))
+    return summarize(samples)
+
+
+def time_runners(runners: Sequence[Runner], device: torch.device, budget_s: float) -> dict[str, dict]:
+    if device.type == "cuda":
+        return time_cuda(runners, budget_s)
+    return time_cpu_interleaved(runners, budget_s)

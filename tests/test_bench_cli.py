@@ -1,0 +1,119 @@
+"""The benchmark CLI: its arguments and the files it writes, on a tiny case. Timings are not checked (they are
+whatever a shared machine gives); the shape of the output is."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("peft")
+
+from fastpeft.bench import __main__ as cli  # noqa: E402
+from fastpeft.bench import report  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["--quick", "--scale", "256", "--shapes", "7b-qkvo", "--tokens", "1,16", "--dtypes", "fp32",
+        "--kinds", "lora,ia3", "--dropouts", "0,0.1", "--budget", "0.005", "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert cli.main(TINY + ["--out", str(out)]) == 0
+    return out
+
+
+def _rows(out):
+    with open(os.path.join(out, "results.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_csv_has_every_column_and_versions(tiny_run):
+    rows = _rows(tiny_run)
+    assert rows, "results.csv is empty"
+    assert list(rows[0].keys()) == report.COLUMNS
+    for column in ("machine", "device", "torch", "triton", "peft", "fastpeft"):
+        assert rows[0][column], f"column {column} is empty"
+
+
+def test_csv_has_base_peft_fastpeft_rows_for_every_layer_case(tiny_run):
+    rows = [r for r in _rows(tiny_run) if r["level"] == "layer" and r["metric"] == "time"]
+    cases = {(r["kind"], r["M"], r["dropout"], r["mode"]) for r in rows}
+    # lora: 2 dropouts x 3 modes x 2 M; ia3 (no dropout): 3 modes x 2 M
+    assert len(cases) == 2 * 3 * 2 + 3 * 2
+    for case in cases:
+        providers = {r["provider"] for r in rows if (r["kind"], r["M"], r["dropout"], r["mode"]) == case}
+        assert {"base", "peft", "fastpeft"} <= providers, case
+        assert "fastpeft-reference" in providers, "each available backend is a provider"
+    assert all(float(r["value"]) > 0 and r["unit"] == "ms" for r in rows)
+    assert {r["backend"] for r in rows if r["provider"] == "fastpeft-reference"} == {"reference"}
+
+
+def test_csv_has_memory_model_and_cost_model_rows(tiny_run):
+    rows = _rows(tiny_run)
+    metrics = {(r["level"], r["metric"]) for r in rows}
+    for metric in ("saved_bytes", "saved_activation_bytes", "peak_bytes"):
+        assert ("layer", metric) in metrics
+    assert {("model", "tokens_per_s"), ("model", "peak_bytes")} <= metrics
+    generate = {r["provider"] for r in rows if r["level"] == "model" and r["mode"] == "generate"}
+    assert {"peft", "fastpeft", "merged"} <= generate
+    model_rows = [r for r in rows if r["level"] == "cost-model"]
+    assert model_rows and all("MODEL" in r["unit"] for r in model_rows)
+
+
+def test_markdown_has_the_tables(tiny_run):
+    text = open(os.path.join(tiny_run, "results.md")).read()
+    for heading in ("## Layers", "### lora, fp32, dropout 0.0", "### lora, fp32, dropout 0.1", "### ia3, fp32",
+                    "## Memory per layer", "## Model", "## GPU cost MODEL"):
+        assert heading in text, heading
+    assert "| base ms | peft ms | fastpeft ms" in text
+    assert "speed-up fastpeft vs peft" in text and "fastpeft / base" in text
+
+
+def test_pngs_exist_and_are_valid(tiny_run):
+    import matplotlib.image
+
+    pngs = sorted(p for p in os.listdir(tiny_run) if p.endswith(".png"))
+    assert pngs == ["overhead_fp32.png", "speedup_fp32.png"]
+    for name in pngs:
+        path = os.path.join(tiny_run, name)
+        with open(path, "rb") as f:
+            assert f.read(8) == PNG_MAGIC
+        image = matplotlib.image.imread(path)
+        assert image.shape[0] > 200 and image.shape[1] > 400
+
+
+def test_replot_rebuilds_outputs_from_the_csv(tiny_run):
+    os.remove(os.path.join(tiny_run, "results.md"))
+    assert cli.main(["--replot", str(tiny_run), "--no-plots"]) == 0
+    assert "## Layers" in open(os.path.join(tiny_run, "results.md")).read()
+
+
+def test_presets_and_overrides():
+    quick = cli.resolve(cli.parser().parse_args(["--quick"]))
+    assert quick.scale == 16 and quick.tokens == [1, 16, 512, 2048]
+    full = cli.resolve(cli.parser().parse_args([]))
+    assert full.scale == 1 and set(full.kinds) == {"lora", "ia3", "qlora-nf4", "qlora-int8"}
+    mine = cli.resolve(cli.parser().parse_args(["--quick", "--scale", "4", "-M", "3,5", "--dtypes", "bf16"]))
+    assert (mine.scale, mine.tokens, mine.dtypes) == (4, [3, 5], ["bf16"])
+
+
+@pytest.mark.parametrize("argv", [["--kinds", "lora,dora"], ["--shapes", "70b"], ["--dtypes", "int4"],
+                                  ["--modes", "sideways"], ["--scale", "0"], ["--tokens", "0"]])
+def test_bad_arguments_exit_with_a_message(argv):
+    with pytest.raises(SystemExit) as info:
+        cli.resolve(cli.parser().parse_args(argv))
+    assert info.value.code not in (0, None)
+
+
+def test_case_grid_skips_meaningless_points():
+    from fastpeft.bench.cases import enumerate_cases
+
+    cases = enumerate_cases(["lora", "ia3", "qlora-nf4"], ["7b-up"], [1], ["fp32", "bf16"], [0.0, 0.1], ["fwd"],
+                            scale=64)
+    kinds = [(c.kind, c.dtype, c.dropout) for c in cases]
+    assert ("ia3", "fp32", 0.1) not in kinds and ("qlora-nf4", "fp32", 0.0) not in kinds
+    assert all(c.K % 64 == 0 and c.N % 64 == 0 for c in cases)

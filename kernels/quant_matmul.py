@@ -92,8 +92,10 @@ def _quant_gemm_kernel(
 ):
     """out (M, N) = a (M, C) @ deq(W)^T (or deq(W) if TRANS_W) + epilogue; see the module docstring."""
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
+    # plain arithmetic, not tl.cdiv: tl.cdiv is itself a @triton.jit function, which the interpreter refuses to call
+    # when triton was imported before TRITON_INTERPRET was set (test sessions that mix modes)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_n = (N + BLOCK_N - 1) // BLOCK_N
     # grouped ordering: GROUP_M row blocks reuse one packed weight column block while it is in L2
     per_group = GROUP_M * num_n
     first_m = (pid // per_group) * GROUP_M
@@ -109,7 +111,7 @@ def _quant_gemm_kernel(
     rn = offs_n.to(tl.int64)
     offs_c = tl.arange(0, BLOCK_C)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # tl.zeros is a @jit function: see num_m above
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + offs_c
         mask_c = cc < C

@@ -277,3 +277,16 @@ def test_generic_lora_linear_over_bnb_base_is_fused():
     weight, bias = read_base_weight(lin, False)
     assert weight.kind == "nf4" and weight.shape == (16, K)
     assert read_base_weight(lin, True) is None
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_patch_on_qlora_model(method):
+    """``fastpeft.patch`` on a model whose linears already are bitsandbytes layers (the QLoRA set-up)."""
+    model = _mark_quantized(MLP("nf4", True, torch.bfloat16), "nf4")
+    extra = {"feedforward_modules": ["down"]} if method == "ia3" else {}
+    pm = fastpeft.patch(model, r=4, target_modules=["up", "down"], method=method, **extra)
+    assert isinstance(pm.base_model.model.up, tuple(layers_bnb.FUSED_BNB_LAYER_TYPES.values()))
+    x = torch.randn(2, K, dtype=torch.bfloat16, requires_grad=True)
+    pm(x).float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None for p in pm.parameters() if p.requires_grad)

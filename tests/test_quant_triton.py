@@ -255,3 +255,56 @@ def test_compiles_with_tensor_cores_no_spills(compiled, case):
     assert r["wgmma"] if cc == 90 else r["mma"], "no tensor-core instruction in the PTX"
     assert r["usage"]["LOCAL"] == 0 and r["usage"]["STACK"] == 0, f"spills/stack: {r['usage']}"
     assert r["shared"] <= SHARED_LIMIT[cc], f"shared memory {r['shared']} B"
+
+
+def test_peft_qlora_model_runs_on_triton_backend(qm, monkeypatch):
+    """A PEFT LoRA model over an NF4 base with ``set_backend("triton")`` goes through the dequantizing kernel in
+    both directions and matches the reference backend."""
+    import peft
+    from torch import nn
+
+    import fastpeft
+    import fastpeft.layers_bnb  # noqa: F401  (registers the bnb twins)
+
+    calls = []
+    real = qm.quant_matmul
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("transpose", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qm, "quant_matmul", counting)
+
+    def build():
+        torch.manual_seed(0)
+        lin = bnb.nn.Linear4bit(64, 48, bias=True, compute_dtype=torch.float32, compress_statistics=True,
+                                quant_type="nf4")
+        lin.weight = bnb.nn.Params4bit(torch.randn(48, 64) * 0.1, requires_grad=False, compress_statistics=True,
+                                       quant_type="nf4")
+        model = nn.Sequential(lin.to("cpu"))
+        model.is_loaded_in_4bit = True
+        pm = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["0"], lora_dropout=0.0))
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.data = torch.randn(p.shape) * 0.1
+        return fastpeft.accelerate(pm, strict=True)
+
+    x = torch.randn(5, 64)
+    results = {}
+    for backend in ("reference", "triton"):
+        fastpeft.set_backend(backend)
+        try:
+            pm = build()
+            xb = x.clone().requires_grad_(True)
+            y = pm(xb)
+            y.sum().backward()
+            grads = {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
+            results[backend] = (y.detach(), xb.grad, grads)
+        finally:
+            fastpeft.set_backend(None)
+    assert True in calls and False in calls, f"the dequantizing kernel was not used both ways: {calls}"
+    (y_r, dx_r, g_r), (y_t, dx_t, g_t) = results["reference"], results["triton"]
+    assert_close("y", y_t, y_r, 1e-5)
+    assert_close("dx", dx_t, dx_r, 1e-5)
+    for name in g_r:
+        assert_close(name, g_t[name], g_r[name], 1e-5)

@@ -169,8 +169,9 @@ def _write_back(base: nn.Module, qw: QuantizedWeight, dense: torch.Tensor) -> No
     if qw.kind == "int8":
         new = bnb.nn.Int8Params(dense.to("cpu").to(torch.float16), requires_grad=False, has_fp16_weights=False)
         base.weight = new.to(weight.device)
-        if hasattr(base, "state"):
-            base.state.reset_grads() if hasattr(base.state, "reset_grads") else None
+        state = getattr(base, "state", None)
+        if state is not None and hasattr(state, "reset_grads"):
+            state.reset_grads()  # drop bitsandbytes' cached CB/SCB of the old weight, as PEFT's merge does
         return
     kwargs = {k: v for k, v in weight.__dict__.items() if k not in ("data", "quant_state", "bnb_quantized")}
     kwargs.pop("_is_hf_initialized", None)

@@ -93,3 +93,13 @@ def test_quantize_like_roundtrip(kind):
     # and a changed weight moves the quantized one
     q3 = q.quantize_like(dense + 0.5)
     assert (q3.dequantize() - dense).mean() > 0.3
+
+
+def test_non_uint8_quant_storage():
+    """Params4bit may store its packed bytes in another dtype (``quant_storage``, e.g. for FSDP): read as bytes."""
+    torch.manual_seed(5)
+    w = torch.randn(16, 64)
+    packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", quant_storage=torch.bfloat16)
+    assert packed.dtype == torch.bfloat16
+    q = QuantizedWeight.from_quant_state(packed, state)
+    assert torch.equal(q.dequantize(), F.dequantize_4bit(packed, state))

@@ -290,3 +290,23 @@ def test_patch_on_qlora_model(method):
     pm(x).float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert all(p.grad is not None for p in pm.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_merge_quantized_for_generic_lora_linear(kind):
+    """``layers_bnb.merge_quantized`` / ``unmerge_quantized``: the quantized merge for PEFT's generic ``lora.Linear``
+    over a bitsandbytes base (PEFT's own ``lora.Linear.merge`` would add to the packed bytes)."""
+    pm = _lora_model(kind, False, torch.float32, seed=6, peft_bnb_classes=False)
+    fastpeft.accelerate(pm, strict=True)
+    up = pm.base_model.model.up
+    assert isinstance(up, FusedLoraLinear)
+    w_before = _dense(up.get_base_layer())
+    delta = up.get_delta_weight("default").detach()
+    with pytest.warns(UserWarning, match="rounding"):
+        layers_bnb.merge_quantized(up)
+    assert up.merged and quantized_weight_of(up.get_base_layer()) is not None
+    assert_close("merged weight", _dense(up.get_base_layer()), w_before + delta, 0.12)
+    with pytest.warns(UserWarning, match="rounding"):
+        layers_bnb.unmerge_quantized(up)
+    assert not up.merged
+    assert_close("unmerged weight", _dense(up.get_base_layer()), w_before, 0.12)

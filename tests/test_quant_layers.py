@@ -310,3 +310,42 @@ def test_merge_quantized_for_generic_lora_linear(kind):
         layers_bnb.unmerge_quantized(up)
     assert not up.merged
     assert_close("unmerged weight", _dense(up.get_base_layer()), w_before, 0.12)
+
+
+@pytest.mark.parametrize(
+    "blocksize,bias,dtype",
+    [(32, False, torch.float16), (128, True, torch.bfloat16), (256, False, torch.float32), (4096, True, torch.float32)],
+    ids=["bs32-nobias-fp16", "bs128-bias-bf16", "bs256-nobias-fp32", "bs4096-bias-fp32"],
+)
+def test_lora_linear4bit_blocksizes_bias_compute_dtypes(blocksize, bias, dtype):
+    g = torch.Generator().manual_seed(7)
+    N = 48
+    lin = bnb.nn.Linear4bit(K, N, bias=bias, compute_dtype=dtype, compress_statistics=True, quant_type="nf4")
+    lin.weight = bnb.nn.Params4bit((torch.randn(N, K, generator=g) * 0.1).to(dtype), requires_grad=False,
+                                   compress_statistics=True, quant_type="nf4", blocksize=blocksize)
+    if bias:
+        lin.bias = nn.Parameter((torch.randn(N, generator=g) * 0.1).to(dtype))
+    model = _mark_quantized(nn.Sequential(lin.to("cpu")), "nf4")
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=3, lora_alpha=6, target_modules=["0"]))
+    for name, p in pm.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.1
+    fastpeft.accelerate(pm, strict=True)
+    layer = pm.base_model.model[0]
+    x = torch.randn(4, K, generator=g).to(dtype).requires_grad_(True)
+    y = pm(x)
+    W = _dense(layer.get_base_layer())
+    xr = x.detach().float().requires_grad_(True)
+    A = layer.lora_A["default"].weight.detach().float().requires_grad_(True)
+    B = layer.lora_B["default"].weight.detach().float().requires_grad_(True)
+    yr = xr @ W.t() + (xr @ A.t() @ B.t()) * layer.scaling["default"]
+    if bias:
+        yr = yr + layer.get_base_layer().bias.float()
+    tol = TOL.get(dtype, 2e-2)
+    assert_close("y", y, yr, tol)
+    gy = torch.randn(y.shape, generator=g)
+    y.backward(gy.to(dtype))
+    yr.backward(gy)
+    assert_close("dx", x.grad, xr.grad, tol)
+    assert_close("dA", layer.lora_A["default"].weight.grad, A.grad, tol)
+    assert_close("dB", layer.lora_B["default"].weight.grad, B.grad, tol)

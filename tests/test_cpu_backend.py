@@ -247,3 +247,31 @@ def test_auto_dispatch_picks_cpu():
 def test_supports():
     assert CPU.supports(torch.randn(2, 3), torch.randn(4, 3))
     assert not CPU.supports(torch.randn(2, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("route", ["native", "fp32"])
+@pytest.mark.parametrize("xdt", ["bf16", "fp16"])
+@pytest.mark.parametrize("M", [1, 40])
+def test_lora_low_precision_gemm_routes(monkeypatch, route, xdt, M):
+    """Both base-GEMM routes for bf16/fp16 (native low precision, or widened to fp32 and rounded once) obey the 2x
+    rule; which one runs by default depends on the CPU (``_C.native_lowp_gemm``)."""
+    monkeypatch.setenv("FASTPEFT_CPU_LOWP_GEMM", route)
+    x, W, b, A, B, lb, s = make_case(M, 123, 97, [16, 2], DT[xdt], torch.float32, True, True, "contig", 8)
+    ps, seeds = [0.1, 0.0], [3, 4]
+    f32 = ([t.float() for t in A], [t.float() for t in B], [as_f32(t) for t in lb], s, ps, seeds)
+    y, xa = CPU.lora_forward(x, W, b, A, B, lb, s, ps, seeds)
+    y_ref, xa_ref = REF.lora_forward(x, W, b, A, B, lb, s, ps, seeds)
+    y_o, _ = REF.lora_forward(x.float(), W.float(), b.float(), *f32)
+    assert_close("y", y, y_ref, y_o, all_fp32=False)
+    gy = torch.randn(M, 97).to(DT[xdt])
+    got = CPU.lora_backward(gy, x, W, A, B, xa_ref, s, ps, seeds, True, True)
+    ref = REF.lora_backward(gy, x, W, A, B, xa_ref, s, ps, seeds, True, True)
+    ora = REF.lora_backward(gy.float(), x.float(), W.float(), f32[0], f32[1], xa_ref, s, ps, seeds, True, True)
+    assert_close("dx", got[0], ref[0], ora[0], all_fp32=False)
+    for i in range(2):
+        assert_close(f"dA[{i}]", got[1][i], ref[1][i], ora[1][i])
+        assert_close(f"dB[{i}]", got[2][i], ref[2][i], ora[2][i])
+
+
+def test_native_lowp_gemm_query():
+    assert isinstance(_C.native_lowp_gemm("bf16"), bool) and isinstance(_C.native_lowp_gemm("fp16"), bool)

@@ -208,142 +208,206 @@ inline void* row_ptr(int dt, void* base, int64_t ld, int64_t m) {
   return static_cast<char*>(base) + m * ld * elem_size(dt);
 }
 
-// Four dot products of one K-row against four rows of A at once: each buffer load feeds four FMAs.
-inline void dot_rows(const float* xrow, const float* A, int64_t r, int64_t K, float* out) {
+// Up to four activation rows are processed together (a row block) so that every load of an adapter row (A or
+// B^T, r x K floats, streamed from L2 for each block) and every read-modify-write of a per-thread gradient
+// accumulator feeds four rows' worth of FMAs: a quarter of the L2 traffic of a row-at-a-time loop.
+constexpr int MB = 4;
+
+// out[i * ldo + j] = sum_k X[i][k] * A[j, k] for i < NB, j < r. X: NB rows of K floats, K apart.
+template <int NB>
+void dot_block(const float* X, const float* A, int64_t r, int64_t K, float* out, int64_t ldo) {
   int64_t j = 0;
-  for (; j + 4 <= r; j += 4) {
-    const float *a0 = A + j * K, *a1 = a0 + K, *a2 = a1 + K, *a3 = a2 + K;
-    vf s0{}, s1{}, s2{}, s3{};
+  for (; j < r; j += 2) {
+    const bool two = j + 1 < r;
+    const float* a0 = A + j * K;
+    const float* a1 = two ? a0 + K : a0;
+    vf s0[NB], s1[NB];
+    for (int i = 0; i < NB; ++i) s0[i] = s1[i] = vf{};
     int64_t k = 0;
     for (; k + VW <= K; k += VW) {
-      vf xv = load_f32(xrow + k);
-      s0 += xv * load_f32(a0 + k);
-      s1 += xv * load_f32(a1 + k);
-      s2 += xv * load_f32(a2 + k);
-      s3 += xv * load_f32(a3 + k);
+      const vf v0 = load_f32(a0 + k), v1 = load_f32(a1 + k);
+      for (int i = 0; i < NB; ++i) {
+        const vf xv = load_f32(X + i * K + k);
+        s0[i] += xv * v0;
+        s1[i] += xv * v1;
+      }
     }
-    float t0 = hsum(s0), t1 = hsum(s1), t2 = hsum(s2), t3 = hsum(s3);
-    for (; k < K; ++k) {
-      t0 += xrow[k] * a0[k];
-      t1 += xrow[k] * a1[k];
-      t2 += xrow[k] * a2[k];
-      t3 += xrow[k] * a3[k];
+    for (int i = 0; i < NB; ++i) {
+      float t0 = hsum(s0[i]), t1 = hsum(s1[i]);
+      for (int64_t kk = k; kk < K; ++kk) {
+        t0 += X[i * K + kk] * a0[kk];
+        t1 += X[i * K + kk] * a1[kk];
+      }
+      out[i * ldo + j] = t0;
+      if (two) out[i * ldo + j + 1] = t1;
     }
-    out[j] = t0;
-    out[j + 1] = t1;
-    out[j + 2] = t2;
-    out[j + 3] = t3;
-  }
-  for (; j < r; ++j) {
-    const float* a = A + j * K;
-    vf s{};
-    int64_t k = 0;
-    for (; k + VW <= K; k += VW) s += load_f32(xrow + k) * load_f32(a + k);
-    float t = hsum(s);
-    for (; k < K; ++k) t += xrow[k] * a[k];
-    out[j] = t;
   }
 }
 
-// out[:] += mask * sum_j coef[j] * rows[j, :] (rows: (r, K)), vectorized over the columns.
-inline void axpy_rows(const float* coef, const float* rows, int64_t r, int64_t K, const float* mask, int dt_out,
-                      void* out) {
+// T[i][:] = sum_j C[i * ldc + j] * rows[j, :] for i < NB (rows: (r, K)); four adapter rows per sweep over T.
+// Rows of A / B^T sit K floats apart (8 KiB at K = 2048): touching all r of them per column chunk puts 16 streams
+// in the same L1 sets and defeats the prefetcher (measured 20x slower), so only four streams are live at a time.
+template <int NB>
+void combine_block(const float* C, int64_t ldc, const float* rows, int64_t r, int64_t K, float* T) {
+  if (r == 0) {
+    for (int64_t k = 0; k < NB * K; ++k) T[k] = 0.f;
+    return;
+  }
+  for (int64_t j = 0; j < r; j += 4) {
+    const int64_t nj = (r - j) < 4 ? (r - j) : 4;
+    const float* p0 = rows + j * K;
+    const float* p1 = nj > 1 ? p0 + K : p0;
+    const float* p2 = nj > 2 ? p0 + 2 * K : p0;
+    const float* p3 = nj > 3 ? p0 + 3 * K : p0;
+    float c[NB][4];
+    for (int i = 0; i < NB; ++i)
+      for (int q = 0; q < 4; ++q) c[i][q] = q < nj ? C[i * ldc + j + q] : 0.f;
+    const bool first = j == 0;
+    int64_t k = 0;
+    for (; k + VW <= K; k += VW) {
+      const vf v0 = load_f32(p0 + k), v1 = load_f32(p1 + k), v2 = load_f32(p2 + k), v3 = load_f32(p3 + k);
+      for (int i = 0; i < NB; ++i) {
+        vf v = c[i][0] * v0 + c[i][1] * v1 + c[i][2] * v2 + c[i][3] * v3;
+        float* t = T + i * K + k;
+        store_f32(t, first ? v : load_f32(t) + v);
+      }
+    }
+    for (; k < K; ++k)
+      for (int i = 0; i < NB; ++i) {
+        float v = c[i][0] * p0[k] + c[i][1] * p1[k] + c[i][2] * p2[k] + c[i][3] * p3[k];
+        T[i * K + k] = first ? v : T[i * K + k] + v;
+      }
+  }
+}
+
+// acc[:] += sum_i coef[i] * X[i][:] for i < NB (X rows K apart): one read-modify-write of acc per row block.
+template <int NB>
+void axpy_block(float* acc, const float* coef, const float* X, int64_t K) {
   int64_t k = 0;
   for (; k + VW <= K; k += VW) {
-    vf t{};
-    for (int64_t j = 0; j < r; ++j) t += coef[j] * load_f32(rows + j * K + k);
-    if (mask) t *= load_f32(mask + k);
-    store_act(dt_out, out, k, load_act(dt_out, out, k) + t);
+    vf v = load_f32(acc + k);
+    for (int i = 0; i < NB; ++i) v += coef[i] * load_f32(X + i * K + k);
+    store_f32(acc + k, v);
   }
   for (; k < K; ++k) {
-    float t = 0.f;
-    for (int64_t j = 0; j < r; ++j) t += coef[j] * rows[j * K + k];
-    if (mask) t *= mask[k];
-    store_act1(dt_out, out, k, load_act1(dt_out, out, k) + t);
+    float v = acc[k];
+    for (int i = 0; i < NB; ++i) v += coef[i] * X[i * K + k];
+    acc[k] = v;
   }
 }
 
+// out[:] = round(out[:] + t[:] * mask[:] + bias[:]) in out's dtype (mask, bias may be null).
+inline void add_into(int dt_out, void* out, const float* t, const float* mask, const float* bias, int64_t K) {
+  int64_t k = 0;
+  for (; k + VW <= K; k += VW) {
+    vf v = load_f32(t + k);
+    if (mask) v *= load_f32(mask + k);
+    if (bias) v += load_f32(bias + k);
+    store_act(dt_out, out, k, load_act(dt_out, out, k) + v);
+  }
+  for (; k < K; ++k) {
+    float v = t[k];
+    if (mask) v *= mask[k];
+    if (bias) v += bias[k];
+    store_act1(dt_out, out, k, load_act1(dt_out, out, k) + v);
+  }
+}
+
+// Calls f(std::integral_constant-like NB) for a block of nb rows; the templates need NB at compile time so the
+// per-row accumulators live in registers.
+#define FASTPEFT_BLOCK(nb, CALL) \
+  switch (nb) {                  \
+    case 1: { constexpr int NB = 1; CALL; break; } \
+    case 2: { constexpr int NB = 2; CALL; break; } \
+    case 3: { constexpr int NB = 3; CALL; break; } \
+    default: { constexpr int NB = 4; CALL; break; } \
+  }
+
+// buf: MB * K floats.
 void xa_rows(int dt, const void* x, int64_t ldx, int64_t K, int64_t m0, int64_t m1, const float* A, int64_t r,
              float p, uint32_t seed, float* xa, int64_t ldxa, float* buf) {
   const float scale = p > 0.f ? 1.f / (1.f - p) : 1.f;
-  for (int64_t m = m0; m < m1; ++m) {
-    const void* xrow = row_ptr(dt, x, ldx, m);
-    if (p > 0.f) {
-      dropout_scale(seed, m * K, K, p, scale, buf);  // the mask row, then masked x, in the same L1 buffer
-      load_row(dt, xrow, K, buf, buf);
-    } else {
-      load_row(dt, xrow, K, nullptr, buf);
+  for (int64_t mb = m0; mb < m1; mb += MB) {
+    const int nb = int((m1 - mb) < MB ? (m1 - mb) : MB);
+    for (int i = 0; i < nb; ++i) {
+      float* row = buf + i * K;
+      const void* xrow = row_ptr(dt, x, ldx, mb + i);
+      if (p > 0.f) {
+        dropout_scale(seed, (mb + i) * K, K, p, scale, row);  // the mask row, then masked x, in the same buffer
+        load_row(dt, xrow, K, row, row);
+      } else {
+        load_row(dt, xrow, K, nullptr, row);
+      }
     }
-    dot_rows(buf, A, r, K, xa + m * ldxa);
+    FASTPEFT_BLOCK(nb, dot_block<NB>(buf, A, r, K, xa + mb * ldxa, ldxa))
   }
 }
 
+// buf: MB * N floats.
 void epilogue_rows(int dt, void* y, int64_t ldy, int64_t N, int64_t m0, int64_t m1, const float* xs, int64_t R,
-                   const float* Bt, const float* bias) {
-  for (int64_t m = m0; m < m1; ++m) {
-    void* yrow = row_ptr(dt, y, ldy, m);
-    const float* c = xs + m * R;
-    int64_t n = 0;
-    for (; n + VW <= N; n += VW) {
-      vf t = bias ? load_f32(bias + n) : vf{};
-      for (int64_t j = 0; j < R; ++j) t += c[j] * load_f32(Bt + j * N + n);
-      store_act(dt, yrow, n, load_act(dt, yrow, n) + t);
-    }
-    for (; n < N; ++n) {
-      float t = bias ? bias[n] : 0.f;
-      for (int64_t j = 0; j < R; ++j) t += c[j] * Bt[j * N + n];
-      store_act1(dt, yrow, n, load_act1(dt, yrow, n) + t);
-    }
+                   const float* Bt, const float* bias, float* buf) {
+  for (int64_t mb = m0; mb < m1; mb += MB) {
+    const int nb = int((m1 - mb) < MB ? (m1 - mb) : MB);
+    FASTPEFT_BLOCK(nb, combine_block<NB>(xs + mb * R, R, Bt, R, N, buf))
+    for (int i = 0; i < nb; ++i) add_into(dt, row_ptr(dt, y, ldy, mb + i), buf + i * N, nullptr, bias, N);
   }
 }
 
+// buf: MB * N floats.
 void dy_rows(int dt, const void* dy, int64_t lddy, int64_t N, int64_t m0, int64_t m1, const float* Bt,
              const float* xa, int64_t R, const float* svec, float* g, float* dBt_acc, float* colsum, float* buf) {
-  for (int64_t m = m0; m < m1; ++m) {
-    load_row(dt, row_ptr(dt, dy, lddy, m), N, nullptr, buf);
-    float* gm = g + m * R;
-    dot_rows(buf, Bt, R, N, gm);
-    for (int64_t j = 0; j < R; ++j) gm[j] *= svec[j];
-    if (dBt_acc || colsum) {
-      const float* xm = xa + m * R;
-      int64_t n = 0;
-      for (; n + VW <= N; n += VW) {
-        vf d = load_f32(buf + n);
-        if (colsum) store_f32(colsum + n, load_f32(colsum + n) + d);
-        if (dBt_acc)
-          for (int64_t j = 0; j < R; ++j) store_f32(dBt_acc + j * N + n, load_f32(dBt_acc + j * N + n) + xm[j] * d);
+  for (int64_t mb = m0; mb < m1; mb += MB) {
+    const int nb = int((m1 - mb) < MB ? (m1 - mb) : MB);
+    for (int i = 0; i < nb; ++i) load_row(dt, row_ptr(dt, dy, lddy, mb + i), N, nullptr, buf + i * N);
+    float* gm = g + mb * R;
+    FASTPEFT_BLOCK(nb, dot_block<NB>(buf, Bt, R, N, gm, R))
+    for (int i = 0; i < nb; ++i)
+      for (int64_t j = 0; j < R; ++j) gm[i * R + j] *= svec[j];
+    if (dBt_acc) {
+      for (int64_t j = 0; j < R; ++j) {
+        float c[MB];
+        for (int i = 0; i < nb; ++i) c[i] = xa[(mb + i) * R + j];
+        FASTPEFT_BLOCK(nb, axpy_block<NB>(dBt_acc + j * N, c, buf, N))
       }
-      for (; n < N; ++n) {
-        if (colsum) colsum[n] += buf[n];
-        if (dBt_acc)
-          for (int64_t j = 0; j < R; ++j) dBt_acc[j * N + n] += xm[j] * buf[n];
-      }
+    }
+    if (colsum) {
+      const float ones[MB] = {1.f, 1.f, 1.f, 1.f};
+      FASTPEFT_BLOCK(nb, axpy_block<NB>(colsum, ones, buf, N))
     }
   }
 }
 
+// buf: 3 * MB * K floats (masks, masked x rows, g A rows).
 void dx_rows(int dt_x, const void* x, int64_t ldx, int dt_dx, void* dx, int64_t lddx, int64_t K, int64_t m0,
              int64_t m1, const float* A, int64_t r, const float* g, int64_t ldg, float p, uint32_t seed,
              float* dA_acc, float* buf) {
   const float scale = p > 0.f ? 1.f / (1.f - p) : 1.f;
   float* mask = buf;
-  float* xrow = buf + K;
-  for (int64_t m = m0; m < m1; ++m) {
-    const float* gm = g + m * ldg;
-    if (p > 0.f) dropout_scale(seed, m * K, K, p, scale, mask);
-    if (dx) axpy_rows(gm, A, r, K, p > 0.f ? mask : nullptr, dt_dx, row_ptr(dt_dx, dx, lddx, m));
+  float* xrow = buf + MB * K;
+  float* t = buf + 2 * MB * K;
+  for (int64_t mb = m0; mb < m1; mb += MB) {
+    const int nb = int((m1 - mb) < MB ? (m1 - mb) : MB);
+    const float* gm = g + mb * ldg;
+    if (p > 0.f)
+      for (int i = 0; i < nb; ++i) dropout_scale(seed, (mb + i) * K, K, p, scale, mask + i * K);
+    if (dx) {
+      FASTPEFT_BLOCK(nb, combine_block<NB>(gm, ldg, A, r, K, t))
+      for (int i = 0; i < nb; ++i)
+        add_into(dt_dx, row_ptr(dt_dx, dx, lddx, mb + i), t + i * K, p > 0.f ? mask + i * K : nullptr, nullptr, K);
+    }
     if (x && dA_acc) {
-      load_row(dt_x, row_ptr(dt_x, x, ldx, m), K, p > 0.f ? mask : nullptr, xrow);
+      for (int i = 0; i < nb; ++i)
+        load_row(dt_x, row_ptr(dt_x, x, ldx, mb + i), K, p > 0.f ? mask + i * K : nullptr, xrow + i * K);
       for (int64_t j = 0; j < r; ++j) {
-        const float c = gm[j];
-        float* acc = dA_acc + j * K;
-        int64_t k = 0;
-        for (; k + VW <= K; k += VW) store_f32(acc + k, load_f32(acc + k) + c * load_f32(xrow + k));
-        for (; k < K; ++k) acc[k] += c * xrow[k];
+        float c[MB];
+        for (int i = 0; i < nb; ++i) c[i] = gm[i * ldg + j];
+        FASTPEFT_BLOCK(nb, axpy_block<NB>(dA_acc + j * K, c, xrow, K))
       }
     }
   }
 }
+
+#undef FASTPEFT_BLOCK
 
 }  // namespace
 }  // namespace FASTPEFT_NS

@@ -19,11 +19,21 @@ Backward (``g_i = s_i dY B_i``)::
 
 Adapter matrices are converted to contiguous fp32 (they are ``r x K``: tiny); activations stay in their dtype and
 are widened in registers. All accumulation is fp32.
+
+Base GEMMs in bf16/fp16 on a CPU without native low-precision GEMM (no AVX512-BF16/AMX): torch's kernels there are
+far slower than its fp32 GEMM (measured on the 2-core AVX2 EPYC these numbers come from, 1 thread, 2048x2048:
+``x @ W^T`` at M=512 422 ms in bf16 vs 56 ms widened to fp32, conversions included; ``dY @ W`` 300x slower in bf16),
+so the backend widens ``x``/``dY`` and ``W`` to fp32 for the GEMM (transient copies, nothing saved) and rounds the
+result once, after the adapter terms are added: one rounding where the reference has two. Decoding shapes
+(M < 3) keep the low-precision forward GEMV, which is cheaper than widening ``W``. ``FASTPEFT_CPU_LOWP_GEMM``
+= ``native`` / ``fp32`` overrides the choice.
 """
 
 from __future__ import annotations
 
 from typing import Optional
+
+import os
 
 import torch
 
@@ -51,6 +61,21 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     if t.dim() == 2 and (t.stride(1) == 1 or t.shape[1] <= 1):
         return t
     return t.contiguous()
+
+
+_FP32_ROUTE_MIN_M = 3  # forward rows from which widening W to fp32 beats torch's low-precision GEMV (measured)
+
+
+def _fp32_gemm(dtype: torch.dtype, rows: int, backward: bool) -> bool:
+    """Whether to run a base GEMM with ``rows`` activation rows of ``dtype`` in fp32 (see the module docstring)."""
+    if dtype == torch.float32:
+        return False
+    mode = os.environ.get("FASTPEFT_CPU_LOWP_GEMM", "auto").strip().lower()
+    if mode == "native":
+        return False
+    if mode != "fp32" and _C.native_lowp_gemm("bf16" if dtype == torch.bfloat16 else "fp16"):
+        return False
+    return mode == "fp32" or backward or rows >= _FP32_ROUTE_MIN_M
 
 
 def _lossless(src: torch.dtype, dst: torch.dtype) -> bool:
@@ -87,9 +112,15 @@ class CpuBackend(Backend):
     # ----------------------------------------------------------------------------------------------------- LoRA
     def lora_forward(self, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
         W = dense_weight(weight)
-        y = torch.nn.functional.linear(x, W.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        wide = _fp32_gemm(x.dtype, x.shape[0], backward=False)
+        if wide:
+            # bias rounded to x's dtype first, as the reference adds it in that dtype
+            b32 = None if bias is None else bias.to(x.dtype).float()
+            y = torch.nn.functional.linear(x.float(), W.float(), b32)
+        else:
+            y = torch.nn.functional.linear(x, W.to(x.dtype), None if bias is None else bias.to(x.dtype))
         if not lora_A:
-            return y, []
+            return (y.to(x.dtype) if wide else y), []
         xa_out, xs_cols, bt_rows = [], [], []
         bias_sum = None
         xi = x
@@ -107,7 +138,7 @@ class CpuBackend(Backend):
         bt = torch.cat(bt_rows, 0).contiguous()
         y = _rows(y)
         _C.lora_epilogue_(y, xs, bt, None if bias_sum is None else bias_sum.contiguous())
-        return y, xa_out
+        return (y.to(x.dtype) if wide else y), xa_out
 
     def lora_backward(
         self, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A
@@ -122,9 +153,14 @@ class CpuBackend(Backend):
         grad_x = None
         acc = None
         if needs_grad_x:
-            grad_x = torch.mm(dy, dense_weight(weight).to(dy.dtype))
-            # Several adapters in low precision: carry dX in fp32 like the reference, round once at the end.
-            acc = grad_x.float() if (len(lora_A) > 1 and grad_x.dtype != torch.float32) else grad_x
+            W = dense_weight(weight)
+            if _fp32_gemm(dy.dtype, dy.shape[0], backward=True):
+                acc = torch.mm(dy.float(), W.float())
+                grad_x = torch.empty(0, dtype=dy.dtype)  # only its dtype is used below
+            else:
+                grad_x = torch.mm(dy, W.to(dy.dtype))
+                # Several adapters in low precision: carry dX in fp32 like the reference, round once at the end.
+                acc = grad_x.float() if (len(lora_A) > 1 and grad_x.dtype != torch.float32) else grad_x
         grad_A: list[Optional[torch.Tensor]] = []
         grad_B: list[torch.Tensor] = []
         grad_bias: list[torch.Tensor] = []

@@ -308,3 +308,41 @@ def test_peft_qlora_model_runs_on_triton_backend(qm, monkeypatch):
     assert_close("dx", dx_t, dx_r, 1e-5)
     for name in g_r:
         assert_close(name, g_t[name], g_r[name], 1e-5)
+
+
+_DROPOUT_KERNELS_SCRIPT = r"""
+import sys, torch, bitsandbytes as bnb
+from fastpeft.backends import triton_quant
+from fastpeft.backends.reference import ReferenceBackend
+from fastpeft.quant import QuantizedWeight
+triton_quant.USE_LORA_KERNELS = True  # the CUDA route: masks applied per tile by fastpeft.kernels.lora
+REF = ReferenceBackend()
+torch.manual_seed(0)
+q = QuantizedWeight.from_quant_state(*bnb.functional.quantize_4bit(
+    torch.randn(40, 64) * 0.2, blocksize=64, compress_statistics=True, quant_type="nf4"))
+x = torch.randn(13, 64)
+As = [torch.randn(4, 64) * 0.1, torch.randn(3, 64) * 0.1]
+Bs = [torch.randn(40, 4) * 0.1, torch.randn(40, 3) * 0.1]
+s, p, seeds = [0.5, 2.0], [0.25, 0.1], [11, 12]
+y, xa = triton_quant.lora_forward(x, q, None, As, Bs, [None, None], s, p, seeds)
+yr, xar = REF.lora_forward(x, q, None, As, Bs, [None, None], s, p, seeds)
+gy = torch.randn_like(y)
+got = triton_quant.lora_backward(gy, x, q, As, Bs, xa, s, p, seeds, True, True)
+ref = REF.lora_backward(gy, x, q, As, Bs, xar, s, p, seeds, True, True)
+rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
+errs = [rel(y, yr), rel(got[0], ref[0])] + [rel(a, b) for i in (1, 2) for a, b in zip(got[i], ref[i])]
+print("MAXERR", max(errs))
+"""
+
+
+def test_dropout_through_lora_kernels_matches_reference():
+    """With dropout, CUDA runs use fastpeft.kernels.lora's per-tile Philox masks (down_proj, grad_a, lowrank_update)
+    instead of a materialized (M, K) mask. Checked under the interpreter in a fresh process (those kernels call
+    Triton's @jit library helpers, which the interpreter refuses when triton was imported before
+    TRITON_INTERPRET=1, as can happen in a mixed test session)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _DROPOUT_KERNELS_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = float(next(l for l in proc.stdout.splitlines() if l.startswith("MAXERR")).split()[1])
+    assert err < 1e-5, f"max relative error {err:.2e}"

@@ -27,6 +27,24 @@ def _kernels():
     return quant_matmul
 
 
+# Dropout on the low-rank path: on CUDA the Triton engineer's small kernels (``fastpeft.kernels.lora``) apply the
+# Philox mask per tile, so no (M, K) mask or dropped copy of x is materialized; elsewhere (the interpreter) torch
+# ops with ``fastpeft._philox``'s mask. None = decide by device; tests force True to check the kernel path.
+USE_LORA_KERNELS: Optional[bool] = None
+
+
+def _lora_kernels(x: torch.Tensor):
+    """``fastpeft.kernels.lora`` when the dropout path should use it, else None."""
+    use = USE_LORA_KERNELS if USE_LORA_KERNELS is not None else x.device.type == "cuda"
+    if not use:
+        return None
+    try:
+        from ..kernels import lora
+    except Exception:  # the dense Triton kernels are optional here: fall back to torch ops
+        return None
+    return lora
+
+
 def supports(x: torch.Tensor, weight) -> bool:
     """A ``QuantizedWeight`` on a CUDA device (or CPU tensors under ``TRITON_INTERPRET=1``), 2-D float ``x``."""
     if not isinstance(weight, QuantizedWeight) or x.dtype not in _FLOATS or x.dim() != 2:
@@ -50,10 +68,14 @@ def lora_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p,
     xa, pre, upre = [], [], []
     extra_bias = None
     xi = x
+    lk = _lora_kernels(x) if any(p > 0 for p in dropout_p) else None
     for A, B, b, s, p, seed in zip(lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
         xi = xi.to(A.dtype)
-        keep = _keep_scale(int(seed), xi.shape[0], xi.shape[1], float(p), A.dtype, x.device)
-        h = (xi if keep is None else xi * keep) @ A.t()
+        if p > 0 and lk is not None:
+            h = lk.down_proj(xi, A.t(), int(seed), float(p)).to(A.dtype)
+        else:
+            keep = _keep_scale(int(seed), xi.shape[0], xi.shape[1], float(p), A.dtype, x.device)
+            h = (xi if keep is None else xi * keep) @ A.t()
         xa.append(h)
         pre.append(h.float() * float(s))
         upre.append(B.t().float())
@@ -80,11 +102,21 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
     qm = _kernels()
     grad_A, grad_B, grad_bias = [], [], []
     pre, upre, dropped_terms = [], [], []
+    lk = _lora_kernels(grad_y) if any(p > 0 for p in dropout_p) else None
     for A, B, h, s, p, seed in zip(lora_A, lora_B, xa, scaling, dropout_p, seeds):
         dy = grad_y.to(B.dtype)
         grad_B.append((dy.t() @ h) * s)
         grad_bias.append(dy.sum(0) * s)
         g = (dy @ B) * s
+        if p > 0 and lk is not None:
+            # the mask is regenerated per tile inside the kernels; nothing (M, K) is materialized for it
+            if needs_grad_A:
+                grad_A.append(lk.grad_a(g.float(), x, A.dtype, int(seed), float(p)))
+            else:
+                grad_A.append(None)
+            if needs_grad_x:
+                dropped_terms.append((g.float().contiguous(), A, int(seed), float(p)))
+            continue
         keep = _keep_scale(int(seed), g.shape[0], A.shape[1], float(p), A.dtype, g.device)
         if needs_grad_A:
             xd = x.to(A.dtype)
@@ -111,7 +143,12 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
                                      out_dtype=torch.float32 if dropped_terms else grad_y.dtype)
         if dropped_terms:
             for term in dropped_terms:
-                grad_x = grad_x + term.float()
+                if isinstance(term, tuple):  # (g, A, seed, p): grad_x += mask(g A) / (1 - p), in place
+                    g32, A, seed, p = term
+                    ones = torch.ones(A.shape[0], dtype=torch.float32, device=A.device)
+                    lk.lowrank_update(grad_x, g32, A, ones, seed=seed, p=p, out=grad_x)
+                else:
+                    grad_x = grad_x + term.float()
             grad_x = grad_x.to(grad_y.dtype)
     return grad_x, grad_A, grad_B, grad_bias
 

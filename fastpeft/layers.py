@@ -87,7 +87,27 @@ class FusedLoraLinear(PeftLoraLinear):
     """PEFT's ``lora.Linear`` (over ``nn.Linear``, transformers ``Conv1D`` or a quantized base) with a fused forward.
 
     ``forward(x)``: ``x`` is ``(..., in_features)`` in the base weight's dtype; returns ``(..., out_features)``.
+    Over a bitsandbytes base, ``merge``/``unmerge`` dequantize, add and requantize (PEFT's generic class would add
+    the delta to the packed bytes).
     """
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        from .quant import is_bnb_quantized
+
+        if is_bnb_quantized(self.get_base_layer()):
+            from .layers_bnb import merge_quantized
+
+            return merge_quantized(self, adapter_names)
+        return super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unmerge(self) -> None:
+        from .quant import is_bnb_quantized
+
+        if self.merged and is_bnb_quantized(self.get_base_layer()):
+            from .layers_bnb import unmerge_quantized
+
+            return unmerge_quantized(self)
+        return super().unmerge()
 
     def _fused_call(self, x, args, kwargs):
         """Arguments for ``functional.lora_linear``, or None when PEFT's own forward must run."""

@@ -73,6 +73,20 @@ def check_target_modules(model: nn.Module, target_modules: Union[str, Iterable[s
         raise ValueError(f"{caller}: target_modules entries match no module of {type(model).__name__}: {detail}")
 
 
+def _register_optional_layers() -> None:
+    """Register the bitsandbytes twins (``fastpeft.layers_bnb`` registers on import) when bitsandbytes is installed;
+    importing bitsandbytes is slow, so ``import fastpeft`` does not do it."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return
+    try:
+        from . import layers_bnb  # noqa: F401
+    except Exception as exc:  # a broken bitsandbytes install must not break dense models
+        warnings.warn(f"fastpeft: bitsandbytes is installed but its fused layers could not be loaded: {exc}",
+                      stacklevel=3)
+
+
 def accelerate(peft_model: nn.Module, strict: bool = False) -> nn.Module:
     """Turn, in place, every supported PEFT LoRA/IA3 layer of ``peft_model`` into its fused twin.
 
@@ -80,6 +94,7 @@ def accelerate(peft_model: nn.Module, strict: bool = False) -> nn.Module:
     Embedding, ...) stay as PEFT made them and are listed in one warning; with ``strict=True`` a ``TypeError`` is
     raised instead and nothing is changed. Calling it again is harmless (and fuses adapters added since).
     """
+    _register_optional_layers()
     plan, unsupported = [], []
     for name, module in peft_model.named_modules():
         if not isinstance(module, BaseTunerLayer):

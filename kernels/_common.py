@@ -152,9 +152,13 @@ def _fused_gemm_kernel(
 # pipelined tiles take the same shared memory. Chosen to fit 163 KB (sm_80) / 227 KB (sm_90) with the fused
 # low-rank tiles (BLOCK_R <= 64) and to compile without spills (tests/test_triton_compile.py checks both).
 GEMM_CONFIGS = {
-    80: [(128, 128, 32, 8, 3), (64, 128, 32, 4, 4)],
-    90: [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4)],
+    # sm_80's second tile is 64x64: at 64x128 with 4 warps the fused low-rank accumulator pushed LoRA forward to 255
+    # registers and an 8-byte stack
+    80: [(128, 128, 32, 8, 3), (64, 64, 32, 4, 4)],
+    90: [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 32, 4, 3)],
 }
+# The one tile of the in-GEMM dropout variants (see ``config_allowed``).
+DROPOUT_TILE = {80: (64, 64, 32, 4, 4), 90: (64, 64, 32, 4, 3)}
 GROUP_M = 8
 # Largest padded low-rank width fused into the base GEMM's K loop. Every column block recomputes the (BLOCK_M,
 # BLOCK_R) down-projection, costing BLOCK_R / BLOCK_N extra tensor-core work: at 64 / 128 that is still cheaper than
@@ -177,16 +181,43 @@ _AUTOTUNE_KEY = ["M", "N", "K", "HAS_BIAS", "FUSE_DOWN", "DROP_IN", "DROP_OUT", 
                  "COLSUM", "STORE_OUT", "BLOCK_R"]
 
 
+def _dropout_in_gemm(flags: dict) -> bool:
+    """The variants that draw Philox dropout inside the GEMM (in the K loop, or on the fused dX epilogue)."""
+    return bool(flags.get("FUSE_DOWN") and (flags.get("DROP_IN") or flags.get("DROP_OUT")))
+
+
+def config_allowed(arch: int, config: tuple, flags: dict) -> bool:
+    """Whether the autotuner may run ``config`` for this flag combination (tests/test_triton_compile.py compiles
+    exactly the allowed pairs and asserts no spills).
+
+    The Philox state of in-GEMM dropout competes with the accumulators for registers: at 128x128 (and at 64x128
+    with a 64-deep K step) those variants compiled to 255 registers and 8 to 1240 bytes of stack on both
+    architectures. They run the small ``DROPOUT_TILE`` only; the other variants keep the large tiles (on sm_90 the
+    small tile is reserved for dropout, so it is not tuned for them).
+    """
+    if _dropout_in_gemm(flags):
+        return tuple(config) == DROPOUT_TILE[arch]
+    return arch < 90 or tuple(config) != DROPOUT_TILE[arch]
+
+
 @functools.lru_cache(maxsize=None)
 def _autotuned(arch: int, fp32: bool):
-    """The GEMM kernel wrapped in ``triton.autotune`` over this architecture's configs, keyed on shape and flags."""
+    """The GEMM kernel wrapped in ``triton.autotune`` over this architecture's configs, keyed on shape and flags;
+    configs that would spill for the launch's flags are pruned before tuning."""
     dtype = torch.float32 if fp32 else torch.float16
-    configs = []
+    configs, table = [], {}
     for config in GEMM_CONFIGS[arch]:
         kw = config_kwargs(config, dtype)
         warps, stages = kw.pop("num_warps"), kw.pop("num_stages")
         configs.append(triton.Config(kw, num_warps=warps, num_stages=stages))
-    return triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(_fused_gemm_kernel)
+        table[id(configs[-1])] = config
+
+    def prune(configs, named_args, **flags):
+        kept = [c for c in configs if config_allowed(arch, table[id(c)], flags)]
+        return kept or configs[-1:]
+
+    return triton.autotune(configs=configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune})(
+        _fused_gemm_kernel)
 
 
 def arch_of(device: torch.device) -> int:

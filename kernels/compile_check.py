@@ -101,6 +101,8 @@ def _gemm_specs(arch: int, dt: str):
     unit = {"stride_ak": 1, "stride_bk": 1, "stride_on": 1, "stride_sr": 1}
     for name, flags in GEMM_VARIANTS.items():
         for config in _common.GEMM_CONFIGS[arch]:
+            if not _common.config_allowed(arch, config, flags):
+                continue  # the autotuner prunes it for these flags: never launched, so not measured
             kw = _common.config_kwargs(config, getattr(__import__("torch"), _TORCH_DT[dt]))
             warps, stages = kw.pop("num_warps"), kw.pop("num_stages")
             ce = {f: False for f in _FLAG_NAMES}
@@ -190,3 +192,38 @@ def compile_spec(spec: Spec) -> Result:
     tensor_cores = mma["wgmma"] > 0 if spec.arch >= 90 else mma["mma.sync"] > 0
     return Result(spec, usage["REG"], usage.get("STACK", 0), usage.get("LOCAL", 0),
                   int(k.metadata.shared) + usage.get("SHARED", 0), tensor_cores, mma)
+
+
+# --------------------------------------------------------------------------------------------- parallel measure
+def _specs_cached(arch: int):
+    cache = _specs_cached.__dict__.setdefault("cache", {})
+    if arch not in cache:
+        cache[arch] = specs(arch)
+    return cache[arch]
+
+
+def _measure_one(key: tuple) -> tuple:
+    """Worker: compile spec ``index`` of ``specs(arch)``; returns plain values (JIT functions do not pickle)."""
+    arch, index = key
+    r = compile_spec(_specs_cached(arch)[index])
+    return r.registers, r.stack, r.local, r.shared, r.tensor_cores, r.ptx_mma
+
+
+def measure_all(archs=(80, 90), workers: int | None = None) -> list[Result]:
+    """Compile every spec of ``archs``, ``workers`` processes at a time (default: the CPU count, at most 4).
+
+    Each compile is single-threaded LLVM + ptxas work of a few seconds, so the list of ~130 variants is dominated by
+    how many run at once. Workers are spawned, not forked, so they start without the parent's threads.
+    """
+    import concurrent.futures
+    import multiprocessing
+
+    keys = [(arch, i) for arch in archs for i in range(len(_specs_cached(arch)))]
+    workers = workers or min(4, os.cpu_count() or 1)
+    if workers <= 1:
+        values = [_measure_one(k) for k in keys]
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            values = list(pool.map(_measure_one, keys))
+    return [Result(_specs_cached(arch)[i], *v) for (arch, i), v in zip(keys, values)]

@@ -7,27 +7,20 @@ table. No GPU needed.
 
 from __future__ import annotations
 
+import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 
-
-def _measure(key):
-    from . import compile_check as cc
-
-    arch, i = key
-    s = cc.specs(arch)[i]
-    r = cc.compile_spec(s)
-    return (s.name, arch, s.dtype, s.config, r.registers, r.shared, r.local, r.stack, r.tensor_cores)
+BEGIN, END = "<!-- triton-report:begin -->", "<!-- triton-report:end -->"
 
 
 def main(path: str = "KERNELS.md", jobs: int = 2) -> None:
+    """Regenerate the Triton section of ``path`` between its markers; other sections (csrc/cuda's) are kept."""
     from fastpeft.bench import cost_model
 
     from . import compile_check as cc
 
-    keys = [(a, i) for a in (80, 90) for i in range(len(cc.specs(a)))]
-    with ProcessPoolExecutor(jobs) as ex:
-        rows = list(ex.map(_measure, keys))
+    rows = [(r.spec.name, r.spec.arch, r.spec.dtype, r.spec.config, r.registers, r.shared, r.local, r.stack,
+             r.tensor_cores) for r in cc.measure_all((80, 90), workers=jobs)]
     lines = [
         "# fastpeft Triton kernels: compiled resources and modeled cost",
         "",
@@ -47,8 +40,14 @@ def main(path: str = "KERNELS.md", jobs: int = 2) -> None:
                      f"{'yes' if tc else 'NO'} |")
     lines += ["", "## Modeled cost, fused vs PEFT's op sequence (a MODEL, not a measurement)", "",
               cost_model.markdown(), ""]
+    section = "\n".join([BEGIN, *lines, END])
+    text = open(path).read() if os.path.exists(path) else ""
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+    else:
+        text = section + "\n\n" + text.lstrip()
     with open(path, "w") as f:
-        f.write("\n".join(lines))
+        f.write(text)
     print(f"wrote {path}: {len(rows)} kernel builds")
 
 

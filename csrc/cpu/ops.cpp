@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -116,6 +117,27 @@ int64_t grain(int64_t work_per_row) {
   return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, work_per_row));
 }
 
+// Per-thread partial sums for a row-parallel loop: one zeroed (size)-float slab per thread that at::parallel_for
+// will actually use (divup(M, grain) capped by the thread count), so M=1 needs no reduction at all.
+struct Partials {
+  int64_t slabs, size;
+  std::vector<float> data;
+  Partials(int64_t M, int64_t grain_rows, int64_t size_)
+      : slabs(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (M + grain_rows - 1) / grain_rows))),
+        size(size_), data(size_t(slabs * size_), 0.f) {}
+  float* slab(int tid) { return data.data() + std::min<int64_t>(tid, slabs - 1) * size; }
+  // Serial sum into slab 0. Deliberately not a torch op: small torch reductions go parallel and, on a loaded
+  // machine, waiting for the pool to wake cost ~16 ms per call at M=1 (measured).
+  float* reduce() {
+    float* out = data.data();
+    for (int64_t t = 1; t < slabs; ++t) {
+      const float* src = data.data() + t * size;
+      for (int64_t i = 0; i < size; ++i) out[i] += src[i];
+    }
+    return out;
+  }
+};
+
 // ------------------------------------------------------------------------------------------------- bindings
 at::Tensor dropout_scale(int64_t seed, int64_t rows, int64_t cols, double p, double scale) {
   auto out = at::empty({rows, cols}, at::kFloat);
@@ -176,8 +198,8 @@ void lora_epilogue_(at::Tensor& y, const at::Tensor& xs, const at::Tensor& Bt, c
   });
 }
 
-// One sweep over dy (M, N): returns g (M, R) = (dy Bt^T) * svec, dBt (R, N) = xa^T dy (unscaled) or empty,
-// colsum (N,) = dy.sum(0) or empty. Bt (R, N) fp32, xa (M, R) fp32, svec (R,) fp32.
+// One sweep over dy (M, N): returns g (M, R) = (dy Bt^T) * svec, dB (N, R) = svec * (dy^T xa) or empty,
+// colsum (N,) = dy.sum(0) (unscaled) or empty. Bt (R, N) fp32, xa (M, R) fp32, svec (R,) fp32.
 std::vector<at::Tensor> lora_dy_pass(const at::Tensor& dy, const at::Tensor& Bt, const at::Tensor& xa,
                                      const at::Tensor& svec, bool need_dB, bool need_colsum) {
   check_rows(dy, "grad_y");
@@ -186,24 +208,33 @@ std::vector<at::Tensor> lora_dy_pass(const at::Tensor& dy, const at::Tensor& Bt,
   check_f32(xa, "xa", {M, R});
   check_f32(svec, "svec", {R});
   auto g = at::empty({M, R}, at::kFloat);
-  const int nt = at::get_num_threads();
+  const int64_t gr = grain(N * R * 2);
   // Per-thread partial sums, reduced once at the end: no atomics, deterministic for a fixed thread count.
-  at::Tensor acc = need_dB ? at::zeros({nt, R, N}, at::kFloat) : at::Tensor();
-  at::Tensor cs = need_colsum ? at::zeros({nt, N}, at::kFloat) : at::Tensor();
+  Partials acc(M, gr, need_dB ? R * N : 0), cs(M, gr, need_colsum ? N : 0);
   const int dt = dtype_code(dy);
   const void* dyp = dy.data_ptr();
   const int64_t ldd = dy.stride(0);
   const float *Btp = Bt.data_ptr<float>(), *xap = xa.data_ptr<float>(), *sp = svec.data_ptr<float>();
   float* gp = g.data_ptr<float>();
-  float* accp = need_dB ? acc.data_ptr<float>() : nullptr;
-  float* csp = need_colsum ? cs.data_ptr<float>() : nullptr;
-  at::parallel_for(0, M, grain(N * R * 2), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, M, gr, [&](int64_t b, int64_t e) {
     const int tid = at::get_thread_num();
     std::vector<float> buf(4 * N);
-    K().dy_rows(dt, dyp, ldd, N, b, e, Btp, xap, R, sp, gp, accp ? accp + tid * R * N : nullptr,
-                csp ? csp + tid * N : nullptr, buf.data());
+    K().dy_rows(dt, dyp, ldd, N, b, e, Btp, xap, R, sp, gp, need_dB ? acc.slab(tid) : nullptr,
+                need_colsum ? cs.slab(tid) : nullptr, buf.data());
   });
-  return {g, need_dB ? acc.sum(0) : at::Tensor(), need_colsum ? cs.sum(0) : at::Tensor()};
+  at::Tensor dB, colsum;
+  if (need_dB) {
+    const float* s = acc.reduce();
+    dB = at::empty({N, R}, at::kFloat);  // B's own (N, r) layout, scaled: no torch ops left for Python to run
+    float* d = dB.data_ptr<float>();
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < R; ++j) d[n * R + j] = s[j * N + n] * sp[j];
+  }
+  if (need_colsum) {
+    colsum = at::empty({N}, at::kFloat);
+    std::memcpy(colsum.data_ptr<float>(), cs.reduce(), sizeof(float) * N);
+  }
+  return {g, dB, colsum};
 }
 
 // One sweep over x / dx rows for one adapter: dx += (g A) * mask/(1-p) in place (if dx given) and returns
@@ -227,26 +258,27 @@ at::Tensor lora_dx_pass(const c10::optional<at::Tensor>& dx, const c10::optional
   const void* xp = nullptr;
   int dt_x = kF32;
   int64_t ldx = 0;
-  at::Tensor acc;
-  const int nt = at::get_num_threads();
   if (x.has_value()) {
     check_rows(*x, "x");
     TORCH_CHECK(x->size(0) == M && x->size(1) == Kd, "fastpeft._C: x shape mismatch");
     xp = x->data_ptr();
     dt_x = dtype_code(*x);
     ldx = x->stride(0);
-    acc = at::zeros({nt, r, Kd}, at::kFloat);
   }
-  float* accp = acc.defined() ? acc.data_ptr<float>() : nullptr;
+  const int64_t gr = grain(Kd * (2 * r + (p > 0 ? 20 : 0)));
+  Partials acc(M, gr, xp ? r * Kd : 0);
   const float *Ap = A.data_ptr<float>(), *gp = g.data_ptr<float>();
   const int64_t ldg = g.stride(0);
-  at::parallel_for(0, M, grain(Kd * (2 * r + (p > 0 ? 20 : 0))), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, M, gr, [&](int64_t b, int64_t e) {
     const int tid = at::get_thread_num();
     std::vector<float> buf(12 * Kd);
     K().dx_rows(dt_x, xp, ldx, dt_dx, dxp, lddx, Kd, b, e, Ap, r, gp, ldg, float(p), uint32_t(seed),
-                accp ? accp + tid * r * Kd : nullptr, buf.data());
+                xp ? acc.slab(tid) : nullptr, buf.data());
   });
-  return acc.defined() ? acc.sum(0) : at::Tensor();
+  if (!xp) return at::Tensor();
+  auto dA = at::empty({r, Kd}, at::kFloat);
+  std::memcpy(dA.data_ptr<float>(), acc.reduce(), sizeof(float) * r * Kd);
+  return dA;
 }
 
 std::string isa() { return K().isa; }
@@ -265,6 +297,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("keep_mask", &fastpeft::keep_mask, "(seed, rows, cols, p) -> bool (rows, cols): fastpeft._philox.dropout_keep_mask");
   m.def("lora_xa", &fastpeft::lora_xa, "(x, A32, p, seed) -> drop(x) A^T in fp32");
   m.def("lora_epilogue_", &fastpeft::lora_epilogue_, "(y, xs32, Bt32, bias32|None): y += xs Bt + bias in place");
-  m.def("lora_dy_pass", &fastpeft::lora_dy_pass, "(dy, Bt32, xa32, svec, need_dB, need_colsum) -> [g, dBt, colsum]");
+  m.def("lora_dy_pass", &fastpeft::lora_dy_pass, "(dy, Bt32, xa32, svec, need_dB, need_colsum) -> [g, dB (N, R) scaled, colsum]");
   m.def("lora_dx_pass", &fastpeft::lora_dx_pass, "(dx|None, x|None, A32, g32, p, seed) -> dA32 (dx updated in place)");
 }

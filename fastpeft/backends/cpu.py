@@ -148,7 +148,7 @@ class CpuBackend(Backend):
         bt = torch.cat([B.detach().t().to(torch.float32) for B in lora_B], 0).contiguous()
         xa32 = torch.cat([h.detach().to(torch.float32) for h in xa], 1).contiguous()
         svec = torch.cat([torch.full((r,), float(s), dtype=torch.float32) for r, s in zip(ranks, scaling)])
-        g, dbt, colsum = _C.lora_dy_pass(dy, bt, xa32, svec, True, True)
+        g, db, colsum = _C.lora_dy_pass(dy, bt, xa32, svec, True, True)
 
         grad_x = None
         acc = None
@@ -166,7 +166,7 @@ class CpuBackend(Backend):
         grad_bias: list[torch.Tensor] = []
         off = 0
         for A, B, r, s, p, seed in zip(lora_A, lora_B, ranks, scaling, dropout_p, seeds):
-            grad_B.append((dbt[off : off + r].t() * float(s)).to(B.dtype))
+            grad_B.append((db if len(ranks) == 1 else db[:, off : off + r].contiguous()).to(B.dtype))
             grad_bias.append((colsum * float(s)).to(B.dtype))
             xi = None
             if needs_grad_A:

@@ -7,6 +7,7 @@ import csv
 import os
 
 import pytest
+import torch
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("peft")
@@ -16,7 +17,8 @@ from fastpeft.bench import report  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--quick", "--scale", "256", "--shapes", "7b-qkvo", "--tokens", "1,16", "--dtypes", "fp32",
-        "--kinds", "lora,ia3", "--dropouts", "0,0.1", "--budget", "0.005", "--no-progress", "--threads", "1"]
+        "--kinds", "lora,ia3", "--modes", "fwd,bwd,fwd+bwd", "--dropouts", "0,0.1", "--budget", "0.005",
+        "--no-progress", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +42,30 @@ def test_csv_has_every_column_and_versions(tiny_run):
 
 
 def test_csv_has_base_peft_fastpeft_rows_for_every_layer_case(tiny_run):
+    from fastpeft.bench.cases import available_backends
+
     rows = [r for r in _rows(tiny_run) if r["level"] == "layer" and r["metric"] == "time"]
+    # --quick leaves out the (slow) reference backend unless --providers names it
+    expected_backends = {f"fastpeft-{n}" for n in available_backends(torch.device("cpu"))} - {"fastpeft-reference"}
     cases = {(r["kind"], r["M"], r["dropout"], r["mode"]) for r in rows}
     # lora: 2 dropouts x 3 modes x 2 M; ia3 (no dropout): 3 modes x 2 M
     assert len(cases) == 2 * 3 * 2 + 3 * 2
     for case in cases:
         providers = {r["provider"] for r in rows if (r["kind"], r["M"], r["dropout"], r["mode"]) == case}
         assert {"base", "peft", "fastpeft"} <= providers, case
-        assert "fastpeft-reference" in providers, "each available backend is a provider"
+        assert expected_backends <= providers, "each available backend is a provider"
     assert all(float(r["value"]) > 0 and r["unit"] == "ms" for r in rows)
-    assert {r["backend"] for r in rows if r["provider"] == "fastpeft-reference"} == {"reference"}
+    for provider in expected_backends:
+        assert {r["backend"] for r in rows if r["provider"] == provider} == {provider.split("-", 1)[1]}
+
+
+def test_default_providers_list_every_available_backend():
+    from fastpeft.bench.cases import available_backends, default_providers
+
+    providers = default_providers(torch.device("cpu"))
+    assert providers[:3] == ["base", "peft", "fastpeft"]
+    assert "fastpeft-reference" in providers
+    assert providers[3:] == [f"fastpeft-{n}" for n in available_backends(torch.device("cpu"))]
 
 
 def test_csv_has_memory_model_and_cost_model_rows(tiny_run):
@@ -94,7 +110,7 @@ def test_replot_rebuilds_outputs_from_the_csv(tiny_run):
 
 def test_presets_and_overrides():
     quick = cli.resolve(cli.parser().parse_args(["--quick"]))
-    assert quick.scale == 16 and quick.tokens == [1, 16, 512, 2048]
+    assert quick.scale == 32 and quick.tokens == [1, 16, 512, 2048]
     full = cli.resolve(cli.parser().parse_args([]))
     assert full.scale == 1 and set(full.kinds) == {"lora", "ia3", "qlora-nf4", "qlora-int8"}
     mine = cli.resolve(cli.parser().parse_args(["--quick", "--scale", "4", "-M", "3,5", "--dtypes", "bf16"]))

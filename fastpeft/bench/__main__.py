@@ -19,9 +19,14 @@ import warnings
 
 from . import cases as C
 
-QUICK = dict(scale=16, shapes=["7b-qkvo", "7b-up"], tokens=[1, 16, 512, 2048], dtypes=["fp32", "bf16"],
-             kinds=["lora", "ia3", "qlora-nf4"], modes=["fwd", "bwd", "fwd+bwd"], dropouts=[0.0, 0.1], budget=0.12,
-             model_layers=1, model_seq=64, model_new_tokens=4)
+# --quick: every kind and dtype at one small shape, M from 1 to 2048, forward and forward+backward, so the plots
+# and tables have every line, in under 2 minutes on 2 shared cores (the backward alone is in the full grid).
+QUICK = dict(scale=32, shapes=["7b-qkvo"], tokens=[1, 16, 512, 2048], dtypes=["fp32", "bf16"],
+             kinds=["lora", "ia3", "qlora-nf4"], modes=["fwd", "fwd+bwd"], dropouts=[0.0, 0.1], budget=0.03,
+             model_layers=1, model_seq=32, model_new_tokens=4,
+             # the reference backend regenerates dropout masks with a Philox written in plain torch ops: seconds per
+             # call at M=2048, which alone would take --quick over its time; name it in --providers to include it
+             skip_providers=["fastpeft-reference"])
 FULL = dict(scale=1, shapes=list(C.SHAPES), tokens=list(C.TOKENS), dtypes=["bf16", "fp32"], kinds=list(C.KINDS),
             modes=list(C.MODES), dropouts=[0.0, 0.1], budget=1.0, model_layers=4, model_seq=256, model_new_tokens=32)
 
@@ -37,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="directory for results.csv, results.md and the PNG plots")
     p.add_argument("--scale", type=int, default=None,
                    help="divide every layer dimension by this (rounded up to 64) for small machines "
-                        "(default 1, --quick 16)")
+                        "(default 1, --quick 32)")
     p.add_argument("--shapes", type=_list(str), default=None, help=f"comma list of {','.join(C.SHAPES)}")
     p.add_argument("--tokens", "-M", type=_list(int), default=None, help="comma list of M (tokens per call)")
     p.add_argument("--dtypes", type=_list(str), default=None, help="comma list of bf16,fp16,fp32")
@@ -198,7 +203,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    providers = args.providers or C.default_providers(device)
+    preset = QUICK if args.quick else FULL
+    providers = args.providers or [p for p in C.default_providers(device) if p not in preset.get("skip_providers", ())]
     for required in ("base", "peft"):
         if required not in providers and (args.kinds and not args.no_layers):
             providers.insert(0 if required == "base" else 1, required)  # ratios are relative to both

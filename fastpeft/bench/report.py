@@ -171,21 +171,24 @@ def memory_tables(rows) -> list[str]:
 
 
 def model_tables(rows) -> list[str]:
+    """One row per (model, mode, provider): median time, throughput, peak memory of the training step."""
     model = [r for r in rows if r["level"] == "model"]
     if not model:
         return []
-    out = [f"Model: {model[0]['shape']}, batch x tokens in the `M` column.", "",
-           "| mode | M | provider | median ms | throughput | peak MiB |", "| --- | --- | --- | --- | --- | --- |"]
+    out = ["`tokens` is batch x sequence for the training step, batch x new tokens for generation.", "",
+           "| model | mode | tokens | provider | median ms | throughput | peak MiB |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
     index: dict = defaultdict(dict)
     for r in model:
-        index[(r["mode"], r["M"], r["provider"])][r["metric"]] = r
-    for (mode, M, provider), v in index.items():
+        index[(r["shape"], r["mode"], r["M"], r["provider"])][r["metric"]] = r
+    for (shape, mode, M, provider), v in index.items():
         tps = v.get("tokens_per_s")
         peak = v.get("peak_bytes")
-        out.append(f"| {mode} | {M} | {provider} | {_fmt(_f(v['time']['value']))} | "
+        out.append(f"| {shape} | {mode} | {M} | {provider} | {_fmt(_f(v['time']['value']))} | "
                    f"{_fmt(_f(tps['value'])) + ' ' + tps['unit'] if tps else '-'} | "
                    f"{_fmt(_f(peak['value']) / 2**20) if peak else '-'} |")
-    out.append("")
+    units = sorted({r["unit"] for r in model if r["metric"] == "peak_bytes"})
+    out += ["", f"Peak: {'; '.join(units)}, of one training step.", ""]
     return out
 
 

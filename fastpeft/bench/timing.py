@@ -26,7 +26,7 @@ def summarize(samples: Sequence[float]) -> dict:
     return {"median_ms": statistics.median(ordered), "q25_ms": q[0], "q75_ms": q[2], "reps": n}
 
 
-def time_cpu_interleaved(runners: Sequence[Runner], budget_s: float = 0.5, min_reps: int = 3,
+def time_cpu_interleaved(runners: Sequence[Runner], budget_s: float = 0.5, min_reps: int = 5,
                          max_reps: int = 200, warmup: int = 1) -> dict[str, dict]:
     """Interleaved rounds, each running every provider once; ``prepare`` is untimed.
 

@@ -426,3 +426,87 @@ def test_scaling_follows_rslora():
     model = fastpeft.patch(MLP(), r=4, lora_alpha=8, target_modules=["up"], use_rslora=True)
     layer = next(m for m in model.modules() if isinstance(m, FusedLoraLinear))
     assert layer.scaling["default"] == pytest.approx(8 / math.sqrt(4))
+
+
+def _saved_tensors(run):
+    """Tensors autograd saves for backward while ``run()`` executes."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return out, saved
+
+
+def test_dropout_saves_no_copy_of_the_input():
+    """With dropout in training, nothing of X's size is saved beyond X itself (and frozen parameters, which cost no
+    activation memory). PEFT, the control, saves drop(X): that shows the check can fail."""
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["up"], init_lora_weights=False)
+    reference, fused = twins(lambda: MLP(width=96, hidden=40), config)
+    x = torch.randn(64, 96, requires_grad=True)
+
+    def big_copies(model):
+        model.train()
+        layer = model.base_model.model.blocks[0]["up"]
+        params = {p.data_ptr() for p in layer.parameters()}
+        _, saved = _saved_tensors(lambda: layer(x))
+        return [tuple(t.shape) for t in saved
+                if t.numel() >= x.numel() and t.data_ptr() != x.data_ptr() and t.data_ptr() not in params]
+
+    assert big_copies(reference), "control: PEFT was expected to save drop(x)"
+    assert big_copies(fused) == [], "fastpeft saved a tensor of X's size besides X"
+
+
+def test_frozen_adapter_saves_no_input():
+    """When no adapter weight needs a gradient (inference with grad on the input), X itself is not kept for dA."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["up"], init_lora_weights=False)
+    _, fused = twins(MLP, config)
+    layer = fused.base_model.model.blocks[0]["up"]
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(8, 23, requires_grad=True)
+    _, saved = _saved_tensors(lambda: layer(x))
+    assert not any(t.data_ptr() == x.data_ptr() for t in saved)
+
+
+OPCHECK_CASES = {
+    "one-adapter": dict(n=1, biases=(False,), p=(0.0,)),
+    "two-adapters-bias-drop": dict(n=2, biases=(False, True), p=(0.1, 0.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(OPCHECK_CASES))
+def test_lora_ops_pass_opcheck(case):
+    spec = OPCHECK_CASES[case]
+    torch.manual_seed(0)
+    K, N, M = 13, 11, 5
+    x = torch.randn(M, K, requires_grad=True)
+    W, b = torch.randn(N, K), torch.randn(N)
+    ranks = [3, 2][: spec["n"]]
+    As = [torch.randn(r, K, requires_grad=True) for r in ranks]
+    Bs = [torch.randn(N, r, requires_grad=True) for r in ranks]
+    biases = [torch.randn(N, requires_grad=True) if has else torch.empty(0) for has in spec["biases"]]
+    seeds = torch.tensor([11, 12][: spec["n"]])
+    scaling = [0.5, 2.0][: spec["n"]]
+    torch.library.opcheck(torch.ops.fastpeft.lora_linear.default,
+                          (x, W, b, As, Bs, biases, scaling, list(spec["p"]), seeds))
+    y = torch.randn(M, N)
+    xa = [torch.randn(M, r) for r in ranks]
+    # the backward op is not itself differentiable (no double backward), so its inputs carry no grad
+    torch.library.opcheck(torch.ops.fastpeft.lora_linear_backward.default,
+                          (y, x.detach(), W, [a.detach() for a in As], [b_.detach() for b_ in Bs], xa, scaling,
+                           list(spec["p"]), seeds, True, True))
+
+
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "out"])
+def test_ia3_ops_pass_opcheck(feedforward):
+    torch.manual_seed(0)
+    K, N, M = 13, 11, 5
+    x, W, b = torch.randn(M, K, requires_grad=True), torch.randn(N, K), torch.randn(N)
+    scale = torch.randn(K if feedforward else N, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastpeft.ia3_linear.default, (x, W, b, scale, feedforward))
+    torch.library.opcheck(torch.ops.fastpeft.ia3_linear_backward.default,
+                          (torch.randn(M, N), x.detach(), W, b, scale.detach(), feedforward, True))

@@ -79,15 +79,18 @@ def build(K, N, r, dtype, p):
     return {"base": base, "peft": peft_model, "fastpeft": fast}
 
 
+CLOCK = time.perf_counter
+
+
 def time_once(model, x, gy, mode):
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     if mode == "fwd":
         with torch.no_grad():
             model(x)
     else:
         x.grad = None
         model(x).backward(gy)
-    return time.perf_counter() - t0
+    return CLOCK() - t0
 
 
 def run(M, K, N, r, dtype, p, mode, reps, warmup):
@@ -116,11 +119,17 @@ def main():
     ap.add_argument("--reps", type=int, default=0, help="timed runs per provider (0: by shape, 5-30)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--csv", default="", help="append rows to this CSV file")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="wall: perf_counter; cpu: process CPU time of all threads (steadier on a shared machine, "
+                    "but counts OpenMP spin-waiting)")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
 
     torch.set_num_threads(args.threads)
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-    print(f"# torch {torch.__version__}, {args.threads} threads, cpu isa {BACKEND.isa()}, K={args.K} N={args.N} r={args.r}")
+    print(f"# torch {torch.__version__}, {args.threads} threads, cpu isa {BACKEND.isa()}, K={args.K} N={args.N} "
+          f"r={args.r}, clock={args.clock}")
     print(f"{'dtype':5} {'p':>4} {'mode':8} {'M':>5} {'base ms':>9} {'peft ms':>9} {'fast ms':>9} "
           f"{'peft/base':>9} {'fast/base':>9} {'peft/fast':>9}")
     rows = []
@@ -130,7 +139,7 @@ def main():
                 for M in args.M:
                     reps = args.reps or max(5, min(30, int(4e9 / (M * args.K * args.N * (3 if mode != "fwd" else 1)))))
                     t = run(M, args.K, args.N, args.r, dtypes[dname], p, mode, reps, warmup=2)
-                    row = dict(dtype=dname, dropout=p, mode=mode, M=M, K=args.K, N=args.N, r=args.r,
+                    row = dict(clock=args.clock, dtype=dname, dropout=p, mode=mode, M=M, K=args.K, N=args.N, r=args.r,
                                threads=args.threads, reps=reps, base_ms=t["base"] * 1e3, peft_ms=t["peft"] * 1e3,
                                fastpeft_ms=t["fastpeft"] * 1e3)
                     rows.append(row)

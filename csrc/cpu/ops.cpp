@@ -113,8 +113,9 @@ void check_f32(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
 }
 
 int64_t grain(int64_t work_per_row) {
-  // About 64k multiply-adds per task: enough to hide the fork, small enough to balance two threads at M=16.
-  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, work_per_row));
+  // About 1M multiply-adds (~0.2 ms) per task: decode-sized calls (M <= 16 at 2048 x r=16) run inline. Waking the
+  // pool for less work lost more than it won, badly so on a loaded machine (measured: 2x the frozen base at M=16).
+  return std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(1, work_per_row));
 }
 
 // Per-thread partial sums for a row-parallel loop: one zeroed (size)-float slab per thread that at::parallel_for

@@ -113,8 +113,6 @@ def run_layers(args, device, providers, writer, progress) -> None:
         for case in bar:
             if hasattr(bar, "set_postfix_str"):
                 bar.set_postfix_str(case.label)
-            if case.quantized and device.type != "cuda" and case.kind == "qlora-int8" and case.mode != "fwd":
-                pass  # bitsandbytes' CPU int8 backward runs; kept, its numbers say what PEFT costs there
             x, dy = C.make_inputs(case, device)
             builts, shared = {}, None
             for provider in providers:

@@ -7,6 +7,8 @@ widen it with environment variables (read by ``test_bench_layers.py``):
 - ``FASTPEFT_BENCH_TOKENS`` (default ``16,512``), ``FASTPEFT_BENCH_DTYPES`` (default ``fp32,bf16``),
   ``FASTPEFT_BENCH_KINDS`` (default ``lora,ia3,qlora-nf4``), ``FASTPEFT_BENCH_SHAPES`` (default ``7b-qkvo``),
   ``FASTPEFT_BENCH_MODES`` (default ``fwd,fwd+bwd``);
+- ``FASTPEFT_BENCH_PROVIDERS`` (default: ``base,peft,fastpeft`` and ``fastpeft-<name>`` for each available backend
+  but ``reference``);
 - ``FASTPEFT_BENCH_THREADS`` (default 2): ``torch.set_num_threads`` on the CPU.
 
 Each case is a pytest-benchmark group, so ``--benchmark-only`` prints base, peft and every fastpeft provider side by

@@ -31,7 +31,9 @@ MODES = _env_list("FASTPEFT_BENCH_MODES", "fwd,fwd+bwd")
 pytest.importorskip("pytest_benchmark")
 
 CASES = C.enumerate_cases(KINDS, SHAPES, TOKENS, DTYPES, [0.0, 0.1], MODES, SCALE)
-PROVIDERS = C.default_providers(DEVICE)
+# as in --quick, the reference backend (plain-torch Philox dropout, seconds per call) only when named
+PROVIDERS = _env_list("FASTPEFT_BENCH_PROVIDERS", ",".join(
+    p for p in C.default_providers(DEVICE) if p != "fastpeft-reference"))
 
 
 def _id(case: C.Case) -> str:

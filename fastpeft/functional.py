@@ -8,9 +8,11 @@ Public functions:
 Both take ``x`` of shape ``(..., K)`` and return ``(..., N)`` in ``x``'s dtype. ``weight`` is the ``(N, K)`` base
 weight (a transposed view for ``fan_in_fan_out`` layers) or a ``fastpeft.quant.QuantizedWeight``.
 
-Dense weights go through the custom ops ``fastpeft::lora_linear`` / ``fastpeft::ia3_linear`` (with fake
-implementations and registered autograd, so ``torch.compile`` traces them without graph breaks); quantized weights go
-through ``torch.autograd.Function`` twins. Both routes call the same ``_lora_backward`` / ``_ia3_backward``, so the
+Under ``torch.compile``, dense weights go through the custom ops ``fastpeft::lora_linear`` / ``fastpeft::ia3_linear``
+(with fake implementations and registered autograd, so the compiler traces them without graph breaks). In eager
+mode, and for quantized weights, the same kernels run through ``torch.autograd.Function`` twins: the custom-op
+dispatcher costs tens to hundreds of microseconds a call in Python, as much as a whole LoRA update at decode
+sizes. Both routes call the same ``_lora_forward``/``_lora_backward`` and ``_ia3_forward``/``_ia3_backward``, so the
 gradient math lives in one place:
 
 LoRA, per adapter ``i`` with ``h_i = drop_i(x) A_i^T`` (M x r_i, saved) and ``g_i = s_i * dY B_i`` (M x r_i)::
@@ -35,6 +37,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import reference
 from .backends import get_backend
 
 
@@ -63,6 +66,13 @@ def _unalias(tensors: list[torch.Tensor], inputs: Sequence[Optional[torch.Tensor
             seen.add(ptr)
         out.append(t)
     return out
+
+
+def _base_needs_grad(weight, bias) -> bool:
+    """Whether autograd must reach the base weight or bias (not PEFT's frozen set-up)."""
+    if not torch.is_grad_enabled():
+        return False
+    return (isinstance(weight, torch.Tensor) and weight.requires_grad) or (bias is not None and bias.requires_grad)
 
 
 def draw_seeds(n: int, dropout_p: Sequence[float], training: bool) -> torch.Tensor:
@@ -183,8 +193,8 @@ def _lora_setup_backward(ctx, grad_y, grad_xa):
 lora_linear_op.register_autograd(_lora_setup_backward, setup_context=_lora_setup_context)
 
 
-class QuantizedLoRALinearFunction(torch.autograd.Function):
-    """The same forward/backward as ``fastpeft::lora_linear`` for a ``QuantizedWeight`` base (not a tensor)."""
+class LoRALinearFunction(torch.autograd.Function):
+    """The same forward/backward as ``fastpeft::lora_linear``, for eager mode and for a ``QuantizedWeight`` base."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, n, scaling, dropout_p, seeds, *adapter_tensors):
@@ -251,11 +261,17 @@ def lora_linear(
     seeds = draw_seeds(len(lora_A), ps, training)
     x2, weight, bias, (As, Bs, bs) = _autocast(x2, weight, bias, [list(lora_A), list(lora_B), list(lora_bias)])
     scaling = [float(s) for s in scaling]
-    if isinstance(weight, torch.Tensor):
+    if _base_needs_grad(weight, bias):
+        # The fused kernels treat the base as frozen (PEFT's set-up); a trainable base is differentiated by autograd
+        # through the reference instead of silently getting no gradient.
+        y = reference.lora_linear(x2, weight, bias, As, Bs, bs, scaling, ps, seeds.tolist())
+    elif isinstance(weight, torch.Tensor) and torch.compiler.is_compiling():
         biases = [b if b is not None else A.new_empty(0) for b, A in zip(bs, As)]
         y, _ = torch.ops.fastpeft.lora_linear(x2, weight, bias, As, Bs, biases, scaling, ps, seeds)
+    elif not torch.is_grad_enabled():
+        y, _ = _lora_forward(x2, weight, bias, As, Bs, bs, scaling, ps, seeds.tolist())
     else:
-        y = QuantizedLoRALinearFunction.apply(x2, weight, bias, len(As), scaling, ps, seeds.tolist(), *As, *Bs, *bs)
+        y = LoRALinearFunction.apply(x2, weight, bias, len(As), scaling, ps, seeds.tolist(), *As, *Bs, *bs)
     return y.view(*lead, y.shape[-1])
 
 
@@ -322,8 +338,8 @@ def _ia3_setup_backward(ctx, grad_y):
 ia3_linear_op.register_autograd(_ia3_setup_backward, setup_context=_ia3_setup_context)
 
 
-class QuantizedIA3LinearFunction(torch.autograd.Function):
-    """``fastpeft::ia3_linear`` for a ``QuantizedWeight`` base."""
+class IA3LinearFunction(torch.autograd.Function):
+    """``fastpeft::ia3_linear`` for eager mode and for a ``QuantizedWeight`` base."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, is_feedforward):
@@ -356,8 +372,12 @@ def ia3_linear(
     for vector in ia3_vectors[1:]:
         scale = scale * vector.flatten()
     x2, weight, bias, _ = _autocast(x2, weight, bias, [])
-    if isinstance(weight, torch.Tensor):
+    if _base_needs_grad(weight, bias):
+        y = reference.ia3_linear(x2, weight, bias, [scale], is_feedforward)
+    elif isinstance(weight, torch.Tensor) and torch.compiler.is_compiling():
         y = torch.ops.fastpeft.ia3_linear(x2, weight, bias, scale, is_feedforward)
+    elif not torch.is_grad_enabled():
+        y = _ia3_forward(x2, weight, bias, scale, is_feedforward)
     else:
-        y = QuantizedIA3LinearFunction.apply(x2, weight, bias, scale, is_feedforward)
+        y = IA3LinearFunction.apply(x2, weight, bias, scale, is_feedforward)
     return y.view(*lead, y.shape[-1])

@@ -510,3 +510,14 @@ def test_ia3_ops_pass_opcheck(feedforward):
     torch.library.opcheck(torch.ops.fastpeft.ia3_linear.default, (x, W, b, scale, feedforward))
     torch.library.opcheck(torch.ops.fastpeft.ia3_linear_backward.default,
                           (torch.randn(M, N), x.detach(), W, b, scale.detach(), feedforward, True))
+
+
+def test_trainable_base_gets_the_same_gradients_as_peft():
+    """A user may unfreeze a base layer; its weight and bias must then get PEFT's gradients, not none."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], init_lora_weights=False)
+    reference, fused = twins(MLP, config)
+    for model in (reference, fused):
+        for name, param in model.named_parameters():
+            if "blocks.0.up.base_layer" in name:
+                param.requires_grad_(True)
+    compare_forward_backward(reference, fused, lambda: torch.randn(5, 23), label="trainable base")

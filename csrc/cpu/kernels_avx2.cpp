@@ -1,8 +1,11 @@
 // The avx2 build of kernels_impl.h; chosen at run time by ops.cpp from cpuid.
+#include <cstdint>
+
+#include "kernels.h"
+
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 
-#include <cstdint>
-#include "kernels.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
@@ -18,3 +21,11 @@ const KernelTable& kernels_avx2() {
   return table;
 }
 }  // namespace fastpeft
+
+#else  // not x86: this code path does not exist; the generic one serves
+
+namespace fastpeft {
+const KernelTable& kernels_avx2() { return kernels_generic(); }
+}  // namespace fastpeft
+
+#endif

@@ -1,7 +1,8 @@
 // The generic build of kernels_impl.h; chosen at run time by ops.cpp from cpuid.
-#include <immintrin.h>
-
 #include <cstdint>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>  // SSE2 (x86-64 baseline) for the Philox multiply
+#endif
 #include "kernels.h"
 
 #define FASTPEFT_NS isa_generic

@@ -107,7 +107,7 @@ inline void mulhilo(uint32_t k, vu c, vu& hi, vu& lo) {
   const __m256i pe = _mm256_mul_epu32(a, kv), po = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), kv);
   hi = (vu)_mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
   lo = (vu)_mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
-#elif FASTPEFT_VW == 4
+#elif FASTPEFT_VW == 4 && (defined(__x86_64__) || defined(__i386__))
   const __m128i kv = _mm_set1_epi32(int(k));
   const __m128i a = (__m128i)c;
   const __m128i pe = _mm_mul_epu32(a, kv), po = _mm_mul_epu32(_mm_srli_epi64(a, 32), kv);

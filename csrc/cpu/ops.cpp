@@ -6,7 +6,12 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
+#define FASTPEFT_X86 1
+#else
+#define FASTPEFT_X86 0
+#endif
 
 #include <atomic>
 #include <cstdlib>
@@ -20,13 +25,21 @@ namespace fastpeft {
 namespace {
 
 bool cpu_has_avx512() {
+#if !FASTPEFT_X86
+  return false;
+#else
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#endif
 }
 bool cpu_has_avx2() {
+#if !FASTPEFT_X86
+  return false;
+#else
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#endif
 }
 
 // The widest code path this CPU runs, unless FASTPEFT_CPU_ISA (generic, avx2, avx512) asks for a narrower one.
@@ -54,6 +67,10 @@ const KernelTable& K() {
 // torch's low-precision GEMMs fall back to slow paths (measured on an AVX2 EPYC: bf16 x @ W^T 7.5x slower than
 // the fp32 GEMM, dY @ W 300x slower), so cpu.py then runs the base GEMMs in fp32.
 bool native_lowp_gemm(const std::string& dtype) {
+#if !FASTPEFT_X86
+  (void)dtype;
+  return false;
+#else
   if (!cpu_has_avx512()) return false;
   unsigned a, b, c, d;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
@@ -63,6 +80,7 @@ bool native_lowp_gemm(const std::string& dtype) {
   if (dtype == "bf16") return (eax1 & (1u << 5)) || (edx0 & (1u << 22));   // AVX512_BF16, AMX_BF16
   if (dtype == "fp16") return (edx0 & (1u << 23)) || (eax1 & (1u << 21));  // AVX512_FP16, AMX_FP16
   return true;
+#endif
 }
 
 std::vector<std::string> supported_isas() {

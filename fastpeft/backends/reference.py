@@ -50,7 +50,10 @@ class ReferenceBackend(Backend):
         grad_x = None
         if needs_grad_x:
             grad_x = (grad_y @ dense_weight(weight).to(grad_y.dtype)).float()
+        xi = x
         for A, B, h, s, p, seed in zip(lora_A, lora_B, xa, scaling, dropout_p, seeds):
+            if xi is not None:
+                xi = xi.to(A.dtype)  # the forward's cumulative cast (PEFT's _cast_input_dtype), not x.to directly
             dy = grad_y.to(B.dtype)
             grad_B.append((dy.t() @ h) * s)
             grad_bias.append(dy.sum(0) * s)
@@ -60,7 +63,7 @@ class ReferenceBackend(Backend):
                 keep = dropout_keep_mask(seed, g.shape[0], A.shape[1], p, device=g.device)
                 keep_scale = keep.to(A.dtype) / (1.0 - p)
             if needs_grad_A:
-                dropped = x.to(A.dtype) if keep_scale is None else x.to(A.dtype) * keep_scale
+                dropped = xi if keep_scale is None else xi * keep_scale
                 grad_A.append(g.t() @ dropped)
             else:
                 grad_A.append(None)

@@ -223,7 +223,17 @@ def measure_all(archs=(80, 90), workers: int | None = None) -> list[Result]:
     if workers <= 1:
         values = [_measure_one(k) for k in keys]
     else:
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            values = list(pool.map(_measure_one, keys))
+        # Spawned workers inherit os.environ; a test session may have set TRITON_INTERPRET=1 for interpreter tests,
+        # and the workers must import Triton in compile mode.
+        saved = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "0"
+        try:
+            ctx = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                values = list(pool.map(_measure_one, keys))
+        finally:
+            if saved is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = saved
     return [Result(_specs_cached(arch)[i], *v) for (arch, i), v in zip(keys, values)]

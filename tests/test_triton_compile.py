@@ -26,7 +26,12 @@ def _id(s):
 def _compiled(spec):
     """All variants are compiled on first use, two processes at a time (each compile is single-threaded)."""
     if not _RESULTS:
-        _RESULTS.update({_id(r.spec): r for r in cc.measure_all((80, 90), workers=2)})
+        try:
+            _RESULTS.update({_id(r.spec): r for r in cc.measure_all((80, 90), workers=2)})
+        except Exception as exc:  # fail every case at once instead of recompiling the whole list per case
+            _RESULTS["error"] = exc
+    if "error" in _RESULTS:
+        raise RuntimeError(f"compiling the kernel variants failed: {_RESULTS['error']!r}")
     return _RESULTS[_id(spec)]
 
 

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton decides at import whether @jit functions (its own tl.zeros, tl.cdiv and tl.rand included) run in the
+# interpreter, and peft/bitsandbytes import it early. So the whole session picks the mode here, before anything
+# imports Triton: the interpreter when there is no CUDA device. Ahead-of-time compile tests start their own
+# processes in compile mode.
+if not torch.cuda.is_available():
+    assert "triton" not in sys.modules, "conftest must run before triton is imported"
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -258,20 +258,22 @@ def lora_linear(
     """
     x2, lead = _flatten(x)
     ps = [float(p) if training else 0.0 for p in dropout_p]
-    seeds = draw_seeds(len(lora_A), ps, training)
     x2, weight, bias, (As, Bs, bs) = _autocast(x2, weight, bias, [list(lora_A), list(lora_B), list(lora_bias)])
     scaling = [float(s) for s in scaling]
+    if isinstance(weight, torch.Tensor) and torch.compiler.is_compiling():
+        seeds = draw_seeds(len(As), ps, training)  # a tensor, so the compiled graph draws it too
+        biases = [b if b is not None else A.new_empty(0) for b, A in zip(bs, As)]
+        y, _ = torch.ops.fastpeft.lora_linear(x2, weight, bias, As, Bs, biases, scaling, ps, seeds)
+        return y.view(*lead, y.shape[-1])
+    seeds = draw_seeds(len(As), ps, training).tolist() if any(ps) else [0] * len(As)
     if _base_needs_grad(weight, bias):
         # The fused kernels treat the base as frozen (PEFT's set-up); a trainable base is differentiated by autograd
         # through the reference instead of silently getting no gradient.
-        y = reference.lora_linear(x2, weight, bias, As, Bs, bs, scaling, ps, seeds.tolist())
-    elif isinstance(weight, torch.Tensor) and torch.compiler.is_compiling():
-        biases = [b if b is not None else A.new_empty(0) for b, A in zip(bs, As)]
-        y, _ = torch.ops.fastpeft.lora_linear(x2, weight, bias, As, Bs, biases, scaling, ps, seeds)
+        y = reference.lora_linear(x2, weight, bias, As, Bs, bs, scaling, ps, seeds)
     elif not torch.is_grad_enabled():
-        y, _ = _lora_forward(x2, weight, bias, As, Bs, bs, scaling, ps, seeds.tolist())
+        y, _ = _lora_forward(x2, weight, bias, As, Bs, bs, scaling, ps, seeds)
     else:
-        y = LoRALinearFunction.apply(x2, weight, bias, len(As), scaling, ps, seeds.tolist(), *As, *Bs, *bs)
+        y = LoRALinearFunction.apply(x2, weight, bias, len(As), scaling, ps, seeds, *As, *Bs, *bs)
     return y.view(*lead, y.shape[-1])
 
 

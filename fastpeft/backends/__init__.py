@@ -21,6 +21,9 @@ _MODULES = {"cpu": ".cpu", "triton": ".triton", "cuda": ".cuda"}
 _instances: dict[str, Backend] = {"reference": ReferenceBackend()}
 _load_errors: dict[str, str] = {}
 _forced: Optional[str] = None
+# Availability does not change within a process, except Triton's, which depends on TRITON_INTERPRET: cached per
+# (name, that variable), because get_backend asks on every call.
+_availability_cache: dict[tuple[str, Optional[str]], tuple[bool, str]] = {}
 _warned_fallback: set[tuple[str, str]] = set()
 
 
@@ -43,6 +46,13 @@ def availability(name: str) -> tuple[bool, str]:
     """``(available, reason)`` for one backend name."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"fastpeft: unknown backend {name!r}; choose one of {('auto',) + BACKEND_NAMES}")
+    key = (name, os.environ.get("TRITON_INTERPRET"))
+    if key not in _availability_cache:
+        _availability_cache[key] = _check_availability(name)
+    return _availability_cache[key]
+
+
+def _check_availability(name: str) -> tuple[bool, str]:
     backend = _instance(name)
     if backend is None:
         return False, f"could not be loaded ({_load_errors[name]})"

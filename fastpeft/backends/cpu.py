@@ -121,6 +121,9 @@ class CpuBackend(Backend):
             y = torch.nn.functional.linear(x, W.to(x.dtype), None if bias is None else bias.to(x.dtype))
         if not lora_A:
             return (y.to(x.dtype) if wide else y), []
+        if y.dtype == torch.float32 and all(A.dtype == B.dtype == torch.float32 for A, B in zip(lora_A, lora_B)):
+            xa = self._fp32_update(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
+            return (y.to(x.dtype) if wide else y), xa
         xa_out, xs_cols, bt_rows = [], [], []
         bias_sum = None
         xi = x
@@ -140,9 +143,48 @@ class CpuBackend(Backend):
         _C.lora_epilogue_(y, xs, bt, None if bias_sum is None else bias_sum.contiguous())
         return (y.to(x.dtype) if wide else y), xa_out
 
+    @staticmethod
+    def _fp32_update(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
+        """fp32 output and fp32 adapters: ``y += s (xa B^T + b)`` in place by BLAS, which reads ``B`` transposed
+        where it lies (no per-call copy of ``B^T``, which cost as much as the whole update at decode sizes)."""
+        xa_out = []
+        xi = x
+        for A, B, b, s, p, seed in zip(lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
+            xi = xi.to(A.dtype)
+            xa32 = _C.lora_xa(_rows(xi), A.detach().contiguous(), float(p), int(seed))
+            xa_out.append(xa32)
+            y.addmm_(xa32, B.detach().t(), alpha=float(s))
+            if b is not None:
+                y.add_(b.detach(), alpha=float(s))
+        return xa_out
+
+    # Below this many rows the one-pass dY kernel saves nothing, and the per-call copies it needs (B^T, the
+    # concatenated xa and scales) cost more than BLAS reading the small operands where they lie.
+    SMALL_M = 16
+
+    def _small_fp32_backward(self, dy, x, W, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x,
+                             needs_grad_A):
+        """fp32 ``dY`` and adapters, M <= SMALL_M: rank-r products by BLAS, the masked ``dX``/``dA`` pass in C++."""
+        acc = torch.mm(dy, W) if needs_grad_x else None
+        colsum = dy.sum(0)
+        grad_A, grad_B, grad_bias = [], [], []
+        for A, B, h, s, p, seed in zip(lora_A, lora_B, xa, scaling, dropout_p, seeds):
+            g = torch.mm(dy, B.detach()).mul_(float(s))
+            grad_B.append(torch.mm(dy.t(), h.detach()).mul_(float(s)))
+            grad_bias.append(colsum * float(s))
+            xi = _rows(x) if needs_grad_A else None
+            dA = _C.lora_dx_pass(acc, xi, A.detach().contiguous(), g, float(p), int(seed))
+            grad_A.append(dA if needs_grad_A else None)
+        return acc, grad_A, grad_B, grad_bias
+
     def lora_backward(
         self, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A
     ):
+        W = dense_weight(weight)
+        if (grad_y.shape[0] <= self.SMALL_M and grad_y.dtype == W.dtype == torch.float32
+                and all(A.dtype == B.dtype == torch.float32 for A, B in zip(lora_A, lora_B))):
+            return self._small_fp32_backward(_rows(grad_y), x, W, lora_A, lora_B, xa, scaling, dropout_p, seeds,
+                                             needs_grad_x, needs_grad_A)
         dy = _rows(grad_y)
         ranks = [A.shape[0] for A in lora_A]
         bt = torch.cat([B.detach().t().to(torch.float32) for B in lora_B], 0).contiguous()

@@ -20,7 +20,7 @@ import fastpeft
 from fastpeft import functional, reference
 from fastpeft.functional import draw_seeds
 from conftest import assert_close, assert_within_2x
-from models import MLP
+from model_helpers import MLP
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROPERTY = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])

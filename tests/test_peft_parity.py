@@ -19,7 +19,7 @@ import fastpeft
 from fastpeft.layers import FusedIA3Linear, FusedLoraLinear
 
 from conftest import assert_close, assert_within_2x, rel_err
-from models import FAMILIES, MLP, Conv1DMLP, run_transformer, tiny_transformer
+from model_helpers import FAMILIES, MLP, Conv1DMLP, run_transformer, tiny_transformer
 
 FP32_TOL = 1e-5
 

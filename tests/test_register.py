@@ -14,7 +14,7 @@ from peft.tuners.lora.layer import LoraLayer
 import fastpeft
 from fastpeft.layers import FusedLoraLinear
 from conftest import assert_close
-from models import Conv1DMLP, MLP
+from model_helpers import Conv1DMLP, MLP
 
 
 def _outputs_and_grads(model, x):

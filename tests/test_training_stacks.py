@@ -15,7 +15,7 @@ import fastpeft
 import fastpeft.functional as functional
 from fastpeft.layers import FusedLoraLinear
 from conftest import assert_close, assert_within_2x
-from models import MLP
+from model_helpers import MLP
 
 VOCAB = 97
 

@@ -163,6 +163,11 @@ def _(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_gr
     return dx, dA, dB, db
 
 
+def _split3(flat, n: int) -> tuple[list, list, list]:
+    """``(A..., B..., third...)`` flattened for autograd, back to three per-adapter lists."""
+    return list(flat[:n]), list(flat[n : 2 * n]), list(flat[2 * n :])
+
+
 def _lora_setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds = inputs
     _, xa = output
@@ -178,8 +183,7 @@ def _lora_setup_context(ctx, inputs, output):
 def _lora_setup_backward(ctx, grad_y, grad_xa):
     saved = ctx.saved_tensors
     x, weight, seeds = saved[:3]
-    n = ctx.n
-    lora_A, lora_B, xa = list(saved[3 : 3 + n]), list(saved[3 + n : 3 + 2 * n]), list(saved[3 + 2 * n :])
+    lora_A, lora_B, xa = _split3(saved[3:], ctx.n)
     needs_grad_x = ctx.needs_input_grad[0]
     dx, dA, dB, db = lora_linear_backward_op(
         grad_y, x if x is not None else grad_y.new_empty(0), weight, lora_A, lora_B, xa, ctx.scaling,
@@ -198,9 +202,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, n, scaling, dropout_p, seeds, *adapter_tensors):
-        lora_A = list(adapter_tensors[:n])
-        lora_B = list(adapter_tensors[n : 2 * n])
-        lora_bias = list(adapter_tensors[2 * n :])
+        lora_A, lora_B, lora_bias = _split3(adapter_tensors, n)
         y, xa = _lora_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
         ctx.weight, ctx.n, ctx.scaling, ctx.dropout_p, ctx.seeds = weight, n, scaling, dropout_p, seeds
         ctx.needs_grad_A = any(A.requires_grad for A in lora_A)
@@ -210,9 +212,8 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        saved = ctx.saved_tensors
-        n = ctx.n
-        x, lora_A, lora_B, xa = saved[0], list(saved[1 : 1 + n]), list(saved[1 + n : 1 + 2 * n]), list(saved[1 + 2 * n :])
+        x, *adapters = ctx.saved_tensors
+        lora_A, lora_B, xa = _split3(adapters, ctx.n)
         needs_grad_x = ctx.needs_input_grad[0]
         dx, dA, dB, db = _lora_backward(
             grad_y, x, ctx.weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, ctx.seeds, needs_grad_x,

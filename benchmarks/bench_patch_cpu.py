@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
-
 import torch
 from torch import nn
+
+from side_by_side import interleaved_medians
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -69,16 +68,7 @@ def main(argv=None):
             for M in args.M:
                 x = torch.randn(M, args.K, dtype=DTYPES[dtype_name], requires_grad=True)
                 for mode in args.modes:
-                    times = {name: [] for name in models}
-                    for _ in range(2):  # warm-up
-                        for model in models.values():
-                            step(model, x, mode)
-                    for _ in range(args.rounds):
-                        for name, model in models.items():
-                            start = time.perf_counter()
-                            step(model, x, mode)
-                            times[name].append(time.perf_counter() - start)
-                    med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+                    med = interleaved_medians(models, lambda model: step(model, x, mode), args.rounds)
                     print(f"| {dtype_name} | {p} | {mode} | {M} | {med['base']:.2f} | {med['peft']:.2f} | "
                           f"{med['fastpeft']:.2f} | {med['peft'] / med['base']:.3f} | "
                           f"{med['fastpeft'] / med['base']:.3f} | {med['peft'] / med['fastpeft']:.2f}x |", flush=True)

@@ -11,6 +11,29 @@ namespace fastpeft {
 
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
+// A quantized (N, K) base weight in bitsandbytes' canonical layout (see fastpeft/quant.py), described without a copy.
+// Dequantized value of element i = n*K + k (flattened row-major):
+//   4-bit: code[nibble(i)] * scale(i / blocksize), nibble(i) = high nibble of data[i/2] for even i, else low;
+//          scale(b) = absmax[b], or under double quantization nested_code[qabsmax[b]] * nested_absmax[b /
+//          nested_blocksize] + nested_offset (fp32, in that order, no fused multiply-add: bit-equal to bitsandbytes);
+//   int8:  (float(data[i]) * absmax[n]) * (1/127 as bitsandbytes' fp32 constant).
+// then rounded to round1 and then to round2 (dtype codes; kF32 = no rounding): the weight's own dtype, then the
+// activation dtype, as the reference's dequantize().to(x.dtype) does.
+struct QuantDesc {
+  int kind;  // 0: 4-bit code table, 1: int8 with row scales
+  int64_t N, K;
+  const uint8_t* data;           // 4-bit: ceil(N*K/2) packed bytes; int8: N*K bytes (int8 values)
+  const float* absmax;           // 4-bit, not nested: (nblocks,); int8: SCB (N,)
+  const uint8_t* qabsmax;        // 4-bit nested: (nblocks,) indices into nested_code, else null
+  const float* nested_absmax;    // (ceil(nblocks / nested_blocksize),)
+  const float* nested_code;      // (256,)
+  float nested_offset;
+  int64_t nested_blocksize;
+  int64_t blocksize;
+  float code[16];
+  int round1, round2;
+};
+
 struct KernelTable {
   const char* isa;  // "avx512", "avx2" or "generic"
 
@@ -41,6 +64,16 @@ struct KernelTable {
   void (*dx_rows)(int dt_x, const void* x, int64_t ldx, int dt_dx, void* dx, int64_t lddx, int64_t K, int64_t m0,
                   int64_t m1, const float* A, int64_t r, const float* g, int64_t ldg, float p, uint32_t seed,
                   float* dA_acc, float* buf);
+
+  // out[(n - n0) * ldo + k] = dequantized w[n, k] (fp32, rounded per q.round1/round2) for n in [n0, n1).
+  void (*dequant_rows)(const QuantDesc& q, int64_t n0, int64_t n1, float* out, int64_t ldo);
+
+  // The decoding GEMV, for n in [n0, n1) and every m < M (x: (M, K) fp32 contiguous):
+  //   y[m * ldy + n] = sum_k x[m, k] w[n, k] + bias[n] + sum_j xs[m, j] B[n, j]
+  // with w dequantized one row at a time into buf (K floats, stays in L1) and never stored elsewhere.
+  // bias: (N,) fp32 or null; xs: (M, R) fp32 (LoRA down-projection, already scaled) and B: (N, R) fp32, or null.
+  void (*qgemv_rows)(const QuantDesc& q, int64_t n0, int64_t n1, const float* x, int64_t M, float* y, int64_t ldy,
+                     const float* bias, const float* xs, const float* B, int64_t R, float* buf);
 };
 
 const KernelTable& kernels_generic();

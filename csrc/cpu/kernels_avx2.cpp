@@ -12,12 +12,14 @@
 #define FASTPEFT_NS isa_avx2
 #define FASTPEFT_VW 8
 #include "kernels_impl.h"
+#include "quant_impl.h"
 #pragma GCC pop_options
 
 namespace fastpeft {
 const KernelTable& kernels_avx2() {
   static const KernelTable table{"avx2", isa_avx2::dropout_scale, isa_avx2::xa_rows, isa_avx2::epilogue_rows,
-                                 isa_avx2::dy_rows, isa_avx2::dx_rows};
+                                 isa_avx2::dy_rows, isa_avx2::dx_rows,
+                                 isa_avx2::dequant_rows, isa_avx2::qgemv_rows};
   return table;
 }
 }  // namespace fastpeft

@@ -12,12 +12,14 @@
 #define FASTPEFT_NS isa_avx512
 #define FASTPEFT_VW 16
 #include "kernels_impl.h"
+#include "quant_impl.h"
 #pragma GCC pop_options
 
 namespace fastpeft {
 const KernelTable& kernels_avx512() {
   static const KernelTable table{"avx512", isa_avx512::dropout_scale, isa_avx512::xa_rows, isa_avx512::epilogue_rows,
-                                 isa_avx512::dy_rows, isa_avx512::dx_rows};
+                                 isa_avx512::dy_rows, isa_avx512::dx_rows,
+                                 isa_avx512::dequant_rows, isa_avx512::qgemv_rows};
   return table;
 }
 }  // namespace fastpeft

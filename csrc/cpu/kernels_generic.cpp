@@ -8,11 +8,13 @@
 #define FASTPEFT_NS isa_generic
 #define FASTPEFT_VW 4
 #include "kernels_impl.h"
+#include "quant_impl.h"
 
 namespace fastpeft {
 const KernelTable& kernels_generic() {
   static const KernelTable table{"generic", isa_generic::dropout_scale, isa_generic::xa_rows, isa_generic::epilogue_rows,
-                                 isa_generic::dy_rows, isa_generic::dx_rows};
+                                 isa_generic::dy_rows, isa_generic::dx_rows,
+                                 isa_generic::dequant_rows, isa_generic::qgemv_rows};
   return table;
 }
 }  // namespace fastpeft

@@ -300,6 +300,182 @@ at::Tensor lora_dx_pass(const c10::optional<at::Tensor>& dx, const c10::optional
   return dA;
 }
 
+// ------------------------------------------------------------------------------------ quantized base weights
+// Python (cpu.py, _quant_args) passes a quantized weight as one tuple:
+//   (kind, N, K, data, absmax, nested_absmax|None, nested_code|None, nested_offset, nested_blocksize, blocksize,
+//    code|None, round1, round2)
+// kind 0: 4-bit (data uint8 packed, absmax fp32 or uint8 under double quantization, code (16,) fp32);
+// kind 1: int8 (data int8 (N, K), absmax = SCB (N,) fp32). round1/round2: dtype codes the dequantized values are
+// rounded to, in order (see kernels.h). The tuple's tensors stay alive for the call.
+struct QuantArg {
+  QuantDesc d;
+  std::vector<at::Tensor> keep;
+};
+
+QuantArg parse_quant(const py::tuple& t) {
+  TORCH_CHECK(t.size() == 13, "fastpeft._C: quantized weight tuple needs 13 fields, got ", t.size());
+  QuantArg q{};
+  QuantDesc& d = q.d;
+  d.kind = t[0].cast<int>();
+  d.N = t[1].cast<int64_t>();
+  d.K = t[2].cast<int64_t>();
+  TORCH_CHECK(d.kind == 0 || d.kind == 1, "fastpeft._C: quantized weight kind must be 0 (4-bit) or 1 (int8)");
+  TORCH_CHECK(d.N > 0 && d.K > 0, "fastpeft._C: quantized weight shape must be positive, got ", d.N, "x", d.K);
+  auto tensor = [&](int i, const char* name) {
+    auto v = t[i].cast<at::Tensor>();
+    TORCH_CHECK(v.device().is_cpu() && v.is_contiguous(), "fastpeft._C: quantized ", name,
+                " must be a contiguous CPU tensor");
+    q.keep.push_back(v);
+    return v;
+  };
+  const at::Tensor data = tensor(3, "data"), absmax = tensor(4, "absmax");
+  d.data = static_cast<const uint8_t*>(data.data_ptr());
+  d.round1 = t[11].cast<int>();
+  d.round2 = t[12].cast<int>();
+  if (d.kind == 1) {
+    TORCH_CHECK(data.scalar_type() == at::kChar && data.numel() == d.N * d.K, "fastpeft._C: int8 weight data must "
+                "be int8 with N*K = ", d.N * d.K, " elements, got ", data.scalar_type(), " ", data.numel());
+    TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.numel() == d.N, "fastpeft._C: int8 row scales (SCB) "
+                "must be fp32 (N,) = (", d.N, ",), got ", absmax.scalar_type(), " ", absmax.numel());
+    d.absmax = absmax.data_ptr<float>();
+    return q;
+  }
+  d.blocksize = t[9].cast<int64_t>();
+  TORCH_CHECK(d.blocksize > 0 && d.blocksize % 2 == 0, "fastpeft._C: 4-bit blocksize must be even and positive, got ",
+              d.blocksize);
+  const int64_t nblocks = (d.N * d.K + d.blocksize - 1) / d.blocksize;
+  TORCH_CHECK(data.scalar_type() == at::kByte && data.numel() >= (d.N * d.K + 1) / 2, "fastpeft._C: 4-bit data "
+              "must be uint8 with ceil(N*K/2) = ", (d.N * d.K + 1) / 2, " bytes, got ", data.scalar_type(), " ",
+              data.numel());
+  TORCH_CHECK(absmax.numel() >= nblocks, "fastpeft._C: 4-bit absmax needs ", nblocks, " blocks, got ", absmax.numel());
+  const at::Tensor code = tensor(10, "code");
+  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16, "fastpeft._C: 4-bit code table must be fp32 (16,)");
+  std::memcpy(d.code, code.data_ptr<float>(), sizeof(d.code));
+  if (absmax.scalar_type() == at::kByte) {
+    TORCH_CHECK(!t[5].is_none() && !t[6].is_none(), "fastpeft._C: uint8 absmax needs the nested (double "
+                "quantization) tables");
+    const at::Tensor nested_absmax = tensor(5, "nested_absmax"), nested_code = tensor(6, "nested_code");
+    d.nested_blocksize = t[8].cast<int64_t>();
+    TORCH_CHECK(d.nested_blocksize > 0, "fastpeft._C: nested blocksize must be positive");
+    TORCH_CHECK(nested_absmax.scalar_type() == at::kFloat &&
+                    nested_absmax.numel() >= (nblocks + d.nested_blocksize - 1) / d.nested_blocksize,
+                "fastpeft._C: nested_absmax must be fp32 with ceil(nblocks / nested_blocksize) elements");
+    TORCH_CHECK(nested_code.scalar_type() == at::kFloat && nested_code.numel() == 256,
+                "fastpeft._C: nested_code must be fp32 (256,)");
+    d.qabsmax = absmax.data_ptr<uint8_t>();
+    d.nested_absmax = nested_absmax.data_ptr<float>();
+    d.nested_code = nested_code.data_ptr<float>();
+    d.nested_offset = float(t[7].cast<double>());
+  } else {
+    TORCH_CHECK(absmax.scalar_type() == at::kFloat, "fastpeft._C: 4-bit absmax must be fp32 or uint8 (nested), got ",
+                absmax.scalar_type());
+    d.absmax = absmax.data_ptr<float>();
+  }
+  return q;
+}
+
+void check_dense_f32(const at::Tensor& t, const char* name, int64_t cols) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 &&
+                  t.size(1) == cols,
+              "fastpeft._C: ", name, " must be contiguous fp32 (rows, ", cols, "), got ", t.scalar_type(), " ",
+              t.sizes());
+}
+
+// Rows of weight per dequantized tile: ~1 MB of fp32 (cache-resident between the decode and the GEMM that reads
+// it), at least 16. FASTPEFT_CPU_QTILE overrides (benchmarking aid).
+// An explicit `requested` > 0 wins (tests use it to cover several tiles and a partial last one).
+int64_t tile_rows(int64_t N, int64_t Kd, int64_t requested) {
+  static const int64_t forced = [] {
+    const char* v = std::getenv("FASTPEFT_CPU_QTILE");
+    return v ? std::atoll(v) : 0;
+  }();
+  if (requested <= 0) requested = forced;
+  int64_t rows = requested > 0 ? requested : std::max<int64_t>(16, (int64_t(1) << 18) / std::max<int64_t>(1, Kd));
+  return std::min(rows, N);
+}
+
+void dequant_tile(const QuantDesc& d, int64_t n0, int64_t n1, float* out) {
+  at::parallel_for(n0, n1, std::max<int64_t>(1, 16384 / d.K), [&](int64_t b, int64_t e) {
+    K().dequant_rows(d, b, e, out + (b - n0) * d.K, d.K);
+  });
+}
+
+// The dense (N, K) fp32 weight (rounded per round1/round2), in one parallel pass.
+at::Tensor quant_dequantize(const py::tuple& qt) {
+  const QuantArg q = parse_quant(qt);
+  auto out = at::empty({q.d.N, q.d.K}, at::kFloat);
+  dequant_tile(q.d, 0, q.d.N, out.data_ptr<float>());
+  return out;
+}
+
+// y = x w^T + bias + xs B^T in fp32 (M, N); x (M, K) fp32 contiguous; bias (N,), xs (M, R), B (N, R) fp32 or None.
+// tile: rows per dequantized tile (0: ~1 MB of fp32, see tile_rows).
+// M <= gemv_rows: the decoding GEMV (each weight row decoded once, in L1, LoRA term added in the same pass).
+// Larger M: per tile of rows, decode into a cache-resident buffer, then torch's GEMM into the tile's columns of y,
+// then the tile's LoRA term (a rank-R addmm while the tile is hot). The dense weight never exists whole.
+at::Tensor quant_linear(const at::Tensor& x, const py::tuple& qt, const c10::optional<at::Tensor>& bias,
+                        const c10::optional<at::Tensor>& xs, const c10::optional<at::Tensor>& B, int64_t gemv_rows,
+                        int64_t tile_request) {
+  const QuantArg q = parse_quant(qt);
+  const QuantDesc& d = q.d;
+  check_dense_f32(x, "x", d.K);
+  const int64_t M = x.size(0), N = d.N;
+  TORCH_CHECK(xs.has_value() == B.has_value(), "fastpeft._C: quant_linear needs both xs and B, or neither");
+  int64_t R = 0;
+  if (xs.has_value()) {
+    R = xs->size(1);
+    check_f32(*xs, "xs", {M, R});
+    check_f32(*B, "B", {N, R});
+  }
+  if (bias.has_value()) check_f32(*bias, "bias", {N});
+  auto y = at::empty({M, N}, at::kFloat);
+  if (M == 0) return y;
+  if (M <= gemv_rows) {
+    const float* xp = x.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+    const float* xsp = R ? xs->data_ptr<float>() : nullptr;
+    const float* Bp = R ? B->data_ptr<float>() : nullptr;
+    at::parallel_for(0, N, std::max<int64_t>(1, 32768 / d.K), [&](int64_t b, int64_t e) {
+      std::vector<float> buf(d.K + 64);
+      K().qgemv_rows(d, b, e, xp, M, yp, N, bp, xsp, Bp, R, buf.data());
+    });
+    return y;
+  }
+  const int64_t tn = tile_rows(N, d.K, tile_request);
+  auto tile = at::empty({tn, d.K}, at::kFloat);
+  for (int64_t n0 = 0; n0 < N; n0 += tn) {
+    const int64_t nb = std::min(tn, N - n0);
+    dequant_tile(d, n0, n0 + nb, tile.data_ptr<float>());
+    auto w = tile.narrow(0, 0, nb);
+    auto yt = y.narrow(1, n0, nb);
+    if (bias.has_value())
+      at::addmm_out(yt, bias->narrow(0, n0, nb), x, w.t());
+    else
+      at::mm_out(yt, x, w.t());
+    if (R) yt.addmm_(*xs, B->narrow(0, n0, nb).t());
+  }
+  return y;
+}
+
+// dX = dY w in fp32 (M, K); dy (M, N) fp32 contiguous. Tile by tile: dX += dY[:, tile] w[tile].
+at::Tensor quant_grad_x(const at::Tensor& dy, const py::tuple& qt, int64_t tile_request) {
+  const QuantArg q = parse_quant(qt);
+  const QuantDesc& d = q.d;
+  check_dense_f32(dy, "grad_y", d.N);
+  const int64_t M = dy.size(0), N = d.N;
+  auto dx = at::zeros({M, d.K}, at::kFloat);
+  if (M == 0) return dx;
+  const int64_t tn = tile_rows(N, d.K, tile_request);
+  auto tile = at::empty({tn, d.K}, at::kFloat);
+  for (int64_t n0 = 0; n0 < N; n0 += tn) {
+    const int64_t nb = std::min(tn, N - n0);
+    dequant_tile(d, n0, n0 + nb, tile.data_ptr<float>());
+    dx.addmm_(dy.narrow(1, n0, nb), tile.narrow(0, 0, nb), n0 == 0 ? 0.0 : 1.0);
+  }
+  return dx;
+}
+
 std::string isa() { return K().isa; }
 
 }  // namespace
@@ -317,5 +493,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_xa", &fastpeft::lora_xa, "(x, A32, p, seed) -> drop(x) A^T in fp32");
   m.def("lora_epilogue_", &fastpeft::lora_epilogue_, "(y, xs32, Bt32, bias32|None): y += xs Bt + bias in place");
   m.def("lora_dy_pass", &fastpeft::lora_dy_pass, "(dy, Bt32, xa32, svec, need_dB, need_colsum) -> [g, dB (N, R) scaled, colsum]");
+  m.def("quant_dequantize", &fastpeft::quant_dequantize, "(qweight) -> dense (N, K) fp32");
+  m.def("quant_linear", &fastpeft::quant_linear, "(x32, qweight, bias32|None, xs32|None, B32|None, gemv_rows, tile_rows|0) -> "
+        "x w^T + bias + xs B^T (M, N) fp32");
+  m.def("quant_grad_x", &fastpeft::quant_grad_x, "(dy32, qweight, tile_rows|0) -> dy w (M, K) fp32");
   m.def("lora_dx_pass", &fastpeft::lora_dx_pass, "(dx|None, x|None, A32, g32, p, seed) -> dA32 (dx updated in place)");
 }

@@ -17,6 +17,14 @@ Backward (``g_i = s_i dY B_i``)::
     dX  = dY W                                           (torch)
     dX += (g_i A_i) * mask_i / (1 - p_i);  dA_i = g_i^T drop_i(x)   (_C.lora_dx_pass: one pass over x and dX)
 
+Quantized bases (``fastpeft.quant.QuantizedWeight``: bitsandbytes NF4/FP4 with or without double quantization,
+int8) never exist as a whole dense matrix: ``_C.quant_linear`` decodes ~1 MB tiles of weight rows into a
+cache-resident fp32 buffer and hands each to torch's GEMM (the tile's LoRA term added while it is hot), or, for
+M <= 16, runs a decoding GEMV that dequantizes one row into L1 and dots it with every activation row, the LoRA
+up-projection and biases added in the same pass. ``dX = dY W`` goes tile by tile the same way (``_C.quant_grad_x``).
+Decoded values are bit-equal to bitsandbytes' dequantization, rounded to the weight's dtype and then ``x``'s,
+as the reference does.
+
 Adapter matrices are converted to contiguous fp32 (they are ``r x K``: tiny); activations stay in their dtype and
 are widened in registers. All accumulation is fp32.
 
@@ -38,7 +46,8 @@ import os
 import torch
 
 from .base import Backend
-from .reference import ReferenceBackend, dense_weight
+from ..quant import QuantizedWeight
+from .reference import ReferenceBackend
 
 try:
     from .. import _C  # type: ignore[attr-defined]
@@ -78,6 +87,25 @@ def _fp32_gemm(dtype: torch.dtype, rows: int, backward: bool) -> bool:
     return mode == "fp32" or backward or rows >= _FP32_ROUTE_MIN_M
 
 
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/cpu/kernels.h: DType
+
+
+def _quant_args(weight: QuantizedWeight, dtype: torch.dtype) -> tuple:
+    """The tuple ``_C.quant_*`` take for ``weight`` (csrc/cpu/ops.cpp: parse_quant), dequantizing to
+    ``weight.dtype`` and then ``dtype`` as the reference's ``dequantize().to(dtype)`` does. No tensor is copied
+    (bitsandbytes' storage is contiguous)."""
+    N, K = weight.shape
+    if weight.kind == "int8":
+        return (1, N, K, weight.data.contiguous(), weight.absmax.float().contiguous(), None, None, 0.0, 0, 0, None,
+                0, _DTYPE_CODES[dtype])
+    nested = weight.nested
+    return (0, N, K, weight.data.reshape(-1).contiguous(), weight.absmax.contiguous(),
+            weight.nested_absmax.float().contiguous() if nested else None,
+            weight.nested_code.float().contiguous() if nested else None,
+            float(weight.nested_offset), int(weight.nested_blocksize), int(weight.blocksize),
+            weight.code.float().contiguous(), _DTYPE_CODES[weight.dtype], _DTYPE_CODES[dtype])
+
+
 def _lossless(src: torch.dtype, dst: torch.dtype) -> bool:
     """Whether casting ``src`` to ``dst`` is exact, so the kernels may widen ``src`` in registers instead."""
     return src == dst or dst == torch.float32
@@ -106,12 +134,14 @@ class CpuBackend(Backend):
             return False
         if isinstance(weight, torch.Tensor):
             return weight.device.type == "cpu" and weight.layout == torch.strided and weight.dtype in _FLOATS
-        # A QuantizedWeight: served by dequantizing, then the dense path (fused dequantization is not written yet).
+        # A QuantizedWeight (fastpeft.quant): dequantized inside the products by _C.quant_*.
         return getattr(weight, "device", None) is not None and weight.device.type == "cpu"
 
     # ----------------------------------------------------------------------------------------------------- LoRA
     def lora_forward(self, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
-        W = dense_weight(weight)
+        if isinstance(weight, QuantizedWeight):
+            return self._quant_lora_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
+        W = weight
         wide = _fp32_gemm(x.dtype, x.shape[0], backward=False)
         if wide:
             # bias rounded to x's dtype first, as the reference adds it in that dtype
@@ -124,7 +154,18 @@ class CpuBackend(Backend):
         if y.dtype == torch.float32 and all(A.dtype == B.dtype == torch.float32 for A, B in zip(lora_A, lora_B)):
             xa = self._fp32_update(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
             return (y.to(x.dtype) if wide else y), xa
-        xa_out, xs_cols, bt_rows = [], [], []
+        xa_out, xs, B32, bias_sum = self._down_projections(x, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
+        bt = torch.cat([B.t() for B in B32], 0).contiguous()
+        y = _rows(y)
+        _C.lora_epilogue_(y, xs, bt, None if bias_sum is None else bias_sum.contiguous())
+        return (y.to(x.dtype) if wide else y), xa_out
+
+    @staticmethod
+    def _down_projections(x, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
+        """Every adapter's ``xa_i = drop_i(x_i) A_i^T`` (in ``A_i``'s dtype, returned for backward) and what the
+        output needs from them: ``xs`` = the scaled ``xa_i`` side by side (M, R) fp32, the ``B_i`` as fp32
+        ``(N, r_i)`` and ``sum_i s_i b_i`` (fp32, or None)."""
+        xa_out, xs_cols, B32 = [], [], []
         bias_sum = None
         xi = x
         for A, B, b, s, p, seed in zip(lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
@@ -133,15 +174,33 @@ class CpuBackend(Backend):
             xa32 = _C.lora_xa(_rows(xi), _f32(A), float(p), int(seed))
             xa_out.append(xa32 if A.dtype == torch.float32 else xa32.to(A.dtype))
             xs_cols.append(xa32 * float(s) if s != 1 else xa32)
-            bt_rows.append(B.detach().t().to(torch.float32))
+            B32.append(B.detach().to(torch.float32))
             if b is not None:
                 term = b.detach().to(torch.float32) * float(s)
                 bias_sum = term if bias_sum is None else bias_sum + term
         xs = xs_cols[0].contiguous() if len(xs_cols) == 1 else torch.cat(xs_cols, 1)
-        bt = torch.cat(bt_rows, 0).contiguous()
-        y = _rows(y)
-        _C.lora_epilogue_(y, xs, bt, None if bias_sum is None else bias_sum.contiguous())
-        return (y.to(x.dtype) if wide else y), xa_out
+        return xa_out, xs, B32, bias_sum
+
+    # Rows up to which a quantized forward runs the decoding GEMV rather than dequantized tiles + GEMM (issue 5:
+    # decoding batches; measured at 2048x2048 nf4, 2 threads: M=16 GEMV 2.9 ms, tiles 3.5 ms).
+    QUANT_GEMV_MAX_M = 16
+
+    def _quant_lora_forward(self, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
+        """A bitsandbytes base: the dequantization runs inside ``_C.quant_linear`` (GEMV for decoding, else
+        cache-sized tiles feeding the GEMM), with the adapters' up-projection and biases added in the same call.
+        fp32 throughout, rounded once to ``x``'s dtype."""
+        total_bias = None if bias is None else bias.detach().to(x.dtype).float()  # the reference adds it in x's dtype
+        xs = B = None
+        xa_out = []
+        if lora_A:
+            xa_out, xs, B32, bias_sum = self._down_projections(x, lora_A, lora_B, lora_bias, scaling, dropout_p,
+                                                               seeds)
+            B = (B32[0] if len(B32) == 1 else torch.cat(B32, 1)).contiguous()
+            if bias_sum is not None:
+                total_bias = bias_sum if total_bias is None else total_bias + bias_sum
+        y = _C.quant_linear(x.float().contiguous(), _quant_args(weight, x.dtype),
+                            None if total_bias is None else total_bias.contiguous(), xs, B, self.QUANT_GEMV_MAX_M, 0)
+        return y.to(x.dtype), xa_out
 
     @staticmethod
     def _fp32_update(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
@@ -180,10 +239,10 @@ class CpuBackend(Backend):
     def lora_backward(
         self, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A
     ):
-        W = dense_weight(weight)
-        if (grad_y.shape[0] <= self.SMALL_M and grad_y.dtype == W.dtype == torch.float32
+        quantized = isinstance(weight, QuantizedWeight)
+        if (not quantized and grad_y.shape[0] <= self.SMALL_M and grad_y.dtype == weight.dtype == torch.float32
                 and all(A.dtype == B.dtype == torch.float32 for A, B in zip(lora_A, lora_B))):
-            return self._small_fp32_backward(_rows(grad_y), x, W, lora_A, lora_B, xa, scaling, dropout_p, seeds,
+            return self._small_fp32_backward(_rows(grad_y), x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds,
                                              needs_grad_x, needs_grad_A)
         dy = _rows(grad_y)
         ranks = [A.shape[0] for A in lora_A]
@@ -195,8 +254,11 @@ class CpuBackend(Backend):
         grad_x = None
         acc = None
         if needs_grad_x:
-            W = dense_weight(weight)
-            if _fp32_gemm(dy.dtype, dy.shape[0], backward=True):
+            W = weight
+            if quantized:  # dequantized tile by tile inside the product, never whole
+                acc = _C.quant_grad_x(dy.float().contiguous(), _quant_args(weight, dy.dtype), 0)
+                grad_x = torch.empty(0, dtype=dy.dtype)  # only its dtype is used below
+            elif _fp32_gemm(dy.dtype, dy.shape[0], backward=True):
                 acc = torch.mm(dy.float(), W.float())
                 grad_x = torch.empty(0, dtype=dy.dtype)  # only its dtype is used below
             else:
@@ -223,14 +285,30 @@ class CpuBackend(Backend):
 
     # ------------------------------------------------------------------------------------------------------ IA3
     def ia3_forward(self, x, weight, bias, scale, is_feedforward):
+        if isinstance(weight, QuantizedWeight):
+            return self._quant_ia3_forward(x, weight, bias, scale, is_feedforward)
         if is_feedforward:
             return self._reference.ia3_forward(x, weight, bias, scale, is_feedforward)
-        z = torch.nn.functional.linear(x, dense_weight(weight).to(x.dtype), None if bias is None else bias.to(x.dtype))
+        z = torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
         # In place: torch computes z * scale in the promoted dtype and rounds into z, the reference's
         # (z * scale).to(z.dtype) without a second (M, N) tensor.
         return z.mul_(scale)
 
+    @staticmethod
+    def _quant_ia3_forward(x, weight, bias, scale, is_feedforward):
+        """IA3 over a bitsandbytes base: the reference's formulas with the product dequantizing in ``_C``."""
+        if is_feedforward:
+            x = (x.to(scale.dtype) * scale).to(x.dtype)
+        b32 = None if bias is None else bias.detach().to(x.dtype).float().contiguous()
+        y = _C.quant_linear(x.float().contiguous(), _quant_args(weight, x.dtype), b32, None, None,
+                            CpuBackend.QUANT_GEMV_MAX_M, 0).to(x.dtype)
+        return y if is_feedforward else y.mul_(scale)
+
     def ia3_backward(self, grad_y, x, weight, bias, scale, is_feedforward, needs_grad_x):
+        if isinstance(weight, QuantizedWeight):
+            # A transient dense weight from the C++ decoder (~1 ms at 2048x2048 on 2 threads; torch's own
+            # dequantization took 30x that); never saved.
+            weight = _C.quant_dequantize(_quant_args(weight, weight.dtype)).to(weight.dtype)
         return self._reference.ia3_backward(grad_y, x, weight, bias, scale, is_feedforward, needs_grad_x)
 
 

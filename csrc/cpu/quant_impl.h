@@ -1,0 +1,186 @@
+// Dequantization kernels (bitsandbytes NF4/FP4 with optional double quantization, and int8 with row scales),
+// compiled three times like kernels_impl.h and included right after it (it uses its vector types and helpers).
+//
+// Both kernels work one weight row at a time: a row is decoded into a K-float buffer that stays in L1, then either
+// copied out (dequant_rows: the tiles the GEMM in ops.cpp consumes) or dotted with up to 16 activation rows
+// (qgemv_rows: decoding, where the weight is read once and every other operand is tiny).
+#ifndef FASTPEFT_NS
+#error "include kernels_impl.h first"
+#endif
+
+namespace fastpeft {
+namespace FASTPEFT_NS {
+namespace {
+
+typedef uint8_t vb __attribute__((vector_size(VW)));
+typedef int8_t vsb __attribute__((vector_size(VW)));
+
+// The 4-bit block scale; the product is forced through memory so that -ffp-contract=fast cannot fuse it with the
+// add (bitsandbytes and fastpeft.quant round the product first).
+inline float block_scale(const QuantDesc& q, int64_t b) {
+  if (!q.qabsmax) return q.absmax[b];
+  volatile float prod = q.nested_code[q.qabsmax[b]] * q.nested_absmax[b / q.nested_blocksize];
+  return prod + q.nested_offset;
+}
+
+// The VW 4-bit indices stored in the VW/2 bytes at p, in element order (high nibble first): each byte is
+// duplicated and widened to two 32-bit lanes, then shifted by 4 (even lanes) or 0 (odd lanes) and masked.
+// Intrinsics on x86 (GCC lowers the generic byte shuffle to ~15 scalar inserts per 8 values).
+inline vi nibbles(const uint8_t* p) {
+  vu shift;
+  for (int l = 0; l < VW; ++l) shift[l] = (l & 1) ? 0u : 4u;
+#if FASTPEFT_VW == 16
+  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const vu w = (vu)_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));
+#elif FASTPEFT_VW == 8
+  int32_t four;
+  __builtin_memcpy(&four, p, 4);
+  const __m128i b = _mm_cvtsi32_si128(four);
+  const vu w = (vu)_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));
+#else
+  vb raw{};
+  __builtin_memcpy(&raw, p, VW / 2);
+  const vb dup = {0, 0, 1, 1};
+  const vu w = __builtin_convertvector(__builtin_shuffle(raw, dup), vu);
+#endif
+  return (vi)((w >> shift) & 15u);
+}
+
+// code[idx] per lane: one or two register permutes on AVX-512 / AVX2, a scalar loop elsewhere.
+struct CodeTable {
+  float code[16];
+#if FASTPEFT_VW == 16
+  vf t;
+#elif FASTPEFT_VW == 8
+  vf lo, hi;
+#endif
+  explicit CodeTable(const float* c) {
+    __builtin_memcpy(code, c, sizeof(code));
+#if FASTPEFT_VW == 16
+    t = load_f32(c);
+#elif FASTPEFT_VW == 8
+    lo = load_f32(c);
+    hi = load_f32(c + 8);
+#endif
+  }
+  vf lookup(vi idx) const {
+#if FASTPEFT_VW == 16
+    return __builtin_shuffle(t, idx);
+#elif FASTPEFT_VW == 8
+    return __builtin_shuffle(lo, hi, idx);
+#else
+    vf r;
+    for (int l = 0; l < VW; ++l) r[l] = code[idx[l]];
+    return r;
+#endif
+  }
+};
+
+// Round fp32 lanes to dtype dt (round to nearest even) and widen back: what .to(dt).float() does for finite values.
+inline vf round_to(int dt, vf v) {
+  if (dt == kBF16) {
+    const vu b = (vu)v;
+    return (vf)((b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u);
+  }
+  if (dt == kF16) return __builtin_convertvector(__builtin_convertvector(v, vh), vf);
+  return v;
+}
+inline float round_to1(int dt, float v) {
+  if (dt == kBF16) {
+    uint32_t b;
+    __builtin_memcpy(&b, &v, 4);
+    b = (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
+    __builtin_memcpy(&v, &b, 4);
+    return v;
+  }
+  if (dt == kF16) return float(_Float16(v));
+  return v;
+}
+
+inline void round_row(const QuantDesc& q, float* out, int64_t K) {
+  if (q.round1 == kF32 && q.round2 == kF32) return;
+  int64_t k = 0;
+  for (; k + VW <= K; k += VW) store_f32(out + k, round_to(q.round2, round_to(q.round1, load_f32(out + k))));
+  for (; k < K; ++k) out[k] = round_to1(q.round2, round_to1(q.round1, out[k]));
+}
+
+// Row n of the weight, dequantized into out[0, K).
+inline void decode_row(const QuantDesc& q, const CodeTable& table, int64_t n, float* out) {
+  const int64_t K = q.K;
+  if (q.kind == 1) {
+    const int8_t* src = reinterpret_cast<const int8_t*>(q.data) + n * K;
+    const float s = q.absmax[n];
+    const float inv127 = 7.874015718698502e-3f;
+    const vf vs = splat(s), vinv = splat(inv127);
+    int64_t k = 0;
+    for (; k + VW <= K; k += VW) {
+      vsb raw;
+      __builtin_memcpy(&raw, src + k, VW);
+      const vf w = __builtin_convertvector(__builtin_convertvector(raw, vi), vf);
+      store_f32(out + k, (w * vs) * vinv);
+    }
+    for (; k < K; ++k) out[k] = (float(src[k]) * s) * inv127;
+  } else {
+    const int64_t i0 = n * K, i1 = i0 + K, bs = q.blocksize;
+    int64_t i = i0;
+    while (i < i1) {
+      const int64_t b = i / bs, bend = (b + 1) * bs < i1 ? (b + 1) * bs : i1;
+      const float s = block_scale(q, b);
+      if (i & 1) {  // a row that starts mid-byte (odd K): one low nibble, then byte-aligned
+        out[i - i0] = table.code[q.data[i >> 1] & 15] * s;
+        ++i;
+      }
+      const vf vs = splat(s);
+      for (; i + VW <= bend; i += VW) store_f32(out + (i - i0), table.lookup(nibbles(q.data + (i >> 1))) * vs);
+      for (; i < bend; ++i) {
+        const uint8_t byte = q.data[i >> 1];
+        out[i - i0] = table.code[(i & 1) ? (byte & 15) : (byte >> 4)] * s;
+      }
+    }
+  }
+  round_row(q, out, K);
+}
+
+// Four independent accumulators hide the FMA latency.
+inline float dot(const float* a, const float* b, int64_t K) {
+  vf s0{}, s1{}, s2{}, s3{};
+  int64_t k = 0;
+  for (; k + 4 * VW <= K; k += 4 * VW) {
+    s0 += load_f32(a + k) * load_f32(b + k);
+    s1 += load_f32(a + k + VW) * load_f32(b + k + VW);
+    s2 += load_f32(a + k + 2 * VW) * load_f32(b + k + 2 * VW);
+    s3 += load_f32(a + k + 3 * VW) * load_f32(b + k + 3 * VW);
+  }
+  for (; k + VW <= K; k += VW) s0 += load_f32(a + k) * load_f32(b + k);
+  float s = hsum((s0 + s1) + (s2 + s3));
+  for (; k < K; ++k) s += a[k] * b[k];
+  return s;
+}
+
+void dequant_rows(const QuantDesc& q, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  const CodeTable table(q.code);
+  for (int64_t n = n0; n < n1; ++n) decode_row(q, table, n, out + (n - n0) * ldo);
+}
+
+void qgemv_rows(const QuantDesc& q, int64_t n0, int64_t n1, const float* x, int64_t M, float* y, int64_t ldy,
+                const float* bias, const float* xs, const float* B, int64_t R, float* buf) {
+  const CodeTable table(q.code);
+  const int64_t K = q.K;
+  for (int64_t n = n0; n < n1; ++n) {
+    decode_row(q, table, n, buf);
+    for (int64_t m = 0; m < M; ++m) {
+      float acc = dot(x + m * K, buf, K);
+      if (bias) acc += bias[n];
+      if (xs) {
+        float upd = 0.f;
+        for (int64_t j = 0; j < R; ++j) upd += xs[m * R + j] * B[n * R + j];
+        acc += upd;
+      }
+      y[m * ldy + n] = acc;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace FASTPEFT_NS
+}  // namespace fastpeft

@@ -1,0 +1,168 @@
+"""The ``cpu`` backend's fused dequantization (``_C.quant_*``) for bitsandbytes bases.
+
+Oracles: bitsandbytes' own dequantization (``dequantize_4bit`` / ``int8_vectorwise_dequant``, bit for bit), and
+fp32 matmuls against those dequantized weights (never bitsandbytes' CPU matmul, which is wrong under autograd).
+Every SIMD path this CPU runs, both forward routes (the decoding GEMV for M <= 16 and the dequantized tiles for
+larger M, with several tiles and a partial last one), odd shapes (K odd, so rows start mid-byte, and 4-bit blocks
+that straddle rows), nested absmax, fp32/bf16/fp16 weights and activations.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_close, assert_within_2x
+from fastpeft.backends.cpu import BACKEND as CPU
+from fastpeft.quant import QuantizedWeight
+from test_cpu_backend import AVAILABLE, DT, REF, isa, pytestmark  # noqa: F401  (isa: the per-SIMD-path fixture)
+
+bnb = pytest.importorskip("bitsandbytes")
+bnbf = bnb.functional
+
+if AVAILABLE:
+    from fastpeft import _C
+    from fastpeft.backends.cpu import _quant_args
+
+KINDS = [("nf4", False), ("fp4", False), ("nf4", True), ("fp4", True), ("int8", False)]
+KIND_IDS = [f"{k}{'-nested' if n else ''}" for k, n in KINDS]
+
+
+def quantize(kind: str, nested: bool, N: int, K: int, wdtype: torch.dtype, seed: int, blocksize: int = 64):
+    """``(QuantizedWeight, fp32 dense weight from bitsandbytes' own dequantization)`` of a fresh random matrix."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * K**-0.5
+    if kind == "int8":
+        cb, scb, _ = bnbf.int8_vectorwise_quant(w.half())
+        qw = QuantizedWeight(kind="int8", shape=(N, K), dtype=torch.float32, data=cb, absmax=scb)
+        return qw, bnbf.int8_vectorwise_dequant(cb, scb).float()
+    packed, state = bnbf.quantize_4bit(w.to(wdtype), blocksize=blocksize, compress_statistics=nested, quant_type=kind)
+    dense = bnbf.dequantize_4bit(packed, state)
+    assert dense.dtype == wdtype
+    return QuantizedWeight.from_quant_state(packed, state), dense.float()
+
+
+# ------------------------------------------------------------------------------------------------ dequantization
+@pytest.mark.parametrize("shape", [(64, 128), (37, 45), (5, 1), (3, 4096)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("kind,nested", KINDS, ids=KIND_IDS)
+def test_dequantize_bit_equal_to_bitsandbytes(isa, kind, nested, shape):
+    N, K = shape
+    for wname in ("fp32", "bf16", "fp16"):
+        qw, dense = quantize(kind, nested, N, K, DT[wname], seed=N * K)
+        for xname, xdt in DT.items():
+            got = _C.quant_dequantize(_quant_args(qw, xdt))
+            want = dense.to(qw.dtype).to(xdt).float()
+            assert torch.equal(got, want), (
+                f"{isa} {kind} w={wname} x={xname}: {(got != want).sum().item()} of {got.numel()} values differ")
+        if kind == "int8":
+            break  # int8 dequantizes to fp32 whatever the layer's dtype
+
+
+@pytest.mark.parametrize("blocksize", [32, 128, 4096])
+def test_dequantize_blocksizes(isa, blocksize):
+    qw, dense = quantize("nf4", True, 19, 300, torch.float32, seed=blocksize, blocksize=blocksize)
+    assert torch.equal(_C.quant_dequantize(_quant_args(qw, torch.float32)), dense)
+
+
+# --------------------------------------------------------------------------------------------------- products
+@pytest.mark.parametrize("M", [1, 7, 16, 17, 45])
+@pytest.mark.parametrize("kind,nested", KINDS, ids=KIND_IDS)
+def test_quant_linear_and_grad_x_routes(isa, kind, nested, M):
+    """``x w^T + bias + xs B^T`` and ``dY w``: GEMV (M <= 16) and tiles (forced 16 rows: 3 tiles, last partial)."""
+    N, K, R = 37, 45, 3
+    qw, dense = quantize(kind, nested, N, K, torch.float32, seed=M)
+    x, dy = torch.randn(M, K), torch.randn(M, N)
+    bias, xs, B = torch.randn(N), torch.randn(M, R), torch.randn(N, R)
+    want = x @ dense.t() + bias + xs @ B.t()
+    qa = _quant_args(qw, torch.float32)
+    for gemv_rows, tile in [(16, 0), (0, 16), (0, 0)]:
+        got = _C.quant_linear(x, qa, bias, xs, B, gemv_rows, tile)
+        assert_close(f"y (gemv_rows={gemv_rows}, tile={tile})", got, want, 1e-5)
+    assert_close("y without bias and adapter", _C.quant_linear(x, qa, None, None, None, 16, 16), x @ dense.t(), 1e-5)
+    for tile in (16, 0):
+        assert_close(f"dX (tile={tile})", _C.quant_grad_x(dy, qa, tile), dy @ dense, 1e-5)
+
+
+def lora_case(M, K, N, ranks, xdt, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(xdt)
+    A = [(torch.randn(r, K, generator=g) * K**-0.5) for r in ranks]
+    B = [(torch.randn(N, r, generator=g) * 0.5) for r in ranks]
+    lb = [torch.randn(N, generator=g) * 0.1 if i == 0 else None for i in range(len(ranks))]
+    bias = (torch.randn(N, generator=g) * 0.1).to(xdt)
+    gy = torch.randn(M, N, generator=g).to(xdt)
+    return x, A, B, lb, bias, gy
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"drop{p}")
+@pytest.mark.parametrize("xname", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("M", [1, 16, 40])
+@pytest.mark.parametrize("kind,nested", KINDS, ids=KIND_IDS)
+def test_lora_over_quantized_base_matches_reference(isa, kind, nested, M, xname, p):
+    """The backend contract, forward and backward, vs the reference backend on the same ``QuantizedWeight``
+    (fp32: 1e-5; bf16/fp16: within 2x the reference's own error against an fp32 run on the dequantized weight)."""
+    xdt = DT[xname]
+    N, K, ranks = 29, 53, (4, 2)
+    qw, dense = quantize(kind, nested, N, K, torch.bfloat16 if xname == "bf16" else torch.float32, seed=M + 100)
+    x, A, B, lb, bias, gy = lora_case(M, K, N, ranks, xdt, seed=M)
+    s, ps, seeds = [0.5, 2.0], [p, 0.0], [11, 12]
+    y, xa = CPU.lora_forward(x, qw, bias, A, B, lb, s, ps, seeds)
+    y_ref, xa_ref = REF.lora_forward(x, qw, bias, A, B, lb, s, ps, seeds)
+    y_o, _ = REF.lora_forward(x.float(), dense.to(qw.dtype).to(xdt).float(), bias.float(), A, B, lb, s, ps, seeds)
+    grads = CPU.lora_backward(gy, x, qw, A, B, xa_ref, s, ps, seeds, True, True)
+    grads_ref = REF.lora_backward(gy, x, qw, A, B, xa_ref, s, ps, seeds, True, True)
+    grads_o = REF.lora_backward(gy.float(), x.float(), dense.to(qw.dtype).to(xdt).float(), A, B, xa_ref, s, ps,
+                                seeds, True, True)
+    assert y.dtype == xdt and grads[0].dtype == xdt
+    if xdt == torch.float32:
+        assert_close("y", y, y_ref, 1e-5)
+        assert_close("dX", grads[0], grads_ref[0], 1e-5)
+    else:
+        assert_within_2x("y", y, y_ref, y_o)
+        assert_within_2x("dX", grads[0], grads_ref[0], grads_o[0])
+    for i in range(len(ranks)):
+        assert_close(f"xa[{i}]", xa[i], xa_ref[i], 1e-5 if xdt == torch.float32 else 1e-2)
+        assert_close(f"dA[{i}]", grads[1][i], grads_ref[1][i], 1e-5)
+        assert_close(f"dB[{i}]", grads[2][i], grads_ref[2][i], 1e-5)
+        assert_close(f"dbias[{i}]", grads[3][i], grads_ref[3][i], 1e-5)
+
+
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "out"])
+@pytest.mark.parametrize("M", [3, 33])
+@pytest.mark.parametrize("kind,nested", [("nf4", True), ("int8", False)], ids=["nf4-nested", "int8"])
+def test_ia3_over_quantized_base_matches_reference(kind, nested, M, feedforward):
+    N, K = 31, 47
+    qw, _ = quantize(kind, nested, N, K, torch.float32, seed=M)
+    g = torch.Generator().manual_seed(M)
+    x, bias = torch.randn(M, K, generator=g), torch.randn(N, generator=g)
+    scale = torch.rand(K if feedforward else N, generator=g) + 0.5
+    gy = torch.randn(M, N, generator=g)
+    assert_close("y", CPU.ia3_forward(x, qw, bias, scale, feedforward),
+                 REF.ia3_forward(x, qw, bias, scale, feedforward), 1e-5)
+    got = CPU.ia3_backward(gy, x, qw, bias, scale, feedforward, True)
+    want = REF.ia3_backward(gy, x, qw, bias, scale, feedforward, True)
+    assert_close("dX", got[0], want[0], 1e-5)
+    assert_close("dscale", got[1], want[1], 1e-5)
+
+
+# -------------------------------------------------------------------------------------------------- bad input
+def test_bad_quantized_weight_is_named():
+    qw, _ = quantize("nf4", True, 8, 16, torch.float32, seed=0)
+    good = list(_quant_args(qw, torch.float32))
+    x = torch.randn(2, 16)
+    cases = {
+        "4-bit data": (3, qw.data[:10].contiguous()),                    # too few packed bytes
+        "absmax needs": (4, qw.absmax[:1].contiguous()),                 # too few blocks
+        "code table": (10, torch.zeros(8)),                             # wrong table size
+        "nested_code": (6, torch.zeros(10)),                            # wrong nested table
+        "kind": (0, 7),
+    }
+    for needle, (field, value) in cases.items():
+        bad = list(good)
+        bad[field] = value
+        with pytest.raises(RuntimeError, match=needle):
+            _C.quant_linear(x, tuple(bad), None, None, None, 16, 0)
+    with pytest.raises(RuntimeError, match="x must be contiguous fp32"):
+        _C.quant_linear(torch.randn(2, 15), tuple(good), None, None, None, 16, 0)
+    with pytest.raises(RuntimeError, match="grad_y must be contiguous fp32"):
+        _C.quant_grad_x(torch.randn(2, 16), tuple(good), 0)

@@ -96,7 +96,12 @@ def make_case(M, K, N, ranks, xdt, adt, bias, lora_bias, layout, seed=0):
         x = rnd(K, M).to(xdt).t()
     else:
         x = rnd(M, K).to(xdt)
-    W = rnd(K, N).to(xdt).t() if layout == "transposed" else rnd(N, K).to(xdt)  # fan_in_fan_out view
+    if layout == "transposed":
+        W = rnd(K, N).to(xdt).t()  # fan_in_fan_out view
+    elif layout == "row-slice":
+        W = rnd(N, K + 5).to(xdt)[:, :K]  # row stride K + 5: a slice of a wider weight
+    else:
+        W = rnd(N, K).to(xdt)
     W = W / K**0.5
     b = rnd(N).to(xdt) if bias else None
     A = [(rnd(r, K) / K**0.5).to(adt) for r in ranks]
@@ -118,6 +123,11 @@ CASES = [
     ("M33-two-adapters", 33, 123, 97, [16, 3], True, True, "contig"),
     ("M29-strided-x", 29, 123, 97, [8], True, False, "strided"),
     ("M31-transposed", 31, 123, 97, [16], False, True, "transposed"),
+    # M <= 16: the one-pass GEMV (CpuBackend.GEMV_MAX_M), except for a transposed weight
+    ("M7-two-adapters-gemv", 7, 123, 97, [16, 3], True, True, "contig"),
+    ("M16-strided-x-gemv", 16, 123, 97, [8], True, False, "strided"),
+    ("M3-row-slice-W-gemv", 3, 123, 97, [4], True, True, "row-slice"),
+    ("M5-transposed", 5, 123, 97, [4], False, True, "transposed"),
 ]
 DTYPES = [("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp32"), ("fp16", "fp16"),
           ("fp32", "bf16")]
@@ -193,17 +203,18 @@ def test_lora_matches_autograd(isa, p):
     assert rel_err(dbias[1], lbl[1].grad) < tol, "dbias"
 
 
+@pytest.mark.parametrize("M", [23, 5], ids=["gemm", "gemv"])
 @pytest.mark.parametrize("xdt", ["fp32", "bf16"])
-def test_lora_every_isa_agrees(isa, xdt):
-    """Each SIMD path (tails included: K=123, N=97) against the reference."""
-    x, W, b, A, B, lb, s = make_case(23, 123, 97, [16, 5], DT[xdt], torch.float32, True, True, "contig", 5)
+def test_lora_every_isa_agrees(isa, xdt, M):
+    """Each SIMD path (tails included: K=123, N=97) against the reference, both forward routes."""
+    x, W, b, A, B, lb, s = make_case(M, 123, 97, [16, 5], DT[xdt], torch.float32, True, True, "contig", 5)
     ps, seeds = [0.1, 0.0], [5, 6]
     y, xa = CPU.lora_forward(x, W, b, A, B, lb, s, ps, seeds)
     y_ref, xa_ref = REF.lora_forward(x, W, b, A, B, lb, s, ps, seeds)
     tol = 1e-5 if xdt == "fp32" else 1e-2
     assert rel_err(y, y_ref) < tol
     assert rel_err(xa[0], xa_ref[0]) < 1e-5
-    gy = torch.randn(23, 97).to(DT[xdt])
+    gy = torch.randn(M, 97).to(DT[xdt])
     got = CPU.lora_backward(gy, x, W, A, B, xa_ref, s, ps, seeds, True, True)
     ref = REF.lora_backward(gy, x, W, A, B, xa_ref, s, ps, seeds, True, True)
     assert rel_err(got[0], ref[0]) < tol

@@ -19,8 +19,13 @@ enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 //   int8:  (float(data[i]) * absmax[n]) * (1/127 as bitsandbytes' fp32 constant).
 // then rounded to round1 and then to round2 (dtype codes; kF32 = no rounding): the weight's own dtype, then the
 // activation dtype, as the reference's dequantize().to(x.dtype) does.
+//
+// kind 2 is a plain dense weight (data: rows of dtype wdtype with row stride ldw elements), so the decoding GEMV
+// below also serves small-M dense products with the LoRA term fused in.
 struct QuantDesc {
-  int kind;  // 0: 4-bit code table, 1: int8 with row scales
+  int kind;  // 0: 4-bit code table, 1: int8 with row scales, 2: dense
+  int wdtype;   // kind 2: DType of the rows
+  int64_t ldw;  // kind 2: row stride in elements
   int64_t N, K;
   const uint8_t* data;           // 4-bit: ceil(N*K/2) packed bytes; int8: N*K bytes (int8 values)
   const float* absmax;           // 4-bit, not nested: (nblocks,); int8: SCB (N,)

@@ -374,6 +374,12 @@ QuantArg parse_quant(const py::tuple& t) {
   return q;
 }
 
+// The decoding GEMV over a dense (N, K) weight (unit column stride, any row stride; fp32/bf16/fp16):
+// y = x W^T + bias + xs B^T in fp32 (M, N), one parallel pass over W with the LoRA term fused. For decode-sized M,
+// where torch's GEMV plus separate adapter ops cost several thread-pool round trips for a few microseconds of work.
+at::Tensor dense_lora_gemv(const at::Tensor& x, const at::Tensor& W, const c10::optional<at::Tensor>& bias,
+                           const c10::optional<at::Tensor>& xs, const c10::optional<at::Tensor>& B);
+
 void check_dense_f32(const at::Tensor& t, const char* name, int64_t cols) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 &&
                   t.size(1) == cols,
@@ -458,6 +464,44 @@ at::Tensor quant_linear(const at::Tensor& x, const py::tuple& qt, const c10::opt
   return y;
 }
 
+QuantDesc dense_desc(const at::Tensor& W) {
+  check_rows(W, "W");
+  QuantDesc d{};
+  d.kind = 2;
+  d.wdtype = dtype_code(W);
+  d.N = W.size(0);
+  d.K = W.size(1);
+  d.ldw = W.stride(0);
+  d.data = static_cast<const uint8_t*>(W.data_ptr());
+  return d;
+}
+
+at::Tensor dense_lora_gemv(const at::Tensor& x, const at::Tensor& W, const c10::optional<at::Tensor>& bias,
+                           const c10::optional<at::Tensor>& xs, const c10::optional<at::Tensor>& B) {
+  const QuantDesc d = dense_desc(W);
+  check_dense_f32(x, "x", d.K);
+  const int64_t M = x.size(0), N = d.N;
+  TORCH_CHECK(xs.has_value() == B.has_value(), "fastpeft._C: dense_lora_gemv needs both xs and B, or neither");
+  const int64_t R = xs.has_value() ? xs->size(1) : 0;
+  if (R) {
+    check_f32(*xs, "xs", {M, R});
+    check_f32(*B, "B", {N, R});
+  }
+  if (bias.has_value()) check_f32(*bias, "bias", {N});
+  auto y = at::empty({M, N}, at::kFloat);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  const float* xsp = R ? xs->data_ptr<float>() : nullptr;
+  const float* Bp = R ? B->data_ptr<float>() : nullptr;
+  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, d.K * std::max<int64_t>(1, M))),
+                   [&](int64_t b, int64_t e) {
+                     std::vector<float> buf(d.K + 64);
+                     K().qgemv_rows(d, b, e, xp, M, yp, N, bp, xsp, Bp, R, buf.data());
+                   });
+  return y;
+}
+
 // dX = dY w in fp32 (M, K); dy (M, N) fp32 contiguous. Tile by tile: dX += dY[:, tile] w[tile].
 at::Tensor quant_grad_x(const at::Tensor& dy, const py::tuple& qt, int64_t tile_request) {
   const QuantArg q = parse_quant(qt);
@@ -496,6 +540,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_dequantize", &fastpeft::quant_dequantize, "(qweight) -> dense (N, K) fp32");
   m.def("quant_linear", &fastpeft::quant_linear, "(x32, qweight, bias32|None, xs32|None, B32|None, gemv_rows, tile_rows|0) -> "
         "x w^T + bias + xs B^T (M, N) fp32");
+  m.def("dense_lora_gemv", &fastpeft::dense_lora_gemv, "(x32, W, bias32|None, xs32|None, B32|None) -> "
+        "x W^T + bias + xs B^T (M, N) fp32, one pass over W (decode-sized M)");
   m.def("quant_grad_x", &fastpeft::quant_grad_x, "(dy32, qweight, tile_rows|0) -> dy w (M, K) fp32");
   m.def("lora_dx_pass", &fastpeft::lora_dx_pass, "(dx|None, x|None, A32, g32, p, seed) -> dA32 (dx updated in place)");
 }

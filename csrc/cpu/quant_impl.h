@@ -107,6 +107,14 @@ inline void round_row(const QuantDesc& q, float* out, int64_t K) {
 // Row n of the weight, dequantized into out[0, K).
 inline void decode_row(const QuantDesc& q, const CodeTable& table, int64_t n, float* out) {
   const int64_t K = q.K;
+  if (q.kind == 2) {
+    const int64_t elem = q.wdtype == kF32 ? 4 : 2;
+    const void* row = q.data + n * q.ldw * elem;
+    int64_t k = 0;
+    for (; k + VW <= K; k += VW) store_f32(out + k, load_act(q.wdtype, row, k));
+    for (; k < K; ++k) out[k] = load_act1(q.wdtype, row, k);
+    return;  // dense weights are used as they are (the caller rounds x to their dtype)
+  }
   if (q.kind == 1) {
     const int8_t* src = reinterpret_cast<const int8_t*>(q.data) + n * K;
     const float s = q.absmax[n];
@@ -157,6 +165,20 @@ inline float dot(const float* a, const float* b, int64_t K) {
   return s;
 }
 
+// dot(a, w) with w of dtype dt widened in registers (dense bf16/fp16 weights: no staging buffer).
+inline float dot_act(const float* a, int dt, const void* w, int64_t K) {
+  vf s0{}, s1{};
+  int64_t k = 0;
+  for (; k + 2 * VW <= K; k += 2 * VW) {
+    s0 += load_f32(a + k) * load_act(dt, w, k);
+    s1 += load_f32(a + k + VW) * load_act(dt, w, k + VW);
+  }
+  for (; k + VW <= K; k += VW) s0 += load_f32(a + k) * load_act(dt, w, k);
+  float s = hsum(s0 + s1);
+  for (; k < K; ++k) s += a[k] * load_act1(dt, w, k);
+  return s;
+}
+
 void dequant_rows(const QuantDesc& q, int64_t n0, int64_t n1, float* out, int64_t ldo) {
   const CodeTable table(q.code);
   for (int64_t n = n0; n < n1; ++n) decode_row(q, table, n, out + (n - n0) * ldo);
@@ -166,10 +188,17 @@ void qgemv_rows(const QuantDesc& q, int64_t n0, int64_t n1, const float* x, int6
                 const float* bias, const float* xs, const float* B, int64_t R, float* buf) {
   const CodeTable table(q.code);
   const int64_t K = q.K;
+  // Dense rows are read where they lie: fp32 directly, bf16/fp16 widened in registers for M <= 2, where one
+  // pass over the row per activation row is cheaper than staging it (for more rows, staging reads it once).
+  const bool direct = q.kind == 2 && (q.wdtype == kF32 || M <= 2);
+  const int64_t elem = q.wdtype == kF32 ? 4 : 2;
   for (int64_t n = n0; n < n1; ++n) {
-    decode_row(q, table, n, buf);
+    const void* row = q.data + n * q.ldw * elem;
+    if (!direct) decode_row(q, table, n, buf);
     for (int64_t m = 0; m < M; ++m) {
-      float acc = dot(x + m * K, buf, K);
+      float acc = !direct ? dot(x + m * K, buf, K)
+                  : q.wdtype == kF32 ? dot(x + m * K, static_cast<const float*>(row), K)
+                                     : dot_act(x + m * K, q.wdtype, row, K);
       if (bias) acc += bias[n];
       if (xs) {
         float upd = 0.f;

@@ -43,6 +43,8 @@ from .backends import get_backend
 
 
 def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    if x.dim() == 2:  # already (M, K): no reshape call (torch calls cost microseconds at decode sizes)
+        return x, (x.shape[0],)
     return x.reshape(-1, x.shape[-1]), tuple(x.shape[:-1])
 
 
@@ -275,7 +277,7 @@ def lora_linear(
         y, _ = _lora_forward(x2, weight, bias, As, Bs, bs, scaling, ps, seeds)
     else:
         y = LoRALinearFunction.apply(x2, weight, bias, len(As), scaling, ps, seeds, *As, *Bs, *bs)
-    return y.view(*lead, y.shape[-1])
+    return y if len(lead) == 1 else y.view(*lead, y.shape[-1])
 
 
 # ------------------------------------------------------------------------------------------------------------- IA3

@@ -53,6 +53,12 @@ def read_base_weight(base: nn.Module, fan_in_fan_out: bool):
     return None
 
 
+def direct_base_layer(layer: nn.Module) -> nn.Module:
+    """PEFT's ``get_base_layer()`` without its ``hasattr`` walk in the common case of one wrapping level."""
+    base = layer._modules["base_layer"]
+    return base if "base_layer" not in base._modules else layer.get_base_layer()
+
+
 def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
@@ -64,22 +70,23 @@ def layer_name(module: nn.Module) -> str:
 
 def check_input(module: nn.Module, x: torch.Tensor, weight, in_features: int) -> None:
     """Raise a clear error for an input the layer cannot take; autocast may change dtypes, so dtype is not checked
-    under it."""
-    name = layer_name(module)
+    under it. (Runs on every call: the module's name is looked up only for the message.)"""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"fastpeft: module '{name}': input x must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"fastpeft: module '{layer_name(module)}': input x must be a torch.Tensor, got "
+                        f"{type(x).__name__}")
     if x.shape[-1] != in_features:
         raise ValueError(
-            f"fastpeft: module '{name}': input x has {x.shape[-1]} features in its last dimension "
+            f"fastpeft: module '{layer_name(module)}': input x has {x.shape[-1]} features in its last dimension "
             f"(shape {tuple(x.shape)}), but the layer takes {in_features}"
         )
     device = weight.device
     if x.device != device:
-        raise ValueError(f"fastpeft: module '{name}': input x is on {x.device}, but the layer's weight is on {device}")
-    if isinstance(weight, torch.Tensor) and not torch.is_autocast_enabled(x.device.type) and x.dtype != weight.dtype:
+        raise ValueError(f"fastpeft: module '{layer_name(module)}': input x is on {x.device}, but the layer's "
+                         f"weight is on {device}")
+    if isinstance(weight, torch.Tensor) and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(
-            f"fastpeft: module '{name}': input x has dtype {x.dtype}, but the base weight is {weight.dtype}; "
-            f"cast the input (or the model) so they match"
+            f"fastpeft: module '{layer_name(module)}': input x has dtype {x.dtype}, but the base weight is "
+            f"{weight.dtype}; cast the input (or the model) so they match"
         )
 
 
@@ -116,7 +123,7 @@ class FusedLoraLinear(PeftLoraLinear):
         active = [name for name in self.active_adapters if name in self.lora_A]
         if any(name in self.lora_variant for name in active):
             return None
-        base = self.get_base_layer()
+        base = direct_base_layer(self)
         if _has_hooks(base):
             return None
         found = read_base_weight(base, self.fan_in_fan_out)

@@ -73,12 +73,13 @@ def test_quant_linear_and_grad_x_routes(isa, kind, nested, M):
     qw, dense = quantize(kind, nested, N, K, torch.float32, seed=M)
     x, dy = torch.randn(M, K), torch.randn(M, N)
     bias, xs, B = torch.randn(N), torch.randn(M, R), torch.randn(N, R)
-    want = x @ dense.t() + bias + xs @ B.t()
+    want = x @ dense.t() + bias + 0.5 * (xs @ B.t())
     qa = _quant_args(qw, torch.float32)
     for gemv_rows, tile in [(16, 0), (0, 16), (0, 0)]:
-        got = _C.quant_linear(x, qa, bias, xs, B, gemv_rows, tile)
+        got = _C.quant_linear(x, qa, bias, xs, B, 0.5, gemv_rows, tile)
         assert_close(f"y (gemv_rows={gemv_rows}, tile={tile})", got, want, 1e-5)
-    assert_close("y without bias and adapter", _C.quant_linear(x, qa, None, None, None, 16, 16), x @ dense.t(), 1e-5)
+    bare = _C.quant_linear(x, qa, None, None, None, 1.0, 16, 16)
+    assert_close("y without bias and adapter", bare, x @ dense.t(), 1e-5)
     for tile in (16, 0):
         assert_close(f"dX (tile={tile})", _C.quant_grad_x(dy, qa, tile), dy @ dense, 1e-5)
 
@@ -161,8 +162,8 @@ def test_bad_quantized_weight_is_named():
         bad = list(good)
         bad[field] = value
         with pytest.raises(RuntimeError, match=needle):
-            _C.quant_linear(x, tuple(bad), None, None, None, 16, 0)
+            _C.quant_linear(x, tuple(bad), None, None, None, 1.0, 16, 0)
     with pytest.raises(RuntimeError, match="x must be contiguous fp32"):
-        _C.quant_linear(torch.randn(2, 15), tuple(good), None, None, None, 16, 0)
+        _C.quant_linear(torch.randn(2, 15), tuple(good), None, None, None, 1.0, 16, 0)
     with pytest.raises(RuntimeError, match="grad_y must be contiguous fp32"):
         _C.quant_grad_x(torch.randn(2, 16), tuple(good), 0)

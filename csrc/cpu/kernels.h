@@ -74,11 +74,11 @@ struct KernelTable {
   void (*dequant_rows)(const QuantDesc& q, int64_t n0, int64_t n1, float* out, int64_t ldo);
 
   // The decoding GEMV, for n in [n0, n1) and every m < M (x: (M, K) fp32 contiguous):
-  //   y[m * ldy + n] = sum_k x[m, k] w[n, k] + bias[n] + sum_j xs[m, j] B[n, j]
+  //   y[m * ldy + n] = sum_k x[m, k] w[n, k] + bias[n] + lora_scale * sum_j xs[m, j] B[n, j]
   // with w dequantized one row at a time into buf (K floats, stays in L1) and never stored elsewhere.
   // bias: (N,) fp32 or null; xs: (M, R) fp32 (LoRA down-projection, already scaled) and B: (N, R) fp32, or null.
   void (*qgemv_rows)(const QuantDesc& q, int64_t n0, int64_t n1, const float* x, int64_t M, float* y, int64_t ldy,
-                     const float* bias, const float* xs, const float* B, int64_t R, float* buf);
+                     const float* bias, const float* xs, const float* B, int64_t R, float lora_scale, float* buf);
 };
 
 const KernelTable& kernels_generic();

@@ -378,7 +378,8 @@ QuantArg parse_quant(const py::tuple& t) {
 // y = x W^T + bias + xs B^T in fp32 (M, N), one parallel pass over W with the LoRA term fused. For decode-sized M,
 // where torch's GEMV plus separate adapter ops cost several thread-pool round trips for a few microseconds of work.
 at::Tensor dense_lora_gemv(const at::Tensor& x, const at::Tensor& W, const c10::optional<at::Tensor>& bias,
-                           const c10::optional<at::Tensor>& xs, const c10::optional<at::Tensor>& B);
+                           const c10::optional<at::Tensor>& xs, const c10::optional<at::Tensor>& B,
+                           double lora_scale);
 
 void check_dense_f32(const at::Tensor& t, const char* name, int64_t cols) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 &&
@@ -414,14 +415,14 @@ at::Tensor quant_dequantize(const py::tuple& qt) {
   return out;
 }
 
-// y = x w^T + bias + xs B^T in fp32 (M, N); x (M, K) fp32 contiguous; bias (N,), xs (M, R), B (N, R) fp32 or None.
+// y = x w^T + bias + lora_scale xs B^T in fp32 (M, N); x (M, K) fp32 contiguous; bias (N,), xs (M, R), B (N, R) fp32 or None.
 // tile: rows per dequantized tile (0: ~1 MB of fp32, see tile_rows).
 // M <= gemv_rows: the decoding GEMV (each weight row decoded once, in L1, LoRA term added in the same pass).
 // Larger M: per tile of rows, decode into a cache-resident buffer, then torch's GEMM into the tile's columns of y,
 // then the tile's LoRA term (a rank-R addmm while the tile is hot). The dense weight never exists whole.
 at::Tensor quant_linear(const at::Tensor& x, const py::tuple& qt, const c10::optional<at::Tensor>& bias,
-                        const c10::optional<at::Tensor>& xs, const c10::optional<at::Tensor>& B, int64_t gemv_rows,
-                        int64_t tile_request) {
+                        const c10::optional<at::Tensor>& xs, const c10::optional<at::Tensor>& B, double lora_scale,
+                        int64_t gemv_rows, int64_t tile_request) {
   const QuantArg q = parse_quant(qt);
   const QuantDesc& d = q.d;
   check_dense_f32(x, "x", d.K);
@@ -444,7 +445,7 @@ at::Tensor quant_linear(const at::Tensor& x, const py::tuple& qt, const c10::opt
     const float* Bp = R ? B->data_ptr<float>() : nullptr;
     at::parallel_for(0, N, std::max<int64_t>(1, 32768 / d.K), [&](int64_t b, int64_t e) {
       std::vector<float> buf(d.K + 64);
-      K().qgemv_rows(d, b, e, xp, M, yp, N, bp, xsp, Bp, R, buf.data());
+      K().qgemv_rows(d, b, e, xp, M, yp, N, bp, xsp, Bp, R, float(lora_scale), buf.data());
     });
     return y;
   }
@@ -459,7 +460,7 @@ at::Tensor quant_linear(const at::Tensor& x, const py::tuple& qt, const c10::opt
       at::addmm_out(yt, bias->narrow(0, n0, nb), x, w.t());
     else
       at::mm_out(yt, x, w.t());
-    if (R) yt.addmm_(*xs, B->narrow(0, n0, nb).t());
+    if (R) yt.addmm_(*xs, B->narrow(0, n0, nb).t(), 1.0, lora_scale);
   }
   return y;
 }
@@ -477,7 +478,8 @@ QuantDesc dense_desc(const at::Tensor& W) {
 }
 
 at::Tensor dense_lora_gemv(const at::Tensor& x, const at::Tensor& W, const c10::optional<at::Tensor>& bias,
-                           const c10::optional<at::Tensor>& xs, const c10::optional<at::Tensor>& B) {
+                           const c10::optional<at::Tensor>& xs, const c10::optional<at::Tensor>& B,
+                           double lora_scale) {
   const QuantDesc d = dense_desc(W);
   check_dense_f32(x, "x", d.K);
   const int64_t M = x.size(0), N = d.N;
@@ -497,7 +499,7 @@ at::Tensor dense_lora_gemv(const at::Tensor& x, const at::Tensor& W, const c10::
   at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, d.K * std::max<int64_t>(1, M))),
                    [&](int64_t b, int64_t e) {
                      std::vector<float> buf(d.K + 64);
-                     K().qgemv_rows(d, b, e, xp, M, yp, N, bp, xsp, Bp, R, buf.data());
+                     K().qgemv_rows(d, b, e, xp, M, yp, N, bp, xsp, Bp, R, float(lora_scale), buf.data());
                    });
   return y;
 }
@@ -520,6 +522,96 @@ at::Tensor quant_grad_x(const at::Tensor& dy, const py::tuple& qt, int64_t tile_
   return dx;
 }
 
+// Backward of one fp32 adapter at decode-sized M, every step in one call (from Python each of the ~10 small
+// products and reductions cost a dispatch comparable to its arithmetic):
+//   g = s dy B;  dB = s dy^T h;  db = s sum_m dy;  dx = dy W + (g A) * mask;  dA = g^T drop(x)
+// dy (M, N), W (N, K) (any strides), x (M, K) or None (no dA), A (r, K) contiguous, B (N, r), h (M, r): fp32.
+// Returns [dx or undefined (need_dx false), dA or undefined, dB, db].
+std::vector<at::Tensor> lora_small_backward(const at::Tensor& dy, const at::Tensor& W, const c10::optional<at::Tensor>& x,
+                                            const at::Tensor& A, const at::Tensor& B, const at::Tensor& h, double s,
+                                            double p, int64_t seed, bool need_dx) {
+  for (const at::Tensor* t : {&dy, &W, &A, &B, &h})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->device().is_cpu(),
+                "fastpeft._C: lora_small_backward takes 2-D fp32 CPU tensors");
+  const int64_t M = dy.size(0), N = dy.size(1), r = A.size(0), Kd = A.size(1);
+  TORCH_CHECK(B.sizes() == at::IntArrayRef({N, r}) && h.sizes() == at::IntArrayRef({M, r}) && W.size(0) == N &&
+                  W.size(1) == Kd,
+              "fastpeft._C: lora_small_backward shapes disagree");
+  at::Tensor dx = need_dx ? at::mm(dy, W) : at::Tensor();
+  if (M > 4) {  // BLAS from here: the loops below are SSE2 only (this file has no -mavx2), 2M multiply-adds at M=16
+    at::Tensor g = at::mm(dy, B).mul_(s);
+    at::Tensor dB = at::mm(dy.t(), h).mul_(s);
+    at::Tensor db = dy.sum(0).mul_(s);
+    at::Tensor dA;
+    if (p == 0.0) {
+      if (need_dx) dx.addmm_(g, A);
+      if (x.has_value()) dA = at::mm(g.t(), *x);
+    } else {
+      c10::optional<at::Tensor> acc = need_dx ? c10::optional<at::Tensor>(dx) : c10::nullopt;
+      c10::optional<at::Tensor> xr =
+          x.has_value() ? c10::optional<at::Tensor>(x->stride(1) == 1 ? *x : x->contiguous()) : c10::nullopt;
+      dA = lora_dx_pass(acc, xr, A.contiguous(), g, p, seed);
+    }
+    return {dx, dA, dB, db};
+  }
+  // M <= 4: the rank-r products are a few thousand multiply-adds: plain loops on the calling thread (each at::mm
+  // cost ~20 us of dispatch and thread-pool wake-up here, more than its arithmetic).
+  const at::Tensor dyc = dy.contiguous(), Bc = B.contiguous(), hc = h.contiguous(), Ac = A.contiguous();
+  const float *dyp = dyc.data_ptr<float>(), *Bp = Bc.data_ptr<float>(), *hp = hc.data_ptr<float>(),
+              *Ap = Ac.data_ptr<float>();
+  const float sf = float(s);
+  at::Tensor g = at::zeros({M, r}, at::kFloat), dB = at::zeros({N, r}, at::kFloat), db = at::zeros({N}, at::kFloat);
+  float *gp = g.data_ptr<float>(), *dBp = dB.data_ptr<float>(), *dbp = db.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* dym = dyp + m * N;
+    float* gm = gp + m * r;
+    const float* hm = hp + m * r;
+    for (int64_t n = 0; n < N; ++n) {
+      const float c = dym[n];
+      const float* Bn = Bp + n * r;
+      float* dBn = dBp + n * r;
+      for (int64_t j = 0; j < r; ++j) {
+        gm[j] += c * Bn[j];
+        dBn[j] += c * hm[j];
+      }
+      dbp[n] += c;
+    }
+  }
+  for (int64_t i = 0; i < M * r; ++i) gp[i] *= sf;
+  for (int64_t i = 0; i < N * r; ++i) dBp[i] *= sf;
+  for (int64_t n = 0; n < N; ++n) dbp[n] *= sf;
+  at::Tensor dA;
+  if (p == 0.0) {
+    float* dxp = need_dx ? dx.data_ptr<float>() : nullptr;  // at::mm returns a contiguous result
+    for (int64_t m = 0; m < M && dxp; ++m)
+      for (int64_t j = 0; j < r; ++j) {
+        const float c = gp[m * r + j];
+        const float* Aj = Ap + j * Kd;
+        float* dxm = dxp + m * Kd;
+        for (int64_t k = 0; k < Kd; ++k) dxm[k] += c * Aj[k];
+      }
+    if (x.has_value()) {
+      dA = at::zeros({r, Kd}, at::kFloat);
+      float* dAp = dA.data_ptr<float>();
+      const at::Tensor xc = x->contiguous();
+      const float* xp = xc.data_ptr<float>();
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < r; ++j) {
+          const float c = gp[m * r + j];
+          const float* xm = xp + m * Kd;
+          float* dAj = dAp + j * Kd;
+          for (int64_t k = 0; k < Kd; ++k) dAj[k] += c * xm[k];
+        }
+    }
+  } else {
+    c10::optional<at::Tensor> acc = need_dx ? c10::optional<at::Tensor>(dx) : c10::nullopt;
+    c10::optional<at::Tensor> xr = x.has_value() ? c10::optional<at::Tensor>(x->stride(1) == 1 ? *x : x->contiguous())
+                                                 : c10::nullopt;
+    dA = lora_dx_pass(acc, xr, Ac, g, p, seed);
+  }
+  return {dx, dA, dB, db};
+}
+
 std::string isa() { return K().isa; }
 
 }  // namespace
@@ -538,10 +630,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_epilogue_", &fastpeft::lora_epilogue_, "(y, xs32, Bt32, bias32|None): y += xs Bt + bias in place");
   m.def("lora_dy_pass", &fastpeft::lora_dy_pass, "(dy, Bt32, xa32, svec, need_dB, need_colsum) -> [g, dB (N, R) scaled, colsum]");
   m.def("quant_dequantize", &fastpeft::quant_dequantize, "(qweight) -> dense (N, K) fp32");
-  m.def("quant_linear", &fastpeft::quant_linear, "(x32, qweight, bias32|None, xs32|None, B32|None, gemv_rows, tile_rows|0) -> "
-        "x w^T + bias + xs B^T (M, N) fp32");
-  m.def("dense_lora_gemv", &fastpeft::dense_lora_gemv, "(x32, W, bias32|None, xs32|None, B32|None) -> "
-        "x W^T + bias + xs B^T (M, N) fp32, one pass over W (decode-sized M)");
+  m.def("quant_linear", &fastpeft::quant_linear, "(x32, qweight, bias32|None, xs32|None, B32|None, lora_scale, gemv_rows, tile_rows|0) -> "
+        "x w^T + bias + lora_scale xs B^T (M, N) fp32");
+  m.def("dense_lora_gemv", &fastpeft::dense_lora_gemv, "(x32, W, bias32|None, xs32|None, B32|None, lora_scale) -> "
+        "x W^T + bias + lora_scale xs B^T (M, N) fp32, one pass over W (decode-sized M)");
   m.def("quant_grad_x", &fastpeft::quant_grad_x, "(dy32, qweight, tile_rows|0) -> dy w (M, K) fp32");
+  m.def("lora_small_backward", &fastpeft::lora_small_backward, "(dy, W, x|None, A, B, h, s, p, seed, need_dx) -> "
+        "[dx, dA, dB, db] for one fp32 adapter (decode-sized M)");
   m.def("lora_dx_pass", &fastpeft::lora_dx_pass, "(dx|None, x|None, A32, g32, p, seed) -> dA32 (dx updated in place)");
 }

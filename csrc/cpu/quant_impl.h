@@ -185,7 +185,7 @@ void dequant_rows(const QuantDesc& q, int64_t n0, int64_t n1, float* out, int64_
 }
 
 void qgemv_rows(const QuantDesc& q, int64_t n0, int64_t n1, const float* x, int64_t M, float* y, int64_t ldy,
-                const float* bias, const float* xs, const float* B, int64_t R, float* buf) {
+                const float* bias, const float* xs, const float* B, int64_t R, float lora_scale, float* buf) {
   const CodeTable table(q.code);
   const int64_t K = q.K;
   // Dense rows are read where they lie: fp32 directly, bf16/fp16 widened in registers for M <= 2, where one
@@ -203,7 +203,7 @@ void qgemv_rows(const QuantDesc& q, int64_t n0, int64_t n1, const float* x, int6
       if (xs) {
         float upd = 0.f;
         for (int64_t j = 0; j < R; ++j) upd += xs[m * R + j] * B[n * R + j];
-        acc += upd;
+        acc += lora_scale * upd;
       }
       y[m * ldy + n] = acc;
     }

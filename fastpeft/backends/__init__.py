@@ -46,7 +46,8 @@ def availability(name: str) -> tuple[bool, str]:
     """``(available, reason)`` for one backend name."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"fastpeft: unknown backend {name!r}; choose one of {('auto',) + BACKEND_NAMES}")
-    key = (name, os.environ.get("TRITON_INTERPRET"))
+    # Only Triton's availability depends on TRITON_INTERPRET; the others skip the environment read (hot path).
+    key = (name, os.environ.get("TRITON_INTERPRET") if name == "triton" else None)
     if key not in _availability_cache:
         _availability_cache[key] = _check_availability(name)
     return _availability_cache[key]

@@ -28,7 +28,8 @@ IA3 with the product ``l`` of active vectors::
     otherwise:    y = (x W^T + b) * l      ->  dX = (dY * l) W,   dl = sum_m dY * (x W^T + b)
 
 Saved for backward: ``x`` (only when an adapter weight needs a gradient), the small ``h_i``, the parameters and the
-seeds. Never ``drop(x)``, a mask, or a dequantized weight.
+seeds. Never ``drop(x)``, a mask, or a dequantized weight. IA3 with output scaling on the CPU backend saves the base
+output ``x W^T + b`` instead of ``x`` (what PEFT saves), see ``IA3LinearFunction``.
 """
 
 from __future__ import annotations
@@ -344,18 +345,36 @@ ia3_linear_op.register_autograd(_ia3_setup_backward, setup_context=_ia3_setup_co
 
 
 class IA3LinearFunction(torch.autograd.Function):
-    """``fastpeft::ia3_linear`` for eager mode and for a ``QuantizedWeight`` base."""
+    """``fastpeft::ia3_linear`` for eager mode and for a ``QuantizedWeight`` base.
+
+    Output scaling on a backend that keeps the base output (``ia3_keeps_base_output``, the CPU backend): forward
+    saves ``z = x W^T + b`` instead of ``x``, as PEFT's own graph does, so backward needs no second GEMM (on a CPU
+    the recomputation cost a whole forward: IA3 training ran at 0.8x PEFT). Otherwise ``x`` is saved and ``z``
+    recomputed, which trades an ``(M, N)`` activation for a GEMM where GEMMs are cheap.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, is_feedforward):
         ctx.weight, ctx.is_feedforward = weight, is_feedforward
-        ctx.save_for_backward(x, bias, scale)
-        return _ia3_forward(x, weight, bias, scale, is_feedforward)
+        backend = get_backend(x, weight)
+        if not is_feedforward and getattr(backend, "ia3_keeps_base_output", False):
+            y, z = backend.ia3_forward_keep_base(x, weight, bias, scale)
+            ctx.backend = backend
+            ctx.save_for_backward(None, bias, scale, z)
+            return y
+        ctx.backend = None
+        ctx.save_for_backward(x, bias, scale, None)
+        return backend.ia3_forward(x, weight, bias, scale, is_feedforward)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, bias, scale = ctx.saved_tensors
-        dx, dscale = _ia3_backward(grad_y, x, ctx.weight, bias, scale, ctx.is_feedforward, ctx.needs_input_grad[0])
+        x, bias, scale, z = ctx.saved_tensors
+        if ctx.backend is not None:
+            dx, dscale = ctx.backend.ia3_backward_from_base(grad_y.contiguous(), z, ctx.weight, scale,
+                                                            ctx.needs_input_grad[0])
+        else:
+            dx, dscale = _ia3_backward(grad_y, x, ctx.weight, bias, scale, ctx.is_feedforward,
+                                       ctx.needs_input_grad[0])
         return dx, None, None, dscale, None
 
 

@@ -245,6 +245,40 @@ def test_ia3_matches_reference(xdt, feedforward):
     assert_close("dscale", ds, ds_r, ds_o, all_fp32=exact)
 
 
+@pytest.mark.parametrize("M", [13, 40], ids=["gemv", "gemm"])
+@pytest.mark.parametrize("xdt", ["fp32", "bf16"])
+def test_ia3_output_scaling_saves_base_output_not_x(xdt, M):
+    """Through the autograd function: the CPU backend saves z = x W^T + b (as PEFT does) instead of x, and the
+    gradients still equal the reference's (which recomputes z)."""
+    from fastpeft import functional
+
+    K, N = 77, 41
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(M, K, generator=g).to(DT[xdt]).requires_grad_(True)
+    W = (torch.randn(N, K, generator=g) / K**0.5).to(DT[xdt])
+    b = torch.randn(N, generator=g).to(DT[xdt])
+    vec = (torch.rand(N, 1, generator=g) + 0.5).requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = functional.ia3_linear(x, W, b, [vec], False)
+    z = REF.ia3_forward(x.detach(), W, b, torch.ones(N), False)
+    tol = 1e-5 if xdt == "fp32" else 1e-2
+    assert any(t.shape == z.shape and t.dtype == z.dtype and rel_err(t, z) < tol for t in saved), (
+        "z = x W^T + b was not saved")
+    assert not any(t.data_ptr() == x.data_ptr() for t in saved), "x was saved although backward does not need it"
+    gy = torch.randn(M, N, generator=g).to(DT[xdt])
+    dx, dvec = torch.autograd.grad(y, [x, vec], gy)
+    dx_r, ds_r = REF.ia3_backward(gy, x.detach(), W, b, vec.detach().flatten(), False, True)
+    dx_o, ds_o = REF.ia3_backward(gy.float(), x.detach().float(), W.float(), b.float(), vec.detach().flatten(),
+                                  False, True)
+    exact = xdt == "fp32"
+    assert_close("y", y, REF.ia3_forward(x.detach(), W, b, vec.detach().flatten(), False),
+                 REF.ia3_forward(x.detach().float(), W.float(), b.float(), vec.detach().flatten(), False),
+                 all_fp32=exact)
+    assert_close("dx", dx, dx_r, dx_o, all_fp32=exact)
+    assert_close("dscale", dvec.flatten(), ds_r, ds_o, all_fp32=exact)
+
+
 # ------------------------------------------------------------------------------------------------- dispatching
 def test_auto_dispatch_picks_cpu():
     from fastpeft.backends import backend_info, get_backend

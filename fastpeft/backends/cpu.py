@@ -308,25 +308,54 @@ class CpuBackend(Backend):
         return grad_x, grad_A, grad_B, grad_bias
 
     # ------------------------------------------------------------------------------------------------------ IA3
-    def ia3_forward(self, x, weight, bias, scale, is_feedforward):
-        if isinstance(weight, QuantizedWeight):
-            return self._quant_ia3_forward(x, weight, bias, scale, is_feedforward)
-        if is_feedforward:
-            return self._reference.ia3_forward(x, weight, bias, scale, is_feedforward)
-        z = torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-        # In place: torch computes z * scale in the promoted dtype and rounds into z, the reference's
-        # (z * scale).to(z.dtype) without a second (M, N) tensor.
-        return z.mul_(scale)
+    def _base_product(self, x, weight, bias):
+        """``x W^T + b`` in ``x``'s dtype, by the fastest route here: the one-pass GEMV at M <= GEMV_MAX_M, the
+        dequantizing product for a bitsandbytes base, a widened fp32 GEMM for bf16/fp16 without native support
+        (rounded once), else torch's GEMM. The bias is rounded to ``x``'s dtype first, as the reference adds it."""
+        quantized = isinstance(weight, QuantizedWeight)
+        if quantized or (x.shape[0] <= self.GEMV_MAX_M and weight.stride(-1) == 1):
+            b32 = None if bias is None else bias.detach().to(x.dtype).float().contiguous()
+            x32 = x if (x.dtype == torch.float32 and x.is_contiguous()) else x.float().contiguous()
+            if quantized:
+                y = _C.quant_linear(x32, _quant_args(weight, x.dtype), b32, None, None, 1.0, self.GEMV_MAX_M, 0)
+            else:
+                y = _C.dense_lora_gemv(x32, weight if weight.dtype == x.dtype else weight.detach().to(x.dtype),
+                                       b32, None, None, 1.0)
+            return y.to(x.dtype)
+        if _fp32_gemm(x.dtype, x.shape[0], backward=False):
+            b32 = None if bias is None else bias.to(x.dtype).float()
+            return torch.nn.functional.linear(x.float(), weight.float(), b32).to(x.dtype)
+        return torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
-    @staticmethod
-    def _quant_ia3_forward(x, weight, bias, scale, is_feedforward):
-        """IA3 over a bitsandbytes base: the reference's formulas with the product dequantizing in ``_C``."""
+    def ia3_forward(self, x, weight, bias, scale, is_feedforward):
         if is_feedforward:
-            x = (x.to(scale.dtype) * scale).to(x.dtype)
-        b32 = None if bias is None else bias.detach().to(x.dtype).float().contiguous()
-        y = _C.quant_linear(x.float().contiguous(), _quant_args(weight, x.dtype), b32, None, None, 1.0,
-                            CpuBackend.GEMV_MAX_M, 0).to(x.dtype)
-        return y if is_feedforward else y.mul_(scale)
+            return self._base_product((x.to(scale.dtype) * scale).to(x.dtype), weight, bias)
+        # In place: torch computes z * scale in the promoted dtype and rounds into z, the reference's
+        # (z * scale).to(z.dtype) without a second (M, N) tensor (no autograd here: nothing keeps z).
+        return self._base_product(x, weight, bias).mul_(scale)
+
+    # IA3 output scaling: keep z = x W^T + b for backward instead of recomputing it (functional.IA3LinearFunction).
+    ia3_keeps_base_output = True
+
+    def ia3_forward_keep_base(self, x, weight, bias, scale):
+        """Output scaling: ``(y, z)`` with ``z = x W^T + b`` in ``x``'s dtype and ``y = (z * scale).to(z.dtype)``."""
+        z = self._base_product(x, weight, bias)
+        return (z * scale).to(z.dtype), z
+
+    def ia3_backward_from_base(self, grad_y, z, weight, scale, needs_grad_x):
+        """The reference's output-scaling backward with the saved ``z``: ``dscale = sum_m dY * z`` and
+        ``dX = ((dY * scale) in z's dtype) W``."""
+        grad_scale = (grad_y.to(scale.dtype) * z.to(scale.dtype)).sum(0)
+        grad_x = None
+        if needs_grad_x:
+            gz = (grad_y.to(scale.dtype) * scale).to(z.dtype)
+            if isinstance(weight, QuantizedWeight):
+                grad_x = _C.quant_grad_x(gz.float().contiguous(), _quant_args(weight, z.dtype), 0).to(z.dtype)
+            elif _fp32_gemm(z.dtype, gz.shape[0], backward=True):
+                grad_x = (gz.float() @ weight.float()).to(z.dtype)
+            else:
+                grad_x = gz @ weight.to(z.dtype)
+        return grad_x, grad_scale
 
     def ia3_backward(self, grad_y, x, weight, bias, scale, is_feedforward, needs_grad_x):
         if isinstance(weight, QuantizedWeight):

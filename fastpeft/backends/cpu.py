@@ -25,6 +25,12 @@ up-projection and biases added in the same pass. ``dX = dY W`` goes tile by tile
 Decoded values are bit-equal to bitsandbytes' dequantization, rounded to the weight's dtype and then ``x``'s,
 as the reference does.
 
+Decoding shapes (M <= ``CpuBackend.GEMV_MAX_M`` = 16) with a dense weight of unit column stride use the same
+one-pass GEMV (``_C.dense_lora_gemv``: each weight row read once, bf16/fp16 rows widened in registers, the LoRA
+term fused): torch's own ``x W^T`` at M = 2..16 costs 1.1-2.7x more than the GEMV with the adapter on this CPU.
+The fp32 single-adapter backward there is one call (``_C.lora_small_backward``), as each torch call from Python
+costs microseconds that add up to more than the adapter's arithmetic.
+
 Adapter matrices are converted to contiguous fp32 (they are ``r x K``: tiny); activations stay in their dtype and
 are widened in registers. All accumulation is fp32.
 
@@ -32,9 +38,9 @@ Base GEMMs in bf16/fp16 on a CPU without native low-precision GEMM (no AVX512-BF
 far slower than its fp32 GEMM (measured on the 2-core AVX2 EPYC these numbers come from, 1 thread, 2048x2048:
 ``x @ W^T`` at M=512 422 ms in bf16 vs 56 ms widened to fp32, conversions included; ``dY @ W`` 300x slower in bf16),
 so the backend widens ``x``/``dY`` and ``W`` to fp32 for the GEMM (transient copies, nothing saved) and rounds the
-result once, after the adapter terms are added: one rounding where the reference has two. Decoding shapes
-(M < 3) keep the low-precision forward GEMV, which is cheaper than widening ``W``. ``FASTPEFT_CPU_LOWP_GEMM``
-= ``native`` / ``fp32`` overrides the choice.
+result once, after the adapter terms are added: one rounding where the reference has two. Forward shapes below
+M = 3 that miss the one-pass GEMV (a transposed ``fan_in_fan_out`` weight) keep torch's low-precision GEMV, which is
+cheaper than widening ``W``. ``FASTPEFT_CPU_LOWP_GEMM`` = ``native`` / ``fp32`` overrides the choice.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ they are never shared). ``base`` is the bitsandbytes layer alone, always under i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import warnings
 
 import torch
@@ -113,5 +112,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        main()
+    main()

@@ -162,7 +162,7 @@ class FusedIA3Linear(PeftIA3Linear):
     """
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        base = self.get_base_layer()
+        base = direct_base_layer(self)
         found = None
         if not (args or kwargs or self.disable_adapters or self.merged or _has_hooks(base)):
             found = read_base_weight(base, self.fan_in_fan_out)

@@ -374,13 +374,6 @@ QuantArg parse_quant(const py::tuple& t) {
   return q;
 }
 
-// The decoding GEMV over a dense (N, K) weight (unit column stride, any row stride; fp32/bf16/fp16):
-// y = x W^T + bias + xs B^T in fp32 (M, N), one parallel pass over W with the LoRA term fused. For decode-sized M,
-// where torch's GEMV plus separate adapter ops cost several thread-pool round trips for a few microseconds of work.
-at::Tensor dense_lora_gemv(const at::Tensor& x, const at::Tensor& W, const c10::optional<at::Tensor>& bias,
-                           const c10::optional<at::Tensor>& xs, const c10::optional<at::Tensor>& B,
-                           double lora_scale);
-
 void check_dense_f32(const at::Tensor& t, const char* name, int64_t cols) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 &&
                   t.size(1) == cols,
@@ -415,6 +408,39 @@ at::Tensor quant_dequantize(const py::tuple& qt) {
   return out;
 }
 
+// Checks the operands of y = x w^T + bias + lora_scale xs B^T against w's (N, K); returns R (0 without xs/B).
+int64_t check_product(const QuantDesc& d, const at::Tensor& x, const c10::optional<at::Tensor>& bias,
+                      const c10::optional<at::Tensor>& xs, const c10::optional<at::Tensor>& B) {
+  check_dense_f32(x, "x", d.K);
+  TORCH_CHECK(xs.has_value() == B.has_value(), "fastpeft._C: the LoRA term needs both xs and B, or neither");
+  const int64_t R = xs.has_value() ? xs->size(1) : 0;
+  if (xs.has_value()) {
+    check_f32(*xs, "xs", {x.size(0), R});
+    check_f32(*B, "B", {d.N, R});
+  }
+  if (bias.has_value()) check_f32(*bias, "bias", {d.N});
+  return R;
+}
+
+// The one-pass GEMV (kernels.h: qgemv_rows) over any QuantDesc, parallel over weight rows.
+at::Tensor gemv_product(const QuantDesc& d, const at::Tensor& x, const c10::optional<at::Tensor>& bias,
+                        const c10::optional<at::Tensor>& xs, const c10::optional<at::Tensor>& B, int64_t R,
+                        double lora_scale) {
+  const int64_t M = x.size(0), N = d.N;
+  auto y = at::empty({M, N}, at::kFloat);
+  if (M == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  const float* xsp = R ? xs->data_ptr<float>() : nullptr;
+  const float* Bp = R ? B->data_ptr<float>() : nullptr;
+  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, d.K * M)), [&](int64_t b, int64_t e) {
+    std::vector<float> buf(d.K + 64);
+    K().qgemv_rows(d, b, e, xp, M, yp, N, bp, xsp, Bp, R, float(lora_scale), buf.data());
+  });
+  return y;
+}
+
 // y = x w^T + bias + lora_scale xs B^T in fp32 (M, N); x (M, K) fp32 contiguous; bias (N,), xs (M, R), B (N, R) fp32 or None.
 // tile: rows per dequantized tile (0: ~1 MB of fp32, see tile_rows).
 // M <= gemv_rows: the decoding GEMV (each weight row decoded once, in L1, LoRA term added in the same pass).
@@ -425,30 +451,10 @@ at::Tensor quant_linear(const at::Tensor& x, const py::tuple& qt, const c10::opt
                         int64_t gemv_rows, int64_t tile_request) {
   const QuantArg q = parse_quant(qt);
   const QuantDesc& d = q.d;
-  check_dense_f32(x, "x", d.K);
+  const int64_t R = check_product(d, x, bias, xs, B);
   const int64_t M = x.size(0), N = d.N;
-  TORCH_CHECK(xs.has_value() == B.has_value(), "fastpeft._C: quant_linear needs both xs and B, or neither");
-  int64_t R = 0;
-  if (xs.has_value()) {
-    R = xs->size(1);
-    check_f32(*xs, "xs", {M, R});
-    check_f32(*B, "B", {N, R});
-  }
-  if (bias.has_value()) check_f32(*bias, "bias", {N});
+  if (M <= gemv_rows) return gemv_product(d, x, bias, xs, B, R, lora_scale);
   auto y = at::empty({M, N}, at::kFloat);
-  if (M == 0) return y;
-  if (M <= gemv_rows) {
-    const float* xp = x.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-    const float* xsp = R ? xs->data_ptr<float>() : nullptr;
-    const float* Bp = R ? B->data_ptr<float>() : nullptr;
-    at::parallel_for(0, N, std::max<int64_t>(1, 32768 / d.K), [&](int64_t b, int64_t e) {
-      std::vector<float> buf(d.K + 64);
-      K().qgemv_rows(d, b, e, xp, M, yp, N, bp, xsp, Bp, R, float(lora_scale), buf.data());
-    });
-    return y;
-  }
   const int64_t tn = tile_rows(N, d.K, tile_request);
   auto tile = at::empty({tn, d.K}, at::kFloat);
   for (int64_t n0 = 0; n0 < N; n0 += tn) {
@@ -477,31 +483,14 @@ QuantDesc dense_desc(const at::Tensor& W) {
   return d;
 }
 
+// The one-pass GEMV over a dense (N, K) weight (unit column stride, any row stride; fp32/bf16/fp16):
+// y = x W^T + bias + lora_scale xs B^T in fp32 (M, N). For decode-sized M, where torch's GEMV plus separate
+// adapter ops cost several thread-pool round trips for a few microseconds of work.
 at::Tensor dense_lora_gemv(const at::Tensor& x, const at::Tensor& W, const c10::optional<at::Tensor>& bias,
                            const c10::optional<at::Tensor>& xs, const c10::optional<at::Tensor>& B,
                            double lora_scale) {
   const QuantDesc d = dense_desc(W);
-  check_dense_f32(x, "x", d.K);
-  const int64_t M = x.size(0), N = d.N;
-  TORCH_CHECK(xs.has_value() == B.has_value(), "fastpeft._C: dense_lora_gemv needs both xs and B, or neither");
-  const int64_t R = xs.has_value() ? xs->size(1) : 0;
-  if (R) {
-    check_f32(*xs, "xs", {M, R});
-    check_f32(*B, "B", {N, R});
-  }
-  if (bias.has_value()) check_f32(*bias, "bias", {N});
-  auto y = at::empty({M, N}, at::kFloat);
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  const float* xsp = R ? xs->data_ptr<float>() : nullptr;
-  const float* Bp = R ? B->data_ptr<float>() : nullptr;
-  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, d.K * std::max<int64_t>(1, M))),
-                   [&](int64_t b, int64_t e) {
-                     std::vector<float> buf(d.K + 64);
-                     K().qgemv_rows(d, b, e, xp, M, yp, N, bp, xsp, Bp, R, float(lora_scale), buf.data());
-                   });
-  return y;
+  return gemv_product(d, x, bias, xs, B, check_product(d, x, bias, xs, B), lora_scale);
 }
 
 // dX = dY w in fp32 (M, K); dy (M, N) fp32 contiguous. Tile by tile: dX += dY[:, tile] w[tile].
@@ -538,50 +527,54 @@ std::vector<at::Tensor> lora_small_backward(const at::Tensor& dy, const at::Tens
                   W.size(1) == Kd,
               "fastpeft._C: lora_small_backward shapes disagree");
   at::Tensor dx = need_dx ? at::mm(dy, W) : at::Tensor();
-  if (M > 4) {  // BLAS from here: the loops below are SSE2 only (this file has no -mavx2), 2M multiply-adds at M=16
-    at::Tensor g = at::mm(dy, B).mul_(s);
-    at::Tensor dB = at::mm(dy.t(), h).mul_(s);
-    at::Tensor db = dy.sum(0).mul_(s);
-    at::Tensor dA;
-    if (p == 0.0) {
-      if (need_dx) dx.addmm_(g, A);
-      if (x.has_value()) dA = at::mm(g.t(), *x);
-    } else {
-      c10::optional<at::Tensor> acc = need_dx ? c10::optional<at::Tensor>(dx) : c10::nullopt;
-      c10::optional<at::Tensor> xr =
-          x.has_value() ? c10::optional<at::Tensor>(x->stride(1) == 1 ? *x : x->contiguous()) : c10::nullopt;
-      dA = lora_dx_pass(acc, xr, A.contiguous(), g, p, seed);
-    }
-    return {dx, dA, dB, db};
-  }
   // M <= 4: the rank-r products are a few thousand multiply-adds: plain loops on the calling thread (each at::mm
-  // cost ~20 us of dispatch and thread-pool wake-up here, more than its arithmetic).
-  const at::Tensor dyc = dy.contiguous(), Bc = B.contiguous(), hc = h.contiguous(), Ac = A.contiguous();
-  const float *dyp = dyc.data_ptr<float>(), *Bp = Bc.data_ptr<float>(), *hp = hc.data_ptr<float>(),
-              *Ap = Ac.data_ptr<float>();
-  const float sf = float(s);
-  at::Tensor g = at::zeros({M, r}, at::kFloat), dB = at::zeros({N, r}, at::kFloat), db = at::zeros({N}, at::kFloat);
-  float *gp = g.data_ptr<float>(), *dBp = dB.data_ptr<float>(), *dbp = db.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    const float* dym = dyp + m * N;
-    float* gm = gp + m * r;
-    const float* hm = hp + m * r;
-    for (int64_t n = 0; n < N; ++n) {
-      const float c = dym[n];
-      const float* Bn = Bp + n * r;
-      float* dBn = dBp + n * r;
-      for (int64_t j = 0; j < r; ++j) {
-        gm[j] += c * Bn[j];
-        dBn[j] += c * hm[j];
+  // cost ~20 us of dispatch and thread-pool wake-up here, more than its arithmetic). Larger M: BLAS (the loops are
+  // SSE2 only, this file has no -mavx2, and reach 2M multiply-adds at M=16).
+  const bool loops = M <= 4;
+  const at::Tensor Ac = A.contiguous();
+  at::Tensor g, dB, db;
+  if (!loops) {
+    g = at::mm(dy, B).mul_(s);
+    dB = at::mm(dy.t(), h).mul_(s);
+    db = dy.sum(0).mul_(s);
+  } else {
+    const at::Tensor dyc = dy.contiguous(), Bc = B.contiguous(), hc = h.contiguous();
+    const float *dyp = dyc.data_ptr<float>(), *Bp = Bc.data_ptr<float>(), *hp = hc.data_ptr<float>();
+    const float sf = float(s);
+    g = at::zeros({M, r}, at::kFloat);
+    dB = at::zeros({N, r}, at::kFloat);
+    db = at::zeros({N}, at::kFloat);
+    float *gp = g.data_ptr<float>(), *dBp = dB.data_ptr<float>(), *dbp = db.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) {
+      const float* dym = dyp + m * N;
+      float* gm = gp + m * r;
+      const float* hm = hp + m * r;
+      for (int64_t n = 0; n < N; ++n) {
+        const float c = dym[n];
+        const float* Bn = Bp + n * r;
+        float* dBn = dBp + n * r;
+        for (int64_t j = 0; j < r; ++j) {
+          gm[j] += c * Bn[j];
+          dBn[j] += c * hm[j];
+        }
+        dbp[n] += c;
       }
-      dbp[n] += c;
     }
+    for (int64_t i = 0; i < M * r; ++i) gp[i] *= sf;
+    for (int64_t i = 0; i < N * r; ++i) dBp[i] *= sf;
+    for (int64_t n = 0; n < N; ++n) dbp[n] *= sf;
   }
-  for (int64_t i = 0; i < M * r; ++i) gp[i] *= sf;
-  for (int64_t i = 0; i < N * r; ++i) dBp[i] *= sf;
-  for (int64_t n = 0; n < N; ++n) dbp[n] *= sf;
   at::Tensor dA;
-  if (p == 0.0) {
+  if (p != 0.0) {  // the mask is regenerated inside the pass
+    c10::optional<at::Tensor> acc = need_dx ? c10::optional<at::Tensor>(dx) : c10::nullopt;
+    c10::optional<at::Tensor> xr =
+        x.has_value() ? c10::optional<at::Tensor>(x->stride(1) == 1 ? *x : x->contiguous()) : c10::nullopt;
+    dA = lora_dx_pass(acc, xr, Ac, g, p, seed);
+  } else if (!loops) {
+    if (need_dx) dx.addmm_(g, Ac);
+    if (x.has_value()) dA = at::mm(g.t(), *x);
+  } else {
+    const float *gp = g.data_ptr<float>(), *Ap = Ac.data_ptr<float>();
     float* dxp = need_dx ? dx.data_ptr<float>() : nullptr;  // at::mm returns a contiguous result
     for (int64_t m = 0; m < M && dxp; ++m)
       for (int64_t j = 0; j < r; ++j) {
@@ -603,11 +596,6 @@ std::vector<at::Tensor> lora_small_backward(const at::Tensor& dy, const at::Tens
           for (int64_t k = 0; k < Kd; ++k) dAj[k] += c * xm[k];
         }
     }
-  } else {
-    c10::optional<at::Tensor> acc = need_dx ? c10::optional<at::Tensor>(dx) : c10::nullopt;
-    c10::optional<at::Tensor> xr = x.has_value() ? c10::optional<at::Tensor>(x->stride(1) == 1 ? *x : x->contiguous())
-                                                 : c10::nullopt;
-    dA = lora_dx_pass(acc, xr, Ac, g, p, seed);
   }
   return {dx, dA, dB, db};
 }

@@ -53,7 +53,6 @@ import torch
 
 from .base import Backend
 from ..quant import QuantizedWeight
-from .reference import ReferenceBackend
 
 try:
     from .. import _C  # type: ignore[attr-defined]
@@ -123,9 +122,6 @@ def _lossless(src: torch.dtype, dst: torch.dtype) -> bool:
 class CpuBackend(Backend):
     name = "cpu"
 
-    def __init__(self):
-        self._reference = ReferenceBackend()
-
     def availability(self):
         if _C is None:
             return False, (
@@ -150,14 +146,8 @@ class CpuBackend(Backend):
     def lora_forward(self, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
         if isinstance(weight, QuantizedWeight) or (x.shape[0] <= self.GEMV_MAX_M and weight.stride(-1) == 1):
             return self._one_pass_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
-        W = weight
-        wide = _fp32_gemm(x.dtype, x.shape[0], backward=False)
-        if wide:
-            # bias rounded to x's dtype first, as the reference adds it in that dtype
-            b32 = None if bias is None else bias.to(x.dtype).float()
-            y = torch.nn.functional.linear(x.float(), W.float(), b32)
-        else:
-            y = torch.nn.functional.linear(x, W.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        y = _torch_product(x, weight, bias)
+        wide = y.dtype != x.dtype  # widened to fp32: rounded once, after the adapter terms
         if not lora_A:
             return (y.to(x.dtype) if wide else y), []
         if y.dtype == torch.float32 and all(A.dtype == B.dtype == torch.float32 for A, B in zip(lora_A, lora_B)):
@@ -199,9 +189,8 @@ class CpuBackend(Backend):
     GEMV_MAX_M = 16
 
     def _one_pass_forward(self, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
-        """The base product and the adapters' up-projections and biases in one C++ call, fp32 throughout, rounded
-        once to ``x``'s dtype: ``_C.quant_linear`` for a bitsandbytes base (dequantized inside the product, never
-        whole), ``_C.dense_lora_gemv`` for a dense weight at decode-sized M."""
+        """The base product and the adapters' up-projections and biases in one C++ call (``_one_pass``), fp32
+        throughout, rounded once to ``x``'s dtype."""
         total_bias = None if bias is None else bias.detach().to(x.dtype).float()  # the reference adds it in x's dtype
         xs = B = None
         xa_out = []
@@ -212,14 +201,18 @@ class CpuBackend(Backend):
             B = (B32[0] if len(B32) == 1 else torch.cat(B32, 1)).contiguous()
             if bias_sum is not None:
                 total_bias = bias_sum if total_bias is None else total_bias + bias_sum
-        total_bias = None if total_bias is None else total_bias.contiguous()
+        return self._one_pass(x, weight, total_bias, xs, B, lora_scale).to(x.dtype), xa_out
+
+    def _one_pass(self, x, weight, bias32, xs, B, lora_scale):
+        """``x W^T + bias32 + lora_scale xs B^T`` in fp32 by one C++ call: ``_C.quant_linear`` for a bitsandbytes
+        base (dequantized inside the product, never whole), ``_C.dense_lora_gemv`` for a dense weight at
+        decode-sized M. ``bias32``, ``xs``, ``B``: fp32 or None."""
         x32 = x if (x.dtype == torch.float32 and x.is_contiguous()) else x.float().contiguous()
+        bias32 = None if bias32 is None else bias32.contiguous()
         if isinstance(weight, QuantizedWeight):
-            y = _C.quant_linear(x32, _quant_args(weight, x.dtype), total_bias, xs, B, lora_scale, self.GEMV_MAX_M, 0)
-        else:
-            y = _C.dense_lora_gemv(x32, weight if weight.dtype == x.dtype else weight.detach().to(x.dtype),
-                                   total_bias, xs, B, lora_scale)
-        return y.to(x.dtype), xa_out
+            return _C.quant_linear(x32, _quant_args(weight, x.dtype), bias32, xs, B, lora_scale, self.GEMV_MAX_M, 0)
+        return _C.dense_lora_gemv(x32, weight if weight.dtype == x.dtype else weight.detach().to(x.dtype), bias32,
+                                  xs, B, lora_scale)
 
     @staticmethod
     def _fp32_update(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
@@ -269,8 +262,7 @@ class CpuBackend(Backend):
     def lora_backward(
         self, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A
     ):
-        quantized = isinstance(weight, QuantizedWeight)
-        if (not quantized and grad_y.shape[0] <= self.SMALL_M and grad_y.dtype == weight.dtype == torch.float32
+        if (not isinstance(weight, QuantizedWeight) and grad_y.shape[0] <= self.SMALL_M and grad_y.dtype == weight.dtype == torch.float32
                 and all(A.dtype == B.dtype == torch.float32 for A, B in zip(lora_A, lora_B))):
             return self._small_fp32_backward(_rows(grad_y), x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds,
                                              needs_grad_x, needs_grad_A)
@@ -284,15 +276,12 @@ class CpuBackend(Backend):
         grad_x = None
         acc = None
         if needs_grad_x:
-            W = weight
-            if quantized:  # dequantized tile by tile inside the product, never whole
-                acc = _C.quant_grad_x(dy.float().contiguous(), _quant_args(weight, dy.dtype), 0)
-                grad_x = torch.empty(0, dtype=dy.dtype)  # only its dtype is used below
-            elif _fp32_gemm(dy.dtype, dy.shape[0], backward=True):
-                acc = torch.mm(dy.float(), W.float())
+            product = _dy_times_w(dy, weight)
+            if product.dtype != dy.dtype:  # fp32 product of a low-precision dY: carried, rounded once at the end
+                acc = product
                 grad_x = torch.empty(0, dtype=dy.dtype)  # only its dtype is used below
             else:
-                grad_x = torch.mm(dy, W.to(dy.dtype))
+                grad_x = product
                 # Several adapters in low precision: carry dX in fp32 like the reference, round once at the end.
                 acc = grad_x.float() if (len(lora_A) > 1 and grad_x.dtype != torch.float32) else grad_x
         grad_A: list[Optional[torch.Tensor]] = []
@@ -315,23 +304,13 @@ class CpuBackend(Backend):
 
     # ------------------------------------------------------------------------------------------------------ IA3
     def _base_product(self, x, weight, bias):
-        """``x W^T + b`` in ``x``'s dtype, by the fastest route here: the one-pass GEMV at M <= GEMV_MAX_M, the
-        dequantizing product for a bitsandbytes base, a widened fp32 GEMM for bf16/fp16 without native support
-        (rounded once), else torch's GEMM. The bias is rounded to ``x``'s dtype first, as the reference adds it."""
-        quantized = isinstance(weight, QuantizedWeight)
-        if quantized or (x.shape[0] <= self.GEMV_MAX_M and weight.stride(-1) == 1):
-            b32 = None if bias is None else bias.detach().to(x.dtype).float().contiguous()
-            x32 = x if (x.dtype == torch.float32 and x.is_contiguous()) else x.float().contiguous()
-            if quantized:
-                y = _C.quant_linear(x32, _quant_args(weight, x.dtype), b32, None, None, 1.0, self.GEMV_MAX_M, 0)
-            else:
-                y = _C.dense_lora_gemv(x32, weight if weight.dtype == x.dtype else weight.detach().to(x.dtype),
-                                       b32, None, None, 1.0)
-            return y.to(x.dtype)
-        if _fp32_gemm(x.dtype, x.shape[0], backward=False):
-            b32 = None if bias is None else bias.to(x.dtype).float()
-            return torch.nn.functional.linear(x.float(), weight.float(), b32).to(x.dtype)
-        return torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        """``x W^T + b`` in ``x``'s dtype, by the fastest route here: the one-pass call at M <= GEMV_MAX_M or for a
+        bitsandbytes base, else torch's GEMM (widened for bf16/fp16 without native support, rounded once). The bias
+        is rounded to ``x``'s dtype first, as the reference adds it."""
+        if isinstance(weight, QuantizedWeight) or (x.shape[0] <= self.GEMV_MAX_M and weight.stride(-1) == 1):
+            b32 = None if bias is None else bias.detach().to(x.dtype).float()
+            return self._one_pass(x, weight, b32, None, None, 1.0).to(x.dtype)
+        return _torch_product(x, weight, bias).to(x.dtype)
 
     def ia3_forward(self, x, weight, bias, scale, is_feedforward):
         if is_feedforward:
@@ -354,21 +333,39 @@ class CpuBackend(Backend):
         grad_scale = (grad_y.to(scale.dtype) * z.to(scale.dtype)).sum(0)
         grad_x = None
         if needs_grad_x:
-            gz = (grad_y.to(scale.dtype) * scale).to(z.dtype)
-            if isinstance(weight, QuantizedWeight):
-                grad_x = _C.quant_grad_x(gz.float().contiguous(), _quant_args(weight, z.dtype), 0).to(z.dtype)
-            elif _fp32_gemm(z.dtype, gz.shape[0], backward=True):
-                grad_x = (gz.float() @ weight.float()).to(z.dtype)
-            else:
-                grad_x = gz @ weight.to(z.dtype)
+            grad_x = _dy_times_w((grad_y.to(scale.dtype) * scale).to(z.dtype), weight).to(z.dtype)
         return grad_x, grad_scale
 
     def ia3_backward(self, grad_y, x, weight, bias, scale, is_feedforward, needs_grad_x):
-        if isinstance(weight, QuantizedWeight):
-            # A transient dense weight from the C++ decoder (~1 ms at 2048x2048 on 2 threads; torch's own
-            # dequantization took 30x that); never saved.
-            weight = _C.quant_dequantize(_quant_args(weight, weight.dtype)).to(weight.dtype)
-        return self._reference.ia3_backward(grad_y, x, weight, bias, scale, is_feedforward, needs_grad_x)
+        """The reference's formulas (``ReferenceBackend.ia3_backward``) with this backend's products: no dense
+        weight is built for a bitsandbytes base. Output scaling gets here only from the custom op (torch.compile),
+        which saves ``x``: ``z`` is recomputed."""
+        if not is_feedforward:
+            return self.ia3_backward_from_base(grad_y, self._base_product(x, weight, bias), weight, scale,
+                                               needs_grad_x)
+        grad_scaled = _dy_times_w(grad_y, weight).to(x.dtype)  # (M, K), the gradient reaching x * l
+        grad_scale = (grad_scaled.to(scale.dtype) * x.to(scale.dtype)).sum(0)
+        grad_x = (grad_scaled.to(scale.dtype) * scale).to(x.dtype) if needs_grad_x else None
+        return grad_x, grad_scale
+
+
+def _torch_product(x, weight, bias):
+    """``x W^T + b`` by torch's GEMM: in fp32, not yet rounded, when ``_fp32_gemm`` widens ``x``'s dtype, else in
+    ``x``'s dtype. The bias is rounded to ``x``'s dtype first, as the reference adds it in that dtype."""
+    if _fp32_gemm(x.dtype, x.shape[0], backward=False):
+        b32 = None if bias is None else bias.to(x.dtype).float()
+        return torch.nn.functional.linear(x.float(), weight.float(), b32)
+    return torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def _dy_times_w(dy, weight):
+    """``dY W`` (M, K): fp32 (not yet rounded) for a bitsandbytes base (dequantized tile by tile inside the product,
+    never whole) or when ``_fp32_gemm`` widens ``dY``'s dtype; else torch's GEMM in ``dY``'s dtype."""
+    if isinstance(weight, QuantizedWeight):
+        return _C.quant_grad_x(dy.float().contiguous(), _quant_args(weight, dy.dtype), 0)
+    if _fp32_gemm(dy.dtype, dy.shape[0], backward=True):
+        return torch.mm(dy.float(), weight.float())
+    return torch.mm(dy, weight.to(dy.dtype))
 
 
 BACKEND = CpuBackend()

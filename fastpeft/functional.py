@@ -347,7 +347,7 @@ ia3_linear_op.register_autograd(_ia3_setup_backward, setup_context=_ia3_setup_co
 class IA3LinearFunction(torch.autograd.Function):
     """``fastpeft::ia3_linear`` for eager mode and for a ``QuantizedWeight`` base.
 
-    Output scaling on a backend that keeps the base output (``ia3_keeps_base_output``, the CPU backend): forward
+    Output scaling on a backend that keeps the base output (``Backend.ia3_keeps_base_output``, the CPU backend): forward
     saves ``z = x W^T + b`` instead of ``x``, as PEFT's own graph does, so backward needs no second GEMM (on a CPU
     the recomputation cost a whole forward: IA3 training ran at 0.8x PEFT). Otherwise ``x`` is saved and ``z``
     recomputed, which trades an ``(M, N)`` activation for a GEMM where GEMMs are cheap.
@@ -357,7 +357,7 @@ class IA3LinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, scale, is_feedforward):
         ctx.weight, ctx.is_feedforward = weight, is_feedforward
         backend = get_backend(x, weight)
-        if not is_feedforward and getattr(backend, "ia3_keeps_base_output", False):
+        if not is_feedforward and backend.ia3_keeps_base_output:
             y, z = backend.ia3_forward_keep_base(x, weight, bias, scale)
             ctx.backend = backend
             ctx.save_for_backward(None, bias, scale, z)

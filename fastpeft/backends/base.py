@@ -102,3 +102,20 @@ class Backend:
         """Returns ``(dx, dscale)``; ``dscale`` has ``scale``'s shape and dtype. Formulas: see
         ``fastpeft.functional.IA3LinearFunction``."""
         raise NotImplementedError
+
+    # Output-scaled IA3 may save the base output ``z = x W^T + b`` for backward instead of ``x`` (what PEFT saves):
+    # a backend where a second GEMM costs more than an (M, N) activation sets this and implements the two methods
+    # below (``fastpeft.functional.IA3LinearFunction`` uses them).
+    ia3_keeps_base_output: bool = False
+
+    def ia3_forward_keep_base(
+        self, x: torch.Tensor, weight, bias: Optional[torch.Tensor], scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output scaling only: ``(y, z)``, ``z = x W^T + bias`` in ``x``'s dtype, ``y = (z * scale).to(z.dtype)``."""
+        raise NotImplementedError
+
+    def ia3_backward_from_base(
+        self, grad_y: torch.Tensor, z: torch.Tensor, weight, scale: torch.Tensor, needs_grad_x: bool
+    ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """Output scaling only, from the saved ``z``: ``(dx, dscale)`` as ``ia3_backward`` returns them."""
+        raise NotImplementedError

@@ -262,7 +262,8 @@ class CpuBackend(Backend):
     def lora_backward(
         self, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A
     ):
-        if (not isinstance(weight, QuantizedWeight) and grad_y.shape[0] <= self.SMALL_M and grad_y.dtype == weight.dtype == torch.float32
+        if (not isinstance(weight, QuantizedWeight) and grad_y.shape[0] <= self.SMALL_M
+                and grad_y.dtype == weight.dtype == torch.float32
                 and all(A.dtype == B.dtype == torch.float32 for A, B in zip(lora_A, lora_B))):
             return self._small_fp32_backward(_rows(grad_y), x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds,
                                              needs_grad_x, needs_grad_A)
@@ -319,7 +320,7 @@ class CpuBackend(Backend):
         # (z * scale).to(z.dtype) without a second (M, N) tensor (no autograd here: nothing keeps z).
         return self._base_product(x, weight, bias).mul_(scale)
 
-    # IA3 output scaling: keep z = x W^T + b for backward instead of recomputing it (functional.IA3LinearFunction).
+    # A second GEMM costs a whole forward on a CPU: keep z = x W^T + b for backward (base.Backend).
     ia3_keeps_base_output = True
 
     def ia3_forward_keep_base(self, x, weight, bias, scale):

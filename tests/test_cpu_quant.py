@@ -1,6 +1,7 @@
 """The ``cpu`` backend's fused dequantization (``_C.quant_*``) for bitsandbytes bases.
 
-Oracles: bitsandbytes' own dequantization (``dequantize_4bit`` / ``int8_vectorwise_dequant``, bit for bit), and
+Oracles: the tests' host-independent 4-bit decoder (``quant_oracle.dequantize_4bit``, bit-equal to bitsandbytes'
+correct decode; its native AVX-512 one is wrong for blocks that straddle rows), ``int8_vectorwise_dequant``, and
 fp32 matmuls against those dequantized weights (never bitsandbytes' CPU matmul, which is wrong under autograd).
 Every SIMD path this CPU runs, both forward routes (the decoding GEMV for M <= 16 and the dequantized tiles for
 larger M, with several tiles and a partial last one), odd shapes (K odd, so rows start mid-byte, and 4-bit blocks
@@ -15,6 +16,7 @@ import torch
 from conftest import assert_close, assert_within_2x
 from fastpeft.backends.cpu import BACKEND as CPU
 from fastpeft.quant import QuantizedWeight
+from quant_oracle import dequantize_4bit
 from test_cpu_backend import AVAILABLE, DT, REF, isa, pytestmark  # noqa: F401  (isa: the per-SIMD-path fixture)
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -29,7 +31,7 @@ KIND_IDS = [f"{k}{'-nested' if n else ''}" for k, n in KINDS]
 
 
 def quantize(kind: str, nested: bool, N: int, K: int, wdtype: torch.dtype, seed: int, blocksize: int = 64):
-    """``(QuantizedWeight, fp32 dense weight from bitsandbytes' own dequantization)`` of a fresh random matrix."""
+    """``(QuantizedWeight, fp32 dense weight from the independent decoder)`` of a fresh random matrix."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(N, K, generator=g) * K**-0.5
     if kind == "int8":
@@ -37,7 +39,7 @@ def quantize(kind: str, nested: bool, N: int, K: int, wdtype: torch.dtype, seed:
         qw = QuantizedWeight(kind="int8", shape=(N, K), dtype=torch.float32, data=cb, absmax=scb)
         return qw, bnbf.int8_vectorwise_dequant(cb, scb).float()
     packed, state = bnbf.quantize_4bit(w.to(wdtype), blocksize=blocksize, compress_statistics=nested, quant_type=kind)
-    dense = bnbf.dequantize_4bit(packed, state)
+    dense = dequantize_4bit(packed, state)
     assert dense.dtype == wdtype
     return QuantizedWeight.from_quant_state(packed, state), dense.float()
 

@@ -1,7 +1,8 @@
 """PEFT LoRA/IA3 over bitsandbytes NF4/FP4/double-quant/int8 bases, after ``fastpeft.accelerate``.
 
 The oracle is never bitsandbytes' matmul (wrong on the CPU, see shared/ENVIRONMENT.md): it is a float32 computation
-from the dequantized weights (``bitsandbytes.functional.dequantize_4bit`` / ``int8 * SCB / 127``) and fp32 copies of
+from the dequantized weights (the tests' own 4-bit decoder ``quant_oracle.dequantize_4bit``, since bitsandbytes' native
+CPU decode is wrong on AVX-512 hosts when a block straddles two rows; ``int8 * SCB / 127``) and fp32 copies of
 the adapter parameters, differentiated by torch autograd. Checked: outputs, adapter gradients, input gradients,
 that no dequantized weight is saved for backward, PEFT save/load round trip, merge/unmerge.
 """
@@ -23,6 +24,7 @@ from fastpeft.layers import FusedLoraLinear  # noqa: E402
 from fastpeft.quant import quantized_weight_of  # noqa: E402
 
 from conftest import assert_close  # noqa: E402
+from quant_oracle import dequantize_4bit  # noqa: E402
 
 K, H = 64, 96
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
@@ -63,11 +65,11 @@ class MLP(nn.Module):
 
 
 def _dense(module) -> torch.Tensor:
-    """fp32 dequantized base weight, computed with bitsandbytes' own dequantization (the independent oracle)."""
+    """fp32 dequantized base weight from an independent decoder (bitsandbytes' int8 one, the tests' own for 4-bit)."""
     w = module.weight
     if w.dtype == torch.int8:
         return bnb.functional.int8_vectorwise_dequant(w.data, w.SCB).float()
-    return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+    return dequantize_4bit(w.data, w.quant_state).float()
 
 
 def _mark_quantized(model, kind):

@@ -78,6 +78,32 @@ def _base_needs_grad(weight, bias) -> bool:
     return (isinstance(weight, torch.Tensor) and weight.requires_grad) or (bias is not None and bias.requires_grad)
 
 
+def _call_mode(weight, bias) -> str:
+    """How a fused op runs this call; LoRA and IA3 route through this one decision.
+
+    - ``"custom_op"``: under torch.compile with a dense weight, the registered ``torch.library`` op, whose
+      autograd also returns the base weight's and bias's gradients when they require grad;
+    - ``"reference"``: eager with a trainable base (not PEFT's frozen set-up): autograd through the spec;
+    - ``"inference"``: no autograd recording;
+    - ``"autograd"``: the eager ``autograd.Function`` (frozen base).
+    """
+    if isinstance(weight, torch.Tensor) and torch.compiler.is_compiling():
+        return "custom_op"
+    if _base_needs_grad(weight, bias):
+        return "reference"
+    return "autograd" if torch.is_grad_enabled() else "inference"
+
+
+def _base_grads(ctx, grad_z, x_in, weight_dtype, bias_dtype):
+    """``(dW, db)`` of ``z = x_in W^T + b`` for the custom ops' autograd, None where not required."""
+    grad_weight = grad_bias = None
+    if ctx.needs_input_grad[1]:
+        grad_weight = (grad_z.t().to(x_in.dtype) @ x_in).to(weight_dtype)
+    if ctx.needs_input_grad[2]:
+        grad_bias = grad_z.sum(0).to(bias_dtype)
+    return grad_weight, grad_bias
+
+
 def draw_seeds(n: int, dropout_p: Sequence[float], training: bool) -> torch.Tensor:
     """One int64 seed per adapter, drawn from torch's CPU generator when dropout is active.
 
@@ -178,8 +204,9 @@ def _lora_setup_context(ctx, inputs, output):
     ctx.scaling, ctx.dropout_p = list(scaling), list(dropout_p)
     ctx.needs_grad_A = any(A.requires_grad for A in lora_A)
     ctx.has_lora_bias = [b.numel() > 0 for b in lora_bias]
-    # x is kept only for dA; with dropout it is still x itself, never a dropped copy.
-    saved_x = x if ctx.needs_grad_A else None
+    ctx.base_dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+    # x is kept only for dA or a trainable base weight; with dropout it is still x itself, never a dropped copy.
+    saved_x = x if (ctx.needs_grad_A or weight.requires_grad) else None
     ctx.save_for_backward(saved_x, weight, seeds, *lora_A, *lora_B, *xa)
 
 
@@ -194,7 +221,8 @@ def _lora_setup_backward(ctx, grad_y, grad_xa):
     )
     grad_A = [g if ctx.needs_grad_A else None for g in dA]
     grad_bias = [g if has else None for g, has in zip(db, ctx.has_lora_bias)]
-    return dx if needs_grad_x else None, None, None, grad_A, list(dB), grad_bias, None, None, None
+    grad_weight, grad_base_bias = _base_grads(ctx, grad_y, x, *ctx.base_dtypes)
+    return dx if needs_grad_x else None, grad_weight, grad_base_bias, grad_A, list(dB), grad_bias, None, None, None
 
 
 lora_linear_op.register_autograd(_lora_setup_backward, setup_context=_lora_setup_context)
@@ -264,17 +292,18 @@ def lora_linear(
     ps = [float(p) if training else 0.0 for p in dropout_p]
     x2, weight, bias, (As, Bs, bs) = _autocast(x2, weight, bias, [list(lora_A), list(lora_B), list(lora_bias)])
     scaling = [float(s) for s in scaling]
-    if isinstance(weight, torch.Tensor) and torch.compiler.is_compiling():
+    mode = _call_mode(weight, bias)
+    if mode == "custom_op":
         seeds = draw_seeds(len(As), ps, training)  # a tensor, so the compiled graph draws it too
         biases = [b if b is not None else A.new_empty(0) for b, A in zip(bs, As)]
         y, _ = torch.ops.fastpeft.lora_linear(x2, weight, bias, As, Bs, biases, scaling, ps, seeds)
         return y.view(*lead, y.shape[-1])
     seeds = draw_seeds(len(As), ps, training).tolist() if any(ps) else [0] * len(As)
-    if _base_needs_grad(weight, bias):
-        # The fused kernels treat the base as frozen (PEFT's set-up); a trainable base is differentiated by autograd
-        # through the reference instead of silently getting no gradient.
+    if mode == "reference":
+        # The fused eager kernels treat the base as frozen (PEFT's set-up); a trainable base is differentiated by
+        # autograd through the reference instead of silently getting no gradient.
         y = reference.lora_linear(x2, weight, bias, As, Bs, bs, scaling, ps, seeds)
-    elif not torch.is_grad_enabled():
+    elif mode == "inference":
         y, _ = _lora_forward(x2, weight, bias, As, Bs, bs, scaling, ps, seeds)
     else:
         y = LoRALinearFunction.apply(x2, weight, bias, len(As), scaling, ps, seeds, *As, *Bs, *bs)
@@ -331,6 +360,7 @@ def _(grad_y, x, weight, bias, scale, is_feedforward, needs_grad_x):
 def _ia3_setup_context(ctx, inputs, output):
     x, weight, bias, scale, is_feedforward = inputs
     ctx.is_feedforward = is_feedforward
+    ctx.base_dtypes = (weight.dtype, bias.dtype if bias is not None else None)
     ctx.save_for_backward(x, weight, bias, scale)
 
 
@@ -338,7 +368,14 @@ def _ia3_setup_backward(ctx, grad_y):
     x, weight, bias, scale = ctx.saved_tensors
     needs_grad_x = ctx.needs_input_grad[0]
     dx, dscale = ia3_linear_backward_op(grad_y, x, weight, bias, scale, ctx.is_feedforward, needs_grad_x)
-    return (dx if needs_grad_x else None), None, None, dscale, None
+    grad_weight = grad_bias = None
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        # feedforward: z = (x * s) W^T + b; output scaling: y = (x W^T + b) * s, so dz = dy * s
+        if ctx.is_feedforward:
+            grad_weight, grad_bias = _base_grads(ctx, grad_y, x * scale.to(x.dtype), *ctx.base_dtypes)
+        else:
+            grad_weight, grad_bias = _base_grads(ctx, grad_y * scale.to(grad_y.dtype), x, *ctx.base_dtypes)
+    return (dx if needs_grad_x else None), grad_weight, grad_bias, dscale, None
 
 
 ia3_linear_op.register_autograd(_ia3_setup_backward, setup_context=_ia3_setup_context)
@@ -396,11 +433,12 @@ def ia3_linear(
     for vector in ia3_vectors[1:]:
         scale = scale * vector.flatten()
     x2, weight, bias, _ = _autocast(x2, weight, bias, [])
-    if _base_needs_grad(weight, bias):
-        y = reference.ia3_linear(x2, weight, bias, [scale], is_feedforward)
-    elif isinstance(weight, torch.Tensor) and torch.compiler.is_compiling():
+    mode = _call_mode(weight, bias)
+    if mode == "custom_op":
         y = torch.ops.fastpeft.ia3_linear(x2, weight, bias, scale, is_feedforward)
-    elif not torch.is_grad_enabled():
+    elif mode == "reference":
+        y = reference.ia3_linear(x2, weight, bias, [scale], is_feedforward)
+    elif mode == "inference":
         y = _ia3_forward(x2, weight, bias, scale, is_feedforward)
     else:
         y = IA3LinearFunction.apply(x2, weight, bias, scale, is_feedforward)

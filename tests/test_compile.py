@@ -208,3 +208,57 @@ def test_llama_compiled_matches_eager():
     for name in grads_e:
         assert grads_e[name].abs().sum() > 0, f"{name}: zero gradient, the test would be vacuous"
         assert_close(name, grads_c[name], grads_e[name], 1e-4)
+
+
+def _make_base_trainable(layer):
+    base = layer.get_base_layer()
+    base.weight.requires_grad_(True)
+    base.bias.requires_grad_(True)
+    return base
+
+
+def _compiled_vs_eager(layer, x, g, seed=99):
+    """Run ``layer`` eager and compiled (fullgraph) from the same RNG state; return both (y, dX, grads)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    runs = []
+    for fn in (layer, compiled):
+        layer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(seed)
+        y = fn(xi)
+        y.backward(g)
+        grads = {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}
+        runs.append((y.detach(), xi.grad, grads))
+    return runs
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["p=0", "p=0.2"])
+def test_lora_compiled_gradients_reach_a_trainable_base(dropout):
+    """Base weight and bias that require grad get the same gradients compiled as eager (no silent ``None``), and
+    so do the input and both adapter matrices, with and without dropout."""
+    layer = _lora_layer(dropout=dropout).train()
+    _make_base_trainable(layer)
+    x, g = torch.randn(2, 7, 37), torch.randn(2, 7, 29)
+    (ye, dxe, ge), (yc, dxc, gc) = _compiled_vs_eager(layer, x, g)
+    assert {"base_layer.weight", "base_layer.bias", "lora_A.default.weight", "lora_B.default.weight"} <= set(ge)
+    assert_close("y", yc, ye, 1e-5)
+    assert_close("dX", dxc, dxe, 1e-5)
+    for name, grad in ge.items():
+        assert grad is not None, f"eager {name}: no gradient"
+        assert gc[name] is not None, f"compiled {name}: gradient is None"
+        assert_close(name, gc[name], grad, 1e-5)
+
+
+@pytest.mark.parametrize("is_feedforward", [False, True], ids=["output-scaled", "feedforward"])
+def test_ia3_compiled_gradients_reach_a_trainable_base(is_feedforward):
+    layer = _ia3_layer(is_feedforward).train()
+    _make_base_trainable(layer)
+    x, g = torch.randn(2, 7, 37), torch.randn(2, 7, 29)
+    (ye, dxe, ge), (yc, dxc, gc) = _compiled_vs_eager(layer, x, g)
+    assert {"base_layer.weight", "base_layer.bias", "ia3_l.default"} <= set(ge)
+    assert_close("y", yc, ye, 1e-5)
+    assert_close("dX", dxc, dxe, 1e-5)
+    for name, grad in ge.items():
+        assert gc[name] is not None, f"compiled {name}: gradient is None"
+        assert_close(name, gc[name], grad, 1e-5)

@@ -10,6 +10,10 @@ else
 TORCH_SPEC ?= torch==2.13.0
 endif
 PYTEST_ARGS ?=
+# The repo's kernels/ folder installs as fastpeft.kernels; with the repo root first on sys.path (what `python -m` and
+# `python -c` do from here) it would shadow Hugging Face's `kernels` package that transformers and bitsandbytes
+# import. PYTHONSAFEPATH keeps the working directory off sys.path in these commands and every process they start.
+RUN := PYTHONSAFEPATH=1 $(PY)
 
 .PHONY: venv install test test-dist demo bench clean
 
@@ -31,17 +35,17 @@ $(VENV)/.installed: $(VENV)/.deps setup.py $(wildcard csrc/cpu/*.cpp csrc/cpu/*.
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+	$(RUN) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
 
 # Only the multi-process (gloo) DDP/FSDP2 tests (also part of `make test`): handy when working on them.
 test-dist: install
-	$(PY) -m pytest -q -p no:cacheprovider -m dist $(PYTEST_ARGS) tests
+	$(RUN) -m pytest -q -p no:cacheprovider -m dist $(PYTEST_ARGS) tests
 
 demo: install
-	$(PY) -m fastpeft.demo
+	$(RUN) -m fastpeft.demo
 
 bench: install
-	$(PY) -m pytest -q benchmarks --benchmark-only
+	$(RUN) -m pytest -q benchmarks --benchmark-only
 
 clean:
 	rm -rf $(VENV) build *.egg-info fastpeft/*.so

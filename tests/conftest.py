@@ -9,6 +9,9 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Subprocesses the tests start (python -c / -m from the repo root) must not find the repo's kernels/ folder as a
+# top-level ``kernels`` package: that name belongs to Hugging Face's package, which bitsandbytes imports.
+os.environ.setdefault("PYTHONSAFEPATH", "1")
 # Triton decides at import whether @jit functions (its own tl.zeros, tl.cdiv and tl.rand included) run in the
 # interpreter, and peft/bitsandbytes import it early. So the whole session picks the mode here, before anything
 # imports Triton: the interpreter when there is no CUDA device. Ahead-of-time compile tests start their own

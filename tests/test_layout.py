@@ -1,0 +1,37 @@
+"""The repo's ``kernels/`` folder is ``fastpeft.kernels`` and never the top-level ``kernels`` package.
+
+Hugging Face owns the name ``kernels`` (transformers and bitsandbytes import ``kernels.get_kernel``); with the repo
+root on ``sys.path`` the repo's folder would shadow it. Checked in this process and in a child started from the repo
+root the way the tests start theirs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FIND_KERNELS = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else 'absent')"
+
+
+def _is_repo_kernels(origin: str | None) -> bool:
+    return origin not in (None, "absent") and Path(origin).resolve().is_relative_to(REPO / "kernels")
+
+
+def test_top_level_kernels_is_not_the_repo_folder():
+    spec = importlib.util.find_spec("kernels")
+    assert not _is_repo_kernels(spec.origin if spec else None), f"`import kernels` finds {spec.origin}"
+    assert str(REPO) not in [str(Path(p).resolve()) for p in sys.path if p], "the repo root is on sys.path"
+
+
+def test_child_process_from_repo_root_does_not_see_repo_kernels():
+    out = subprocess.run([sys.executable, "-c", FIND_KERNELS], cwd=REPO, capture_output=True, text=True, check=True)
+    assert not _is_repo_kernels(out.stdout.strip()), f"a child finds `kernels` at {out.stdout.strip()}"
+
+
+def test_fastpeft_kernels_is_the_repo_folder():
+    import fastpeft.kernels
+
+    assert Path(fastpeft.kernels.__file__).resolve().parent == REPO / "kernels"

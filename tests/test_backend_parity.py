@@ -1,4 +1,5 @@
-"""The PEFT parity suite again, with each backend forced through FASTPEFT_BACKEND, in a fresh process.
+"""The PEFT parity suite again, with each backend forced through FASTPEFT_BACKEND, in a fresh process, and the
+``cpu`` backend once more on each SIMD path this CPU can run besides the one cpuid picks (FASTPEFT_CPU_ISA).
 
 A fresh process is needed because ``TRITON_INTERPRET`` must be set before Triton is imported. The transformer
 families are left to the default run (they exercise the module layer, not the backend); the MLP, Conv1D,
@@ -30,6 +31,53 @@ def _available(name):
     return info["available"], info["reason"]
 
 
+def _run_parity(env: dict, label: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", SUBSET,
+         os.path.join(HERE, "test_peft_parity.py")],
+        env=env, cwd=os.path.dirname(HERE), capture_output=True, text=True, timeout=900,
+    )
+    tail = "\n".join(proc.stdout.splitlines()[-25:])
+    assert proc.returncode == 0, f"parity suite failed with {label}:\n{tail}\n{proc.stderr[-2000:]}"
+    assert " passed" in tail and "failed" not in tail, tail
+
+
+def _cpu_isas() -> tuple[list[str], str]:
+    """(SIMD paths this CPU runs, the one chosen from cpuid); empty when the extension is not built."""
+    try:
+        from fastpeft import _C
+    except ImportError:
+        return [], ""
+    return list(_C.supported_isas()), _C.isa()
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_peft_parity_suite_through_each_cpu_isa(isa):
+    supported, chosen = _cpu_isas()
+    if isa not in supported:
+        pytest.skip(f"this CPU cannot run the {isa} path (it runs {supported or 'no extension'})")
+    if isa == chosen and os.environ.get("FASTPEFT_CPU_ISA", "auto") == "auto":
+        pytest.skip(f"{isa} is the path cpuid chose: the default run and the cpu backend run cover it")
+    _run_parity(dict(os.environ, FASTPEFT_BACKEND="cpu", FASTPEFT_CPU_ISA=isa), f"FASTPEFT_CPU_ISA={isa}")
+
+
+@pytest.mark.parametrize("request_value", ["generic", "avx512", "sse9"])
+def test_cpu_isa_request_is_honoured_or_reported(request_value):
+    """FASTPEFT_CPU_ISA forces the path when the CPU runs it; otherwise the cpu backend is unavailable and says why."""
+    supported, _ = _cpu_isas()
+    if not supported:
+        pytest.skip("the C++ extension is not built")
+    probe = ("import fastpeft; from fastpeft.backends.cpu import BACKEND; i = fastpeft.backend_info()['cpu']; "
+             "print(i['available'], BACKEND.isa(), '|', i['reason'])")
+    out = subprocess.run([sys.executable, "-c", probe], env=dict(os.environ, FASTPEFT_CPU_ISA=request_value),
+                         capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    available, isa, reason = out.split(" ", 2)
+    if request_value in supported:
+        assert available == "True" and isa == request_value, out
+    else:
+        assert available == "False" and "FASTPEFT_CPU_ISA" in reason and request_value in reason, out
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_peft_parity_suite_through_backend(backend):
     ok, reason = _available(backend)
@@ -38,11 +86,4 @@ def test_peft_parity_suite_through_backend(backend):
     env = dict(os.environ, FASTPEFT_BACKEND=backend)
     if backend == "triton":
         env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", SUBSET,
-         os.path.join(HERE, "test_peft_parity.py")],
-        env=env, cwd=os.path.dirname(HERE), capture_output=True, text=True, timeout=900,
-    )
-    tail = "\n".join(proc.stdout.splitlines()[-25:])
-    assert proc.returncode == 0, f"parity suite failed with FASTPEFT_BACKEND={backend}:\n{tail}\n{proc.stderr[-2000:]}"
-    assert " passed" in tail and "failed" not in tail, tail
+    _run_parity(env, f"FASTPEFT_BACKEND={backend}")

@@ -62,6 +62,24 @@ except Exception as exc:  # the extension is optional: report why, never fail th
     _C = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
+
+def _apply_isa_request(requested: str) -> Optional[str]:
+    """Force the extension's SIMD path from ``FASTPEFT_CPU_ISA`` (``generic``, ``avx2``, ``avx512``; ``auto`` or unset:
+    chosen from cpuid). Returns why the backend is unavailable when the request cannot be honoured, else None; a bad
+    request never silently falls back to another path."""
+    if _C is None or requested in ("", "auto"):
+        return None
+    supported = list(_C.supported_isas())
+    if requested not in ("generic", "avx2", "avx512"):
+        return f"FASTPEFT_CPU_ISA={requested!r} is not one of auto, generic, avx2, avx512"
+    if requested not in supported:
+        return f"FASTPEFT_CPU_ISA={requested!r}, but this CPU runs only {', '.join(supported)}"
+    _C.set_isa(requested)
+    return None
+
+
+_ISA_ERROR = _apply_isa_request(os.environ.get("FASTPEFT_CPU_ISA", "auto").strip().lower())
+
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -128,10 +146,13 @@ class CpuBackend(Backend):
                 f"the C++ extension fastpeft._C is not built ({_IMPORT_ERROR}); build with "
                 "pip install --no-build-isolation -e . or unset FASTPEFT_SKIP_CPU_BUILD"
             )
+        if _ISA_ERROR is not None:
+            return False, _ISA_ERROR
         return True, ""
 
     def isa(self) -> str:
-        """The SIMD code path the extension chose from cpuid (``avx512``, ``avx2`` or ``generic``)."""
+        """The SIMD code path the extension runs (``avx512``, ``avx2`` or ``generic``): chosen from cpuid unless
+        ``FASTPEFT_CPU_ISA`` forces one."""
         return _C.isa() if _C is not None else "unavailable"
 
     def supports(self, x, weight):

@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # import. PYTHONSAFEPATH keeps the working directory off sys.path in these commands and every process they start.
 RUN := PYTHONSAFEPATH=1 $(PY)
 
-.PHONY: venv install test test-dist demo bench clean
+.PHONY: venv install lint test test-dist demo bench clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -34,7 +34,11 @@ $(VENV)/.installed: $(VENV)/.deps setup.py $(wildcard csrc/cpu/*.cpp csrc/cpu/*.
 
 install: $(VENV)/.installed
 
-test: install
+# ruff's rules and target live in ruff.toml; the suite runs only on a tree that passes them.
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check .
+
+test: install lint
 	$(RUN) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
 
 # Only the multi-process (gloo) DDP/FSDP2 tests (also part of `make test`): handy when working on them.

@@ -78,7 +78,8 @@ setup(
     name="fastpeft",
     version="0.1.0",
     description="Fused LoRA, QLoRA and IA3 kernels (Triton, CUDA, CPU) behind Hugging Face PEFT's API",
-    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description=(open(os.path.join(HERE, "README.md")).read()
+                      if os.path.exists(os.path.join(HERE, "README.md")) else ""),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=["fastpeft", "fastpeft.backends", "fastpeft.bench", "fastpeft.kernels"],

@@ -99,7 +99,7 @@ def run(M, K, N, r, dtype, p, mode, reps, warmup):
     gy = torch.randn(M, N, dtype=dtype)
     times = {name: [] for name in models}
     for _ in range(warmup):
-        for name, model in models.items():
+        for model in models.values():
             time_once(model, x, gy, mode)
     for _ in range(reps):
         for name, model in models.items():  # interleaved: drift and other load hit every provider alike

@@ -11,10 +11,10 @@ adds the backward. All three share one frozen base layer (same tensors); dropout
 from __future__ import annotations
 
 import argparse
-import torch
-from torch import nn
 
+import torch
 from side_by_side import interleaved_medians
+from torch import nn
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -62,7 +62,8 @@ def main(argv=None):
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fastpeft backends: "
           + ", ".join(k for k, v in fastpeft.backend_info().items() if isinstance(v, dict) and v["available"]))
-    print("| dtype | dropout | mode | M | base ms | peft ms | fastpeft ms | peft/base | fastpeft/base | fastpeft vs peft |")
+    print("| dtype | dropout | mode | M | base ms | peft ms | fastpeft ms | peft/base | fastpeft/base "
+          "| fastpeft vs peft |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for dtype_name in args.dtypes:
         for p in args.dropout:
@@ -70,7 +71,7 @@ def main(argv=None):
             for M in args.M:
                 x = torch.randn(M, args.K, dtype=DTYPES[dtype_name], requires_grad=True)
                 for mode in args.modes:
-                    med = interleaved_medians(models, lambda model: step(model, x, mode), args.rounds)
+                    med = interleaved_medians(models, lambda model, x=x, mode=mode: step(model, x, mode), args.rounds)
                     print(f"| {dtype_name} | {p} | {mode} | {M} | {med['base']:.2f} | {med['peft']:.2f} | "
                           f"{med['fastpeft']:.2f} | {med['peft'] / med['base']:.3f} | "
                           f"{med['fastpeft'] / med['base']:.3f} | {med['peft'] / med['fastpeft']:.2f}x |", flush=True)

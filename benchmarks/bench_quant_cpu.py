@@ -19,9 +19,8 @@ import argparse
 import warnings
 
 import torch
-from torch import nn
-
 from side_by_side import interleaved_medians
+from torch import nn
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -104,7 +103,8 @@ def main(argv=None):
                     for M in args.M:
                         x = torch.randn(M, args.K, dtype=dtype, requires_grad=mode != "infer")
                         # warm-up includes bitsandbytes' one-time CPU repack in infer mode
-                        med = interleaved_medians(models, lambda model: step(model, x, mode), args.rounds)
+                        run = lambda model, x=x, mode=mode: step(model, x, mode)  # noqa: E731
+                        med = interleaved_medians(models, run, args.rounds)
                         print(f"| {kind} | {dtype_name} | {p} | {mode} | {M} | {med['base']:.3f} | "
                               f"{med['peft']:.3f} | {med['fastpeft']:.3f} | {med['peft'] / med['base']:.3f} | "
                               f"{med['fastpeft'] / med['base']:.3f} | {med['peft'] / med['fastpeft']:.2f}x |",

@@ -74,7 +74,7 @@ def train(name, model, args, trainable: bool):
     model.train()
     step_times, losses, memory = [], [], 0
     embed = model.get_input_embeddings()
-    for step in range(args.steps):
+    for _ in range(args.steps):
         ids = make_batch(args, generator)
         if args.device == "cuda":
             torch.cuda.synchronize()
@@ -152,7 +152,8 @@ def main(argv=None):
     rows.append(train("fastpeft", fast_model, args, trainable=True))
 
     mem_label = "peak MB" if args.device == "cuda" else "saved-for-bwd MB"
-    header = f"| {'provider':<14} | {'step ms':>8} | {'tokens/s':>9} | {mem_label:>16} | {'first loss':>10} | {'final loss':>10} |"
+    header = (f"| {'provider':<14} | {'step ms':>8} | {'tokens/s':>9} | {mem_label:>16} | {'first loss':>10} "
+              f"| {'final loss':>10} |")
     print()
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")

@@ -42,7 +42,6 @@ from . import reference
 from .backends import get_backend
 
 
-
 def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     if x.dim() == 2:  # already (M, K): no reshape call (torch calls cost microseconds at decode sizes)
         return x, (x.shape[0],)

@@ -87,7 +87,9 @@ def _read_tensors(path: str) -> dict[str, torch.Tensor]:
         try:
             return torch.load(bin_file, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ValueError(f"fastpeft.load_adapter: {bin_file!r} cannot be read ({type(exc).__name__}: {exc})") from exc
+            raise ValueError(
+                f"fastpeft.load_adapter: {bin_file!r} cannot be read ({type(exc).__name__}: {exc})"
+            ) from exc
     raise FileNotFoundError(f"fastpeft.load_adapter: no {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME} in {path!r}")
 
 

@@ -64,7 +64,9 @@ def check_target_modules(model: nn.Module, target_modules: Union[str, Iterable[s
     if isinstance(target_modules, str):
         if target_modules == "all-linear" or any(re.fullmatch(target_modules, n) for n in names):
             return
-        raise ValueError(f"{caller}: target_modules regex {target_modules!r} matches no module of {type(model).__name__}")
+        raise ValueError(
+            f"{caller}: target_modules regex {target_modules!r} matches no module of {type(model).__name__}"
+        )
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
@@ -128,6 +130,8 @@ def _ia3_defaults(model: nn.Module, target_modules, feedforward_modules):
         return target_modules, feedforward_modules
     from peft.utils.constants import (
         TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD,
+    )
+    from peft.utils.constants import (
         TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS,
     )
 
@@ -166,7 +170,8 @@ def patch(
     if method == "lora":
         targets = target_modules if target_modules is not None else default_lora_targets(inner)
         check_target_modules(inner, targets, "fastpeft.patch")
-        config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets, **peft_kwargs)
+        config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
+                            **peft_kwargs)
     elif method == "ia3":
         targets, feedforward = _ia3_defaults(inner, target_modules, peft_kwargs.pop("feedforward_modules", None))
         check_target_modules(inner, targets, "fastpeft.patch")
@@ -188,12 +193,16 @@ def register(config: Union[LoraConfig, IA3Config]):
     builds them directly (LoRA over ``nn.Linear`` and ``Conv1D``). The mapping is not saved with the adapter:
     call ``register`` on the config again before loading. Returns the config."""
     if not isinstance(config, LoraConfig):
-        raise TypeError(f"fastpeft.register: only LoraConfig is supported by PEFT's custom modules, got {type(config).__name__}")
+        raise TypeError(
+            f"fastpeft.register: only LoraConfig is supported by PEFT's custom modules, got {type(config).__name__}"
+        )
     # PEFT's default dispatcher flips fan_in_fan_out on for Conv1D; custom modules skip that step, so each base
     # type is registered only under the config that describes its weight layout correctly.
     if config.fan_in_fan_out:
         if Conv1D is None:
-            raise TypeError("fastpeft.register: fan_in_fan_out=True needs transformers' Conv1D, which is not importable")
+            raise TypeError(
+                "fastpeft.register: fan_in_fan_out=True needs transformers' Conv1D, which is not importable"
+            )
         mapping = {Conv1D: _layers.FusedLoraLinear}
     else:
         mapping = {nn.Linear: _layers.FusedLoraLinear}

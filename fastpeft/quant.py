@@ -39,7 +39,9 @@ NF4_CODE = (
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
 # FP4 (1 sign, 2 exponent, 1 mantissa bit) listed in bit-pattern order, normalized by its max (12).
-FP4_CODE = tuple(v / 12.0 for v in (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0))
+FP4_CODE = tuple(
+    v / 12.0 for v in (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+)
 INT8_INV_127 = 7.874015718698502e-3  # bitsandbytes' float32 reciprocal of 127
 CPU_REPACK_BLOCK_N = 32
 
@@ -222,7 +224,8 @@ def is_bnb_quantized(module) -> bool:
     import bitsandbytes as bnb
 
     if isinstance(module, bnb.nn.Linear4bit):
-        return getattr(module.weight, "quant_state", None) is not None or getattr(module, "quant_state", None) is not None
+        return (getattr(module.weight, "quant_state", None) is not None
+                or getattr(module, "quant_state", None) is not None)
     if isinstance(module, bnb.nn.Linear8bitLt):
         return module.weight.dtype == torch.int8
     return False

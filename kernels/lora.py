@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import MAX_FUSED_R, interpreting, launch_gemm, next_pow2
+from ._common import MAX_FUSED_R, launch_gemm, next_pow2
 
 SMALL_M = 64
 

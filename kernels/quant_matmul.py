@@ -30,7 +30,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 INT8_INV_127 = 7.874015718698502e-3
 
@@ -175,7 +174,9 @@ def config_kwargs(config, dtype: torch.dtype) -> dict:
             "GROUP_M": GROUP_M, "num_warps": warps, "num_stages": stages}
 
 
-_AUTOTUNE_KEY = ["M", "N", "C", "IS_INT8", "NESTED", "TRANS_W", "ROW_ALIGNED", "HAS_BIAS", "IN_SCALE", "OUT_SCALE", "HAS_PRE"]
+_AUTOTUNE_KEY = [
+    "M", "N", "C", "IS_INT8", "NESTED", "TRANS_W", "ROW_ALIGNED", "HAS_BIAS", "IN_SCALE", "OUT_SCALE", "HAS_PRE",
+]
 
 
 @functools.lru_cache(maxsize=None)

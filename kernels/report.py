@@ -28,7 +28,8 @@ def main(path: str = "KERNELS.md", jobs: int = 2) -> None:
         "kernel ahead of time for the target (`triton.compile` + `GPUTarget`, Triton "
         f"{__import__('triton').__version__}) and reading the cubin with Triton's bundled `cuobjdump "
         "--dump-resource-usage`; shapes assumed 16-aligned (as LLaMA's are). Fused low-rank variants are compiled at",
-        "the widest rank the dispatcher fuses (BLOCK_R = 64). Tensor cores: `mma.sync` (sm_80) / `wgmma` (sm_90) in PTX.",
+        "the widest rank the dispatcher fuses (BLOCK_R = 64). Tensor cores: `mma.sync` (sm_80) / `wgmma` (sm_90) in "
+        "PTX.",
         "`tests/test_triton_compile.py` asserts zero spills, zero stack and shared memory within 163 KB / 227 KB.",
         "",
         "| kernel | target | dtype | tile (MxNxK, warps, stages) | registers | shared (B) | spills (B) | stack (B) "

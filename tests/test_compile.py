@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_close
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import fastpeft
 from fastpeft import reference
 from fastpeft.layers import FusedIA3Linear, FusedLoraLinear
-from conftest import assert_close
 
 
 class RecordingBackend:

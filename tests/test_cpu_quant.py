@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import assert_close, assert_within_2x
+from quant_oracle import dequantize_4bit
+from test_cpu_backend import AVAILABLE, DT, REF, pytestmark  # noqa: F401  (pytestmark: skip without the extension)
+from test_cpu_backend import isa as isa  # noqa: F401  (the per-SIMD-path fixture, requested by name)
+
 from fastpeft.backends.cpu import BACKEND as CPU
 from fastpeft.quant import QuantizedWeight
-from quant_oracle import dequantize_4bit
-from test_cpu_backend import AVAILABLE, DT, REF, isa, pytestmark  # noqa: F401  (isa: the per-SIMD-path fixture)
 
 bnb = pytest.importorskip("bitsandbytes")
 bnbf = bnb.functional

@@ -28,7 +28,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
-NVCC = os.environ.get("NVCC") or shutil.which("nvcc") or ("/usr/local/bin/nvcc" if os.path.exists("/usr/local/bin/nvcc") else None)
+NVCC = (os.environ.get("NVCC") or shutil.which("nvcc")
+        or ("/usr/local/bin/nvcc" if os.path.exists("/usr/local/bin/nvcc") else None))
 
 # target name -> (nvcc -gencode, shared memory per block the chip allows: 163 KB on A100, 227 KB on H100)
 TARGETS = {

@@ -31,8 +31,9 @@ VOCAB = 97
 
 def build_model():
     """A patched tiny LLaMA, identical on every rank (same seed); lora_B made non-zero so step 1 moves lora_A too."""
-    import fastpeft
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    import fastpeft
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2,

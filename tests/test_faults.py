@@ -11,16 +11,15 @@ import os
 
 import pytest
 import torch
+from conftest import assert_close, assert_within_2x
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from peft import LoraConfig, get_peft_model
+from model_helpers import MLP
 from safetensors.torch import load_file, save_file
 
 import fastpeft
 from fastpeft import functional, reference
 from fastpeft.functional import draw_seeds
-from conftest import assert_close, assert_within_2x
-from model_helpers import MLP
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROPERTY = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -12,14 +12,13 @@ import warnings
 
 import pytest
 import torch
+from conftest import assert_close, assert_within_2x, rel_err
+from model_helpers import FAMILIES, MLP, Conv1DMLP, run_transformer, tiny_transformer
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 import fastpeft
 from fastpeft.layers import FusedIA3Linear, FusedLoraLinear
-
-from conftest import assert_close, assert_within_2x, rel_err
-from model_helpers import FAMILIES, MLP, Conv1DMLP, run_transformer, tiny_transformer
 
 FP32_TOL = 1e-5
 
@@ -107,7 +106,9 @@ def compare_forward_backward(reference, fused, make_input, run=lambda m, x: m(x)
         with CountFusedCalls() as counter:
             y = run(model, xi)
         if model is fused:
-            assert counter.calls >= len(active_fused_layers(fused)) > 0, f"{label}: fused path ran {counter.calls} times"
+            assert counter.calls >= len(active_fused_layers(fused)) > 0, (
+                f"{label}: fused path ran {counter.calls} times"
+            )
         else:
             assert counter.calls == 0
         torch.manual_seed(123)

@@ -14,9 +14,9 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 F = bnb.functional
 
-from fastpeft.quant import QuantizedWeight, code_table, quantized_weight_of  # noqa: E402
-
 from quant_oracle import dequantize_4bit  # noqa: E402
+
+from fastpeft.quant import QuantizedWeight, code_table, quantized_weight_of  # noqa: E402
 
 SHAPES = [(64, 96), (33, 50), (7, 12)]
 
@@ -95,7 +95,8 @@ def test_quantize_like_roundtrip(kind):
         cb, scb, _ = F.int8_vectorwise_quant(w.half())
         q = QuantizedWeight(kind="int8", shape=(32, 64), dtype=torch.float32, data=cb, absmax=scb)
     else:
-        q = QuantizedWeight.from_quant_state(*F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type=kind))
+        packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type=kind)
+        q = QuantizedWeight.from_quant_state(packed, state)
     dense = q.dequantize()
     q2 = q.quantize_like(dense)
     assert q2.kind == q.kind and q2.shape == q.shape and q2.nested == q.nested

@@ -9,8 +9,6 @@ that no dequantized weight is saved for backward, PEFT save/load round trip, mer
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch import nn
@@ -18,13 +16,13 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 
+from conftest import assert_close  # noqa: E402
+from quant_oracle import dequantize_4bit  # noqa: E402
+
 import fastpeft  # noqa: E402
 import fastpeft.layers_bnb as layers_bnb  # noqa: E402  (registers the bnb twins)
 from fastpeft.layers import FusedLoraLinear  # noqa: E402
 from fastpeft.quant import quantized_weight_of  # noqa: E402
-
-from conftest import assert_close  # noqa: E402
-from quant_oracle import dequantize_4bit  # noqa: E402
 
 K, H = 64, 96
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}

@@ -21,10 +21,10 @@ import torch  # noqa: E402
 triton = pytest.importorskip("triton")
 bnb = pytest.importorskip("bitsandbytes")
 
+from conftest import assert_close  # noqa: E402
+
 from fastpeft.backends.reference import ReferenceBackend  # noqa: E402
 from fastpeft.quant import QuantizedWeight  # noqa: E402
-
-from conftest import assert_close  # noqa: E402
 
 REF = ReferenceBackend()
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -243,7 +243,7 @@ def compiled():
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(COMPILE_CASES)], capture_output=True,
                           text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULTS"))
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS"))
     return json.loads(line[len("RESULTS"):])
 
 
@@ -344,5 +344,5 @@ def test_dropout_through_lora_kernels_matches_reference():
     proc = subprocess.run([sys.executable, "-c", _DROPOUT_KERNELS_SCRIPT], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    err = float(next(l for l in proc.stdout.splitlines() if l.startswith("MAXERR")).split()[1])
+    err = float(next(ln for ln in proc.stdout.splitlines() if ln.startswith("MAXERR")).split()[1])
     assert err < 1e-5, f"max relative error {err:.2e}"

@@ -7,14 +7,14 @@ import copy
 
 import pytest
 import torch
+from conftest import assert_close
+from model_helpers import MLP, Conv1DMLP
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer
 
 import fastpeft
 from fastpeft.layers import FusedLoraLinear
-from conftest import assert_close
-from model_helpers import Conv1DMLP, MLP
 
 
 def _outputs_and_grads(model, x):

@@ -7,6 +7,8 @@ import copy
 
 import pytest
 import torch
+from conftest import assert_close, assert_within_2x
+from model_helpers import MLP
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import LoraLayer
 from torch.utils.checkpoint import checkpoint
@@ -14,8 +16,6 @@ from torch.utils.checkpoint import checkpoint
 import fastpeft
 import fastpeft.functional as functional
 from fastpeft.layers import FusedLoraLinear
-from conftest import assert_close, assert_within_2x
-from model_helpers import MLP
 
 VOCAB = 97
 

@@ -97,7 +97,9 @@ def get_backend(x, weight) -> Backend:
     if name != "auto":
         ok, reason = availability(name)
         if not ok:
-            raise RuntimeError(f"fastpeft: backend {name!r} (from FASTPEFT_BACKEND/set_backend) is not available: {reason}")
+            raise RuntimeError(
+                f"fastpeft: backend {name!r} (from FASTPEFT_BACKEND/set_backend) is not available: {reason}"
+            )
         backend = _instances[name]
         if backend.supports(x, weight):
             return backend

@@ -45,14 +45,13 @@ cheaper than widening ``W``. ``FASTPEFT_CPU_LOWP_GEMM`` = ``native`` / ``fp32`` 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import os
+from typing import Optional
 
 import torch
 
-from .base import Backend
 from ..quant import QuantizedWeight
+from .base import Backend
 
 try:
     from .. import _C  # type: ignore[attr-defined]

@@ -37,7 +37,8 @@ def _list(kind):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastpeft-bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--quick", action="store_true", help="a small grid that finishes in about 2 minutes on 2 cores")
     p.add_argument("--out", default=None, help="directory for results.csv, results.md and the PNG plots")
     p.add_argument("--scale", type=int, default=None,
@@ -123,7 +124,7 @@ def run_layers(args, device, providers, writer, progress) -> None:
             runners = []
             for provider, built in builts.items():
                 prepare, run = C.make_runner(built, case.mode, x, dy)
-                runners.append((provider, prepare, run, lambda b=built: [x] + b.params))
+                runners.append((provider, prepare, run, lambda b=built, x=x: [x] + b.params))
             try:
                 timings = time_runners(runners, device, args.budget)
             except Exception as exc:  # one failing provider must not lose the whole run
@@ -133,7 +134,7 @@ def run_layers(args, device, providers, writer, progress) -> None:
             if not args.no_memory and case.mode == "fwd+bwd":
                 for provider, prepare, run, _ in runners:
                     builts[provider].select()
-                    saved = saved_bytes(builts[provider].module, lambda m=builts[provider].module: m(x))
+                    saved = saved_bytes(builts[provider].module, lambda m=builts[provider].module, x=x: m(x))
                     prepare()
                     peak, how = peak_bytes(run, device)
                     memory[provider] = {"saved_bytes": (saved["saved_bytes"], "bytes"),

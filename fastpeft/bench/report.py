@@ -253,7 +253,7 @@ def plot(out_dir: str, rows: list[dict]) -> list[str]:
                     if not Ms:
                         continue
 
-                    def ratio(M, num, den):
+                    def ratio(M, num, den, kind=kind, dtype=dtype, dropout=dropout, mode=mode):
                         return _geomean([index[k].get(num, math.nan) / index[k].get(den, math.nan)
                                          for k in index if k[0] == kind and k[4] == dtype and k[5] == dropout
                                          and k[6] == mode and k[7] == M])

@@ -16,11 +16,16 @@ they are never shared). ``base`` is the bitsandbytes layer alone, always under i
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import warnings
 
 import torch
-from side_by_side import interleaved_medians
 from torch import nn
+
+# The shared timing loop sits beside this script; named explicitly so the script also runs under PYTHONSAFEPATH.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from side_by_side import interleaved_medians  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

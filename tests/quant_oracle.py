@@ -44,7 +44,12 @@ def dequantize_4bit(packed: torch.Tensor, state) -> torch.Tensor:
     for d in state.shape:
         numel *= int(d)
     raw = _as_bytes(packed)
+    assert raw.numel() == (numel + 1) // 2, f"{raw.numel()} packed bytes for {numel} 4-bit codes"
+    assert state.code.numel() == 16, f"a 4-bit code table has 16 entries, got {state.code.numel()}"
+    absmax = absmax_of(state)
+    blocks = -(-numel // state.blocksize)
+    assert absmax.numel() == blocks, f"{absmax.numel()} absmax values for {blocks} blocks of {state.blocksize}"
     codes = torch.stack([raw >> 4, raw & 0xF], dim=1).reshape(-1)[:numel].long()
     values = state.code.float()[codes]
-    return _blockwise(values, absmax_of(state), state.blocksize).reshape(state.shape).to(state.dtype)
+    return _blockwise(values, absmax, state.blocksize).reshape(state.shape).to(state.dtype)
 

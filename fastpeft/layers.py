@@ -102,7 +102,7 @@ class FusedLoraLinear(PeftLoraLinear):
         from .quant import is_bnb_quantized
 
         if is_bnb_quantized(self.get_base_layer()):
-            from .layers_bnb import merge_quantized
+            from .quant_merge import merge_quantized
 
             return merge_quantized(self, adapter_names)
         return super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
@@ -111,7 +111,7 @@ class FusedLoraLinear(PeftLoraLinear):
         from .quant import is_bnb_quantized
 
         if self.merged and is_bnb_quantized(self.get_base_layer()):
-            from .layers_bnb import unmerge_quantized
+            from .quant_merge import unmerge_quantized
 
             return unmerge_quantized(self)
         return super().unmerge()

@@ -21,12 +21,11 @@ PEFT's IA3 bnb layers cast the input to fp32 and return fp32; the twins do the s
 module registers them.
 
 Merging into a quantized base (PEFT's own code for LoRA: dequantize, add, requantize) rounds; PEFT warns. For the
-generic ``lora.Linear`` over a bitsandbytes base, :func:`merge_quantized` / :func:`unmerge_quantized` do the same.
+generic ``lora.Linear`` over a bitsandbytes base, ``fastpeft.quant_merge`` does the same.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -34,7 +33,7 @@ from torch import nn
 
 from . import functional
 from .layers import BASE_WEIGHT_READERS, FUSED_LAYER_TYPES, _has_hooks, check_input
-from .quant import QuantizedWeight, is_bnb_quantized, quantized_weight_of
+from .quant import QuantizedWeight, is_bnb_quantized
 
 try:
     import bitsandbytes as bnb
@@ -160,52 +159,6 @@ if _lora_bnb is not None:
 
         FUSED_BNB_LAYER_TYPES[_lora_bnb.Linear8bitLt] = FusedLoraLinear8bitLt
         FUSED_BNB_LAYER_TYPES[_ia3_bnb.Linear8bitLt] = FusedIA3Linear8bitLt
-
-
-# ------------------------------------------------------------------------------------------------------ merging
-def _write_back(base: nn.Module, qw: QuantizedWeight, dense: torch.Tensor) -> None:
-    """Requantize ``dense`` into ``base``'s bitsandbytes parameter the way bitsandbytes quantizes it."""
-    weight = base.weight
-    if qw.kind == "int8":
-        new = bnb.nn.Int8Params(dense.to("cpu").to(torch.float16), requires_grad=False, has_fp16_weights=False)
-        base.weight = new.to(weight.device)
-        state = getattr(base, "state", None)
-        if state is not None and hasattr(state, "reset_grads"):
-            state.reset_grads()  # drop bitsandbytes' cached CB/SCB of the old weight, as PEFT's merge does
-        return
-    kwargs = {k: v for k, v in weight.__dict__.items() if k not in ("data", "quant_state", "bnb_quantized")}
-    kwargs.pop("_is_hf_initialized", None)
-    new = bnb.nn.Params4bit(dense.to("cpu").to(qw.dtype), requires_grad=False, **kwargs)
-    base.weight = new.to(weight.device)
-
-
-def merge_quantized(layer, adapter_names: Optional[list[str]] = None) -> None:
-    """Merge LoRA adapters of a generic ``lora.Linear`` whose base is a bitsandbytes layer: dequantize, add
-    ``s B A``, requantize (rounds, like PEFT's bnb merge; warns)."""
-    base = layer.get_base_layer()
-    names = adapter_names or [n for n in layer.active_adapters if n in layer.lora_A]
-    warnings.warn("fastpeft: merging LoRA into a quantized base requantizes it; outputs change by rounding",
-                  stacklevel=2)
-    qw = quantized_weight_of(base)
-    dense = qw.dequantize(torch.float32)
-    for name in names:
-        if name in layer.merged_adapters:
-            continue
-        dense = dense + layer.get_delta_weight(name).float()
-        layer.merged_adapters.append(name)
-    _write_back(base, qw, dense)
-
-
-def unmerge_quantized(layer) -> None:
-    """Undo :func:`merge_quantized` (dequantize, subtract, requantize; rounds again)."""
-    base = layer.get_base_layer()
-    warnings.warn("fastpeft: unmerging LoRA from a quantized base requantizes it; outputs change by rounding",
-                  stacklevel=2)
-    qw = quantized_weight_of(base)
-    dense = qw.dequantize(torch.float32)
-    while layer.merged_adapters:
-        dense = dense - layer.get_delta_weight(layer.merged_adapters.pop()).float()
-    _write_back(base, qw, dense)
 
 
 # ------------------------------------------------------------------------------------------------- registration

@@ -21,6 +21,7 @@ from quant_oracle import dequantize_4bit  # noqa: E402
 
 import fastpeft  # noqa: E402
 import fastpeft.layers_bnb as layers_bnb  # noqa: E402  (registers the bnb twins)
+import fastpeft.quant_merge as quant_merge  # noqa: E402
 from fastpeft.layers import FusedLoraLinear  # noqa: E402
 from fastpeft.quant import quantized_weight_of  # noqa: E402
 
@@ -294,7 +295,7 @@ def test_patch_on_qlora_model(method):
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_merge_quantized_for_generic_lora_linear(kind):
-    """``layers_bnb.merge_quantized`` / ``unmerge_quantized``: the quantized merge for PEFT's generic ``lora.Linear``
+    """``quant_merge.merge_quantized`` / ``unmerge_quantized``: the quantized merge for PEFT's generic ``lora.Linear``
     over a bitsandbytes base (PEFT's own ``lora.Linear.merge`` would add to the packed bytes)."""
     pm = _lora_model(kind, False, torch.float32, seed=6, peft_bnb_classes=False)
     fastpeft.accelerate(pm, strict=True)
@@ -303,11 +304,11 @@ def test_merge_quantized_for_generic_lora_linear(kind):
     w_before = _dense(up.get_base_layer())
     delta = up.get_delta_weight("default").detach()
     with pytest.warns(UserWarning, match="rounding"):
-        layers_bnb.merge_quantized(up)
+        quant_merge.merge_quantized(up)
     assert up.merged and quantized_weight_of(up.get_base_layer()) is not None
     assert_close("merged weight", _dense(up.get_base_layer()), w_before + delta, 0.12)
     with pytest.warns(UserWarning, match="rounding"):
-        layers_bnb.unmerge_quantized(up)
+        quant_merge.unmerge_quantized(up)
     assert not up.merged
     assert_close("unmerged weight", _dense(up.get_base_layer()), w_before, 0.12)
 

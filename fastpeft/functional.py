@@ -203,7 +203,7 @@ def _lora_setup_context(ctx, inputs, output):
     ctx.scaling, ctx.dropout_p = list(scaling), list(dropout_p)
     ctx.needs_grad_A = any(A.requires_grad for A in lora_A)
     ctx.has_lora_bias = [b.numel() > 0 for b in lora_bias]
-    ctx.base_dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+    ctx.base_bias_dtype = bias.dtype if bias is not None else None
     # x is kept only for dA or a trainable base weight; with dropout it is still x itself, never a dropped copy.
     saved_x = x if (ctx.needs_grad_A or weight.requires_grad) else None
     ctx.save_for_backward(saved_x, weight, seeds, *lora_A, *lora_B, *xa)
@@ -220,7 +220,7 @@ def _lora_setup_backward(ctx, grad_y, grad_xa):
     )
     grad_A = [g if ctx.needs_grad_A else None for g in dA]
     grad_bias = [g if has else None for g, has in zip(db, ctx.has_lora_bias)]
-    grad_weight, grad_base_bias = _base_grads(ctx, grad_y, x, *ctx.base_dtypes)
+    grad_weight, grad_base_bias = _base_grads(ctx, grad_y, x, weight.dtype, ctx.base_bias_dtype)
     return dx if needs_grad_x else None, grad_weight, grad_base_bias, grad_A, list(dB), grad_bias, None, None, None
 
 
@@ -359,7 +359,6 @@ def _(grad_y, x, weight, bias, scale, is_feedforward, needs_grad_x):
 def _ia3_setup_context(ctx, inputs, output):
     x, weight, bias, scale, is_feedforward = inputs
     ctx.is_feedforward = is_feedforward
-    ctx.base_dtypes = (weight.dtype, bias.dtype if bias is not None else None)
     ctx.save_for_backward(x, weight, bias, scale)
 
 
@@ -371,9 +370,11 @@ def _ia3_setup_backward(ctx, grad_y):
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         # feedforward: z = (x * s) W^T + b; output scaling: y = (x W^T + b) * s, so dz = dy * s
         if ctx.is_feedforward:
-            grad_weight, grad_bias = _base_grads(ctx, grad_y, x * scale.to(x.dtype), *ctx.base_dtypes)
+            grad_weight, grad_bias = _base_grads(ctx, grad_y, x * scale.to(x.dtype), weight.dtype,
+                                                     bias.dtype if bias is not None else None)
         else:
-            grad_weight, grad_bias = _base_grads(ctx, grad_y * scale.to(grad_y.dtype), x, *ctx.base_dtypes)
+            grad_weight, grad_bias = _base_grads(ctx, grad_y * scale.to(grad_y.dtype), x, weight.dtype,
+                                                     bias.dtype if bias is not None else None)
     return (dx if needs_grad_x else None), grad_weight, grad_bias, dscale, None
 
 

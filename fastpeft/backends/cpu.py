@@ -68,12 +68,10 @@ def _apply_isa_request(requested: str) -> Optional[str]:
     request never silently falls back to another path."""
     if _C is None or requested in ("", "auto"):
         return None
-    supported = list(_C.supported_isas())
-    if requested not in ("generic", "avx2", "avx512"):
-        return f"FASTPEFT_CPU_ISA={requested!r} is not one of auto, generic, avx2, avx512"
-    if requested not in supported:
-        return f"FASTPEFT_CPU_ISA={requested!r}, but this CPU runs only {', '.join(supported)}"
-    _C.set_isa(requested)
+    try:
+        _C.set_isa(requested)  # the extension knows the names and checks the CPU
+    except RuntimeError as exc:
+        return f"FASTPEFT_CPU_ISA={requested!r}: {exc}; this CPU runs {', '.join(_C.supported_isas())}"
     return None
 
 

@@ -4,13 +4,15 @@
 ``backend_info()`` and raised, with the reason, only when asked for.
 
 Public API: ``patch``, ``accelerate``, ``register``, ``save_pretrained``, ``load_adapter``, ``set_backend``,
-``backend_info``; the functional ops are in ``fastpeft.functional``.
+``backend_info``, ``routes`` (the measured route choices of this process), ``set_route``; the functional ops are in
+``fastpeft.functional``, the route table in ``fastpeft.routing``.
 """
 
 from .backends import backend_info, set_backend
 from .functional import ia3_linear, lora_linear
 from .io import load_adapter, save_pretrained
 from .patching import accelerate, patch, register
+from .routing import routes, set_route
 
 __version__ = "0.1.0"
 __all__ = [
@@ -21,7 +23,9 @@ __all__ = [
     "lora_linear",
     "patch",
     "register",
+    "routes",
     "save_pretrained",
     "set_backend",
+    "set_route",
     "__version__",
 ]

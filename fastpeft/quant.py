@@ -27,6 +27,7 @@ Layouts (bitsandbytes 0.50.2, learned from its source, re-implemented here):
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -46,6 +47,7 @@ INT8_INV_127 = 7.874015718698502e-3  # bitsandbytes' float32 reciprocal of 127
 CPU_REPACK_BLOCK_N = 32
 
 KINDS = ("nf4", "fp4", "int8")
+_FROM_STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # QuantState -> (stamp, QuantizedWeight)
 
 
 def code_table(kind: str, device=None) -> torch.Tensor:
@@ -81,6 +83,9 @@ class QuantizedWeight:
     nested_offset: float = 0.0
     nested_blocksize: int = 0
     extra: dict = field(default_factory=dict)  # e.g. {"threshold": 6.0} for int8 outlier decomposition
+    # Copies derived once from this weight and kept with it (e.g. the tiled layout of bitsandbytes' CPU kernel):
+    # see ``cpu_kernel_layout``. Never part of the weight's meaning.
+    derived: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -153,6 +158,22 @@ class QuantizedWeight:
         return replace(self, data=move(self.data), absmax=move(self.absmax), code=move(self.code),
                        nested_absmax=move(self.nested_absmax), nested_code=move(self.nested_code))
 
+    def cpu_kernel_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This 4-bit weight in the layout bitsandbytes' AVX-512 CPU kernel reads: ``(packed, absmax)`` with packed
+        ``(N, K/2)`` uint8 tiled as ``_untile_cpu_repack`` undoes and absmax ``(K/blocksize, N)`` bfloat16. Made once
+        and kept in ``derived`` (0.5 byte per weight plus the scales); needs ``K % blocksize == 0`` and
+        ``N % 32 == 0``."""
+        cached = self.derived.get("cpu_kernel_layout")
+        if cached is None:
+            N, K = self.shape
+            if self.kind == "int8" or K % self.blocksize or N % CPU_REPACK_BLOCK_N or K % 2:
+                raise ValueError(f"fastpeft: {self!r} has no bitsandbytes CPU kernel layout (needs a 4-bit weight, "
+                                 f"K % blocksize == 0 and N % {CPU_REPACK_BLOCK_N} == 0)")
+            absmax = self.absmax_float().reshape(N, K // self.blocksize).t().to(torch.bfloat16).contiguous()
+            cached = (_tile_cpu_repack(self.codes(), N, K), absmax)
+            self.derived["cpu_kernel_layout"] = cached
+        return cached
+
     # ---------------------------------------------------------------------------------------- requantization
     def quantize_like(self, dense: torch.Tensor) -> "QuantizedWeight":
         """Quantize a dense ``(N, K)`` weight the way bitsandbytes quantized this one (same kind, blocksize,
@@ -170,7 +191,28 @@ class QuantizedWeight:
     # ----------------------------------------------------------------------------------------- constructors
     @classmethod
     def from_quant_state(cls, data: torch.Tensor, state) -> "QuantizedWeight":
-        """From a bitsandbytes packed 4-bit tensor and its ``QuantState`` (either layout; see module docstring)."""
+        """From a bitsandbytes packed 4-bit tensor and its ``QuantState`` (either layout; see module docstring).
+
+        The result is kept with ``state`` (weakly) while ``data`` and the scales stay the same tensors, so a layer
+        pays for undoing bitsandbytes' CPU repack, and for any ``derived`` copy, once, not per call."""
+        raw = data if data.dtype == torch.uint8 else data.view(torch.uint8)
+        stamp = (raw.data_ptr(), state.absmax.data_ptr(), bool(getattr(state, "packing_format_for_cpu", False)),
+                 tuple(state.shape), raw.numel())
+        try:
+            cached = _FROM_STATE.get(state)
+        except TypeError:  # a state object that cannot be weakly referenced: no cache
+            cached = None
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        weight = cls._from_quant_state(raw, state)
+        try:
+            _FROM_STATE[state] = (stamp, weight)
+        except TypeError:
+            pass
+        return weight
+
+    @classmethod
+    def _from_quant_state(cls, data: torch.Tensor, state) -> "QuantizedWeight":
         N, K = int(state.shape[0]), int(state.shape[1])
         raw = data if data.dtype == torch.uint8 else data.view(torch.uint8)
         if getattr(state, "packing_format_for_cpu", False):
@@ -255,3 +297,10 @@ def _untile_cpu_repack(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
     nibbles = torch.cat((chunks & 0xF, chunks >> 4), dim=-1)  # (N/B, K/2, 64): low nibbles first
     codes = nibbles.reshape(N // B, K // 2, B, 2).permute(0, 2, 1, 3).reshape(-1)  # row-major (N, K)
     return (codes[0::2] << 4) | codes[1::2]
+
+
+def _tile_cpu_repack(codes: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """The inverse of ``_untile_cpu_repack``: ``(N, K)`` 4-bit indices -> ``[N, K/2]`` tiled bytes."""
+    B = CPU_REPACK_BLOCK_N
+    groups = codes.reshape(N // B, B, K // 2, 2).permute(0, 2, 1, 3).reshape(-1, 2 * B)  # 64 nibbles per chunk
+    return ((groups[:, B:] << 4) | groups[:, :B]).to(torch.uint8).reshape(N, K // 2)

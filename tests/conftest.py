@@ -20,6 +20,12 @@ if not torch.cuda.is_available():
     assert "triton" not in sys.modules, "conftest must run before triton is imported"
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Measured route choices go to a file of this test session, never to the user's cache (and never read from it: a
+# choice made outside the tests must not decide which route the tests run).
+if "FASTPEFT_ROUTE_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["FASTPEFT_ROUTE_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="fastpeft-routes-"), "routes.json")
 
 
 def pytest_configure(config):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fastpeft import reference as spec
+from fastpeft import routing as routes
 from fastpeft._philox import dropout_keep_mask, philox_uniform
 from fastpeft.backends.cpu import BACKEND as CPU
 from fastpeft.backends.reference import ReferenceBackend
@@ -133,10 +134,23 @@ DTYPES = [("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp32")
           ("fp32", "bf16")]
 
 
+def each_route(op):
+    """Pin every route of ``op`` in turn (``fastpeft.routing.set_route``); the caller checks
+    ``routes.last_route(op)`` to see whether the pinned route could serve the call (an ineligible pin is measured
+    among the eligible routes instead)."""
+    try:
+        for route in routes.ROUTES[op]:
+            routes.set_route(op, route)
+            yield route
+    finally:
+        routes.set_route(op, None)
+
+
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"drop{p}")
 @pytest.mark.parametrize("xdt,adt", DTYPES, ids=[f"x{a}-A{b}" for a, b in DTYPES])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_lora_matches_reference(case, xdt, adt, p):
+    """Every route of the forward and of the backward, pinned in turn, against the reference."""
     _, M, K, N, ranks, bias, lora_bias, layout = case
     x, W, b, A, B, lb, s = make_case(M, K, N, ranks, DT[xdt], DT[adt], bias, lora_bias, layout)
     ps = [p] * len(ranks)
@@ -145,23 +159,39 @@ def test_lora_matches_reference(case, xdt, adt, p):
     f32 = ([as_f32(t) for t in A], [as_f32(t) for t in B], [as_f32(t) for t in lb], s, ps, seeds)
 
     exact = xdt == adt == "fp32"
-    y, xa = CPU.lora_forward(x, W, b, *args)
     y_ref, xa_ref = REF.lora_forward(x, W, b, *args)
     y_o, xa_o = REF.lora_forward(x.float(), W.float(), as_f32(b), *f32)
-    assert_close("y", y, y_ref, y_o, all_fp32=exact)
-    for i in range(len(ranks)):
-        assert_close(f"xa[{i}]", xa[i], xa_ref[i], xa_o[i], all_fp32=exact)
+    ran = []
+    for route in each_route("lora_forward"):
+        y, xa = CPU.lora_forward(x, W, b, *args)
+        if routes.last_route("lora_forward") != route:
+            continue
+        ran.append(route)
+        assert_close(f"{route}: y", y, y_ref, y_o, all_fp32=exact)
+        for i in range(len(ranks)):
+            assert_close(f"{route}: xa[{i}]", xa[i], xa_ref[i], xa_o[i], all_fp32=exact)
+    expected = {"compose", "fused"} | ({"gemv"} if layout != "transposed" else set())
+    expected |= {"compose_fp32", "fused_fp32"} if xdt != "fp32" else set()
+    assert set(ran) == expected, f"forward routes run: {ran}"
 
     gy = torch.randn(M, N, generator=torch.Generator().manual_seed(9)).to(DT[xdt])
-    got = CPU.lora_backward(gy, x, W, A, B, xa_ref, s, ps, seeds, True, True)
     ref = REF.lora_backward(gy, x, W, A, B, xa_ref, s, ps, seeds, True, True)
     ora = REF.lora_backward(gy.float(), x.float(), W.float(), f32[0], f32[1], [h.float() for h in xa_ref], s, ps,
                             seeds, True, True)
-    assert_close("dx", got[0], ref[0], ora[0], all_fp32=exact)
-    for i in range(len(ranks)):
-        assert_close(f"dA[{i}]", got[1][i], ref[1][i], ora[1][i], all_fp32=exact)
-        assert_close(f"dB[{i}]", got[2][i], ref[2][i], ora[2][i], all_fp32=exact)
-        assert_close(f"dbias[{i}]", got[3][i], ref[3][i], ora[3][i], all_fp32=exact)
+    ran = []
+    for route in each_route("lora_backward"):
+        got = CPU.lora_backward(gy, x, W, A, B, xa_ref, s, ps, seeds, True, True)
+        if routes.last_route("lora_backward") != route:
+            continue
+        ran.append(route)
+        assert_close(f"{route}: dx", got[0], ref[0], ora[0], all_fp32=exact)
+        for i in range(len(ranks)):
+            assert_close(f"{route}: dA[{i}]", got[1][i], ref[1][i], ora[1][i], all_fp32=exact)
+            assert_close(f"{route}: dB[{i}]", got[2][i], ref[2][i], ora[2][i], all_fp32=exact)
+            assert_close(f"{route}: dbias[{i}]", got[3][i], ref[3][i], ora[3][i], all_fp32=exact)
+    expected = {"compose", "fused"} | ({"compose_fp32", "fused_fp32"} if xdt != "fp32" else set())
+    expected |= {"small"} if (exact and len(ranks) == 1) else set()
+    assert set(ran) == expected, f"backward routes run: {ran}"
 
 
 @pytest.mark.parametrize("needs_grad_x,needs_grad_A", [(True, False), (False, True), (False, False)])
@@ -232,17 +262,28 @@ def test_ia3_matches_reference(xdt, feedforward):
     W = (torch.randn(N, K) / K**0.5).to(DT[xdt])
     b = torch.randn(N).to(DT[xdt])
     scale = torch.rand(K if feedforward else N) + 0.5  # fp32 like PEFT's vectors
-    y = CPU.ia3_forward(x, W, b, scale, feedforward)
     y_ref = REF.ia3_forward(x, W, b, scale, feedforward)
     y_o = REF.ia3_forward(x.float(), W.float(), b.float(), scale, feedforward)
     exact = xdt == "fp32"
-    assert_close("y", y, y_ref, y_o, all_fp32=exact)
+    low = set() if exact else {"compose_fp32"}
+    ran = []
+    for route in each_route("ia3_forward"):
+        y = CPU.ia3_forward(x, W, b, scale, feedforward)
+        if routes.last_route("ia3_forward") == route:
+            ran.append(route)
+            assert_close(f"{route}: y", y, y_ref, y_o, all_fp32=exact)
+    assert set(ran) == {"compose", "gemv"} | low, ran
     gy = torch.randn(M, N).to(DT[xdt])
-    dx, ds = CPU.ia3_backward(gy, x, W, b, scale, feedforward, True)
     dx_r, ds_r = REF.ia3_backward(gy, x, W, b, scale, feedforward, True)
     dx_o, ds_o = REF.ia3_backward(gy.float(), x.float(), W.float(), b.float(), scale, feedforward, True)
-    assert_close("dx", dx, dx_r, dx_o, all_fp32=exact)
-    assert_close("dscale", ds, ds_r, ds_o, all_fp32=exact)
+    ran = []
+    for route in each_route("ia3_backward"):
+        dx, ds = CPU.ia3_backward(gy, x, W, b, scale, feedforward, True)
+        if routes.last_route("ia3_backward") == route:
+            ran.append(route)
+            assert_close(f"{route}: dx", dx, dx_r, dx_o, all_fp32=exact)
+            assert_close(f"{route}: dscale", ds, ds_r, ds_o, all_fp32=exact)
+    assert set(ran) == {"compose"} | low, ran
 
 
 @pytest.mark.parametrize("M", [13, 40], ids=["gemv", "gemm"])
@@ -292,30 +333,6 @@ def test_auto_dispatch_picks_cpu():
 def test_supports():
     assert CPU.supports(torch.randn(2, 3), torch.randn(4, 3))
     assert not CPU.supports(torch.randn(2, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64))
-
-
-@pytest.mark.parametrize("route", ["native", "fp32"])
-@pytest.mark.parametrize("xdt", ["bf16", "fp16"])
-@pytest.mark.parametrize("M", [1, 40])
-def test_lora_low_precision_gemm_routes(monkeypatch, route, xdt, M):
-    """Both base-GEMM routes for bf16/fp16 (native low precision, or widened to fp32 and rounded once) obey the 2x
-    rule; which one runs by default depends on the CPU (``_C.native_lowp_gemm``)."""
-    monkeypatch.setenv("FASTPEFT_CPU_LOWP_GEMM", route)
-    x, W, b, A, B, lb, s = make_case(M, 123, 97, [16, 2], DT[xdt], torch.float32, True, True, "contig", 8)
-    ps, seeds = [0.1, 0.0], [3, 4]
-    f32 = ([t.float() for t in A], [t.float() for t in B], [as_f32(t) for t in lb], s, ps, seeds)
-    y, xa = CPU.lora_forward(x, W, b, A, B, lb, s, ps, seeds)
-    y_ref, xa_ref = REF.lora_forward(x, W, b, A, B, lb, s, ps, seeds)
-    y_o, _ = REF.lora_forward(x.float(), W.float(), b.float(), *f32)
-    assert_close("y", y, y_ref, y_o, all_fp32=False)
-    gy = torch.randn(M, 97).to(DT[xdt])
-    got = CPU.lora_backward(gy, x, W, A, B, xa_ref, s, ps, seeds, True, True)
-    ref = REF.lora_backward(gy, x, W, A, B, xa_ref, s, ps, seeds, True, True)
-    ora = REF.lora_backward(gy.float(), x.float(), W.float(), f32[0], f32[1], xa_ref, s, ps, seeds, True, True)
-    assert_close("dx", got[0], ref[0], ora[0], all_fp32=False)
-    for i in range(2):
-        assert_close(f"dA[{i}]", got[1][i], ref[1][i], ora[1][i])
-        assert_close(f"dB[{i}]", got[2][i], ref[2][i], ora[2][i])
 
 
 def test_native_lowp_gemm_query():

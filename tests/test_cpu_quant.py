@@ -14,11 +14,19 @@ import pytest
 import torch
 from conftest import assert_close, assert_within_2x
 from quant_oracle import dequantize_4bit
-from test_cpu_backend import AVAILABLE, DT, REF, pytestmark  # noqa: F401  (pytestmark: skip without the extension)
+from test_cpu_backend import (  # noqa: F401  (pytestmark: skip without the extension)
+    AVAILABLE,
+    DT,
+    REF,
+    each_route,
+    pytestmark,
+)
 from test_cpu_backend import isa as isa  # noqa: F401  (the per-SIMD-path fixture, requested by name)
 
+from fastpeft import routing as routes
 from fastpeft.backends.cpu import BACKEND as CPU
-from fastpeft.quant import QuantizedWeight
+from fastpeft.backends.cpu import _bnb_cpu_kernel
+from fastpeft.quant import QuantizedWeight, _untile_cpu_repack
 
 bnb = pytest.importorskip("bitsandbytes")
 bnbf = bnb.functional
@@ -110,25 +118,66 @@ def test_lora_over_quantized_base_matches_reference(isa, kind, nested, M, xname,
     qw, dense = quantize(kind, nested, N, K, torch.bfloat16 if xname == "bf16" else torch.float32, seed=M + 100)
     x, A, B, lb, bias, gy = lora_case(M, K, N, ranks, xdt, seed=M)
     s, ps, seeds = [0.5, 2.0], [p, 0.0], [11, 12]
-    y, xa = CPU.lora_forward(x, qw, bias, A, B, lb, s, ps, seeds)
     y_ref, xa_ref = REF.lora_forward(x, qw, bias, A, B, lb, s, ps, seeds)
     y_o, _ = REF.lora_forward(x.float(), dense.to(qw.dtype).to(xdt).float(), bias.float(), A, B, lb, s, ps, seeds)
-    grads = CPU.lora_backward(gy, x, qw, A, B, xa_ref, s, ps, seeds, True, True)
     grads_ref = REF.lora_backward(gy, x, qw, A, B, xa_ref, s, ps, seeds, True, True)
     grads_o = REF.lora_backward(gy.float(), x.float(), dense.to(qw.dtype).to(xdt).float(), A, B, xa_ref, s, ps,
                                 seeds, True, True)
-    assert y.dtype == xdt and grads[0].dtype == xdt
-    if xdt == torch.float32:
-        assert_close("y", y, y_ref, 1e-5)
-        assert_close("dX", grads[0], grads_ref[0], 1e-5)
-    else:
-        assert_within_2x("y", y, y_ref, y_o)
-        assert_within_2x("dX", grads[0], grads_ref[0], grads_o[0])
-    for i in range(len(ranks)):
-        assert_close(f"xa[{i}]", xa[i], xa_ref[i], 1e-5 if xdt == torch.float32 else 1e-2)
-        assert_close(f"dA[{i}]", grads[1][i], grads_ref[1][i], 1e-5)
-        assert_close(f"dB[{i}]", grads[2][i], grads_ref[2][i], 1e-5)
-        assert_close(f"dbias[{i}]", grads[3][i], grads_ref[3][i], 1e-5)
+    ran = []
+    for route in each_route("lora_forward"):
+        y, xa = CPU.lora_forward(x, qw, bias, A, B, lb, s, ps, seeds)
+        if routes.last_route("lora_forward") != route:
+            continue
+        ran.append(route)
+        assert y.dtype == xdt
+        if xdt == torch.float32:
+            assert_close(f"{route}: y", y, y_ref, 1e-5)
+        else:
+            assert_within_2x(f"{route}: y", y, y_ref, y_o)
+        for i in range(len(ranks)):
+            assert_close(f"{route}: xa[{i}]", xa[i], xa_ref[i], 1e-5 if xdt == torch.float32 else 1e-2)
+    assert {"compose", "fused", "gemv"} <= set(ran), ran
+    ran = []
+    for route in each_route("lora_backward"):
+        grads = CPU.lora_backward(gy, x, qw, A, B, xa_ref, s, ps, seeds, True, True)
+        if routes.last_route("lora_backward") != route:
+            continue
+        ran.append(route)
+        assert grads[0].dtype == xdt
+        if xdt == torch.float32:
+            assert_close(f"{route}: dX", grads[0], grads_ref[0], 1e-5)
+        else:
+            assert_within_2x(f"{route}: dX", grads[0], grads_ref[0], grads_o[0])
+        for i in range(len(ranks)):
+            assert_close(f"{route}: dA[{i}]", grads[1][i], grads_ref[1][i], 1e-5)
+            assert_close(f"{route}: dB[{i}]", grads[2][i], grads_ref[2][i], 1e-5)
+            assert_close(f"{route}: dbias[{i}]", grads[3][i], grads_ref[3][i], 1e-5)
+    assert {"compose", "fused"} <= set(ran) and ("compose_fp32" in ran) == (xdt != torch.float32), ran
+
+
+@pytest.mark.skipif(not AVAILABLE or _bnb_cpu_kernel() is None,
+                    reason="bitsandbytes has no AVX-512 BF16 CPU kernel on this host (route bnb_native ineligible)")
+@pytest.mark.parametrize("M", [1, 40])
+@pytest.mark.parametrize("kind,nested", KINDS[:4], ids=KIND_IDS[:4])
+def test_bnb_native_route_matches_reference(kind, nested, M):
+    """bitsandbytes' own CPU kernel as the base product (bf16, K % blocksize == 0, N % 32 == 0), from the tiled copy
+    fastpeft keeps with the weight, within 2x the reference's bf16 error."""
+    N, K, ranks = 64, 192, (4,)
+    qw, dense = quantize(kind, nested, N, K, torch.bfloat16, seed=M + 7)
+    x, A, B, lb, bias, _ = lora_case(M, K, N, ranks, torch.bfloat16, seed=M)
+    s, ps, seeds = [0.5], [0.0], [0]
+    y_ref, xa_ref = REF.lora_forward(x, qw, bias, A, B, lb, s, ps, seeds)
+    y_o, _ = REF.lora_forward(x.float(), dense.bfloat16().float(), bias.float(), A, B, lb, s, ps, seeds)
+    for route in each_route("lora_forward"):
+        if route != "bnb_native":
+            continue
+        y, xa = CPU.lora_forward(x, qw, bias, A, B, lb, s, ps, seeds)
+        assert routes.last_route("lora_forward") == "bnb_native"
+        assert_within_2x("bnb_native: y", y, y_ref, y_o)
+        assert_close("bnb_native: xa", xa[0], xa_ref[0], 1e-5)
+    packed, absmax = qw.cpu_kernel_layout()
+    assert torch.equal(_untile_cpu_repack(packed, N, K), qw.data.reshape(-1)), "tiling does not invert"
+    assert qw.cpu_kernel_layout()[0] is packed, "the tiled copy is made again on every call"
 
 
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "out"])
@@ -141,12 +190,23 @@ def test_ia3_over_quantized_base_matches_reference(kind, nested, M, feedforward)
     x, bias = torch.randn(M, K, generator=g), torch.randn(N, generator=g)
     scale = torch.rand(K if feedforward else N, generator=g) + 0.5
     gy = torch.randn(M, N, generator=g)
-    assert_close("y", CPU.ia3_forward(x, qw, bias, scale, feedforward),
-                 REF.ia3_forward(x, qw, bias, scale, feedforward), 1e-5)
-    got = CPU.ia3_backward(gy, x, qw, bias, scale, feedforward, True)
+    want_y = REF.ia3_forward(x, qw, bias, scale, feedforward)
     want = REF.ia3_backward(gy, x, qw, bias, scale, feedforward, True)
-    assert_close("dX", got[0], want[0], 1e-5)
-    assert_close("dscale", got[1], want[1], 1e-5)
+    ran = []
+    for route in each_route("ia3_forward"):
+        y = CPU.ia3_forward(x, qw, bias, scale, feedforward)
+        if routes.last_route("ia3_forward") == route:
+            ran.append(route)
+            assert_close(f"{route}: y", y, want_y, 1e-5)
+    assert set(ran) == {"compose", "fused", "gemv"}, ran
+    ran = []
+    for route in each_route("ia3_backward"):
+        got = CPU.ia3_backward(gy, x, qw, bias, scale, feedforward, True)
+        if routes.last_route("ia3_backward") == route:
+            ran.append(route)
+            assert_close(f"{route}: dX", got[0], want[0], 1e-5)
+            assert_close(f"{route}: dscale", got[1], want[1], 1e-5)
+    assert set(ran) == {"compose", "fused"}, ran
 
 
 # -------------------------------------------------------------------------------------------------- bad input

@@ -408,6 +408,33 @@ at::Tensor quant_dequantize(const py::tuple& qt) {
   return out;
 }
 
+// The dense (N, K) weight decoded into a caller's reusable buffer of fp32, bf16 or fp16 (contiguous). The values
+// are rounded per round1/round2 first, so when ``out`` has x's dtype the final store is exact.
+void quant_dequantize_into(const py::tuple& qt, at::Tensor out) {
+  const QuantArg q = parse_quant(qt);
+  const int64_t N = q.d.N, Kd = q.d.K;
+  TORCH_CHECK(out.device().is_cpu() && out.dim() == 2 && out.size(0) == N && out.size(1) == Kd && out.is_contiguous(),
+              "fastpeft._C: out must be a contiguous CPU (", N, ", ", Kd, ") tensor, got ", out.sizes());
+  const int dt = dtype_code(out);
+  if (dt == kF32) {
+    dequant_tile(q.d, 0, N, out.data_ptr<float>());
+    return;
+  }
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / Kd), [&](int64_t b, int64_t e) {
+    std::vector<float> row(Kd);
+    for (int64_t n = b; n < e; ++n) {
+      K().dequant_rows(q.d, n, n + 1, row.data(), Kd);
+      if (dt == kBF16) {
+        auto* o = reinterpret_cast<c10::BFloat16*>(out.data_ptr()) + n * Kd;
+        for (int64_t k = 0; k < Kd; ++k) o[k] = c10::BFloat16(row[k]);
+      } else {
+        auto* o = reinterpret_cast<at::Half*>(out.data_ptr()) + n * Kd;
+        for (int64_t k = 0; k < Kd; ++k) o[k] = at::Half(row[k]);
+      }
+    }
+  });
+}
+
 // Checks the operands of y = x w^T + bias + lora_scale xs B^T against w's (N, K); returns R (0 without xs/B).
 int64_t check_product(const QuantDesc& d, const at::Tensor& x, const c10::optional<at::Tensor>& bias,
                       const c10::optional<at::Tensor>& xs, const c10::optional<at::Tensor>& B) {
@@ -618,6 +645,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_epilogue_", &fastpeft::lora_epilogue_, "(y, xs32, Bt32, bias32|None): y += xs Bt + bias in place");
   m.def("lora_dy_pass", &fastpeft::lora_dy_pass, "(dy, Bt32, xa32, svec, need_dB, need_colsum) -> [g, dB (N, R) scaled, colsum]");
   m.def("quant_dequantize", &fastpeft::quant_dequantize, "(qweight) -> dense (N, K) fp32");
+  m.def("quant_dequantize_into", &fastpeft::quant_dequantize_into, "(qweight, out) -> None: the dense weight into out "
+        "(N, K) fp32/bf16/fp16, reused across calls");
   m.def("quant_linear", &fastpeft::quant_linear, "(x32, qweight, bias32|None, xs32|None, B32|None, lora_scale, gemv_rows, tile_rows|0) -> "
         "x w^T + bias + lora_scale xs B^T (M, N) fp32");
   m.def("dense_lora_gemv", &fastpeft::dense_lora_gemv, "(x32, W, bias32|None, xs32|None, B32|None, lora_scale) -> "

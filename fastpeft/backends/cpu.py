@@ -1,55 +1,35 @@
-"""The ``cpu`` backend: torch's own GEMM for the base matmul, the compiled extension ``fastpeft._C`` for the rest.
+"""The ``cpu`` backend: torch's GEMM (oneDNN / MKL) for the base product, the compiled extension ``fastpeft._C`` for
+what no vendor GEMM does, and a measured choice between the ways to combine them.
 
-PEFT adds several full passes over the activations around the base GEMM (materialise ``drop(x)`` and its mask, cast
-``x`` to the adapter dtype, a second ``(M, N)`` result and an add). Here each adapter costs one sweep over ``x``
-(forward), one in-place sweep over ``y``, and in backward one sweep over ``dY`` and one over ``x``/``dX``; the
-Philox dropout mask (``fastpeft._philox``) is regenerated on the fly inside those sweeps and never stored.
+Every op runs by one of its routes (``fastpeft.routing.ROUTES``), chosen by timing them once per route key on this
+machine. The pieces the routes are built from:
 
-Forward, per adapter ``i`` (``x_i`` = ``x`` cast to ``A_i``'s dtype, cumulatively, as PEFT does)::
+- the base product ``x W^T + b``: torch's GEMM in ``x``'s dtype, or widened to fp32 and rounded once (the ``_fp32``
+  routes, for CPUs without native bf16/fp16 GEMMs); for a bitsandbytes base (``fastpeft.quant.QuantizedWeight``):
+  decoded into a reused buffer by ``_C.quant_dequantize_into`` then torch's GEMM (``compose``), decoded tile by tile
+  inside the product (``_C.quant_linear``, ``fused``), or bitsandbytes' own AVX-512 kernel (``bnb_native``);
+- ``_C.lora_xa``: ``drop_i(x_i) A_i^T`` in one pass over ``x``, the Philox mask (``fastpeft._philox``) regenerated
+  on the fly, never stored, ``x`` widened in registers;
+- ``_C.lora_epilogue_``: ``y += sum_i s_i (xa_i B_i^T + b_i)`` in place, rounded once;
+- ``_C.dense_lora_gemv`` / the GEMV of ``_C.quant_linear``: each weight row read (or decoded) once and dotted with
+  every activation row, the adapter term fused (``gemv``);
+- backward: ``_C.lora_dy_pass`` (``g_i = s_i dY B_i``, ``dB``, the bias gradient in one pass over ``dY``) and
+  ``_C.lora_dx_pass`` (``dX += (g_i A_i) * mask_i / (1 - p_i)`` and ``dA_i = g_i^T drop_i(x)`` in one pass).
 
-    y    = x W^T + bias                                  (torch: oneDNN / MKL)
-    xa_i = drop_i(x_i) A_i^T                             (_C.lora_xa: one pass over x, fp32 accumulation)
-    y   += sum_i s_i (xa_i B_i^T + b_i)                  (_C.lora_epilogue_: in place, rounded once)
-
-Backward (``g_i = s_i dY B_i``)::
-
-    g, dB, db = one pass over dY                         (_C.lora_dy_pass)
-    dX  = dY W                                           (torch)
-    dX += (g_i A_i) * mask_i / (1 - p_i);  dA_i = g_i^T drop_i(x)   (_C.lora_dx_pass: one pass over x and dX)
-
-Quantized bases (``fastpeft.quant.QuantizedWeight``: bitsandbytes NF4/FP4 with or without double quantization,
-int8) never exist as a whole dense matrix: ``_C.quant_linear`` decodes ~1 MB tiles of weight rows into a
-cache-resident fp32 buffer and hands each to torch's GEMM (the tile's LoRA term added while it is hot), or, for
-M <= 16, runs a decoding GEMV that dequantizes one row into L1 and dots it with every activation row, the LoRA
-up-projection and biases added in the same pass. ``dX = dY W`` goes tile by tile the same way (``_C.quant_grad_x``).
-Decoded values are bit-equal to bitsandbytes' dequantization, rounded to the weight's dtype and then ``x``'s,
-as the reference does.
-
-Decoding shapes (M <= ``CpuBackend.GEMV_MAX_M`` = 16) with a dense weight of unit column stride use the same
-one-pass GEMV (``_C.dense_lora_gemv``: each weight row read once, bf16/fp16 rows widened in registers, the LoRA
-term fused): torch's own ``x W^T`` at M = 2..16 costs 1.1-2.7x more than the GEMV with the adapter on this CPU.
-The fp32 single-adapter backward there is one call (``_C.lora_small_backward``), as each torch call from Python
-costs microseconds that add up to more than the adapter's arithmetic.
-
-Adapter matrices are converted to contiguous fp32 (they are ``r x K``: tiny); activations stay in their dtype and
-are widened in registers. All accumulation is fp32.
-
-Base GEMMs in bf16/fp16 on a CPU without native low-precision GEMM (no AVX512-BF16/AMX): torch's kernels there are
-far slower than its fp32 GEMM (measured on the 2-core AVX2 EPYC these numbers come from, 1 thread, 2048x2048:
-``x @ W^T`` at M=512 422 ms in bf16 vs 56 ms widened to fp32, conversions included; ``dY @ W`` 300x slower in bf16),
-so the backend widens ``x``/``dY`` and ``W`` to fp32 for the GEMM (transient copies, nothing saved) and rounds the
-result once, after the adapter terms are added: one rounding where the reference has two. Forward shapes below
-M = 3 that miss the one-pass GEMV (a transposed ``fan_in_fan_out`` weight) keep torch's low-precision GEMV, which is
-cheaper than widening ``W``. ``FASTPEFT_CPU_LOWP_GEMM`` = ``native`` / ``fp32`` overrides the choice.
+All accumulation is fp32; adapter arithmetic runs in the adapters' dtype (PEFT keeps them fp32 under a bf16 base), so
+``xa``, ``dA`` and ``dB`` match the reference to fp32 rounding on every route.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from typing import Optional
 
 import torch
 
+from .. import routing as routes
 from ..quant import QuantizedWeight
 from .base import Backend
 
@@ -95,21 +75,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-_FP32_ROUTE_MIN_M = 3  # forward rows from which widening W to fp32 beats torch's low-precision GEMV (measured)
-
-
-def _fp32_gemm(dtype: torch.dtype, rows: int, backward: bool) -> bool:
-    """Whether to run a base GEMM with ``rows`` activation rows of ``dtype`` in fp32 (see the module docstring)."""
-    if dtype == torch.float32:
-        return False
-    mode = os.environ.get("FASTPEFT_CPU_LOWP_GEMM", "auto").strip().lower()
-    if mode == "native":
-        return False
-    if mode != "fp32" and _C.native_lowp_gemm("bf16" if dtype == torch.bfloat16 else "fp16"):
-        return False
-    return mode == "fp32" or backward or rows >= _FP32_ROUTE_MIN_M
-
-
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/cpu/kernels.h: DType
 
 
@@ -132,6 +97,338 @@ def _quant_args(weight: QuantizedWeight, dtype: torch.dtype) -> tuple:
 def _lossless(src: torch.dtype, dst: torch.dtype) -> bool:
     """Whether casting ``src`` to ``dst`` is exact, so the kernels may widen ``src`` in registers instead."""
     return src == dst or dst == torch.float32
+
+
+
+_F32 = torch.float32
+
+
+def _weight_kind(weight) -> str:
+    return weight.kind if isinstance(weight, QuantizedWeight) else "dense"
+
+
+# ------------------------------------------------------------------------------------------ base-product pieces
+_buffers = threading.local()
+
+
+def _decoded(weight: QuantizedWeight, buffer_dtype: torch.dtype, round_to: torch.dtype) -> torch.Tensor:
+    """``weight.dequantize().to(round_to)`` written into a reused ``(N, K)`` buffer of ``buffer_dtype`` (one per
+    shape and dtype per thread, kept for the thread's life: a quantized model holds one dense copy of each distinct
+    projection shape, never one per layer). The caller must be done with it before the next call on this thread."""
+    store = getattr(_buffers, "store", None)
+    if store is None:
+        store = _buffers.store = {}
+    key = (weight.shape, buffer_dtype)
+    buf = store.get(key)
+    if buf is None:
+        buf = store[key] = torch.empty(weight.shape, dtype=buffer_dtype)
+    _C.quant_dequantize_into(_quant_args(weight, round_to), buf)
+    return buf
+
+
+def _weight_as(weight, dtype: torch.dtype, round_to: torch.dtype) -> torch.Tensor:
+    """The dense ``(N, K)`` weight in ``dtype`` for a torch GEMM, rounded to ``round_to`` (exact in ``dtype``)."""
+    if isinstance(weight, QuantizedWeight):
+        return _decoded(weight, dtype, round_to)
+    if weight.dtype != round_to:
+        weight = weight.to(round_to)
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def _gemm_product(x, weight, bias, wide: bool) -> torch.Tensor:
+    """``x W^T + b`` by torch's GEMM: in fp32, not yet rounded, when ``wide``, else in ``x``'s dtype. The bias is
+    rounded to ``x``'s dtype first, as the reference adds it in that dtype."""
+    dtype = _F32 if wide else x.dtype
+    b = None if bias is None else bias.detach().to(x.dtype).to(dtype)
+    return torch.nn.functional.linear(x if x.dtype == dtype else x.to(dtype), _weight_as(weight, dtype, x.dtype), b)
+
+
+def _tiled_product(x, weight: QuantizedWeight, bias32, xs, B, lora_scale, gemv: bool) -> torch.Tensor:
+    """``x w^T + bias32 + lora_scale xs B^T`` in fp32 by ``_C.quant_linear``: the decoding GEMV (``gemv``) or ~1 MB
+    decoded tiles handed to torch's GEMM."""
+    x32 = x if (x.dtype == _F32 and x.is_contiguous()) else x.float().contiguous()
+    return _C.quant_linear(x32, _quant_args(weight, x.dtype), bias32, xs, B, lora_scale,
+                           x.shape[0] if gemv else 0, 0)
+
+
+def _dense_gemv(x, weight, bias32, xs, B, lora_scale) -> torch.Tensor:
+    x32 = x if (x.dtype == _F32 and x.is_contiguous()) else x.float().contiguous()
+    return _C.dense_lora_gemv(x32, weight if weight.dtype == x.dtype else weight.detach().to(x.dtype), bias32, xs, B,
+                              lora_scale)
+
+
+_bnb_kernel: dict[str, object] = {}
+
+
+def _bnb_cpu_kernel():
+    """bitsandbytes' AVX-512 BF16 4-bit CPU kernel (``torch.ops.bitsandbytes.gemv_4bit``), or None when bitsandbytes
+    is not loaded or has no such kernel here. Never imports bitsandbytes itself."""
+    if "op" not in _bnb_kernel:
+        op = None
+        if "bitsandbytes" in sys.modules:
+            try:
+                from bitsandbytes.functional import has_avx512bf16
+
+                if has_avx512bf16():
+                    op = torch.ops.bitsandbytes.gemv_4bit.default
+            except Exception:
+                op = None
+        _bnb_kernel["op"] = op
+    return _bnb_kernel["op"]
+
+
+def _bnb_eligible(x, weight) -> bool:
+    """``bnb_native`` may serve this call (fastpeft.routing.ROUTE_LIMITS)."""
+    if not isinstance(weight, QuantizedWeight) or weight.kind == "int8" or x.dtype != torch.bfloat16:
+        return False
+    N, K = weight.shape
+    return K % weight.blocksize == 0 and N % 32 == 0 and K % 2 == 0 and _bnb_cpu_kernel() is not None
+
+
+def _bnb_product(x, weight: QuantizedWeight, bias) -> torch.Tensor:
+    """``x w^T + b`` in bf16 by bitsandbytes' CPU kernel, from the tiled copy kept with ``weight``."""
+    packed, absmax = weight.cpu_kernel_layout()
+    y = _bnb_cpu_kernel()(x.contiguous(), packed, list(weight.shape), absmax, weight.code, int(weight.blocksize))
+    if bias is not None:
+        y = y.add_(bias.detach().to(x.dtype))
+    return y
+
+
+def _base_product(route: str, x, weight, bias) -> torch.Tensor:
+    """``x W^T + b`` in ``x``'s dtype by ``route`` (IA3's routes)."""
+    if route in ("compose", "compose_fp32"):
+        return _gemm_product(x, weight, bias, route == "compose_fp32").to(x.dtype)
+    if route == "bnb_native":
+        return _bnb_product(x, weight, bias)
+    b32 = None if bias is None else bias.detach().to(x.dtype).float()
+    if isinstance(weight, QuantizedWeight):
+        return _tiled_product(x, weight, b32, None, None, 1.0, gemv=route == "gemv").to(x.dtype)
+    return _dense_gemv(x, weight, b32, None, None, 1.0).to(x.dtype)
+
+
+def _grad_product(route: str, dy, weight) -> torch.Tensor:
+    """``dY W`` ``(M, K)`` by ``route``: in ``dY``'s dtype for ``compose``, fp32 (not yet rounded) for
+    ``compose_fp32`` and for ``fused`` (a quantized weight decoded tile by tile inside the product)."""
+    if route == "fused" and isinstance(weight, QuantizedWeight):
+        return _C.quant_grad_x(dy.float().contiguous(), _quant_args(weight, dy.dtype), 0)
+    dtype = _F32 if route in ("compose_fp32", "fused_fp32") else dy.dtype
+    return torch.mm(dy if dy.dtype == dtype else dy.to(dtype), _weight_as(weight, dtype, dy.dtype))
+
+
+def _product_routes(x, weight, forward: bool) -> list[str]:
+    """The eligible routes of a base product (IA3) for this call (fastpeft.routing.ROUTE_LIMITS)."""
+    names = ["compose"]
+    if x.dtype != _F32:
+        names.append("compose_fp32")
+    quantized = isinstance(weight, QuantizedWeight)
+    if quantized:
+        names.append("fused")
+    if forward and (quantized or weight.stride(-1) == 1):
+        names.append("gemv")
+    if forward and _bnb_eligible(x, weight):
+        names.append("bnb_native")
+    return names
+
+
+# ------------------------------------------------------------------------------------------------ LoRA forward
+def _down_projections(x, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, fold_single_scale=False):
+    """Every adapter's ``xa_i = drop_i(x_i) A_i^T`` (in ``A_i``'s dtype, returned for backward) by ``_C.lora_xa``,
+    and what the output needs from them: ``xs`` = the scaled ``xa_i`` side by side (M, R) fp32, the ``B_i`` as fp32
+    ``(N, r_i)``, ``sum_i s_i b_i`` (fp32, or None) and the factor still to apply to ``xs B^T``: 1, or with
+    ``fold_single_scale`` and one adapter its scaling, left unapplied for the kernel (one torch call less)."""
+    xa_out, xs_cols, B32 = [], [], []
+    bias_sum = None
+    xi = x
+    fold = fold_single_scale and len(lora_A) == 1
+    for A, B, b, s, p, seed in zip(lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
+        if not _lossless(xi.dtype, A.dtype):
+            xi = xi.to(A.dtype)  # a narrowing step of PEFT's cumulative cast: rounding must happen as there
+        xa32 = _C.lora_xa(_rows(xi), _f32(A), float(p), int(seed))
+        xa_out.append(xa32 if A.dtype == _F32 else xa32.to(A.dtype))
+        xs_cols.append(xa32 * float(s) if (s != 1 and not fold) else xa32)
+        B32.append(B if B.dtype == _F32 else B.detach().to(_F32))
+        if b is not None:
+            term = b.detach().to(_F32) * float(s)
+            bias_sum = term if bias_sum is None else bias_sum + term
+    xs = xs_cols[0].contiguous() if len(xs_cols) == 1 else torch.cat(xs_cols, 1)
+    return xa_out, xs, B32, bias_sum, (float(scaling[0]) if fold else 1.0)
+
+
+def _forward_compose(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, wide=False):
+    """Route ``compose`` (``compose_fp32`` with ``wide``): torch's GEMM for the base, then ``_add_adapters``."""
+    y, xa_out = _add_adapters(x, _gemm_product(x, weight, bias, wide), lora_A, lora_B, lora_bias, scaling, dropout_p,
+                              seeds)
+    return (y.to(x.dtype) if wide else y), xa_out
+
+
+def _add_adapters(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
+    """The composition's adapter terms added to the base output ``y``: ``x A^T`` by torch's GEMM in the adapter's
+    dtype (``_C.lora_xa`` with dropout, or where ``x`` must be widened: no copy of ``x``), the update by ``addmm_``
+    in ``y``'s dtype. Returns ``(y, xa)``."""
+    xa_out, terms = [], []
+    xi = x
+    for A, B, b, s, p, seed in zip(lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
+        if not _lossless(xi.dtype, A.dtype):
+            xi = xi.to(A.dtype)
+        if p == 0 and xi.dtype == A.dtype:
+            xa = torch.mm(xi, A.detach().t())
+        else:
+            xa32 = _C.lora_xa(_rows(xi), _f32(A), float(p), int(seed))
+            xa = xa32 if A.dtype == _F32 else xa32.to(A.dtype)
+        xa_out.append(xa)
+        terms.append((xa, B.detach(), b, float(s)))
+    if len(terms) == 1:
+        xa, B, b, s = terms[0]
+        y.addmm_(xa.to(y.dtype), B.t().to(y.dtype), alpha=s)
+        if b is not None:
+            y.add_(b.detach().to(y.dtype), alpha=s)
+    elif terms:
+        # One rounding of y for all adapters, as the reference sums them before its single cast.
+        xs = torch.cat([(xa.to(_F32) * s) for xa, _, _, s in terms], 1)
+        bt = torch.cat([B.t().to(_F32) for _, B, _, _ in terms], 0)
+        update = torch.mm(xs, bt)
+        for _, _, b, s in terms:
+            if b is not None:
+                update.add_(b.detach().to(_F32), alpha=s)
+        y = y.add_(update) if y.dtype == _F32 else (y.to(_F32) + update).to(y.dtype)
+    return y, xa_out
+
+
+def _forward_fused(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, wide=False):
+    """Route ``fused`` (``fused_fp32`` with ``wide``): the base by torch's GEMM (a quantized weight decoded tile by
+    tile inside ``_C.quant_linear``), then ``_C.lora_xa`` and the in-place ``_C.lora_epilogue_``."""
+    if isinstance(weight, QuantizedWeight):
+        return _forward_one_pass(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, gemv=False)
+    y = _gemm_product(x, weight, bias, wide)
+    if not lora_A:
+        return (y.to(x.dtype) if wide else y), []
+    xa_out, xs, B32, bias_sum, _ = _down_projections(x, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
+    bt = torch.cat([B.t() for B in B32], 0).contiguous()
+    y = _rows(y)
+    _C.lora_epilogue_(y, xs, bt, None if bias_sum is None else bias_sum.contiguous())
+    return (y.to(x.dtype) if wide else y), xa_out
+
+
+def _forward_one_pass(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, gemv=True):
+    """Routes ``gemv`` (and ``fused`` for a quantized weight, tiles instead of the GEMV): base product, adapters'
+    up-projections and biases in one C++ call, fp32 throughout, rounded once to ``x``'s dtype."""
+    total_bias = None if bias is None else bias.detach().to(x.dtype).float()  # the reference adds it in x's dtype
+    xs = B = None
+    xa_out = []
+    lora_scale = 1.0
+    if lora_A:
+        xa_out, xs, B32, bias_sum, lora_scale = _down_projections(
+            x, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, fold_single_scale=True)
+        B = (B32[0] if len(B32) == 1 else torch.cat(B32, 1)).contiguous()
+        if bias_sum is not None:
+            total_bias = bias_sum if total_bias is None else total_bias + bias_sum
+    total_bias = None if total_bias is None else total_bias.contiguous()
+    if isinstance(weight, QuantizedWeight):
+        y = _tiled_product(x, weight, total_bias, xs, B, lora_scale, gemv=gemv)
+    else:
+        y = _dense_gemv(x, weight, total_bias, xs, B, lora_scale)
+    return y.to(x.dtype), xa_out
+
+
+def _forward_bnb(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
+    """Route ``bnb_native``: bitsandbytes' CPU kernel for the base, the composition's adapter terms."""
+    return _add_adapters(x, _bnb_product(x, weight, bias), lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
+
+
+# ----------------------------------------------------------------------------------------------- LoRA backward
+def _backward_compose(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A,
+                      wide=False):
+    """Route ``compose`` (``compose_fp32`` with ``wide``): ``dY W`` and the rank-r products by torch's GEMMs (in the
+    adapters' dtype), ``_C.lora_dx_pass`` where a dropout mask must be regenerated or ``x`` widened for ``dA``."""
+    grad_x = _grad_product("compose_fp32" if wide else "compose", dy, weight) if needs_grad_x else None
+    acc = grad_x
+    if grad_x is not None and len(lora_A) > 1 and grad_x.dtype != _F32:
+        acc = grad_x.float()  # several adapters: carried in fp32 like the reference, rounded once
+    widened: dict[torch.dtype, torch.Tensor] = {}
+    grad_A: list[Optional[torch.Tensor]] = []
+    grad_B, grad_bias = [], []
+    for A, B, h, s, p, seed in zip(lora_A, lora_B, xa, scaling, dropout_p, seeds):
+        if dy.dtype == B.dtype:
+            d = dy
+        else:
+            d = widened.get(B.dtype)
+            if d is None:
+                d = widened[B.dtype] = dy.to(B.dtype)
+        g = torch.mm(d, B).mul_(float(s))
+        grad_B.append(torch.mm(d.t(), h.to(B.dtype)).mul_(float(s)))
+        grad_bias.append(d.sum(0).mul_(float(s)))
+        xi = None
+        if needs_grad_A:
+            xi = x if _lossless(x.dtype, A.dtype) else x.to(A.dtype)
+        if p == 0:
+            if acc is not None:
+                acc.addmm_(g.to(acc.dtype), A.to(acc.dtype))
+            if xi is None:
+                grad_A.append(None)
+            elif xi.dtype == A.dtype:
+                grad_A.append(torch.mm(g.t(), xi))
+            else:  # x narrower than A: widened in registers by the pass, no copy of x
+                grad_A.append(_C.lora_dx_pass(None, _rows(xi), _f32(A), _rows(g.to(_F32)), 0.0, 0).to(A.dtype))
+            continue
+        dA = _C.lora_dx_pass(acc, None if xi is None else _rows(xi), _f32(A), _rows(g.to(_F32)), float(p), int(seed))
+        grad_A.append(dA.to(A.dtype) if xi is not None else None)
+    if acc is not None and acc is not grad_x:
+        grad_x = acc.to(grad_x.dtype)
+    if wide and grad_x is not None:
+        grad_x = grad_x.to(dy.dtype)
+    return grad_x, grad_A, grad_B, grad_bias
+
+
+def _backward_fused(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A,
+                    wide=False):
+    """Route ``fused`` (``fused_fp32`` with ``wide``): ``_C.lora_dy_pass`` over ``dY``, ``dY W`` by torch's GEMM (a
+    quantized weight decoded tile by tile), ``_C.lora_dx_pass`` over ``x`` and ``dX``."""
+    ranks = [A.shape[0] for A in lora_A]
+    bt = torch.cat([B.detach().t().to(_F32) for B in lora_B], 0).contiguous()
+    xa32 = torch.cat([h.detach().to(_F32) for h in xa], 1).contiguous()
+    svec = torch.cat([torch.full((r,), float(s), dtype=_F32) for r, s in zip(ranks, scaling)])
+    g, db, colsum = _C.lora_dy_pass(dy, bt, xa32, svec, True, True)
+
+    grad_x = None
+    acc = None
+    if needs_grad_x:
+        product = _grad_product("fused_fp32" if wide else "fused", dy, weight)
+        if product.dtype != dy.dtype:  # fp32 product of a low-precision dY: carried, rounded once at the end
+            acc = product
+            grad_x = torch.empty(0, dtype=dy.dtype)  # only its dtype is used below
+        else:
+            grad_x = product
+            # Several adapters in low precision: carry dX in fp32 like the reference, round once at the end.
+            acc = grad_x.float() if (len(lora_A) > 1 and grad_x.dtype != _F32) else grad_x
+    grad_A: list[Optional[torch.Tensor]] = []
+    grad_B: list[torch.Tensor] = []
+    grad_bias: list[torch.Tensor] = []
+    off = 0
+    for A, B, r, s, p, seed in zip(lora_A, lora_B, ranks, scaling, dropout_p, seeds):
+        grad_B.append((db if len(ranks) == 1 else db[:, off : off + r].contiguous()).to(B.dtype))
+        grad_bias.append((colsum * float(s)).to(B.dtype))
+        xi = None
+        if needs_grad_A:
+            xi = _rows(x if _lossless(x.dtype, A.dtype) else x.to(A.dtype))
+        if needs_grad_x or needs_grad_A:
+            dA = _C.lora_dx_pass(acc, xi, _f32(A), g[:, off : off + r], float(p), int(seed))
+        grad_A.append(dA.to(A.dtype) if needs_grad_A else None)
+        off += r
+    if acc is not None and acc is not grad_x:
+        grad_x = acc.to(grad_x.dtype)
+    return grad_x, grad_A, grad_B, grad_bias
+
+
+def _backward_small(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A):
+    """Route ``small``: the whole fp32 single-adapter backward in one C++ call (each torch call from Python costs
+    microseconds, as much as the adapter's arithmetic at decode sizes)."""
+    dx, dA, dB, db = _C.lora_small_backward(dy, weight, x if needs_grad_A else None, lora_A[0], lora_B[0], xa[0],
+                                            float(scaling[0]), float(dropout_p[0]), int(seeds[0]), needs_grad_x)
+    return (dx if needs_grad_x else None), [dA if needs_grad_A else None], [dB], [db]
+
+
+def _all_fp32(tensors) -> bool:
+    return all(t.dtype == _F32 for t in tensors)
 
 
 class CpuBackend(Backend):
@@ -160,191 +457,74 @@ class CpuBackend(Backend):
         # A QuantizedWeight (fastpeft.quant): dequantized inside the products by _C.quant_*.
         return getattr(weight, "device", None) is not None and weight.device.type == "cpu"
 
+    @staticmethod
+    def _key(op, x, weight, lora_A, dropout_p, grads=""):
+        N, K = weight.shape
+        return routes.make_key(op, "cpu", _weight_kind(weight), x.dtype, weight.dtype, [A.dtype for A in lora_A],
+                               x.shape[0], N, K, any(p > 0 for p in dropout_p), sum(A.shape[0] for A in lora_A),
+                               len(lora_A), grads)
+
     # ----------------------------------------------------------------------------------------------------- LoRA
     def lora_forward(self, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
-        if isinstance(weight, QuantizedWeight) or (x.shape[0] <= self.GEMV_MAX_M and weight.stride(-1) == 1):
-            return self._one_pass_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
-        y = _torch_product(x, weight, bias)
-        wide = y.dtype != x.dtype  # widened to fp32: rounded once, after the adapter terms
-        if not lora_A:
-            return (y.to(x.dtype) if wide else y), []
-        if y.dtype == torch.float32 and all(A.dtype == B.dtype == torch.float32 for A, B in zip(lora_A, lora_B)):
-            xa = self._fp32_update(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
-            return (y.to(x.dtype) if wide else y), xa
-        xa_out, xs, B32, bias_sum, _ = self._down_projections(x, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
-        bt = torch.cat([B.t() for B in B32], 0).contiguous()
-        y = _rows(y)
-        _C.lora_epilogue_(y, xs, bt, None if bias_sum is None else bias_sum.contiguous())
-        return (y.to(x.dtype) if wide else y), xa_out
-
-    @staticmethod
-    def _down_projections(x, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, fold_single_scale=False):
-        """Every adapter's ``xa_i = drop_i(x_i) A_i^T`` (in ``A_i``'s dtype, returned for backward) and what the
-        output needs from them: ``xs`` = the scaled ``xa_i`` side by side (M, R) fp32, the ``B_i`` as fp32
-        ``(N, r_i)``, ``sum_i s_i b_i`` (fp32, or None) and the factor still to apply to ``xs B^T``: 1, or with
-        ``fold_single_scale`` and one adapter its scaling, left unapplied for the kernel (one torch call less)."""
-        xa_out, xs_cols, B32 = [], [], []
-        bias_sum = None
-        xi = x
-        fold = fold_single_scale and len(lora_A) == 1
-        for A, B, b, s, p, seed in zip(lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
-            if not _lossless(xi.dtype, A.dtype):
-                xi = xi.to(A.dtype)  # a narrowing step of PEFT's cumulative cast: rounding must happen as there
-            xa32 = _C.lora_xa(_rows(xi), _f32(A), float(p), int(seed))
-            xa_out.append(xa32 if A.dtype == torch.float32 else xa32.to(A.dtype))
-            xs_cols.append(xa32 * float(s) if (s != 1 and not fold) else xa32)
-            B32.append(B if B.dtype == torch.float32 else B.detach().to(torch.float32))
-            if b is not None:
-                term = b.detach().to(torch.float32) * float(s)
-                bias_sum = term if bias_sum is None else bias_sum + term
-        xs = xs_cols[0].contiguous() if len(xs_cols) == 1 else torch.cat(xs_cols, 1)
-        return xa_out, xs, B32, bias_sum, (float(scaling[0]) if fold else 1.0)
-
-    # Rows up to which the forward runs the one-pass GEMV (weight rows decoded or read once, dotted with every
-    # activation row, LoRA term fused) rather than a GEMM. Measured at 2048x2048, 2 threads, fp32: the dense GEMV
-    # with the adapter beats torch's x W^T alone at every M <= 16 (M=1 0.32 vs 0.49 ms, M=4 0.85 vs 2.07 ms,
-    # M=16 2.16 vs 2.38 ms); for nf4 M=16 the GEMV took 2.9 ms, dequantized tiles + GEMM 3.5 ms.
-    GEMV_MAX_M = 16
-
-    def _one_pass_forward(self, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
-        """The base product and the adapters' up-projections and biases in one C++ call (``_one_pass``), fp32
-        throughout, rounded once to ``x``'s dtype."""
-        total_bias = None if bias is None else bias.detach().to(x.dtype).float()  # the reference adds it in x's dtype
-        xs = B = None
-        xa_out = []
-        lora_scale = 1.0
-        if lora_A:
-            xa_out, xs, B32, bias_sum, lora_scale = self._down_projections(
-                x, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, fold_single_scale=True)
-            B = (B32[0] if len(B32) == 1 else torch.cat(B32, 1)).contiguous()
-            if bias_sum is not None:
-                total_bias = bias_sum if total_bias is None else total_bias + bias_sum
-        return self._one_pass(x, weight, total_bias, xs, B, lora_scale).to(x.dtype), xa_out
-
-    def _one_pass(self, x, weight, bias32, xs, B, lora_scale):
-        """``x W^T + bias32 + lora_scale xs B^T`` in fp32 by one C++ call: ``_C.quant_linear`` for a bitsandbytes
-        base (dequantized inside the product, never whole), ``_C.dense_lora_gemv`` for a dense weight at
-        decode-sized M. ``bias32``, ``xs``, ``B``: fp32 or None."""
-        x32 = x if (x.dtype == torch.float32 and x.is_contiguous()) else x.float().contiguous()
-        bias32 = None if bias32 is None else bias32.contiguous()
-        if isinstance(weight, QuantizedWeight):
-            return _C.quant_linear(x32, _quant_args(weight, x.dtype), bias32, xs, B, lora_scale, self.GEMV_MAX_M, 0)
-        return _C.dense_lora_gemv(x32, weight if weight.dtype == x.dtype else weight.detach().to(x.dtype), bias32,
-                                  xs, B, lora_scale)
-
-    @staticmethod
-    def _fp32_update(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
-        """fp32 output and fp32 adapters: ``y += s (xa B^T + b)`` in place by BLAS, which reads ``B`` transposed
-        where it lies (no per-call copy of ``B^T``, which cost as much as the whole update at decode sizes)."""
-        xa_out = []
-        xi = x
-        for A, B, b, s, p, seed in zip(lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
-            xi = xi.to(A.dtype)
-            xa32 = _C.lora_xa(_rows(xi), A.detach().contiguous(), float(p), int(seed))
-            xa_out.append(xa32)
-            y.addmm_(xa32, B.detach().t(), alpha=float(s))
-            if b is not None:
-                y.add_(b.detach(), alpha=float(s))
-        return xa_out
-
-    # Below this many rows the one-pass dY kernel saves nothing, and the per-call copies it needs (B^T, the
-    # concatenated xa and scales) cost more than BLAS reading the small operands where they lie.
-    SMALL_M = 16
-
-    def _small_fp32_backward(self, dy, x, W, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x,
-                             needs_grad_A):
-        """fp32 ``dY`` and adapters, M <= SMALL_M: rank-r products by BLAS, the masked ``dX``/``dA`` pass in C++."""
-        if len(lora_A) == 1 and lora_A[0].is_contiguous():
-            dx, dA, dB, db = _C.lora_small_backward(dy, W, x if needs_grad_A else None, lora_A[0], lora_B[0], xa[0],
-                                                    float(scaling[0]), float(dropout_p[0]), int(seeds[0]),
-                                                    needs_grad_x)
-            return (dx if needs_grad_x else None), [dA if needs_grad_A else None], [dB], [db]
-        acc = torch.mm(dy, W) if needs_grad_x else None
-        colsum = dy.sum(0)
-        grad_A, grad_B, grad_bias = [], [], []
-        # No .detach(): backward runs without grad mode, and the kernels only read data.
-        for A, B, h, s, p, seed in zip(lora_A, lora_B, xa, scaling, dropout_p, seeds):
-            g = torch.mm(dy, B).mul_(float(s))
-            grad_B.append(torch.mm(dy.t(), h).mul_(float(s)))
-            grad_bias.append(colsum * float(s))
-            if p == 0:  # no mask to regenerate: two rank-r BLAS products beat the pass (M=16: 0.05 vs 0.15 ms)
-                if acc is not None:
-                    acc.addmm_(g, A)
-                grad_A.append(torch.mm(g.t(), x) if needs_grad_A else None)
-                continue
-            xi = _rows(x) if needs_grad_A else None
-            dA = _C.lora_dx_pass(acc, xi, _f32(A), g, float(p), int(seed))
-            grad_A.append(dA if needs_grad_A else None)
-        return acc, grad_A, grad_B, grad_bias
+        args = (x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
+        candidates = {"compose": lambda: _forward_compose(*args), "fused": lambda: _forward_fused(*args)}
+        if x.dtype != _F32:
+            candidates["compose_fp32"] = lambda: _forward_compose(*args, wide=True)
+            if not isinstance(weight, QuantizedWeight):
+                candidates["fused_fp32"] = lambda: _forward_fused(*args, wide=True)
+        if isinstance(weight, QuantizedWeight) or weight.stride(-1) == 1:
+            candidates["gemv"] = lambda: _forward_one_pass(*args)
+        if _bnb_eligible(x, weight):
+            candidates["bnb_native"] = lambda: _forward_bnb(*args)
+        return routes.run(self._key("lora_forward", x, weight, lora_A, dropout_p), candidates)
 
     def lora_backward(
         self, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A
     ):
-        if (not isinstance(weight, QuantizedWeight) and grad_y.shape[0] <= self.SMALL_M
-                and grad_y.dtype == weight.dtype == torch.float32
-                and all(A.dtype == B.dtype == torch.float32 for A, B in zip(lora_A, lora_B))):
-            return self._small_fp32_backward(_rows(grad_y), x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds,
-                                             needs_grad_x, needs_grad_A)
         dy = _rows(grad_y)
-        ranks = [A.shape[0] for A in lora_A]
-        bt = torch.cat([B.detach().t().to(torch.float32) for B in lora_B], 0).contiguous()
-        xa32 = torch.cat([h.detach().to(torch.float32) for h in xa], 1).contiguous()
-        svec = torch.cat([torch.full((r,), float(s), dtype=torch.float32) for r, s in zip(ranks, scaling)])
-        g, db, colsum = _C.lora_dy_pass(dy, bt, xa32, svec, True, True)
-
-        grad_x = None
-        acc = None
-        if needs_grad_x:
-            product = _dy_times_w(dy, weight)
-            if product.dtype != dy.dtype:  # fp32 product of a low-precision dY: carried, rounded once at the end
-                acc = product
-                grad_x = torch.empty(0, dtype=dy.dtype)  # only its dtype is used below
-            else:
-                grad_x = product
-                # Several adapters in low precision: carry dX in fp32 like the reference, round once at the end.
-                acc = grad_x.float() if (len(lora_A) > 1 and grad_x.dtype != torch.float32) else grad_x
-        grad_A: list[Optional[torch.Tensor]] = []
-        grad_B: list[torch.Tensor] = []
-        grad_bias: list[torch.Tensor] = []
-        off = 0
-        for A, B, r, s, p, seed in zip(lora_A, lora_B, ranks, scaling, dropout_p, seeds):
-            grad_B.append((db if len(ranks) == 1 else db[:, off : off + r].contiguous()).to(B.dtype))
-            grad_bias.append((colsum * float(s)).to(B.dtype))
-            xi = None
-            if needs_grad_A:
-                xi = _rows(x if _lossless(x.dtype, A.dtype) else x.to(A.dtype))
-            if needs_grad_x or needs_grad_A:
-                dA = _C.lora_dx_pass(acc, xi, _f32(A), g[:, off : off + r], float(p), int(seed))
-            grad_A.append(dA.to(A.dtype) if needs_grad_A else None)
-            off += r
-        if acc is not None and acc is not grad_x:
-            grad_x = acc.to(grad_x.dtype)
-        return grad_x, grad_A, grad_B, grad_bias
+        args = (dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A)
+        candidates = {"compose": lambda: _backward_compose(*args), "fused": lambda: _backward_fused(*args)}
+        if dy.dtype != _F32:
+            candidates["compose_fp32"] = lambda: _backward_compose(*args, wide=True)
+            if not isinstance(weight, QuantizedWeight):
+                candidates["fused_fp32"] = lambda: _backward_fused(*args, wide=True)
+        if (not isinstance(weight, QuantizedWeight) and len(lora_A) == 1 and lora_A[0].is_contiguous()
+                and _all_fp32([dy, weight, lora_A[0], lora_B[0], xa[0]])):
+            candidates["small"] = lambda: _backward_small(*args)
+        grads = ("dx" if needs_grad_x else "") + ("dA" if needs_grad_A else "")
+        return routes.run(self._key("lora_backward", dy, weight, lora_A, dropout_p, grads), candidates)
 
     # ------------------------------------------------------------------------------------------------------ IA3
-    def _base_product(self, x, weight, bias):
-        """``x W^T + b`` in ``x``'s dtype, by the fastest route here: the one-pass call at M <= GEMV_MAX_M or for a
-        bitsandbytes base, else torch's GEMM (widened for bf16/fp16 without native support, rounded once). The bias
-        is rounded to ``x``'s dtype first, as the reference adds it."""
-        if isinstance(weight, QuantizedWeight) or (x.shape[0] <= self.GEMV_MAX_M and weight.stride(-1) == 1):
-            b32 = None if bias is None else bias.detach().to(x.dtype).float()
-            return self._one_pass(x, weight, b32, None, None, 1.0).to(x.dtype)
-        return _torch_product(x, weight, bias).to(x.dtype)
+    def _product(self, op_outputs, x, weight, bias, compute):
+        """Run ``compute(route)`` by the chosen route of ``ia3_forward`` for this call."""
+        candidates = {name: (lambda name=name: compute(name)) for name in _product_routes(x, weight, forward=True)}
+        return routes.run(self._key("ia3_forward", x, weight, [], [], op_outputs), candidates)
 
     def ia3_forward(self, x, weight, bias, scale, is_feedforward):
         if is_feedforward:
-            return self._base_product((x.to(scale.dtype) * scale).to(x.dtype), weight, bias)
+            scaled = (x.to(scale.dtype) * scale).to(x.dtype)
+            return self._product("ff", scaled, weight, bias, lambda route: _base_product(route, scaled, weight, bias))
         # In place: torch computes z * scale in the promoted dtype and rounds into z, the reference's
         # (z * scale).to(z.dtype) without a second (M, N) tensor (no autograd here: nothing keeps z).
-        return self._base_product(x, weight, bias).mul_(scale)
+        return self._product("out", x, weight, bias, lambda route: _base_product(route, x, weight, bias).mul_(scale))
 
     # A second GEMM costs a whole forward on a CPU: keep z = x W^T + b for backward (base.Backend).
     ia3_keeps_base_output = True
 
     def ia3_forward_keep_base(self, x, weight, bias, scale):
         """Output scaling: ``(y, z)`` with ``z = x W^T + b`` in ``x``'s dtype and ``y = (z * scale).to(z.dtype)``."""
-        z = self._base_product(x, weight, bias)
-        return (z * scale).to(z.dtype), z
+
+        def compute(route):
+            z = _base_product(route, x, weight, bias)
+            return (z * scale).to(z.dtype), z
+
+        return self._product("out+z", x, weight, bias, compute)
+
+    def _grad(self, dy, weight, compute):
+        """Run ``compute(route)`` by the chosen route of ``ia3_backward`` for this call."""
+        names = _product_routes(dy, weight, forward=False)
+        candidates = {name: (lambda name=name: compute(name)) for name in names}
+        return routes.run(self._key("ia3_backward", dy, weight, [], [], "dx"), candidates)
 
     def ia3_backward_from_base(self, grad_y, z, weight, scale, needs_grad_x):
         """The reference's output-scaling backward with the saved ``z``: ``dscale = sum_m dY * z`` and
@@ -352,7 +532,8 @@ class CpuBackend(Backend):
         grad_scale = (grad_y.to(scale.dtype) * z.to(scale.dtype)).sum(0)
         grad_x = None
         if needs_grad_x:
-            grad_x = _dy_times_w((grad_y.to(scale.dtype) * scale).to(z.dtype), weight).to(z.dtype)
+            scaled = (grad_y.to(scale.dtype) * scale).to(z.dtype)
+            grad_x = self._grad(scaled, weight, lambda route: _grad_product(route, scaled, weight).to(z.dtype))
         return grad_x, grad_scale
 
     def ia3_backward(self, grad_y, x, weight, bias, scale, is_feedforward, needs_grad_x):
@@ -360,31 +541,12 @@ class CpuBackend(Backend):
         weight is built for a bitsandbytes base. Output scaling gets here only from the custom op (torch.compile),
         which saves ``x``: ``z`` is recomputed."""
         if not is_feedforward:
-            return self.ia3_backward_from_base(grad_y, self._base_product(x, weight, bias), weight, scale,
-                                               needs_grad_x)
-        grad_scaled = _dy_times_w(grad_y, weight).to(x.dtype)  # (M, K), the gradient reaching x * l
+            z = self._product("out-z", x, weight, bias, lambda route: _base_product(route, x, weight, bias))
+            return self.ia3_backward_from_base(grad_y, z, weight, scale, needs_grad_x)
+        grad_scaled = self._grad(grad_y, weight, lambda route: _grad_product(route, grad_y, weight).to(x.dtype))
         grad_scale = (grad_scaled.to(scale.dtype) * x.to(scale.dtype)).sum(0)
         grad_x = (grad_scaled.to(scale.dtype) * scale).to(x.dtype) if needs_grad_x else None
         return grad_x, grad_scale
-
-
-def _torch_product(x, weight, bias):
-    """``x W^T + b`` by torch's GEMM: in fp32, not yet rounded, when ``_fp32_gemm`` widens ``x``'s dtype, else in
-    ``x``'s dtype. The bias is rounded to ``x``'s dtype first, as the reference adds it in that dtype."""
-    if _fp32_gemm(x.dtype, x.shape[0], backward=False):
-        b32 = None if bias is None else bias.to(x.dtype).float()
-        return torch.nn.functional.linear(x.float(), weight.float(), b32)
-    return torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-
-
-def _dy_times_w(dy, weight):
-    """``dY W`` (M, K): fp32 (not yet rounded) for a bitsandbytes base (dequantized tile by tile inside the product,
-    never whole) or when ``_fp32_gemm`` widens ``dY``'s dtype; else torch's GEMM in ``dY``'s dtype."""
-    if isinstance(weight, QuantizedWeight):
-        return _C.quant_grad_x(dy.float().contiguous(), _quant_args(weight, dy.dtype), 0)
-    if _fp32_gemm(dy.dtype, dy.shape[0], backward=True):
-        return torch.mm(dy.float(), weight.float())
-    return torch.mm(dy, weight.to(dy.dtype))
 
 
 BACKEND = CpuBackend()

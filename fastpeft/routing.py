@@ -1,0 +1,403 @@
+"""The route table (``fastpeft.routing``): every way each op can run, and the measured choice among them.
+
+An op (``lora_forward``, ``lora_backward``, ``ia3_forward``, ``ia3_backward``) can run by several *routes* that
+compute the same thing with different kernels. Which one is fastest depends on the machine (a CPU with AVX512-BF16
+and AMX runs bf16 GEMMs ~4x faster than fp32; one with AVX2 only runs them many times slower), on the shapes and
+on the dtypes, so no threshold in the code decides it. The first call of a *route key* times every eligible route
+on the real tensors, keeps the fastest, and reuses it for every later call with that key:
+
+- the key (``RouteKey``): op, backend, weight kind (``dense``/``nf4``/``fp4``/``int8``), the dtypes of ``x``, the
+  weight and the adapters, ``M`` rounded up to a power of two, ``N`` and ``K``, dropout on/off, the total rank
+  rounded up to a power of two, the number of adapters and what backward must return;
+- the choice is kept in memory (so one process always takes the same route for the same key) and in a small
+  versioned JSON file (``FASTPEFT_ROUTE_CACHE``, default ``$XDG_CACHE_HOME/fastpeft/routes.json``; ``off`` keeps
+  choices in memory only), filed under a fingerprint of this machine: CPU model and SIMD path (or GPU name), thread
+  count, and the versions of fastpeft, torch and bitsandbytes. A different machine or version measures again.
+
+Eligibility is a matter of correctness or limits, never speed (see ``ROUTE_LIMITS``); among eligible routes only
+the clock decides. ``FASTPEFT_ROUTE`` or :func:`set_route` pins a route: ``FASTPEFT_ROUTE=compose`` pins it for
+every op that has it, ``FASTPEFT_ROUTE=lora_forward=gemv,lora_backward=fused`` per op. A pinned route that is not
+eligible for a call (``gemv`` for a transposed weight) is reported in :func:`routes` and the call is measured as
+usual. :func:`routes` lists every choice made in this process, with the timings behind it.
+
+Every route of every op is tested against ``fastpeft.reference`` by pinning it, so a route changes speed, never
+meaning (within the tolerance rules of the tests). Processes of one distributed job may choose different routes for
+the same key (each measures its own machine); their results then differ by rounding only, never by more than the
+tolerance rules allow, so data-parallel gradients still agree to that precision.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+CACHE_VERSION = 1
+
+# What each route is; the backends implement them (fastpeft.backends.cpu: CpuBackend).
+ROUTES: dict[str, dict[str, str]] = {
+    "lora_forward": {
+        "compose": "vendor GEMM for x W^T in x's dtype (a quantized weight decoded into a reused buffer of x's dtype "
+                   "first); x A^T by the vendor GEMM in x's dtype (p = 0) or by fastpeft's Philox pass (p > 0, no "
+                   "copy of x); y.addmm_(xa, B^T, alpha=s)",
+        "compose_fp32": "compose with the base product and update in fp32 (x, W widened transiently), rounded once",
+        "fused": "vendor GEMM in x's dtype, then one C++ pass over x for all adapters (dropout regenerated) and one "
+                 "in-place C++ epilogue over y; a quantized weight decoded tile by tile inside the product",
+        "fused_fp32": "fused with the base GEMM widened to fp32, rounded once after the adapter terms",
+        "gemv": "one pass over the weight rows (decoded in registers for a quantized weight), every activation row, "
+                "the adapter term and the biases added in the same pass",
+        "bnb_native": "bitsandbytes' AVX-512 4-bit kernel for the base product (its own repacked copy, made once), "
+                      "then the composition's adapter terms",
+    },
+    "lora_backward": {
+        "compose": "dY W, dY B and dY^T h by vendor GEMMs in dY's dtype; the masked dX/dA pass in C++ when p > 0",
+        "compose_fp32": "compose in fp32 (dY, W widened transiently)",
+        "fused": "one C++ pass over dY (dY B, dB, the bias gradient), the vendor GEMM for dY W, one C++ pass over x "
+                 "and dX (dA, dropout regenerated)",
+        "fused_fp32": "fused with dY W widened to fp32",
+        "small": "one C++ call for the whole fp32 single-adapter backward",
+    },
+    "ia3_forward": {
+        "compose": "vendor GEMM in x's dtype (a quantized weight decoded into a reused buffer), scaling by torch",
+        "compose_fp32": "compose with the GEMM in fp32",
+        "gemv": "the one-pass GEMV for the base product",
+        "fused": "a quantized weight decoded tile by tile inside the product",
+        "bnb_native": "bitsandbytes' AVX-512 4-bit kernel for the base product",
+    },
+    "ia3_backward": {
+        "compose": "dY W by the vendor GEMM in dY's dtype (a quantized weight decoded into a reused buffer)",
+        "compose_fp32": "compose with dY W in fp32",
+        "fused": "a quantized weight decoded tile by tile inside dY W",
+    },
+}
+
+# Where a route may run at all. These are correctness conditions and hard limits, not speed thresholds.
+ROUTE_LIMITS: dict[str, str] = {
+    "compose_fp32 / fused_fp32": "x (or dY) in bf16/fp16: in fp32 they are compose / fused",
+    "gemv": "a dense weight of unit column stride (not a transposed fan_in_fan_out view), or a quantized weight",
+    "small": "dense fp32 dY, weight and adapters, one adapter whose A is contiguous",
+    "fused (IA3)": "a quantized weight (for a dense one it is compose)",
+    "bnb_native": "forward only; bitsandbytes with its AVX-512 BF16 CPU kernel loaded; a 4-bit weight with "
+                  "K % blocksize == 0 (that kernel decodes blocks that straddle two rows wrongly) and N % 32 == 0 "
+                  "(its tiling); x in bf16 (it computes in bf16)",
+}
+
+# Measurement bounds: each candidate runs once to warm up (and to prove it runs), then is timed TIMED_RUNS times
+# or until MEASURE_BUDGET_S seconds have gone on it, whichever comes first; the median decides.
+TIMED_RUNS = 3
+MEASURE_BUDGET_S = 0.25
+
+
+class RouteKey(NamedTuple):
+    """What a measured choice is valid for, within one machine fingerprint (hashable, cheap to build per call)."""
+
+    op: str
+    backend: str
+    weight_kind: str
+    dtypes: tuple  # (x, weight, adapters...) torch dtypes
+    m_bucket: int
+    n: int
+    k: int
+    dropout: bool
+    rank_bucket: int
+    adapters: int
+    grads: str = ""  # backward: which gradients are wanted; IA3: which outputs
+
+    def as_string(self) -> str:
+        dtypes = "/".join(_dtype_name(d) for d in self.dtypes)
+        return (f"{self.op}|{self.backend}|{self.weight_kind}|{dtypes}|M<={self.m_bucket}|N={self.n}|K={self.k}"
+                f"|p>0={int(self.dropout)}|R<={self.rank_bucket}|n={self.adapters}|{self.grads}")
+
+
+def bucket(value: int) -> int:
+    """``value`` rounded up to a power of two (1 for 0)."""
+    return 1 if value <= 1 else 1 << (int(value) - 1).bit_length()
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _dtype_name(dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype))
+
+
+def make_key(op: str, backend: str, weight_kind: str, x_dtype, weight_dtype, adapter_dtypes, m: int, n: int, k: int,
+             dropout: bool, total_rank: int, adapters: int, grads: str = "") -> RouteKey:
+    """The ``RouteKey`` of one call (see the module docstring for what goes in it)."""
+    return RouteKey(op, backend, weight_kind, (x_dtype, weight_dtype, *adapter_dtypes), bucket(m), int(n), int(k),
+                    bool(dropout), bucket(total_rank), int(adapters), grads)
+
+
+@dataclass
+class Choice:
+    route: str
+    source: str  # "measured", "cache file", "pinned", "only route"
+    timings_ms: dict[str, float]
+    note: str = ""
+
+
+_lock = threading.RLock()
+_choices: dict[RouteKey, Choice] = {}
+_pins: dict[str, str] = {}  # op -> route, from set_route
+_file_state: dict[str, object] = {"loaded": False, "entries": {}}
+_last: dict[str, str] = {}  # op -> the route the latest call ran (tests read it)
+
+
+# --------------------------------------------------------------------------------------------------- pinning
+def _env_pins() -> dict[str, str]:
+    """``FASTPEFT_ROUTE`` parsed: ``{op: route}``, with ``"*"`` for a bare route name that applies to every op."""
+    raw = os.environ.get("FASTPEFT_ROUTE", "").strip()
+    if not raw or raw == "auto":
+        return {}
+    pins: dict[str, str] = {}
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        op, _, route = part.rpartition("=")
+        op = op.strip() or "*"
+        route = route.strip()
+        if op != "*" and op not in ROUTES:
+            raise ValueError(f"fastpeft: FASTPEFT_ROUTE names unknown op {op!r}; ops are {sorted(ROUTES)}")
+        known = {r for table in ROUTES.values() for r in table} if op == "*" else set(ROUTES[op])
+        if route not in known:
+            raise ValueError(f"fastpeft: FASTPEFT_ROUTE asks for unknown route {route!r} for {op}; "
+                             f"routes are {sorted(known)}")
+        pins[op] = route
+    return pins
+
+
+_env_cache: dict[str, object] = {"raw": None, "pins": {}}
+
+
+def _pinned(op: str) -> Optional[str]:
+    if op in _pins:
+        return _pins[op]
+    raw = os.environ.get("FASTPEFT_ROUTE", "")
+    if raw != _env_cache["raw"]:  # parsed once per value: this runs on every call
+        _env_cache["pins"] = _env_pins()
+        _env_cache["raw"] = raw
+    pins = _env_cache["pins"]
+    route = pins.get(op) or pins.get("*")  # type: ignore[union-attr]
+    if route is not None and route in ROUTES[op]:
+        return route
+    return None
+
+
+def set_route(op: Optional[str], route: Optional[str]) -> None:
+    """Pin ``route`` for ``op`` (``op=None``: every op that has such a route); ``route=None`` or ``"auto"`` removes
+    the pin. Raises ``ValueError`` for an unknown op or route."""
+    with _lock:
+        ops = list(ROUTES) if op is None else [op]
+        for name in ops:
+            if name not in ROUTES:
+                raise ValueError(f"fastpeft: unknown op {name!r}; ops are {sorted(ROUTES)}")
+        if route is None or route == "auto":
+            for name in ops:
+                _pins.pop(name, None)
+            return
+        if op is not None and route not in ROUTES[op]:
+            raise ValueError(f"fastpeft: {op} has no route {route!r}; routes are {sorted(ROUTES[op])}")
+        if op is None and not any(route in ROUTES[name] for name in ops):
+            raise ValueError(f"fastpeft: no op has a route {route!r}")
+        for name in ops:
+            if route in ROUTES[name]:
+                _pins[name] = route
+
+
+def clear_choices() -> None:
+    """Forget every choice made in this process (the cache file is left as it is)."""
+    with _lock:
+        _choices.clear()
+        _last.clear()
+        _file_state["loaded"] = False
+        _file_state["entries"] = {}
+
+
+def last_route(op: str) -> Optional[str]:
+    """The route the latest call of ``op`` in this process ran (None before any)."""
+    return _last.get(op)
+
+
+# ------------------------------------------------------------------------------------------------ cache file
+def cache_path() -> Optional[str]:
+    """The route cache file, or None when ``FASTPEFT_ROUTE_CACHE=off``."""
+    raw = os.environ.get("FASTPEFT_ROUTE_CACHE", "").strip()
+    if raw.lower() in ("off", "0", "none"):
+        return None
+    if raw:
+        return raw
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fastpeft", "routes.json")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_fingerprint(device: str = "cpu") -> str:
+    """What a measured choice is valid for: device model and SIMD path, threads, and package versions."""
+    from . import __version__
+
+    try:
+        from importlib.metadata import version
+
+        bnb = version("bitsandbytes")
+    except Exception:
+        bnb = "none"
+    if device == "cuda" and torch.cuda.is_available():
+        where = f"gpu={torch.cuda.get_device_name()}"
+    else:
+        try:
+            from . import _C  # type: ignore[attr-defined]
+
+            isa = _C.isa()
+        except Exception:
+            isa = "no-extension"
+        where = f"cpu={_cpu_model()}|isa={isa}|threads={torch.get_num_threads()}"
+    return f"{where}|fastpeft={__version__}|torch={torch.__version__}|bitsandbytes={bnb}"
+
+
+def _load_file() -> dict:
+    if _file_state["loaded"]:
+        return _file_state["entries"]  # type: ignore[return-value]
+    entries: dict = {}
+    path = cache_path()
+    if path and os.path.exists(path):
+        try:
+            with open(path) as handle:
+                data = json.load(handle)
+            if data.get("version") == CACHE_VERSION:
+                entries = data.get("machines", {})
+        except (OSError, ValueError):
+            entries = {}  # unreadable or from another format: measure again, rewrite on the next choice
+    _file_state["entries"] = entries
+    _file_state["loaded"] = True
+    return entries
+
+
+def _store_file(fingerprint: str, key: RouteKey, choice: Choice) -> None:
+    """Merge one choice into the cache file: re-read, update, write to a temporary file and rename (atomic on
+    POSIX), so a crash or a second process never leaves a half-written file."""
+    path = cache_path()
+    if path is None:
+        return
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        _file_state["loaded"] = False
+        entries = _load_file()
+        entries.setdefault(fingerprint, {})[key.as_string()] = {"route": choice.route,
+                                                                "timings_ms": choice.timings_ms}
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(tmp, "w") as handle:
+            json.dump({"version": CACHE_VERSION, "machines": entries}, handle, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: the choice still holds for this process
+
+
+# ------------------------------------------------------------------------------------------------- choosing
+def _time_candidate(run: Callable[[], object]) -> tuple[float, object]:
+    """Median seconds of ``run`` over the bounded repeats, and its last result (after one warm-up run)."""
+    result = run()
+    times = []
+    spent = 0.0
+    for _ in range(TIMED_RUNS):
+        start = time.perf_counter()
+        result = run()
+        elapsed = time.perf_counter() - start
+        times.append(elapsed)
+        spent += elapsed
+        if spent > MEASURE_BUDGET_S:
+            break
+    times.sort()
+    return times[len(times) // 2], result
+
+
+def run(key: RouteKey, candidates: dict[str, Callable[[], object]], device: str = "cpu"):
+    """Run the op by its chosen route and return the route's result.
+
+    ``candidates`` maps each route eligible for this call to a zero-argument function computing the op's result
+    (pure: no input is modified). A pinned route runs when eligible; else the choice for ``key`` (memory, then the
+    cache file); else every candidate is timed now and the fastest kept. A candidate that raises during measurement
+    is dropped from the choice (its error is kept in the table)."""
+    if not candidates:
+        raise RuntimeError(f"fastpeft: no route is eligible for {key.as_string()}")
+    pinned = _pinned(key.op)
+    if pinned is not None and pinned in candidates:
+        _last[key.op] = pinned
+        return candidates[pinned]()
+    choice = _choices.get(key)
+    if choice is None or choice.route not in candidates:
+        with _lock:
+            choice = _choices.get(key)
+            if choice is None or choice.route not in candidates:
+                return _choose(key, candidates, device, pinned)
+    _last[key.op] = choice.route
+    return candidates[choice.route]()
+
+
+def _choose(key: RouteKey, candidates, device: str, pinned: Optional[str]):
+    note = f"pinned {pinned!r} is not eligible here" if pinned is not None else ""
+    if len(candidates) == 1:
+        (route, fn), = candidates.items()
+        _choices[key] = Choice(route, "only route", {}, note)
+        _last[key.op] = route
+        return fn()
+    fingerprint = machine_fingerprint(device)
+    stored = _load_file().get(fingerprint, {}).get(key.as_string())
+    if stored and stored.get("route") in candidates:
+        _choices[key] = Choice(stored["route"], "cache file", dict(stored.get("timings_ms", {})), note)
+        _last[key.op] = stored["route"]
+        return candidates[stored["route"]]()
+    timings: dict[str, float] = {}
+    results: dict[str, object] = {}
+    errors: list[str] = []
+    for route, fn in candidates.items():
+        try:
+            seconds, results[route] = _time_candidate(fn)
+        except Exception as exc:  # a route that cannot serve this call is not chosen; the others still can
+            errors.append(f"{route}: {type(exc).__name__}: {exc}")
+            continue
+        timings[route] = round(seconds * 1e3, 4)
+    if not timings:
+        raise RuntimeError(f"fastpeft: every route failed for {key.as_string()}: " + "; ".join(errors))
+    best = min(timings, key=timings.get)
+    note = "; ".join(filter(None, [note] + errors))
+    choice = Choice(best, "measured", timings, note)
+    _choices[key] = choice
+    _store_file(fingerprint, key, choice)
+    _last[key.op] = best
+    return results[best]
+
+
+def routes() -> list[dict]:
+    """Every choice made in this process: ``[{key fields..., "route", "source", "timings_ms", "note"}]``, and the
+    pins in force under ``"pins"`` of each row's op."""
+    rows = []
+    with _lock:
+        for key, choice in _choices.items():
+            row = key._asdict()
+            row["dtypes"] = "/".join(_dtype_name(d) for d in key.dtypes)
+            row.update(route=choice.route, source=choice.source, timings_ms=dict(choice.timings_ms),
+                       note=choice.note, pinned=_pinned(key.op))
+            rows.append(row)
+    return rows
+
+
+def route_table() -> dict[str, dict[str, str]]:
+    """The routes of every op and what each does (``ROUTES``), plus where each may run (``ROUTE_LIMITS``)."""
+    return {"routes": {op: dict(table) for op, table in ROUTES.items()}, "limits": dict(ROUTE_LIMITS)}

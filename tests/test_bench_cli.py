@@ -63,9 +63,37 @@ def test_default_providers_list_every_available_backend():
     from fastpeft.bench.cases import available_backends, default_providers
 
     providers = default_providers(torch.device("cpu"))
-    assert providers[:3] == ["base", "peft", "fastpeft"]
+    assert providers[:4] == ["base", "peft", "compose", "fastpeft"]
     assert "fastpeft-reference" in providers
-    assert providers[3:] == [f"fastpeft-{n}" for n in available_backends(torch.device("cpu"))]
+    assert providers[4:] == [f"fastpeft-{n}" for n in available_backends(torch.device("cpu"))]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_compose_provider_matches_peft(dtype):
+    """The ``compose`` provider is the five-line composition over PEFT's own tensors: same output and gradients as
+    PEFT's layer (dropout 0, so both are deterministic)."""
+    from fastpeft.bench import cases as C
+
+    case = C.Case(kind="lora", shape="2048", K=72, N=40, M=7, r=4, dtype=dtype, dropout=0.0, mode="fwd+bwd")
+    device = torch.device("cpu")
+    x, dy = C.make_inputs(case, device)
+    peft_built = C.build(case, "peft", device, x)
+    compose_built = C.build(case, "compose", device, x, shared_base=peft_built.module.get_base_layer())
+    outs = []
+    for built in (peft_built, compose_built):
+        for p in built.params:
+            p.grad = None
+        xi = x.detach().clone().requires_grad_(True)
+        y = built.module(xi)
+        y.backward(dy)
+        outs.append((y.detach().float(), xi.grad.float(), [p.grad.float() for p in built.params]))
+    tol = 1e-5 if dtype == "fp32" else 2e-2
+    (y0, dx0, g0), (y1, dx1, g1) = outs
+    assert torch.allclose(y0, y1, rtol=tol, atol=tol), "compose output differs from PEFT's"
+    assert torch.allclose(dx0, dx1, rtol=tol, atol=tol), "compose dX differs from PEFT's"
+    assert len(g0) == len(g1) == 2
+    for a, b in zip(g0, g1):
+        assert torch.allclose(a, b, rtol=tol, atol=tol * 10), "compose adapter gradient differs from PEFT's"
 
 
 def test_csv_has_memory_model_and_cost_model_rows(tiny_run):

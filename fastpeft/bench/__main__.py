@@ -48,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", "-M", type=_list(int), default=None, help="comma list of M (tokens per call)")
     p.add_argument("--dtypes", type=_list(str), default=None, help="comma list of bf16,fp16,fp32")
     p.add_argument("--kinds", type=_list(str), default=None, help=f"comma list of {','.join(C.KINDS)}")
-    p.add_argument("--modes", type=_list(str), default=None, help="comma list of fwd,bwd,fwd+bwd")
+    p.add_argument("--modes", type=_list(str), default=None, help="comma list of infer,fwd,bwd,fwd+bwd")
     p.add_argument("--dropouts", type=_list(float), default=None, help="comma list of LoRA dropout rates")
     p.add_argument("--rank", "-r", type=int, default=16, help="LoRA rank (default 16)")
     p.add_argument("--providers", type=_list(str), default=None,
@@ -117,6 +117,8 @@ def run_layers(args, device, providers, writer, progress) -> None:
             x, dy = C.make_inputs(case, device)
             builts, shared = {}, None
             for provider in providers:
+                if provider == "compose" and case.kind == "ia3":
+                    continue  # the composition is LoRA's
                 built = C.build(case, provider, device, x, shared_base=shared)
                 if provider == "base":
                     shared = built.module

@@ -7,7 +7,13 @@ built from the same seed, so the numbers compare the same arithmetic:
   floor every adapter implementation pays;
 - ``peft``: PEFT's own adapter layer around that base (``get_peft_model``);
 - ``fastpeft``: the same PEFT layer after ``fastpeft.accelerate`` with the automatic backend choice;
-- ``fastpeft-<name>``: the same, with ``fastpeft.set_backend(name)`` forced before each run.
+- ``fastpeft-<name>``: the same, with ``fastpeft.set_backend(name)`` forced before each run;
+- ``compose``: the plain composition anyone can write over PEFT's tensors, ``y = base(x);
+  y.addmm_(drop(x) @ A^T, B^T, alpha=s)`` with the adapters cast to ``x``'s dtype (LoRA kinds only): fastpeft's
+  floor, as PEFT is its reference.
+
+Modes: ``infer`` (eval mode under ``torch.no_grad()``: serving; bitsandbytes then runs its own CPU kernels), ``fwd``
+(training-mode forward, autograd recording), ``bwd`` and ``fwd+bwd``.
 
 Dense bases are shared between providers (the base weight is never modified); quantized bases are built fresh per
 provider from the same seed, never deep-copied (bitsandbytes repacks CPU 4-bit weights in place on first use).
@@ -29,6 +35,7 @@ from fastpeft import backends as _backends
 # (name, K = in_features, N = out_features): projections of LLaMA-7B (hidden 4096, MLP 11008) and LLaMA-3-8B
 # (MLP 14336). down_proj is the one IA3 treats as a feedforward module (scale on the input).
 SHAPES = {
+    "2048": (2048, 2048),
     "7b-qkvo": (4096, 4096),
     "7b-up": (4096, 11008),
     "7b-down": (11008, 4096),
@@ -36,7 +43,7 @@ SHAPES = {
     "8b-down": (14336, 4096),
 }
 KINDS = ("lora", "ia3", "qlora-nf4", "qlora-int8")
-MODES = ("fwd", "bwd", "fwd+bwd")
+MODES = ("infer", "fwd", "bwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKENS = (1, 16, 512, 2048)
 
@@ -80,7 +87,26 @@ def available_backends(device: torch.device) -> list[str]:
 
 
 def default_providers(device: torch.device) -> list[str]:
-    return ["base", "peft", "fastpeft"] + [f"fastpeft-{n}" for n in available_backends(device)]
+    return ["base", "peft", "compose", "fastpeft"] + [f"fastpeft-{n}" for n in available_backends(device)]
+
+
+class ComposedLoRA(nn.Module):
+    """The five-line composition over a PEFT LoRA layer's own tensors (one adapter): the base layer as it is, then
+    ``y.addmm_(drop(x) @ A^T, B^T, alpha=s)`` with ``A``, ``B`` cast to ``x``'s dtype. Gradients reach ``A``/``B``
+    through the casts."""
+
+    def __init__(self, peft_layer: nn.Module, adapter: str = "default"):
+        super().__init__()
+        self.base = peft_layer.get_base_layer()
+        self.lora_A = peft_layer.lora_A[adapter].weight
+        self.lora_B = peft_layer.lora_B[adapter].weight
+        self.dropout = peft_layer.lora_dropout[adapter]
+        self.scaling = float(peft_layer.scaling[adapter])
+
+    def forward(self, x):
+        y = self.base(x)
+        xa = self.dropout(x) @ self.lora_A.to(x.dtype).t()
+        return y.addmm_(xa, self.lora_B.to(x.dtype).t(), alpha=self.scaling)
 
 
 class _Holder(nn.Module):
@@ -168,6 +194,10 @@ def build(case: Case, provider: str, device: torch.device, x: torch.Tensor, seed
     params = [p for p in layer.parameters() if p.requires_grad]
     if provider == "peft":
         return Built(provider, layer, model, _select_backend(None), False, "", params)
+    if provider == "compose":
+        if case.kind == "ia3":
+            raise ValueError("the compose provider is LoRA's composition; IA3 has none")
+        return Built(provider, ComposedLoRA(layer), model, _select_backend(None), False, "torch", params)
     if not provider.startswith("fastpeft"):
         raise ValueError(f"unknown provider {provider!r}")
     backend_name = provider.split("-", 1)[1] if "-" in provider else None
@@ -215,15 +245,25 @@ def make_runner(built: Built, mode: str, x: torch.Tensor, dy: torch.Tensor):
             p.grad = None
         state.clear()
 
-    if mode == "fwd":
+    if mode == "infer":
         def prepare():
             clear()
+            layer.eval()
+
+        def run():
+            with torch.no_grad():
+                state["y"] = layer(x.detach())  # bitsandbytes runs its serving kernels only for inputs without grad
+    elif mode == "fwd":
+        def prepare():
+            clear()
+            layer.train()
 
         def run():
             state["y"] = layer(x)
     elif mode == "bwd":
         def prepare():
             clear()
+            layer.train()
             state["y"] = layer(x)
 
         def run():
@@ -231,6 +271,7 @@ def make_runner(built: Built, mode: str, x: torch.Tensor, dy: torch.Tensor):
     elif mode == "fwd+bwd":
         def prepare():
             clear()
+            layer.train()
 
         def run():
             layer(x).backward(dy)

@@ -104,6 +104,9 @@ def _time_index(rows):
     return index
 
 
+_MODE_ORDER = ("infer", "fwd", "bwd", "fwd+bwd")
+
+
 def layer_tables(rows) -> list[str]:
     """One table per (kind, dtype, dropout): rows (shape, mode, M); median ms per provider, then each fastpeft
     provider's time over the frozen base and PEFT's time over it (the speed-up)."""
@@ -112,8 +115,8 @@ def layer_tables(rows) -> list[str]:
     fast = [p for p in providers if p.startswith("fastpeft")]
     fused = {(r["kind"], r["provider"]): r["fused"] for r in rows if r["level"] == "layer"}
     groups: dict = defaultdict(list)
-    for key in sorted(index, key=lambda k: (k[0], k[4], k[5], k[1], ("fwd", "bwd", "fwd+bwd").index(k[6])
-                                               if k[6] in ("fwd", "bwd", "fwd+bwd") else 9, k[7])):
+    for key in sorted(index, key=lambda k: (k[0], k[4], k[5], k[1], _MODE_ORDER.index(k[6])
+                                               if k[6] in _MODE_ORDER else 9, k[7])):
         groups[(key[0], key[4], key[5])].append(key)
     out = []
     for (kind, dtype, dropout), keys in groups.items():
@@ -125,8 +128,11 @@ def layer_tables(rows) -> list[str]:
             out.append(f"Not fused here (fastpeft kept PEFT's layer): {', '.join(not_fused)}.")
             out.append("")
         head = ["shape (KxN)", "mode", "M"] + [f"{p} ms" for p in providers]
+        best_of = [q for q in ("peft", "compose") if q in providers]
         for p in fast:
             head += [f"{p} / base", f"speed-up {p} vs peft"]
+            if len(best_of) == 2:
+                head.append(f"{p} / min(peft, compose)")
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + " --- |" * len(head))
         for key in keys:
@@ -135,6 +141,8 @@ def layer_tables(rows) -> list[str]:
             for p in fast:
                 tp = t.get(p, math.nan)
                 cells += [_fmt(tp / t.get("base", math.nan)) + "x", _fmt(t.get("peft", math.nan) / tp) + "x"]
+                if len(best_of) == 2:
+                    cells.append(_fmt(tp / min(t.get(q, math.nan) for q in best_of)))
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return out

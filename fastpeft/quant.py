@@ -47,7 +47,9 @@ INT8_INV_127 = 7.874015718698502e-3  # bitsandbytes' float32 reciprocal of 127
 CPU_REPACK_BLOCK_N = 32
 
 KINDS = ("nf4", "fp4", "int8")
-_FROM_STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # QuantState -> (stamp, QuantizedWeight)
+# id(QuantState) -> (weak reference to it, stamp, QuantizedWeight). Keyed by id because bitsandbytes' QuantState
+# defines __eq__ and so is unhashable: a WeakKeyDictionary cannot hold it.
+_FROM_STATE: dict = {}
 
 
 def code_table(kind: str, device=None) -> torch.Tensor:
@@ -198,17 +200,16 @@ class QuantizedWeight:
         raw = data if data.dtype == torch.uint8 else data.view(torch.uint8)
         stamp = (raw.data_ptr(), state.absmax.data_ptr(), bool(getattr(state, "packing_format_for_cpu", False)),
                  tuple(state.shape), raw.numel())
-        try:
-            cached = _FROM_STATE.get(state)
-        except TypeError:  # a state object that cannot be weakly referenced: no cache
-            cached = None
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
+        key = id(state)
+        cached = _FROM_STATE.get(key)
+        if cached is not None and cached[0]() is state and cached[1] == stamp:
+            return cached[2]
         weight = cls._from_quant_state(raw, state)
         try:
-            _FROM_STATE[state] = (stamp, weight)
-        except TypeError:
-            pass
+            ref = weakref.ref(state, lambda dead, key=key: _forget_state(key, dead))
+        except TypeError:  # a state object that cannot be weakly referenced: no cache
+            return weight
+        _FROM_STATE[key] = (ref, stamp, weight)
         return weight
 
     @classmethod
@@ -218,9 +219,12 @@ class QuantizedWeight:
         if getattr(state, "packing_format_for_cpu", False):
             packed = _untile_cpu_repack(raw, N, K)
             absmax = state.absmax.t().reshape(-1).float()  # [K/bs, N] bfloat16 -> flat float32
-            return cls(kind=state.quant_type, shape=(N, K), dtype=getattr(state, "original_dtype", state.dtype),
-                       data=packed, absmax=absmax, blocksize=int(state.blocksize),
-                       code=code_table(state.quant_type, raw.device))
+            weight = cls(kind=state.quant_type, shape=(N, K), dtype=getattr(state, "original_dtype", state.dtype),
+                         data=packed, absmax=absmax, blocksize=int(state.blocksize),
+                         code=code_table(state.quant_type, raw.device))
+            # The module's own tiled bytes are what bitsandbytes' CPU kernel reads: no second tiled copy.
+            weight.derived["cpu_kernel_layout"] = (raw.reshape(N, K // 2), state.absmax.contiguous())
+            return weight
         kwargs = {}
         if getattr(state, "nested", False):
             kwargs = dict(nested_absmax=state.state2.absmax, nested_code=state.state2.code,
@@ -254,6 +258,13 @@ class QuantizedWeight:
     def from_bnb_linear(cls, module) -> "QuantizedWeight":
         """From a ``bitsandbytes.nn.Linear4bit`` or ``Linear8bitLt`` (quantized)."""
         return cls.from_param(module.weight, module)
+
+
+def _forget_state(key: int, dead_ref) -> None:
+    """Drop the cached weight of a QuantState that was garbage-collected (unless the id already names a new one)."""
+    cached = _FROM_STATE.get(key)
+    if cached is not None and cached[0] is dead_ref:
+        _FROM_STATE.pop(key, None)
 
 
 def is_bnb_quantized(module) -> bool:

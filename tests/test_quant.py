@@ -69,6 +69,23 @@ def test_cpu_inference_repack_is_undone(nested):
     assert not after.nested and after.dtype == torch.float32
 
 
+def test_weight_of_a_layer_is_built_once_and_follows_a_repack():
+    """A layer's QuantizedWeight is made once per weight (bitsandbytes' QuantState is unhashable, so the cache
+    cannot be keyed by it), rebuilt when bitsandbytes swaps in new storage, and after bitsandbytes' CPU repack the
+    kernel layout is the module's own tiled bytes (no second tiled copy)."""
+    torch.manual_seed(4)
+    lin = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4").to("cpu")
+    first = quantized_weight_of(lin)
+    assert quantized_weight_of(lin) is first, "the QuantizedWeight (and what it derived) is rebuilt per call"
+    state = copy.deepcopy(lin.weight.quant_state)
+    tiled, tiled_state = F._convert_weight_packed_for_cpu(lin.weight.data.clone(), state)
+    after = QuantizedWeight.from_quant_state(tiled, tiled_state)
+    assert after is not first
+    packed, absmax = after.cpu_kernel_layout()
+    assert packed.data_ptr() == tiled.data_ptr() and absmax.data_ptr() == tiled_state.absmax.data_ptr()
+    assert torch.equal(after.codes(), first.codes())
+
+
 def test_int8_bit_equal():
     torch.manual_seed(3)
     lin = bnb.nn.Linear8bitLt(40, 24, has_fp16_weights=False, bias=True).to("cpu")

@@ -195,11 +195,13 @@ class QuantizedWeight:
     def from_quant_state(cls, data: torch.Tensor, state) -> "QuantizedWeight":
         """From a bitsandbytes packed 4-bit tensor and its ``QuantState`` (either layout; see module docstring).
 
-        The result is kept with ``state`` (weakly) while ``data`` and the scales stay the same tensors, so a layer
-        pays for undoing bitsandbytes' CPU repack, and for any ``derived`` copy, once, not per call."""
+        The result is kept with ``state`` (weakly) while ``data`` and the scales stay the same tensors, unchanged by
+        in-place writes that torch counts (``copy_`` on the parameter), so a layer pays for undoing bitsandbytes' CPU
+        repack, and for any ``derived`` copy, once, not per call. bitsandbytes replaces the tensors (new pointers)
+        when it requantizes or repacks."""
         raw = data if data.dtype == torch.uint8 else data.view(torch.uint8)
-        stamp = (raw.data_ptr(), state.absmax.data_ptr(), bool(getattr(state, "packing_format_for_cpu", False)),
-                 tuple(state.shape), raw.numel())
+        stamp = (raw.data_ptr(), raw._version, state.absmax.data_ptr(), state.absmax._version,
+                 bool(getattr(state, "packing_format_for_cpu", False)), tuple(state.shape), raw.numel())
         key = id(state)
         cached = _FROM_STATE.get(key)
         if cached is not None and cached[0]() is state and cached[1] == stamp:

@@ -52,8 +52,9 @@ ROUTES: dict[str, dict[str, str]] = {
         "fused_fp32": "fused with the base GEMM widened to fp32, rounded once after the adapter terms",
         "gemv": "one pass over the weight rows (decoded in registers for a quantized weight), every activation row, "
                 "the adapter term and the biases added in the same pass",
-        "bnb_native": "bitsandbytes' AVX-512 4-bit kernel for the base product (its own repacked copy, made once), "
-                      "then the composition's adapter terms",
+        "bnb_native": "bitsandbytes' AVX-512 4-bit kernel for the base product (its tiled layout: the module's own "
+                      "after bitsandbytes repacked it, else one copy made once), then the composition's adapter terms",
+        "bnb_native_fused": "bnb_native with the adapter terms by the C++ passes (fp32 update, y rounded once)",
     },
     "lora_backward": {
         "compose": "dY W, dY B and dY^T h by vendor GEMMs in dY's dtype; the masked dX/dA pass in C++ when p > 0",
@@ -86,6 +87,7 @@ ROUTE_LIMITS: dict[str, str] = {
     "bnb_native": "forward only; bitsandbytes with its AVX-512 BF16 CPU kernel loaded; a 4-bit weight with "
                   "K % blocksize == 0 (that kernel decodes blocks that straddle two rows wrongly) and N % 32 == 0 "
                   "(its tiling); x in bf16 (it computes in bf16)",
+    "bnb_native_fused": "as bnb_native",
 }
 
 # Measurement bounds: each candidate runs once to warm up (and to prove it runs), then is timed TIMED_RUNS times

@@ -156,8 +156,9 @@ def test_bad_arguments_exit_with_a_message(argv):
 def test_case_grid_skips_meaningless_points():
     from fastpeft.bench.cases import enumerate_cases
 
-    cases = enumerate_cases(["lora", "ia3", "qlora-nf4"], ["7b-up"], [1], ["fp32", "bf16"], [0.0, 0.1], ["fwd"],
-                            scale=64)
+    cases = enumerate_cases(["lora", "ia3", "qlora-nf4", "qlora-int8"], ["7b-up"], [1], ["fp32", "bf16"], [0.0, 0.1],
+                            ["fwd"], scale=64)
     kinds = [(c.kind, c.dtype, c.dropout) for c in cases]
-    assert ("ia3", "fp32", 0.1) not in kinds and ("qlora-nf4", "fp32", 0.0) not in kinds
+    assert ("ia3", "fp32", 0.1) not in kinds and ("qlora-int8", "fp32", 0.0) not in kinds
+    assert ("qlora-nf4", "fp32", 0.0) in kinds and ("qlora-int8", "bf16", 0.1) in kinds
     assert all(c.K % 64 == 0 and c.N % 64 == 0 for c in cases)

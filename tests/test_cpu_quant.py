@@ -158,23 +158,28 @@ def test_lora_over_quantized_base_matches_reference(isa, kind, nested, M, xname,
 @pytest.mark.skipif(not AVAILABLE or _bnb_cpu_kernel() is None,
                     reason="bitsandbytes has no AVX-512 BF16 CPU kernel on this host (route bnb_native ineligible)")
 @pytest.mark.parametrize("M", [1, 40])
+@pytest.mark.parametrize("ranks", [(4,), (3, 5)], ids=["r4", "r3+5"])
 @pytest.mark.parametrize("kind,nested", KINDS[:4], ids=KIND_IDS[:4])
-def test_bnb_native_route_matches_reference(kind, nested, M):
+def test_bnb_native_route_matches_reference(kind, nested, ranks, M):
     """bitsandbytes' own CPU kernel as the base product (bf16, K % blocksize == 0, N % 32 == 0), from the tiled copy
-    fastpeft keeps with the weight, within 2x the reference's bf16 error."""
-    N, K, ranks = 64, 192, (4,)
+    fastpeft keeps with the weight, within 2x the reference's bf16 error, with either route's adapter terms."""
+    N, K = 64, 192
     qw, dense = quantize(kind, nested, N, K, torch.bfloat16, seed=M + 7)
     x, A, B, lb, bias, _ = lora_case(M, K, N, ranks, torch.bfloat16, seed=M)
-    s, ps, seeds = [0.5], [0.0], [0]
+    s, ps, seeds = [0.5, 1.5][: len(ranks)], [0.0] * len(ranks), [0] * len(ranks)
     y_ref, xa_ref = REF.lora_forward(x, qw, bias, A, B, lb, s, ps, seeds)
     y_o, _ = REF.lora_forward(x.float(), dense.bfloat16().float(), bias.float(), A, B, lb, s, ps, seeds)
+    ran = []
     for route in each_route("lora_forward"):
-        if route != "bnb_native":
+        if not route.startswith("bnb_native"):
             continue
         y, xa = CPU.lora_forward(x, qw, bias, A, B, lb, s, ps, seeds)
-        assert routes.last_route("lora_forward") == "bnb_native"
-        assert_within_2x("bnb_native: y", y, y_ref, y_o)
-        assert_close("bnb_native: xa", xa[0], xa_ref[0], 1e-5)
+        assert routes.last_route("lora_forward") == route
+        ran.append(route)
+        assert_within_2x(f"{route}: y", y, y_ref, y_o)
+        for i in range(len(ranks)):
+            assert_close(f"{route}: xa[{i}]", xa[i], xa_ref[i], 1e-5)
+    assert ran == ["bnb_native", "bnb_native_fused"], ran
     packed, absmax = qw.cpu_kernel_layout()
     assert torch.equal(_untile_cpu_repack(packed, N, K), qw.data.reshape(-1)), "tiling does not invert"
     assert qw.cpu_kernel_layout()[0] is packed, "the tiled copy is made again on every call"

@@ -107,6 +107,14 @@ def _weight_kind(weight) -> str:
     return weight.kind if isinstance(weight, QuantizedWeight) else "dense"
 
 
+def _b_all(lora_B) -> torch.Tensor:
+    """Every adapter's ``B_i`` side by side, ``(N, sum r_i)`` contiguous fp32, the layout the C++ passes take (no
+    copy for one fp32 adapter)."""
+    if len(lora_B) == 1:
+        return _f32(lora_B[0])
+    return torch.cat([_f32(B) for B in lora_B], 1)
+
+
 # ------------------------------------------------------------------------------------------ base-product pieces
 _buffers = threading.local()
 
@@ -299,14 +307,21 @@ def _forward_fused(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_
     tile inside ``_C.quant_linear``), then ``_C.lora_xa`` and the in-place ``_C.lora_epilogue_``."""
     if isinstance(weight, QuantizedWeight):
         return _forward_one_pass(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, gemv=False)
-    y = _gemm_product(x, weight, bias, wide)
-    if not lora_A:
-        return (y.to(x.dtype) if wide else y), []
-    xa_out, xs, B32, bias_sum, _ = _down_projections(x, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
-    bt = torch.cat([B.t() for B in B32], 0).contiguous()
-    y = _rows(y)
-    _C.lora_epilogue_(y, xs, bt, None if bias_sum is None else bias_sum.contiguous())
+    y, xa_out = _add_adapters_fused(x, _gemm_product(x, weight, bias, wide), lora_A, lora_B, lora_bias, scaling,
+                                    dropout_p, seeds)
     return (y.to(x.dtype) if wide else y), xa_out
+
+
+def _add_adapters_fused(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
+    """The adapter terms added to the base output ``y`` by the C++ passes: ``_C.lora_xa`` over ``x`` (dropout
+    regenerated, no copy of ``x``) and the in-place ``_C.lora_epilogue_`` (fp32 update, ``y`` rounded once).
+    Returns ``(y, xa)``."""
+    if not lora_A:
+        return y, []
+    xa_out, xs, _, bias_sum, _ = _down_projections(x, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
+    y = _rows(y)
+    _C.lora_epilogue_(y, xs, _b_all(lora_B), None if bias_sum is None else bias_sum.contiguous())
+    return y, xa_out
 
 
 def _forward_one_pass(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, gemv=True):
@@ -330,9 +345,11 @@ def _forward_one_pass(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropo
     return y.to(x.dtype), xa_out
 
 
-def _forward_bnb(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
-    """Route ``bnb_native``: bitsandbytes' CPU kernel for the base, the composition's adapter terms."""
-    return _add_adapters(x, _bnb_product(x, weight, bias), lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
+def _forward_bnb(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, fused=False):
+    """Routes ``bnb_native`` (the composition's adapter terms) and ``bnb_native_fused`` (the C++ adapter passes):
+    bitsandbytes' CPU kernel for the base product."""
+    add = _add_adapters_fused if fused else _add_adapters
+    return add(x, _bnb_product(x, weight, bias), lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
 
 
 # ----------------------------------------------------------------------------------------------- LoRA backward
@@ -384,10 +401,8 @@ def _backward_fused(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds
     """Route ``fused`` (``fused_fp32`` with ``wide``): ``_C.lora_dy_pass`` over ``dY``, ``dY W`` by torch's GEMM (a
     quantized weight decoded tile by tile), ``_C.lora_dx_pass`` over ``x`` and ``dX``."""
     ranks = [A.shape[0] for A in lora_A]
-    bt = torch.cat([B.detach().t().to(_F32) for B in lora_B], 0).contiguous()
-    xa32 = torch.cat([h.detach().to(_F32) for h in xa], 1).contiguous()
-    svec = torch.cat([torch.full((r,), float(s), dtype=_F32) for r, s in zip(ranks, scaling)])
-    g, db, colsum = _C.lora_dy_pass(dy, bt, xa32, svec, True, True)
+    xa32 = _f32(xa[0]) if len(xa) == 1 else torch.cat([h.detach().to(_F32) for h in xa], 1).contiguous()
+    g, db, colsum = _C.lora_dy_pass(dy, _b_all(lora_B), xa32, _scale_vector(ranks, scaling), True, True)
 
     grad_x = None
     acc = None
@@ -417,6 +432,20 @@ def _backward_fused(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds
     if acc is not None and acc is not grad_x:
         grad_x = acc.to(grad_x.dtype)
     return grad_x, grad_A, grad_B, grad_bias
+
+
+_SCALE_VECTORS: dict[tuple, torch.Tensor] = {}
+
+
+def _scale_vector(ranks, scaling) -> torch.Tensor:
+    """``(sum r_i,)`` fp32: each adapter's scaling repeated over its rank (kept per distinct value: read only)."""
+    key = (tuple(ranks), tuple(float(s) for s in scaling))
+    vec = _SCALE_VECTORS.get(key)
+    if vec is None:
+        vec = torch.cat([torch.full((r,), s, dtype=_F32) for r, s in zip(*key)])
+        if len(_SCALE_VECTORS) < 1024:
+            _SCALE_VECTORS[key] = vec
+    return vec
 
 
 def _backward_small(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A):
@@ -476,6 +505,7 @@ class CpuBackend(Backend):
             candidates["gemv"] = lambda: _forward_one_pass(*args)
         if _bnb_eligible(x, weight):
             candidates["bnb_native"] = lambda: _forward_bnb(*args)
+            candidates["bnb_native_fused"] = lambda: _forward_bnb(*args, fused=True)
         return routes.run(self._key("lora_forward", x, weight, lora_A, dropout_p), candidates)
 
     def lora_backward(

@@ -90,10 +90,13 @@ ROUTE_LIMITS: dict[str, str] = {
     "bnb_native_fused": "as bnb_native",
 }
 
-# Measurement bounds: each candidate runs once to warm up (and to prove it runs), then is timed TIMED_RUNS times
-# or until MEASURE_BUDGET_S seconds have gone on it, whichever comes first; the median decides.
-TIMED_RUNS = 3
-MEASURE_BUDGET_S = 0.25
+# Measurement bounds: each candidate runs once to warm up (and to prove it runs), then the candidates are timed in
+# interleaved rounds (one run of each per round, so drift in the machine's load hits all alike) for TIMED_ROUNDS
+# rounds or until MEASURE_BUDGET_S seconds have gone on the rounds, whichever comes first (at least one round);
+# the median of each candidate's runs decides. Three sequential runs per candidate picked routes that lost by 20%
+# at decode sizes on a shared 2-core machine.
+TIMED_ROUNDS = 7
+MEASURE_BUDGET_S = 0.5
 
 
 class RouteKey(NamedTuple):
@@ -312,21 +315,32 @@ def _store_file(fingerprint: str, key: RouteKey, choice: Choice) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- choosing
-def _time_candidate(run: Callable[[], object]) -> tuple[float, object]:
-    """Median seconds of ``run`` over the bounded repeats, and its last result (after one warm-up run)."""
-    result = run()
-    times = []
+def _time_candidates(candidates: dict[str, Callable[[], object]]):
+    """``(median seconds per route, last result per route, errors)`` over interleaved rounds after one warm-up run
+    of each candidate; a candidate that raises is dropped (its error kept)."""
+    results: dict[str, object] = {}
+    errors: list[str] = []
+    live = {}
+    for route, fn in candidates.items():
+        try:
+            results[route] = fn()
+        except Exception as exc:  # a route that cannot serve this call is not chosen; the others still can
+            errors.append(f"{route}: {type(exc).__name__}: {exc}")
+            continue
+        live[route] = fn
+    samples: dict[str, list[float]] = {route: [] for route in live}
     spent = 0.0
-    for _ in range(TIMED_RUNS):
-        start = time.perf_counter()
-        result = run()
-        elapsed = time.perf_counter() - start
-        times.append(elapsed)
-        spent += elapsed
+    for _ in range(TIMED_ROUNDS):
+        for route, fn in live.items():
+            start = time.perf_counter()
+            results[route] = fn()
+            elapsed = time.perf_counter() - start
+            samples[route].append(elapsed)
+            spent += elapsed
         if spent > MEASURE_BUDGET_S:
             break
-    times.sort()
-    return times[len(times) // 2], result
+    medians = {route: sorted(ts)[len(ts) // 2] for route, ts in samples.items()}
+    return medians, results, errors
 
 
 def run(key: RouteKey, candidates: dict[str, Callable[[], object]], device: str = "cpu"):
@@ -365,16 +379,8 @@ def _choose(key: RouteKey, candidates, device: str, pinned: Optional[str]):
         _choices[key] = Choice(stored["route"], "cache file", dict(stored.get("timings_ms", {})), note)
         _last[key.op] = stored["route"]
         return candidates[stored["route"]]()
-    timings: dict[str, float] = {}
-    results: dict[str, object] = {}
-    errors: list[str] = []
-    for route, fn in candidates.items():
-        try:
-            seconds, results[route] = _time_candidate(fn)
-        except Exception as exc:  # a route that cannot serve this call is not chosen; the others still can
-            errors.append(f"{route}: {type(exc).__name__}: {exc}")
-            continue
-        timings[route] = round(seconds * 1e3, 4)
+    medians, results, errors = _time_candidates(candidates)
+    timings = {route: round(seconds * 1e3, 4) for route, seconds in medians.items()}
     if not timings:
         raise RuntimeError(f"fastpeft: every route failed for {key.as_string()}: " + "; ".join(errors))
     best = min(timings, key=timings.get)

@@ -159,3 +159,14 @@ def test_route_table_names_every_route_with_its_limits():
     table = routes.route_table()
     assert set(table["routes"]) == {"lora_forward", "lora_backward", "ia3_forward", "ia3_backward"}
     assert "compose" in table["routes"]["lora_forward"] and "bnb_native" in table["limits"]
+
+
+def test_candidates_are_timed_in_interleaved_rounds(fresh):
+    """One warm-up run of each candidate, then rounds that run every candidate once, so a change in the machine's
+    load during measurement hits every route alike."""
+    calls = []
+    routes.run(key(), {"compose": lambda: calls.append("compose") or 1, "fused": lambda: calls.append("fused") or 2})
+    assert len(calls) == 2 * (1 + routes.TIMED_ROUNDS)
+    assert calls == ["compose", "fused"] * (1 + routes.TIMED_ROUNDS)
+    (row,) = routes.routes()
+    assert set(row["timings_ms"]) == {"compose", "fused"}

@@ -111,6 +111,10 @@ def get_backend(x, weight) -> Backend:
                 stacklevel=3,
             )
         return _instances["reference"]
+    if x.device.type == "cpu":  # the common case, without building the candidate order
+        cpu = _instances.get("cpu")
+        if cpu is not None and availability("cpu")[0] and cpu.supports(x, weight):
+            return cpu
     order = ("cuda", "triton") if x.device.type == "cuda" else ("cpu",)
     for candidate in order:
         if availability(candidate)[0] and _instances[candidate].supports(x, weight):

@@ -401,7 +401,8 @@ def _backward_fused(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds
     """Route ``fused`` (``fused_fp32`` with ``wide``): ``_C.lora_dy_pass`` over ``dY``, ``dY W`` by torch's GEMM (a
     quantized weight decoded tile by tile), ``_C.lora_dx_pass`` over ``x`` and ``dX``."""
     ranks = [A.shape[0] for A in lora_A]
-    xa32 = _f32(xa[0]) if len(xa) == 1 else torch.cat([h.detach().to(_F32) for h in xa], 1).contiguous()
+    single = len(lora_A) == 1
+    xa32 = _f32(xa[0]) if single else torch.cat([h.detach().to(_F32) for h in xa], 1).contiguous()
     g, db, colsum = _C.lora_dy_pass(dy, _b_all(lora_B), xa32, _scale_vector(ranks, scaling), True, True)
 
     grad_x = None
@@ -420,13 +421,13 @@ def _backward_fused(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds
     grad_bias: list[torch.Tensor] = []
     off = 0
     for A, B, r, s, p, seed in zip(lora_A, lora_B, ranks, scaling, dropout_p, seeds):
-        grad_B.append((db if len(ranks) == 1 else db[:, off : off + r].contiguous()).to(B.dtype))
+        grad_B.append((db if single else db[:, off : off + r].contiguous()).to(B.dtype))
         grad_bias.append((colsum * float(s)).to(B.dtype))
         xi = None
         if needs_grad_A:
             xi = _rows(x if _lossless(x.dtype, A.dtype) else x.to(A.dtype))
         if needs_grad_x or needs_grad_A:
-            dA = _C.lora_dx_pass(acc, xi, _f32(A), g[:, off : off + r], float(p), int(seed))
+            dA = _C.lora_dx_pass(acc, xi, _f32(A), g if single else g[:, off : off + r], float(p), int(seed))
         grad_A.append(dA.to(A.dtype) if needs_grad_A else None)
         off += r
     if acc is not None and acc is not grad_x:
@@ -439,7 +440,7 @@ _SCALE_VECTORS: dict[tuple, torch.Tensor] = {}
 
 def _scale_vector(ranks, scaling) -> torch.Tensor:
     """``(sum r_i,)`` fp32: each adapter's scaling repeated over its rank (kept per distinct value: read only)."""
-    key = (tuple(ranks), tuple(float(s) for s in scaling))
+    key = (tuple(ranks), tuple(map(float, scaling)))
     vec = _SCALE_VECTORS.get(key)
     if vec is None:
         vec = torch.cat([torch.full((r,), s, dtype=_F32) for r, s in zip(*key)])
@@ -489,6 +490,10 @@ class CpuBackend(Backend):
     @staticmethod
     def _key(op, x, weight, lora_A, dropout_p, grads=""):
         N, K = weight.shape
+        if len(lora_A) == 1:  # the common case without list building: this runs twice per layer call
+            A = lora_A[0]
+            return routes.make_key(op, "cpu", _weight_kind(weight), x.dtype, weight.dtype, (A.dtype,), x.shape[0],
+                                   N, K, dropout_p[0] > 0, A.shape[0], 1, grads)
         return routes.make_key(op, "cpu", _weight_kind(weight), x.dtype, weight.dtype, [A.dtype for A in lora_A],
                                x.shape[0], N, K, any(p > 0 for p in dropout_p), sum(A.shape[0] for A in lora_A),
                                len(lora_A), grads)

@@ -12,8 +12,9 @@ The low-rank down-projection ``down`` reuses the ``a`` tiles the base GEMM alrea
 and the up-projection runs in the epilogue, so ``out`` is written once. ``COLSUM`` writes per-row-block partial
 column sums of ``(acc + bias) * other`` (the IA3 vector gradients) instead of needing a second pass.
 
-Dropout masks are never stored: element ``(m, c)`` keeps iff ``tl.rand(seed, m * drop_cols + c) >= p`` in fp32,
-which is ``fastpeft._philox`` bit for bit (offsets are int64).
+Dropout masks are never stored: element ``(m, c)`` keeps iff ``dropout_keep(seed, m * drop_cols + c, p)``: word
+``o % 4`` of ``tl.rand4x(seed, o // 4)`` for the element offset ``o`` (int64), compared with ``p`` in fp32, which is
+``fastpeft._philox`` bit for bit.
 """
 
 from __future__ import annotations
@@ -37,6 +38,18 @@ def next_pow2(n: int, floor: int = 16) -> int:
 
 
 # --------------------------------------------------------------------------------------------------- the kernel
+@triton.jit
+def dropout_keep(seed, offsets, p):
+    """The keep mask of non-negative int64 element ``offsets``: word ``offsets % 4`` of the Philox call on counter
+    ``offsets // 4`` (four neighbouring elements share one call in fastpeft's mask specification), as a uniform in
+    [0, 1) compared with ``p``. Each element still runs its own call here: the GPU kernels gain nothing in rounds,
+    they only draw the same mask as the CPU passes, which do share the call."""
+    u0, u1, u2, u3 = tl.rand4x(seed, offsets // 4)
+    word = offsets % 4
+    u = tl.where(word == 0, u0, tl.where(word == 1, u1, tl.where(word == 2, u2, u3)))
+    return u >= p
+
+
 @triton.jit
 def _fused_gemm_kernel(
     # pointers: main operands, low-rank operands, IA3 vectors, outputs
@@ -102,7 +115,7 @@ def _fused_gemm_kernel(
             d = tl.load(d_ptrs, mask=mask_k[:, None] & (offs_r[None, :] < R), other=0.0)
             if DROP_IN:
                 rk = (k0 + offs_k).to(tl.int64)
-                keep = tl.rand(seed, rm[:, None] * drop_cols + rk[None, :]) >= p
+                keep = dropout_keep(seed, rm[:, None] * drop_cols + rk[None, :], p)
                 ad = tl.where(keep, a.to(tl.float32) / (1.0 - p), 0.0)
                 down = tl.dot(ad.to(dn_ptr.dtype.element_ty), d, down)
             else:
@@ -122,7 +135,7 @@ def _fused_gemm_kernel(
                     mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0)
         low = tl.dot((down * rs[None, :]).to(up_ptr.dtype.element_ty), u)
         if DROP_OUT:
-            keep = tl.rand(seed, rm[:, None] * drop_cols + rn[None, :]) >= p
+            keep = dropout_keep(seed, rm[:, None] * drop_cols + rn[None, :], p)
             low = tl.where(keep, low / (1.0 - p), 0.0)
         acc += low
     if HAS_PRE:

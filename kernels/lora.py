@@ -1,7 +1,8 @@
 """Fused LoRA forward and backward in Triton, with PEFT's dropout drawn in-kernel (never stored).
 
 Formulas (adapter ``i``: ``A_i`` ``(r_i, K)``, ``B_i`` ``(N, r_i)``, scale ``s_i``, dropout ``p_i``, seed ``seed_i``;
-``drop_i(X) = X * keep_i / (1 - p_i)`` with ``keep_i[m, k] = tl.rand(seed_i, m*K + k) >= p_i``)::
+``drop_i(X) = X * keep_i / (1 - p_i)`` with ``keep_i[m, k] = dropout_keep(seed_i, m*K + k, p_i)``, see
+``fastpeft._philox``)::
 
     Y    = X W^T + bias + sum_i s_i (drop_i(X) A_i^T B_i^T + b_i)        XA_i = drop_i(X) A_i^T   (M, r_i), kept
     dX   = dY W + sum_i (G_i A_i) * keep_i / (1 - p_i)                     G_i  = s_i dY B_i        (M, r_i)
@@ -36,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import MAX_FUSED_R, launch_gemm, next_pow2
+from ._common import MAX_FUSED_R, dropout_keep, launch_gemm, next_pow2
 
 SMALL_M = 64
 
@@ -68,7 +69,7 @@ def _down_proj_kernel(
         d = tl.load(dn_ptr + rk[:, None] * stride_dk + offs_r[None, :] * stride_dr,
                     mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         if DROP:
-            keep = tl.rand(seed, rm[:, None] * K + rk[None, :]) >= p
+            keep = dropout_keep(seed, rm[:, None] * K + rk[None, :], p)
             a = tl.where(keep, a.to(tl.float32) / (1.0 - p), 0.0)
         acc = tl.dot(a.to(dn_ptr.dtype.element_ty), d, acc)
     tl.store(out_ptr + rm[:, None] * stride_om + offs_r[None, :] * stride_or, acc,
@@ -106,7 +107,7 @@ def _lowrank_update_kernel(
                       mask=mask_r[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot((lhs * rs[None, :]).to(rhs_ptr.dtype.element_ty), rhs, acc)
     if DROP:
-        keep = tl.rand(seed, rm[:, None] * N + rn[None, :]) >= p
+        keep = dropout_keep(seed, rm[:, None] * N + rn[None, :], p)
         acc = tl.where(keep, acc / (1.0 - p), 0.0)
     if HAS_VBIAS:
         acc += tl.load(vbias_ptr + rn, mask=mask_n, other=0.0)[None, :]
@@ -141,7 +142,7 @@ def _grad_a_kernel(
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if DROP:
-            keep = tl.rand(seed, rm[:, None] * K + rk[None, :]) >= p
+            keep = dropout_keep(seed, rm[:, None] * K + rk[None, :], p)
             x = tl.where(keep, x.to(tl.float32) / (1.0 - p), 0.0)
         acc = tl.dot(tl.trans(g.to(out_ptr.dtype.element_ty)), x.to(out_ptr.dtype.element_ty), acc)
     tl.store(out_ptr + offs_r[:, None] * stride_or + rk[None, :] * stride_ok, acc.to(out_ptr.dtype.element_ty),

@@ -70,10 +70,11 @@ def test_mask_matches_philox_spec(isa, seed, rows, cols, p):
     assert torch.equal(got, want), f"{isa}: {(got != want).sum().item()} mask bits differ"
 
 
-@pytest.mark.parametrize("offset0", [2**32 - 21, 3 * 2**32 + 5, 2**40 - 7])
+@pytest.mark.parametrize("offset0", [2**32 - 21, 3 * 2**32 + 5, 2**34 - 70, 2**34 - 4 * 17, 2**40 - 7])
 def test_mask_high_counter_word(isa, offset0):
-    """Offsets past 2**32 use the high Philox counter word; a vector that straddles the wrap must carry."""
-    n, p, seed = 61, 0.4, 4242
+    """Counters (offset // 4) past 2**32 use the high Philox counter word; a vector of counters that straddles the
+    wrap (offsets around 2**34) must carry. Unaligned starts and ends take the scalar quads."""
+    n, p, seed = 203, 0.4, 4242
     got = _C.keep_mask_at(seed, offset0, n, p)
     want = philox_uniform(seed, torch.arange(offset0, offset0 + n, dtype=torch.int64)) >= torch.tensor(
         p, dtype=torch.float32

@@ -201,7 +201,8 @@ def test_cuda_philox_header_matches_python_bit_for_bit(host_reference, seed):
     from fastpeft._philox import dropout_keep_mask, philox_uint32, philox_uniform
 
     rows, cols, p = 7, 131, 0.37
-    offsets = list(range(rows * cols)) + [2**32 - 1, 2**32, 2**32 + 12345, 3 * 2**40 + 7]
+    offsets = list(range(rows * cols)) + [2**32 - 1, 2**32, 2**32 + 12345, 2**34 - 1, 2**34, 2**34 + 6,
+                                          3 * 2**40 + 7]
     out = subprocess.run([host_reference, "philox", str(seed), repr(p)], input="\n".join(map(str, offsets)),
                          capture_output=True, text=True, check=True).stdout.split()
     words, bits, keep = (torch.tensor([int(v) for v in out[i::3]], dtype=torch.int64) for i in range(3))

@@ -175,6 +175,38 @@ def test_lora_forward_backward(kernels_for, case):
 
 
 # ------------------------------------------------------------------------------------------------------ dropout
+def test_philox_spec_is_tritons_randint4x(kernels_for):
+    """fastpeft._philox's four words per counter are Triton's own ``tl.randint4x`` (so the spec is not checked only
+    against fastpeft's re-implementations of it), including counters past 2**32."""
+    import triton
+    import triton.language as tl
+
+    from fastpeft._philox import philox_uint32, philox_words
+
+    device = kernels_for[0]
+
+    @triton.jit
+    def words_kernel(out_ptr, counter_ptr, seed, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        mask = offs < n
+        c = tl.load(counter_ptr + offs, mask=mask, other=0)
+        w0, w1, w2, w3 = tl.randint4x(seed, c)  # uint32: widening to int64 keeps the value
+        tl.store(out_ptr + offs * 4 + 0, w0.to(tl.int64), mask=mask)
+        tl.store(out_ptr + offs * 4 + 1, w1.to(tl.int64), mask=mask)
+        tl.store(out_ptr + offs * 4 + 2, w2.to(tl.int64), mask=mask)
+        tl.store(out_ptr + offs * 4 + 3, w3.to(tl.int64), mask=mask)
+
+    counters = torch.tensor([0, 1, 2, 7, 1000, 2**32 - 1, 2**32, 2**32 + 3, 2**40 + 11], dtype=torch.int64)
+    seed = 31337
+    out = torch.zeros(counters.numel() * 4, dtype=torch.int64, device=device)
+    words_kernel[(1,)](out, counters.to(device), seed, counters.numel(), BLOCK=16)
+    want = torch.stack(philox_words(seed, counters), -1).reshape(-1)
+    assert torch.equal(out.cpu(), want), "fastpeft._philox words differ from tl.randint4x"
+    offsets = torch.arange(4 * 2**32 - 6, 4 * 2**32 + 6, dtype=torch.int64)
+    assert torch.equal(philox_uint32(seed, offsets),
+                       torch.stack(philox_words(seed, offsets >> 2), -1).gather(-1, (offsets & 3)[:, None])[:, 0])
+
+
 @pytest.mark.parametrize("mode", ["fused", "split", "small"])
 def test_dropout_mask_exact_and_keep_rate(kernels_for, mode):
     """x = 1, A = I: xa = keep / (1 - p), so the kernel's mask is read back and compared bit for bit."""

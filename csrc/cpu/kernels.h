@@ -43,7 +43,7 @@ struct KernelTable {
   const char* isa;  // "avx512", "avx2" or "generic"
 
   // out[i] = (uniform(seed, offset0 + i) >= p) ? scale : 0, for i < n. The canonical fastpeft mask
-  // (fastpeft._philox), bit-exact with Triton's tl.rand.
+  // (fastpeft._philox: word o % 4 of the Philox call on counter o / 4), bit-exact with the Triton and CUDA kernels.
   void (*dropout_scale)(uint32_t seed, int64_t offset0, int64_t n, float p, float scale, float* out);
 
   // xa[m, j] = sum_k drop(x)[m, k] * A[j, k] for m in [m0, m1); A: (r, K) fp32; xa: (M, r) fp32 with row stride ldxa.

@@ -123,8 +123,8 @@ inline void mulhilo(uint32_t k, vu c, vu& hi, vu& lo) {
 #endif
 }
 
-// First output word for counters (c0, c1, 0, 0) and key (seed, 0): exactly fastpeft._philox.philox_uint32.
-inline vu philox_v(vu c0, vu c1, uint32_t k0, uint32_t k1) {
+// The four output words for counters (c0, c1, 0, 0) and key (seed, 0): fastpeft._philox.philox_words per lane.
+inline void philox4_v(vu c0, vu c1, uint32_t k0, uint32_t k1, vu out[4]) {
   vu c2 = vu{}, c3 = vu{};
   for (int round = 0; round < 10; ++round) {
     vu hb, lb, ha, la;
@@ -137,10 +137,13 @@ inline vu philox_v(vu c0, vu c1, uint32_t k0, uint32_t k1) {
     k0 += kKeyA;
     k1 += kKeyB;
   }
-  return c0;
+  out[0] = c0;
+  out[1] = c1;
+  out[2] = c2;
+  out[3] = c3;
 }
 
-inline uint32_t philox_1(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1) {
+inline void philox4_1(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1, uint32_t out[4]) {
   uint32_t c2 = 0, c3 = 0;
   for (int round = 0; round < 10; ++round) {
     uint64_t pb = uint64_t(c2) * kRoundB, pa = uint64_t(c0) * kRoundA;
@@ -152,10 +155,13 @@ inline uint32_t philox_1(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1) {
     k0 += kKeyA;
     k1 += kKeyB;
   }
-  return c0;
+  out[0] = c0;
+  out[1] = c1;
+  out[2] = c2;
+  out[3] = c3;
 }
 
-// u = fold31(int32(word)) * 2^-31 in fp32, as tl.rand.
+// u = fold31(int32(word)) * 2^-31 in fp32, as Triton's uint_to_uniform_float.
 inline vf uniform_v(vu word) {
   vi w = (vi)word;
   w = w ^ (w >> 31);
@@ -167,25 +173,36 @@ inline float uniform_1(uint32_t word) {
   return float(w) * kUniformScale;
 }
 
-// out[i] = keep(offset0 + i) ? scale : 0 for i < n.
+// out[i] = keep(offset0 + i) ? scale : 0 for i < n. Element offset o takes word o % 4 of the Philox call on counter
+// o / 4 (fastpeft._philox): the vector loop runs one call per lane for 4 * VW elements, the head and tail (offsets
+// outside whole quads of this row) one scalar call per quad.
 void dropout_scale(uint32_t seed, int64_t offset0, int64_t n, float p, float scale, float* out) {
-  vu iota;
-  for (int i = 0; i < VW; ++i) iota[i] = uint32_t(i);
-  const vf pv = splat(p), sv = splat(scale), zero = vf{};
   int64_t i = 0;
-  for (; i + VW <= n; i += VW) {
-    uint64_t off = uint64_t(offset0 + i);
-    uint32_t lo = uint32_t(off), hi = uint32_t(off >> 32);
+  auto scalar_quad = [&](int64_t end) {  // elements i .. end-1, all in the quad of offset0 + i
+    const uint64_t q = uint64_t(offset0 + i) >> 2;
+    uint32_t w[4];
+    philox4_1(uint32_t(q), uint32_t(q >> 32), seed, 0u, w);
+    for (; i < end; ++i) out[i] = (uniform_1(w[uint64_t(offset0 + i) & 3u]) >= p) ? scale : 0.f;
+  };
+  const int64_t lead = (4 - (offset0 & 3)) & 3, head = lead < n ? lead : n;
+  if (head > 0) scalar_quad(head);
+  vu iota;
+  for (int l = 0; l < VW; ++l) iota[l] = uint32_t(l);
+  const vf pv = splat(p), sv = splat(scale), zero = vf{};
+  alignas(64) float tmp[4][VW];
+  for (; i + 4 * VW <= n; i += 4 * VW) {
+    const uint64_t q = uint64_t(offset0 + i) >> 2;
+    const uint32_t lo = uint32_t(q), hi = uint32_t(q >> 32);
     vu c0 = iota + lo;
     vu c1 = (vu{} + hi) + ((c0 < lo) ? 1u : 0u);  // carry into the high word when the low word wraps
-    vf u = uniform_v(philox_v(c0, c1, seed, 0u));
-    store_f32(out + i, (u >= pv) ? sv : zero);
+    vu words[4];
+    philox4_v(c0, c1, seed, 0u, words);
+    for (int w = 0; w < 4; ++w) store_f32(tmp[w], (uniform_v(words[w]) >= pv) ? sv : zero);
+    float* o = out + i;
+    for (int l = 0; l < VW; ++l)
+      for (int w = 0; w < 4; ++w) o[4 * l + w] = tmp[w][l];
   }
-  for (; i < n; ++i) {
-    uint64_t off = uint64_t(offset0 + i);
-    float u = uniform_1(philox_1(uint32_t(off), uint32_t(off >> 32), seed, 0u));
-    out[i] = (u >= p) ? scale : 0.f;
-  }
+  while (i < n) scalar_quad(i + 4 < n ? i + 4 : n);
 }
 
 // buf[k] = x[k] * mask[k] (mask may be null) in fp32.

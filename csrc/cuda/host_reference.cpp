@@ -18,7 +18,7 @@ namespace {
 int run_philox(uint64_t seed, float p) {
   unsigned long long offset = 0;
   while (std::scanf("%llu", &offset) == 1) {
-    const uint32_t word = fastpeft::philox_first_word(seed, offset);
+    const uint32_t word = fastpeft::philox_word(seed, offset);
     const float u = fastpeft::philox_uniform(seed, offset);
     uint32_t bits = 0;
     std::memcpy(&bits, &u, sizeof(bits));

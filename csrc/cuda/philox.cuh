@@ -1,5 +1,5 @@
-// fastpeft's dropout RNG for CUDA C++: Philox-4x32-10, bit-exact with fastpeft/_philox.py and Triton's
-// tl.rand(seed, offset). Header-only and __host__ __device__ so that the same code runs in the kernels and in a
+// fastpeft's dropout RNG for CUDA C++: Philox-4x32-10, bit-exact with fastpeft/_philox.py and the Triton kernels'
+// dropout_keep (word offset % 4 of tl.rand4x(seed, offset / 4)). Header-only and __host__ __device__ so that the same code runs in the kernels and in a
 // host program the tests compile with g++ to compare masks bit for bit with the Python spec (no GPU needed).
 #pragma once
 
@@ -29,9 +29,11 @@ FASTPEFT_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
 #endif
 }
 
-// First output word of Philox-4x32-10 for counter (offset_lo, offset_hi, 0, 0) and key (seed_lo, seed_hi).
-FASTPEFT_HD uint32_t philox_first_word(uint64_t seed, uint64_t offset) {
-  uint32_t c0 = (uint32_t)offset, c1 = (uint32_t)(offset >> 32), c2 = 0u, c3 = 0u;
+// The mask word of element offset o: word o % 4 of Philox-4x32-10 on counter (q_lo, q_hi, 0, 0), q = o / 4, with key
+// (seed_lo, seed_hi). Each element runs its own call here (the CPU passes share one call among four elements).
+FASTPEFT_HD uint32_t philox_word(uint64_t seed, uint64_t offset) {
+  const uint64_t q = offset >> 2;
+  uint32_t c0 = (uint32_t)q, c1 = (uint32_t)(q >> 32), c2 = 0u, c3 = 0u;
   uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
 #if defined(__CUDACC__)
 #pragma unroll
@@ -47,12 +49,13 @@ FASTPEFT_HD uint32_t philox_first_word(uint64_t seed, uint64_t offset) {
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
-  return c0;
+  const uint32_t w = (uint32_t)(offset & 3u);
+  return w == 0 ? c0 : (w == 1 ? c1 : (w == 2 ? c2 : c3));
 }
 
-// tl.rand: the word read as int32, folded to 31 bits (x < 0 -> ~x), scaled in float32.
+// Triton's uint_to_uniform_float: the word read as int32, folded to 31 bits (x < 0 -> ~x), scaled in float32.
 FASTPEFT_HD float philox_uniform(uint64_t seed, uint64_t offset) {
-  int32_t word = (int32_t)philox_first_word(seed, offset);
+  int32_t word = (int32_t)philox_word(seed, offset);
   if (word < 0) word = ~word;
   return (float)word * kUniformScale;
 }

@@ -288,8 +288,10 @@ def lora_linear(
         ``(..., N)`` in ``x``'s dtype.
     """
     x2, lead = _flatten(x)
-    ps = [float(p) if training else 0.0 for p in dropout_p]
-    x2, weight, bias, (As, Bs, bs) = _autocast(x2, weight, bias, [list(lora_A), list(lora_B), list(lora_bias)])
+    ps = [float(p) for p in dropout_p] if training else [0.0] * len(dropout_p)
+    As, Bs, bs = list(lora_A), list(lora_B), list(lora_bias)
+    if torch.is_autocast_enabled(x2.device.type):
+        x2, weight, bias, (As, Bs, bs) = _autocast(x2, weight, bias, [As, Bs, bs])
     scaling = [float(s) for s in scaling]
     mode = _call_mode(weight, bias)
     if mode == "custom_op":

@@ -140,18 +140,20 @@ class FusedLoraLinear(PeftLoraLinear):
         check_input(self, x, weight, self.in_features)
         if not active:
             return self.base_layer(x)
-        dropouts = [self.lora_dropout[name] for name in active]
-        return functional.lora_linear(
-            x,
-            weight,
-            bias,
-            [self.lora_A[name].weight for name in active],
-            [self.lora_B[name].weight for name in active],
-            [self.lora_B[name].bias if self.lora_bias[name] else None for name in active],
-            [self.scaling[name] for name in active],
-            [d.p if isinstance(d, nn.Dropout) else 0.0 for d in dropouts],
-            training=any(d.training for d in dropouts),
-        )
+        # One pass over the active adapters (this runs per layer per token in decoding).
+        lora_A, lora_B, lora_bias, scaling, dropout_p = [], [], [], [], []
+        training = False
+        for name in active:
+            up = self.lora_B[name]
+            lora_A.append(self.lora_A[name].weight)
+            lora_B.append(up.weight)
+            lora_bias.append(up.bias if self.lora_bias[name] else None)
+            scaling.append(self.scaling[name])
+            dropout = self.lora_dropout[name]
+            dropout_p.append(dropout.p if isinstance(dropout, nn.Dropout) else 0.0)
+            training = training or dropout.training
+        return functional.lora_linear(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p,
+                                      training=training)
 
 
 class FusedIA3Linear(PeftIA3Linear):

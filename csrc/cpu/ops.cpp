@@ -536,11 +536,15 @@ QuantDesc dense_desc(const at::Tensor& W) {
 // The one-pass GEMV over a dense (N, K) weight (unit column stride, any row stride; fp32/bf16/fp16):
 // y = x W^T + bias + lora_scale xs B^T in fp32 (M, N). For decode-sized M, where torch's GEMV plus separate
 // adapter ops cost several thread-pool round trips for a few microseconds of work.
+// x (M, K) in any float dtype (widened here: at decode sizes each torch call made from Python costs as much as
+// the arithmetic), the result rounded once to x's dtype.
 at::Tensor dense_lora_gemv(const at::Tensor& x, const at::Tensor& W, const c10::optional<at::Tensor>& bias,
                            const c10::optional<at::Tensor>& xs, const c10::optional<at::Tensor>& B,
                            double lora_scale) {
   const QuantDesc d = dense_desc(W);
-  return gemv_product(d, x, bias, xs, B, check_product(d, x, bias, xs, B), lora_scale);
+  const at::Tensor x32 = x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
+  at::Tensor y = gemv_product(d, x32, bias, xs, B, check_product(d, x32, bias, xs, B), lora_scale);
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
 // dX = dY w in fp32 (M, K); dy (M, N) fp32 contiguous. Tile by tile: dX += dY[:, tile] w[tile].
@@ -672,8 +676,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(N, K) fp32/bf16/fp16, reused across calls");
   m.def("quant_linear", &fastpeft::quant_linear, "(x32, qweight, bias32|None, xs32|None, B32|None, lora_scale, gemv_rows, tile_rows|0) -> "
         "x w^T + bias + lora_scale xs B^T (M, N) fp32");
-  m.def("dense_lora_gemv", &fastpeft::dense_lora_gemv, "(x32, W, bias32|None, xs32|None, B32|None, lora_scale) -> "
-        "x W^T + bias + lora_scale xs B^T (M, N) fp32, one pass over W (decode-sized M)");
+  m.def("dense_lora_gemv", &fastpeft::dense_lora_gemv, "(x, W, bias32|None, xs32|None, B32|None, lora_scale) -> "
+        "x W^T + bias + lora_scale xs B^T (M, N) in x's dtype, accumulated in fp32, one pass over W");
   m.def("quant_grad_x", &fastpeft::quant_grad_x, "(dy32, qweight, tile_rows|0) -> dy w (M, K) fp32");
   m.def("lora_small_backward", &fastpeft::lora_small_backward, "(dy, W, x|None, A, B, h, s, p, seed, need_dx) -> "
         "[dx, dA, dB, db] for one fp32 adapter (decode-sized M)");

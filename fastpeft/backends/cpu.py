@@ -160,8 +160,9 @@ def _tiled_product(x, weight: QuantizedWeight, bias32, xs, B, lora_scale, gemv: 
 
 
 def _dense_gemv(x, weight, bias32, xs, B, lora_scale) -> torch.Tensor:
-    x32 = x if (x.dtype == _F32 and x.is_contiguous()) else x.float().contiguous()
-    return _C.dense_lora_gemv(x32, weight if weight.dtype == x.dtype else weight.detach().to(x.dtype), bias32, xs, B,
+    """``x W^T + bias32 + lora_scale xs B^T`` by ``_C.dense_lora_gemv``, accumulated in fp32 and rounded once to
+    ``x``'s dtype."""
+    return _C.dense_lora_gemv(x, weight if weight.dtype == x.dtype else weight.detach().to(x.dtype), bias32, xs, B,
                               lora_scale)
 
 
@@ -211,7 +212,7 @@ def _base_product(route: str, x, weight, bias) -> torch.Tensor:
     b32 = None if bias is None else bias.detach().to(x.dtype).float()
     if isinstance(weight, QuantizedWeight):
         return _tiled_product(x, weight, b32, None, None, 1.0, gemv=route == "gemv").to(x.dtype)
-    return _dense_gemv(x, weight, b32, None, None, 1.0).to(x.dtype)
+    return _dense_gemv(x, weight, b32, None, None, 1.0)
 
 
 def _grad_product(route: str, dy, weight) -> torch.Tensor:

@@ -40,12 +40,13 @@ import torch
 
 CACHE_VERSION = 1
 
-# What each route is; the backends implement them (fastpeft.backends.cpu: CpuBackend).
+# What each route is; the backends implement them (fastpeft.backends.cpu: CpuBackend; fastpeft.backends.triton:
+# TritonBackend, the routes marked "Triton"). ``compose`` (fastpeft.backends.compose) is every backend's floor.
 ROUTES: dict[str, dict[str, str]] = {
     "lora_forward": {
-        "compose": "vendor GEMM for x W^T in x's dtype (a quantized weight decoded into a reused buffer of x's dtype "
-                   "first); x A^T by the vendor GEMM in x's dtype (p = 0) or by fastpeft's Philox pass (p > 0, no "
-                   "copy of x); y.addmm_(xa, B^T, alpha=s)",
+        "compose": "vendor GEMM for x W^T in x's dtype (oneDNN/MKL on the CPU, cuBLAS on a GPU; a quantized weight "
+                   "decoded into a reused buffer of x's dtype first); x A^T by the vendor GEMM in the adapter's dtype "
+                   "(p = 0) or by fastpeft's Philox pass (p > 0, no copy of x); y.addmm_(xa, B^T, alpha=s)",
         "compose_fp32": "compose with the base product and update in fp32 (x, W widened transiently), rounded once",
         "fused": "vendor GEMM in x's dtype, then one C++ pass over x for all adapters (dropout regenerated) and one "
                  "in-place C++ epilogue over y; a quantized weight decoded tile by tile inside the product",
@@ -55,14 +56,26 @@ ROUTES: dict[str, dict[str, str]] = {
         "bnb_native": "bitsandbytes' AVX-512 4-bit kernel for the base product (its tiled layout: the module's own "
                       "after bitsandbytes repacked it, else one copy made once), then the composition's adapter terms",
         "bnb_native_fused": "bnb_native with the adapter terms by the C++ passes (fp32 update, y rounded once)",
+        "passes": "Triton: vendor GEMM for x W^T, fastpeft's down-projection kernel (dropout drawn in registers) and "
+                  "one in-place low-rank epilogue kernel over y",
+        "fused_gemm": "Triton: one fused GEMM; the down-projection shares the X tiles of the K loop, the "
+                      "up-projection runs in the epilogue, y is written once",
+        "split_gemm": "Triton: the down-projection kernel once (each mask element drawn once), then the GEMM with "
+                      "x A^T B^T in its epilogue",
     },
     "lora_backward": {
-        "compose": "dY W, dY B and dY^T h by vendor GEMMs in dY's dtype; the masked dX/dA pass in C++ when p > 0",
+        "compose": "dY W by the vendor GEMM in dY's dtype; dY B, dY^T h, g A and g^T x by vendor GEMMs in the "
+                   "adapter's dtype; the masked dX/dA pass (C++ on the CPU, a Triton kernel on a GPU) when p > 0",
         "compose_fp32": "compose in fp32 (dY, W widened transiently)",
         "fused": "one C++ pass over dY (dY B, dB, the bias gradient), the vendor GEMM for dY W, one C++ pass over x "
                  "and dX (dA, dropout regenerated)",
         "fused_fp32": "fused with dY W widened to fp32",
         "small": "one C++ call for the whole fp32 single-adapter backward",
+        "passes": "Triton: dY W by the vendor GEMM, G = dY B by the down-projection kernel, the masked G A by the "
+                  "low-rank kernel, dA by its kernel",
+        "fused_gemm": "Triton: dY W and G = dY B from the same dY tiles, (G A) * mask in the GEMM's epilogue",
+        "split_gemm": "Triton: G by the down-projection kernel, then the GEMM with G A in its epilogue (an adapter "
+                      "with dropout by the low-rank kernel)",
     },
     "ia3_forward": {
         "compose": "vendor GEMM in x's dtype (a quantized weight decoded into a reused buffer), scaling by torch",
@@ -88,6 +101,11 @@ ROUTE_LIMITS: dict[str, str] = {
                   "K % blocksize == 0 (that kernel decodes blocks that straddle two rows wrongly) and N % 32 == 0 "
                   "(its tiling); x in bf16 (it computes in bf16)",
     "bnb_native_fused": "as bnb_native",
+    "passes / split_gemm": "the triton backend (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)",
+    "fused_gemm": "the triton backend; padded total rank <= 64 (MAX_FUSED_R, the epilogue's register tile); forward: "
+                  "no dropout or one adapter; backward: dX wanted and at most one adapter with dropout",
+    "unmeasured": "under Triton's interpreter timings mean nothing: the triton backend takes the kernel route its "
+                  "shape would exercise (fastpeft.kernels.lora's mode rule) unless a route is pinned",
 }
 
 # Measurement bounds: each candidate runs once to warm up (and to prove it runs), then the candidates are timed in
@@ -315,9 +333,11 @@ def _store_file(fingerprint: str, key: RouteKey, choice: Choice) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- choosing
-def _time_candidates(candidates: dict[str, Callable[[], object]]):
+def _time_candidates(candidates: dict[str, Callable[[], object]], device: str = "cpu"):
     """``(median seconds per route, last result per route, errors)`` over interleaved rounds after one warm-up run
-    of each candidate; a candidate that raises is dropped (its error kept)."""
+    of each candidate; a candidate that raises is dropped (its error kept). On CUDA each run is bracketed by
+    synchronizations, so the clock sees the kernels and not only their launches."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     results: dict[str, object] = {}
     errors: list[str] = []
     live = {}
@@ -332,8 +352,10 @@ def _time_candidates(candidates: dict[str, Callable[[], object]]):
     spent = 0.0
     for _ in range(TIMED_ROUNDS):
         for route, fn in live.items():
+            sync()
             start = time.perf_counter()
             results[route] = fn()
+            sync()
             elapsed = time.perf_counter() - start
             samples[route].append(elapsed)
             spent += elapsed
@@ -343,19 +365,28 @@ def _time_candidates(candidates: dict[str, Callable[[], object]]):
     return medians, results, errors
 
 
-def run(key: RouteKey, candidates: dict[str, Callable[[], object]], device: str = "cpu"):
+def run(key: RouteKey, candidates: dict[str, Callable[[], object]], device: str = "cpu",
+        unmeasured: Optional[str] = None):
     """Run the op by its chosen route and return the route's result.
 
     ``candidates`` maps each route eligible for this call to a zero-argument function computing the op's result
     (pure: no input is modified). A pinned route runs when eligible; else the choice for ``key`` (memory, then the
     cache file); else every candidate is timed now and the fastest kept. A candidate that raises during measurement
-    is dropped from the choice (its error is kept in the table)."""
+    is dropped from the choice (its error is kept in the table).
+
+    ``unmeasured`` names the route to take without timing, for calls whose speed means nothing (Triton's
+    interpreter running GPU kernels on the CPU, where tests pin every route in turn); it is kept in memory only."""
     if not candidates:
         raise RuntimeError(f"fastpeft: no route is eligible for {key.as_string()}")
     pinned = _pinned(key.op)
     if pinned is not None and pinned in candidates:
         _last[key.op] = pinned
         return candidates[pinned]()
+    if unmeasured is not None and unmeasured in candidates:
+        _last[key.op] = unmeasured
+        with _lock:
+            _choices.setdefault(key, Choice(unmeasured, "unmeasured", {}, "speed is not measured here"))
+        return candidates[unmeasured]()
     choice = _choices.get(key)
     if choice is None or choice.route not in candidates:
         with _lock:
@@ -379,7 +410,7 @@ def _choose(key: RouteKey, candidates, device: str, pinned: Optional[str]):
         _choices[key] = Choice(stored["route"], "cache file", dict(stored.get("timings_ms", {})), note)
         _last[key.op] = stored["route"]
         return candidates[stored["route"]]()
-    medians, results, errors = _time_candidates(candidates)
+    medians, results, errors = _time_candidates(candidates, device)
     timings = {route: round(seconds * 1e3, 4) for route, seconds in medians.items()}
     if not timings:
         raise RuntimeError(f"fastpeft: every route failed for {key.as_string()}: " + "; ".join(errors))

@@ -8,7 +8,10 @@ Formulas (adapter ``i``: ``A_i`` ``(r_i, K)``, ``B_i`` ``(N, r_i)``, scale ``s_i
     dX   = dY W + sum_i (G_i A_i) * keep_i / (1 - p_i)                     G_i  = s_i dY B_i        (M, r_i)
     dA_i = G_i^T drop_i(X)        dB_i = s_i dY^T XA_i        dbias_i = s_i sum_m dY
 
-Dispatch rule (``mode="auto"``), per call, documented here because it decides what runs:
+Kernel modes. The triton backend offers each as a route (``small`` as ``passes``, ``fused`` as ``fused_gemm``,
+``split`` as ``split_gemm``, beside the plain ``compose``) and on a GPU takes the one measured fastest
+(``fastpeft.routing``). The rule below (``mode="auto"``) applies when the kernels are called directly, and under
+Triton's interpreter, where timings mean nothing:
 
 - ``M < SMALL_M`` (decode, tiny batches): a tile of ``BLOCK_M`` >= 64 rows would be mostly padding, and the base
   matmul is a weight-bandwidth-bound GEMV that cuBLAS already does at the roofline. So ``"small"``: torch's matmul

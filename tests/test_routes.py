@@ -170,3 +170,16 @@ def test_candidates_are_timed_in_interleaved_rounds(fresh):
     assert calls == ["compose", "fused"] * (1 + routes.TIMED_ROUNDS)
     (row,) = routes.routes()
     assert set(row["timings_ms"]) == {"compose", "fused"}
+
+
+def test_unmeasured_route_runs_without_timing_and_yields_to_a_pin(fresh):
+    """Where timings mean nothing (Triton's interpreter) the caller names the route; nothing is timed or written to
+    the cache file, and a pinned route still wins."""
+    calls = []
+    cands = {"compose": lambda: calls.append("compose") or 1, "passes": lambda: calls.append("passes") or 2}
+    assert routes.run(key(), cands, unmeasured="passes") == 2
+    assert calls == ["passes"] and not fresh.exists()
+    (row,) = routes.routes()
+    assert row["route"] == "passes" and row["source"] == "unmeasured"
+    routes.set_route("lora_forward", "compose")
+    assert routes.run(key(), cands, unmeasured="passes") == 1

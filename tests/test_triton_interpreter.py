@@ -174,6 +174,60 @@ def test_lora_forward_backward(kernels_for, case):
         check(f"dB[{i}] (no dX)", dB2[i], dB_r[i], dB64[i], device, dB2[i].dtype)
 
 
+# ------------------------------------------------------------------------------------------------------ routes
+ROUTE_CASES = [
+    ("fp32", None, (4,), 5, (0.0,), "auto", True, False, False, False),
+    ("fp16", "fp32", (4,), 9, (0.2,), "auto", True, True, True, False),
+    ("fp32", None, (3, 5), 7, (0.0, 0.3), "auto", False, True, False, True),
+]
+
+
+@pytest.mark.parametrize("case", ROUTE_CASES, ids=_lora_id)
+def test_every_route_matches_reference(kernels_for, case):
+    """The triton backend's routes (``compose``, ``passes``, ``split_gemm``, ``fused_gemm``), each pinned through
+    ``fastpeft.routing``, against the fp64 reference: a route changes speed, never meaning. Ineligible pins (the
+    fused GEMM forward with a dropped adapter among several) are reported by ``last_route`` and skipped."""
+    from fastpeft import routing
+
+    device, _, _, backend = kernels_for
+    d = _make_lora(case, device, seed=3)
+    args = (d["x"], d["W"], d["b"], d["A"], d["B"], d["lb"], d["s"], d["ps"], d["seeds"])
+    y_ref, xa_ref = REF.lora_forward(*args)
+    grad_y = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(4)).to(y_ref.dtype).to(device)
+    y64, dx64, dA64, dB64, db64 = _autograd_lora(d, grad_y)
+    bwd = (grad_y, d["x"], d["W"], d["A"], d["B"], xa_ref, d["s"], d["ps"], d["seeds"], True, True)
+    dx_r, dA_r, dB_r, db_r = REF.lora_backward(*bwd)
+    ran = {"lora_forward": [], "lora_backward": []}
+    try:
+        for route in ("compose", "passes", "split_gemm", "fused_gemm"):
+            routing.set_route("lora_forward", route)
+            routing.set_route("lora_backward", route)
+            y, xa = backend.lora_forward(*args)
+            if routing.last_route("lora_forward") == route:
+                ran["lora_forward"].append(route)
+                assert y.dtype == d["x"].dtype
+                check(f"{route}: y", y, y_ref, y64, device, y.dtype)
+                for i, h in enumerate(xa):
+                    assert h.dtype == d["A"][i].dtype, f"{route}: xa[{i}] dtype"
+                    check(f"{route}: xa[{i}]", h, xa_ref[i], xa_ref[i].double(), device, h.dtype)
+            dx, dA, dB, db = backend.lora_backward(*bwd)
+            if routing.last_route("lora_backward") == route:
+                ran["lora_backward"].append(route)
+                check(f"{route}: dX", dx, dx_r, dx64, device, dx.dtype)
+                for i in range(len(d["A"])):
+                    check(f"{route}: dA[{i}]", dA[i], dA_r[i], dA64[i], device, dA[i].dtype)
+                    check(f"{route}: dB[{i}]", dB[i], dB_r[i], dB64[i], device, dB[i].dtype)
+                    check(f"{route}: dbias[{i}]", db[i], db_r[i], db64[i], device, db[i].dtype)
+    finally:
+        routing.set_route("lora_forward", None)
+        routing.set_route("lora_backward", None)
+    drops, n = sum(p > 0 for p in d["ps"]), len(d["ps"])
+    fused_serves = {"lora_forward": drops == 0 or n == 1, "lora_backward": drops <= 1}
+    for op, names in ran.items():
+        assert {"compose", "passes", "split_gemm"} <= set(names), (op, names)
+        assert ("fused_gemm" in names) == fused_serves[op], (op, names)
+
+
 # ------------------------------------------------------------------------------------------------------ dropout
 def test_philox_spec_is_tritons_randint4x(kernels_for):
     """fastpeft._philox's four words per counter are Triton's own ``tl.randint4x`` (so the spec is not checked only

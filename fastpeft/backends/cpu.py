@@ -31,6 +31,7 @@ import torch
 
 from .. import routing as routes
 from ..quant import QuantizedWeight
+from . import compose
 from .base import Backend
 
 try:
@@ -94,9 +95,7 @@ def _quant_args(weight: QuantizedWeight, dtype: torch.dtype) -> tuple:
             weight.code.float().contiguous(), _DTYPE_CODES[weight.dtype], _DTYPE_CODES[dtype])
 
 
-def _lossless(src: torch.dtype, dst: torch.dtype) -> bool:
-    """Whether casting ``src`` to ``dst`` is exact, so the kernels may widen ``src`` in registers instead."""
-    return src == dst or dst == torch.float32
+_lossless = compose.lossless
 
 
 
@@ -270,37 +269,19 @@ def _forward_compose(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropou
     return (y.to(x.dtype) if wide else y), xa_out
 
 
+def _cpu_down(xi, A, p, seed):
+    """``compose.DownPass`` on the CPU: ``_C.lora_xa`` (mask regenerated, ``x`` widened in registers)."""
+    return _C.lora_xa(_rows(xi), _f32(A), p, seed)
+
+
+def _cpu_masked(acc, xi, A, g32, p, seed):
+    """``compose.MaskedPass`` on the CPU: ``_C.lora_dx_pass`` (``dX`` updated in place, ``dA`` returned)."""
+    return _C.lora_dx_pass(acc, None if xi is None else _rows(xi), _f32(A), _rows(g32), p, seed)
+
+
 def _add_adapters(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
-    """The composition's adapter terms added to the base output ``y``: ``x A^T`` by torch's GEMM in the adapter's
-    dtype (``_C.lora_xa`` with dropout, or where ``x`` must be widened: no copy of ``x``), the update by ``addmm_``
-    in ``y``'s dtype. Returns ``(y, xa)``."""
-    xa_out, terms = [], []
-    xi = x
-    for A, B, b, s, p, seed in zip(lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
-        if not _lossless(xi.dtype, A.dtype):
-            xi = xi.to(A.dtype)
-        if p == 0 and xi.dtype == A.dtype:
-            xa = torch.mm(xi, A.detach().t())
-        else:
-            xa32 = _C.lora_xa(_rows(xi), _f32(A), float(p), int(seed))
-            xa = xa32 if A.dtype == _F32 else xa32.to(A.dtype)
-        xa_out.append(xa)
-        terms.append((xa, B.detach(), b, float(s)))
-    if len(terms) == 1:
-        xa, B, b, s = terms[0]
-        y.addmm_(xa.to(y.dtype), B.t().to(y.dtype), alpha=s)
-        if b is not None:
-            y.add_(b.detach().to(y.dtype), alpha=s)
-    elif terms:
-        # One rounding of y for all adapters, as the reference sums them before its single cast.
-        xs = torch.cat([(xa.to(_F32) * s) for xa, _, _, s in terms], 1)
-        bt = torch.cat([B.t().to(_F32) for _, B, _, _ in terms], 0)
-        update = torch.mm(xs, bt)
-        for _, _, b, s in terms:
-            if b is not None:
-                update.add_(b.detach().to(_F32), alpha=s)
-        y = y.add_(update) if y.dtype == _F32 else (y.to(_F32) + update).to(y.dtype)
-    return y, xa_out
+    """The composition's adapter terms (``fastpeft.backends.compose.add_adapters``) with the CPU's passes."""
+    return compose.add_adapters(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, _cpu_down)
 
 
 def _forward_fused(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, wide=False):
@@ -356,42 +337,11 @@ def _forward_bnb(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p,
 # ----------------------------------------------------------------------------------------------- LoRA backward
 def _backward_compose(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A,
                       wide=False):
-    """Route ``compose`` (``compose_fp32`` with ``wide``): ``dY W`` and the rank-r products by torch's GEMMs (in the
-    adapters' dtype), ``_C.lora_dx_pass`` where a dropout mask must be regenerated or ``x`` widened for ``dA``."""
+    """Route ``compose`` (``compose_fp32`` with ``wide``): ``dY W`` by torch's GEMM (``wide``: in fp32, rounded
+    once), then ``fastpeft.backends.compose.backward`` with the CPU's masked pass."""
     grad_x = _grad_product("compose_fp32" if wide else "compose", dy, weight) if needs_grad_x else None
-    acc = grad_x
-    if grad_x is not None and len(lora_A) > 1 and grad_x.dtype != _F32:
-        acc = grad_x.float()  # several adapters: carried in fp32 like the reference, rounded once
-    widened: dict[torch.dtype, torch.Tensor] = {}
-    grad_A: list[Optional[torch.Tensor]] = []
-    grad_B, grad_bias = [], []
-    for A, B, h, s, p, seed in zip(lora_A, lora_B, xa, scaling, dropout_p, seeds):
-        if dy.dtype == B.dtype:
-            d = dy
-        else:
-            d = widened.get(B.dtype)
-            if d is None:
-                d = widened[B.dtype] = dy.to(B.dtype)
-        g = torch.mm(d, B).mul_(float(s))
-        grad_B.append(torch.mm(d.t(), h.to(B.dtype)).mul_(float(s)))
-        grad_bias.append(d.sum(0).mul_(float(s)))
-        xi = None
-        if needs_grad_A:
-            xi = x if _lossless(x.dtype, A.dtype) else x.to(A.dtype)
-        if p == 0:
-            if acc is not None:
-                acc.addmm_(g.to(acc.dtype), A.to(acc.dtype))
-            if xi is None:
-                grad_A.append(None)
-            elif xi.dtype == A.dtype:
-                grad_A.append(torch.mm(g.t(), xi))
-            else:  # x narrower than A: widened in registers by the pass, no copy of x
-                grad_A.append(_C.lora_dx_pass(None, _rows(xi), _f32(A), _rows(g.to(_F32)), 0.0, 0).to(A.dtype))
-            continue
-        dA = _C.lora_dx_pass(acc, None if xi is None else _rows(xi), _f32(A), _rows(g.to(_F32)), float(p), int(seed))
-        grad_A.append(dA.to(A.dtype) if xi is not None else None)
-    if acc is not None and acc is not grad_x:
-        grad_x = acc.to(grad_x.dtype)
+    grad_x, grad_A, grad_B, grad_bias = compose.backward(dy, x, grad_x, lora_A, lora_B, xa, scaling, dropout_p, seeds,
+                                                         needs_grad_A, _cpu_masked)
     if wide and grad_x is not None:
         grad_x = grad_x.to(dy.dtype)
     return grad_x, grad_A, grad_B, grad_bias

@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from .. import routing as routes
+from . import compose
 from .base import Backend
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -50,6 +52,59 @@ def _quant():
         return None
 
 
+# fastpeft.kernels.lora's modes under the route names of fastpeft.routing.
+_ROUTE_OF_MODE = {"small": "passes", "fused": "fused_gemm", "split": "split_gemm"}
+
+
+def _fused_gemm_fits(total_r: int) -> bool:
+    """Whether the fused GEMM's epilogue tile holds the padded total rank (``fastpeft.routing.ROUTE_LIMITS``)."""
+    from fastpeft.kernels._common import MAX_FUSED_R, next_pow2
+
+    return next_pow2(total_r) <= MAX_FUSED_R
+
+
+def _triton_down(xi, A, p, seed):
+    """``compose.DownPass`` on a GPU: fastpeft's down-projection kernel (mask drawn in registers)."""
+    from fastpeft.kernels import lora
+
+    if _interpreted_bf16(xi, A):
+        xi, A = _widen([xi, A])
+    return lora.down_proj(xi, A.t(), seed, p)
+
+
+def _triton_masked(acc, xi, A, g32, p, seed):
+    """``compose.MaskedPass`` on a GPU: ``acc += (g A) * mask`` by the low-rank kernel, ``g^T drop(x)`` by the
+    dA kernel."""
+    from fastpeft.kernels import lora
+
+    A_ = A.float() if _interpreted_bf16(A) else A
+    if acc is not None:
+        ones = torch.ones(A.shape[0], dtype=torch.float32, device=A.device)
+        if _interpreted_bf16(acc):
+            acc.copy_(lora.lowrank_update(acc.float(), g32, A_, ones, seed=seed, p=p))
+        else:
+            lora.lowrank_update(acc, g32, A_, ones, seed=seed, p=p, out=acc)
+    if xi is None:
+        return None
+    return lora.grad_a(g32, xi.float() if _interpreted_bf16(xi) else xi, torch.float32, seed, p)
+
+
+def _compose_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
+    """Route ``compose``: cuBLAS (torch) for the base, ``fastpeft.backends.compose`` for the adapters."""
+    w = weight if weight.dtype == x.dtype else weight.to(x.dtype)
+    y = torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return compose.add_adapters(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, _triton_down)
+
+
+def _compose_backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A):
+    """Route ``compose``: ``dY W`` by cuBLAS (torch), ``fastpeft.backends.compose`` for the adapters."""
+    grad_x = None
+    if needs_grad_x:
+        grad_x = torch.mm(dy, weight if weight.dtype == dy.dtype else weight.to(dy.dtype))
+    return compose.backward(dy, x, grad_x, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_A,
+                            _triton_masked)
+
+
 class TritonBackend(Backend):
     name = "triton"
 
@@ -78,15 +133,36 @@ class TritonBackend(Backend):
         return x.device.type == "cpu" and weight.device.type == "cpu" and _interpret()
 
     # ----------------------------------------------------------------------------------------------------- LoRA
+    @staticmethod
+    def _key(op, x, weight, lora_A, dropout_p, grads=""):
+        N, K = weight.shape
+        return routes.make_key(op, "triton", "dense", x.dtype, weight.dtype, [A.dtype for A in lora_A], x.shape[0],
+                               N, K, any(p > 0 for p in dropout_p), sum(A.shape[0] for A in lora_A), len(lora_A),
+                               grads)
+
     def lora_forward(self, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
         if not isinstance(weight, torch.Tensor):
             return _quant().lora_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
         from fastpeft.kernels import lora
 
-        if _interpreted_bf16(x, weight, bias, *lora_A, *lora_B, *lora_bias):
-            y, xa = lora.lora_forward(*_widen([x, weight, bias, lora_A, lora_B, lora_bias]), scaling, dropout_p, seeds)
-            return y.to(x.dtype), [h.to(A.dtype) for h, A in zip(xa, lora_A)]
-        return lora.lora_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
+        args = (x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
+
+        def kernel_mode(mode):
+            if _interpreted_bf16(x, weight, bias, *lora_A, *lora_B, *lora_bias):
+                y, xa = lora.lora_forward(*_widen([x, weight, bias, lora_A, lora_B, lora_bias]), scaling, dropout_p,
+                                          seeds, mode=mode)
+                return y.to(x.dtype), [h.to(A.dtype) for h, A in zip(xa, lora_A)]
+            return lora.lora_forward(*args, mode=mode)
+
+        candidates = {"compose": lambda: _compose_forward(*args), "passes": lambda: kernel_mode("small"),
+                      "split_gemm": lambda: kernel_mode("split")}
+        total_r = sum(A.shape[0] for A in lora_A)
+        drops = sum(1 for p in dropout_p if p > 0)
+        if lora_A and _fused_gemm_fits(total_r) and (drops == 0 or len(lora_A) == 1):
+            candidates["fused_gemm"] = lambda: kernel_mode("fused")
+        unmeasured = _ROUTE_OF_MODE[lora.choose_forward_mode(x.shape[0], total_r, dropout_p)] if _interpret() else None
+        return routes.run(self._key("lora_forward", x, weight, lora_A, dropout_p), candidates, x.device.type,
+                          unmeasured=unmeasured)
 
     def lora_backward(self, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x,
                       needs_grad_A):
@@ -95,13 +171,27 @@ class TritonBackend(Backend):
                                           needs_grad_x, needs_grad_A)
         from fastpeft.kernels import lora
 
-        if _interpreted_bf16(grad_y, x, weight, *lora_A, *lora_B, *xa):
-            dx, dA, dB, db = lora.lora_backward(*_widen([grad_y, x, weight, lora_A, lora_B, xa]), scaling, dropout_p,
-                                                seeds, needs_grad_x, needs_grad_A)
-            return (_cast(dx, grad_y.dtype), [_cast(g, A.dtype) for g, A in zip(dA, lora_A)],
-                    [g.to(B.dtype) for g, B in zip(dB, lora_B)], [g.to(B.dtype) for g, B in zip(db, lora_B)])
-        return lora.lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x,
-                                  needs_grad_A)
+        args = (grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A)
+
+        def kernel_mode(mode):
+            if _interpreted_bf16(grad_y, x, weight, *lora_A, *lora_B, *xa):
+                dx, dA, dB, db = lora.lora_backward(*_widen([grad_y, x, weight, lora_A, lora_B, xa]), scaling,
+                                                    dropout_p, seeds, needs_grad_x, needs_grad_A, mode=mode)
+                return (_cast(dx, grad_y.dtype), [_cast(g, A.dtype) for g, A in zip(dA, lora_A)],
+                        [g.to(B.dtype) for g, B in zip(dB, lora_B)], [g.to(B.dtype) for g, B in zip(db, lora_B)])
+            return lora.lora_backward(*args, mode=mode)
+
+        candidates = {"compose": lambda: _compose_backward(*args), "passes": lambda: kernel_mode("small"),
+                      "split_gemm": lambda: kernel_mode("split")}
+        total_r = sum(A.shape[0] for A in lora_A)
+        drops = sum(1 for p in dropout_p if p > 0)
+        if lora_A and needs_grad_x and _fused_gemm_fits(total_r) and drops <= 1:
+            candidates["fused_gemm"] = lambda: kernel_mode("fused")
+        unmeasured = _ROUTE_OF_MODE[lora.choose_backward_mode(grad_y.shape[0], total_r, dropout_p)] \
+            if _interpret() else None
+        grads = ("dx" if needs_grad_x else "") + ("dA" if needs_grad_A else "")
+        return routes.run(self._key("lora_backward", grad_y, weight, lora_A, dropout_p, grads), candidates,
+                          grad_y.device.type, unmeasured=unmeasured)
 
     # ------------------------------------------------------------------------------------------------------ IA3
     def ia3_forward(self, x, weight, bias, scale, is_feedforward):

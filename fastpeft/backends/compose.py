@@ -1,0 +1,107 @@
+"""The plain composition of LoRA: the ``compose`` route that every backend offers, and fastpeft's floor.
+
+The base product is the vendor GEMM's (the caller computes it: torch on the CPU, cuBLAS on a GPU); the adapter
+terms are written here once, in torch, with two device-specific passes handed in by the backend for what torch
+cannot do without a copy of ``x`` or a stored mask:
+
+- ``down(x, A, p, seed)``: ``drop(x) A^T`` as fp32 ``(M, r)``, the dropout mask regenerated from ``seed``
+  (``fastpeft._philox``) and ``x`` widened in registers (``x`` may be narrower than ``A``);
+- ``masked(acc, x, A, g, p, seed)``: ``acc += (g A) * mask / (1 - p)`` in place (``acc`` ``(M, K)`` or None) and
+  ``g^T drop(x)`` as fp32 ``(r, K)`` (None when ``x`` is None); ``g`` fp32 ``(M, r)``.
+
+Semantics are the reference's (``fastpeft.reference``): adapter ``i`` sees ``x`` cast cumulatively to
+``lora_A[i].dtype`` (PEFT's in-place cast), its products run in that dtype, several adapters are summed in fp32
+and added to ``y`` with one rounding, and every gradient comes back in its parameter's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+_F32 = torch.float32
+
+DownPass = Callable[[torch.Tensor, torch.Tensor, float, int], torch.Tensor]
+MaskedPass = Callable[[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor, torch.Tensor, float, int],
+                      Optional[torch.Tensor]]
+
+
+def lossless(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether casting ``src`` to ``dst`` is exact, so a pass may widen ``src`` in registers instead."""
+    return src == dst or dst == _F32
+
+
+def add_adapters(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, down: DownPass):
+    """``y += sum_i s_i (drop_i(x_i) A_i^T B_i^T + b_i)`` on the base output ``y`` (``(M, N)`` in ``x``'s dtype):
+    ``x A^T`` by torch in the adapter's dtype (by ``down`` with dropout, or where ``x`` must be widened: no copy
+    of ``x``), the update by ``addmm_`` in ``y``'s dtype (several adapters: summed in fp32, ``y`` rounded once).
+    Returns ``(y, xa)`` with ``xa[i]`` ``(M, r_i)`` in ``A_i``'s dtype."""
+    xa_out, terms = [], []
+    xi = x
+    for A, B, b, s, p, seed in zip(lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
+        if not lossless(xi.dtype, A.dtype):
+            xi = xi.to(A.dtype)  # a narrowing step of PEFT's cumulative cast: rounding must happen as there
+        if p == 0 and xi.dtype == A.dtype:
+            xa = torch.mm(xi, A.detach().t())
+        else:
+            xa32 = down(xi, A, float(p), int(seed))
+            xa = xa32 if A.dtype == _F32 else xa32.to(A.dtype)
+        xa_out.append(xa)
+        terms.append((xa, B.detach(), b, float(s)))
+    if len(terms) == 1:
+        xa, B, b, s = terms[0]
+        y.addmm_(xa.to(y.dtype), B.t().to(y.dtype), alpha=s)
+        if b is not None:
+            y.add_(b.detach().to(y.dtype), alpha=s)
+    elif terms:
+        # One rounding of y for all adapters, as the reference sums them before its single cast.
+        xs = torch.cat([(xa.to(_F32) * s) for xa, _, _, s in terms], 1)
+        bt = torch.cat([B.t().to(_F32) for _, B, _, _ in terms], 0)
+        update = torch.mm(xs, bt)
+        for _, _, b, s in terms:
+            if b is not None:
+                update.add_(b.detach().to(_F32), alpha=s)
+        y = y.add_(update) if y.dtype == _F32 else (y.to(_F32) + update).to(y.dtype)
+    return y, xa_out
+
+
+def backward(dy, x, grad_x, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_A, masked: MaskedPass):
+    """The adapters' part of LoRA's backward around the base product ``grad_x = dY W`` (or None when ``dX`` is
+    not wanted): ``g_i = s_i dY B_i``, ``dB_i = s_i dY^T h_i`` and ``db_i = s_i sum_m dY`` by torch in the
+    adapter's dtype; ``dX += (g_i A_i) * mask_i`` and ``dA_i = g_i^T drop_i(x)`` by torch without dropout, by
+    ``masked`` with it (or where ``x`` is narrower than ``A``). Returns ``(dX, dA, dB, db)``."""
+    acc = grad_x
+    if grad_x is not None and len(lora_A) > 1 and grad_x.dtype != _F32:
+        acc = grad_x.float()  # several adapters: carried in fp32 like the reference, rounded once
+    widened: dict[torch.dtype, torch.Tensor] = {}
+    grad_A: list[Optional[torch.Tensor]] = []
+    grad_B, grad_bias = [], []
+    for A, B, h, s, p, seed in zip(lora_A, lora_B, xa, scaling, dropout_p, seeds):
+        if dy.dtype == B.dtype:
+            d = dy
+        else:
+            d = widened.get(B.dtype)
+            if d is None:
+                d = widened[B.dtype] = dy.to(B.dtype)
+        g = torch.mm(d, B).mul_(float(s))
+        grad_B.append(torch.mm(d.t(), h.to(B.dtype)).mul_(float(s)))
+        grad_bias.append(d.sum(0).mul_(float(s)))
+        xi = None
+        if needs_grad_A:
+            xi = x if lossless(x.dtype, A.dtype) else x.to(A.dtype)
+        if p == 0:
+            if acc is not None:
+                acc.addmm_(g.to(acc.dtype), A.to(acc.dtype))
+            if xi is None:
+                grad_A.append(None)
+            elif xi.dtype == A.dtype:
+                grad_A.append(torch.mm(g.t(), xi))
+            else:  # x narrower than A: widened in registers by the pass, no copy of x
+                grad_A.append(masked(None, xi, A, g.to(_F32), 0.0, 0).to(A.dtype))
+            continue
+        dA = masked(acc, xi, A, g.to(_F32), float(p), int(seed))
+        grad_A.append(dA.to(A.dtype) if xi is not None else None)
+    if acc is not None and acc is not grad_x:
+        grad_x = acc.to(grad_x.dtype)
+    return grad_x, grad_A, grad_B, grad_bias

@@ -83,11 +83,13 @@ ROUTES: dict[str, dict[str, str]] = {
         "gemv": "the one-pass GEMV for the base product",
         "fused": "a quantized weight decoded tile by tile inside the product",
         "bnb_native": "bitsandbytes' AVX-512 4-bit kernel for the base product",
+        "fused_gemm": "Triton: the vector in the GEMM's prologue (feedforward) or epilogue",
     },
     "ia3_backward": {
         "compose": "dY W by the vendor GEMM in dY's dtype (a quantized weight decoded into a reused buffer)",
         "compose_fp32": "compose with dY W in fp32",
         "fused": "a quantized weight decoded tile by tile inside dY W",
+        "fused_gemm": "Triton: dY W with the vector and the reduction of its gradient in the GEMM's epilogue",
     },
 }
 

@@ -9,9 +9,11 @@ Formulas (``l`` the product of the active IA3 vectors, in their dtype)::
 (deterministic: no atomics). The non-feedforward backward recomputes ``X W^T + bias`` instead of saving an
 ``(M, N)`` activation, as the reference does.
 
-Dispatch rule: ``M < SMALL_M`` runs the base matmul in torch (cuBLAS GEMV) with the vector applied to the tiny
-``(M, K)`` input or ``(M, N)`` output; IA3 has no low-rank work to fuse there, and a 64-row tile would waste the
-launch on padding.
+Modes: ``"compose"`` runs the base matmul in torch (cuBLAS) with the vector applied to the ``(M, K)`` input or
+``(M, N)`` output; ``"fused_gemm"`` puts the vector in the GEMM's prologue or epilogue. The triton backend offers
+both as routes and on a GPU takes the one measured fastest (``fastpeft.routing``). ``mode="auto"`` (direct calls,
+and the backend under Triton's interpreter, where timings mean nothing) takes ``"compose"`` for ``M < SMALL_M``,
+where a 64-row tile would waste the launch on padding, else ``"fused_gemm"``.
 """
 
 from __future__ import annotations
@@ -23,14 +25,20 @@ from ._common import gpu_config, launch_gemm
 SMALL_M = 64
 
 
+def choose_mode(M: int, config=None) -> str:
+    """The ``mode="auto"`` rule of the module docstring."""
+    return "compose" if (M < SMALL_M and config is None) else "fused_gemm"
+
+
 def ia3_forward(x: torch.Tensor, weight: torch.Tensor, bias, scale: torch.Tensor, is_feedforward: bool,
-                config=None) -> torch.Tensor:
+                config=None, mode: str = "auto") -> torch.Tensor:
     """``x`` ``(M, K)``, ``weight`` ``(N, K)`` (any strides), ``bias`` ``(N,)`` or None, ``scale`` ``(K,)`` if
-    ``is_feedforward`` else ``(N,)``. Returns ``y`` ``(M, N)`` in x's dtype."""
+    ``is_feedforward`` else ``(N,)``. Returns ``y`` ``(M, N)`` in x's dtype. ``mode``: ``"auto"``, ``"compose"``,
+    ``"fused_gemm"`` (module docstring)."""
     M, K = x.shape
     N = weight.shape[0]
     W = weight if weight.dtype == x.dtype else weight.to(x.dtype)
-    if M < SMALL_M and config is None:
+    if (choose_mode(M, config) if mode == "auto" else mode) == "compose":
         if is_feedforward:
             return torch.nn.functional.linear((x.to(scale.dtype) * scale).to(x.dtype), W, bias)
         z = torch.nn.functional.linear(x, W, bias)
@@ -46,13 +54,13 @@ def ia3_forward(x: torch.Tensor, weight: torch.Tensor, bias, scale: torch.Tensor
 
 
 def ia3_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias, scale: torch.Tensor,
-                 is_feedforward: bool, needs_grad_x: bool, config=None):
+                 is_feedforward: bool, needs_grad_x: bool, config=None, mode: str = "auto"):
     """Returns ``(dx, dscale)``: ``dx`` ``(M, K)`` in x's dtype (None unless ``needs_grad_x``), ``dscale`` with
-    ``scale``'s shape and dtype."""
+    ``scale``'s shape and dtype. ``mode`` as in ``ia3_forward``."""
     M, K = x.shape
     N = grad_y.shape[1]
     W = weight if weight.dtype == x.dtype else weight.to(x.dtype)
-    if M < SMALL_M and config is None:
+    if (choose_mode(M, config) if mode == "auto" else mode) == "compose":
         if is_feedforward:
             gs = grad_y @ W
             dscale = (gs.to(scale.dtype) * x.to(scale.dtype)).sum(0)

@@ -304,22 +304,34 @@ def test_ia3_forward_backward(kernels_for, case):
     W = (torch.randn(K, N, generator=g) * K ** -0.5).to(dtype).to(device).t()  # fan_in_fan_out-style view
     b = torch.randn(N, generator=g).to(dtype).to(device) if bias else None
     scale = (torch.rand(K if ff else N, generator=g) + 0.5).to(device)  # fp32 vectors under a low-precision base
-    y = backend.ia3_forward(x, W, b, scale, ff)
     y_ref = REF.ia3_forward(x, W, b, scale, ff)
     grad_y = torch.randn(M, N, generator=g).to(dtype).to(device)
     x64 = x.double().requires_grad_()
     s64 = scale.double().requires_grad_()
     y64 = reference.ia3_linear(x64, W.double(), None if b is None else b.double(), [s64], ff)
     y64.backward(grad_y.double())
-    check("y", y, y_ref, y64, device, dtype)
-    dx, ds = backend.ia3_backward(grad_y, x, W, b, scale, ff, True)
     dx_r, ds_r = REF.ia3_backward(grad_y, x, W, b, scale, ff, True)
-    assert dx.dtype == x.dtype and ds.dtype == scale.dtype and ds.shape == scale.shape, "dX/dscale dtype or shape"
-    check("dX", dx, dx_r, x64.grad, device, dtype)
-    check("dscale", ds, ds_r, s64.grad, device, dtype)
-    dx2, ds2 = backend.ia3_backward(grad_y, x, W, b, scale, ff, False)
-    assert dx2 is None, "dX must be None when not requested"
-    check("dscale (no dX)", ds2, ds_r, s64.grad, device, dtype)
+    from fastpeft import routing
+
+    try:
+        for route in (None, "compose", "fused_gemm"):  # None: the backend's own choice
+            for op in ("ia3_forward", "ia3_backward"):
+                routing.set_route(op, route)
+            name = route or "auto"
+            y = backend.ia3_forward(x, W, b, scale, ff)
+            assert route is None or routing.last_route("ia3_forward") == route
+            check(f"{name}: y", y, y_ref, y64, device, dtype)
+            dx, ds = backend.ia3_backward(grad_y, x, W, b, scale, ff, True)
+            assert route is None or routing.last_route("ia3_backward") == route
+            assert dx.dtype == x.dtype and ds.dtype == scale.dtype and ds.shape == scale.shape, f"{name}: dtypes"
+            check(f"{name}: dX", dx, dx_r, x64.grad, device, dtype)
+            check(f"{name}: dscale", ds, ds_r, s64.grad, device, dtype)
+            dx2, ds2 = backend.ia3_backward(grad_y, x, W, b, scale, ff, False)
+            assert dx2 is None, f"{name}: dX must be None when not requested"
+            check(f"{name}: dscale (no dX)", ds2, ds_r, s64.grad, device, dtype)
+    finally:
+        for op in ("ia3_forward", "ia3_backward"):
+            routing.set_route(op, None)
 
 
 # ------------------------------------------------------------------------------------------------------ backend

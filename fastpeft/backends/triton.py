@@ -199,19 +199,33 @@ class TritonBackend(Backend):
             return _quant().ia3_forward(x, weight, bias, scale, is_feedforward)
         from fastpeft.kernels import ia3
 
-        if _interpreted_bf16(x, weight, bias, scale):
-            return ia3.ia3_forward(*_widen([x, weight, bias, scale]), is_feedforward).to(x.dtype)
-        return ia3.ia3_forward(x, weight, bias, scale, is_feedforward)
+        def kernel_mode(mode):
+            if _interpreted_bf16(x, weight, bias, scale):
+                return ia3.ia3_forward(*_widen([x, weight, bias, scale]), is_feedforward, mode=mode).to(x.dtype)
+            return ia3.ia3_forward(x, weight, bias, scale, is_feedforward, mode=mode)
+
+        candidates = {route: (lambda route=route: kernel_mode(route)) for route in ("compose", "fused_gemm")}
+        unmeasured = ia3.choose_mode(x.shape[0]) if _interpret() else None
+        return routes.run(self._key("ia3_forward", x, weight, [], [], "ff" if is_feedforward else "out"),
+                          candidates, x.device.type, unmeasured=unmeasured)
 
     def ia3_backward(self, grad_y, x, weight, bias, scale, is_feedforward, needs_grad_x):
         if not isinstance(weight, torch.Tensor):
             return _quant().ia3_backward(grad_y, x, weight, bias, scale, is_feedforward, needs_grad_x)
         from fastpeft.kernels import ia3
 
-        if _interpreted_bf16(grad_y, x, weight, bias, scale):
-            dx, dscale = ia3.ia3_backward(*_widen([grad_y, x, weight, bias, scale]), is_feedforward, needs_grad_x)
-            return _cast(dx, x.dtype), dscale.to(scale.dtype)
-        return ia3.ia3_backward(grad_y, x, weight, bias, scale, is_feedforward, needs_grad_x)
+        def kernel_mode(mode):
+            if _interpreted_bf16(grad_y, x, weight, bias, scale):
+                dx, dscale = ia3.ia3_backward(*_widen([grad_y, x, weight, bias, scale]), is_feedforward,
+                                              needs_grad_x, mode=mode)
+                return _cast(dx, x.dtype), dscale.to(scale.dtype)
+            return ia3.ia3_backward(grad_y, x, weight, bias, scale, is_feedforward, needs_grad_x, mode=mode)
+
+        candidates = {route: (lambda route=route: kernel_mode(route)) for route in ("compose", "fused_gemm")}
+        unmeasured = ia3.choose_mode(grad_y.shape[0]) if _interpret() else None
+        grads = ("ff" if is_feedforward else "out") + ("+dx" if needs_grad_x else "")
+        return routes.run(self._key("ia3_backward", grad_y, weight, [], [], grads), candidates, grad_y.device.type,
+                          unmeasured=unmeasured)
 
 
 BACKEND = TritonBackend()

@@ -2,6 +2,8 @@
 
 ``load_adapter`` reads and checks everything (config, every tensor's presence, shape and dtype against the model)
 before it touches the model, so a bad file raises a clear error and leaves the model exactly as it was.
+``save_pretrained`` replaces the adapter directory as a whole (``fastpeft._atomic.replace_directory``), so a crash
+mid-save leaves the previous adapter as it was.
 """
 
 from __future__ import annotations
@@ -16,20 +18,32 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from torch import nn
 
+from ._atomic import replace_directory
 from .patching import accelerate
 
 CONFIG_NAME = "adapter_config.json"
+# PEFT's model card: updated in place by PeftModel.save_pretrained, so the save starts from the existing one.
+_MODEL_CARD = "README.md"
 _ADAPTER_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".ia3_l")
 
 
 def save_pretrained(model: PeftModel, path: str, adapter_name: Optional[str] = None) -> None:
     """Write the adapter(s) of a PEFT model with fused layers in PEFT's format (``PeftModel.from_pretrained`` reads
     it). ``adapter_name=None`` saves every adapter (PEFT puts non-default ones in sub-folders); a name saves only that
-    one, at ``path`` itself."""
+    one, at ``path`` itself.
+
+    The save is atomic as a whole: the files are written into a temporary directory beside ``path`` and swapped in at
+    the end, so a crash, a full disk or an error at any point leaves the previous contents of ``path`` byte for byte,
+    and a reader sees the old set of files or the new one, never a mix (where ``path`` cannot be swapped, a mount point
+    or a read-only parent, its files are replaced one by one, each atomically, with a warning). Files in ``path`` that
+    the save does not write (a README, tokenizer files, other folders) are kept, as an in-place save would keep them;
+    PEFT updates an existing ``README.md`` model card as it does in place."""
     if not isinstance(model, PeftModel):
         raise TypeError(f"fastpeft.save_pretrained: expected a peft.PeftModel, got {type(model).__name__}")
+    if os.path.isfile(path):
+        raise ValueError(f"fastpeft.save_pretrained: {path!r} is a file; the adapter goes into a directory")
     if adapter_name is None:
-        model.save_pretrained(path)
+        replace_directory(path, model.save_pretrained, seed=(_MODEL_CARD,))
         return
     if adapter_name not in model.peft_config:
         raise ValueError(
@@ -40,16 +54,19 @@ def save_pretrained(model: PeftModel, path: str, adapter_name: Optional[str] = N
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    os.makedirs(path, exist_ok=True)
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(path, SAFETENSORS_WEIGHTS_NAME),
-              metadata={"format": "pt"})
-    inference_mode = config.inference_mode
-    config.inference_mode = True
-    try:
-        config.save_pretrained(path)
-    finally:
-        config.inference_mode = inference_mode
+
+    def write(directory: str) -> None:
+        save_file({k: v.detach().contiguous() for k, v in state.items()},
+                  os.path.join(directory, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+        inference_mode = config.inference_mode
+        config.inference_mode = True
+        try:
+            config.save_pretrained(directory)
+        finally:
+            config.inference_mode = inference_mode
+
+    replace_directory(path, write)
 
 
 def _read_config(path: str) -> PeftConfig:

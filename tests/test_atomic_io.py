@@ -1,5 +1,5 @@
 """Nothing fastpeft writes is ever left half-written: ``fastpeft.save_pretrained`` (both forms, one adapter and two),
-and the write helpers in ``fastpeft._atomic``. A crash is simulated at each write (the write
+the write helpers in ``fastpeft._atomic`` and the benchmark's outputs. A crash is simulated at each write (the write
 stops a third of the way and raises, or the process dies there); the previous adapter must stay byte for byte and
 load with PEFT and with fastpeft. The route cache's tests are at the end of ``test_routes.py``."""
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import multiprocessing
 import os
+import warnings
 
 import peft.config
 import peft.peft_model
@@ -19,6 +20,7 @@ from peft import LoraConfig, PeftModel
 
 import fastpeft
 from fastpeft import _atomic
+from fastpeft.bench import report
 
 SECOND = "second"
 FORMS = {"all adapters": None, "named": "default"}
@@ -325,3 +327,44 @@ def test_atomic_file_permissions_follow_the_umask(tmp_path):
         pass
     assert os.stat(tmp_path / "atomic").st_mode == os.stat(tmp_path / "plain").st_mode
 
+
+# ----------------------------------------------------------------------------------------- benchmark outputs
+def _rows():
+    rows = []
+    for provider, ms in (("base", 1.0), ("peft", 3.0), ("fastpeft", 1.5)):
+        for m in (1, 16):
+            rows.append(dict(level="layer", kind="lora", shape="7b-qkvo", K=64, N=64, M=m, r=4, dtype="fp32",
+                             dropout=0.0, mode="fwd", provider=provider, backend="cpu", fused=True, metric="time",
+                             value=ms * m, unit="ms", q25=ms, q75=ms, reps=3))
+    return rows
+
+
+class _FailsWhenWritten:
+    def __str__(self):
+        raise OSError(errno.ENOSPC, "simulated crash: no space left")
+
+
+def test_bench_csv_keeps_its_rows_when_a_write_fails(tmp_path):
+    path = str(tmp_path / "results.csv")
+    writer = report.CsvWriter(path, {"machine": "test"})
+    writer.write(_rows()[:3])
+    before = (tmp_path / "results.csv").read_bytes()
+    with pytest.raises(OSError, match="simulated crash"):
+        writer.write([_rows()[3], dict(_rows()[4], value=_FailsWhenWritten())])
+    assert (tmp_path / "results.csv").read_bytes() == before
+    assert [r["value"] for r in report.read_csv(path)] == ["1.0", "16.0", "3.0"]
+    assert os.listdir(tmp_path) == ["results.csv"]
+
+
+def test_bench_outputs_are_whole_files(tmp_path):
+    from fastpeft.bench.__main__ import main
+
+    writer = report.CsvWriter(str(tmp_path / "results.csv"), {"machine": "test", "device_name": "cpu"})
+    writer.write(_rows())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # matplotlib's own deprecations
+        assert main(["--replot", str(tmp_path)]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["overhead_fp32.png", "results.csv", "results.md", "speedup_fp32.png"]
+    for name in ("overhead_fp32.png", "speedup_fp32.png"):
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert "fastpeft benchmark results" in (tmp_path / "results.md").read_text()

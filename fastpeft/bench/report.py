@@ -12,6 +12,8 @@ import socket
 from collections import defaultdict
 from typing import Iterable
 
+from .._atomic import atomic_file
+
 META_COLUMNS = ["timestamp", "machine", "cpu", "device", "device_name", "threads", "torch", "triton", "peft",
                 "transformers", "bitsandbytes", "fastpeft"]
 ROW_COLUMNS = ["level", "kind", "shape", "K", "N", "M", "r", "dtype", "dropout", "mode", "provider", "backend",
@@ -57,18 +59,20 @@ def environment(device, threads: int) -> dict:
 
 
 class CsvWriter:
-    """Appends rows as they are measured, so an interrupted run keeps what it measured."""
+    """Adds rows as they are measured, so an interrupted run keeps what it measured. Each call rewrites the whole
+    file atomically (temporary file, then rename), so a crash mid-write never leaves a torn last row."""
 
     def __init__(self, path: str, meta: dict):
         self.path, self.meta = path, meta
-        with open(path, "w", newline="") as f:
-            csv.DictWriter(f, COLUMNS).writeheader()
+        self.rows: list[dict] = []
+        self.write([])
 
     def write(self, rows: Iterable[dict]) -> None:
-        with open(self.path, "a", newline="") as f:
+        self.rows += [{**self.meta, **row} for row in rows]
+        with atomic_file(self.path, "w", newline="") as f:
             writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
-            for row in rows:
-                writer.writerow({**self.meta, **row})
+            writer.writeheader()
+            writer.writerows(self.rows)
 
 
 def read_csv(path: str) -> list[dict]:
@@ -229,7 +233,7 @@ def write_markdown(path: str, rows: list[dict], command: str, cost_model_md: str
         lines += ["## Model (LLaMA architecture, random weights)", ""] + model
     if cost_model_md:
         lines += ["## GPU cost MODEL (not measured)", "", cost_model_md, ""]
-    with open(path, "w") as f:
+    with atomic_file(path, "w") as f:
         f.write("\n".join(lines))
 
 
@@ -288,7 +292,8 @@ def plot(out_dir: str, rows: list[dict]) -> list[str]:
             fig.suptitle(f"{title}, {dtype}\n{device}; median times, geometric mean over shapes", fontsize=10)
             fig.tight_layout()
             path = os.path.join(out_dir, f"{what}_{dtype}.png")
-            fig.savefig(path, dpi=100)
+            with atomic_file(path, "wb") as f:
+                fig.savefig(f, dpi=100, format="png")
             plt.close(fig)
             paths.append(path)
     return paths

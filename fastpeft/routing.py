@@ -33,10 +33,13 @@ import os
 import platform
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
 import torch
+
+from ._atomic import atomic_file, locked
 
 CACHE_VERSION = 1
 
@@ -297,41 +300,79 @@ def machine_fingerprint(device: str = "cpu") -> str:
 
 
 def _load_file() -> dict:
+    """The cache file's ``{fingerprint: {key string: {"route", "timings_ms"}}}``, read once per process (until
+    ``clear_choices``); {} when there is none, when it cannot be read, or when it is damaged (see
+    ``_read_cache_file``)."""
     if _file_state["loaded"]:
         return _file_state["entries"]  # type: ignore[return-value]
-    entries: dict = {}
     path = cache_path()
-    if path and os.path.exists(path):
-        try:
-            with open(path) as handle:
-                data = json.load(handle)
-            if data.get("version") == CACHE_VERSION:
-                entries = data.get("machines", {})
-        except (OSError, ValueError):
-            entries = {}  # unreadable or from another format: measure again, rewrite on the next choice
-    _file_state["entries"] = entries
+    _file_state["entries"] = _read_cache_file(path) if path else {}
     _file_state["loaded"] = True
-    return entries
+    return _file_state["entries"]  # type: ignore[return-value]
+
+
+_warned_cache_files: set = set()
+
+
+def _ignore_cache_file(path: str, why: str) -> dict:
+    if path not in _warned_cache_files:
+        _warned_cache_files.add(path)
+        warnings.warn(f"fastpeft: ignoring the route cache {path!r} ({why}); routes are measured again and the file "
+                      "is rewritten with the next choice", stacklevel=2)
+    return {}
+
+
+def _is_choice(entry) -> bool:
+    if not isinstance(entry, dict) or not isinstance(entry.get("route"), str):
+        return False
+    timings = entry.get("timings_ms", {})
+    return isinstance(timings, dict) and all(isinstance(t, (int, float)) for t in timings.values())
+
+
+def _read_cache_file(path: str) -> dict:
+    """The machines table of the cache file at ``path``, only well-formed route choices in it. A missing or
+    unreadable file (a read-only or absent location) gives {} silently; a truncated or corrupt file, or one of
+    another version, gives {} with one warning per process and path, and so does a file holding any malformed
+    entry. Never raises, so a damaged cache cannot change what an op computes or make it fail."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except OSError:
+        return {}
+    except ValueError as exc:  # truncated, not JSON, not UTF-8
+        return _ignore_cache_file(path, f"not valid JSON: {exc}")
+    if not isinstance(data, dict):
+        return _ignore_cache_file(path, f"a JSON {type(data).__name__}, not a route cache")
+    if data.get("version") != CACHE_VERSION:
+        return _ignore_cache_file(path, f"version {data.get('version')!r}, this fastpeft reads {CACHE_VERSION}")
+    machines = data.get("machines", {})
+    if not isinstance(machines, dict) or not all(
+            isinstance(table, dict) and all(_is_choice(entry) for entry in table.values())
+            for table in machines.values()):
+        return _ignore_cache_file(path, "malformed entries")
+    return machines
 
 
 def _store_file(fingerprint: str, key: RouteKey, choice: Choice) -> None:
-    """Merge one choice into the cache file: re-read, update, write to a temporary file and rename (atomic on
-    POSIX), so a crash or a second process never leaves a half-written file."""
+    """Merge one choice into the cache file. The read-modify-write runs under an advisory lock on a sibling
+    ``.lock`` file, so processes sharing the file (the ranks of one job) all keep their choices; the new file is
+    written to a temporary file and renamed over the old one, so a crash never leaves a half-written file. A damaged
+    file is replaced by a fresh one; where the file cannot be written (a read-only location) the choice is kept in
+    this process only, silently."""
     path = cache_path()
     if path is None:
         return
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        _file_state["loaded"] = False
-        entries = _load_file()
-        entries.setdefault(fingerprint, {})[key.as_string()] = {"route": choice.route,
-                                                                "timings_ms": choice.timings_ms}
-        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with open(tmp, "w") as handle:
-            json.dump({"version": CACHE_VERSION, "machines": entries}, handle, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        with locked(path):
+            _file_state["loaded"] = False
+            entries = _load_file()
+            entries.setdefault(fingerprint, {})[key.as_string()] = {"route": choice.route,
+                                                                    "timings_ms": choice.timings_ms}
+            with atomic_file(path, "w", durable=False, encoding="utf-8") as handle:
+                json.dump({"version": CACHE_VERSION, "machines": entries}, handle, indent=1, sort_keys=True)
     except OSError:
-        pass  # a read-only home: the choice still holds for this process
+        pass  # a read-only location: the choice still holds for this process
 
 
 # ------------------------------------------------------------------------------------------------- choosing

@@ -6,11 +6,15 @@ That each route computes the same thing is tested op by op in ``test_cpu_backend
 
 from __future__ import annotations
 
+import errno
 import json
+import multiprocessing
 import threading
+import warnings
 
 import pytest
 import torch
+from conftest import assert_close
 
 from fastpeft import routing as routes
 
@@ -183,3 +187,110 @@ def test_unmeasured_route_runs_without_timing_and_yields_to_a_pin(fresh):
     assert row["route"] == "passes" and row["source"] == "unmeasured"
     routes.set_route("lora_forward", "compose")
     assert routes.run(key(), cands, unmeasured="passes") == 1
+
+
+# ------------------------------------------------------------------------- the cache file under faults and sharing
+def key_n(n: int):
+    return routes.make_key("lora_forward", "cpu", "dense", torch.float32, torch.float32, [torch.float32], 64, n, 80,
+                           False, 16, 1)
+
+
+def _store_keys(first: int, count: int, start) -> None:
+    """A process of its own: wait for the others, then store ``count`` choices, one file update each."""
+    start.wait()
+    for n in range(first, first + count):
+        routes._store_file("machine-of-the-test", key_n(n), routes.Choice("compose", "measured", {"compose": 0.1}))
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_two_processes_adding_different_keys_keep_all_of_them(fresh):
+    """Processes that share the cache file (the ranks of one job) each re-read, update and rewrite it; every key
+    either stores must be in the file at the end, and the file must be valid."""
+    context = multiprocessing.get_context("fork")
+    start = context.Barrier(2)
+    children = [context.Process(target=_store_keys, args=(first, 40, start)) for first in (1000, 2000)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(60)
+    assert [child.exitcode for child in children] == [0, 0]
+    stored = json.loads(fresh.read_text())["machines"]["machine-of-the-test"]
+    want = {key_n(n).as_string() for n in list(range(1000, 1040)) + list(range(2000, 2040))}
+    assert want - set(stored) == set(), f"{len(want - set(stored))} of 80 keys were lost"
+    assert sorted(p.name for p in fresh.parent.iterdir()) == ["routes.json", "routes.json.lock"]
+
+
+DAMAGED = {
+    "truncated": None,  # the first third of a valid file
+    "not json": b"{not json",
+    "not utf-8": b"\xff\xfe\x00garbage",
+    "a list": b"[1, 2, 3]",
+    "other version": json.dumps({"version": routes.CACHE_VERSION + 1, "machines": {"m": {"k": {"route": "x"}}}}),
+    "machines not a table": json.dumps({"version": routes.CACHE_VERSION, "machines": ["compose"]}),
+    "entry not a choice": json.dumps({"version": routes.CACHE_VERSION,
+                                      "machines": {"MACHINE": {"KEY": "fused"}}}),
+    "route not a name": json.dumps({"version": routes.CACHE_VERSION,
+                                    "machines": {"MACHINE": {"KEY": {"route": ["fused"], "timings_ms": {}}}}}),
+    "timings not numbers": json.dumps({"version": routes.CACHE_VERSION,
+                                       "machines": {"MACHINE": {"KEY": {"route": "fused", "timings_ms": [1]}}}}),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED, ids=DAMAGED.keys())
+def test_damaged_cache_file_is_ignored_with_one_warning_and_rebuilt(fresh, damage):
+    x, w = torch.randn(5, 80), torch.randn(96, 80)
+    candidates = {"compose": lambda: x @ w.T, "fused": lambda: torch.einsum("mk,nk->mn", x, w)}
+    if DAMAGED[damage] is None:
+        routes.run(key(m=1), candidates)
+        data = fresh.read_bytes()
+        fresh.write_bytes(data[: len(data) // 3])
+        routes.clear_choices()
+    else:
+        text = DAMAGED[damage]
+        if isinstance(text, str):
+            text = text.replace("MACHINE", routes.machine_fingerprint("cpu")).replace("KEY", key().as_string())
+            text = text.encode()
+        fresh.write_bytes(text)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = routes.run(key(), candidates)
+        routes.clear_choices()  # as a new choice would: the file is read again
+        again = routes.run(key(m=2), candidates)
+    assert_close("result with a damaged cache", out, x @ w.T, 1e-6)
+    assert_close("result with a damaged cache", again, x @ w.T, 1e-6)
+    mentions = [str(c.message) for c in caught if str(fresh) in str(c.message)]
+    assert len(mentions) == 1 and "ignoring the route cache" in mentions[0], mentions
+    data = json.loads(fresh.read_text())
+    assert data["version"] == routes.CACHE_VERSION
+    assert key().as_string() in data["machines"][routes.machine_fingerprint("cpu")], "the file was not rebuilt"
+
+
+def test_unwritable_cache_location_keeps_choices_in_memory_silently(fresh, monkeypatch, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("FASTPEFT_ROUTE_CACHE", str(tmp_path / "a-file" / "routes.json"))
+    calls = []
+    candidates = {"compose": lambda: calls.append("compose") or 1, "fused": lambda: calls.append("fused") or 1}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert routes.run(key(), candidates) == 1
+        measured = len(calls)
+        assert routes.run(key(), candidates) == 1
+    assert len(calls) == measured + 1, "the choice was not kept in memory"
+    assert not [c for c in caught if "fastpeft" in str(c.message)]
+
+
+def test_failed_cache_write_keeps_the_previous_file(fresh, monkeypatch):
+    routes.run(key(m=1), {"compose": lambda: 1, "fused": lambda: 1})
+    before = fresh.read_bytes()
+    real_dump = json.dump
+
+    def dump_a_third(obj, handle, **kwargs):
+        text = json.dumps(obj, **kwargs)
+        handle.write(text[: len(text) // 3])
+        raise OSError(errno.ENOSPC, "simulated crash: no space left")
+
+    monkeypatch.setattr(json, "dump", dump_a_third)
+    assert routes.run(key(m=64), {"compose": lambda: 2, "fused": lambda: 2}) == 2
+    monkeypatch.setattr(json, "dump", real_dump)
+    assert fresh.read_bytes() == before
+    assert sorted(p.name for p in fresh.parent.iterdir()) == ["routes.json", "routes.json.lock"], "temporary files left"

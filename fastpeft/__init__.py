@@ -4,7 +4,8 @@
 ``backend_info()`` and raised, with the reason, only when asked for.
 
 Public API: ``patch``, ``accelerate``, ``register``, ``save_pretrained``, ``load_adapter``, ``set_backend``,
-``backend_info``, ``routes`` (the measured route choices of this process), ``set_route``; the functional ops are in
+``backend_info``, ``routes`` (the measured route choices of this process), ``set_route``, ``report`` (which adapter
+layers run fused, by which backend and routes, and why not); the functional ops are in
 ``fastpeft.functional``, the route table in ``fastpeft.routing``.
 """
 
@@ -12,6 +13,7 @@ from .backends import backend_info, set_backend
 from .functional import ia3_linear, lora_linear
 from .io import load_adapter, save_pretrained
 from .patching import accelerate, patch, register
+from .report import report
 from .routing import routes, set_route
 
 __version__ = "0.1.0"
@@ -23,6 +25,7 @@ __all__ = [
     "lora_linear",
     "patch",
     "register",
+    "report",
     "routes",
     "save_pretrained",
     "set_backend",

@@ -1,0 +1,63 @@
+"""``fastpeft.report``: every adapter layer listed with whether it runs fused, its backend and routes, and why not."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from model_helpers import MLP
+from peft import LoraConfig, get_peft_model
+
+import fastpeft
+from fastpeft import routing
+
+
+def _model(**config):
+    torch.manual_seed(0)
+    return get_peft_model(MLP(), LoraConfig(r=4, target_modules=["up", "down"], **config))
+
+
+def test_fused_layers_show_backend_and_measured_routes(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTPEFT_ROUTE_CACHE", "off")
+    routing.clear_choices()
+    model = fastpeft.accelerate(_model())
+    before = fastpeft.report(model)
+    assert [r.name.rsplit(".", 2)[-2:] for r in before.layers] == [["0", "up"], ["0", "down"], ["1", "up"],
+                                                                   ["1", "down"]]
+    assert all(r.fused and r.method == "lora" and r.base == "Linear" and r.backend == "cpu" for r in before.layers)
+    assert all(r.routes == {} for r in before.layers), "no call made yet: nothing measured"
+    model(torch.randn(5, 23)).sum().backward()
+    after = fastpeft.report(model)
+    for row in after.layers:
+        assert set(row.routes) == {"lora_forward", "lora_backward"}, row
+        assert row.routes["lora_forward"] in routing.ROUTES["lora_forward"]
+    text = str(after)
+    assert "4 of 4 adapter layers run fused" in text and "lora_forward=" in text
+
+
+def test_reasons_for_layers_that_fall_back():
+    model = _model()
+    plain = fastpeft.report(model)
+    assert not any(r.fused for r in plain.layers)
+    assert all("fastpeft.accelerate" in r.reason for r in plain.layers)
+    fastpeft.accelerate(model)
+    with model.disable_adapter():
+        assert all(r.reason == "adapters disabled" for r in fastpeft.report(model).layers)
+    model.merge_adapter()
+    assert all("merged" in r.reason for r in fastpeft.report(model).layers)
+    model.unmerge_adapter()
+    handle = model.base_model.model.blocks[0]["up"].base_layer.register_forward_hook(lambda *a: None)
+    rows = {r.name.removeprefix("base_model.model."): r for r in fastpeft.report(model).layers}
+    assert rows["blocks.0.up"].reason == "forward hooks on the base layer" and rows["blocks.1.up"].fused
+    handle.remove()
+    assert fastpeft.report(model).fused == 4
+
+
+def test_dora_layers_are_reported_unfused_with_the_reason():
+    model = _model(use_dora=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fastpeft.accelerate(model)
+    rows = fastpeft.report(model).layers
+    assert rows and all(not r.fused and "DoRA" in r.reason for r in rows)
+    assert "0 of 4 adapter layers run fused" in str(fastpeft.report(model))

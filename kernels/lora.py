@@ -47,7 +47,7 @@ SMALL_M = 64
 # ------------------------------------------------------------------------------------------------------ kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _down_proj_kernel(
     a_ptr, dn_ptr, out_ptr,
     M, K, R, seed, p,
@@ -79,7 +79,7 @@ def _down_proj_kernel(
              mask=mask_m[:, None] & mask_r[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _lowrank_update_kernel(
     base_ptr, lhs_ptr, rhs_ptr, rscale_ptr, vbias_ptr, out_ptr,
     M, N, R, seed, p,
@@ -120,7 +120,7 @@ def _lowrank_update_kernel(
              (base.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=mask_mn)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _grad_a_kernel(
     g_ptr, x_ptr, out_ptr,
     M, K, R, seed, p,
@@ -326,9 +326,10 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
                 # and their (unmasked) G A term is added afterwards, into an fp32 dX so nothing rounds in between
                 sel = torch.zeros_like(rscale)
                 sel[offs[j]:offs[j + 1]] = rscale[offs[j]:offs[j + 1]]
-                rest = rscale - sel
-                if not bool((rest != 0).any()):
-                    rest = None
+                # Whether any other adapter contributes is known on the host (its scaling): asking the device
+                # would stall the CPU queue once per layer per step and break CUDA-graph capture.
+                others = any(float(s) != 0.0 for i, s in enumerate(scaling) if i != j)
+                rest = rscale - sel if others else None
             out_dtype = torch.float32 if rest is not None else grad_y.dtype
             grad_x = torch.empty((M, K), device=grad_y.device, dtype=out_dtype)
             launch_gemm(grad_y, W, grad_x, dn=B_cat, up=A_cat, rscale=sel, down=G, seed=seeds[j], p=dropout_p[j],

@@ -352,3 +352,21 @@ def test_backend_availability_and_supports(kernels_for):
                 assert not ok and "TRITON_INTERPRET" in reason, reason
         finally:
             os.environ["TRITON_INTERPRET"] = old
+
+
+@pytest.mark.gpu
+def test_layers_on_a_second_gpu_launch_there():
+    """With cuda:0 current, a call whose tensors live on the last GPU runs there and matches the reference."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    _reload_kernels(False)
+    from fastpeft.backends.triton import BACKEND
+
+    device = f"cuda:{torch.cuda.device_count() - 1}"
+    d = _make_lora(ROUTE_CASES[0], device, seed=5)
+    args = (d["x"], d["W"], d["b"], d["A"], d["B"], d["lb"], d["s"], d["ps"], d["seeds"])
+    with torch.cuda.device(0):
+        y, _ = BACKEND.lora_forward(*args)
+    y_ref, _ = REF.lora_forward(*args)
+    assert y.device == torch.device(device)
+    assert torch.allclose(y, y_ref, rtol=5e-3, atol=5e-3)

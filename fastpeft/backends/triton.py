@@ -7,6 +7,7 @@ that module exists; this backend declines them otherwise (the dispatcher then fa
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
@@ -105,6 +106,20 @@ def _compose_backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
                             _triton_masked)
 
 
+def _on_input_device(method):
+    """Run a backend method with the CUDA device of its first tensor argument current: Triton launches on the
+    current device, and a model spread over several GPUs (``device_map="auto"``) has layers on cuda:1 and beyond."""
+
+    @functools.wraps(method)
+    def wrapper(self, first, *args, **kwargs):
+        if first.is_cuda:
+            with torch.cuda.device(first.device):
+                return method(self, first, *args, **kwargs)
+        return method(self, first, *args, **kwargs)
+
+    return wrapper
+
+
 class TritonBackend(Backend):
     name = "triton"
 
@@ -140,6 +155,7 @@ class TritonBackend(Backend):
                                N, K, any(p > 0 for p in dropout_p), sum(A.shape[0] for A in lora_A), len(lora_A),
                                grads)
 
+    @_on_input_device
     def lora_forward(self, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
         if not isinstance(weight, torch.Tensor):
             return _quant().lora_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
@@ -164,6 +180,7 @@ class TritonBackend(Backend):
         return routes.run(self._key("lora_forward", x, weight, lora_A, dropout_p), candidates, x.device.type,
                           unmeasured=unmeasured)
 
+    @_on_input_device
     def lora_backward(self, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x,
                       needs_grad_A):
         if not isinstance(weight, torch.Tensor):
@@ -194,6 +211,7 @@ class TritonBackend(Backend):
                           grad_y.device.type, unmeasured=unmeasured)
 
     # ------------------------------------------------------------------------------------------------------ IA3
+    @_on_input_device
     def ia3_forward(self, x, weight, bias, scale, is_feedforward):
         if not isinstance(weight, torch.Tensor):
             return _quant().ia3_forward(x, weight, bias, scale, is_feedforward)
@@ -209,6 +227,7 @@ class TritonBackend(Backend):
         return routes.run(self._key("ia3_forward", x, weight, [], [], "ff" if is_feedforward else "out"),
                           candidates, x.device.type, unmeasured=unmeasured)
 
+    @_on_input_device
     def ia3_backward(self, grad_y, x, weight, bias, scale, is_feedforward, needs_grad_x):
         if not isinstance(weight, torch.Tensor):
             return _quant().ia3_backward(grad_y, x, weight, bias, scale, is_feedforward, needs_grad_x)

@@ -38,8 +38,13 @@ def default_lora_targets(model: nn.Module) -> list[str]:
     get_out = getattr(model, "get_output_embeddings", None)
     out_embeddings = get_out() if callable(get_out) else None
     chosen, others = [], []
+    # An adapter layer's own linears (its base_layer, lora_A/lora_B) are not targets: adding a second adapter to a
+    # PeftModel targets the layers its first one wraps.
+    inside_adapters = {f"{name}." for name, m in model.named_modules() if isinstance(m, BaseTunerLayer) and name}
     for name, module in model.named_modules():
-        if not _linear_like(module):
+        if any(name.startswith(prefix) for prefix in inside_adapters):
+            continue
+        if not _linear_like(module.get_base_layer() if isinstance(module, BaseTunerLayer) else module):
             continue
         parts = set(name.split("."))
         if module is out_embeddings or parts & _HEAD_NAMES or not _in_block(name):
@@ -146,7 +151,7 @@ def _ia3_defaults(model: nn.Module, target_modules, feedforward_modules):
 
 def patch(
     model: nn.Module,
-    r: int = 8,
+    r: Union[int, LoraConfig, IA3Config] = 8,
     lora_alpha: int = 8,
     lora_dropout: float = 0.0,
     target_modules: Optional[Union[str, list[str]]] = None,
@@ -160,12 +165,31 @@ def patch(
     model type. Extra keyword arguments go to ``peft.LoraConfig`` / ``peft.IA3Config`` (``use_rslora``,
     ``lora_bias``, ``fan_in_fan_out``, ``feedforward_modules``, ...). On a ``PeftModel`` the adapter is added beside
     the existing ones. Invalid arguments raise before the model is touched.
+
+    As with ``peft.get_peft_model``, the second argument may be a ``LoraConfig`` or ``IA3Config`` instead of ``r``
+    (``patch(model, LoraConfig(...))``); the config then says everything, and the other keyword arguments (except
+    ``adapter_name``) must be left at their defaults.
     """
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    if isinstance(model, PeftModel) and adapter_name in model.peft_config:
+        raise ValueError(
+            f"fastpeft.patch: the model already has an adapter named {adapter_name!r}; pass another adapter_name to "
+            f"add one beside it, or call fastpeft.accelerate(model) to fuse the adapters it has"
+        )
+    if isinstance(r, (LoraConfig, IA3Config)):
+        defaults = (("lora_alpha", lora_alpha, 8), ("lora_dropout", lora_dropout, 0.0),
+                    ("target_modules", target_modules, None), ("method", method, "lora"))
+        given = sorted({name for name, value, default in defaults if value != default} | set(peft_kwargs))
+        if given:
+            raise ValueError(f"fastpeft.patch: got a {type(r).__name__} and keyword arguments {given}; put them in the "
+                             f"config")
+        if r.target_modules is not None:
+            check_target_modules(inner, r.target_modules, "fastpeft.patch")
+        return _add_and_fuse(model, r, adapter_name)
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"fastpeft.patch: r must be a positive integer, got {r!r}")
     if not 0.0 <= float(lora_dropout) < 1.0:
         raise ValueError(f"fastpeft.patch: lora_dropout must be in [0, 1), got {lora_dropout!r}")
-    inner = model.get_base_model() if isinstance(model, PeftModel) else model
     method = method.lower()
     if method == "lora":
         targets = target_modules if target_modules is not None else default_lora_targets(inner)
@@ -178,6 +202,11 @@ def patch(
         config = IA3Config(target_modules=targets, feedforward_modules=feedforward, **peft_kwargs)
     else:
         raise ValueError(f"fastpeft.patch: method must be 'lora' or 'ia3', got {method!r}")
+    return _add_and_fuse(model, config, adapter_name)
+
+
+def _add_and_fuse(model: nn.Module, config, adapter_name: str) -> PeftModel:
+    """``config``'s adapter added to ``model`` (beside the existing ones on a ``PeftModel``), then fused."""
     if isinstance(model, PeftModel):
         model.add_adapter(adapter_name, config)
         model.set_adapter(adapter_name)

@@ -522,3 +522,37 @@ def test_trainable_base_gets_the_same_gradients_as_peft():
             if "blocks.0.up.base_layer" in name:
                 param.requires_grad_(True)
     compare_forward_backward(reference, fused, lambda: torch.randn(5, 23), label="trainable base")
+
+
+def test_patch_takes_a_peft_config_like_get_peft_model():
+    """``patch(model, LoraConfig(...))`` builds what ``get_peft_model`` builds from that config, fused; a config with
+    keyword arguments beside it is refused before the model is touched."""
+    config = dict(r=4, lora_alpha=8, target_modules=["up", "down"], init_lora_weights=False)
+    torch.manual_seed(0)
+    fused = fastpeft.patch(MLP(), LoraConfig(**config))
+    torch.manual_seed(0)
+    reference = get_peft_model(MLP(), LoraConfig(**config))
+    assert fused.peft_config["default"].r == 4 and fused.peft_config["default"].lora_alpha == 8
+    assert sum(isinstance(m, FusedLoraLinear) for m in fused.modules()) == 4
+    compare_forward_backward(reference, fused, lambda: torch.randn(3, 23), label="patch(config)")
+    ia3 = fastpeft.patch(MLP(), IA3Config(target_modules=["up"], feedforward_modules=[]))
+    assert type(ia3.peft_config["default"]).__name__ == "IA3Config"
+    model = MLP()
+    before = [n for n, _ in model.named_modules()]
+    with pytest.raises(ValueError, match=r"keyword arguments \['lora_dropout'\]; put them in the config"):
+        fastpeft.patch(model, LoraConfig(**config), lora_dropout=0.1)
+    with pytest.raises(ValueError, match="match no module"):
+        fastpeft.patch(model, LoraConfig(r=2, target_modules=["nope"]))
+    assert [n for n, _ in model.named_modules()] == before, "a refused patch must leave the model as it was"
+
+
+def test_patching_twice_says_what_to_do_and_a_new_name_adds_an_adapter():
+    torch.manual_seed(0)
+    model = fastpeft.patch(tiny_transformer("llama"), r=2)
+    targets = sorted(model.peft_config["default"].target_modules)
+    with pytest.raises(ValueError, match="already has an adapter named 'default'.*adapter_name.*accelerate"):
+        fastpeft.patch(model, r=2)
+    fastpeft.patch(model, r=3, adapter_name="second")
+    assert sorted(model.peft_config["second"].target_modules) == targets, "the second adapter targets the first's"
+    layers = [m for m in model.modules() if isinstance(m, FusedLoraLinear)]
+    assert layers and all(set(m.lora_A) == {"default", "second"} for m in layers)

@@ -99,10 +99,16 @@ def train(name, model, args, trainable: bool):
         losses.append(loss.item())
     timed = step_times[args.warmup:] or step_times
     median = statistics.median(timed)
+    q25, _, q75 = statistics.quantiles(timed, n=4) if len(timed) >= 2 else (median, median, median)
     return {
-        "name": name, "step_ms": median * 1e3, "tokens_per_s": args.batch * args.seq_len / median,
-        "memory_mb": memory / 2**20, "first_loss": losses[0], "final_loss": statistics.fmean(losses[-5:]),
+        "name": name, "step_ms": median * 1e3, "q25_ms": q25 * 1e3, "q75_ms": q75 * 1e3,
+        "tokens_per_s": args.batch * args.seq_len / median, "memory_mb": memory / 2**20, "first_loss": losses[0],
+        "final_loss": statistics.fmean(losses[-5:]),
     }
+
+
+# A step's middle half spread over more than this fraction of its median: the machine was busy while it ran.
+UNSTEADY_SPREAD = 0.25
 
 
 def main(argv=None):
@@ -152,17 +158,23 @@ def main(argv=None):
     rows.append(train("fastpeft", fast_model, args, trainable=True))
 
     mem_label = "peak MB" if args.device == "cuda" else "saved-for-bwd MB"
-    header = (f"| {'provider':<14} | {'step ms':>8} | {'tokens/s':>9} | {mem_label:>16} | {'first loss':>10} "
-              f"| {'final loss':>10} |")
+    header = (f"| {'provider':<14} | {'step ms':>8} | {'q25-q75 ms':>13} | {'tokens/s':>9} | {mem_label:>16} "
+              f"| {'first loss':>10} | {'final loss':>10} |")
     print()
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for row in rows:
-        print(f"| {row['name']:<14} | {row['step_ms']:>8.1f} | {row['tokens_per_s']:>9.0f} | {row['memory_mb']:>16.1f} "
-              f"| {row['first_loss']:>10.3f} | {row['final_loss']:>10.3f} |")
+        spread = f"{row['q25_ms']:.1f}-{row['q75_ms']:.1f}"
+        print(f"| {row['name']:<14} | {row['step_ms']:>8.1f} | {spread:>13} | {row['tokens_per_s']:>9.0f} "
+              f"| {row['memory_mb']:>16.1f} | {row['first_loss']:>10.3f} | {row['final_loss']:>10.3f} |")
     base_ms, peft_ms, fast_ms = rows[0]["step_ms"], rows[1]["step_ms"], rows[2]["step_ms"]
     print(f"\nadapter overhead over the frozen base: peft {peft_ms / base_ms:.2f}x, fastpeft {fast_ms / base_ms:.2f}x; "
           f"fastpeft step is {peft_ms / fast_ms:.2f}x PEFT's speed")
+    unsteady = [row["name"] for row in rows if row["q75_ms"] - row["q25_ms"] > UNSTEADY_SPREAD * row["step_ms"]]
+    if unsteady:
+        print(f"warning: the step times of {', '.join(unsteady)} spread over more than {UNSTEADY_SPREAD:.0%} of their "
+              f"median: the machine was busy, so these ratios are not reliable; rerun on a quiet machine, or with "
+              f"--threads 1")
     print("(both adapters start from the same weights; their losses differ only through the dropout RNG)")
     return rows
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 
 import pytest
 import torch
@@ -162,3 +163,12 @@ def test_case_grid_skips_meaningless_points():
     assert ("ia3", "fp32", 0.1) not in kinds and ("qlora-int8", "fp32", 0.0) not in kinds
     assert ("qlora-nf4", "fp32", 0.0) in kinds and ("qlora-int8", "bf16", 0.1) in kinds
     assert all(c.K % 64 == 0 and c.N % 64 == 0 for c in cases)
+
+
+def test_without_matplotlib_tables_are_written_and_the_install_is_named(tiny_run, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    md = os.path.join(str(tiny_run), "results.md")
+    os.remove(md)
+    assert cli.main(["--replot", str(tiny_run)]) == 0
+    assert os.path.exists(md)
+    assert "pip install 'fastpeft[bench]'" in capsys.readouterr().err

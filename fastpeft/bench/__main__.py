@@ -183,7 +183,15 @@ def write_outputs(out_dir, command, plots=True, cost_model=True) -> list[str]:
 
     rows = report.read_csv(os.path.join(out_dir, "results.csv"))
     report.write_markdown(os.path.join(out_dir, "results.md"), rows, command, markdown() if cost_model else "")
-    return report.plot(out_dir, rows) if plots else []
+    if not plots:
+        return []
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("fastpeft-bench: matplotlib is not installed, so no plots were drawn (results.csv and results.md are "
+              "written); pip install 'fastpeft[bench]' for the plots", file=sys.stderr)
+        return []
+    return report.plot(out_dir, rows)
 
 
 def main(argv=None) -> int:

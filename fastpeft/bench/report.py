@@ -254,7 +254,7 @@ def plot(out_dir: str, rows: list[dict]) -> list[str]:
     device = rows[0]["device_name"] if rows else "?"
     paths = []
     for dtype in sorted({k[4] for k in index}):
-        modes = [m for m in ("fwd", "bwd", "fwd+bwd") if any(k[6] == m and k[4] == dtype for k in index)]
+        modes = [m for m in _MODE_ORDER if any(k[6] == m and k[4] == dtype for k in index)]
         series = sorted({(k[0], k[5]) for k in index if k[4] == dtype})
         for what in ("speedup", "overhead"):
             fig, axes = plt.subplots(1, len(modes), figsize=(max(7, 5 * len(modes)), 4.5), squeeze=False)

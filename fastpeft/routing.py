@@ -162,6 +162,18 @@ def make_key(op: str, backend: str, weight_kind: str, x_dtype, weight_dtype, ada
                     bool(dropout), bucket(total_rank), int(adapters), grads)
 
 
+def key_of_call(op: str, backend: str, weight_kind: str, x, weight, lora_A, dropout_p, grads: str = "") -> RouteKey:
+    """The ``RouteKey`` of one call of ``op`` on ``x`` (M, K) and ``weight`` (N, K) with the adapters' ``lora_A``
+    and ``dropout_p`` (empty for IA3). Runs twice per layer call: the one-adapter case builds no list."""
+    N, K = weight.shape
+    if len(lora_A) == 1:
+        A = lora_A[0]
+        return make_key(op, backend, weight_kind, x.dtype, weight.dtype, (A.dtype,), x.shape[0], N, K,
+                        dropout_p[0] > 0, A.shape[0], 1, grads)
+    return make_key(op, backend, weight_kind, x.dtype, weight.dtype, [A.dtype for A in lora_A], x.shape[0], N, K,
+                    any(p > 0 for p in dropout_p), sum(A.shape[0] for A in lora_A), len(lora_A), grads)
+
+
 @dataclass
 class Choice:
     route: str

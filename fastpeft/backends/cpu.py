@@ -440,14 +440,7 @@ class CpuBackend(Backend):
 
     @staticmethod
     def _key(op, x, weight, lora_A, dropout_p, grads=""):
-        N, K = weight.shape
-        if len(lora_A) == 1:  # the common case without list building: this runs twice per layer call
-            A = lora_A[0]
-            return routes.make_key(op, "cpu", _weight_kind(weight), x.dtype, weight.dtype, (A.dtype,), x.shape[0],
-                                   N, K, dropout_p[0] > 0, A.shape[0], 1, grads)
-        return routes.make_key(op, "cpu", _weight_kind(weight), x.dtype, weight.dtype, [A.dtype for A in lora_A],
-                               x.shape[0], N, K, any(p > 0 for p in dropout_p), sum(A.shape[0] for A in lora_A),
-                               len(lora_A), grads)
+        return routes.key_of_call(op, "cpu", _weight_kind(weight), x, weight, lora_A, dropout_p, grads)
 
     # ----------------------------------------------------------------------------------------------------- LoRA
     def lora_forward(self, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):

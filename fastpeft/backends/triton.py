@@ -150,10 +150,7 @@ class TritonBackend(Backend):
     # ----------------------------------------------------------------------------------------------------- LoRA
     @staticmethod
     def _key(op, x, weight, lora_A, dropout_p, grads=""):
-        N, K = weight.shape
-        return routes.make_key(op, "triton", "dense", x.dtype, weight.dtype, [A.dtype for A in lora_A], x.shape[0],
-                               N, K, any(p > 0 for p in dropout_p), sum(A.shape[0] for A in lora_A), len(lora_A),
-                               grads)
+        return routes.key_of_call(op, "triton", "dense", x, weight, lora_A, dropout_p, grads)
 
     @_on_input_device
     def lora_forward(self, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):

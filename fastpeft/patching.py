@@ -80,6 +80,56 @@ def check_target_modules(model: nn.Module, target_modules: Union[str, Iterable[s
         raise ValueError(f"{caller}: target_modules entries match no module of {type(model).__name__}: {detail}")
 
 
+def _targeted(model: nn.Module, target_modules: Union[str, Iterable[str]]) -> list[nn.Module]:
+    """The modules ``target_modules`` selects, as PEFT matches them (full regex, or a name / dotted suffix)."""
+    named = [(name, module) for name, module in model.named_modules() if name]
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear":
+            return [m for n, m in named if _linear_like(m) and _in_block(n)]
+        return [m for n, m in named if re.fullmatch(target_modules, n)]
+    return [m for n, m in named if any(n == t or n.endswith("." + t) for t in target_modules)]
+
+
+# PEFT task types by the transformers auto-class family a model class belongs to, most specific first.
+_TASK_MAPPINGS = (
+    ("SEQ_CLS", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "ForSequenceClassification"),
+    ("TOKEN_CLS", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "ForTokenClassification"),
+    ("QUESTION_ANS", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "ForQuestionAnswering"),
+    ("SEQ_2_SEQ_LM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", None),
+    ("CAUSAL_LM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "ForCausalLM"),
+)
+# Task types whose PeftModel class trains and saves the model's head (``modules_to_save``).
+_HEAD_TASKS = {"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"}
+
+
+def infer_task_type(model: nn.Module) -> Optional[str]:
+    """PEFT's ``task_type`` for a transformers model class (``BertForSequenceClassification`` -> ``"SEQ_CLS"``,
+    ``GPT2LMHeadModel`` -> ``"CAUSAL_LM"``), or None for a bare backbone or a model transformers does not know."""
+    try:
+        from transformers.models.auto import modeling_auto
+    except Exception:
+        modeling_auto = None
+    name = type(model).__name__
+    for task, mapping, suffix in _TASK_MAPPINGS:
+        names = getattr(modeling_auto, mapping, {}) if modeling_auto is not None else {}
+        known = {n for v in names.values() for n in ((v,) if isinstance(v, str) else v)}
+        if name in known or (suffix is not None and name.endswith(suffix)):
+            return task
+    return None
+
+
+def _check_head_is_trained(model: nn.Module, config) -> None:
+    """A classifier patched from a config without ``task_type`` keeps its freshly initialised head frozen; say so."""
+    task = infer_task_type(model)
+    if task in _HEAD_TASKS and config.task_type is None and not config.modules_to_save:
+        warnings.warn(
+            f"fastpeft.patch: {type(model).__name__} is a {task} model but the config has no task_type, so its head "
+            f"stays frozen and is not saved with the adapter; set task_type={task!r} (or modules_to_save) in the "
+            f"config",
+            stacklevel=3,
+        )
+
+
 def _register_optional_layers() -> None:
     """Register the bitsandbytes twins (``fastpeft.layers_bnb`` registers on import) when bitsandbytes is installed;
     importing bitsandbytes is slow, so ``import fastpeft`` does not do it."""
@@ -185,24 +235,42 @@ def patch(
                              f"config")
         if r.target_modules is not None:
             check_target_modules(inner, r.target_modules, "fastpeft.patch")
+        if not isinstance(model, PeftModel):
+            _check_head_is_trained(inner, r)
         return _add_and_fuse(model, r, adapter_name)
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"fastpeft.patch: r must be a positive integer, got {r!r}")
     if not 0.0 <= float(lora_dropout) < 1.0:
         raise ValueError(f"fastpeft.patch: lora_dropout must be in [0, 1), got {lora_dropout!r}")
     method = method.lower()
+    if not isinstance(model, PeftModel) and "task_type" not in peft_kwargs:
+        peft_kwargs["task_type"] = infer_task_type(inner)
     if method == "lora":
         targets = target_modules if target_modules is not None else default_lora_targets(inner)
         check_target_modules(inner, targets, "fastpeft.patch")
+        _default_fan_in_fan_out(inner, targets, peft_kwargs)
         config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
                             **peft_kwargs)
     elif method == "ia3":
         targets, feedforward = _ia3_defaults(inner, target_modules, peft_kwargs.pop("feedforward_modules", None))
         check_target_modules(inner, targets, "fastpeft.patch")
+        _default_fan_in_fan_out(inner, targets, peft_kwargs)
         config = IA3Config(target_modules=targets, feedforward_modules=feedforward, **peft_kwargs)
+    elif method == "dora":
+        raise ValueError("fastpeft.patch: DoRA is LoRA with use_dora=True, as in PEFT: pass method='lora' (the "
+                         "default) and use_dora=True")
     else:
         raise ValueError(f"fastpeft.patch: method must be 'lora' or 'ia3', got {method!r}")
     return _add_and_fuse(model, config, adapter_name)
+
+
+def _default_fan_in_fan_out(model: nn.Module, targets, peft_kwargs: dict) -> None:
+    """``fan_in_fan_out=True`` when the caller left it unset and every target is a ``Conv1D`` (weight ``(K, N)``)."""
+    if Conv1D is None or "fan_in_fan_out" in peft_kwargs:
+        return
+    chosen = _targeted(model, targets)
+    if chosen and all(isinstance(m, Conv1D) for m in chosen):
+        peft_kwargs["fan_in_fan_out"] = True
 
 
 def _add_and_fuse(model: nn.Module, config, adapter_name: str) -> PeftModel:

@@ -556,3 +556,50 @@ def test_patching_twice_says_what_to_do_and_a_new_name_adds_an_adapter():
     assert sorted(model.peft_config["second"].target_modules) == targets, "the second adapter targets the first's"
     layers = [m for m in model.modules() if isinstance(m, FusedLoraLinear)]
     assert layers and all(set(m.lora_A) == {"default", "second"} for m in layers)
+
+
+def test_patch_infers_task_type_so_a_classifier_head_is_trained_and_saved(tmp_path):
+    """A ``...ForSequenceClassification`` patched without ``task_type`` trains and saves its head as PEFT does with
+    ``task_type="SEQ_CLS"``; a config without it gets a warning that the head stays frozen."""
+    import transformers as tf
+
+    config = tf.BertConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=64, vocab_size=97, num_labels=3)
+    torch.manual_seed(0)
+    model = fastpeft.patch(tf.BertForSequenceClassification(config), r=4)
+    assert model.peft_config["default"].task_type == "SEQ_CLS"
+    head = [n for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
+    assert head, "the classifier head must be trainable"
+    ids = torch.randint(0, 97, (2, 5))
+    out = model(input_ids=ids, labels=torch.tensor([0, 2]))
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if n in head)
+    fastpeft.save_pretrained(model, str(tmp_path))
+    from safetensors.torch import load_file
+
+    assert any("classifier" in key for key in load_file(str(tmp_path / "adapter_model.safetensors")))
+    assert fastpeft.patching.infer_task_type(tiny_transformer("llama")) == "CAUSAL_LM"
+    assert fastpeft.patching.infer_task_type(tiny_transformer("t5")) == "SEQ_2_SEQ_LM"
+    assert fastpeft.patching.infer_task_type(tiny_transformer("bert")) is None
+    with pytest.warns(UserWarning, match="SEQ_CLS model but the config has no task_type"):
+        fastpeft.patch(tf.BertForSequenceClassification(config), LoraConfig(r=2, target_modules=["query"]))
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_patch_on_gpt2_sets_fan_in_fan_out_without_peft_warning(method):
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = fastpeft.patch(tiny_transformer("gpt2"), r=4, method=method)
+    assert model.peft_config["default"].fan_in_fan_out is True
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)], [str(w.message) for w in caught]
+    assert fused_layers(model)
+    # an explicit choice is the user's: PEFT's own warning and switch then apply
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):
+        fastpeft.patch(tiny_transformer("gpt2"), r=4, method=method, fan_in_fan_out=False)
+
+
+def test_patch_method_dora_points_at_use_dora():
+    model = MLP()
+    with pytest.raises(ValueError, match="use_dora=True"):
+        fastpeft.patch(model, r=2, method="dora", target_modules=["up"])

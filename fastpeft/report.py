@@ -73,10 +73,12 @@ def _why_not_fused(module) -> tuple[str, Optional[tuple]]:
     if type(module) not in _layers.FUSED_LAYER_TYPES.values():
         ok, reason = _layers.fusable(module)
         return (reason if not ok else "not accelerated: call fastpeft.accelerate(model)"), None
+    # Over a bitsandbytes base the twin still computes the base product itself (never bitsandbytes' CPU forward).
+    own_base = " (base product by fastpeft)" if _is_quantized_twin(module) else ""
     if module.disable_adapters:
-        return "adapters disabled", None
+        return "adapters disabled" + own_base, None
     if module.merged:
-        return "adapters merged into the base weight", None
+        return "adapters merged into the base weight" + own_base, None
     variants = [name for name in module.active_adapters if name in getattr(module, "lora_variant", {})]
     if variants:
         return f"LoRA variant on {', '.join(variants)} (e.g. DoRA) is not fused", None
@@ -87,6 +89,12 @@ def _why_not_fused(module) -> tuple[str, Optional[tuple]]:
     if found is None:
         return f"base layer {type(base).__name__} is not supported", None
     return "", found
+
+
+def _is_quantized_twin(module) -> bool:
+    from .quant import is_bnb_quantized
+
+    return is_bnb_quantized(_layers.direct_base_layer(module))
 
 
 def _backend_of(module, weight) -> str:

@@ -350,3 +350,52 @@ def test_lora_linear4bit_blocksizes_bias_compute_dtypes(blocksize, bias, dtype):
     assert_close("dx", x.grad, xr.grad, tol)
     assert_close("dA", layer.lora_A["default"].weight.grad, A.grad, tol)
     assert_close("dB", layer.lora_B["default"].weight.grad, B.grad, tol)
+
+
+def _densified(model: nn.Module) -> nn.Module:
+    """``model`` with every bitsandbytes linear replaced, in place, by an fp32 ``nn.Linear`` of its dequantized
+    weight (the oracle's decoder, not bitsandbytes')."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+                dense = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                dense.weight.data = _dense(child)
+                if child.bias is not None:
+                    dense.bias.data = child.bias.detach().float()
+                setattr(parent, child_name, dense)
+    return model
+
+
+def test_merged_and_disabled_qlora_model_never_runs_bitsandbytes_forward(tmp_path, monkeypatch):
+    """A QLoRA LLaMA (``BitsAndBytesConfig``, an MLP width of 344 that bitsandbytes' CPU kernel rejects) with adapters
+    disabled or merged runs fastpeft's own quantized product: bitsandbytes' forward is never called and the logits
+    are those of the dequantized model."""
+    import copy
+
+    import transformers as tf
+
+    config = tf.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=344, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(config).save_pretrained(str(tmp_path))
+    quantization = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    quantized = tf.LlamaForCausalLM.from_pretrained(str(tmp_path), quantization_config=quantization)
+    model = fastpeft.patch(quantized, r=4, init_lora_weights=False)
+    calls = []
+    for cls in (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt):
+        original = cls.forward
+        monkeypatch.setattr(cls, "forward", lambda self, *a, _f=original, **k: calls.append(self) or _f(self, *a, **k))
+    ids = torch.randint(0, 97, (2, 5))
+    with model.disable_adapter():
+        disabled = model(input_ids=ids).logits
+    disabled_ref = _densified(copy.deepcopy(model).unload())(input_ids=ids).logits
+    with pytest.warns(UserWarning, match="rounding"):
+        model.merge_adapter()
+    merged = model(input_ids=ids).logits
+    assert not calls, f"bitsandbytes' forward ran on {len(calls)} calls"
+    report = fastpeft.report(model)
+    assert all("merged" in row.reason and "base product by fastpeft" in row.reason for row in report.layers)
+    merged_ref = _densified(copy.deepcopy(model).unload())(input_ids=ids).logits
+    assert_close("disabled logits", disabled, disabled_ref, 1e-4)
+    assert_close("merged logits", merged, merged_ref, 1e-4)
+    assert (merged - disabled).abs().max() > 1e-3, "the merged adapter must change the logits"

@@ -28,13 +28,13 @@ $(VENV)/.deps: requirements-dev.txt | $(VENV)/bin/python
 
 # The package (and its C++ extension) is rebuilt whenever sources change; --no-build-isolation keeps the build on
 # the torch installed above instead of fetching another.
-$(VENV)/.installed: $(VENV)/.deps setup.py $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h)
+$(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h)
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-build-isolation -e .
 	touch $@
 
 install: $(VENV)/.installed
 
-# ruff's rules and target live in ruff.toml; the suite runs only on a tree that passes them.
+# ruff's rules and target live in pyproject.toml; the suite runs only on a tree that passes them.
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check .
 

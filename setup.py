@@ -74,28 +74,10 @@ _cuda_modules, _cuda_cmdclass = cuda_extension()
 ext_modules += _cuda_modules
 cmdclass = {**_cuda_cmdclass, **cmdclass}
 
+# Name, version, dependencies and extras are in pyproject.toml; only what needs code is here.
 setup(
-    name="fastpeft",
-    version="0.1.0",
-    description="Fused LoRA, QLoRA and IA3 kernels (Triton, CUDA, CPU) behind Hugging Face PEFT's API",
-    long_description=(open(os.path.join(HERE, "README.md")).read()
-                      if os.path.exists(os.path.join(HERE, "README.md")) else ""),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.9",
     packages=["fastpeft", "fastpeft.backends", "fastpeft.bench", "fastpeft.kernels"],
     package_dir={"fastpeft.kernels": "kernels"},
-    install_requires=[
-        "torch>=2.5,<2.16",
-        "peft>=0.17",
-        "transformers>=4.45",
-        "safetensors>=0.4",
-    ],
-    extras_require={
-        "triton": ["triton>=3.2"],
-        "bnb": ["bitsandbytes>=0.45"],
-        "bench": ["matplotlib>=3.7", "tqdm>=4.60"],
-    },
-    entry_points={"console_scripts": ["fastpeft-bench=fastpeft.bench.__main__:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -35,3 +35,19 @@ def test_fastpeft_kernels_is_the_repo_folder():
     import fastpeft.kernels
 
     assert Path(fastpeft.kernels.__file__).resolve().parent == REPO / "kernels"
+
+
+def test_version_and_lint_settings_live_in_one_place():
+    """The version is written once (``fastpeft.__version__``, read by pyproject.toml) and what pip installed reports
+    it; the lint rules are pyproject.toml's, with no second config file that ruff would prefer."""
+    import importlib.metadata
+    import re
+
+    import fastpeft
+
+    assert importlib.metadata.version("fastpeft") == fastpeft.__version__
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert 'version = {attr = "fastpeft.__version__"}' in pyproject
+    assert re.search(r'select = \[[^\]]*"E"[^\]]*"F"[^\]]*"I"[^\]]*"B"[^\]]*"W"', pyproject)
+    assert not re.search(r"\bversion\s*=", (REPO / "setup.py").read_text())
+    assert not (REPO / "ruff.toml").exists() and not (REPO / ".ruff.toml").exists()

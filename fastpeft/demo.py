@@ -22,6 +22,7 @@ import time
 import torch
 
 import fastpeft
+from fastpeft.bench import timing as bench_timing
 
 
 def build_model(args, seed: int):
@@ -107,10 +108,6 @@ def train(name, model, args, trainable: bool):
     }
 
 
-# A step's middle half spread over more than this fraction of its median: the machine was busy while it ran.
-UNSTEADY_SPREAD = 0.25
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=40)
@@ -170,11 +167,11 @@ def main(argv=None):
     base_ms, peft_ms, fast_ms = rows[0]["step_ms"], rows[1]["step_ms"], rows[2]["step_ms"]
     print(f"\nadapter overhead over the frozen base: peft {peft_ms / base_ms:.2f}x, fastpeft {fast_ms / base_ms:.2f}x; "
           f"fastpeft step is {peft_ms / fast_ms:.2f}x PEFT's speed")
-    unsteady = [row["name"] for row in rows if row["q75_ms"] - row["q25_ms"] > UNSTEADY_SPREAD * row["step_ms"]]
-    if unsteady:
-        print(f"warning: the step times of {', '.join(unsteady)} spread over more than {UNSTEADY_SPREAD:.0%} of their "
-              f"median: the machine was busy, so these ratios are not reliable; rerun on a quiet machine, or with "
-              f"--threads 1")
+    busy = [row["name"] for row in rows if bench_timing.unsteady(row["step_ms"], row["q25_ms"], row["q75_ms"])]
+    if busy:
+        print(f"warning: the step times of {', '.join(busy)} spread over more than "
+              f"{bench_timing.UNSTEADY_SPREAD:.0%} of their median: the machine was busy, so these ratios are not "
+              f"reliable; rerun on a quiet machine, or with --threads 1")
     print("(both adapters start from the same weights; their losses differ only through the dropout RNG)")
     return rows
 

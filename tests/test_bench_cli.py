@@ -114,7 +114,7 @@ def test_markdown_has_the_tables(tiny_run):
     for heading in ("## Layers", "### lora, fp32, dropout 0.0", "### lora, fp32, dropout 0.1", "### ia3, fp32",
                     "## Memory per layer", "## Model", "## GPU cost MODEL"):
         assert heading in text, heading
-    assert "| base ms | peft ms | fastpeft ms" in text
+    assert "| base ms (q25-q75) | peft ms (q25-q75) | fastpeft ms (q25-q75)" in text
     assert "speed-up fastpeft vs peft" in text and "fastpeft / base" in text
 
 
@@ -172,3 +172,27 @@ def test_without_matplotlib_tables_are_written_and_the_install_is_named(tiny_run
     assert cli.main(["--replot", str(tiny_run)]) == 0
     assert os.path.exists(md)
     assert "pip install 'fastpeft[bench]'" in capsys.readouterr().err
+
+
+def test_every_median_carries_its_spread_and_busy_timings_are_flagged(tiny_run, monkeypatch):
+    """Each time cell is ``median (q25-q75)``; with every spread counted as too wide, each cell gets a ``*``, the
+    tables open with the warning, and the terminal summary ends with it."""
+    import re
+
+    rows = report.read_csv(os.path.join(tiny_run, "results.csv"))
+    layer = next(r for r in rows if r["level"] == "layer" and r["metric"] == "time" and r["provider"] == "fastpeft")
+    cell = report._fmt_time(layer)
+    assert re.fullmatch(r"[0-9.e+-]+ \([0-9.e+-]+-[0-9.e+-]+\)\*?", cell), cell
+    monkeypatch.setattr(report, "unsteady", lambda median, q25, q75: True)
+    path = os.path.join(tiny_run, "busy.md")
+    report.write_markdown(path, rows, "test")
+    text = open(path).read()
+    times = sum(r["metric"] == "time" for r in rows)
+    assert f"{times} of {times} timings are marked `*`" in text
+    assert f"{report._fmt_time(layer)}" in text and report._fmt_time(layer).endswith("*")
+    lines = report.summary(rows)
+    assert any(line.startswith("lora fp32 fwd+bwd: fastpeft ") for line in lines), lines
+    assert lines[-1].startswith(f"warning: {times} of {times} timings spread")
+    monkeypatch.setattr(report, "unsteady", lambda median, q25, q75: False)
+    assert "timings are marked" not in "\n".join(report._busy_note(rows))
+    assert not report.summary(rows)[-1].startswith("warning")

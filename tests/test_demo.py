@@ -19,6 +19,6 @@ def test_demo_rows_carry_their_spread(capsys):
 
 
 def test_busy_machine_is_flagged(capsys, monkeypatch):
-    monkeypatch.setattr(demo, "UNSTEADY_SPREAD", -1.0)  # every spread counts as too wide
+    monkeypatch.setattr(demo.bench_timing, "UNSTEADY_SPREAD", -1.0)  # every spread counts as too wide
     demo.main(TINY)
     assert "warning: the step times of base (frozen), peft, fastpeft spread" in capsys.readouterr().out

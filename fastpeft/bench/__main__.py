@@ -239,6 +239,8 @@ def main(argv=None) -> int:
     if not args.no_cost_model:
         writer.write(cost_model_rows())
     paths = write_outputs(out_dir, command, not args.no_plots, not args.no_cost_model)
+    for line in report.summary(report.read_csv(os.path.join(out_dir, "results.csv"))):
+        print(line, file=sys.stderr)
     print(f"fastpeft-bench: {time.time() - start:.0f} s; wrote {out_dir}/results.csv, {out_dir}/results.md"
           + "".join(f", {p}" for p in paths), file=sys.stderr)
     return 0

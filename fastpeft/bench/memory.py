@@ -19,7 +19,7 @@ Peak memory:
 from __future__ import annotations
 
 import contextlib
-import io
+import os
 from typing import Callable
 
 import torch
@@ -60,12 +60,13 @@ def peak_bytes(call: Callable[[], None], device: torch.device) -> tuple[int, str
         call()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before, "bytes (cuda max_memory_allocated)"
+    # kineto writes start/stop lines to the C-level stderr on every profile, a Python redirect does not reach them;
+    # its log level is read from the environment when the profiler first starts (an explicit user setting wins).
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     from torch.profiler import ProfilerActivity, profile
 
-    # kineto prints start/stop lines on stderr; they carry no information for a reader of the benchmark
-    with contextlib.redirect_stderr(io.StringIO()):
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            call()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
     current = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
         current += event.self_cpu_memory_usage

@@ -13,6 +13,7 @@ from collections import defaultdict
 from typing import Iterable
 
 from .._atomic import atomic_file
+from .timing import UNSTEADY_SPREAD, unsteady
 
 META_COLUMNS = ["timestamp", "machine", "cpu", "device", "device_name", "threads", "torch", "triton", "peft",
                 "transformers", "bitsandbytes", "fastpeft"]
@@ -98,14 +99,51 @@ def _fmt(x: float, digits: int = 3) -> str:
     return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:.0f}"
 
 
+def _layer_key(r) -> tuple:
+    return (r["kind"], r["shape"], int(r["K"]), int(r["N"]), r["dtype"], r["dropout"], r["mode"], int(r["M"]))
+
+
 def _time_index(rows):
     """{(kind, shape, K, N, dtype, dropout, mode, M): {provider: median ms}} for layer timings."""
     index: dict = defaultdict(dict)
     for r in rows:
         if r["level"] == "layer" and r["metric"] == "time":
-            key = (r["kind"], r["shape"], int(r["K"]), int(r["N"]), r["dtype"], r["dropout"], r["mode"], int(r["M"]))
-            index[key][r["provider"]] = _f(r["value"])
+            index[_layer_key(r)][r["provider"]] = _f(r["value"])
     return index
+
+
+def _spread(r) -> tuple[float, float]:
+    """``(q25, q75)`` of a time row (nan when the CSV has none)."""
+    return _f(r.get("q25")), _f(r.get("q75"))
+
+
+def _is_unsteady(r) -> bool:
+    q25, q75 = _spread(r)
+    return not (math.isnan(q25) or math.isnan(q75)) and unsteady(_f(r["value"]), q25, q75)
+
+
+def _fmt_time(r) -> str:
+    """``median (q25-q75)``, with ``*`` when the spread says the machine was busy."""
+    if r is None:
+        return "-"
+    q25, q75 = _spread(r)
+    spread = "" if math.isnan(q25) or math.isnan(q75) else f" ({_fmt(q25)}-{_fmt(q75)})"
+    return _fmt(_f(r["value"])) + spread + ("*" if _is_unsteady(r) else "")
+
+
+def unsteady_rows(rows) -> list[dict]:
+    """The time rows whose q25-q75 spread exceeds ``UNSTEADY_SPREAD`` of their median."""
+    return [r for r in rows if r["metric"] == "time" and _is_unsteady(r)]
+
+
+def _busy_note(rows) -> list[str]:
+    times = [r for r in rows if r["metric"] == "time"]
+    busy = unsteady_rows(rows)
+    if not busy:
+        return []
+    return [f"**{len(busy)} of {len(times)} timings are marked `*`: their middle half spreads over more than "
+            f"{UNSTEADY_SPREAD:.0%} of the median, so the machine was busy while they ran and ratios involving them "
+            f"are not reliable.** Rerun on a quiet machine (nothing else running), or with `--threads 1`.", ""]
 
 
 _MODE_ORDER = ("infer", "fwd", "bwd", "fwd+bwd")
@@ -115,6 +153,7 @@ def layer_tables(rows) -> list[str]:
     """One table per (kind, dtype, dropout): rows (shape, mode, M); median ms per provider, then each fastpeft
     provider's time over the frozen base and PEFT's time over it (the speed-up)."""
     index = _time_index(rows)
+    by_key = {(_layer_key(r), r["provider"]): r for r in rows if r["level"] == "layer" and r["metric"] == "time"}
     providers = _providers([r for r in rows if r["level"] == "layer" and r["metric"] == "time"])
     fast = [p for p in providers if p.startswith("fastpeft")]
     fused = {(r["kind"], r["provider"]): r["fused"] for r in rows if r["level"] == "layer"}
@@ -131,7 +170,7 @@ def layer_tables(rows) -> list[str]:
         if not_fused:
             out.append(f"Not fused here (fastpeft kept PEFT's layer): {', '.join(not_fused)}.")
             out.append("")
-        head = ["shape (KxN)", "mode", "M"] + [f"{p} ms" for p in providers]
+        head = ["shape (KxN)", "mode", "M"] + [f"{p} ms (q25-q75)" for p in providers]
         best_of = [q for q in ("peft", "compose") if q in providers]
         for p in fast:
             head += [f"{p} / base", f"speed-up {p} vs peft"]
@@ -141,7 +180,8 @@ def layer_tables(rows) -> list[str]:
         out.append("|" + " --- |" * len(head))
         for key in keys:
             t = index[key]
-            cells = [f"{key[1]} {key[2]}x{key[3]}", key[6], str(key[7])] + [_fmt(t.get(p, math.nan)) for p in providers]
+            cells = [f"{key[1]} {key[2]}x{key[3]}", key[6], str(key[7])] + [_fmt_time(by_key.get((key, p)))
+                                                                              for p in providers]
             for p in fast:
                 tp = t.get(p, math.nan)
                 cells += [_fmt(tp / t.get("base", math.nan)) + "x", _fmt(t.get("peft", math.nan) / tp) + "x"]
@@ -188,7 +228,7 @@ def model_tables(rows) -> list[str]:
     if not model:
         return []
     out = ["`tokens` is batch x sequence for the training step, batch x new tokens for generation.", "",
-           "| model | mode | tokens | provider | median ms | throughput | peak MiB |",
+           "| model | mode | tokens | provider | median ms (q25-q75) | throughput | peak MiB |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
     index: dict = defaultdict(dict)
     for r in model:
@@ -196,7 +236,7 @@ def model_tables(rows) -> list[str]:
     for (shape, mode, M, provider), v in index.items():
         tps = v.get("tokens_per_s")
         peak = v.get("peak_bytes")
-        out.append(f"| {shape} | {mode} | {M} | {provider} | {_fmt(_f(v['time']['value']))} | "
+        out.append(f"| {shape} | {mode} | {M} | {provider} | {_fmt_time(v['time'])} | "
                    f"{_fmt(_f(tps['value'])) + ' ' + tps['unit'] if tps else '-'} | "
                    f"{_fmt(_f(peak['value']) / 2**20) if peak else '-'} |")
     units = sorted({r["unit"] for r in model if r["metric"] == "peak_bytes"})
@@ -221,9 +261,9 @@ def write_markdown(path: str, rows: list[dict], command: str, cost_model_md: str
         "`bwd` the backward of that forward; `fwd+bwd` both. `X / base` is X's time over the frozen base layer's "
         "(the adapter's overhead; 1.00x is free); `speed-up X vs peft` is PEFT's time over X's.",
         "",
-        "## Layers",
-        "",
     ]
+    lines += _busy_note(rows)
+    lines += ["## Layers", ""]
     lines += layer_tables(rows)
     memory = memory_tables(rows)
     if memory:
@@ -235,6 +275,30 @@ def write_markdown(path: str, rows: list[dict], command: str, cost_model_md: str
         lines += ["## GPU cost MODEL (not measured)", "", cost_model_md, ""]
     with atomic_file(path, "w") as f:
         f.write("\n".join(lines))
+
+
+def summary(rows) -> list[str]:
+    """A few lines for the terminal: per (kind, dtype, mode), the geometric mean over shapes, M and dropout of
+    fastpeft's time over the frozen base and of PEFT's, and fastpeft's speed-up over PEFT; then a warning when
+    timings were unsteady."""
+    index = _time_index(rows)
+    groups: dict = defaultdict(list)
+    for key, t in index.items():
+        if all(p in t for p in ("base", "peft", "fastpeft")):
+            groups[(key[0], key[4], key[6])].append(t)
+    out = []
+    for (kind, dtype, mode), times in sorted(groups.items()):
+        fast = _geomean([t["fastpeft"] / t["base"] for t in times])
+        peft = _geomean([t["peft"] / t["base"] for t in times])
+        speed = _geomean([t["peft"] / t["fastpeft"] for t in times])
+        out.append(f"{kind} {dtype} {mode}: fastpeft {fast:.2f}x base, peft {peft:.2f}x base, fastpeft "
+                   f"{speed:.2f}x PEFT's speed (geometric mean of {len(times)} cases)")
+    busy = unsteady_rows(rows)
+    if busy:
+        out.append(f"warning: {len(busy)} of {sum(r['metric'] == 'time' for r in rows)} timings spread over more "
+                   f"than {UNSTEADY_SPREAD:.0%} of their median (marked * in results.md): the machine was busy; rerun "
+                   f"on a quiet machine or with --threads 1")
+    return out
 
 
 def _geomean(values):
@@ -249,6 +313,7 @@ def plot(out_dir: str, rows: list[dict]) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     index = _time_index(rows)
     device = rows[0]["device_name"] if rows else "?"
@@ -279,14 +344,18 @@ def plot(out_dir: str, rows: list[dict]) -> list[str]:
                                 label=f"fastpeft: {label}")
                         ax.plot(Ms, [ratio(M, "peft", "base") for M in Ms], "x--", color=color,
                                 label=f"peft: {label}")
-                ax.axhline(1.0, color="grey", linewidth=0.8)
+                ax.axhline(1.0, color="black", linewidth=1.0, label="1x")
                 ax.set_xscale("log", base=2)
+                # ratios: log scale, so 0.5x and 2x sit as far from 1x and one outlier does not flatten the rest
+                ax.set_yscale("log", base=2)
+                ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+                ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
                 ax.set_xlabel("M (tokens per call)")
                 ax.set_ylabel("PEFT time / fastpeft time (x)" if what == "speedup"
                               else "time / frozen base time (x)")
                 ax.set_title(mode)
                 ax.grid(True, alpha=0.3)
-                ax.legend(fontsize=7)
+                ax.legend(fontsize=7, framealpha=0.85)
             title = ("fastpeft speed-up over PEFT" if what == "speedup"
                      else "adapter overhead over the frozen base layer")
             fig.suptitle(f"{title}, {dtype}\n{device}; median times, geometric mean over shapes", fontsize=10)

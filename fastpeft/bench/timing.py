@@ -14,6 +14,16 @@ from typing import Callable, Sequence
 
 import torch
 
+# A timing whose middle half (q25-q75) spreads over more than this fraction of its median was taken on a busy
+# machine: its ratios to other timings are not reliable.
+UNSTEADY_SPREAD = 0.25
+
+
+def unsteady(median: float, q25: float, q75: float) -> bool:
+    """Whether a median with these quartiles is too spread to compare (see ``UNSTEADY_SPREAD``)."""
+    return q75 - q25 > UNSTEADY_SPREAD * median
+
+
 # (provider, prepare, run, grads): ``grads()`` lists the tensors whose .grad a run fills
 Runner = tuple[str, Callable[[], None], Callable[[], None], Callable[[], list]]
 

@@ -32,6 +32,42 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def dot_dtype(dtype: torch.dtype):
+    """``tl.dot`` operand type for ``dtype``: its own, except bf16 under the 3.9 interpreter, whose bf16 dot is
+    broken; there the (already bf16-rounded) operands are widened to fp32 exactly, which matches bf16 tensor cores'
+    fp32 accumulation."""
+    if dtype == torch.bfloat16 and interpreting():
+        return tl.float32
+    return TL_DTYPES[dtype]
+
+
+def torch_allows_tf32() -> bool:
+    """Whether torch's own CUDA fp32 matmul may use TF32: ``torch.backends.cuda.matmul.fp32_precision == "tf32"``,
+    or, where that newer setting was never made, the legacy ``allow_tf32`` (read second: torch refuses to read the
+    legacy flag once the new one was set)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")
+    if precision != "none":
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
+def dot_precision() -> str:
+    """``tl.dot``'s ``input_precision`` for fp32 operands (16-bit operands ignore it): full fp32 (``"ieee"``), as
+    torch's own fp32 matmul computes by default and so as PEFT's fp32 adapters mean; TF32 only where the user allowed
+    it for torch's matmul too (``torch_allows_tf32``). Triton's own default would be TF32."""
+    return "tf32" if torch_allows_tf32() else "ieee"
+
+
+def exact_fp32(*dtypes: torch.dtype) -> bool:
+    """Whether a launch with dot operands in ``dtypes`` runs some dot on fp32 operands in full precision: FMA code
+    instead of tensor cores, which needs the small ``EXACT_FP32_CONFIGS`` tiles to keep its registers."""
+    return dot_precision() == "ieee" and torch.float32 in dtypes
+
+
 def next_pow2(n: int, floor: int = 16) -> int:
     """Smallest power of two >= max(n, floor): ``tl.dot`` needs every dimension >= 16."""
     return max(floor, triton.next_power_of_2(max(int(n), 1)))
@@ -48,6 +84,39 @@ def dropout_keep(seed, offsets, p):
     word = offsets % 4
     u = tl.where(word == 0, u0, tl.where(word == 1, u1, tl.where(word == 2, u2, u3)))
     return u >= p
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)`` of program ``pid`` over an ``(M, N)`` output in grouped order: ``GROUP_M`` row blocks
+    share each column block of the right operand while it is hot in L2. (Plain arithmetic, not ``tl.cdiv``: a
+    ``@triton.jit`` of Triton's own that the interpreter refuses when Triton was imported in the other mode.)"""
+    num_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_n = (N + BLOCK_N - 1) // BLOCK_N
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def add_low_rank_product(acc, pre_ptr, upre_ptr, rm, rn, mask_m, mask_n, RP,
+                         stride_pm, stride_pq, stride_qq, stride_qn,
+                         BLOCK_RP: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """``acc (BLOCK_M, BLOCK_N) + pre[rm, :RP] @ upre[:RP, rn]`` in ``BLOCK_RP`` slices: the LoRA up-projection of
+    precomputed (scaled) down-projections, ``pre`` rounded to ``upre``'s dtype as PEFT's ``lora_B`` input is."""
+    offs_q = tl.arange(0, BLOCK_RP)
+    for q0 in range(0, RP, BLOCK_RP):
+        qq = q0 + offs_q
+        pre = tl.load(pre_ptr + rm[:, None] * stride_pm + qq[None, :] * stride_pq,
+                      mask=mask_m[:, None] & (qq[None, :] < RP), other=0.0)
+        uq = tl.load(upre_ptr + qq[:, None] * stride_qq + rn[None, :] * stride_qn,
+                     mask=(qq[:, None] < RP) & mask_n[None, :], other=0.0)
+        acc = tl.dot(pre.to(upre_ptr.dtype.element_ty).to(DOT_DTYPE), uq.to(DOT_DTYPE), acc,
+                     input_precision=INPUT_PRECISION)
+    return acc
 
 
 # The dropout seed changes every call: specializing on it (seed == 1, seed % 16 == 0) would compile new variants.
@@ -71,19 +140,13 @@ def _fused_gemm_kernel(
     HAS_BIAS: tl.constexpr, FUSE_DOWN: tl.constexpr, DROP_IN: tl.constexpr, DROP_OUT: tl.constexpr,
     HAS_PRE: tl.constexpr, IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, COLSUM: tl.constexpr,
     STORE_OUT: tl.constexpr, STORE_DOWN: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_RP: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """out (M, N) = a (M, K) @ b (K, N) + epilogue terms; see the module docstring. fp32 accumulation."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    # grouped ordering: GROUP_M row blocks share each b column block while it is hot in L2
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    """out (M, N) = a (M, K) @ b (K, N) + epilogue terms; see the module docstring. fp32 accumulation; fp32 dots
+    in ``INPUT_PRECISION`` (``dot_precision()``)."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -111,16 +174,16 @@ def _fused_gemm_kernel(
             a = (a.to(tl.float32) * v.to(tl.float32)[None, :]).to(vin_ptr.dtype.element_ty).to(a_ptr.dtype.element_ty)
             v_ptrs += BLOCK_K
         b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         if FUSE_DOWN:
             d = tl.load(d_ptrs, mask=mask_k[:, None] & (offs_r[None, :] < R), other=0.0)
             if DROP_IN:
                 rk = (k0 + offs_k).to(tl.int64)
                 keep = dropout_keep(seed, rm[:, None] * drop_cols + rk[None, :], p)
                 ad = tl.where(keep, a.to(tl.float32) / (1.0 - p), 0.0)
-                down = tl.dot(ad.to(dn_ptr.dtype.element_ty), d, down)
+                down = tl.dot(ad.to(dn_ptr.dtype.element_ty), d, down, input_precision=INPUT_PRECISION)
             else:
-                down = tl.dot(a.to(dn_ptr.dtype.element_ty), d, down)
+                down = tl.dot(a.to(dn_ptr.dtype.element_ty), d, down, input_precision=INPUT_PRECISION)
             d_ptrs += BLOCK_K * stride_dk
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -134,20 +197,15 @@ def _fused_gemm_kernel(
         rs = tl.load(rscale_ptr + offs_r, mask=offs_r < R, other=0.0)
         u = tl.load(up_ptr + offs_r[:, None] * stride_ur + rn[None, :] * stride_un,
                     mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0)
-        low = tl.dot((down * rs[None, :]).to(up_ptr.dtype.element_ty), u)
+        low = tl.dot((down * rs[None, :]).to(up_ptr.dtype.element_ty), u, input_precision=INPUT_PRECISION)
         if DROP_OUT:
             keep = dropout_keep(seed, rm[:, None] * drop_cols + rn[None, :], p)
             low = tl.where(keep, low / (1.0 - p), 0.0)
         acc += low
     if HAS_PRE:
-        offs_q = tl.arange(0, BLOCK_RP)
-        for q0 in range(0, RP, BLOCK_RP):
-            qq = q0 + offs_q
-            pre = tl.load(pre_ptr + rm[:, None] * stride_pm + qq[None, :] * stride_pq,
-                          mask=mask_m[:, None] & (qq[None, :] < RP), other=0.0)
-            uq = tl.load(upre_ptr + qq[:, None] * stride_qq + rn[None, :] * stride_qn,
-                         mask=(qq[:, None] < RP) & mask_n[None, :], other=0.0)
-            acc = tl.dot(pre.to(upre_ptr.dtype.element_ty), uq, acc)
+        acc = add_low_rank_product(acc, pre_ptr, upre_ptr, rm, rn, mask_m, mask_n, RP,
+                                   stride_pm, stride_pq, stride_qq, stride_qn,
+                                   BLOCK_RP, upre_ptr.dtype.element_ty, INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask_mn = mask_m[:, None] & mask_n[None, :]
@@ -179,16 +237,48 @@ GROUP_M = 8
 # a second pass over X, beyond it the separate down-projection kernel wins (and registers run out).
 MAX_FUSED_R = 64
 INTERPRET_CONFIG = (32, 32, 32, 4, 1)
+# Launches with exact fp32 dots (``exact_fp32``): FMA code holds its operands and accumulators in each thread's
+# registers, and of the tiles tried (64x64 with 8 warps, 32x64, 64x32, 32x32) only 32x32 compiles without stack for
+# every variant with the fused rank-64 down-projection on sm_80 and sm_90.
+EXACT_FP32_CONFIGS = {80: [(32, 32, 32, 4, 2)], 90: [(32, 32, 32, 4, 2)]}
+
+
+def gemm_configs(arch: int, exact: bool) -> list:
+    """The autotune configs of the fused GEMM for ``arch``; ``exact``: the launch has exact fp32 dots."""
+    return EXACT_FP32_CONFIGS[arch] if exact else GEMM_CONFIGS[arch]
 
 
 def block_k(config, dtype: torch.dtype) -> int:
     return config[2] // 2 if dtype == torch.float32 else config[2]
 
 
-def config_kwargs(config, dtype: torch.dtype) -> dict:
+def config_kwargs(config, dtype: torch.dtype, k_name: str = "BLOCK_K") -> dict:
+    """Kernel meta-parameters of a ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` config; fp32 operands
+    halve the reduction tile (``k_name``) so the pipelined tiles take the same shared memory."""
     bm, bn, _, warps, stages = config
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k(config, dtype), "GROUP_M": GROUP_M,
+    return {"BLOCK_M": bm, "BLOCK_N": bn, k_name: block_k(config, dtype), "GROUP_M": GROUP_M,
             "num_warps": warps, "num_stages": stages}
+
+
+def autotuned(kernel, configs_by_arch: dict, arch: int, fp32: bool, key: list, k_name: str = "BLOCK_K",
+              allowed=None):
+    """``kernel`` wrapped in ``triton.autotune`` over ``configs_by_arch[arch]``, keyed on ``key``;
+    ``allowed(arch, config, flags)`` prunes configs per launch (those that would spill for its flags)."""
+    dtype = torch.float32 if fp32 else torch.float16
+    configs, table = [], {}
+    for config in configs_by_arch[arch]:
+        kw = config_kwargs(config, dtype, k_name)
+        warps, stages = kw.pop("num_warps"), kw.pop("num_stages")
+        configs.append(triton.Config(kw, num_warps=warps, num_stages=stages))
+        table[id(configs[-1])] = config
+    prune = None
+    if allowed is not None:
+        def early_prune(configs, named_args, **flags):
+            kept = [c for c in configs if allowed(arch, table[id(c)], flags)]
+            return kept or configs[-1:]
+
+        prune = {"early_config_prune": early_prune}
+    return triton.autotune(configs=configs, key=key, prune_configs_by=prune)(kernel)
 
 
 _AUTOTUNE_KEY = ["M", "N", "K", "HAS_BIAS", "FUSE_DOWN", "DROP_IN", "DROP_OUT", "HAS_PRE", "IN_SCALE", "OUT_SCALE",
@@ -209,29 +299,19 @@ def config_allowed(arch: int, config: tuple, flags: dict) -> bool:
     architectures. They run the small ``DROPOUT_TILE`` only; the other variants keep the large tiles (on sm_90 the
     small tile is reserved for dropout, so it is not tuned for them).
     """
+    if tuple(config) in EXACT_FP32_CONFIGS[arch]:
+        return True  # the only tile of the exact-fp32 table, for every variant
     if _dropout_in_gemm(flags):
         return tuple(config) == DROPOUT_TILE[arch]
     return arch < 90 or tuple(config) != DROPOUT_TILE[arch]
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned(arch: int, fp32: bool):
-    """The GEMM kernel wrapped in ``triton.autotune`` over this architecture's configs, keyed on shape and flags;
-    configs that would spill for the launch's flags are pruned before tuning."""
-    dtype = torch.float32 if fp32 else torch.float16
-    configs, table = [], {}
-    for config in GEMM_CONFIGS[arch]:
-        kw = config_kwargs(config, dtype)
-        warps, stages = kw.pop("num_warps"), kw.pop("num_stages")
-        configs.append(triton.Config(kw, num_warps=warps, num_stages=stages))
-        table[id(configs[-1])] = config
-
-    def prune(configs, named_args, **flags):
-        kept = [c for c in configs if config_allowed(arch, table[id(c)], flags)]
-        return kept or configs[-1:]
-
-    return triton.autotune(configs=configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune})(
-        _fused_gemm_kernel)
+def _autotuned(arch: int, fp32: bool, exact: bool):
+    """The GEMM kernel autotuned over this architecture's configs (``exact``: those for exact fp32 dots), keyed on
+    shape and flags; configs that would spill for the launch's flags are pruned before tuning."""
+    return autotuned(_fused_gemm_kernel, {arch: gemm_configs(arch, exact)}, arch, fp32, _AUTOTUNE_KEY,
+                     allowed=config_allowed)
 
 
 def arch_of(device: torch.device) -> int:
@@ -280,7 +360,7 @@ def launch_gemm(a, b, out, *, bias=None, dn=None, up=None, rscale=None, down=Non
     flags = dict(
         HAS_BIAS=bias is not None, FUSE_DOWN=fuse, DROP_IN=bool(drop_in), DROP_OUT=bool(drop_out),
         HAS_PRE=pre is not None, IN_SCALE=vin is not None, OUT_SCALE=vout is not None, COLSUM=colsum is not None,
-        STORE_OUT=bool(store_out), STORE_DOWN=down is not None,
+        STORE_OUT=bool(store_out), STORE_DOWN=down is not None, INPUT_PRECISION=dot_precision(),
         BLOCK_R=next_pow2(R), BLOCK_RP=32,
     )
     if config is None and interpreting():
@@ -290,14 +370,16 @@ def launch_gemm(a, b, out, *, bias=None, dn=None, up=None, rscale=None, down=Non
         grid = (triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(N, kw["BLOCK_N"]),)
         _fused_gemm_kernel[grid](*args, **flags, **kw)
         return kw["BLOCK_M"]
-    kernel = _autotuned(arch_of(a.device), a.dtype == torch.float32)
+    exact = exact_fp32(a.dtype, *(t.dtype for t in (dn, up, upre) if t is not None))
+    kernel = _autotuned(arch_of(a.device), a.dtype == torch.float32, exact)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     kernel[grid](*args, **flags)
     return None
 
 
-def gpu_config(a: torch.Tensor):
-    """A fixed config for launches whose output size depends on BLOCK_M (the COLSUM partials)."""
+def gpu_config(a: torch.Tensor, *dtypes: torch.dtype):
+    """A fixed config for launches whose output size depends on BLOCK_M (the COLSUM partials); ``dtypes``: the
+    other dot operands' dtypes besides ``a``'s."""
     if interpreting() or a.device.type != "cuda":
         return INTERPRET_CONFIG
-    return GEMM_CONFIGS[arch_of(a.device)][0]
+    return gemm_configs(arch_of(a.device), exact_fp32(a.dtype, *dtypes))[0]

@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -95,28 +96,36 @@ def _signature(fn, dt: str, f32_ptrs: set, unit: dict, constexprs: dict) -> dict
     return sig
 
 
+def _tensor_cores_expected(dt: str) -> bool:
+    """16-bit dots run on tensor cores; fp32 dots do only in TF32, which the launchers use only where torch's matmul
+    is allowed TF32 too (``_common.dot_precision``), so by default fp32 variants are exact FMA code."""
+    return dt != "fp32" or _common.dot_precision() == "tf32"
+
+
 def _gemm_specs(arch: int, dt: str):
     fn = _jit(_common._fused_gemm_kernel)
     # contiguous row-major X and W (b = W^T): unit strides are specialised to 1 by the launcher, as here
     unit = {"stride_ak": 1, "stride_bk": 1, "stride_on": 1, "stride_sr": 1}
     for name, flags in GEMM_VARIANTS.items():
-        for config in _common.GEMM_CONFIGS[arch]:
+        torch_dt = getattr(torch, _TORCH_DT[dt])
+        for config in _common.gemm_configs(arch, _common.exact_fp32(torch_dt)):
             if not _common.config_allowed(arch, config, flags):
                 continue  # the autotuner prunes it for these flags: never launched, so not measured
-            kw = _common.config_kwargs(config, getattr(__import__("torch"), _TORCH_DT[dt]))
+            kw = _common.config_kwargs(config, torch_dt)
             warps, stages = kw.pop("num_warps"), kw.pop("num_stages")
             ce = {f: False for f in _FLAG_NAMES}
             ce["STORE_OUT"] = True
             ce.update(flags)
             # the widest fused rank the dispatcher allows (worst case for registers)
-            ce.update(kw, BLOCK_R=_common.MAX_FUSED_R if ce["FUSE_DOWN"] else 16, BLOCK_RP=32)
+            ce.update(kw, BLOCK_R=_common.MAX_FUSED_R if ce["FUSE_DOWN"] else 16, BLOCK_RP=32,
+                      INPUT_PRECISION=_common.dot_precision())
             ce.update(unit)
             f32 = set(_F32_PTRS)
             if name.startswith("lora"):
                 f32.add("bias_ptr")  # the folded base + lora bias is fp32
             sig = _signature(fn, dt, f32, unit, ce)
             cfg = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{warps} s{stages}"
-            yield Spec(name, arch, dt, cfg, fn, sig, ce, warps, stages, True)
+            yield Spec(name, arch, dt, cfg, fn, sig, ce, warps, stages, _tensor_cores_expected(dt))
 
 
 def _small_specs(arch: int, dt: str):
@@ -131,11 +140,13 @@ def _small_specs(arch: int, dt: str):
     ]
     for name, fn, tile, ce, f32, unit in table:
         fn = _jit(fn)
-        bm, bk, warps = lora.SMALL_KERNEL_TILES[tile]
-        ce = dict(ce, BLOCK_M=bm, **({"BLOCK_N": bk} if "BLOCK_N" in fn.arg_names else {"BLOCK_K": bk}))
+        bm, bk, warps = lora.small_tile(tile, getattr(torch, _TORCH_DT[dt]))
+        ce = dict(ce, BLOCK_M=bm, INPUT_PRECISION=_common.dot_precision(),
+                  **({"BLOCK_N": bk} if "BLOCK_N" in fn.arg_names else {"BLOCK_K": bk}))
         ce.update(unit)
         sig = _signature(fn, dt, f32, unit, ce)
-        yield Spec(name, arch, dt, f"{bm}x{bk}x{ce['BLOCK_R']} w{warps}", fn, sig, ce, warps, 2, True)
+        yield Spec(name, arch, dt, f"{bm}x{bk}x{ce['BLOCK_R']} w{warps}", fn, sig, ce, warps, 2,
+                   _tensor_cores_expected(dt))
 
 
 def specs(arch: int):

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import MAX_FUSED_R, dropout_keep, launch_gemm, next_pow2
+from ._common import MAX_FUSED_R, dot_precision, dropout_keep, exact_fp32, launch_gemm, next_pow2
 
 SMALL_M = 64
 
@@ -52,7 +52,8 @@ def _down_proj_kernel(
     a_ptr, dn_ptr, out_ptr,
     M, K, R, seed, p,
     stride_am, stride_ak, stride_dk, stride_dr, stride_om, stride_or,
-    DROP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DROP: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out (M, R) fp32 = drop(a) (M, K) @ dn (K, R); mask offset m*K + k."""
     pid_m = tl.program_id(0)
@@ -74,7 +75,7 @@ def _down_proj_kernel(
         if DROP:
             keep = dropout_keep(seed, rm[:, None] * K + rk[None, :], p)
             a = tl.where(keep, a.to(tl.float32) / (1.0 - p), 0.0)
-        acc = tl.dot(a.to(dn_ptr.dtype.element_ty), d, acc)
+        acc = tl.dot(a.to(dn_ptr.dtype.element_ty), d, acc, input_precision=INPUT_PRECISION)
     tl.store(out_ptr + rm[:, None] * stride_om + offs_r[None, :] * stride_or, acc,
              mask=mask_m[:, None] & mask_r[None, :])
 
@@ -84,7 +85,7 @@ def _lowrank_update_kernel(
     base_ptr, lhs_ptr, rhs_ptr, rscale_ptr, vbias_ptr, out_ptr,
     M, N, R, seed, p,
     stride_bm, stride_bn, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
-    HAS_VBIAS: tl.constexpr, DROP: tl.constexpr,
+    HAS_VBIAS: tl.constexpr, DROP: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out (M, N) = base + mask?((lhs (M, R) * rscale) @ rhs (R, N)) + vbias (N); mask offset m*N + n.
@@ -108,7 +109,7 @@ def _lowrank_update_kernel(
         rs = tl.load(rscale_ptr + rr, mask=mask_r, other=0.0)
         rhs = tl.load(rhs_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn,
                       mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot((lhs * rs[None, :]).to(rhs_ptr.dtype.element_ty), rhs, acc)
+        acc = tl.dot((lhs * rs[None, :]).to(rhs_ptr.dtype.element_ty), rhs, acc, input_precision=INPUT_PRECISION)
     if DROP:
         keep = dropout_keep(seed, rm[:, None] * N + rn[None, :], p)
         acc = tl.where(keep, acc / (1.0 - p), 0.0)
@@ -125,7 +126,8 @@ def _grad_a_kernel(
     g_ptr, x_ptr, out_ptr,
     M, K, R, seed, p,
     stride_gm, stride_gr, stride_xm, stride_xk, stride_or, stride_ok,
-    DROP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DROP: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out (R, K) = g^T (R, M) @ drop(x) (M, K), reduced over M in fp32, in out's dtype; mask offset m*K + k."""
     pid_k = tl.program_id(0)
@@ -147,13 +149,21 @@ def _grad_a_kernel(
         if DROP:
             keep = dropout_keep(seed, rm[:, None] * K + rk[None, :], p)
             x = tl.where(keep, x.to(tl.float32) / (1.0 - p), 0.0)
-        acc = tl.dot(tl.trans(g.to(out_ptr.dtype.element_ty)), x.to(out_ptr.dtype.element_ty), acc)
+        acc = tl.dot(tl.trans(g.to(out_ptr.dtype.element_ty)), x.to(out_ptr.dtype.element_ty), acc,
+                     input_precision=INPUT_PRECISION)
     tl.store(out_ptr + offs_r[:, None] * stride_or + rk[None, :] * stride_ok, acc.to(out_ptr.dtype.element_ty),
              mask=mask_r[:, None] & mask_k[None, :])
 
 
 # Fixed tiles for the small kernels (memory-bound or low-rank; not autotuned). (BLOCK_M, BLOCK_K/N, num_warps)
 SMALL_KERNEL_TILES = {"down_proj": (64, 64, 4), "lowrank_update": (64, 64, 4), "grad_a": (64, 64, 4)}
+# With exact fp32 dots (FMA code, see ``_common.EXACT_FP32_CONFIGS``) 64-wide tiles spill in down_proj and grad_a.
+EXACT_FP32_SMALL_TILE = (32, 32, 4)
+
+
+def small_tile(kernel: str, dot_dtype: torch.dtype) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_K or BLOCK_N, num_warps)`` of a small kernel whose dots run on ``dot_dtype`` operands."""
+    return EXACT_FP32_SMALL_TILE if exact_fp32(dot_dtype) else SMALL_KERNEL_TILES[kernel]
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
@@ -167,12 +177,12 @@ def down_proj(a: torch.Tensor, dn: torch.Tensor, seed: int = 0, p: float = 0.0) 
     out = torch.empty((M, R), device=a.device, dtype=torch.float32)
     if M == 0 or R == 0:
         return out
-    bm, bk, warps = SMALL_KERNEL_TILES["down_proj"]
+    bm, bk, warps = small_tile("down_proj", dn.dtype)
     br = min(next_pow2(R), 64)
     grid = (triton.cdiv(M, bm), triton.cdiv(R, br))
     _down_proj_kernel[grid](a, dn, out, M, K, R, int(seed), float(p), a.stride(0), a.stride(1), dn.stride(0),
-                            dn.stride(1), out.stride(0), out.stride(1), DROP=p > 0, BLOCK_M=bm, BLOCK_K=bk,
-                            BLOCK_R=br, num_warps=warps)
+                            dn.stride(1), out.stride(0), out.stride(1), DROP=p > 0, INPUT_PRECISION=dot_precision(),
+                            BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, num_warps=warps)
     return out
 
 
@@ -185,13 +195,13 @@ def lowrank_update(base: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor, rsc
     M, N = base.shape
     R = lhs.shape[1]
     out = base if out is None else out
-    bm, bn, warps = SMALL_KERNEL_TILES["lowrank_update"]
+    bm, bn, warps = small_tile("lowrank_update", rhs.dtype)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _lowrank_update_kernel[grid](
         base, lhs, rhs, rscale, vbias if vbias is not None else rscale, out, M, N, R, int(seed), float(p),
         base.stride(0), base.stride(1), lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1),
-        out.stride(0), out.stride(1), HAS_VBIAS=vbias is not None, DROP=p > 0, BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_R=32, num_warps=warps)
+        out.stride(0), out.stride(1), HAS_VBIAS=vbias is not None, DROP=p > 0, INPUT_PRECISION=dot_precision(),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=32, num_warps=warps)
     return out
 
 
@@ -202,12 +212,12 @@ def grad_a(g: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, seed: int = 0, 
     out = torch.empty((R, K), device=x.device, dtype=dtype)
     if M == 0:
         return out.zero_()
-    bm, bk, warps = SMALL_KERNEL_TILES["grad_a"]
+    bm, bk, warps = small_tile("grad_a", dtype)
     br = min(next_pow2(R), 64)
     grid = (triton.cdiv(K, bk), triton.cdiv(R, br))
     _grad_a_kernel[grid](g, x, out, M, K, R, int(seed), float(p), g.stride(0), g.stride(1), x.stride(0),
-                         x.stride(1), out.stride(0), out.stride(1), DROP=p > 0, BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br,
-                         num_warps=warps)
+                         x.stride(1), out.stride(0), out.stride(1), DROP=p > 0, INPUT_PRECISION=dot_precision(),
+                         BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, num_warps=warps)
     return out
 
 

@@ -24,19 +24,25 @@ row touches at most two absmax blocks.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+from ._common import (
+    INTERPRET_CONFIG,
+    TL_DTYPES,
+    add_low_rank_product,
+    arch_of,
+    autotuned,
+    config_kwargs,
+    dot_dtype,
+    dot_precision,
+    grouped_tile,
+    interpreting,
+)
+
 INT8_INV_127 = 7.874015718698502e-3
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` set before import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -90,17 +96,7 @@ def _quant_gemm_kernel(
     GROUP_M: tl.constexpr,
 ):
     """out (M, N) = a (M, C) @ deq(W)^T (or deq(W) if TRANS_W) + epilogue; see the module docstring."""
-    pid = tl.program_id(0)
-    # plain arithmetic, not tl.cdiv: tl.cdiv is itself a @triton.jit function, which the interpreter refuses to call
-    # when triton was imported before TRITON_INTERPRET was set (test sessions that mix modes)
-    num_m = (M + BLOCK_M - 1) // BLOCK_M
-    num_n = (N + BLOCK_N - 1) // BLOCK_N
-    # grouped ordering: GROUP_M row blocks reuse one packed weight column block while it is in L2
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -110,7 +106,7 @@ def _quant_gemm_kernel(
     rn = offs_n.to(tl.int64)
     offs_c = tl.arange(0, BLOCK_C)
 
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # tl.zeros is a @jit function: see num_m above
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # tl.zeros is a @jit function: see grouped_tile
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + offs_c
         mask_c = cc < C
@@ -134,15 +130,8 @@ def _quant_gemm_kernel(
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
     if HAS_PRE:
-        offs_q = tl.arange(0, BLOCK_RP)
-        for q0 in range(0, RP, BLOCK_RP):
-            qq = q0 + offs_q
-            pre = tl.load(pre_ptr + rm[:, None] * stride_pm + qq[None, :] * stride_pq,
-                          mask=mask_m[:, None] & (qq[None, :] < RP), other=0.0)
-            uq = tl.load(upre_ptr + qq[:, None] * stride_qq + rn[None, :] * stride_qn,
-                         mask=(qq[:, None] < RP) & mask_n[None, :], other=0.0)
-            acc = tl.dot(pre.to(upre_ptr.dtype.element_ty).to(DOT_DTYPE), uq.to(DOT_DTYPE), acc,
-                         input_precision=INPUT_PRECISION)
+        acc = add_low_rank_product(acc, pre_ptr, upre_ptr, rm, rn, mask_m, mask_n, RP,
+                                   stride_pm, stride_pq, stride_qq, stride_qn, BLOCK_RP, DOT_DTYPE, INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if OUT_SCALE:
@@ -162,16 +151,12 @@ QUANT_CONFIGS = {
     80: [(64, 128, 32, 8, 2), (64, 64, 32, 4, 2)],
     90: [(64, 128, 64, 8, 2), (64, 64, 32, 4, 2)],
 }
-GROUP_M = 8
-INTERPRET_CONFIG = (32, 32, 32, 4, 1)
 BLOCK_RP = 16
 
 
-def config_kwargs(config, dtype: torch.dtype) -> dict:
+def quant_config_kwargs(config, dtype: torch.dtype) -> dict:
     """Kernel meta-parameters for ``config``; fp32 activations halve BLOCK_C to keep shared memory the same."""
-    bm, bn, bc, warps, stages = config
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_C": bc // 2 if dtype == torch.float32 else bc,
-            "GROUP_M": GROUP_M, "num_warps": warps, "num_stages": stages}
+    return config_kwargs(config, dtype, k_name="BLOCK_C")
 
 
 _AUTOTUNE_KEY = [
@@ -181,27 +166,7 @@ _AUTOTUNE_KEY = [
 
 @functools.lru_cache(maxsize=None)
 def _autotuned(arch: int, fp32: bool):
-    dtype = torch.float32 if fp32 else torch.float16
-    configs = []
-    for config in QUANT_CONFIGS[arch]:
-        kw = config_kwargs(config, dtype)
-        warps, stages = kw.pop("num_warps"), kw.pop("num_stages")
-        configs.append(triton.Config(kw, num_warps=warps, num_stages=stages))
-    return triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(_quant_gemm_kernel)
-
-
-def _dot_dtype(dtype: torch.dtype):
-    """``tl.dot`` operand type: ``dtype``'s, except bf16 under the 3.9 interpreter, whose bf16 dot is broken; there
-    the (already bf16-rounded) operands are widened to fp32 exactly, which matches bf16 tensor cores' fp32
-    accumulation."""
-    if dtype == torch.bfloat16 and interpreting():
-        return tl.float32
-    return TL_DTYPES[dtype]
-
-
-def _arch(device: torch.device) -> int:
-    major, _ = torch.cuda.get_device_capability(device)
-    return 90 if major >= 9 else 80
+    return autotuned(_quant_gemm_kernel, QUANT_CONFIGS, arch, fp32, _AUTOTUNE_KEY, k_name="BLOCK_C")
 
 
 def _weight_args(qw):
@@ -260,17 +225,17 @@ def quant_matmul(a: torch.Tensor, qw, *, transpose: bool = False, bias=None, vin
     flags = dict(IS_INT8=is_int8, NESTED=qw.nested, W_DTYPE=TL_DTYPES[qw.dtype], TRANS_W=bool(transpose),
                  ROW_ALIGNED=row_aligned,
                  HAS_BIAS=bias is not None, IN_SCALE=vin is not None, OUT_SCALE=vout is not None,
-                 HAS_PRE=pre is not None, INPUT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-                 DOT_DTYPE=_dot_dtype(a.dtype),
+                 HAS_PRE=pre is not None, INPUT_PRECISION=dot_precision(),
+                 DOT_DTYPE=dot_dtype(a.dtype),
                  BLOCK_RP=BLOCK_RP)
     if config is None and (interpreting() or a.device.type != "cuda"):
         config = INTERPRET_CONFIG
     if config is not None:
-        kw = config_kwargs(config, a.dtype)
+        kw = quant_config_kwargs(config, a.dtype)
         grid = (triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(n_out, kw["BLOCK_N"]),)
         _quant_gemm_kernel[grid](*args, **flags, **kw)
         return out
-    kernel = _autotuned(_arch(a.device), a.dtype == torch.float32)
+    kernel = _autotuned(arch_of(a.device), a.dtype == torch.float32)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
     kernel[grid](*args, **flags)
     return out

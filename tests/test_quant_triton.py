@@ -40,6 +40,8 @@ def _kernels(interpret: bool):
     from fastpeft.kernels import quant_matmul
 
     if isinstance(quant_matmul._quant_gemm_kernel, InterpretedFunction) != interpret:
+        # its @triton.jit helpers live in _common: both must be decorated in the same mode
+        importlib.reload(sys.modules["fastpeft.kernels._common"])
         quant_matmul = importlib.reload(sys.modules["fastpeft.kernels.quant_matmul"])
     return quant_matmul
 
@@ -202,7 +204,7 @@ def usage(cubin):
 results = {}
 for case_id, cc, index, adt, int8, trans in json.loads(sys.argv[1]):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[adt]
-    kw = qm.config_kwargs(qm.QUANT_CONFIGS[cc][index], dtype)
+    kw = qm.quant_config_kwargs(qm.QUANT_CONFIGS[cc][index], dtype)
     warps, stages = kw.pop("num_warps"), kw.pop("num_stages")
     sig = {"a_ptr": "*" + adt, "w_ptr": "*i8" if int8 else "*u8", "absmax_ptr": "*fp32" if int8 else "*u8",
            "code_ptr": "*fp32", "ncode_ptr": "*fp32", "nabsmax_ptr": "*fp32", "bias_ptr": "*fp32",
@@ -212,7 +214,8 @@ for case_id, cc, index, adt, int8, trans in json.loads(sys.argv[1]):
     sig.update({"stride_" + n: "i32" for n in ("am", "ac", "wn", "wk", "pm", "pq", "qq", "qn", "om", "on")})
     consts = dict(IS_INT8=int8, NESTED=not int8, W_DTYPE=qm.TL_DTYPES[torch.bfloat16], TRANS_W=trans,
                   ROW_ALIGNED=not trans and not int8, HAS_BIAS=not trans, IN_SCALE=False, OUT_SCALE=False,
-                  HAS_PRE=True, INPUT_PRECISION="tf32", DOT_DTYPE=qm.TL_DTYPES[dtype], BLOCK_RP=qm.BLOCK_RP, **kw)
+                  HAS_PRE=True, INPUT_PRECISION=qm.dot_precision(), DOT_DTYPE=qm.TL_DTYPES[dtype],
+                  BLOCK_RP=qm.BLOCK_RP, **kw)
     sig.update({k: "constexpr" for k in consts})
     k = triton.compile(ASTSource(fn=qm._quant_gemm_kernel, signature=sig, constexprs=consts),
                        target=GPUTarget("cuda", cc, 32), options=dict(num_warps=warps, num_stages=stages))

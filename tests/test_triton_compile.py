@@ -1,10 +1,11 @@
 """Every fastpeft Triton kernel, in every autotune config and dtype, compiled ahead of time for sm_80 and sm_90.
 
 No GPU needed (``triton.compile`` with a ``GPUTarget``). Checks per kernel: tensor cores in the PTX (``mma.sync`` on
-sm_80, ``wgmma`` on sm_90; fp32 inputs go through tf32), no stack and no local memory (spills) by Triton's bundled
-``cuobjdump --dump-resource-usage``, shared memory within 163 KB (sm_80) / 227 KB (sm_90). The list of variants is
-``fastpeft.kernels.compile_check.specs``; ``python -m fastpeft.kernels.report`` prints the same measurements into
-KERNELS.md. Compiled results are cached by Triton on disk, so reruns take seconds.
+sm_80, ``wgmma`` on sm_90) for 16-bit inputs (fp32 dots are exact fp32 by default, see ``_common.dot_precision``),
+no stack and no local memory (spills) by Triton's bundled ``cuobjdump --dump-resource-usage``, shared memory within
+163 KB (sm_80) / 227 KB (sm_90). The list of variants is ``fastpeft.kernels.compile_check.specs``;
+``python -m fastpeft.kernels.report`` prints the same measurements into KERNELS.md. Compiled results are cached by
+Triton on disk, so reruns take seconds.
 """
 
 from __future__ import annotations
@@ -45,3 +46,37 @@ def test_kernel_compiles_for_target(spec):
     assert r.stack == 0, f"{name}: {r.stack} bytes of stack"
     assert r.shared <= cc.SMEM_LIMIT[spec.arch], f"{name}: {r.shared} B shared > {cc.SMEM_LIMIT[spec.arch]}"
     assert r.registers <= 255, f"{name}: {r.registers} registers"
+
+
+def test_fp32_dots_are_exact_unless_torch_allows_tf32(monkeypatch):
+    """Every ``tl.dot`` in the kernels takes the launch's ``INPUT_PRECISION``; it is exact fp32 (``"ieee"``, FMA
+    code on the small exact-fp32 tiles) unless torch's own matmul is allowed TF32, so an fp32 LoRA on a GPU means
+    what PEFT's fp32 layers mean there. The compiled fp32 variants are the exact ones."""
+    import pathlib
+    import re
+
+    import torch
+
+    from fastpeft.kernels import _common, lora
+
+    assert not _common.torch_allows_tf32(), "torch's default is exact fp32 matmul"
+    assert _common.dot_precision() == "ieee" and _common.exact_fp32(torch.bfloat16, torch.float32)
+    assert not _common.exact_fp32(torch.bfloat16, torch.float16)
+    assert _common.gemm_configs(90, True) == _common.EXACT_FP32_CONFIGS[90]
+    assert lora.small_tile("grad_a", torch.float32) == lora.EXACT_FP32_SMALL_TILE
+    fp32_specs = [s for s in SPECS if s.dtype == "fp32"]
+    assert fp32_specs and all(s.constexprs["INPUT_PRECISION"] == "ieee" for s in fp32_specs)
+    assert all(not s.gemm for s in fp32_specs), "exact fp32 dots are FMA code: no tensor cores to require"
+    kernels_dir = pathlib.Path(_common.__file__).parent
+    found = 0
+    for path in kernels_dir.glob("*.py"):
+        text = path.read_text()
+        calls = re.findall(r"tl\.dot\((?:[^()]|\([^()]*(?:\([^()]*\))*[^()]*\))*\)", text)
+        assert len(calls) == text.count("tl.dot("), f"{path.name}: a tl.dot call the check could not parse"
+        for call in calls:
+            assert "input_precision=" in call, f"{path.name}: {call[:80]} leaves fp32 precision to Triton (TF32)"
+        found += len(calls)
+    assert found >= 9, found
+    monkeypatch.setattr(_common, "torch_allows_tf32", lambda: True)
+    assert _common.dot_precision() == "tf32" and not _common.exact_fp32(torch.float32)
+    assert _common.gemm_configs(80, _common.exact_fp32(torch.float32)) == _common.GEMM_CONFIGS[80]

@@ -237,6 +237,9 @@ GROUP_M = 8
 # a second pass over X, beyond it the separate down-projection kernel wins (and registers run out).
 MAX_FUSED_R = 64
 INTERPRET_CONFIG = (32, 32, 32, 4, 1)
+# Where routes are not measured (direct kernel calls, the interpreter), calls with fewer rows than this take the
+# torch-GEMM modes: a tile of BLOCK_M >= 64 rows would be mostly padding.
+UNMEASURED_SMALL_M = 64
 # Launches with exact fp32 dots (``exact_fp32``): FMA code holds its operands and accumulators in each thread's
 # registers, and of the tiles tried (64x64 with 8 warps, 32x64, 64x32, 32x32) only 32x32 compiles without stack for
 # every variant with the fused rank-64 down-projection on sm_80 and sm_90.

@@ -12,22 +12,20 @@ Formulas (``l`` the product of the active IA3 vectors, in their dtype)::
 Modes: ``"compose"`` runs the base matmul in torch (cuBLAS) with the vector applied to the ``(M, K)`` input or
 ``(M, N)`` output; ``"fused_gemm"`` puts the vector in the GEMM's prologue or epilogue. The triton backend offers
 both as routes and on a GPU takes the one measured fastest (``fastpeft.routing``). ``mode="auto"`` (direct calls,
-and the backend under Triton's interpreter, where timings mean nothing) takes ``"compose"`` for ``M < SMALL_M``,
-where a 64-row tile would waste the launch on padding, else ``"fused_gemm"``.
+and the backend under Triton's interpreter, where timings mean nothing) takes ``"compose"`` for
+``M < UNMEASURED_SMALL_M``, where a 64-row tile would waste the launch on padding, else ``"fused_gemm"``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._common import gpu_config, launch_gemm
-
-SMALL_M = 64
+from ._common import UNMEASURED_SMALL_M, gpu_config, launch_gemm
 
 
 def choose_mode(M: int, config=None) -> str:
     """The ``mode="auto"`` rule of the module docstring."""
-    return "compose" if (M < SMALL_M and config is None) else "fused_gemm"
+    return "compose" if (M < UNMEASURED_SMALL_M and config is None) else "fused_gemm"
 
 
 def ia3_forward(x: torch.Tensor, weight: torch.Tensor, bias, scale: torch.Tensor, is_feedforward: bool,

@@ -13,10 +13,10 @@ Kernel modes. The triton backend offers each as a route (``small`` as ``passes``
 (``fastpeft.routing``). The rule below (``mode="auto"``) applies when the kernels are called directly, and under
 Triton's interpreter, where timings mean nothing:
 
-- ``M < SMALL_M`` (decode, tiny batches): a tile of ``BLOCK_M`` >= 64 rows would be mostly padding, and the base
-  matmul is a weight-bandwidth-bound GEMV that cuBLAS already does at the roofline. So ``"small"``: torch's matmul
-  for the base, ``_down_proj_kernel`` for ``XA``, and one ``_lowrank_update_kernel`` epilogue pass that adds
-  ``sum_i s_i XA_i B_i^T + b_i`` to ``Y`` in place (Y is ``M x N``, tiny here).
+- ``M < UNMEASURED_SMALL_M`` (decode, tiny batches): a tile of ``BLOCK_M`` >= 64 rows would be mostly padding,
+  and the base matmul is a weight-bandwidth-bound GEMV that cuBLAS already does at the roofline. So ``"small"``:
+  torch's matmul for the base, ``_down_proj_kernel`` for ``XA``, and one ``_lowrank_update_kernel`` epilogue pass
+  that adds ``sum_i s_i XA_i B_i^T + b_i`` to ``Y`` in place (Y is ``M x N``, tiny here).
 - no dropout and the concatenated padded rank ``<= MAX_FUSED_R`` (64): ``"fused"``: one launch of the fused GEMM;
   the down-projection shares the loaded X tiles in the K loop, the up-projection is in the epilogue, Y is written
   once, and the first column block writes ``XA``.
@@ -29,7 +29,8 @@ Backward mirrors it: ``"fused"`` (rank <= 64 and at most one adapter with dropou
 ``_down_proj_kernel`` and adds each adapter's masked ``G_i A_i`` with ``_lowrank_update_kernel``.
 
 Adapters may be in a dtype other than X's (PEFT keeps A/B in fp32 under a bf16 base): they are concatenated in
-their common dtype (fp32 if they differ) and X tiles are cast to it before the low-rank dots (tf32 on the GPU).
+their common dtype (fp32 if they differ) and X tiles are cast to it before the low-rank dots (exact fp32 on the GPU
+unless torch allows TF32).
 """
 
 from __future__ import annotations
@@ -40,9 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import MAX_FUSED_R, dot_precision, dropout_keep, exact_fp32, launch_gemm, next_pow2
-
-SMALL_M = 64
+from ._common import MAX_FUSED_R, UNMEASURED_SMALL_M, dot_precision, dropout_keep, exact_fp32, launch_gemm, next_pow2
 
 # ------------------------------------------------------------------------------------------------------ kernels
 
@@ -240,7 +239,7 @@ def _concat(lora_A, lora_B, scaling, dtype, device):
 
 def choose_forward_mode(M: int, total_r: int, dropout_p: Sequence[float]) -> str:
     """The dispatch rule of the module docstring: ``"small"``, ``"fused"`` or ``"split"``."""
-    if M < SMALL_M:
+    if M < UNMEASURED_SMALL_M:
         return "small"
     if max(dropout_p, default=0.0) == 0.0 and next_pow2(total_r) <= MAX_FUSED_R:
         return "fused"
@@ -248,7 +247,7 @@ def choose_forward_mode(M: int, total_r: int, dropout_p: Sequence[float]) -> str
 
 
 def choose_backward_mode(M: int, total_r: int, dropout_p: Sequence[float]) -> str:
-    if M < SMALL_M:
+    if M < UNMEASURED_SMALL_M:
         return "small"
     if next_pow2(total_r) <= MAX_FUSED_R and sum(1 for p in dropout_p if p > 0) <= 1:
         return "fused"

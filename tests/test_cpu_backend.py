@@ -329,6 +329,10 @@ def test_auto_dispatch_picks_cpu():
     assert info["cpu"]["available"], info["cpu"]["reason"]
     x, W = torch.randn(2, 8), torch.randn(4, 8)
     assert get_backend(x, W).name in ("cpu",) or info["selected"] != "auto"
+    # backend_info says what auto resolves to, per device
+    assert info["auto"]["cpu"] == "cpu"
+    if not torch.cuda.is_available():
+        assert info["auto"]["cuda"] == "none: no CUDA device"
 
 
 def test_supports():

@@ -13,6 +13,8 @@ import os
 import warnings
 from typing import Optional
 
+import torch
+
 from .base import Backend
 from .reference import ReferenceBackend
 
@@ -65,12 +67,21 @@ def _check_availability(name: str) -> tuple[bool, str]:
 
 def backend_info() -> dict[str, dict]:
     """Which backends are available here, and why not: ``{name: {"available": bool, "reason": str}}``, plus
-    ``"selected"``: the forced name or ``"auto"``."""
+    ``"selected"``: the forced name or ``"auto"``, and ``"auto"``: ``{"cpu": name, "cuda": name}``, the backend
+    ``auto`` picks first for tensors on that device (a backend may still decline a call it does not support, e.g.
+    an unsupported dtype, which then goes to the next one and finally to ``reference``)."""
     info: dict[str, dict] = {}
     for name in BACKEND_NAMES:
         ok, reason = availability(name)
         info[name] = {"available": ok, "reason": reason}
     info["selected"] = _selected_name()  # type: ignore[assignment]
+    auto = {}
+    for device, order in (("cpu", ("cpu",)), ("cuda", ("cuda", "triton"))):
+        if device == "cuda" and not torch.cuda.is_available():
+            auto[device] = "none: no CUDA device"
+            continue
+        auto[device] = next((name for name in order if info[name]["available"]), "reference")
+    info["auto"] = auto
     return info
 
 

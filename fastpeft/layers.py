@@ -28,7 +28,8 @@ except Exception:  # transformers is optional for the functional layer
     Conv1D = None
 
 # A reader returns ``(weight, bias)`` for the functional layer (``weight`` as ``(N, K)`` tensor or a
-# ``QuantizedWeight``), or None when it does not know the base layer. The quantized-bases module appends its own.
+# ``QuantizedWeight``), or None when it does not know the base layer. ``register_bnb_layers`` appends the
+# bitsandbytes one.
 BaseWeightReader = Callable[[nn.Module, bool], Optional[tuple[object, Optional[torch.Tensor]]]]
 
 
@@ -178,25 +179,9 @@ class FusedIA3Linear(PeftIA3Linear):
         return functional.ia3_linear(x, weight, bias, vectors, self.is_feedforward)
 
 
-# PEFT layer class -> fused twin. The quantized-bases module adds PEFT's bitsandbytes layer classes.
+# PEFT layer class -> fused twin. ``fastpeft.layers_bnb.register_bnb_layers`` adds PEFT's bitsandbytes layer
+# classes (``fastpeft.patching.register_optional_layers`` calls it where bitsandbytes is installed).
 FUSED_LAYER_TYPES: dict[type, type] = {
     PeftLoraLinear: FusedLoraLinear,
     PeftIA3Linear: FusedIA3Linear,
 }
-
-
-def fusable(module: nn.Module) -> tuple[bool, str]:
-    """Whether ``accelerate`` can turn this PEFT layer into its fused twin, and why not."""
-    if type(module) in FUSED_LAYER_TYPES.values():
-        return True, ""
-    if type(module) not in FUSED_LAYER_TYPES:
-        return False, f"{type(module).__module__}.{type(module).__name__} has no fused twin"
-    variants = getattr(module, "lora_variant", {})
-    if variants:
-        kinds = sorted({type(v).__name__ for v in variants.values()})
-        return False, f"LoRA variant {', '.join(kinds)} (e.g. DoRA) is not fused"
-    base = module.get_base_layer()
-    if FUSED_LAYER_TYPES[type(module)] in (FusedLoraLinear, FusedIA3Linear):
-        if read_base_weight(base, getattr(module, "fan_in_fan_out", False)) is None:
-            return False, f"base layer {type(base).__name__} is not supported"
-    return True, ""

@@ -18,7 +18,7 @@ PEFT's IA3 bnb layers cast the input to fp32 and return fp32; the twins do the s
 ``register_bnb_layers(registry, readers)`` adds these classes to ``fastpeft.layers.FUSED_LAYER_TYPES`` (used by
 ``fastpeft.accelerate``) and a base-weight reader to ``fastpeft.layers.BASE_WEIGHT_READERS`` so PEFT's generic
 ``lora.Linear`` wrapping a bitsandbytes base (``fastpeft.register`` / custom modules) is fused too. Importing this
-module registers them.
+module changes nothing: ``fastpeft.patching.register_optional_layers`` calls it.
 
 Merging into a quantized base (PEFT's own code for LoRA: dequantize, add, requantize) rounds; PEFT warns. For the
 generic ``lora.Linear`` over a bitsandbytes base, ``fastpeft.quant_merge`` does the same.
@@ -171,6 +171,3 @@ def register_bnb_layers(registry: Optional[dict] = None, readers: Optional[list]
     if bnb is not None and read_bnb_base not in readers:
         readers.append(read_bnb_base)
     return registry
-
-
-register_bnb_layers()

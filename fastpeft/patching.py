@@ -130,18 +130,40 @@ def _check_head_is_trained(model: nn.Module, config) -> None:
         )
 
 
-def _register_optional_layers() -> None:
-    """Register the bitsandbytes twins (``fastpeft.layers_bnb`` registers on import) when bitsandbytes is installed;
-    importing bitsandbytes is slow, so ``import fastpeft`` does not do it."""
+def register_optional_layers() -> None:
+    """Register the bitsandbytes twins and base reader (``fastpeft.layers_bnb.register_bnb_layers``) when
+    bitsandbytes is installed. Explicit, and run by ``accelerate``, ``register``, ``fusable`` and ``report`` before
+    they look at the registries, so every answer is the same before and after the first ``accelerate``. Importing
+    bitsandbytes is slow, so ``import fastpeft`` does not do it."""
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
         return
     try:
-        from . import layers_bnb  # noqa: F401
+        from .layers_bnb import register_bnb_layers
     except Exception as exc:  # a broken bitsandbytes install must not break dense models
         warnings.warn(f"fastpeft: bitsandbytes is installed but its fused layers could not be loaded: {exc}",
                       stacklevel=3)
+        return
+    register_bnb_layers()
+
+
+def fusable(module: nn.Module) -> tuple[bool, str]:
+    """Whether ``accelerate`` can turn this PEFT layer into its fused twin, and why not."""
+    register_optional_layers()
+    if type(module) in _layers.FUSED_LAYER_TYPES.values():
+        return True, ""
+    if type(module) not in _layers.FUSED_LAYER_TYPES:
+        return False, f"{type(module).__module__}.{type(module).__name__} has no fused twin"
+    variants = getattr(module, "lora_variant", {})
+    if variants:
+        kinds = sorted({type(v).__name__ for v in variants.values()})
+        return False, f"LoRA variant {', '.join(kinds)} (e.g. DoRA) is not fused"
+    base = module.get_base_layer()
+    if _layers.FUSED_LAYER_TYPES[type(module)] in (_layers.FusedLoraLinear, _layers.FusedIA3Linear):
+        if _layers.read_base_weight(base, getattr(module, "fan_in_fan_out", False)) is None:
+            return False, f"base layer {type(base).__name__} is not supported"
+    return True, ""
 
 
 def accelerate(peft_model: nn.Module, strict: bool = False) -> nn.Module:
@@ -151,12 +173,12 @@ def accelerate(peft_model: nn.Module, strict: bool = False) -> nn.Module:
     Embedding, ...) stay as PEFT made them and are listed in one warning; with ``strict=True`` a ``TypeError`` is
     raised instead and nothing is changed. Calling it again is harmless (and fuses adapters added since).
     """
-    _register_optional_layers()
+    register_optional_layers()
     plan, unsupported = [], []
     for name, module in peft_model.named_modules():
         if not isinstance(module, BaseTunerLayer):
             continue
-        ok, reason = _layers.fusable(module)
+        ok, reason = fusable(module)
         if ok:
             plan.append((name, module))
         else:
@@ -289,6 +311,7 @@ def register(config: Union[LoraConfig, IA3Config]):
     """Register fastpeft's fused layers with PEFT's custom-module mechanism so ``get_peft_model(model, config)``
     builds them directly (LoRA over ``nn.Linear`` and ``Conv1D``). The mapping is not saved with the adapter:
     call ``register`` on the config again before loading. Returns the config."""
+    register_optional_layers()  # a generic lora.Linear over a bitsandbytes base reads it through the bnb reader
     if not isinstance(config, LoraConfig):
         raise TypeError(
             f"fastpeft.register: only LoraConfig is supported by PEFT's custom modules, got {type(config).__name__}"

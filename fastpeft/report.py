@@ -17,6 +17,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from . import layers as _layers
 from . import routing
 from .backends import get_backend
+from .patching import fusable, register_optional_layers
 
 
 @dataclass
@@ -71,7 +72,7 @@ def _method(module) -> str:
 def _why_not_fused(module) -> tuple[str, Optional[tuple]]:
     """``(reason, (weight, bias))``: an empty reason when the fused forward serves plain calls of ``module``."""
     if type(module) not in _layers.FUSED_LAYER_TYPES.values():
-        ok, reason = _layers.fusable(module)
+        ok, reason = fusable(module)
         return (reason if not ok else "not accelerated: call fastpeft.accelerate(model)"), None
     # Over a bitsandbytes base the twin still computes the base product itself (never bitsandbytes' CPU forward).
     own_base = " (base product by fastpeft)" if _is_quantized_twin(module) else ""
@@ -107,6 +108,7 @@ def _backend_of(module, weight) -> str:
 
 def report(model: torch.nn.Module) -> FusionReport:
     """The fusion report of ``model`` (a ``peft.PeftModel`` or any module holding PEFT adapter layers)."""
+    register_optional_layers()
     chosen: dict = {}
     for row in routing.routes():
         chosen.setdefault((row["backend"], row["n"], row["k"]), {})[row["op"]] = row["route"]

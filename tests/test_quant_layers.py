@@ -20,7 +20,7 @@ from conftest import assert_close  # noqa: E402
 from quant_oracle import dequantize_4bit  # noqa: E402
 
 import fastpeft  # noqa: E402
-import fastpeft.layers_bnb as layers_bnb  # noqa: E402  (registers the bnb twins)
+import fastpeft.layers_bnb as layers_bnb  # noqa: E402
 import fastpeft.quant_merge as quant_merge  # noqa: E402
 from fastpeft.layers import FusedLoraLinear  # noqa: E402
 from fastpeft.quant import quantized_weight_of  # noqa: E402
@@ -274,6 +274,7 @@ def test_generic_lora_linear_over_bnb_base_is_fused():
     """PEFT's generic lora.Linear with a bitsandbytes base (custom-module route) reads the base via fastpeft."""
     from fastpeft.layers import read_base_weight
 
+    fastpeft.patching.register_optional_layers()
     lin = _quant_linear(torch.randn(16, K) * 0.1, torch.zeros(16), "nf4", False, torch.float32)
     weight, bias = read_base_weight(lin, False)
     assert weight.kind == "nf4" and weight.shape == (16, K)
@@ -399,3 +400,29 @@ def test_merged_and_disabled_qlora_model_never_runs_bitsandbytes_forward(tmp_pat
     assert_close("disabled logits", disabled, disabled_ref, 1e-4)
     assert_close("merged logits", merged, merged_ref, 1e-4)
     assert (merged - disabled).abs().max() > 1e-3, "the merged adapter must change the logits"
+
+
+def test_bnb_registration_is_explicit_and_fusable_answers_the_same_before_accelerate():
+    """Importing ``fastpeft.layers_bnb`` changes no registry; ``fusable`` (and so ``report``) registers the
+    bitsandbytes twins itself, so its answer on a PEFT bnb layer does not depend on whether ``accelerate`` ran."""
+    import subprocess
+    import sys
+
+    code = (
+        "import fastpeft.layers as L, torch, peft\n"
+        "before = (dict(L.FUSED_LAYER_TYPES), list(L.BASE_WEIGHT_READERS))\n"
+        "import fastpeft.layers_bnb\n"
+        "assert (dict(L.FUSED_LAYER_TYPES), list(L.BASE_WEIGHT_READERS)) == before, 'import registered'\n"
+        "import bitsandbytes as bnb\n"
+        "from fastpeft.patching import fusable\n"
+        "lin = bnb.nn.Linear4bit(64, 16, compute_dtype=torch.float32, quant_type='nf4')\n"
+        "lin.weight = bnb.nn.Params4bit(torch.randn(16, 64), requires_grad=False, quant_type='nf4').to('cpu')\n"
+        "model = torch.nn.Sequential(lin)\n"
+        "model.is_loaded_in_4bit = True\n"
+        "layer = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=['0'])).base_model.model[0]\n"
+        "assert type(layer).__name__ == 'Linear4bit' and type(layer).__module__ == 'peft.tuners.lora.bnb'\n"
+        "print(fusable(layer))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "(True, '')", proc.stdout

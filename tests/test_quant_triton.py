@@ -267,7 +267,6 @@ def test_peft_qlora_model_runs_on_triton_backend(qm, monkeypatch):
     from torch import nn
 
     import fastpeft
-    import fastpeft.layers_bnb  # noqa: F401  (registers the bnb twins)
 
     calls = []
     real = qm.quant_matmul

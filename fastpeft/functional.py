@@ -264,6 +264,12 @@ def _autocast(x, weight, bias, tensors):
     return cast(x), weight, cast(bias), [[cast(t) for t in group] for group in tensors]
 
 
+def capturing_cuda_graph(x: torch.Tensor) -> bool:
+    """Whether ``x``'s stream is being captured into a CUDA graph. fastpeft draws dropout seeds on the host per
+    call, so a captured graph would replay one mask forever; torch's own dropout is graph-safe."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def lora_linear(
     x: torch.Tensor,
     weight,
@@ -289,6 +295,12 @@ def lora_linear(
     """
     x2, lead = _flatten(x)
     ps = [float(p) for p in dropout_p] if training else [0.0] * len(dropout_p)
+    if any(ps) and capturing_cuda_graph(x):
+        raise RuntimeError(
+            "fastpeft.functional.lora_linear: dropout in training while a CUDA graph is being captured would replay "
+            "one dropout mask on every replay (the seeds are drawn on the host); the fused layers fall back to PEFT's "
+            "forward there, call that (or torch's dropout) instead"
+        )
     As, Bs, bs = list(lora_A), list(lora_B), list(lora_bias)
     if torch.is_autocast_enabled(x2.device.type):
         x2, weight, bias, (As, Bs, bs) = _autocast(x2, weight, bias, [As, Bs, bs])

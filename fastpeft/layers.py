@@ -64,6 +64,10 @@ def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
+def _any_dropout(layer: nn.Module, active: list) -> bool:
+    return any(isinstance(d, nn.Dropout) and d.p > 0 and d.training for d in (layer.lora_dropout[n] for n in active))
+
+
 def layer_name(module: nn.Module) -> str:
     """The module's name in its model (set by ``accelerate``) for error messages."""
     return getattr(module, "_fastpeft_name", None) or type(module).__name__
@@ -141,6 +145,8 @@ class FusedLoraLinear(PeftLoraLinear):
         check_input(self, x, weight, self.in_features)
         if not active:
             return self.base_layer(x)
+        if self.training and functional.capturing_cuda_graph(x) and _any_dropout(self, active):
+            return super().forward(x, *args, **kwargs)  # torch's dropout is graph-safe, fastpeft's host seeds are not
         # One pass over the active adapters (this runs per layer per token in decoding).
         lora_A, lora_B, lora_bias, scaling, dropout_p = [], [], [], [], []
         training = False

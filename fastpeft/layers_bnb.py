@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import functional
-from .layers import BASE_WEIGHT_READERS, FUSED_LAYER_TYPES, _has_hooks, check_input
+from .layers import BASE_WEIGHT_READERS, FUSED_LAYER_TYPES, _any_dropout, _has_hooks, check_input
 from .quant import QuantizedWeight, is_bnb_quantized
 
 try:
@@ -98,6 +98,8 @@ class _FusedBnbLoraMixin:
         bias = base.bias.to(dtype) if base.bias is not None else None
         if not active:
             return _base_only(xc, qw, bias).to(x.dtype)
+        if self.training and functional.capturing_cuda_graph(x) and _any_dropout(self, active):
+            return super().forward(x, *args, **kwargs)  # torch's dropout is graph-safe, fastpeft's host seeds are not
         dropouts = [self.lora_dropout[name] for name in active]
         y = functional.lora_linear(
             xc,

@@ -348,3 +348,18 @@ def test_dropout_through_lora_kernels_matches_reference():
     assert proc.returncode == 0, proc.stderr[-3000:]
     err = float(next(ln for ln in proc.stdout.splitlines() if ln.startswith("MAXERR")).split()[1])
     assert err < 1e-5, f"max relative error {err:.2e}"
+
+
+def test_cuda_backend_leaves_quantized_weights_to_the_dequantizing_kernels():
+    """The ``cuda`` backend's kernels take dense weights and would dequantize a whole quantized weight on every call
+    (an int64 index tensor of N x K x 8 bytes); it declines quantized weights, so under ``auto`` they go to the
+    Triton backend's dequantizing kernels. Checked on a stand-in CUDA input, since ``supports`` only reads
+    attributes."""
+    import types
+
+    from fastpeft.backends.cuda import CudaBackend
+
+    x = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, dim=lambda: 2,
+                              layout=torch.strided, shape=(4, 64))
+    assert not CudaBackend().supports(x, make_weight("nf4", True, 64, 16, 64))
+    assert not CudaBackend().supports(x, make_weight("int8", False, 0, 16, 64))

@@ -212,3 +212,57 @@ def test_bf16_cpu_autocast_matches_peft():
     for name in ref_grads:
         assert fast_grads[name].dtype == torch.float32, f"{name}: gradient dtype {fast_grads[name].dtype}"
         assert_within_2x(name, fast_grads[name], peft_grads[name], ref_grads[name], floor=1e-3)
+
+
+def _dropout_pair(device="cpu"):
+    """PEFT's LoRA MLP and its fused twin with the same weights, dropout 0.2, in training mode."""
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules=["up", "down"], init_lora_weights=False)
+    torch.manual_seed(0)
+    reference = get_peft_model(MLP(), copy.deepcopy(config)).to(device)
+    fused = fastpeft.accelerate(copy.deepcopy(reference))
+    return reference.train(), fused.train()
+
+
+def test_dropout_under_cuda_graph_capture_falls_back_to_torch_dropout(monkeypatch):
+    """Under CUDA graph capture fastpeft's host-drawn dropout seeds would be baked into the graph (one mask on every
+    replay): the fused layers then run PEFT's forward, whose torch dropout is graph-safe, so with the same torch RNG
+    state the output is PEFT's exactly; the functional op refuses instead of replaying one mask. (Checked here with
+    the capture flag forced; the gpu-marked test below captures a real graph.)"""
+    reference, fused = _dropout_pair()
+    monkeypatch.setattr(functional, "capturing_cuda_graph", lambda x: True)
+    called = []
+    monkeypatch.setattr(functional, "lora_linear", lambda *a, **k: called.append(1))
+    x = torch.randn(5, 23)
+    torch.manual_seed(7)
+    y_ref = reference(x)
+    torch.manual_seed(7)
+    y = fused(x)
+    assert not called, "the fused op ran under capture with dropout"
+    assert torch.equal(y, y_ref)
+    monkeypatch.undo()
+    monkeypatch.setattr(functional, "capturing_cuda_graph", lambda x: True)
+    A, B = torch.randn(4, 23), torch.randn(11, 4)
+    with pytest.raises(RuntimeError, match="CUDA graph is being captured would replay one dropout mask"):
+        functional.lora_linear(x, torch.randn(11, 23), None, [A], [B], [None], [2.0], [0.2], training=True)
+    # no dropout, or eval: nothing to replay, the fused op runs
+    y0 = functional.lora_linear(x, torch.randn(11, 23), None, [A], [B], [None], [2.0], [0.2], training=False)
+    assert y0.shape == (5, 11)
+
+
+@pytest.mark.gpu
+def test_dropout_masks_differ_between_cuda_graph_replays():
+    _, fused = _dropout_pair("cuda")
+    static_x = torch.randn(8, 23, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(3):
+            fused(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_y = fused(static_x)
+    graph.replay()
+    first = static_y.clone()
+    graph.replay()
+    assert torch.isfinite(static_y).all() and not torch.equal(first, static_y), "one dropout mask replayed"

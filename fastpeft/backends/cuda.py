@@ -16,7 +16,9 @@ or ``drop(x)``:
 The tensor-core kernels take 16-bit adapters (fp16/bf16, the same dtype for A and B). Adapters kept in fp32 (PEFT's
 default under a bf16 base) go through the same formulas in torch, with the reference's mask; so does any other
 combination the kernels do not take. Under ``auto`` this backend serves calls with at most ``FASTPEFT_CUDA_MAX_M``
-rows (default 64) and leaves larger ones to the Triton backend's fused GEMM; forced by name it serves every CUDA call.
+rows (default 64) and leaves larger ones to the Triton backend's fused GEMM; forced by name it serves every CUDA call
+with a dense weight. Quantized weights it never takes (it would dequantize the whole weight per call): they go to
+the Triton backend's dequantizing kernels.
 """
 
 from __future__ import annotations
@@ -78,9 +80,13 @@ class CudaBackend(Backend):
         return True, ""
 
     def supports(self, x, weight):
+        # Quantized bases go to the Triton backend's dequantizing kernels: this backend would dequantize the whole
+        # weight on every call.
+        if not isinstance(weight, torch.Tensor):
+            return False
         if x.device.type != "cuda" or x.dtype not in _FLOATS or x.dim() != 2 or x.layout != torch.strided:
             return False
-        if isinstance(weight, torch.Tensor) and (weight.device != x.device or weight.dim() != 2):
+        if weight.device != x.device or weight.dim() != 2:
             return False
         from . import _selected_name  # forced by name: serve everything; under auto: only the small-M side
 

@@ -129,8 +129,8 @@ def _fused_gemm_kernel(
     vin_ptr, vout_ptr,
     other_ptr, colsum_ptr,
     out_ptr, down_ptr,
-    # dimensions and the dropout draw
-    M, N, K, R, RP, seed, p, drop_cols,
+    # dimensions and the dropout draw; M_BUCKET (M rounded up to a power of two) is only the autotune key
+    M, N, K, R, RP, seed, p, drop_cols, M_BUCKET,
     # strides
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_dk, stride_dr, stride_ur, stride_un,
@@ -284,8 +284,10 @@ def autotuned(kernel, configs_by_arch: dict, arch: int, fp32: bool, key: list, k
     return triton.autotune(configs=configs, key=key, prune_configs_by=prune)(kernel)
 
 
-_AUTOTUNE_KEY = ["M", "N", "K", "HAS_BIAS", "FUSE_DOWN", "DROP_IN", "DROP_OUT", "HAS_PRE", "IN_SCALE", "OUT_SCALE",
-                 "COLSUM", "STORE_OUT", "BLOCK_R"]
+# Tuned per M bucket, not per exact M: each new token count (every step under dynamic padding) would otherwise
+# benchmark every config again.
+_AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "HAS_BIAS", "FUSE_DOWN", "DROP_IN", "DROP_OUT", "HAS_PRE", "IN_SCALE",
+                 "OUT_SCALE", "COLSUM", "STORE_OUT", "BLOCK_R"]
 
 
 def _dropout_in_gemm(flags: dict) -> bool:
@@ -354,7 +356,7 @@ def launch_gemm(a, b, out, *, bias=None, dn=None, up=None, rscale=None, down=Non
         vin if vin is not None else dummy, vout if vout is not None else dummy,
         other if other is not None else dummy, colsum if colsum is not None else dummy,
         out if out is not None else dummy, down if down is not None else dummy,
-        M, N, K, R, RP, int(seed), float(p), int(drop_cols),
+        M, N, K, R, RP, int(seed), float(p), int(drop_cols), next_pow2(M),
         *_strides2(a), *_strides2(b),
         *_strides2(dn), *_strides2(up),
         *_strides2(pre), *_strides2(upre),

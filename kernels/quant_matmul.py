@@ -40,6 +40,7 @@ from ._common import (
     dot_precision,
     grouped_tile,
     interpreting,
+    next_pow2,
 )
 
 INT8_INV_127 = 7.874015718698502e-3
@@ -83,8 +84,8 @@ def _quant_gemm_kernel(
     # pointers: activations, quantized weight pieces, epilogue operands, output
     a_ptr, w_ptr, absmax_ptr, code_ptr, ncode_ptr, nabsmax_ptr,
     bias_ptr, vin_ptr, vout_ptr, pre_ptr, upre_ptr, out_ptr,
-    # dimensions and quantization scalars
-    M, N, C, RP, Nw, K_w, blocksize, nbs, noffset,
+    # dimensions and quantization scalars; M_BUCKET (M rounded up to a power of two) is only the autotune key
+    M, N, C, RP, Nw, K_w, blocksize, nbs, noffset, M_BUCKET,
     # strides
     stride_am, stride_ac, stride_wn, stride_wk, stride_pm, stride_pq, stride_qq, stride_qn, stride_om, stride_on,
     # meta-parameters
@@ -159,8 +160,8 @@ def quant_config_kwargs(config, dtype: torch.dtype) -> dict:
     return config_kwargs(config, dtype, k_name="BLOCK_C")
 
 
-_AUTOTUNE_KEY = [
-    "M", "N", "C", "IS_INT8", "NESTED", "TRANS_W", "ROW_ALIGNED", "HAS_BIAS", "IN_SCALE", "OUT_SCALE", "HAS_PRE",
+_AUTOTUNE_KEY = [  # M bucketed, as the fused GEMM's
+    "M_BUCKET", "N", "C", "IS_INT8", "NESTED", "TRANS_W", "ROW_ALIGNED", "HAS_BIAS", "IN_SCALE", "OUT_SCALE", "HAS_PRE",
 ]
 
 
@@ -213,7 +214,7 @@ def quant_matmul(a: torch.Tensor, qw, *, transpose: bool = False, bias=None, vin
         a, *ptrs,
         bias if bias is not None else out, vin if vin is not None else out, vout if vout is not None else out,
         pre if pre is not None else out, upre if upre is not None else out, out,
-        M, n_out, C, RP, Nw, scalars["K_w"], scalars["blocksize"], scalars["nbs"], scalars["noffset"],
+        M, n_out, C, RP, Nw, scalars["K_w"], scalars["blocksize"], scalars["nbs"], scalars["noffset"], next_pow2(M),
         a.stride(0), a.stride(1), swn, swk,
         *(pre.stride() if pre is not None else (0, 0)), *(upre.stride() if upre is not None else (0, 0)),
         out.stride(0), out.stride(1),

@@ -209,7 +209,7 @@ for case_id, cc, index, adt, int8, trans in json.loads(sys.argv[1]):
     sig = {"a_ptr": "*" + adt, "w_ptr": "*i8" if int8 else "*u8", "absmax_ptr": "*fp32" if int8 else "*u8",
            "code_ptr": "*fp32", "ncode_ptr": "*fp32", "nabsmax_ptr": "*fp32", "bias_ptr": "*fp32",
            "vin_ptr": "*fp32", "vout_ptr": "*fp32", "pre_ptr": "*fp32", "upre_ptr": "*" + adt, "out_ptr": "*" + adt}
-    sig.update({n: "i32" for n in ("M", "N", "C", "RP", "Nw", "K_w", "blocksize", "nbs")})
+    sig.update({n: "i32" for n in ("M", "N", "C", "RP", "Nw", "K_w", "blocksize", "nbs", "M_BUCKET")})
     sig["noffset"] = "fp32"
     sig.update({"stride_" + n: "i32" for n in ("am", "ac", "wn", "wk", "pm", "pq", "qq", "qn", "om", "on")})
     consts = dict(IS_INT8=int8, NESTED=not int8, W_DTYPE=qm.TL_DTYPES[torch.bfloat16], TRANS_W=trans,

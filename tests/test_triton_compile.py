@@ -80,3 +80,15 @@ def test_fp32_dots_are_exact_unless_torch_allows_tf32(monkeypatch):
     monkeypatch.setattr(_common, "torch_allows_tf32", lambda: True)
     assert _common.dot_precision() == "tf32" and not _common.exact_fp32(torch.float32)
     assert _common.gemm_configs(80, _common.exact_fp32(torch.float32)) == _common.GEMM_CONFIGS[80]
+
+
+def test_autotuning_is_keyed_on_the_m_bucket_not_the_exact_m():
+    """A new token count must not re-benchmark every config (every step under dynamic padding): the autotuners of the
+    fused and the dequantizing GEMM key on ``M_BUCKET`` (M rounded up to a power of two, passed by the launchers)."""
+    from fastpeft.kernels import _common, quant_matmul
+
+    for key, kernel in ((_common._AUTOTUNE_KEY, _common._fused_gemm_kernel),
+                        (quant_matmul._AUTOTUNE_KEY, quant_matmul._quant_gemm_kernel)):
+        assert "M_BUCKET" in key and "M" not in key, key
+        assert "M_BUCKET" in kernel.arg_names
+    assert [_common.next_pow2(m) for m in (1, 16, 17, 100, 128, 129)] == [16, 16, 32, 128, 128, 256]

@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # import. PYTHONSAFEPATH keeps the working directory off sys.path in these commands and every process they start.
 RUN := PYTHONSAFEPATH=1 $(PY)
 
-.PHONY: venv install lint test test-dist demo bench clean
+.PHONY: venv install lint test test-dist demo bench gpu-check clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -50,6 +50,11 @@ demo: install
 
 bench: install
 	$(RUN) -m pytest -q benchmarks --benchmark-only
+
+# Everything that needs a CUDA GPU in one call (gpu tests, the GPU timing grid, BENCHMARKS.md's measured-GPU
+# section); without a GPU it says so and exits 0.
+gpu-check: install
+	$(RUN) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info fastpeft/*.so

@@ -1,0 +1,129 @@
+"""``make gpu-check``: everything that needs a CUDA GPU, in one call that fits a short device lease.
+
+    PYTHONSAFEPATH=1 .venv/bin/python benchmarks/gpu_check.py            # on a machine with a CUDA GPU
+    PYTHONSAFEPATH=1 .venv/bin/python benchmarks/gpu_check.py --dry-run  # the same plan on the CPU, tiny shapes
+
+On a CUDA machine it runs, in order, each step under its own time limit (about 8 minutes in all):
+
+1. every ``gpu``-marked test (``pytest -m gpu tests``);
+2. the layer timing grid: LLaMA-7B shapes (q/k/v/o, up, down), M from 1 to 4096, bf16, dropout 0 and 0.1, LoRA and
+   QLoRA NF4, inference and training, providers base / PEFT / the plain composition / fastpeft (its measured routes)
+   (``python -m fastpeft.bench``, CUDA events);
+3. writes the results into ``BENCHMARKS.md`` between the ``gpu-check`` markers of its measured-GPU section (GPU name,
+   torch and triton versions, the commands, the pytest summary and the timing tables), and everything into
+   ``--out``.
+
+Without a CUDA device it says so and exits 0 (nothing to measure). ``--dry-run`` runs the same steps on the CPU at a
+tiny size (collecting the ``gpu`` tests instead of running them) and writes the section into ``--out`` only, so the
+plan itself is tested in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
+# (step, seconds): the limits add up to under 8 minutes
+LIMITS = {"tests": 180, "bench": 270}
+GPU_GRID = ["--device", "cuda", "--shapes", "7b-qkvo,7b-up,7b-down", "--tokens", "1,16,128,1024,4096",
+            "--dtypes", "bf16", "--kinds", "lora,qlora-nf4", "--modes", "infer,fwd+bwd", "--dropouts", "0,0.1",
+            "--providers", "base,peft,compose,fastpeft", "--budget", "0.2", "--no-model", "--no-cost-model",
+            "--no-progress"]
+DRY_GRID = ["--device", "cpu", "--scale", "64", "--shapes", "7b-qkvo", "--tokens", "1,16", "--dtypes", "fp32",
+            "--kinds", "lora", "--modes", "infer,fwd+bwd", "--dropouts", "0,0.1", "--budget", "0.01",
+            "--providers", "base,peft,compose,fastpeft", "--no-model", "--no-memory", "--no-cost-model",
+            "--no-plots", "--no-progress", "--threads", "1"]
+
+
+def _run(command: list, limit: int, log) -> tuple[int, str]:
+    """Run ``command`` from the repo root with the repo kept off ``sys.path``; returns (exit status, output)."""
+    env = dict(os.environ, PYTHONSAFEPATH="1")
+    log.write(f"$ {' '.join(command)}\n")
+    try:
+        proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=limit)
+        out, status = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        out, status = out + f"\n(stopped at the {limit} s limit)", 124
+    log.write(out + "\n")
+    log.flush()
+    return status, out
+
+
+def _pytest_summary(output: str) -> str:
+    lines = [ln.strip("= ") for ln in output.splitlines() if re.search(r"\b(passed|failed|error|deselected)\b", ln)]
+    return lines[-1] if lines else "(no pytest summary: see gpu-check.log)"
+
+
+def section(device: str, versions: str, commands: list, test_summary: str, tables: str) -> str:
+    """The measured-GPU section of BENCHMARKS.md, between the markers."""
+    body = [BEGIN, "", f"Device: {device}; {versions}; {time.strftime('%Y-%m-%d')}.", "", "Commands:", "", "```bash"]
+    body += [" ".join(c) for c in commands]
+    body += ["```", "", f"`gpu`-marked tests: {test_summary}.", "", tables.strip(), "", END]
+    return "\n".join(body)
+
+
+def write_section(path: str, text: str) -> None:
+    """Replace the text between the markers in ``path`` (or append the section when the markers are missing)."""
+    from fastpeft._atomic import atomic_file
+
+    old = open(path).read() if os.path.exists(path) else ""
+    if BEGIN in old and END in old:
+        new = old[:old.index(BEGIN)] + text + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip() + "\n\n" + text + "\n"
+    with atomic_file(path, "w") as handle:
+        handle.write(new)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="the plan on the CPU at a tiny size")
+    parser.add_argument("--out", default=os.path.join(REPO, "gpu-out"), help="directory for the log and results")
+    args = parser.parse_args(argv)
+
+    import torch
+    import triton
+
+    if not args.dry_run and not torch.cuda.is_available():
+        print("gpu-check: no CUDA device here, so there is nothing to measure (run it where `nvidia-smi` works; "
+              "--dry-run runs the plan on the CPU)")
+        return 0
+    os.makedirs(args.out, exist_ok=True)
+    device = "CPU dry run" if args.dry_run else torch.cuda.get_device_name(0)
+    versions = f"torch {torch.__version__}, triton {triton.__version__}"
+    py = sys.executable
+    tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests"]
+    if args.dry_run:
+        tests.insert(-1, "--collect-only")
+    bench_out = os.path.join(args.out, "bench")
+    bench = [py, "-m", "fastpeft.bench", *(DRY_GRID if args.dry_run else GPU_GRID), "--out", bench_out]
+    with open(os.path.join(args.out, "gpu-check.log"), "w") as log:
+        print(f"gpu-check: {device}; {versions}")
+        status_tests, out_tests = _run(tests, LIMITS["tests"], log)
+        summary = _pytest_summary(out_tests)
+        print(f"gpu-check: gpu tests: {summary}")
+        status_bench, _ = _run(bench, LIMITS["bench"], log)
+        results_md = os.path.join(bench_out, "results.md")
+        if not os.path.exists(results_md) and os.path.exists(os.path.join(bench_out, "results.csv")):
+            # stopped at its limit: the CSV holds every finished case (written after each), tabulate those
+            _run([py, "-m", "fastpeft.bench", "--replot", bench_out, "--no-plots"], 60, log)
+        tables = open(results_md).read().split("## Layers", 1)[-1] if os.path.exists(results_md) else \
+            "(the timing grid wrote no results: see gpu-check.log)"
+        print(f"gpu-check: timing grid exit status {status_bench}; tables in {results_md}")
+    text = section(device, versions, [["python", *tests[1:]], ["python", *bench[1:]]], summary, tables)
+    target = os.path.join(args.out, "BENCHMARKS-gpu.md") if args.dry_run else os.path.join(REPO, "BENCHMARKS.md")
+    write_section(target, text)
+    print(f"gpu-check: wrote {target}")
+    # collect-only exits 5 when no test is selected: a dry run must find the gpu tests
+    return 0 if status_bench == 0 and status_tests == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""``make gpu-check``'s script: without a GPU it says so and exits 0; its dry run (the same plan on the CPU at a
+tiny size, collecting the gpu tests instead of running them) finds the gpu tests, runs the timing grid and writes
+the measured-GPU section between its markers."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_check.py")
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the real check would run")
+def test_without_a_gpu_it_says_so_and_exits_0(gpu_check, tmp_path, capsys):
+    assert gpu_check.main(["--out", str(tmp_path)]) == 0
+    assert "no CUDA device here" in capsys.readouterr().out
+    assert not os.listdir(tmp_path)
+
+
+def test_dry_run_runs_the_plan_and_writes_the_section(gpu_check, tmp_path):
+    pytest.importorskip("matplotlib")
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "BENCHMARKS-gpu.md").read_text()
+    assert text.count(gpu_check.BEGIN) == 1 and text.count(gpu_check.END) == 1
+    summary = next(line for line in text.splitlines() if line.startswith("`gpu`-marked tests:"))
+    collected = int(summary.split(":")[1].split("/")[0].split()[0])
+    assert collected >= 10, summary
+    assert "### lora, fp32, dropout 0.1" in text and "compose ms" in text and "fastpeft ms" in text
+    assert "pytest -q -p no:cacheprovider -m gpu" in text and "-m fastpeft.bench --device cpu" in text
+
+
+def test_section_replaces_only_the_text_between_the_markers(gpu_check, tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text(f"# head\n\n{gpu_check.BEGIN}\nold\n{gpu_check.END}\n\n## tail\n")
+    gpu_check.write_section(str(path), f"{gpu_check.BEGIN}\nnew\n{gpu_check.END}")
+    assert path.read_text() == f"# head\n\n{gpu_check.BEGIN}\nnew\n{gpu_check.END}\n\n## tail\n"
+    repo_benchmarks = open(os.path.join(os.path.dirname(SCRIPT), os.pardir, "BENCHMARKS.md")).read()
+    assert gpu_check.BEGIN in repo_benchmarks and gpu_check.END in repo_benchmarks

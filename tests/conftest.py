@@ -1,4 +1,5 @@
-"""Shared test helpers: tiny models built from configs (no downloads), error measures, the 2x tolerance rule."""
+"""pytest set-up for the suite: the Triton mode, thread count, route cache and the ``gpu``/``dist`` markers. The
+comparison helpers are in ``checks.py``, the tiny models in ``model_helpers.py``."""
 
 from __future__ import annotations
 
@@ -40,26 +41,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Relative RMS error ``||a - e|| / ||e||`` in float64 (0 when both are zero)."""
-    a, e = actual.detach().double(), expected.detach().double()
-    denom = e.norm().item()
-    diff = (a - e).norm().item()
-    return diff if denom == 0 else diff / denom
-
-
-def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
-    """Named relative-error check: the message says which tensor and by how much."""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    err = rel_err(actual, expected)
-    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
-
-
-def assert_within_2x(name: str, actual, low_precision_ref, fp32_ref, floor: float = 1e-6) -> None:
-    """flash-attention's rule: fastpeft may be at most 2x as far from the fp32 reference as the reference
-    implementation run in the same low precision (plus a tiny floor for exact-match cases)."""
-    err = rel_err(actual, fp32_ref)
-    ref_err = rel_err(low_precision_ref, fp32_ref)
-    assert err <= 2 * ref_err + floor, f"{name}: error {err:.3e} > 2 x reference error {ref_err:.3e}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close
+from checks import assert_close
 from peft import LoraConfig, get_peft_model
 from torch import nn
 

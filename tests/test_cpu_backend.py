@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from checks import assert_by_dtype_rule, rel_err
 
 from fastpeft import reference as spec
 from fastpeft import routing as routes
@@ -29,28 +30,6 @@ else:
     ISAS = []
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    """Relative RMS error ``|got - want| / |want|`` in fp64."""
-    got, want = got.double(), want.double()
-    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
-
-
-def assert_close(name: str, got, want, oracle, ref_same_dtype=None, all_fp32=True):
-    """All inputs fp32: rel err vs ``want`` <= 1e-5. Any low-precision input (even when this output is fp32, e.g.
-    y under bf16 adapters): err vs the fp32 ``oracle`` <= 2x the reference's own same-dtype error
-    (``ref_same_dtype`` vs ``oracle``) + 1e-6."""
-    assert got is not None, f"{name}: missing"
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
-    if all_fp32:
-        err = rel_err(got, want)
-        assert err <= 1e-5, f"{name}: fp32 relative error {err:.3g} > 1e-5"
-    else:
-        ours = rel_err(got, oracle)
-        theirs = rel_err(ref_same_dtype if ref_same_dtype is not None else want, oracle)
-        assert ours <= 2 * theirs + 1e-6, f"{name}: error {ours:.3g} > 2x reference's {theirs:.3g}"
 
 
 @pytest.fixture(params=ISAS or ["none"])
@@ -168,9 +147,9 @@ def test_lora_matches_reference(case, xdt, adt, p):
         if routes.last_route("lora_forward") != route:
             continue
         ran.append(route)
-        assert_close(f"{route}: y", y, y_ref, y_o, all_fp32=exact)
+        assert_by_dtype_rule(f"{route}: y", y, y_ref, y_o, all_fp32=exact)
         for i in range(len(ranks)):
-            assert_close(f"{route}: xa[{i}]", xa[i], xa_ref[i], xa_o[i], all_fp32=exact)
+            assert_by_dtype_rule(f"{route}: xa[{i}]", xa[i], xa_ref[i], xa_o[i], all_fp32=exact)
     expected = {"compose", "fused"} | ({"gemv"} if layout != "transposed" else set())
     expected |= {"compose_fp32", "fused_fp32"} if xdt != "fp32" else set()
     assert set(ran) == expected, f"forward routes run: {ran}"
@@ -185,11 +164,11 @@ def test_lora_matches_reference(case, xdt, adt, p):
         if routes.last_route("lora_backward") != route:
             continue
         ran.append(route)
-        assert_close(f"{route}: dx", got[0], ref[0], ora[0], all_fp32=exact)
+        assert_by_dtype_rule(f"{route}: dx", got[0], ref[0], ora[0], all_fp32=exact)
         for i in range(len(ranks)):
-            assert_close(f"{route}: dA[{i}]", got[1][i], ref[1][i], ora[1][i], all_fp32=exact)
-            assert_close(f"{route}: dB[{i}]", got[2][i], ref[2][i], ora[2][i], all_fp32=exact)
-            assert_close(f"{route}: dbias[{i}]", got[3][i], ref[3][i], ora[3][i], all_fp32=exact)
+            assert_by_dtype_rule(f"{route}: dA[{i}]", got[1][i], ref[1][i], ora[1][i], all_fp32=exact)
+            assert_by_dtype_rule(f"{route}: dB[{i}]", got[2][i], ref[2][i], ora[2][i], all_fp32=exact)
+            assert_by_dtype_rule(f"{route}: dbias[{i}]", got[3][i], ref[3][i], ora[3][i], all_fp32=exact)
     expected = {"compose", "fused"} | ({"compose_fp32", "fused_fp32"} if xdt != "fp32" else set())
     expected |= {"small"} if (exact and len(ranks) == 1) else set()
     assert set(ran) == expected, f"backward routes run: {ran}"
@@ -272,7 +251,7 @@ def test_ia3_matches_reference(xdt, feedforward):
         y = CPU.ia3_forward(x, W, b, scale, feedforward)
         if routes.last_route("ia3_forward") == route:
             ran.append(route)
-            assert_close(f"{route}: y", y, y_ref, y_o, all_fp32=exact)
+            assert_by_dtype_rule(f"{route}: y", y, y_ref, y_o, all_fp32=exact)
     assert set(ran) == {"compose", "gemv"} | low, ran
     gy = torch.randn(M, N).to(DT[xdt])
     dx_r, ds_r = REF.ia3_backward(gy, x, W, b, scale, feedforward, True)
@@ -282,8 +261,8 @@ def test_ia3_matches_reference(xdt, feedforward):
         dx, ds = CPU.ia3_backward(gy, x, W, b, scale, feedforward, True)
         if routes.last_route("ia3_backward") == route:
             ran.append(route)
-            assert_close(f"{route}: dx", dx, dx_r, dx_o, all_fp32=exact)
-            assert_close(f"{route}: dscale", ds, ds_r, ds_o, all_fp32=exact)
+            assert_by_dtype_rule(f"{route}: dx", dx, dx_r, dx_o, all_fp32=exact)
+            assert_by_dtype_rule(f"{route}: dscale", ds, ds_r, ds_o, all_fp32=exact)
     assert set(ran) == {"compose"} | low, ran
 
 
@@ -314,11 +293,11 @@ def test_ia3_output_scaling_saves_base_output_not_x(xdt, M):
     dx_o, ds_o = REF.ia3_backward(gy.float(), x.detach().float(), W.float(), b.float(), vec.detach().flatten(),
                                   False, True)
     exact = xdt == "fp32"
-    assert_close("y", y, REF.ia3_forward(x.detach(), W, b, vec.detach().flatten(), False),
+    assert_by_dtype_rule("y", y, REF.ia3_forward(x.detach(), W, b, vec.detach().flatten(), False),
                  REF.ia3_forward(x.detach().float(), W.float(), b.float(), vec.detach().flatten(), False),
                  all_fp32=exact)
-    assert_close("dx", dx, dx_r, dx_o, all_fp32=exact)
-    assert_close("dscale", dvec.flatten(), ds_r, ds_o, all_fp32=exact)
+    assert_by_dtype_rule("dx", dx, dx_r, dx_o, all_fp32=exact)
+    assert_by_dtype_rule("dscale", dvec.flatten(), ds_r, ds_o, all_fp32=exact)
 
 
 # ------------------------------------------------------------------------------------------------- dispatching

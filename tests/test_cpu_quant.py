@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close, assert_within_2x
+from checks import assert_close, assert_within_2x
 from quant_oracle import dequantize_4bit
 from test_cpu_backend import (  # noqa: F401  (pytestmark: skip without the extension)
     AVAILABLE,

@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from conftest import assert_close, assert_within_2x
+from checks import assert_close, assert_within_2x
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from model_helpers import MLP

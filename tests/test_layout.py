@@ -51,3 +51,16 @@ def test_version_and_lint_settings_live_in_one_place():
     assert re.search(r'select = \[[^\]]*"E"[^\]]*"F"[^\]]*"I"[^\]]*"B"[^\]]*"W"', pyproject)
     assert not re.search(r"\bversion\s*=", (REPO / "setup.py").read_text())
     assert not (REPO / "ruff.toml").exists() and not (REPO / ".ruff.toml").exists()
+
+
+def test_comparison_helpers_have_one_home():
+    """``tests/checks.py`` is the only definition of the comparison helpers, and no test imports ``conftest`` (pytest
+    loads it itself; importing it runs its set-up a second time under another module name)."""
+    import re
+
+    for path in sorted((REPO / "tests").glob("*.py")):
+        text = path.read_text()
+        assert not re.search(r"^(from conftest import|import conftest)", text, re.M), f"{path.name} imports conftest"
+        if path.name != "checks.py":
+            defined = re.findall(r"^def (rel_err|assert_close|assert_within_2x)\b", text, re.M)
+            assert not defined, f"{path.name} defines its own {defined}"

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_close, assert_within_2x, rel_err
+from checks import assert_close, assert_within_2x, rel_err
 from model_helpers import FAMILIES, MLP, Conv1DMLP, run_transformer, tiny_transformer
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from torch import nn

@@ -16,7 +16,7 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 
-from conftest import assert_close  # noqa: E402
+from checks import assert_close  # noqa: E402
 from quant_oracle import dequantize_4bit  # noqa: E402
 
 import fastpeft  # noqa: E402

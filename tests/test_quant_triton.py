@@ -21,7 +21,7 @@ import torch  # noqa: E402
 triton = pytest.importorskip("triton")
 bnb = pytest.importorskip("bitsandbytes")
 
-from conftest import assert_close  # noqa: E402
+from checks import assert_close  # noqa: E402
 
 from fastpeft.backends.reference import ReferenceBackend  # noqa: E402
 from fastpeft.quant import QuantizedWeight  # noqa: E402

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_close
+from checks import assert_close
 from model_helpers import MLP, Conv1DMLP
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear

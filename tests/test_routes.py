@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_close
+from checks import assert_close
 
 from fastpeft import routing as routes
 

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_close, assert_within_2x
+from checks import assert_close, assert_within_2x
 from model_helpers import MLP
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import LoraLayer

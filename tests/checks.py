@@ -1,0 +1,44 @@
+"""The tests' comparison helpers, in one place: the relative error, a named closeness check, and the 2x rule for
+low precision (flash-attention's: at most twice as far from an fp32/fp64 oracle as the reference run in the same
+low precision)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Relative RMS error ``||a - e|| / ||e||`` in float64 on the CPU (the absolute one when ``e`` is zero)."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    denom = e.norm().item()
+    diff = (a - e).norm().item()
+    return diff if denom == 0 else diff / denom
+
+
+def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
+    """Named relative-error check: the message says which tensor and by how much."""
+    assert actual is not None, f"{name}: missing"
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def assert_within_2x(name: str, actual, low_precision_ref, fp32_ref, floor: float = 1e-6) -> None:
+    """fastpeft may be at most 2x as far from the fp32 (or fp64) reference as the reference implementation run in
+    the same low precision, plus a small floor for cases where both are exact."""
+    assert actual.shape == fp32_ref.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(fp32_ref.shape)}"
+    err = rel_err(actual, fp32_ref)
+    ref_err = rel_err(low_precision_ref, fp32_ref)
+    assert err <= 2 * ref_err + floor, f"{name}: error {err:.3e} > 2 x reference error {ref_err:.3e} + {floor:.0e}"
+
+
+def assert_by_dtype_rule(name: str, got, want, oracle, ref_same_dtype=None, all_fp32: bool = True) -> None:
+    """All inputs fp32: ``got`` within 1e-5 of ``want``. Any low-precision input (even when this output is fp32, e.g.
+    y under bf16 adapters): the 2x rule against the fp32 ``oracle``, the reference's own error being that of
+    ``ref_same_dtype`` (default ``want``)."""
+    assert got is not None, f"{name}: missing"
+    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
+    if all_fp32:
+        assert_close(name, got, want, 1e-5)
+    else:
+        assert_within_2x(name, got, ref_same_dtype if ref_same_dtype is not None else want, oracle)

@@ -76,12 +76,12 @@ class RowPlan:
 
     ``rows[i]``: int64 ``(M_i,)`` on the input's device, the token rows of ``adapters[i]`` in ascending order;
     ``runs``: int64 ``(S, 3)`` on the CPU, ``[start, end, i]`` for every maximal run of consecutive token rows of
-    one adapter, sorted by adapter (the C++ pass); ``index``: int32 ``(M,)`` on the device, the adapter of each token
-    row or -1 (the Triton kernels)."""
+    one adapter, sorted by adapter (the C++ pass); ``blocks``: the Triton kernels' block table
+    (``fastpeft.kernels.mixed_lora.blocks_of``), made on first use."""
 
     rows: list
     runs: torch.Tensor
-    index: torch.Tensor
+    blocks: Optional[tuple] = None
 
 
 def _make_plan(groups: RowGroups, T: int, device) -> RowPlan:
@@ -99,10 +99,7 @@ def _make_plan(groups: RowGroups, T: int, device) -> RowPlan:
             start = prev = b
         if start is not None:
             runs.append((start * T, (prev + 1) * T, i))
-    index = torch.full((len(groups.names) * T,), -1, dtype=torch.int32)
-    for i, r in enumerate(rows):
-        index[r.cpu()] = i
-    return RowPlan(rows, torch.tensor(runs, dtype=torch.int64).reshape(-1, 3), index.to(device))
+    return RowPlan(rows, torch.tensor(runs, dtype=torch.int64).reshape(-1, 3))
 
 
 _groups: "OrderedDict[tuple, RowGroups]" = OrderedDict()
@@ -229,6 +226,26 @@ def _fused_cpu(x2, y2, plan: RowPlan, adapters: MixedAdapters, present: list[int
     return y2
 
 
+def _sgmv_triton(x2, y2, plan: RowPlan, adapters: MixedAdapters, present: list[int]) -> torch.Tensor:
+    """Route ``sgmv`` (triton backend): ``fastpeft.kernels.mixed_lora``'s shrink and expand kernels, ``y2`` updated
+    in place."""
+    from fastpeft.kernels import mixed_lora
+
+    if plan.blocks is None:
+        plan.blocks = mixed_lora.blocks_of(plan.rows, x2.device)
+    rows = [r if adapters.lora_A[i] is not None else r[:0] for i, r in enumerate(plan.rows)]
+    blocks = plan.blocks if len(present) == len(rows) else mixed_lora.blocks_of(rows, x2.device)
+    return mixed_lora.mixed_lora_(y2, x2, rows, adapters.lora_A, adapters.lora_B, adapters.lora_bias,
+                                  adapters.scaling, blocks)
+
+
+def _sgmv_eligible(adapters: MixedAdapters, present: list[int]) -> bool:
+    """Ranks fit the kernels' padded rank tiles (``fastpeft.kernels.mixed_lora.RANK_TILES``)."""
+    from fastpeft.kernels.mixed_lora import rank_tile
+
+    return rank_tile(max(adapters.lora_A[i].shape[0] for i in present)) is not None
+
+
 def _fused_eligible(x2, y2, adapters: MixedAdapters, present: list[int]) -> bool:
     """``fused`` / ``sgmv`` may serve this call (``fastpeft.routing.ROUTE_LIMITS``): no dropout, and ``x`` widens to
     each adapter's dtype without rounding (PEFT's cast then loses nothing, so computing in fp32 is its meaning)."""
@@ -271,6 +288,8 @@ def add_mixed_lora_(x: torch.Tensor, y: torch.Tensor, adapter_names: Sequence[st
     if _fused_eligible(x2, y2, adapters, present):
         if backend == "cpu":
             candidates["fused"] = lambda: _fused_cpu(x2, y2.clone(), plan, adapters, present)
+        elif backend == "triton" and _sgmv_eligible(adapters, present):
+            candidates["sgmv"] = lambda: _sgmv_triton(x2, y2.clone(), plan, adapters, present)
     key = _route_key(backend, x2, y2, adapters, present)
     out = routing.run(key, candidates, device=x2.device.type, unmeasured=_unmeasured(backend, candidates))
     return out.view(y.shape)

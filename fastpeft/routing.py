@@ -118,7 +118,8 @@ ROUTE_LIMITS: dict[str, str] = {
     "fused_gemm": "the triton backend; padded total rank <= 64 (MAX_FUSED_R, the epilogue's register tile); forward: "
                   "no dropout or one adapter; backward: dX wanted and at most one adapter with dropout",
     "fused / sgmv (mixed)": "no autograd recorded (training and torch.compile run compose); no dropout; x widens "
-                            "to every adapter's dtype without rounding (fp32 adapters, or adapters in x's dtype)",
+                            "to every adapter's dtype without rounding (fp32 adapters, or adapters in x's dtype); "
+                            "sgmv: the triton backend, ranks <= 64",
     "unmeasured": "under Triton's interpreter timings mean nothing: the triton backend takes the kernel route its "
                   "shape would exercise (fastpeft.kernels.lora's mode rule) unless a route is pinned",
 }

@@ -24,7 +24,8 @@ FP32_TOL = 1e-5
 OP = "lora_mixed_forward"
 
 # The routes each backend offers for the mixed op (fastpeft.routing.ROUTES["lora_mixed_forward"]).
-BACKEND_ROUTES = [("reference", "compose"), ("cpu", "compose"), ("cpu", "fused"), ("triton", "compose")]
+BACKEND_ROUTES = [("reference", "compose"), ("cpu", "compose"), ("cpu", "fused"), ("triton", "compose"),
+                  ("triton", "sgmv")]
 
 
 @pytest.fixture
@@ -284,7 +285,11 @@ def test_rows_are_grouped_once_per_list_and_planned_once_per_shape():
     assert groups.plan(3, torch.device("cpu")) is plan
     assert plan.rows[0].tolist() == [0, 1, 2, 9, 10, 11] and plan.rows[1].tolist() == [6, 7, 8]
     assert plan.runs.tolist() == [[0, 3, 0], [9, 12, 0], [6, 9, 1]]
-    assert plan.index.tolist() == [0, 0, 0, -1, -1, -1, 1, 1, 1, 0, 0, 0]
+    from fastpeft.kernels.mixed_lora import blocks_of
+
+    order, adapter, start, count = blocks_of(plan.rows, torch.device("cpu"))
+    assert order.tolist() == [0, 1, 2, 9, 10, 11, 6, 7, 8]
+    assert (adapter.tolist(), start.tolist(), count.tolist()) == ([0, 1], [0, 6], [6, 3])
 
 
 # ------------------------------------------------------------------------------------------------------ errors
@@ -336,3 +341,40 @@ def test_cpu_kernel_rejects_runs_out_of_bounds():
     with pytest.raises(RuntimeError, match="out of bounds"):
         cpu._C.lora_mixed_(y, x, torch.tensor([[0, 3, 0]]), [torch.zeros(2, 3)], [torch.zeros(5, 2)],
                            [torch.empty(0)], [1.0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_sgmv_kernels_in_the_interpreter(dtype):
+    """The Triton shrink/expand kernels directly: odd K and N, ranks 3/8/5, an adapter absent from the layer, one
+    adapter with more rows than a block (split into several blocks), unsorted rows. fp32 within 1e-5; fp16 within
+    2x the error of the same update rounded into y in fp16 by torch."""
+    ok, why = availability("triton")
+    if not ok:
+        pytest.skip(why)
+    from fastpeft.kernels import mixed_lora
+
+    torch.manual_seed(8)
+    M, K, N = 150, 37, 29
+    x = torch.randn(M, K).to(dtype)
+    y = torch.randn(M, N).to(dtype)
+    ranks = [3, None, 8, 5]
+    A = [None if r is None else torch.randn(r, K) for r in ranks]
+    B = [None if r is None else torch.randn(N, r) for r in ranks]
+    bias = [None, None, torch.randn(N), None]
+    scaling = [0.5, 0.0, 2.0, 1.25]
+    perm = torch.randperm(M)
+    rows = [perm[:100].sort().values, perm[100:110].sort().values, perm[110:140].sort().values, perm[140:145]]
+    assert any(r.numel() > mixed_lora.BLOCK_M for r in rows)
+    exact = y.double().clone()
+    low = y.clone()
+    for Ai, Bi, bi, s, r in zip(A, B, bias, scaling, rows):
+        if Ai is None:
+            continue
+        update = (x[r].double() @ Ai.double().t() @ Bi.double().t() + (0 if bi is None else bi.double())) * s
+        exact[r] += update
+        low[r] += update.to(dtype)
+    actual = mixed_lora.mixed_lora_(y.clone(), x, rows, A, B, bias, scaling)
+    if dtype == torch.float32:
+        assert_close("y", actual, exact, FP32_TOL)
+    else:
+        assert_within_2x("y", actual, low, exact)

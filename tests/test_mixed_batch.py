@@ -378,3 +378,39 @@ def test_sgmv_kernels_in_the_interpreter(dtype):
         assert_close("y", actual, exact, FP32_TOL)
     else:
         assert_within_2x("y", actual, low, exact)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_bitsandbytes_base_rows_get_their_adapter_terms(kind):
+    """A bitsandbytes base through the fused bnb twin: the base output is bitsandbytes' own (the same call PEFT
+    makes), so the fused output minus that base output must be each row's adapter term, computed here in fp64 from
+    the adapter parameters (bitsandbytes' CPU matmul is never the oracle)."""
+    pytest.importorskip("bitsandbytes")
+    import test_quant_layers as quant_tests
+
+    import fastpeft.layers_bnb as layers_bnb
+
+    dtype = torch.float32 if kind == "nf4" else torch.float16
+    model = quant_tests._mark_quantized(quant_tests.MLP(kind, False, dtype), kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["up"], init_lora_weights=False),
+                            adapter_name="p")
+        pm.add_adapter("q", LoraConfig(r=3, lora_alpha=5, target_modules=["up"], init_lora_weights=False))
+    pm.eval()
+    fastpeft.accelerate(pm, strict=True)
+    layer = pm.base_model.model.up
+    assert isinstance(layer, tuple(layers_bnb.FUSED_BNB_LAYER_TYPES.values()))
+    names = ["q", "__base__", "p", "q"]
+    x = torch.randn(4, 3, quant_tests.K).to(dtype)
+    routing.clear_choices()
+    with torch.no_grad():
+        base = layer.get_base_layer()(x)
+        actual = layer(x, adapter_names=names)
+    assert routing.last_route(OP) is not None, "the fused mixed path never ran"
+    expected = base.double().clone()
+    for row, name in enumerate(names):
+        if name != "__base__":
+            A, B = layer.lora_A[name].weight.double(), layer.lora_B[name].weight.double()
+            expected[row] += (x[row].double() @ A.t() @ B.t()) * layer.scaling[name]
+    assert_close("y", actual, expected, FP32_TOL if dtype == torch.float32 else 2e-3)

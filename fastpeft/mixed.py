@@ -284,14 +284,20 @@ def add_mixed_lora_(x: torch.Tensor, y: torch.Tensor, adapter_names: Sequence[st
         out = _compose(x2, y2, plan, adapters, present)
         return out.view(y.shape)
     backend = get_backend(x2, y2).name
-    candidates = {"compose": lambda: _compose(x2, y2.clone(), plan, adapters, present)}
+    routes = {"compose": _compose}
     if _fused_eligible(x2, y2, adapters, present):
         if backend == "cpu":
-            candidates["fused"] = lambda: _fused_cpu(x2, y2.clone(), plan, adapters, present)
+            routes["fused"] = _fused_cpu
         elif backend == "triton" and _sgmv_eligible(adapters, present):
-            candidates["sgmv"] = lambda: _sgmv_triton(x2, y2.clone(), plan, adapters, present)
+            routes["sgmv"] = _sgmv_triton
     key = _route_key(backend, x2, y2, adapters, present)
-    out = routing.run(key, candidates, device=x2.device.type, unmeasured=_unmeasured(backend, candidates))
+    unmeasured = _unmeasured(backend, routes)
+    route = routing.settled(key, routes) or unmeasured
+    if route is not None:  # no measurement: the route updates y in place
+        candidates = {route: lambda: routes[route](x2, y2, plan, adapters, present)}
+    else:  # measurement runs every candidate several times: each on its own copy of the base output
+        candidates = {name: (lambda fn=fn: fn(x2, y2.clone(), plan, adapters, present)) for name, fn in routes.items()}
+    out = routing.run(key, candidates, device=x2.device.type, unmeasured=unmeasured)
     return out.view(y.shape)
 
 

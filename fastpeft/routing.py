@@ -463,6 +463,17 @@ def run(key: RouteKey, candidates: dict[str, Callable[[], object]], device: str 
     return candidates[choice.route]()
 
 
+def settled(key: RouteKey, eligible) -> Optional[str]:
+    """The route ``run`` would take for ``key`` among the ``eligible`` route names without measuring (a pin, or a
+    choice already made in this process), else None. Lets an op whose routes update a tensor in place skip the
+    copies that only measurement needs."""
+    pinned = _pinned(key.op)
+    if pinned is not None and pinned in eligible:
+        return pinned
+    choice = _choices.get(key)
+    return choice.route if choice is not None and choice.route in eligible else None
+
+
 def _choose(key: RouteKey, candidates, device: str, pinned: Optional[str]):
     note = f"pinned {pinned!r} is not eligible here" if pinned is not None else ""
     if len(candidates) == 1:

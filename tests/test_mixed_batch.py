@@ -125,6 +125,25 @@ def test_bf16_by_the_tolerance_rule(pinned, adapters):
     assert_within_2x("y", actual, low, fp32)
 
 
+def test_measured_choice_then_in_place_calls_give_peft_output(monkeypatch, tmp_path):
+    """Unpinned: the first call times every eligible route (each on its own copy of the base output), later calls
+    run the kept route in place; both give PEFT's output."""
+    monkeypatch.setenv("FASTPEFT_ROUTE_CACHE", str(tmp_path / "routes.json"))
+    monkeypatch.delenv("FASTPEFT_ROUTE", raising=False)
+    routing.clear_choices()
+    reference, fused = twins()
+    x = torch.randn(7, 2, 37)
+    with torch.no_grad():
+        expected = reference(x, adapter_names=NAMES)
+        for _ in range(2):
+            assert_close("y", fused(x, adapter_names=NAMES), expected, FP32_TOL)
+    rows = [row for row in routing.routes() if row["op"] == OP]
+    assert rows and all(row["source"] in ("measured", "only route") for row in rows)
+    if availability("cpu")[0]:
+        assert any(set(row["timings_ms"]) == {"compose", "fused"} for row in rows)
+    routing.clear_choices()
+
+
 def test_decode_rows_each_with_its_own_adapter_on_the_fused_route():
     """Decode shape: one token per sequence, every sequence its own adapter (16 adapters, ranks 4..19)."""
     torch.manual_seed(0)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
@@ -197,12 +198,47 @@ def _compose(x2, y2, plan: RowPlan, adapters: MixedAdapters, present: list[int])
     return y2
 
 
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    return t if (t.dtype == torch.float32 and t.is_contiguous()) else t.to(torch.float32).contiguous()
+class _DerivedTensors:
+    """Tensors derived from adapter parameters (fp32 copies, transposes, stacks) kept while those parameters live
+    and are not modified in place (checked by identity and version counter), the ``size`` most recent."""
+
+    def __init__(self, size: int):
+        self._entries: OrderedDict = OrderedDict()
+        self._size = size
+
+    def get(self, tensors: Sequence[torch.Tensor], make, extra=()):
+        try:
+            versions = tuple(t._version for t in tensors)
+        except RuntimeError:  # inference tensors keep no version counter: nothing can be kept for them
+            return make()
+        key = (tuple(id(t) for t in tensors), extra)
+        found = self._entries.get(key)
+        if found is not None:
+            refs, seen, value = found
+            if seen == versions and all(ref() is t for ref, t in zip(refs, tensors)):
+                return value
+        value = make()
+        self._entries[key] = ([weakref.ref(t) for t in tensors], versions, value)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return value
 
 
+_derived = _DerivedTensors(4096)
+_F32 = torch.float32
 _EMPTY = torch.empty(0)
+
+
+def _cpu_operands(adapters: MixedAdapters, i: int) -> tuple:
+    """Adapter ``i`` as ``fastpeft._C.lora_mixed_`` takes it: ``A`` ``(r, K)``, ``B^T`` ``(r, N)`` and ``s b``
+    ``(N,)`` (or empty), contiguous fp32, kept across calls."""
+    A, B, b, s = adapters.lora_A[i], adapters.lora_B[i], adapters.lora_bias[i], adapters.scaling[i]
+    if not (A.dtype == _F32 and A.is_contiguous()):
+        A = _derived.get([A], lambda: A.detach().to(_F32).contiguous())
+    Bt = _derived.get([B], lambda: B.detach().to(_F32).t().contiguous())
+    if b is not None:
+        b = _derived.get([b], lambda: (b.detach().to(_F32) * s).contiguous(), extra=s)
+    return A, Bt, _EMPTY if b is None else b
 
 
 def _fused_cpu(x2, y2, plan: RowPlan, adapters: MixedAdapters, present: list[int]) -> torch.Tensor:
@@ -210,19 +246,17 @@ def _fused_cpu(x2, y2, plan: RowPlan, adapters: MixedAdapters, present: list[int
     from . import _C  # type: ignore[attr-defined]
 
     N, K = y2.shape[1], x2.shape[1]
-    As, Bs, biases = [], [], []
+    As, Bts, biases = [], [], []
     for i, A in enumerate(adapters.lora_A):
         if A is None:
-            As.append(torch.zeros(0, K))
-            Bs.append(torch.zeros(N, 0))
-            biases.append(_EMPTY)
-            continue
-        As.append(_f32(A))
-        Bs.append(_f32(adapters.lora_B[i]))
-        b = adapters.lora_bias[i]
-        biases.append(_EMPTY if b is None else (b.detach().to(torch.float32) * adapters.scaling[i]).contiguous())
+            A, Bt, b = torch.zeros(0, K), torch.zeros(0, N), _EMPTY
+        else:
+            A, Bt, b = _cpu_operands(adapters, i)
+        As.append(A)
+        Bts.append(Bt)
+        biases.append(b)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    _C.lora_mixed_(y2, x2, plan.runs, As, Bs, biases, [float(s) for s in adapters.scaling])
+    _C.lora_mixed_(y2, x2, plan.runs, As, Bts, biases, adapters.scaling)
     return y2
 
 
@@ -235,8 +269,12 @@ def _sgmv_triton(x2, y2, plan: RowPlan, adapters: MixedAdapters, present: list[i
         plan.blocks = mixed_lora.blocks_of(plan.rows, x2.device)
     rows = [r if adapters.lora_A[i] is not None else r[:0] for i, r in enumerate(plan.rows)]
     blocks = plan.blocks if len(present) == len(rows) else mixed_lora.blocks_of(rows, x2.device)
-    return mixed_lora.mixed_lora_(y2, x2, rows, adapters.lora_A, adapters.lora_B, adapters.lora_bias,
-                                  adapters.scaling, blocks)
+    tensors = [t for t in (*adapters.lora_A, *adapters.lora_B, *adapters.lora_bias) if t is not None]
+    shape = tuple(None if A is None else A.shape[0] for A in adapters.lora_A)
+    stacked = _derived.get(tensors, lambda: mixed_lora.stack_adapters(
+        adapters.lora_A, adapters.lora_B, adapters.lora_bias, adapters.scaling, x2.shape[1], y2.shape[1],
+        x2.device), extra=(shape, tuple(adapters.scaling)))
+    return mixed_lora.mixed_lora_(y2, x2, blocks, *stacked)
 
 
 def _sgmv_eligible(adapters: MixedAdapters, present: list[int]) -> bool:

@@ -6,7 +6,7 @@ absent) and cut into blocks of at most ``BLOCK_M`` rows of one adapter::
     shrink:  XA[j, :]  = s_a * X[order[j], :] A_a^T              (fp32, j over the block's positions in ``order``)
     expand:  Y[order[j], :] += XA[j, :] B_a^T + s_a b_a          (in place, accumulated in fp32, Y rounded once)
 
-Adapters are stacked once per set of adapter tensors (``stack_adapters``, kept while the tensors live): ``A``
+Adapters are stacked (``stack_adapters``; the caller keeps the stack while the adapters are unchanged): ``A``
 ``(n, RP, K)`` and ``B^T`` ``(n, RP, N)`` in fp32, ranks zero-padded to ``RP`` (16 or 64). ``X`` tiles are widened
 to fp32 before the dot (tf32 on the GPU), as PEFT casts ``X`` to its fp32 adapters. Each block is one program per
 column tile, so a decode batch (one row per sequence, each its own adapter) reads each adapter's A and B once per
@@ -15,7 +15,6 @@ row that uses it, and a prefill block of 64 rows of one adapter shares its tiles
 
 from __future__ import annotations
 
-import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -105,23 +104,10 @@ def rank_tile(max_rank: int) -> int:
     return next(t for t in RANK_TILES if t >= rp) if rp <= RANK_TILES[-1] else None
 
 
-_stacks: dict = {}
-_STACK_CACHE_SIZE = 1024
-
-
 def stack_adapters(lora_A: Sequence[Optional[torch.Tensor]], lora_B, lora_bias, scaling, K: int, N: int,
                    device) -> tuple:
     """``(A (n, RP, K), Bt (n, RP, N), bias (n, N) scaled, scale (n,))`` fp32, ranks zero-padded; an adapter that is
-    None (not held by the layer) stacks as zeros. Kept per set of adapter tensors while they live and are not
-    modified in place (checked by identity and version)."""
-    tensors = [t for t in (*lora_A, *lora_B, *lora_bias) if t is not None]
-    key = (tuple(id(t) for t in tensors), tuple(float(s) for s in scaling), K, N)
-    versions = tuple(t._version for t in tensors)
-    found = _stacks.get(key)
-    if found is not None:
-        refs, seen_versions, stacked = found
-        if seen_versions == versions and all(ref() is t for ref, t in zip(refs, tensors)):
-            return stacked
+    None (not held by the layer) stacks as zeros."""
     n = len(lora_A)
     rp = rank_tile(max([A.shape[0] for A in lora_A if A is not None] or [1]))
     with torch.no_grad():
@@ -136,11 +122,7 @@ def stack_adapters(lora_A: Sequence[Optional[torch.Tensor]], lora_B, lora_bias, 
             if b is not None:
                 bias_all[i] = b.detach().float() * float(s)
         scale = torch.tensor([float(s) for s in scaling], dtype=torch.float32, device=device)
-    stacked = (A_all, Bt_all, bias_all, scale)
-    if len(_stacks) >= _STACK_CACHE_SIZE:
-        _stacks.pop(next(iter(_stacks)))
-    _stacks[key] = ([weakref.ref(t) for t in tensors], versions, stacked)
-    return stacked
+    return A_all, Bt_all, bias_all, scale
 
 
 def blocks_of(rows: Sequence[torch.Tensor], device) -> tuple:
@@ -161,30 +143,26 @@ def blocks_of(rows: Sequence[torch.Tensor], device) -> tuple:
     return order, as_i32(adapters), as_i32(starts), as_i32(lens)
 
 
-def mixed_lora_(y: torch.Tensor, x: torch.Tensor, rows: Sequence[torch.Tensor],
-                lora_A: Sequence[Optional[torch.Tensor]], lora_B, lora_bias, scaling,
-                blocks: Optional[tuple] = None) -> torch.Tensor:
-    """``y[rows[i]] += s_i (x[rows[i]] A_i^T B_i^T + b_i)`` in place for every adapter ``i`` (None: skipped).
+def mixed_lora_(y: torch.Tensor, x: torch.Tensor, blocks: tuple, A_all: torch.Tensor, Bt_all: torch.Tensor,
+                bias_all: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``y[rows_i] += s_i (x[rows_i] A_i^T B_i^T + b_i)`` in place for every adapter ``i``.
 
     Args:
         y: ``(M, N)`` fp16/bf16/fp32, unit column stride (updated in place).
-        x: ``(M, K)`` fp16/bf16/fp32, unit column stride.
-        rows: per adapter, int64 token rows (disjoint).
-        lora_A, lora_B, lora_bias: per adapter ``(r_i, K)``, ``(N, r_i)``, ``(N,)``/None, or None; ranks <= 64.
-        scaling: per adapter.
-        blocks: ``blocks_of(rows, device)`` when the caller keeps it (it depends only on ``rows``).
+        x: ``(M, K)`` fp16/bf16/fp32.
+        blocks: ``blocks_of(rows, device)`` for ``rows[i]``, adapter ``i``'s int64 token rows (disjoint).
+        A_all, Bt_all, bias_all, scale: ``stack_adapters(...)`` of the adapters.
     Returns:
         ``y``.
     """
-    M, K = x.shape
+    K = x.shape[1]
     N = y.shape[1]
     if x.stride(-1) != 1:
         x = x.contiguous()
     assert y.stride(-1) == 1, "y needs unit column stride (it is updated in place)"
-    order, blk_adapter, blk_start, blk_len = blocks if blocks is not None else blocks_of(rows, x.device)
+    order, blk_adapter, blk_start, blk_len = blocks
     if blk_adapter.numel() == 0:
         return y
-    A_all, Bt_all, bias_all, scale = stack_adapters(lora_A, lora_B, lora_bias, scaling, K, N, x.device)
     rp = A_all.shape[1]
     xa = torch.empty(order.numel(), rp, dtype=torch.float32, device=x.device)
     nb = blk_adapter.numel()

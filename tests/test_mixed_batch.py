@@ -144,6 +144,22 @@ def test_measured_choice_then_in_place_calls_give_peft_output(monkeypatch, tmp_p
     routing.clear_choices()
 
 
+@pytest.mark.parametrize("pinned", [("cpu", "fused"), ("triton", "sgmv")], ids=["cpu-fused", "triton-sgmv"],
+                         indirect=True)
+def test_adapters_changed_in_place_are_seen_by_the_next_call(pinned):
+    """The kernels' fp32/transposed/stacked copies of the adapters are kept across calls; an in-place update of an
+    adapter (an optimizer step, load_state_dict) must reach the next call."""
+    reference, fused = twins()
+    x = torch.randn(7, 37)
+    with torch.no_grad():
+        fused(x, adapter_names=NAMES)
+        for model in (reference, fused):
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.mul_(1.5).add_(0.01)
+        assert_close("y", fused(x, adapter_names=NAMES), reference(x, adapter_names=NAMES), FP32_TOL)
+
+
 def test_decode_rows_each_with_its_own_adapter_on_the_fused_route():
     """Decode shape: one token per sequence, every sequence its own adapter (16 adapters, ranks 4..19)."""
     torch.manual_seed(0)
@@ -358,7 +374,7 @@ def test_cpu_kernel_rejects_runs_out_of_bounds():
         pytest.skip("the C++ extension is not built")
     y, x = torch.zeros(2, 5), torch.zeros(2, 3)
     with pytest.raises(RuntimeError, match="out of bounds"):
-        cpu._C.lora_mixed_(y, x, torch.tensor([[0, 3, 0]]), [torch.zeros(2, 3)], [torch.zeros(5, 2)],
+        cpu._C.lora_mixed_(y, x, torch.tensor([[0, 3, 0]]), [torch.zeros(2, 3)], [torch.zeros(2, 5)],
                            [torch.empty(0)], [1.0])
 
 
@@ -392,7 +408,8 @@ def test_sgmv_kernels_in_the_interpreter(dtype):
         update = (x[r].double() @ Ai.double().t() @ Bi.double().t() + (0 if bi is None else bi.double())) * s
         exact[r] += update
         low[r] += update.to(dtype)
-    actual = mixed_lora.mixed_lora_(y.clone(), x, rows, A, B, bias, scaling)
+    stacked = mixed_lora.stack_adapters(A, B, bias, scaling, K, N, x.device)
+    actual = mixed_lora.mixed_lora_(y.clone(), x, mixed_lora.blocks_of(rows, x.device), *stacked)
     if dtype == torch.float32:
         assert_close("y", actual, exact, FP32_TOL)
     else:

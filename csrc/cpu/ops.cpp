@@ -664,7 +664,6 @@ const KernelTable& active_kernels() { return K(); }
 int activation_dtype(const at::Tensor& t) { return dtype_code(t); }
 void check_activation_rows(const at::Tensor& t, const char* name) { check_rows(t, name); }
 int64_t rows_grain(int64_t work_per_row) { return grain(work_per_row); }
-std::unique_ptr<float[]> transposed_copy(const at::Tensor& B, int64_t N, int64_t R) { return transposed(B, N, R); }
 }  // namespace fastpeft
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -690,6 +689,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_small_backward", &fastpeft::lora_small_backward, "(dy, W, x|None, A, B, h, s, p, seed, need_dx) -> "
         "[dx, dA, dB, db] for one fp32 adapter (decode-sized M)");
   m.def("lora_dx_pass", &fastpeft::lora_dx_pass, "(dx|None, x|None, A32, g32, p, seed) -> dA32 (dx updated in place)");
-  m.def("lora_mixed_", &fastpeft::lora_mixed_, "(y, x, runs (S, 3) int64, [A32 (r_i, K)], [B32 (N, r_i)], "
+  m.def("lora_mixed_", &fastpeft::lora_mixed_, "(y, x, runs (S, 3) int64, [A32 (r_i, K)], [Bt32 (r_i, N)], "
         "[bias32 (N,) scaled | empty], [s_i]): y[rows] += s_i x A_i^T B_i^T + bias_i per run of rows, in place");
 }

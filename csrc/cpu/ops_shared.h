@@ -2,7 +2,6 @@
 #pragma once
 #include <torch/extension.h>
 
-#include <memory>
 #include <vector>
 
 #include "kernels.h"
@@ -17,12 +16,10 @@ int activation_dtype(const at::Tensor& t);
 void check_activation_rows(const at::Tensor& t, const char* name);
 // Rows per at::parallel_for task for a row costing work_per_row multiply-adds.
 int64_t rows_grain(int64_t work_per_row);
-// B (N, R) contiguous fp32 as B^T (R, N).
-std::unique_ptr<float[]> transposed_copy(const at::Tensor& B, int64_t N, int64_t R);
 
 // mixed.cpp
 void lora_mixed_(at::Tensor& y, const at::Tensor& x, const at::Tensor& runs, const std::vector<at::Tensor>& A,
-                 const std::vector<at::Tensor>& B, const std::vector<at::Tensor>& bias,
+                 const std::vector<at::Tensor>& Bt, const std::vector<at::Tensor>& bias,
                  const std::vector<double>& scaling);
 
 }  // namespace fastpeft

@@ -450,3 +450,39 @@ def test_bitsandbytes_base_rows_get_their_adapter_terms(kind):
             A, B = layer.lora_A[name].weight.double(), layer.lora_B[name].weight.double()
             expected[row] += (x[row].double() @ A.t() @ B.t()) * layer.scaling[name]
     assert_close("y", actual, expected, FP32_TOL if dtype == torch.float32 else 2e-3)
+
+
+def _isas():
+    from fastpeft.backends import cpu
+
+    return cpu._C.supported_isas() if cpu._C is not None else []
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_cpu_pass_on_every_simd_path(isa, dtype):
+    """``_C.lora_mixed_`` on each SIMD path of this CPU, activations of every dtype with fp32 adapters, runs longer
+    than one chunk of rows, against the compose route."""
+    from fastpeft.backends import cpu
+
+    torch.manual_seed(9)
+    K, N, T = 37, 29, 40
+    names = ["u", "__base__", "v", "u", "u"]
+    groups = mixed.row_groups(names)
+    weights = {n: (torch.randn(r, K), torch.randn(N, r), torch.randn(N)) for n, r in (("u", 3), ("v", 8))}
+    adapters = mixed.collect_adapters(groups, {n: w[0] for n, w in weights.items()},
+                                      {n: w[1] for n, w in weights.items()}, {"v": weights["v"][2]},
+                                      {"u": 0.7, "v": 1.5}, {}, training=False)
+    x = torch.randn(len(names) * T, K).to(dtype)
+    y = torch.randn(len(names) * T, N).to(dtype)
+    plan = groups.plan(T, x.device)
+    expected = mixed._compose(x.float(), y.float().clone(), plan, adapters, [0, 1])
+    cpu._C.set_isa(isa)
+    try:
+        actual = mixed._fused_cpu(x, y.clone(), plan, adapters, [0, 1])
+    finally:
+        cpu._C.set_isa("auto")
+    if dtype == torch.float32:
+        assert_close("y", actual, expected, FP32_TOL)
+    else:
+        assert_within_2x("y", actual, mixed._compose(x, y.clone(), plan, adapters, [0, 1]), expected)

@@ -198,13 +198,21 @@ def _compose(x2, y2, plan: RowPlan, adapters: MixedAdapters, present: list[int])
     return y2
 
 
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    return sum(_nbytes(v) for v in value)
+
+
 class _DerivedTensors:
     """Tensors derived from adapter parameters (fp32 copies, transposes, stacks) kept while those parameters live
-    and are not modified in place (checked by identity and version counter), the ``size`` most recent."""
+    and are not modified in place (checked by identity and version counter), least recently used dropped beyond
+    ``max_bytes`` (then those are derived again per call: slower, never wrong)."""
 
-    def __init__(self, size: int):
+    def __init__(self, max_bytes: int):
         self._entries: OrderedDict = OrderedDict()
-        self._size = size
+        self._max_bytes = max_bytes
+        self._bytes = 0
 
     def get(self, tensors: Sequence[torch.Tensor], make, extra=()):
         try:
@@ -214,17 +222,25 @@ class _DerivedTensors:
         key = (tuple(id(t) for t in tensors), extra)
         found = self._entries.get(key)
         if found is not None:
-            refs, seen, value = found
+            refs, seen, value, size = found
             if seen == versions and all(ref() is t for ref, t in zip(refs, tensors)):
+                self._entries.move_to_end(key)
                 return value
+            del self._entries[key]
+            self._bytes -= size
         value = make()
-        self._entries[key] = ([weakref.ref(t) for t in tensors], versions, value)
-        while len(self._entries) > self._size:
-            self._entries.popitem(last=False)
+        size = _nbytes(value)
+        self._entries[key] = ([weakref.ref(t) for t in tensors], versions, value, size)
+        self._bytes += size
+        while self._bytes > self._max_bytes and len(self._entries) > 1:
+            self._bytes -= self._entries.popitem(last=False)[1][3]
         return value
 
 
-_derived = _DerivedTensors(4096)
+# Adapter copies the mixed kernels keep (fp32, B^T, the Triton stacks): at most this many bytes. fp32 adapters in a
+# contiguous (r, K) A need no copy of A; B^T is one copy of each B used in a mixed batch.
+DERIVED_CACHE_BYTES = 512 * 2**20
+_derived = _DerivedTensors(DERIVED_CACHE_BYTES)
 _F32 = torch.float32
 _EMPTY = torch.empty(0)
 

@@ -160,6 +160,21 @@ def test_adapters_changed_in_place_are_seen_by_the_next_call(pinned):
         assert_close("y", fused(x, adapter_names=NAMES), reference(x, adapter_names=NAMES), FP32_TOL)
 
 
+def test_kept_adapter_copies_are_bounded_in_bytes(monkeypatch):
+    """Beyond the byte bound the least recently used copies are dropped and derived again: same output."""
+    monkeypatch.setattr(mixed, "_derived", mixed._DerivedTensors(max_bytes=2000))
+    reference, fused = twins()
+    x = torch.randn(7, 37)
+    routing.set_route(OP, "fused")
+    try:
+        with torch.no_grad():
+            for _ in range(2):
+                assert_close("y", fused(x, adapter_names=NAMES), reference(x, adapter_names=NAMES), FP32_TOL)
+    finally:
+        routing.set_route(OP, None)
+    assert 0 < mixed._derived._bytes <= 2000 or len(mixed._derived._entries) == 1
+
+
 def test_decode_rows_each_with_its_own_adapter_on_the_fused_route():
     """Decode shape: one token per sequence, every sequence its own adapter (16 adapters, ranks 4..19)."""
     torch.manual_seed(0)

@@ -268,17 +268,23 @@ def test_dropout_per_adapter_matches_the_reference_with_the_same_masks():
         assert (layer(x, adapter_names=names) - actual).abs().max() > 1e-3, "dropout changed nothing"
 
 
-def test_generate_with_kv_cache_gives_peft_tokens():
+GENERATE_TARGETS = {"llama": (["q_proj", "v_proj", "up_proj"], ["k_proj", "down_proj"]),
+                    "gpt2": (["c_attn", "c_fc"], ["c_proj"])}  # gpt2: transformers Conv1D bases
+
+
+@pytest.mark.parametrize("family,beams", [("llama", 1), ("gpt2", 1), ("llama", 2)],
+                         ids=["llama", "gpt2", "llama-beams2"])
+def test_generate_with_kv_cache_gives_peft_tokens(family, beams):
     def make():
         torch.manual_seed(0)
-        base = tiny_transformer("llama")
+        base = tiny_transformer(family)
         torch.manual_seed(1)
+        first, second = GENERATE_TARGETS[family]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = get_peft_model(base, LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "up_proj"],
+            model = get_peft_model(base, LoraConfig(r=8, lora_alpha=32, target_modules=first,
                                                     init_lora_weights=False), adapter_name="x1")
-            model.add_adapter("x2", LoraConfig(r=4, lora_alpha=16, target_modules=["k_proj", "down_proj"],
-                                               init_lora_weights=False))
+            model.add_adapter("x2", LoraConfig(r=4, lora_alpha=16, target_modules=second, init_lora_weights=False))
         return model.eval()
 
     reference, fused = make(), make()
@@ -295,8 +301,10 @@ def test_generate_with_kv_cache_gives_peft_tokens():
     mixed.add_mixed_lora_ = counting
     try:
         with torch.no_grad():
-            expected = reference.generate(input_ids=ids, adapter_names=names, max_new_tokens=6, do_sample=False)
-            actual = fused.generate(input_ids=ids, adapter_names=names, max_new_tokens=6, do_sample=False)
+            expected = reference.generate(input_ids=ids, adapter_names=names, max_new_tokens=6, do_sample=False,
+                                          num_beams=beams)
+            actual = fused.generate(input_ids=ids, adapter_names=names, max_new_tokens=6, do_sample=False,
+                                    num_beams=beams)
     finally:
         mixed.add_mixed_lora_ = original
     assert calls, "the fused mixed path never ran"

@@ -531,6 +531,7 @@ def test_cuda_model_rows_match_peft(route):
     sgmv kernels: 5e-3)."""
     reference, fused = (m.cuda() for m in twins())
     x = torch.randn(7, 5, 37, device="cuda")
+    set_backend("triton")
     routing.set_route(OP, route)
     try:
         with torch.no_grad():
@@ -539,4 +540,5 @@ def test_cuda_model_rows_match_peft(route):
         assert routing.last_route(OP) == route
     finally:
         routing.set_route(OP, None)
+        set_backend(None)
     assert_close("y", actual, expected, 5e-3)

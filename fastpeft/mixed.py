@@ -20,7 +20,9 @@ batch row (``"__base__"``: no adapter; a name this layer does not hold: no adapt
   (``fastpeft.kernels.mixed_lora``).
 
 The grouping of rows by adapter is computed once per distinct ``adapter_names`` list (PEFT hands the same list to
-every layer of a forward, and a ``generate`` call the same list at every step) and cached (``row_groups``).
+every layer of a forward, and a ``generate`` call the same list at every step) and cached (``row_groups``). The
+kernels' operands derived from the adapters (fp32 copies, ``B^T``, the Triton stacks) are kept across calls while
+the adapters are unchanged, up to ``DERIVED_CACHE_BYTES``.
 
 Dropout (training, ``p_a > 0``): adapter ``a`` applies fastpeft's Philox mask (``fastpeft._philox``) drawn from its
 own seed over its own gathered sub-batch (rows in batch order, tokens in order), as PEFT applies each adapter's own

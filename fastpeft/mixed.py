@@ -47,6 +47,7 @@ from .reference import apply_dropout
 
 BASE_NAME = "__base__"
 _GROUP_CACHE_SIZE = 64
+_PLANS_PER_GROUPS = 8
 
 
 @dataclass
@@ -69,7 +70,10 @@ class RowGroups:
             # Made outside inference mode: a plan first built under torch.inference_mode is reused by calls that
             # record autograd, which cannot save inference tensors.
             with torch.inference_mode(False):
-                found = self._plans[key] = _make_plan(self, tokens_per_row, device)
+                found = _make_plan(self, tokens_per_row, device)
+            while len(self._plans) >= _PLANS_PER_GROUPS:  # prompts of many lengths: keep the most recent
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = found
         return found
 
 
@@ -79,12 +83,12 @@ class RowPlan:
 
     ``rows[i]``: int64 ``(M_i,)`` on the input's device, the token rows of ``adapters[i]`` in ascending order;
     ``runs``: int64 ``(S, 3)`` on the CPU, ``[start, end, i]`` for every maximal run of consecutive token rows of
-    one adapter, sorted by adapter (the C++ pass); ``blocks``: the Triton kernels' block table
-    (``fastpeft.kernels.mixed_lora.blocks_of``), made on first use."""
+    one adapter, sorted by adapter (the C++ pass); ``blocks``: the Triton kernels' block tables
+    (``fastpeft.kernels.mixed_lora.blocks_of``) per set of adapters the calling layer holds, made on first use."""
 
     rows: list
     runs: torch.Tensor
-    blocks: Optional[tuple] = None
+    blocks: dict = field(default_factory=dict)
 
 
 def _make_plan(groups: RowGroups, T: int, device) -> RowPlan:
@@ -283,10 +287,12 @@ def _sgmv_triton(x2, y2, plan: RowPlan, adapters: MixedAdapters, present: list[i
     in place."""
     from fastpeft.kernels import mixed_lora
 
-    if plan.blocks is None:
-        plan.blocks = mixed_lora.blocks_of(plan.rows, x2.device)
-    rows = [r if adapters.lora_A[i] is not None else r[:0] for i, r in enumerate(plan.rows)]
-    blocks = plan.blocks if len(present) == len(rows) else mixed_lora.blocks_of(rows, x2.device)
+    held = tuple(present)  # layers that lack some of the batch's adapters leave those rows out of the blocks
+    blocks = plan.blocks.get(held)
+    if blocks is None:
+        with torch.inference_mode(False):
+            rows = [r if adapters.lora_A[i] is not None else r[:0] for i, r in enumerate(plan.rows)]
+            blocks = plan.blocks[held] = mixed_lora.blocks_of(rows, x2.device)
     tensors = [t for t in (*adapters.lora_A, *adapters.lora_B, *adapters.lora_bias) if t is not None]
     shape = tuple(None if A is None else A.shape[0] for A in adapters.lora_A)
     stacked = _derived.get(tensors, lambda: mixed_lora.stack_adapters(

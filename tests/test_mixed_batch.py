@@ -348,6 +348,9 @@ def test_rows_are_grouped_once_per_list_and_planned_once_per_shape():
     assert groups.adapters == ("q", "p") and groups.batch_rows == ((0, 3), (2,))
     plan = groups.plan(3, torch.device("cpu"))
     assert groups.plan(3, torch.device("cpu")) is plan
+    for T in range(4, 20):  # prompts of many lengths: only the most recent plans are kept
+        assert groups.plan(T, torch.device("cpu")).rows[1].tolist() == list(range(2 * T, 3 * T))
+    assert len(groups._plans) == mixed._PLANS_PER_GROUPS
     assert plan.rows[0].tolist() == [0, 1, 2, 9, 10, 11] and plan.rows[1].tolist() == [6, 7, 8]
     assert plan.runs.tolist() == [[0, 3, 0], [9, 12, 0], [6, 9, 1]]
     from fastpeft.kernels.mixed_lora import blocks_of

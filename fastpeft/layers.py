@@ -6,13 +6,14 @@ Each fused class subclasses PEFT's own layer class and only overrides ``forward`
 keys are PEFT's. ``fastpeft.accelerate`` turns a PEFT layer into its twin in place by switching its class: the same
 object, the same parameters, the same names.
 
-Where a call is outside what the fused path covers (adapters disabled or merged, mixed-batch ``adapter_names``, a
-LoRA variant such as DoRA, extra arguments for the base layer, hooks on the base layer), the fused layer runs PEFT's
-own forward: same meaning, not fused.
+Where a call is outside what the fused path covers (adapters disabled or merged, a LoRA variant such as DoRA,
+extra arguments for the base layer, hooks on the base layer), the fused layer runs PEFT's own forward: same meaning,
+not fused. Mixed-adapter batches (``adapter_names``) go through ``mixed_batch_forward``.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -20,7 +21,7 @@ from peft.tuners.ia3.layer import Linear as PeftIA3Linear
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
-from . import functional
+from . import functional, mixed
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -95,6 +96,55 @@ def check_input(module: nn.Module, x: torch.Tensor, weight, in_features: int) ->
         )
 
 
+_warned_unfused_mixed: set = set()
+
+
+def _unfused_mixed_reason(layer: nn.Module, adapter_names, args, kwargs) -> str:
+    """Why a mixed-adapter call of ``layer`` must run PEFT's own loop ("" when fastpeft fuses it)."""
+    if args or kwargs:
+        return f"extra arguments for the base layer ({', '.join(sorted(kwargs)) or 'positional'})"
+    variants = sorted({type(layer.lora_variant[name]).__name__ for name in set(adapter_names)
+                       if name in layer.lora_variant})
+    if variants:
+        return f"LoRA variant {', '.join(variants)} in the batch"
+    return ""
+
+
+def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict,
+                        peft_forward: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """PEFT's mixed-adapter batch for a LoRA layer (``kwargs["adapter_names"]``: one adapter name, or ``"__base__"``,
+    per row of ``x`` ``(B, ..., in_features)``): PEFT's checks and errors, the base layer's own forward, then each
+    row's adapter term added by ``fastpeft.mixed``. Calls fastpeft cannot fuse run ``peft_forward`` (PEFT's layer
+    forward), with one warning per layer type and reason."""
+    try:
+        layer._check_forward_args(x, *args, **kwargs)  # PEFT's errors: length of adapter_names, merged, DoRA
+    except ValueError as exc:
+        raise ValueError(f"fastpeft: module '{layer_name(layer)}': {exc}") from exc
+    kwargs = dict(kwargs)
+    adapter_names = kwargs.pop("adapter_names")
+    reason = _unfused_mixed_reason(layer, adapter_names, args, kwargs)
+    if reason:
+        key = (type(layer).__name__, reason)
+        if key not in _warned_unfused_mixed:
+            _warned_unfused_mixed.add(key)
+            warnings.warn(f"fastpeft: module '{layer_name(layer)}': mixed-adapter batch runs PEFT's own loop, not "
+                          f"fused: {reason}", stacklevel=3)
+        return peft_forward(x, *args, adapter_names=adapter_names, **kwargs)
+    if layer.disable_adapters:
+        return layer.base_layer(x)
+    result = layer.base_layer(x)
+    groups = mixed.row_groups(adapter_names)
+    names = [name for name in groups.adapters if name in layer.lora_A]
+    lora_A = {name: layer.lora_A[name].weight for name in names}
+    lora_B = {name: layer.lora_B[name].weight for name in names}
+    lora_bias = {name: layer.lora_B[name].bias for name in names if layer.lora_bias.get(name, False)}
+    dropouts = {name: layer.lora_dropout[name] for name in names}
+    dropout_p = {name: (d.p if isinstance(d, nn.Dropout) else 0.0) for name, d in dropouts.items()}
+    training = any(d.training for d in dropouts.values())
+    adapters = mixed.collect_adapters(groups, lora_A, lora_B, lora_bias, layer.scaling, dropout_p, training)
+    return mixed.add_mixed_lora_(x, result, adapter_names, adapters)
+
+
 class FusedLoraLinear(PeftLoraLinear):
     """PEFT's ``lora.Linear`` (over ``nn.Linear``, transformers ``Conv1D`` or a quantized base) with a fused forward.
 
@@ -138,6 +188,8 @@ class FusedLoraLinear(PeftLoraLinear):
         return active, weight, bias
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if kwargs.get("adapter_names") is not None:
+            return mixed_batch_forward(self, x, args, kwargs, super().forward)
         call = self._fused_call(x, args, kwargs)
         if call is None:
             return super().forward(x, *args, **kwargs)

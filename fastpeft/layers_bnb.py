@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import functional
-from .layers import BASE_WEIGHT_READERS, FUSED_LAYER_TYPES, _any_dropout, _has_hooks, check_input
+from .layers import BASE_WEIGHT_READERS, FUSED_LAYER_TYPES, _any_dropout, _has_hooks, check_input, mixed_batch_forward
 from .quant import QuantizedWeight, is_bnb_quantized
 
 try:
@@ -80,6 +80,8 @@ class _FusedBnbLoraMixin:
     """Forward shared by the LoRA twins; ``x`` ``(..., in_features)`` -> ``(..., out_features)`` in ``x``'s dtype."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if kwargs.get("adapter_names") is not None:  # the base layer's own (quantized) forward, adapters fused
+            return mixed_batch_forward(self, x, args, kwargs, super().forward)
         base = self.get_base_layer()
         active = [name for name in self.active_adapters if name in self.lora_A]
         if (args or kwargs or _has_hooks(base) or any(name in self.lora_variant for name in active)

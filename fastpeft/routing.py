@@ -1,10 +1,10 @@
 """The route table (``fastpeft.routing``): every way each op can run, and the measured choice among them.
 
-An op (``lora_forward``, ``lora_backward``, ``ia3_forward``, ``ia3_backward``) can run by several *routes* that
-compute the same thing with different kernels. Which one is fastest depends on the machine (a CPU with AVX512-BF16
-and AMX runs bf16 GEMMs ~4x faster than fp32; one with AVX2 only runs them many times slower), on the shapes and
-on the dtypes, so no threshold in the code decides it. The first call of a *route key* times every eligible route
-on the real tensors, keeps the fastest, and reuses it for every later call with that key:
+An op (``lora_forward``, ``lora_backward``, ``lora_mixed_forward``, ``ia3_forward``, ``ia3_backward``) can run by
+several *routes* that compute the same thing with different kernels. Which one is fastest depends on the machine
+(a CPU with AVX512-BF16 and AMX runs bf16 GEMMs ~4x faster than fp32; one with AVX2 only runs them many times
+slower), on the shapes and on the dtypes, so no threshold in the code decides it. The first call of a *route key*
+times every eligible route on the real tensors, keeps the fastest, and reuses it for every later call with that key:
 
 - the key (``RouteKey``): op, backend, weight kind (``dense``/``nf4``/``fp4``/``int8``), the dtypes of ``x``, the
   weight and the adapters, ``M`` rounded up to a power of two, ``N`` and ``K``, dropout on/off, the total rank
@@ -80,6 +80,14 @@ ROUTES: dict[str, dict[str, str]] = {
         "split_gemm": "Triton: G by the down-projection kernel, then the GEMM with G A in its epilogue (an adapter "
                       "with dropout by the low-rank kernel)",
     },
+    "lora_mixed_forward": {
+        "compose": "mixed-adapter batch: per adapter a gather of its rows, x A^T and (.) B^T by torch in the adapter's "
+                   "dtype, index_add_ into the base output",
+        "fused": "mixed-adapter batch: one C++ pass over runs of rows sorted by adapter, shrink and expand per run, "
+                 "the base output updated in place (fastpeft._C.lora_mixed_)",
+        "sgmv": "Triton: mixed-adapter batch, one shrink kernel (each row by its own A) and one expand kernel (each "
+                "row's y += s xa B^T in place), adapters indexed per row (fastpeft.kernels.mixed_lora)",
+    },
     "ia3_forward": {
         "compose": "vendor GEMM in x's dtype (a quantized weight decoded into a reused buffer), scaling by torch",
         "compose_fp32": "compose with the GEMM in fp32",
@@ -109,6 +117,9 @@ ROUTE_LIMITS: dict[str, str] = {
     "passes / split_gemm": "the triton backend (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)",
     "fused_gemm": "the triton backend; padded total rank <= 64 (MAX_FUSED_R, the epilogue's register tile); forward: "
                   "no dropout or one adapter; backward: dX wanted and at most one adapter with dropout",
+    "fused / sgmv (mixed)": "no autograd recorded (training and torch.compile run compose); no dropout; x widens "
+                            "to every adapter's dtype without rounding (fp32 adapters, or adapters in x's dtype); "
+                            "sgmv: the triton backend, ranks <= 64",
     "unmeasured": "under Triton's interpreter timings mean nothing: the triton backend takes the kernel route its "
                   "shape would exercise (fastpeft.kernels.lora's mode rule) unless a route is pinned",
 }
@@ -450,6 +461,17 @@ def run(key: RouteKey, candidates: dict[str, Callable[[], object]], device: str 
                 return _choose(key, candidates, device, pinned)
     _last[key.op] = choice.route
     return candidates[choice.route]()
+
+
+def settled(key: RouteKey, eligible) -> Optional[str]:
+    """The route ``run`` would take for ``key`` among the ``eligible`` route names without measuring (a pin, or a
+    choice already made in this process), else None. Lets an op whose routes update a tensor in place skip the
+    copies that only measurement needs."""
+    pinned = _pinned(key.op)
+    if pinned is not None and pinned in eligible:
+        return pinned
+    choice = _choices.get(key)
+    return choice.route if choice is not None and choice.route in eligible else None
 
 
 def _choose(key: RouteKey, candidates, device: str, pinned: Optional[str]):

@@ -21,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import _common, lora
+from . import _common, lora, mixed_lora
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
@@ -149,12 +149,38 @@ def _small_specs(arch: int, dt: str):
                    _tensor_cores_expected(dt))
 
 
+def _mixed_specs(arch: int, dt: str):
+    """The mixed-adapter shrink and expand kernels as ``mixed_lora.mixed_lora_`` launches them: each padded rank
+    tile, fp32 stacked adapters, int32 row tables."""
+    tables = ("order_ptr", "blk_adapter_ptr", "blk_start_ptr", "blk_len_ptr")
+    for name, fn, act in (("mixed_shrink", mixed_lora._mixed_shrink_kernel, "x_ptr"),
+                          ("mixed_expand", mixed_lora._mixed_expand_kernel, "y_ptr")):
+        fn = _jit(fn)
+        for rp in mixed_lora.RANK_TILES:
+            ce = {"BLOCK_M": mixed_lora.BLOCK_M, "BLOCK_R": rp,
+                  **({"BLOCK_K": mixed_lora.BLOCK_K} if "BLOCK_K" in fn.arg_names else {"BLOCK_N": mixed_lora.BLOCK_N})}
+            sig = {}
+            for arg in fn.arg_names:
+                if arg in ce:
+                    sig[arg] = "constexpr"
+                elif arg in tables:
+                    sig[arg] = "*i32"
+                elif arg.endswith("_ptr"):
+                    sig[arg] = f"*{dt}" if arg == act else "*fp32"
+                else:
+                    sig[arg] = "i32"
+            cfg = (f"{mixed_lora.BLOCK_M}x{ce.get('BLOCK_K', ce.get('BLOCK_N'))}x{rp} w{mixed_lora.NUM_WARPS} "
+                   f"s{mixed_lora.NUM_STAGES}")
+            yield Spec(name, arch, dt, cfg, fn, sig, ce, mixed_lora.NUM_WARPS, mixed_lora.NUM_STAGES, True)
+
+
 def specs(arch: int):
     """Every (kernel variant, config, dtype) compiled for ``arch`` (80 or 90)."""
     out = []
     for dt in DTYPES:
         out.extend(_gemm_specs(arch, dt))
         out.extend(_small_specs(arch, dt))
+        out.extend(_mixed_specs(arch, dt))
     return out
 
 

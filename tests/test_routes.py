@@ -159,9 +159,20 @@ def test_threads_agree_on_one_choice(fresh):
     assert len(set(seen)) == 1 and len(routes.routes()) == 1
 
 
+def test_settled_names_the_route_run_would_take_without_measuring(fresh):
+    assert routes.settled(key(), {"compose", "fused"}) is None
+    routes.run(key(), {"compose": lambda: 1, "fused": lambda: 2})
+    chosen = routes.last_route("lora_forward")
+    assert routes.settled(key(), {"compose", "fused"}) == chosen
+    routes.set_route("lora_forward", "gemv")
+    assert routes.settled(key(), {"compose", "gemv"}) == "gemv"
+    assert routes.settled(key(), {"compose", "fused"}) == chosen, "a pin that cannot serve yields to the choice"
+
+
 def test_route_table_names_every_route_with_its_limits():
     table = routes.route_table()
-    assert set(table["routes"]) == {"lora_forward", "lora_backward", "ia3_forward", "ia3_backward"}
+    assert set(table["routes"]) == {"lora_forward", "lora_backward", "lora_mixed_forward", "ia3_forward",
+                                    "ia3_backward"}
     assert "compose" in table["routes"]["lora_forward"] and "bnb_native" in table["limits"]
 
 

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "ops_shared.h"
 
 namespace fastpeft {
 namespace {
@@ -657,6 +658,12 @@ std::vector<at::Tensor> lora_small_backward(const at::Tensor& dy, const at::Tens
 std::string isa() { return K().isa; }
 
 }  // namespace
+
+// For the other binding files (ops_shared.h).
+const KernelTable& active_kernels() { return K(); }
+int activation_dtype(const at::Tensor& t) { return dtype_code(t); }
+void check_activation_rows(const at::Tensor& t, const char* name) { check_rows(t, name); }
+int64_t rows_grain(int64_t work_per_row) { return grain(work_per_row); }
 }  // namespace fastpeft
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -682,4 +689,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_small_backward", &fastpeft::lora_small_backward, "(dy, W, x|None, A, B, h, s, p, seed, need_dx) -> "
         "[dx, dA, dB, db] for one fp32 adapter (decode-sized M)");
   m.def("lora_dx_pass", &fastpeft::lora_dx_pass, "(dx|None, x|None, A32, g32, p, seed) -> dA32 (dx updated in place)");
+  m.def("lora_mixed_", &fastpeft::lora_mixed_, "(y, x, runs (S, 3) int64, [A32 (r_i, K)], [Bt32 (r_i, N)], "
+        "[bias32 (N,) scaled | empty], [s_i]): y[rows] += s_i x A_i^T B_i^T + bias_i per run of rows, in place");
 }

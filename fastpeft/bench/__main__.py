@@ -27,7 +27,9 @@ QUICK = dict(scale=32, shapes=["7b-qkvo"], tokens=[1, 16, 512, 2048], dtypes=["f
              # the reference backend regenerates dropout masks with a Philox written in plain torch ops: seconds per
              # call at M=2048, which alone would take --quick over its time; name it in --providers to include it
              skip_providers=["fastpeft-reference"])
-FULL = dict(scale=1, shapes=list(C.SHAPES), tokens=list(C.TOKENS), dtypes=["bf16", "fp32"], kinds=list(C.KINDS),
+# lora-mixed runs only when asked for (--kinds): it multiplies the grid by its four adapter counts.
+FULL = dict(scale=1, shapes=list(C.SHAPES), tokens=list(C.TOKENS), dtypes=["bf16", "fp32"],
+            kinds=[k for k in C.KINDS if k != "lora-mixed"],
             modes=list(C.MODES), dropouts=[0.0, 0.1], budget=1.0, model_layers=4, model_seq=256, model_new_tokens=32)
 
 
@@ -89,7 +91,8 @@ def resolve(args) -> argparse.Namespace:
 
 def _layer_rows(case, timings, builts, memory):
     rows = []
-    base = dict(level="layer", kind=case.kind, shape=case.shape, K=case.K, N=case.N, M=case.M, r=case.r,
+    shape = case.shape if case.kind != "lora-mixed" else f"{case.shape}/adapters={case.adapters}"
+    base = dict(level="layer", kind=case.kind, shape=shape, K=case.K, N=case.N, M=case.M, r=case.r,
                 dtype=case.dtype, dropout=case.dropout, mode=case.mode)
     for provider, t in timings.items():
         b = builts[provider]
@@ -117,15 +120,15 @@ def run_layers(args, device, providers, writer, progress) -> None:
             x, dy = C.make_inputs(case, device)
             builts, shared = {}, None
             for provider in providers:
-                if provider == "compose" and case.kind == "ia3":
-                    continue  # the composition is LoRA's
+                if provider == "compose" and case.kind in ("ia3", "lora-mixed"):
+                    continue  # the composition is single-adapter LoRA's
                 built = C.build(case, provider, device, x, shared_base=shared)
                 if provider == "base":
                     shared = built.module
                 builts[provider] = built
             runners = []
             for provider, built in builts.items():
-                prepare, run = C.make_runner(built, case.mode, x, dy)
+                prepare, run = C.make_runner(built, case.mode, x, dy, case.adapter_names())
                 runners.append((provider, prepare, run, lambda b=built, x=x: [x] + b.params))
             try:
                 timings = time_runners(runners, device, args.budget)
@@ -136,7 +139,8 @@ def run_layers(args, device, providers, writer, progress) -> None:
             if not args.no_memory and case.mode == "fwd+bwd":
                 for provider, prepare, run, _ in runners:
                     builts[provider].select()
-                    saved = saved_bytes(builts[provider].module, lambda m=builts[provider].module, x=x: m(x))
+                    call = C.caller(builts[provider].module, case.adapter_names())
+                    saved = saved_bytes(builts[provider].module, lambda m=call, x=x: m(x))
                     prepare()
                     peak, how = peak_bytes(run, device)
                     memory[provider] = {"saved_bytes": (saved["saved_bytes"], "bytes"),

@@ -12,6 +12,11 @@ built from the same seed, so the numbers compare the same arithmetic:
   y.addmm_(drop(x) @ A^T, B^T, alpha=s)`` with the adapters cast to ``x``'s dtype (LoRA kinds only): fastpeft's
   floor, as PEFT is its reference.
 
+Kind ``lora-mixed``: a mixed-adapter batch (PEFT's ``adapter_names``) of ``MIXED_SEQUENCES`` sequences of
+``M / MIXED_SEQUENCES`` tokens, sequence ``i`` through adapter ``i % adapters`` (``Case.adapters``, each of rank
+``r``; with 8 sequences at most 8 are in a batch, the rest are held by the layer); decode is ``M = 8`` (one token
+per sequence), prefill ``M = 512``.
+
 Modes: ``infer`` (eval mode under ``torch.no_grad()``: serving; bitsandbytes then runs its own CPU kernels), ``fwd``
 (training-mode forward, autograd recording), ``bwd`` and ``fwd+bwd``.
 
@@ -42,7 +47,9 @@ SHAPES = {
     "8b-up": (4096, 14336),
     "8b-down": (14336, 4096),
 }
-KINDS = ("lora", "ia3", "qlora-nf4", "qlora-int8")
+KINDS = ("lora", "ia3", "qlora-nf4", "qlora-int8", "lora-mixed")
+MIXED_SEQUENCES = 8
+MIXED_ADAPTERS = (1, 4, 16, 64)
 MODES = ("infer", "fwd", "bwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKENS = (1, 16, 512, 2048)
@@ -61,6 +68,7 @@ class Case:
     dropout: float
     mode: str
     r: int = 16
+    adapters: int = 1  # lora-mixed: distinct adapters in the batch
 
     @property
     def quantized(self) -> bool:
@@ -68,7 +76,15 @@ class Case:
 
     @property
     def label(self) -> str:
-        return f"{self.kind} {self.shape} {self.K}x{self.N} M={self.M} {self.dtype} drop={self.dropout} {self.mode}"
+        mixed = f" adapters={self.adapters}" if self.kind == "lora-mixed" else ""
+        return (f"{self.kind} {self.shape} {self.K}x{self.N} M={self.M}{mixed} {self.dtype} drop={self.dropout} "
+                f"{self.mode}")
+
+    def adapter_names(self) -> Optional[list]:
+        """lora-mixed: the adapter of each sequence; None for the other kinds."""
+        if self.kind != "lora-mixed":
+            return None
+        return [f"mix{i % self.adapters}" for i in range(MIXED_SEQUENCES)]
 
 
 def scaled(dim: int, scale: int) -> int:
@@ -149,6 +165,9 @@ def _wrap(case: Case, base: nn.Module, seed: int) -> nn.Module:
         config = LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout, target_modules=["proj"],
                             init_lora_weights=False)
     model = get_peft_model(_Holder(base), config)
+    for i in range(1, case.adapters if case.kind == "lora-mixed" else 1):
+        model.add_adapter(f"mix{i}", LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout,
+                                                target_modules=["proj"], init_lora_weights=False))
     model.train()
     return model
 
@@ -191,6 +210,8 @@ def build(case: Case, provider: str, device: torch.device, x: torch.Tensor, seed
         return Built(provider, base, None, _select_backend(None), False, "")
     model = _wrap(case, base, seed)
     layer = model.base_model.model.proj
+    if case.kind == "lora-mixed":
+        model.base_model.set_adapter(["default"])
     params = [p for p in layer.parameters() if p.requires_grad]
     if provider == "peft":
         return Built(provider, layer, model, _select_backend(None), False, "", params)
@@ -232,10 +253,20 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0):
     return x, dy
 
 
-def make_runner(built: Built, mode: str, x: torch.Tensor, dy: torch.Tensor):
+def caller(layer: nn.Module, names: Optional[list]):
+    """``layer`` as the runners call it: ``x`` ``(M, K)`` -> ``(M, N)``; a mixed batch reshapes ``x`` into
+    sequences and passes ``adapter_names`` (the frozen base takes the flat batch as it is)."""
+    if names is None or not hasattr(layer, "lora_A"):
+        return layer
+    return lambda x: layer(x.view(len(names), -1, x.shape[-1]), adapter_names=names).flatten(0, 1)
+
+
+def make_runner(built: Built, mode: str, x: torch.Tensor, dy: torch.Tensor, names: Optional[list] = None):
     """``(prepare, run)`` for one provider and mode. ``prepare`` (untimed) selects the backend, clears gradients
-    and, for ``bwd``, runs the forward whose graph ``run`` then differentiates."""
-    layer = built.module
+    and, for ``bwd``, runs the forward whose graph ``run`` then differentiates. ``names``: a mixed batch's
+    ``adapter_names``."""
+    module = built.module
+    layer = caller(module, names)
     state: dict = {}
 
     def clear():
@@ -248,7 +279,7 @@ def make_runner(built: Built, mode: str, x: torch.Tensor, dy: torch.Tensor):
     if mode == "infer":
         def prepare():
             clear()
-            layer.eval()
+            module.eval()
 
         def run():
             with torch.no_grad():
@@ -256,14 +287,14 @@ def make_runner(built: Built, mode: str, x: torch.Tensor, dy: torch.Tensor):
     elif mode == "fwd":
         def prepare():
             clear()
-            layer.train()
+            module.train()
 
         def run():
             state["y"] = layer(x)
     elif mode == "bwd":
         def prepare():
             clear()
-            layer.train()
+            module.train()
             state["y"] = layer(x)
 
         def run():
@@ -271,7 +302,7 @@ def make_runner(built: Built, mode: str, x: torch.Tensor, dy: torch.Tensor):
     elif mode == "fwd+bwd":
         def prepare():
             clear()
-            layer.train()
+            module.train()
 
         def run():
             layer(x).backward(dy)
@@ -282,7 +313,8 @@ def make_runner(built: Built, mode: str, x: torch.Tensor, dy: torch.Tensor):
 
 def enumerate_cases(kinds, shapes, tokens, dtypes, dropouts, modes, scale: int, r: int = 16) -> list[Case]:
     """The cross product, minus points with no meaning: IA3 has no dropout; an int8 base computes in its own
-    dtype, so fp32 int8 rows are skipped (a 4-bit base computes in its ``compute_dtype``, fp32 included)."""
+    dtype, so fp32 int8 rows are skipped (a 4-bit base computes in its ``compute_dtype``, fp32 included). A mixed
+    batch needs whole sequences (``M`` a multiple of ``MIXED_SEQUENCES``) and runs once per adapter count."""
     cases = []
     for kind in kinds:
         for shape in shapes:
@@ -295,6 +327,12 @@ def enumerate_cases(kinds, shapes, tokens, dtypes, dropouts, modes, scale: int, 
                         continue
                     for mode in modes:
                         for M in tokens:
-                            cases.append(Case(kind, shape, scaled(K, scale), scaled(N, scale), M, dtype, dropout,
-                                              mode, r))
+                            if kind != "lora-mixed":
+                                cases.append(Case(kind, shape, scaled(K, scale), scaled(N, scale), M, dtype,
+                                                  dropout, mode, r))
+                                continue
+                            if M % MIXED_SEQUENCES:
+                                continue  # whole sequences only
+                            cases.extend(Case(kind, shape, scaled(K, scale), scaled(N, scale), M, dtype, dropout,
+                                              mode, r, n) for n in MIXED_ADAPTERS)
     return cases

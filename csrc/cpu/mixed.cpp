@@ -1,0 +1,94 @@
+// Mixed-adapter LoRA on the CPU: every run of rows through its own adapter, the update added to y in place.
+//
+// For each run [start, end) of rows that share adapter i (fastpeft/mixed.py builds the runs, sorted by adapter so
+// one adapter's A and B stay in cache across its runs):
+//   y[m, :] += s_i * (x[m, :] A_i^T) B_i^T + bias_i      for m in [start, end), accumulated in fp32, y rounded once.
+// The shrink is the kernel table's xa_rows and the expand its epilogue_rows, on row pointers offset to the run, so
+// each run is a small segmented GEMM (one row per run at decode: a batched GEMV). B_i comes as B_i^T (r_i, N), the
+// layout the expand streams: the caller keeps that copy across calls (transposing every adapter's B per call cost
+// as much as reading it).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "ops_shared.h"
+
+namespace fastpeft {
+
+namespace {
+
+// Runs longer than this are split, so one long prompt does not keep every other thread idle.
+constexpr int64_t kChunkRows = 32;
+
+struct Chunk {
+  int64_t start, end, adapter;
+};
+
+int64_t element_size(int dt) { return dt == kF32 ? 4 : 2; }
+
+}  // namespace
+
+void lora_mixed_(at::Tensor& y, const at::Tensor& x, const at::Tensor& runs, const std::vector<at::Tensor>& A,
+                 const std::vector<at::Tensor>& Bt, const std::vector<at::Tensor>& bias,
+                 const std::vector<double>& scaling) {
+  check_activation_rows(y, "y");
+  check_activation_rows(x, "x");
+  const int64_t M = x.size(0), Kd = x.size(1), N = y.size(1);
+  const int64_t n = static_cast<int64_t>(A.size());
+  TORCH_CHECK(y.size(0) == M, "fastpeft._C.lora_mixed_: y has ", y.size(0), " rows, x has ", M);
+  TORCH_CHECK(static_cast<int64_t>(Bt.size()) == n && static_cast<int64_t>(bias.size()) == n &&
+                  static_cast<int64_t>(scaling.size()) == n,
+              "fastpeft._C.lora_mixed_: A, Bt, bias and scaling must have one entry per adapter");
+  TORCH_CHECK(runs.scalar_type() == at::kLong && runs.is_contiguous() && runs.dim() == 2 && runs.size(1) == 3,
+              "fastpeft._C.lora_mixed_: runs must be contiguous int64 (S, 3)");
+  std::vector<const float*> bias_ptr(n, nullptr);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = A[i].dim() == 2 ? A[i].size(0) : -1;
+    TORCH_CHECK(A[i].scalar_type() == at::kFloat && A[i].is_contiguous() && r >= 0 && A[i].size(1) == Kd,
+                "fastpeft._C.lora_mixed_: A[", i, "] must be contiguous fp32 (r, ", Kd, "), got ", A[i].sizes());
+    TORCH_CHECK(Bt[i].scalar_type() == at::kFloat && Bt[i].is_contiguous() && Bt[i].dim() == 2 &&
+                    Bt[i].size(0) == r && Bt[i].size(1) == N,
+                "fastpeft._C.lora_mixed_: Bt[", i, "] must be contiguous fp32 (", r, ", ", N, "), got ", Bt[i].sizes());
+    if (bias[i].numel()) {
+      TORCH_CHECK(bias[i].scalar_type() == at::kFloat && bias[i].is_contiguous() && bias[i].numel() == N,
+                  "fastpeft._C.lora_mixed_: bias[", i, "] must be contiguous fp32 (", N, ") or empty");
+      bias_ptr[i] = bias[i].data_ptr<float>();
+    }
+  }
+  std::vector<Chunk> chunks;
+  int64_t max_r = 0;
+  const int64_t* rp = runs.data_ptr<int64_t>();
+  for (int64_t s = 0; s < runs.size(0); ++s) {
+    const int64_t start = rp[3 * s], end = rp[3 * s + 1], a = rp[3 * s + 2];
+    TORCH_CHECK(0 <= start && start <= end && end <= M && 0 <= a && a < n, "fastpeft._C.lora_mixed_: run ", s,
+                " = [", start, ", ", end, ", ", a, "] is out of bounds (", M, " rows, ", n, " adapters)");
+    if (A[a].size(0) == 0) continue;
+    max_r = std::max<int64_t>(max_r, A[a].size(0));
+    for (int64_t c = start; c < end; c += kChunkRows) chunks.push_back({c, std::min(end, c + kChunkRows), a});
+  }
+  if (chunks.empty()) return;
+  const KernelTable& kt = active_kernels();
+  const int dtx = activation_dtype(x), dty = activation_dtype(y);
+  const char* xp = static_cast<const char*>(x.data_ptr());
+  char* yp = static_cast<char*>(y.data_ptr());
+  const int64_t ldx = x.stride(0), ldy = y.stride(0);
+  const int64_t rows_per_chunk = std::max<int64_t>(1, M / static_cast<int64_t>(chunks.size()));
+  const int64_t grain = std::max<int64_t>(1, rows_grain((Kd + N) * max_r) / rows_per_chunk);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), grain, [&](int64_t b, int64_t e) {
+    std::vector<float> buf(4 * std::max(Kd, N));
+    std::vector<float> xs(kChunkRows * max_r);
+    for (int64_t c = b; c < e; ++c) {
+      const Chunk& ch = chunks[c];
+      const int64_t rows = ch.end - ch.start, r = A[ch.adapter].size(0);
+      const float s = static_cast<float>(scaling[ch.adapter]);
+      kt.xa_rows(dtx, xp + ch.start * ldx * element_size(dtx), ldx, Kd, 0, rows, A[ch.adapter].data_ptr<float>(),
+                 r, 0.f, 0u, xs.data(), r, buf.data());
+      for (int64_t j = 0; j < rows * r; ++j) xs[j] *= s;
+      kt.epilogue_rows(dty, yp + ch.start * ldy * element_size(dty), ldy, N, 0, rows, xs.data(), r,
+                       Bt[ch.adapter].data_ptr<float>(), bias_ptr[ch.adapter], buf.data());
+    }
+  });
+}
+
+}  // namespace fastpeft

@@ -1,0 +1,25 @@
+// Helpers of the torch bindings (ops.cpp) that other binding files use, and the bindings those files define.
+#pragma once
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "kernels.h"
+
+namespace fastpeft {
+
+// The kernel table in use (chosen from cpuid, or forced by FASTPEFT_CPU_ISA / set_isa).
+const KernelTable& active_kernels();
+// DType code of an fp32/bf16/fp16 tensor; raises for any other dtype.
+int activation_dtype(const at::Tensor& t);
+// Raises unless t is a 2-D CPU fp32/bf16/fp16 tensor with unit column stride.
+void check_activation_rows(const at::Tensor& t, const char* name);
+// Rows per at::parallel_for task for a row costing work_per_row multiply-adds.
+int64_t rows_grain(int64_t work_per_row);
+
+// mixed.cpp
+void lora_mixed_(at::Tensor& y, const at::Tensor& x, const at::Tensor& runs, const std::vector<at::Tensor>& A,
+                 const std::vector<at::Tensor>& Bt, const std::vector<at::Tensor>& bias,
+                 const std::vector<double>& scaling);
+
+}  // namespace fastpeft

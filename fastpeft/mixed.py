@@ -1,0 +1,370 @@
+"""Mixed-adapter batches: every row of a batch through its own LoRA adapter (PEFT's ``adapter_names``).
+
+PEFT's ``lora.Linear._mixed_batch_forward`` computes, for a batch ``x`` of shape ``(B, ..., K)`` and one name per
+batch row (``"__base__"``: no adapter; a name this layer does not hold: no adapter either)::
+
+    y = base(x)
+    for each distinct adapter a, rows R_a of the batch with that name:
+        y[R_a] += (s_a * (drop_a(x[R_a].to(A_a.dtype)) A_a^T B_a^T + b_a)).to(y.dtype)
+
+``add_mixed_lora_`` adds that update to a base output ``y`` in place, by the route chosen for the call
+(``fastpeft.routing``, op ``lora_mixed_forward``):
+
+- ``compose`` (every backend, the floor): per adapter a gather of its rows, two small GEMMs in the adapter's dtype
+  and an ``index_add_`` into ``y``; plain torch, so autograd differentiates it (training) and torch.compile traces
+  it;
+- ``fused`` (cpu backend): one C++ pass (``fastpeft._C.lora_mixed_``) over runs of consecutive rows of one adapter,
+  the shrink ``x A_a^T`` and the expand ``y += s_a xa B_a^T + s_a b_a`` in place, rows of one adapter back to back
+  so its A and B stay in cache (SGMV-style; at decode each run is one row: BGMV);
+- ``sgmv`` (triton backend): one Triton launch for the shrink of every row by its own adapter, one for the expand
+  (``fastpeft.kernels.mixed_lora``).
+
+The grouping of rows by adapter is computed once per distinct ``adapter_names`` list (PEFT hands the same list to
+every layer of a forward, and a ``generate`` call the same list at every step) and cached (``row_groups``). The
+kernels' operands derived from the adapters (fp32 copies, ``B^T``, the Triton stacks) are kept across calls while
+the adapters are unchanged, up to ``DERIVED_CACHE_BYTES``.
+
+Dropout (training, ``p_a > 0``): adapter ``a`` applies fastpeft's Philox mask (``fastpeft._philox``) drawn from its
+own seed over its own gathered sub-batch (rows in batch order, tokens in order), as PEFT applies each adapter's own
+dropout module to its sub-batch. Calls that record autograd run the ``compose`` route (autograd is torch's).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+from . import routing
+from .backends import get_backend
+from .backends.compose import lossless
+from .reference import apply_dropout
+
+BASE_NAME = "__base__"
+_GROUP_CACHE_SIZE = 64
+_PLANS_PER_GROUPS = 8
+
+
+@dataclass
+class RowGroups:
+    """The rows of a batch grouped by adapter name.
+
+    ``names``: one name per batch row; ``adapters``: the distinct names other than ``"__base__"`` in order of first
+    appearance; ``batch_rows[i]``: the batch rows of ``adapters[i]`` in ascending order. Token-level plans (rows of
+    the flattened ``(M, K)`` input) are derived per tokens-per-row and device and kept (``plan``)."""
+
+    names: tuple
+    adapters: tuple
+    batch_rows: tuple
+    _plans: dict = field(default_factory=dict, repr=False)
+
+    def plan(self, tokens_per_row: int, device: torch.device) -> "RowPlan":
+        key = (tokens_per_row, device)
+        found = self._plans.get(key)
+        if found is None:
+            # Made outside inference mode: a plan first built under torch.inference_mode is reused by calls that
+            # record autograd, which cannot save inference tensors.
+            with torch.inference_mode(False):
+                found = _make_plan(self, tokens_per_row, device)
+            while len(self._plans) >= _PLANS_PER_GROUPS:  # prompts of many lengths: keep the most recent
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = found
+        return found
+
+
+@dataclass
+class RowPlan:
+    """Rows of the flattened ``(M, K)`` input for one ``RowGroups`` and tokens-per-row ``T`` (``M = B * T``).
+
+    ``rows[i]``: int64 ``(M_i,)`` on the input's device, the token rows of ``adapters[i]`` in ascending order;
+    ``runs``: int64 ``(S, 3)`` on the CPU, ``[start, end, i]`` for every maximal run of consecutive token rows of
+    one adapter, sorted by adapter (the C++ pass); ``blocks``: the Triton kernels' block tables
+    (``fastpeft.kernels.mixed_lora.blocks_of``) per set of adapters the calling layer holds, made on first use."""
+
+    rows: list
+    runs: torch.Tensor
+    blocks: dict = field(default_factory=dict)
+
+
+def _make_plan(groups: RowGroups, T: int, device) -> RowPlan:
+    rows, runs = [], []
+    for i, batch_rows in enumerate(groups.batch_rows):
+        token_rows = [b * T + t for b in batch_rows for t in range(T)]
+        rows.append(torch.tensor(token_rows, dtype=torch.int64, device=device))
+        start = prev = None
+        for b in batch_rows:  # consecutive batch rows of one adapter make one run of token rows
+            if prev is not None and b == prev + 1:
+                prev = b
+                continue
+            if start is not None:
+                runs.append((start * T, (prev + 1) * T, i))
+            start = prev = b
+        if start is not None:
+            runs.append((start * T, (prev + 1) * T, i))
+    return RowPlan(rows, torch.tensor(runs, dtype=torch.int64).reshape(-1, 3))
+
+
+_groups: "OrderedDict[tuple, RowGroups]" = OrderedDict()
+_groups_lock = threading.Lock()
+
+
+def row_groups(adapter_names: Sequence[str]) -> RowGroups:
+    """The ``RowGroups`` of ``adapter_names`` (one name per batch row), computed once per distinct list and kept (the
+    ``_GROUP_CACHE_SIZE`` most recent)."""
+    key = tuple(adapter_names)
+    found = _groups.get(key)
+    if found is not None:
+        return found
+    order: dict[str, list[int]] = {}
+    for row, name in enumerate(key):
+        if not isinstance(name, str):
+            raise TypeError(f"fastpeft: adapter_names must hold str, got {type(name).__name__} at position {row}")
+        if name != BASE_NAME:
+            order.setdefault(name, []).append(row)
+    found = RowGroups(key, tuple(order), tuple(tuple(rows) for rows in order.values()))
+    with _groups_lock:
+        _groups[key] = found
+        while len(_groups) > _GROUP_CACHE_SIZE:
+            _groups.popitem(last=False)
+    return found
+
+
+@dataclass
+class MixedAdapters:
+    """One layer's adapters aligned with ``RowGroups.adapters``: entry ``i`` is None where the layer does not hold
+    ``adapters[i]`` (its rows get nothing, as in PEFT), else ``lora_A`` ``(r, K)``, ``lora_B`` ``(N, r)``,
+    ``lora_bias`` ``(N,)``/None, ``scaling``, ``dropout_p`` (0 outside training) and the dropout ``seed``."""
+
+    lora_A: list
+    lora_B: list
+    lora_bias: list
+    scaling: list
+    dropout_p: list
+    seeds: list
+
+    def present(self) -> list[int]:
+        return [i for i, A in enumerate(self.lora_A) if A is not None]
+
+
+def collect_adapters(groups: RowGroups, lora_A: Mapping[str, torch.Tensor], lora_B: Mapping[str, torch.Tensor],
+                     lora_bias: Mapping[str, Optional[torch.Tensor]], scaling: Mapping[str, float],
+                     dropout_p: Mapping[str, float], training: bool) -> MixedAdapters:
+    """The layer's adapters in ``groups.adapters`` order; dropout seeds drawn from torch's generator (one per
+    adapter with ``p > 0``) only when ``training``."""
+    out = MixedAdapters([], [], [], [], [], [])
+    for name in groups.adapters:
+        A = lora_A.get(name)
+        p = float(dropout_p.get(name, 0.0)) if (training and A is not None) else 0.0
+        out.lora_A.append(A)
+        out.lora_B.append(None if A is None else lora_B[name])
+        out.lora_bias.append(None if A is None else lora_bias.get(name))
+        out.scaling.append(0.0 if A is None else float(scaling[name]))
+        out.dropout_p.append(p)
+        out.seeds.append(int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0 else 0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- the spec
+def reference_mixed(x, y, adapter_names, adapters: MixedAdapters) -> torch.Tensor:
+    """PEFT's mixed-batch loop, plainly (the executable spec): ``x`` ``(B, ..., K)``, ``y`` the base output
+    ``(B, ..., N)``; returns a new tensor. Differentiable by autograd."""
+    groups = row_groups(adapter_names)
+    result = y.clone()
+    for i, batch_rows in enumerate(groups.batch_rows):
+        A = adapters.lora_A[i]
+        if A is None:
+            continue
+        idx = list(batch_rows)
+        sub = x[idx].to(A.dtype)
+        flat = apply_dropout(sub.reshape(-1, sub.shape[-1]), adapters.dropout_p[i], adapters.seeds[i]).view_as(sub)
+        h = torch.nn.functional.linear(flat, A)
+        update = torch.nn.functional.linear(h, adapters.lora_B[i], adapters.lora_bias[i]) * adapters.scaling[i]
+        result[idx] += update.to(result.dtype)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------ routes
+def _compose(x2, y2, plan: RowPlan, adapters: MixedAdapters, present: list[int]) -> torch.Tensor:
+    """Route ``compose``: gather, two GEMMs in the adapter's dtype, ``index_add_`` into ``y2`` (in place unless
+    autograd or torch.compile needs an out-of-place result). ``x2`` ``(M, K)``, ``y2`` ``(M, N)``."""
+    out_of_place = torch.is_grad_enabled() and (x2.requires_grad or y2.requires_grad or any(
+        adapters.lora_A[i].requires_grad or adapters.lora_B[i].requires_grad for i in present))
+    for i in present:
+        A, B, b = adapters.lora_A[i], adapters.lora_B[i], adapters.lora_bias[i]
+        rows = plan.rows[i]
+        sub = apply_dropout(x2.index_select(0, rows).to(A.dtype), adapters.dropout_p[i], adapters.seeds[i])
+        update = torch.nn.functional.linear(torch.nn.functional.linear(sub, A), B, b) * adapters.scaling[i]
+        update = update.to(y2.dtype)
+        y2 = y2.index_add(0, rows, update) if out_of_place else y2.index_add_(0, rows, update)
+    return y2
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    return sum(_nbytes(v) for v in value)
+
+
+class _DerivedTensors:
+    """Tensors derived from adapter parameters (fp32 copies, transposes, stacks) kept while those parameters live
+    and are not modified in place (checked by identity and version counter), least recently used dropped beyond
+    ``max_bytes`` (then those are derived again per call: slower, never wrong)."""
+
+    def __init__(self, max_bytes: int):
+        self._entries: OrderedDict = OrderedDict()
+        self._max_bytes = max_bytes
+        self._bytes = 0
+
+    def get(self, tensors: Sequence[torch.Tensor], make, extra=()):
+        try:
+            versions = tuple(t._version for t in tensors)
+        except RuntimeError:  # inference tensors keep no version counter: nothing can be kept for them
+            return make()
+        key = (tuple(id(t) for t in tensors), extra)
+        found = self._entries.get(key)
+        if found is not None:
+            refs, seen, value, size = found
+            if seen == versions and all(ref() is t for ref, t in zip(refs, tensors)):
+                self._entries.move_to_end(key)
+                return value
+            del self._entries[key]
+            self._bytes -= size
+        value = make()
+        size = _nbytes(value)
+        self._entries[key] = ([weakref.ref(t) for t in tensors], versions, value, size)
+        self._bytes += size
+        while self._bytes > self._max_bytes and len(self._entries) > 1:
+            self._bytes -= self._entries.popitem(last=False)[1][3]
+        return value
+
+
+# Adapter copies the mixed kernels keep (fp32, B^T, the Triton stacks): at most this many bytes. fp32 adapters in a
+# contiguous (r, K) A need no copy of A; B^T is one copy of each B used in a mixed batch.
+DERIVED_CACHE_BYTES = 512 * 2**20
+_derived = _DerivedTensors(DERIVED_CACHE_BYTES)
+_F32 = torch.float32
+_EMPTY = torch.empty(0)
+
+
+def _cpu_operands(adapters: MixedAdapters, i: int) -> tuple:
+    """Adapter ``i`` as ``fastpeft._C.lora_mixed_`` takes it: ``A`` ``(r, K)``, ``B^T`` ``(r, N)`` and ``s b``
+    ``(N,)`` (or empty), contiguous fp32, kept across calls."""
+    A, B, b, s = adapters.lora_A[i], adapters.lora_B[i], adapters.lora_bias[i], adapters.scaling[i]
+    if not (A.dtype == _F32 and A.is_contiguous()):
+        A = _derived.get([A], lambda: A.detach().to(_F32).contiguous())
+    Bt = _derived.get([B], lambda: B.detach().to(_F32).t().contiguous())
+    if b is not None:
+        b = _derived.get([b], lambda: (b.detach().to(_F32) * s).contiguous(), extra=s)
+    return A, Bt, _EMPTY if b is None else b
+
+
+def _fused_cpu(x2, y2, plan: RowPlan, adapters: MixedAdapters, present: list[int]) -> torch.Tensor:
+    """Route ``fused`` (cpu backend): ``fastpeft._C.lora_mixed_`` over the plan's runs, ``y2`` updated in place."""
+    from . import _C  # type: ignore[attr-defined]
+
+    N, K = y2.shape[1], x2.shape[1]
+    As, Bts, biases = [], [], []
+    for i, A in enumerate(adapters.lora_A):
+        if A is None:
+            A, Bt, b = torch.zeros(0, K), torch.zeros(0, N), _EMPTY
+        else:
+            A, Bt, b = _cpu_operands(adapters, i)
+        As.append(A)
+        Bts.append(Bt)
+        biases.append(b)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    _C.lora_mixed_(y2, x2, plan.runs, As, Bts, biases, adapters.scaling)
+    return y2
+
+
+def _sgmv_triton(x2, y2, plan: RowPlan, adapters: MixedAdapters, present: list[int]) -> torch.Tensor:
+    """Route ``sgmv`` (triton backend): ``fastpeft.kernels.mixed_lora``'s shrink and expand kernels, ``y2`` updated
+    in place."""
+    from fastpeft.kernels import mixed_lora
+
+    held = tuple(present)  # layers that lack some of the batch's adapters leave those rows out of the blocks
+    blocks = plan.blocks.get(held)
+    if blocks is None:
+        with torch.inference_mode(False):
+            rows = [r if adapters.lora_A[i] is not None else r[:0] for i, r in enumerate(plan.rows)]
+            blocks = plan.blocks[held] = mixed_lora.blocks_of(rows, x2.device)
+    tensors = [t for t in (*adapters.lora_A, *adapters.lora_B, *adapters.lora_bias) if t is not None]
+    shape = tuple(None if A is None else A.shape[0] for A in adapters.lora_A)
+    stacked = _derived.get(tensors, lambda: mixed_lora.stack_adapters(
+        adapters.lora_A, adapters.lora_B, adapters.lora_bias, adapters.scaling, x2.shape[1], y2.shape[1],
+        x2.device), extra=(shape, tuple(adapters.scaling)))
+    return mixed_lora.mixed_lora_(y2, x2, blocks, *stacked)
+
+
+def _sgmv_eligible(adapters: MixedAdapters, present: list[int]) -> bool:
+    """Ranks fit the kernels' padded rank tiles (``fastpeft.kernels.mixed_lora.RANK_TILES``)."""
+    from fastpeft.kernels.mixed_lora import rank_tile
+
+    return rank_tile(max(adapters.lora_A[i].shape[0] for i in present)) is not None
+
+
+def _fused_eligible(x2, y2, adapters: MixedAdapters, present: list[int]) -> bool:
+    """``fused`` / ``sgmv`` may serve this call (``fastpeft.routing.ROUTE_LIMITS``): no dropout, and ``x`` widens to
+    each adapter's dtype without rounding (PEFT's cast then loses nothing, so computing in fp32 is its meaning)."""
+    return all(adapters.dropout_p[i] == 0 and lossless(x2.dtype, adapters.lora_A[i].dtype) for i in present)
+
+
+def _route_key(backend: str, x2, y2, adapters: MixedAdapters, present: list[int]) -> routing.RouteKey:
+    As = [adapters.lora_A[i] for i in present]
+    return routing.make_key("lora_mixed_forward", backend, "dense", x2.dtype, y2.dtype, [A.dtype for A in As],
+                            x2.shape[0], y2.shape[1], x2.shape[1], any(adapters.dropout_p[i] > 0 for i in present),
+                            sum(A.shape[0] for A in As), len(As))
+
+
+def add_mixed_lora_(x: torch.Tensor, y: torch.Tensor, adapter_names: Sequence[str],
+                    adapters: MixedAdapters) -> torch.Tensor:
+    """Add each row's own adapter update to the base output ``y``, by the route chosen for this call.
+
+    Args:
+        x: ``(B, ..., K)`` fp16/bf16/fp32, the layer input; ``B == len(adapter_names)``.
+        y: ``(B, ..., N)``, the base output (any float dtype); updated in place when no autograd is recorded.
+        adapter_names: one adapter name (or ``"__base__"``) per batch row.
+        adapters: the layer's adapters in ``row_groups(adapter_names).adapters`` order (``collect_adapters``).
+    Returns:
+        ``(B, ..., N)`` in ``y``'s dtype: ``y`` itself, or a new tensor where autograd needs one.
+    """
+    groups = row_groups(adapter_names)
+    present = adapters.present()
+    if not present:
+        return y
+    x2 = x.reshape(-1, x.shape[-1])
+    y2 = y.reshape(-1, y.shape[-1])
+    plan = groups.plan(x2.shape[0] // len(groups.names), x2.device)
+    recording = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or any(
+        adapters.lora_A[i].requires_grad or adapters.lora_B[i].requires_grad for i in present))
+    if recording or torch.compiler.is_compiling():
+        out = _compose(x2, y2, plan, adapters, present)
+        return out.view(y.shape)
+    backend = get_backend(x2, y2).name
+    routes = {"compose": _compose}
+    if _fused_eligible(x2, y2, adapters, present):
+        if backend == "cpu":
+            routes["fused"] = _fused_cpu
+        elif backend == "triton" and _sgmv_eligible(adapters, present):
+            routes["sgmv"] = _sgmv_triton
+    key = _route_key(backend, x2, y2, adapters, present)
+    unmeasured = _unmeasured(backend, routes)
+    route = routing.settled(key, routes) or unmeasured
+    if route is not None:  # no measurement: the route updates y in place
+        candidates = {route: lambda: routes[route](x2, y2, plan, adapters, present)}
+    else:  # measurement runs every candidate several times: each on its own copy of the base output
+        candidates = {name: (lambda fn=fn: fn(x2, y2.clone(), plan, adapters, present)) for name, fn in routes.items()}
+    out = routing.run(key, candidates, device=x2.device.type, unmeasured=unmeasured)
+    return out.view(y.shape)
+
+
+def _unmeasured(backend: str, candidates) -> Optional[str]:
+    """Under Triton's interpreter timing means nothing: take the kernel route unless one is pinned."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return "sgmv" if "sgmv" in candidates else "compose"
+    return None

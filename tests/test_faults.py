@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 from checks import assert_close, assert_within_2x
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from model_helpers import MLP
 from safetensors.torch import load_file, save_file
@@ -80,8 +80,20 @@ def _run_lora(fn, x, W, b, As, Bs, bs, g_out):
     return y.detach(), grads
 
 
+# A case where the output is so small (K=1, a 7x1 dX) that one bf16 rounding of it is most of the error.
+TINY_BF16 = dict(M=7, K=1, N=29, dtype="bf16", strided=True, bias=False, ranks=[1, 4, 6], alphas=[1, 8, 1],
+                 rslora=[False] * 3, lora_bias=[False, True, True], dropout=[0.1, 0.5, 0.0], training=True, seed=9658)
+
+
+def _rounding_floor(dtype: torch.dtype) -> float:
+    """The 2x rule's floor: a result stored in ``dtype`` is rounded once more than the fp32 oracle, so an error of
+    one unit roundoff (2**-8 for bf16, 2**-11 for fp16) is the dtype's, not the implementation's; 1e-3 at least."""
+    return max(1e-3, torch.finfo(dtype).eps / 2)
+
+
 @PROPERTY
 @given(c=lora_cases())
+@example(c=TINY_BF16)
 def test_lora_linear_matches_reference(c):
     """Output and every gradient (dX, dA_i, dB_i, dbias_i) against the reference spec, dropout in training mode
     with the same seeds; low precision by the 2x rule against the fp32 reference."""
@@ -114,9 +126,10 @@ def test_lora_linear_matches_reference(c):
             assert_close(name, grads[name], grads_lp[name], 1e-5)
         return
     y32, grads32 = _run_lora(ref, x.float(), W, b, As, Bs, bs, g_out)
-    assert_within_2x("y", y, y_lp, y32, floor=1e-3)
+    floor = _rounding_floor(dtype)
+    assert_within_2x("y", y, y_lp, y32, floor=floor)
     for name in grads32:
-        assert_within_2x(name, grads[name], grads_lp[name], grads32[name], floor=1e-3)
+        assert_within_2x(name, grads[name], grads_lp[name], grads32[name], floor=floor)
 
 
 @PROPERTY

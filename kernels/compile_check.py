@@ -157,8 +157,9 @@ def _mixed_specs(arch: int, dt: str):
                           ("mixed_expand", mixed_lora._mixed_expand_kernel, "y_ptr")):
         fn = _jit(fn)
         for rp in mixed_lora.RANK_TILES:
-            ce = {"BLOCK_M": mixed_lora.BLOCK_M, "BLOCK_R": rp,
-                  **({"BLOCK_K": mixed_lora.BLOCK_K} if "BLOCK_K" in fn.arg_names else {"BLOCK_N": mixed_lora.BLOCK_N})}
+            block_k, block_n, warps = mixed_lora.tiles()
+            ce = {"BLOCK_M": mixed_lora.BLOCK_M, "BLOCK_R": rp, "INPUT_PRECISION": _common.dot_precision(),
+                  **({"BLOCK_K": block_k} if "BLOCK_K" in fn.arg_names else {"BLOCK_N": block_n})}
             sig = {}
             for arg in fn.arg_names:
                 if arg in ce:
@@ -169,9 +170,9 @@ def _mixed_specs(arch: int, dt: str):
                     sig[arg] = f"*{dt}" if arg == act else "*fp32"
                 else:
                     sig[arg] = "i32"
-            cfg = (f"{mixed_lora.BLOCK_M}x{ce.get('BLOCK_K', ce.get('BLOCK_N'))}x{rp} w{mixed_lora.NUM_WARPS} "
-                   f"s{mixed_lora.NUM_STAGES}")
-            yield Spec(name, arch, dt, cfg, fn, sig, ce, mixed_lora.NUM_WARPS, mixed_lora.NUM_STAGES, True)
+            cfg = f"{mixed_lora.BLOCK_M}x{ce.get('BLOCK_K', ce.get('BLOCK_N'))}x{rp} w{warps} s{mixed_lora.NUM_STAGES}"
+            # the dots are on the fp32 stacked adapters whatever the activations' dtype
+            yield Spec(name, arch, dt, cfg, fn, sig, ce, warps, mixed_lora.NUM_STAGES, _tensor_cores_expected("fp32"))
 
 
 def specs(arch: int):

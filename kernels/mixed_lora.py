@@ -8,9 +8,9 @@ absent) and cut into blocks of at most ``BLOCK_M`` rows of one adapter::
 
 Adapters are stacked (``stack_adapters``; the caller keeps the stack while the adapters are unchanged): ``A``
 ``(n, RP, K)`` and ``B^T`` ``(n, RP, N)`` in fp32, ranks zero-padded to ``RP`` (16 or 64). ``X`` tiles are widened
-to fp32 before the dot (tf32 on the GPU), as PEFT casts ``X`` to its fp32 adapters. Each block is one program per
-column tile, so a decode batch (one row per sequence, each its own adapter) reads each adapter's A and B once per
-row that uses it, and a prefill block of 64 rows of one adapter shares its tiles (tensor cores on both).
+to fp32 before the dot (exact fp32 on the GPU unless torch allows TF32), as PEFT casts ``X`` to its fp32 adapters.
+Each block is one program per column tile, so a decode batch (one row per sequence, each its own adapter) reads each
+adapter's A and B once per row that uses it, and a prefill block of 64 rows of one adapter shares its tiles.
 """
 
 from __future__ import annotations
@@ -21,13 +21,26 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2
+from ._common import dot_precision, exact_fp32, next_pow2
 
 BLOCK_M = 64
 BLOCK_K = 64
 BLOCK_N = 64
 NUM_WARPS = 4
 NUM_STAGES = 2
+# The dots run on fp32 operands (the stacked adapters are fp32). Exact fp32 (``_common.dot_precision``) is FMA code:
+# 64-wide K/N tiles then spill at rank 64 (4 warps on sm_80 and sm_90; 8 warps on sm_90 with 16-bit activations);
+# 32-wide ones with 4 warps compile without stack for every dtype on both.
+EXACT_FP32_BLOCK_KN = 32
+
+
+def tiles() -> tuple[int, int, int]:
+    """``(BLOCK_K, BLOCK_N, num_warps)`` of the launches: narrower K/N tiles when the fp32 dots are exact."""
+    if exact_fp32(torch.float32):
+        return EXACT_FP32_BLOCK_KN, EXACT_FP32_BLOCK_KN, NUM_WARPS
+    return BLOCK_K, BLOCK_N, NUM_WARPS
+
+
 # Padded ranks the launcher produces (the compile checks build exactly these).
 RANK_TILES = (16, 64)
 
@@ -50,7 +63,7 @@ def _mixed_shrink_kernel(
     x_ptr, a_ptr, scale_ptr, order_ptr, blk_adapter_ptr, blk_start_ptr, blk_len_ptr, xa_ptr,
     K,
     stride_xm, stride_an, stride_ar, stride_xam,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """xa[start + i, :] = s_a * x[order[start + i], :] @ A_a^T for the block's rows i < len (fp32)."""
     adapter, start, offs_m, row_ok, rows = _block_rows(order_ptr, blk_adapter_ptr, blk_start_ptr, blk_len_ptr,
@@ -65,7 +78,7 @@ def _mixed_shrink_kernel(
         xt = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
                      other=0.0).to(tl.float32)
         at = tl.load(a_base + offs_r[None, :] * stride_ar + kk[:, None], mask=k_ok[:, None], other=0.0)
-        acc += tl.dot(xt, at)
+        acc += tl.dot(xt, at, input_precision=INPUT_PRECISION)
     acc = acc * tl.load(scale_ptr + adapter)
     out = xa_ptr + (start + offs_m)[:, None].to(tl.int64) * stride_xam + offs_r[None, :]
     tl.store(out, acc, mask=row_ok[:, None])
@@ -76,7 +89,7 @@ def _mixed_expand_kernel(
     y_ptr, xa_ptr, bt_ptr, bias_ptr, order_ptr, blk_adapter_ptr, blk_start_ptr, blk_len_ptr,
     N,
     stride_ym, stride_xam, stride_bn, stride_br, stride_biasn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """y[order[start + i], cols] += xa[start + i, :] @ Bt_a[:, cols] + bias_a[cols], in place."""
     pid_n = tl.program_id(1)
@@ -89,7 +102,7 @@ def _mixed_expand_kernel(
                  mask=row_ok[:, None], other=0.0)
     bt = tl.load(bt_ptr + adapter * stride_bn + offs_r[:, None] * stride_br + offs_n[None, :], mask=n_ok[None, :],
                  other=0.0)
-    acc = tl.dot(xa, bt)
+    acc = tl.dot(xa, bt, input_precision=INPUT_PRECISION)
     acc += tl.load(bias_ptr + adapter * stride_biasn + offs_n, mask=n_ok, other=0.0)[None, :]
     y_tile = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
     ok = row_ok[:, None] & n_ok[None, :]
@@ -164,14 +177,16 @@ def mixed_lora_(y: torch.Tensor, x: torch.Tensor, blocks: tuple, A_all: torch.Te
     if blk_adapter.numel() == 0:
         return y
     rp = A_all.shape[1]
+    block_k, block_n, warps = tiles()
     xa = torch.empty(order.numel(), rp, dtype=torch.float32, device=x.device)
     nb = blk_adapter.numel()
     _mixed_shrink_kernel[(nb,)](
         x, A_all, scale, order, blk_adapter, blk_start, blk_len, xa, K,
-        x.stride(0), A_all.stride(0), A_all.stride(1), xa.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=rp, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    _mixed_expand_kernel[(nb, triton.cdiv(N, BLOCK_N))](
+        x.stride(0), A_all.stride(0), A_all.stride(1), xa.stride(0), INPUT_PRECISION=dot_precision(),
+        BLOCK_M=BLOCK_M, BLOCK_K=block_k, BLOCK_R=rp, num_warps=warps, num_stages=NUM_STAGES)
+    _mixed_expand_kernel[(nb, triton.cdiv(N, block_n))](
         y, xa, Bt_all, bias_all, order, blk_adapter, blk_start, blk_len, N,
         y.stride(0), xa.stride(0), Bt_all.stride(0), Bt_all.stride(1), bias_all.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=rp, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        INPUT_PRECISION=dot_precision(), BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=rp, num_warps=warps,
+        num_stages=NUM_STAGES)
     return y

@@ -66,7 +66,7 @@ def main(argv=None):
     import fastpeft
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fastpeft backends: "
-          + ", ".join(k for k, v in fastpeft.backend_info().items() if isinstance(v, dict) and v["available"]))
+          + ", ".join(k for k, v in fastpeft.backend_info().items() if isinstance(v, dict) and v.get("available")))
     print("| dtype | dropout | mode | M | base ms | peft ms | fastpeft ms | peft/base | fastpeft/base "
           "| fastpeft vs peft |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -22,6 +22,7 @@ import time
 import torch
 
 import fastpeft
+from fastpeft.backends import BACKEND_NAMES
 from fastpeft.bench import timing as bench_timing
 
 
@@ -135,8 +136,8 @@ def main(argv=None):
           f"layers, {args.batch}x{args.seq_len} tokens/step, LoRA r={args.r} dropout={args.dropout}, "
           f"{args.dtype}, {args.device}, {torch.get_num_threads()} threads")
     info = fastpeft.backend_info()
-    print("backends: " + ", ".join(f"{k}={'yes' if v['available'] else 'no'}" for k, v in info.items()
-                                   if isinstance(v, dict)))
+    print("backends: " + ", ".join(f"{k}={'yes' if info[k]['available'] else 'no'}" for k in BACKEND_NAMES)
+          + f"; auto picks {info['auto']['cpu']} for CPU tensors")
 
     base = build_model(args, seed=0)
     for p in base.parameters():

@@ -161,7 +161,8 @@ def test_threads_agree_on_one_choice(fresh):
 
 def test_route_table_names_every_route_with_its_limits():
     table = routes.route_table()
-    assert set(table["routes"]) == {"lora_forward", "lora_backward", "ia3_forward", "ia3_backward"}
+    assert set(table["routes"]) == {"lora_forward", "lora_backward", "ia3_forward", "ia3_backward", "dora_forward",
+                                    "dora_backward"}
     assert "compose" in table["routes"]["lora_forward"] and "bnb_native" in table["limits"]
 
 

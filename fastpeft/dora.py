@@ -361,3 +361,64 @@ def dora_linear(
     else:
         y = DoraLinearFunction.apply(x2, lora_A, lora_B, magnitude, weight, bias, norm, s, p, seed)
     return y if len(lead) == 1 else y.view(*lead, y.shape[-1])
+
+
+# ------------------------------------------------------------------------------------------------ module layer
+def _is_dora(variant) -> bool:
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    return isinstance(variant, DoraLinearVariant) or variant is DoraLinearVariant
+
+
+def non_dora_variants(layer, names) -> list[str]:
+    """The class names of the LoRA variants other than DoRA among adapters ``names`` of a PEFT LoRA layer."""
+    variants = getattr(layer, "lora_variant", {})
+    return sorted({type(variants[name]).__name__ for name in names if name in variants
+                   and not _is_dora(variants[name])})
+
+
+def unfused_variant_reason(layer, active) -> Optional[str]:
+    """Why a PEFT LoRA layer's LoRA variants keep its call on PEFT's own forward, or None when fastpeft serves it:
+    fastpeft fuses DoRA with it as the only active adapter (on a dense base: ``dora_call_ok``)."""
+    if not any(name in layer.lora_variant for name in active):
+        return None
+    other = non_dora_variants(layer, active)
+    if other:
+        return f"LoRA variant {', '.join(other)} is not fused"
+    if len(active) > 1:
+        return "DoRA with several active adapters is not fused"
+    return None
+
+
+def dora_call_ok(layer, weight, x) -> bool:
+    """Whether the one active DoRA adapter of ``layer`` can run fused for input ``x``: a dense base, no autocast."""
+    return isinstance(weight, torch.Tensor) and not torch.is_autocast_enabled(x.device.type)
+
+
+def layer_forward(layer, x: torch.Tensor, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  weight_param: torch.Tensor, where: str) -> torch.Tensor:
+    """The fused forward of PEFT LoRA layer ``layer`` whose one active adapter ``name`` is DoRA; ``weight`` is the
+    ``(N, K)`` view of the base layer's ``weight_param``; ``where`` names the layer in errors. The layer's
+    ``DoraCache`` keeps the norm (and, with no gradient wanted for the magnitude, the scale) while the tensors they
+    come from are unchanged."""
+    cache = layer.__dict__.get("_fastpeft_dora_cache")
+    if cache is None:
+        cache = layer.__dict__["_fastpeft_dora_cache"] = DoraCache()
+    A = layer.lora_A[name].weight
+    B = layer.lora_B[name].weight
+    magnitude = layer.lora_magnitude_vector[name].weight
+    scaling = layer.scaling[name]
+    dropout = layer.lora_dropout[name]
+    # PEFT's rule: the dropped input (and a second base product) only for a real dropout module in training.
+    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and layer.training else 0.0
+    check_tensors(where, weight, A, B, magnitude)
+    norm = cache.norm(name, weight_param, weight, A, B, scaling)
+    return dora_linear(x, weight, bias, A, B, magnitude, scaling, p, training=layer.training, norm=norm,
+                       scale=cache.scale(name, magnitude, norm), where=where)
+
+
+def clear_cache(layer) -> None:
+    """Forget a layer's cached DoRA values (after merge/unmerge rewrote its base weight)."""
+    cache = layer.__dict__.get("_fastpeft_dora_cache")
+    if cache is not None:
+        cache.clear()

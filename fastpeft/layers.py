@@ -7,8 +7,8 @@ keys are PEFT's. ``fastpeft.accelerate`` turns a PEFT layer into its twin in pla
 object, the same parameters, the same names.
 
 Where a call is outside what the fused path covers (adapters disabled or merged, mixed-batch ``adapter_names``, a
-LoRA variant such as DoRA, extra arguments for the base layer, hooks on the base layer), the fused layer runs PEFT's
-own forward: same meaning, not fused.
+LoRA variant other than DoRA on a dense base alone, extra arguments for the base layer, hooks on the base layer), the
+fused layer runs PEFT's own forward: same meaning, not fused. DoRA's math is in ``fastpeft.dora``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from peft.tuners.ia3.layer import Linear as PeftIA3Linear
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
-from . import functional
+from . import dora, functional
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -105,6 +105,7 @@ class FusedLoraLinear(PeftLoraLinear):
             from .quant_merge import merge_quantized
 
             return merge_quantized(self, adapter_names)
+        dora.clear_cache(self)
         return super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unmerge(self) -> None:
@@ -114,6 +115,7 @@ class FusedLoraLinear(PeftLoraLinear):
             from .quant_merge import unmerge_quantized
 
             return unmerge_quantized(self)
+        dora.clear_cache(self)
         return super().unmerge()
 
     def _fused_call(self, x, args, kwargs):
@@ -121,7 +123,8 @@ class FusedLoraLinear(PeftLoraLinear):
         if args or kwargs or self.disable_adapters or self.merged:
             return None
         active = [name for name in self.active_adapters if name in self.lora_A]
-        if any(name in self.lora_variant for name in active):
+        if self.lora_variant and any(name in self.lora_variant for name in active) and (
+                dora.unfused_variant_reason(self, active) is not None):
             return None
         base = direct_base_layer(self)
         if _has_hooks(base):
@@ -140,6 +143,11 @@ class FusedLoraLinear(PeftLoraLinear):
         check_input(self, x, weight, self.in_features)
         if not active:
             return self.base_layer(x)
+        if active[0] in self.lora_variant:
+            if not dora.dora_call_ok(self, weight, x):
+                return super().forward(x)
+            return dora.layer_forward(self, x, active[0], weight, bias, direct_base_layer(self).weight,
+                                      layer_name(self))
         # One pass over the active adapters (this runs per layer per token in decoding).
         lora_A, lora_B, lora_bias, scaling, dropout_p = [], [], [], [], []
         training = False
@@ -192,10 +200,15 @@ def fusable(module: nn.Module) -> tuple[bool, str]:
     if type(module) not in FUSED_LAYER_TYPES:
         return False, f"{type(module).__module__}.{type(module).__name__} has no fused twin"
     variants = getattr(module, "lora_variant", {})
-    if variants:
-        kinds = sorted({type(v).__name__ for v in variants.values()})
-        return False, f"LoRA variant {', '.join(kinds)} (e.g. DoRA) is not fused"
+    other = dora.non_dora_variants(module, list(variants))
+    if other:
+        return False, f"LoRA variant {', '.join(other)} is not fused"
     base = module.get_base_layer()
+    if variants:
+        from .quant import is_bnb_quantized
+
+        if is_bnb_quantized(base):  # PEFT's layer keeps its own DoRA forward and merge over the packed weight
+            return False, "DoRA on a quantized base is not fused"
     if FUSED_LAYER_TYPES[type(module)] in (FusedLoraLinear, FusedIA3Linear):
         if read_base_weight(base, getattr(module, "fan_in_fan_out", False)) is None:
             return False, f"base layer {type(base).__name__} is not supported"

@@ -97,7 +97,7 @@ def _register_optional_layers() -> None:
 def accelerate(peft_model: nn.Module, strict: bool = False) -> nn.Module:
     """Turn, in place, every supported PEFT LoRA/IA3 layer of ``peft_model`` into its fused twin.
 
-    Parameters, names and state_dict keys stay the same. Layers fastpeft does not support yet (DoRA, Conv2d,
+    Parameters, names and state_dict keys stay the same. Layers fastpeft does not support yet (Conv2d,
     Embedding, ...) stay as PEFT made them and are listed in one warning; with ``strict=True`` a ``TypeError`` is
     raised instead and nothing is changed. Calling it again is harmless (and fuses adapters added since).
     """

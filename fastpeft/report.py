@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from . import dora, routing
 from . import layers as _layers
-from . import routing
 from .backends import get_backend
 
 
@@ -77,9 +77,11 @@ def _why_not_fused(module) -> tuple[str, Optional[tuple]]:
         return "adapters disabled", None
     if module.merged:
         return "adapters merged into the base weight", None
-    variants = [name for name in module.active_adapters if name in getattr(module, "lora_variant", {})]
-    if variants:
-        return f"LoRA variant on {', '.join(variants)} (e.g. DoRA) is not fused", None
+    if getattr(module, "lora_variant", None):
+        active = [name for name in module.active_adapters if name in module.lora_A]
+        reason = dora.unfused_variant_reason(module, active)
+        if reason is not None:
+            return reason, None
     base = _layers.direct_base_layer(module)
     if _layers._has_hooks(base):
         return "forward hooks on the base layer", None

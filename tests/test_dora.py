@@ -1,24 +1,38 @@
-"""DoRA (``LoraConfig(use_dora=True)``) as an op: ``fastpeft.dora.dora_linear`` means what PEFT's
-``DoraLinearLayer`` means.
+"""DoRA (``LoraConfig(use_dora=True)``): fastpeft means what PEFT's ``DoraLinearLayer`` means.
 
-The op is checked against the executable spec (``fastpeft.reference.dora_linear``, written as PEFT writes it) on
-every backend available here and every route pinned, dropout included (the spec is fed the seed the op drew, so both
-apply the same mask).
+The op (``fastpeft.dora.dora_linear``) is checked against the executable spec (``fastpeft.reference.dora_linear``,
+written as PEFT writes it) on every backend available here and every route pinned, dropout included (the spec is fed
+the seed the op drew, so both apply the same mask). The module twins are checked against PEFT's own layers:
+outputs, input gradient and the gradients of A, B and the magnitude, PEFT's files (merge/unmerge/unload: in
+``test_peft_parity.test_merge_unmerge_disable_match_peft[dora]``).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 from conftest import assert_close, assert_within_2x, rel_err
+from model_helpers import MLP, Conv1DMLP
+from peft import LoraConfig, PeftModel, get_peft_model
+from test_peft_parity import (
+    FP32_TOL,
+    compare_forward_backward,
+    compare_low_precision,
+    fused_layers,
+    randomize_magnitude,
+    twins,
+)
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import fastpeft
 from fastpeft import dora, reference, routing
 from fastpeft.backends import availability, set_backend
 from fastpeft.functional import draw_seeds
 
-FP32_TOL = 1e-5
 ROUTE_PAIRS = [(f, b) for f in ("compose", "fused") for b in ("compose", "fused")]
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -29,6 +43,14 @@ def clean_routes():
     routing.set_route("dora_forward", None)
     routing.set_route("dora_backward", None)
     set_backend(None)
+
+
+def dora_twins(build, dtype=None, extra_adapters=(), **config):
+    config = LoraConfig(use_dora=True, init_lora_weights=False, **config)
+    peft_model, fused = twins(build, config, extra_adapters=extra_adapters, dtype=dtype)
+    for model in (peft_model, fused):
+        randomize_magnitude(model)
+    return peft_model, fused
 
 
 # ---------------------------------------------------------------------------------------------- the op vs the spec
@@ -130,3 +152,245 @@ def test_norm_without_the_weight_matches_the_formed_weight():
     B2[0, 0] = -1.0
     norm = dora.weight_norm(W2, A2, B2, 1.0)
     assert torch.isfinite(norm).all() and norm[0].item() == pytest.approx(0.0, abs=1e-3)
+
+
+# ------------------------------------------------------------------------------------------- the layers vs PEFT
+@pytest.mark.parametrize("route", ["auto", "compose", "fused"])
+@pytest.mark.parametrize("lead", [(4,), (2, 3)], ids=["2d", "3d"])
+def test_dora_mlp_matches_peft(clean_routes, lead, route):
+    peft_model, fused = dora_twins(MLP, r=3, lora_alpha=5, target_modules=["up", "down"])
+    routing.set_route("dora_forward", route)
+    routing.set_route("dora_backward", route)
+    compare_forward_backward(peft_model, fused, lambda: torch.randn(*lead, 23), label=f"dora {route}")
+
+
+def test_dora_conv1d_fan_in_fan_out_matches_peft():
+    peft_model, fused = dora_twins(Conv1DMLP, r=3, lora_alpha=4, target_modules=["fc", "proj"], fan_in_fan_out=True)
+    compare_forward_backward(peft_model, fused, lambda: torch.randn(2, 5, 19), label="dora conv1d")
+
+
+def test_dora_dropout_eval_matches_peft_and_training_matches_spec():
+    """Dropout 0.1: eval outputs and gradients are PEFT's; in training the layer equals the spec fed the same seed
+    (PEFT's nn.Dropout draws from another RNG, so it cannot be the oracle there)."""
+    peft_model, fused = dora_twins(MLP, r=3, lora_alpha=5, lora_dropout=0.1, target_modules=["up", "down"])
+    compare_forward_backward(peft_model, fused, lambda: torch.randn(6, 23), label="dora drop0.1 eval")
+    fused.train()
+    fused.zero_grad(set_to_none=True)
+    layer = fused.base_model.model.blocks[0]["up"]
+    x = torch.randn(6, 23)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    m = layer.lora_magnitude_vector["default"].weight
+    base = layer.base_layer
+    x_leaf = x.clone().requires_grad_(True)
+    torch.manual_seed(9)
+    y = layer(x_leaf)
+    upstream = torch.randn_like(y)
+    (y * upstream).sum().backward()
+    got = [y.detach(), x_leaf.grad, A.grad, B.grad, m.grad]
+    torch.manual_seed(9)
+    seed = int(draw_seeds(1, [0.1], True)[0])
+    ref_leaves = [t.detach().clone().requires_grad_(True) for t in (x, A, B, m)]
+    y_ref = reference.dora_linear(ref_leaves[0], base.weight, base.bias, *ref_leaves[1:], layer.scaling["default"],
+                                  0.1, seed)
+    (y_ref * upstream).sum().backward()
+    expected = [y_ref.detach()] + [t.grad for t in ref_leaves]
+    for name, a, e in zip(("y", "dX", "dA", "dB", "dm"), got, expected):
+        assert_close(f"train drop0.1 {name}", a, e, FP32_TOL)
+    assert rel_err(got[0], layer.eval()(x).detach()) > 1e-3, "dropout had no effect: test is vacuous"
+
+
+@pytest.mark.parametrize("adapters", ["fp32", "bf16"])
+def test_dora_bf16_within_2x_of_peft(adapters):
+    """bf16 base, adapters in fp32 (PEFT's default) or bf16: fastpeft at most 2x as far from PEFT in fp32 as PEFT in
+    bf16, for y, dX and the gradients of A, B and the magnitude."""
+    dtype = torch.bfloat16
+    config = LoraConfig(use_dora=True, init_lora_weights=False, r=4, lora_alpha=8, target_modules=["up", "down"])
+
+    def build_peft(cast):
+        torch.manual_seed(0)
+        base = MLP(width=64, hidden=96).to(cast)
+        torch.manual_seed(1)
+        model = get_peft_model(base, copy.deepcopy(config), autocast_adapter_dtype=adapters == "fp32")
+        randomize_magnitude(model)
+        return model
+
+    peft_model, fused = build_peft(dtype), build_peft(dtype)
+    fastpeft.accelerate(fused)
+    fp32_ref = build_peft(torch.float32)
+    fp32_ref.load_state_dict({k: v.float() for k, v in peft_model.state_dict().items()})
+    names = compare_low_precision(peft_model, fused, fp32_ref, torch.randn(33, 64), dtype)
+    assert any("lora_magnitude_vector" in n for n in names)
+
+
+def test_dora_beside_plain_lora_falls_back_to_peft_and_says_so():
+    """Several active adapters with DoRA among them: PEFT's own forward (its DoRA scales the sum of the adapters
+    before it), reported as not fused; one adapter alone is fused again."""
+    plain = LoraConfig(r=2, lora_alpha=3, target_modules=["up"], init_lora_weights=False)
+    peft_model, fused = dora_twins(MLP, r=3, lora_alpha=5, target_modules=["up", "down"],
+                                   extra_adapters=[("plain", plain)])
+    for model in (peft_model, fused):
+        model.base_model.set_adapter(["plain", "default"])
+    x = torch.randn(4, 23)
+    with torch.no_grad():
+        assert_close("two adapters", fused(x), peft_model(x), FP32_TOL)
+    reasons = {row.name: row.reason for row in fastpeft.report(fused).layers}
+    assert any("several active adapters" in reason for reason in reasons.values()), reasons
+    for model in (peft_model, fused):
+        model.set_adapter("default")
+    compare_forward_backward(peft_model, fused, lambda: torch.randn(4, 23), label="dora alone")
+    assert all(row.fused for row in fastpeft.report(fused).layers)
+
+
+@pytest.mark.parametrize("peft_bnb_classes", [True, False], ids=["peft-bnb-class", "generic-lora-linear"])
+def test_dora_on_a_quantized_base_stays_peft_and_says_why(peft_bnb_classes):
+    """DoRA over bitsandbytes is not fused: PEFT's layer is kept whole (its forward and its merge over the packed
+    weight), and accelerate names the reason."""
+    bnb = pytest.importorskip("bitsandbytes")
+    lin = bnb.nn.Linear4bit(64, 32, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    lin.weight = bnb.nn.Params4bit(torch.randn(32, 64) * 0.1, requires_grad=False, quant_type="nf4", blocksize=64)
+    model = nn.Sequential(lin.to("cpu"))
+    if peft_bnb_classes:
+        model.is_loaded_in_4bit = True  # what transformers sets; PEFT then builds its bnb layer class
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    layer = peft_model.base_model.model[0]
+    kind = type(layer)
+    with pytest.warns(UserWarning, match="DoRA on a quantized base is not fused"):
+        fastpeft.accelerate(peft_model)
+    assert type(layer) is kind
+
+
+def test_accelerate_fuses_dora_layers_without_warning(recwarn):
+    torch.manual_seed(0)
+    model = get_peft_model(MLP(), LoraConfig(r=2, target_modules=["up", "down"], use_dora=True))
+    fastpeft.accelerate(model, strict=True)
+    assert len(fused_layers(model)) == 4
+    assert not [w for w in recwarn if "not fused" in str(w.message)]
+
+
+# ------------------------------------------------------------------------------------------ nothing N x K per call
+class RecordSizes(TorchDispatchMode):
+    """The largest number of elements of any tensor an op allocated (views of existing storage, such as the
+    transposed weight, allocate nothing and are not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = torch.utils._pytree.tree_leaves((args, kwargs))
+        existing = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in existing:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"drop{p}")
+@pytest.mark.parametrize("route", ["compose", "fused"])
+def test_no_n_by_k_tensor_per_call_and_peft_as_control(clean_routes, route, p):
+    """M=5 < N=29 < K=37: every activation-sized tensor is smaller than N x K, so a tensor of N*K elements can only be
+    the adapted weight. PEFT's forward forms it (the control that proves the check can fail); fastpeft's forward
+    and backward, training with dropout included, never do."""
+    N, K = 29, 37
+    peft_layer, fused_layer = (
+        get_peft_model(nn.Sequential(nn.Linear(K, N)),
+                       LoraConfig(r=3, target_modules=["0"], use_dora=True, lora_dropout=p, init_lora_weights=False))
+        for _ in range(2))
+    fastpeft.accelerate(fused_layer)
+    routing.set_route("dora_forward", route)
+    routing.set_route("dora_backward", route)
+    x = torch.randn(5, K, requires_grad=True)
+    for model, must_form in ((peft_layer, True), (fused_layer, False)):
+        model.train()
+        with RecordSizes() as rec:
+            model(x).sum().backward()
+        if must_form:
+            assert rec.largest >= N * K, "control: PEFT's DoRA formed no N x K weight, so the check proves nothing"
+        else:
+            assert rec.largest < N * K, f"fastpeft formed a tensor of {rec.largest} elements (N x K = {N * K})"
+
+
+# -------------------------------------------------------------------------------------------------- caching
+def test_norm_and_scale_are_cached_and_recomputed_when_a_tensor_changes(monkeypatch):
+    peft_model, fused = dora_twins(MLP, r=3, lora_alpha=5, target_modules=["up"])
+    peft_model.eval(), fused.eval()
+    calls = {"norm": 0, "weight_sq": 0}
+    real_norm, real_sq = dora.weight_norm, dora.row_sq_norms
+
+    def counted(key, fn):
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(dora, "weight_norm", counted("norm", real_norm))
+    monkeypatch.setattr(dora, "row_sq_norms", counted("weight_sq", real_sq))
+    x = torch.randn(3, 23)
+
+    def check(label):
+        with torch.no_grad():
+            assert_close(label, fused(x), peft_model(x), FP32_TOL)
+
+    check("first")
+    assert calls == {"norm": 2, "weight_sq": 2}  # two DoRA layers
+    check("cached")
+    assert calls == {"norm": 2, "weight_sq": 2}
+    for model in (peft_model, fused):  # an optimizer-like in-place step on A, then on m, then on W
+        with torch.no_grad():
+            model.base_model.model.blocks[0]["up"].lora_A["default"].weight.mul_(1.1)
+    check("after A changed")
+    assert calls == {"norm": 3, "weight_sq": 2}
+    for model in (peft_model, fused):
+        with torch.no_grad():
+            model.base_model.model.blocks[0]["up"].lora_magnitude_vector["default"].weight.mul_(0.9)
+    check("after m changed")
+    for model in (peft_model, fused):
+        with torch.no_grad():
+            model.base_model.model.blocks[1]["up"].base_layer.weight.add_(0.05)
+    check("after W changed")
+    assert calls == {"norm": 4, "weight_sq": 3}
+    with torch.inference_mode():
+        assert_close("inference_mode", fused(x), peft_model(x), FP32_TOL)
+
+
+# ------------------------------------------------------------------------------------- merge, files, patch, errors
+def test_dora_files_round_trip_through_peft(tmp_path):
+    torch.manual_seed(0)
+    fused = fastpeft.patch(MLP(), r=3, lora_alpha=5, target_modules=["up", "down"], use_dora=True,
+                           init_lora_weights=False)
+    randomize_magnitude(fused)
+    assert len(fused_layers(fused)) == 4
+    fused.eval()
+    x = torch.randn(4, 23)
+    with torch.no_grad():
+        expected = fused(x)
+    fastpeft.save_pretrained(fused, str(tmp_path / "a"))
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(MLP(), str(tmp_path / "a")).eval()
+    with torch.no_grad():
+        assert_close("peft-loaded", loaded(x), expected, FP32_TOL)
+    loaded.save_pretrained(str(tmp_path / "b"))
+    torch.manual_seed(0)
+    reloaded = fastpeft.load_adapter(MLP(), str(tmp_path / "b")).eval()
+    assert len(fused_layers(reloaded)) == 4
+    with torch.no_grad():
+        assert_close("fastpeft-loaded", reloaded(x), expected, FP32_TOL)
+
+
+def test_bad_dora_inputs_name_the_module_and_the_tensor():
+    torch.manual_seed(0)
+    model = fastpeft.patch(MLP(), r=2, target_modules=["up"], use_dora=True)
+    with pytest.raises(ValueError, match=r"blocks\.0\.up.*22 features"):
+        model(torch.randn(2, 22))
+    with pytest.raises(TypeError, match=r"blocks\.0\.up.*dtype torch\.float64"):
+        model(torch.randn(2, 23, dtype=torch.float64))
+    layer = model.base_model.model.blocks[0]["up"]
+    layer.lora_magnitude_vector["default"].weight = nn.Parameter(torch.ones(5))
+    with pytest.raises(ValueError, match=r"blocks\.0\.up.*DoRA tensor magnitude has shape \(5,\).*needs \(37,\)"):
+        model(torch.randn(2, 23))
+    W = torch.randn(29, 37)
+    with pytest.raises(ValueError, match=r"DoRA tensor lora_B has shape \(28, 3\)"):
+        dora.dora_linear(torch.randn(2, 37), W, None, torch.randn(3, 37), torch.randn(28, 3), torch.ones(29), 1.0,
+                         0.0, training=False)

@@ -379,6 +379,21 @@ def test_dora_files_round_trip_through_peft(tmp_path):
         assert_close("fastpeft-loaded", reloaded(x), expected, FP32_TOL)
 
 
+def test_dora_file_with_a_wrong_magnitude_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = fastpeft.patch(MLP(), r=2, target_modules=["up"], use_dora=True)
+    fastpeft.save_pretrained(model, str(tmp_path))
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if k.endswith("lora_magnitude_vector"))
+    tensors[key] = tensors[key][:-1].contiguous()
+    save_file(tensors, str(path))
+    with pytest.raises(ValueError, match=r"lora_magnitude_vector.*shape \(36,\).*needs \(37,\)"):
+        fastpeft.load_adapter(MLP(), str(tmp_path))
+
+
 def test_bad_dora_inputs_name_the_module_and_the_tensor():
     torch.manual_seed(0)
     model = fastpeft.patch(MLP(), r=2, target_modules=["up"], use_dora=True)

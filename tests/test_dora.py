@@ -409,3 +409,24 @@ def test_bad_dora_inputs_name_the_module_and_the_tensor():
     with pytest.raises(ValueError, match=r"DoRA tensor lora_B has shape \(28, 3\)"):
         dora.dora_linear(torch.randn(2, 37), W, None, torch.randn(3, 37), torch.randn(28, 3), torch.ones(29), 1.0,
                          0.0, training=False)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"drop{p}")
+def test_bench_dora_providers_compute_peft_dora(p):
+    """The bench's dora kind: PEFT's DoRA layer, the torch composition and fastpeft give the same eval output, so the
+    timings compare the same arithmetic."""
+    from fastpeft.bench import cases as C
+
+    case = C.Case("dora", "2048", 64, 64, 5, "fp32", p, "infer", r=4)
+    x, _ = C.make_inputs(case, torch.device("cpu"))
+    shared = C.build(case, "base", torch.device("cpu"), x).module
+    outputs = {}
+    for provider in ("peft", "compose", "fastpeft"):
+        built = C.build(case, provider, torch.device("cpu"), x, shared_base=shared)
+        randomize_magnitude(built.model)
+        built.model.eval()
+        with torch.no_grad():
+            outputs[provider] = built.module(x)
+    assert C.build(case, "fastpeft", torch.device("cpu"), x, shared_base=shared).fused
+    assert_close("compose", outputs["compose"], outputs["peft"], FP32_TOL)
+    assert_close("fastpeft", outputs["fastpeft"], outputs["peft"], FP32_TOL)

@@ -94,22 +94,25 @@ class DoraCache:
     def clear(self) -> None:
         self._entries.clear()
 
-    def _get(self, key: str, stamp, compute):
+    def _get(self, key: str, stamp, compute, source: Optional[torch.Tensor] = None):
+        """The value under ``key`` if it was computed for ``stamp`` (and from the very tensor ``source``, compared
+        by identity: an ``id`` may be reused once its object is freed), else ``compute()`` stored. A stamp holding
+        None (an inference tensor, which has no version counter) is never cached."""
         if stamp is None or any(part is None for part in stamp):
             return compute()
         entry = self._entries.get(key)
-        if entry is not None and entry[0] == stamp:
-            return entry[1]
+        if entry is not None and entry[0] == stamp and entry[1] is source:
+            return entry[2]
         value = compute()
-        self._entries[key] = (stamp, value)
+        self._entries[key] = (stamp, source, value)
         return value
 
     def norm(self, name: str, weight_param: torch.Tensor, weight: torch.Tensor, lora_A, lora_B,
              scaling: float) -> torch.Tensor:
         """``weight_norm`` of adapter ``name``; ``weight`` is the ``(N, K)`` view of ``weight_param``."""
-        w_stamp = (_stamp(weight_param), tuple(weight.stride()))
-        weight_sq = self._get("weight_sq", w_stamp, lambda: row_sq_norms(weight))
-        stamp = (w_stamp, _stamp(lora_A), _stamp(lora_B), float(scaling))
+        w_stamp = _stamp(weight_param)
+        weight_sq = self._get("weight_sq", (w_stamp, tuple(weight.stride())), lambda: row_sq_norms(weight))
+        stamp = (w_stamp, tuple(weight.stride()), _stamp(lora_A), _stamp(lora_B), float(scaling))
         return self._get(f"norm/{name}", stamp, lambda: weight_norm(weight, lora_A, lora_B, scaling, weight_sq))
 
     def scale(self, name: str, magnitude: torch.Tensor, norm: torch.Tensor) -> Optional[torch.Tensor]:
@@ -117,8 +120,7 @@ class DoraCache:
         function forms it so that ``dm`` flows)."""
         if magnitude.requires_grad and torch.is_grad_enabled():
             return None
-        stamp = (_stamp(magnitude), id(norm))
-        return self._get(f"scale/{name}", stamp, lambda: magnitude.detach().to(_F32) / norm)
+        return self._get(f"scale/{name}", (_stamp(magnitude),), lambda: magnitude.detach().to(_F32) / norm, norm)
 
 
 # ---------------------------------------------------------------------------------------------------- dropout

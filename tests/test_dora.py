@@ -355,6 +355,21 @@ def test_norm_and_scale_are_cached_and_recomputed_when_a_tensor_changes(monkeypa
         assert_close("inference_mode", fused(x), peft_model(x), FP32_TOL)
 
 
+def test_cached_scale_follows_a_recomputed_norm_even_at_a_reused_address():
+    """The scale is keyed by the norm tensor itself, not its ``id``: a new norm (A or B changed) gives a new scale."""
+    cache = dora.DoraCache()
+    m = torch.full((3,), 2.0)
+    with torch.no_grad():
+        first = cache.scale("a", m, torch.ones(3))  # that norm is freed right away; the next may reuse its id
+        second = cache.scale("a", m, torch.full((3,), 4.0))
+    assert torch.equal(first, torch.full((3,), 2.0)) and torch.equal(second, torch.full((3,), 0.5))
+    norm = torch.full((3,), 4.0)
+    with torch.no_grad():
+        assert cache.scale("a", m, norm) is cache.scale("a", m, norm)
+        m.mul_(2.0)
+        assert torch.equal(cache.scale("a", m, norm), torch.ones(3))
+
+
 # ------------------------------------------------------------------------------------- merge, files, patch, errors
 def test_dora_files_round_trip_through_peft(tmp_path):
     torch.manual_seed(0)

@@ -30,6 +30,9 @@ from the seed (``fastpeft._philox``) by the backend's own masked pass.
 Two routes per op (``fastpeft.routing.ROUTES``: ``dora_forward``, ``dora_backward``): ``compose`` (vendor GEMMs in
 torch) and ``fused`` (the backend's LoRA op, by its own measured route, plus the DoRA epilogue), so every backend
 (reference, cpu, triton, cuda) serves DoRA by construction.
+
+Beside other active adapters (``stacked_linear``), PEFT lets each DoRA adapter scale the running sum of the adapters
+before it; that path is torch ops under autograd (no dropout active), with the same norm.
 """
 
 from __future__ import annotations
@@ -381,38 +384,78 @@ def non_dora_variants(layer, names) -> list[str]:
 
 def unfused_variant_reason(layer, active) -> Optional[str]:
     """Why a PEFT LoRA layer's LoRA variants keep its call on PEFT's own forward, or None when fastpeft serves it:
-    fastpeft fuses DoRA with it as the only active adapter (on a dense base: ``dora_call_ok``)."""
+    fastpeft serves DoRA alone, or beside other adapters when no dropout is active (on a dense base:
+    ``dora_call_ok``)."""
     if not any(name in layer.lora_variant for name in active):
         return None
     other = non_dora_variants(layer, active)
     if other:
         return f"LoRA variant {', '.join(other)} is not fused"
-    if len(active) > 1:
-        return "DoRA with several active adapters is not fused"
+    if len(active) > 1 and layer.training and any(_dropout_p(layer, name) > 0 for name in active):
+        return "DoRA beside other active adapters with dropout in training is not fused"
     return None
 
 
+def _dropout_p(layer, name: str) -> float:
+    dropout = layer.lora_dropout[name]
+    return float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
+
+
 def dora_call_ok(layer, weight, x) -> bool:
-    """Whether the one active DoRA adapter of ``layer`` can run fused for input ``x``: a dense base, no autocast."""
+    """Whether the active DoRA adapters of ``layer`` can run fused for input ``x``: a dense base, no autocast."""
     return isinstance(weight, torch.Tensor) and not torch.is_autocast_enabled(x.device.type)
 
 
-def layer_forward(layer, x: torch.Tensor, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], adapters) -> torch.Tensor:
+    """PEFT's ``lora.Linear.forward`` over several active adapters, DoRA among them, with no dropout active, in torch
+    ops differentiated by autograd: each DoRA adapter scales the sum so far (PEFT's ``base_result`` is the running
+    result there) and its norm comes from ``weight_norm``, never from ``W + s B A``.
+
+    ``x``: ``(..., K)``; ``weight``: ``(N, K)``; ``adapters``: in PEFT's order, ``(A (r, K), B (N, r), lora_bias (N,)
+    or None, scaling, magnitude (N,) or None, norm fp32 (N,) or None)``, magnitude and norm None for plain LoRA.
+    Returns ``(..., N)`` in the base output's dtype."""
+    result = F.linear(x, weight, bias)
+    out_dtype = result.dtype
+    for A, B, lora_bias, s, magnitude, norm in adapters:
+        x = x.to(A.dtype)  # PEFT's cumulative input cast
+        lora = F.linear(F.linear(x, A), B, lora_bias)
+        if magnitude is None:
+            result = result + lora * s
+            continue
+        c = magnitude.to(_F32) / norm
+        base_result = result if bias is None else result - bias
+        result = result + (c - 1) * base_result + c * lora * s
+    return result.to(out_dtype)
+
+
+def layer_forward(layer, x: torch.Tensor, active: list, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   weight_param: torch.Tensor, where: str) -> torch.Tensor:
-    """The fused forward of PEFT LoRA layer ``layer`` whose one active adapter ``name`` is DoRA; ``weight`` is the
-    ``(N, K)`` view of the base layer's ``weight_param``; ``where`` names the layer in errors. The layer's
-    ``DoraCache`` keeps the norm (and, with no gradient wanted for the magnitude, the scale) while the tensors they
-    come from are unchanged."""
+    """The forward of PEFT LoRA layer ``layer`` whose active adapters ``active`` include DoRA: ``dora_linear`` for a
+    lone DoRA adapter, ``stacked_linear`` beside others. ``weight`` is the ``(N, K)`` view of the base layer's
+    ``weight_param``; ``where`` names the layer in errors. The layer's ``DoraCache`` keeps the norms (and, with no
+    gradient wanted for a magnitude, the lone adapter's scale) while the tensors they come from are unchanged."""
     cache = layer.__dict__.get("_fastpeft_dora_cache")
     if cache is None:
         cache = layer.__dict__["_fastpeft_dora_cache"] = DoraCache()
+    if len(active) > 1:
+        adapters = []
+        for name in active:
+            A, up = layer.lora_A[name].weight, layer.lora_B[name]
+            magnitude = norm = None
+            if name in layer.lora_variant:
+                magnitude = layer.lora_magnitude_vector[name].weight
+                check_tensors(where, weight, A, up.weight, magnitude)
+                norm = cache.norm(name, weight_param, weight, A, up.weight, layer.scaling[name])
+            adapters.append((A, up.weight, up.bias if layer.lora_bias[name] else None, layer.scaling[name],
+                             magnitude, norm))
+        return stacked_linear(x, weight, bias, adapters)
+    name = active[0]
     A = layer.lora_A[name].weight
     B = layer.lora_B[name].weight
     magnitude = layer.lora_magnitude_vector[name].weight
     scaling = layer.scaling[name]
-    dropout = layer.lora_dropout[name]
     # PEFT's rule: the dropped input (and a second base product) only for a real dropout module in training.
-    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and layer.training else 0.0
+    p = _dropout_p(layer, name) if layer.training else 0.0
     check_tensors(where, weight, A, B, magnitude)
     norm = cache.norm(name, weight_param, weight, A, B, scaling)
     return dora_linear(x, weight, bias, A, B, magnitude, scaling, p, training=layer.training, norm=norm,

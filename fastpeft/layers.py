@@ -143,11 +143,10 @@ class FusedLoraLinear(PeftLoraLinear):
         check_input(self, x, weight, self.in_features)
         if not active:
             return self.base_layer(x)
-        if active[0] in self.lora_variant:
+        if self.lora_variant and any(name in self.lora_variant for name in active):
             if not dora.dora_call_ok(self, weight, x):
                 return super().forward(x)
-            return dora.layer_forward(self, x, active[0], weight, bias, direct_base_layer(self).weight,
-                                      layer_name(self))
+            return dora.layer_forward(self, x, active, weight, bias, direct_base_layer(self).weight, layer_name(self))
         # One pass over the active adapters (this runs per layer per token in decoding).
         lora_A, lora_B, lora_bias, scaling, dropout_p = [], [], [], [], []
         training = False

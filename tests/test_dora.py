@@ -19,6 +19,7 @@ from model_helpers import MLP, Conv1DMLP
 from peft import LoraConfig, PeftModel, get_peft_model
 from test_peft_parity import (
     FP32_TOL,
+    CountFusedCalls,
     compare_forward_backward,
     compare_low_precision,
     fused_layers,
@@ -222,22 +223,33 @@ def test_dora_bf16_within_2x_of_peft(adapters):
     assert any("lora_magnitude_vector" in n for n in names)
 
 
-def test_dora_beside_plain_lora_falls_back_to_peft_and_says_so():
-    """Several active adapters with DoRA among them: PEFT's own forward (its DoRA scales the sum of the adapters
-    before it), reported as not fused; one adapter alone is fused again."""
-    plain = LoraConfig(r=2, lora_alpha=3, target_modules=["up"], init_lora_weights=False)
+@pytest.mark.parametrize("order", [("default", "plain", "dora2"), ("plain", "dora2", "default")],
+                         ids=["dora-first", "lora-first"])
+def test_dora_beside_other_adapters_matches_peft(order):
+    """Several active adapters, two DoRA and one plain LoRA with a lora_bias: PEFT's meaning, where each DoRA adapter
+    scales the sum of the adapters before it, in every order; outputs and every gradient."""
+    plain = LoraConfig(r=2, lora_alpha=3, target_modules=["up"], init_lora_weights=False, lora_bias=True)
+    second = LoraConfig(r=4, lora_alpha=3, target_modules=["up", "down"], init_lora_weights=False, use_dora=True)
     peft_model, fused = dora_twins(MLP, r=3, lora_alpha=5, target_modules=["up", "down"],
-                                   extra_adapters=[("plain", plain)])
+                                   extra_adapters=[("plain", plain), ("dora2", second)])
     for model in (peft_model, fused):
-        model.base_model.set_adapter(["plain", "default"])
-    x = torch.randn(4, 23)
-    with torch.no_grad():
-        assert_close("two adapters", fused(x), peft_model(x), FP32_TOL)
+        randomize_magnitude(model, seed=6)
+        model.base_model.set_adapter(list(order))
+    compare_forward_backward(peft_model, fused, lambda: torch.randn(2, 3, 23), label=f"{order}")
+    assert all(row.fused for row in fastpeft.report(fused).layers)
+
+
+def test_dora_beside_another_adapter_with_dropout_in_training_runs_peft_and_says_so():
+    plain = LoraConfig(r=2, lora_alpha=3, target_modules=["up"], init_lora_weights=False, lora_dropout=0.1)
+    _, fused = dora_twins(MLP, r=3, lora_alpha=5, target_modules=["up", "down"], extra_adapters=[("plain", plain)])
+    fused.base_model.set_adapter(["default", "plain"])
+    fused.train()
     reasons = {row.name: row.reason for row in fastpeft.report(fused).layers}
-    assert any("several active adapters" in reason for reason in reasons.values()), reasons
-    for model in (peft_model, fused):
-        model.set_adapter("default")
-    compare_forward_backward(peft_model, fused, lambda: torch.randn(4, 23), label="dora alone")
+    assert any("with dropout in training is not fused" in reason for reason in reasons.values()), reasons
+    with CountFusedCalls() as counter:
+        fused(torch.randn(4, 23)).sum().backward()
+    assert counter.calls == 2  # the two 'down' layers hold the DoRA adapter alone; the 'up' layers run PEFT's
+    fused.eval()
     assert all(row.fused for row in fastpeft.report(fused).layers)
 
 
@@ -310,6 +322,27 @@ def test_no_n_by_k_tensor_per_call_and_peft_as_control(clean_routes, route, p):
             assert rec.largest >= N * K, "control: PEFT's DoRA formed no N x K weight, so the check proves nothing"
         else:
             assert rec.largest < N * K, f"fastpeft formed a tensor of {rec.largest} elements (N x K = {N * K})"
+
+
+def test_no_n_by_k_tensor_beside_another_adapter():
+    """DoRA beside a plain adapter (no dropout): the stacked path forms no N x K tensor either; PEFT does."""
+    N, K = 29, 37
+    models = []
+    for _ in range(2):
+        model = get_peft_model(nn.Sequential(nn.Linear(K, N)),
+                               LoraConfig(r=3, target_modules=["0"], use_dora=True, init_lora_weights=False))
+        model.add_adapter("plain", LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+        model.base_model.set_adapter(["default", "plain"])
+        models.append(model)
+    fastpeft.accelerate(models[1])
+    x = torch.randn(5, K, requires_grad=True)
+    largest = []
+    for model in models:
+        with RecordSizes() as rec:
+            model(x).sum().backward()
+        largest.append(rec.largest)
+    assert largest[0] >= N * K, "control: PEFT's DoRA formed no N x K weight, so the check proves nothing"
+    assert largest[1] < N * K, f"fastpeft formed a tensor of {largest[1]} elements (N x K = {N * K})"
 
 
 # -------------------------------------------------------------------------------------------------- caching

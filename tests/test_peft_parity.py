@@ -89,7 +89,7 @@ class CountFusedCalls:
         self._module = layers_module.functional
         self._saved = (self._module.lora_linear, self._module.ia3_linear)
         self._dora = layers_module.dora
-        self._saved_dora = self._dora.dora_linear
+        self._saved_dora = self._dora.layer_forward
 
         def counted(fn):
             def wrapper(*args, **kwargs):
@@ -98,12 +98,12 @@ class CountFusedCalls:
             return wrapper
 
         self._module.lora_linear, self._module.ia3_linear = map(counted, self._saved)
-        self._dora.dora_linear = counted(self._saved_dora)
+        self._dora.layer_forward = counted(self._saved_dora)
         return self
 
     def __exit__(self, *exc):
         self._module.lora_linear, self._module.ia3_linear = self._saved
-        self._dora.dora_linear = self._saved_dora
+        self._dora.layer_forward = self._saved_dora
 
 
 def compare_forward_backward(reference, fused, make_input, run=lambda m, x: m(x), tol=FP32_TOL, label=""):

@@ -89,10 +89,12 @@ class DoraCache:
     """One layer's cached DoRA values: ``||W_j||^2`` per base weight, the norm ``n`` per adapter, and the scale
     ``c = m / n`` per adapter while the magnitude needs no gradient (eval, ``torch.no_grad``, frozen adapters), as
     PEFT's optional DoRA caching does. Each entry is keyed by the stamps of the tensors it was computed from, so a
-    change of ``W``, ``A``, ``B``, ``m`` or the scaling recomputes it. ``clear()`` after merge/unmerge."""
+    change of ``W``, ``A``, ``B``, ``m`` or the scaling recomputes it. ``clear()`` after merge/unmerge.
+    ``enabled=False`` computes every value afresh (graphs being compiled)."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         self._entries: dict[str, tuple] = {}
+        self._enabled = enabled
 
     def clear(self) -> None:
         self._entries.clear()
@@ -101,7 +103,7 @@ class DoraCache:
         """The value under ``key`` if it was computed for ``stamp`` (and from the very tensor ``source``, compared
         by identity: an ``id`` may be reused once its object is freed), else ``compute()`` stored. A stamp holding
         None (an inference tensor, which has no version counter) is never cached."""
-        if stamp is None or any(part is None for part in stamp):
+        if not self._enabled or stamp is None or any(part is None for part in stamp):
             return compute()
         entry = self._entries.get(key)
         if entry is not None and entry[0] == stamp and entry[1] is source:
@@ -113,6 +115,8 @@ class DoraCache:
     def norm(self, name: str, weight_param: torch.Tensor, weight: torch.Tensor, lora_A, lora_B,
              scaling: float) -> torch.Tensor:
         """``weight_norm`` of adapter ``name``; ``weight`` is the ``(N, K)`` view of ``weight_param``."""
+        if not self._enabled:
+            return weight_norm(weight, lora_A, lora_B, scaling)
         w_stamp = _stamp(weight_param)
         weight_sq = self._get("weight_sq", (w_stamp, tuple(weight.stride())), lambda: row_sq_norms(weight))
         stamp = (w_stamp, tuple(weight.stride()), _stamp(lora_A), _stamp(lora_B), float(scaling))
@@ -121,9 +125,12 @@ class DoraCache:
     def scale(self, name: str, magnitude: torch.Tensor, norm: torch.Tensor) -> Optional[torch.Tensor]:
         """``m / n`` in fp32, cached while ``magnitude`` needs no gradient; None when it does (the autograd
         function forms it so that ``dm`` flows)."""
-        if magnitude.requires_grad and torch.is_grad_enabled():
+        if not self._enabled or (magnitude.requires_grad and torch.is_grad_enabled()):
             return None
         return self._get(f"scale/{name}", (_stamp(magnitude),), lambda: magnitude.detach().to(_F32) / norm, norm)
+
+
+_UNCACHED = DoraCache(enabled=False)
 
 
 # ---------------------------------------------------------------------------------------------------- dropout
@@ -351,8 +358,12 @@ def dora_linear(
         norm = weight_norm(weight, lora_A, lora_B, s)
     mode = _call_mode(weight, bias)
     seed = int(draw_seeds(1, [p], training)[0]) if p > 0 else 0
-    if mode in ("custom_op", "reference"):
-        # A trainable base (or a compiled graph): autograd through the executable spec.
+    if mode in ("custom_op", "reference") and p == 0:
+        # A trainable base, or a graph being compiled: PEFT's formula in torch ops under autograd (traceable, and
+        # still no W + s B A), the norm a constant as PEFT makes it.
+        y = stacked_linear(x2, weight, bias, [(lora_A, lora_B, None, s, magnitude, norm)])
+    elif mode in ("custom_op", "reference"):
+        # The same with dropout: the executable spec, which regenerates the mask from the seed as the op does.
         y = reference.dora_linear(x2, weight, bias, lora_A, lora_B, magnitude, s, p, seed)
     elif mode == "inference":
         backend = get_backend(x2, weight)
@@ -434,9 +445,13 @@ def layer_forward(layer, x: torch.Tensor, active: list, weight: torch.Tensor, bi
     lone DoRA adapter, ``stacked_linear`` beside others. ``weight`` is the ``(N, K)`` view of the base layer's
     ``weight_param``; ``where`` names the layer in errors. The layer's ``DoraCache`` keeps the norms (and, with no
     gradient wanted for a magnitude, the lone adapter's scale) while the tensors they come from are unchanged."""
-    cache = layer.__dict__.get("_fastpeft_dora_cache")
-    if cache is None:
-        cache = layer.__dict__["_fastpeft_dora_cache"] = DoraCache()
+    if torch.compiler.is_compiling():
+        # A graph being compiled computes the norms in the graph: the cache's stamps are Python-side state.
+        cache = _UNCACHED
+    else:
+        cache = layer.__dict__.get("_fastpeft_dora_cache")
+        if cache is None:
+            cache = layer.__dict__["_fastpeft_dora_cache"] = DoraCache()
     if len(active) > 1:
         adapters = []
         for name in active:

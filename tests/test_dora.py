@@ -279,6 +279,32 @@ def test_accelerate_fuses_dora_layers_without_warning(recwarn):
     assert not [w for w in recwarn if "not fused" in str(w.message)]
 
 
+@pytest.mark.parametrize("how", ["compiled-fullgraph", "trainable-base"])
+def test_dora_compiled_or_with_a_trainable_base_matches_peft(how):
+    """Under torch.compile (one graph, no break) and with a trainable base weight (autograd reaches W and b), the
+    layer computes PEFT's DoRA: outputs and every gradient, the base's included."""
+    peft_model, fused = dora_twins(lambda: nn.Sequential(nn.Linear(37, 29)), r=3, lora_alpha=5, target_modules=["0"])
+    layers = [model.base_model.model[0] for model in (peft_model, fused)]
+    run = lambda layer, x: layer(x)  # noqa: E731
+    if how == "trainable-base":
+        for layer in layers:
+            layer.base_layer.requires_grad_(True)
+    else:
+        torch._dynamo.reset()
+        compiled = torch.compile(layers[1], fullgraph=True, backend="eager")
+        run = lambda layer, x: compiled(x) if layer is layers[1] else layer(x)  # noqa: E731
+    x = torch.randn(3, 5, 37)
+    results = []
+    for layer in layers:
+        xi = x.clone().requires_grad_(True)
+        y = run(layer, xi)
+        (y * torch.linspace(-1, 1, 29)).sum().backward()
+        results.append([y.detach(), xi.grad] + [p.grad for p in layer.parameters() if p.requires_grad])
+    assert len(results[0]) == len(results[1]) == (7 if how == "trainable-base" else 5)
+    for i, (a, e) in enumerate(zip(results[1], results[0])):
+        assert_close(f"{how} output/grad {i}", a, e, FP32_TOL)
+
+
 # ------------------------------------------------------------------------------------------ nothing N x K per call
 class RecordSizes(TorchDispatchMode):
     """The largest number of elements of any tensor an op allocated (views of existing storage, such as the

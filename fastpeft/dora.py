@@ -50,26 +50,31 @@ _F32 = torch.float32
 
 
 # ------------------------------------------------------------------------------------------------------- the norm
-def row_sq_norms(weight: torch.Tensor) -> torch.Tensor:
+def row_sq_norms(weight) -> torch.Tensor:
     """``||W_j||^2`` for each row of ``weight`` ``(N, K)`` (any strides, any float dtype) as fp32 ``(N,)``; the
-    reduction widens in place, with no fp32 copy of the weight."""
+    reduction widens in place, with no fp32 copy of the weight. A ``QuantizedWeight`` is decoded once for it (what
+    PEFT decodes every call); callers cache the result (``DoraCache``)."""
+    if not isinstance(weight, torch.Tensor):
+        weight = weight.dequantize()
     return torch.linalg.vector_norm(weight.detach(), dim=1, dtype=_F32).square_()
 
 
-def weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+def weight_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                 weight_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``n_j = ||W_j + s (B A)_j||`` as fp32 ``(N,)``, detached, from ``weight`` ``(N, K)``, ``lora_A`` ``(r, K)``,
     ``lora_B`` ``(N, r)`` without forming ``B A``. ``weight_sq`` is ``row_sq_norms(weight)`` when the caller keeps
-    it. ``W A^T`` runs in the weight's dtype (a narrower ``A`` is not widened into a copy of ``W``)."""
-    W = weight.detach()
+    it. ``W A^T`` runs in the weight's dtype (a narrower ``A`` is not widened into a copy of ``W``); a
+    ``QuantizedWeight`` is decoded by the backend's product, in fp32."""
     A32 = lora_A.detach().to(_F32)
     B32 = lora_B.detach().to(_F32)
     if weight_sq is None:
-        weight_sq = row_sq_norms(W)
-    if W.dtype == _F32:
-        wa = torch.mm(W, A32.t())
+        weight_sq = row_sq_norms(weight)
+    if not isinstance(weight, torch.Tensor):
+        wa = _base_product(A32, weight).t()
+    elif weight.dtype == _F32:
+        wa = torch.mm(weight.detach(), A32.t())
     else:
-        wa = torch.mm(W, lora_A.detach().to(W.dtype).t()).to(_F32)
+        wa = torch.mm(weight.detach(), lora_A.detach().to(weight.dtype).t()).to(_F32)
     cross = (B32 * wa).sum(1)
     quad = (torch.mm(B32, torch.mm(A32, A32.t())) * B32).sum(1)
     s = float(scaling)
@@ -118,8 +123,9 @@ class DoraCache:
         if not self._enabled:
             return weight_norm(weight, lora_A, lora_B, scaling)
         w_stamp = _stamp(weight_param)
-        weight_sq = self._get("weight_sq", (w_stamp, tuple(weight.stride())), lambda: row_sq_norms(weight))
-        stamp = (w_stamp, tuple(weight.stride()), _stamp(lora_A), _stamp(lora_B), float(scaling))
+        layout = tuple(weight.stride()) if isinstance(weight, torch.Tensor) else weight.kind
+        weight_sq = self._get("weight_sq", (w_stamp, layout), lambda: row_sq_norms(weight))
+        stamp = (w_stamp, layout, _stamp(lora_A), _stamp(lora_B), float(scaling))
         return self._get(f"norm/{name}", stamp, lambda: weight_norm(weight, lora_A, lora_B, scaling, weight_sq))
 
     def scale(self, name: str, magnitude: torch.Tensor, norm: torch.Tensor) -> Optional[torch.Tensor]:
@@ -161,10 +167,15 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 WIDEN_BLOCK_ELEMENTS = 1 << 20  # rows of W widened at a time when the product runs in a wider dtype (4 MB in fp32)
 
 
-def _product_in(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``a W^T`` in ``a``'s dtype, as PEFT's ``F.linear(drop(x), W.to(x.dtype))`` with ``x`` in the adapter's dtype.
-    A weight narrower than ``a`` (bf16 base, fp32 adapters) is widened a block of rows at a time, never whole: at
-    most ``WIDEN_BLOCK_ELEMENTS`` elements and half of its rows."""
+def _base_product(a: torch.Tensor, weight) -> torch.Tensor:
+    """``a W^T`` ``(M, N)`` in ``a``'s dtype, as PEFT's ``F.linear(drop(x), W.to(x.dtype))`` with ``x`` in the
+    adapter's dtype. A dense weight narrower than ``a`` (bf16 base, fp32 adapters) is widened a block of rows at a
+    time, never whole: at most ``WIDEN_BLOCK_ELEMENTS`` elements and half of its rows. A ``QuantizedWeight`` goes
+    through the backend's IA3 product with a scale of ones (decoded as the backend decodes, nothing kept)."""
+    if not isinstance(weight, torch.Tensor):
+        ones = torch.ones(a.shape[1], dtype=a.dtype, device=a.device)
+        return get_backend(a, weight).ia3_forward(a.contiguous(), weight, None, ones, True)
+    weight = weight.detach()
     if weight.dtype == a.dtype:
         return torch.mm(a, weight.t())
     N, K = weight.shape
@@ -201,7 +212,7 @@ def _forward(route, backend, x, weight, bias, A, B, scale, s, p, seed):
     xd_a = _dropped(_cast(x, A.dtype), ks)
     L, h = _lora_part(route, backend, x, weight, bias, A, B, s, p, seed, xd_a)
     del ks
-    z = _product_in(xd_a, weight.detach())  # the second base product, on drop(x)
+    z = _base_product(xd_a, weight)  # the second base product, on drop(x)
     del xd_a
     z.addmm_(_cast(h, z.dtype), _cast(B.detach().t(), z.dtype), alpha=s)
     y = L.to(_F32).addcmul_(z.to(_F32), scale - 1.0)
@@ -242,15 +253,35 @@ def _backward_fused(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_dx
     if needs_dx and p > 0:
         e = _cast(dy.to(_F32) * (scale - 1.0), dy.dtype)
         ks = keep_scale(backend, dy.shape[0], weight.shape[1], p, seed, dy.device).sub_(1.0)
-        dx = _cast(dx.to(_F32).addcmul_(torch.mm(e, weight.detach()).to(_F32), ks), dy.dtype)
+        dx = _cast(dx.to(_F32).addcmul_(_grad_product(backend, e, weight).to(_F32), ks), dy.dtype)
     return dx, dA[0], dB[0]
+
+
+def _grad_product(backend, dy: torch.Tensor, weight) -> torch.Tensor:
+    """``dY W`` ``(M, K)`` in ``dY``'s dtype; a ``QuantizedWeight`` through the backend's LoRA backward with a
+    zero rank-1 adapter (its base product decodes the weight as the backend decodes; not every backend takes an
+    empty adapter list)."""
+    if isinstance(weight, torch.Tensor):
+        return torch.mm(dy, weight.detach())
+    zeros_a = torch.zeros(1, weight.shape[1], dtype=dy.dtype, device=dy.device)
+    zeros_b = torch.zeros(weight.shape[0], 1, dtype=dy.dtype, device=dy.device)
+    h = torch.zeros(dy.shape[0], 1, dtype=dy.dtype, device=dy.device)
+    dx, _, _, _ = backend.lora_backward(dy.contiguous(), None, weight, [zeros_a], [zeros_b], [h], [0.0], [0.0], [0],
+                                        True, False)
+    return dx
 
 
 _BACKWARDS = {"compose": _backward_compose, "fused": _backward_fused}
 
 
+def _routes_for(weight) -> tuple[str, ...]:
+    """``compose`` is torch's dense GEMMs: a ``QuantizedWeight`` runs ``fused`` (the backend decodes it)."""
+    return ("compose", "fused") if isinstance(weight, torch.Tensor) else ("fused",)
+
+
 def _route_key(op, backend, x, weight, A, p, grads=""):
-    return routing.key_of_call(op, backend.name, "dense", x, weight, [A], [p], grads)
+    kind = "dense" if isinstance(weight, torch.Tensor) else weight.kind
+    return routing.key_of_call(op, backend.name, kind, x, weight, [A], [p], grads)
 
 
 def _unmeasured(backend) -> Optional[str]:
@@ -272,7 +303,7 @@ class DoraLinearFunction(torch.autograd.Function):
         scale = magnitude.detach().to(_F32) / norm
         candidates = {route: (lambda route=route: _forward(route, backend, x, weight, bias, lora_A, lora_B, scale,
                                                              scaling, dropout_p, seed))
-                      for route in ("compose", "fused")}
+                      for route in _routes_for(weight)}
         key = _route_key("dora_forward", backend, x, weight, lora_A, dropout_p)
         y, h, z = routing.run(key, candidates, x.device.type, unmeasured=_unmeasured(backend))
         needs_dx, needs_dA, _, needs_dm = ctx.needs_input_grad[:4]
@@ -296,7 +327,7 @@ class DoraLinearFunction(torch.autograd.Function):
             grads = ("dx" if needs_dx else "") + ("dA" if needs_dA else "")
             candidates = {route: (lambda fn=fn: fn(backend, dy, x, ctx.weight, A, B, h, scale, ctx.scaling,
                                                    ctx.dropout_p, ctx.seed, needs_dx, needs_dA))
-                          for route, fn in _BACKWARDS.items()}
+                          for route, fn in _BACKWARDS.items() if route in _routes_for(ctx.weight)}
             key = _route_key("dora_backward", backend, dy, ctx.weight, A, ctx.dropout_p, grads)
             dx, dA, dB = routing.run(key, candidates, dy.device.type, unmeasured=_unmeasured(backend))
             dA = None if dA is None or not needs_dA else _cast(dA, A.dtype)
@@ -372,7 +403,7 @@ def dora_linear(
         y = routing.run(_route_key("dora_forward", backend, x2, weight, lora_A, p),
                         {route: (lambda route=route: _forward(route, backend, x2, weight, bias, lora_A, lora_B, scale,
                                                                 s, p, seed)[0])
-                         for route in ("compose", "fused")},
+                         for route in _routes_for(weight)},
                         x2.device.type, unmeasured=_unmeasured(backend))
     else:
         y = DoraLinearFunction.apply(x2, lora_A, lora_B, magnitude, weight, bias, norm, s, p, seed)
@@ -393,15 +424,17 @@ def non_dora_variants(layer, names) -> list[str]:
                    and not _is_dora(variants[name])})
 
 
-def unfused_variant_reason(layer, active) -> Optional[str]:
+def unfused_variant_reason(layer, active, quantized: bool = False) -> Optional[str]:
     """Why a PEFT LoRA layer's LoRA variants keep its call on PEFT's own forward, or None when fastpeft serves it:
-    fastpeft serves DoRA alone, or beside other adapters when no dropout is active (on a dense base:
-    ``dora_call_ok``)."""
+    fastpeft serves DoRA alone, or, over a dense base (``quantized`` False), beside other adapters when no dropout
+    is active. (Autocast is decided per call: ``dora_call_ok``.)"""
     if not any(name in layer.lora_variant for name in active):
         return None
     other = non_dora_variants(layer, active)
     if other:
         return f"LoRA variant {', '.join(other)} is not fused"
+    if len(active) > 1 and quantized:
+        return "DoRA beside other active adapters over a quantized base is not fused"
     if len(active) > 1 and layer.training and any(_dropout_p(layer, name) > 0 for name in active):
         return "DoRA beside other active adapters with dropout in training is not fused"
     return None
@@ -413,8 +446,12 @@ def _dropout_p(layer, name: str) -> float:
 
 
 def dora_call_ok(layer, weight, x) -> bool:
-    """Whether the active DoRA adapters of ``layer`` can run fused for input ``x``: a dense base, no autocast."""
-    return isinstance(weight, torch.Tensor) and not torch.is_autocast_enabled(x.device.type)
+    """Whether the active DoRA adapters of ``layer`` can run fused for input ``x``: no autocast (PEFT's forward
+    decides the dtypes there), and a dense base unless ``layer`` is a bitsandbytes twin (they pass the decoded
+    ``QuantizedWeight``; PEFT's generic layer over such a base keeps its own forward)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    return isinstance(weight, torch.Tensor) or getattr(layer, "_fastpeft_bnb_twin", False)
 
 
 def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], adapters) -> torch.Tensor:

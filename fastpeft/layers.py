@@ -206,8 +206,9 @@ def fusable(module: nn.Module) -> tuple[bool, str]:
     if variants:
         from .quant import is_bnb_quantized
 
-        if is_bnb_quantized(base):  # PEFT's layer keeps its own DoRA forward and merge over the packed weight
-            return False, "DoRA on a quantized base is not fused"
+        if FUSED_LAYER_TYPES[type(module)] is FusedLoraLinear and is_bnb_quantized(base):
+            # PEFT's generic layer over a bitsandbytes base: its DoRA merge would add to the packed bytes
+            return False, "DoRA on a quantized base under PEFT's generic lora.Linear is not fused"
     if FUSED_LAYER_TYPES[type(module)] in (FusedLoraLinear, FusedIA3Linear):
         if read_base_weight(base, getattr(module, "fan_in_fan_out", False)) is None:
             return False, f"base layer {type(base).__name__} is not supported"

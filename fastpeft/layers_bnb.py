@@ -31,8 +31,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import functional
-from .layers import BASE_WEIGHT_READERS, FUSED_LAYER_TYPES, _has_hooks, check_input
+from . import dora, functional
+from .layers import BASE_WEIGHT_READERS, FUSED_LAYER_TYPES, _has_hooks, check_input, layer_name
 from .quant import QuantizedWeight, is_bnb_quantized
 
 try:
@@ -79,11 +79,22 @@ def _base_only(x: torch.Tensor, qw: QuantizedWeight, bias) -> torch.Tensor:
 class _FusedBnbLoraMixin:
     """Forward shared by the LoRA twins; ``x`` ``(..., in_features)`` -> ``(..., out_features)`` in ``x``'s dtype."""
 
+    _fastpeft_bnb_twin = True  # fastpeft.dora: DoRA runs over the decoded QuantizedWeight
+
+    def merge(self, *args, **kwargs) -> None:
+        dora.clear_cache(self)  # the base weight is rewritten: cached DoRA norms no longer hold
+        return super().merge(*args, **kwargs)
+
+    def unmerge(self) -> None:
+        dora.clear_cache(self)
+        return super().unmerge()
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()
         active = [name for name in self.active_adapters if name in self.lora_A]
-        if (args or kwargs or _has_hooks(base) or any(name in self.lora_variant for name in active)
-                or not is_bnb_quantized(base)):
+        with_dora = bool(self.lora_variant) and any(name in self.lora_variant for name in active)
+        if (args or kwargs or _has_hooks(base) or not is_bnb_quantized(base) or (with_dora and (
+                dora.unfused_variant_reason(self, active, quantized=True) or not dora.dora_call_ok(self, None, x)))):
             return super().forward(x, *args, **kwargs)
         if self.disable_adapters:
             if self.merged:
@@ -98,6 +109,8 @@ class _FusedBnbLoraMixin:
         bias = base.bias.to(dtype) if base.bias is not None else None
         if not active:
             return _base_only(xc, qw, bias).to(x.dtype)
+        if with_dora:  # a lone DoRA adapter (several run PEFT's forward over a quantized base)
+            return dora.layer_forward(self, xc, active, qw, bias, base.weight, layer_name(self)).to(x.dtype)
         dropouts = [self.lora_dropout[name] for name in active]
         y = functional.lora_linear(
             xc,

@@ -17,6 +17,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from . import dora, routing
 from . import layers as _layers
 from .backends import get_backend
+from .quant import is_bnb_quantized
 
 
 @dataclass
@@ -79,7 +80,8 @@ def _why_not_fused(module) -> tuple[str, Optional[tuple]]:
         return "adapters merged into the base weight", None
     if getattr(module, "lora_variant", None):
         active = [name for name in module.active_adapters if name in module.lora_A]
-        reason = dora.unfused_variant_reason(module, active)
+        quantized = is_bnb_quantized(_layers.direct_base_layer(module))
+        reason = dora.unfused_variant_reason(module, active, quantized=quantized)
         if reason is not None:
             return reason, None
     base = _layers.direct_base_layer(module)

@@ -253,20 +253,69 @@ def test_dora_beside_another_adapter_with_dropout_in_training_runs_peft_and_says
     assert all(row.fused for row in fastpeft.report(fused).layers)
 
 
-@pytest.mark.parametrize("peft_bnb_classes", [True, False], ids=["peft-bnb-class", "generic-lora-linear"])
-def test_dora_on_a_quantized_base_stays_peft_and_says_why(peft_bnb_classes):
-    """DoRA over bitsandbytes is not fused: PEFT's layer is kept whole (its forward and its merge over the packed
-    weight), and accelerate names the reason."""
+QUANT_CASES = [("nf4", torch.float32, 0.0), ("nf4", torch.bfloat16, 0.0), ("int8", torch.float32, 0.0),
+               ("nf4", torch.float32, 0.1)]
+
+
+@pytest.mark.parametrize("kind,dtype,p", QUANT_CASES,
+                         ids=[f"{k}-{str(d).split('.')[-1]}-drop{p}" for k, d, p in QUANT_CASES])
+def test_dora_over_bitsandbytes_matches_the_dequantized_spec(kind, dtype, p):
+    """PEFT's bnb DoRA layers, fused: outputs and every gradient against the spec on the weights decoded by the
+    project's own oracle (bitsandbytes' CPU matmul is no oracle), in training mode, dropout fed the same seeds.
+    K=96 in the second layer: quantization blocks straddle its rows."""
+    pytest.importorskip("bitsandbytes")
+    from test_quant_layers import MLP as QuantMLP
+    from test_quant_layers import K, _dense, _mark_quantized
+
+    model = _mark_quantized(QuantMLP(kind, False, dtype), kind)
+    config = LoraConfig(r=3, lora_alpha=5, target_modules=["up", "down"], use_dora=True, init_lora_weights=False,
+                        lora_dropout=p)
+    peft_model = get_peft_model(model, config)
+    randomize_magnitude(peft_model)
+    fastpeft.accelerate(peft_model, strict=True)
+    peft_model.train()
+    x = torch.randn(2, 5, K).to(dtype)
+    leaves = {n: t.detach().float().clone().requires_grad_(True) for n, t in peft_model.named_parameters()
+              if t.requires_grad}
+    xi = x.clone().requires_grad_(True)
+    torch.manual_seed(3)
+    with CountFusedCalls() as counter:
+        y = peft_model(xi)
+    assert counter.calls == 2
+    torch.manual_seed(3)
+    seeds = [int(draw_seeds(1, [p], True)[0]) if p > 0 else 0 for _ in range(2)]
+    xr = x.float().clone().requires_grad_(True)
+
+    def spec(name, inp, seed):
+        layer = dict(peft_model.named_modules())[f"base_model.model.{name}"]
+        base = layer.get_base_layer()
+        leaf = lambda part: leaves[f"base_model.model.{name}.{part}.default.weight"]  # noqa: E731
+        out = reference.dora_linear(inp.reshape(-1, inp.shape[-1]), _dense(base), base.bias.float(), leaf("lora_A"),
+                                    leaf("lora_B"), leaf("lora_magnitude_vector"), layer.scaling["default"], p, seed)
+        return out.view(*inp.shape[:-1], -1)
+
+    y_ref = spec("down", torch.nn.functional.gelu(spec("up", xr, seeds[0])), seeds[1])
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert_close("y", y.float(), y_ref, tol)
+    upstream = torch.randn(y.shape)
+    y.backward(upstream.to(dtype))
+    y_ref.backward(upstream)
+    assert_close("dX", xi.grad.float(), xr.grad, tol)
+    for name, param in peft_model.named_parameters():
+        if param.requires_grad:
+            assert_close(f"d{name}", param.grad.float(), leaves[name].grad, tol)
+
+
+def test_dora_on_a_quantized_base_under_peft_generic_layer_stays_peft_and_says_why():
+    """PEFT's generic lora.Linear around a bitsandbytes base (a model not marked as quantized) keeps PEFT's layer
+    whole: its DoRA merge would add to the packed bytes, and accelerate names the reason."""
     bnb = pytest.importorskip("bitsandbytes")
     lin = bnb.nn.Linear4bit(64, 32, bias=True, compute_dtype=torch.float32, quant_type="nf4")
     lin.weight = bnb.nn.Params4bit(torch.randn(32, 64) * 0.1, requires_grad=False, quant_type="nf4", blocksize=64)
-    model = nn.Sequential(lin.to("cpu"))
-    if peft_bnb_classes:
-        model.is_loaded_in_4bit = True  # what transformers sets; PEFT then builds its bnb layer class
-    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    peft_model = get_peft_model(nn.Sequential(lin.to("cpu")), LoraConfig(r=2, target_modules=["0"], use_dora=True))
     layer = peft_model.base_model.model[0]
     kind = type(layer)
-    with pytest.warns(UserWarning, match="DoRA on a quantized base is not fused"):
+    with pytest.warns(UserWarning, match="DoRA on a quantized base under PEFT's generic lora.Linear is not fused"):
         fastpeft.accelerate(peft_model)
     assert type(layer) is kind
 

@@ -204,9 +204,8 @@ def _forward(route, backend, x, weight, bias, A, B, scale, s, p, seed):
     """``(y, h, z)`` of the DoRA forward (module docstring) for 2-D ``x`` ``(M, K)``; ``scale`` fp32 ``(N,)``."""
     if p == 0:
         z, h = _lora_part(route, backend, x, weight, None, A, B, s, 0.0, 0, None)
-        y = z.to(_F32) * scale
-        if bias is not None:
-            y += bias.detach()
+        # One pass each, widened in the kernel (type promotion with the fp32 scale), rounded once by the caller.
+        y = torch.mul(z, scale) if bias is None else torch.addcmul(bias.detach().to(_F32), z, scale)
         return _cast(y, x.dtype), h, z
     ks = keep_scale(backend, x.shape[0], x.shape[1], p, seed, x.device)
     xd_a = _dropped(_cast(x, A.dtype), ks)
@@ -215,14 +214,14 @@ def _forward(route, backend, x, weight, bias, A, B, scale, s, p, seed):
     z = _base_product(xd_a, weight)  # the second base product, on drop(x)
     del xd_a
     z.addmm_(_cast(h, z.dtype), _cast(B.detach().t(), z.dtype), alpha=s)
-    y = L.to(_F32).addcmul_(z.to(_F32), scale - 1.0)
+    y = torch.addcmul(L, z, scale - 1.0)  # widened to fp32 in the kernel
     return _cast(y, x.dtype), h, z
 
 
 # --------------------------------------------------------------------------------------------------- backward
 def _backward_compose(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_dx, needs_dA):
     """``(dX, dA, dB)`` by vendor GEMMs (formulas: module docstring)."""
-    g = _cast(dy.to(_F32) * scale, dy.dtype)
+    g = _cast(torch.mul(dy, scale), dy.dtype)
     ga = _cast(g, B.dtype)
     gB = torch.mm(ga, B.detach()).mul_(s)
     dB = torch.mm(ga.t(), _cast(h, B.dtype)).mul_(s)
@@ -238,7 +237,7 @@ def _backward_compose(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_
         if ks is None:
             dx = torch.mm(g, W).addmm_(_cast(gB, g.dtype), _cast(A.detach(), g.dtype))
         else:
-            e = _cast(dy.to(_F32) * (scale - 1.0), dy.dtype)
+            e = _cast(torch.mul(dy, scale - 1.0), dy.dtype)
             inner = torch.mm(e, W).to(_F32).addmm_(gB.to(_F32), A.detach().to(_F32))
             dx = _cast(torch.mm(dy, W).to(_F32).addcmul_(inner, ks), dy.dtype)
     return dx, dA, dB
@@ -247,11 +246,11 @@ def _backward_compose(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_
 def _backward_fused(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_dx, needs_dA):
     """``(dX, dA, dB)`` by the backend's LoRA backward on ``g = c * dY`` (its own measured route); with dropout,
     ``dX`` is then corrected from ``g W`` to ``dY W + e W * mask / (1 - p)``, i.e. ``+ (mask / (1 - p) - 1) * e W``."""
-    g = _cast(dy.to(_F32) * scale, dy.dtype)
+    g = _cast(torch.mul(dy, scale), dy.dtype)
     dx, dA, dB, _ = backend.lora_backward(g.contiguous(), x if needs_dA else None, weight, [A], [B], [h], [s], [p],
                                           [seed], needs_dx, needs_dA)
     if needs_dx and p > 0:
-        e = _cast(dy.to(_F32) * (scale - 1.0), dy.dtype)
+        e = _cast(torch.mul(dy, scale - 1.0), dy.dtype)
         ks = keep_scale(backend, dy.shape[0], weight.shape[1], p, seed, dy.device).sub_(1.0)
         dx = _cast(dx.to(_F32).addcmul_(_grad_product(backend, e, weight).to(_F32), ks), dy.dtype)
     return dx, dA[0], dB[0]
@@ -321,7 +320,7 @@ class DoraLinearFunction(torch.autograd.Function):
         dy = grad_y.contiguous()
         dm = None
         if needs_dm:
-            dm = ((dy.to(_F32) * z.to(_F32)).sum(0) / norm).to(magnitude.dtype)
+            dm = (torch.mul(dy.to(_F32), z).sum(0) / norm).to(magnitude.dtype)
         dx = dA = dB = None
         if needs_dx or needs_dA or needs_dB:
             grads = ("dx" if needs_dx else "") + ("dA" if needs_dA else "")

@@ -29,7 +29,9 @@ from the seed (``fastpeft._philox``) by the backend's own masked pass.
 
 Two routes per op (``fastpeft.routing.ROUTES``: ``dora_forward``, ``dora_backward``): ``compose`` (vendor GEMMs in
 torch) and ``fused`` (the backend's LoRA op, by its own measured route, plus the DoRA epilogue), so every backend
-(reference, cpu, triton, cuda) serves DoRA by construction.
+(reference, cpu, triton, cuda) serves DoRA by construction. A bitsandbytes base (``QuantizedWeight``) runs the
+``fused`` route: every product with ``W`` goes through the backend's quantized products, which decode it as they do
+for LoRA.
 
 Beside other active adapters (``stacked_linear``), PEFT lets each DoRA adapter scale the running sum of the adapters
 before it; that path is torch ops under autograd (no dropout active), with the same norm.
@@ -37,6 +39,7 @@ before it; that path is torch ops under autograd (no dropout active), with the s
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -285,13 +288,12 @@ def _route_key(op, backend, x, weight, A, p, grads=""):
 
 def _unmeasured(backend) -> Optional[str]:
     """Under Triton's interpreter timings mean nothing: the fused route exercises the kernels."""
-    import os
-
     return "fused" if backend.name == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1" else None
 
 
 class DoraLinearFunction(torch.autograd.Function):
-    """DoRA forward/backward on 2-D ``x`` for a frozen dense base (PEFT's set-up); formulas in the module docstring.
+    """DoRA forward/backward on 2-D ``x`` for a frozen base, dense or a ``QuantizedWeight`` (PEFT's set-up); formulas
+    in the module docstring.
 
     Inputs that get gradients: ``x``, ``lora_A``, ``lora_B``, ``magnitude``. ``norm`` is fp32 ``(N,)`` and constant.
     """
@@ -305,7 +307,7 @@ class DoraLinearFunction(torch.autograd.Function):
                       for route in _routes_for(weight)}
         key = _route_key("dora_forward", backend, x, weight, lora_A, dropout_p)
         y, h, z = routing.run(key, candidates, x.device.type, unmeasured=_unmeasured(backend))
-        needs_dx, needs_dA, _, needs_dm = ctx.needs_input_grad[:4]
+        _, needs_dA, _, needs_dm = ctx.needs_input_grad[:4]
         ctx.backend, ctx.weight = backend, weight
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
         ctx.save_for_backward(x if needs_dA else None, lora_A, lora_B, h, z if needs_dm else None, scale, norm,

@@ -254,7 +254,7 @@ def test_dora_beside_another_adapter_with_dropout_in_training_runs_peft_and_says
 
 
 QUANT_CASES = [("nf4", torch.float32, 0.0), ("nf4", torch.bfloat16, 0.0), ("int8", torch.float32, 0.0),
-               ("nf4", torch.float32, 0.1)]
+               ("nf4", torch.float32, 0.1), ("nf4", torch.bfloat16, 0.1)]
 
 
 @pytest.mark.parametrize("kind,dtype,p", QUANT_CASES,
@@ -304,6 +304,23 @@ def test_dora_over_bitsandbytes_matches_the_dequantized_spec(kind, dtype, p):
     for name, param in peft_model.named_parameters():
         if param.requires_grad:
             assert_close(f"d{name}", param.grad.float(), leaves[name].grad, tol)
+
+
+def test_dora_beside_another_adapter_over_bitsandbytes_runs_peft_and_says_so():
+    pytest.importorskip("bitsandbytes")
+    from test_quant_layers import MLP as QuantMLP
+    from test_quant_layers import K, _mark_quantized
+
+    model = _mark_quantized(QuantMLP("nf4", False, torch.float32), "nf4")
+    peft_model = get_peft_model(model, LoraConfig(r=3, target_modules=["up", "down"], use_dora=True))
+    peft_model.add_adapter("plain", LoraConfig(r=2, target_modules=["up"]))
+    peft_model.base_model.set_adapter(["default", "plain"])
+    fastpeft.accelerate(peft_model, strict=True)
+    reasons = [row.reason for row in fastpeft.report(peft_model).layers if not row.fused]
+    assert reasons == ["DoRA beside other active adapters over a quantized base is not fused"]
+    with CountFusedCalls() as counter:
+        peft_model(torch.randn(3, K))
+    assert counter.calls == 1  # 'down' holds the DoRA adapter alone
 
 
 def test_dora_on_a_quantized_base_under_peft_generic_layer_stays_peft_and_says_why():

@@ -24,7 +24,7 @@ from .patching import accelerate
 CONFIG_NAME = "adapter_config.json"
 # PEFT's model card: updated in place by PeftModel.save_pretrained, so the save starts from the existing one.
 _MODEL_CARD = "README.md"
-_ADAPTER_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".ia3_l")
+_ADAPTER_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_magnitude_vector", ".ia3_l")
 
 
 def save_pretrained(model: PeftModel, path: str, adapter_name: Optional[str] = None) -> None:
@@ -129,7 +129,8 @@ def _expected_shapes(config: PeftConfig, module: nn.Module, module_key: str, is_
         for pattern, value in (config.rank_pattern or {}).items():
             if module_key == pattern or module_key.endswith("." + pattern):
                 r = value
-        return {".lora_A.weight": (r, in_f), ".lora_B.weight": (out_f, r), ".lora_B.bias": (out_f,)}
+        return {".lora_A.weight": (r, in_f), ".lora_B.weight": (out_f, r), ".lora_B.bias": (out_f,),
+                ".lora_magnitude_vector": (out_f,)}  # DoRA's magnitude, one per output feature
     if peft_type == "IA3":
         return {".ia3_l": (1, in_f) if is_feedforward(module_key) else (out_f, 1)}
     return {}

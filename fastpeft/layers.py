@@ -6,9 +6,10 @@ Each fused class subclasses PEFT's own layer class and only overrides ``forward`
 keys are PEFT's. ``fastpeft.accelerate`` turns a PEFT layer into its twin in place by switching its class: the same
 object, the same parameters, the same names.
 
-Where a call is outside what the fused path covers (adapters disabled or merged, a LoRA variant such as DoRA,
+Where a call is outside what the fused path covers (adapters disabled or merged, a LoRA variant other than DoRA,
 extra arguments for the base layer, hooks on the base layer), the fused layer runs PEFT's own forward: same meaning,
-not fused. Mixed-adapter batches (``adapter_names``) go through ``mixed_batch_forward``.
+not fused. Mixed-adapter batches (``adapter_names``) go through ``mixed_batch_forward``; DoRA's math is in
+``fastpeft.dora``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from peft.tuners.ia3.layer import Linear as PeftIA3Linear
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
-from . import functional, mixed
+from . import dora, functional, mixed
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -160,6 +161,7 @@ class FusedLoraLinear(PeftLoraLinear):
             from .quant_merge import merge_quantized
 
             return merge_quantized(self, adapter_names)
+        dora.clear_cache(self)
         return super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unmerge(self) -> None:
@@ -169,6 +171,7 @@ class FusedLoraLinear(PeftLoraLinear):
             from .quant_merge import unmerge_quantized
 
             return unmerge_quantized(self)
+        dora.clear_cache(self)
         return super().unmerge()
 
     def _fused_call(self, x, args, kwargs):
@@ -176,7 +179,8 @@ class FusedLoraLinear(PeftLoraLinear):
         if args or kwargs or self.disable_adapters or self.merged:
             return None
         active = [name for name in self.active_adapters if name in self.lora_A]
-        if any(name in self.lora_variant for name in active):
+        if self.lora_variant and any(name in self.lora_variant for name in active) and (
+                dora.unfused_variant_reason(self, active) is not None):
             return None
         base = direct_base_layer(self)
         if _has_hooks(base):
@@ -199,6 +203,10 @@ class FusedLoraLinear(PeftLoraLinear):
             return self.base_layer(x)
         if self.training and functional.capturing_cuda_graph(x) and _any_dropout(self, active):
             return super().forward(x, *args, **kwargs)  # torch's dropout is graph-safe, fastpeft's host seeds are not
+        if self.lora_variant and any(name in self.lora_variant for name in active):
+            if not dora.dora_call_ok(self, weight, x):
+                return super().forward(x)
+            return dora.layer_forward(self, x, active, weight, bias, direct_base_layer(self).weight, layer_name(self))
         # One pass over the active adapters (this runs per layer per token in decoding).
         lora_A, lora_B, lora_bias, scaling, dropout_p = [], [], [], [], []
         training = False

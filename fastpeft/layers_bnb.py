@@ -31,8 +31,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import functional
-from .layers import BASE_WEIGHT_READERS, FUSED_LAYER_TYPES, _any_dropout, _has_hooks, check_input, mixed_batch_forward
+from . import dora, functional
+from .layers import (
+    BASE_WEIGHT_READERS,
+    FUSED_LAYER_TYPES,
+    _any_dropout,
+    _has_hooks,
+    check_input,
+    layer_name,
+    mixed_batch_forward,
+)
 from .quant import QuantizedWeight, is_bnb_quantized
 
 try:
@@ -79,13 +87,24 @@ def _base_only(x: torch.Tensor, qw: QuantizedWeight, bias) -> torch.Tensor:
 class _FusedBnbLoraMixin:
     """Forward shared by the LoRA twins; ``x`` ``(..., in_features)`` -> ``(..., out_features)`` in ``x``'s dtype."""
 
+    _fastpeft_bnb_twin = True  # fastpeft.dora: DoRA runs over the decoded QuantizedWeight
+
+    def merge(self, *args, **kwargs) -> None:
+        dora.clear_cache(self)  # the base weight is rewritten: cached DoRA norms no longer hold
+        return super().merge(*args, **kwargs)
+
+    def unmerge(self) -> None:
+        dora.clear_cache(self)
+        return super().unmerge()
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if kwargs.get("adapter_names") is not None:  # the base layer's own (quantized) forward, adapters fused
             return mixed_batch_forward(self, x, args, kwargs, super().forward)
         base = self.get_base_layer()
         active = [name for name in self.active_adapters if name in self.lora_A]
-        if (args or kwargs or _has_hooks(base) or any(name in self.lora_variant for name in active)
-                or not is_bnb_quantized(base)):
+        with_dora = bool(self.lora_variant) and any(name in self.lora_variant for name in active)
+        if (args or kwargs or _has_hooks(base) or not is_bnb_quantized(base) or (with_dora and (
+                dora.unfused_variant_reason(self, active, quantized=True) or not dora.dora_call_ok(self, None, x)))):
             return super().forward(x, *args, **kwargs)
         if self.disable_adapters:
             if self.merged:
@@ -102,6 +121,8 @@ class _FusedBnbLoraMixin:
             return _base_only(xc, qw, bias).to(x.dtype)
         if self.training and functional.capturing_cuda_graph(x) and _any_dropout(self, active):
             return super().forward(x, *args, **kwargs)  # torch's dropout is graph-safe, fastpeft's host seeds are not
+        if with_dora:  # a lone DoRA adapter (several run PEFT's forward over a quantized base)
+            return dora.layer_forward(self, xc, active, qw, bias, base.weight, layer_name(self)).to(x.dtype)
         dropouts = [self.lora_dropout[name] for name in active]
         y = functional.lora_linear(
             xc,

@@ -11,7 +11,9 @@ from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from . import dora
 from . import layers as _layers
+from .quant import is_bnb_quantized
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -156,10 +158,13 @@ def fusable(module: nn.Module) -> tuple[bool, str]:
     if type(module) not in _layers.FUSED_LAYER_TYPES:
         return False, f"{type(module).__module__}.{type(module).__name__} has no fused twin"
     variants = getattr(module, "lora_variant", {})
-    if variants:
-        kinds = sorted({type(v).__name__ for v in variants.values()})
-        return False, f"LoRA variant {', '.join(kinds)} (e.g. DoRA) is not fused"
+    other = dora.non_dora_variants(module, list(variants))
+    if other:
+        return False, f"LoRA variant {', '.join(other)} is not fused"
     base = module.get_base_layer()
+    if variants and _layers.FUSED_LAYER_TYPES[type(module)] is _layers.FusedLoraLinear and is_bnb_quantized(base):
+        # PEFT's generic layer over a bitsandbytes base: its DoRA merge would add to the packed bytes
+        return False, "DoRA on a quantized base under PEFT's generic lora.Linear is not fused"
     if _layers.FUSED_LAYER_TYPES[type(module)] in (_layers.FusedLoraLinear, _layers.FusedIA3Linear):
         if _layers.read_base_weight(base, getattr(module, "fan_in_fan_out", False)) is None:
             return False, f"base layer {type(base).__name__} is not supported"
@@ -169,7 +174,7 @@ def fusable(module: nn.Module) -> tuple[bool, str]:
 def accelerate(peft_model: nn.Module, strict: bool = False) -> nn.Module:
     """Turn, in place, every supported PEFT LoRA/IA3 layer of ``peft_model`` into its fused twin.
 
-    Parameters, names and state_dict keys stay the same. Layers fastpeft does not support yet (DoRA, Conv2d,
+    Parameters, names and state_dict keys stay the same. Layers fastpeft does not support yet (Conv2d,
     Embedding, ...) stay as PEFT made them and are listed in one warning; with ``strict=True`` a ``TypeError`` is
     raised instead and nothing is changed. Calling it again is harmless (and fuses adapters added since).
     """

@@ -85,3 +85,40 @@ def ia3_linear(
         return torch.nn.functional.linear(scaled, weight, bias)
     result = torch.nn.functional.linear(x, weight, bias)
     return (result * scale).to(result.dtype)
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+) -> torch.Tensor:
+    """PEFT's ``lora.Linear.forward`` with one DoRA adapter (``DoraLinearLayer``) for a 2-D input, written as PEFT
+    writes it: the adapted weight ``W + s B A`` is formed, its row norms are taken in the adapter's dtype and
+    detached, and ``c = m / n`` scales the base and low-rank products::
+
+        p = 0:  y = base(x) + (c - 1) * (base(x) - b) + c * s * x A^T B^T
+        p > 0:  y = base(x) + (c - 1) * drop(x) W^T + c * s * drop(x) A^T B^T
+
+    ``x`` is cast to ``lora_A``'s dtype for the adapter (PEFT's input cast), the base output keeps ``x``'s dtype.
+    """
+    result = torch.nn.functional.linear(x, weight, bias)
+    result_dtype = result.dtype
+    xi = x.to(lora_A.dtype)
+    w = weight.to(xi.dtype)
+    lora_weight = (lora_B @ lora_A).to(xi.dtype)
+    norm = torch.linalg.norm(w + scaling * lora_weight.detach(), dim=1).to(w.dtype).detach()
+    scale = (magnitude / norm).view(1, -1)
+    if dropout_p > 0:
+        xi = apply_dropout(xi, dropout_p, seed)
+        base_result = torch.nn.functional.linear(xi, w)
+    else:
+        base_result = result if bias is None else result - bias
+    lora = torch.nn.functional.linear(torch.nn.functional.linear(xi, lora_A), lora_B)
+    out = result + (scale - 1) * base_result + scale * lora * scaling
+    return out.to(result_dtype)

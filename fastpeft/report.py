@@ -14,10 +14,11 @@ from typing import Optional
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from . import dora, routing
 from . import layers as _layers
-from . import routing
 from .backends import get_backend
 from .patching import fusable, register_optional_layers
+from .quant import is_bnb_quantized
 
 
 @dataclass
@@ -80,9 +81,12 @@ def _why_not_fused(module) -> tuple[str, Optional[tuple]]:
         return "adapters disabled" + own_base, None
     if module.merged:
         return "adapters merged into the base weight" + own_base, None
-    variants = [name for name in module.active_adapters if name in getattr(module, "lora_variant", {})]
-    if variants:
-        return f"LoRA variant on {', '.join(variants)} (e.g. DoRA) is not fused", None
+    if getattr(module, "lora_variant", None):
+        active = [name for name in module.active_adapters if name in module.lora_A]
+        quantized = is_bnb_quantized(_layers.direct_base_layer(module))
+        reason = dora.unfused_variant_reason(module, active, quantized=quantized)
+        if reason is not None:
+            return reason, None
     base = _layers.direct_base_layer(module)
     if _layers._has_hooks(base):
         return "forward hooks on the base layer", None

@@ -1,10 +1,11 @@
 """The route table (``fastpeft.routing``): every way each op can run, and the measured choice among them.
 
-An op (``lora_forward``, ``lora_backward``, ``lora_mixed_forward``, ``ia3_forward``, ``ia3_backward``) can run by
-several *routes* that compute the same thing with different kernels. Which one is fastest depends on the machine
-(a CPU with AVX512-BF16 and AMX runs bf16 GEMMs ~4x faster than fp32; one with AVX2 only runs them many times
-slower), on the shapes and on the dtypes, so no threshold in the code decides it. The first call of a *route key*
-times every eligible route on the real tensors, keeps the fastest, and reuses it for every later call with that key:
+An op (``lora_forward``, ``lora_backward``, ``lora_mixed_forward``, ``ia3_forward``, ``ia3_backward``,
+``dora_forward``, ``dora_backward``) can run by several *routes* that compute the same thing with different kernels.
+Which one is fastest depends on the machine (a CPU with AVX512-BF16 and AMX runs bf16 GEMMs ~4x faster than fp32;
+one with AVX2 only runs them many times slower), on the shapes and on the dtypes, so no threshold in the code decides
+it. The first call of a *route key* times every eligible route on the real tensors, keeps the fastest, and reuses it
+for every later call with that key:
 
 - the key (``RouteKey``): op, backend, weight kind (``dense``/``nf4``/``fp4``/``int8``), the dtypes of ``x``, the
   weight and the adapters, ``M`` rounded up to a power of two, ``N`` and ``K``, dropout on/off, the total rank
@@ -102,6 +103,18 @@ ROUTES: dict[str, dict[str, str]] = {
         "fused": "a quantized weight decoded tile by tile inside dY W",
         "fused_gemm": "Triton: dY W with the vector and the reduction of its gradient in the GEMM's epilogue",
     },
+    "dora_forward": {
+        "compose": "DoRA (fastpeft.dora) by vendor GEMMs: x W^T, x A^T, addmm_ of the update, the scale m/n in an "
+                   "fp32 epilogue; with dropout a second vendor GEMM on drop(x) (mask from the backend's pass)",
+        "fused": "DoRA through the backend's LoRA forward (its own measured route) for x W^T + s x A^T B^T, then the "
+                 "fp32 scaling epilogue; with dropout the second base product by the vendor GEMM",
+    },
+    "dora_backward": {
+        "compose": "DoRA backward by vendor GEMMs on c dY (c = m/n): dX, dA, dB; with dropout dY W and the masked "
+                   "((c - 1) dY) W + s (c dY B) A",
+        "fused": "DoRA backward through the backend's LoRA backward on c dY (its own measured route); with dropout "
+                 "one more vendor GEMM corrects dX by (mask / (1 - p) - 1) * ((c - 1) dY) W",
+    },
 }
 
 # Where a route may run at all. These are correctness conditions and hard limits, not speed thresholds.
@@ -120,6 +133,8 @@ ROUTE_LIMITS: dict[str, str] = {
     "fused / sgmv (mixed)": "no autograd recorded (training and torch.compile run compose); no dropout; x widens "
                             "to every adapter's dtype without rounding (fp32 adapters, or adapters in x's dtype); "
                             "sgmv: the triton backend, ranks <= 64",
+    "dora_forward / dora_backward": "a dense base weight and one active adapter (several adapters with DoRA, a "
+                                    "quantized base or autocast: PEFT's own forward)",
     "unmeasured": "under Triton's interpreter timings mean nothing: the triton backend takes the kernel route its "
                   "shape would exercise (fastpeft.kernels.lora's mode rule) unless a route is pinned",
 }

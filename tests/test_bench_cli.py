@@ -141,12 +141,12 @@ def test_presets_and_overrides():
     quick = cli.resolve(cli.parser().parse_args(["--quick"]))
     assert quick.scale == 32 and quick.tokens == [1, 16, 512, 2048]
     full = cli.resolve(cli.parser().parse_args([]))
-    assert full.scale == 1 and set(full.kinds) == {"lora", "ia3", "qlora-nf4", "qlora-int8"}
+    assert full.scale == 1 and set(full.kinds) == {"lora", "ia3", "qlora-nf4", "qlora-int8", "dora"}
     mine = cli.resolve(cli.parser().parse_args(["--quick", "--scale", "4", "-M", "3,5", "--dtypes", "bf16"]))
     assert (mine.scale, mine.tokens, mine.dtypes) == (4, [3, 5], ["bf16"])
 
 
-@pytest.mark.parametrize("argv", [["--kinds", "lora,dora"], ["--shapes", "70b"], ["--dtypes", "int4"],
+@pytest.mark.parametrize("argv", [["--kinds", "lora,vera"], ["--shapes", "70b"], ["--dtypes", "int4"],
                                   ["--modes", "sideways"], ["--scale", "0"], ["--tokens", "0"]])
 def test_bad_arguments_exit_with_a_message(argv):
     with pytest.raises(SystemExit) as info:

@@ -31,6 +31,15 @@ def randomize_ia3(model):
                 param.uniform_(0.5, 1.5)
 
 
+def randomize_magnitude(model, seed=5):
+    """DoRA's magnitude starts at the weight's norm (scale 1 everywhere): move it so a wrong norm shows."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(torch.empty_like(param).uniform_(0.5, 1.5))
+
+
 def twins(build, config, extra_adapters=(), seed=0, dtype=None):
     """``(peft_model, fastpeft_model)`` with the same base and adapter weights."""
     models = []
@@ -79,6 +88,8 @@ class CountFusedCalls:
 
         self._module = layers_module.functional
         self._saved = (self._module.lora_linear, self._module.ia3_linear)
+        self._dora = layers_module.dora
+        self._saved_dora = self._dora.layer_forward
 
         def counted(fn):
             def wrapper(*args, **kwargs):
@@ -87,10 +98,12 @@ class CountFusedCalls:
             return wrapper
 
         self._module.lora_linear, self._module.ia3_linear = map(counted, self._saved)
+        self._dora.layer_forward = counted(self._saved_dora)
         return self
 
     def __exit__(self, *exc):
         self._module.lora_linear, self._module.ia3_linear = self._saved
+        self._dora.layer_forward = self._saved_dora
 
 
 def compare_forward_backward(reference, fused, make_input, run=lambda m, x: m(x), tol=FP32_TOL, label=""):
@@ -200,9 +213,12 @@ def test_multiple_active_adapters_match_peft():
     compare_forward_backward(reference, fused, lambda: torch.randn(4, 23), label="other only")
 
 
-def test_merge_unmerge_disable_match_peft():
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], init_lora_weights=False)
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_merge_unmerge_disable_match_peft(use_dora):
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], init_lora_weights=False, use_dora=use_dora)
     reference, fused = twins(MLP, config)
+    for model in (reference, fused):
+        randomize_magnitude(model)
     reference.eval(), fused.eval()
     x = torch.randn(5, 23)
     with torch.no_grad():
@@ -279,7 +295,12 @@ def test_low_precision_within_2x_of_peft(dtype):
     torch.manual_seed(0)
     fp32_ref = get_peft_model(MLP(width=64, hidden=96), copy.deepcopy(config))
     fp32_ref.load_state_dict({k: v.float() for k, v in reference.state_dict().items()})
-    x = torch.randn(33, 64)
+    compare_low_precision(reference, fused, fp32_ref, torch.randn(33, 64), dtype)
+
+
+def compare_low_precision(reference, fused, fp32_ref, x, dtype):
+    """Eval-mode output, input gradient and every trainable parameter's gradient of ``fused`` (in ``dtype``) within
+    2x of ``reference``'s (PEFT in ``dtype``) distance to ``fp32_ref`` (PEFT in fp32). Returns the gradient names."""
     results = {}
     for label, model, xin in (("peft", reference, x.to(dtype)), ("fast", fused, x.to(dtype)), ("fp32", fp32_ref, x)):
         model.eval()
@@ -290,7 +311,9 @@ def test_low_precision_within_2x_of_peft(dtype):
     assert_within_2x("output", results["fast"][0].float(), results["peft"][0].float(), results["fp32"][0], 1e-3)
     assert_within_2x("dX", results["fast"][1].float(), results["peft"][1].float(), results["fp32"][1], 1e-3)
     for name in results["fp32"][2]:
-        assert_within_2x(f"d{name}", results["fast"][2][name], results["peft"][2][name], results["fp32"][2][name], 1e-3)
+        assert_within_2x(f"d{name}", results["fast"][2][name].float(), results["peft"][2][name].float(),
+                         results["fp32"][2][name], 1e-3)
+    return list(results["fp32"][2])
 
 
 def test_training_mode_dropout_is_regenerated_in_backward():
@@ -363,15 +386,18 @@ def test_save_named_adapter_goes_to_path(tmp_path):
 
 
 def test_accelerate_leaves_unsupported_layers_and_warns_once():
-    config = LoraConfig(r=2, target_modules=["up", "down"], use_dora=True)
+    def conv_net():  # LoRA on Conv2d has no fused twin
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+
+    config = LoraConfig(r=2, target_modules=["0", "2"])
     torch.manual_seed(0)
-    model = get_peft_model(MLP(), config)
+    model = get_peft_model(conv_net(), config)
     with pytest.warns(UserWarning, match="keep PEFT's implementation") as record:
         fastpeft.accelerate(model)
     assert len([w for w in record if "fastpeft" in str(w.message)]) == 1
     assert not fused_layers(model)
     torch.manual_seed(0)
-    model = get_peft_model(MLP(), config)
+    model = get_peft_model(conv_net(), config)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(TypeError, match="strict=True"):
         fastpeft.accelerate(model, strict=True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from model_helpers import MLP
 from peft import LoraConfig, get_peft_model
@@ -53,11 +51,15 @@ def test_reasons_for_layers_that_fall_back():
     assert fastpeft.report(model).fused == 4
 
 
-def test_dora_layers_are_reported_unfused_with_the_reason():
+def test_dora_layers_are_reported_fused_and_unfused_beside_a_training_dropout_adapter_with_the_reason():
     model = _model(use_dora=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fastpeft.accelerate(model)
-    rows = fastpeft.report(model).layers
-    assert rows and all(not r.fused and "DoRA" in r.reason for r in rows)
-    assert "0 of 4 adapter layers run fused" in str(fastpeft.report(model))
+    fastpeft.accelerate(model)
+    assert "4 of 4 adapter layers run fused" in str(fastpeft.report(model))
+    model.add_adapter("plain", LoraConfig(r=2, target_modules=["up"], lora_dropout=0.1))
+    model.base_model.set_adapter(["default", "plain"])
+    fastpeft.accelerate(model)
+    model.train()
+    unfused = [r for r in fastpeft.report(model).layers if not r.fused]
+    assert len(unfused) == 2 and all("with dropout in training is not fused" in r.reason for r in unfused)
+    model.eval()
+    assert "4 of 4 adapter layers run fused" in str(fastpeft.report(model))

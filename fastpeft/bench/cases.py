@@ -10,7 +10,8 @@ built from the same seed, so the numbers compare the same arithmetic:
 - ``fastpeft-<name>``: the same, with ``fastpeft.set_backend(name)`` forced before each run;
 - ``compose``: the plain composition anyone can write over PEFT's tensors, ``y = base(x);
   y.addmm_(drop(x) @ A^T, B^T, alpha=s)`` with the adapters cast to ``x``'s dtype (LoRA kinds only): fastpeft's
-  floor, as PEFT is its reference.
+  floor, as PEFT is its reference; for the ``dora`` kind (PEFT's ``use_dora=True``) the same composition scaled by
+  ``m / n`` with the norm taken without forming ``W + s B A`` (``ComposedDoRA``).
 
 Kind ``lora-mixed``: a mixed-adapter batch (PEFT's ``adapter_names``) of ``MIXED_SEQUENCES`` sequences of
 ``M / MIXED_SEQUENCES`` tokens, sequence ``i`` through adapter ``i % adapters`` (``Case.adapters``, each of rank
@@ -47,7 +48,7 @@ SHAPES = {
     "8b-up": (4096, 14336),
     "8b-down": (14336, 4096),
 }
-KINDS = ("lora", "ia3", "qlora-nf4", "qlora-int8", "lora-mixed")
+KINDS = ("lora", "ia3", "qlora-nf4", "qlora-int8", "lora-mixed", "dora")
 MIXED_SEQUENCES = 8
 MIXED_ADAPTERS = (1, 4, 16, 64)
 MODES = ("infer", "fwd", "bwd", "fwd+bwd")
@@ -125,6 +126,28 @@ class ComposedLoRA(nn.Module):
         return y.addmm_(xa, self.lora_B.to(x.dtype).t(), alpha=self.scaling)
 
 
+class ComposedDoRA(ComposedLoRA):
+    """DoRA's composition over a PEFT DoRA layer's tensors (one adapter, bias-free base as built here), in torch:
+    ``c = m / n`` with ``n`` from ``fastpeft.dora.weight_norm`` (no ``N x K`` weight), then PEFT's formula,
+    ``c * (base(x) + s x A^T B^T)`` or, with dropout in training, ``base(x) + (c - 1) drop(x) W^T + c s drop(x)
+    A^T B^T``."""
+
+    def __init__(self, peft_layer: nn.Module, adapter: str = "default"):
+        super().__init__(peft_layer, adapter)
+        self.magnitude = peft_layer.lora_magnitude_vector[adapter].weight
+
+    def forward(self, x):
+        from fastpeft.dora import weight_norm
+
+        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        c = (self.magnitude / weight_norm(self.base.weight, A, B, self.scaling)).to(x.dtype)
+        y = self.base(x)
+        if isinstance(self.dropout, nn.Identity) or not self.dropout.training:
+            return (y + (x @ A.t()) @ B.t() * self.scaling) * c
+        xd = self.dropout(x)
+        return y + (c - 1) * self.base(xd) + c * ((xd @ A.t()) @ B.t() * self.scaling)
+
+
 class _Holder(nn.Module):
     """A one-layer model PEFT can wrap: ``get_peft_model`` needs a parent module to replace ``proj`` in."""
 
@@ -163,7 +186,7 @@ def _wrap(case: Case, base: nn.Module, seed: int) -> nn.Module:
         config = IA3Config(target_modules=["proj"], feedforward_modules=["proj"] if "down" in case.shape else [])
     else:
         config = LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout, target_modules=["proj"],
-                            init_lora_weights=False)
+                            init_lora_weights=False, use_dora=case.kind == "dora")
     model = get_peft_model(_Holder(base), config)
     for i in range(1, case.adapters if case.kind == "lora-mixed" else 1):
         model.add_adapter(f"mix{i}", LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout,
@@ -218,7 +241,8 @@ def build(case: Case, provider: str, device: torch.device, x: torch.Tensor, seed
     if provider == "compose":
         if case.kind == "ia3":
             raise ValueError("the compose provider is LoRA's composition; IA3 has none")
-        return Built(provider, ComposedLoRA(layer), model, _select_backend(None), False, "torch", params)
+        composed = ComposedDoRA(layer) if case.kind == "dora" else ComposedLoRA(layer)
+        return Built(provider, composed, model, _select_backend(None), False, "torch", params)
     if not provider.startswith("fastpeft"):
         raise ValueError(f"unknown provider {provider!r}")
     backend_name = provider.split("-", 1)[1] if "-" in provider else None

@@ -1,0 +1,572 @@
+"""DoRA (``LoraConfig(use_dora=True)``): fastpeft means what PEFT's ``DoraLinearLayer`` means.
+
+The op (``fastpeft.dora.dora_linear``) is checked against the executable spec (``fastpeft.reference.dora_linear``,
+written as PEFT writes it) on every backend available here and every route pinned, dropout included (the spec is fed
+the seed the op drew, so both apply the same mask). The module twins are checked against PEFT's own layers:
+outputs, input gradient and the gradients of A, B and the magnitude, PEFT's files (merge/unmerge/unload: in
+``test_peft_parity.test_merge_unmerge_disable_match_peft[dora]``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from checks import assert_close, assert_within_2x, rel_err
+from model_helpers import MLP, Conv1DMLP
+from peft import LoraConfig, PeftModel, get_peft_model
+from test_peft_parity import (
+    FP32_TOL,
+    CountFusedCalls,
+    compare_forward_backward,
+    compare_low_precision,
+    fused_layers,
+    randomize_magnitude,
+    twins,
+)
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastpeft
+from fastpeft import dora, reference, routing
+from fastpeft.backends import availability, set_backend
+from fastpeft.functional import draw_seeds
+
+ROUTE_PAIRS = [(f, b) for f in ("compose", "fused") for b in ("compose", "fused")]
+DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.fixture
+def clean_routes():
+    yield
+    routing.set_route("dora_forward", None)
+    routing.set_route("dora_backward", None)
+    set_backend(None)
+
+
+def dora_twins(build, dtype=None, extra_adapters=(), **config):
+    config = LoraConfig(use_dora=True, init_lora_weights=False, **config)
+    peft_model, fused = twins(build, config, extra_adapters=extra_adapters, dtype=dtype)
+    for model in (peft_model, fused):
+        randomize_magnitude(model)
+    return peft_model, fused
+
+
+# ---------------------------------------------------------------------------------------------- the op vs the spec
+def op_case(lead, K, N, r, dtype, adapter_dtype, transposed, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, K, generator=g).to(dtype)
+    stored = torch.randn(K, N, generator=g) if transposed else torch.randn(N, K, generator=g)
+    stored = (stored / math.sqrt(K)).to(dtype)
+    weight = stored.t() if transposed else stored
+    bias = (0.1 * torch.randn(N, generator=g)).to(dtype)
+    A = (torch.randn(r, K, generator=g) / math.sqrt(K)).to(adapter_dtype)
+    B = (0.5 * torch.randn(N, r, generator=g)).to(adapter_dtype)
+    m = (0.5 + torch.rand(N, generator=g)).to(adapter_dtype)
+    return x, weight, bias, A, B, m
+
+
+def run_with_grads(fn, x, A, B, m, upstream_seed=11):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, A, B, m)]
+    y = fn(*leaves)
+    gen = torch.Generator().manual_seed(upstream_seed)
+    upstream = torch.randn(y.shape, generator=gen).to(y.dtype)
+    grads = torch.autograd.grad(y, leaves, upstream)
+    return [y.detach(), *grads]
+
+
+def backends_here():
+    names = []
+    for name in ("reference", "cpu", "triton"):
+        if availability(name)[0]:
+            names.append(name)
+    return names
+
+
+# (x dtype, adapter dtype, backends that run it): the Triton interpreter's tl.dot is wrong on bf16, fp16 stands in.
+DTYPE_CASES = [("fp32", "fp32", None), ("bf16", "bf16", ("reference", "cpu")), ("bf16", "fp32", ("reference", "cpu")),
+               ("fp16", "fp16", ("triton",))]
+SHAPES = [("M5", (5,), False), ("2x3-3d", (2, 3), False), ("M5-fan_in_fan_out", (5,), True)]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"drop{p}")
+@pytest.mark.parametrize("xdt,adt,only", DTYPE_CASES, ids=[f"x{a}-A{b}" for a, b, _ in DTYPE_CASES])
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_op_matches_spec_on_every_backend_and_route(clean_routes, backend, shape, xdt, adt, only, p):
+    """K=37, N=29, r=3; training mode (dropout drawn when p > 0); y, dX, dA, dB and dm for each pinned pair of
+    forward/backward routes. fp32: within 1e-5 of the spec; low precision: the 2x rule against the spec in fp32."""
+    if backend not in backends_here():
+        pytest.skip(f"backend {backend} unavailable: {availability(backend)[1]}")
+    if only is not None and backend not in only:
+        pytest.skip(f"{xdt}/{adt} is not run on {backend}")
+    _, lead, transposed = shape
+    dtype, adapter_dtype = DT[xdt], DT[adt]
+    x, W, b, A, B, m = op_case(lead, 37, 29, 3, dtype, adapter_dtype, transposed)
+    s = 0.7
+
+    def spec(xx, AA, BB, mm, f32=False):
+        torch.manual_seed(3)
+        seed = int(draw_seeds(1, [p], True)[0]) if p > 0 else 0
+        cast = (lambda t: t.float()) if f32 else (lambda t: t)
+        x2 = cast(xx).reshape(-1, 37)
+        y = reference.dora_linear(x2, cast(W), cast(b), cast(AA), cast(BB), cast(mm), s, p, seed)
+        return y.view(*lead, 29)
+
+    expected = run_with_grads(spec, x, A, B, m)
+    expected32 = run_with_grads(lambda *t: spec(*t, f32=True), x, A, B, m)
+    set_backend(backend)
+    for fwd, bwd in ROUTE_PAIRS:
+        routing.set_route("dora_forward", fwd)
+        routing.set_route("dora_backward", bwd)
+
+        def fused(xx, AA, BB, mm):
+            torch.manual_seed(3)
+            return dora.dora_linear(xx, W, b, AA, BB, mm, s, p, training=True)
+
+        got = run_with_grads(fused, x, A, B, m)
+        assert routing.last_route("dora_forward") == fwd and routing.last_route("dora_backward") == bwd
+        for name, a, e, e32 in zip(("y", "dX", "dA", "dB", "dm"), got, expected, expected32):
+            label = f"{backend} {fwd}/{bwd} {name}"
+            assert a.dtype == e.dtype, f"{label}: dtype {a.dtype} != {e.dtype}"
+            if dtype == torch.float32 and adapter_dtype == torch.float32:
+                assert_close(label, a, e, FP32_TOL)
+            else:
+                assert_within_2x(label, a.float(), e.float(), e32, 1e-3)
+    if p > 0:
+        eval_out = dora.dora_linear(x, W, b, A, B, m, s, p, training=False)
+        assert rel_err(eval_out.float(), expected[0].float()) > 1e-3, "dropout had no effect: test is vacuous"
+
+
+def test_norm_without_the_weight_matches_the_formed_weight():
+    """``n_j^2 = ||W_j||^2 + 2 s B_j . (W A^T)_j + s^2 B_j A A^T B_j^T`` against ``||W + s B A||`` formed."""
+    x, W, b, A, B, m = op_case((5,), 37, 29, 3, torch.float32, torch.float32, transposed=True)
+    expected = torch.linalg.norm(W + 0.7 * (B @ A), dim=1)
+    assert_close("norm", dora.weight_norm(W, A, B, 0.7), expected, 1e-6)
+    # Round-off below zero is clamped, not a NaN: a row the adapter cancels exactly.
+    W2 = torch.zeros(2, 4)
+    A2 = torch.ones(1, 4)
+    B2 = torch.zeros(2, 1)
+    W2[0] = 1.0
+    B2[0, 0] = -1.0
+    norm = dora.weight_norm(W2, A2, B2, 1.0)
+    assert torch.isfinite(norm).all() and norm[0].item() == pytest.approx(0.0, abs=1e-3)
+
+
+# ------------------------------------------------------------------------------------------- the layers vs PEFT
+@pytest.mark.parametrize("route", ["auto", "compose", "fused"])
+@pytest.mark.parametrize("lead", [(4,), (2, 3)], ids=["2d", "3d"])
+def test_dora_mlp_matches_peft(clean_routes, lead, route):
+    peft_model, fused = dora_twins(MLP, r=3, lora_alpha=5, target_modules=["up", "down"])
+    routing.set_route("dora_forward", route)
+    routing.set_route("dora_backward", route)
+    compare_forward_backward(peft_model, fused, lambda: torch.randn(*lead, 23), label=f"dora {route}")
+
+
+def test_dora_conv1d_fan_in_fan_out_matches_peft():
+    peft_model, fused = dora_twins(Conv1DMLP, r=3, lora_alpha=4, target_modules=["fc", "proj"], fan_in_fan_out=True)
+    compare_forward_backward(peft_model, fused, lambda: torch.randn(2, 5, 19), label="dora conv1d")
+
+
+def test_dora_dropout_eval_matches_peft_and_training_matches_spec():
+    """Dropout 0.1: eval outputs and gradients are PEFT's; in training the layer equals the spec fed the same seed
+    (PEFT's nn.Dropout draws from another RNG, so it cannot be the oracle there)."""
+    peft_model, fused = dora_twins(MLP, r=3, lora_alpha=5, lora_dropout=0.1, target_modules=["up", "down"])
+    compare_forward_backward(peft_model, fused, lambda: torch.randn(6, 23), label="dora drop0.1 eval")
+    fused.train()
+    fused.zero_grad(set_to_none=True)
+    layer = fused.base_model.model.blocks[0]["up"]
+    x = torch.randn(6, 23)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    m = layer.lora_magnitude_vector["default"].weight
+    base = layer.base_layer
+    x_leaf = x.clone().requires_grad_(True)
+    torch.manual_seed(9)
+    y = layer(x_leaf)
+    upstream = torch.randn_like(y)
+    (y * upstream).sum().backward()
+    got = [y.detach(), x_leaf.grad, A.grad, B.grad, m.grad]
+    torch.manual_seed(9)
+    seed = int(draw_seeds(1, [0.1], True)[0])
+    ref_leaves = [t.detach().clone().requires_grad_(True) for t in (x, A, B, m)]
+    y_ref = reference.dora_linear(ref_leaves[0], base.weight, base.bias, *ref_leaves[1:], layer.scaling["default"],
+                                  0.1, seed)
+    (y_ref * upstream).sum().backward()
+    expected = [y_ref.detach()] + [t.grad for t in ref_leaves]
+    for name, a, e in zip(("y", "dX", "dA", "dB", "dm"), got, expected):
+        assert_close(f"train drop0.1 {name}", a, e, FP32_TOL)
+    assert rel_err(got[0], layer.eval()(x).detach()) > 1e-3, "dropout had no effect: test is vacuous"
+
+
+@pytest.mark.parametrize("adapters", ["fp32", "bf16"])
+def test_dora_bf16_within_2x_of_peft(adapters):
+    """bf16 base, adapters in fp32 (PEFT's default) or bf16: fastpeft at most 2x as far from PEFT in fp32 as PEFT in
+    bf16, for y, dX and the gradients of A, B and the magnitude."""
+    dtype = torch.bfloat16
+    config = LoraConfig(use_dora=True, init_lora_weights=False, r=4, lora_alpha=8, target_modules=["up", "down"])
+
+    def build_peft(cast):
+        torch.manual_seed(0)
+        base = MLP(width=64, hidden=96).to(cast)
+        torch.manual_seed(1)
+        model = get_peft_model(base, copy.deepcopy(config), autocast_adapter_dtype=adapters == "fp32")
+        randomize_magnitude(model)
+        return model
+
+    peft_model, fused = build_peft(dtype), build_peft(dtype)
+    fastpeft.accelerate(fused)
+    fp32_ref = build_peft(torch.float32)
+    fp32_ref.load_state_dict({k: v.float() for k, v in peft_model.state_dict().items()})
+    names = compare_low_precision(peft_model, fused, fp32_ref, torch.randn(33, 64), dtype)
+    assert any("lora_magnitude_vector" in n for n in names)
+
+
+@pytest.mark.parametrize("order", [("default", "plain", "dora2"), ("plain", "dora2", "default")],
+                         ids=["dora-first", "lora-first"])
+def test_dora_beside_other_adapters_matches_peft(order):
+    """Several active adapters, two DoRA and one plain LoRA with a lora_bias: PEFT's meaning, where each DoRA adapter
+    scales the sum of the adapters before it, in every order; outputs and every gradient."""
+    plain = LoraConfig(r=2, lora_alpha=3, target_modules=["up"], init_lora_weights=False, lora_bias=True)
+    second = LoraConfig(r=4, lora_alpha=3, target_modules=["up", "down"], init_lora_weights=False, use_dora=True)
+    peft_model, fused = dora_twins(MLP, r=3, lora_alpha=5, target_modules=["up", "down"],
+                                   extra_adapters=[("plain", plain), ("dora2", second)])
+    for model in (peft_model, fused):
+        randomize_magnitude(model, seed=6)
+        model.base_model.set_adapter(list(order))
+    compare_forward_backward(peft_model, fused, lambda: torch.randn(2, 3, 23), label=f"{order}")
+    assert all(row.fused for row in fastpeft.report(fused).layers)
+
+
+def test_dora_beside_another_adapter_with_dropout_in_training_runs_peft_and_says_so():
+    plain = LoraConfig(r=2, lora_alpha=3, target_modules=["up"], init_lora_weights=False, lora_dropout=0.1)
+    _, fused = dora_twins(MLP, r=3, lora_alpha=5, target_modules=["up", "down"], extra_adapters=[("plain", plain)])
+    fused.base_model.set_adapter(["default", "plain"])
+    fused.train()
+    reasons = {row.name: row.reason for row in fastpeft.report(fused).layers}
+    assert any("with dropout in training is not fused" in reason for reason in reasons.values()), reasons
+    with CountFusedCalls() as counter:
+        fused(torch.randn(4, 23)).sum().backward()
+    assert counter.calls == 2  # the two 'down' layers hold the DoRA adapter alone; the 'up' layers run PEFT's
+    fused.eval()
+    assert all(row.fused for row in fastpeft.report(fused).layers)
+
+
+QUANT_CASES = [("nf4", torch.float32, 0.0), ("nf4", torch.bfloat16, 0.0), ("int8", torch.float32, 0.0),
+               ("nf4", torch.float32, 0.1), ("nf4", torch.bfloat16, 0.1)]
+
+
+@pytest.mark.parametrize("kind,dtype,p", QUANT_CASES,
+                         ids=[f"{k}-{str(d).split('.')[-1]}-drop{p}" for k, d, p in QUANT_CASES])
+def test_dora_over_bitsandbytes_matches_the_dequantized_spec(kind, dtype, p):
+    """PEFT's bnb DoRA layers, fused: outputs and every gradient against the spec on the weights decoded by the
+    project's own oracle (bitsandbytes' CPU matmul is no oracle), in training mode, dropout fed the same seeds.
+    K=96 in the second layer: quantization blocks straddle its rows."""
+    pytest.importorskip("bitsandbytes")
+    from test_quant_layers import MLP as QuantMLP
+    from test_quant_layers import K, _dense, _mark_quantized
+
+    model = _mark_quantized(QuantMLP(kind, False, dtype), kind)
+    config = LoraConfig(r=3, lora_alpha=5, target_modules=["up", "down"], use_dora=True, init_lora_weights=False,
+                        lora_dropout=p)
+    peft_model = get_peft_model(model, config)
+    randomize_magnitude(peft_model)
+    fastpeft.accelerate(peft_model, strict=True)
+    peft_model.train()
+    x = torch.randn(2, 5, K).to(dtype)
+    leaves = {n: t.detach().float().clone().requires_grad_(True) for n, t in peft_model.named_parameters()
+              if t.requires_grad}
+    xi = x.clone().requires_grad_(True)
+    torch.manual_seed(3)
+    with CountFusedCalls() as counter:
+        y = peft_model(xi)
+    assert counter.calls == 2
+    torch.manual_seed(3)
+    seeds = [int(draw_seeds(1, [p], True)[0]) if p > 0 else 0 for _ in range(2)]
+    xr = x.float().clone().requires_grad_(True)
+
+    def spec(name, inp, seed):
+        layer = dict(peft_model.named_modules())[f"base_model.model.{name}"]
+        base = layer.get_base_layer()
+        leaf = lambda part: leaves[f"base_model.model.{name}.{part}.default.weight"]  # noqa: E731
+        out = reference.dora_linear(inp.reshape(-1, inp.shape[-1]), _dense(base), base.bias.float(), leaf("lora_A"),
+                                    leaf("lora_B"), leaf("lora_magnitude_vector"), layer.scaling["default"], p, seed)
+        return out.view(*inp.shape[:-1], -1)
+
+    y_ref = spec("down", torch.nn.functional.gelu(spec("up", xr, seeds[0])), seeds[1])
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert_close("y", y.float(), y_ref, tol)
+    upstream = torch.randn(y.shape)
+    y.backward(upstream.to(dtype))
+    y_ref.backward(upstream)
+    assert_close("dX", xi.grad.float(), xr.grad, tol)
+    for name, param in peft_model.named_parameters():
+        if param.requires_grad:
+            assert_close(f"d{name}", param.grad.float(), leaves[name].grad, tol)
+
+
+def test_dora_beside_another_adapter_over_bitsandbytes_runs_peft_and_says_so():
+    pytest.importorskip("bitsandbytes")
+    from test_quant_layers import MLP as QuantMLP
+    from test_quant_layers import K, _mark_quantized
+
+    model = _mark_quantized(QuantMLP("nf4", False, torch.float32), "nf4")
+    peft_model = get_peft_model(model, LoraConfig(r=3, target_modules=["up", "down"], use_dora=True))
+    peft_model.add_adapter("plain", LoraConfig(r=2, target_modules=["up"]))
+    peft_model.base_model.set_adapter(["default", "plain"])
+    fastpeft.accelerate(peft_model, strict=True)
+    reasons = [row.reason for row in fastpeft.report(peft_model).layers if not row.fused]
+    assert reasons == ["DoRA beside other active adapters over a quantized base is not fused"]
+    with CountFusedCalls() as counter:
+        peft_model(torch.randn(3, K))
+    assert counter.calls == 1  # 'down' holds the DoRA adapter alone
+
+
+def test_dora_on_a_quantized_base_under_peft_generic_layer_stays_peft_and_says_why():
+    """PEFT's generic lora.Linear around a bitsandbytes base (a model not marked as quantized) keeps PEFT's layer
+    whole: its DoRA merge would add to the packed bytes, and accelerate names the reason."""
+    bnb = pytest.importorskip("bitsandbytes")
+    lin = bnb.nn.Linear4bit(64, 32, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    lin.weight = bnb.nn.Params4bit(torch.randn(32, 64) * 0.1, requires_grad=False, quant_type="nf4", blocksize=64)
+    peft_model = get_peft_model(nn.Sequential(lin.to("cpu")), LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    layer = peft_model.base_model.model[0]
+    kind = type(layer)
+    with pytest.warns(UserWarning, match="DoRA on a quantized base under PEFT's generic lora.Linear is not fused"):
+        fastpeft.accelerate(peft_model)
+    assert type(layer) is kind
+
+
+def test_accelerate_fuses_dora_layers_without_warning(recwarn):
+    torch.manual_seed(0)
+    model = get_peft_model(MLP(), LoraConfig(r=2, target_modules=["up", "down"], use_dora=True))
+    fastpeft.accelerate(model, strict=True)
+    assert len(fused_layers(model)) == 4
+    assert not [w for w in recwarn if "not fused" in str(w.message)]
+
+
+@pytest.mark.parametrize("how", ["compiled-fullgraph", "trainable-base"])
+def test_dora_compiled_or_with_a_trainable_base_matches_peft(how):
+    """Under torch.compile (one graph, no break) and with a trainable base weight (autograd reaches W and b), the
+    layer computes PEFT's DoRA: outputs and every gradient, the base's included."""
+    peft_model, fused = dora_twins(lambda: nn.Sequential(nn.Linear(37, 29)), r=3, lora_alpha=5, target_modules=["0"])
+    layers = [model.base_model.model[0] for model in (peft_model, fused)]
+    run = lambda layer, x: layer(x)  # noqa: E731
+    if how == "trainable-base":
+        for layer in layers:
+            layer.base_layer.requires_grad_(True)
+    else:
+        torch._dynamo.reset()
+        compiled = torch.compile(layers[1], fullgraph=True, backend="eager")
+        run = lambda layer, x: compiled(x) if layer is layers[1] else layer(x)  # noqa: E731
+    x = torch.randn(3, 5, 37)
+    results = []
+    for layer in layers:
+        xi = x.clone().requires_grad_(True)
+        y = run(layer, xi)
+        (y * torch.linspace(-1, 1, 29)).sum().backward()
+        results.append([y.detach(), xi.grad] + [p.grad for p in layer.parameters() if p.requires_grad])
+    assert len(results[0]) == len(results[1]) == (7 if how == "trainable-base" else 5)
+    for i, (a, e) in enumerate(zip(results[1], results[0])):
+        assert_close(f"{how} output/grad {i}", a, e, FP32_TOL)
+
+
+# ------------------------------------------------------------------------------------------ nothing N x K per call
+class RecordSizes(TorchDispatchMode):
+    """The largest number of elements of any tensor an op allocated (views of existing storage, such as the
+    transposed weight, allocate nothing and are not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = torch.utils._pytree.tree_leaves((args, kwargs))
+        existing = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in existing:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"drop{p}")
+@pytest.mark.parametrize("route", ["compose", "fused"])
+def test_no_n_by_k_tensor_per_call_and_peft_as_control(clean_routes, route, p):
+    """M=5 < N=29 < K=37: every activation-sized tensor is smaller than N x K, so a tensor of N*K elements can only be
+    the adapted weight. PEFT's forward forms it (the control that proves the check can fail); fastpeft's forward
+    and backward, training with dropout included, never do."""
+    N, K = 29, 37
+    peft_layer, fused_layer = (
+        get_peft_model(nn.Sequential(nn.Linear(K, N)),
+                       LoraConfig(r=3, target_modules=["0"], use_dora=True, lora_dropout=p, init_lora_weights=False))
+        for _ in range(2))
+    fastpeft.accelerate(fused_layer)
+    routing.set_route("dora_forward", route)
+    routing.set_route("dora_backward", route)
+    x = torch.randn(5, K, requires_grad=True)
+    for model, must_form in ((peft_layer, True), (fused_layer, False)):
+        model.train()
+        with RecordSizes() as rec:
+            model(x).sum().backward()
+        if must_form:
+            assert rec.largest >= N * K, "control: PEFT's DoRA formed no N x K weight, so the check proves nothing"
+        else:
+            assert rec.largest < N * K, f"fastpeft formed a tensor of {rec.largest} elements (N x K = {N * K})"
+
+
+def test_no_n_by_k_tensor_beside_another_adapter():
+    """DoRA beside a plain adapter (no dropout): the stacked path forms no N x K tensor either; PEFT does."""
+    N, K = 29, 37
+    models = []
+    for _ in range(2):
+        model = get_peft_model(nn.Sequential(nn.Linear(K, N)),
+                               LoraConfig(r=3, target_modules=["0"], use_dora=True, init_lora_weights=False))
+        model.add_adapter("plain", LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+        model.base_model.set_adapter(["default", "plain"])
+        models.append(model)
+    fastpeft.accelerate(models[1])
+    x = torch.randn(5, K, requires_grad=True)
+    largest = []
+    for model in models:
+        with RecordSizes() as rec:
+            model(x).sum().backward()
+        largest.append(rec.largest)
+    assert largest[0] >= N * K, "control: PEFT's DoRA formed no N x K weight, so the check proves nothing"
+    assert largest[1] < N * K, f"fastpeft formed a tensor of {largest[1]} elements (N x K = {N * K})"
+
+
+# -------------------------------------------------------------------------------------------------- caching
+def test_norm_and_scale_are_cached_and_recomputed_when_a_tensor_changes(monkeypatch):
+    peft_model, fused = dora_twins(MLP, r=3, lora_alpha=5, target_modules=["up"])
+    peft_model.eval(), fused.eval()
+    calls = {"norm": 0, "weight_sq": 0}
+    real_norm, real_sq = dora.weight_norm, dora.row_sq_norms
+
+    def counted(key, fn):
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(dora, "weight_norm", counted("norm", real_norm))
+    monkeypatch.setattr(dora, "row_sq_norms", counted("weight_sq", real_sq))
+    x = torch.randn(3, 23)
+
+    def check(label):
+        with torch.no_grad():
+            assert_close(label, fused(x), peft_model(x), FP32_TOL)
+
+    check("first")
+    assert calls == {"norm": 2, "weight_sq": 2}  # two DoRA layers
+    check("cached")
+    assert calls == {"norm": 2, "weight_sq": 2}
+    for model in (peft_model, fused):  # an optimizer-like in-place step on A, then on m, then on W
+        with torch.no_grad():
+            model.base_model.model.blocks[0]["up"].lora_A["default"].weight.mul_(1.1)
+    check("after A changed")
+    assert calls == {"norm": 3, "weight_sq": 2}
+    for model in (peft_model, fused):
+        with torch.no_grad():
+            model.base_model.model.blocks[0]["up"].lora_magnitude_vector["default"].weight.mul_(0.9)
+    check("after m changed")
+    for model in (peft_model, fused):
+        with torch.no_grad():
+            model.base_model.model.blocks[1]["up"].base_layer.weight.add_(0.05)
+    check("after W changed")
+    assert calls == {"norm": 4, "weight_sq": 3}
+    with torch.inference_mode():
+        assert_close("inference_mode", fused(x), peft_model(x), FP32_TOL)
+
+
+def test_cached_scale_follows_a_recomputed_norm_even_at_a_reused_address():
+    """The scale is keyed by the norm tensor itself, not its ``id``: a new norm (A or B changed) gives a new scale."""
+    cache = dora.DoraCache()
+    m = torch.full((3,), 2.0)
+    with torch.no_grad():
+        first = cache.scale("a", m, torch.ones(3))  # that norm is freed right away; the next may reuse its id
+        second = cache.scale("a", m, torch.full((3,), 4.0))
+    assert torch.equal(first, torch.full((3,), 2.0)) and torch.equal(second, torch.full((3,), 0.5))
+    norm = torch.full((3,), 4.0)
+    with torch.no_grad():
+        assert cache.scale("a", m, norm) is cache.scale("a", m, norm)
+        m.mul_(2.0)
+        assert torch.equal(cache.scale("a", m, norm), torch.ones(3))
+
+
+# ------------------------------------------------------------------------------------- merge, files, patch, errors
+def test_dora_files_round_trip_through_peft(tmp_path):
+    torch.manual_seed(0)
+    fused = fastpeft.patch(MLP(), r=3, lora_alpha=5, target_modules=["up", "down"], use_dora=True,
+                           init_lora_weights=False)
+    randomize_magnitude(fused)
+    assert len(fused_layers(fused)) == 4
+    fused.eval()
+    x = torch.randn(4, 23)
+    with torch.no_grad():
+        expected = fused(x)
+    fastpeft.save_pretrained(fused, str(tmp_path / "a"))
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(MLP(), str(tmp_path / "a")).eval()
+    with torch.no_grad():
+        assert_close("peft-loaded", loaded(x), expected, FP32_TOL)
+    loaded.save_pretrained(str(tmp_path / "b"))
+    torch.manual_seed(0)
+    reloaded = fastpeft.load_adapter(MLP(), str(tmp_path / "b")).eval()
+    assert len(fused_layers(reloaded)) == 4
+    with torch.no_grad():
+        assert_close("fastpeft-loaded", reloaded(x), expected, FP32_TOL)
+
+
+def test_dora_file_with_a_wrong_magnitude_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = fastpeft.patch(MLP(), r=2, target_modules=["up"], use_dora=True)
+    fastpeft.save_pretrained(model, str(tmp_path))
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if k.endswith("lora_magnitude_vector"))
+    tensors[key] = tensors[key][:-1].contiguous()
+    save_file(tensors, str(path))
+    with pytest.raises(ValueError, match=r"lora_magnitude_vector.*shape \(36,\).*needs \(37,\)"):
+        fastpeft.load_adapter(MLP(), str(tmp_path))
+
+
+def test_bad_dora_inputs_name_the_module_and_the_tensor():
+    torch.manual_seed(0)
+    model = fastpeft.patch(MLP(), r=2, target_modules=["up"], use_dora=True)
+    with pytest.raises(ValueError, match=r"blocks\.0\.up.*22 features"):
+        model(torch.randn(2, 22))
+    with pytest.raises(TypeError, match=r"blocks\.0\.up.*dtype torch\.float64"):
+        model(torch.randn(2, 23, dtype=torch.float64))
+    layer = model.base_model.model.blocks[0]["up"]
+    layer.lora_magnitude_vector["default"].weight = nn.Parameter(torch.ones(5))
+    with pytest.raises(ValueError, match=r"blocks\.0\.up.*DoRA tensor magnitude has shape \(5,\).*needs \(37,\)"):
+        model(torch.randn(2, 23))
+    W = torch.randn(29, 37)
+    with pytest.raises(ValueError, match=r"DoRA tensor lora_B has shape \(28, 3\)"):
+        dora.dora_linear(torch.randn(2, 37), W, None, torch.randn(3, 37), torch.randn(28, 3), torch.ones(29), 1.0,
+                         0.0, training=False)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"drop{p}")
+def test_bench_dora_providers_compute_peft_dora(p):
+    """The bench's dora kind: PEFT's DoRA layer, the torch composition and fastpeft give the same eval output, so the
+    timings compare the same arithmetic."""
+    from fastpeft.bench import cases as C
+
+    case = C.Case("dora", "2048", 64, 64, 5, "fp32", p, "infer", r=4)
+    x, _ = C.make_inputs(case, torch.device("cpu"))
+    shared = C.build(case, "base", torch.device("cpu"), x).module
+    outputs = {}
+    for provider in ("peft", "compose", "fastpeft"):
+        built = C.build(case, provider, torch.device("cpu"), x, shared_base=shared)
+        randomize_magnitude(built.model)
+        built.model.eval()
+        with torch.no_grad():
+            outputs[provider] = built.module(x)
+    assert C.build(case, "fastpeft", torch.device("cpu"), x, shared_base=shared).fused
+    assert_close("compose", outputs["compose"], outputs["peft"], FP32_TOL)
+    assert_close("fastpeft", outputs["fastpeft"], outputs["peft"], FP32_TOL)

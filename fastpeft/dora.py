@@ -465,9 +465,9 @@ def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     Returns ``(..., N)`` in the base output's dtype."""
     result = F.linear(x, weight, bias)
     out_dtype = result.dtype
-    for A, B, lora_bias, s, magnitude, norm in adapters:
-        x = x.to(A.dtype)  # PEFT's cumulative input cast
-        lora = F.linear(F.linear(x, A), B, lora_bias)
+    for xi, (A, B, lora_bias, s, magnitude, norm) in zip(reference.adapter_inputs(x, [a[0] for a in adapters]),
+                                                         adapters):
+        lora = F.linear(F.linear(xi.to(A.dtype), A), B, lora_bias)
         if magnitude is None:
             result = result + lora * s
             continue

@@ -10,7 +10,7 @@ Shapes: ``x`` is ``(M, K)``; ``weight`` is ``(N, K)`` (for ``fan_in_fan_out`` pa
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -25,6 +25,19 @@ def apply_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
         return torch.zeros_like(x)
     keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], p, device=x.device)
     return x * keep.to(x.dtype) / (1.0 - p)
+
+
+def adapter_inputs(x: torch.Tensor, lora_A: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The input each adapter sees in PEFT's forward, in order: PEFT's ``_cast_input_dtype`` runs cumulatively over
+    the active adapters (``x`` cast to ``A_1``'s dtype, that to ``A_2``'s, ...), so a narrowing step rounds every
+    later adapter's input too. A widening step (to the same dtype or to fp32) is exact and left out: the value is the
+    same, and a pass can widen in registers instead of copying ``x``. Yields ``x_i`` lazily; cast ``x_i`` to
+    ``A_i.dtype`` where a computation needs that dtype."""
+    xi = x
+    for A in lora_A:
+        if not (xi.dtype == A.dtype or A.dtype == torch.float32):
+            xi = xi.to(A.dtype)
+        yield xi
 
 
 def lora_linear(
@@ -46,9 +59,10 @@ def lora_linear(
     """
     result = torch.nn.functional.linear(x, weight, bias)
     result_dtype = result.dtype
-    for A, B, b, s, p, seed in zip(lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
-        x = x.to(A.dtype)
-        update = torch.nn.functional.linear(torch.nn.functional.linear(apply_dropout(x, p, seed), A), B, b)
+    for xi, A, B, b, s, p, seed in zip(adapter_inputs(x, lora_A), lora_A, lora_B, lora_bias, scaling, dropout_p,
+                                       seeds):
+        xi = xi.to(A.dtype)
+        update = torch.nn.functional.linear(torch.nn.functional.linear(apply_dropout(xi, p, seed), A), B, b)
         result = result + update * s
     return result.to(result_dtype)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from checks import assert_by_dtype_rule, rel_err
+from checks import assert_by_dtype_rule, assert_within_2x, rel_err
 
 from fastpeft import reference as spec
 from fastpeft import routing as routes
@@ -321,3 +321,47 @@ def test_supports():
 
 def test_native_lowp_gemm_query():
     assert isinstance(_C.native_lowp_gemm("bf16"), bool) and isinstance(_C.native_lowp_gemm("fp16"), bool)
+
+
+@pytest.mark.parametrize("route", ["compose", "fused", "small"])
+def test_adapters_of_different_16bit_dtypes_see_peft_cumulative_cast(route):
+    """PEFT casts x cumulatively over the active adapters: with a bf16 then an fp16 adapter, the second sees
+    fp16(bf16(x)), in backward as in forward. Each gradient is held to the 2x rule against an fp64 oracle built from
+    exactly those inputs, the low-precision spec (autograd through ``fastpeft.reference``) setting the bar."""
+    from fastpeft import functional
+
+    g = torch.Generator().manual_seed(3)
+    M, K, N, ranks = 33, 40, 24, (4, 6)
+    x = torch.randn(M, K, generator=g)
+    W, b = torch.randn(N, K, generator=g) / K ** 0.5, torch.randn(N, generator=g)
+    dtypes = (torch.bfloat16, torch.float16)
+    As = [(torch.randn(r, K, generator=g) / K ** 0.5).to(dt) for r, dt in zip(ranks, dtypes)]
+    Bs = [torch.randn(N, r, generator=g).to(dt) for r, dt in zip(ranks, dtypes)]
+    scaling, dy = [2.0, 0.5], torch.randn(M, N, generator=g)
+
+    def grads(fn, dtype_of=lambda t: t):
+        xl = x.clone().requires_grad_(True)
+        Al = [dtype_of(a).detach().clone().requires_grad_(True) for a in As]
+        Bl = [dtype_of(b_).detach().clone().requires_grad_(True) for b_ in Bs]
+        fn(xl, Al, Bl).backward(dy)
+        return [xl.grad] + [a.grad for a in Al] + [b_.grad for b_ in Bl]
+
+    routes.set_route("lora_backward", route)
+    try:
+        ours = grads(lambda xl, Al, Bl: functional.lora_linear(xl, W, b, Al, Bl, [None, None], scaling, [0.0, 0.0],
+                                                                training=True))
+    finally:
+        routes.set_route("lora_backward", None)
+    low = grads(lambda xl, Al, Bl: spec.lora_linear(xl, W, b, Al, Bl, [None, None], scaling, [0.0, 0.0], [0, 0]))
+
+    def oracle(xl, Al, Bl):  # fp64 on the inputs PEFT's adapters see: bf16(x), then fp16(bf16(x))
+        x1 = xl + (xl.to(torch.bfloat16).double() - xl.double()).detach()
+        x2 = xl + (xl.to(torch.bfloat16).to(torch.float16).double() - xl.double()).detach()
+        y = xl.double() @ W.double().t() + b.double()
+        for xi, A, B, s in zip((x1, x2), Al, Bl, scaling):
+            y = y + (xi.double() @ A.t()) @ B.t() * s
+        return y
+
+    exact = grads(oracle, dtype_of=lambda t: t.double())
+    for name, got, bar, want in zip(["dX", "dA0", "dA1", "dB0", "dB1"], ours, low, exact):
+        assert_within_2x(f"{route}: {name}", got.double(), bar.double(), want)

@@ -20,6 +20,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ..reference import adapter_inputs
+
 _F32 = torch.float32
 
 DownPass = Callable[[torch.Tensor, torch.Tensor, float, int], torch.Tensor]
@@ -38,10 +40,8 @@ def add_adapters(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, dow
     of ``x``), the update by ``addmm_`` in ``y``'s dtype (several adapters: summed in fp32, ``y`` rounded once).
     Returns ``(y, xa)`` with ``xa[i]`` ``(M, r_i)`` in ``A_i``'s dtype."""
     xa_out, terms = [], []
-    xi = x
-    for A, B, b, s, p, seed in zip(lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
-        if not lossless(xi.dtype, A.dtype):
-            xi = xi.to(A.dtype)  # a narrowing step of PEFT's cumulative cast: rounding must happen as there
+    for xi, A, B, b, s, p, seed in zip(adapter_inputs(x, lora_A), lora_A, lora_B, lora_bias, scaling, dropout_p,
+                                       seeds):
         if p == 0 and xi.dtype == A.dtype:
             xa = torch.mm(xi, A.detach().t())
         else:
@@ -77,6 +77,7 @@ def backward(dy, x, grad_x, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs
     widened: dict[torch.dtype, torch.Tensor] = {}
     grad_A: list[Optional[torch.Tensor]] = []
     grad_B, grad_bias = [], []
+    inputs = adapter_inputs(x, lora_A) if needs_grad_A else iter(())
     for A, B, h, s, p, seed in zip(lora_A, lora_B, xa, scaling, dropout_p, seeds):
         if dy.dtype == B.dtype:
             d = dy
@@ -87,9 +88,7 @@ def backward(dy, x, grad_x, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs
         g = torch.mm(d, B).mul_(float(s))
         grad_B.append(torch.mm(d.t(), h.to(B.dtype)).mul_(float(s)))
         grad_bias.append(d.sum(0).mul_(float(s)))
-        xi = None
-        if needs_grad_A:
-            xi = x if lossless(x.dtype, A.dtype) else x.to(A.dtype)
+        xi = next(inputs) if needs_grad_A else None
         if p == 0:
             if acc is not None:
                 acc.addmm_(g.to(acc.dtype), A.to(acc.dtype))

@@ -31,6 +31,7 @@ import torch
 
 from .. import routing as routes
 from ..quant import QuantizedWeight
+from ..reference import adapter_inputs
 from . import compose
 from .base import Backend
 
@@ -246,11 +247,9 @@ def _down_projections(x, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, f
     ``fold_single_scale`` and one adapter its scaling, left unapplied for the kernel (one torch call less)."""
     xa_out, xs_cols, B32 = [], [], []
     bias_sum = None
-    xi = x
     fold = fold_single_scale and len(lora_A) == 1
-    for A, B, b, s, p, seed in zip(lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
-        if not _lossless(xi.dtype, A.dtype):
-            xi = xi.to(A.dtype)  # a narrowing step of PEFT's cumulative cast: rounding must happen as there
+    for xi, A, B, b, s, p, seed in zip(adapter_inputs(x, lora_A), lora_A, lora_B, lora_bias, scaling, dropout_p,
+                                       seeds):
         xa32 = _C.lora_xa(_rows(xi), _f32(A), float(p), int(seed))
         xa_out.append(xa32 if A.dtype == _F32 else xa32.to(A.dtype))
         xs_cols.append(xa32 * float(s) if (s != 1 and not fold) else xa32)
@@ -371,12 +370,11 @@ def _backward_fused(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds
     grad_B: list[torch.Tensor] = []
     grad_bias: list[torch.Tensor] = []
     off = 0
+    inputs = adapter_inputs(x, lora_A) if needs_grad_A else iter(())
     for A, B, r, s, p, seed in zip(lora_A, lora_B, ranks, scaling, dropout_p, seeds):
         grad_B.append((db if single else db[:, off : off + r].contiguous()).to(B.dtype))
         grad_bias.append((colsum * float(s)).to(B.dtype))
-        xi = None
-        if needs_grad_A:
-            xi = _rows(x if _lossless(x.dtype, A.dtype) else x.to(A.dtype))
+        xi = _rows(next(inputs)) if needs_grad_A else None
         if needs_grad_x or needs_grad_A:
             dA = _C.lora_dx_pass(acc, xi, _f32(A), g if single else g[:, off : off + r], float(p), int(seed))
         grad_A.append(dA.to(A.dtype) if needs_grad_A else None)

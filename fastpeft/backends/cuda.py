@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from ..reference import apply_dropout
+from ..reference import adapter_inputs, apply_dropout
 from .base import Backend
 from .reference import dense_weight
 
@@ -97,8 +97,8 @@ class CudaBackend(Backend):
         y = torch.nn.functional.linear(x, dense_weight(weight).to(x.dtype), bias)
         out_dtype = y.dtype
         xa = []
-        xi = x
-        for A, B, b, s, p, seed in zip(lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
+        for xi, A, B, b, s, p, seed in zip(adapter_inputs(x, lora_A), lora_A, lora_B, lora_bias, scaling, dropout_p,
+                                           seeds):
             xi = xi.to(A.dtype)
             if _tensor_cores(A, B) and y.dtype in (A.dtype, torch.float32):
                 h = _ext().lora_down_dropout(xi, A, float(p), int(seed))
@@ -124,17 +124,19 @@ class CudaBackend(Backend):
             # One adapter in dx's own dtype adds in place with one rounding; several sum in fp32 as the reference.
             if len(lora_A) != 1 or grad_x.dtype != lora_A[0].dtype:
                 grad_x = grad_x.float()
+        inputs = adapter_inputs(x, lora_A) if needs_grad_A else iter(())
         for A, B, h, s, p, seed in zip(lora_A, lora_B, xa, scaling, dropout_p, seeds):
+            xi = next(inputs).to(A.dtype) if needs_grad_A else None
             dy = grad_y.to(B.dtype)
             grad_B.append((dy.t() @ h) * s)
             grad_bias.append(dy.sum(0) * s)
             g = (dy @ B) * s  # (M, r): the gradient reaching xa
             if _tensor_cores(A, B):
-                grad_A.append(_ext().lora_grad_A(g, x.to(A.dtype), float(p), int(seed)) if needs_grad_A else None)
+                grad_A.append(_ext().lora_grad_A(g, xi, float(p), int(seed)) if needs_grad_A else None)
                 if needs_grad_x:
                     _ext().lora_backward_dx_mask_(grad_x, g, A, float(p), int(seed))
                 continue
-            dropped = apply_dropout(x.to(A.dtype), p, seed) if needs_grad_A else None
+            dropped = apply_dropout(xi, p, seed) if needs_grad_A else None
             grad_A.append(g.t() @ dropped if needs_grad_A else None)
             if needs_grad_x:
                 gx = g @ A

@@ -16,7 +16,7 @@ from fastpeft import reference as spec
 from fastpeft import routing as routes
 from fastpeft._philox import dropout_keep_mask, philox_uniform
 from fastpeft.backends.cpu import BACKEND as CPU
-from fastpeft.backends.reference import ReferenceBackend
+from fastpeft.backends.reference_backend import ReferenceBackend
 
 AVAILABLE, REASON = CPU.availability()
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"cpu backend unavailable: {REASON}")

@@ -216,7 +216,7 @@ def test_cuda_philox_header_matches_python_bit_for_bit(host_reference, seed):
 @pytest.mark.parametrize("M,K,N,r,p", [(1, 1, 1, 1, 0.0), (5, 37, 11, 3, 0.3), (13, 123, 97, 16, 0.1),
                                        (4, 70, 9, 1, 0.0)], ids=lambda v: str(v))
 def test_cuda_kernel_math_host_build_matches_reference(host_reference, tmp_path, M, K, N, r, p):
-    from fastpeft.backends.reference import ReferenceBackend
+    from fastpeft.backends.reference_backend import ReferenceBackend
 
     gen = torch.Generator().manual_seed(M * 1000 + K)
     seed = 1234 + K
@@ -271,7 +271,7 @@ def _cuda_backend_or_skip():
                          ids=lambda v: str(v))
 def test_cuda_backend_lora_matches_reference(dtype, M, K, N, r, p):
     """Forward and every gradient against the reference: at most 2x the error of the reference run in ``dtype``."""
-    from fastpeft.backends.reference import ReferenceBackend
+    from fastpeft.backends.reference_backend import ReferenceBackend
 
     cuda = _cuda_backend_or_skip()
     ref = ReferenceBackend()
@@ -299,7 +299,7 @@ def test_cuda_backend_lora_matches_reference(dtype, M, K, N, r, p):
 @pytest.mark.parametrize("ff", [True, False], ids=["ff", "out"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 def test_cuda_backend_ia3_matches_reference(dtype, ff):
-    from fastpeft.backends.reference import ReferenceBackend
+    from fastpeft.backends.reference_backend import ReferenceBackend
 
     cuda = _cuda_backend_or_skip()
     ref = ReferenceBackend()

@@ -23,7 +23,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 from checks import assert_close  # noqa: E402
 
-from fastpeft.backends.reference import ReferenceBackend  # noqa: E402
+from fastpeft.backends.reference_backend import ReferenceBackend  # noqa: E402
 from fastpeft.quant import QuantizedWeight  # noqa: E402
 
 REF = ReferenceBackend()
@@ -315,7 +315,7 @@ def test_peft_qlora_model_runs_on_triton_backend(qm, monkeypatch):
 _DROPOUT_KERNELS_SCRIPT = r"""
 import sys, torch, bitsandbytes as bnb
 from fastpeft.backends import triton_quant
-from fastpeft.backends.reference import ReferenceBackend
+from fastpeft.backends.reference_backend import ReferenceBackend
 from fastpeft.quant import QuantizedWeight
 triton_quant.USE_LORA_KERNELS = True  # the CUDA route: masks applied per tile by fastpeft.kernels.lora
 REF = ReferenceBackend()

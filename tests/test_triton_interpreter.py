@@ -26,7 +26,7 @@ triton = pytest.importorskip("triton")
 
 from fastpeft import reference  # noqa: E402
 from fastpeft._philox import dropout_keep_mask  # noqa: E402
-from fastpeft.backends.reference import ReferenceBackend  # noqa: E402
+from fastpeft.backends.reference_backend import ReferenceBackend  # noqa: E402
 
 REF = ReferenceBackend()
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .base import Backend
-from .reference import ReferenceBackend
+from .reference_backend import ReferenceBackend
 
 BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
 _MODULES = {"cpu": ".cpu", "triton": ".triton", "cuda": ".cuda"}

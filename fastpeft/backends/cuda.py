@@ -30,7 +30,7 @@ import torch
 
 from ..reference import adapter_inputs, apply_dropout
 from .base import Backend
-from .reference import dense_weight
+from .reference_backend import dense_weight
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _HALF = (torch.float16, torch.bfloat16)

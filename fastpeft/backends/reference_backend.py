@@ -1,4 +1,6 @@
-"""The ``reference`` backend: the contract of ``backends.base`` in plain torch. Runs on any device."""
+"""The ``reference`` backend: the contract of ``backends.base`` in plain torch, with hand-written backwards. Runs on
+any device. (The executable spec it follows is ``fastpeft.reference``; the tests differentiate that one by autograd,
+so this backend's formulas are checked against it, not against themselves.)"""
 
 from __future__ import annotations
 

@@ -76,7 +76,7 @@ cmdclass = {**_cuda_cmdclass, **cmdclass}
 
 # Name, version, dependencies and extras are in pyproject.toml; only what needs code is here.
 setup(
-    packages=["fastpeft", "fastpeft.backends", "fastpeft.bench", "fastpeft.kernels"],
+    packages=["fastpeft", "fastpeft.backends", "fastpeft.backends.triton", "fastpeft.bench", "fastpeft.kernels"],
     package_dir={"fastpeft.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,4 +1,4 @@
-"""fastpeft.kernels.quant_matmul and fastpeft.backends.triton_quant: dequantize-in-the-K-loop GEMMs.
+"""fastpeft.kernels.quant_matmul and fastpeft.backends.triton.quantized: dequantize-in-the-K-loop GEMMs.
 
 On the CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``) against a float32 reference built from
 ``QuantizedWeight.dequantize()``; bf16 runs too (the launcher widens the bf16 operands to fp32 for the interpreter's
@@ -134,7 +134,7 @@ def _lora_case(q, dtype, ranks=(4, 3), p=(0.0, 0.25), lora_bias=(False, True)):
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_backend_lora_matches_reference(qm, kind, dtype):
-    from fastpeft.backends import triton_quant
+    from fastpeft.backends.triton import quantized as triton_quant
 
     dt = DTYPES[dtype]
     q = make_weight(kind, True, 64, 40, 64)
@@ -160,7 +160,7 @@ def test_backend_lora_matches_reference(qm, kind, dtype):
 @pytest.mark.parametrize("feedforward", [False, True], ids=["ff=F", "ff=T"])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_backend_ia3_matches_reference(qm, feedforward, dtype):
-    from fastpeft.backends import triton_quant
+    from fastpeft.backends.triton import quantized as triton_quant
 
     dt = DTYPES[dtype]
     q = make_weight("fp4", False, 64, 40, 64)
@@ -177,7 +177,7 @@ def test_backend_ia3_matches_reference(qm, feedforward, dtype):
 
 
 def test_supports():
-    from fastpeft.backends import triton_quant
+    from fastpeft.backends.triton import quantized as triton_quant
 
     q = make_weight("nf4", False, 64, 8, 64)
     assert not triton_quant.supports(torch.randn(2, 64), torch.randn(8, 64))
@@ -314,7 +314,7 @@ def test_peft_qlora_model_runs_on_triton_backend(qm, monkeypatch):
 
 _DROPOUT_KERNELS_SCRIPT = r"""
 import sys, torch, bitsandbytes as bnb
-from fastpeft.backends import triton_quant
+from fastpeft.backends.triton import quantized as triton_quant
 from fastpeft.backends.reference_backend import ReferenceBackend
 from fastpeft.quant import QuantizedWeight
 triton_quant.USE_LORA_KERNELS = True  # the CUDA route: masks applied per tile by fastpeft.kernels.lora

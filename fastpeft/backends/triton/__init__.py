@@ -1,7 +1,7 @@
 """The ``triton`` backend: fused LoRA and IA3 kernels from ``fastpeft.kernels`` (Triton).
 
 Runs CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests without a GPU).
-Quantized base weights (``fastpeft.quant.QuantizedWeight``) are served by ``fastpeft.backends.triton_quant`` when
+Quantized base weights (``fastpeft.quant.QuantizedWeight``) are served by ``fastpeft.backends.triton.quantized`` when
 that module exists; this backend declines them otherwise (the dispatcher then falls back to the reference).
 """
 
@@ -13,9 +13,9 @@ import os
 
 import torch
 
-from .. import routing as routes
-from . import compose
-from .base import Backend
+from ... import routing as routes
+from .. import compose
+from ..base import Backend
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -46,9 +46,10 @@ def _cast(t, dtype):
 
 
 def _quant():
-    """``fastpeft.backends.triton_quant`` or None while it does not exist (or fails to import)."""
+    """``fastpeft.backends.triton.quantized`` (the quantized-base half of this backend) or None if it fails to
+    import."""
     try:
-        return importlib.import_module(".triton_quant", __package__)
+        return importlib.import_module(".quantized", __name__)
     except ImportError:
         return None
 

@@ -1,4 +1,4 @@
-"""Triton backend functions for quantized bases (``fastpeft.quant.QuantizedWeight``: nf4, fp4, int8).
+"""The Triton backend's half for quantized bases (``fastpeft.quant.QuantizedWeight``: nf4, fp4, int8).
 
 ``fastpeft.backends.triton`` delegates here when ``weight`` is a ``QuantizedWeight``. Signatures and semantics are
 the contract's (``fastpeft.backends.base``). The two large products, ``X deq(W)^T`` in forward and ``dY deq(W)`` in
@@ -15,14 +15,14 @@ from typing import Optional
 
 import torch
 
-from .._philox import dropout_keep_mask
-from ..quant import QuantizedWeight
+from ..._philox import dropout_keep_mask
+from ...quant import QuantizedWeight
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _kernels():
-    from ..kernels import quant_matmul  # imported lazily: Triton is optional
+    from ...kernels import quant_matmul  # imported lazily: Triton is optional
 
     return quant_matmul
 
@@ -39,7 +39,7 @@ def _lora_kernels(x: torch.Tensor):
     if not use:
         return None
     try:
-        from ..kernels import lora
+        from ...kernels import lora
     except Exception:  # the dense Triton kernels are optional here: fall back to torch ops
         return None
     return lora

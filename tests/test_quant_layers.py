@@ -167,6 +167,34 @@ def test_lora_dropout_training_runs_and_matches_eval_without_dropout():
     torch.manual_seed(0)
     y2 = pm(x)
     assert torch.equal(y1, y2), "dropout must be reproducible from torch's seed"
+    # the fused path ran (twice: up and down) and applied the mask of the seeds it drew, as the spec does
+    from fastpeft import functional
+    from fastpeft.functional import draw_seeds
+    from fastpeft.reference import apply_dropout
+
+    calls = []
+    real = functional.lora_linear
+    functional.lora_linear = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        torch.manual_seed(0)
+        y3 = pm(x)
+    finally:
+        functional.lora_linear = real
+    assert len(calls) == 2 and torch.equal(y3, y1)
+    torch.manual_seed(0)
+    seeds = [int(draw_seeds(1, [0.3], True)[0]) for _ in range(2)]
+
+    def layer(name, inp, seed):
+        mod = dict(pm.named_modules())[f"base_model.model.{name}"]
+        base = mod.get_base_layer()
+        A, B = mod.lora_A["default"].weight.float(), mod.lora_B["default"].weight.float()
+        low = apply_dropout(inp, 0.3, seed) @ A.t() @ B.t() * mod.scaling["default"]
+        return inp @ _dense(base).t() + base.bias.float() + low
+
+    with torch.no_grad():
+        expected = layer("down", torch.nn.functional.gelu(layer("up", x, seeds[0])), seeds[1])
+    assert_close("training y (dropout 0.3)", y1, expected, 1e-4)
+    assert (y1 - pm.eval()(x)).abs().max() > 1e-3, "dropout must change the training output"
     pm.eval()
     y_ref, _, _ = _lora_reference(pm, x)
     assert_close("eval y", pm(x), y_ref, 1e-4)

@@ -17,6 +17,7 @@ import torch
 
 from ..._philox import dropout_keep_mask
 from ...quant import QuantizedWeight
+from ...reference import adapter_inputs
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -67,9 +68,9 @@ def lora_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p,
     qm = _kernels()
     xa, pre, upre = [], [], []
     extra_bias = None
-    xi = x
     lk = _lora_kernels(x) if any(p > 0 for p in dropout_p) else None
-    for A, B, b, s, p, seed in zip(lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
+    for xi, A, B, b, s, p, seed in zip(adapter_inputs(x, lora_A), lora_A, lora_B, lora_bias, scaling, dropout_p,
+                                       seeds):
         xi = xi.to(A.dtype)
         if p > 0 and lk is not None:
             h = lk.down_proj(xi, A.t(), int(seed), float(p)).to(A.dtype)
@@ -103,7 +104,9 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
     grad_A, grad_B, grad_bias = [], [], []
     pre, upre, dropped_terms = [], [], []
     lk = _lora_kernels(grad_y) if any(p > 0 for p in dropout_p) else None
+    inputs = adapter_inputs(x, lora_A) if needs_grad_A else iter(())
     for A, B, h, s, p, seed in zip(lora_A, lora_B, xa, scaling, dropout_p, seeds):
+        xi = next(inputs) if needs_grad_A else None  # the forward's input of this adapter (PEFT's cumulative cast)
         dy = grad_y.to(B.dtype)
         grad_B.append((dy.t() @ h) * s)
         grad_bias.append(dy.sum(0) * s)
@@ -111,7 +114,7 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
         if p > 0 and lk is not None:
             # the mask is regenerated per tile inside the kernels; nothing (M, K) is materialized for it
             if needs_grad_A:
-                grad_A.append(lk.grad_a(g.float(), x, A.dtype, int(seed), float(p)))
+                grad_A.append(lk.grad_a(g.float(), xi, A.dtype, int(seed), float(p)))
             else:
                 grad_A.append(None)
             if needs_grad_x:
@@ -119,7 +122,7 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
             continue
         keep = _keep_scale(int(seed), g.shape[0], A.shape[1], float(p), A.dtype, g.device)
         if needs_grad_A:
-            xd = x.to(A.dtype)
+            xd = xi.to(A.dtype)
             grad_A.append(g.t() @ (xd if keep is None else xd * keep))
         else:
             grad_A.append(None)

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from .._philox import dropout_keep_mask
-from ..reference import apply_dropout
+from ..reference import adapter_inputs, apply_dropout
 from .base import Backend
 
 
@@ -32,10 +32,9 @@ class ReferenceBackend(Backend):
         y = torch.nn.functional.linear(x, W.to(x.dtype), bias)
         out_dtype = y.dtype
         xa = []
-        xi = x
-        for A, B, b, s, p, seed in zip(lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
-            xi = xi.to(A.dtype)
-            h = apply_dropout(xi, p, seed) @ A.t()
+        for xi, A, B, b, s, p, seed in zip(adapter_inputs(x, lora_A), lora_A, lora_B, lora_bias, scaling, dropout_p,
+                                           seeds):
+            h = apply_dropout(xi.to(A.dtype), p, seed) @ A.t()
             xa.append(h)
             update = h @ B.t()
             if b is not None:
@@ -52,10 +51,9 @@ class ReferenceBackend(Backend):
         grad_x = None
         if needs_grad_x:
             grad_x = (grad_y @ dense_weight(weight).to(grad_y.dtype)).float()
-        xi = x
+        inputs = adapter_inputs(x, lora_A) if x is not None else iter(())
         for A, B, h, s, p, seed in zip(lora_A, lora_B, xa, scaling, dropout_p, seeds):
-            if xi is not None:
-                xi = xi.to(A.dtype)  # the forward's cumulative cast (PEFT's _cast_input_dtype), not x.to directly
+            xi = next(inputs).to(A.dtype) if x is not None else None  # the forward's input of this adapter
             dy = grad_y.to(B.dtype)
             grad_B.append((dy.t() @ h) * s)
             grad_bias.append(dy.sum(0) * s)

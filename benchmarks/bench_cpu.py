@@ -1,6 +1,6 @@
 """CPU LoRA: frozen nn.Linear vs PEFT vs the fastpeft ``cpu`` backend, side by side in one process.
 
-    .venv/bin/python benchmarks/bench_cpu.py                       # the issue-5 grid (2 threads, 2048x2048, r=16)
+    .venv/bin/python benchmarks/bench_cpu.py                       # the default grid (2 threads, 2048x2048, r=16)
     .venv/bin/python benchmarks/bench_cpu.py --M 512 --dtypes fp32 --reps 7 --csv bench-out/cpu.csv
 
 Providers: ``base`` (frozen nn.Linear), ``peft`` (peft.get_peft_model LoRA over it), ``fastpeft`` (the same

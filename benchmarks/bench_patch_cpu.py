@@ -1,4 +1,4 @@
-"""The issue-5 comparison through the public API: a frozen ``nn.Linear``, PEFT's LoRA over it, and
+"""LoRA over one layer through the public API: a frozen ``nn.Linear``, PEFT's LoRA over it, and
 ``fastpeft.patch`` over it, timed side by side in one process (interleaved rounds, medians, warm-up first).
 
     .venv/bin/python benchmarks/bench_patch_cpu.py                  # 512x2048x2048, r=16, 2 threads

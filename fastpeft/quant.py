@@ -1,9 +1,9 @@
 """``QuantizedWeight``: a bitsandbytes base weight described without copying it.
 
-fastpeft never calls bitsandbytes' matmul (on the CPU it is wrong under autograd, see ``shared/ENVIRONMENT.md``).
-Instead every backend receives a ``QuantizedWeight`` that points at the packed storage of a ``Linear4bit`` /
-``Linear8bitLt`` and either dequantizes it with :meth:`QuantizedWeight.dequantize` (plain torch, written here) or
-dequantizes inside its GEMM (``fastpeft.kernels.quant_matmul``).
+fastpeft never calls bitsandbytes' matmul (bitsandbytes 0.50.2's CPU matmul gives wrong input gradients under autograd
+and repacks the weight in place). Instead every backend receives a ``QuantizedWeight`` that points at the packed storage
+of a ``Linear4bit`` / ``Linear8bitLt`` and either dequantizes it with :meth:`QuantizedWeight.dequantize` (plain torch,
+written here) or dequantizes inside its GEMM (``fastpeft.kernels.quant_matmul``).
 
 Layouts (bitsandbytes 0.50.2, learned from its source, re-implemented here):
 

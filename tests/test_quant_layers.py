@@ -1,10 +1,10 @@
 """PEFT LoRA/IA3 over bitsandbytes NF4/FP4/double-quant/int8 bases, after ``fastpeft.accelerate``.
 
-The oracle is never bitsandbytes' matmul (wrong on the CPU, see shared/ENVIRONMENT.md): it is a float32 computation
-from the dequantized weights (the tests' own 4-bit decoder ``quant_oracle.dequantize_4bit``, since bitsandbytes' native
-CPU decode is wrong on AVX-512 hosts when a block straddles two rows; ``int8 * SCB / 127``) and fp32 copies of
-the adapter parameters, differentiated by torch autograd. Checked: outputs, adapter gradients, input gradients,
-that no dequantized weight is saved for backward, PEFT save/load round trip, merge/unmerge.
+The oracle is never bitsandbytes' matmul (bitsandbytes 0.50.2's CPU matmul gives wrong input gradients): it is a float32
+computation from the dequantized weights (the tests' own 4-bit decoder ``quant_oracle.dequantize_4bit``, since
+bitsandbytes' native CPU decode is wrong on AVX-512 hosts when a block straddles two rows; ``int8 * SCB / 127``) and
+fp32 copies of the adapter parameters, differentiated by torch autograd. Checked: outputs, adapter gradients, input
+gradients, that no dequantized weight is saved for backward, PEFT save/load round trip, merge/unmerge.
 """
 
 from __future__ import annotations

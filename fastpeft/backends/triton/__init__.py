@@ -27,7 +27,7 @@ def _interpret() -> bool:
 def _interpreted_bf16(*tensors) -> bool:
     """Whether this call runs in Triton's interpreter with a bf16 operand.
 
-    The 3.9 interpreter's ``tl.dot`` is wrong on bf16 operands (../shared/ENVIRONMENT.md). Widening bf16 to fp32 is
+    The 3.9 interpreter's ``tl.dot`` is wrong on bf16 operands (relative error ~1e9). Widening bf16 to fp32 is
     exact, and a bf16 tensor-core dot accumulates in fp32 anyway, so interpreted runs widen the operands and round
     the results back to the contract's dtypes. Compiled GPU kernels never take this path; their bf16 code is covered
     by the ahead-of-time compile tests.

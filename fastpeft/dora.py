@@ -39,7 +39,6 @@ before it; that path is torch ops under autograd (no dropout active), with the s
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -288,7 +287,7 @@ def _route_key(op, backend, x, weight, A, p, grads=""):
 
 def _unmeasured(backend) -> Optional[str]:
     """Under Triton's interpreter timings mean nothing: the fused route exercises the kernels."""
-    return "fused" if backend.name == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1" else None
+    return None if backend.timings_mean_something() else "fused"
 
 
 class DoraLinearFunction(torch.autograd.Function):

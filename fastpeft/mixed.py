@@ -31,7 +31,6 @@ dropout module to its sub-batch. Calls that record autograd run the ``compose`` 
 
 from __future__ import annotations
 
-import os
 import threading
 import weakref
 from collections import OrderedDict
@@ -43,6 +42,7 @@ import torch
 from . import routing
 from .backends import get_backend
 from .backends.compose import lossless
+from .functional import draw_seeds
 from .reference import apply_dropout
 
 BASE_NAME = "__base__"
@@ -165,7 +165,7 @@ def collect_adapters(groups: RowGroups, lora_A: Mapping[str, torch.Tensor], lora
         out.lora_bias.append(None if A is None else lora_bias.get(name))
         out.scaling.append(0.0 if A is None else float(scaling[name]))
         out.dropout_p.append(p)
-        out.seeds.append(int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0 else 0)
+        out.seeds.append(int(draw_seeds(1, [p], True)[0]) if p > 0 else 0)
     return out
 
 
@@ -189,11 +189,16 @@ def reference_mixed(x, y, adapter_names, adapters: MixedAdapters) -> torch.Tenso
 
 
 # ------------------------------------------------------------------------------------------------------ routes
+def _records_autograd(x, y, adapters: MixedAdapters, present: list[int]) -> bool:
+    """Whether this call is recorded by autograd (then ``y`` is not updated in place and only ``compose`` runs)."""
+    return torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or any(
+        adapters.lora_A[i].requires_grad or adapters.lora_B[i].requires_grad for i in present))
+
+
 def _compose(x2, y2, plan: RowPlan, adapters: MixedAdapters, present: list[int]) -> torch.Tensor:
     """Route ``compose``: gather, two GEMMs in the adapter's dtype, ``index_add_`` into ``y2`` (in place unless
     autograd or torch.compile needs an out-of-place result). ``x2`` ``(M, K)``, ``y2`` ``(M, N)``."""
-    out_of_place = torch.is_grad_enabled() and (x2.requires_grad or y2.requires_grad or any(
-        adapters.lora_A[i].requires_grad or adapters.lora_B[i].requires_grad for i in present))
+    out_of_place = _records_autograd(x2, y2, adapters, present)
     for i in present:
         A, B, b = adapters.lora_A[i], adapters.lora_B[i], adapters.lora_bias[i]
         rows = plan.rows[i]
@@ -340,19 +345,17 @@ def add_mixed_lora_(x: torch.Tensor, y: torch.Tensor, adapter_names: Sequence[st
     x2 = x.reshape(-1, x.shape[-1])
     y2 = y.reshape(-1, y.shape[-1])
     plan = groups.plan(x2.shape[0] // len(groups.names), x2.device)
-    recording = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or any(
-        adapters.lora_A[i].requires_grad or adapters.lora_B[i].requires_grad for i in present))
-    if recording or torch.compiler.is_compiling():
+    if _records_autograd(x, y, adapters, present) or torch.compiler.is_compiling():
         out = _compose(x2, y2, plan, adapters, present)
         return out.view(y.shape)
-    backend = get_backend(x2, y2).name
+    backend = get_backend(x2, y2)
     routes = {"compose": _compose}
     if _fused_eligible(x2, y2, adapters, present):
-        if backend == "cpu":
+        if backend.name == "cpu":
             routes["fused"] = _fused_cpu
-        elif backend == "triton" and _sgmv_eligible(adapters, present):
+        elif backend.name == "triton" and _sgmv_eligible(adapters, present):
             routes["sgmv"] = _sgmv_triton
-    key = _route_key(backend, x2, y2, adapters, present)
+    key = _route_key(backend.name, x2, y2, adapters, present)
     unmeasured = _unmeasured(backend, routes)
     route = routing.settled(key, routes) or unmeasured
     if route is not None:  # no measurement: the route updates y in place
@@ -363,8 +366,8 @@ def add_mixed_lora_(x: torch.Tensor, y: torch.Tensor, adapter_names: Sequence[st
     return out.view(y.shape)
 
 
-def _unmeasured(backend: str, candidates) -> Optional[str]:
+def _unmeasured(backend, candidates) -> Optional[str]:
     """Under Triton's interpreter timing means nothing: take the kernel route unless one is pinned."""
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return "sgmv" if "sgmv" in candidates else "compose"
-    return None
+    if backend.timings_mean_something():
+        return None
+    return "sgmv" if "sgmv" in candidates else "compose"

@@ -132,11 +132,19 @@ def _check_head_is_trained(model: nn.Module, config) -> None:
         )
 
 
+_optional_layers_checked = False
+
+
 def register_optional_layers() -> None:
     """Register the bitsandbytes twins and base reader (``fastpeft.layers_bnb.register_bnb_layers``) when
     bitsandbytes is installed. Explicit, and run by ``accelerate``, ``register``, ``fusable`` and ``report`` before
     they look at the registries, so every answer is the same before and after the first ``accelerate``. Importing
-    bitsandbytes is slow, so ``import fastpeft`` does not do it."""
+    bitsandbytes is slow, so ``import fastpeft`` does not do it; the check itself runs once per process (``fusable``
+    asks for every layer of a model)."""
+    global _optional_layers_checked
+    if _optional_layers_checked:
+        return
+    _optional_layers_checked = True
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:

@@ -75,31 +75,25 @@ def _why_not_fused(module) -> tuple[str, Optional[tuple]]:
     if type(module) not in _layers.FUSED_LAYER_TYPES.values():
         ok, reason = fusable(module)
         return (reason if not ok else "not accelerated: call fastpeft.accelerate(model)"), None
+    base = _layers.direct_base_layer(module)
+    quantized = is_bnb_quantized(base)
     # Over a bitsandbytes base the twin still computes the base product itself (never bitsandbytes' CPU forward).
-    own_base = " (base product by fastpeft)" if _is_quantized_twin(module) else ""
+    own_base = " (base product by fastpeft)" if quantized else ""
     if module.disable_adapters:
         return "adapters disabled" + own_base, None
     if module.merged:
         return "adapters merged into the base weight" + own_base, None
     if getattr(module, "lora_variant", None):
         active = [name for name in module.active_adapters if name in module.lora_A]
-        quantized = is_bnb_quantized(_layers.direct_base_layer(module))
         reason = dora.unfused_variant_reason(module, active, quantized=quantized)
         if reason is not None:
             return reason, None
-    base = _layers.direct_base_layer(module)
     if _layers._has_hooks(base):
         return "forward hooks on the base layer", None
     found = _layers.read_base_weight(base, getattr(module, "fan_in_fan_out", False))
     if found is None:
         return f"base layer {type(base).__name__} is not supported", None
     return "", found
-
-
-def _is_quantized_twin(module) -> bool:
-    from .quant import is_bnb_quantized
-
-    return is_bnb_quantized(_layers.direct_base_layer(module))
 
 
 def _backend_of(module, weight) -> str:

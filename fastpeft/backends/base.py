@@ -45,6 +45,11 @@ class Backend:
         """Whether this backend serves a call with input ``x`` and base ``weight`` (Tensor or QuantizedWeight)."""
         raise NotImplementedError
 
+    def timings_mean_something(self) -> bool:
+        """Whether timing this backend's routes says anything about their speed (not under an interpreter); where
+        not, ops take a fixed route instead of measuring (``fastpeft.routing.run(..., unmeasured=...)``)."""
+        return True
+
     # ----------------------------------------------------------------------------------------------------- LoRA
     def lora_forward(
         self,

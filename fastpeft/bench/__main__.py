@@ -181,21 +181,22 @@ def cost_model_rows():
     return out
 
 
-def write_outputs(out_dir, command, plots=True, cost_model=True) -> list[str]:
+def write_outputs(out_dir, command, plots=True, cost_model=True) -> tuple[list[dict], list[str]]:
+    """results.md (and the plots) from ``out_dir/results.csv``; returns the CSV's rows and the plots' paths."""
     from . import report
     from .cost_model import markdown
 
     rows = report.read_csv(os.path.join(out_dir, "results.csv"))
     report.write_markdown(os.path.join(out_dir, "results.md"), rows, command, markdown() if cost_model else "")
     if not plots:
-        return []
+        return rows, []
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         print("fastpeft-bench: matplotlib is not installed, so no plots were drawn (results.csv and results.md are "
               "written); pip install 'fastpeft[bench]' for the plots", file=sys.stderr)
-        return []
-    return report.plot(out_dir, rows)
+        return rows, []
+    return rows, report.plot(out_dir, rows)
 
 
 def main(argv=None) -> int:
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     command = "python -m fastpeft.bench " + " ".join(shlex.quote(a) for a in argv)
     if args.replot:
-        for path in write_outputs(args.replot, command + " (replotted)", not args.no_plots):
+        for path in write_outputs(args.replot, command + " (replotted)", not args.no_plots)[1]:
             print(path)
         return 0
     args = resolve(args)
@@ -242,8 +243,8 @@ def main(argv=None) -> int:
         run_model(args, device, providers, writer)
     if not args.no_cost_model:
         writer.write(cost_model_rows())
-    paths = write_outputs(out_dir, command, not args.no_plots, not args.no_cost_model)
-    for line in report.summary(report.read_csv(os.path.join(out_dir, "results.csv"))):
+    rows, paths = write_outputs(out_dir, command, not args.no_plots, not args.no_cost_model)
+    for line in report.summary(rows):
         print(line, file=sys.stderr)
     print(f"fastpeft-bench: {time.time() - start:.0f} s; wrote {out_dir}/results.csv, {out_dir}/results.md"
           + "".join(f", {p}" for p in paths), file=sys.stderr)

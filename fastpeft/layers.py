@@ -66,6 +66,24 @@ def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
+def adapter_arguments(layer: nn.Module, active: list) -> tuple:
+    """``(lora_A, lora_B, lora_bias, scaling, dropout_p)`` lists of a PEFT LoRA layer's ``active`` adapters and
+    ``training`` (any of their dropout modules in training mode), as ``functional.lora_linear`` takes them. One pass
+    over the adapters: this runs per layer per token in decoding."""
+    lora_A, lora_B, lora_bias, scaling, dropout_p = [], [], [], [], []
+    training = False
+    for name in active:
+        up = layer.lora_B[name]
+        lora_A.append(layer.lora_A[name].weight)
+        lora_B.append(up.weight)
+        lora_bias.append(up.bias if layer.lora_bias.get(name, False) else None)
+        scaling.append(layer.scaling[name])
+        dropout = layer.lora_dropout[name]
+        dropout_p.append(dropout.p if isinstance(dropout, nn.Dropout) else 0.0)
+        training = training or dropout.training
+    return lora_A, lora_B, lora_bias, scaling, dropout_p, training
+
+
 def _any_dropout(layer: nn.Module, active: list) -> bool:
     return any(isinstance(d, nn.Dropout) and d.p > 0 and d.training for d in (layer.lora_dropout[n] for n in active))
 
@@ -207,20 +225,7 @@ class FusedLoraLinear(PeftLoraLinear):
             if not dora.dora_call_ok(self, weight, x):
                 return super().forward(x)
             return dora.layer_forward(self, x, active, weight, bias, direct_base_layer(self).weight, layer_name(self))
-        # One pass over the active adapters (this runs per layer per token in decoding).
-        lora_A, lora_B, lora_bias, scaling, dropout_p = [], [], [], [], []
-        training = False
-        for name in active:
-            up = self.lora_B[name]
-            lora_A.append(self.lora_A[name].weight)
-            lora_B.append(up.weight)
-            lora_bias.append(up.bias if self.lora_bias[name] else None)
-            scaling.append(self.scaling[name])
-            dropout = self.lora_dropout[name]
-            dropout_p.append(dropout.p if isinstance(dropout, nn.Dropout) else 0.0)
-            training = training or dropout.training
-        return functional.lora_linear(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p,
-                                      training=training)
+        return functional.lora_linear(x, weight, bias, *adapter_arguments(self, active))
 
 
 class FusedIA3Linear(PeftIA3Linear):

@@ -37,6 +37,7 @@ from .layers import (
     FUSED_LAYER_TYPES,
     _any_dropout,
     _has_hooks,
+    adapter_arguments,
     check_input,
     layer_name,
     mixed_batch_forward,
@@ -123,19 +124,7 @@ class _FusedBnbLoraMixin:
             return super().forward(x, *args, **kwargs)  # torch's dropout is graph-safe, fastpeft's host seeds are not
         if with_dora:  # a lone DoRA adapter (several run PEFT's forward over a quantized base)
             return dora.layer_forward(self, xc, active, qw, bias, base.weight, layer_name(self)).to(x.dtype)
-        dropouts = [self.lora_dropout[name] for name in active]
-        y = functional.lora_linear(
-            xc,
-            qw,
-            bias,
-            [self.lora_A[name].weight for name in active],
-            [self.lora_B[name].weight for name in active],
-            [self.lora_B[name].bias if self.lora_bias.get(name, False) else None for name in active],
-            [self.scaling[name] for name in active],
-            [d.p if isinstance(d, nn.Dropout) else 0.0 for d in dropouts],
-            training=any(d.training for d in dropouts),
-        )
-        return y.to(x.dtype)
+        return functional.lora_linear(xc, qw, bias, *adapter_arguments(self, active)).to(x.dtype)
 
 
 class _FusedBnbIA3Mixin:

@@ -35,13 +35,27 @@ except Exception:  # transformers is optional for the functional layer
 BaseWeightReader = Callable[[nn.Module, bool], Optional[tuple[object, Optional[torch.Tensor]]]]
 
 
+_DENSE_BASE_TYPES = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+
+
+def parameter(module: nn.Module, name: str):
+    """``getattr(module, name)`` for a parameter, by the module's ``_parameters`` dict when it is registered there
+    (``nn.Module.__getattr__`` is a Python call: this runs several times per layer per decoded token). A parameter
+    held elsewhere (a parametrization, a sharding wrapper's attribute) is read by ``getattr``."""
+    params = module._parameters
+    if name in params:
+        return params[name]
+    return getattr(module, name)
+
+
 def read_dense_base(base: nn.Module, fan_in_fan_out: bool):
     """``nn.Linear`` (weight ``(N, K)``) and transformers ``Conv1D`` (weight stored ``(K, N)``) with plain tensors."""
-    dense_types = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
-    if type(base) not in dense_types or type(base.weight) not in (nn.Parameter, torch.Tensor):
+    if type(base) not in _DENSE_BASE_TYPES:
         return None
-    weight = base.weight.t() if fan_in_fan_out else base.weight
-    return weight, base.bias
+    weight = parameter(base, "weight")
+    if type(weight) not in (nn.Parameter, torch.Tensor):
+        return None
+    return (weight.t() if fan_in_fan_out else weight), parameter(base, "bias")
 
 
 BASE_WEIGHT_READERS: list[BaseWeightReader] = [read_dense_base]
@@ -69,16 +83,21 @@ def _has_hooks(module: nn.Module) -> bool:
 def adapter_arguments(layer: nn.Module, active: list) -> tuple:
     """``(lora_A, lora_B, lora_bias, scaling, dropout_p)`` lists of a PEFT LoRA layer's ``active`` adapters and
     ``training`` (any of their dropout modules in training mode), as ``functional.lora_linear`` takes them. One pass
-    over the adapters: this runs per layer per token in decoding."""
+    over the adapters, by the submodule dicts (no ``nn.Module.__getattr__``): this runs per layer per token in
+    decoding."""
+    modules = layer._modules
+    downs, ups, dropouts = (modules["lora_A"]._modules, modules["lora_B"]._modules,
+                            modules["lora_dropout"]._modules)
+    with_bias, scalings = layer.lora_bias, layer.scaling
     lora_A, lora_B, lora_bias, scaling, dropout_p = [], [], [], [], []
     training = False
     for name in active:
-        up = layer.lora_B[name]
-        lora_A.append(layer.lora_A[name].weight)
-        lora_B.append(up.weight)
-        lora_bias.append(up.bias if layer.lora_bias.get(name, False) else None)
-        scaling.append(layer.scaling[name])
-        dropout = layer.lora_dropout[name]
+        up = ups[name]
+        lora_A.append(parameter(downs[name], "weight"))
+        lora_B.append(parameter(up, "weight"))
+        lora_bias.append(parameter(up, "bias") if with_bias.get(name, False) else None)
+        scaling.append(scalings[name])
+        dropout = dropouts[name]
         dropout_p.append(dropout.p if isinstance(dropout, nn.Dropout) else 0.0)
         training = training or dropout.training
     return lora_A, lora_B, lora_bias, scaling, dropout_p, training
@@ -153,14 +172,12 @@ def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: 
         return layer.base_layer(x)
     result = layer.base_layer(x)
     groups = mixed.row_groups(adapter_names)
-    names = [name for name in groups.adapters if name in layer.lora_A]
-    lora_A = {name: layer.lora_A[name].weight for name in names}
-    lora_B = {name: layer.lora_B[name].weight for name in names}
-    lora_bias = {name: layer.lora_B[name].bias for name in names if layer.lora_bias.get(name, False)}
-    dropouts = {name: layer.lora_dropout[name] for name in names}
-    dropout_p = {name: (d.p if isinstance(d, nn.Dropout) else 0.0) for name, d in dropouts.items()}
-    training = any(d.training for d in dropouts.values())
-    adapters = mixed.collect_adapters(groups, lora_A, lora_B, lora_bias, layer.scaling, dropout_p, training)
+    downs = layer._modules["lora_A"]._modules
+    names = [name for name in groups.adapters if name in downs]
+    lora_A, lora_B, lora_bias, _, dropout_p, training = adapter_arguments(layer, names)
+    adapters = mixed.collect_adapters(groups, dict(zip(names, lora_A)), dict(zip(names, lora_B)),
+                                      dict(zip(names, lora_bias)), layer.scaling, dict(zip(names, dropout_p)),
+                                      training)
     return mixed.add_mixed_lora_(x, result, adapter_names, adapters)
 
 
@@ -196,7 +213,8 @@ class FusedLoraLinear(PeftLoraLinear):
         """Arguments for ``functional.lora_linear``, or None when PEFT's own forward must run."""
         if args or kwargs or self.disable_adapters or self.merged:
             return None
-        active = [name for name in self.active_adapters if name in self.lora_A]
+        downs = self._modules["lora_A"]._modules
+        active = [name for name in self.active_adapters if name in downs]
         if self.lora_variant and any(name in self.lora_variant for name in active) and (
                 dora.unfused_variant_reason(self, active) is not None):
             return None

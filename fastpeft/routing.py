@@ -40,6 +40,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from . import _env
 from ._atomic import atomic_file, locked
 
 CACHE_VERSION = 1
@@ -245,7 +246,7 @@ _env_cache: dict[str, object] = {"raw": None, "pins": {}}
 def _pinned(op: str) -> Optional[str]:
     if op in _pins:
         return _pins[op]
-    raw = os.environ.get("FASTPEFT_ROUTE", "")
+    raw = _env.read("FASTPEFT_ROUTE") or ""
     if raw != _env_cache["raw"]:  # parsed once per value: this runs on every call
         _env_cache["pins"] = _env_pins()
         _env_cache["raw"] = raw

@@ -365,3 +365,25 @@ def test_adapters_of_different_16bit_dtypes_see_peft_cumulative_cast(route):
     exact = grads(oracle, dtype_of=lambda t: t.double())
     for name, got, bar, want in zip(["dX", "dA0", "dA1", "dB0", "dB1"], ours, low, exact):
         assert_within_2x(f"{route}: {name}", got.double(), bar.double(), want)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_dense_gemv_rows_in_fours_and_tails(isa, dtype):
+    """``_C.dense_lora_gemv`` reads weight rows four at a time where it can and one at a time for the rest (and for
+    the tail of K): every count of leftover rows and columns, a row-sliced weight (row stride > K), and the bias and
+    LoRA terms, against an fp64 product rounded once to the input dtype."""
+    dt = DT[dtype]
+    gen = torch.Generator().manual_seed(7)
+    for M, N, K in [(1, 1, 1), (1, 3, 15), (2, 4, 16), (1, 5, 17), (2, 97, 123), (1, 8, 64), (3, 6, 33)]:
+        wide = torch.randn(N, K + 5, generator=gen).to(dt)
+        W = wide[:, 2:2 + K]  # unit column stride, row stride K + 5
+        x = torch.randn(M, K, generator=gen).to(dt)
+        bias = torch.randn(N, generator=gen)
+        xs, B = torch.randn(M, 3, generator=gen), torch.randn(N, 3, generator=gen)
+        got = _C.dense_lora_gemv(x, W, bias, xs, B, 0.5)
+        want = x.double() @ W.double().T + bias.double() + 0.5 * xs.double() @ B.double().T
+        assert got.dtype == dt and got.shape == (M, N)
+        # one rounding to dt at the end (fp32: accumulation order only)
+        tol = 1e-5 if dt == torch.float32 else 2 * torch.finfo(dt).eps
+        err = rel_err(got.double(), want)
+        assert err <= tol, f"M={M} N={N} K={K} {dtype}: relative error {err:.2e} > {tol:.1e}"

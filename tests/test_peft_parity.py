@@ -629,3 +629,27 @@ def test_patch_method_dora_points_at_use_dora():
     model = MLP()
     with pytest.raises(ValueError, match="use_dora=True"):
         fastpeft.patch(model, r=2, method="dora", target_modules=["up"])
+
+
+class _Doubled(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def test_parametrized_and_replaced_adapter_weights_are_read_as_peft_reads_them():
+    """The layers read adapter and base parameters through the modules' parameter dicts; a weight held elsewhere (a
+    ``torch.nn.utils.parametrize`` parametrization, which removes it from ``_parameters``) or a parameter replaced
+    by assignment must still be the one PEFT's forward uses."""
+    from torch.nn.utils import parametrize
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], init_lora_weights=False)
+    reference, fused = twins(MLP, config)
+    for model in (reference, fused):
+        lora_layers = [m for name, m in model.named_modules() if name.endswith(("up", "down")) and hasattr(m, "lora_A")]
+        assert len(lora_layers) == 4
+        for layer in lora_layers[:2]:
+            parametrize.register_parametrization(layer.lora_A["default"], "weight", _Doubled())
+        for layer in lora_layers[2:]:
+            torch.manual_seed(9)
+            layer.lora_B["default"].weight = nn.Parameter(torch.randn_like(layer.lora_B["default"].weight))
+    compare_forward_backward(reference, fused, lambda: torch.randn(5, 23), label="parametrized")

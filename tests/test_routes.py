@@ -305,3 +305,20 @@ def test_failed_cache_write_keeps_the_previous_file(fresh, monkeypatch):
     monkeypatch.setattr(json, "dump", real_dump)
     assert fresh.read_bytes() == before
     assert sorted(p.name for p in fresh.parent.iterdir()) == ["routes.json", "routes.json.lock"], "temporary files left"
+
+
+def test_environment_reads_follow_os_environ(monkeypatch):
+    """``fastpeft._env.read`` (how FASTPEFT_ROUTE and FASTPEFT_BACKEND are read on every call) sees every change made
+    through ``os.environ``, as ``os.environ.get`` does, non-ASCII values included."""
+    import os
+
+    from fastpeft import _env
+
+    name = "FASTPEFT_ENV_READ_CHECK"
+    monkeypatch.delenv(name, raising=False)
+    assert _env.read(name) is None
+    for value in ("compose", "", "lora_forward=gemv, é"):
+        monkeypatch.setenv(name, value)
+        assert _env.read(name) == os.environ.get(name) == value
+    monkeypatch.delenv(name)
+    assert _env.read(name) is None

@@ -6,6 +6,7 @@
 // All arithmetic is fp32.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 namespace fastpeft {
 

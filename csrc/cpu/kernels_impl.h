@@ -82,10 +82,13 @@ inline void store_act1(int dt, void* base, int64_t i, float v) {
   }
 }
 
+// Lane sum as a tree (log2(VW) dependent adds instead of VW: it ends every row of the decoding GEMV).
 inline float hsum(vf v) {
-  float s = 0.f;
-  for (int i = 0; i < VW; ++i) s += v[i];
-  return s;
+  float t[VW];
+  __builtin_memcpy(t, &v, sizeof(t));
+  for (int w = VW / 2; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) t[i] += t[i + w];
+  return t[0];
 }
 
 // ------------------------------------------------------------------------------------------- Philox-4x32-10

@@ -179,6 +179,36 @@ inline float dot_act(const float* a, int dt, const void* w, int64_t K) {
   return s;
 }
 
+// a . w_j for the four rows w_j = w + j * ldw (dtype DT, widened in registers): one accumulator per row keeps
+// four independent FMA chains in flight, where one row at a time waits on its own chain and its lane sum.
+template <int DT>
+inline void dot4_rows(const float* a, const void* w, int64_t ldw, int64_t K, float* out) {
+  typedef typename std::conditional<DT == kF32, float, uint16_t>::type elem_t;
+  const elem_t* r = static_cast<const elem_t*>(w);
+  vf s0{}, s1{}, s2{}, s3{};
+  int64_t k = 0;
+  for (; k + VW <= K; k += VW) {
+    const vf av = load_f32(a + k);
+    s0 += av * load_act(DT, r, k);
+    s1 += av * load_act(DT, r + ldw, k);
+    s2 += av * load_act(DT, r + 2 * ldw, k);
+    s3 += av * load_act(DT, r + 3 * ldw, k);
+  }
+  out[0] = hsum(s0);
+  out[1] = hsum(s1);
+  out[2] = hsum(s2);
+  out[3] = hsum(s3);
+  for (; k < K; ++k) {
+    for (int j = 0; j < 4; ++j) out[j] += a[k] * load_act1(DT, r + j * ldw, k);
+  }
+}
+
+inline void dot4_act(const float* a, int dt, const void* w, int64_t ldw, int64_t K, float* out) {
+  if (dt == kF32) return dot4_rows<kF32>(a, w, ldw, K, out);
+  if (dt == kBF16) return dot4_rows<kBF16>(a, w, ldw, K, out);
+  return dot4_rows<kF16>(a, w, ldw, K, out);
+}
+
 void dequant_rows(const QuantDesc& q, int64_t n0, int64_t n1, float* out, int64_t ldo) {
   const CodeTable table(q.code);
   for (int64_t n = n0; n < n1; ++n) decode_row(q, table, n, out + (n - n0) * ldo);
@@ -192,20 +222,34 @@ void qgemv_rows(const QuantDesc& q, int64_t n0, int64_t n1, const float* x, int6
   // pass over the row per activation row is cheaper than staging it (for more rows, staging reads it once).
   const bool direct = q.kind == 2 && (q.wdtype == kF32 || M <= 2);
   const int64_t elem = q.wdtype == kF32 ? 4 : 2;
-  for (int64_t n = n0; n < n1; ++n) {
+  // y[m, n] = acc + bias[n] + lora_scale * xs[m] . B[n]
+  auto finish = [&](int64_t m, int64_t n, float acc) {
+    if (bias) acc += bias[n];
+    if (xs) {
+      float upd = 0.f;
+      for (int64_t j = 0; j < R; ++j) upd += xs[m * R + j] * B[n * R + j];
+      acc += lora_scale * upd;
+    }
+    y[m * ldy + n] = acc;
+  };
+  int64_t n = n0;
+  if (direct) {
+    float acc4[4];
+    for (; n + 4 <= n1; n += 4) {
+      const void* rows = q.data + n * q.ldw * elem;
+      for (int64_t m = 0; m < M; ++m) {
+        dot4_act(x + m * K, q.wdtype, rows, q.ldw, K, acc4);
+        for (int j = 0; j < 4; ++j) finish(m, n + j, acc4[j]);
+      }
+    }
+  }
+  for (; n < n1; ++n) {
     const void* row = q.data + n * q.ldw * elem;
     if (!direct) decode_row(q, table, n, buf);
     for (int64_t m = 0; m < M; ++m) {
-      float acc = !direct ? dot(x + m * K, buf, K)
-                  : q.wdtype == kF32 ? dot(x + m * K, static_cast<const float*>(row), K)
-                                     : dot_act(x + m * K, q.wdtype, row, K);
-      if (bias) acc += bias[n];
-      if (xs) {
-        float upd = 0.f;
-        for (int64_t j = 0; j < R; ++j) upd += xs[m * R + j] * B[n * R + j];
-        acc += lora_scale * upd;
-      }
-      y[m * ldy + n] = acc;
+      finish(m, n, !direct ? dot(x + m * K, buf, K)
+                   : q.wdtype == kF32 ? dot(x + m * K, static_cast<const float*>(row), K)
+                                      : dot_act(x + m * K, q.wdtype, row, K));
     }
   }
 }

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from .. import _env
 from .base import Backend
 from .reference_backend import ReferenceBackend
 
@@ -86,7 +87,10 @@ def backend_info() -> dict[str, dict]:
 
 
 def _selected_name() -> str:
-    return _forced or os.environ.get("FASTPEFT_BACKEND", "auto").strip().lower() or "auto"
+    if _forced:
+        return _forced
+    raw = _env.read("FASTPEFT_BACKEND")
+    return (raw.strip().lower() or "auto") if raw else "auto"
 
 
 def set_backend(name: Optional[str]) -> None:
@@ -122,7 +126,7 @@ def get_backend(x, weight) -> Backend:
                 stacklevel=3,
             )
         return _instances["reference"]
-    if x.device.type == "cpu":  # the common case, without building the candidate order
+    if x.is_cpu:  # the common case, without building the candidate order
         cpu = _instances.get("cpu")
         if cpu is not None and availability("cpu")[0] and cpu.supports(x, weight):
             return cpu

@@ -253,11 +253,11 @@ def _down_projections(x, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, f
         xa32 = _C.lora_xa(_rows(xi), _f32(A), float(p), int(seed))
         xa_out.append(xa32 if A.dtype == _F32 else xa32.to(A.dtype))
         xs_cols.append(xa32 * float(s) if (s != 1 and not fold) else xa32)
-        B32.append(B if B.dtype == _F32 else B.detach().to(_F32))
+        B32.append(_f32(B))
         if b is not None:
             term = b.detach().to(_F32) * float(s)
             bias_sum = term if bias_sum is None else bias_sum + term
-    xs = xs_cols[0].contiguous() if len(xs_cols) == 1 else torch.cat(xs_cols, 1)
+    xs = xs_cols[0] if len(xs_cols) == 1 else torch.cat(xs_cols, 1)  # lora_xa's result is contiguous
     return xa_out, xs, B32, bias_sum, (float(scaling[0]) if fold else 1.0)
 
 
@@ -308,22 +308,31 @@ def _add_adapters_fused(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, see
 def _forward_one_pass(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, gemv=True):
     """Routes ``gemv`` (and ``fused`` for a quantized weight, tiles instead of the GEMV): base product, adapters'
     up-projections and biases in one C++ call, fp32 throughout, rounded once to ``x``'s dtype."""
-    total_bias = None if bias is None else bias.detach().to(x.dtype).float()  # the reference adds it in x's dtype
+    total_bias = None if bias is None else _bias_as_reference_adds(bias, x.dtype)
     xs = B = None
     xa_out = []
     lora_scale = 1.0
     if lora_A:
         xa_out, xs, B32, bias_sum, lora_scale = _down_projections(
             x, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, fold_single_scale=True)
-        B = (B32[0] if len(B32) == 1 else torch.cat(B32, 1)).contiguous()
+        B = B32[0] if len(B32) == 1 else torch.cat(B32, 1)  # _f32 made each contiguous
         if bias_sum is not None:
             total_bias = bias_sum if total_bias is None else total_bias + bias_sum
-    total_bias = None if total_bias is None else total_bias.contiguous()
     if isinstance(weight, QuantizedWeight):
         y = _tiled_product(x, weight, total_bias, xs, B, lora_scale, gemv=gemv)
     else:
         y = _dense_gemv(x, weight, total_bias, xs, B, lora_scale)
-    return y.to(x.dtype), xa_out
+    return (y if y.dtype == x.dtype else y.to(x.dtype)), xa_out
+
+
+def _bias_as_reference_adds(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The base bias ``(N,)`` as contiguous fp32 holding the values of ``bias`` rounded to ``dtype``: the reference
+    adds it in ``x``'s dtype. An fp32 bias of an fp32 layer passes as it is (the kernels only read it)."""
+    if bias.dtype != dtype:
+        return bias.detach().to(dtype).float().contiguous()
+    if dtype == _F32:
+        return bias if bias.is_contiguous() else bias.detach().contiguous()
+    return bias.detach().float().contiguous()
 
 
 def _forward_bnb(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, fused=False):
@@ -429,10 +438,10 @@ class CpuBackend(Backend):
         return _C.isa() if _C is not None else "unavailable"
 
     def supports(self, x, weight):
-        if x.device.type != "cpu" or x.dtype not in _FLOATS:
+        if not x.is_cpu or x.dtype not in _FLOATS:
             return False
         if isinstance(weight, torch.Tensor):
-            return weight.device.type == "cpu" and weight.layout == torch.strided and weight.dtype in _FLOATS
+            return weight.is_cpu and weight.layout == torch.strided and weight.dtype in _FLOATS
         # A QuantizedWeight (fastpeft.quant): dequantized inside the products by _C.quant_*.
         return getattr(weight, "device", None) is not None and weight.device.type == "cpu"
 

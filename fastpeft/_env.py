@@ -1,0 +1,26 @@
+"""Reading fastpeft's environment variables on the per-call path.
+
+``os.environ.get`` of an unset variable costs ~0.8 us (a failed lookup raises and catches ``KeyError`` inside
+``Mapping.get``), and the dispatch reads ``FASTPEFT_BACKEND`` and ``FASTPEFT_ROUTE`` on every fused call, so at
+decode sizes those two reads were a visible share of a layer's cost. On POSIX ``os.environ`` keeps its values in a
+plain dict of bytes, which ``os.environ[...] = ...`` and ``del os.environ[...]`` update; reading that dict sees every
+change made through ``os.environ`` at a dict lookup's cost. Elsewhere (Windows keeps str keys, upper-cased), or if
+that detail of CPython ever changes, the public ``os.environ.get`` is used.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+_DATA = getattr(os.environ, "_data", None)
+_FAST = (os.name == "posix" and isinstance(_DATA, dict)
+         and all(isinstance(key, bytes) for key in list(_DATA)[:8]))
+
+
+def read(name: str) -> Optional[str]:
+    """The value of environment variable ``name`` as ``os.environ.get(name)`` gives it (None when unset)."""
+    if _FAST:
+        raw = _DATA.get(name.encode())
+        return None if raw is None else os.fsdecode(raw)
+    return os.environ.get(name)

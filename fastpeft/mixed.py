@@ -156,17 +156,21 @@ def collect_adapters(groups: RowGroups, lora_A: Mapping[str, torch.Tensor], lora
                      dropout_p: Mapping[str, float], training: bool) -> MixedAdapters:
     """The layer's adapters in ``groups.adapters`` order; dropout seeds drawn from torch's generator (one per
     adapter with ``p > 0``) only when ``training``."""
-    out = MixedAdapters([], [], [], [], [], [])
-    for name in groups.adapters:
-        A = lora_A.get(name)
-        p = float(dropout_p.get(name, 0.0)) if (training and A is not None) else 0.0
-        out.lora_A.append(A)
-        out.lora_B.append(None if A is None else lora_B[name])
-        out.lora_bias.append(None if A is None else lora_bias.get(name))
-        out.scaling.append(0.0 if A is None else float(scaling[name]))
-        out.dropout_p.append(p)
-        out.seeds.append(int(draw_seeds(1, [p], True)[0]) if p > 0 else 0)
-    return out
+    names = groups.adapters
+    As = [lora_A.get(name) for name in names]
+    if all(A is not None for A in As):  # the common case: the layer holds every adapter of the batch
+        Bs = [lora_B[name] for name in names]
+        biases = [lora_bias.get(name) for name in names]
+        scales = [float(scaling[name]) for name in names]
+    else:
+        Bs = [None if A is None else lora_B[name] for name, A in zip(names, As)]
+        biases = [None if A is None else lora_bias.get(name) for name, A in zip(names, As)]
+        scales = [0.0 if A is None else float(scaling[name]) for name, A in zip(names, As)]
+    if not training:
+        return MixedAdapters(As, Bs, biases, scales, [0.0] * len(names), [0] * len(names))
+    ps = [0.0 if A is None else float(dropout_p.get(name, 0.0)) for name, A in zip(names, As)]
+    seeds = [int(draw_seeds(1, [p], True)[0]) if p > 0 else 0 for p in ps]
+    return MixedAdapters(As, Bs, biases, scales, ps, seeds)
 
 
 # ---------------------------------------------------------------------------------------------------- the spec
@@ -225,6 +229,18 @@ class _DerivedTensors:
         self._max_bytes = max_bytes
         self._bytes = 0
 
+    def get_one(self, tensor: torch.Tensor, make, extra=()):
+        """``get([tensor], make, extra)`` without building tuples: this runs per adapter per mixed-batch call."""
+        found = self._entries.get(((id(tensor),), extra))
+        if found is not None and found[0][0]() is tensor:
+            try:
+                if found[1] == (tensor._version,):
+                    self._entries.move_to_end(((id(tensor),), extra))
+                    return found[2]
+            except RuntimeError:  # an inference tensor: no version counter, nothing kept
+                return make()
+        return self.get([tensor], make, extra)
+
     def get(self, tensors: Sequence[torch.Tensor], make, extra=()):
         try:
             versions = tuple(t._version for t in tensors)
@@ -261,10 +277,10 @@ def _cpu_operands(adapters: MixedAdapters, i: int) -> tuple:
     ``(N,)`` (or empty), contiguous fp32, kept across calls."""
     A, B, b, s = adapters.lora_A[i], adapters.lora_B[i], adapters.lora_bias[i], adapters.scaling[i]
     if not (A.dtype == _F32 and A.is_contiguous()):
-        A = _derived.get([A], lambda: A.detach().to(_F32).contiguous())
-    Bt = _derived.get([B], lambda: B.detach().to(_F32).t().contiguous())
+        A = _derived.get_one(A, lambda: A.detach().to(_F32).contiguous())
+    Bt = _derived.get_one(B, lambda: B.detach().to(_F32).t().contiguous())
     if b is not None:
-        b = _derived.get([b], lambda: (b.detach().to(_F32) * s).contiguous(), extra=s)
+        b = _derived.get_one(b, lambda: (b.detach().to(_F32) * s).contiguous(), extra=s)
     return A, Bt, _EMPTY if b is None else b
 
 

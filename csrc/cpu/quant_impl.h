@@ -222,14 +222,11 @@ void qgemv_rows(const QuantDesc& q, int64_t n0, int64_t n1, const float* x, int6
   // pass over the row per activation row is cheaper than staging it (for more rows, staging reads it once).
   const bool direct = q.kind == 2 && (q.wdtype == kF32 || M <= 2);
   const int64_t elem = q.wdtype == kF32 ? 4 : 2;
-  // y[m, n] = acc + bias[n] + lora_scale * xs[m] . B[n]
+  // y[m, n] = acc + bias[n] + lora_scale * xs[m] . B[n]; the rank-R dot in vectors (a scalar loop is one
+  // dependent chain of R FMAs per output, which cost as much as the row's whole weight dot at K ~ 2048).
   auto finish = [&](int64_t m, int64_t n, float acc) {
     if (bias) acc += bias[n];
-    if (xs) {
-      float upd = 0.f;
-      for (int64_t j = 0; j < R; ++j) upd += xs[m * R + j] * B[n * R + j];
-      acc += lora_scale * upd;
-    }
+    if (xs) acc += lora_scale * dot(xs + m * R, B + n * R, R);
     y[m * ldy + n] = acc;
   };
   int64_t n = n0;

@@ -67,6 +67,8 @@ ROUTES: dict[str, dict[str, str]] = {
                       "up-projection runs in the epilogue, y is written once",
         "split_gemm": "Triton: the down-projection kernel once (each mask element drawn once), then the GEMM with "
                       "x A^T B^T in its epilogue",
+        "cuda_kernels": "cuBLAS for the base GEMM, fastpeft's CUDA kernels (fastpeft._cuda, csrc/cuda) for the "
+                        "low-rank passes around it (dropout drawn in registers, the update added in place)",
     },
     "lora_backward": {
         "compose": "dY W by the vendor GEMM in dY's dtype; dY B, dY^T h, g A and g^T x by vendor GEMMs in the "
@@ -81,6 +83,8 @@ ROUTES: dict[str, dict[str, str]] = {
         "fused_gemm": "Triton: dY W and G = dY B from the same dY tiles, (G A) * mask in the GEMM's epilogue",
         "split_gemm": "Triton: G by the down-projection kernel, then the GEMM with G A in its epilogue (an adapter "
                       "with dropout by the low-rank kernel)",
+        "cuda_kernels": "cuBLAS for dY W, dY B and dY^T h; fastpeft's CUDA kernels for the masked (g A) added to dX in "
+                        "place and for dA (mask regenerated)",
     },
     "lora_mixed_forward": {
         "compose": "mixed-adapter batch: per adapter a gather of its rows, x A^T and (.) B^T by torch in the adapter's "
@@ -97,12 +101,14 @@ ROUTES: dict[str, dict[str, str]] = {
         "fused": "a quantized weight decoded tile by tile inside the product",
         "bnb_native": "bitsandbytes' AVX-512 4-bit kernel for the base product",
         "fused_gemm": "Triton: the vector in the GEMM's prologue (feedforward) or epilogue",
+        "cuda_kernels": "cuBLAS for the GEMM, fastpeft's CUDA column-scale kernel before or after it",
     },
     "ia3_backward": {
         "compose": "dY W by the vendor GEMM in dY's dtype (a quantized weight decoded into a reused buffer)",
         "compose_fp32": "compose with dY W in fp32",
         "fused": "a quantized weight decoded tile by tile inside dY W",
         "fused_gemm": "Triton: dY W with the vector and the reduction of its gradient in the GEMM's epilogue",
+        "cuda_kernels": "cuBLAS for dY W, fastpeft's CUDA kernels for the column scale and the vector's gradient",
     },
     "dora_forward": {
         "compose": "DoRA (fastpeft.dora) by vendor GEMMs: x W^T, x A^T, addmm_ of the update, the scale m/n in an "
@@ -129,6 +135,9 @@ ROUTE_LIMITS: dict[str, str] = {
                   "(its tiling); x in bf16 (it computes in bf16)",
     "bnb_native_fused": "as bnb_native",
     "passes / split_gemm": "the triton backend (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)",
+    "cuda_kernels": "offered by the triton backend's dense ops on CUDA tensors where the cuda backend is available "
+                    "(the extension fastpeft._cuda built, an sm_80+ device); no quantized weight (it would decode the "
+                    "whole weight per call)",
     "fused_gemm": "the triton backend; padded total rank <= 64 (MAX_FUSED_R, the epilogue's register tile); forward: "
                   "no dropout or one adapter; backward: dX wanted and at most one adapter with dropout",
     "fused / sgmv (mixed)": "no autograd recorded (training and torch.compile run compose); no dropout; x widens "

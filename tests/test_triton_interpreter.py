@@ -167,6 +167,14 @@ def test_lora_forward_backward(kernels_for, case):
 
 
 # ------------------------------------------------------------------------------------------------------ routes
+def _cuda_kernels_serve(device: str) -> bool:
+    """Whether the triton backend's dense ops offer the ``cuda_kernels`` route here: CUDA tensors with the cuda
+    backend (the extension ``fastpeft._cuda``) available; never in the interpreter on CPU tensors."""
+    from fastpeft.backends import availability
+
+    return device == "cuda" and availability("cuda")[0]
+
+
 ROUTE_CASES = [
     ("fp32", None, (4,), 5, (0.0,), "auto", True, False, False, False),
     ("fp16", "fp32", (4,), 9, (0.2,), "auto", True, True, True, False),
@@ -191,7 +199,7 @@ def test_every_route_matches_reference(kernels_for, case):
     dx_r, dA_r, dB_r, db_r = REF.lora_backward(*bwd)
     ran = {"lora_forward": [], "lora_backward": []}
     try:
-        for route in ("compose", "passes", "split_gemm", "fused_gemm"):
+        for route in ("compose", "passes", "split_gemm", "fused_gemm", "cuda_kernels"):
             routing.set_route("lora_forward", route)
             routing.set_route("lora_backward", route)
             y, xa = backend.lora_forward(*args)
@@ -218,6 +226,7 @@ def test_every_route_matches_reference(kernels_for, case):
     for op, names in ran.items():
         assert {"compose", "passes", "split_gemm"} <= set(names), (op, names)
         assert ("fused_gemm" in names) == fused_serves[op], (op, names)
+        assert ("cuda_kernels" in names) == _cuda_kernels_serve(device), (op, names)
 
 
 # ------------------------------------------------------------------------------------------------------ dropout
@@ -306,7 +315,8 @@ def test_ia3_forward_backward(kernels_for, case):
     from fastpeft import routing
 
     try:
-        for route in (None, "compose", "fused_gemm"):  # None: the backend's own choice
+        for route in (None, "compose", "fused_gemm") + (("cuda_kernels",) if _cuda_kernels_serve(device) else ()):
+            # None: the backend's own choice
             for op in ("ia3_forward", "ia3_backward"):
                 routing.set_route(op, route)
             name = route or "auto"

@@ -1,8 +1,10 @@
 """The backend table: ``reference``, ``cpu``, ``triton``, ``cuda``.
 
-``auto`` (the default, or ``FASTPEFT_BACKEND=auto``) picks, per call, the fastest available backend that
-supports the call's device and weight: ``cuda`` then ``triton`` for CUDA tensors, ``cpu`` for CPU tensors (and
-``triton`` on CPU tensors only under ``TRITON_INTERPRET=1`` when forced), ``reference`` everywhere else.
+``auto`` (the default, or ``FASTPEFT_BACKEND=auto``) picks, per call, the first available backend that supports
+the call's device and weight: ``triton`` then ``cuda`` for CUDA tensors (the Triton backend's dense ops measure the
+cuda backend's kernels as their ``cuda_kernels`` route), ``cpu`` for CPU tensors (and ``triton`` on CPU tensors only
+under ``TRITON_INTERPRET=1`` when forced), ``reference`` everywhere else. Within a backend each op runs by the route
+measured fastest for its shape (``fastpeft.routing``).
 ``set_backend(name)`` forces one; asking for an unavailable backend raises with the reason.
 """
 
@@ -77,7 +79,7 @@ def backend_info() -> dict[str, dict]:
         info[name] = {"available": ok, "reason": reason}
     info["selected"] = _selected_name()  # type: ignore[assignment]
     auto = {}
-    for device, order in (("cpu", ("cpu",)), ("cuda", ("cuda", "triton"))):
+    for device, order in (("cpu", ("cpu",)), ("cuda", ("triton", "cuda"))):
         if device == "cuda" and not torch.cuda.is_available():
             auto[device] = "none: no CUDA device"
             continue
@@ -130,7 +132,8 @@ def get_backend(x, weight) -> Backend:
         cpu = _instances.get("cpu")
         if cpu is not None and availability("cpu")[0] and cpu.supports(x, weight):
             return cpu
-    order = ("cuda", "triton") if x.device.type == "cuda" else ("cpu",)
+    # On a GPU the Triton backend comes first: its ops measure the cuda backend's kernels as one of their routes.
+    order = ("triton", "cuda") if x.device.type == "cuda" else ("cpu",)
     for candidate in order:
         if availability(candidate)[0] and _instances[candidate].supports(x, weight):
             return _instances[candidate]

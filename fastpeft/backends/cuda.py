@@ -15,15 +15,14 @@ or ``drop(x)``:
 
 The tensor-core kernels take 16-bit adapters (fp16/bf16, the same dtype for A and B). Adapters kept in fp32 (PEFT's
 default under a bf16 base) go through the same formulas in torch, with the reference's mask; so does any other
-combination the kernels do not take. Under ``auto`` this backend serves calls with at most ``FASTPEFT_CUDA_MAX_M``
-rows (default 64) and leaves larger ones to the Triton backend's fused GEMM; forced by name it serves every CUDA call
-with a dense weight. Quantized weights it never takes (it would dequantize the whole weight per call): they go to
-the Triton backend's dequantizing kernels.
+combination the kernels do not take. Under ``auto`` it is one route (``cuda_kernels``) of the Triton backend's dense
+ops, chosen where it measures fastest (``fastpeft.routing``), and the backend of CUDA calls where Triton is
+unavailable; forced by name it serves every CUDA call with a dense weight. Quantized weights it never takes (it
+would dequantize the whole weight per call): they go to the Triton backend's dequantizing kernels.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -40,13 +39,6 @@ def _ext():
     import fastpeft._cuda as ext
 
     return ext
-
-
-def _max_m() -> int:
-    try:
-        return int(os.environ.get("FASTPEFT_CUDA_MAX_M", "64"))
-    except ValueError:
-        return 64
 
 
 def _tensor_cores(A: torch.Tensor, B: torch.Tensor) -> bool:
@@ -86,11 +78,7 @@ class CudaBackend(Backend):
             return False
         if x.device.type != "cuda" or x.dtype not in _FLOATS or x.dim() != 2 or x.layout != torch.strided:
             return False
-        if weight.device != x.device or weight.dim() != 2:
-            return False
-        from . import _selected_name  # forced by name: serve everything; under auto: only the small-M side
-
-        return _selected_name() == self.name or x.shape[0] <= _max_m()
+        return weight.device == x.device and weight.dim() == 2
 
     # ----------------------------------------------------------------------------------------------------- LoRA
     def lora_forward(self, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):

@@ -121,6 +121,19 @@ def _on_input_device(method):
     return wrapper
 
 
+def _cuda_kernels(x, weight):
+    """The ``cuda`` backend (cuBLAS plus fastpeft's CUDA kernels) when it can serve this call as the ops'
+    ``cuda_kernels`` route, else None. Whether it or a Triton route is faster for a shape is measured, not ruled."""
+    if not x.is_cuda:
+        return None
+    from .. import _instances, availability
+
+    if not availability("cuda")[0]:
+        return None
+    backend = _instances["cuda"]
+    return backend if backend.supports(x, weight) else None
+
+
 class TritonBackend(Backend):
     name = "triton"
 
@@ -177,6 +190,9 @@ class TritonBackend(Backend):
         drops = sum(1 for p in dropout_p if p > 0)
         if lora_A and _fused_gemm_fits(total_r) and (drops == 0 or len(lora_A) == 1):
             candidates["fused_gemm"] = lambda: kernel_mode("fused")
+        cuda = _cuda_kernels(x, weight)
+        if cuda is not None:
+            candidates["cuda_kernels"] = lambda: cuda.lora_forward(*args)
         unmeasured = _ROUTE_OF_MODE[lora.choose_forward_mode(x.shape[0], total_r, dropout_p)] if _interpret() else None
         return routes.run(self._key("lora_forward", x, weight, lora_A, dropout_p), candidates, x.device.type,
                           unmeasured=unmeasured)
@@ -205,6 +221,9 @@ class TritonBackend(Backend):
         drops = sum(1 for p in dropout_p if p > 0)
         if lora_A and needs_grad_x and _fused_gemm_fits(total_r) and drops <= 1:
             candidates["fused_gemm"] = lambda: kernel_mode("fused")
+        cuda = _cuda_kernels(grad_y, weight)
+        if cuda is not None:
+            candidates["cuda_kernels"] = lambda: cuda.lora_backward(*args)
         unmeasured = _ROUTE_OF_MODE[lora.choose_backward_mode(grad_y.shape[0], total_r, dropout_p)] \
             if _interpret() else None
         grads = ("dx" if needs_grad_x else "") + ("dA" if needs_grad_A else "")
@@ -224,6 +243,9 @@ class TritonBackend(Backend):
             return ia3.ia3_forward(x, weight, bias, scale, is_feedforward, mode=mode)
 
         candidates = {route: (lambda route=route: kernel_mode(route)) for route in ("compose", "fused_gemm")}
+        cuda = _cuda_kernels(x, weight)
+        if cuda is not None:
+            candidates["cuda_kernels"] = lambda: cuda.ia3_forward(x, weight, bias, scale, is_feedforward)
         unmeasured = ia3.choose_mode(x.shape[0]) if _interpret() else None
         return routes.run(self._key("ia3_forward", x, weight, [], [], "ff" if is_feedforward else "out"),
                           candidates, x.device.type, unmeasured=unmeasured)
@@ -242,6 +264,10 @@ class TritonBackend(Backend):
             return ia3.ia3_backward(grad_y, x, weight, bias, scale, is_feedforward, needs_grad_x, mode=mode)
 
         candidates = {route: (lambda route=route: kernel_mode(route)) for route in ("compose", "fused_gemm")}
+        cuda = _cuda_kernels(grad_y, weight)
+        if cuda is not None:
+            candidates["cuda_kernels"] = lambda: cuda.ia3_backward(grad_y, x, weight, bias, scale, is_feedforward,
+                                                                   needs_grad_x)
         unmeasured = ia3.choose_mode(grad_y.shape[0]) if _interpret() else None
         grads = ("ff" if is_feedforward else "out") + ("+dx" if needs_grad_x else "")
         return routes.run(self._key("ia3_backward", grad_y, weight, [], [], grads), candidates, grad_y.device.type,

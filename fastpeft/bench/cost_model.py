@@ -90,8 +90,38 @@ def markdown(table=None) -> str:
     return "\n".join(lines)
 
 
+# ESTIMATES, not measurements: what a GPU-kernel review of the compiled PTX/SASS (Triton 3.9, sm_80/sm_90, no GPU)
+# predicted for an H100, next to the route each alternative is in ``fastpeft.routing.ROUTES``. The roofline table
+# above cannot show these: it assumes every kernel runs at its roofline, and the differences come from tile
+# efficiency (the fused GEMM recomputes the down-projection per column tile), dequantization inside the K loop and
+# GEMV design. On a GPU the routes are timed and the faster one runs; ``make gpu-check`` measures them.
+REVIEW_ESTIMATES = [
+    dict(case="LoRA forward, M=N=K=4096, r=16, bf16", first="fused_gemm (one fused Triton GEMM)", first_us=270,
+         second="passes (cuBLAS, x A^T kernel, in-place low-rank epilogue)", second_us=231),
+    dict(case="QLoRA NF4 forward, M=4096, 4096x4096, bf16", first="fused_gemm (dequantization in the K loop)",
+         first_us=960, second="compose (dequantize once into a reused buffer, then cuBLAS)", second_us=210),
+    dict(case="QLoRA NF4 forward, M=1, 4096x4096, bf16", first="the tiled 4-bit Triton kernel", first_us="31-62",
+         second="a 4-bit GEMV design (16-byte loads, LOP3 nibble unpack, code table in registers, split-K; not built)",
+         second_us="4-5"),
+    dict(case="LoRA dropout backward dX, M=N=K=4096, bf16", first="fused_gemm (dX GEMM held to 64x64 tiles)",
+         first_us="350-450", second="split_gemm (big-tile dX GEMM, then the masked low-rank update)",
+         second_us=256),
+]
+
+
+def estimates_markdown() -> str:
+    lines = ["ESTIMATES from a review of the compiled kernels (H100, not measured): the route each alternative is.",
+             "", "| case | route | estimated us | alternative route | estimated us |",
+             "| --- | --- | --- | --- | --- |"]
+    for e in REVIEW_ESTIMATES:
+        lines.append(f"| {e['case']} | {e['first']} | {e['first_us']} | {e['second']} | {e['second_us']} |")
+    return "\n".join(lines)
+
+
 def main():
     print(markdown())
+    print()
+    print(estimates_markdown())
 
 
 if __name__ == "__main__":

@@ -33,8 +33,11 @@ torch) and ``fused`` (the backend's LoRA op, by its own measured route, plus the
 ``fused`` route: every product with ``W`` goes through the backend's quantized products, which decode it as they do
 for LoRA.
 
-Beside other active adapters (``stacked_linear``), PEFT lets each DoRA adapter scale the running sum of the adapters
-before it; that path is torch ops under autograd (no dropout active), with the same norm.
+Beside other active adapters (``stacked_linear``), PEFT lets each DoRA adapter without active dropout scale the
+running sum of the adapters before it, and one with dropout add its own second base product; that path is torch ops
+under autograd with the same norm, its products on dropped inputs in ``_InputProducts`` (mask regenerated from the
+seed, never saved). Under autocast the operands are cast as autocast casts ``F.linear``'s (``autocast_adapters``) and
+the norm, the scale and the epilogue stay fp32, as in PEFT.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import torch.nn.functional as F
 
 from . import reference, routing
 from .backends import get_backend
-from .functional import _call_mode, _flatten, draw_seeds
+from .functional import _autocast, _call_mode, _flatten, draw_seeds
 
 _F32 = torch.float32
 
@@ -169,6 +172,12 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 WIDEN_BLOCK_ELEMENTS = 1 << 20  # rows of W widened at a time when the product runs in a wider dtype (4 MB in fp32)
 
 
+def _widen_rows(N: int, K: int) -> int:
+    """Rows of an ``(N, K)`` weight widened at a time: at most ``WIDEN_BLOCK_ELEMENTS`` elements and half the rows,
+    so that no whole widened copy of the weight (an ``N x K`` tensor) is ever made."""
+    return max(1, min((N + 1) // 2, WIDEN_BLOCK_ELEMENTS // max(K, 1)))
+
+
 def _base_product(a: torch.Tensor, weight) -> torch.Tensor:
     """``a W^T`` ``(M, N)`` in ``a``'s dtype, as PEFT's ``F.linear(drop(x), W.to(x.dtype))`` with ``x`` in the
     adapter's dtype. A dense weight narrower than ``a`` (bf16 base, fp32 adapters) is widened a block of rows at a
@@ -181,7 +190,7 @@ def _base_product(a: torch.Tensor, weight) -> torch.Tensor:
     if weight.dtype == a.dtype:
         return torch.mm(a, weight.t())
     N, K = weight.shape
-    rows = max(1, min((N + 1) // 2, WIDEN_BLOCK_ELEMENTS // max(K, 1)))
+    rows = _widen_rows(N, K)
     out = a.new_empty(a.shape[0], N)
     for start in range(0, N, rows):
         block = weight[start:start + rows].to(a.dtype)
@@ -259,11 +268,20 @@ def _backward_fused(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_dx
 
 
 def _grad_product(backend, dy: torch.Tensor, weight) -> torch.Tensor:
-    """``dY W`` ``(M, K)`` in ``dY``'s dtype; a ``QuantizedWeight`` through the backend's LoRA backward with a
-    zero rank-1 adapter (its base product decodes the weight as the backend decodes; not every backend takes an
-    empty adapter list)."""
+    """``dY W`` ``(M, K)`` in ``dY``'s dtype; a dense weight narrower than ``dY`` (bf16 base, fp32 adapters) is
+    widened a block of rows at a time (``_widen_rows``); a ``QuantizedWeight`` through the backend's LoRA backward
+    with a zero rank-1 adapter (its base product decodes the weight as the backend decodes; not every backend takes
+    an empty adapter list)."""
     if isinstance(weight, torch.Tensor):
-        return torch.mm(dy, weight.detach())
+        weight = weight.detach()
+        if weight.dtype == dy.dtype:
+            return torch.mm(dy, weight)
+        N, K = weight.shape
+        rows = _widen_rows(N, K)
+        out = dy.new_zeros(dy.shape[0], K)
+        for start in range(0, N, rows):
+            out.addmm_(dy[:, start:start + rows], weight[start:start + rows].to(dy.dtype))
+        return out
     zeros_a = torch.zeros(1, weight.shape[1], dtype=dy.dtype, device=dy.device)
     zeros_b = torch.zeros(weight.shape[0], 1, dtype=dy.dtype, device=dy.device)
     h = torch.zeros(dy.shape[0], 1, dtype=dy.dtype, device=dy.device)
@@ -392,7 +410,7 @@ def dora_linear(
     if mode in ("custom_op", "reference") and p == 0:
         # A trainable base, or a graph being compiled: PEFT's formula in torch ops under autograd (traceable, and
         # still no W + s B A), the norm a constant as PEFT makes it.
-        y = stacked_linear(x2, weight, bias, [(lora_A, lora_B, None, s, magnitude, norm)])
+        y = stacked_linear(x2, weight, bias, [(lora_A, lora_B, None, s, magnitude, norm, 0.0, 0)])
     elif mode in ("custom_op", "reference"):
         # The same with dropout: the executable spec, which regenerates the mask from the seed as the op does.
         y = reference.dora_linear(x2, weight, bias, lora_A, lora_B, magnitude, s, p, seed)
@@ -424,19 +442,16 @@ def non_dora_variants(layer, names) -> list[str]:
                    and not _is_dora(variants[name])})
 
 
-def unfused_variant_reason(layer, active, quantized: bool = False) -> Optional[str]:
+def unfused_variant_reason(layer, active) -> Optional[str]:
     """Why a PEFT LoRA layer's LoRA variants keep its call on PEFT's own forward, or None when fastpeft serves it:
-    fastpeft serves DoRA alone, or, over a dense base (``quantized`` False), beside other adapters when no dropout
-    is active. (Autocast is decided per call: ``dora_call_ok``.)"""
+    fastpeft serves DoRA alone or beside other adapters (plain LoRA or DoRA), over dense and quantized bases, with
+    dropout and under autocast; another LoRA variant among the active adapters keeps PEFT's forward. (Whether the
+    base is served is decided per call: ``dora_call_ok``.)"""
     if not any(name in layer.lora_variant for name in active):
         return None
     other = non_dora_variants(layer, active)
     if other:
         return f"LoRA variant {', '.join(other)} is not fused"
-    if len(active) > 1 and quantized:
-        return "DoRA beside other active adapters over a quantized base is not fused"
-    if len(active) > 1 and layer.training and any(_dropout_p(layer, name) > 0 for name in active):
-        return "DoRA beside other active adapters with dropout in training is not fused"
     return None
 
 
@@ -446,42 +461,123 @@ def _dropout_p(layer, name: str) -> float:
 
 
 def dora_call_ok(layer, weight, x) -> bool:
-    """Whether the active DoRA adapters of ``layer`` can run fused for input ``x``: no autocast (PEFT's forward
-    decides the dtypes there), and a dense base unless ``layer`` is a bitsandbytes twin (they pass the decoded
-    ``QuantizedWeight``; PEFT's generic layer over such a base keeps its own forward)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return False
+    """Whether the active DoRA adapters of ``layer`` can run fused for input ``x``: a dense base, or ``layer`` is a
+    bitsandbytes twin (they pass the decoded ``QuantizedWeight``; PEFT's generic layer over such a base keeps its own
+    forward). Autocast runs fused too: ``layer_forward`` casts as autocast would (``autocast_adapters``)."""
     return isinstance(weight, torch.Tensor) or getattr(layer, "_fastpeft_bnb_twin", False)
 
 
-def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], adapters) -> torch.Tensor:
-    """PEFT's ``lora.Linear.forward`` over several active adapters, DoRA among them, with no dropout active, in torch
-    ops differentiated by autograd: each DoRA adapter scales the sum so far (PEFT's ``base_result`` is the running
-    result there) and its norm comes from ``weight_norm``, never from ``W + s B A``.
+class _InputProducts(torch.autograd.Function):
+    """``(h, z) = (drop(x) A^T, drop(x) W^T)`` for a frozen base ``W`` (dense ``(N, K)`` or a ``QuantizedWeight``);
+    ``x`` ``(M, K)`` in ``A``'s dtype, ``h`` ``(M, r)`` and ``z`` ``(M, N)`` in ``x``'s dtype. Either part may be left
+    out (``A`` None, ``with_base`` False): it is returned as None. The mask is drawn from ``seed`` by the backend's
+    masked pass (``keep_scale``) in forward and drawn again in backward: only ``x`` and ``A`` are saved, never the
+    mask or ``drop(x)``, and nothing ``N x K`` is formed (``_base_product``/``_grad_product``).
 
-    ``x``: ``(..., K)``; ``weight``: ``(N, K)``; ``adapters``: in PEFT's order, ``(A (r, K), B (N, r), lora_bias (N,)
-    or None, scaling, magnitude (N,) or None, norm fp32 (N,) or None)``, magnitude and norm None for plain LoRA.
-    Returns ``(..., N)`` in the base output's dtype."""
-    result = F.linear(x, weight, bias)
+    Backward: ``dX = (dh A + dz W) * mask / (1 - p)``, ``dA = dh^T drop(x)``."""
+
+    @staticmethod
+    def forward(ctx, x, A, weight, p, seed, with_base):
+        ctx.set_materialize_grads(False)
+        backend = get_backend(x, weight)
+        xd = x if p == 0 else _dropped(x, keep_scale(backend, x.shape[0], x.shape[1], p, seed, x.device))
+        h = None if A is None else torch.mm(xd, A.detach().t())
+        z = _base_product(xd, weight) if with_base else None
+        del xd
+        ctx.backend, ctx.weight, ctx.p, ctx.seed = backend, weight, p, seed
+        ctx.save_for_backward(x if A is not None and ctx.needs_input_grad[1] else None, A)
+        return h, z
+
+    @staticmethod
+    def backward(ctx, dh, dz):
+        x, A = ctx.saved_tensors
+        needs_dx, needs_dA = ctx.needs_input_grad[:2]
+        needs_dA = needs_dA and dh is not None
+        d = None
+        if needs_dx and dh is not None:
+            d = torch.mm(dh, A.detach())
+        if needs_dx and dz is not None:
+            dzw = _grad_product(ctx.backend, dz.contiguous(), ctx.weight)
+            d = dzw if d is None else d.add_(dzw)
+        ks = None
+        if ctx.p > 0 and (d is not None or needs_dA):
+            rows, cols = (x.shape if x is not None else d.shape)
+            ks = keep_scale(ctx.backend, rows, cols, ctx.p, ctx.seed, (x if x is not None else d).device)
+        dx = d if d is None or ks is None else _dropped(d, ks)
+        dA = None
+        if needs_dA:
+            dA = torch.mm(dh.t(), x if ks is None else _dropped(x, ks))
+        return dx, dA, None, None, None, None
+
+
+def stacked_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor], adapters,
+                   round_each: bool = False) -> torch.Tensor:
+    """PEFT's ``lora.Linear.forward`` over several active adapters, DoRA among them, differentiated by autograd: each
+    DoRA adapter without active dropout scales the sum so far (PEFT's ``base_result`` is the running result there);
+    one with dropout adds ``(c - 1) drop(x) W^T + c s drop(x) A^T B^T`` (a second base product, on its dropped
+    input). Norms come from ``weight_norm``, never from ``W + s B A``; the products on dropped inputs go through
+    ``_InputProducts`` (mask regenerated from the seed, nothing ``N x K``), or, with a trainable base or under
+    ``torch.compile``, through the spec's torch ops.
+
+    ``x``: ``(..., K)``; ``weight``: ``(N, K)`` dense or a ``QuantizedWeight``; ``adapters``: in PEFT's order,
+    ``(A (r, K), B (N, r), lora_bias (N,) or None, scaling, magnitude (N,) or None, norm fp32 (N,) or None, p,
+    seed)``, magnitude and norm None for plain LoRA, ``p`` the dropout applied (0 outside training).
+    ``round_each``: round the running sum to the base output's dtype after every adapter (PEFT's bitsandbytes
+    layers do). Returns ``(..., N)`` in the base output's dtype."""
+    x2, lead = _flatten(x)
+    dense = isinstance(weight, torch.Tensor)
+    spec = dense and _call_mode(weight, bias) in ("custom_op", "reference")
+    if dense:
+        result = F.linear(x2, weight, bias)
+    else:
+        result = _InputProducts.apply(x2, None, weight, 0.0, 0, True)[1]
+        result = result if bias is None else result + bias
     out_dtype = result.dtype
-    for xi, (A, B, lora_bias, s, magnitude, norm) in zip(reference.adapter_inputs(x, [a[0] for a in adapters]),
-                                                         adapters):
-        lora = F.linear(F.linear(xi.to(A.dtype), A), B, lora_bias)
+    for xi, (A, B, lora_bias, s, magnitude, norm, p, seed) in zip(
+            reference.adapter_inputs(x2, [a[0] for a in adapters]), adapters):
+        xa = _cast(xi, A.dtype)
+        base_too = magnitude is not None and p > 0
+        if spec:
+            xd = reference.apply_dropout(xa, p, seed)
+            h = F.linear(xd, A)
+            z = F.linear(xd, weight.to(xd.dtype)) if base_too else None
+        else:
+            h, z = _InputProducts.apply(xa, A, weight, float(p), int(seed), base_too)
+        lora = F.linear(h, B, lora_bias)
         if magnitude is None:
             result = result + lora * s
-            continue
-        c = magnitude.to(_F32) / norm
-        base_result = result if bias is None else result - bias
-        result = result + (c - 1) * base_result + c * lora * s
-    return result.to(out_dtype)
+        else:
+            c = magnitude.to(_F32) / norm
+            if z is None:
+                z = result if bias is None else result - bias
+            result = result + (c - 1) * z + c * lora * s
+        if round_each:
+            result = result.to(out_dtype)
+    result = result.to(out_dtype)
+    return result if len(lead) == 1 else result.view(*lead, result.shape[-1])
 
 
-def layer_forward(layer, x: torch.Tensor, active: list, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def autocast_adapters(x: torch.Tensor, weight, bias: Optional[torch.Tensor], adapters: list):
+    """``(x, weight, bias, adapters)`` cast as autocast casts ``F.linear``'s operands (``functional._autocast``, the
+    LoRA layers' rule): ``x``, a dense weight, the bias and each adapter's ``A``, ``B`` and ``lora_bias`` to the
+    autocast dtype. The magnitude and the norm keep their dtype: PEFT's ``m / n`` and its row norm are elementwise
+    and reductions, which autocast leaves in fp32 (the norm here is taken from the uncast tensors). ``adapters``
+    rows are ``[A, B, lora_bias, ...]``."""
+    x, weight, bias, (As, Bs, biases) = _autocast(x, weight, bias, [[a[0] for a in adapters],
+                                                                    [a[1] for a in adapters],
+                                                                    [a[2] for a in adapters]])
+    return x, weight, bias, [[A, B, lb, *rest[3:]] for A, B, lb, rest in zip(As, Bs, biases, adapters)]
+
+
+def layer_forward(layer, x: torch.Tensor, active: list, weight, bias: Optional[torch.Tensor],
                   weight_param: torch.Tensor, where: str) -> torch.Tensor:
     """The forward of PEFT LoRA layer ``layer`` whose active adapters ``active`` include DoRA: ``dora_linear`` for a
     lone DoRA adapter, ``stacked_linear`` beside others. ``weight`` is the ``(N, K)`` view of the base layer's
-    ``weight_param``; ``where`` names the layer in errors. The layer's ``DoraCache`` keeps the norms (and, with no
-    gradient wanted for a magnitude, the lone adapter's scale) while the tensors they come from are unchanged."""
+    ``weight_param`` (or its ``QuantizedWeight``); ``where`` names the layer in errors. The layer's ``DoraCache``
+    keeps the norms (and, with no gradient wanted for a magnitude, the lone adapter's scale) while the tensors they
+    come from are unchanged. Under autocast the operands are cast as autocast would cast them
+    (``autocast_adapters``) and the call runs with autocast off, so the fp32 parts (norm, scale, epilogue) stay
+    fp32."""
     if torch.compiler.is_compiling():
         # A graph being compiled computes the norms in the graph: the cache's stamps are Python-side state.
         cache = _UNCACHED
@@ -489,29 +585,49 @@ def layer_forward(layer, x: torch.Tensor, active: list, weight: torch.Tensor, bi
         cache = layer.__dict__.get("_fastpeft_dora_cache")
         if cache is None:
             cache = layer.__dict__["_fastpeft_dora_cache"] = DoraCache()
-    if len(active) > 1:
-        adapters = []
-        for name in active:
-            A, up = layer.lora_A[name].weight, layer.lora_B[name]
-            magnitude = norm = None
-            if name in layer.lora_variant:
-                magnitude = layer.lora_magnitude_vector[name].weight
-                check_tensors(where, weight, A, up.weight, magnitude)
-                norm = cache.norm(name, weight_param, weight, A, up.weight, layer.scaling[name])
-            adapters.append((A, up.weight, up.bias if layer.lora_bias[name] else None, layer.scaling[name],
-                             magnitude, norm))
-        return stacked_linear(x, weight, bias, adapters)
-    name = active[0]
-    A = layer.lora_A[name].weight
-    B = layer.lora_B[name].weight
-    magnitude = layer.lora_magnitude_vector[name].weight
-    scaling = layer.scaling[name]
-    # PEFT's rule: the dropped input (and a second base product) only for a real dropout module in training.
-    p = _dropout_p(layer, name) if layer.training else 0.0
-    check_tensors(where, weight, A, B, magnitude)
-    norm = cache.norm(name, weight_param, weight, A, B, scaling)
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        adapters = _gather_adapters(layer, cache, active, weight, weight_param, where)
+        # PEFT's bitsandbytes layers round the running sum to the base output's dtype after every adapter.
+        return _adapters_forward(layer, cache, active, x, weight, bias, adapters, where,
+                                 round_each=getattr(layer, "_fastpeft_bnb_twin", False))
+    with torch.autocast(device, enabled=False):  # the norms from the uncast tensors, in fp32
+        adapters = _gather_adapters(layer, cache, active, weight, weight_param, where)
+    x, weight, bias, adapters = autocast_adapters(x, weight, bias, adapters)
+    with torch.autocast(device, enabled=False):
+        return _adapters_forward(layer, cache, active, x, weight, bias, adapters, where, round_each=False)
+
+
+def _gather_adapters(layer, cache: DoraCache, active: list, weight, weight_param, where: str) -> list:
+    """Per active adapter, ``[A, B, lora_bias or None, scaling, magnitude or None, norm or None, p]`` (magnitude and
+    norm for DoRA adapters, the norm from ``cache``; ``p`` the dropout applied this call)."""
+    adapters = []
+    for name in active:
+        A, up = layer.lora_A[name].weight, layer.lora_B[name]
+        magnitude = norm = None
+        if name in layer.lora_variant:
+            magnitude = layer.lora_magnitude_vector[name].weight
+            check_tensors(where, weight, A, up.weight, magnitude)
+            norm = cache.norm(name, weight_param, weight, A, up.weight, layer.scaling[name])
+        # PEFT's rule: the dropped input (and, for DoRA, a second base product) only for a real dropout module in
+        # training.
+        p = _dropout_p(layer, name) if layer.training else 0.0
+        adapters.append([A, up.weight, up.bias if layer.lora_bias[name] else None, layer.scaling[name], magnitude,
+                         norm, p])
+    return adapters
+
+
+def _adapters_forward(layer, cache: DoraCache, active: list, x, weight, bias, adapters: list, where: str,
+                      round_each: bool) -> torch.Tensor:
+    """``layer_forward``'s computation once the operands are gathered (rows of ``stacked_linear``'s adapters
+    without the seed)."""
+    if len(adapters) > 1:
+        ps = [a[6] for a in adapters]
+        seeds = draw_seeds(len(adapters), ps, layer.training).tolist() if any(ps) else [0] * len(adapters)
+        return stacked_linear(x, weight, bias, [(*a, seed) for a, seed in zip(adapters, seeds)], round_each)
+    A, B, _, scaling, magnitude, norm, p = adapters[0]
     return dora_linear(x, weight, bias, A, B, magnitude, scaling, p, training=layer.training, norm=norm,
-                       scale=cache.scale(name, magnitude, norm), where=where)
+                       scale=cache.scale(active[0], magnitude, norm), where=where)
 
 
 def clear_cache(layer) -> None:

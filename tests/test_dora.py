@@ -479,6 +479,25 @@ def test_dora_beside_other_adapters_with_dropout_in_training_matches_peft(clean_
         assert rel_err(got[0].float(), fused(x.to(dtype)).float()) > 1e-2, "dropout had no effect: test is vacuous"
 
 
+def test_dora_beside_other_adapters_with_dropout_and_a_trainable_base_matches_peft(clean_routes, monkeypatch):
+    """With the base weights trainable the stacked path runs the spec's torch ops (dropout by the same Philox masks):
+    y and every gradient, the base's weights and biases included, equal PEFT's fed the same masks."""
+    peft_model = build_several()
+    fused = copy.deepcopy(peft_model)
+    fastpeft.accelerate(fused, strict=True)
+    for model in (peft_model, fused):
+        model.base_model.set_adapter(list(SEVERAL_ORDERS[0]))
+        model.train()
+        for layer in peft_layers(model):
+            layer.base_layer.requires_grad_(True)
+    x, upstream = data(24)
+    got, drawn = run_fused(fused, x, upstream, monkeypatch, "cpu" if "cpu" in backends_here() else "reference")
+    install_masks(peft_model, drawn)
+    want = outputs_and_grads(peft_model, x, upstream)
+    assert sum("base_layer" in name for name in want[1]) == 4
+    compare_by_dtype_rule("trainable base", got, want)
+
+
 AUTOCAST_CASES = [("eval", False), ("train-drop", True)]
 
 
@@ -509,8 +528,9 @@ def test_dora_under_autocast_matches_peft(clean_routes, monkeypatch, backend, ro
     compare_by_dtype_rule(f"autocast {backend} {route} {mode}", got, want, oracle)
 
 
-BNB_SEVERAL = [("nf4", torch.float32, 0.1), ("nf4", torch.bfloat16, 0.1), ("int8", torch.float32, 0.1),
-               ("nf4", torch.float32, 0.0)]
+BNB_SEVERAL = [("nf4", torch.float32, 0.1, False), ("nf4", torch.bfloat16, 0.1, False),
+               ("int8", torch.float32, 0.1, False), ("nf4", torch.float32, 0.0, False),
+               ("nf4", torch.float32, 0.1, True), ("int8", torch.float32, 0.0, True)]
 
 
 def quantized_two_linear(kind, dtype):
@@ -531,14 +551,16 @@ def quantized_two_linear(kind, dtype):
     return _mark_quantized(model, kind), decoded
 
 
-@pytest.mark.parametrize("kind,dtype,p", BNB_SEVERAL,
-                         ids=[f"{k}-{str(d).split('.')[-1]}-drop{p}" for k, d, p in BNB_SEVERAL])
+@pytest.mark.parametrize("kind,dtype,p,autocast", BNB_SEVERAL,
+                         ids=[f"{k}-{str(d).split('.')[-1]}-drop{p}" + ("-autocast" if a else "")
+                              for k, d, p, a in BNB_SEVERAL])
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_several_dora_adapters_over_bitsandbytes_match_peft_on_the_decoded_weights(clean_routes, monkeypatch, backend,
-                                                                                   kind, dtype, p):
+                                                                                   kind, dtype, p, autocast):
     """PEFT's bnb layers with two DoRA adapters and a LoRA one on 'first', a lone DoRA adapter on 'second', fused,
     in training (dropout fed the same masks): y and every gradient against PEFT's dense layers over the decoded
-    weights; fp32 within ``FP32_TOL``, bf16 by the 2x rule (PEFT's dense layers over bf16 bases as the reference)."""
+    weights; fp32 within ``FP32_TOL``, bf16 by the 2x rule against them in fp32 (PEFT's dense layers over bf16 bases,
+    or under the same ``torch.autocast("cpu", bfloat16)``, as the reference)."""
     pytest.importorskip("bitsandbytes")
     if backend not in backends_here():
         pytest.skip(f"backend {backend} unavailable: {availability(backend)[1]}")
@@ -553,17 +575,22 @@ def test_several_dora_adapters_over_bitsandbytes_match_peft_on_the_decoded_weigh
     assert all(v.dtype == torch.float32 for v in adapter_state.values())
     missing = peft32.load_state_dict(adapter_state, strict=False)
     assert not missing.unexpected_keys
-    peft_lp = cast_bases(copy.deepcopy(peft32), dtype) if dtype != torch.float32 else peft32
+    low = dtype != torch.float32 or autocast
+    peft_lp = cast_bases(copy.deepcopy(peft32), dtype) if low else peft32
     for model in (peft32, peft_lp, fused):
         model.base_model.set_adapter(list(SEVERAL_ORDERS[0]))
         model.train()
     assert all(row.fused for row in fastpeft.report(fused).layers), fastpeft.report(fused).layers
     x, upstream = data(23)
-    got, drawn = run_fused(fused, x.to(dtype), upstream, monkeypatch, backend)
+    context = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else (lambda: None)
+    got, drawn = run_fused(fused, x.to(dtype), upstream, monkeypatch, backend, context=context())
     for model in {id(peft32): peft32, id(peft_lp): peft_lp}.values():
         install_masks(model, drawn)
-    want = outputs_and_grads(peft_lp, x.to(dtype), upstream)
-    oracle = outputs_and_grads(peft32, x, upstream) if dtype != torch.float32 else None
+    want = outputs_and_grads(peft_lp, x.to(dtype), upstream, context())
+    if autocast:  # PEFT's bnb layers return x's dtype under autocast (bitsandbytes casts back), its dense ones bf16
+        assert got[0].dtype == x.dtype
+        want = (want[0].to(x.dtype), want[1])
+    oracle = outputs_and_grads(peft32, x, upstream) if low else None
     compare_by_dtype_rule(f"{kind} {backend}", got, want, oracle)
 
 

@@ -168,6 +168,53 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+# ----------------------------------------------------------------------------------------- the (M, N) epilogues
+# Rows of an (M, N) activation per block of a mixed-dtype elementwise pass on the CPU (1 MB of fp32). Torch's CPU
+# kernels run a bf16/fp16 x fp32 op by first widening the 16-bit operand into a whole fp32 copy and, for a 16-bit
+# output, computing into a whole fp32 temporary that is then copied back: three passes over (M, N) and two fp32
+# (M, N) temporaries per op. A block this size keeps those temporaries in cache, so the op reads its inputs and
+# writes its output from memory once. (CUDA casts inside the kernel: there the op runs whole.)
+EPILOGUE_BLOCK_ELEMENTS = 1 << 18
+
+
+def _block_rows(t: torch.Tensor) -> int:
+    if t.device.type != "cpu" or t.dim() != 2:
+        return max(1, t.shape[0])
+    return max(1, EPILOGUE_BLOCK_ELEMENTS // max(1, t.shape[1]))
+
+
+def _scaled(z: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+            add: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``add + z * scale`` (``add`` None, an ``(N,)`` or an ``(M, N)`` tensor) computed in fp32 and rounded once to
+    ``dtype``: ``z`` ``(M, N)`` any float dtype, ``scale`` fp32 ``(N,)``. One pass with the output written in
+    ``dtype`` (no fp32 ``(M, N)`` result and separate cast pass); on the CPU in row blocks
+    (``EPILOGUE_BLOCK_ELEMENTS``) where a 16-bit operand or output would make torch widen through fp32 copies."""
+    out = torch.empty(z.shape, dtype=dtype, device=z.device)
+    mixed = z.dtype != _F32 or dtype != _F32 or (add is not None and add.dim() == 2 and add.dtype != _F32)
+    rows = _block_rows(z) if mixed else max(1, z.shape[0])
+    for start in range(0, z.shape[0], rows):
+        part = slice(start, start + rows)
+        if add is None:
+            torch.mul(z[part], scale, out=out[part])
+        else:
+            torch.addcmul(add if add.dim() == 1 else add[part], z[part], scale, out=out[part])
+    return out
+
+
+def _column_dots(dy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``sum_m dy[m, :] * z[m, :]`` as fp32 ``(N,)``, each product and the sum in fp32, for ``(M, N)`` tensors of any
+    float dtypes: a 16-bit ``dy`` is widened a block of rows at a time into one reused fp32 buffer
+    (``EPILOGUE_BLOCK_ELEMENTS``), never whole."""
+    rows = _block_rows(dy)
+    acc = torch.zeros(dy.shape[1], dtype=_F32, device=dy.device)
+    buf = torch.empty(min(rows, dy.shape[0]), dy.shape[1], dtype=_F32, device=dy.device)
+    for start in range(0, dy.shape[0], rows):
+        block = buf[:min(rows, dy.shape[0] - start)]
+        block.copy_(dy[start:start + rows]).mul_(z[start:start + rows])
+        acc.add_(block.sum(0))
+    return acc
+
+
 # ---------------------------------------------------------------------------------------------------- forward
 WIDEN_BLOCK_ELEMENTS = 1 << 20  # rows of W widened at a time when the product runs in a wider dtype (4 MB in fp32)
 
@@ -215,9 +262,9 @@ def _forward(route, backend, x, weight, bias, A, B, scale, s, p, seed):
     """``(y, h, z)`` of the DoRA forward (module docstring) for 2-D ``x`` ``(M, K)``; ``scale`` fp32 ``(N,)``."""
     if p == 0:
         z, h = _lora_part(route, backend, x, weight, None, A, B, s, 0.0, 0, None)
-        # One pass each, widened in the kernel (type promotion with the fp32 scale), rounded once by the caller.
-        y = torch.mul(z, scale) if bias is None else torch.addcmul(bias.detach().to(_F32), z, scale)
-        return _cast(y, x.dtype), h, z
+        # c * z (+ b) in fp32, written once in x's dtype.
+        y = _scaled(z, scale, x.dtype, None if bias is None else bias.detach().to(_F32))
+        return y, h, z
     ks = keep_scale(backend, x.shape[0], x.shape[1], p, seed, x.device)
     xd_a = _dropped(_cast(x, A.dtype), ks)
     L, h = _lora_part(route, backend, x, weight, bias, A, B, s, p, seed, xd_a)
@@ -225,14 +272,13 @@ def _forward(route, backend, x, weight, bias, A, B, scale, s, p, seed):
     z = _base_product(xd_a, weight)  # the second base product, on drop(x)
     del xd_a
     z.addmm_(_cast(h, z.dtype), _cast(B.detach().t(), z.dtype), alpha=s)
-    y = torch.addcmul(L, z, scale - 1.0)  # widened to fp32 in the kernel
-    return _cast(y, x.dtype), h, z
+    return _scaled(z, scale - 1.0, x.dtype, L), h, z
 
 
 # --------------------------------------------------------------------------------------------------- backward
 def _backward_compose(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_dx, needs_dA):
     """``(dX, dA, dB)`` by vendor GEMMs (formulas: module docstring)."""
-    g = _cast(torch.mul(dy, scale), dy.dtype)
+    g = _scaled(dy, scale, dy.dtype)
     ga = _cast(g, B.dtype)
     gB = torch.mm(ga, B.detach()).mul_(s)
     dB = torch.mm(ga.t(), _cast(h, B.dtype)).mul_(s)
@@ -248,7 +294,7 @@ def _backward_compose(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_
         if ks is None:
             dx = torch.mm(g, W).addmm_(_cast(gB, g.dtype), _cast(A.detach(), g.dtype))
         else:
-            e = _cast(torch.mul(dy, scale - 1.0), dy.dtype)
+            e = _scaled(dy, scale - 1.0, dy.dtype)
             inner = torch.mm(e, W).to(_F32).addmm_(gB.to(_F32), A.detach().to(_F32))
             dx = _cast(torch.mm(dy, W).to(_F32).addcmul_(inner, ks), dy.dtype)
     return dx, dA, dB
@@ -257,11 +303,11 @@ def _backward_compose(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_
 def _backward_fused(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_dx, needs_dA):
     """``(dX, dA, dB)`` by the backend's LoRA backward on ``g = c * dY`` (its own measured route); with dropout,
     ``dX`` is then corrected from ``g W`` to ``dY W + e W * mask / (1 - p)``, i.e. ``+ (mask / (1 - p) - 1) * e W``."""
-    g = _cast(torch.mul(dy, scale), dy.dtype)
+    g = _scaled(dy, scale, dy.dtype)
     dx, dA, dB, _ = backend.lora_backward(g.contiguous(), x if needs_dA else None, weight, [A], [B], [h], [s], [p],
                                           [seed], needs_dx, needs_dA)
     if needs_dx and p > 0:
-        e = _cast(torch.mul(dy, scale - 1.0), dy.dtype)
+        e = _scaled(dy, scale - 1.0, dy.dtype)
         ks = keep_scale(backend, dy.shape[0], weight.shape[1], p, seed, dy.device).sub_(1.0)
         dx = _cast(dx.to(_F32).addcmul_(_grad_product(backend, e, weight).to(_F32), ks), dy.dtype)
     return dx, dA[0], dB[0]
@@ -339,7 +385,7 @@ class DoraLinearFunction(torch.autograd.Function):
         dy = grad_y.contiguous()
         dm = None
         if needs_dm:
-            dm = (torch.mul(dy.to(_F32), z).sum(0) / norm).to(magnitude.dtype)
+            dm = (_column_dots(dy, z) / norm).to(magnitude.dtype)
         dx = dA = dB = None
         if needs_dx or needs_dA or needs_dB:
             grads = ("dx" if needs_dx else "") + ("dA" if needs_dA else "")

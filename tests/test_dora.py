@@ -794,6 +794,42 @@ def test_no_n_by_k_tensor_under_autocast_beyond_the_base_layers_own_cast(monkeyp
     assert fast <= base, f"fastpeft allocated {fast} N x K tensors, the base layer alone {base}"
 
 
+def fp32_allocations_of_at_least(elements: int, fn) -> int:
+    """How many fp32-sized buffers of ``elements`` or more the CPU allocator handed out while ``fn()`` ran (torch's
+    profiler memory events: they include the temporaries torch's kernels allocate internally, which a dispatch mode
+    does not see)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(event.cpu_memory_usage >= 4 * elements for event in prof.events()
+               if event.name in ("aten::empty", "aten::empty_strided"))
+
+
+def test_bf16_epilogues_are_exact_and_form_no_fp32_m_by_n_temporary():
+    """The DoRA epilogues on bf16 ``(M, N)`` tensors, M=300 (a partial last block): ``c * z (+ b)``, ``L + (c - 1) z``
+    and ``c * dY`` equal torch's fp32 expression rounded once, bit for bit, and ``sum_m dY z`` equals the fp32 sum;
+    none allocates an fp32 tensor of M x N elements, where the plain expressions (the control) allocate several."""
+    g = torch.Generator().manual_seed(0)
+    M, N = 300, 2048
+    z, L, dy = (torch.randn(M, N, generator=g).bfloat16() for _ in range(3))
+    scale, bias = torch.rand(N, generator=g) + 0.5, torch.randn(N, generator=g)
+    bf16 = torch.bfloat16
+    cases = {
+        "c z": (lambda: dora._scaled(z, scale, bf16), lambda: torch.mul(z, scale).to(bf16)),
+        "c z + b": (lambda: dora._scaled(z, scale, bf16, bias), lambda: torch.addcmul(bias, z, scale).to(bf16)),
+        "L + (c - 1) z": (lambda: dora._scaled(z, scale - 1, bf16, L), lambda: torch.addcmul(L, z, scale - 1).to(bf16)),
+    }
+    for name, (fused, plain) in cases.items():
+        assert torch.equal(fused(), plain()), name
+        assert fp32_allocations_of_at_least(M * N, plain) >= 1, f"control {name}: the check proves nothing"
+        assert fp32_allocations_of_at_least(M * N, fused) == 0, name
+    plain_dots = lambda: torch.mul(dy.float(), z).sum(0)  # noqa: E731
+    assert_close("sum dY z", dora._column_dots(dy, z), plain_dots(), 1e-6)
+    assert fp32_allocations_of_at_least(M * N, plain_dots) >= 2
+    assert fp32_allocations_of_at_least(M * N, lambda: dora._column_dots(dy, z)) == 0
+
+
 # -------------------------------------------------------------------------------------------------- caching
 def test_norm_and_scale_are_cached_and_recomputed_when_a_tensor_changes(monkeypatch):
     peft_model, fused = dora_twins(MLP, r=3, lora_alpha=5, target_modules=["up"])

@@ -112,11 +112,14 @@ class DoraCache:
     def _get(self, key: str, stamp, compute, source: Optional[torch.Tensor] = None):
         """The value under ``key`` if it was computed for ``stamp`` (and from the very tensor ``source``, compared
         by identity: an ``id`` may be reused once its object is freed), else ``compute()`` stored. A stamp holding
-        None (an inference tensor, which has no version counter) is never cached."""
+        None (an inference tensor, which has no version counter) is never cached. A value computed under
+        ``torch.inference_mode`` is an inference tensor, which autograd refuses to save: outside inference mode it
+        is computed again (and replaces the entry)."""
         if not self._enabled or stamp is None or any(part is None for part in stamp):
             return compute()
         entry = self._entries.get(key)
-        if entry is not None and entry[0] == stamp and entry[1] is source:
+        if entry is not None and entry[0] == stamp and entry[1] is source and (
+                not entry[2].is_inference() or torch.is_inference_mode_enabled()):
             return entry[2]
         value = compute()
         self._entries[key] = (stamp, source, value)

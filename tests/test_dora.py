@@ -873,6 +873,23 @@ def test_norm_and_scale_are_cached_and_recomputed_when_a_tensor_changes(monkeypa
         assert_close("inference_mode", fused(x), peft_model(x), FP32_TOL)
 
 
+@pytest.mark.parametrize("adapters", ["lone", "several"])
+def test_training_after_an_inference_mode_call_matches_peft(adapters):
+    """Norms cached under ``torch.inference_mode`` are inference tensors, which autograd cannot save: a training call
+    afterwards (evaluation in the middle of training) recomputes them and gives PEFT's outputs and gradients."""
+    extra = [("plain", LoraConfig(r=2, lora_alpha=3, target_modules=["up"], init_lora_weights=False))]
+    peft_model, fused = dora_twins(MLP, r=3, lora_alpha=5, target_modules=["up", "down"],
+                                   extra_adapters=extra if adapters == "several" else ())
+    if adapters == "several":
+        for model in (peft_model, fused):
+            model.base_model.set_adapter(["default", "plain"])
+    x = torch.randn(4, 23)
+    fused.eval()
+    with torch.inference_mode():
+        assert_close("inference_mode", fused(x), peft_model.eval()(x), FP32_TOL)
+    compare_forward_backward(peft_model, fused, lambda: x, label=f"after inference_mode ({adapters})")
+
+
 def test_cached_scale_follows_a_recomputed_norm_even_at_a_reused_address():
     """The scale is keyed by the norm tensor itself, not its ``id``: a new norm (A or B changed) gives a new scale."""
     cache = dora.DoraCache()

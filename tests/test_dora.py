@@ -498,6 +498,28 @@ def test_dora_beside_other_adapters_with_dropout_and_a_trainable_base_matches_pe
     compare_by_dtype_rule("trainable base", got, want)
 
 
+def test_dora_beside_another_adapter_with_dropout_over_conv1d_matches_peft(clean_routes, monkeypatch):
+    """transformers' Conv1D (``fan_in_fan_out``, the weight a transposed view): DoRA and a LoRA adapter with dropout
+    on 'fc', DoRA alone on 'proj', in training; y and every gradient equal PEFT's fed the same masks."""
+    torch.manual_seed(0)
+    peft_model = get_peft_model(Conv1DMLP(), LoraConfig(r=3, lora_alpha=5, target_modules=["fc", "proj"],
+                                                        use_dora=True, init_lora_weights=False, lora_dropout=0.1,
+                                                        fan_in_fan_out=True))
+    peft_model.add_adapter("plain", LoraConfig(r=2, target_modules=["fc"], init_lora_weights=False, lora_dropout=0.2,
+                                               fan_in_fan_out=True, lora_bias=True))
+    randomize_magnitude(peft_model)
+    fused = copy.deepcopy(peft_model)
+    fastpeft.accelerate(fused, strict=True)
+    for model in (peft_model, fused):
+        model.base_model.set_adapter(["default", "plain"])
+        model.train()
+    g = torch.Generator().manual_seed(25)
+    x, upstream = torch.randn(2, 5, 19, generator=g), torch.randn(2, 5, 19, generator=g)
+    got, drawn = run_fused(fused, x, upstream, monkeypatch, "cpu" if "cpu" in backends_here() else "reference")
+    install_masks(peft_model, drawn)
+    compare_by_dtype_rule("conv1d", got, outputs_and_grads(peft_model, x, upstream))
+
+
 AUTOCAST_CASES = [("eval", False), ("train-drop", True)]
 
 

@@ -204,6 +204,16 @@ def _scaled(z: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
     return out
 
 
+def _widened_blocks(t: torch.Tensor, dtype: torch.dtype):
+    """``(rows, block)`` pairs covering ``t`` ``(M, C)`` with ``block = t[rows]`` in ``dtype``: ``t`` itself when it
+    already is, else one block of rows at a time (``_block_rows``), so a GEMM in the adapters' wider dtype never needs
+    a whole widened copy of an ``(M, C)`` activation."""
+    if t.dtype == dtype:
+        return [(slice(None), t)]
+    rows = _block_rows(t)
+    return ((slice(start, start + rows), t[start:start + rows].to(dtype)) for start in range(0, t.shape[0], rows))
+
+
 def _column_dots(dy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``sum_m dy[m, :] * z[m, :]`` as fp32 ``(N,)``, each product and the sum in fp32, for ``(M, N)`` tensors of any
     float dtypes: a 16-bit ``dy`` is widened a block of rows at a time into one reused fp32 buffer
@@ -254,8 +264,13 @@ def _lora_part(route, backend, x, weight, bias, A, B, s, p, seed, xd_a):
     if route == "fused":
         y, xa = backend.lora_forward(x, weight, bias, [A], [B], [None], [s], [p], [seed])
         return y, xa[0]
-    xin = xd_a if p > 0 else _cast(x, A.dtype)
-    h = torch.mm(xin, A.detach().t())
+    At = A.detach().t()
+    if p > 0:
+        h = torch.mm(xd_a, At)
+    else:
+        h = x.new_empty(x.shape[0], A.shape[0], dtype=A.dtype)
+        for rows, block in _widened_blocks(x, A.dtype):
+            torch.mm(block, At, out=h[rows])
     y = F.linear(x, weight.detach(), None if bias is None else bias.detach())
     y.addmm_(_cast(h, y.dtype), _cast(B.detach().t(), y.dtype), alpha=s)
     return y, h
@@ -282,15 +297,22 @@ def _forward(route, backend, x, weight, bias, A, B, scale, s, p, seed):
 def _backward_compose(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_dx, needs_dA):
     """``(dX, dA, dB)`` by vendor GEMMs (formulas: module docstring)."""
     g = _scaled(dy, scale, dy.dtype)
-    ga = _cast(g, B.dtype)
-    gB = torch.mm(ga, B.detach()).mul_(s)
-    dB = torch.mm(ga.t(), _cast(h, B.dtype)).mul_(s)
+    # g B and g^T h in B's dtype, g widened a block of rows at a time (no whole fp32 copy of g).
+    Bd, ha = B.detach(), _cast(h, B.dtype)
+    gB = g.new_empty(g.shape[0], B.shape[1], dtype=B.dtype)
+    dB = g.new_zeros(B.shape, dtype=B.dtype)
+    for rows, block in _widened_blocks(g, B.dtype):
+        torch.mm(block, Bd, out=gB[rows])
+        dB.addmm_(block.t(), ha[rows])
+    gB.mul_(s)
+    dB.mul_(s)
     ks = keep_scale(backend, dy.shape[0], weight.shape[1], p, seed, dy.device) if p > 0 and (needs_dx or needs_dA) \
         else None
     dA = None
     if needs_dA:
-        xa = _cast(x, A.dtype)
-        dA = torch.mm(gB.t(), xa if ks is None else _dropped(xa, ks))
+        dA = x.new_zeros(A.shape, dtype=A.dtype)
+        for rows, block in _widened_blocks(x, A.dtype):
+            dA.addmm_(gB[rows].t().to(A.dtype), block if ks is None else _dropped(block, ks[rows]))
     dx = None
     if needs_dx:
         W = weight.detach()

@@ -33,8 +33,11 @@ torch) and ``fused`` (the backend's LoRA op, by its own measured route, plus the
 ``fused`` route: every product with ``W`` goes through the backend's quantized products, which decode it as they do
 for LoRA.
 
-Beside other active adapters (``stacked_linear``), PEFT lets each DoRA adapter scale the running sum of the adapters
-before it; that path is torch ops under autograd (no dropout active), with the same norm.
+Beside other active adapters (``stacked_linear``), PEFT lets each DoRA adapter without active dropout scale the
+running sum of the adapters before it, and one with dropout add its own second base product; that path is torch ops
+under autograd with the same norm, its products on dropped inputs in ``_InputProducts`` (mask regenerated from the
+seed, never saved). Under autocast the operands are cast as autocast casts ``F.linear``'s (``autocast_adapters``) and
+the norm, the scale and the epilogue stay fp32, as in PEFT.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import torch.nn.functional as F
 
 from . import reference, routing
 from .backends import get_backend
-from .functional import _call_mode, _flatten, draw_seeds
+from .functional import _autocast, _call_mode, _flatten, draw_seeds
 
 _F32 = torch.float32
 
@@ -109,11 +112,14 @@ class DoraCache:
     def _get(self, key: str, stamp, compute, source: Optional[torch.Tensor] = None):
         """The value under ``key`` if it was computed for ``stamp`` (and from the very tensor ``source``, compared
         by identity: an ``id`` may be reused once its object is freed), else ``compute()`` stored. A stamp holding
-        None (an inference tensor, which has no version counter) is never cached."""
+        None (an inference tensor, which has no version counter) is never cached. A value computed under
+        ``torch.inference_mode`` is an inference tensor, which autograd refuses to save: outside inference mode it
+        is computed again (and replaces the entry)."""
         if not self._enabled or stamp is None or any(part is None for part in stamp):
             return compute()
         entry = self._entries.get(key)
-        if entry is not None and entry[0] == stamp and entry[1] is source:
+        if entry is not None and entry[0] == stamp and entry[1] is source and (
+                not entry[2].is_inference() or torch.is_inference_mode_enabled()):
             return entry[2]
         value = compute()
         self._entries[key] = (stamp, source, value)
@@ -165,8 +171,71 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+# ----------------------------------------------------------------------------------------- the (M, N) epilogues
+# Rows of an (M, N) activation per block of a mixed-dtype elementwise pass on the CPU (1 MB of fp32). Torch's CPU
+# kernels run a bf16/fp16 x fp32 op by first widening the 16-bit operand into a whole fp32 copy and, for a 16-bit
+# output, computing into a whole fp32 temporary that is then copied back: three passes over (M, N) and two fp32
+# (M, N) temporaries per op. A block this size keeps those temporaries in cache, so the op reads its inputs and
+# writes its output from memory once. (CUDA casts inside the kernel: there the op runs whole.)
+EPILOGUE_BLOCK_ELEMENTS = 1 << 18
+
+
+def _block_rows(t: torch.Tensor) -> int:
+    if t.device.type != "cpu" or t.dim() != 2:
+        return max(1, t.shape[0])
+    return max(1, EPILOGUE_BLOCK_ELEMENTS // max(1, t.shape[1]))
+
+
+def _scaled(z: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+            add: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``add + z * scale`` (``add`` None, an ``(N,)`` or an ``(M, N)`` tensor) computed in fp32 and rounded once to
+    ``dtype``: ``z`` ``(M, N)`` any float dtype, ``scale`` fp32 ``(N,)``. One pass with the output written in
+    ``dtype`` (no fp32 ``(M, N)`` result and separate cast pass); on the CPU in row blocks
+    (``EPILOGUE_BLOCK_ELEMENTS``) where a 16-bit operand or output would make torch widen through fp32 copies."""
+    out = torch.empty(z.shape, dtype=dtype, device=z.device)
+    mixed = z.dtype != _F32 or dtype != _F32 or (add is not None and add.dim() == 2 and add.dtype != _F32)
+    rows = _block_rows(z) if mixed else max(1, z.shape[0])
+    for start in range(0, z.shape[0], rows):
+        part = slice(start, start + rows)
+        if add is None:
+            torch.mul(z[part], scale, out=out[part])
+        else:
+            torch.addcmul(add if add.dim() == 1 else add[part], z[part], scale, out=out[part])
+    return out
+
+
+def _widened_blocks(t: torch.Tensor, dtype: torch.dtype):
+    """``(rows, block)`` pairs covering ``t`` ``(M, C)`` with ``block = t[rows]`` in ``dtype``: ``t`` itself when it
+    already is, else one block of rows at a time (``_block_rows``), so a GEMM in the adapters' wider dtype never needs
+    a whole widened copy of an ``(M, C)`` activation."""
+    if t.dtype == dtype:
+        return [(slice(None), t)]
+    rows = _block_rows(t)
+    return ((slice(start, start + rows), t[start:start + rows].to(dtype)) for start in range(0, t.shape[0], rows))
+
+
+def _column_dots(dy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``sum_m dy[m, :] * z[m, :]`` as fp32 ``(N,)``, each product and the sum in fp32, for ``(M, N)`` tensors of any
+    float dtypes: a 16-bit ``dy`` is widened a block of rows at a time into one reused fp32 buffer
+    (``EPILOGUE_BLOCK_ELEMENTS``), never whole."""
+    rows = _block_rows(dy)
+    acc = torch.zeros(dy.shape[1], dtype=_F32, device=dy.device)
+    buf = torch.empty(min(rows, dy.shape[0]), dy.shape[1], dtype=_F32, device=dy.device)
+    for start in range(0, dy.shape[0], rows):
+        block = buf[:min(rows, dy.shape[0] - start)]
+        block.copy_(dy[start:start + rows]).mul_(z[start:start + rows])
+        acc.add_(block.sum(0))
+    return acc
+
+
 # ---------------------------------------------------------------------------------------------------- forward
 WIDEN_BLOCK_ELEMENTS = 1 << 20  # rows of W widened at a time when the product runs in a wider dtype (4 MB in fp32)
+
+
+def _widen_rows(N: int, K: int) -> int:
+    """Rows of an ``(N, K)`` weight widened at a time: at most ``WIDEN_BLOCK_ELEMENTS`` elements and half the rows,
+    so that no whole widened copy of the weight (an ``N x K`` tensor) is ever made."""
+    return max(1, min((N + 1) // 2, WIDEN_BLOCK_ELEMENTS // max(K, 1)))
 
 
 def _base_product(a: torch.Tensor, weight) -> torch.Tensor:
@@ -181,7 +250,7 @@ def _base_product(a: torch.Tensor, weight) -> torch.Tensor:
     if weight.dtype == a.dtype:
         return torch.mm(a, weight.t())
     N, K = weight.shape
-    rows = max(1, min((N + 1) // 2, WIDEN_BLOCK_ELEMENTS // max(K, 1)))
+    rows = _widen_rows(N, K)
     out = a.new_empty(a.shape[0], N)
     for start in range(0, N, rows):
         block = weight[start:start + rows].to(a.dtype)
@@ -195,8 +264,13 @@ def _lora_part(route, backend, x, weight, bias, A, B, s, p, seed, xd_a):
     if route == "fused":
         y, xa = backend.lora_forward(x, weight, bias, [A], [B], [None], [s], [p], [seed])
         return y, xa[0]
-    xin = xd_a if p > 0 else _cast(x, A.dtype)
-    h = torch.mm(xin, A.detach().t())
+    At = A.detach().t()
+    if p > 0:
+        h = torch.mm(xd_a, At)
+    else:
+        h = x.new_empty(x.shape[0], A.shape[0], dtype=A.dtype)
+        for rows, block in _widened_blocks(x, A.dtype):
+            torch.mm(block, At, out=h[rows])
     y = F.linear(x, weight.detach(), None if bias is None else bias.detach())
     y.addmm_(_cast(h, y.dtype), _cast(B.detach().t(), y.dtype), alpha=s)
     return y, h
@@ -206,9 +280,9 @@ def _forward(route, backend, x, weight, bias, A, B, scale, s, p, seed):
     """``(y, h, z)`` of the DoRA forward (module docstring) for 2-D ``x`` ``(M, K)``; ``scale`` fp32 ``(N,)``."""
     if p == 0:
         z, h = _lora_part(route, backend, x, weight, None, A, B, s, 0.0, 0, None)
-        # One pass each, widened in the kernel (type promotion with the fp32 scale), rounded once by the caller.
-        y = torch.mul(z, scale) if bias is None else torch.addcmul(bias.detach().to(_F32), z, scale)
-        return _cast(y, x.dtype), h, z
+        # c * z (+ b) in fp32, written once in x's dtype.
+        y = _scaled(z, scale, x.dtype, None if bias is None else bias.detach().to(_F32))
+        return y, h, z
     ks = keep_scale(backend, x.shape[0], x.shape[1], p, seed, x.device)
     xd_a = _dropped(_cast(x, A.dtype), ks)
     L, h = _lora_part(route, backend, x, weight, bias, A, B, s, p, seed, xd_a)
@@ -216,30 +290,36 @@ def _forward(route, backend, x, weight, bias, A, B, scale, s, p, seed):
     z = _base_product(xd_a, weight)  # the second base product, on drop(x)
     del xd_a
     z.addmm_(_cast(h, z.dtype), _cast(B.detach().t(), z.dtype), alpha=s)
-    y = torch.addcmul(L, z, scale - 1.0)  # widened to fp32 in the kernel
-    return _cast(y, x.dtype), h, z
+    return _scaled(z, scale - 1.0, x.dtype, L), h, z
 
 
 # --------------------------------------------------------------------------------------------------- backward
 def _backward_compose(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_dx, needs_dA):
     """``(dX, dA, dB)`` by vendor GEMMs (formulas: module docstring)."""
-    g = _cast(torch.mul(dy, scale), dy.dtype)
-    ga = _cast(g, B.dtype)
-    gB = torch.mm(ga, B.detach()).mul_(s)
-    dB = torch.mm(ga.t(), _cast(h, B.dtype)).mul_(s)
+    g = _scaled(dy, scale, dy.dtype)
+    # g B and g^T h in B's dtype, g widened a block of rows at a time (no whole fp32 copy of g).
+    Bd, ha = B.detach(), _cast(h, B.dtype)
+    gB = g.new_empty(g.shape[0], B.shape[1], dtype=B.dtype)
+    dB = g.new_zeros(B.shape, dtype=B.dtype)
+    for rows, block in _widened_blocks(g, B.dtype):
+        torch.mm(block, Bd, out=gB[rows])
+        dB.addmm_(block.t(), ha[rows])
+    gB.mul_(s)
+    dB.mul_(s)
     ks = keep_scale(backend, dy.shape[0], weight.shape[1], p, seed, dy.device) if p > 0 and (needs_dx or needs_dA) \
         else None
     dA = None
     if needs_dA:
-        xa = _cast(x, A.dtype)
-        dA = torch.mm(gB.t(), xa if ks is None else _dropped(xa, ks))
+        dA = x.new_zeros(A.shape, dtype=A.dtype)
+        for rows, block in _widened_blocks(x, A.dtype):
+            dA.addmm_(gB[rows].t().to(A.dtype), block if ks is None else _dropped(block, ks[rows]))
     dx = None
     if needs_dx:
         W = weight.detach()
         if ks is None:
             dx = torch.mm(g, W).addmm_(_cast(gB, g.dtype), _cast(A.detach(), g.dtype))
         else:
-            e = _cast(torch.mul(dy, scale - 1.0), dy.dtype)
+            e = _scaled(dy, scale - 1.0, dy.dtype)
             inner = torch.mm(e, W).to(_F32).addmm_(gB.to(_F32), A.detach().to(_F32))
             dx = _cast(torch.mm(dy, W).to(_F32).addcmul_(inner, ks), dy.dtype)
     return dx, dA, dB
@@ -248,22 +328,31 @@ def _backward_compose(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_
 def _backward_fused(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_dx, needs_dA):
     """``(dX, dA, dB)`` by the backend's LoRA backward on ``g = c * dY`` (its own measured route); with dropout,
     ``dX`` is then corrected from ``g W`` to ``dY W + e W * mask / (1 - p)``, i.e. ``+ (mask / (1 - p) - 1) * e W``."""
-    g = _cast(torch.mul(dy, scale), dy.dtype)
+    g = _scaled(dy, scale, dy.dtype)
     dx, dA, dB, _ = backend.lora_backward(g.contiguous(), x if needs_dA else None, weight, [A], [B], [h], [s], [p],
                                           [seed], needs_dx, needs_dA)
     if needs_dx and p > 0:
-        e = _cast(torch.mul(dy, scale - 1.0), dy.dtype)
+        e = _scaled(dy, scale - 1.0, dy.dtype)
         ks = keep_scale(backend, dy.shape[0], weight.shape[1], p, seed, dy.device).sub_(1.0)
         dx = _cast(dx.to(_F32).addcmul_(_grad_product(backend, e, weight).to(_F32), ks), dy.dtype)
     return dx, dA[0], dB[0]
 
 
 def _grad_product(backend, dy: torch.Tensor, weight) -> torch.Tensor:
-    """``dY W`` ``(M, K)`` in ``dY``'s dtype; a ``QuantizedWeight`` through the backend's LoRA backward with a
-    zero rank-1 adapter (its base product decodes the weight as the backend decodes; not every backend takes an
-    empty adapter list)."""
+    """``dY W`` ``(M, K)`` in ``dY``'s dtype; a dense weight narrower than ``dY`` (bf16 base, fp32 adapters) is
+    widened a block of rows at a time (``_widen_rows``); a ``QuantizedWeight`` through the backend's LoRA backward
+    with a zero rank-1 adapter (its base product decodes the weight as the backend decodes; not every backend takes
+    an empty adapter list)."""
     if isinstance(weight, torch.Tensor):
-        return torch.mm(dy, weight.detach())
+        weight = weight.detach()
+        if weight.dtype == dy.dtype:
+            return torch.mm(dy, weight)
+        N, K = weight.shape
+        rows = _widen_rows(N, K)
+        out = dy.new_zeros(dy.shape[0], K)
+        for start in range(0, N, rows):
+            out.addmm_(dy[:, start:start + rows], weight[start:start + rows].to(dy.dtype))
+        return out
     zeros_a = torch.zeros(1, weight.shape[1], dtype=dy.dtype, device=dy.device)
     zeros_b = torch.zeros(weight.shape[0], 1, dtype=dy.dtype, device=dy.device)
     h = torch.zeros(dy.shape[0], 1, dtype=dy.dtype, device=dy.device)
@@ -321,7 +410,7 @@ class DoraLinearFunction(torch.autograd.Function):
         dy = grad_y.contiguous()
         dm = None
         if needs_dm:
-            dm = (torch.mul(dy.to(_F32), z).sum(0) / norm).to(magnitude.dtype)
+            dm = (_column_dots(dy, z) / norm).to(magnitude.dtype)
         dx = dA = dB = None
         if needs_dx or needs_dA or needs_dB:
             grads = ("dx" if needs_dx else "") + ("dA" if needs_dA else "")
@@ -392,7 +481,7 @@ def dora_linear(
     if mode in ("custom_op", "reference") and p == 0:
         # A trainable base, or a graph being compiled: PEFT's formula in torch ops under autograd (traceable, and
         # still no W + s B A), the norm a constant as PEFT makes it.
-        y = stacked_linear(x2, weight, bias, [(lora_A, lora_B, None, s, magnitude, norm)])
+        y = stacked_linear(x2, weight, bias, [(lora_A, lora_B, None, s, magnitude, norm, 0.0, 0)])
     elif mode in ("custom_op", "reference"):
         # The same with dropout: the executable spec, which regenerates the mask from the seed as the op does.
         y = reference.dora_linear(x2, weight, bias, lora_A, lora_B, magnitude, s, p, seed)
@@ -424,19 +513,16 @@ def non_dora_variants(layer, names) -> list[str]:
                    and not _is_dora(variants[name])})
 
 
-def unfused_variant_reason(layer, active, quantized: bool = False) -> Optional[str]:
+def unfused_variant_reason(layer, active) -> Optional[str]:
     """Why a PEFT LoRA layer's LoRA variants keep its call on PEFT's own forward, or None when fastpeft serves it:
-    fastpeft serves DoRA alone, or, over a dense base (``quantized`` False), beside other adapters when no dropout
-    is active. (Autocast is decided per call: ``dora_call_ok``.)"""
+    fastpeft serves DoRA alone or beside other adapters (plain LoRA or DoRA), over dense and quantized bases, with
+    dropout and under autocast; another LoRA variant among the active adapters keeps PEFT's forward. (Whether the
+    base is served is decided per call: ``dora_call_ok``.)"""
     if not any(name in layer.lora_variant for name in active):
         return None
     other = non_dora_variants(layer, active)
     if other:
         return f"LoRA variant {', '.join(other)} is not fused"
-    if len(active) > 1 and quantized:
-        return "DoRA beside other active adapters over a quantized base is not fused"
-    if len(active) > 1 and layer.training and any(_dropout_p(layer, name) > 0 for name in active):
-        return "DoRA beside other active adapters with dropout in training is not fused"
     return None
 
 
@@ -446,42 +532,123 @@ def _dropout_p(layer, name: str) -> float:
 
 
 def dora_call_ok(layer, weight, x) -> bool:
-    """Whether the active DoRA adapters of ``layer`` can run fused for input ``x``: no autocast (PEFT's forward
-    decides the dtypes there), and a dense base unless ``layer`` is a bitsandbytes twin (they pass the decoded
-    ``QuantizedWeight``; PEFT's generic layer over such a base keeps its own forward)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return False
+    """Whether the active DoRA adapters of ``layer`` can run fused for input ``x``: a dense base, or ``layer`` is a
+    bitsandbytes twin (they pass the decoded ``QuantizedWeight``; PEFT's generic layer over such a base keeps its own
+    forward). Autocast runs fused too: ``layer_forward`` casts as autocast would (``autocast_adapters``)."""
     return isinstance(weight, torch.Tensor) or getattr(layer, "_fastpeft_bnb_twin", False)
 
 
-def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], adapters) -> torch.Tensor:
-    """PEFT's ``lora.Linear.forward`` over several active adapters, DoRA among them, with no dropout active, in torch
-    ops differentiated by autograd: each DoRA adapter scales the sum so far (PEFT's ``base_result`` is the running
-    result there) and its norm comes from ``weight_norm``, never from ``W + s B A``.
+class _InputProducts(torch.autograd.Function):
+    """``(h, z) = (drop(x) A^T, drop(x) W^T)`` for a frozen base ``W`` (dense ``(N, K)`` or a ``QuantizedWeight``);
+    ``x`` ``(M, K)`` in ``A``'s dtype, ``h`` ``(M, r)`` and ``z`` ``(M, N)`` in ``x``'s dtype. Either part may be left
+    out (``A`` None, ``with_base`` False): it is returned as None. The mask is drawn from ``seed`` by the backend's
+    masked pass (``keep_scale``) in forward and drawn again in backward: only ``x`` and ``A`` are saved, never the
+    mask or ``drop(x)``, and nothing ``N x K`` is formed (``_base_product``/``_grad_product``).
 
-    ``x``: ``(..., K)``; ``weight``: ``(N, K)``; ``adapters``: in PEFT's order, ``(A (r, K), B (N, r), lora_bias (N,)
-    or None, scaling, magnitude (N,) or None, norm fp32 (N,) or None)``, magnitude and norm None for plain LoRA.
-    Returns ``(..., N)`` in the base output's dtype."""
-    result = F.linear(x, weight, bias)
+    Backward: ``dX = (dh A + dz W) * mask / (1 - p)``, ``dA = dh^T drop(x)``."""
+
+    @staticmethod
+    def forward(ctx, x, A, weight, p, seed, with_base):
+        ctx.set_materialize_grads(False)
+        backend = get_backend(x, weight)
+        xd = x if p == 0 else _dropped(x, keep_scale(backend, x.shape[0], x.shape[1], p, seed, x.device))
+        h = None if A is None else torch.mm(xd, A.detach().t())
+        z = _base_product(xd, weight) if with_base else None
+        del xd
+        ctx.backend, ctx.weight, ctx.p, ctx.seed = backend, weight, p, seed
+        ctx.save_for_backward(x if A is not None and ctx.needs_input_grad[1] else None, A)
+        return h, z
+
+    @staticmethod
+    def backward(ctx, dh, dz):
+        x, A = ctx.saved_tensors
+        needs_dx, needs_dA = ctx.needs_input_grad[:2]
+        needs_dA = needs_dA and dh is not None
+        d = None
+        if needs_dx and dh is not None:
+            d = torch.mm(dh, A.detach())
+        if needs_dx and dz is not None:
+            dzw = _grad_product(ctx.backend, dz.contiguous(), ctx.weight)
+            d = dzw if d is None else d.add_(dzw)
+        ks = None
+        if ctx.p > 0 and (d is not None or needs_dA):
+            rows, cols = (x.shape if x is not None else d.shape)
+            ks = keep_scale(ctx.backend, rows, cols, ctx.p, ctx.seed, (x if x is not None else d).device)
+        dx = d if d is None or ks is None else _dropped(d, ks)
+        dA = None
+        if needs_dA:
+            dA = torch.mm(dh.t(), x if ks is None else _dropped(x, ks))
+        return dx, dA, None, None, None, None
+
+
+def stacked_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor], adapters,
+                   round_each: bool = False) -> torch.Tensor:
+    """PEFT's ``lora.Linear.forward`` over several active adapters, DoRA among them, differentiated by autograd: each
+    DoRA adapter without active dropout scales the sum so far (PEFT's ``base_result`` is the running result there);
+    one with dropout adds ``(c - 1) drop(x) W^T + c s drop(x) A^T B^T`` (a second base product, on its dropped
+    input). Norms come from ``weight_norm``, never from ``W + s B A``; the products on dropped inputs go through
+    ``_InputProducts`` (mask regenerated from the seed, nothing ``N x K``), or, with a trainable base or under
+    ``torch.compile``, through the spec's torch ops.
+
+    ``x``: ``(..., K)``; ``weight``: ``(N, K)`` dense or a ``QuantizedWeight``; ``adapters``: in PEFT's order,
+    ``(A (r, K), B (N, r), lora_bias (N,) or None, scaling, magnitude (N,) or None, norm fp32 (N,) or None, p,
+    seed)``, magnitude and norm None for plain LoRA, ``p`` the dropout applied (0 outside training).
+    ``round_each``: round the running sum to the base output's dtype after every adapter (PEFT's bitsandbytes
+    layers do). Returns ``(..., N)`` in the base output's dtype."""
+    x2, lead = _flatten(x)
+    dense = isinstance(weight, torch.Tensor)
+    spec = dense and _call_mode(weight, bias) in ("custom_op", "reference")
+    if dense:
+        result = F.linear(x2, weight, bias)
+    else:
+        result = _InputProducts.apply(x2, None, weight, 0.0, 0, True)[1]
+        result = result if bias is None else result + bias
     out_dtype = result.dtype
-    for xi, (A, B, lora_bias, s, magnitude, norm) in zip(reference.adapter_inputs(x, [a[0] for a in adapters]),
-                                                         adapters):
-        lora = F.linear(F.linear(xi.to(A.dtype), A), B, lora_bias)
+    for xi, (A, B, lora_bias, s, magnitude, norm, p, seed) in zip(
+            reference.adapter_inputs(x2, [a[0] for a in adapters]), adapters):
+        xa = _cast(xi, A.dtype)
+        base_too = magnitude is not None and p > 0
+        if spec:
+            xd = reference.apply_dropout(xa, p, seed)
+            h = F.linear(xd, A)
+            z = F.linear(xd, weight.to(xd.dtype)) if base_too else None
+        else:
+            h, z = _InputProducts.apply(xa, A, weight, float(p), int(seed), base_too)
+        lora = F.linear(h, B, lora_bias)
         if magnitude is None:
             result = result + lora * s
-            continue
-        c = magnitude.to(_F32) / norm
-        base_result = result if bias is None else result - bias
-        result = result + (c - 1) * base_result + c * lora * s
-    return result.to(out_dtype)
+        else:
+            c = magnitude.to(_F32) / norm
+            if z is None:
+                z = result if bias is None else result - bias
+            result = result + (c - 1) * z + c * lora * s
+        if round_each:
+            result = result.to(out_dtype)
+    result = result.to(out_dtype)
+    return result if len(lead) == 1 else result.view(*lead, result.shape[-1])
 
 
-def layer_forward(layer, x: torch.Tensor, active: list, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def autocast_adapters(x: torch.Tensor, weight, bias: Optional[torch.Tensor], adapters: list):
+    """``(x, weight, bias, adapters)`` cast as autocast casts ``F.linear``'s operands (``functional._autocast``, the
+    LoRA layers' rule): ``x``, a dense weight, the bias and each adapter's ``A``, ``B`` and ``lora_bias`` to the
+    autocast dtype. The magnitude and the norm keep their dtype: PEFT's ``m / n`` and its row norm are elementwise
+    and reductions, which autocast leaves in fp32 (the norm here is taken from the uncast tensors). ``adapters``
+    rows are ``[A, B, lora_bias, ...]``."""
+    x, weight, bias, (As, Bs, biases) = _autocast(x, weight, bias, [[a[0] for a in adapters],
+                                                                    [a[1] for a in adapters],
+                                                                    [a[2] for a in adapters]])
+    return x, weight, bias, [[A, B, lb, *rest[3:]] for A, B, lb, rest in zip(As, Bs, biases, adapters)]
+
+
+def layer_forward(layer, x: torch.Tensor, active: list, weight, bias: Optional[torch.Tensor],
                   weight_param: torch.Tensor, where: str) -> torch.Tensor:
     """The forward of PEFT LoRA layer ``layer`` whose active adapters ``active`` include DoRA: ``dora_linear`` for a
     lone DoRA adapter, ``stacked_linear`` beside others. ``weight`` is the ``(N, K)`` view of the base layer's
-    ``weight_param``; ``where`` names the layer in errors. The layer's ``DoraCache`` keeps the norms (and, with no
-    gradient wanted for a magnitude, the lone adapter's scale) while the tensors they come from are unchanged."""
+    ``weight_param`` (or its ``QuantizedWeight``); ``where`` names the layer in errors. The layer's ``DoraCache``
+    keeps the norms (and, with no gradient wanted for a magnitude, the lone adapter's scale) while the tensors they
+    come from are unchanged. Under autocast the operands are cast as autocast would cast them
+    (``autocast_adapters``) and the call runs with autocast off, so the fp32 parts (norm, scale, epilogue) stay
+    fp32."""
     if torch.compiler.is_compiling():
         # A graph being compiled computes the norms in the graph: the cache's stamps are Python-side state.
         cache = _UNCACHED
@@ -489,29 +656,49 @@ def layer_forward(layer, x: torch.Tensor, active: list, weight: torch.Tensor, bi
         cache = layer.__dict__.get("_fastpeft_dora_cache")
         if cache is None:
             cache = layer.__dict__["_fastpeft_dora_cache"] = DoraCache()
-    if len(active) > 1:
-        adapters = []
-        for name in active:
-            A, up = layer.lora_A[name].weight, layer.lora_B[name]
-            magnitude = norm = None
-            if name in layer.lora_variant:
-                magnitude = layer.lora_magnitude_vector[name].weight
-                check_tensors(where, weight, A, up.weight, magnitude)
-                norm = cache.norm(name, weight_param, weight, A, up.weight, layer.scaling[name])
-            adapters.append((A, up.weight, up.bias if layer.lora_bias[name] else None, layer.scaling[name],
-                             magnitude, norm))
-        return stacked_linear(x, weight, bias, adapters)
-    name = active[0]
-    A = layer.lora_A[name].weight
-    B = layer.lora_B[name].weight
-    magnitude = layer.lora_magnitude_vector[name].weight
-    scaling = layer.scaling[name]
-    # PEFT's rule: the dropped input (and a second base product) only for a real dropout module in training.
-    p = _dropout_p(layer, name) if layer.training else 0.0
-    check_tensors(where, weight, A, B, magnitude)
-    norm = cache.norm(name, weight_param, weight, A, B, scaling)
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        adapters = _gather_adapters(layer, cache, active, weight, weight_param, where)
+        # PEFT's bitsandbytes layers round the running sum to the base output's dtype after every adapter.
+        return _adapters_forward(layer, cache, active, x, weight, bias, adapters, where,
+                                 round_each=getattr(layer, "_fastpeft_bnb_twin", False))
+    with torch.autocast(device, enabled=False):  # the norms from the uncast tensors, in fp32
+        adapters = _gather_adapters(layer, cache, active, weight, weight_param, where)
+    x, weight, bias, adapters = autocast_adapters(x, weight, bias, adapters)
+    with torch.autocast(device, enabled=False):
+        return _adapters_forward(layer, cache, active, x, weight, bias, adapters, where, round_each=False)
+
+
+def _gather_adapters(layer, cache: DoraCache, active: list, weight, weight_param, where: str) -> list:
+    """Per active adapter, ``[A, B, lora_bias or None, scaling, magnitude or None, norm or None, p]`` (magnitude and
+    norm for DoRA adapters, the norm from ``cache``; ``p`` the dropout applied this call)."""
+    adapters = []
+    for name in active:
+        A, up = layer.lora_A[name].weight, layer.lora_B[name]
+        magnitude = norm = None
+        if name in layer.lora_variant:
+            magnitude = layer.lora_magnitude_vector[name].weight
+            check_tensors(where, weight, A, up.weight, magnitude)
+            norm = cache.norm(name, weight_param, weight, A, up.weight, layer.scaling[name])
+        # PEFT's rule: the dropped input (and, for DoRA, a second base product) only for a real dropout module in
+        # training.
+        p = _dropout_p(layer, name) if layer.training else 0.0
+        adapters.append([A, up.weight, up.bias if layer.lora_bias[name] else None, layer.scaling[name], magnitude,
+                         norm, p])
+    return adapters
+
+
+def _adapters_forward(layer, cache: DoraCache, active: list, x, weight, bias, adapters: list, where: str,
+                      round_each: bool) -> torch.Tensor:
+    """``layer_forward``'s computation once the operands are gathered (rows of ``stacked_linear``'s adapters
+    without the seed)."""
+    if len(adapters) > 1:
+        ps = [a[6] for a in adapters]
+        seeds = draw_seeds(len(adapters), ps, layer.training).tolist() if any(ps) else [0] * len(adapters)
+        return stacked_linear(x, weight, bias, [(*a, seed) for a, seed in zip(adapters, seeds)], round_each)
+    A, B, _, scaling, magnitude, norm, p = adapters[0]
     return dora_linear(x, weight, bias, A, B, magnitude, scaling, p, training=layer.training, norm=norm,
-                       scale=cache.scale(name, magnitude, norm), where=where)
+                       scale=cache.scale(active[0], magnitude, norm), where=where)
 
 
 def clear_cache(layer) -> None:

@@ -105,7 +105,7 @@ class _FusedBnbLoraMixin:
         active = [name for name in self.active_adapters if name in self.lora_A]
         with_dora = bool(self.lora_variant) and any(name in self.lora_variant for name in active)
         if (args or kwargs or _has_hooks(base) or not is_bnb_quantized(base) or (with_dora and (
-                dora.unfused_variant_reason(self, active, quantized=True) or not dora.dora_call_ok(self, None, x)))):
+                dora.unfused_variant_reason(self, active) or not dora.dora_call_ok(self, None, x)))):
             return super().forward(x, *args, **kwargs)
         if self.disable_adapters:
             if self.merged:
@@ -122,7 +122,7 @@ class _FusedBnbLoraMixin:
             return _base_only(xc, qw, bias).to(x.dtype)
         if self.training and functional.capturing_cuda_graph(x) and _any_dropout(self, active):
             return super().forward(x, *args, **kwargs)  # torch's dropout is graph-safe, fastpeft's host seeds are not
-        if with_dora:  # a lone DoRA adapter (several run PEFT's forward over a quantized base)
+        if with_dora:
             return dora.layer_forward(self, xc, active, qw, bias, base.weight, layer_name(self)).to(x.dtype)
         return functional.lora_linear(xc, qw, bias, *adapter_arguments(self, active)).to(x.dtype)
 

@@ -85,7 +85,7 @@ def _why_not_fused(module) -> tuple[str, Optional[tuple]]:
         return "adapters merged into the base weight" + own_base, None
     if getattr(module, "lora_variant", None):
         active = [name for name in module.active_adapters if name in module.lora_A]
-        reason = dora.unfused_variant_reason(module, active, quantized=quantized)
+        reason = dora.unfused_variant_reason(module, active)
         if reason is not None:
             return reason, None
     if _layers._has_hooks(base):

@@ -24,6 +24,7 @@ from test_peft_parity import (
     compare_low_precision,
     fused_layers,
     randomize_magnitude,
+    trainable,
     twins,
 )
 from torch import nn
@@ -85,6 +86,43 @@ def backends_here():
     return names
 
 
+def check_every_route_pair(backend, x, W, b, A, B, m, s, p, floor=1e-6):
+    """``dora_linear`` in training on ``backend`` with each pinned pair of forward/backward routes against the spec fed
+    the same seed: y, dX, dA, dB and dm; all fp32 within ``FP32_TOL``, else the 2x rule against the spec in fp32
+    (plus ``floor``). Returns the spec's ``[y, dX, dA, dB, dm]``."""
+    lead, K, N = tuple(x.shape[:-1]), x.shape[-1], W.shape[0]
+    all_fp32 = all(t.dtype == torch.float32 for t in (x, A, B, m))
+
+    def spec(xx, AA, BB, mm, f32=False):
+        torch.manual_seed(3)
+        seed = int(draw_seeds(1, [p], True)[0]) if p > 0 else 0
+        cast = (lambda t: t.float()) if f32 else (lambda t: t)
+        y = reference.dora_linear(cast(xx).reshape(-1, K), cast(W), cast(b), cast(AA), cast(BB), cast(mm), s, p, seed)
+        return y.view(*lead, N)
+
+    expected = run_with_grads(spec, x, A, B, m)
+    expected32 = run_with_grads(lambda *t: spec(*t, f32=True), x, A, B, m)
+    set_backend(backend)
+    for fwd, bwd in ROUTE_PAIRS:
+        routing.set_route("dora_forward", fwd)
+        routing.set_route("dora_backward", bwd)
+
+        def fused(xx, AA, BB, mm):
+            torch.manual_seed(3)
+            return dora.dora_linear(xx, W, b, AA, BB, mm, s, p, training=True)
+
+        got = run_with_grads(fused, x, A, B, m)
+        assert routing.last_route("dora_forward") == fwd and routing.last_route("dora_backward") == bwd
+        for name, a, e, e32 in zip(("y", "dX", "dA", "dB", "dm"), got, expected, expected32):
+            label = f"{backend} {fwd}/{bwd} {name}"
+            assert a.dtype == e.dtype, f"{label}: dtype {a.dtype} != {e.dtype}"
+            if all_fp32:
+                assert_close(label, a, e, FP32_TOL)
+            else:
+                assert_within_2x(label, a.float(), e.float(), e32, floor)
+    return expected
+
+
 # (x dtype, adapter dtype, backends that run it): the Triton interpreter's tl.dot is wrong on bf16, fp16 stands in.
 DTYPE_CASES = [("fp32", "fp32", None), ("bf16", "bf16", ("reference", "cpu")), ("bf16", "fp32", ("reference", "cpu")),
                ("fp16", "fp16", ("triton",))]
@@ -106,38 +144,24 @@ def test_op_matches_spec_on_every_backend_and_route(clean_routes, backend, shape
     dtype, adapter_dtype = DT[xdt], DT[adt]
     x, W, b, A, B, m = op_case(lead, 37, 29, 3, dtype, adapter_dtype, transposed)
     s = 0.7
-
-    def spec(xx, AA, BB, mm, f32=False):
-        torch.manual_seed(3)
-        seed = int(draw_seeds(1, [p], True)[0]) if p > 0 else 0
-        cast = (lambda t: t.float()) if f32 else (lambda t: t)
-        x2 = cast(xx).reshape(-1, 37)
-        y = reference.dora_linear(x2, cast(W), cast(b), cast(AA), cast(BB), cast(mm), s, p, seed)
-        return y.view(*lead, 29)
-
-    expected = run_with_grads(spec, x, A, B, m)
-    expected32 = run_with_grads(lambda *t: spec(*t, f32=True), x, A, B, m)
-    set_backend(backend)
-    for fwd, bwd in ROUTE_PAIRS:
-        routing.set_route("dora_forward", fwd)
-        routing.set_route("dora_backward", bwd)
-
-        def fused(xx, AA, BB, mm):
-            torch.manual_seed(3)
-            return dora.dora_linear(xx, W, b, AA, BB, mm, s, p, training=True)
-
-        got = run_with_grads(fused, x, A, B, m)
-        assert routing.last_route("dora_forward") == fwd and routing.last_route("dora_backward") == bwd
-        for name, a, e, e32 in zip(("y", "dX", "dA", "dB", "dm"), got, expected, expected32):
-            label = f"{backend} {fwd}/{bwd} {name}"
-            assert a.dtype == e.dtype, f"{label}: dtype {a.dtype} != {e.dtype}"
-            if dtype == torch.float32 and adapter_dtype == torch.float32:
-                assert_close(label, a, e, FP32_TOL)
-            else:
-                assert_within_2x(label, a.float(), e.float(), e32, 1e-3)
+    expected = check_every_route_pair(backend, x, W, b, A, B, m, s, p, floor=1e-3)
     if p > 0:
         eval_out = dora.dora_linear(x, W, b, A, B, m, s, p, training=False)
         assert rel_err(eval_out.float(), expected[0].float()) > 1e-3, "dropout had no effect: test is vacuous"
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"drop{p}")
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_op_in_several_row_blocks_matches_spec(clean_routes, backend, p):
+    """bf16 x with fp32 adapters at M=300, K=N=1024, r=5: the epilogues and the compose route's widened GEMMs run
+    in row blocks (256 rows of a 1024-wide activation, a partial last one); y, dX, dA, dB and dm for each pinned
+    route pair by the 2x rule against the spec in fp32."""
+    if backend not in backends_here():
+        pytest.skip(f"backend {backend} unavailable: {availability(backend)[1]}")
+    M, K, N, s = 300, 1024, 1024, 0.7
+    assert dora._block_rows(torch.empty(M, K)) < M
+    x, W, b, A, B, m = op_case((M,), K, N, 5, torch.bfloat16, torch.float32, transposed=False, seed=4)
+    check_every_route_pair(backend, x, W, b, A, B, m, s, p)
 
 
 def test_norm_without_the_weight_matches_the_formed_weight():
@@ -239,20 +263,6 @@ def test_dora_beside_other_adapters_matches_peft(order):
     assert all(row.fused for row in fastpeft.report(fused).layers)
 
 
-def test_dora_beside_another_adapter_with_dropout_in_training_runs_peft_and_says_so():
-    plain = LoraConfig(r=2, lora_alpha=3, target_modules=["up"], init_lora_weights=False, lora_dropout=0.1)
-    _, fused = dora_twins(MLP, r=3, lora_alpha=5, target_modules=["up", "down"], extra_adapters=[("plain", plain)])
-    fused.base_model.set_adapter(["default", "plain"])
-    fused.train()
-    reasons = {row.name: row.reason for row in fastpeft.report(fused).layers}
-    assert any("with dropout in training is not fused" in reason for reason in reasons.values()), reasons
-    with CountFusedCalls() as counter:
-        fused(torch.randn(4, 23)).sum().backward()
-    assert counter.calls == 2  # the two 'down' layers hold the DoRA adapter alone; the 'up' layers run PEFT's
-    fused.eval()
-    assert all(row.fused for row in fastpeft.report(fused).layers)
-
-
 QUANT_CASES = [("nf4", torch.float32, 0.0), ("nf4", torch.bfloat16, 0.0), ("int8", torch.float32, 0.0),
                ("nf4", torch.float32, 0.1), ("nf4", torch.bfloat16, 0.1)]
 
@@ -306,21 +316,327 @@ def test_dora_over_bitsandbytes_matches_the_dequantized_spec(kind, dtype, p):
             assert_close(f"d{name}", param.grad.float(), leaves[name].grad, tol)
 
 
-def test_dora_beside_another_adapter_over_bitsandbytes_runs_peft_and_says_so():
-    pytest.importorskip("bitsandbytes")
-    from test_quant_layers import MLP as QuantMLP
-    from test_quant_layers import K, _mark_quantized
+# ------------------------------------------------- several adapters with dropout, over bitsandbytes, under autocast
+class PhiloxDropout(nn.Module):
+    """PEFT's dropout module replaced by fastpeft's mask for ``seed`` over the input flattened to ``(M, K)``, so that
+    PEFT's own layer code is the oracle in training with dropout (its ``nn.Dropout`` draws from another RNG)."""
 
-    model = _mark_quantized(QuantMLP("nf4", False, torch.float32), "nf4")
-    peft_model = get_peft_model(model, LoraConfig(r=3, target_modules=["up", "down"], use_dora=True))
-    peft_model.add_adapter("plain", LoraConfig(r=2, target_modules=["up"]))
-    peft_model.base_model.set_adapter(["default", "plain"])
-    fastpeft.accelerate(peft_model, strict=True)
-    reasons = [row.reason for row in fastpeft.report(peft_model).layers if not row.fused]
-    assert reasons == ["DoRA beside other active adapters over a quantized base is not fused"]
+    def __init__(self, p: float, seed: int):
+        super().__init__()
+        self.p, self.seed = p, seed
+
+    def forward(self, x):
+        return reference.apply_dropout(x.reshape(-1, x.shape[-1]), self.p, self.seed).view(x.shape)
+
+
+class TwoLinear(nn.Module):
+    """in=72 -> 40 -> 72: 'first' holds several adapters, 'second' a lone DoRA adapter."""
+
+    def __init__(self, k=72, n=40):
+        super().__init__()
+        self.first = nn.Linear(k, n)
+        self.second = nn.Linear(n, k)
+
+    def forward(self, x):
+        return self.second(torch.tanh(self.first(x)))
+
+
+SEVERAL_ORDERS = [("default", "plain", "dora2"), ("plain", "dora2", "default")]
+
+
+def add_several_adapters(model):
+    """DoRA ``default`` (r=3, dropout 0.1) on both layers; on 'first' also plain LoRA (r=8, dropout 0.2, lora_bias) and
+    DoRA ``dora2`` (r=8, no dropout: it scales the running sum in PEFT's loop)."""
+    model.add_adapter("plain", LoraConfig(r=8, lora_alpha=6, target_modules=["first"], init_lora_weights=False,
+                                          lora_dropout=0.2, lora_bias=True))
+    model.add_adapter("dora2", LoraConfig(r=8, lora_alpha=3, target_modules=["first"], init_lora_weights=False,
+                                          use_dora=True))
+    randomize_magnitude(model, seed=6)
+    return model
+
+
+def several_config():
+    return LoraConfig(r=3, lora_alpha=5, target_modules=["first", "second"], use_dora=True, init_lora_weights=False,
+                      lora_dropout=0.1)
+
+
+def build_several(seed=0):
+    torch.manual_seed(seed)
+    base = TwoLinear()
+    torch.manual_seed(seed + 1)
+    return add_several_adapters(get_peft_model(base, several_config()))
+
+
+def peft_layers(model):
+    return [module for module in model.modules() if hasattr(module, "lora_dropout") and hasattr(module, "lora_A")]
+
+
+def record_seeds(monkeypatch):
+    """The dropout seeds fastpeft's DoRA layers draw, one list per call, in call order."""
+    drawn = []
+    real = dora.draw_seeds
+
+    def recording(n, ps, training):
+        seeds = real(n, ps, training)
+        drawn.append([int(s) for s in seeds])
+        return seeds
+
+    monkeypatch.setattr(dora, "draw_seeds", recording)
+    return drawn
+
+
+def install_masks(model, drawn):
+    """Give each PEFT layer of ``model`` with an active dropout (forward order; only those draw) the masks fastpeft
+    drew for it: adapter ``i`` of the active ones gets seed ``i`` of the layer's draw; adapters without dropout keep
+    PEFT's ``nn.Identity``."""
+    def active_names(layer):
+        return [name for name in layer.active_adapters if name in layer.lora_A]
+
+    layers = [layer for layer in peft_layers(model)
+              if any(isinstance(layer.lora_dropout[name], nn.Dropout) for name in active_names(layer))]
+    assert len(drawn) == len(layers), f"{len(drawn)} seed draws for {len(layers)} layers with dropout"
+    for layer, seeds in zip(layers, drawn):
+        active = active_names(layer)
+        assert len(seeds) == len(active)
+        for name, seed in zip(active, seeds):
+            dropout = layer.lora_dropout[name]
+            if isinstance(dropout, nn.Dropout):
+                layer.lora_dropout[name] = PhiloxDropout(dropout.p, seed)
+
+
+def outputs_and_grads(model, x, upstream, context=None):
+    """``(y, {'input': dX, parameter: grad})`` of one forward/backward of ``model`` on ``x``."""
+    model.zero_grad(set_to_none=True)
+    xi = x.detach().clone().requires_grad_(True)
+    with context if context is not None else torch.autocast("cpu", enabled=False):
+        y = model(xi)
+    (y.float() * upstream).sum().backward()
+    return y.detach(), {"input": xi.grad, **{n: p.grad for n, p in trainable(model).items()}}
+
+
+def compare_by_dtype_rule(label, got, want, oracle=None):
+    """Output and every gradient: with no ``oracle`` (all fp32) within ``FP32_TOL`` of PEFT, else by the 2x rule
+    against the fp32 ``oracle`` with PEFT's low-precision run as the reference (and the low-precision floor the other
+    DoRA tests use)."""
+    (y, grads), (y_ref, ref_grads) = got, want
+    assert y.dtype == y_ref.dtype, f"{label}: dtype {y.dtype} != {y_ref.dtype}"
+    assert grads.keys() == ref_grads.keys()
+    assert any("lora_magnitude_vector" in name for name in grads) and any("lora_B.plain.bias" in n for n in grads)
+    y32, grads32 = oracle if oracle is not None else (None, {})
+    for name in ["y"] + list(grads):
+        a, e = (y, y_ref) if name == "y" else (grads[name], ref_grads[name])
+        assert a is not None and e is not None, f"{label} d{name}: missing gradient"
+        if oracle is None:
+            assert_close(f"{label} d{name}", a, e, FP32_TOL)
+        else:
+            e32 = y32 if name == "y" else grads32[name]
+            assert_within_2x(f"{label} d{name}", a.float(), e.float(), e32.float())
+
+
+def run_fused(fused, x, upstream, monkeypatch, backend, route=None, context=None):
+    """``(outputs_and_grads, seeds drawn)`` of ``fused`` (TwoLinear with DoRA) on ``backend`` with both DoRA ops
+    pinned to ``route`` (None: left to the route table), after checking that both layers ran fastpeft's path and the
+    pinned routes."""
+    set_backend(backend)
+    if route is not None:
+        routing.set_route("dora_forward", route)
+        routing.set_route("dora_backward", route)
+    drawn = record_seeds(monkeypatch)
+    torch.manual_seed(4)
     with CountFusedCalls() as counter:
-        peft_model(torch.randn(3, K))
-    assert counter.calls == 1  # 'down' holds the DoRA adapter alone
+        got = outputs_and_grads(fused, x, upstream, context)
+    assert counter.calls == 2, f"fused path ran {counter.calls} times, not once per layer"
+    if route is not None:
+        assert routing.last_route("dora_forward") == route and routing.last_route("dora_backward") == route
+    return got, drawn
+
+
+def data(seed):
+    """``(x, upstream)``: M=13 rows of 72 features and the upstream gradient of TwoLinear's output."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(13, 72, generator=g), torch.randn(13, 72, generator=g)
+
+
+def cast_bases(model, dtype):
+    for layer in peft_layers(model):
+        layer.base_layer.to(dtype)
+    return model
+
+
+SEVERAL_DTYPES = {"fp32": (torch.float32, False), "bf16-base": (torch.bfloat16, False),
+                  "bf16-all": (torch.bfloat16, True)}
+
+
+@pytest.mark.parametrize("order", SEVERAL_ORDERS, ids=["dora-first", "lora-first"])
+@pytest.mark.parametrize("dtype_id", list(SEVERAL_DTYPES))
+@pytest.mark.parametrize("route", ["compose", "fused"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_dora_beside_other_adapters_with_dropout_in_training_matches_peft(clean_routes, monkeypatch, backend, route,
+                                                                          dtype_id, order):
+    """Training with dropout on 'first' (DoRA 0.1, LoRA 0.2, DoRA without dropout) and on the lone DoRA 'second':
+    fastpeft's fused layers against PEFT's own layers fed the same Philox masks, M=13, y and every gradient (x, A, B,
+    lora_bias, magnitude); every pinned route, every backend here (bf16 not on Triton's interpreter)."""
+    if backend not in backends_here():
+        pytest.skip(f"backend {backend} unavailable: {availability(backend)[1]}")
+    dtype, all_low = SEVERAL_DTYPES[dtype_id]
+    if dtype != torch.float32 and backend == "triton":
+        pytest.skip("the Triton interpreter's bf16 tl.dot is wrong")
+    peft32 = build_several()
+    peft_lp = copy.deepcopy(peft32)
+    peft_lp = peft_lp.to(dtype) if all_low else cast_bases(peft_lp, dtype)
+    fused = copy.deepcopy(peft_lp)
+    fastpeft.accelerate(fused, strict=True)
+    for model in (peft32, peft_lp, fused):
+        model.base_model.set_adapter(list(order))
+        model.train()
+    assert all(row.fused for row in fastpeft.report(fused).layers), fastpeft.report(fused).layers
+    x, upstream = data(21)
+    got, drawn = run_fused(fused, x.to(dtype), upstream, monkeypatch, backend, route)
+    for model in (peft32, peft_lp):
+        install_masks(model, drawn)
+    want = outputs_and_grads(peft_lp, x.to(dtype), upstream)
+    oracle = outputs_and_grads(peft32, x, upstream) if dtype != torch.float32 else None
+    compare_by_dtype_rule(f"{backend} {route} {dtype_id}", got, want, oracle)
+    fused.eval()
+    with torch.no_grad():
+        assert rel_err(got[0].float(), fused(x.to(dtype)).float()) > 1e-2, "dropout had no effect: test is vacuous"
+
+
+def test_dora_beside_other_adapters_with_dropout_and_a_trainable_base_matches_peft(clean_routes, monkeypatch):
+    """With the base weights trainable the stacked path runs the spec's torch ops (dropout by the same Philox masks):
+    y and every gradient, the base's weights and biases included, equal PEFT's fed the same masks."""
+    peft_model = build_several()
+    fused = copy.deepcopy(peft_model)
+    fastpeft.accelerate(fused, strict=True)
+    for model in (peft_model, fused):
+        model.base_model.set_adapter(list(SEVERAL_ORDERS[0]))
+        model.train()
+        for layer in peft_layers(model):
+            layer.base_layer.requires_grad_(True)
+    x, upstream = data(24)
+    got, drawn = run_fused(fused, x, upstream, monkeypatch, "cpu" if "cpu" in backends_here() else "reference")
+    install_masks(peft_model, drawn)
+    want = outputs_and_grads(peft_model, x, upstream)
+    assert sum("base_layer" in name for name in want[1]) == 4
+    compare_by_dtype_rule("trainable base", got, want)
+
+
+def test_dora_beside_another_adapter_with_dropout_over_conv1d_matches_peft(clean_routes, monkeypatch):
+    """transformers' Conv1D (``fan_in_fan_out``, the weight a transposed view): DoRA and a LoRA adapter with dropout
+    on 'fc', DoRA alone on 'proj', in training; y and every gradient equal PEFT's fed the same masks."""
+    torch.manual_seed(0)
+    peft_model = get_peft_model(Conv1DMLP(), LoraConfig(r=3, lora_alpha=5, target_modules=["fc", "proj"],
+                                                        use_dora=True, init_lora_weights=False, lora_dropout=0.1,
+                                                        fan_in_fan_out=True))
+    peft_model.add_adapter("plain", LoraConfig(r=2, target_modules=["fc"], init_lora_weights=False, lora_dropout=0.2,
+                                               fan_in_fan_out=True, lora_bias=True))
+    randomize_magnitude(peft_model)
+    fused = copy.deepcopy(peft_model)
+    fastpeft.accelerate(fused, strict=True)
+    for model in (peft_model, fused):
+        model.base_model.set_adapter(["default", "plain"])
+        model.train()
+    g = torch.Generator().manual_seed(25)
+    x, upstream = torch.randn(2, 5, 19, generator=g), torch.randn(2, 5, 19, generator=g)
+    got, drawn = run_fused(fused, x, upstream, monkeypatch, "cpu" if "cpu" in backends_here() else "reference")
+    install_masks(peft_model, drawn)
+    compare_by_dtype_rule("conv1d", got, outputs_and_grads(peft_model, x, upstream))
+
+
+AUTOCAST_CASES = [("eval", False), ("train-drop", True)]
+
+
+@pytest.mark.parametrize("mode,training", AUTOCAST_CASES, ids=[c[0] for c in AUTOCAST_CASES])
+@pytest.mark.parametrize("route", ["compose", "fused"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_dora_under_autocast_matches_peft(clean_routes, monkeypatch, backend, route, mode, training):
+    """fp32 model under ``torch.autocast("cpu", dtype=torch.bfloat16)``, several adapters on 'first' and a lone DoRA
+    adapter on 'second': fastpeft fused, its output bf16 as PEFT's, and within 2x of PEFT-without-autocast (fp32) as
+    PEFT under autocast is, for y and every gradient; in eval and in training with dropout (the same masks)."""
+    if backend not in backends_here():
+        pytest.skip(f"backend {backend} unavailable: {availability(backend)[1]}")
+    peft32 = build_several()
+    peft_ac = copy.deepcopy(peft32)
+    fused = copy.deepcopy(peft32)
+    fastpeft.accelerate(fused, strict=True)
+    for model in (peft32, peft_ac, fused):
+        model.base_model.set_adapter(list(SEVERAL_ORDERS[0]))
+        model.train(training)
+    x, upstream = data(22)
+    got, drawn = run_fused(fused, x, upstream, monkeypatch, backend, route, torch.autocast("cpu", dtype=torch.bfloat16))
+    if training:
+        for model in (peft32, peft_ac):
+            install_masks(model, drawn)
+    want = outputs_and_grads(peft_ac, x, upstream, torch.autocast("cpu", dtype=torch.bfloat16))
+    assert want[0].dtype == torch.bfloat16
+    oracle = outputs_and_grads(peft32, x, upstream)
+    compare_by_dtype_rule(f"autocast {backend} {route} {mode}", got, want, oracle)
+
+
+BNB_SEVERAL = [("nf4", torch.float32, 0.1, False), ("nf4", torch.bfloat16, 0.1, False),
+               ("int8", torch.float32, 0.1, False), ("nf4", torch.float32, 0.0, False),
+               ("nf4", torch.float32, 0.1, True), ("int8", torch.float32, 0.0, True)]
+
+
+def quantized_two_linear(kind, dtype):
+    """``(model, decoded)``: TwoLinear with bitsandbytes bases (72 -> 40 -> 72: 4-bit blocks of 64 straddle rows) and
+    its fp32 twin over the weights decoded by the tests' own oracle (bitsandbytes' CPU matmul is no oracle)."""
+    from test_quant_layers import _dense, _mark_quantized, _quant_linear
+
+    g = torch.Generator().manual_seed(0)
+    model, decoded = TwoLinear(), TwoLinear()
+    for name, (n, k) in (("first", (40, 72)), ("second", (72, 40))):
+        w, b = torch.randn(n, k, generator=g) * 0.1, torch.randn(n, generator=g) * 0.1
+        layer = _quant_linear(w, b, kind, False, dtype)
+        dense = getattr(decoded, name)
+        with torch.no_grad():
+            dense.weight.copy_(_dense(layer))
+            dense.bias.copy_(layer.bias.float())
+        setattr(model, name, layer)
+    return _mark_quantized(model, kind), decoded
+
+
+@pytest.mark.parametrize("kind,dtype,p,autocast", BNB_SEVERAL,
+                         ids=[f"{k}-{str(d).split('.')[-1]}-drop{p}" + ("-autocast" if a else "")
+                              for k, d, p, a in BNB_SEVERAL])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_several_dora_adapters_over_bitsandbytes_match_peft_on_the_decoded_weights(clean_routes, monkeypatch, backend,
+                                                                                   kind, dtype, p, autocast):
+    """PEFT's bnb layers with two DoRA adapters and a LoRA one on 'first', a lone DoRA adapter on 'second', fused,
+    in training (dropout fed the same masks): y and every gradient against PEFT's dense layers over the decoded
+    weights; fp32 within ``FP32_TOL``, bf16 by the 2x rule against them in fp32 (PEFT's dense layers over bf16 bases,
+    or under the same ``torch.autocast("cpu", bfloat16)``, as the reference)."""
+    pytest.importorskip("bitsandbytes")
+    if backend not in backends_here():
+        pytest.skip(f"backend {backend} unavailable: {availability(backend)[1]}")
+    qmodel, decoded = quantized_two_linear(kind, dtype)
+    config = several_config()
+    config.lora_dropout = p
+    torch.manual_seed(1)
+    fused = add_several_adapters(get_peft_model(qmodel, config))
+    fastpeft.accelerate(fused, strict=True)
+    peft32 = add_several_adapters(get_peft_model(decoded, copy.deepcopy(config)))
+    adapter_state = {k: v for k, v in fused.state_dict().items() if "lora_" in k}
+    assert all(v.dtype == torch.float32 for v in adapter_state.values())
+    missing = peft32.load_state_dict(adapter_state, strict=False)
+    assert not missing.unexpected_keys
+    low = dtype != torch.float32 or autocast
+    peft_lp = cast_bases(copy.deepcopy(peft32), dtype) if low else peft32
+    for model in (peft32, peft_lp, fused):
+        model.base_model.set_adapter(list(SEVERAL_ORDERS[0]))
+        model.train()
+    assert all(row.fused for row in fastpeft.report(fused).layers), fastpeft.report(fused).layers
+    x, upstream = data(23)
+    context = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else (lambda: None)
+    got, drawn = run_fused(fused, x.to(dtype), upstream, monkeypatch, backend, context=context())
+    for model in {id(peft32): peft32, id(peft_lp): peft_lp}.values():
+        install_masks(model, drawn)
+    want = outputs_and_grads(peft_lp, x.to(dtype), upstream, context())
+    if autocast:  # PEFT's bnb layers return x's dtype under autocast (bitsandbytes casts back), its dense ones bf16
+        assert got[0].dtype == x.dtype
+        want = (want[0].to(x.dtype), want[1])
+    oracle = outputs_and_grads(peft32, x, upstream) if low else None
+    compare_by_dtype_rule(f"{kind} {backend}", got, want, oracle)
 
 
 def test_dora_on_a_quantized_base_under_peft_generic_layer_stays_peft_and_says_why():
@@ -379,6 +695,7 @@ class RecordSizes(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.largest = 0
+        self.sizes = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -388,7 +705,12 @@ class RecordSizes(TorchDispatchMode):
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in existing:
                 self.largest = max(self.largest, t.numel())
+                self.sizes.append(t.numel())
         return out
+
+    def at_least(self, elements: int) -> int:
+        """How many allocated tensors had at least ``elements`` elements."""
+        return sum(size >= elements for size in self.sizes)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"drop{p}")
@@ -416,25 +738,141 @@ def test_no_n_by_k_tensor_per_call_and_peft_as_control(clean_routes, route, p):
             assert rec.largest < N * K, f"fastpeft formed a tensor of {rec.largest} elements (N x K = {N * K})"
 
 
-def test_no_n_by_k_tensor_beside_another_adapter():
-    """DoRA beside a plain adapter (no dropout): the stacked path forms no N x K tensor either; PEFT does."""
+def several_on_one_linear(K, N, p, build=None, quantized_kind=None):
+    """PEFT model over one linear layer (``build()``, default ``nn.Linear(K, N)``; marked as loaded in
+    ``quantized_kind`` so PEFT builds its bitsandbytes layers) holding DoRA ``default``, plain LoRA ``plain`` and DoRA
+    ``dora2``, all active, each with dropout ``p``; in training mode."""
+    from test_quant_layers import _mark_quantized
+
+    torch.manual_seed(0)
+    base = nn.Sequential(build() if build is not None else nn.Linear(K, N))
+    if quantized_kind is not None:
+        _mark_quantized(base, quantized_kind)
+    model = get_peft_model(base,
+                           LoraConfig(r=3, target_modules=["0"], use_dora=True, init_lora_weights=False,
+                                      lora_dropout=p))
+    model.add_adapter("plain", LoraConfig(r=2, target_modules=["0"], init_lora_weights=False, lora_dropout=p))
+    model.add_adapter("dora2", LoraConfig(r=4, target_modules=["0"], init_lora_weights=False, use_dora=True,
+                                          lora_dropout=p))
+    model.base_model.set_adapter(["default", "plain", "dora2"])
+    return model.train()
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"drop{p}")
+def test_no_n_by_k_tensor_beside_other_adapters(p):
+    """DoRA beside other adapters, in training, with and without dropout: the stacked path (products on dropped inputs
+    included) forms no N x K tensor, forward or backward; PEFT does."""
     N, K = 29, 37
-    models = []
-    for _ in range(2):
-        model = get_peft_model(nn.Sequential(nn.Linear(K, N)),
-                               LoraConfig(r=3, target_modules=["0"], use_dora=True, init_lora_weights=False))
-        model.add_adapter("plain", LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
-        model.base_model.set_adapter(["default", "plain"])
-        models.append(model)
+    models = [several_on_one_linear(K, N, p) for _ in range(2)]
     fastpeft.accelerate(models[1])
     x = torch.randn(5, K, requires_grad=True)
     largest = []
     for model in models:
-        with RecordSizes() as rec:
+        with CountFusedCalls() as counter, RecordSizes() as rec:
             model(x).sum().backward()
+        assert counter.calls == (1 if model is models[1] else 0)
         largest.append(rec.largest)
     assert largest[0] >= N * K, "control: PEFT's DoRA formed no N x K weight, so the check proves nothing"
     assert largest[1] < N * K, f"fastpeft formed a tensor of {largest[1]} elements (N x K = {N * K})"
+
+
+def test_no_n_by_k_tensor_per_call_for_several_dora_adapters_over_bitsandbytes(clean_routes, monkeypatch):
+    """Several DoRA adapters over an nf4 base, in training with dropout, on the CPU backend with every op on its
+    ``fused`` route (the quantized weight decoded tile by tile inside the products; K=4096 makes a tile, 2**18
+    elements, a quarter of the weight): after the first call (which decodes the weight once for the cached
+    ``||W_j||^2``) a call, forward and backward, allocates nothing N x K; PEFT's forward dequantizes and forms
+    ``W + s B A`` every call."""
+    pytest.importorskip("bitsandbytes")
+    if "cpu" not in backends_here():
+        pytest.skip(f"backend cpu unavailable: {availability('cpu')[1]}")
+    from test_quant_layers import _quant_linear
+
+    monkeypatch.setenv("FASTPEFT_ROUTE", "fused")
+    N, K = 256, 4096
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(N, K, generator=g) * 0.1, torch.randn(N, generator=g) * 0.1
+    models = [several_on_one_linear(K, N, 0.1, build=lambda: _quant_linear(w, b, "nf4", False, torch.float32),
+                                    quantized_kind="nf4") for _ in range(2)]
+    assert type(models[0].base_model.model[0]).__module__ == "peft.tuners.lora.bnb"
+    set_backend("cpu")
+    fastpeft.accelerate(models[1], strict=True)
+    x = torch.randn(5, K, requires_grad=True)
+    models[1](x).sum().backward()  # the first call: cached norms, the backend's decode buffer
+    with CountFusedCalls() as counter, RecordSizes() as rec:
+        models[1](x).sum().backward()
+    assert counter.calls == 1
+    assert rec.largest < N * K, f"fastpeft formed a tensor of {rec.largest} elements (N x K = {N * K})"
+    with torch.no_grad(), RecordSizes() as control:
+        models[0](x)
+    assert control.largest >= N * K, "control: PEFT's DoRA formed no N x K weight, so the check proves nothing"
+
+
+@pytest.mark.parametrize("route", ["compose", "fused"])
+@pytest.mark.parametrize("adapters", ["lone", "several"])
+def test_no_n_by_k_tensor_under_autocast_beyond_the_base_layers_own_cast(monkeypatch, adapters, route):
+    """Under ``torch.autocast("cpu", bfloat16)`` the frozen base layer itself casts its weight (one N x K tensor per
+    call, what ``F.linear`` does under autocast). fastpeft's DoRA layer, in training with dropout, allocates no more
+    N x K tensors than that, forward and backward; PEFT's allocates more (it forms ``W + s B A``). Every op is pinned
+    to ``route``: the backend's LoRA op also has bf16 routes that widen the weight to fp32 (``compose_fp32``,
+    ``fused_fp32``), a LoRA speed choice of their own."""
+    monkeypatch.setenv("FASTPEFT_ROUTE", route)
+    N, K = 29, 37
+    if adapters == "several":
+        models = [several_on_one_linear(K, N, 0.1) for _ in range(2)]
+    else:
+        models = [get_peft_model(nn.Sequential(nn.Linear(K, N)),
+                                 LoraConfig(r=3, target_modules=["0"], use_dora=True, init_lora_weights=False,
+                                            lora_dropout=0.1)).train() for _ in range(2)]
+    fastpeft.accelerate(models[1])
+    x = torch.randn(5, K, requires_grad=True)
+    counts = []
+    for module in (models[0].base_model.model[0].base_layer, models[0], models[1]):
+        with CountFusedCalls() as counter, RecordSizes() as rec:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = module(x)
+            y.float().sum().backward()
+        assert counter.calls == (1 if module is models[1] else 0)
+        counts.append(rec.at_least(N * K))
+    base, peft_count, fast = counts
+    assert base >= 1, "control: the base layer under autocast cast no weight, so the bound proves nothing"
+    assert peft_count > base, "control: PEFT's DoRA formed no N x K weight, so the check proves nothing"
+    assert fast <= base, f"fastpeft allocated {fast} N x K tensors, the base layer alone {base}"
+
+
+def fp32_allocations_of_at_least(elements: int, fn) -> int:
+    """How many fp32-sized buffers of ``elements`` or more the CPU allocator handed out while ``fn()`` ran (torch's
+    profiler memory events: they include the temporaries torch's kernels allocate internally, which a dispatch mode
+    does not see)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(event.cpu_memory_usage >= 4 * elements for event in prof.events()
+               if event.name in ("aten::empty", "aten::empty_strided"))
+
+
+def test_bf16_epilogues_are_exact_and_form_no_fp32_m_by_n_temporary():
+    """The DoRA epilogues on bf16 ``(M, N)`` tensors, M=300 (a partial last block): ``c * z (+ b)``, ``L + (c - 1) z``
+    and ``c * dY`` equal torch's fp32 expression rounded once, bit for bit, and ``sum_m dY z`` equals the fp32 sum;
+    none allocates an fp32 tensor of M x N elements, where the plain expressions (the control) allocate several."""
+    g = torch.Generator().manual_seed(0)
+    M, N = 300, 2048
+    z, L, dy = (torch.randn(M, N, generator=g).bfloat16() for _ in range(3))
+    scale, bias = torch.rand(N, generator=g) + 0.5, torch.randn(N, generator=g)
+    bf16 = torch.bfloat16
+    cases = {
+        "c z": (lambda: dora._scaled(z, scale, bf16), lambda: torch.mul(z, scale).to(bf16)),
+        "c z + b": (lambda: dora._scaled(z, scale, bf16, bias), lambda: torch.addcmul(bias, z, scale).to(bf16)),
+        "L + (c - 1) z": (lambda: dora._scaled(z, scale - 1, bf16, L), lambda: torch.addcmul(L, z, scale - 1).to(bf16)),
+    }
+    for name, (fused, plain) in cases.items():
+        assert torch.equal(fused(), plain()), name
+        assert fp32_allocations_of_at_least(M * N, plain) >= 1, f"control {name}: the check proves nothing"
+        assert fp32_allocations_of_at_least(M * N, fused) == 0, name
+    plain_dots = lambda: torch.mul(dy.float(), z).sum(0)  # noqa: E731
+    assert_close("sum dY z", dora._column_dots(dy, z), plain_dots(), 1e-6)
+    assert fp32_allocations_of_at_least(M * N, plain_dots) >= 2
+    assert fp32_allocations_of_at_least(M * N, lambda: dora._column_dots(dy, z)) == 0
 
 
 # -------------------------------------------------------------------------------------------------- caching
@@ -478,6 +916,23 @@ def test_norm_and_scale_are_cached_and_recomputed_when_a_tensor_changes(monkeypa
     assert calls == {"norm": 4, "weight_sq": 3}
     with torch.inference_mode():
         assert_close("inference_mode", fused(x), peft_model(x), FP32_TOL)
+
+
+@pytest.mark.parametrize("adapters", ["lone", "several"])
+def test_training_after_an_inference_mode_call_matches_peft(adapters):
+    """Norms cached under ``torch.inference_mode`` are inference tensors, which autograd cannot save: a training call
+    afterwards (evaluation in the middle of training) recomputes them and gives PEFT's outputs and gradients."""
+    extra = [("plain", LoraConfig(r=2, lora_alpha=3, target_modules=["up"], init_lora_weights=False))]
+    peft_model, fused = dora_twins(MLP, r=3, lora_alpha=5, target_modules=["up", "down"],
+                                   extra_adapters=extra if adapters == "several" else ())
+    if adapters == "several":
+        for model in (peft_model, fused):
+            model.base_model.set_adapter(["default", "plain"])
+    x = torch.randn(4, 23)
+    fused.eval()
+    with torch.inference_mode():
+        assert_close("inference_mode", fused(x), peft_model.eval()(x), FP32_TOL)
+    compare_forward_backward(peft_model, fused, lambda: x, label=f"after inference_mode ({adapters})")
 
 
 def test_cached_scale_follows_a_recomputed_norm_even_at_a_reused_address():

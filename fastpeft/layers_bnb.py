@@ -39,8 +39,10 @@ from .layers import (
     _has_hooks,
     adapter_arguments,
     check_input,
+    direct_base_layer,
     layer_name,
     mixed_batch_forward,
+    parameter,
 )
 from .quant import QuantizedWeight, is_bnb_quantized
 
@@ -101,8 +103,9 @@ class _FusedBnbLoraMixin:
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if kwargs.get("adapter_names") is not None:  # the base layer's own (quantized) forward, adapters fused
             return mixed_batch_forward(self, x, args, kwargs, super().forward)
-        base = self.get_base_layer()
-        active = [name for name in self.active_adapters if name in self.lora_A]
+        base = direct_base_layer(self)
+        downs = self._modules["lora_A"]._modules
+        active = [name for name in self.active_adapters if name in downs]
         with_dora = bool(self.lora_variant) and any(name in self.lora_variant for name in active)
         if (args or kwargs or _has_hooks(base) or not is_bnb_quantized(base) or (with_dora and (
                 dora.unfused_variant_reason(self, active) or not dora.dora_call_ok(self, None, x)))):
@@ -116,15 +119,19 @@ class _FusedBnbLoraMixin:
         qw = QuantizedWeight.from_bnb_linear(base)
         check_input(self, x, qw, self.in_features)
         dtype = compute_dtype(base, x)
-        xc = x.to(dtype)
-        bias = base.bias.to(dtype) if base.bias is not None else None
+        xc = x if x.dtype == dtype else x.to(dtype)  # (a no-op .to still costs a dispatch: this runs per token)
+        bias = parameter(base, "bias")
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
         if not active:
-            return _base_only(xc, qw, bias).to(x.dtype)
-        if self.training and functional.capturing_cuda_graph(x) and _any_dropout(self, active):
+            y = _base_only(xc, qw, bias)
+        elif self.training and functional.capturing_cuda_graph(x) and _any_dropout(self, active):
             return super().forward(x, *args, **kwargs)  # torch's dropout is graph-safe, fastpeft's host seeds are not
-        if with_dora:
-            return dora.layer_forward(self, xc, active, qw, bias, base.weight, layer_name(self)).to(x.dtype)
-        return functional.lora_linear(xc, qw, bias, *adapter_arguments(self, active)).to(x.dtype)
+        elif with_dora:
+            y = dora.layer_forward(self, xc, active, qw, bias, base.weight, layer_name(self))
+        else:
+            y = functional.lora_linear(xc, qw, bias, *adapter_arguments(self, active))
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 class _FusedBnbIA3Mixin:

@@ -41,7 +41,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import MAX_FUSED_R, UNMEASURED_SMALL_M, dot_precision, dropout_keep, exact_fp32, launch_gemm, next_pow2
+from ._common import (
+    MAX_FUSED_R,
+    UNMEASURED_SMALL_M,
+    dot_precision,
+    dropout_keep,
+    exact_fp32,
+    launch,
+    launch_gemm,
+    next_pow2,
+)
 
 # ------------------------------------------------------------------------------------------------------ kernels
 
@@ -182,9 +191,11 @@ def down_proj(a: torch.Tensor, dn: torch.Tensor, seed: int = 0, p: float = 0.0) 
     bm, bk, warps, stages = small_tile("down_proj", dn.dtype)
     br = min(next_pow2(R), 64)
     grid = (triton.cdiv(M, bm), triton.cdiv(R, br))
-    _down_proj_kernel[grid](a, dn, out, M, K, R, int(seed), float(p), a.stride(0), a.stride(1), dn.stride(0),
-                            dn.stride(1), out.stride(0), out.stride(1), DROP=p > 0, INPUT_PRECISION=dot_precision(),
-                            BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, num_warps=warps, num_stages=stages)
+    launch(_down_proj_kernel, grid,
+           (a, dn, out, M, K, R, int(seed), float(p), a.stride(0), a.stride(1), dn.stride(0), dn.stride(1),
+            out.stride(0), out.stride(1)),
+           dict(DROP=p > 0, INPUT_PRECISION=dot_precision(), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, num_warps=warps,
+                num_stages=stages))
     return out
 
 
@@ -199,11 +210,12 @@ def lowrank_update(base: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor, rsc
     out = base if out is None else out
     bm, bn, warps, stages = small_tile("lowrank_update", rhs.dtype)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    _lowrank_update_kernel[grid](
-        base, lhs, rhs, rscale, vbias if vbias is not None else rscale, out, M, N, R, int(seed), float(p),
-        base.stride(0), base.stride(1), lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1),
-        out.stride(0), out.stride(1), HAS_VBIAS=vbias is not None, DROP=p > 0, INPUT_PRECISION=dot_precision(),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=32, num_warps=warps, num_stages=stages)
+    launch(_lowrank_update_kernel, grid,
+           (base, lhs, rhs, rscale, vbias if vbias is not None else rscale, out, M, N, R, int(seed), float(p),
+            base.stride(0), base.stride(1), lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1),
+            out.stride(0), out.stride(1)),
+           dict(HAS_VBIAS=vbias is not None, DROP=p > 0, INPUT_PRECISION=dot_precision(), BLOCK_M=bm, BLOCK_N=bn,
+                BLOCK_R=32, num_warps=warps, num_stages=stages))
     return out
 
 
@@ -217,9 +229,11 @@ def grad_a(g: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, seed: int = 0, 
     bm, bk, warps, stages = small_tile("grad_a", dtype)
     br = min(next_pow2(R), 64)
     grid = (triton.cdiv(K, bk), triton.cdiv(R, br))
-    _grad_a_kernel[grid](g, x, out, M, K, R, int(seed), float(p), g.stride(0), g.stride(1), x.stride(0),
-                         x.stride(1), out.stride(0), out.stride(1), DROP=p > 0, INPUT_PRECISION=dot_precision(),
-                         BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, num_warps=warps, num_stages=stages)
+    launch(_grad_a_kernel, grid,
+           (g, x, out, M, K, R, int(seed), float(p), g.stride(0), g.stride(1), x.stride(0), x.stride(1),
+            out.stride(0), out.stride(1)),
+           dict(DROP=p > 0, INPUT_PRECISION=dot_precision(), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, num_warps=warps,
+                num_stages=stages))
     return out
 
 

@@ -42,6 +42,7 @@ from ._common import (
     exact_fp32,
     grouped_tile,
     interpreting,
+    launch,
     next_pow2,
 )
 
@@ -184,6 +185,14 @@ def _autotuned(arch: int, dtype: torch.dtype):
                      _AUTOTUNE_KEY, k_name="BLOCK_C")
 
 
+def gpu_tiles(arch: int, named: dict) -> list[dict]:
+    """What a GPU launch of ``_quant_gemm_kernel`` (arguments by name: ``named``) runs on ``arch`` in place of the
+    interpreter's stand-ins: every autotune config, and the activations' own dtype for the dots (the interpreter
+    widens bf16, see ``dot_dtype``). For a launch recorder."""
+    dtype = named["a_ptr"].dtype
+    return [dict(quant_config_kwargs(c, dtype), DOT_DTYPE=TL_DTYPES[dtype]) for c in quant_configs(arch, dtype)]
+
+
 def _weight_args(qw):
     """Pointer and scalar arguments describing a ``QuantizedWeight``; unused pointers get a valid dummy."""
     dummy = qw.absmax
@@ -248,9 +257,9 @@ def quant_matmul(a: torch.Tensor, qw, *, transpose: bool = False, bias=None, vin
     if config is not None:
         kw = quant_config_kwargs(config, a.dtype)
         grid = (triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(n_out, kw["BLOCK_N"]),)
-        _quant_gemm_kernel[grid](*args, **flags, **kw)
+        launch(_quant_gemm_kernel, grid, args, {**flags, **kw}, gpu_tiles if config is INTERPRET_CONFIG else None)
         return out
     kernel = _autotuned(arch_of(a.device), a.dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
-    kernel[grid](*args, **flags)
+    launch(kernel, grid, args, flags, gpu_tiles)
     return out

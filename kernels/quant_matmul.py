@@ -193,7 +193,7 @@ def gpu_tiles(arch: int, named: dict) -> list[dict]:
     return [dict(quant_config_kwargs(c, dtype), DOT_DTYPE=TL_DTYPES[dtype]) for c in quant_configs(arch, dtype)]
 
 
-def _weight_args(qw):
+def weight_args(qw):
     """Pointer and scalar arguments describing a ``QuantizedWeight``; unused pointers get a valid dummy."""
     dummy = qw.absmax
     is_int8 = qw.kind == "int8"
@@ -231,7 +231,7 @@ def quant_matmul(a: torch.Tensor, qw, *, transpose: bool = False, bias=None, vin
     out = torch.empty((M, n_out), dtype=out_dtype or a.dtype, device=a.device)
     if M == 0 or n_out == 0:
         return out
-    ptrs, scalars, (swn, swk), is_int8 = _weight_args(qw)
+    ptrs, scalars, (swn, swk), is_int8 = weight_args(qw)
     RP = pre.shape[1] if pre is not None else 0
     args = (
         a, *ptrs,

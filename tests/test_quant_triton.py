@@ -132,9 +132,32 @@ def _lora_case(q, dtype, ranks=(4, 3), p=(0.0, 0.25), lora_bias=(False, True)):
     return x, As, Bs, bs, [0.5, 2.0], list(p), [11, 12]
 
 
+_QUANT_OPS = ("lora_forward", "lora_backward", "ia3_forward", "ia3_backward")
+
+
+@pytest.fixture(params=["fused", "compose"])
+def route(request):
+    """Pins the quantized ops to one route: ``fused`` (decoded in the K loop) or ``compose`` (decoded once into the
+    reused buffer, then torch's matmul)."""
+    from fastpeft import routing
+
+    for op in _QUANT_OPS:
+        routing.set_route(op, request.param)
+    yield request.param
+    for op in _QUANT_OPS:
+        routing.set_route(op, None)
+
+
+def _ran(route: str, *ops: str) -> None:
+    from fastpeft import routing
+
+    for op in ops:
+        assert routing.last_route(op) == route, (op, routing.last_route(op))
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
-def test_backend_lora_matches_reference(qm, kind, dtype):
+def test_backend_lora_matches_reference(qm, route, kind, dtype):
     from fastpeft.backends.triton import quantized as triton_quant
 
     dt = DTYPES[dtype]
@@ -156,11 +179,12 @@ def test_backend_lora_matches_reference(qm, kind, dtype):
     for name, a, b in zip(("dA", "dB", "dbias"), got[1:], ref[1:]):
         for i in range(2):
             assert_close(f"{name}{i}", a[i], b[i], TOL[dt])
+    _ran(route, "lora_forward", "lora_backward")
 
 
 @pytest.mark.parametrize("feedforward", [False, True], ids=["ff=F", "ff=T"])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-def test_backend_ia3_matches_reference(qm, feedforward, dtype):
+def test_backend_ia3_matches_reference(qm, route, feedforward, dtype):
     from fastpeft.backends.triton import quantized as triton_quant
 
     dt = DTYPES[dtype]
@@ -175,6 +199,117 @@ def test_backend_ia3_matches_reference(qm, feedforward, dtype):
     dx_ref, dl_ref = REF.ia3_backward(gy, x, q, bias, scale, feedforward, True)
     assert_close("dx", dx, dx_ref, TOL[dt])
     assert_close("dscale", dl, dl_ref, TOL[dt])
+    _ran(route, "ia3_forward", "ia3_backward")
+
+
+# ------------------------------------------------------------------------------------ dequantize into a buffer
+def _packed_weight(kind, nested, blocksize, N, K, wdtype, seed=0):
+    """``(QuantizedWeight, oracle)``: the weight and its decoding by the tests' own decoder (tests/quant_oracle.py),
+    never bitsandbytes' CPU kernels."""
+    from quant_oracle import dequantize_4bit
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * 0.2
+    if kind == "int8":
+        cb, scb, _ = bnb.functional.int8_vectorwise_quant(w.half())
+        q = QuantizedWeight(kind="int8", shape=(N, K), dtype=torch.float32, data=cb, absmax=scb)
+        return q, cb.float() * scb.float()[:, None] / 127
+    packed, state = bnb.functional.quantize_4bit(w.to(wdtype), blocksize=blocksize, compress_statistics=nested,
+                                                 quant_type=kind)
+    return QuantizedWeight.from_quant_state(packed, state), dequantize_4bit(packed, state)
+
+
+DEQUANT_WEIGHTS = [
+    pytest.param("nf4", True, 64, 40, 64, id="nf4-nested=T-bs64"),
+    pytest.param("nf4", False, 64, 24, 80, id="nf4-bs64-K80"),  # blocks straddle rows (K % blocksize != 0)
+    pytest.param("fp4", True, 128, 33, 96, id="fp4-nested=T-bs128-N33"),
+    pytest.param("int8", False, 0, 40, 72, id="int8"),
+]
+
+
+def _dequant_module(interpret: bool):
+    """``fastpeft.kernels.dequant`` decorated in the wanted mode (its tile decoder lives in quant_matmul)."""
+    _kernels(interpret)
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from fastpeft.kernels import dequant
+
+    if isinstance(dequant._dequant_kernel, InterpretedFunction) != interpret:
+        dequant = importlib.reload(sys.modules["fastpeft.kernels.dequant"])
+    return dequant
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("kind,nested,blocksize,N,K", DEQUANT_WEIGHTS)
+def test_dequantize_matches_the_oracle(qm, kind, nested, blocksize, N, K, dtype):
+    """The dequantizing kernel writes the oracle's decoding, rounded to the weight's dtype and then to the compute
+    dtype (as the K-loop kernel rounds it), into a caller's buffer: bit for bit, except int8 (fp32 roundoff of
+    q * SCB / 127) and casts to bf16, which the 3.9 interpreter does not round to nearest even (an ulp off; fp16
+    weights for that reason, as in test_quant_matmul_weight_dtype_rounding)."""
+    dequant = _dequant_module(True)
+    dt = DTYPES[dtype]
+    for wdtype in ((torch.float32,) if kind == "int8" else (torch.float16, torch.float32)):
+        q, expected = _packed_weight(kind, nested, blocksize, N, K, wdtype)
+        expected = expected.to(q.dtype).to(dt)
+        out = torch.full((N, K + 3), float("nan"), dtype=dt)[:, :K]  # a strided view: only (N, K) is written
+        got = dequant.dequantize(q, dt, out=out)
+        assert got.data_ptr() == out.data_ptr()
+        if kind == "int8" or dt == torch.bfloat16:
+            torch.testing.assert_close(got.float(), expected.float(), rtol=2**-7 if dt == torch.bfloat16 else 2e-7,
+                                       atol=0)
+        else:
+            assert torch.equal(got, expected), (got.float() - expected.float()).abs().max()
+
+
+def test_compose_route_reuses_one_buffer_per_dtype(qm):
+    from fastpeft.backends.triton import quantized as triton_quant
+
+    _dequant_module(True)
+    triton_quant._buffers.clear()
+    small, _ = _packed_weight("nf4", True, 64, 16, 64, torch.float32)
+    large, oracle = _packed_weight("nf4", True, 64, 40, 64, torch.float32, seed=1)
+    first = triton_quant.dense_weight(large, torch.float16)
+    ptr = first.data_ptr()
+    assert torch.equal(first, oracle.to(torch.float16))
+    again = triton_quant.dense_weight(small, torch.float16)
+    assert again.data_ptr() == ptr and again.shape == (16, 64), "a smaller weight reuses the buffer"
+    assert len(triton_quant._buffers) == 1
+    triton_quant.dense_weight(small, torch.float32)
+    assert len(triton_quant._buffers) == 2, "one buffer per compute dtype"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_compose_route_on_gpu_matches_reference(kind):
+    """On a CUDA device: the compiled dequantizing kernel writes the oracle's decoding, and the compose route (that
+    buffer times x by cuBLAS) matches the reference backend, forward and backward, bf16 activations."""
+    from fastpeft import routing
+    from fastpeft.backends.triton import quantized as triton_quant
+
+    dequant = _dequant_module(False)
+    dt = torch.bfloat16
+    q, oracle = _packed_weight(kind, True, 64, 256, 512, torch.bfloat16)
+    qc = q.to("cuda")
+    got = dequant.dequantize(qc, dt)
+    assert torch.equal(got.cpu(), oracle.to(q.dtype).to(dt))
+    x = torch.randn(300, 512, device="cuda", dtype=dt)
+    As = [torch.randn(16, 512, device="cuda") * 0.1]
+    Bs = [torch.randn(256, 16, device="cuda") * 0.1]
+    args = (As, Bs, [None], [0.5], [0.0], [7])
+    for op in _QUANT_OPS:
+        routing.set_route(op, "compose")
+    try:
+        y, xa = triton_quant.lora_forward(x, qc, None, *args)
+        y_ref, _ = REF.lora_forward(x.float(), qc, None, *args)
+        assert_close("y", y, y_ref, TOL[dt])
+        gy = torch.randn_like(y)
+        dx = triton_quant.lora_backward(gy, x, qc, As, Bs, xa, [0.5], [0.0], [7], True, True)[0]
+        dx_ref = REF.lora_backward(gy.float(), x.float(), qc, As, Bs, xa, [0.5], [0.0], [7], True, True)[0]
+        assert_close("dx", dx, dx_ref, TOL[dt])
+        _ran("compose", "lora_forward", "lora_backward")
+    finally:
+        for op in _QUANT_OPS:
+            routing.set_route(op, None)
 
 
 def test_supports():

@@ -71,7 +71,7 @@ class Spec:
         flags = [k for k, v in self.constexprs if v is True and k != "STORE_OUT"]
         if self.const("STORE_OUT") is False:
             flags.append("no STORE_OUT")
-        if self.short == "quant_gemm":
+        if self.short in ("quant_gemm", "dequant"):
             flags.insert(0, f"W={self.const('W_DTYPE')[3:]}")
         return f"{self.short}[{','.join(flags)}]" if flags else self.short
 
@@ -94,7 +94,7 @@ class Spec:
             return f"/{self.const('BLOCK_RP')}" if self.const("HAS_PRE") else "-"
         if self.short == "lowrank_update":
             return f"/{self.const('BLOCK_R')}"
-        return str(self.const("BLOCK_R"))
+        return str(self.const("BLOCK_R", "-"))
 
     @property
     def tile(self) -> str:
@@ -151,6 +151,7 @@ _DTYPE_ARGS = {
     "grad_a": lambda s: ("x_ptr", "out_ptr"),
     "mixed_shrink": lambda s: ("x_ptr", "a_ptr"),
     "mixed_expand": lambda s: ("y_ptr", "bt_ptr"),
+    "dequant": lambda s: ("out_ptr", None),
 }
 # Per kernel: the pointers (or dtype constexprs, upper case) whose element types its tl.dot operands take, read from
 # the kernels' code: the fused GEMM's main dot is on a and b (one dtype), its low-rank dots on the adapters' dtype;
@@ -164,6 +165,7 @@ _DOT_ARGS = {
     "grad_a": lambda s: ["out_ptr"],
     "mixed_shrink": lambda s: ["a_ptr"],
     "mixed_expand": lambda s: ["bt_ptr"],
+    "dequant": lambda s: [],
 }
 
 

@@ -9,7 +9,8 @@ The cases: the triton backend's LoRA forward and backward with every route pinne
 ``split_gemm``, ``fused_gemm``), ranks 8, 16 and 64 and two adapters of ranks 8 and 16, adapters in the base's dtype
 and fp32 adapters over bf16 and fp16 bases, dropout 0 and 0.1, M = 37 (not a multiple of 16) and M = 1 (decode);
 IA3 forward and backward (feedforward or not) on both routes; the quantized half (NF4 with and without double
-quantization, FP4, int8) for LoRA with and without dropout and for IA3; the mixed-adapter shrink and expand kernels.
+quantization and with blocks of 32, int8) on both of its routes (decoded in the K loop, or once into a buffer) for
+LoRA with and without dropout and for IA3; the mixed-adapter shrink and expand kernels.
 K and N are multiples of 16, as a transformer's are. The backend's interpreter-only widening of bf16 operands is
 switched off, so bf16 launches are recorded as a GPU runs them.
 """
@@ -108,11 +109,13 @@ def _quantized_weights(dtype, g):
 QUANT_DTYPE_PAIRS = [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.float32)]
 
 
-def _quantized_cases(g):
+def _quantized_cases(routing, g):
     from fastpeft.backends.triton import quantized
 
     quantized.USE_LORA_KERNELS = True  # the CUDA route of dropout: fastpeft.kernels.lora's masked kernels
-    for dt, adt in QUANT_DTYPE_PAIRS:
+    for (dt, adt), route in itertools.product(QUANT_DTYPE_PAIRS, quantized.ROUTES):
+        for op in ("lora_forward", "lora_backward", "ia3_forward", "ia3_backward"):
+            routing.set_route(op, route)
         for qw in _quantized_weights(dt, g):
             for M, ranks, p, backward in _lora_calls(dt, adt, ranks=[(8,), (16,)]):
                 x = torch.randn(M, K, generator=g).to(dt)
@@ -163,7 +166,7 @@ def record(path: str) -> int:
         backend = triton_backend.BACKEND
         _lora_cases(backend, routing, g)
         _ia3_cases(backend, routing, g)
-        _quantized_cases(g)
+        _quantized_cases(routing, g)
         _mixed_cases(g)
     finally:
         _common.RECORDER = None

@@ -110,6 +110,31 @@ def test_recorder_is_off_by_default_and_records_autotuned_launches_per_config():
         assert len(drop) == 1, drop
 
 
+def test_recorder_binds_a_launch_as_the_jit_does():
+    """A launch of one row, K = 40 and rank 8 records ``M`` and the unit strides as the constant 1, ``K`` and the
+    row strides without 16-divisibility, the seed unspecialized (``do_not_specialize``, even at 16), pointer dtypes,
+    and the launcher's warps and stages; with ``run=False`` the kernel itself is skipped."""
+    import torch
+
+    from fastpeft.kernels import _common, lora
+
+    recorder = cc.LaunchRecorder(archs=(90,), run=False)
+    _common.RECORDER = recorder
+    try:
+        out = lora.down_proj(torch.randn(1, 40), torch.randn(8, 40).t(), seed=16, p=0.1)
+    finally:
+        _common.RECORDER = None
+    assert out.shape == (1, 8)
+    (spec,) = recorder.specs
+    signature = dict(spec.signature)
+    assert spec.kernel == "fastpeft.kernels.lora:_down_proj_kernel" and spec.arch == 90
+    assert set(spec.ones) == {"M", "stride_ak", "stride_dk", "stride_or"}, spec.ones
+    assert signature["M"] == "constexpr" and signature["seed"] == "i32" and signature["a_ptr"] == "*fp32"
+    assert {"K", "stride_am", "seed"}.isdisjoint(spec.divisible) and "a_ptr" in spec.divisible
+    assert (spec.const("DROP"), spec.const("BLOCK_R")) == (True, 16)
+    assert (spec.num_warps, spec.num_stages) == lora.EXACT_FP32_SMALL_TILE[2:]
+
+
 def test_fp32_dots_are_exact_unless_torch_allows_tf32(monkeypatch):
     """Every ``tl.dot`` in the kernels takes the launch's ``INPUT_PRECISION``; it is exact fp32 (``"ieee"``, FMA
     code on the small exact-fp32 tiles) unless torch's own matmul is allowed TF32, so an fp32 LoRA on a GPU means

@@ -247,7 +247,8 @@ def _spec_of(row: dict) -> Spec:
 def record(timeout: float = 900) -> list[Spec]:
     """Every spec the launchers give, by ``record_launches`` in a child process under the interpreter, sorted by
     target and kernel."""
-    env = dict(os.environ, TRITON_INTERPRET="1", FASTPEFT_ROUTE_CACHE="off")
+    # PYTHONSAFEPATH: the repo's kernels/ folder must not shadow Hugging Face's `kernels`, which bitsandbytes imports
+    env = dict(os.environ, TRITON_INTERPRET="1", FASTPEFT_ROUTE_CACHE="off", PYTHONSAFEPATH="1")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "specs.json")
         proc = subprocess.run([sys.executable, "-m", "fastpeft.kernels.record_launches", out], env=env,

@@ -71,11 +71,13 @@ ROUTES: dict[str, dict[str, str]] = {
                         "low-rank passes around it (dropout drawn in registers, the update added in place)",
     },
     "lora_backward": {
-        "compose": "dY W by the vendor GEMM in dY's dtype; dY B, dY^T h, g A and g^T x by vendor GEMMs in the "
-                   "adapter's dtype; the masked dX/dA pass (C++ on the CPU, a Triton kernel on a GPU) when p > 0",
+        "compose": "dY W by the vendor GEMM in dY's dtype (a quantized weight decoded into a reused buffer first); "
+                   "dY B, dY^T h, g A and g^T x by vendor GEMMs in the adapter's dtype; the masked dX/dA pass (C++ on "
+                   "the CPU, a Triton kernel on a GPU) when p > 0",
         "compose_fp32": "compose in fp32 (dY, W widened transiently)",
         "fused": "one C++ pass over dY (dY B, dB, the bias gradient), the vendor GEMM for dY W, one C++ pass over x "
-                 "and dX (dA, dropout regenerated)",
+                 "and dX (dA, dropout regenerated); on the triton backend, a quantized weight decoded tile by tile "
+                 "inside dY W",
         "fused_fp32": "fused with dY W widened to fp32",
         "small": "one C++ call for the whole fp32 single-adapter backward",
         "passes": "Triton: dY W by the vendor GEMM, G = dY B by the down-projection kernel, the masked G A by the "

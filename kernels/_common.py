@@ -219,6 +219,26 @@ def _fused_gemm_kernel(
                  mask=mask_mn)
 
 
+# ---------------------------------------------------------------------------------------------------- launching
+# While set, a callable ``(kernel, args, kwargs, gpu_tiles) -> bool`` shown every launch before it runs
+# (``fastpeft.kernels.compile_check.LaunchRecorder``): the compile checks compile the specializations of the launches
+# that really run. None by default, so a launch pays one None check for it.
+RECORDER = None
+
+
+def launch(kernel, grid, args: tuple, kwargs: dict, gpu_tiles=None) -> None:
+    """``kernel[grid](*args, **kwargs)`` (``kernel`` a ``@triton.jit`` function or its autotuner), shown to
+    ``RECORDER`` first when one is set; the launch is skipped when the recorder returns False (a recording run
+    wants the specializations, not the numbers).
+
+    ``gpu_tiles(arch, named)`` (called by a recorder only; ``named``: the arguments by name): the keyword arguments
+    that replace this launch's tile on a GPU of ``arch``, one dict per autotune config, where this launch runs the
+    interpreter's stand-in tile (or is autotuned: then ``kwargs`` has no tile)."""
+    if RECORDER is not None and not RECORDER(kernel, args, kwargs, gpu_tiles):
+        return
+    kernel[grid](*args, **kwargs)
+
+
 # ------------------------------------------------------------------------------------------------------ configs
 # (BLOCK_M, BLOCK_N, BLOCK_K for 16-bit inputs, num_warps, num_stages); fp32 inputs halve BLOCK_K so that the
 # pipelined tiles take the same shared memory. Chosen to fit 163 KB (sm_80) / 227 KB (sm_90) with the fused
@@ -237,13 +257,23 @@ GROUP_M = 8
 # a second pass over X, beyond it the separate down-projection kernel wins (and registers run out).
 MAX_FUSED_R = 64
 INTERPRET_CONFIG = (32, 32, 32, 4, 1)
+
+
+class _FixedStandIn(tuple):
+    """A tile config with ``INTERPRET_CONFIG``'s values that stands, under the interpreter, for the first config of
+    the GPU's table (``gpu_config``) rather than for the autotuner's pick: a distinct object, so a launch recorder
+    can tell the two apart."""
+
+
+INTERPRET_FIXED_CONFIG = _FixedStandIn(INTERPRET_CONFIG)
 # Where routes are not measured (direct kernel calls, the interpreter), calls with fewer rows than this take the
 # torch-GEMM modes: a tile of BLOCK_M >= 64 rows would be mostly padding.
 UNMEASURED_SMALL_M = 64
 # Launches with exact fp32 dots (``exact_fp32``): FMA code holds its operands and accumulators in each thread's
 # registers, and of the tiles tried (64x64 with 8 warps, 32x64, 64x32, 32x32) only 32x32 compiles without stack for
-# every variant with the fused rank-64 down-projection on sm_80 and sm_90.
-EXACT_FP32_CONFIGS = {80: [(32, 32, 32, 4, 2)], 90: [(32, 32, 32, 4, 2)]}
+# every variant with the fused rank-64 down-projection on sm_80 and sm_90. On sm_90 the in-loop dropout variant at
+# rank 8 (strides not multiples of 16) kept a value on an 8-byte stack at 2 stages and none at 3.
+EXACT_FP32_CONFIGS = {80: [(32, 32, 32, 4, 2)], 90: [(32, 32, 32, 4, 3)]}
 
 
 def gemm_configs(arch: int, exact: bool) -> list:
@@ -253,6 +283,11 @@ def gemm_configs(arch: int, exact: bool) -> list:
 
 def block_k(config, dtype: torch.dtype) -> int:
     return config[2] // 2 if dtype == torch.float32 else config[2]
+
+
+def pruned(configs: list, keep) -> list:
+    """The configs for which ``keep(config)`` holds, or the last one if none does (the autotuner needs one)."""
+    return [c for c in configs if keep(c)] or configs[-1:]
 
 
 def config_kwargs(config, dtype: torch.dtype, k_name: str = "BLOCK_K") -> dict:
@@ -277,8 +312,7 @@ def autotuned(kernel, configs_by_arch: dict, arch: int, fp32: bool, key: list, k
     prune = None
     if allowed is not None:
         def early_prune(configs, named_args, **flags):
-            kept = [c for c in configs if allowed(arch, table[id(c)], flags)]
-            return kept or configs[-1:]
+            return pruned(configs, lambda c: allowed(arch, table[id(c)], flags))
 
         prune = {"early_config_prune": early_prune}
     return triton.autotune(configs=configs, key=key, prune_configs_by=prune)(kernel)
@@ -323,6 +357,30 @@ def arch_of(device: torch.device) -> int:
     """80 for Ampere and Ada, 90 for Hopper and newer (config table row)."""
     major, _ = torch.cuda.get_device_capability(device)
     return 90 if major >= 9 else 80
+
+
+def _gemm_dot_dtypes(named: dict) -> list:
+    """The dtypes of the dot operands of a fused-GEMM launch whose arguments by name are ``named``."""
+    dtypes = [named["a_ptr"].dtype]
+    if named["FUSE_DOWN"]:
+        dtypes += [named["dn_ptr"].dtype, named["up_ptr"].dtype]
+    if named["HAS_PRE"]:
+        dtypes.append(named["upre_ptr"].dtype)
+    return dtypes
+
+
+def gemm_gpu_tiles(arch: int, named: dict) -> list[dict]:
+    """The tiles an autotuned fused-GEMM launch (arguments by name: ``named``) may run on ``arch``: the configs the
+    autotuner keeps for its flags, as keyword arguments (a launch recorder compiles each)."""
+    a_dtype = named["a_ptr"].dtype
+    configs = gemm_configs(arch, exact_fp32(*_gemm_dot_dtypes(named)))
+    return [config_kwargs(c, a_dtype) for c in pruned(configs, lambda c: config_allowed(arch, c, named))]
+
+
+def gemm_first_gpu_tile(arch: int, named: dict) -> list[dict]:
+    """The tile ``gpu_config`` gives a fused-GEMM launch on ``arch``: the first config of its table."""
+    a_dtype = named["a_ptr"].dtype
+    return [config_kwargs(gemm_configs(arch, exact_fp32(*_gemm_dot_dtypes(named)))[0], a_dtype)]
 
 
 def _strides2(t, swap=False):
@@ -373,12 +431,15 @@ def launch_gemm(a, b, out, *, bias=None, dn=None, up=None, rscale=None, down=Non
     if config is not None:
         kw = config_kwargs(config, a.dtype)
         grid = (triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(N, kw["BLOCK_N"]),)
-        _fused_gemm_kernel[grid](*args, **flags, **kw)
+        # the interpreter's stand-in tiles are recorded as the tiles a GPU would run there
+        tiles = gemm_gpu_tiles if config is INTERPRET_CONFIG else (
+            gemm_first_gpu_tile if config is INTERPRET_FIXED_CONFIG else None)
+        launch(_fused_gemm_kernel, grid, args, {**flags, **kw}, tiles)
         return kw["BLOCK_M"]
     exact = exact_fp32(a.dtype, *(t.dtype for t in (dn, up, upre) if t is not None))
     kernel = _autotuned(arch_of(a.device), a.dtype == torch.float32, exact)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    kernel[grid](*args, **flags)
+    launch(kernel, grid, args, flags, gemm_gpu_tiles)
     return None
 
 
@@ -386,5 +447,5 @@ def gpu_config(a: torch.Tensor, *dtypes: torch.dtype):
     """A fixed config for launches whose output size depends on BLOCK_M (the COLSUM partials); ``dtypes``: the
     other dot operands' dtypes besides ``a``'s."""
     if interpreting() or a.device.type != "cuda":
-        return INTERPRET_CONFIG
+        return INTERPRET_FIXED_CONFIG
     return gemm_configs(arch_of(a.device), exact_fp32(a.dtype, *dtypes))[0]

@@ -41,7 +41,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import MAX_FUSED_R, UNMEASURED_SMALL_M, dot_precision, dropout_keep, exact_fp32, launch_gemm, next_pow2
+from ._common import (
+    MAX_FUSED_R,
+    UNMEASURED_SMALL_M,
+    dot_precision,
+    dropout_keep,
+    exact_fp32,
+    launch,
+    launch_gemm,
+    next_pow2,
+)
 
 # ------------------------------------------------------------------------------------------------------ kernels
 
@@ -154,14 +163,17 @@ def _grad_a_kernel(
              mask=mask_r[:, None] & mask_k[None, :])
 
 
-# Fixed tiles for the small kernels (memory-bound or low-rank; not autotuned). (BLOCK_M, BLOCK_K/N, num_warps)
-SMALL_KERNEL_TILES = {"down_proj": (64, 64, 4), "lowrank_update": (64, 64, 4), "grad_a": (64, 64, 4)}
-# With exact fp32 dots (FMA code, see ``_common.EXACT_FP32_CONFIGS``) 64-wide tiles spill in down_proj and grad_a.
-EXACT_FP32_SMALL_TILE = (32, 32, 4)
+# Fixed tiles for the small kernels (memory-bound or low-rank; not autotuned): (BLOCK_M, BLOCK_K/N, num_warps,
+# num_stages). Three stages are Triton's default, which these launches always ran with.
+SMALL_KERNEL_TILES = {"down_proj": (64, 64, 4, 3), "lowrank_update": (64, 64, 4, 3), "grad_a": (64, 64, 4, 3)}
+# With exact fp32 dots (FMA code, see ``_common.EXACT_FP32_CONFIGS``) 64-wide tiles spill in down_proj and grad_a,
+# and on sm_90 the dropout grad_a kept a value on an 8-byte stack at 3 stages (none at 2).
+EXACT_FP32_SMALL_TILE = (32, 32, 4, 2)
 
 
-def small_tile(kernel: str, dot_dtype: torch.dtype) -> tuple[int, int, int]:
-    """``(BLOCK_M, BLOCK_K or BLOCK_N, num_warps)`` of a small kernel whose dots run on ``dot_dtype`` operands."""
+def small_tile(kernel: str, dot_dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_K or BLOCK_N, num_warps, num_stages)`` of a small kernel whose dots run on ``dot_dtype``
+    operands."""
     return EXACT_FP32_SMALL_TILE if exact_fp32(dot_dtype) else SMALL_KERNEL_TILES[kernel]
 
 
@@ -176,12 +188,14 @@ def down_proj(a: torch.Tensor, dn: torch.Tensor, seed: int = 0, p: float = 0.0) 
     out = torch.empty((M, R), device=a.device, dtype=torch.float32)
     if M == 0 or R == 0:
         return out
-    bm, bk, warps = small_tile("down_proj", dn.dtype)
+    bm, bk, warps, stages = small_tile("down_proj", dn.dtype)
     br = min(next_pow2(R), 64)
     grid = (triton.cdiv(M, bm), triton.cdiv(R, br))
-    _down_proj_kernel[grid](a, dn, out, M, K, R, int(seed), float(p), a.stride(0), a.stride(1), dn.stride(0),
-                            dn.stride(1), out.stride(0), out.stride(1), DROP=p > 0, INPUT_PRECISION=dot_precision(),
-                            BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, num_warps=warps)
+    launch(_down_proj_kernel, grid,
+           (a, dn, out, M, K, R, int(seed), float(p), a.stride(0), a.stride(1), dn.stride(0), dn.stride(1),
+            out.stride(0), out.stride(1)),
+           dict(DROP=p > 0, INPUT_PRECISION=dot_precision(), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, num_warps=warps,
+                num_stages=stages))
     return out
 
 
@@ -194,13 +208,14 @@ def lowrank_update(base: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor, rsc
     M, N = base.shape
     R = lhs.shape[1]
     out = base if out is None else out
-    bm, bn, warps = small_tile("lowrank_update", rhs.dtype)
+    bm, bn, warps, stages = small_tile("lowrank_update", rhs.dtype)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    _lowrank_update_kernel[grid](
-        base, lhs, rhs, rscale, vbias if vbias is not None else rscale, out, M, N, R, int(seed), float(p),
-        base.stride(0), base.stride(1), lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1),
-        out.stride(0), out.stride(1), HAS_VBIAS=vbias is not None, DROP=p > 0, INPUT_PRECISION=dot_precision(),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=32, num_warps=warps)
+    launch(_lowrank_update_kernel, grid,
+           (base, lhs, rhs, rscale, vbias if vbias is not None else rscale, out, M, N, R, int(seed), float(p),
+            base.stride(0), base.stride(1), lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1),
+            out.stride(0), out.stride(1)),
+           dict(HAS_VBIAS=vbias is not None, DROP=p > 0, INPUT_PRECISION=dot_precision(), BLOCK_M=bm, BLOCK_N=bn,
+                BLOCK_R=32, num_warps=warps, num_stages=stages))
     return out
 
 
@@ -211,12 +226,14 @@ def grad_a(g: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, seed: int = 0, 
     out = torch.empty((R, K), device=x.device, dtype=dtype)
     if M == 0:
         return out.zero_()
-    bm, bk, warps = small_tile("grad_a", dtype)
+    bm, bk, warps, stages = small_tile("grad_a", dtype)
     br = min(next_pow2(R), 64)
     grid = (triton.cdiv(K, bk), triton.cdiv(R, br))
-    _grad_a_kernel[grid](g, x, out, M, K, R, int(seed), float(p), g.stride(0), g.stride(1), x.stride(0),
-                         x.stride(1), out.stride(0), out.stride(1), DROP=p > 0, INPUT_PRECISION=dot_precision(),
-                         BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, num_warps=warps)
+    launch(_grad_a_kernel, grid,
+           (g, x, out, M, K, R, int(seed), float(p), g.stride(0), g.stride(1), x.stride(0), x.stride(1),
+            out.stride(0), out.stride(1)),
+           dict(DROP=p > 0, INPUT_PRECISION=dot_precision(), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, num_warps=warps,
+                num_stages=stages))
     return out
 
 

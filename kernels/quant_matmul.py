@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    EXACT_FP32_CONFIGS,
     INTERPRET_CONFIG,
     TL_DTYPES,
     add_low_rank_product,
@@ -38,8 +39,10 @@ from ._common import (
     config_kwargs,
     dot_dtype,
     dot_precision,
+    exact_fp32,
     grouped_tile,
     interpreting,
+    launch,
     next_pow2,
 )
 
@@ -145,14 +148,25 @@ def _quant_gemm_kernel(
 
 # ------------------------------------------------------------------------------------------------------ configs
 # (BLOCK_M, BLOCK_N, BLOCK_C, num_warps, num_stages). The dequantized tile is built in registers from gathers
-# (packed byte, code, absmax, nested absmax), which costs registers: 8 warps over a 64 x 128 tile and 2 stages keep
-# both orientations at <= 182 registers with no stack on sm_80 and sm_90, where 4 warps or 3 stages spilled
-# (tests/test_quant_triton.py compiles them and checks tensor-core instructions, spills, shared memory).
+# (packed byte, code, absmax, nested absmax), which costs registers. 8 warps over a 64 x 128 tile and 2 stages keep
+# both orientations at <= 182 registers with no stack on sm_90. On sm_80, where ptxas held these launches to 128
+# registers, 64 x 128 x 32 (2 or 3 stages) and 128 x 64 kept 8-24 bytes of stack in the transposed (dX) and
+# double-quantized launches, and 64 x 64 x 32 with 4 warps in the int8 dX and nested forward. A 16-deep C step with
+# 3 stages on the 64 x 128 tile, and 8 warps on the 64 x 64 one, compile without stack for every recorded launch
+# (tests/test_triton_compile.py compiles them and checks tensor-core instructions, spills, shared memory).
 QUANT_CONFIGS = {
-    80: [(64, 128, 32, 8, 2), (64, 64, 32, 4, 2)],
+    80: [(64, 128, 16, 8, 3), (64, 64, 32, 8, 2)],
     90: [(64, 128, 64, 8, 2), (64, 64, 32, 4, 2)],
 }
 BLOCK_RP = 16
+
+
+def quant_configs(arch: int, dtype: torch.dtype) -> list:
+    """The autotune configs for activations of ``dtype`` on ``arch``. fp32 activations dot in exact fp32 unless
+    torch allows TF32 (``_common.exact_fp32``): FMA code, whose operand tiles live in each thread's registers, so
+    they take the fused GEMM's small exact-fp32 tiles (at 64 x 128 with 8 warps sm_90 compiled them to 255 registers
+    and 392-440 bytes of stack)."""
+    return EXACT_FP32_CONFIGS[arch] if exact_fp32(dtype) else QUANT_CONFIGS[arch]
 
 
 def quant_config_kwargs(config, dtype: torch.dtype) -> dict:
@@ -166,11 +180,20 @@ _AUTOTUNE_KEY = [  # M bucketed, as the fused GEMM's
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned(arch: int, fp32: bool):
-    return autotuned(_quant_gemm_kernel, QUANT_CONFIGS, arch, fp32, _AUTOTUNE_KEY, k_name="BLOCK_C")
+def _autotuned(arch: int, dtype: torch.dtype):
+    return autotuned(_quant_gemm_kernel, {arch: quant_configs(arch, dtype)}, arch, dtype == torch.float32,
+                     _AUTOTUNE_KEY, k_name="BLOCK_C")
 
 
-def _weight_args(qw):
+def gpu_tiles(arch: int, named: dict) -> list[dict]:
+    """What a GPU launch of ``_quant_gemm_kernel`` (arguments by name: ``named``) runs on ``arch`` in place of the
+    interpreter's stand-ins: every autotune config, and the activations' own dtype for the dots (the interpreter
+    widens bf16, see ``dot_dtype``). For a launch recorder."""
+    dtype = named["a_ptr"].dtype
+    return [dict(quant_config_kwargs(c, dtype), DOT_DTYPE=TL_DTYPES[dtype]) for c in quant_configs(arch, dtype)]
+
+
+def weight_args(qw):
     """Pointer and scalar arguments describing a ``QuantizedWeight``; unused pointers get a valid dummy."""
     dummy = qw.absmax
     is_int8 = qw.kind == "int8"
@@ -208,7 +231,7 @@ def quant_matmul(a: torch.Tensor, qw, *, transpose: bool = False, bias=None, vin
     out = torch.empty((M, n_out), dtype=out_dtype or a.dtype, device=a.device)
     if M == 0 or n_out == 0:
         return out
-    ptrs, scalars, (swn, swk), is_int8 = _weight_args(qw)
+    ptrs, scalars, (swn, swk), is_int8 = weight_args(qw)
     RP = pre.shape[1] if pre is not None else 0
     args = (
         a, *ptrs,
@@ -234,9 +257,9 @@ def quant_matmul(a: torch.Tensor, qw, *, transpose: bool = False, bias=None, vin
     if config is not None:
         kw = quant_config_kwargs(config, a.dtype)
         grid = (triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(n_out, kw["BLOCK_N"]),)
-        _quant_gemm_kernel[grid](*args, **flags, **kw)
+        launch(_quant_gemm_kernel, grid, args, {**flags, **kw}, gpu_tiles if config is INTERPRET_CONFIG else None)
         return out
-    kernel = _autotuned(arch_of(a.device), a.dtype == torch.float32)
+    kernel = _autotuned(arch_of(a.device), a.dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
-    kernel[grid](*args, **flags)
+    launch(kernel, grid, args, flags, gpu_tiles)
     return out

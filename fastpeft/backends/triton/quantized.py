@@ -2,9 +2,16 @@
 
 ``fastpeft.backends.triton`` delegates here when ``weight`` is a ``QuantizedWeight``. Signatures and semantics are
 the contract's (``fastpeft.backends.base``). The two large products, ``X deq(W)^T`` in forward and ``dY deq(W)`` in
-backward, run in ``fastpeft.kernels.quant_matmul``, which dequantizes inside the K loop; the rank-``r`` pieces are
-small torch matmuls and the LoRA up-projection rides in the kernel's epilogue (``pre @ upre``), so ``y`` and ``dx``
-are written once. A dense copy of the weight is never made.
+backward, run by one of two routes (``fastpeft.routing``), timed on a GPU like every route:
+
+- ``fused``: ``fastpeft.kernels.quant_matmul`` dequantizes inside the K loop and the LoRA up-projection rides in its
+  epilogue (``pre @ upre``), so ``y`` and ``dx`` are written once and a dense copy of the weight is never made.
+- ``compose``: ``fastpeft.kernels.dequant`` decodes the weight once per call into a buffer of the activations' dtype
+  that is reused by every call of that dtype and device (grown to the largest weight), then the vendor GEMM (cuBLAS)
+  multiplies and the epilogue terms are added in fp32 and rounded once. It wins where the product is compute-bound.
+
+Under Triton's interpreter, where timings mean nothing, ``fused`` runs unless a route is pinned. The rank-``r``
+pieces are small torch matmuls in both.
 
 Dropout masks come from ``fastpeft._philox`` (the canonical mask), regenerated in backward from the seed.
 """
@@ -15,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from ... import routing as routes
 from ..._philox import dropout_keep_mask
 from ...quant import QuantizedWeight
 from ...reference import adapter_inputs
@@ -57,6 +65,60 @@ def supports(x: torch.Tensor, weight) -> bool:
     return x.device.type == "cpu" and _kernels().interpreting()
 
 
+# The routes of the quantized ops (fastpeft.routing.ROUTES): decode tile by tile inside the product, or once into a
+# reused buffer for the vendor GEMM.
+ROUTES = ("fused", "compose")
+_buffers: dict = {}  # (device, dtype) -> flat buffer holding the latest decoded weight of that dtype
+
+
+def dense_weight(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """``deq(W)`` as an ``(N, K)`` view of the reused ``(device, dtype)`` buffer (grown when a larger weight comes).
+
+    The view is valid until the next call for the same device and dtype: the ops here use it at once, on the
+    current stream, and never keep it."""
+    from ...kernels import dequant
+
+    N, K = weight.shape
+    key = (weight.data.device, dtype)
+    buf = _buffers.get(key)
+    if buf is None or buf.numel() < N * K:
+        buf = _buffers[key] = torch.empty(N * K, dtype=dtype, device=weight.data.device)
+    return dequant.dequantize(weight, dtype, out=buf[: N * K].view(N, K))
+
+
+def _product(route: str, a: torch.Tensor, weight: QuantizedWeight, *, transpose: bool = False, bias=None, vin=None,
+             vout=None, pre=None, upre=None, out_dtype=None) -> torch.Tensor:
+    """``fastpeft.kernels.quant_matmul.quant_matmul``'s product and epilogue (same arguments and meaning) by
+    ``route``: that kernel (``"fused"``), or the decoded weight in the reused buffer times ``a`` by the vendor GEMM in
+    ``a``'s dtype, the epilogue terms added in fp32 and the result rounded once (``"compose"``)."""
+    if route == "fused":
+        return _kernels().quant_matmul(a, weight, transpose=transpose, bias=bias, vin=vin, vout=vout, pre=pre,
+                                       upre=upre, out_dtype=out_dtype)
+    out_dtype = out_dtype or a.dtype
+    if vin is not None:  # PEFT rounds (x * l) to l's dtype, then to x's dtype, before the base matmul
+        a = (a.float() * vin.float()).to(vin.dtype).to(a.dtype)
+    W = dense_weight(weight, a.dtype)
+    base = a @ (W if transpose else W.t())
+    if pre is None and bias is None and vout is None:
+        return base if base.dtype == out_dtype else base.to(out_dtype)
+    acc = base.float()
+    if pre is not None:
+        acc.addmm_(pre.float(), upre.float())
+    if bias is not None:
+        acc += bias.float()
+    if vout is not None:  # PEFT: z = base(x) in x's dtype, then (z * l) cast back to z's dtype
+        acc = acc.to(out_dtype).float() * vout.float()
+    return acc.to(out_dtype)
+
+
+def _routed(op: str, x: torch.Tensor, weight: QuantizedWeight, lora_A, dropout_p, grads: str, run):
+    """``run(route)`` by the route ``fastpeft.routing`` takes for this call (``fused`` unmeasured off a GPU)."""
+    key = routes.key_of_call(op, "triton", weight.kind, x, weight, lora_A, dropout_p, grads)
+    candidates = {route: (lambda route=route: run(route)) for route in ROUTES}
+    unmeasured = None if x.device.type == "cuda" else "fused"
+    return routes.run(key, candidates, x.device.type, unmeasured=unmeasured)
+
+
 def _keep_scale(seed: int, rows: int, cols: int, p: float, dtype, device) -> Optional[torch.Tensor]:
     if p <= 0:
         return None
@@ -65,7 +127,11 @@ def _keep_scale(seed: int, rows: int, cols: int, p: float, dtype, device) -> Opt
 
 def lora_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
     """``y = x deq(W)^T + b + sum_i s_i (drop_i(x_i) A_i^T B_i^T + b_i)`` and ``xa[i]`` (see the contract)."""
-    qm = _kernels()
+    return _routed("lora_forward", x, weight, lora_A, dropout_p, "", lambda route: _lora_forward(
+        route, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds))
+
+
+def _lora_forward(route, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
     xa, pre, upre = [], [], []
     extra_bias = None
     lk = _lora_kernels(x) if any(p > 0 for p in dropout_p) else None
@@ -92,15 +158,21 @@ def lora_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p,
         # fp16/bf16 activations: the epilogue's (M, R) x (R, N) product runs in x's dtype on tensor cores
         if x.dtype != torch.float32:
             upre_t = upre_t.to(x.dtype)
-        y = qm.quant_matmul(x, weight, bias=fused_bias, pre=pre_t, upre=upre_t)
+        y = _product(route, x, weight, bias=fused_bias, pre=pre_t, upre=upre_t)
     else:
-        y = qm.quant_matmul(x, weight, bias=fused_bias)
+        y = _product(route, x, weight, bias=fused_bias)
     return y, xa
 
 
 def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A):
     """``(dx, dA, dB, dbias)``; ``dx = dY deq(W) + sum_i (g_i A_i) * mask_i / (1 - p_i)`` with ``g_i = s_i dY B_i``."""
-    qm = _kernels()
+    grads = ("dx" if needs_grad_x else "") + ("dA" if needs_grad_A else "")
+    return _routed("lora_backward", grad_y, weight, lora_A, dropout_p, grads, lambda route: _lora_backward(
+        route, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A))
+
+
+def _lora_backward(route, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x,
+                   needs_grad_A):
     grad_A, grad_B, grad_bias = [], [], []
     pre, upre, dropped_terms = [], [], []
     lk = _lora_kernels(grad_y) if any(p > 0 for p in dropout_p) else None
@@ -139,11 +211,11 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
             if grad_y.dtype != torch.float32:
                 upre_t = upre_t.to(grad_y.dtype)
             out_dtype = torch.float32 if dropped_terms else grad_y.dtype
-            grad_x = qm.quant_matmul(grad_y, weight, transpose=True, pre=torch.cat(pre, dim=1), upre=upre_t,
-                                     out_dtype=out_dtype)
+            grad_x = _product(route, grad_y, weight, transpose=True, pre=torch.cat(pre, dim=1), upre=upre_t,
+                              out_dtype=out_dtype)
         else:
-            grad_x = qm.quant_matmul(grad_y, weight, transpose=True,
-                                     out_dtype=torch.float32 if dropped_terms else grad_y.dtype)
+            grad_x = _product(route, grad_y, weight, transpose=True,
+                              out_dtype=torch.float32 if dropped_terms else grad_y.dtype)
         if dropped_terms:
             for term in dropped_terms:
                 if isinstance(term, tuple):  # (g, A, seed, p): grad_x += mask(g A) / (1 - p), in place
@@ -158,24 +230,29 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
 
 def ia3_forward(x, weight, bias, scale, is_feedforward):
     """Feedforward: ``((x * l).to(x.dtype)) deq(W)^T + b``; else ``((x deq(W)^T + b) * l).to(x.dtype)``."""
-    qm = _kernels()
-    if is_feedforward:
-        return qm.quant_matmul(x, weight, bias=bias, vin=scale)
-    return qm.quant_matmul(x, weight, bias=bias, vout=scale)
+    def run(route):
+        if is_feedforward:
+            return _product(route, x, weight, bias=bias, vin=scale)
+        return _product(route, x, weight, bias=bias, vout=scale)
+
+    return _routed("ia3_forward", x, weight, [], [], "ff" if is_feedforward else "out", run)
 
 
 def ia3_backward(grad_y, x, weight, bias, scale, is_feedforward, needs_grad_x):
     """``(dx, dscale)``; formulas in ``fastpeft.functional``. The non-feedforward ``z = x deq(W)^T + b`` is
-    recomputed by the dequantizing kernel rather than saved."""
-    qm = _kernels()
-    if is_feedforward:
-        grad_scaled = qm.quant_matmul(grad_y, weight, transpose=True)  # (M, K): gradient reaching (x * l)
-        grad_scale = (grad_scaled.to(scale.dtype) * x.to(scale.dtype)).sum(0)
-        grad_x = (grad_scaled.to(scale.dtype) * scale).to(x.dtype) if needs_grad_x else None
+    recomputed by the base product rather than saved."""
+    def run(route):
+        if is_feedforward:
+            grad_scaled = _product(route, grad_y, weight, transpose=True)  # (M, K): gradient reaching (x * l)
+            grad_scale = (grad_scaled.to(scale.dtype) * x.to(scale.dtype)).sum(0)
+            grad_x = (grad_scaled.to(scale.dtype) * scale).to(x.dtype) if needs_grad_x else None
+            return grad_x, grad_scale
+        z = _product(route, x, weight, bias=bias)
+        grad_scale = (grad_y.to(scale.dtype) * z.to(scale.dtype)).sum(0)
+        grad_x = None
+        if needs_grad_x:
+            grad_x = _product(route, (grad_y.to(scale.dtype) * scale).to(x.dtype), weight, transpose=True)
         return grad_x, grad_scale
-    z = qm.quant_matmul(x, weight, bias=bias)
-    grad_scale = (grad_y.to(scale.dtype) * z.to(scale.dtype)).sum(0)
-    grad_x = None
-    if needs_grad_x:
-        grad_x = qm.quant_matmul((grad_y.to(scale.dtype) * scale).to(x.dtype), weight, transpose=True)
-    return grad_x, grad_scale
+
+    grads = ("ff" if is_feedforward else "out") + ("+dx" if needs_grad_x else "")
+    return _routed("ia3_backward", grad_y, weight, [], [], grads, run)

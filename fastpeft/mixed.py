@@ -22,7 +22,7 @@ batch row (``"__base__"``: no adapter; a name this layer does not hold: no adapt
 The grouping of rows by adapter is computed once per distinct ``adapter_names`` list (PEFT hands the same list to
 every layer of a forward, and a ``generate`` call the same list at every step) and cached (``row_groups``). The
 kernels' operands derived from the adapters (fp32 copies, ``B^T``, the Triton stacks) are kept across calls while
-the adapters are unchanged, up to ``DERIVED_CACHE_BYTES``.
+the adapters are unchanged, up to ``fastpeft._derived.DERIVED_CACHE_BYTES``.
 
 Dropout (training, ``p_a > 0``): adapter ``a`` applies fastpeft's Philox mask (``fastpeft._philox``) drawn from its
 own seed over its own gathered sub-batch (rows in batch order, tokens in order), as PEFT applies each adapter's own
@@ -32,7 +32,6 @@ dropout module to its sub-batch. Calls that record autograd run the ``compose`` 
 from __future__ import annotations
 
 import threading
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
@@ -40,6 +39,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from . import routing
+from ._derived import SHARED, DerivedTensors
 from .backends import get_backend
 from .backends.compose import lossless
 from .functional import draw_seeds
@@ -213,61 +213,10 @@ def _compose(x2, y2, plan: RowPlan, adapters: MixedAdapters, present: list[int])
     return y2
 
 
-def _nbytes(value) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    return sum(_nbytes(v) for v in value)
-
-
-class _DerivedTensors:
-    """Tensors derived from adapter parameters (fp32 copies, transposes, stacks) kept while those parameters live
-    and are not modified in place (checked by identity and version counter), least recently used dropped beyond
-    ``max_bytes`` (then those are derived again per call: slower, never wrong)."""
-
-    def __init__(self, max_bytes: int):
-        self._entries: OrderedDict = OrderedDict()
-        self._max_bytes = max_bytes
-        self._bytes = 0
-
-    def get_one(self, tensor: torch.Tensor, make, extra=()):
-        """``get([tensor], make, extra)`` without building tuples: this runs per adapter per mixed-batch call."""
-        found = self._entries.get(((id(tensor),), extra))
-        if found is not None and found[0][0]() is tensor:
-            try:
-                if found[1] == (tensor._version,):
-                    self._entries.move_to_end(((id(tensor),), extra))
-                    return found[2]
-            except RuntimeError:  # an inference tensor: no version counter, nothing kept
-                return make()
-        return self.get([tensor], make, extra)
-
-    def get(self, tensors: Sequence[torch.Tensor], make, extra=()):
-        try:
-            versions = tuple(t._version for t in tensors)
-        except RuntimeError:  # inference tensors keep no version counter: nothing can be kept for them
-            return make()
-        key = (tuple(id(t) for t in tensors), extra)
-        found = self._entries.get(key)
-        if found is not None:
-            refs, seen, value, size = found
-            if seen == versions and all(ref() is t for ref, t in zip(refs, tensors)):
-                self._entries.move_to_end(key)
-                return value
-            del self._entries[key]
-            self._bytes -= size
-        value = make()
-        size = _nbytes(value)
-        self._entries[key] = ([weakref.ref(t) for t in tensors], versions, value, size)
-        self._bytes += size
-        while self._bytes > self._max_bytes and len(self._entries) > 1:
-            self._bytes -= self._entries.popitem(last=False)[1][3]
-        return value
-
-
-# Adapter copies the mixed kernels keep (fp32, B^T, the Triton stacks): at most this many bytes. fp32 adapters in a
-# contiguous (r, K) A need no copy of A; B^T is one copy of each B used in a mixed batch.
-DERIVED_CACHE_BYTES = 512 * 2**20
-_derived = _DerivedTensors(DERIVED_CACHE_BYTES)
+# Adapter copies the mixed kernels keep (fp32, B^T, the Triton stacks), shared with the cpu backend's: fp32 adapters
+# in a contiguous (r, K) A need no copy of A; B^T is one copy of each B used in a mixed batch.
+_DerivedTensors = DerivedTensors
+_derived = SHARED
 _F32 = torch.float32
 _EMPTY = torch.empty(0)
 

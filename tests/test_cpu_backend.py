@@ -387,3 +387,34 @@ def test_dense_gemv_rows_in_fours_and_tails(isa, dtype):
         tol = 1e-5 if dt == torch.float32 else 2 * torch.finfo(dt).eps
         err = rel_err(got.double(), want)
         assert err <= tol, f"M={M} N={N} K={K} {dtype}: relative error {err:.2e} > {tol:.1e}"
+
+
+@pytest.mark.parametrize("ranks", [[8], [4, 3]], ids=["one-adapter", "two-adapters"])
+def test_kept_b_transpose_follows_in_place_updates(ranks):
+    """The fused routes read each ``B^T`` from a copy kept across calls (``fastpeft._derived``): after an in-place
+    update of ``B`` (an optimizer step) and after a new ``B`` tensor, forward and backward must use the new values."""
+    routes.set_route("lora_forward", "fused")
+    routes.set_route("lora_backward", "fused")
+    try:
+        x, W, b, A, B, lb, scaling = make_case(5, 33, 29, ranks, torch.float32, torch.float32, True, False, "contig")
+        ps, seeds = [0.0] * len(ranks), [0] * len(ranks)
+        dy = torch.randn(5, 29, generator=torch.Generator().manual_seed(3))
+        for step in range(3):
+            y, xa = CPU.lora_forward(x, W, b, A, B, lb, scaling, ps, seeds)
+            assert routes.last_route("lora_forward") == "fused"
+            y_ref, xa_ref = REF.lora_forward(x, W, b, A, B, lb, scaling, ps, seeds)
+            assert rel_err(y, y_ref) <= 1e-5, f"step {step}: y"
+            got = CPU.lora_backward(dy, x, W, A, B, xa, scaling, ps, seeds, True, True)
+            assert routes.last_route("lora_backward") == "fused"
+            want = REF.lora_backward(dy, x, W, A, B, xa_ref, scaling, ps, seeds, True, True)
+            assert rel_err(got[0], want[0]) <= 1e-5, f"step {step}: dX"
+            for i in range(len(ranks)):
+                assert rel_err(got[1][i], want[1][i]) <= 1e-5, f"step {step}: dA[{i}]"
+            if step == 0:
+                with torch.no_grad():
+                    B[0].mul_(-1.5).add_(0.25)  # in place: the version counter moves
+            else:
+                B[-1] = B[-1] * 0.5 + 1.0  # a new tensor
+    finally:
+        routes.set_route("lora_forward", None)
+        routes.set_route("lora_backward", None)

@@ -199,33 +199,14 @@ at::Tensor lora_xa(const at::Tensor& x, const at::Tensor& A, double p, int64_t s
   return xa;
 }
 
-// y += xs B^T + bias in place: y (M, N) any float dtype, xs (M, R) fp32 (scaled), B (N, R) fp32, bias (N,) fp32.
-// B (N, R) fp32 in the adapter's own layout, returned as B^T (R, N): the passes stream rows of B^T. A plain loop
-// here costs a few microseconds; a transposed copy made by torch from Python cost ~20.
-// The copy goes tile by tile (16 x 16 floats, both sides in L1): element by element it wrote 16 lines per row of B
-// and took longer than the pass it feeds.
-std::unique_ptr<float[]> transposed(const at::Tensor& B, int64_t N, int64_t R) {
-  check_f32(B, "B", {N, R});
-  std::unique_ptr<float[]> bt(new float[static_cast<size_t>(std::max<int64_t>(1, N * R))]);
-  const float* __restrict b = B.data_ptr<float>();
-  float* __restrict t = bt.get();
-  constexpr int64_t T = 16;
-  for (int64_t n0 = 0; n0 < N; n0 += T) {
-    const int64_t n1 = std::min(N, n0 + T);
-    for (int64_t j0 = 0; j0 < R; j0 += T) {
-      const int64_t j1 = std::min(R, j0 + T);
-      for (int64_t j = j0; j < j1; ++j)
-        for (int64_t n = n0; n < n1; ++n) t[j * N + n] = b[n * R + j];
-    }
-  }
-  return bt;
-}
-
-void lora_epilogue_(at::Tensor& y, const at::Tensor& xs, const at::Tensor& B, const c10::optional<at::Tensor>& bias) {
+// y += xs Bt + bias in place: y (M, N) any float dtype, xs (M, R) fp32 (scaled), Bt (R, N) fp32 contiguous (the
+// adapters' B transposed: the passes stream its rows; fastpeft.backends.cpu keeps that copy across calls, since
+// making it here per call cost more than the whole update at decode sizes), bias (N,) fp32.
+void lora_epilogue_(at::Tensor& y, const at::Tensor& xs, const at::Tensor& Bt, const c10::optional<at::Tensor>& bias) {
   check_rows(y, "y");
   const int64_t M = y.size(0), N = y.size(1), R = xs.size(1);
   check_f32(xs, "xs", {M, R});
-  const std::unique_ptr<float[]> bt = transposed(B, N, R);
+  check_f32(Bt, "Bt", {R, N});
   const float* bp = nullptr;
   if (bias.has_value()) {
     check_f32(*bias, "bias", {N});
@@ -234,7 +215,7 @@ void lora_epilogue_(at::Tensor& y, const at::Tensor& xs, const at::Tensor& B, co
   const int dt = dtype_code(y);
   void* yp = y.data_ptr();
   const int64_t ldy = y.stride(0);
-  const float *xsp = xs.data_ptr<float>(), *Btp = bt.get();
+  const float *xsp = xs.data_ptr<float>(), *Btp = Bt.data_ptr<float>();
   at::parallel_for(0, M, grain(N * (R + 1)), [&](int64_t b, int64_t e) {
     std::vector<float> buf(4 * N);
     K().epilogue_rows(dt, yp, ldy, N, b, e, xsp, R, Btp, bp, buf.data());
@@ -242,12 +223,13 @@ void lora_epilogue_(at::Tensor& y, const at::Tensor& xs, const at::Tensor& B, co
 }
 
 // One sweep over dy (M, N): returns g (M, R) = (dy B) * svec, dB (N, R) = svec * (dy^T xa) or empty,
-// colsum (N,) = dy.sum(0) (unscaled) or empty. B (N, R) fp32, xa (M, R) fp32, svec (R,) fp32.
-std::vector<at::Tensor> lora_dy_pass(const at::Tensor& dy, const at::Tensor& B, const at::Tensor& xa,
+// colsum (N,) = dy.sum(0) (unscaled) or empty. Bt (R, N) fp32 contiguous (B transposed, as lora_epilogue_ takes
+// it), xa (M, R) fp32, svec (R,) fp32.
+std::vector<at::Tensor> lora_dy_pass(const at::Tensor& dy, const at::Tensor& Bt, const at::Tensor& xa,
                                      const at::Tensor& svec, bool need_dB, bool need_colsum) {
   check_rows(dy, "grad_y");
-  const int64_t M = dy.size(0), N = dy.size(1), R = B.dim() == 2 ? B.size(1) : 0;
-  const std::unique_ptr<float[]> bt = transposed(B, N, R);
+  const int64_t M = dy.size(0), N = dy.size(1), R = Bt.dim() == 2 ? Bt.size(0) : 0;
+  check_f32(Bt, "Bt", {R, N});
   check_f32(xa, "xa", {M, R});
   check_f32(svec, "svec", {R});
   auto g = at::empty({M, R}, at::kFloat);
@@ -257,7 +239,7 @@ std::vector<at::Tensor> lora_dy_pass(const at::Tensor& dy, const at::Tensor& B, 
   const int dt = dtype_code(dy);
   const void* dyp = dy.data_ptr();
   const int64_t ldd = dy.stride(0);
-  const float *Btp = bt.get(), *xap = xa.data_ptr<float>(), *sp = svec.data_ptr<float>();
+  const float *Btp = Bt.data_ptr<float>(), *xap = xa.data_ptr<float>(), *sp = svec.data_ptr<float>();
   float* gp = g.data_ptr<float>();
   at::parallel_for(0, M, gr, [&](int64_t b, int64_t e) {
     const int tid = at::get_thread_num();
@@ -676,8 +658,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("keep_mask_at", &fastpeft::keep_mask_at, "(seed, offset0, n, p) -> bool (n,): keep(offset0 + i)");
   m.def("keep_mask", &fastpeft::keep_mask, "(seed, rows, cols, p) -> bool (rows, cols): fastpeft._philox.dropout_keep_mask");
   m.def("lora_xa", &fastpeft::lora_xa, "(x, A32, p, seed) -> drop(x) A^T in fp32");
-  m.def("lora_epilogue_", &fastpeft::lora_epilogue_, "(y, xs32, B32 (N, R), bias32|None): y += xs B^T + bias in place");
-  m.def("lora_dy_pass", &fastpeft::lora_dy_pass, "(dy, B32 (N, R), xa32, svec, need_dB, need_colsum) -> [g, dB (N, R) scaled, colsum]");
+  m.def("lora_epilogue_", &fastpeft::lora_epilogue_, "(y, xs32, Bt32 (R, N), bias32|None): y += xs Bt + bias in place");
+  m.def("lora_dy_pass", &fastpeft::lora_dy_pass, "(dy, Bt32 (R, N), xa32, svec, need_dB, need_colsum) -> [g, dB (N, R) scaled, colsum]");
   m.def("quant_dequantize", &fastpeft::quant_dequantize, "(qweight) -> dense (N, K) fp32");
   m.def("quant_dequantize_into", &fastpeft::quant_dequantize_into, "(qweight, out) -> None: the dense weight into out "
         "(N, K) fp32/bf16/fp16, reused across calls");

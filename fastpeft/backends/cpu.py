@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from .. import routing as routes
+from .._derived import SHARED
 from ..quant import QuantizedWeight
 from ..reference import adapter_inputs
 from . import compose
@@ -107,12 +108,14 @@ def _weight_kind(weight) -> str:
     return weight.kind if isinstance(weight, QuantizedWeight) else "dense"
 
 
-def _b_all(lora_B) -> torch.Tensor:
-    """Every adapter's ``B_i`` side by side, ``(N, sum r_i)`` contiguous fp32, the layout the C++ passes take (no
-    copy for one fp32 adapter)."""
+def _bt_all(lora_B) -> torch.Tensor:
+    """Every adapter's ``B_i^T`` stacked, ``(sum r_i, N)`` contiguous fp32, the layout the C++ passes stream: kept
+    across calls while the ``B_i`` are unchanged (``fastpeft._derived``), since the transpose per call cost more than
+    the whole update at decode sizes."""
     if len(lora_B) == 1:
-        return _f32(lora_B[0])
-    return torch.cat([_f32(B) for B in lora_B], 1)
+        B = lora_B[0]
+        return SHARED.get_one(B, lambda: B.detach().to(_F32).t().contiguous())
+    return SHARED.get(list(lora_B), lambda: torch.cat([B.detach().to(_F32).t() for B in lora_B], 0).contiguous())
 
 
 # ------------------------------------------------------------------------------------------ base-product pieces
@@ -301,7 +304,7 @@ def _add_adapters_fused(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, see
         return y, []
     xa_out, xs, _, bias_sum, _ = _down_projections(x, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
     y = _rows(y)
-    _C.lora_epilogue_(y, xs, _b_all(lora_B), None if bias_sum is None else bias_sum.contiguous())
+    _C.lora_epilogue_(y, xs, _bt_all(lora_B), None if bias_sum is None else bias_sum.contiguous())
     return y, xa_out
 
 
@@ -362,7 +365,7 @@ def _backward_fused(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds
     ranks = [A.shape[0] for A in lora_A]
     single = len(lora_A) == 1
     xa32 = _f32(xa[0]) if single else torch.cat([h.detach().to(_F32) for h in xa], 1).contiguous()
-    g, db, colsum = _C.lora_dy_pass(dy, _b_all(lora_B), xa32, _scale_vector(ranks, scaling), True, True)
+    g, db, colsum = _C.lora_dy_pass(dy, _bt_all(lora_B), xa32, _scale_vector(ranks, scaling), True, True)
 
     grad_x = None
     acc = None

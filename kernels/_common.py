@@ -309,13 +309,19 @@ def autotuned(kernel, configs_by_arch: dict, arch: int, fp32: bool, key: list, k
         warps, stages = kw.pop("num_warps"), kw.pop("num_stages")
         configs.append(triton.Config(kw, num_warps=warps, num_stages=stages))
         table[id(configs[-1])] = config
-    prune = None
-    if allowed is not None:
-        def early_prune(configs, named_args, **flags):
-            return pruned(configs, lambda c: allowed(arch, table[id(c)], flags))
+    def early_prune(configs, named_args, **flags):
+        kept = pruned(configs, lambda c: allowed is None or allowed(arch, table[id(c)], flags))
+        # Timing configs inside a CUDA graph capture would record the timing launches into the graph: a key first
+        # met while capturing takes its first allowed config untimed, and keeps it (run once before capturing to
+        # tune it).
+        return kept[:1] if capturing_cuda_graph() else kept
 
-        prune = {"early_config_prune": early_prune}
-    return triton.autotune(configs=configs, key=key, prune_configs_by=prune)(kernel)
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": early_prune})(kernel)
+
+
+def capturing_cuda_graph() -> bool:
+    """Whether the current CUDA stream is being captured into a graph (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 # Tuned per M bucket, not per exact M: each new token count (every step under dynamic padding) would otherwise

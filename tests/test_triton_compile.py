@@ -179,3 +179,34 @@ def test_autotuning_is_keyed_on_the_m_bucket_not_the_exact_m():
         assert "M_BUCKET" in key and "M" not in key, key
         assert "M_BUCKET" in kernel.arg_names
     assert [_common.next_pow2(m) for m in (1, 16, 17, 100, 128, 129)] == [16, 16, 32, 128, 128, 256]
+
+
+@pytest.mark.parametrize("capturing", [False, True], ids=["eager", "capturing"])
+def test_autotuning_under_cuda_graph_capture_times_nothing(monkeypatch, capturing):
+    """Timing the configs of a key first met during a CUDA graph capture would record the timing launches into the
+    graph: there the autotuners' pruning keeps one config (the first allowed for the launch's flags), so Triton
+    takes it without benchmarking; outside a capture every allowed config stays a candidate."""
+    from fastpeft.kernels import _common
+
+    monkeypatch.setattr(_common, "capturing_cuda_graph", lambda: capturing)
+    tuner = _common.autotuned(_common._fused_gemm_kernel, _common.GEMM_CONFIGS, 80, False, _common._AUTOTUNE_KEY,
+                              allowed=_common.config_allowed)
+    flags = dict(FUSE_DOWN=False, DROP_IN=False, DROP_OUT=False)
+    allowed = [c for c in tuner.configs if _common.config_allowed(80, _config_tuple(c), flags)]
+    kept = tuner.early_config_prune(tuner.configs, {}, **flags)
+    assert len(allowed) > 1
+    assert kept == (allowed[:1] if capturing else allowed)
+
+
+def _config_tuple(config):
+    """A ``triton.Config`` of the fused GEMM back as its ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)`` entry."""
+    import torch
+
+    from fastpeft.kernels import _common
+
+    for entry in _common.GEMM_CONFIGS[80]:
+        kw = _common.config_kwargs(entry, torch.float16)
+        if all(config.kwargs.get(k) == v for k, v in kw.items() if k not in ("num_warps", "num_stages")) and (
+                config.num_warps == kw["num_warps"] and config.num_stages == kw["num_stages"]):
+            return entry
+    raise AssertionError(f"no GEMM_CONFIGS entry for {config}")

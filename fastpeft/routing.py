@@ -10,10 +10,15 @@ for every later call with that key:
 - the key (``RouteKey``): op, backend, weight kind (``dense``/``nf4``/``fp4``/``int8``), the dtypes of ``x``, the
   weight and the adapters, ``M`` rounded up to a power of two, ``N`` and ``K``, dropout on/off, the total rank
   rounded up to a power of two, the number of adapters and what backward must return;
-- the choice is kept in memory (so one process always takes the same route for the same key) and in a small
-  versioned JSON file (``FASTPEFT_ROUTE_CACHE``, default ``$XDG_CACHE_HOME/fastpeft/routes.json``; ``off`` keeps
-  choices in memory only), filed under a fingerprint of this machine: CPU model and SIMD path (or GPU name), thread
-  count, and the versions of fastpeft, torch and bitsandbytes. A different machine or version measures again.
+- the choice is kept in memory (so one process takes the same route for the same key) and in a small versioned
+  JSON file (``FASTPEFT_ROUTE_CACHE``, default ``$XDG_CACHE_HOME/fastpeft/routes.json``; ``off`` keeps choices in
+  memory only), filed under a fingerprint of this machine: CPU model and SIMD path (or GPU name), thread count, the
+  versions of fastpeft, torch and bitsandbytes, and the build of fastpeft's compiled kernels. A different machine,
+  version or build measures again;
+- a first call often runs while the process is still busy (loading a model, other threads starting, cold caches),
+  and a choice timed then would be kept for good: a measured choice is timed once more at its key's
+  ``CONFIRM_AFTER_CALLS``-th call, and only that second measurement is written to the file (until then the first
+  one serves this process).
 
 Eligibility is a matter of correctness or limits, never speed (see ``ROUTE_LIMITS``); among eligible routes only
 the clock decides. ``FASTPEFT_ROUTE`` or :func:`set_route` pins a route: ``FASTPEFT_ROUTE=compose`` pins it for
@@ -29,6 +34,7 @@ tolerance rules allow, so data-parallel gradients still agree to that precision.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import platform
@@ -158,6 +164,9 @@ ROUTE_LIMITS: dict[str, str] = {
 # at decode sizes on a shared 2-core machine.
 TIMED_ROUNDS = 7
 MEASURE_BUDGET_S = 0.5
+# A measured choice is timed again at its key's CONFIRM_AFTER_CALLS-th call, and that measurement is the one the
+# cache file keeps (0: the first measurement is final).
+CONFIRM_AFTER_CALLS = 32
 
 
 class RouteKey(NamedTuple):
@@ -215,9 +224,10 @@ def key_of_call(op: str, backend: str, weight_kind: str, x, weight, lora_A, drop
 @dataclass
 class Choice:
     route: str
-    source: str  # "measured", "cache file", "pinned", "only route"
+    source: str  # "measured", "measured again", "cache file", "only route", "unmeasured"
     timings_ms: dict[str, float]
     note: str = ""
+    calls: int = 0  # calls served since a first measurement ("measured"), until it is measured again
 
 
 _lock = threading.RLock()
@@ -346,7 +356,21 @@ def machine_fingerprint(device: str = "cpu") -> str:
         except Exception:
             isa = "no-extension"
         where = f"cpu={_cpu_model()}|isa={isa}|threads={torch.get_num_threads()}"
-    return f"{where}|fastpeft={__version__}|torch={torch.__version__}|bitsandbytes={bnb}"
+    return f"{where}|fastpeft={__version__}|build={_build_stamp()}|torch={torch.__version__}|bitsandbytes={bnb}"
+
+
+def _build_stamp() -> str:
+    """Which build of fastpeft's compiled extensions measured a choice (size and modification time of each built
+    file): choices timed with other kernels are measured again, even under the same version number."""
+    stamps = []
+    for name in ("_C", "_cuda"):
+        try:
+            module = importlib.import_module(f"fastpeft.{name}")
+            stat = os.stat(module.__file__)
+            stamps.append(f"{name}:{stat.st_size:x}.{int(stat.st_mtime):x}")
+        except Exception:  # an extension that is not built has no stamp
+            continue
+    return ",".join(stamps) or "none"
 
 
 def _load_file() -> dict:
@@ -486,6 +510,12 @@ def run(key: RouteKey, candidates: dict[str, Callable[[], object]], device: str 
             choice = _choices.get(key)
             if choice is None or choice.route not in candidates:
                 return _choose(key, candidates, device, pinned)
+    if choice.source == "measured" and CONFIRM_AFTER_CALLS:
+        choice.calls += 1
+        if choice.calls >= CONFIRM_AFTER_CALLS:
+            with _lock:
+                if _choices.get(key) is choice and choice.source == "measured":
+                    return _measure(key, candidates, device, choice.note, again=True)
     _last[key.op] = choice.route
     return candidates[choice.route]()
 
@@ -498,7 +528,11 @@ def settled(key: RouteKey, eligible) -> Optional[str]:
     if pinned is not None and pinned in eligible:
         return pinned
     choice = _choices.get(key)
-    return choice.route if choice is not None and choice.route in eligible else None
+    if choice is None or choice.route not in eligible:
+        return None
+    if choice.source == "measured" and CONFIRM_AFTER_CALLS and choice.calls + 1 >= CONFIRM_AFTER_CALLS:
+        return None  # the next run measures again: every candidate runs, so none may update its inputs in place
+    return choice.route
 
 
 def _choose(key: RouteKey, candidates, device: str, pinned: Optional[str]):
@@ -514,15 +548,22 @@ def _choose(key: RouteKey, candidates, device: str, pinned: Optional[str]):
         _choices[key] = Choice(stored["route"], "cache file", dict(stored.get("timings_ms", {})), note)
         _last[key.op] = stored["route"]
         return candidates[stored["route"]]()
+    return _measure(key, candidates, device, note, again=False)
+
+
+def _measure(key: RouteKey, candidates, device: str, note: str, again: bool):
+    """Time the candidates and keep the fastest for ``key``; the second measurement (``again``, or the first when
+    ``CONFIRM_AFTER_CALLS`` is 0) is also written to the cache file."""
     medians, results, errors = _time_candidates(candidates, device)
     timings = {route: round(seconds * 1e3, 4) for route, seconds in medians.items()}
     if not timings:
         raise RuntimeError(f"fastpeft: every route failed for {key.as_string()}: " + "; ".join(errors))
     best = min(timings, key=timings.get)
     note = "; ".join(filter(None, [note] + errors))
-    choice = Choice(best, "measured", timings, note)
+    choice = Choice(best, "measured again" if again else "measured", timings, note)
     _choices[key] = choice
-    _store_file(fingerprint, key, choice)
+    if again or not CONFIRM_AFTER_CALLS:
+        _store_file(machine_fingerprint(device), key, choice)
     _last[key.op] = best
     return results[best]
 

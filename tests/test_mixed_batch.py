@@ -545,3 +545,21 @@ def test_cuda_model_rows_match_peft(route):
         routing.set_route(OP, None)
         set_backend(None)
     assert_close("y", actual, expected, 5e-3)
+
+
+def test_outputs_stay_right_through_the_confirming_measurement(monkeypatch):
+    """The mixed routes update the base output in place once a route is settled; the call at which the route table
+    measures a key again must not run an in-place route several times (each call equals PEFT's)."""
+    monkeypatch.setattr(routing, "CONFIRM_AFTER_CALLS", 3)
+    monkeypatch.setenv("FASTPEFT_ROUTE_CACHE", "off")
+    monkeypatch.delenv("FASTPEFT_ROUTE", raising=False)
+    routing.clear_choices()
+    reference, fused = twins()
+    x = torch.randn(7, 37)
+    with torch.no_grad():
+        want = reference(x, adapter_names=NAMES)
+        for call in range(8):
+            assert_close(f"y, call {call}", fused(x, adapter_names=NAMES), want, FP32_TOL)
+    sources = {row["source"] for row in routing.routes() if row["op"] == OP}
+    assert sources == {"measured again"}, sources
+    routing.clear_choices()

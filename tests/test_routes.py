@@ -25,7 +25,8 @@ def fresh(monkeypatch, tmp_path):
     path = tmp_path / "routes.json"
     monkeypatch.setenv("FASTPEFT_ROUTE_CACHE", str(path))
     monkeypatch.delenv("FASTPEFT_ROUTE", raising=False)
-    routes.clear_choices()
+    monkeypatch.setattr(routes, "CONFIRM_AFTER_CALLS", 0)  # the first measurement is final (the confirming
+    routes.clear_choices()                                  # measurement has its own test)
     yield path
     routes.set_route(None, None)
     routes.clear_choices()
@@ -322,3 +323,55 @@ def test_environment_reads_follow_os_environ(monkeypatch):
         assert _env.read(name) == os.environ.get(name) == value
     monkeypatch.delenv(name)
     assert _env.read(name) is None
+
+
+def test_a_first_measurement_is_measured_again_before_it_is_written(fresh, monkeypatch):
+    """A choice timed at a key's first call (often while the process is still busy starting) serves this process
+    until the key's CONFIRM_AFTER_CALLS-th call, which times every candidate again; only that second choice goes to
+    the cache file. ``settled`` names no route for the confirming call, so in-place routes are not run repeatedly."""
+    monkeypatch.setattr(routes, "CONFIRM_AFTER_CALLS", 3)
+    busy = {"first": True}
+    calls = {"compose": 0, "fused": 0}
+
+    def compose():
+        calls["compose"] += 1
+        return "compose"
+
+    def fused():  # slow only while the "machine is busy": during the first measurement
+        calls["fused"] += 1
+        if busy["first"]:
+            torch.randn(300, 300) @ torch.randn(300, 300)
+        return "fused"
+
+    def slow_compose():
+        calls["compose"] += 1
+        torch.randn(200, 200) @ torch.randn(200, 200)
+        return "compose"
+
+    assert routes.run(key(), {"compose": compose, "fused": fused}) == "compose"
+    assert routes.routes()[0]["source"] == "measured" and not fresh.exists()
+    busy["first"] = False
+    candidates = {"compose": slow_compose, "fused": fused}
+    for _ in range(2):  # calls 1 and 2 after the measurement keep its choice
+        assert routes.run(key(), candidates) == "compose"
+    assert routes.settled(key(), candidates) is None, "the next call (the third) measures again"
+    before = dict(calls)
+    assert routes.run(key(), candidates) == "fused"
+    assert calls["compose"] > before["compose"] and calls["fused"] > before["fused"] + 1
+    (row,) = routes.routes()
+    assert row["route"] == "fused" and row["source"] == "measured again"
+    stored = json.loads(fresh.read_text())["machines"][routes.machine_fingerprint("cpu")]
+    assert stored[key().as_string()]["route"] == "fused"
+    assert routes.settled(key(), candidates) == "fused"
+    after = dict(calls)
+    for _ in range(5):
+        assert routes.run(key(), candidates) == "fused"
+    assert calls["compose"] == after["compose"], "a confirmed choice is not measured again"
+
+
+def test_fingerprint_names_the_build_of_the_compiled_kernels(monkeypatch):
+    """Choices timed with one build of the extension are not reused by another build of the same version."""
+    first = routes.machine_fingerprint("cpu")
+    assert "|build=" in first
+    monkeypatch.setattr(routes, "_build_stamp", lambda: "_C:other")
+    assert routes.machine_fingerprint("cpu") != first

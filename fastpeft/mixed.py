@@ -39,7 +39,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from . import routing
-from ._derived import SHARED, DerivedTensors
+from ._derived import SHARED, DerivedTensors, transposed_fp32
 from .backends import get_backend
 from .backends.compose import lossless
 from .functional import draw_seeds
@@ -227,7 +227,7 @@ def _cpu_operands(adapters: MixedAdapters, i: int) -> tuple:
     A, B, b, s = adapters.lora_A[i], adapters.lora_B[i], adapters.lora_bias[i], adapters.scaling[i]
     if not (A.dtype == _F32 and A.is_contiguous()):
         A = _derived.get_one(A, lambda: A.detach().to(_F32).contiguous())
-    Bt = _derived.get_one(B, lambda: B.detach().to(_F32).t().contiguous())
+    Bt = transposed_fp32(B, _derived)
     if b is not None:
         b = _derived.get_one(b, lambda: (b.detach().to(_F32) * s).contiguous(), extra=s)
     return A, Bt, _EMPTY if b is None else b

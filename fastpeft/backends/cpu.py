@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from .. import routing as routes
-from .._derived import SHARED
+from .._derived import SHARED, transposed_fp32
 from ..quant import QuantizedWeight
 from ..reference import adapter_inputs
 from . import compose
@@ -113,9 +113,8 @@ def _bt_all(lora_B) -> torch.Tensor:
     across calls while the ``B_i`` are unchanged (``fastpeft._derived``), since the transpose per call cost more than
     the whole update at decode sizes."""
     if len(lora_B) == 1:
-        B = lora_B[0]
-        return SHARED.get_one(B, lambda: B.detach().to(_F32).t().contiguous())
-    return SHARED.get(list(lora_B), lambda: torch.cat([B.detach().to(_F32).t() for B in lora_B], 0).contiguous())
+        return transposed_fp32(lora_B[0])
+    return SHARED.get(list(lora_B), lambda: torch.cat([transposed_fp32(B) for B in lora_B], 0))
 
 
 # ------------------------------------------------------------------------------------------ base-product pieces

@@ -4,10 +4,17 @@ The kernels want adapters in layouts PEFT does not keep (``B^T`` in fp32 for the
 the mixed-batch kernels); deriving them per call cost a copy of every adapter on every layer call. ``SHARED`` keeps
 them while the source parameters live and are not modified in place (checked by identity and version counter, so an
 optimizer step invalidates them), least recently used dropped beyond ``DERIVED_CACHE_BYTES``.
+
+Training stacks update parameters in ways the version counter does not see (FSDP2 all-gathers into the same
+unsharded tensor, also before an evaluation between training steps; writes through ``.data``), so a kept copy of
+a parameter that trains could go stale. Copies are therefore kept only of tensors that do not require grad (frozen
+adapters: PEFT's ``from_pretrained`` loads them so, for inference), and the LoRA passes read them only in calls that
+record no autograd (``kept_copies()``, entered by ``fastpeft.functional`` for inference calls).
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import OrderedDict
 from typing import Sequence
@@ -33,6 +40,8 @@ class DerivedTensors:
 
     def get_one(self, tensor: torch.Tensor, make, extra=()):
         """``get([tensor], make, extra)`` without building tuples: this runs per adapter per layer call."""
+        if tensor.requires_grad:  # a trainable parameter: kept copies only of frozen ones (see the module docstring)
+            return make()
         found = self._entries.get(((id(tensor),), extra))
         if found is not None and found[0][0]() is tensor:
             try:
@@ -44,6 +53,8 @@ class DerivedTensors:
         return self.get([tensor], make, extra)
 
     def get(self, tensors: Sequence[torch.Tensor], make, extra=()):
+        if any(t.requires_grad for t in tensors):
+            return make()
         try:
             versions = tuple(t._version for t in tensors)
         except RuntimeError:  # inference tensors keep no version counter: nothing can be kept for them
@@ -75,3 +86,23 @@ def transposed_fp32(B: torch.Tensor, cache: "DerivedTensors | None" = None) -> t
     """``B^T`` (r, N) as contiguous fp32 for an adapter's ``B`` (N, r), kept in ``cache`` (default ``SHARED``) while
     ``B`` is unchanged: the layout the CPU passes stream (the LoRA epilogue and the mixed-batch pass share it)."""
     return (cache or SHARED).get_one(B, lambda: B.detach().to(torch.float32).t().contiguous())
+
+
+_scope = threading.local()
+
+
+class kept_copies:
+    """Within this context (per thread) the LoRA passes may read copies kept across calls; elsewhere they derive
+    their operands per call. Entered around inference calls, which train nothing."""
+
+    def __enter__(self):
+        self._outer = getattr(_scope, "on", False)
+        _scope.on = True
+        return self
+
+    def __exit__(self, *exc):
+        _scope.on = self._outer
+
+
+def kept_copies_allowed() -> bool:
+    return getattr(_scope, "on", False)

@@ -39,6 +39,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import reference
+from ._derived import kept_copies
 from .backends import get_backend
 
 
@@ -317,7 +318,8 @@ def lora_linear(
         # autograd through the reference instead of silently getting no gradient.
         y = reference.lora_linear(x2, weight, bias, As, Bs, bs, scaling, ps, seeds)
     elif mode == "inference":
-        y, _ = _lora_forward(x2, weight, bias, As, Bs, bs, scaling, ps, seeds)
+        with kept_copies():  # nothing trains in this call: operands derived from the adapters may be kept
+            y, _ = _lora_forward(x2, weight, bias, As, Bs, bs, scaling, ps, seeds)
     else:
         y = LoRALinearFunction.apply(x2, weight, bias, len(As), scaling, ps, seeds, *As, *Bs, *bs)
     return y if len(lead) == 1 else y.view(*lead, y.shape[-1])

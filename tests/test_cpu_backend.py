@@ -14,6 +14,7 @@ from checks import assert_by_dtype_rule, assert_within_2x, rel_err
 
 from fastpeft import reference as spec
 from fastpeft import routing as routes
+from fastpeft._derived import kept_copies
 from fastpeft._philox import dropout_keep_mask, philox_uniform
 from fastpeft.backends.cpu import BACKEND as CPU
 from fastpeft.backends.reference_backend import ReferenceBackend
@@ -391,8 +392,9 @@ def test_dense_gemv_rows_in_fours_and_tails(isa, dtype):
 
 @pytest.mark.parametrize("ranks", [[8], [4, 3]], ids=["one-adapter", "two-adapters"])
 def test_kept_b_transpose_follows_in_place_updates(ranks):
-    """The fused routes read each ``B^T`` from a copy kept across calls (``fastpeft._derived``): after an in-place
-    update of ``B`` (an optimizer step) and after a new ``B`` tensor, forward and backward must use the new values."""
+    """In inference calls the fused routes read each ``B^T`` from a copy kept across calls (``fastpeft._derived``):
+    after an in-place update of ``B`` (an optimizer step) and after a new ``B`` tensor, forward and backward must use
+    the new values."""
     routes.set_route("lora_forward", "fused")
     routes.set_route("lora_backward", "fused")
     try:
@@ -400,7 +402,8 @@ def test_kept_b_transpose_follows_in_place_updates(ranks):
         ps, seeds = [0.0] * len(ranks), [0] * len(ranks)
         dy = torch.randn(5, 29, generator=torch.Generator().manual_seed(3))
         for step in range(3):
-            y, xa = CPU.lora_forward(x, W, b, A, B, lb, scaling, ps, seeds)
+            with kept_copies():  # an inference call: the kept B^T is read
+                y, xa = CPU.lora_forward(x, W, b, A, B, lb, scaling, ps, seeds)
             assert routes.last_route("lora_forward") == "fused"
             y_ref, xa_ref = REF.lora_forward(x, W, b, A, B, lb, scaling, ps, seeds)
             assert rel_err(y, y_ref) <= 1e-5, f"step {step}: y"
@@ -418,3 +421,40 @@ def test_kept_b_transpose_follows_in_place_updates(ranks):
     finally:
         routes.set_route("lora_forward", None)
         routes.set_route("lora_backward", None)
+
+
+
+def test_training_calls_never_read_kept_copies():
+    """Outside inference calls (training) the fused routes derive ``B^T`` per call: a write the version counter does
+    not see (FSDP2's all-gather into the same tensor, ``.data``) must still reach the next forward and backward."""
+    routes.set_route("lora_forward", "fused")
+    routes.set_route("lora_backward", "fused")
+    try:
+        x, W, b, A, B, lb, scaling = make_case(5, 33, 29, [8], torch.float32, torch.float32, True, False, "contig")
+        ps, seeds = [0.0], [0]
+        dy = torch.randn(5, 29, generator=torch.Generator().manual_seed(3))
+        with kept_copies():
+            CPU.lora_forward(x, W, b, A, B, lb, scaling, ps, seeds)  # a kept copy of B^T now exists
+        B[0].data.mul_(-2.0)  # unseen by the version counter
+        y, xa = CPU.lora_forward(x, W, b, A, B, lb, scaling, ps, seeds)
+        y_ref, xa_ref = REF.lora_forward(x, W, b, A, B, lb, scaling, ps, seeds)
+        assert rel_err(y, y_ref) <= 1e-5, "a training forward read a stale kept copy"
+        got = CPU.lora_backward(dy, x, W, A, B, xa, scaling, ps, seeds, True, True)
+        want = REF.lora_backward(dy, x, W, A, B, xa_ref, scaling, ps, seeds, True, True)
+        assert rel_err(got[0], want[0]) <= 1e-5, "a training backward read a stale kept copy"
+    finally:
+        routes.set_route("lora_forward", None)
+        routes.set_route("lora_backward", None)
+
+
+def test_no_copy_is_kept_of_a_trainable_adapter():
+    """Even in an inference call (an evaluation between training steps), ``B^T`` of a ``B`` that requires grad is
+    derived per call: FSDP2 rewrites a training parameter's unsharded tensor without moving its version counter."""
+    from fastpeft.backends.cpu import _bt_all
+
+    B = torch.randn(29, 8, requires_grad=True)
+    with kept_copies():
+        first = _bt_all([B])
+        B.data.mul_(-2.0)  # unseen by the version counter
+        assert torch.equal(_bt_all([B]), B.detach().t()), "a kept copy of a trainable B was read"
+    assert not torch.equal(first, B.detach().t())

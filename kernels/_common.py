@@ -20,16 +20,17 @@ Dropout masks are never stored: element ``(m, c)`` keeps iff ``dropout_keep(seed
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import _env
+
 
 def interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` set before import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _env.read("TRITON_INTERPRET") == "1"  # on every launch: a dict lookup, not os.environ.get
 
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}

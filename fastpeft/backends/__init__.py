@@ -11,7 +11,6 @@ measured fastest for its shape (``fastpeft.routing``).
 from __future__ import annotations
 
 import importlib
-import os
 import warnings
 from typing import Optional
 
@@ -52,7 +51,7 @@ def availability(name: str) -> tuple[bool, str]:
     if name not in BACKEND_NAMES:
         raise ValueError(f"fastpeft: unknown backend {name!r}; choose one of {('auto',) + BACKEND_NAMES}")
     # Only Triton's availability depends on TRITON_INTERPRET; the others skip the environment read (hot path).
-    key = (name, os.environ.get("TRITON_INTERPRET") if name == "triton" else None)
+    key = (name, _env.read("TRITON_INTERPRET") if name == "triton" else None)
     if key not in _availability_cache:
         _availability_cache[key] = _check_availability(name)
     return _availability_cache[key]

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 
 import torch
 
+from ... import _env
 from ... import routing as routes
 from .. import compose
 from ..base import Backend
@@ -21,7 +21,7 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _env.read("TRITON_INTERPRET") == "1"
 
 
 def _interpreted_bf16(*tensors) -> bool:

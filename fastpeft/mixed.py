@@ -39,7 +39,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from . import routing
-from ._derived import SHARED, DerivedTensors, transposed_fp32
+from ._derived import SHARED, transposed_fp32
 from .backends import get_backend
 from .backends.compose import lossless
 from .functional import draw_seeds
@@ -215,7 +215,6 @@ def _compose(x2, y2, plan: RowPlan, adapters: MixedAdapters, present: list[int])
 
 # Adapter copies the mixed kernels keep (fp32, B^T, the Triton stacks), shared with the cpu backend's: fp32 adapters
 # in a contiguous (r, K) A need no copy of A; B^T is one copy of each B used in a mixed batch.
-_DerivedTensors = DerivedTensors
 _derived = SHARED
 _F32 = torch.float32
 _EMPTY = torch.empty(0)

@@ -19,6 +19,7 @@ from peft import LoraConfig, get_peft_model
 
 import fastpeft
 from fastpeft import mixed, routing
+from fastpeft._derived import DerivedTensors
 from fastpeft.backends import availability, set_backend
 
 FP32_TOL = 1e-5
@@ -169,7 +170,7 @@ def test_adapters_changed_in_place_are_seen_by_the_next_call(pinned):
 
 def test_kept_adapter_copies_are_bounded_in_bytes(monkeypatch):
     """Beyond the byte bound the least recently used copies are dropped and derived again: same output."""
-    monkeypatch.setattr(mixed, "_derived", mixed._DerivedTensors(max_bytes=2000))
+    monkeypatch.setattr(mixed, "_derived", DerivedTensors(max_bytes=2000))
     reference, fused = twins()
     x = torch.randn(7, 37)
     routing.set_route(OP, "fused")

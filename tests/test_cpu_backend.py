@@ -390,6 +390,24 @@ def test_dense_gemv_rows_in_fours_and_tails(isa, dtype):
         assert err <= tol, f"M={M} N={N} K={K} {dtype}: relative error {err:.2e} > {tol:.1e}"
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_stacked_transpose_every_shape_and_layout(isa, dtype):
+    """``_C.stack_transposed``: 8 x 8 register tiles where they fit and element by element at every edge, rows a
+    power of two apart (the cache-set case), a column-sliced and a transposed-view ``B``, several adapters stacked,
+    against torch's own transpose (exact: it only moves values, widened to fp32)."""
+    dt = DT[dtype]
+    gen = torch.Generator().manual_seed(11)
+    for N, r in [(1, 1), (7, 3), (8, 8), (9, 17), (33, 16), (2048, 16), (576, 64), (100, 7)]:
+        B = torch.randn(N, r, generator=gen).to(dt).requires_grad_(True)
+        assert torch.equal(_C.stack_transposed([B]), B.detach().float().t().contiguous()), (N, r)
+        wide = torch.randn(N, r + 3, generator=gen).to(dt)
+        sliced, viewed = wide[:, 1:1 + r], torch.randn(r, N, generator=gen).to(dt).t()
+        want = torch.cat([t.float().t() for t in (B.detach(), sliced, viewed)], 0)
+        assert torch.equal(_C.stack_transposed([B, sliced, viewed]), want), (N, r)
+    with pytest.raises(RuntimeError, match="rows"):
+        _C.stack_transposed([torch.zeros(4, 2), torch.zeros(5, 2)])
+
+
 @pytest.mark.parametrize("ranks", [[8], [4, 3]], ids=["one-adapter", "two-adapters"])
 def test_kept_b_transpose_follows_in_place_updates(ranks):
     """In inference calls the fused routes read each ``B^T`` from a copy kept across calls (``fastpeft._derived``):

@@ -80,6 +80,9 @@ struct KernelTable {
   // bias: (N,) fp32 or null; xs: (M, R) fp32 (LoRA down-projection, already scaled) and B: (N, R) fp32, or null.
   void (*qgemv_rows)(const QuantDesc& q, int64_t n0, int64_t n1, const float* x, int64_t M, float* y, int64_t ldy,
                      const float* bias, const float* xs, const float* B, int64_t R, float lora_scale, float* buf);
+
+  // dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols (fp32; the adapters' B to the B^T the passes stream).
+  void (*transpose_f32)(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd);
 };
 
 const KernelTable& kernels_generic();

@@ -222,6 +222,42 @@ void lora_epilogue_(at::Tensor& y, const at::Tensor& xs, const at::Tensor& Bt, c
   });
 }
 
+template <typename T>
+void transpose_into(const T* src, int64_t s0, int64_t s1, int64_t N, int64_t r, float* dst, int64_t ldd) {
+  for (int64_t j = 0; j < r; ++j)
+    for (int64_t n = 0; n < N; ++n) dst[j * ldd + n] = static_cast<float>(src[n * s0 + j * s1]);
+}
+
+// The adapters' B_i (N, r_i), any strides, fp32/bf16/fp16, transposed and stacked into (sum r_i, N) contiguous
+// fp32: the layout lora_epilogue_ and lora_dy_pass stream. One blocked sweep; torch's strided copy of a transposed
+// (N, 16) view (B.t().contiguous()) took several times longer, per call, for the adapters that train.
+at::Tensor stack_transposed(const std::vector<at::Tensor>& Bs) {
+  TORCH_CHECK(!Bs.empty(), "fastpeft._C.stack_transposed: no adapters");
+  const int64_t N = Bs[0].dim() == 2 ? Bs[0].size(0) : -1;
+  int64_t R = 0;
+  for (const auto& B : Bs) {
+    TORCH_CHECK(B.device().is_cpu() && B.dim() == 2 && B.size(0) == N, "fastpeft._C.stack_transposed: every B must "
+                "be a 2-D CPU tensor with ", N, " rows, got ", B.sizes());
+    dtype_code(B);
+    R += B.size(1);
+  }
+  auto out = at::empty({R, N}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  for (const auto& B : Bs) {
+    const int64_t r = B.size(1), s0 = B.stride(0), s1 = B.stride(1);
+    switch (B.scalar_type()) {
+      case at::kFloat:
+        if (s1 == 1) K().transpose_f32(B.data_ptr<float>(), s0, N, r, o, N);  // fp32 adapters, row-major B
+        else transpose_into(B.data_ptr<float>(), s0, s1, N, r, o, N);
+        break;
+      case at::kBFloat16: transpose_into(B.data_ptr<at::BFloat16>(), s0, s1, N, r, o, N); break;
+      default: transpose_into(B.data_ptr<at::Half>(), s0, s1, N, r, o, N); break;
+    }
+    o += r * N;
+  }
+  return out;
+}
+
 // One sweep over dy (M, N): returns g (M, R) = (dy B) * svec, dB (N, R) = svec * (dy^T xa) or empty,
 // colsum (N,) = dy.sum(0) (unscaled) or empty. Bt (R, N) fp32 contiguous (B transposed, as lora_epilogue_ takes
 // it), xa (M, R) fp32, svec (R,) fp32.
@@ -659,6 +695,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("keep_mask", &fastpeft::keep_mask, "(seed, rows, cols, p) -> bool (rows, cols): fastpeft._philox.dropout_keep_mask");
   m.def("lora_xa", &fastpeft::lora_xa, "(x, A32, p, seed) -> drop(x) A^T in fp32");
   m.def("lora_epilogue_", &fastpeft::lora_epilogue_, "(y, xs32, Bt32 (R, N), bias32|None): y += xs Bt + bias in place");
+  m.def("stack_transposed", &fastpeft::stack_transposed, "([B_i (N, r_i)]) -> (sum r_i, N) fp32: the B_i transposed "
+        "and stacked, the layout lora_epilogue_ and lora_dy_pass take");
   m.def("lora_dy_pass", &fastpeft::lora_dy_pass, "(dy, Bt32 (R, N), xa32, svec, need_dB, need_colsum) -> [g, dB (N, R) scaled, colsum]");
   m.def("quant_dequantize", &fastpeft::quant_dequantize, "(qweight) -> dense (N, K) fp32");
   m.def("quant_dequantize_into", &fastpeft::quant_dequantize_into, "(qweight, out) -> None: the dense weight into out "

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from .. import routing as routes
-from .._derived import SHARED, kept_copies_allowed, transposed_fp32
+from .._derived import SHARED, kept_copies_allowed
 from ..quant import QuantizedWeight
 from ..reference import adapter_inputs
 from . import compose
@@ -109,14 +109,14 @@ def _weight_kind(weight) -> str:
 
 
 def _bt_all(lora_B) -> torch.Tensor:
-    """Every adapter's ``B_i^T`` stacked, ``(sum r_i, N)`` contiguous fp32, the layout the C++ passes stream. In
-    inference calls it is kept across calls while the ``B_i`` are unchanged (``fastpeft._derived``): at decode sizes
-    the transpose per call cost more than the whole update."""
+    """Every adapter's ``B_i^T`` stacked, ``(sum r_i, N)`` contiguous fp32, the layout the C++ passes stream, made
+    by one blocked C++ transpose (``_C.stack_transposed``). In inference calls it is kept across calls while the
+    ``B_i`` are unchanged (``fastpeft._derived``)."""
     if not kept_copies_allowed():  # a training call: parameters may change unseen by version counters
-        return torch.cat([B.detach().to(_F32).t() for B in lora_B], 0).contiguous()
+        return _C.stack_transposed(list(lora_B))
     if len(lora_B) == 1:
-        return transposed_fp32(lora_B[0])
-    return SHARED.get(list(lora_B), lambda: torch.cat([transposed_fp32(B) for B in lora_B], 0))
+        return SHARED.get_one(lora_B[0], lambda: _C.stack_transposed(list(lora_B)))
+    return SHARED.get(list(lora_B), lambda: _C.stack_transposed(list(lora_B)))
 
 
 # ------------------------------------------------------------------------------------------ base-product pieces

@@ -4,6 +4,9 @@ Public functions:
 
 - ``lora_linear(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, training)``
 - ``ia3_linear(x, weight, bias, ia3_vectors, is_feedforward)``
+- ``add_lora_update(x, y, weight, lora_A, lora_B, lora_bias, scaling)``: the adapter terms alone, added to a base
+  output computed elsewhere (no dropout)
+- ``base_linear(x, weight, bias)``: the base product alone, for evaluation calls
 
 Both take ``x`` of shape ``(..., K)`` and return ``(..., N)`` in ``x``'s dtype. ``weight`` is the ``(N, K)`` base
 weight (a transposed view for ``fan_in_fan_out`` layers) or a ``fastpeft.quant.QuantizedWeight``.
@@ -323,6 +326,35 @@ def lora_linear(
     else:
         y = LoRALinearFunction.apply(x2, weight, bias, len(As), scaling, ps, seeds, *As, *Bs, *bs)
     return y if len(lead) == 1 else y.view(*lead, y.shape[-1])
+
+
+def add_lora_update(x: torch.Tensor, y: torch.Tensor, weight, lora_A: Sequence[torch.Tensor],
+                    lora_B: Sequence[torch.Tensor], lora_bias: Sequence[Optional[torch.Tensor]],
+                    scaling: Sequence[float]) -> torch.Tensor:
+    """``y + sum_i s_i (x_i A_i^T B_i^T + b_i)``: PEFT's adapter terms without dropout (an evaluation call) added to
+    a base output ``y`` computed elsewhere.
+
+    Args:
+        x: ``(M, K)``; y: ``(M, N)``; weight: the layer's base weight (selects the backend, as for
+        :func:`lora_linear`); the adapters as for :func:`lora_linear`.
+    Returns:
+        ``(M, N)`` in ``y``'s dtype; ``y`` itself is updated in place where the backend's passes run. A call that
+        records autograd for an adapter runs the reference's torch ops, which autograd differentiates.
+    """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*lora_A, *lora_B, *lora_bias)):
+        n = len(lora_A)
+        return reference.add_lora_terms(y, x, lora_A, lora_B, lora_bias, scaling, [0.0] * n, [0] * n)
+    with kept_copies():  # nothing trains in this call
+        return get_backend(x, weight).add_lora_(x, y, weight, list(lora_A), list(lora_B), list(lora_bias),
+                                                [float(s) for s in scaling])
+
+
+def base_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x W^T + b`` for an evaluation call: ``x`` ``(M, K)`` that requires no grad -> ``(M, N)`` in ``x``'s dtype,
+    by the backend's measured routes, nothing recorded for autograd."""
+    if x.requires_grad or (bias is not None and bias.requires_grad and torch.is_grad_enabled()):
+        raise ValueError("fastpeft.functional.base_linear records no autograd: call it on tensors without grad")
+    return get_backend(x, weight).base_linear(x, weight, bias)
 
 
 # ------------------------------------------------------------------------------------------------------------- IA3

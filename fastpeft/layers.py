@@ -60,6 +60,11 @@ def read_dense_base(base: nn.Module, fan_in_fan_out: bool):
 
 BASE_WEIGHT_READERS: list[BaseWeightReader] = [read_dense_base]
 
+# Where a quantized base's own library fixes what a call means differently from fastpeft's default (bitsandbytes
+# computes some calls in bf16 whatever the input dtype): ``rule(layer, x, base, weight, active)`` returns the
+# layer's output for such a call, else None. ``fastpeft.layers_bnb.register_bnb_layers`` adds bitsandbytes' rule.
+SERVING_RULES: list[Callable] = []
+
 
 def read_base_weight(base: nn.Module, fan_in_fan_out: bool):
     """``(weight, bias)`` for a base layer fastpeft can fuse, else None."""
@@ -243,6 +248,11 @@ class FusedLoraLinear(PeftLoraLinear):
             if not dora.dora_call_ok(self, weight, x):
                 return super().forward(x)
             return dora.layer_forward(self, x, active, weight, bias, direct_base_layer(self).weight, layer_name(self))
+        if SERVING_RULES and not isinstance(weight, torch.Tensor):
+            for rule in SERVING_RULES:
+                y = rule(self, x, direct_base_layer(self), weight, active)
+                if y is not None:
+                    return y
         return functional.lora_linear(x, weight, bias, *adapter_arguments(self, active))
 
 

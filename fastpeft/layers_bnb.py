@@ -35,6 +35,7 @@ from . import dora, functional
 from .layers import (
     BASE_WEIGHT_READERS,
     FUSED_LAYER_TYPES,
+    SERVING_RULES,
     _any_dropout,
     _has_hooks,
     adapter_arguments,
@@ -66,14 +67,51 @@ def compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def served_in_bf16(base: nn.Module, x: torch.Tensor) -> bool:
+    """Whether bitsandbytes computes ``base(x)`` in bf16 whatever ``x``'s and the compute dtype: its
+    ``Linear4bit.forward`` hands a CPU input without grad, in eval mode, on a CPU with AVX512-BF16
+    (``support_avx512bf16_for_cpu``) to its serving kernel, which rounds ``x``, the scales and the product to bf16 and
+    casts the result back. For such calls the fused layers compute the base product in bf16 too (by any of their
+    routes), so that their outputs are PEFT's; training calls, and CPUs without AVX512-BF16, keep ``x``'s dtype."""
+    return (x.dtype != torch.bfloat16 and not base.training and not x.requires_grad and x.is_cpu
+            and bnb is not None and isinstance(base, bnb.nn.Linear4bit)
+            and bool(getattr(base, "support_avx512bf16_for_cpu", False)))
+
+
+def served_lora_forward(layer: nn.Module, x: torch.Tensor, base: nn.Module, qw: QuantizedWeight,
+                        active: list) -> torch.Tensor:
+    """PEFT's output for a call :func:`served_in_bf16` holds for: ``x`` ``(..., K)`` -> ``(..., N)`` in ``x``'s
+    dtype, ``base(x) = (x W^T computed in bf16, cast to the compute dtype) + bias`` as bitsandbytes forms it, plus
+    the active adapters' terms in their own dtype (``functional.add_lora_update``)."""
+    dtype = compute_dtype(base, x)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = functional.base_linear(x2.to(torch.bfloat16), qw, None).to(dtype)
+    bias = parameter(base, "bias")
+    if bias is not None:
+        y = y + bias.to(dtype)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    if active:
+        lora_A, lora_B, lora_bias, scaling, _, _ = adapter_arguments(layer, active)
+        y = functional.add_lora_update(x2, y, qw, lora_A, lora_B, lora_bias, scaling)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def serving_rule(layer: nn.Module, x: torch.Tensor, base: nn.Module, weight, active: list):
+    """``fastpeft.layers.SERVING_RULES`` entry: :func:`served_lora_forward` where :func:`served_in_bf16` holds."""
+    if isinstance(weight, QuantizedWeight) and served_in_bf16(base, x):
+        return served_lora_forward(layer, x, base, weight, active)
+    return None
+
+
 def read_bnb_base(base: nn.Module, fan_in_fan_out: bool):
     """``(QuantizedWeight, bias)`` for a quantized bitsandbytes linear, else None (a ``BASE_WEIGHT_READERS``
     entry). The bias is cast to the layer's configured compute dtype, as bitsandbytes does."""
     if fan_in_fan_out or not is_bnb_quantized(base):
         return None
-    bias = base.bias
+    bias = parameter(base, "bias")
     dtype = getattr(base, "compute_dtype", None)
-    if bias is not None and dtype is not None:
+    if bias is not None and dtype is not None and bias.dtype != dtype:
         bias = bias.to(dtype)
     return QuantizedWeight.from_bnb_linear(base), bias
 
@@ -118,6 +156,8 @@ class _FusedBnbLoraMixin:
             active = []
         qw = QuantizedWeight.from_bnb_linear(base)
         check_input(self, x, qw, self.in_features)
+        if not (with_dora and active) and served_in_bf16(base, x):
+            return served_lora_forward(self, x, base, qw, active)
         dtype = compute_dtype(base, x)
         xc = x if x.dtype == dtype else x.to(dtype)  # (a no-op .to still costs a dispatch: this runs per token)
         bias = parameter(base, "bias")
@@ -191,4 +231,6 @@ def register_bnb_layers(registry: Optional[dict] = None, readers: Optional[list]
     registry.update(FUSED_BNB_LAYER_TYPES)
     if bnb is not None and read_bnb_base not in readers:
         readers.append(read_bnb_base)
+    if bnb is not None and serving_rule not in SERVING_RULES:
+        SERVING_RULES.append(serving_rule)
     return registry

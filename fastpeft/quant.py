@@ -199,13 +199,17 @@ class QuantizedWeight:
         in-place writes that torch counts (``copy_`` on the parameter), so a layer pays for undoing bitsandbytes' CPU
         repack, and for any ``derived`` copy, once, not per call. bitsandbytes replaces the tensors (new pointers)
         when it requantizes or repacks."""
-        raw = data if data.dtype == torch.uint8 else data.view(torch.uint8)
-        stamp = (raw.data_ptr(), raw._version, state.absmax.data_ptr(), state.absmax._version,
-                 bool(getattr(state, "packing_format_for_cpu", False)), tuple(state.shape), raw.numel())
+        # ``data`` may be the parameter itself: its pointer and version counter are its data's, and reading them
+        # costs less than ``param.data`` (a new tensor object per call).
+        stamp = (data.data_ptr(), data._version, state.absmax.data_ptr(), state.absmax._version,
+                 bool(getattr(state, "packing_format_for_cpu", False)), tuple(state.shape), data.numel(),
+                 data.element_size())
         key = id(state)
         cached = _FROM_STATE.get(key)
         if cached is not None and cached[0]() is state and cached[1] == stamp:
             return cached[2]
+        data = data.detach()
+        raw = data if data.dtype == torch.uint8 else data.view(torch.uint8)
         weight = cls._from_quant_state(raw, state)
         try:
             ref = weakref.ref(state, lambda dead, key=key: _forget_state(key, dead))
@@ -241,7 +245,7 @@ class QuantizedWeight:
         if state is None and module is not None:
             state = getattr(module, "quant_state", None)
         if state is not None:
-            return cls.from_quant_state(param.data, state)
+            return cls.from_quant_state(param, state)
         if param.dtype == torch.int8:
             scb = getattr(param, "SCB", None)
             if scb is None and module is not None:

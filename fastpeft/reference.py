@@ -57,7 +57,14 @@ def lora_linear(
     PEFT's ``_cast_input_dtype`` does, cumulatively), each adapter term is computed in its own dtype, the sum is
     carried in the promoted dtype and the result is cast back to the base output's dtype.
     """
-    result = torch.nn.functional.linear(x, weight, bias)
+    return add_lora_terms(torch.nn.functional.linear(x, weight, bias), x, lora_A, lora_B, lora_bias, scaling,
+                          dropout_p, seeds)
+
+
+def add_lora_terms(result: torch.Tensor, x: torch.Tensor, lora_A, lora_B, lora_bias, scaling, dropout_p,
+                   seeds) -> torch.Tensor:
+    """PEFT's adapter terms added to a base output ``result`` ``(M, N)`` for ``x`` ``(M, K)``, as in
+    :func:`lora_linear`; returns ``(M, N)`` in ``result``'s dtype."""
     result_dtype = result.dtype
     for xi, A, B, b, s, p, seed in zip(adapter_inputs(x, lora_A), lora_A, lora_B, lora_bias, scaling, dropout_p,
                                        seeds):

@@ -94,6 +94,12 @@ ROUTES: dict[str, dict[str, str]] = {
         "cuda_kernels": "cuBLAS for dY W, dY B and dY^T h; fastpeft's CUDA kernels for the masked (g A) added to dX in "
                         "place and for dA (mask regenerated)",
     },
+    "lora_update": {
+        "compose": "adapter terms alone on a base output computed elsewhere (bitsandbytes' bf16 serving of an fp32 "
+                   "layer): x A^T by the vendor GEMM in the adapter's dtype, y.addmm_(xa, B^T, alpha=s)",
+        "fused": "the same by the C++ passes: x A^T over x once for all adapters, the in-place epilogue (fp32 update, "
+                 "y rounded once)",
+    },
     "lora_mixed_forward": {
         "compose": "mixed-adapter batch: per adapter a gather of its rows, x A^T and (.) B^T by torch in the adapter's "
                    "dtype, index_add_ into the base output",

@@ -23,7 +23,9 @@ from test_cpu_backend import (  # noqa: F401  (pytestmark: skip without the exte
 )
 from test_cpu_backend import isa as isa  # noqa: F401  (the per-SIMD-path fixture, requested by name)
 
+from fastpeft import reference
 from fastpeft import routing as routes
+from fastpeft.backends import cpu as cpu_backend
 from fastpeft.backends.cpu import BACKEND as CPU
 from fastpeft.backends.cpu import _bnb_cpu_kernel
 from fastpeft.quant import QuantizedWeight, _untile_cpu_repack
@@ -185,6 +187,23 @@ def test_bnb_native_route_matches_reference(kind, nested, ranks, M):
     assert qw.cpu_kernel_layout()[0] is packed, "the tiled copy is made again on every call"
 
 
+@pytest.mark.skipif(not AVAILABLE or _bnb_cpu_kernel() is None or cpu_backend._direct_bnb_kernels() is None,
+                    reason="bitsandbytes' CPU serving functions are not called directly on this host")
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_direct_bnb_call_is_bitsandbytes_own_op(kind):
+    """The ctypes call of bitsandbytes' serving function gives bit for bit what its registered op gives (a row-sliced
+    input included): the shortcut skips the op's dispatch and wrapper, never changes the product."""
+    N, K = 96, 256
+    qw, _ = quantize(kind, False, N, K, torch.bfloat16, seed=3)
+    packed, absmax = qw.cpu_kernel_layout()
+    wide = torch.randn(5, K + 8).to(torch.bfloat16)
+    for x in (wide[:, :K].contiguous(), wide[:, 4:4 + K], wide[:1, :K]):
+        direct = _bnb_cpu_kernel()(x, packed, absmax, qw)
+        via_op = torch.ops.bitsandbytes.gemv_4bit.default(x.contiguous(), packed, [N, K], absmax, qw.code,
+                                                           qw.blocksize)
+        assert torch.equal(direct, via_op), kind
+
+
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "out"])
 @pytest.mark.parametrize("M", [3, 33])
 @pytest.mark.parametrize("kind,nested", [("nf4", True), ("int8", False)], ids=["nf4-nested", "int8"])
@@ -235,3 +254,60 @@ def test_bad_quantized_weight_is_named():
         _C.quant_linear(torch.randn(2, 15), tuple(good), None, None, None, 1.0, 16, 0)
     with pytest.raises(RuntimeError, match="grad_y must be contiguous fp32"):
         _C.quant_grad_x(torch.randn(2, 16), tuple(good), 0)
+
+
+@pytest.mark.parametrize("ranks", [(4,), (3, 5)], ids=["r4", "r3+5"])
+@pytest.mark.parametrize("M", [1, 37])
+@pytest.mark.parametrize("xname", ["fp32", "bf16", "fp16"])
+def test_lora_update_every_route_matches_reference(xname, M, ranks, monkeypatch):
+    """``lora_update`` (the adapter terms alone on a base output computed elsewhere, no dropout): every route against
+    the reference's terms; and a measured call (every route timed, each on its own copy of ``y``) returns ``y``
+    updated exactly once and leaves the caller's ``y`` as it was."""
+    xdt = DT[xname]
+    N, K = 80, 96
+    qw, _ = quantize("nf4", False, N, K, torch.float32, seed=M)
+    x, A, B, lb, _, y0 = lora_case(M, K, N, ranks, xdt, seed=M + 1)
+    s = [0.5, 1.5][: len(ranks)]
+    zeros = [0.0] * len(ranks)
+    want = reference.add_lora_terms(y0.float(), x.float(), A, B, lb, s, zeros, [0] * len(ranks))
+    want_low = reference.add_lora_terms(y0, x, A, B, lb, s, zeros, [0] * len(ranks))
+    ran = []
+    for route in each_route("lora_update"):
+        y = y0.clone()
+        got = CPU.add_lora_(x, y, qw, A, B, lb, s)
+        assert routes.last_route("lora_update") == route
+        ran.append(route)
+        assert got.dtype == xdt
+        assert_within_2x(f"{route}: y", got, want_low, want)
+    assert ran == ["compose", "fused"], ran
+    monkeypatch.setattr(routes, "CONFIRM_AFTER_CALLS", 0)
+    routes.clear_choices()
+    y = y0.clone()
+    got = CPU.add_lora_(x, y, qw, A, B, lb, s)
+    assert_within_2x("measured call: y", got, want_low, want)
+    assert torch.equal(y, y0), "measuring the routes wrote into the caller's y"
+    routes.clear_choices()
+
+
+@pytest.mark.parametrize("kind,nested", [("nf4", True), ("fp4", False), ("int8", False)])
+def test_base_linear_every_route_matches_reference(kind, nested):
+    """The base product alone (``functional.base_linear``: the LoRA forward's routes with no adapters), every route
+    where it can serve, against the reference; refused for an input that requires grad."""
+    from fastpeft import functional
+
+    N, K = 96, 128
+    qw, dense = quantize(kind, nested, N, K, torch.float32, seed=5)
+    g = torch.Generator().manual_seed(6)
+    x, bias = torch.randn(9, K, generator=g).to(torch.bfloat16), torch.randn(N, generator=g).to(torch.bfloat16)
+    want = REF.lora_forward(x, qw, bias, [], [], [], [], [], [])[0]
+    want_o = x.float() @ dense.t() + bias.float()
+    ran = []
+    for route in each_route("lora_forward"):
+        y = functional.base_linear(x, qw, bias)
+        if routes.last_route("lora_forward") != route:
+            continue  # not eligible here (bnb_native without bitsandbytes' kernel, int8; the Triton routes)
+        ran.append(route)
+        assert_within_2x(f"{route}: y", y, want, want_o)
+    assert {"compose", "fused", "gemv"} <= set(ran), ran
+    with pytest.raises(ValueError, match="no autograd"):
+        functional.base_linear(x.float().requires_grad_(True), qw, bias)

@@ -16,7 +16,7 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 
-from checks import assert_close  # noqa: E402
+from checks import assert_close, rel_err  # noqa: E402
 from quant_oracle import dequantize_4bit  # noqa: E402
 
 import fastpeft  # noqa: E402
@@ -196,8 +196,10 @@ def test_lora_dropout_training_runs_and_matches_eval_without_dropout():
     assert_close("training y (dropout 0.3)", y1, expected, 1e-4)
     assert (y1 - pm.eval()(x)).abs().max() > 1e-3, "dropout must change the training output"
     pm.eval()
-    y_ref, _, _ = _lora_reference(pm, x)
-    assert_close("eval y", pm(x), y_ref, 1e-4)
+    # In evaluation the first layer's input has no grad: where bitsandbytes serves it in bf16, so does fastpeft.
+    served = ("up",) if pm.base_model.model.up.get_base_layer().support_avx512bf16_for_cpu else ()
+    leaves = {n: p.detach().float() for n, p in pm.named_parameters() if p.requires_grad}
+    assert_close("eval y", pm(x), _served_reference(pm, x, leaves, served).detach(), 1e-2 if served else 1e-4)
 
 
 def test_disabled_adapters_give_base_with_input_gradient():
@@ -253,7 +255,8 @@ def test_save_pretrained_round_trip(tmp_path, base):
     pm = _lora_model(kind, nested, torch.float32, seed=3)
     fastpeft.accelerate(pm, strict=True)
     x = torch.randn(3, K)
-    y = pm(x).detach()
+    with torch.no_grad():  # from_pretrained loads frozen adapters for evaluation: compare the same kind of call
+        y = pm.eval()(x)
     pm.save_pretrained(str(tmp_path))
     fresh = peft.PeftModel.from_pretrained(_mark_quantized(MLP(kind, nested, torch.float32, seed=3), kind),
                                            str(tmp_path))
@@ -410,6 +413,9 @@ def test_merged_and_disabled_qlora_model_never_runs_bitsandbytes_forward(tmp_pat
     quantization = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
     quantized = tf.LlamaForCausalLM.from_pretrained(str(tmp_path), quantization_config=quantization)
     model = fastpeft.patch(quantized, r=4, init_lora_weights=False)
+    for module in model.modules():  # as on a CPU without AVX512-BF16: bitsandbytes' meaning is then fp32
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
     calls = []
     for cls in (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt):
         original = cls.forward
@@ -454,3 +460,85 @@ def test_bnb_registration_is_explicit_and_fusable_answers_the_same_before_accele
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "(True, '')", proc.stdout
+
+
+def _served_reference(pm, x, leaves, served=("up", "down")):
+    """What bitsandbytes' CPU serving kernel makes of an fp32 call (eval, input without grad) to the layers in
+    ``served``: the base product from ``x`` rounded to bf16 and the weight rounded to bf16, the product rounded to
+    bf16, then the bias and PEFT's fp32 adapter terms. Other layers: fp32 products. Differentiable in the adapter
+    ``leaves``."""
+    def layer(name, inp):
+        mod = dict(pm.named_modules())[f"base_model.model.{name}"]
+        base = mod.get_base_layer()
+        if name in served:
+            product = (inp.detach().bfloat16().float() @ _dense(base).bfloat16().float().t()).bfloat16().float()
+        else:
+            product = inp @ _dense(base).t()
+        y = product + base.bias.float()
+        A = leaves[f"base_model.model.{name}.lora_A.default.weight"]
+        B = leaves[f"base_model.model.{name}.lora_B.default.weight"]
+        return y + (inp @ A.t() @ B.t()) * mod.scaling["default"]
+
+    return layer("down", torch.nn.functional.gelu(layer("up", x)))
+
+
+@pytest.mark.parametrize("layer_class", ["peft-bnb", "generic"])
+@pytest.mark.parametrize("base", BASES[:3])
+def test_fp32_evaluation_computes_the_base_in_bf16_where_bitsandbytes_does(base, layer_class):
+    """Where bitsandbytes serves a 4-bit layer with its CPU kernel (eval, input without grad, a CPU with
+    AVX512-BF16: forced here by the layer's own flag, so every host runs the test), that kernel computes in bf16
+    whatever the compute dtype, and PEFT's output carries that rounding: the fused layers compute the base product in
+    bf16 there too, and keep fp32 in training and for inputs that require grad."""
+    kind, nested = base
+    pm = _lora_model(kind, nested, torch.float32, peft_bnb_classes=layer_class == "peft-bnb")
+    fastpeft.accelerate(pm, strict=True)
+    for module in pm.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = True
+    x = torch.randn(3, 7, K)
+    leaves = {n: p.detach().float().clone().requires_grad_(True) for n, p in pm.named_parameters() if p.requires_grad}
+    pm.eval()
+    with torch.no_grad():
+        y = pm(x)
+    want = _served_reference(pm, x, leaves)
+    # bf16-level tolerance: bitsandbytes' kernel (one of the routes where it is loaded) also rounds the scales to
+    # bf16, 3.5e-3 relative error per layer on its own against the product of bf16-rounded weights.
+    served_tol = 1e-2
+    assert_close("y (eval, served in bf16)", y, want.detach(), served_tol)
+    y_fp32, _, _ = _lora_reference(pm, x)
+    assert rel_err(y, y_fp32.detach()) > 1e-4, "the eval output kept fp32 products: not bitsandbytes' meaning"
+
+    # Only the base product is rounded: with B = 0 and no bias the first layer's output is bf16-exact.
+    up = pm.base_model.model.up
+    with torch.no_grad():
+        saved_B, saved_bias = up.lora_B["default"].weight.clone(), up.get_base_layer().bias.clone()
+        up.lora_B["default"].weight.zero_()
+        up.get_base_layer().bias.zero_()
+        z = up(x)
+        assert torch.equal(z, z.bfloat16().float()), "the served base product was not rounded to bf16"
+        up.lora_B["default"].weight.copy_(saved_B)
+        up.get_base_layer().bias.copy_(saved_bias)
+
+    if layer_class == "peft-bnb":  # (the generic class hands disabled adapters to PEFT's forward)
+        # Disabled adapters: the base alone, served in bf16 as bitsandbytes' forward would be.
+        no_adapters = {n: (torch.zeros_like(t) if "lora_B" in n else t) for n, t in leaves.items()}
+        with pm.disable_adapter(), torch.no_grad():
+            assert_close("y (adapters disabled)", pm(x), _served_reference(pm, x, no_adapters).detach(), served_tol)
+
+    # Evaluation that records autograd for the adapters: the first layer's input has no grad and is served, the
+    # second one's input carries the first adapters' grad (bitsandbytes would not serve it); gradients through both.
+    y = pm(x)
+    want = _served_reference(pm, x, leaves, served=("up",))
+    assert_close("y (eval, grad enabled)", y, want.detach(), served_tol)
+    gy = torch.randn(y.shape)
+    y.backward(gy)
+    want.backward(gy)
+    for name, p in pm.named_parameters():
+        if p.requires_grad:
+            assert_close(f"d{name}", p.grad, leaves[name].grad, served_tol)
+
+    # Training calls and inputs that require grad keep fp32 products.
+    pm.train()
+    assert_close("y (train)", pm(x), y_fp32.detach(), TOL[torch.float32])
+    pm.eval()
+    assert_close("y (eval, x requires grad)", pm(x.clone().requires_grad_(True)), y_fp32.detach(), TOL[torch.float32])

@@ -26,6 +26,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import reference
+
 
 class Backend:
     """Base class: a named backend that may or may not be usable here.
@@ -86,6 +88,20 @@ class Backend:
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------------------ IA3
+    def add_lora_(self, x, y, weight, lora_A, lora_B, lora_bias, scaling):
+        """``y + sum_i s_i (x_i A_i^T B_i^T + b_i)`` without dropout for a base output ``y`` ``(M, N)`` computed
+        elsewhere, in ``y``'s dtype (in place where the backend can); ``x`` ``(M, K)``, ``weight`` the layer's base
+        weight (its shape keys the route). No autograd: callers that record it use
+        ``fastpeft.reference.add_lora_terms``. Default: that reference."""
+        n = len(lora_A)
+        return reference.add_lora_terms(y, x, lora_A, lora_B, lora_bias, scaling, [0.0] * n, [0] * n)
+
+    def base_linear(self, x, weight, bias):
+        """``x W^T + b`` ``(M, N)`` in ``x``'s dtype, no autograd (an evaluation call's base product alone). Default:
+        the IA3 forward with a feedforward vector of ones (exact), so every backend has it."""
+        ones = torch.ones(weight.shape[1], dtype=x.dtype, device=x.device)
+        return self.ia3_forward(x, weight, bias, ones, True)
+
     def ia3_forward(
         self, x: torch.Tensor, weight, bias: Optional[torch.Tensor], scale: torch.Tensor, is_feedforward: bool
     ) -> torch.Tensor:

@@ -51,7 +51,9 @@ def add_adapters(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, dow
         terms.append((xa, B.detach(), b, float(s)))
     if len(terms) == 1:
         xa, B, b, s = terms[0]
-        y.addmm_(xa.to(y.dtype), B.t().to(y.dtype), alpha=s)
+        Bt = B.t()
+        y.addmm_(xa if xa.dtype == y.dtype else xa.to(y.dtype), Bt if Bt.dtype == y.dtype else Bt.to(y.dtype),
+                 alpha=s)  # (a no-op .to still costs a dispatch: this runs per decoded token)
         if b is not None:
             y.add_(b.detach().to(y.dtype), alpha=s)
     elif terms:

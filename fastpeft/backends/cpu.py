@@ -173,21 +173,52 @@ def _dense_gemv(x, weight, bias32, xs, B, lora_scale) -> torch.Tensor:
 _bnb_kernel: dict[str, object] = {}
 
 
+def _direct_bnb_kernels() -> Optional[dict]:
+    """bitsandbytes' CPU serving functions of its own C library (``{"nf4": f, "fp4": f}``), called directly, or None.
+    Only where its ``gemv_4bit`` CPU kernel would call them itself (it prefers a hub kernel when one is installed):
+    the registered op's Python wrapper and dispatch cost about as much as the whole product of a decoding step."""
+    ops = sys.modules.get("bitsandbytes.backends.cpu.ops")
+    if ops is None or getattr(ops, "gemm_4bit_forward_kernel", "absent") is not None:
+        return None
+    lib = getattr(ops, "lib", None)
+    functions = {kind: getattr(lib, f"gemv_4bit_inference_cpu_{kind}_bf16", None) for kind in ("nf4", "fp4")}
+    return functions if all(functions.values()) else None
+
+
 def _bnb_cpu_kernel():
-    """bitsandbytes' AVX-512 BF16 4-bit CPU kernel (``torch.ops.bitsandbytes.gemv_4bit``), or None when bitsandbytes
-    is not loaded or has no such kernel here. Never imports bitsandbytes itself."""
+    """bitsandbytes' AVX-512 BF16 4-bit CPU kernel as ``f(x, packed, absmax, weight) -> (M, N) bf16`` (``x``
+    ``(M, K)`` bf16 with unit-stride rows), or None when bitsandbytes is not loaded or has no such kernel here. Never
+    imports bitsandbytes itself."""
     if "op" not in _bnb_kernel:
-        op = None
+        run = None
         if "bitsandbytes" in sys.modules:
             try:
                 from bitsandbytes.functional import has_avx512bf16
 
                 if has_avx512bf16():
-                    op = torch.ops.bitsandbytes.gemv_4bit.default
+                    run = _bnb_runner(torch.ops.bitsandbytes.gemv_4bit.default, _direct_bnb_kernels())
             except Exception:
-                op = None
-        _bnb_kernel["op"] = op
+                run = None
+        _bnb_kernel["op"] = run
     return _bnb_kernel["op"]
+
+
+def _bnb_runner(op, direct: Optional[dict]):
+    """The call of :func:`_bnb_cpu_kernel`: the C functions through ctypes when ``direct``, else the torch op."""
+    if direct is None:
+        return lambda x, packed, absmax, w: op(x, packed, list(w.shape), absmax, w.code, int(w.blocksize))
+    import ctypes
+
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+
+    def run(x, packed, absmax, w):
+        (M, K), N = x.shape, w.shape[0]
+        y = torch.empty(M, N, dtype=torch.bfloat16)
+        direct[w.kind](i64(M), i64(N), i64(K), ptr(x.data_ptr()), ptr(packed.data_ptr()), ptr(absmax.data_ptr()),
+                       ptr(y.data_ptr()), i64(w.blocksize), i64(x.stride(0)), i64(N))
+        return y
+
+    return run
 
 
 def _bnb_eligible(x, weight) -> bool:
@@ -201,7 +232,7 @@ def _bnb_eligible(x, weight) -> bool:
 def _bnb_product(x, weight: QuantizedWeight, bias) -> torch.Tensor:
     """``x w^T + b`` in bf16 by bitsandbytes' CPU kernel, from the tiled copy kept with ``weight``."""
     packed, absmax = weight.cpu_kernel_layout()
-    y = _bnb_cpu_kernel()(x.contiguous(), packed, list(weight.shape), absmax, weight.code, int(weight.blocksize))
+    y = _bnb_cpu_kernel()(_rows(x), packed, absmax, weight)
     if bias is not None:
         y = y.add_(bias.detach().to(x.dtype))
     return y
@@ -467,6 +498,24 @@ class CpuBackend(Backend):
             candidates["bnb_native"] = lambda: _forward_bnb(*args)
             candidates["bnb_native_fused"] = lambda: _forward_bnb(*args, fused=True)
         return routes.run(self._key("lora_forward", x, weight, lora_A, dropout_p), candidates)
+
+    def base_linear(self, x, weight, bias):
+        # The LoRA forward's routes with no adapters: the same measured choice of base product, without IA3's scaling
+        # of x by ones.
+        return self.lora_forward(x, weight, bias, [], [], [], [], [], [])[0]
+
+    def add_lora_(self, x, y, weight, lora_A, lora_B, lora_bias, scaling):
+        zeros, seeds = [0.0] * len(lora_A), [0] * len(lora_A)
+        adders = {"compose": _add_adapters, "fused": _add_adapters_fused}
+        key = self._key("lora_update", x, weight, lora_A, zeros)
+        route = routes.settled(key, adders)
+        if route is not None:  # no measurement: the route updates y in place
+            add = adders[route]
+            candidates = {route: lambda: add(x, y, lora_A, lora_B, lora_bias, scaling, zeros, seeds)[0]}
+        else:  # measurement runs every candidate several times: each on its own copy of y
+            candidates = {name: (lambda add=add: add(x, y.clone(), lora_A, lora_B, lora_bias, scaling, zeros,
+                                                     seeds)[0]) for name, add in adders.items()}
+        return routes.run(key, candidates)
 
     def lora_backward(
         self, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A

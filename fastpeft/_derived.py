@@ -82,12 +82,6 @@ DERIVED_CACHE_BYTES = 512 * 2**20
 SHARED = DerivedTensors(DERIVED_CACHE_BYTES)
 
 
-def transposed_fp32(B: torch.Tensor, cache: "DerivedTensors | None" = None) -> torch.Tensor:
-    """``B^T`` (r, N) as contiguous fp32 for an adapter's ``B`` (N, r), kept in ``cache`` (default ``SHARED``) while
-    ``B`` is unchanged: the layout the CPU passes stream (the LoRA epilogue and the mixed-batch pass share it)."""
-    return (cache or SHARED).get_one(B, lambda: B.detach().to(torch.float32).t().contiguous())
-
-
 _scope = threading.local()
 
 

@@ -39,7 +39,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from . import routing
-from ._derived import SHARED, transposed_fp32
+from ._derived import SHARED
 from .backends import get_backend
 from .backends.compose import lossless
 from .functional import draw_seeds
@@ -222,11 +222,14 @@ _EMPTY = torch.empty(0)
 
 def _cpu_operands(adapters: MixedAdapters, i: int) -> tuple:
     """Adapter ``i`` as ``fastpeft._C.lora_mixed_`` takes it: ``A`` ``(r, K)``, ``B^T`` ``(r, N)`` and ``s b``
-    ``(N,)`` (or empty), contiguous fp32, kept across calls."""
+    ``(N,)`` (or empty), contiguous fp32, kept across calls for frozen adapters (``fastpeft._derived``; trainable
+    ones are converted per call, ``B^T`` by the C++ transpose)."""
+    from . import _C  # type: ignore[attr-defined]
+
     A, B, b, s = adapters.lora_A[i], adapters.lora_B[i], adapters.lora_bias[i], adapters.scaling[i]
     if not (A.dtype == _F32 and A.is_contiguous()):
         A = _derived.get_one(A, lambda: A.detach().to(_F32).contiguous())
-    Bt = transposed_fp32(B, _derived)
+    Bt = _derived.get_one(B, lambda: _C.stack_transposed([B]))
     if b is not None:
         b = _derived.get_one(b, lambda: (b.detach().to(_F32) * s).contiguous(), extra=s)
     return A, Bt, _EMPTY if b is None else b

@@ -75,6 +75,34 @@ def read_base_weight(base: nn.Module, fan_in_fan_out: bool):
     return None
 
 
+def _quantized_base(layer: nn.Module) -> bool:
+    """Whether the layer's base is one a reader describes by a ``QuantizedWeight`` (a bitsandbytes linear)."""
+    base = direct_base_layer(layer)
+    if type(base) in _DENSE_BASE_TYPES:  # (exact types: bitsandbytes' linears subclass nn.Linear)
+        return False
+    found = read_base_weight(base, layer.fan_in_fan_out)
+    return found is not None and not isinstance(found[0], torch.Tensor)
+
+
+def quantized_product(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x deq(W)^T + b`` through the functional layer, with a correct input gradient (bitsandbytes' own CPU matmul
+    would give a wrong one). Routed as IA3 with a feedforward scale of exact ones: the product is unchanged and the
+    backward's only extra work is an elementwise ``(M, K)`` reduction. (A LoRA call with zero adapters would be the
+    natural route, but not every backend accepts empty adapter lists.)"""
+    ones = torch.ones(1, weight.shape[1], dtype=x.dtype, device=x.device)
+    return functional.ia3_linear(x, weight, bias, [ones], True)
+
+
+def quantized_base_only(layer: nn.Module, x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The base alone for a layer over a quantized base with no adapter active (disabled or merged): by a
+    ``SERVING_RULES`` entry where the base's library fixes the call's meaning, else :func:`quantized_product`."""
+    for rule in SERVING_RULES:
+        y = rule(layer, x, direct_base_layer(layer), weight, [])
+        if y is not None:
+            return y
+    return quantized_product(x, weight, bias)
+
+
 def direct_base_layer(layer: nn.Module) -> nn.Module:
     """PEFT's ``get_base_layer()`` without its ``hasattr`` walk in the common case of one wrapping level."""
     base = layer._modules["base_layer"]
@@ -215,11 +243,18 @@ class FusedLoraLinear(PeftLoraLinear):
         return super().unmerge()
 
     def _fused_call(self, x, args, kwargs):
-        """Arguments for ``functional.lora_linear``, or None when PEFT's own forward must run."""
-        if args or kwargs or self.disable_adapters or self.merged:
+        """``(active adapters, weight, bias)`` for ``functional.lora_linear``, or None when PEFT's own forward must
+        run. Disabled or merged adapters leave a quantized base to fastpeft's product (no active adapters) and a
+        dense one to PEFT's forward, which is the base layer's."""
+        if args or kwargs:
             return None
+        base_only = self.disable_adapters or self.merged
+        if base_only and not _quantized_base(self):
+            return None
+        if self.disable_adapters and self.merged:
+            self.unmerge()  # as PEFT's forward does
         downs = self._modules["lora_A"]._modules
-        active = [name for name in self.active_adapters if name in downs]
+        active = [] if base_only else [name for name in self.active_adapters if name in downs]
         if self.lora_variant and any(name in self.lora_variant for name in active) and (
                 dora.unfused_variant_reason(self, active) is not None):
             return None
@@ -241,7 +276,9 @@ class FusedLoraLinear(PeftLoraLinear):
         active, weight, bias = call
         check_input(self, x, weight, self.in_features)
         if not active:
-            return self.base_layer(x)
+            if isinstance(weight, torch.Tensor):
+                return self.base_layer(x)
+            return quantized_base_only(self, x, weight, bias)
         if self.training and functional.capturing_cuda_graph(x) and _any_dropout(self, active):
             return super().forward(x, *args, **kwargs)  # torch's dropout is graph-safe, fastpeft's host seeds are not
         if self.lora_variant and any(name in self.lora_variant for name in active):

@@ -44,6 +44,7 @@ from .layers import (
     layer_name,
     mixed_batch_forward,
     parameter,
+    quantized_product,
 )
 from .quant import QuantizedWeight, is_bnb_quantized
 
@@ -116,15 +117,6 @@ def read_bnb_base(base: nn.Module, fan_in_fan_out: bool):
     return QuantizedWeight.from_bnb_linear(base), bias
 
 
-def _base_only(x: torch.Tensor, qw: QuantizedWeight, bias) -> torch.Tensor:
-    """``x deq(W)^T + b`` through the functional layer, with a correct input gradient (disabled or merged adapters;
-    bitsandbytes' own CPU matmul would give a wrong one). Routed as IA3 with a feedforward scale of exact ones: the
-    product is unchanged and the backward's only extra work is an elementwise ``(M, K)`` reduction. (A LoRA call
-    with zero adapters would be the natural route, but not every backend accepts empty adapter lists.)"""
-    ones = torch.ones(1, qw.shape[1], dtype=x.dtype, device=x.device)
-    return functional.ia3_linear(x, qw, bias, [ones], True)
-
-
 class _FusedBnbLoraMixin:
     """Forward shared by the LoRA twins; ``x`` ``(..., in_features)`` -> ``(..., out_features)`` in ``x``'s dtype."""
 
@@ -164,7 +156,7 @@ class _FusedBnbLoraMixin:
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
         if not active:
-            y = _base_only(xc, qw, bias)
+            y = quantized_product(xc, qw, bias)
         elif self.training and functional.capturing_cuda_graph(x) and _any_dropout(self, active):
             return super().forward(x, *args, **kwargs)  # torch's dropout is graph-safe, fastpeft's host seeds are not
         elif with_dora:
@@ -187,14 +179,14 @@ class _FusedBnbIA3Mixin:
         if self.disable_adapters:
             dtype = compute_dtype(base, x)
             bias = base.bias.to(dtype) if base.bias is not None else None
-            return _base_only(x.to(dtype), qw, bias).to(x.dtype)
+            return quantized_product(x.to(dtype), qw, bias).to(x.dtype)
         vectors = [self.ia3_l[name] for name in self.active_adapters if name in self.ia3_l]
         convert = not torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float32
         xf = x.float() if convert else x
         dtype = compute_dtype(base, xf)
         bias = base.bias.to(dtype) if base.bias is not None else None
         if not vectors:
-            return _base_only(xf.to(dtype), qw, bias).to(xf.dtype)
+            return quantized_product(xf.to(dtype), qw, bias).to(xf.dtype)
         return functional.ia3_linear(xf.to(dtype), qw, bias, vectors, self.is_feedforward).to(xf.dtype)
 
 

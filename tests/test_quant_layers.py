@@ -542,3 +542,47 @@ def test_fp32_evaluation_computes_the_base_in_bf16_where_bitsandbytes_does(base,
     assert_close("y (train)", pm(x), y_fp32.detach(), TOL[torch.float32])
     pm.eval()
     assert_close("y (eval, x requires grad)", pm(x.clone().requires_grad_(True)), y_fp32.detach(), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_generic_class_with_disabled_or_merged_adapters_never_runs_bitsandbytes_forward(kind, monkeypatch):
+    """PEFT's generic ``lora.Linear`` over a bitsandbytes base with adapters disabled or merged: the base product is
+    fastpeft's (bitsandbytes' forward never runs: its CPU matmul gives a wrong input gradient, and on AVX-512 hosts
+    it repacks the weight in place), with the dequantized base's output and input gradient; disabling a merged model
+    unmerges it first, as PEFT's forward does; evaluation calls follow bitsandbytes' bf16 serving rule."""
+    pm = _lora_model(kind, kind == "nf4", torch.float32, seed=5, peft_bnb_classes=False)
+    fastpeft.accelerate(pm, strict=True)
+    up = pm.base_model.model.up
+    assert type(up) is FusedLoraLinear
+    calls = []
+    for cls in (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt):
+        original = cls.forward
+        monkeypatch.setattr(cls, "forward", lambda self, *a, _f=original, **k: calls.append(self) or _f(self, *a, **k))
+    x = torch.randn(3, K, requires_grad=True)
+    with pm.disable_adapter():
+        y = pm(x)
+    xr = x.detach().clone().requires_grad_(True)
+    want = _plain_reference(pm, xr)
+    assert_close("disabled y", y, want, 1e-4)
+    gy = torch.randn(y.shape)
+    y.backward(gy)
+    want.backward(gy)
+    assert_close("disabled dx", x.grad, xr.grad, 1e-4)
+
+    with pytest.warns(UserWarning, match="rounding"):
+        pm.merge_adapter()
+    assert_close("merged y", pm(x), _plain_reference(pm, x), 1e-4)
+    with pytest.warns(UserWarning, match="rounding"), pm.disable_adapter():
+        pm(x)
+    assert not up.merged, "disabling merged adapters must unmerge them first"
+
+    if kind == "nf4":  # an evaluation call of the bases alone, where bitsandbytes would serve it in bf16
+        for module in pm.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = True
+        leaves = {n: (torch.zeros_like(p) if "lora_B" in n else p.detach().float())
+                  for n, p in pm.named_parameters() if p.requires_grad}
+        pm.eval()
+        with pm.disable_adapter(), torch.no_grad():
+            assert_close("disabled y (eval, served in bf16)", pm(x), _served_reference(pm, x, leaves).detach(), 1e-2)
+    assert not calls, f"bitsandbytes' forward ran on {len(calls)} calls"

@@ -93,14 +93,20 @@ def quantized_product(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> 
     return functional.ia3_linear(x, weight, bias, [ones], True)
 
 
+def served_output(layer: nn.Module, x: torch.Tensor, weight, active: list) -> Optional[torch.Tensor]:
+    """The layer's output by the first ``SERVING_RULES`` entry that claims this call, else None."""
+    for rule in SERVING_RULES:
+        y = rule(layer, x, direct_base_layer(layer), weight, active)
+        if y is not None:
+            return y
+    return None
+
+
 def quantized_base_only(layer: nn.Module, x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """The base alone for a layer over a quantized base with no adapter active (disabled or merged): by a
     ``SERVING_RULES`` entry where the base's library fixes the call's meaning, else :func:`quantized_product`."""
-    for rule in SERVING_RULES:
-        y = rule(layer, x, direct_base_layer(layer), weight, [])
-        if y is not None:
-            return y
-    return quantized_product(x, weight, bias)
+    y = served_output(layer, x, weight, [])
+    return quantized_product(x, weight, bias) if y is None else y
 
 
 def direct_base_layer(layer: nn.Module) -> nn.Module:
@@ -286,10 +292,9 @@ class FusedLoraLinear(PeftLoraLinear):
                 return super().forward(x)
             return dora.layer_forward(self, x, active, weight, bias, direct_base_layer(self).weight, layer_name(self))
         if SERVING_RULES and not isinstance(weight, torch.Tensor):
-            for rule in SERVING_RULES:
-                y = rule(self, x, direct_base_layer(self), weight, active)
-                if y is not None:
-                    return y
+            y = served_output(self, x, weight, active)
+            if y is not None:
+                return y
         return functional.lora_linear(x, weight, bias, *adapter_arguments(self, active))
 
 

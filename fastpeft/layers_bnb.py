@@ -4,12 +4,15 @@ PEFT builds ``peft.tuners.lora.bnb.Linear4bit`` / ``Linear8bitLt`` and ``peft.tu
 ``Linear8bitLt`` around ``bitsandbytes.nn.Linear4bit`` / ``Linear8bitLt``. Their twins here subclass them (so merge,
 unmerge, ``merge_and_unload``, save/load and state_dict keys stay PEFT's) and replace ``forward``: the base weight is
 described by a ``fastpeft.quant.QuantizedWeight`` (no copy) and the whole layer, base product included, goes
-through ``fastpeft.functional``. bitsandbytes' own matmul is never called, so the CPU gradient bugs of bitsandbytes
+through ``fastpeft.functional``. bitsandbytes' forward and matmul are never called (its AVX-512 serving kernel is
+one measured route for bf16 products, on a tiled copy fastpeft keeps), so the CPU gradient bugs of bitsandbytes
 0.50.2 (wrong input gradient through ``Linear4bit``, none under IA3) are not inherited, and the CPU inference repack
 never happens. No dequantized weight is saved for backward: the autograd functions keep the ``QuantizedWeight``.
 
 Dtypes follow bitsandbytes and PEFT: ``Linear4bit`` computes in its compute dtype (set from the first input, as
-bitsandbytes' ``set_compute_type`` does) and returns the input's dtype; ``Linear8bitLt`` computes in the input's
+bitsandbytes' ``set_compute_type`` does), except where bitsandbytes' forward would serve the call in bf16
+(``served_in_bf16``: evaluation of a CPU input without grad on an AVX512-BF16 CPU), and returns the input's dtype;
+``Linear8bitLt`` computes in the input's
 dtype. The int8 weight is used as ``int8 * SCB / 127`` whatever the layer's outlier ``threshold``: with
 ``threshold > 0`` bitsandbytes would instead run outlier input columns against the same dequantized columns in fp16,
 so fastpeft's result is the same product without the int8 rounding of the activations (closer to the fp reference).

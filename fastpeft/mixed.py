@@ -323,13 +323,8 @@ def add_mixed_lora_(x: torch.Tensor, y: torch.Tensor, adapter_names: Sequence[st
         elif backend.name == "triton" and _sgmv_eligible(adapters, present):
             routes["sgmv"] = _sgmv_triton
     key = _route_key(backend.name, x2, y2, adapters, present)
-    unmeasured = _unmeasured(backend, routes)
-    route = routing.settled(key, routes) or unmeasured
-    if route is not None:  # no measurement: the route updates y in place
-        candidates = {route: lambda: routes[route](x2, y2, plan, adapters, present)}
-    else:  # measurement runs every candidate several times: each on its own copy of the base output
-        candidates = {name: (lambda fn=fn: fn(x2, y2.clone(), plan, adapters, present)) for name, fn in routes.items()}
-    out = routing.run(key, candidates, device=x2.device.type, unmeasured=unmeasured)
+    updaters = {name: (lambda out, fn=fn: fn(x2, out, plan, adapters, present)) for name, fn in routes.items()}
+    out = routing.run_in_place(key, updaters, y2, device=x2.device.type, unmeasured=_unmeasured(backend, routes))
     return out.view(y.shape)
 
 

@@ -526,6 +526,20 @@ def run(key: RouteKey, candidates: dict[str, Callable[[], object]], device: str 
     return candidates[choice.route]()
 
 
+def run_in_place(key: RouteKey, updaters: dict[str, Callable[[torch.Tensor], object]], target: torch.Tensor,
+                 device: str = "cpu", unmeasured: Optional[str] = None):
+    """``run`` for an op whose routes update ``target`` in place: ``updaters[route](t)`` updates ``t`` and returns
+    the op's result. A route taken without measuring (pinned, chosen already, or ``unmeasured``) updates ``target``
+    itself; a measurement runs every candidate several times, each on its own copy of ``target``."""
+    route = settled(key, updaters) or unmeasured
+    if route is not None:
+        update = updaters[route]
+        candidates = {route: lambda: update(target)}
+    else:
+        candidates = {name: (lambda update=update: update(target.clone())) for name, update in updaters.items()}
+    return run(key, candidates, device=device, unmeasured=unmeasured)
+
+
 def settled(key: RouteKey, eligible) -> Optional[str]:
     """The route ``run`` would take for ``key`` among the ``eligible`` route names without measuring (a pin, or a
     choice already made in this process), else None. Lets an op whose routes update a tensor in place skip the

@@ -506,16 +506,9 @@ class CpuBackend(Backend):
 
     def add_lora_(self, x, y, weight, lora_A, lora_B, lora_bias, scaling):
         zeros, seeds = [0.0] * len(lora_A), [0] * len(lora_A)
-        adders = {"compose": _add_adapters, "fused": _add_adapters_fused}
-        key = self._key("lora_update", x, weight, lora_A, zeros)
-        route = routes.settled(key, adders)
-        if route is not None:  # no measurement: the route updates y in place
-            add = adders[route]
-            candidates = {route: lambda: add(x, y, lora_A, lora_B, lora_bias, scaling, zeros, seeds)[0]}
-        else:  # measurement runs every candidate several times: each on its own copy of y
-            candidates = {name: (lambda add=add: add(x, y.clone(), lora_A, lora_B, lora_bias, scaling, zeros,
-                                                     seeds)[0]) for name, add in adders.items()}
-        return routes.run(key, candidates)
+        updaters = {name: (lambda out, add=add: add(x, out, lora_A, lora_B, lora_bias, scaling, zeros, seeds)[0])
+                    for name, add in (("compose", _add_adapters), ("fused", _add_adapters_fused))}
+        return routes.run_in_place(self._key("lora_update", x, weight, lora_A, zeros), updaters, y)
 
     def lora_backward(
         self, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A

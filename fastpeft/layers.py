@@ -75,15 +75,6 @@ def read_base_weight(base: nn.Module, fan_in_fan_out: bool):
     return None
 
 
-def _quantized_base(layer: nn.Module) -> bool:
-    """Whether the layer's base is one a reader describes by a ``QuantizedWeight`` (a bitsandbytes linear)."""
-    base = direct_base_layer(layer)
-    if type(base) in _DENSE_BASE_TYPES:  # (exact types: bitsandbytes' linears subclass nn.Linear)
-        return False
-    found = read_base_weight(base, layer.fan_in_fan_out)
-    return found is not None and not isinstance(found[0], torch.Tensor)
-
-
 def quantized_product(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``x deq(W)^T + b`` through the functional layer, with a correct input gradient (bitsandbytes' own CPU matmul
     would give a wrong one). Routed as IA3 with a feedforward scale of exact ones: the product is unchanged and the
@@ -254,24 +245,25 @@ class FusedLoraLinear(PeftLoraLinear):
         dense one to PEFT's forward, which is the base layer's."""
         if args or kwargs:
             return None
-        base_only = self.disable_adapters or self.merged
-        if base_only and not _quantized_base(self):
-            return None
-        if self.disable_adapters and self.merged:
-            self.unmerge()  # as PEFT's forward does
-        downs = self._modules["lora_A"]._modules
-        active = [] if base_only else [name for name in self.active_adapters if name in downs]
-        if self.lora_variant and any(name in self.lora_variant for name in active) and (
-                dora.unfused_variant_reason(self, active) is not None):
-            return None
         base = direct_base_layer(self)
         if _has_hooks(base):
             return None
         found = read_base_weight(base, self.fan_in_fan_out)
         if found is None:
             return None
-        weight, bias = found
-        return active, weight, bias
+        if self.disable_adapters or self.merged:
+            if isinstance(found[0], torch.Tensor):
+                return None
+            if self.disable_adapters and self.merged:
+                self.unmerge()  # as PEFT's forward does; it rewrites the quantized weight
+                found = read_base_weight(base, self.fan_in_fan_out)
+            return [], found[0], found[1]
+        downs = self._modules["lora_A"]._modules
+        active = [name for name in self.active_adapters if name in downs]
+        if self.lora_variant and any(name in self.lora_variant for name in active) and (
+                dora.unfused_variant_reason(self, active) is not None):
+            return None
+        return active, found[0], found[1]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if kwargs.get("adapter_names") is not None:

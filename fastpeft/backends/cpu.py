@@ -112,11 +112,10 @@ def _bt_all(lora_B) -> torch.Tensor:
     """Every adapter's ``B_i^T`` stacked, ``(sum r_i, N)`` contiguous fp32, the layout the C++ passes stream, made
     by one blocked C++ transpose (``_C.stack_transposed``). In inference calls it is kept across calls while the
     ``B_i`` are unchanged (``fastpeft._derived``)."""
+    make = lambda: _C.stack_transposed(list(lora_B))  # noqa: E731
     if not kept_copies_allowed():  # a training call: parameters may change unseen by version counters
-        return _C.stack_transposed(list(lora_B))
-    if len(lora_B) == 1:
-        return SHARED.get_one(lora_B[0], lambda: _C.stack_transposed(list(lora_B)))
-    return SHARED.get(list(lora_B), lambda: _C.stack_transposed(list(lora_B)))
+        return make()
+    return SHARED.get_one(lora_B[0], make) if len(lora_B) == 1 else SHARED.get(list(lora_B), make)
 
 
 # ------------------------------------------------------------------------------------------ base-product pieces

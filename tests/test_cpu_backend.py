@@ -234,6 +234,33 @@ def test_lora_every_isa_agrees(isa, xdt, M):
         assert rel_err(got[2][i], ref[2][i]) < 1e-5
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"drop{p}")
+def test_adapter_gradients_over_many_rows_any_thread_count(isa, p):
+    """dA and dB are column sums over every row: past the 1024-row chunks the dropout masks are drawn in, the
+    reference's values; and with threads owning columns, not rows, the same bits for one thread and for two."""
+    M = 1100
+    x, W, b, A, B, lb, s = make_case(M, 131, 75, [6], torch.bfloat16, torch.float32, False, False, "contig", 7)
+    ps, seeds = [p], [99]
+    _, xa = REF.lora_forward(x, W, b, A, B, lb, s, ps, seeds)
+    gy = torch.randn(M, 75, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    ref = REF.lora_backward(gy, x, W, A, B, xa, s, ps, seeds, True, True)
+    threads = torch.get_num_threads()
+    got = {}
+    routes.set_route("lora_backward", "fused")
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got[n] = CPU.lora_backward(gy, x, W, A, B, xa, s, ps, seeds, True, True)
+            assert routes.last_route("lora_backward") == "fused"
+    finally:
+        torch.set_num_threads(threads)
+        routes.set_route("lora_backward", None)
+    assert rel_err(got[1][1][0], ref[1][0]) < 1e-5
+    assert rel_err(got[1][2][0], ref[2][0]) < 1e-5
+    assert torch.equal(got[1][1][0], got[2][1][0])
+    assert torch.equal(got[1][2][0], got[2][2][0])
+
+
 # -------------------------------------------------------------------------------------------------------- IA3
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "out"])
 @pytest.mark.parametrize("xdt", ["fp32", "bf16"])

@@ -40,6 +40,9 @@ struct QuantDesc {
   int round1, round2;
 };
 
+// Scratch floats outer_cols needs for its dropout masks (every ISA's strip is at most 64 columns of 1024 rows).
+constexpr int64_t outer_mask_floats = 64 * 1024;
+
 struct KernelTable {
   const char* isa;  // "avx512", "avx2" or "generic"
 
@@ -58,19 +61,21 @@ struct KernelTable {
   void (*epilogue_rows)(int dt, void* y, int64_t ldy, int64_t N, int64_t m0, int64_t m1, const float* xs, int64_t R,
                         const float* Bt, const float* bias, float* buf);
 
-  // One pass over dy rows: g[m, j] = svec[j] * sum_n dy[m, n] Bt[j, n]; dBt_acc[j, :] += xa[m, j] * dy[m, :]
-  // (unscaled, if dBt_acc); colsum[:] += dy[m, :] (if colsum). buf: 4N floats of scratch.
-  void (*dy_rows)(int dt, const void* dy, int64_t lddy, int64_t N, int64_t m0, int64_t m1, const float* Bt,
-                  const float* xa, int64_t R, const float* svec, float* g, float* dBt_acc, float* colsum, float* buf);
-
-  // One pass over x / dx rows for one adapter (A: (r, K) fp32, g: (M, r) fp32 with row stride ldg):
-  //   dx[m, :] += mask_m * (g[m, :] A)              (if dx; in place, rounded once to dx's dtype)
-  //   dA_acc   += g[m, :]^T (x[m, :] * mask_m)      (if x and dA_acc)
-  // where mask_m = keep / (1 - p) regenerated from the seed (1 when p == 0). buf: 12K floats of scratch.
-  void (*dx_rows)(int dt_x, const void* x, int64_t ldx, int dt_dx, void* dx, int64_t lddx, int64_t K, int64_t m0,
-                  int64_t m1, const float* A, int64_t r, const float* g, int64_t ldg, float p, uint32_t seed,
-                  float* dA_acc, float* buf);
-
+  // One pass over dy rows: g[m, j] = svec[j] * sum_n dy[m, n] Bt[j, n]; colsum[:] += dy[m, :] (if colsum).
+  // buf: 4N floats of scratch.
+  void (*dy_rows)(int dt, const void* dy, int64_t lddy, int64_t N, int64_t m0, int64_t m1, const float* Bt, int64_t R,
+                  const float* svec, float* g, float* colsum, float* buf);
+  // dx[m, :] += mask_m * (g[m, :] A) in place, rounded once to dx's dtype (A: (r, K) fp32, g: (M, r) fp32 with row
+  // stride ldg), mask_m = keep / (1 - p) regenerated from the seed (1 when p == 0). buf: 8K floats of scratch.
+  void (*dx_rows)(int dt_dx, void* dx, int64_t lddx, int64_t K, int64_t m0, int64_t m1, const float* A, int64_t r,
+                  const float* g, int64_t ldg, float p, uint32_t seed, float* buf);
+  // out[j * ldo + n] = sum_{m < M} coef[m * ldc + j] * drop(src)[m, n] for j < R, n in [n0, n1) (a column range, so
+  // threads split the columns and nothing is reduced): dB^T = xa^T dy and dA = g^T drop(x). src: (M, cols) rows of
+  // dtype dt, lds apart; drop(src)[m, n] = src[m, n] * keep(m * cols + n) / (1 - p), src itself when p == 0.
+  // mask_buf: outer_mask_floats floats of scratch (used only when p > 0).
+  void (*outer_cols)(int dt, const void* src, int64_t lds, int64_t M, int64_t cols, int64_t n0, int64_t n1,
+                     const float* coef, int64_t ldc, int64_t R, float p, uint32_t seed, float* out, int64_t ldo,
+                     float* mask_buf);
   // out[(n - n0) * ldo + k] = dequantized w[n, k] (fp32, rounded per q.round1/round2) for n in [n0, n1).
   void (*dequant_rows)(const QuantDesc& q, int64_t n0, int64_t n1, float* out, int64_t ldo);
 

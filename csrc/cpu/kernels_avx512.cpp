@@ -18,7 +18,7 @@
 namespace fastpeft {
 const KernelTable& kernels_avx512() {
   static const KernelTable table{"avx512", isa_avx512::dropout_scale, isa_avx512::xa_rows, isa_avx512::epilogue_rows,
-                                 isa_avx512::dy_rows, isa_avx512::dx_rows,
+                                 isa_avx512::dy_rows, isa_avx512::dx_rows, isa_avx512::outer_cols,
                                  isa_avx512::dequant_rows, isa_avx512::qgemv_rows, isa_avx512::transpose_f32};
   return table;
 }

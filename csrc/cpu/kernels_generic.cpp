@@ -13,7 +13,7 @@
 namespace fastpeft {
 const KernelTable& kernels_generic() {
   static const KernelTable table{"generic", isa_generic::dropout_scale, isa_generic::xa_rows, isa_generic::epilogue_rows,
-                                 isa_generic::dy_rows, isa_generic::dx_rows,
+                                 isa_generic::dy_rows, isa_generic::dx_rows, isa_generic::outer_cols,
                                  isa_generic::dequant_rows, isa_generic::qgemv_rows, isa_generic::transpose_f32};
   return table;
 }

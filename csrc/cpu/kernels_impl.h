@@ -233,34 +233,35 @@ inline void* row_ptr(int dt, void* base, int64_t ld, int64_t m) {
 // accumulator feeds four rows' worth of FMAs: a quarter of the L2 traffic of a row-at-a-time loop.
 constexpr int MB = 4;
 
+// Adapter rows per sweep of dot_block: four on AVX-512 (NB x 4 accumulators + 4 adapter vectors + 1 activation
+// vector fit its 32 registers, and each activation load feeds four FMAs), two where 16 registers would spill.
+constexpr int DOT_J = VW == 16 ? 4 : 2;
+
 // out[i * ldo + j] = sum_k X[i][k] * A[j, k] for i < NB, j < r. X: NB rows of K floats, K apart.
 template <int NB>
 void dot_block(const float* X, const float* A, int64_t r, int64_t K, float* out, int64_t ldo) {
-  int64_t j = 0;
-  for (; j < r; j += 2) {
-    const bool two = j + 1 < r;
-    const float* a0 = A + j * K;
-    const float* a1 = two ? a0 + K : a0;
-    vf s0[NB], s1[NB];
-    for (int i = 0; i < NB; ++i) s0[i] = s1[i] = vf{};
+  for (int64_t j = 0; j < r; j += DOT_J) {
+    const int64_t nj = (r - j) < DOT_J ? (r - j) : DOT_J;
+    const float* a[DOT_J];
+    for (int q = 0; q < DOT_J; ++q) a[q] = A + (j + (q < nj ? q : nj - 1)) * K;  // a short group repeats its last row
+    vf s[NB][DOT_J];
+    for (int i = 0; i < NB; ++i)
+      for (int q = 0; q < DOT_J; ++q) s[i][q] = vf{};
     int64_t k = 0;
     for (; k + VW <= K; k += VW) {
-      const vf v0 = load_f32(a0 + k), v1 = load_f32(a1 + k);
+      vf v[DOT_J];
+      for (int q = 0; q < DOT_J; ++q) v[q] = load_f32(a[q] + k);
       for (int i = 0; i < NB; ++i) {
         const vf xv = load_f32(X + i * K + k);
-        s0[i] += xv * v0;
-        s1[i] += xv * v1;
+        for (int q = 0; q < DOT_J; ++q) s[i][q] += xv * v[q];
       }
     }
-    for (int i = 0; i < NB; ++i) {
-      float t0 = hsum(s0[i]), t1 = hsum(s1[i]);
-      for (int64_t kk = k; kk < K; ++kk) {
-        t0 += X[i * K + kk] * a0[kk];
-        t1 += X[i * K + kk] * a1[kk];
+    for (int i = 0; i < NB; ++i)
+      for (int q = 0; q < nj; ++q) {
+        float t = hsum(s[i][q]);
+        for (int64_t kk = k; kk < K; ++kk) t += X[i * K + kk] * a[q][kk];
+        out[i * ldo + j + q] = t;
       }
-      out[i * ldo + j] = t0;
-      if (two) out[i * ldo + j + 1] = t1;
-    }
   }
 }
 
@@ -374,8 +375,8 @@ void epilogue_rows(int dt, void* y, int64_t ldy, int64_t N, int64_t m0, int64_t 
 }
 
 // buf: MB * N floats.
-void dy_rows(int dt, const void* dy, int64_t lddy, int64_t N, int64_t m0, int64_t m1, const float* Bt,
-             const float* xa, int64_t R, const float* svec, float* g, float* dBt_acc, float* colsum, float* buf) {
+void dy_rows(int dt, const void* dy, int64_t lddy, int64_t N, int64_t m0, int64_t m1, const float* Bt, int64_t R,
+             const float* svec, float* g, float* colsum, float* buf) {
   for (int64_t mb = m0; mb < m1; mb += MB) {
     const int nb = int((m1 - mb) < MB ? (m1 - mb) : MB);
     for (int i = 0; i < nb; ++i) load_row(dt, row_ptr(dt, dy, lddy, mb + i), N, nullptr, buf + i * N);
@@ -383,13 +384,6 @@ void dy_rows(int dt, const void* dy, int64_t lddy, int64_t N, int64_t m0, int64_
     FASTPEFT_BLOCK(nb, dot_block<NB>(buf, Bt, R, N, gm, R))
     for (int i = 0; i < nb; ++i)
       for (int64_t j = 0; j < R; ++j) gm[i * R + j] *= svec[j];
-    if (dBt_acc) {
-      for (int64_t j = 0; j < R; ++j) {
-        float c[MB];
-        for (int i = 0; i < nb; ++i) c[i] = xa[(mb + i) * R + j];
-        FASTPEFT_BLOCK(nb, axpy_block<NB>(dBt_acc + j * N, c, buf, N))
-      }
-    }
     if (colsum) {
       const float ones[MB] = {1.f, 1.f, 1.f, 1.f};
       FASTPEFT_BLOCK(nb, axpy_block<NB>(colsum, ones, buf, N))
@@ -397,31 +391,99 @@ void dy_rows(int dt, const void* dy, int64_t lddy, int64_t N, int64_t m0, int64_
   }
 }
 
-// buf: 3 * MB * K floats (masks, masked x rows, g A rows).
-void dx_rows(int dt_x, const void* x, int64_t ldx, int dt_dx, void* dx, int64_t lddx, int64_t K, int64_t m0,
-             int64_t m1, const float* A, int64_t r, const float* g, int64_t ldg, float p, uint32_t seed,
-             float* dA_acc, float* buf) {
+// buf: 2 * MB * K floats (masks, g A rows).
+void dx_rows(int dt_dx, void* dx, int64_t lddx, int64_t K, int64_t m0, int64_t m1, const float* A, int64_t r,
+             const float* g, int64_t ldg, float p, uint32_t seed, float* buf) {
   const float scale = p > 0.f ? 1.f / (1.f - p) : 1.f;
   float* mask = buf;
-  float* xrow = buf + MB * K;
-  float* t = buf + 2 * MB * K;
+  float* t = buf + MB * K;
   for (int64_t mb = m0; mb < m1; mb += MB) {
     const int nb = int((m1 - mb) < MB ? (m1 - mb) : MB);
     const float* gm = g + mb * ldg;
     if (p > 0.f)
       for (int i = 0; i < nb; ++i) dropout_scale(seed, (mb + i) * K, K, p, scale, mask + i * K);
-    if (dx) {
-      FASTPEFT_BLOCK(nb, combine_block<NB>(gm, ldg, A, r, K, t))
-      for (int i = 0; i < nb; ++i)
-        add_into(dt_dx, row_ptr(dt_dx, dx, lddx, mb + i), t + i * K, p > 0.f ? mask + i * K : nullptr, nullptr, K);
+    FASTPEFT_BLOCK(nb, combine_block<NB>(gm, ldg, A, r, K, t))
+    for (int i = 0; i < nb; ++i)
+      add_into(dt_dx, row_ptr(dt_dx, dx, lddx, mb + i), t + i * K, p > 0.f ? mask + i * K : nullptr, nullptr, K);
+  }
+}
+
+// ---------------------------------------------------------------------------------- column-strip outer sums
+// Columns per strip of outer_cols and adapter rows per sweep: JB x NV accumulators stay in registers for the whole
+// reduction over the M rows (16 of 32 on AVX-512; 8 of 16 elsewhere).
+constexpr int OUTER_NV = VW == 16 ? 4 : 2, OUTER_JB = 4;
+constexpr int64_t OUTER_STRIP = int64_t(OUTER_NV) * VW;
+
+// out[j * ldo + n] = sum_{m < M} coef[m * ldc + j] * v(m, n) for j < R and n in [n0, n0 + w), w <= OUTER_STRIP,
+// where v(m, n) = src[m, n] (dtype dt, rows lds apart), times mask[m * OUTER_STRIP + n - n0] when mask is given.
+// add: out += the sums instead of out = the sums.
+template <int JB>
+void outer_strip(int dt, const void* src, int64_t lds, int64_t M, int64_t n0, int64_t w, const float* coef,
+                 int64_t ldc, int64_t j0, const float* mask, bool add, float* out, int64_t ldo) {
+  if (w == OUTER_STRIP) {
+    vf acc[JB][OUTER_NV];
+    for (int q = 0; q < JB; ++q)
+      for (int v = 0; v < OUTER_NV; ++v) acc[q][v] = add ? load_f32(out + (j0 + q) * ldo + n0 + v * VW) : vf{};
+    for (int64_t m = 0; m < M; ++m) {
+      const void* row = row_ptr(dt, src, lds, m);
+      vf d[OUTER_NV];
+      for (int v = 0; v < OUTER_NV; ++v) d[v] = load_act(dt, row, n0 + v * VW);
+      if (mask)
+        for (int v = 0; v < OUTER_NV; ++v) d[v] *= load_f32(mask + m * OUTER_STRIP + v * VW);
+      const float* c = coef + m * ldc + j0;
+      for (int q = 0; q < JB; ++q) {
+        const vf cq = splat(c[q]);
+        for (int v = 0; v < OUTER_NV; ++v) acc[q][v] += cq * d[v];
+      }
     }
-    if (x && dA_acc) {
-      for (int i = 0; i < nb; ++i)
-        load_row(dt_x, row_ptr(dt_x, x, ldx, mb + i), K, p > 0.f ? mask + i * K : nullptr, xrow + i * K);
-      for (int64_t j = 0; j < r; ++j) {
-        float c[MB];
-        for (int i = 0; i < nb; ++i) c[i] = gm[i * ldg + j];
-        FASTPEFT_BLOCK(nb, axpy_block<NB>(dA_acc + j * K, c, xrow, K))
+    for (int q = 0; q < JB; ++q)
+      for (int v = 0; v < OUTER_NV; ++v) store_f32(out + (j0 + q) * ldo + n0 + v * VW, acc[q][v]);
+    return;
+  }
+  for (int64_t n = n0; n < n0 + w; ++n) {  // the last, partial strip
+    float acc[JB];
+    for (int q = 0; q < JB; ++q) acc[q] = add ? out[(j0 + q) * ldo + n] : 0.f;
+    for (int64_t m = 0; m < M; ++m) {
+      float d = load_act1(dt, row_ptr(dt, src, lds, m), n);
+      if (mask) d *= mask[m * OUTER_STRIP + n - n0];
+      for (int q = 0; q < JB; ++q) acc[q] += coef[m * ldc + j0 + q] * d;
+    }
+    for (int q = 0; q < JB; ++q) out[(j0 + q) * ldo + n] = acc[q];
+  }
+}
+
+// Rows per chunk of outer_cols' reduction: bounds its mask buffer (OUTER_ROWS * OUTER_STRIP floats) whatever M is.
+constexpr int64_t OUTER_ROWS = 1024;
+static_assert(OUTER_ROWS * OUTER_STRIP <= outer_mask_floats, "outer_cols' mask buffer (kernels.h)");
+
+// out[j * ldo + n] = sum_{m < M} coef[m * ldc + j] * drop(src)[m, n] for j < R, n in [n0, n1): the (R, N) product
+// coef^T src over all M rows, for the columns [n0, n1) only, so threads own disjoint columns and nothing is reduced
+// afterwards. drop(src)[m, n] = src[m, n] * keep(m * cols + n) / (1 - p) when p > 0 (each strip's mask drawn once
+// per chunk of OUTER_ROWS rows into mask_buf, OUTER_ROWS * OUTER_STRIP floats), src itself when p == 0.
+void outer_cols(int dt, const void* src, int64_t lds, int64_t M, int64_t cols, int64_t n0, int64_t n1,
+                const float* coef, int64_t ldc, int64_t R, float p, uint32_t seed, float* out, int64_t ldo,
+                float* mask_buf) {
+  const float scale = p > 0.f ? 1.f / (1.f - p) : 1.f;
+  for (int64_t n = n0; n < n1; n += OUTER_STRIP) {
+    const int64_t w = (n1 - n) < OUTER_STRIP ? (n1 - n) : OUTER_STRIP;
+    for (int64_t m0 = 0; m0 < M || m0 == 0; m0 += OUTER_ROWS) {  // M == 0 still writes the zero sums
+      const int64_t mc = (M - m0) < OUTER_ROWS ? (M - m0) : OUTER_ROWS;
+      const void* rows = row_ptr(dt, src, lds, m0);
+      const float* mask = nullptr;
+      if (p > 0.f) {
+        for (int64_t m = 0; m < mc; ++m)
+          dropout_scale(seed, (m0 + m) * cols + n, w, p, scale, mask_buf + m * OUTER_STRIP);
+        mask = mask_buf;
+      }
+      const float* c = coef + m0 * ldc;
+      const bool add = m0 > 0;
+      for (int64_t j = 0; j < R; j += OUTER_JB) {
+        switch ((R - j) < OUTER_JB ? (R - j) : OUTER_JB) {
+          case 1: outer_strip<1>(dt, rows, lds, mc, n, w, c, ldc, j, mask, add, out, ldo); break;
+          case 2: outer_strip<2>(dt, rows, lds, mc, n, w, c, ldc, j, mask, add, out, ldo); break;
+          case 3: outer_strip<3>(dt, rows, lds, mc, n, w, c, ldc, j, mask, add, out, ldo); break;
+          default: outer_strip<OUTER_JB>(dt, rows, lds, mc, n, w, c, ldc, j, mask, add, out, ldo); break;
+        }
       }
     }
   }

@@ -258,9 +258,26 @@ at::Tensor stack_transposed(const std::vector<at::Tensor>& Bs) {
   return out;
 }
 
-// One sweep over dy (M, N): returns g (M, R) = (dy B) * svec, dB (N, R) = svec * (dy^T xa) or empty,
-// colsum (N,) = dy.sum(0) (unscaled) or empty. Bt (R, N) fp32 contiguous (B transposed, as lora_epilogue_ takes
-// it), xa (M, R) fp32, svec (R,) fp32.
+// dst (R, C) = coef^T drop(src) for src (M, C) rows of any float dtype: threads own disjoint column ranges, so no
+// partial sums exist and the result does not depend on the thread count.
+void outer_product_into(const at::Tensor& src, const float* coef, int64_t ldc, int64_t R, double p, int64_t seed,
+                        float* dst) {
+  const int64_t M = src.size(0), C = src.size(1);
+  const int dt = dtype_code(src);
+  const void* sp = src.data_ptr();
+  const int64_t lds = src.stride(0);
+  // Grain in 64-column units of work: ~M * R * 64 multiply-adds each (plus the mask's Philox draws when p > 0).
+  const int64_t units = (C + 63) / 64;
+  at::parallel_for(0, units, grain(M * 64 * (R + (p > 0 ? 20 : 0))), [&](int64_t b, int64_t e) {
+    std::vector<float> mask(p > 0 ? outer_mask_floats : 0);
+    K().outer_cols(dt, sp, lds, M, C, b * 64, std::min(C, e * 64), coef, ldc, R, float(p), uint32_t(seed), dst, C,
+                   mask.data());
+  });
+}
+
+// One sweep over dy (M, N) for g (M, R) = (dy B) * svec and colsum (N,) = dy.sum(0) (unscaled) or empty; one more
+// for dB (N, R) = svec * (dy^T xa) or empty. Bt (R, N) fp32 contiguous (B transposed, as lora_epilogue_ takes it),
+// xa (M, R) fp32, svec (R,) fp32.
 std::vector<at::Tensor> lora_dy_pass(const at::Tensor& dy, const at::Tensor& Bt, const at::Tensor& xa,
                                      const at::Tensor& svec, bool need_dB, bool need_colsum) {
   check_rows(dy, "grad_y");
@@ -269,9 +286,9 @@ std::vector<at::Tensor> lora_dy_pass(const at::Tensor& dy, const at::Tensor& Bt,
   check_f32(xa, "xa", {M, R});
   check_f32(svec, "svec", {R});
   auto g = at::empty({M, R}, at::kFloat);
-  const int64_t gr = grain(N * R * 2);
-  // Per-thread partial sums, reduced once at the end: no atomics, deterministic for a fixed thread count.
-  Partials acc(M, gr, need_dB ? R * N : 0), cs(M, gr, need_colsum ? N : 0);
+  const int64_t gr = grain(N * R);
+  // Per-thread column sums, reduced once at the end: no atomics, deterministic for a fixed thread count.
+  Partials cs(M, gr, need_colsum ? N : 0);
   const int dt = dtype_code(dy);
   const void* dyp = dy.data_ptr();
   const int64_t ldd = dy.stride(0);
@@ -280,16 +297,18 @@ std::vector<at::Tensor> lora_dy_pass(const at::Tensor& dy, const at::Tensor& Bt,
   at::parallel_for(0, M, gr, [&](int64_t b, int64_t e) {
     const int tid = at::get_thread_num();
     std::vector<float> buf(4 * N);
-    K().dy_rows(dt, dyp, ldd, N, b, e, Btp, xap, R, sp, gp, need_dB ? acc.slab(tid) : nullptr,
-                need_colsum ? cs.slab(tid) : nullptr, buf.data());
+    K().dy_rows(dt, dyp, ldd, N, b, e, Btp, R, sp, gp, need_colsum ? cs.slab(tid) : nullptr, buf.data());
   });
   at::Tensor dB, colsum;
   if (need_dB) {
-    const float* s = acc.reduce();
-    dB = at::empty({N, R}, at::kFloat);  // B's own (N, r) layout, scaled: no torch ops left for Python to run
-    float* d = dB.data_ptr<float>();
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t j = 0; j < R; ++j) d[n * R + j] = s[j * N + n] * sp[j];
+    // xs = xa * svec, so the column sums come out scaled; then B's own (N, r) layout by the blocked transpose.
+    std::vector<float> xs(size_t(M * R));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < R; ++j) xs[m * R + j] = xap[m * R + j] * sp[j];
+    auto dBt = at::empty({R, N}, at::kFloat);  // every element written: no zeroing
+    outer_product_into(dy, xs.data(), R, R, 0.0, 0, dBt.data_ptr<float>());
+    dB = at::empty({N, R}, at::kFloat);
+    K().transpose_f32(dBt.data_ptr<float>(), N, R, N, dB.data_ptr<float>(), R);
   }
   if (need_colsum) {
     colsum = at::empty({N}, at::kFloat);
@@ -298,47 +317,33 @@ std::vector<at::Tensor> lora_dy_pass(const at::Tensor& dy, const at::Tensor& Bt,
   return {g, dB, colsum};
 }
 
-// One sweep over x / dx rows for one adapter: dx += (g A) * mask/(1-p) in place (if dx given) and returns
-// dA = g^T drop(x) (r, K) fp32 (if x given; else empty). g (M, r) fp32 with unit column stride, A (r, K) fp32.
+// For one adapter: dx += (g A) * mask/(1-p) in place (if dx given; one sweep over dx rows) and dA = g^T drop(x)
+// (r, K) fp32 (if x given, else empty; one sweep over x by column strips, the mask drawn again). g (M, r) fp32 with
+// unit column stride, A (r, K) fp32.
 at::Tensor lora_dx_pass(const c10::optional<at::Tensor>& dx, const c10::optional<at::Tensor>& x, const at::Tensor& A,
                         const at::Tensor& g, double p, int64_t seed) {
   const int64_t r = A.size(0), Kd = A.size(1), M = g.size(0);
   check_f32(A, "A", {r, Kd});
   TORCH_CHECK(g.scalar_type() == at::kFloat && g.dim() == 2 && g.size(1) == r && g.stride(1) == 1,
               "fastpeft._C: g must be fp32 (M, r) with unit column stride");
-  void* dxp = nullptr;
-  int dt_dx = kF32;
-  int64_t lddx = 0;
+  const float *Ap = A.data_ptr<float>(), *gp = g.data_ptr<float>();
+  const int64_t ldg = g.stride(0);
   if (dx.has_value()) {
     check_rows(*dx, "dx");
     TORCH_CHECK(dx->size(0) == M && dx->size(1) == Kd, "fastpeft._C: dx shape mismatch");
-    dxp = dx->data_ptr();
-    dt_dx = dtype_code(*dx);
-    lddx = dx->stride(0);
+    void* dxp = dx->data_ptr();
+    const int dt_dx = dtype_code(*dx);
+    const int64_t lddx = dx->stride(0);
+    at::parallel_for(0, M, grain(Kd * (r + (p > 0 ? 20 : 0))), [&](int64_t b, int64_t e) {
+      std::vector<float> buf(8 * Kd);
+      K().dx_rows(dt_dx, dxp, lddx, Kd, b, e, Ap, r, gp, ldg, float(p), uint32_t(seed), buf.data());
+    });
   }
-  const void* xp = nullptr;
-  int dt_x = kF32;
-  int64_t ldx = 0;
-  if (x.has_value()) {
-    check_rows(*x, "x");
-    TORCH_CHECK(x->size(0) == M && x->size(1) == Kd, "fastpeft._C: x shape mismatch");
-    xp = x->data_ptr();
-    dt_x = dtype_code(*x);
-    ldx = x->stride(0);
-  }
-  const int64_t gr = grain(Kd * (2 * r + (p > 0 ? 20 : 0)));
-  Partials acc(M, gr, xp ? r * Kd : 0);
-  const float *Ap = A.data_ptr<float>(), *gp = g.data_ptr<float>();
-  const int64_t ldg = g.stride(0);
-  at::parallel_for(0, M, gr, [&](int64_t b, int64_t e) {
-    const int tid = at::get_thread_num();
-    std::vector<float> buf(12 * Kd);
-    K().dx_rows(dt_x, xp, ldx, dt_dx, dxp, lddx, Kd, b, e, Ap, r, gp, ldg, float(p), uint32_t(seed),
-                xp ? acc.slab(tid) : nullptr, buf.data());
-  });
-  if (!xp) return at::Tensor();
+  if (!x.has_value()) return at::Tensor();
+  check_rows(*x, "x");
+  TORCH_CHECK(x->size(0) == M && x->size(1) == Kd, "fastpeft._C: x shape mismatch");
   auto dA = at::empty({r, Kd}, at::kFloat);
-  std::memcpy(dA.data_ptr<float>(), acc.reduce(), sizeof(float) * r * Kd);
+  outer_product_into(*x, gp, ldg, r, p, seed, dA.data_ptr<float>());
   return dA;
 }
 

@@ -201,9 +201,12 @@ class QuantizedWeight:
         when it requantizes or repacks."""
         # ``data`` may be the parameter itself: its pointer and version counter are its data's, and reading them
         # costs less than ``param.data`` (a new tensor object per call).
-        stamp = (data.data_ptr(), data._version, state.absmax.data_ptr(), state.absmax._version,
-                 bool(getattr(state, "packing_format_for_cpu", False)), tuple(state.shape), data.numel(),
-                 data.element_size())
+        # bitsandbytes' Params4bit is a tensor subclass: each attribute read would go through __torch_function__
+        # (~1 us apiece, per layer per call); these four are plain tensor facts.
+        with torch._C.DisableTorchFunctionSubclass():
+            stamp = (data.data_ptr(), data._version, state.absmax.data_ptr(), state.absmax._version,
+                     bool(getattr(state, "packing_format_for_cpu", False)), tuple(state.shape), data.numel(),
+                     data.element_size())
         key = id(state)
         cached = _FROM_STATE.get(key)
         if cached is not None and cached[0]() is state and cached[1] == stamp:

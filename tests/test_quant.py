@@ -86,6 +86,21 @@ def test_weight_of_a_layer_is_built_once_and_follows_a_repack():
     assert torch.equal(after.codes(), first.codes())
 
 
+def test_weight_of_a_layer_follows_an_in_place_write_to_its_parameter():
+    """The cached QuantizedWeight is keyed by the parameter's pointer and version counter (read past bitsandbytes'
+    tensor subclass): writing new codes into the same storage gives a weight that decodes them."""
+    torch.manual_seed(5)
+    lin = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4").to("cpu")
+    first = quantized_weight_of(lin)
+    before = first.codes().clone()
+    with torch.no_grad():
+        lin.weight.copy_(lin.weight.flip(0))  # same storage, new bytes: only the version counter moves
+    after = quantized_weight_of(lin)
+    assert after is not first
+    assert not torch.equal(after.codes(), before)
+    assert torch.equal(after.dequantize(), dequantize_4bit(lin.weight.data, lin.weight.quant_state))
+
+
 def test_int8_bit_equal():
     torch.manual_seed(3)
     lin = bnb.nn.Linear8bitLt(40, 24, has_fp16_weights=False, bias=True).to("cpu")

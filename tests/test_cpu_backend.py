@@ -236,8 +236,9 @@ def test_lora_every_isa_agrees(isa, xdt, M):
 
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"drop{p}")
 def test_adapter_gradients_over_many_rows_any_thread_count(isa, p):
-    """dA and dB are column sums over every row: past the 1024-row chunks the dropout masks are drawn in, the
-    reference's values; and with threads owning columns, not rows, the same bits for one thread and for two."""
+    """dA and dB are column sums over every row, and with dropout dx is updated by the same column strips: past the
+    1024-row chunks the masks are drawn in, the reference's values; with threads owning columns, not rows, the same
+    bits for one thread and for two."""
     M = 1100
     x, W, b, A, B, lb, s = make_case(M, 131, 75, [6], torch.bfloat16, torch.float32, False, False, "contig", 7)
     ps, seeds = [p], [99]
@@ -255,10 +256,11 @@ def test_adapter_gradients_over_many_rows_any_thread_count(isa, p):
     finally:
         torch.set_num_threads(threads)
         routes.set_route("lora_backward", None)
+    assert rel_err(got[1][0], ref[0]) < 1e-2  # dx in bf16 (with dropout: updated by the same column strips as dA)
     assert rel_err(got[1][1][0], ref[1][0]) < 1e-5
     assert rel_err(got[1][2][0], ref[2][0]) < 1e-5
-    assert torch.equal(got[1][1][0], got[2][1][0])
-    assert torch.equal(got[1][2][0], got[2][2][0])
+    for i in range(3):
+        assert torch.equal(got[1][i] if i == 0 else got[1][i][0], got[2][i] if i == 0 else got[2][i][0])
 
 
 # -------------------------------------------------------------------------------------------------------- IA3

@@ -65,17 +65,20 @@ struct KernelTable {
   // buf: 4N floats of scratch.
   void (*dy_rows)(int dt, const void* dy, int64_t lddy, int64_t N, int64_t m0, int64_t m1, const float* Bt, int64_t R,
                   const float* svec, float* g, float* colsum, float* buf);
-  // dx[m, :] += mask_m * (g[m, :] A) in place, rounded once to dx's dtype (A: (r, K) fp32, g: (M, r) fp32 with row
-  // stride ldg), mask_m = keep / (1 - p) regenerated from the seed (1 when p == 0). buf: 8K floats of scratch.
+  // dx[m, :] += g[m, :] A for m in [m0, m1), in place, rounded once to dx's dtype (A: (r, K) fp32, g: (M, r) fp32
+  // with row stride ldg): the dropout-free dx update, row by row. buf: 4K floats of scratch.
   void (*dx_rows)(int dt_dx, void* dx, int64_t lddx, int64_t K, int64_t m0, int64_t m1, const float* A, int64_t r,
-                  const float* g, int64_t ldg, float p, uint32_t seed, float* buf);
-  // out[j * ldo + n] = sum_{m < M} coef[m * ldc + j] * drop(src)[m, n] for j < R, n in [n0, n1) (a column range, so
-  // threads split the columns and nothing is reduced): dB^T = xa^T dy and dA = g^T drop(x). src: (M, cols) rows of
-  // dtype dt, lds apart; drop(src)[m, n] = src[m, n] * keep(m * cols + n) / (1 - p), src itself when p == 0.
-  // mask_buf: outer_mask_floats floats of scratch (used only when p > 0).
+                  const float* g, int64_t ldg, float* buf);
+  // For the columns [n0, n1) of an (M, cols) problem (threads split the columns, nothing is reduced), each column
+  // strip's dropout mask drawn once and used by both products:
+  //   out[j * ldo + n] = sum_m coef[m * ldc + j] * drop(src)[m, n] for j < R   (if src; dB^T = xa^T dy, dA = g^T x)
+  //   dst[m, n] += mask(m, n) * sum_j coef[m * ldc + j] * rows[j * cols + n]  (if dst; in place, rounded once to
+  //                                                                              dt_dst: dx += (g A) * mask)
+  // src/dst: rows of dtype dt/dt_dst, lds/ldd apart; rows: (R, cols) fp32; drop(src) = src * mask, mask(m, n) =
+  // keep(m * cols + n) / (1 - p) when p > 0, else 1. mask_buf: outer_mask_floats floats of scratch (when p > 0).
   void (*outer_cols)(int dt, const void* src, int64_t lds, int64_t M, int64_t cols, int64_t n0, int64_t n1,
                      const float* coef, int64_t ldc, int64_t R, float p, uint32_t seed, float* out, int64_t ldo,
-                     float* mask_buf);
+                     int dt_dst, void* dst, int64_t ldd, const float* rows, float* mask_buf);
   // out[(n - n0) * ldo + k] = dequantized w[n, k] (fp32, rounded per q.round1/round2) for n in [n0, n1).
   void (*dequant_rows)(const QuantDesc& q, int64_t n0, int64_t n1, float* out, int64_t ldo);
 

@@ -426,20 +426,14 @@ void dy_rows(int dt, const void* dy, int64_t lddy, int64_t N, int64_t m0, int64_
   }
 }
 
-// buf: 2 * MB * K floats (masks, g A rows).
+// dx[m, :] += g[m, :] A for m in [m0, m1), in place, rounded once to dx's dtype: the row-wise sweep, which streams dx
+// in order (outer_cols' column strips serve dx when a dropout mask is shared with dA). buf: MB * K floats.
 void dx_rows(int dt_dx, void* dx, int64_t lddx, int64_t K, int64_t m0, int64_t m1, const float* A, int64_t r,
-             const float* g, int64_t ldg, float p, uint32_t seed, float* buf) {
-  const float scale = p > 0.f ? 1.f / (1.f - p) : 1.f;
-  float* mask = buf;
-  float* t = buf + MB * K;
+             const float* g, int64_t ldg, float* buf) {
   for (int64_t mb = m0; mb < m1; mb += MB) {
     const int nb = int((m1 - mb) < MB ? (m1 - mb) : MB);
-    const float* gm = g + mb * ldg;
-    if (p > 0.f)
-      for (int i = 0; i < nb; ++i) dropout_scale(seed, (mb + i) * K, K, p, scale, mask + i * K);
-    FASTPEFT_BLOCK(nb, combine_block<NB>(gm, ldg, A, r, K, t))
-    for (int i = 0; i < nb; ++i)
-      add_into(dt_dx, row_ptr(dt_dx, dx, lddx, mb + i), t + i * K, p > 0.f ? mask + i * K : nullptr, nullptr, K);
+    FASTPEFT_BLOCK(nb, combine_block<NB>(g + mb * ldg, ldg, A, r, K, buf))
+    for (int i = 0; i < nb; ++i) add_into(dt_dx, row_ptr(dt_dx, dx, lddx, mb + i), buf + i * K, nullptr, nullptr, K);
   }
 }
 
@@ -487,23 +481,69 @@ void outer_strip(int dt, const void* src, int64_t lds, int64_t M, int64_t n0, in
   }
 }
 
+// dst[m, n] = round(dst[m, n] + mask(m, n) * sum_{j < R} coef[m * ldc + j] * rows[j * ldr + n]) for m < M and n in
+// [n0, n0 + w), w <= OUTER_STRIP, in dst's dtype (rows lds apart); mask(m, n) = mask[m * OUTER_STRIP + n - n0], or 1.
+void combine_strip(int dt, void* dst, int64_t lds, int64_t M, int64_t n0, int64_t w, const float* coef, int64_t ldc,
+                   int64_t R, const float* rows, int64_t ldr, const float* mask) {
+  if (w == OUTER_STRIP) {
+    // Two output rows per sweep over the strip of `rows`: each load of it feeds two FMAs.
+    for (int64_t m = 0; m < M; m += 2) {
+      const int nm = (M - m) < 2 ? 1 : 2;
+      const float* c0 = coef + m * ldc;
+      const float* c1 = nm > 1 ? c0 + ldc : c0;
+      vf t0[OUTER_NV], t1[OUTER_NV];
+      for (int v = 0; v < OUTER_NV; ++v) t0[v] = t1[v] = vf{};
+      for (int64_t j = 0; j < R; ++j) {
+        const vf a0 = splat(c0[j]), a1 = splat(c1[j]);
+        const float* a = rows + j * ldr + n0;
+        for (int v = 0; v < OUTER_NV; ++v) {
+          const vf rv = load_f32(a + v * VW);
+          t0[v] += a0 * rv;
+          t1[v] += a1 * rv;
+        }
+      }
+      for (int i = 0; i < nm; ++i) {
+        void* row = row_ptr(dt, dst, lds, m + i);
+        const float* mk = mask ? mask + (m + i) * OUTER_STRIP : nullptr;
+        for (int v = 0; v < OUTER_NV; ++v) {
+          vf t = i == 0 ? t0[v] : t1[v];
+          if (mk) t *= load_f32(mk + v * VW);
+          store_act(dt, row, n0 + v * VW, load_act(dt, row, n0 + v * VW) + t);
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t m = 0; m < M; ++m) {  // the last, partial strip
+    const float* c = coef + m * ldc;
+    void* row = row_ptr(dt, dst, lds, m);
+    for (int64_t n = n0; n < n0 + w; ++n) {
+      float t = 0.f;
+      for (int64_t j = 0; j < R; ++j) t += c[j] * rows[j * ldr + n];
+      if (mask) t *= mask[m * OUTER_STRIP + n - n0];
+      store_act1(dt, row, n, load_act1(dt, row, n) + t);
+    }
+  }
+}
+
 // Rows per chunk of outer_cols' reduction: bounds its mask buffer (OUTER_ROWS * OUTER_STRIP floats) whatever M is.
 constexpr int64_t OUTER_ROWS = 1024;
 static_assert(OUTER_ROWS * OUTER_STRIP <= outer_mask_floats, "outer_cols' mask buffer (kernels.h)");
 
-// out[j * ldo + n] = sum_{m < M} coef[m * ldc + j] * drop(src)[m, n] for j < R, n in [n0, n1): the (R, N) product
-// coef^T src over all M rows, for the columns [n0, n1) only, so threads own disjoint columns and nothing is reduced
-// afterwards. drop(src)[m, n] = src[m, n] * keep(m * cols + n) / (1 - p) when p > 0 (each strip's mask drawn once
-// per chunk of OUTER_ROWS rows into mask_buf, OUTER_ROWS * OUTER_STRIP floats), src itself when p == 0.
+// For the columns [n0, n1) of an (M, cols) problem, each column strip's dropout mask drawn once (per chunk of
+// OUTER_ROWS rows, into mask_buf: OUTER_ROWS * OUTER_STRIP floats) and used by both products, so threads own
+// disjoint columns and nothing is reduced afterwards:
+//   out[j * ldo + n] = sum_{m < M} coef[m * ldc + j] * drop(src)[m, n] for j < R   (if src: dA = g^T drop(x))
+//   dst[m, n] += mask(m, n) * sum_j coef[m * ldc + j] * rows[j * cols + n]        (if dst: dx += (g A) * mask)
+// drop(src)[m, n] = src[m, n] * mask(m, n), mask(m, n) = keep(m * cols + n) / (1 - p) when p > 0, else 1.
 void outer_cols(int dt, const void* src, int64_t lds, int64_t M, int64_t cols, int64_t n0, int64_t n1,
                 const float* coef, int64_t ldc, int64_t R, float p, uint32_t seed, float* out, int64_t ldo,
-                float* mask_buf) {
+                int dt_dst, void* dst, int64_t ldd, const float* rows, float* mask_buf) {
   const float scale = p > 0.f ? 1.f / (1.f - p) : 1.f;
   for (int64_t n = n0; n < n1; n += OUTER_STRIP) {
     const int64_t w = (n1 - n) < OUTER_STRIP ? (n1 - n) : OUTER_STRIP;
     for (int64_t m0 = 0; m0 < M || m0 == 0; m0 += OUTER_ROWS) {  // M == 0 still writes the zero sums
       const int64_t mc = (M - m0) < OUTER_ROWS ? (M - m0) : OUTER_ROWS;
-      const void* rows = row_ptr(dt, src, lds, m0);
       const float* mask = nullptr;
       if (p > 0.f) {
         for (int64_t m = 0; m < mc; ++m)
@@ -511,13 +551,16 @@ void outer_cols(int dt, const void* src, int64_t lds, int64_t M, int64_t cols, i
         mask = mask_buf;
       }
       const float* c = coef + m0 * ldc;
+      if (dst) combine_strip(dt_dst, row_ptr(dt_dst, dst, ldd, m0), ldd, mc, n, w, c, ldc, R, rows, cols, mask);
+      if (!src) continue;
+      const void* srows = row_ptr(dt, src, lds, m0);
       const bool add = m0 > 0;
       for (int64_t j = 0; j < R; j += OUTER_JB) {
         switch ((R - j) < OUTER_JB ? (R - j) : OUTER_JB) {
-          case 1: outer_strip<1>(dt, rows, lds, mc, n, w, c, ldc, j, mask, add, out, ldo); break;
-          case 2: outer_strip<2>(dt, rows, lds, mc, n, w, c, ldc, j, mask, add, out, ldo); break;
-          case 3: outer_strip<3>(dt, rows, lds, mc, n, w, c, ldc, j, mask, add, out, ldo); break;
-          default: outer_strip<OUTER_JB>(dt, rows, lds, mc, n, w, c, ldc, j, mask, add, out, ldo); break;
+          case 1: outer_strip<1>(dt, srows, lds, mc, n, w, c, ldc, j, mask, add, out, ldo); break;
+          case 2: outer_strip<2>(dt, srows, lds, mc, n, w, c, ldc, j, mask, add, out, ldo); break;
+          case 3: outer_strip<3>(dt, srows, lds, mc, n, w, c, ldc, j, mask, add, out, ldo); break;
+          default: outer_strip<OUTER_JB>(dt, srows, lds, mc, n, w, c, ldc, j, mask, add, out, ldo); break;
         }
       }
     }

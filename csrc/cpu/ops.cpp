@@ -258,20 +258,21 @@ at::Tensor stack_transposed(const std::vector<at::Tensor>& Bs) {
   return out;
 }
 
-// dst (R, C) = coef^T drop(src) for src (M, C) rows of any float dtype: threads own disjoint column ranges, so no
-// partial sums exist and the result does not depend on the thread count.
-void outer_product_into(const at::Tensor& src, const float* coef, int64_t ldc, int64_t R, double p, int64_t seed,
-                        float* dst) {
-  const int64_t M = src.size(0), C = src.size(1);
-  const int dt = dtype_code(src);
-  const void* sp = src.data_ptr();
-  const int64_t lds = src.stride(0);
-  // Grain in 64-column units of work: ~M * R * 64 multiply-adds each (plus the mask's Philox draws when p > 0).
-  const int64_t units = (C + 63) / 64;
-  at::parallel_for(0, units, grain(M * 64 * (R + (p > 0 ? 20 : 0))), [&](int64_t b, int64_t e) {
+// Over an (M, C) problem by column strips, each strip's dropout mask drawn once: out (R, C) = coef^T drop(src) (if
+// src) and dst += (coef rows) * mask in place (if dst; rows (R, C) fp32). src, dst: rows of any float dtype. Threads
+// own disjoint column ranges, so no partial sums exist and the result does not depend on the thread count.
+void column_passes(const at::Tensor* src, at::Tensor* dst, const float* rows, int64_t M, int64_t C, const float* coef,
+                   int64_t ldc, int64_t R, double p, int64_t seed, float* out) {
+  const int dt = src ? dtype_code(*src) : kF32, dt_dst = dst ? dtype_code(*dst) : kF32;
+  const void* sp = src ? src->data_ptr() : nullptr;
+  void* dp = dst ? dst->data_ptr() : nullptr;
+  const int64_t lds = src ? src->stride(0) : 0, ldd = dst ? dst->stride(0) : 0;
+  // Grain in 64-column units of work: ~M * R * 64 multiply-adds per product (plus the mask's Philox draws).
+  const int64_t units = (C + 63) / 64, per_unit = M * 64 * (R * ((src ? 1 : 0) + (dst ? 1 : 0)) + (p > 0 ? 20 : 0));
+  at::parallel_for(0, units, grain(per_unit), [&](int64_t b, int64_t e) {
     std::vector<float> mask(p > 0 ? outer_mask_floats : 0);
-    K().outer_cols(dt, sp, lds, M, C, b * 64, std::min(C, e * 64), coef, ldc, R, float(p), uint32_t(seed), dst, C,
-                   mask.data());
+    K().outer_cols(dt, sp, lds, M, C, b * 64, std::min(C, e * 64), coef, ldc, R, float(p), uint32_t(seed), out, C,
+                   dt_dst, dp, ldd, rows, mask.data());
   });
 }
 
@@ -306,7 +307,7 @@ std::vector<at::Tensor> lora_dy_pass(const at::Tensor& dy, const at::Tensor& Bt,
     for (int64_t m = 0; m < M; ++m)
       for (int64_t j = 0; j < R; ++j) xs[m * R + j] = xap[m * R + j] * sp[j];
     auto dBt = at::empty({R, N}, at::kFloat);  // every element written: no zeroing
-    outer_product_into(dy, xs.data(), R, R, 0.0, 0, dBt.data_ptr<float>());
+    column_passes(&dy, nullptr, nullptr, M, N, xs.data(), R, R, 0.0, 0, dBt.data_ptr<float>());
     dB = at::empty({N, R}, at::kFloat);
     K().transpose_f32(dBt.data_ptr<float>(), N, R, N, dB.data_ptr<float>(), R);
   }
@@ -317,33 +318,44 @@ std::vector<at::Tensor> lora_dy_pass(const at::Tensor& dy, const at::Tensor& Bt,
   return {g, dB, colsum};
 }
 
-// For one adapter: dx += (g A) * mask/(1-p) in place (if dx given; one sweep over dx rows) and dA = g^T drop(x)
-// (r, K) fp32 (if x given, else empty; one sweep over x by column strips, the mask drawn again). g (M, r) fp32 with
-// unit column stride, A (r, K) fp32.
+// For one adapter: dx += (g A) * mask/(1-p) in place (if dx given) and dA = g^T drop(x) (r, K) fp32 returned (if x
+// given, else empty). With dropout, one sweep over column strips of x and dx, each strip's mask drawn once for both.
+// g (M, r) fp32 with unit column stride, A (r, K) fp32.
 at::Tensor lora_dx_pass(const c10::optional<at::Tensor>& dx, const c10::optional<at::Tensor>& x, const at::Tensor& A,
                         const at::Tensor& g, double p, int64_t seed) {
   const int64_t r = A.size(0), Kd = A.size(1), M = g.size(0);
   check_f32(A, "A", {r, Kd});
   TORCH_CHECK(g.scalar_type() == at::kFloat && g.dim() == 2 && g.size(1) == r && g.stride(1) == 1,
               "fastpeft._C: g must be fp32 (M, r) with unit column stride");
+  at::Tensor dxt, xt, dA;
+  if (dx.has_value()) {
+    dxt = *dx;
+    check_rows(dxt, "dx");
+    TORCH_CHECK(dxt.size(0) == M && dxt.size(1) == Kd, "fastpeft._C: dx shape mismatch");
+  }
+  if (x.has_value()) {
+    xt = *x;
+    check_rows(xt, "x");
+    TORCH_CHECK(xt.size(0) == M && xt.size(1) == Kd, "fastpeft._C: x shape mismatch");
+    dA = at::empty({r, Kd}, at::kFloat);
+  }
   const float *Ap = A.data_ptr<float>(), *gp = g.data_ptr<float>();
   const int64_t ldg = g.stride(0);
-  if (dx.has_value()) {
-    check_rows(*dx, "dx");
-    TORCH_CHECK(dx->size(0) == M && dx->size(1) == Kd, "fastpeft._C: dx shape mismatch");
-    void* dxp = dx->data_ptr();
-    const int dt_dx = dtype_code(*dx);
-    const int64_t lddx = dx->stride(0);
-    at::parallel_for(0, M, grain(Kd * (r + (p > 0 ? 20 : 0))), [&](int64_t b, int64_t e) {
-      std::vector<float> buf(8 * Kd);
-      K().dx_rows(dt_dx, dxp, lddx, Kd, b, e, Ap, r, gp, ldg, float(p), uint32_t(seed), buf.data());
+  // Without dropout there is no mask to share: dx by the row-wise sweep, which streams dx in order (measured
+  // ~1.3x faster than column strips of dx at 512 x 2048 bf16), then dA by column strips.
+  at::Tensor* dx_in_strips = (dx.has_value() && p > 0) ? &dxt : nullptr;
+  if (dx.has_value() && p <= 0) {
+    void* dxp = dxt.data_ptr();
+    const int dt_dx = dtype_code(dxt);
+    const int64_t lddx = dxt.stride(0);
+    at::parallel_for(0, M, grain(Kd * r), [&](int64_t b, int64_t e) {
+      std::vector<float> buf(4 * Kd);
+      K().dx_rows(dt_dx, dxp, lddx, Kd, b, e, Ap, r, gp, ldg, buf.data());
     });
   }
-  if (!x.has_value()) return at::Tensor();
-  check_rows(*x, "x");
-  TORCH_CHECK(x->size(0) == M && x->size(1) == Kd, "fastpeft._C: x shape mismatch");
-  auto dA = at::empty({r, Kd}, at::kFloat);
-  outer_product_into(*x, gp, ldg, r, p, seed, dA.data_ptr<float>());
+  if (x.has_value() || dx_in_strips)
+    column_passes(x.has_value() ? &xt : nullptr, dx_in_strips, Ap, M, Kd, gp, ldg, r, p, seed,
+                  x.has_value() ? dA.data_ptr<float>() : nullptr);
   return dA;
 }
 

@@ -555,6 +555,28 @@ def settled(key: RouteKey, eligible) -> Optional[str]:
     return choice.route
 
 
+def take(key: RouteKey, eligible) -> Optional[str]:
+    """The route ``run`` would take for ``key`` among the ``eligible`` route names without measuring, counted as
+    ``run`` counts a call (towards the confirming measurement), so an op can run it directly and skip building every
+    candidate (a few microseconds of a decode-sized call); None when ``run`` must decide this call (nothing chosen
+    yet, an ineligible pin or choice, or the call that measures again)."""
+    pinned = _pinned(key.op)
+    if pinned is not None:
+        if pinned not in eligible:
+            return None
+        _last[key.op] = pinned
+        return pinned
+    choice = _choices.get(key)
+    if choice is None or choice.route not in eligible:
+        return None
+    if choice.source == "measured" and CONFIRM_AFTER_CALLS:
+        if choice.calls + 1 >= CONFIRM_AFTER_CALLS:
+            return None
+        choice.calls += 1
+    _last[key.op] = choice.route
+    return choice.route
+
+
 def _choose(key: RouteKey, candidates, device: str, pinned: Optional[str]):
     note = f"pinned {pinned!r} is not eligible here" if pinned is not None else ""
     if len(candidates) == 1:

@@ -369,6 +369,38 @@ def test_a_first_measurement_is_measured_again_before_it_is_written(fresh, monke
     assert calls["compose"] == after["compose"], "a confirmed choice is not measured again"
 
 
+def test_take_serves_a_settled_route_and_counts_the_call_toward_confirming_it(fresh, monkeypatch):
+    """``take`` is ``run`` without the candidates for a call whose route is already decided: it names the pinned or
+    chosen route and counts the call as ``run`` does, so the confirming measurement still comes on time; it names
+    none where ``run`` has to decide (nothing chosen, an ineligible pin or choice, the confirming call)."""
+    monkeypatch.setattr(routes, "CONFIRM_AFTER_CALLS", 4)
+    names = {"compose", "fused"}
+    assert routes.take(key(), names) is None
+    calls = {"compose": 0, "fused": 0}
+
+    def candidate(name):
+        def run():
+            calls[name] += 1
+            if name == "compose":
+                torch.randn(200, 200) @ torch.randn(200, 200)
+            return name
+        return run
+
+    candidates = {name: candidate(name) for name in sorted(names)}
+    assert routes.run(key(), candidates) == "fused"
+    assert routes.take(key(), {"compose", "gemv"}) is None, "the choice cannot serve this call"
+    taken = [routes.take(key(), names) for _ in range(2)] + [routes.run(key(), candidates)]
+    assert taken == ["fused"] * 3 and routes.last_route("lora_forward") == "fused"
+    assert routes.take(key(), names) is None, "calls 1-3 were counted alike: the 4th is the confirming measurement"
+    before = dict(calls)
+    routes.run(key(), candidates)
+    assert calls["compose"] > before["compose"] and routes.routes()[0]["source"] == "measured again"
+    assert routes.take(key(), names) == "fused"
+    routes.set_route("lora_forward", "gemv")
+    assert routes.take(key(), {"compose", "gemv"}) == "gemv" and routes.last_route("lora_forward") == "gemv"
+    assert routes.take(key(), names) is None, "a pin that cannot serve leaves the call to run"
+
+
 def test_fingerprint_names_the_build_of_the_compiled_kernels(monkeypatch):
     """Choices timed with one build of the extension are not reused by another build of the same version."""
     first = routes.machine_fingerprint("cpu")

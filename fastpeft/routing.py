@@ -62,6 +62,8 @@ ROUTES: dict[str, dict[str, str]] = {
         "fused": "vendor GEMM in x's dtype, then one C++ pass over x for all adapters (dropout regenerated) and one "
                  "in-place C++ epilogue over y; a quantized weight decoded tile by tile inside the product",
         "fused_fp32": "fused with the base GEMM widened to fp32, rounded once after the adapter terms",
+        "decoded_fused": "a quantized weight decoded into a reused buffer of x's dtype and the vendor GEMM (compose's "
+                         "base product), then fused's C++ passes for the adapters",
         "gemv": "one pass over the weight rows (decoded in registers for a quantized weight), every activation row, "
                 "the adapter term and the biases added in the same pass",
         "bnb_native": "bitsandbytes' AVX-512 4-bit kernel for the base product (its tiled layout: the module's own "
@@ -85,6 +87,8 @@ ROUTES: dict[str, dict[str, str]] = {
                  "and dX (dA, dropout regenerated); on the triton backend, a quantized weight decoded tile by tile "
                  "inside dY W",
         "fused_fp32": "fused with dY W widened to fp32",
+        "decoded_fused": "a quantized weight decoded into a reused buffer of dY's dtype and the vendor GEMM for dY W "
+                         "(compose's), fused's C++ passes over dY and over x and dX for the adapters",
         "small": "one C++ call for the whole fp32 single-adapter backward",
         "passes": "Triton: dY W by the vendor GEMM, G = dY B by the down-projection kernel, the masked G A by the "
                   "low-rank kernel, dA by its kernel",
@@ -141,6 +145,7 @@ ROUTES: dict[str, dict[str, str]] = {
 # Where a route may run at all. These are correctness conditions and hard limits, not speed thresholds.
 ROUTE_LIMITS: dict[str, str] = {
     "compose_fp32 / fused_fp32": "x (or dY) in bf16/fp16: in fp32 they are compose / fused",
+    "decoded_fused": "a quantized weight (for a dense one it is fused)",
     "gemv": "a dense weight of unit column stride (not a transposed fan_in_fan_out view), or a quantized weight",
     "small": "dense fp32 dY, weight and adapters, one adapter whose A is contiguous",
     "fused (IA3)": "a quantized weight (for a dense one it is compose)",

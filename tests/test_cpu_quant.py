@@ -138,7 +138,7 @@ def test_lora_over_quantized_base_matches_reference(isa, kind, nested, M, xname,
             assert_within_2x(f"{route}: y", y, y_ref, y_o)
         for i in range(len(ranks)):
             assert_close(f"{route}: xa[{i}]", xa[i], xa_ref[i], 1e-5 if xdt == torch.float32 else 1e-2)
-    assert {"compose", "fused", "gemv"} <= set(ran), ran
+    assert {"compose", "fused", "gemv", "decoded_fused"} <= set(ran), ran
     ran = []
     for route in each_route("lora_backward"):
         grads = CPU.lora_backward(gy, x, qw, A, B, xa_ref, s, ps, seeds, True, True)
@@ -154,7 +154,7 @@ def test_lora_over_quantized_base_matches_reference(isa, kind, nested, M, xname,
             assert_close(f"{route}: dA[{i}]", grads[1][i], grads_ref[1][i], 1e-5)
             assert_close(f"{route}: dB[{i}]", grads[2][i], grads_ref[2][i], 1e-5)
             assert_close(f"{route}: dbias[{i}]", grads[3][i], grads_ref[3][i], 1e-5)
-    assert {"compose", "fused"} <= set(ran) and ("compose_fp32" in ran) == (xdt != torch.float32), ran
+    assert {"compose", "fused", "decoded_fused"} <= set(ran) and ("compose_fp32" in ran) == (xdt != torch.float32), ran
 
 
 @pytest.mark.skipif(not AVAILABLE or _bnb_cpu_kernel() is None,

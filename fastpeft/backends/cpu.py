@@ -333,6 +333,13 @@ def _forward_fused(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_
     return (y.to(x.dtype) if wide else y), xa_out
 
 
+def _forward_decoded_fused(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
+    """Route ``decoded_fused`` (a quantized weight): the composition's base product (the weight decoded into a reused
+    buffer of ``x``'s dtype, torch's GEMM), then the C++ adapter passes of ``fused``."""
+    return _add_adapters_fused(x, _gemm_product(x, weight, bias, False), lora_A, lora_B, lora_bias, scaling,
+                               dropout_p, seeds)
+
+
 def _add_adapters_fused(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
     """The adapter terms added to the base output ``y`` by the C++ passes: ``_C.lora_xa`` over ``x`` (dropout
     regenerated, no copy of ``x``) and the in-place ``_C.lora_epilogue_`` (fp32 update, ``y`` rounded once).
@@ -400,9 +407,10 @@ def _backward_compose(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
 
 
 def _backward_fused(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A,
-                    wide=False):
+                    wide=False, product="fused"):
     """Route ``fused`` (``fused_fp32`` with ``wide``): ``_C.lora_dy_pass`` over ``dY``, ``dY W`` by torch's GEMM (a
-    quantized weight decoded tile by tile), ``_C.lora_dx_pass`` over ``x`` and ``dX``."""
+    quantized weight decoded tile by tile; ``decoded_fused``, ``product="compose"``: decoded into a reused buffer
+    first, as the composition does), ``_C.lora_dx_pass`` over ``x`` and ``dX``."""
     ranks = [A.shape[0] for A in lora_A]
     single = len(lora_A) == 1
     xa32 = _f32(xa[0]) if single else torch.cat([h.detach().to(_F32) for h in xa], 1).contiguous()
@@ -411,7 +419,7 @@ def _backward_fused(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds
     grad_x = None
     acc = None
     if needs_grad_x:
-        product = _grad_product("fused_fp32" if wide else "fused", dy, weight)
+        product = _grad_product("fused_fp32" if wide else product, dy, weight)
         if product.dtype != dy.dtype:  # fp32 product of a low-precision dY: carried, rounded once at the end
             acc = product
             grad_x = torch.empty(0, dtype=dy.dtype)  # only its dtype is used below
@@ -501,6 +509,8 @@ class CpuBackend(Backend):
             candidates["compose_fp32"] = lambda: _forward_compose(*args, wide=True)
             if not isinstance(weight, QuantizedWeight):
                 candidates["fused_fp32"] = lambda: _forward_fused(*args, wide=True)
+        if isinstance(weight, QuantizedWeight) and lora_A:
+            candidates["decoded_fused"] = lambda: _forward_decoded_fused(*args)
         if isinstance(weight, QuantizedWeight) or weight.stride(-1) == 1:
             candidates["gemv"] = lambda: _forward_one_pass(*args)
         if _bnb_eligible(x, weight):
@@ -536,6 +546,8 @@ class CpuBackend(Backend):
             candidates["compose_fp32"] = lambda: _backward_compose(*args, wide=True)
             if not isinstance(weight, QuantizedWeight):
                 candidates["fused_fp32"] = lambda: _backward_fused(*args, wide=True)
+        if isinstance(weight, QuantizedWeight):
+            candidates["decoded_fused"] = lambda: _backward_fused(*args, product="compose")
         if (not isinstance(weight, QuantizedWeight) and len(lora_A) == 1 and lora_A[0].is_contiguous()
                 and _all_fp32([dy, weight, lora_A[0], lora_B[0], xa[0]])):
             candidates["small"] = lambda: _backward_small(*args)

@@ -264,8 +264,8 @@ inline void* row_ptr(int dt, void* base, int64_t ld, int64_t m) {
 }
 
 // Up to four activation rows are processed together (a row block) so that every load of an adapter row (A or
-// B^T, r x K floats, streamed from L2 for each block) and every read-modify-write of a per-thread gradient
-// accumulator feeds four rows' worth of FMAs: a quarter of the L2 traffic of a row-at-a-time loop.
+// B^T, r x K floats, streamed from L2 for each block) and every read-modify-write of a per-thread column sum
+// feeds four rows' worth of FMAs: a quarter of the L2 traffic of a row-at-a-time loop.
 constexpr int MB = 4;
 
 // Adapter rows per sweep of dot_block: four on AVX-512 (NB x 4 accumulators + 4 adapter vectors + 1 activation

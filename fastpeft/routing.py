@@ -545,41 +545,46 @@ def run_in_place(key: RouteKey, updaters: dict[str, Callable[[torch.Tensor], obj
     return run(key, candidates, device=device, unmeasured=unmeasured)
 
 
+def _decided(key: RouteKey, eligible, some: bool = False) -> tuple:
+    """``(route, choice)``: the route ``run`` would take for ``key`` among the ``eligible`` route names without
+    measuring (a pin, else a choice already made in this process; None when ``run`` must measure) and the measured
+    choice whose calls it counts toward the confirming measurement (None if none is counted). ``some``: ``eligible``
+    is a subset of the call's candidates, so a pin outside it may still serve the call and ``run`` must decide."""
+    pinned = _pinned(key.op)
+    if pinned is not None:
+        if pinned in eligible:
+            return pinned, None
+        if some:
+            return None, None
+    choice = _choices.get(key)
+    if choice is None or choice.route not in eligible:
+        return None, None
+    if choice.source == "measured" and CONFIRM_AFTER_CALLS:
+        if choice.calls + 1 >= CONFIRM_AFTER_CALLS:
+            return None, None  # the next run measures again: every candidate runs
+        return choice.route, choice
+    return choice.route, None
+
+
 def settled(key: RouteKey, eligible) -> Optional[str]:
     """The route ``run`` would take for ``key`` among the ``eligible`` route names without measuring (a pin, or a
     choice already made in this process), else None. Lets an op whose routes update a tensor in place skip the
-    copies that only measurement needs."""
-    pinned = _pinned(key.op)
-    if pinned is not None and pinned in eligible:
-        return pinned
-    choice = _choices.get(key)
-    if choice is None or choice.route not in eligible:
-        return None
-    if choice.source == "measured" and CONFIRM_AFTER_CALLS and choice.calls + 1 >= CONFIRM_AFTER_CALLS:
-        return None  # the next run measures again: every candidate runs, so none may update its inputs in place
-    return choice.route
+    copies that only measurement needs; the call is not counted (``run`` counts it)."""
+    return _decided(key, eligible)[0]
 
 
 def take(key: RouteKey, eligible) -> Optional[str]:
-    """The route ``run`` would take for ``key`` among the ``eligible`` route names without measuring, counted as
-    ``run`` counts a call (towards the confirming measurement), so an op can run it directly and skip building every
-    candidate (a few microseconds of a decode-sized call); None when ``run`` must decide this call (nothing chosen
-    yet, an ineligible pin or choice, or the call that measures again)."""
-    pinned = _pinned(key.op)
-    if pinned is not None:
-        if pinned not in eligible:
-            return None
-        _last[key.op] = pinned
-        return pinned
-    choice = _choices.get(key)
-    if choice is None or choice.route not in eligible:
+    """:func:`settled` for ``eligible`` routes that may be only some of the call's candidates, with the call counted
+    as ``run`` counts it (towards the confirming measurement), so an op can run the route itself and skip building
+    every candidate (a few microseconds of a decode-sized call). None when ``run`` must decide this call (a pin
+    outside ``eligible`` included)."""
+    route, counted = _decided(key, eligible, some=True)
+    if route is None:
         return None
-    if choice.source == "measured" and CONFIRM_AFTER_CALLS:
-        if choice.calls + 1 >= CONFIRM_AFTER_CALLS:
-            return None
-        choice.calls += 1
-    _last[key.op] = choice.route
-    return choice.route
+    if counted is not None:
+        counted.calls += 1
+    _last[key.op] = route
+    return route
 
 
 def _choose(key: RouteKey, candidates, device: str, pinned: Optional[str]):

@@ -40,8 +40,9 @@ struct QuantDesc {
   int round1, round2;
 };
 
-// Scratch floats outer_cols needs for its dropout masks (every ISA's strip is at most 64 columns of 1024 rows).
-constexpr int64_t outer_mask_floats = 64 * 1024;
+// outer_cols draws its dropout masks in chunks of at most outer_mask_rows rows of at most outer_mask_cols columns
+// (every ISA's strip): its scratch is min(M, outer_mask_rows) * outer_mask_cols floats.
+constexpr int64_t outer_mask_rows = 1024, outer_mask_cols = 64;
 
 struct KernelTable {
   const char* isa;  // "avx512", "avx2" or "generic"
@@ -75,7 +76,8 @@ struct KernelTable {
   //   dst[m, n] += mask(m, n) * sum_j coef[m * ldc + j] * rows[j * cols + n]  (if dst; in place, rounded once to
   //                                                                              dt_dst: dx += (g A) * mask)
   // src/dst: rows of dtype dt/dt_dst, lds/ldd apart; rows: (R, cols) fp32; drop(src) = src * mask, mask(m, n) =
-  // keep(m * cols + n) / (1 - p) when p > 0, else 1. mask_buf: outer_mask_floats floats of scratch (when p > 0).
+  // keep(m * cols + n) / (1 - p) when p > 0, else 1. mask_buf: min(M, outer_mask_rows) *
+  // outer_mask_cols floats of scratch (when p > 0).
   void (*outer_cols)(int dt, const void* src, int64_t lds, int64_t M, int64_t cols, int64_t n0, int64_t n1,
                      const float* coef, int64_t ldc, int64_t R, float p, uint32_t seed, float* out, int64_t ldo,
                      int dt_dst, void* dst, int64_t ldd, const float* rows, float* mask_buf);

@@ -527,11 +527,11 @@ void combine_strip(int dt, void* dst, int64_t lds, int64_t M, int64_t n0, int64_
 }
 
 // Rows per chunk of outer_cols' reduction: bounds its mask buffer (OUTER_ROWS * OUTER_STRIP floats) whatever M is.
-constexpr int64_t OUTER_ROWS = 1024;
-static_assert(OUTER_ROWS * OUTER_STRIP <= outer_mask_floats, "outer_cols' mask buffer (kernels.h)");
+constexpr int64_t OUTER_ROWS = outer_mask_rows;
+static_assert(OUTER_STRIP <= outer_mask_cols, "outer_cols' mask buffer (kernels.h)");
 
 // For the columns [n0, n1) of an (M, cols) problem, each column strip's dropout mask drawn once (per chunk of
-// OUTER_ROWS rows, into mask_buf: OUTER_ROWS * OUTER_STRIP floats) and used by both products, so threads own
+// OUTER_ROWS rows, into mask_buf: min(M, OUTER_ROWS) * OUTER_STRIP floats) and used by both products, so threads own
 // disjoint columns and nothing is reduced afterwards:
 //   out[j * ldo + n] = sum_{m < M} coef[m * ldc + j] * drop(src)[m, n] for j < R   (if src: dA = g^T drop(x))
 //   dst[m, n] += mask(m, n) * sum_j coef[m * ldc + j] * rows[j * cols + n]        (if dst: dx += (g A) * mask)

@@ -15,9 +15,9 @@
 
 #include <algorithm>
 #include <atomic>
-#include <memory>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -267,12 +267,15 @@ void column_passes(const at::Tensor* src, at::Tensor* dst, const float* rows, in
   const void* sp = src ? src->data_ptr() : nullptr;
   void* dp = dst ? dst->data_ptr() : nullptr;
   const int64_t lds = src ? src->stride(0) : 0, ldd = dst ? dst->stride(0) : 0;
-  // Grain in 64-column units of work: ~M * R * 64 multiply-adds per product (plus the mask's Philox draws).
-  const int64_t units = (C + 63) / 64, per_unit = M * 64 * (R * ((src ? 1 : 0) + (dst ? 1 : 0)) + (p > 0 ? 20 : 0));
+  // Work in units of outer_mask_cols columns (a whole number of every ISA's strips): ~M * R * outer_mask_cols
+  // multiply-adds per product per unit, plus the mask's Philox draws.
+  const int64_t W = outer_mask_cols, units = (C + W - 1) / W;
+  const int64_t per_unit = M * W * (R * ((src ? 1 : 0) + (dst ? 1 : 0)) + (p > 0 ? 20 : 0));
   at::parallel_for(0, units, grain(per_unit), [&](int64_t b, int64_t e) {
-    std::vector<float> mask(p > 0 ? outer_mask_floats : 0);
-    K().outer_cols(dt, sp, lds, M, C, b * 64, std::min(C, e * 64), coef, ldc, R, float(p), uint32_t(seed), out, C,
-                   dt_dst, dp, ldd, rows, mask.data());
+    // Every mask element is written before it is read: no zero-filling of the scratch.
+    std::unique_ptr<float[]> mask(p > 0 ? new float[std::min(M, outer_mask_rows) * outer_mask_cols] : nullptr);
+    K().outer_cols(dt, sp, lds, M, C, b * W, std::min(C, e * W), coef, ldc, R, float(p), uint32_t(seed), out, C,
+                   dt_dst, dp, ldd, rows, mask.get());
   });
 }
 

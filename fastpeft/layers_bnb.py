@@ -151,8 +151,10 @@ class _FusedBnbLoraMixin:
             active = []
         qw = QuantizedWeight.from_bnb_linear(base)
         check_input(self, x, qw, self.in_features)
-        if not (with_dora and active) and served_in_bf16(base, x):
-            return served_lora_forward(self, x, base, qw, active)
+        if not (with_dora and active):
+            served = serving_rule(self, x, base, qw, active)
+            if served is not None:
+                return served
         dtype = compute_dtype(base, x)
         xc = x if x.dtype == dtype else x.to(dtype)  # (a no-op .to still costs a dispatch: this runs per token)
         bias = parameter(base, "bias")

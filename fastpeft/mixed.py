@@ -220,16 +220,14 @@ _F32 = torch.float32
 _EMPTY = torch.empty(0)
 
 
-def _cpu_operands(adapters: MixedAdapters, i: int) -> tuple:
+def _cpu_operands(adapters: MixedAdapters, i: int, transpose) -> tuple:
     """Adapter ``i`` as ``fastpeft._C.lora_mixed_`` takes it: ``A`` ``(r, K)``, ``B^T`` ``(r, N)`` and ``s b``
     ``(N,)`` (or empty), contiguous fp32, kept across calls for frozen adapters (``fastpeft._derived``; trainable
-    ones are converted per call, ``B^T`` by the C++ transpose)."""
-    from . import _C  # type: ignore[attr-defined]
-
+    ones are converted per call, ``B^T`` by ``transpose``, the C++ ``stack_transposed``)."""
     A, B, b, s = adapters.lora_A[i], adapters.lora_B[i], adapters.lora_bias[i], adapters.scaling[i]
     if not (A.dtype == _F32 and A.is_contiguous()):
         A = _derived.get_one(A, lambda: A.detach().to(_F32).contiguous())
-    Bt = _derived.get_one(B, lambda: _C.stack_transposed([B]))
+    Bt = _derived.get_one(B, lambda: transpose([B]))
     if b is not None:
         b = _derived.get_one(b, lambda: (b.detach().to(_F32) * s).contiguous(), extra=s)
     return A, Bt, _EMPTY if b is None else b
@@ -245,7 +243,7 @@ def _fused_cpu(x2, y2, plan: RowPlan, adapters: MixedAdapters, present: list[int
         if A is None:
             A, Bt, b = torch.zeros(0, K), torch.zeros(0, N), _EMPTY
         else:
-            A, Bt, b = _cpu_operands(adapters, i)
+            A, Bt, b = _cpu_operands(adapters, i, _C.stack_transposed)
         As.append(A)
         Bts.append(Bt)
         biases.append(b)

@@ -203,7 +203,7 @@ class QuantizedWeight:
         # ``data`` may be the parameter itself: its pointer and version counter are its data's, and reading them
         # costs less than ``param.data`` (a new tensor object per call).
         # bitsandbytes' Params4bit is a tensor subclass: each attribute read would go through __torch_function__
-        # (~1 us apiece, per layer per call); these four are plain tensor facts.
+        # (per layer per call); these four are plain tensor facts.
         with torch._C.DisableTorchFunctionSubclass():
             stamp = (data.data_ptr(), data._version, state.absmax.data_ptr(), state.absmax._version,
                      bool(getattr(state, "packing_format_for_cpu", False)), tuple(state.shape), data.numel(),
@@ -280,7 +280,7 @@ def _forget_state(key: int, dead_ref) -> None:
 def is_bnb_quantized(module) -> bool:
     """Whether ``module`` is a quantized bitsandbytes linear (``Linear4bit`` or ``Linear8bitLt`` with int8
     weights). Never imports bitsandbytes when it is not already loaded."""
-    bnb = sys.modules.get("bitsandbytes")  # (an import statement per call cost ~0.5 us: this runs per layer call)
+    bnb = sys.modules.get("bitsandbytes")  # not an import statement: this runs per layer call
     if bnb is None:
         return False
     if isinstance(module, bnb.nn.Linear4bit):

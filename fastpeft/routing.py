@@ -576,7 +576,7 @@ def settled(key: RouteKey, eligible) -> Optional[str]:
 def take(key: RouteKey, eligible) -> Optional[str]:
     """:func:`settled` for ``eligible`` routes that may be only some of the call's candidates, with the call counted
     as ``run`` counts it (towards the confirming measurement), so an op can run the route itself and skip building
-    every candidate (a few microseconds of a decode-sized call). None when ``run`` must decide this call (a pin
+    every candidate (a cost comparable to a decode-sized product). None when ``run`` must decide this call (a pin
     outside ``eligible`` included)."""
     route, counted = _decided(key, eligible, some=True)
     if route is None:

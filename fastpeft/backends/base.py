@@ -87,7 +87,6 @@ class Backend:
         has a ``lora_bias``). Formulas: see ``fastpeft.functional.LoRALinearFunction``."""
         raise NotImplementedError
 
-    # ------------------------------------------------------------------------------------------------------ IA3
     def add_lora_(self, x, y, weight, lora_A, lora_B, lora_bias, scaling):
         """``y + sum_i s_i (x_i A_i^T B_i^T + b_i)`` without dropout for a base output ``y`` ``(M, N)`` computed
         elsewhere, in ``y``'s dtype (in place where the backend can); ``x`` ``(M, K)``, ``weight`` the layer's base
@@ -102,6 +101,7 @@ class Backend:
         ones = torch.ones(weight.shape[1], dtype=x.dtype, device=x.device)
         return self.ia3_forward(x, weight, bias, ones, True)
 
+    # ------------------------------------------------------------------------------------------------------ IA3
     def ia3_forward(
         self, x: torch.Tensor, weight, bias: Optional[torch.Tensor], scale: torch.Tensor, is_feedforward: bool
     ) -> torch.Tensor:

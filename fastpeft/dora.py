@@ -29,9 +29,11 @@ from the seed (``fastpeft._philox``) by the backend's own masked pass.
 
 Two routes per op (``fastpeft.routing.ROUTES``: ``dora_forward``, ``dora_backward``): ``compose`` (vendor GEMMs in
 torch) and ``fused`` (the backend's LoRA op, by its own measured route, plus the DoRA epilogue), so every backend
-(reference, cpu, triton, cuda) serves DoRA by construction. A bitsandbytes base (``QuantizedWeight``) runs the
-``fused`` route: every product with ``W`` goes through the backend's quantized products, which decode it as they do
-for LoRA.
+(reference, cpu, triton, cuda) serves DoRA by construction. The second base product of dropout runs in the
+adapters' dtype, as PEFT's does; for fp32 adapters over a bf16 base that is an fp32 GEMM, which the ``pairs`` route
+of ``widened_product`` computes from the bf16 operands (exact products, fp32 sums) where the backend can. A
+bitsandbytes base (``QuantizedWeight``) runs the ``fused`` route: every product with ``W`` goes through the backend's
+quantized products, which decode it as they do for LoRA.
 
 Beside other active adapters (``stacked_linear``), PEFT lets each DoRA adapter without active dropout scale the
 running sum of the adapters before it, and one with dropout add its own second base product; that path is torch ops
@@ -258,6 +260,25 @@ def _base_product(a: torch.Tensor, weight) -> torch.Tensor:
     return out
 
 
+def _second_base_product(backend, x, ks, p, weight, dtype, xd=None) -> torch.Tensor:
+    """``drop(x) W^T`` ``(M, N)`` in ``dtype`` (the adapters'), PEFT's second base product, by a route of
+    ``widened_product``: ``widen`` is ``_base_product`` on ``drop(x)`` in ``dtype`` (``xd`` when the caller has it);
+    ``pairs`` (bf16 ``x`` and weight, fp32 adapters) multiplies the kept elements of ``x`` by ``W`` in bf16 with
+    every product exact and fp32 sums (``Backend.widened_mm``), then scales by ``1 / (1 - p)``: PEFT's numbers up to
+    the order of the sums, with no fp32 copy of ``x`` or of ``W``. ``ks`` is ``keep_scale``'s ``(M, K)``."""
+    def widen():
+        return _base_product(xd if xd is not None else _dropped(_cast(x, dtype), ks), weight)
+
+    candidates = {"widen": widen}
+    if dtype == _F32 and isinstance(weight, torch.Tensor) and backend.widened_mm_eligible(x, weight):
+        kept = lambda: x.masked_fill(ks == 0, 0)  # noqa: E731  (exact in bf16; 1 / (1 - p) after the sums)
+        candidates["pairs"] = lambda: backend.widened_mm(kept(), weight.detach()).mul_(1.0 / (1.0 - p))
+    kind = "dense" if isinstance(weight, torch.Tensor) else weight.kind
+    key = routing.make_key("widened_product", backend.name, kind, x.dtype, weight.dtype, (dtype,), x.shape[0],
+                           weight.shape[0], weight.shape[1], True, 0, 1)
+    return routing.run(key, candidates, x.device.type)
+
+
 def _lora_part(route, backend, x, weight, bias, A, B, s, p, seed, xd_a):
     """``(L, h)``: ``L = x W^T + bias + s drop(x) A^T B^T`` in ``x``'s dtype and ``h = drop(x_a) A^T`` in ``A``'s
     dtype; ``xd_a`` is ``drop(x)`` in ``A``'s dtype when ``p > 0`` (compose only)."""
@@ -284,11 +305,10 @@ def _forward(route, backend, x, weight, bias, A, B, scale, s, p, seed):
         y = _scaled(z, scale, x.dtype, None if bias is None else bias.detach().to(_F32))
         return y, h, z
     ks = keep_scale(backend, x.shape[0], x.shape[1], p, seed, x.device)
-    xd_a = _dropped(_cast(x, A.dtype), ks)
+    xd_a = _dropped(_cast(x, A.dtype), ks) if route == "compose" else None
     L, h = _lora_part(route, backend, x, weight, bias, A, B, s, p, seed, xd_a)
-    del ks
-    z = _base_product(xd_a, weight)  # the second base product, on drop(x)
-    del xd_a
+    z = _second_base_product(backend, x, ks, p, weight, A.dtype, xd_a)
+    del ks, xd_a
     z.addmm_(_cast(h, z.dtype), _cast(B.detach().t(), z.dtype), alpha=s)
     return _scaled(z, scale - 1.0, x.dtype, L), h, z
 

@@ -1,11 +1,11 @@
 """The route table (``fastpeft.routing``): every way each op can run, and the measured choice among them.
 
 An op (``lora_forward``, ``lora_backward``, ``lora_mixed_forward``, ``ia3_forward``, ``ia3_backward``,
-``dora_forward``, ``dora_backward``) can run by several *routes* that compute the same thing with different kernels.
-Which one is fastest depends on the machine (a CPU with AVX512-BF16 and AMX runs bf16 GEMMs ~4x faster than fp32;
-one with AVX2 only runs them many times slower), on the shapes and on the dtypes, so no threshold in the code decides
-it. The first call of a *route key* times every eligible route on the real tensors, keeps the fastest, and reuses it
-for every later call with that key:
+``dora_forward``, ``dora_backward``, ``widened_product``) can run by several *routes* that compute the same thing
+with different kernels. Which one is fastest depends on the machine (a CPU with AVX512-BF16 and AMX runs bf16 GEMMs
+~4x faster than fp32; one with AVX2 only runs them many times slower), on the shapes and on the dtypes, so no
+threshold in the code decides it. The first call of a *route key* times every eligible route on the real tensors,
+keeps the fastest, and reuses it for every later call with that key:
 
 - the key (``RouteKey``): op, backend, weight kind (``dense``/``nf4``/``fp4``/``int8``), the dtypes of ``x``, the
   weight and the adapters, ``M`` rounded up to a power of two, ``N`` and ``K``, dropout on/off, the total rank
@@ -130,9 +130,17 @@ ROUTES: dict[str, dict[str, str]] = {
     },
     "dora_forward": {
         "compose": "DoRA (fastpeft.dora) by vendor GEMMs: x W^T, x A^T, addmm_ of the update, the scale m/n in an "
-                   "fp32 epilogue; with dropout a second vendor GEMM on drop(x) (mask from the backend's pass)",
+                   "fp32 epilogue; with dropout a second base product on drop(x) (mask from the backend's pass) by a "
+                   "route of widened_product",
         "fused": "DoRA through the backend's LoRA forward (its own measured route) for x W^T + s x A^T B^T, then the "
-                 "fp32 scaling epilogue; with dropout the second base product by the vendor GEMM",
+                 "fp32 scaling epilogue; with dropout the second base product by a route of widened_product",
+    },
+    "widened_product": {
+        "widen": "a GEMM in the wider dtype of a product PEFT runs there (DoRA's second base product on drop(x), "
+                 "fp32 adapters over a bf16 base): the operands widened (the weight a block of rows at a time)",
+        "pairs": "the bf16 operands multiplied as they are, every product exact and the sums in fp32 (the same "
+                 "numbers up to the order of the sums) by the C++ block product over oneDNN's bf16 kernel "
+                 "(fastpeft._C.widened_mm); the dropout mask applied to x in bf16, 1 / (1 - p) after the sums",
     },
     "dora_backward": {
         "compose": "DoRA backward by vendor GEMMs on c dY (c = m/n): dX, dA, dB; with dropout dY W and the masked "
@@ -164,6 +172,8 @@ ROUTE_LIMITS: dict[str, str] = {
                             "sgmv: the triton backend, ranks <= 64",
     "dora_forward / dora_backward": "a dense base weight and one active adapter (several adapters with DoRA, a "
                                     "quantized base or autocast: PEFT's own forward)",
+    "pairs": "the cpu backend where oneDNN has a bf16 block kernel for the CPU (AVX-512; AVX512-BF16 runs it "
+             "natively); x and a dense weight in bf16 with unit column strides, widened to fp32 adapters",
     "unmeasured": "under Triton's interpreter timings mean nothing: the triton backend takes the kernel route its "
                   "shape would exercise (fastpeft.kernels.lora's mode rule) unless a route is pinned",
 }

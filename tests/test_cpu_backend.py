@@ -353,6 +353,40 @@ def test_native_lowp_gemm_query():
     assert isinstance(_C.native_lowp_gemm("bf16"), bool) and isinstance(_C.native_lowp_gemm("fp16"), bool)
 
 
+# ------------------------------------------------------------------------------------- the widened bf16 product
+WIDENED_SHAPES = [(1, 1, 1), (5, 29, 37), (3, 7, 2), (130, 65, 129), (65, 200, 64), (200, 130, 33), (2, 300, 16)]
+
+
+@pytest.mark.skipif(not AVAILABLE or not _C.widened_mm_available(), reason="no oneDNN bf16 block kernel here")
+@pytest.mark.parametrize("M,N,K", WIDENED_SHAPES, ids=[f"{m}x{n}x{k}" for m, n, k in WIDENED_SHAPES])
+def test_widened_mm_is_the_fp32_product_of_the_bf16_operands(M, N, K):
+    """``_C.widened_mm(a, b)`` against fp64 on the same bf16 values: each product is exact in fp32, so the only error
+    is fp32 summation (odd K, tiles of 64 with partial ones, the smaller operand on either side, rows with a stride
+    beyond K)."""
+    g = torch.Generator().manual_seed(M * 1000 + N * 10 + K)
+    a = torch.randn(M, K + 3, generator=g).to(torch.bfloat16)[:, :K]
+    b = torch.randn(N, K, generator=g).to(torch.bfloat16)
+    got = _C.widened_mm(a, b)
+    assert got.dtype == torch.float32 and got.shape == (M, N)
+    exact = a.double() @ b.double().t()
+    assert rel_err(got, exact) <= 1e-6 * max(1.0, K ** 0.5)
+    # Rounding x W^T to bf16 (what torch's bf16 GEMM returns) is ~1e-3 away: the check above can tell them apart.
+    assert rel_err((a @ b.t()).float(), exact) > 1e-4 or K == 1
+
+
+def test_widened_mm_rejects_what_it_cannot_multiply():
+    if not _C.widened_mm_available():
+        with pytest.raises(RuntimeError, match="no bf16 block kernel"):
+            _C.widened_mm(torch.ones(2, 2, dtype=torch.bfloat16), torch.ones(2, 2, dtype=torch.bfloat16))
+        return
+    with pytest.raises(RuntimeError, match="widened_mm: a must be a 2-D bf16"):
+        _C.widened_mm(torch.ones(2, 4), torch.ones(3, 4, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="widened_mm: b must be a 2-D bf16 .* unit column stride"):
+        _C.widened_mm(torch.ones(2, 4, dtype=torch.bfloat16), torch.ones(4, 3, dtype=torch.bfloat16).t())
+    with pytest.raises(RuntimeError, match="second dimensions"):
+        _C.widened_mm(torch.ones(2, 4, dtype=torch.bfloat16), torch.ones(3, 5, dtype=torch.bfloat16))
+
+
 @pytest.mark.parametrize("route", ["compose", "fused", "small"])
 def test_adapters_of_different_16bit_dtypes_see_peft_cumulative_cast(route):
     """PEFT casts x cumulatively over the active adapters: with a bf16 then an fp16 adapter, the second sees

@@ -10,6 +10,7 @@ outputs, input gradient and the gradients of A, B and the magnitude, PEFT's file
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -32,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastpeft
 from fastpeft import dora, reference, routing
-from fastpeft.backends import availability, set_backend
+from fastpeft.backends import availability, get_backend, set_backend
 from fastpeft.functional import draw_seeds
 
 ROUTE_PAIRS = [(f, b) for f in ("compose", "fused") for b in ("compose", "fused")]
@@ -44,6 +45,7 @@ def clean_routes():
     yield
     routing.set_route("dora_forward", None)
     routing.set_route("dora_backward", None)
+    routing.set_route("widened_product", None)
     set_backend(None)
 
 
@@ -103,9 +105,15 @@ def check_every_route_pair(backend, x, W, b, A, B, m, s, p, floor=1e-6):
     expected = run_with_grads(spec, x, A, B, m)
     expected32 = run_with_grads(lambda *t: spec(*t, f32=True), x, A, B, m)
     set_backend(backend)
-    for fwd, bwd in ROUTE_PAIRS:
+    # With dropout, the second base product's routes too (pairs: a bf16 x and weight under fp32 adapters, on a CPU
+    # whose oneDNN multiplies bf16 blocks).
+    widened = ["widen"]
+    if p > 0 and get_backend(x, W).widened_mm_eligible(x.reshape(-1, K), W) and A.dtype == torch.float32:
+        widened.append("pairs")
+    for (fwd, bwd), product in itertools.product(ROUTE_PAIRS, widened):
         routing.set_route("dora_forward", fwd)
         routing.set_route("dora_backward", bwd)
+        routing.set_route("widened_product", product)
 
         def fused(xx, AA, BB, mm):
             torch.manual_seed(3)
@@ -113,8 +121,10 @@ def check_every_route_pair(backend, x, W, b, A, B, m, s, p, floor=1e-6):
 
         got = run_with_grads(fused, x, A, B, m)
         assert routing.last_route("dora_forward") == fwd and routing.last_route("dora_backward") == bwd
+        if p > 0:
+            assert routing.last_route("widened_product") == product
         for name, a, e, e32 in zip(("y", "dX", "dA", "dB", "dm"), got, expected, expected32):
-            label = f"{backend} {fwd}/{bwd} {name}"
+            label = f"{backend} {fwd}/{bwd}/{product} {name}"
             assert a.dtype == e.dtype, f"{label}: dtype {a.dtype} != {e.dtype}"
             if all_fp32:
                 assert_close(label, a, e, FP32_TOL)

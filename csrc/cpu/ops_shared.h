@@ -22,4 +22,8 @@ void lora_mixed_(at::Tensor& y, const at::Tensor& x, const at::Tensor& runs, con
                  const std::vector<at::Tensor>& Bt, const std::vector<at::Tensor>& bias,
                  const std::vector<double>& scaling);
 
+// pair_gemm.cpp
+bool widened_mm_available();
+at::Tensor widened_mm(const at::Tensor& a, const at::Tensor& b);
+
 }  // namespace fastpeft

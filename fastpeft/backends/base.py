@@ -52,6 +52,17 @@ class Backend:
         not, ops take a fixed route instead of measuring (``fastpeft.routing.run(..., unmeasured=...)``)."""
         return True
 
+    # ---------------------------------------------------------------------------------------- widened products
+    def widened_mm_eligible(self, a: torch.Tensor, b: torch.Tensor) -> bool:
+        """Whether ``widened_mm(a, b)`` runs here for these operands."""
+        return False
+
+    def widened_mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a b^T`` ``(M, N)`` in fp32 for bf16 ``a`` ``(M, K)`` and ``b`` ``(N, K)``: every product exact, the sums in
+        fp32, so the same numbers as an fp32 GEMM on widened copies up to the order of the sums, but with neither
+        operand widened. Only where ``widened_mm_eligible``."""
+        raise NotImplementedError(f"backend {self.name!r} has no widened bf16 product")
+
     # ----------------------------------------------------------------------------------------------------- LoRA
     def lora_forward(
         self,

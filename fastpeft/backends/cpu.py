@@ -501,6 +501,15 @@ class CpuBackend(Backend):
     def _key(op, x, weight, lora_A, dropout_p, grads=""):
         return routes.key_of_call(op, "cpu", _weight_kind(weight), x, weight, lora_A, dropout_p, grads)
 
+    # ---------------------------------------------------------------------------------------- widened products
+    def widened_mm_eligible(self, a, b):
+        return (_C is not None and a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16 and a.dim() == 2
+                and b.dim() == 2 and a.is_cpu and b.is_cpu and a.stride(1) == 1 and b.stride(1) == 1
+                and _C.widened_mm_available())
+
+    def widened_mm(self, a, b):
+        return _C.widened_mm(a, b)
+
     # ----------------------------------------------------------------------------------------------------- LoRA
     def lora_forward(self, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
         args = (x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)

@@ -62,6 +62,8 @@ ROUTES: dict[str, dict[str, str]] = {
         "fused": "vendor GEMM in x's dtype, then one C++ pass over x for all adapters (dropout regenerated) and one "
                  "in-place C++ epilogue over y; a quantized weight decoded tile by tile inside the product",
         "fused_fp32": "fused with the base GEMM widened to fp32, rounded once after the adapter terms",
+        "fused_pairs": "fused_fp32 with the fp32 base product from the bf16 x and weight as they are (every product "
+                       "exact, fp32 sums: fastpeft._C.widened_mm over oneDNN's bf16 block kernel), y rounded once",
         "decoded_fused": "a quantized weight decoded into a reused buffer of x's dtype and the vendor GEMM (compose's "
                          "base product), then fused's C++ passes for the adapters",
         "gemv": "one pass over the weight rows (decoded in registers for a quantized weight), every activation row, "
@@ -172,6 +174,8 @@ ROUTE_LIMITS: dict[str, str] = {
                             "sgmv: the triton backend, ranks <= 64",
     "dora_forward / dora_backward": "a dense base weight and one active adapter (several adapters with DoRA, a "
                                     "quantized base or autocast: PEFT's own forward)",
+    "fused_pairs": "x and a dense weight in bf16, the weight of unit column stride; the cpu backend where "
+                   "fastpeft._C.widened_mm runs (as pairs)",
     "pairs": "the cpu backend where oneDNN has a bf16 block kernel for the CPU (AVX-512; AVX512-BF16 runs it "
              "natively); x and a dense weight in bf16 with unit column strides, widened to fp32 adapters",
     "unmeasured": "under Triton's interpreter timings mean nothing: the triton backend takes the kernel route its "

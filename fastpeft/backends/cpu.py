@@ -156,6 +156,20 @@ def _gemm_product(x, weight, bias, wide: bool) -> torch.Tensor:
     return torch.nn.functional.linear(x if x.dtype == dtype else x.to(dtype), _weight_as(weight, dtype, x.dtype), b)
 
 
+def _pairs_product(x, weight, bias) -> torch.Tensor:
+    """``x W^T + b`` in fp32, not yet rounded, from bf16 ``x`` and weight as they are (``_C.widened_mm``: every
+    product exact, fp32 sums, oneDNN's bf16 block kernel): ``_gemm_product(wide=True)``'s numbers up to the order of
+    the sums, without the fp32 GEMM."""
+    y = _C.widened_mm(x if x.stride(1) == 1 else x.contiguous(), weight.detach())
+    return y if bias is None else y.add_(bias.detach().to(x.dtype).to(_F32))
+
+
+def _pairs_eligible(x, weight) -> bool:
+    """``fused_pairs`` may serve this call (fastpeft.routing.ROUTE_LIMITS)."""
+    return (isinstance(weight, torch.Tensor) and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+            and weight.stride(-1) == 1 and _C.widened_mm_available())
+
+
 def _tiled_product(x, weight: QuantizedWeight, bias32, xs, B, lora_scale, gemv: bool) -> torch.Tensor:
     """``x w^T + bias32 + lora_scale xs B^T`` in fp32 by ``_C.quant_linear``: the decoding GEMV (``gemv``) or ~1 MB
     decoded tiles handed to torch's GEMM."""
@@ -323,14 +337,15 @@ def _add_adapters(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
     return compose.add_adapters(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, _cpu_down)
 
 
-def _forward_fused(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, wide=False):
-    """Route ``fused`` (``fused_fp32`` with ``wide``): the base by torch's GEMM (a quantized weight decoded tile by
-    tile inside ``_C.quant_linear``), then ``_C.lora_xa`` and the in-place ``_C.lora_epilogue_``."""
+def _forward_fused(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, wide=False, pairs=False):
+    """Route ``fused`` (``fused_fp32`` with ``wide``, ``fused_pairs`` with ``pairs``): the base by torch's GEMM (by
+    ``_pairs_product`` for ``pairs``; a quantized weight decoded tile by tile inside ``_C.quant_linear``), then
+    ``_C.lora_xa`` and the in-place ``_C.lora_epilogue_``."""
     if isinstance(weight, QuantizedWeight):
         return _forward_one_pass(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, gemv=False)
-    y, xa_out = _add_adapters_fused(x, _gemm_product(x, weight, bias, wide), lora_A, lora_B, lora_bias, scaling,
-                                    dropout_p, seeds)
-    return (y.to(x.dtype) if wide else y), xa_out
+    base = _pairs_product(x, weight, bias) if pairs else _gemm_product(x, weight, bias, wide)
+    y, xa_out = _add_adapters_fused(x, base, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
+    return (y.to(x.dtype) if wide or pairs else y), xa_out
 
 
 def _forward_decoded_fused(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
@@ -518,6 +533,8 @@ class CpuBackend(Backend):
             candidates["compose_fp32"] = lambda: _forward_compose(*args, wide=True)
             if not isinstance(weight, QuantizedWeight):
                 candidates["fused_fp32"] = lambda: _forward_fused(*args, wide=True)
+            if _pairs_eligible(x, weight):
+                candidates["fused_pairs"] = lambda: _forward_fused(*args, pairs=True)
         if isinstance(weight, QuantizedWeight) and lora_A:
             candidates["decoded_fused"] = lambda: _forward_decoded_fused(*args)
         if isinstance(weight, QuantizedWeight) or weight.stride(-1) == 1:

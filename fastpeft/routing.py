@@ -63,7 +63,8 @@ ROUTES: dict[str, dict[str, str]] = {
                  "in-place C++ epilogue over y; a quantized weight decoded tile by tile inside the product",
         "fused_fp32": "fused with the base GEMM widened to fp32, rounded once after the adapter terms",
         "fused_pairs": "fused_fp32 with the fp32 base product from the bf16 x and weight as they are (every product "
-                       "exact, fp32 sums: fastpeft._C.widened_mm over oneDNN's bf16 block kernel), y rounded once",
+                       "exact, fp32 sums: fastpeft._C.widened_mm or widened_mm_nn over oneDNN's bf16 block kernel), "
+                       "y rounded once",
         "decoded_fused": "a quantized weight decoded into a reused buffer of x's dtype and the vendor GEMM (compose's "
                          "base product), then fused's C++ passes for the adapters",
         "gemv": "one pass over the weight rows (decoded in registers for a quantized weight), every activation row, "
@@ -89,6 +90,8 @@ ROUTES: dict[str, dict[str, str]] = {
                  "and dX (dA, dropout regenerated); on the triton backend, a quantized weight decoded tile by tile "
                  "inside dY W",
         "fused_fp32": "fused with dY W widened to fp32",
+        "fused_pairs": "fused_fp32 with dY W in fp32 from the bf16 dY and weight as they are (every product exact, "
+                       "fp32 sums: fastpeft._C.widened_mm_nn over oneDNN's bf16 block kernel), dX rounded once",
         "decoded_fused": "a quantized weight decoded into a reused buffer of dY's dtype and the vendor GEMM for dY W "
                          "(compose's), fused's C++ passes over dY and over x and dX for the adapters",
         "small": "one C++ call for the whole fp32 single-adapter backward",
@@ -174,8 +177,8 @@ ROUTE_LIMITS: dict[str, str] = {
                             "sgmv: the triton backend, ranks <= 64",
     "dora_forward / dora_backward": "a dense base weight and one active adapter (several adapters with DoRA, a "
                                     "quantized base or autocast: PEFT's own forward)",
-    "fused_pairs": "x and a dense weight in bf16, the weight of unit column stride; the cpu backend where "
-                   "fastpeft._C.widened_mm runs (as pairs)",
+    "fused_pairs": "x (dY) and a dense weight in bf16, the weight or its transpose of unit column stride; the cpu "
+                   "backend where fastpeft._C.widened_mm runs (as pairs)",
     "pairs": "the cpu backend where oneDNN has a bf16 block kernel for the CPU (AVX-512; AVX512-BF16 runs it "
              "natively); x and a dense weight in bf16 with unit column strides, widened to fp32 adapters",
     "unmeasured": "under Triton's interpreter timings mean nothing: the triton backend takes the kernel route its "

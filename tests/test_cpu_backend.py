@@ -153,10 +153,9 @@ def test_lora_matches_reference(case, xdt, adt, p):
             assert_by_dtype_rule(f"{route}: xa[{i}]", xa[i], xa_ref[i], xa_o[i], all_fp32=exact)
     expected = {"compose", "fused"} | ({"gemv"} if layout != "transposed" else set())
     expected |= {"compose_fp32", "fused_fp32"} if xdt != "fp32" else set()
-    # fused_pairs: bf16 x and weight (make_case rounds W to x's dtype) of unit column stride, where oneDNN has a bf16
-    # block kernel.
-    if xdt == "bf16" and layout != "transposed" and _C.widened_mm_available():
-        expected.add("fused_pairs")
+    # fused_pairs: bf16 x and weight (make_case rounds W to x's dtype), where oneDNN has a bf16 block kernel.
+    pairs = xdt == "bf16" and _C.widened_mm_available()
+    expected |= {"fused_pairs"} if pairs else set()
     assert set(ran) == expected, f"forward routes run: {ran}"
 
     gy = torch.randn(M, N, generator=torch.Generator().manual_seed(9)).to(DT[xdt])
@@ -176,6 +175,7 @@ def test_lora_matches_reference(case, xdt, adt, p):
             assert_by_dtype_rule(f"{route}: dbias[{i}]", got[3][i], ref[3][i], ora[3][i], all_fp32=exact)
     expected = {"compose", "fused"} | ({"compose_fp32", "fused_fp32"} if xdt != "fp32" else set())
     expected |= {"small"} if (exact and len(ranks) == 1) else set()
+    expected |= {"fused_pairs"} if pairs else set()
     assert set(ran) == expected, f"backward routes run: {ran}"
 
 
@@ -378,6 +378,20 @@ def test_widened_mm_is_the_fp32_product_of_the_bf16_operands(M, N, K):
     assert rel_err((a @ b.t()).float(), exact) > 1e-4 or K == 1
 
 
+@pytest.mark.skipif(not AVAILABLE or not _C.widened_mm_available(), reason="no oneDNN bf16 block kernel here")
+@pytest.mark.parametrize("M,N,K", WIDENED_SHAPES, ids=[f"{m}x{n}x{k}" for m, n, k in WIDENED_SHAPES])
+def test_widened_mm_nn_is_the_fp32_product_of_the_bf16_operands(M, N, K):
+    """``_C.widened_mm_nn(a, b)`` (``b`` ``(K, N)``, rows with a stride beyond N) against fp64 on the same values."""
+    g = torch.Generator().manual_seed(M * 1000 + N * 10 + K + 1)
+    a = torch.randn(M, K, generator=g).to(torch.bfloat16)
+    b = torch.randn(K, N + 3, generator=g).to(torch.bfloat16)[:, :N]
+    got = _C.widened_mm_nn(a, b)
+    assert got.dtype == torch.float32 and got.shape == (M, N)
+    exact = a.double() @ b.double()
+    assert rel_err(got, exact) <= 1e-6 * max(1.0, K ** 0.5)
+    assert rel_err((a @ b).float(), exact) > 1e-4 or K == 1
+
+
 def test_widened_mm_rejects_what_it_cannot_multiply():
     if not _C.widened_mm_available():
         with pytest.raises(RuntimeError, match="no bf16 block kernel"):
@@ -389,6 +403,8 @@ def test_widened_mm_rejects_what_it_cannot_multiply():
         _C.widened_mm(torch.ones(2, 4, dtype=torch.bfloat16), torch.ones(4, 3, dtype=torch.bfloat16).t())
     with pytest.raises(RuntimeError, match="second dimensions"):
         _C.widened_mm(torch.ones(2, 4, dtype=torch.bfloat16), torch.ones(3, 5, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="widened_mm_nn: a is .* a's columns must match b's rows"):
+        _C.widened_mm_nn(torch.ones(2, 4, dtype=torch.bfloat16), torch.ones(3, 4, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("route", ["compose", "fused", "small"])

@@ -12,6 +12,10 @@
 // rhs viewed as (Q, K/2) 32-bit words, transposed: one copy of rhs. The smaller of a and b is copied that way, so
 // the copy is never bigger than the smaller operand (a weight-sized copy for an activation-sized product would be an
 // N x K allocation per call); when it is a, the tiles of C^T are written back transposed.
+//
+// widened_mm_nn takes b as (K, N) instead (a dY W product, W (N_layer, K_layer) row-major): there the pairs are
+// two consecutive rows of b, interleaved a tile of 64 columns at a time into a per-task buffer (K x 64 bf16, in L2),
+// so b is read once per call and never copied whole.
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
@@ -54,6 +58,17 @@ void check_bf16_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.scalar_type() == at::kBFloat16 && t.stride(1) == 1,
               "fastpeft._C.widened_mm: ", name, " must be a 2-D bf16 CPU tensor with unit column stride, got ",
               t.scalar_type(), " of shape ", t.sizes(), " and strides ", t.strides());
+}
+
+// Pair-interleaves columns [c0, c0 + cn) of b (R, C) row-major, rows [0, even_r), into out ([even_r/2][64] 32-bit
+// words): word (i, j) holds b[2i][c0 + j] in its low half and b[2i + 1][c0 + j] in its high half.
+void interleave_rows(const uint16_t* b, int64_t ld, int64_t even_r, int64_t c0, int64_t cn, uint32_t* out) {
+  for (int64_t i = 0; i < even_r / 2; ++i) {
+    const uint16_t* r0 = b + (2 * i) * ld + c0;
+    const uint16_t* r1 = r0 + ld;
+    uint32_t* o = out + i * kTileCols;
+    for (int64_t j = 0; j < cn; ++j) o[j] = uint32_t(r0[j]) | (uint32_t(r1[j]) << 16);
+  }
 }
 
 }  // namespace
@@ -132,6 +147,54 @@ at::Tensor widened_mm(const at::Tensor& a, const at::Tensor& b) {
       }
     }
     if (half_k > 0) at::native::cpublas::brgemm_release(true);
+  });
+  return c;
+}
+
+at::Tensor widened_mm_nn(const at::Tensor& a, const at::Tensor& b) {
+  check_bf16_rows(a, "a");
+  check_bf16_rows(b, "b");
+  TORCH_CHECK(a.size(1) == b.size(0), "fastpeft._C.widened_mm_nn: a is ", a.sizes(), " and b is ", b.sizes(),
+              ": a's columns must match b's rows");
+  TORCH_CHECK(widened_mm_available(), "fastpeft._C.widened_mm_nn: oneDNN has no bf16 block kernel on this CPU");
+  const int64_t M = a.size(0), R = a.size(1), Cn = b.size(1), ld_a = a.stride(0), ld_b = b.stride(0);
+  auto c = at::empty({M, Cn}, a.options().dtype(at::kFloat));
+  if (M == 0 || Cn == 0) return c;
+  const int64_t even_r = R & ~int64_t(1);
+  const auto* A = reinterpret_cast<const at::BFloat16*>(a.data_ptr());
+  const auto* B = reinterpret_cast<const uint16_t*>(b.data_ptr());
+  const auto* Bb = reinterpret_cast<const at::BFloat16*>(b.data_ptr());
+  float* C = c.data_ptr<float>();
+  // A task is a tile of 64 columns over a chunk of rows; chunks split the rows only when there are fewer column
+  // tiles than threads (each chunk interleaves its tile of b again).
+  const int64_t col_tiles = (Cn + kTileCols - 1) / kTileCols;
+  const int64_t row_chunks = std::max<int64_t>(
+      1, std::min<int64_t>((M + kTileRows - 1) / kTileRows, at::get_num_threads() / col_tiles));
+  const int64_t chunk_rows = (M + row_chunks - 1) / row_chunks;
+  at::parallel_for(0, col_tiles * row_chunks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<uint32_t> pairs(size_t(std::max<int64_t>(1, even_r / 2) * kTileCols));
+    const auto* packed = reinterpret_cast<const at::BFloat16*>(pairs.data());
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t c0 = (t % col_tiles) * kTileCols, cn = std::min(kTileCols, Cn - c0);
+      const int64_t m_begin = (t / col_tiles) * chunk_rows, m_end = std::min(M, m_begin + chunk_rows);
+      if (even_r > 0) interleave_rows(B, ld_b, even_r, c0, cn, pairs.data());
+      for (int64_t m0 = m_begin; m0 < m_end; m0 += kTileRows) {
+        const int64_t mn = std::min(kTileRows, m_end - m0);
+        float* out = C + m0 * Cn + c0;
+        if (even_r > 0) {
+          at::native::cpublas::brgemm(mn, cn, even_r, ld_a, kTileCols, Cn, false, A + m0 * ld_a, packed, out, true);
+        } else {
+          for (int64_t i = 0; i < mn; ++i) std::fill(out + i * Cn, out + i * Cn + cn, 0.f);
+        }
+        if (even_r != R) {  // odd R: the last row of b's rank-1 term, each product exact in fp32
+          for (int64_t i = 0; i < mn; ++i) {
+            const float l = static_cast<float>(A[(m0 + i) * ld_a + R - 1]);
+            for (int64_t j = 0; j < cn; ++j) out[i * Cn + j] += l * static_cast<float>(Bb[(R - 1) * ld_b + c0 + j]);
+          }
+        }
+      }
+    }
+    if (even_r > 0) at::native::cpublas::brgemm_release(true);
   });
   return c;
 }

@@ -156,18 +156,26 @@ def _gemm_product(x, weight, bias, wide: bool) -> torch.Tensor:
     return torch.nn.functional.linear(x if x.dtype == dtype else x.to(dtype), _weight_as(weight, dtype, x.dtype), b)
 
 
+def _pairs_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a b^T`` in fp32, not yet rounded, from bf16 ``a`` ``(M, K)`` and ``b`` ``(N, K)`` as they are: every product
+    exact, fp32 sums (oneDNN's bf16 block kernel). ``b`` may have unit column stride (``_C.widened_mm``) or be the
+    transposed view of a row-major ``(K, N)`` matrix (``_C.widened_mm_nn`` on that matrix)."""
+    a = a if a.stride(1) == 1 else a.contiguous()
+    return _C.widened_mm(a, b) if b.stride(1) == 1 else _C.widened_mm_nn(a, b.t())
+
+
 def _pairs_product(x, weight, bias) -> torch.Tensor:
-    """``x W^T + b`` in fp32, not yet rounded, from bf16 ``x`` and weight as they are (``_C.widened_mm``: every
-    product exact, fp32 sums, oneDNN's bf16 block kernel): ``_gemm_product(wide=True)``'s numbers up to the order of
-    the sums, without the fp32 GEMM."""
-    y = _C.widened_mm(x if x.stride(1) == 1 else x.contiguous(), weight.detach())
+    """``x W^T + b`` in fp32, not yet rounded, by ``_pairs_mm``: ``_gemm_product(wide=True)``'s numbers up to the
+    order of the sums, without the fp32 GEMM."""
+    y = _pairs_mm(x, weight.detach())
     return y if bias is None else y.add_(bias.detach().to(x.dtype).to(_F32))
 
 
 def _pairs_eligible(x, weight) -> bool:
     """``fused_pairs`` may serve this call (fastpeft.routing.ROUTE_LIMITS)."""
     return (isinstance(weight, torch.Tensor) and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and weight.stride(-1) == 1 and _C.widened_mm_available())
+            and weight.dim() == 2 and (weight.stride(1) == 1 or weight.stride(0) == 1)
+            and _C.widened_mm_available())
 
 
 def _tiled_product(x, weight: QuantizedWeight, bias32, xs, B, lora_scale, gemv: bool) -> torch.Tensor:
@@ -271,9 +279,12 @@ def _base_product(route: str, x, weight, bias) -> torch.Tensor:
 
 def _grad_product(route: str, dy, weight) -> torch.Tensor:
     """``dY W`` ``(M, K)`` by ``route``: in ``dY``'s dtype for ``compose``, fp32 (not yet rounded) for
-    ``compose_fp32`` and for ``fused`` (a quantized weight decoded tile by tile inside the product)."""
+    ``compose_fp32``, ``fused_pairs`` (``_pairs_mm``) and ``fused`` (a quantized weight decoded tile by tile inside
+    the product)."""
     if route == "fused" and isinstance(weight, QuantizedWeight):
         return _C.quant_grad_x(dy.float().contiguous(), _quant_args(weight, dy.dtype), 0)
+    if route == "fused_pairs":
+        return _pairs_mm(dy, weight.detach().t())
     dtype = _F32 if route in ("compose_fp32", "fused_fp32") else dy.dtype
     return torch.mm(dy if dy.dtype == dtype else dy.to(dtype), _weight_as(weight, dtype, dy.dtype))
 
@@ -425,7 +436,8 @@ def _backward_fused(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds
                     wide=False, product="fused"):
     """Route ``fused`` (``fused_fp32`` with ``wide``): ``_C.lora_dy_pass`` over ``dY``, ``dY W`` by torch's GEMM (a
     quantized weight decoded tile by tile; ``decoded_fused``, ``product="compose"``: decoded into a reused buffer
-    first, as the composition does), ``_C.lora_dx_pass`` over ``x`` and ``dX``."""
+    first, as the composition does; ``fused_pairs``, ``product="fused_pairs"``: ``_pairs_mm``), ``_C.lora_dx_pass``
+    over ``x`` and ``dX``."""
     ranks = [A.shape[0] for A in lora_A]
     single = len(lora_A) == 1
     xa32 = _f32(xa[0]) if single else torch.cat([h.detach().to(_F32) for h in xa], 1).contiguous()
@@ -572,6 +584,8 @@ class CpuBackend(Backend):
             candidates["compose_fp32"] = lambda: _backward_compose(*args, wide=True)
             if not isinstance(weight, QuantizedWeight):
                 candidates["fused_fp32"] = lambda: _backward_fused(*args, wide=True)
+            if _pairs_eligible(dy, weight):
+                candidates["fused_pairs"] = lambda: _backward_fused(*args, product="fused_pairs")
         if isinstance(weight, QuantizedWeight):
             candidates["decoded_fused"] = lambda: _backward_fused(*args, product="compose")
         if (not isinstance(weight, QuantizedWeight) and len(lora_A) == 1 and lora_A[0].is_contiguous()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from functools import partial
 from typing import Optional
 
 import torch
@@ -498,6 +499,79 @@ def _all_fp32(tensors) -> bool:
     return all(t.dtype == _F32 for t in tensors)
 
 
+# The routes of lora_forward and lora_backward (fastpeft.routing.ROUTES), in the order they are measured, and the
+# conditions under which each may serve a call (fastpeft.routing.ROUTE_LIMITS).
+_FORWARD_ROUTES = {
+    "compose": _forward_compose,
+    "fused": _forward_fused,
+    "compose_fp32": partial(_forward_compose, wide=True),
+    "fused_fp32": partial(_forward_fused, wide=True),
+    "fused_pairs": partial(_forward_fused, pairs=True),
+    "decoded_fused": _forward_decoded_fused,
+    "gemv": _forward_one_pass,
+    "bnb_native": _forward_bnb,
+    "bnb_native_fused": partial(_forward_bnb, fused=True),
+}
+
+
+def _forward_eligible(route: str, x, weight, lora_A) -> bool:
+    quantized = isinstance(weight, QuantizedWeight)
+    if route in ("compose", "fused"):
+        return True
+    if route == "compose_fp32":
+        return x.dtype != _F32
+    if route == "fused_fp32":
+        return x.dtype != _F32 and not quantized
+    if route == "fused_pairs":
+        return _pairs_eligible(x, weight)
+    if route == "decoded_fused":
+        return quantized and bool(lora_A)
+    if route == "gemv":
+        return quantized or weight.stride(-1) == 1
+    return route in _BNB_ROUTES and _bnb_eligible(x, weight)
+
+
+_BACKWARD_ROUTES = {
+    "compose": _backward_compose,
+    "fused": _backward_fused,
+    "compose_fp32": partial(_backward_compose, wide=True),
+    "fused_fp32": partial(_backward_fused, wide=True),
+    "fused_pairs": partial(_backward_fused, product="fused_pairs"),
+    "decoded_fused": partial(_backward_fused, product="compose"),
+    "small": _backward_small,
+}
+
+
+def _backward_eligible(route: str, dy, weight, lora_A, lora_B, xa) -> bool:
+    quantized = isinstance(weight, QuantizedWeight)
+    if route in ("compose", "fused"):
+        return True
+    if route == "compose_fp32":
+        return dy.dtype != _F32
+    if route == "fused_fp32":
+        return dy.dtype != _F32 and not quantized
+    if route == "fused_pairs":
+        return _pairs_eligible(dy, weight)
+    if route == "decoded_fused":
+        return quantized
+    return (route == "small" and not quantized and len(lora_A) == 1 and lora_A[0].is_contiguous()
+            and _all_fp32([dy, weight, lora_A[0], lora_B[0], xa[0]]))
+
+
+class _EligibleRoutes:
+    """The routes of an op that may serve one call, as ``routing.take`` asks about them (``route in ...``): only the
+    asked route's conditions are checked, so a call whose route is settled skips the others' and builds no candidate
+    (at decode sizes that bookkeeping is a visible share of the call)."""
+
+    __slots__ = ("check", "args")
+
+    def __init__(self, check, *args) -> None:
+        self.check, self.args = check, args
+
+    def __contains__(self, route: str) -> bool:
+        return self.check(route, *self.args)
+
+
 class CpuBackend(Backend):
     name = "cpu"
 
@@ -540,21 +614,12 @@ class CpuBackend(Backend):
     # ----------------------------------------------------------------------------------------------------- LoRA
     def lora_forward(self, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
         args = (x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
-        candidates = {"compose": lambda: _forward_compose(*args), "fused": lambda: _forward_fused(*args)}
-        if x.dtype != _F32:
-            candidates["compose_fp32"] = lambda: _forward_compose(*args, wide=True)
-            if not isinstance(weight, QuantizedWeight):
-                candidates["fused_fp32"] = lambda: _forward_fused(*args, wide=True)
-            if _pairs_eligible(x, weight):
-                candidates["fused_pairs"] = lambda: _forward_fused(*args, pairs=True)
-        if isinstance(weight, QuantizedWeight) and lora_A:
-            candidates["decoded_fused"] = lambda: _forward_decoded_fused(*args)
-        if isinstance(weight, QuantizedWeight) or weight.stride(-1) == 1:
-            candidates["gemv"] = lambda: _forward_one_pass(*args)
-        if _bnb_eligible(x, weight):
-            candidates["bnb_native"] = lambda: _forward_bnb(*args)
-            candidates["bnb_native_fused"] = lambda: _forward_bnb(*args, fused=True)
-        return routes.run(self._key("lora_forward", x, weight, lora_A, dropout_p), candidates)
+        key = self._key("lora_forward", x, weight, lora_A, dropout_p)
+        route = routes.take(key, _EligibleRoutes(_forward_eligible, x, weight, lora_A))
+        if route is not None:  # pinned or chosen already: only that route's conditions were checked
+            return _FORWARD_ROUTES[route](*args)
+        return routes.run(key, {name: partial(run, *args) for name, run in _FORWARD_ROUTES.items()
+                                if _forward_eligible(name, x, weight, lora_A)})
 
     def base_linear(self, x, weight, bias):
         # The LoRA forward's routes with no adapters: the same measured choice of base product, without IA3's scaling
@@ -579,20 +644,13 @@ class CpuBackend(Backend):
     ):
         dy = _rows(grad_y)
         args = (dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A)
-        candidates = {"compose": lambda: _backward_compose(*args), "fused": lambda: _backward_fused(*args)}
-        if dy.dtype != _F32:
-            candidates["compose_fp32"] = lambda: _backward_compose(*args, wide=True)
-            if not isinstance(weight, QuantizedWeight):
-                candidates["fused_fp32"] = lambda: _backward_fused(*args, wide=True)
-            if _pairs_eligible(dy, weight):
-                candidates["fused_pairs"] = lambda: _backward_fused(*args, product="fused_pairs")
-        if isinstance(weight, QuantizedWeight):
-            candidates["decoded_fused"] = lambda: _backward_fused(*args, product="compose")
-        if (not isinstance(weight, QuantizedWeight) and len(lora_A) == 1 and lora_A[0].is_contiguous()
-                and _all_fp32([dy, weight, lora_A[0], lora_B[0], xa[0]])):
-            candidates["small"] = lambda: _backward_small(*args)
         grads = ("dx" if needs_grad_x else "") + ("dA" if needs_grad_A else "")
-        return routes.run(self._key("lora_backward", dy, weight, lora_A, dropout_p, grads), candidates)
+        key = self._key("lora_backward", dy, weight, lora_A, dropout_p, grads)
+        route = routes.take(key, _EligibleRoutes(_backward_eligible, dy, weight, lora_A, lora_B, xa))
+        if route is not None:
+            return _BACKWARD_ROUTES[route](*args)
+        return routes.run(key, {name: partial(run, *args) for name, run in _BACKWARD_ROUTES.items()
+                                if _backward_eligible(name, dy, weight, lora_A, lora_B, xa)})
 
     # ------------------------------------------------------------------------------------------------------ IA3
     def _product(self, op_outputs, x, weight, bias, compute):

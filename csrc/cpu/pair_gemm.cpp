@@ -54,10 +54,19 @@ void interleave_pairs(const uint16_t* rhs, int64_t ld, int64_t q0, int64_t q1, i
   }
 }
 
-void check_bf16_rows(const at::Tensor& t, const char* name) {
+void check_bf16_rows(const char* fn, const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.scalar_type() == at::kBFloat16 && t.stride(1) == 1,
-              "fastpeft._C.widened_mm: ", name, " must be a 2-D bf16 CPU tensor with unit column stride, got ",
+              "fastpeft._C.", fn, ": ", name, " must be a 2-D bf16 CPU tensor with unit column stride, got ",
               t.scalar_type(), " of shape ", t.sizes(), " and strides ", t.strides());
+}
+
+// Both operands' layout, their inner dimensions (a's columns against b's dimension `inner`), and the CPU.
+void check_operands(const char* fn, const at::Tensor& a, const at::Tensor& b, int inner) {
+  check_bf16_rows(fn, a, "a");
+  check_bf16_rows(fn, b, "b");
+  TORCH_CHECK(a.size(1) == b.size(inner), "fastpeft._C.", fn, ": a is ", a.sizes(), " and b is ", b.sizes(),
+              inner == 1 ? ": their second dimensions (K) must agree" : ": a's columns must match b's rows");
+  TORCH_CHECK(widened_mm_available(), "fastpeft._C.", fn, ": oneDNN has no bf16 block kernel on this CPU");
 }
 
 // Pair-interleaves columns [c0, c0 + cn) of b (R, C) row-major, rows [0, even_r), into out ([even_r/2][64] 32-bit
@@ -92,11 +101,7 @@ bool widened_mm_available() {
 }
 
 at::Tensor widened_mm(const at::Tensor& a, const at::Tensor& b) {
-  check_bf16_rows(a, "a");
-  check_bf16_rows(b, "b");
-  TORCH_CHECK(a.size(1) == b.size(1), "fastpeft._C.widened_mm: a is ", a.sizes(), " and b is ", b.sizes(),
-              ": their second dimensions (K) must agree");
-  TORCH_CHECK(widened_mm_available(), "fastpeft._C.widened_mm: oneDNN has no bf16 block kernel on this CPU");
+  check_operands("widened_mm", a, b, 1);
   const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
   auto c = at::empty({M, N}, a.options().dtype(at::kFloat));
   if (M == 0 || N == 0) return c;
@@ -152,11 +157,7 @@ at::Tensor widened_mm(const at::Tensor& a, const at::Tensor& b) {
 }
 
 at::Tensor widened_mm_nn(const at::Tensor& a, const at::Tensor& b) {
-  check_bf16_rows(a, "a");
-  check_bf16_rows(b, "b");
-  TORCH_CHECK(a.size(1) == b.size(0), "fastpeft._C.widened_mm_nn: a is ", a.sizes(), " and b is ", b.sizes(),
-              ": a's columns must match b's rows");
-  TORCH_CHECK(widened_mm_available(), "fastpeft._C.widened_mm_nn: oneDNN has no bf16 block kernel on this CPU");
+  check_operands("widened_mm_nn", a, b, 0);
   const int64_t M = a.size(0), R = a.size(1), Cn = b.size(1), ld_a = a.stride(0), ld_b = b.stride(0);
   auto c = at::empty({M, Cn}, a.options().dtype(at::kFloat));
   if (M == 0 || Cn == 0) return c;

@@ -572,6 +572,16 @@ class _EligibleRoutes:
         return self.check(route, *self.args)
 
 
+def _run_routes(key, table: dict, eligible, args: tuple, conditions: tuple):
+    """Run the op of ``key`` by one of the routes in ``table`` (name -> function of ``args``), those for which
+    ``eligible(name, *conditions)`` holds: at once when the route is pinned or chosen already (only its own
+    conditions checked, no candidate built), else through ``routing.run``."""
+    route = routes.take(key, _EligibleRoutes(eligible, *conditions))
+    if route is not None:
+        return table[route](*args)
+    return routes.run(key, {name: partial(run, *args) for name, run in table.items() if eligible(name, *conditions)})
+
+
 class CpuBackend(Backend):
     name = "cpu"
 
@@ -615,11 +625,7 @@ class CpuBackend(Backend):
     def lora_forward(self, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
         args = (x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
         key = self._key("lora_forward", x, weight, lora_A, dropout_p)
-        route = routes.take(key, _EligibleRoutes(_forward_eligible, x, weight, lora_A))
-        if route is not None:  # pinned or chosen already: only that route's conditions were checked
-            return _FORWARD_ROUTES[route](*args)
-        return routes.run(key, {name: partial(run, *args) for name, run in _FORWARD_ROUTES.items()
-                                if _forward_eligible(name, x, weight, lora_A)})
+        return _run_routes(key, _FORWARD_ROUTES, _forward_eligible, args, (x, weight, lora_A))
 
     def base_linear(self, x, weight, bias):
         # The LoRA forward's routes with no adapters: the same measured choice of base product, without IA3's scaling
@@ -646,11 +652,7 @@ class CpuBackend(Backend):
         args = (dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A)
         grads = ("dx" if needs_grad_x else "") + ("dA" if needs_grad_A else "")
         key = self._key("lora_backward", dy, weight, lora_A, dropout_p, grads)
-        route = routes.take(key, _EligibleRoutes(_backward_eligible, dy, weight, lora_A, lora_B, xa))
-        if route is not None:
-            return _BACKWARD_ROUTES[route](*args)
-        return routes.run(key, {name: partial(run, *args) for name, run in _BACKWARD_ROUTES.items()
-                                if _backward_eligible(name, dy, weight, lora_A, lora_B, xa)})
+        return _run_routes(key, _BACKWARD_ROUTES, _backward_eligible, args, (dy, weight, lora_A, lora_B, xa))
 
     # ------------------------------------------------------------------------------------------------------ IA3
     def _product(self, op_outputs, x, weight, bias, compute):

@@ -6,8 +6,8 @@
 For ``a`` ``(M, K)`` and a weight ``W`` ``(N, K)``, both bf16, four ways to get ``a W^T`` (forward) and ``a W``
 (``a`` ``(M, N)``, a backward's ``dY W``):
 
-- ``pairs``: ``_C.widened_mm`` (``a W^T``) and ``_C.widened_mm_nn`` (``a W``): every product exact, fp32 sums, fp32
-  result (oneDNN's bf16 block kernel);
+- ``pairs``: ``_C.widened_mm`` (``a W^T``; "a rearranged": ``interleave_a=True``) and ``_C.widened_mm_nn``
+  (``a W``): every product exact, fp32 sums, fp32 result (oneDNN's bf16 block kernel);
 - ``torch bf16``: ``torch.mm`` in bf16 (a bf16 result: rounded, not the same numbers);
 - ``torch fp32``: ``torch.mm`` on fp32 copies made beforehand (the copies not timed): the fp32 GEMM PEFT runs when
   its fp32 adapters meet a bf16 base, and what ``pairs`` equals up to the order of the sums.
@@ -25,10 +25,11 @@ import torch
 
 
 def _calls(ext, x, dy, W, W32) -> dict:
-    """The six timed calls for one ``M`` (the fp32 copies of ``x`` and ``dY`` made here, outside the timing)."""
+    """The seven timed calls for one ``M`` (the fp32 copies of ``x`` and ``dY`` made here, outside the timing)."""
     x32, dy32 = x.float(), dy.float()
     return {
         "nt pairs": lambda: ext.widened_mm(x, W),
+        "nt pairs x": lambda: ext.widened_mm(x, W, True),
         "nt bf16": lambda: torch.mm(x, W.t()),
         "nt fp32": lambda: torch.mm(x32, W32.t()),
         "nn pairs": lambda: ext.widened_mm_nn(dy, W),
@@ -54,8 +55,9 @@ def main(argv=None) -> None:
     W = torch.randn(args.N, args.K, generator=gen).to(torch.bfloat16)
     W32 = W.float()
     print(f"{args.threads} threads, N={args.N}, K={args.K}; medians of {args.rounds} interleaved rounds, microseconds")
-    print("| M | a W^T pairs | a W^T torch bf16 | a W^T torch fp32 | a W pairs | a W torch bf16 | a W torch fp32 |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| M | a W^T pairs | a W^T pairs, a rearranged | a W^T torch bf16 | a W^T torch fp32 | a W pairs "
+          "| a W torch bf16 | a W torch fp32 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for M in args.M:
         x = torch.randn(M, args.K, generator=gen).to(torch.bfloat16)
         dy = torch.randn(M, args.N, generator=gen).to(torch.bfloat16)

@@ -263,8 +263,9 @@ def _base_product(a: torch.Tensor, weight) -> torch.Tensor:
 def _second_base_product(backend, x, ks, p, weight, dtype, xd=None) -> torch.Tensor:
     """``drop(x) W^T`` ``(M, N)`` in ``dtype`` (the adapters'), PEFT's second base product, by a route of
     ``widened_product``: ``widen`` is ``_base_product`` on ``drop(x)`` in ``dtype`` (``xd`` when the caller has it);
-    ``pairs`` (bf16 ``x`` and weight, fp32 adapters) multiplies the kept elements of ``x`` by ``W`` in bf16 with
-    every product exact and fp32 sums (``Backend.widened_mm``), then scales by ``1 / (1 - p)``: PEFT's numbers up to
+    ``pairs`` / ``pairs_x`` (bf16 ``x`` and weight, fp32 adapters) multiply the kept elements of ``x`` by ``W`` in
+    bf16 with every product exact and fp32 sums (``Backend.widened_mm``, rearranging tiles of ``W`` / the kept
+    ``x``), then scale by ``1 / (1 - p)``: PEFT's numbers up to
     the order of the sums, with no fp32 copy of ``x`` or of ``W``. ``ks`` is ``keep_scale``'s ``(M, K)``."""
     def widen():
         return _base_product(xd if xd is not None else _dropped(_cast(x, dtype), ks), weight)
@@ -272,7 +273,9 @@ def _second_base_product(backend, x, ks, p, weight, dtype, xd=None) -> torch.Ten
     candidates = {"widen": widen}
     if dtype == _F32 and isinstance(weight, torch.Tensor) and backend.widened_mm_eligible(x, weight):
         kept = lambda: x.masked_fill(ks == 0, 0)  # noqa: E731  (exact in bf16; 1 / (1 - p) after the sums)
-        candidates["pairs"] = lambda: backend.widened_mm(kept(), weight.detach()).mul_(1.0 / (1.0 - p))
+        for route, interleave_x in (("pairs", False), ("pairs_x", True)):
+            candidates[route] = (lambda interleave_x=interleave_x:
+                                 backend.widened_mm(kept(), weight.detach(), interleave_x).mul_(1.0 / (1.0 - p)))
     kind = "dense" if isinstance(weight, torch.Tensor) else weight.kind
     key = routing.make_key("widened_product", backend.name, kind, x.dtype, weight.dtype, (dtype,), x.shape[0],
                            weight.shape[0], weight.shape[1], True, 0, 1)

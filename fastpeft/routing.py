@@ -65,6 +65,8 @@ ROUTES: dict[str, dict[str, str]] = {
         "fused_pairs": "fused_fp32 with the fp32 base product from the bf16 x and weight as they are (every product "
                        "exact, fp32 sums: fastpeft._C.widened_mm or widened_mm_nn over oneDNN's bf16 block kernel), "
                        "y rounded once",
+        "fused_pairs_x": "fused_pairs with the kernel rearranging x into bf16 pairs once and reading the weight in "
+                         "place (fused_pairs rearranges the weight a tile at a time)",
         "decoded_fused": "a quantized weight decoded into a reused buffer of x's dtype and the vendor GEMM (compose's "
                          "base product), then fused's C++ passes for the adapters",
         "gemv": "one pass over the weight rows (decoded in registers for a quantized weight), every activation row, "
@@ -146,6 +148,7 @@ ROUTES: dict[str, dict[str, str]] = {
         "pairs": "the bf16 operands multiplied as they are, every product exact and the sums in fp32 (the same "
                  "numbers up to the order of the sums) by the C++ block product over oneDNN's bf16 kernel "
                  "(fastpeft._C.widened_mm); the dropout mask applied to x in bf16, 1 / (1 - p) after the sums",
+        "pairs_x": "pairs with the kernel rearranging the kept x into bf16 pairs and reading the weight in place",
     },
     "dora_backward": {
         "compose": "DoRA backward by vendor GEMMs on c dY (c = m/n): dX, dA, dB; with dropout dY W and the masked "
@@ -179,6 +182,7 @@ ROUTE_LIMITS: dict[str, str] = {
                                     "quantized base or autocast: PEFT's own forward)",
     "fused_pairs": "x (dY) and a dense weight in bf16, the weight or its transpose of unit column stride; the cpu "
                    "backend where fastpeft._C.widened_mm runs (as pairs)",
+    "fused_pairs_x / pairs_x": "as fused_pairs / pairs, with a weight of unit column stride",
     "pairs": "the cpu backend where oneDNN has a bf16 block kernel for the CPU (AVX-512; AVX512-BF16 runs it "
              "natively); x and a dense weight in bf16 with unit column strides, widened to fp32 adapters",
     "unmeasured": "under Triton's interpreter timings mean nothing: the triton backend takes the kernel route its "

@@ -156,6 +156,7 @@ def test_lora_matches_reference(case, xdt, adt, p):
     # fused_pairs: bf16 x and weight (make_case rounds W to x's dtype), where oneDNN has a bf16 block kernel.
     pairs = xdt == "bf16" and _C.widened_mm_available()
     expected |= {"fused_pairs"} if pairs else set()
+    expected |= {"fused_pairs_x"} if pairs and layout != "transposed" else set()
     assert set(ran) == expected, f"forward routes run: {ran}"
 
     gy = torch.randn(M, N, generator=torch.Generator().manual_seed(9)).to(DT[xdt])
@@ -365,15 +366,16 @@ WIDENED_SHAPES = [(1, 1, 1), (5, 29, 37), (3, 7, 2), (130, 65, 129), (65, 200, 6
 @pytest.mark.parametrize("M,N,K", WIDENED_SHAPES, ids=[f"{m}x{n}x{k}" for m, n, k in WIDENED_SHAPES])
 def test_widened_mm_is_the_fp32_product_of_the_bf16_operands(M, N, K):
     """``_C.widened_mm(a, b)`` against fp64 on the same bf16 values: each product is exact in fp32, so the only error
-    is fp32 summation (odd K, tiles of 64 with partial ones, the smaller operand on either side, rows with a stride
-    beyond K)."""
+    is fp32 summation (odd K, tiles of 64 with partial ones, either operand rearranged, rows with a stride beyond
+    K)."""
     g = torch.Generator().manual_seed(M * 1000 + N * 10 + K)
     a = torch.randn(M, K + 3, generator=g).to(torch.bfloat16)[:, :K]
     b = torch.randn(N, K, generator=g).to(torch.bfloat16)
-    got = _C.widened_mm(a, b)
-    assert got.dtype == torch.float32 and got.shape == (M, N)
     exact = a.double() @ b.double().t()
-    assert rel_err(got, exact) <= 1e-6 * max(1.0, K ** 0.5)
+    for interleave_a in (False, True):
+        got = _C.widened_mm(a, b, interleave_a)
+        assert got.dtype == torch.float32 and got.shape == (M, N)
+        assert rel_err(got, exact) <= 1e-6 * max(1.0, K ** 0.5), f"interleave_a={interleave_a}"
     # Rounding x W^T to bf16 (what torch's bf16 GEMM returns) is ~1e-3 away: the check above can tell them apart.
     assert rel_err((a @ b.t()).float(), exact) > 1e-4 or K == 1
 

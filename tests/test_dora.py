@@ -109,7 +109,7 @@ def check_every_route_pair(backend, x, W, b, A, B, m, s, p, floor=1e-6):
     # whose oneDNN multiplies bf16 blocks).
     widened = ["widen"]
     if p > 0 and get_backend(x, W).widened_mm_eligible(x.reshape(-1, K), W) and A.dtype == torch.float32:
-        widened.append("pairs")
+        widened += ["pairs", "pairs_x"]
     for (fwd, bwd), product in itertools.product(ROUTE_PAIRS, widened):
         routing.set_route("dora_forward", fwd)
         routing.set_route("dora_backward", bwd)

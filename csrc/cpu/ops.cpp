@@ -729,8 +729,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_small_backward", &fastpeft::lora_small_backward, "(dy, W, x|None, A, B, h, s, p, seed, need_dx) -> "
         "[dx, dA, dB, db] for one fp32 adapter (decode-sized M)");
   m.def("lora_dx_pass", &fastpeft::lora_dx_pass, "(dx|None, x|None, A32, g32, p, seed) -> dA32 (dx updated in place)");
-  m.def("widened_mm", &fastpeft::widened_mm, "(a bf16 (M, K), b bf16 (N, K)) -> a b^T (M, N) fp32: exact products, "
-        "fp32 sums, by oneDNN's bf16 block kernel (pair_gemm.cpp)");
+  m.def("widened_mm", &fastpeft::widened_mm, "(a bf16 (M, K), b bf16 (N, K), interleave_a=False) -> a b^T (M, N) "
+        "fp32: exact products, fp32 sums, by oneDNN's bf16 block kernel (pair_gemm.cpp); interleave_a rearranges a "
+        "instead of b", py::arg("a"), py::arg("b"), py::arg("interleave_a") = false);
   m.def("widened_mm_nn", &fastpeft::widened_mm_nn, "(a bf16 (M, R), b bf16 (R, N)) -> a b (M, N) fp32: as widened_mm "
         "with b not transposed");
   m.def("widened_mm_available", &fastpeft::widened_mm_available, "whether widened_mm runs on this CPU (oneDNN has a "

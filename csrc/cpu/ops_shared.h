@@ -24,7 +24,7 @@ void lora_mixed_(at::Tensor& y, const at::Tensor& x, const at::Tensor& runs, con
 
 // pair_gemm.cpp
 bool widened_mm_available();
-at::Tensor widened_mm(const at::Tensor& a, const at::Tensor& b);
+at::Tensor widened_mm(const at::Tensor& a, const at::Tensor& b, bool interleave_a);
 at::Tensor widened_mm_nn(const at::Tensor& a, const at::Tensor& b);
 
 }  // namespace fastpeft

@@ -57,10 +57,11 @@ class Backend:
         """Whether ``widened_mm(a, b)`` runs here for these operands."""
         return False
 
-    def widened_mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def widened_mm(self, a: torch.Tensor, b: torch.Tensor, interleave_a: bool = False) -> torch.Tensor:
         """``a b^T`` ``(M, N)`` in fp32 for bf16 ``a`` ``(M, K)`` and ``b`` ``(N, K)``: every product exact, the sums in
         fp32, so the same numbers as an fp32 GEMM on widened copies up to the order of the sums, but with neither
-        operand widened. Only where ``widened_mm_eligible``."""
+        operand widened. ``interleave_a``: the kernel rearranges ``a`` rather than tiles of ``b`` (the same numbers;
+        which is faster depends on the shapes). Only where ``widened_mm_eligible``."""
         raise NotImplementedError(f"backend {self.name!r} has no widened bf16 product")
 
     # ----------------------------------------------------------------------------------------------------- LoRA

@@ -157,26 +157,28 @@ def _gemm_product(x, weight, bias, wide: bool) -> torch.Tensor:
     return torch.nn.functional.linear(x if x.dtype == dtype else x.to(dtype), _weight_as(weight, dtype, x.dtype), b)
 
 
-def _pairs_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _pairs_mm(a: torch.Tensor, b: torch.Tensor, interleave_a: bool = False) -> torch.Tensor:
     """``a b^T`` in fp32, not yet rounded, from bf16 ``a`` ``(M, K)`` and ``b`` ``(N, K)`` as they are: every product
-    exact, fp32 sums (oneDNN's bf16 block kernel). ``b`` may have unit column stride (``_C.widened_mm``) or be the
-    transposed view of a row-major ``(K, N)`` matrix (``_C.widened_mm_nn`` on that matrix)."""
+    exact, fp32 sums (oneDNN's bf16 block kernel). ``b`` may have unit column stride (``_C.widened_mm``; with
+    ``interleave_a`` the kernel rearranges ``a`` instead of tiles of ``b``) or be the transposed view of a row-major
+    ``(K, N)`` matrix (``_C.widened_mm_nn`` on that matrix)."""
     a = a if a.stride(1) == 1 else a.contiguous()
-    return _C.widened_mm(a, b) if b.stride(1) == 1 else _C.widened_mm_nn(a, b.t())
+    return _C.widened_mm(a, b, interleave_a) if b.stride(1) == 1 else _C.widened_mm_nn(a, b.t())
 
 
-def _pairs_product(x, weight, bias) -> torch.Tensor:
+def _pairs_product(x, weight, bias, interleave_x: bool = False) -> torch.Tensor:
     """``x W^T + b`` in fp32, not yet rounded, by ``_pairs_mm``: ``_gemm_product(wide=True)``'s numbers up to the
     order of the sums, without the fp32 GEMM."""
-    y = _pairs_mm(x, weight.detach())
+    y = _pairs_mm(x, weight.detach(), interleave_x)
     return y if bias is None else y.add_(bias.detach().to(x.dtype).to(_F32))
 
 
-def _pairs_eligible(x, weight) -> bool:
-    """``fused_pairs`` may serve this call (fastpeft.routing.ROUTE_LIMITS)."""
-    return (isinstance(weight, torch.Tensor) and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and weight.dim() == 2 and (weight.stride(1) == 1 or weight.stride(0) == 1)
-            and _C.widened_mm_available())
+def _pairs_eligible(x, weight, interleave_x: bool = False) -> bool:
+    """``fused_pairs`` (``fused_pairs_x`` with ``interleave_x``) may serve this call (fastpeft.routing.ROUTE_LIMITS)."""
+    if not (isinstance(weight, torch.Tensor) and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+            and weight.dim() == 2 and _C.widened_mm_available()):
+        return False
+    return weight.stride(1) == 1 if interleave_x else (weight.stride(1) == 1 or weight.stride(0) == 1)
 
 
 def _tiled_product(x, weight: QuantizedWeight, bias32, xs, B, lora_scale, gemv: bool) -> torch.Tensor:
@@ -349,13 +351,14 @@ def _add_adapters(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
     return compose.add_adapters(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, _cpu_down)
 
 
-def _forward_fused(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, wide=False, pairs=False):
-    """Route ``fused`` (``fused_fp32`` with ``wide``, ``fused_pairs`` with ``pairs``): the base by torch's GEMM (by
-    ``_pairs_product`` for ``pairs``; a quantized weight decoded tile by tile inside ``_C.quant_linear``), then
-    ``_C.lora_xa`` and the in-place ``_C.lora_epilogue_``."""
+def _forward_fused(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, wide=False, pairs=None):
+    """Route ``fused`` (``fused_fp32`` with ``wide``; ``fused_pairs`` / ``fused_pairs_x`` with ``pairs`` "w" / "x",
+    the operand the kernel rearranges): the base by torch's GEMM (by ``_pairs_product`` for ``pairs``; a quantized
+    weight decoded tile by tile inside ``_C.quant_linear``), then ``_C.lora_xa`` and the in-place
+    ``_C.lora_epilogue_``."""
     if isinstance(weight, QuantizedWeight):
         return _forward_one_pass(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, gemv=False)
-    base = _pairs_product(x, weight, bias) if pairs else _gemm_product(x, weight, bias, wide)
+    base = _pairs_product(x, weight, bias, pairs == "x") if pairs else _gemm_product(x, weight, bias, wide)
     y, xa_out = _add_adapters_fused(x, base, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
     return (y.to(x.dtype) if wide or pairs else y), xa_out
 
@@ -506,7 +509,8 @@ _FORWARD_ROUTES = {
     "fused": _forward_fused,
     "compose_fp32": partial(_forward_compose, wide=True),
     "fused_fp32": partial(_forward_fused, wide=True),
-    "fused_pairs": partial(_forward_fused, pairs=True),
+    "fused_pairs": partial(_forward_fused, pairs="w"),
+    "fused_pairs_x": partial(_forward_fused, pairs="x"),
     "decoded_fused": _forward_decoded_fused,
     "gemv": _forward_one_pass,
     "bnb_native": _forward_bnb,
@@ -522,8 +526,8 @@ def _forward_eligible(route: str, x, weight, lora_A) -> bool:
         return x.dtype != _F32
     if route == "fused_fp32":
         return x.dtype != _F32 and not quantized
-    if route == "fused_pairs":
-        return _pairs_eligible(x, weight)
+    if route in ("fused_pairs", "fused_pairs_x"):
+        return _pairs_eligible(x, weight, route == "fused_pairs_x")
     if route == "decoded_fused":
         return quantized and bool(lora_A)
     if route == "gemv":
@@ -618,8 +622,8 @@ class CpuBackend(Backend):
                 and b.dim() == 2 and a.is_cpu and b.is_cpu and a.stride(1) == 1 and b.stride(1) == 1
                 and _C.widened_mm_available())
 
-    def widened_mm(self, a, b):
-        return _C.widened_mm(a, b)
+    def widened_mm(self, a, b, interleave_a=False):
+        return _C.widened_mm(a, b, interleave_a)
 
     # ----------------------------------------------------------------------------------------------------- LoRA
     def lora_forward(self, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):

@@ -151,9 +151,12 @@ _UNCACHED = DoraCache(enabled=False)
 
 # ---------------------------------------------------------------------------------------------------- dropout
 def keep_scale(backend, rows: int, cols: int, p: float, seed: int, device) -> torch.Tensor:
-    """``mask / (1 - p)`` as fp32 ``(rows, cols)``, the mask of ``fastpeft._philox`` for ``seed``, drawn by the
-    backend's own masked dX pass: the LoRA backward of a rank-1 all-ones adapter over a zero base and
-    ``dY = 1`` is exactly ``dX = mask / (1 - p)``. Transient; never saved."""
+    """``mask / (1 - p)`` as fp32 ``(rows, cols)``, the mask of ``fastpeft._philox`` for ``seed``: the backend's own
+    mask pass where it has one (``Backend.dropout_scale``), else its masked dX pass: the LoRA backward of a rank-1
+    all-ones adapter over a zero base and ``dY = 1`` is exactly ``dX = mask / (1 - p)``. Transient; never saved."""
+    drawn = backend.dropout_scale(rows, cols, p, seed, device)
+    if drawn is not None:
+        return drawn
     ones = torch.ones(rows, 1, dtype=_F32, device=device)
     zero_base = torch.zeros(1, cols, dtype=_F32, device=device)
     ones_a = torch.ones(1, cols, dtype=_F32, device=device)

@@ -174,6 +174,22 @@ def test_op_in_several_row_blocks_matches_spec(clean_routes, backend, p):
     check_every_route_pair(backend, x, W, b, A, B, m, s, p)
 
 
+@pytest.mark.parametrize("rows,cols,p", [(7, 37, 0.1), (1, 1, 0.5), (33, 130, 0.05)])
+def test_keep_scale_drawn_by_the_cpu_mask_pass_is_the_masked_dx_pass(rows, cols, p):
+    """The cpu backend draws ``mask / (1 - p)`` in one pass (``Backend.dropout_scale``); the reference backend has no
+    such pass and reads it off its masked dX (a rank-1 all-ones adapter): bit for bit the same tensor."""
+    if "cpu" not in backends_here():
+        pytest.skip(f"backend cpu unavailable: {availability('cpu')[1]}")
+    from fastpeft.backends import cpu
+    from fastpeft.backends.reference_backend import ReferenceBackend
+
+    got = dora.keep_scale(cpu.BACKEND, rows, cols, p, 1234 + rows, "cpu")
+    want = dora.keep_scale(ReferenceBackend(), rows, cols, p, 1234 + rows, "cpu")
+    assert ReferenceBackend().dropout_scale(rows, cols, p, 1, "cpu") is None
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert 0 < int((got == 0).sum()) < rows * cols or rows * cols == 1
+
+
 def test_norm_without_the_weight_matches_the_formed_weight():
     """``n_j^2 = ||W_j||^2 + 2 s B_j . (W A^T)_j + s^2 B_j A A^T B_j^T`` against ``||W + s B A||`` formed."""
     x, W, b, A, B, m = op_case((5,), 37, 29, 3, torch.float32, torch.float32, transposed=True)

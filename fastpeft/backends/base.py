@@ -52,6 +52,11 @@ class Backend:
         not, ops take a fixed route instead of measuring (``fastpeft.routing.run(..., unmeasured=...)``)."""
         return True
 
+    def dropout_scale(self, rows: int, cols: int, p: float, seed: int, device) -> Optional[torch.Tensor]:
+        """``mask / (1 - p)`` as fp32 ``(rows, cols)`` for ``seed`` (``fastpeft._philox``'s mask, element ``(m, k)``
+        at offset ``m * cols + k``) by one pass of this backend, or None where it has none."""
+        return None
+
     # ---------------------------------------------------------------------------------------- widened products
     def widened_mm_eligible(self, a: torch.Tensor, b: torch.Tensor) -> bool:
         """Whether ``widened_mm(a, b)`` runs here for these operands."""

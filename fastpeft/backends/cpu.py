@@ -616,6 +616,11 @@ class CpuBackend(Backend):
     def _key(op, x, weight, lora_A, dropout_p, grads=""):
         return routes.key_of_call(op, "cpu", _weight_kind(weight), x, weight, lora_A, dropout_p, grads)
 
+    def dropout_scale(self, rows, cols, p, seed, device):
+        if torch.device(device).type != "cpu":
+            return None
+        return _C.dropout_scale(int(seed), int(rows), int(cols), float(p), 1.0 / (1.0 - float(p)))
+
     # ---------------------------------------------------------------------------------------- widened products
     def widened_mm_eligible(self, a, b):
         return (_C is not None and a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16 and a.dim() == 2

@@ -30,8 +30,8 @@ from the seed (``fastpeft._philox``) by the backend's own masked pass.
 Two routes per op (``fastpeft.routing.ROUTES``: ``dora_forward``, ``dora_backward``): ``compose`` (vendor GEMMs in
 torch) and ``fused`` (the backend's LoRA op, by its own measured route, plus the DoRA epilogue), so every backend
 (reference, cpu, triton, cuda) serves DoRA by construction. The second base product of dropout runs in the
-adapters' dtype, as PEFT's does; for fp32 adapters over a bf16 base that is an fp32 GEMM, which the ``pairs`` route
-of ``widened_product`` computes from the bf16 operands (exact products, fp32 sums) where the backend can. A
+adapters' dtype, as PEFT's does; for fp32 adapters over a bf16 base that is an fp32 GEMM, which the ``pairs`` routes
+of ``widened_product`` compute from the bf16 operands (exact products, fp32 sums) where the backend can. A
 bitsandbytes base (``QuantizedWeight``) runs the ``fused`` route: every product with ``W`` goes through the backend's
 quantized products, which decode it as they do for LoRA.
 
@@ -268,8 +268,8 @@ def _second_base_product(backend, x, ks, p, weight, dtype, xd=None) -> torch.Ten
     ``widened_product``: ``widen`` is ``_base_product`` on ``drop(x)`` in ``dtype`` (``xd`` when the caller has it);
     ``pairs`` / ``pairs_x`` (bf16 ``x`` and weight, fp32 adapters) multiply the kept elements of ``x`` by ``W`` in
     bf16 with every product exact and fp32 sums (``Backend.widened_mm``, rearranging tiles of ``W`` / the kept
-    ``x``), then scale by ``1 / (1 - p)``: PEFT's numbers up to
-    the order of the sums, with no fp32 copy of ``x`` or of ``W``. ``ks`` is ``keep_scale``'s ``(M, K)``."""
+    ``x``), then scale by ``1 / (1 - p)``: PEFT's numbers up to the order of the sums, with no fp32 copy of ``x`` or
+    of ``W``. ``ks`` is ``keep_scale``'s ``(M, K)``."""
     def widen():
         return _base_product(xd if xd is not None else _dropped(_cast(x, dtype), ks), weight)
 

@@ -70,8 +70,8 @@ def weight_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: flo
                 weight_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``n_j = ||W_j + s (B A)_j||`` as fp32 ``(N,)``, detached, from ``weight`` ``(N, K)``, ``lora_A`` ``(r, K)``,
     ``lora_B`` ``(N, r)`` without forming ``B A``. ``weight_sq`` is ``row_sq_norms(weight)`` when the caller keeps
-    it. ``W A^T`` runs in the weight's dtype (a narrower ``A`` is not widened into a copy of ``W``); a
-    ``QuantizedWeight`` is decoded by the backend's product, in fp32."""
+    it. ``W A^T`` is fp32 as PEFT's (``_weight_times_adapter`` for a narrower dense weight); a ``QuantizedWeight``
+    is decoded by the backend's product, in fp32."""
     A32 = lora_A.detach().to(_F32)
     B32 = lora_B.detach().to(_F32)
     if weight_sq is None:
@@ -81,12 +81,41 @@ def weight_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: flo
     elif weight.dtype == _F32:
         wa = torch.mm(weight.detach(), A32.t())
     else:
-        wa = torch.mm(weight.detach(), lora_A.detach().to(weight.dtype).t()).to(_F32)
+        wa = _weight_times_adapter(weight, A32)
     cross = (B32 * wa).sum(1)
     quad = (torch.mm(B32, torch.mm(A32, A32.t())) * B32).sum(1)
     s = float(scaling)
     squared = weight_sq + (2.0 * s) * cross + (s * s) * quad
     return squared.clamp_min_(0.0).sqrt_()
+
+
+def split_bf16(t: torch.Tensor) -> torch.Tensor:
+    """fp32 ``(r, K)`` as bf16 ``(3r, K)``: ``[hi; mid; lo]`` with ``hi + mid + lo == t`` exactly (each part holds the
+    next 8 significant bits of what the parts before it left), so a product with a bf16 matrix computed part by part
+    in exact products and fp32 sums is the fp32 product."""
+    hi = t.to(torch.bfloat16)
+    rest = t - hi.to(_F32)
+    mid = rest.to(torch.bfloat16)
+    return torch.cat([hi, mid, (rest - mid.to(_F32)).to(torch.bfloat16)], 0)
+
+
+def _weight_times_adapter(weight: torch.Tensor, A32: torch.Tensor) -> torch.Tensor:
+    """``W A^T`` ``(N, r)`` in fp32 for a dense weight narrower than fp32 ``A`` ``(r, K)`` (PEFT forms ``W + s B A``
+    in fp32), by a route of ``widened_product``: ``widen`` (``_base_product``: the weight widened a block of rows at
+    a time) or ``pairs`` (a bf16 weight times ``split_bf16(A)`` by ``Backend.widened_mm``: exact products, fp32
+    sums, three partial results added)."""
+    backend = get_backend(A32, weight)
+    candidates = {"widen": lambda: _base_product(A32, weight).t()}
+    r = A32.shape[0]
+    if weight.dtype == torch.bfloat16 and backend.widened_mm_eligible(weight, weight):
+        def pairs():
+            parts = backend.widened_mm(weight.detach(), split_bf16(A32))
+            return parts[:, :r].add(parts[:, r:2 * r]).add_(parts[:, 2 * r:])
+        candidates["pairs"] = pairs
+    N, K = weight.shape
+    key = routing.make_key("widened_product", backend.name, "dense", weight.dtype, weight.dtype, (A32.dtype,), N, r,
+                           K, False, r, 1, "norm")
+    return routing.run(key, candidates, weight.device.type)
 
 
 def _stamp(t: torch.Tensor):

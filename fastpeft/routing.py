@@ -143,11 +143,13 @@ ROUTES: dict[str, dict[str, str]] = {
                  "fp32 scaling epilogue; with dropout the second base product by a route of widened_product",
     },
     "widened_product": {
-        "widen": "a GEMM in the wider dtype of a product PEFT runs there (DoRA's second base product on drop(x), "
-                 "fp32 adapters over a bf16 base): the operands widened (the weight a block of rows at a time)",
+        "widen": "a GEMM in the wider dtype of a product PEFT runs there (fp32 adapters over a bf16 base: DoRA's "
+                 "second base product on drop(x), and W A^T of its norm): the operands widened (the weight a block "
+                 "of rows at a time)",
         "pairs": "the bf16 operands multiplied as they are, every product exact and the sums in fp32 (the same "
                  "numbers up to the order of the sums) by the C++ block product over oneDNN's bf16 kernel "
-                 "(fastpeft._C.widened_mm); the dropout mask applied to x in bf16, 1 / (1 - p) after the sums",
+                 "(fastpeft._C.widened_mm); the dropout mask applied to x in bf16, 1 / (1 - p) after the sums; for "
+                 "W A^T, A split exactly into three bf16 parts",
         "pairs_x": "pairs with the kernel rearranging the kept x into bf16 pairs and reading the weight in place",
     },
     "dora_backward": {

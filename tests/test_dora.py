@@ -174,6 +174,40 @@ def test_op_in_several_row_blocks_matches_spec(clean_routes, backend, p):
     check_every_route_pair(backend, x, W, b, A, B, m, s, p)
 
 
+def test_split_bf16_parts_sum_to_the_fp32_tensor():
+    t = torch.randn(5, 77, generator=torch.Generator().manual_seed(2)) * torch.logspace(-3, 3, 77)
+    parts = dora.split_bf16(t)
+    assert parts.dtype == torch.bfloat16 and parts.shape == (15, 77)
+    assert torch.equal(parts[:5].float() + parts[5:10].float() + parts[10:].float(), t)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_norm_of_a_bf16_weight_under_fp32_adapters_is_peft_fp32_norm(clean_routes, backend):
+    """PEFT forms ``W + s B A`` in fp32 from the bf16 weight: every route of ``W A^T`` (``widen``; ``pairs`` where the
+    backend has the widened product) within 1e-6 of that norm in fp64. A ``W A^T`` taken in bf16 (A rounded) misses
+    it by far more here, where the adapter term is comparable to the weight's."""
+    if backend not in backends_here():
+        pytest.skip(f"backend {backend} unavailable: {availability(backend)[1]}")
+    g = torch.Generator().manual_seed(8)
+    N, K, r, s = 67, 130, 5, 1.7
+    W = (0.05 * torch.randn(N, K, generator=g)).to(torch.bfloat16)
+    A = torch.randn(r, K, generator=g) / K ** 0.5
+    B = 0.05 * torch.randn(N, r, generator=g)
+    expected = torch.linalg.norm(W.double() + s * (B.double() @ A.double()), dim=1)
+    narrow = torch.mm(W, A.to(torch.bfloat16).t()).float()
+    rounded = (dora.row_sq_norms(W) + 2 * s * (B * narrow).sum(1)
+               + s * s * (B @ (A @ A.t()) * B).sum(1)).clamp_min(0).sqrt()
+    assert rel_err(rounded, expected) > 1e-5, "the case cannot tell an A rounded to bf16 apart: test is vacuous"
+    set_backend(backend)
+    routes = ["widen"] + (["pairs"] if get_backend(A, W).widened_mm_eligible(W, W) else [])
+    assert backend != "cpu" or not fastpeft._C.widened_mm_available() or routes == ["widen", "pairs"]
+    for route in routes:
+        routing.set_route("widened_product", route)
+        got = dora.weight_norm(W, A, B, s)
+        assert routing.last_route("widened_product") == route
+        assert_close(f"{backend} {route} norm", got, expected, 1e-6)
+
+
 @pytest.mark.parametrize("rows,cols,p", [(7, 37, 0.1), (1, 1, 0.5), (33, 130, 0.05)])
 def test_keep_scale_drawn_by_the_cpu_mask_pass_is_the_masked_dx_pass(rows, cols, p):
     """The cpu backend draws ``mask / (1 - p)`` in one pass (``Backend.dropout_scale``); the reference backend has no

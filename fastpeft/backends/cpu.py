@@ -518,20 +518,29 @@ _FORWARD_ROUTES = {
 }
 
 
-def _forward_eligible(route: str, x, weight, lora_A) -> bool:
-    quantized = isinstance(weight, QuantizedWeight)
+def _shared_eligible(route: str, a, weight) -> Optional[bool]:
+    """The conditions of the routes lora_forward and lora_backward share (``a`` is ``x`` or ``dY``); None for a route
+    of one of them only."""
     if route in ("compose", "fused"):
         return True
     if route == "compose_fp32":
-        return x.dtype != _F32
+        return a.dtype != _F32
+    quantized = isinstance(weight, QuantizedWeight)
     if route == "fused_fp32":
-        return x.dtype != _F32 and not quantized
+        return a.dtype != _F32 and not quantized
     if route in ("fused_pairs", "fused_pairs_x"):
-        return _pairs_eligible(x, weight, route == "fused_pairs_x")
+        return _pairs_eligible(a, weight, route == "fused_pairs_x")
     if route == "decoded_fused":
-        return quantized and bool(lora_A)
+        return quantized
+    return None
+
+
+def _forward_eligible(route: str, x, weight, lora_A) -> bool:
+    shared = _shared_eligible(route, x, weight)
+    if shared is not None:
+        return shared and (route != "decoded_fused" or bool(lora_A))
     if route == "gemv":
-        return quantized or weight.stride(-1) == 1
+        return isinstance(weight, QuantizedWeight) or weight.stride(-1) == 1
     return route in _BNB_ROUTES and _bnb_eligible(x, weight)
 
 
@@ -547,40 +556,32 @@ _BACKWARD_ROUTES = {
 
 
 def _backward_eligible(route: str, dy, weight, lora_A, lora_B, xa) -> bool:
-    quantized = isinstance(weight, QuantizedWeight)
-    if route in ("compose", "fused"):
-        return True
-    if route == "compose_fp32":
-        return dy.dtype != _F32
-    if route == "fused_fp32":
-        return dy.dtype != _F32 and not quantized
-    if route == "fused_pairs":
-        return _pairs_eligible(dy, weight)
-    if route == "decoded_fused":
-        return quantized
-    return (route == "small" and not quantized and len(lora_A) == 1 and lora_A[0].is_contiguous()
-            and _all_fp32([dy, weight, lora_A[0], lora_B[0], xa[0]]))
+    shared = _shared_eligible(route, dy, weight)
+    if shared is not None:
+        return shared
+    return (route == "small" and not isinstance(weight, QuantizedWeight) and len(lora_A) == 1
+            and lora_A[0].is_contiguous() and _all_fp32([dy, weight, lora_A[0], lora_B[0], xa[0]]))
 
 
 class _EligibleRoutes:
-    """The routes of an op that may serve one call, as ``routing.take`` asks about them (``route in ...``): only the
-    asked route's conditions are checked, so a call whose route is settled skips the others' and builds no candidate
-    (at decode sizes that bookkeeping is a visible share of the call)."""
+    """The routes of an op (``table``) that may serve one call, as ``routing.take`` asks about them
+    (``route in ...``): only the asked route's conditions are checked, so a call whose route is settled skips the
+    others' and builds no candidate (at decode sizes that bookkeeping is a visible share of the call)."""
 
-    __slots__ = ("check", "args")
+    __slots__ = ("table", "check", "args")
 
-    def __init__(self, check, *args) -> None:
-        self.check, self.args = check, args
+    def __init__(self, table: dict, check, args: tuple) -> None:
+        self.table, self.check, self.args = table, check, args
 
     def __contains__(self, route: str) -> bool:
-        return self.check(route, *self.args)
+        return route in self.table and self.check(route, *self.args)
 
 
 def _run_routes(key, table: dict, eligible, args: tuple, conditions: tuple):
     """Run the op of ``key`` by one of the routes in ``table`` (name -> function of ``args``), those for which
     ``eligible(name, *conditions)`` holds: at once when the route is pinned or chosen already (only its own
     conditions checked, no candidate built), else through ``routing.run``."""
-    route = routes.take(key, _EligibleRoutes(eligible, *conditions))
+    route = routes.take(key, _EligibleRoutes(table, eligible, conditions))
     if route is not None:
         return table[route](*args)
     return routes.run(key, {name: partial(run, *args) for name, run in table.items() if eligible(name, *conditions)})
@@ -639,7 +640,8 @@ class CpuBackend(Backend):
     def base_linear(self, x, weight, bias):
         # The LoRA forward's routes with no adapters: the same measured choice of base product, without IA3's scaling
         # of x by ones. Where that choice is bitsandbytes' serving kernel (both bnb routes are the bare kernel here),
-        # it is called at once, without building the other candidates, a visible share of a decoding call.
+        # it is called at once, past the layers of calls of lora_forward's table: at decode sizes those are a visible
+        # share of the call.
         if _bnb_eligible(x, weight) and routes.take(self._key("lora_forward", x, weight, (), ()), _BNB_ROUTES):
             return _bnb_product(x, weight, bias)
         return self.lora_forward(x, weight, bias, [], [], [], [], [], [])[0]

@@ -184,31 +184,48 @@ def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: 
     per row of ``x`` ``(B, ..., in_features)``): PEFT's checks and errors, the base layer's own forward, then each
     row's adapter term added by ``fastpeft.mixed``. Calls fastpeft cannot fuse run ``peft_forward`` (PEFT's layer
     forward), with one warning per layer type and reason."""
-    try:
-        layer._check_forward_args(x, *args, **kwargs)  # PEFT's errors: length of adapter_names, merged, DoRA
-    except ValueError as exc:
-        raise ValueError(f"fastpeft: module '{layer_name(layer)}': {exc}") from exc
-    kwargs = dict(kwargs)
-    adapter_names = kwargs.pop("adapter_names")
-    reason = _unfused_mixed_reason(layer, adapter_names, args, kwargs)
-    if reason:
-        key = (type(layer).__name__, reason)
-        if key not in _warned_unfused_mixed:
-            _warned_unfused_mixed.add(key)
-            warnings.warn(f"fastpeft: module '{layer_name(layer)}': mixed-adapter batch runs PEFT's own loop, not "
-                          f"fused: {reason}", stacklevel=3)
-        return peft_forward(x, *args, adapter_names=adapter_names, **kwargs)
+    adapter_names = kwargs["adapter_names"]
+    groups = mixed.row_groups(adapter_names)
+    variants = layer.lora_variant
+    if (args or len(kwargs) > 1 or len(x) != len(groups.names) or layer.merged_adapters
+            or (variants and any(name in variants for name in groups.adapters))):
+        # Something PEFT rejects or fastpeft does not fuse; the common call passes none of this.
+        try:
+            layer._check_forward_args(x, *args, **kwargs)  # PEFT's errors: length of adapter_names, merged, DoRA
+        except ValueError as exc:
+            raise ValueError(f"fastpeft: module '{layer_name(layer)}': {exc}") from exc
+        others = {k: v for k, v in kwargs.items() if k != "adapter_names"}
+        reason = _unfused_mixed_reason(layer, adapter_names, args, others)
+        if reason:
+            key = (type(layer).__name__, reason)
+            if key not in _warned_unfused_mixed:
+                _warned_unfused_mixed.add(key)
+                warnings.warn(f"fastpeft: module '{layer_name(layer)}': mixed-adapter batch runs PEFT's own loop, "
+                              f"not fused: {reason}", stacklevel=3)
+            return peft_forward(x, *args, adapter_names=adapter_names, **others)
     if layer.disable_adapters:
         return layer.base_layer(x)
     result = layer.base_layer(x)
-    groups = mixed.row_groups(adapter_names)
+    return mixed.add_mixed_lora_(x, result, groups, _mixed_adapters(layer, groups))
+
+
+def _mixed_adapters(layer: nn.Module, groups: mixed.RowGroups) -> mixed.MixedAdapters:
+    """The layer's adapters in ``groups.adapters`` order (``mixed.MixedAdapters``): an adapter the layer does not
+    hold gets None (its rows get nothing, as in PEFT); dropout seeds are drawn only in training with ``p > 0``."""
+    names = groups.adapters
     downs = layer._modules["lora_A"]._modules
-    names = [name for name in groups.adapters if name in downs]
-    lora_A, lora_B, lora_bias, _, dropout_p, training = adapter_arguments(layer, names)
-    adapters = mixed.collect_adapters(groups, dict(zip(names, lora_A)), dict(zip(names, lora_B)),
-                                      dict(zip(names, lora_bias)), layer.scaling, dict(zip(names, dropout_p)),
-                                      training)
-    return mixed.add_mixed_lora_(x, result, adapter_names, adapters)
+    held = [name for name in names if name in downs]
+    lora_A, lora_B, lora_bias, scaling, dropout_p, training = adapter_arguments(layer, held)
+    scaling = [float(s) for s in scaling]
+    if len(held) < len(names):  # align with the batch's adapters: None for those this layer lacks
+        at = {name: i for i, name in enumerate(held)}
+        lora_A, lora_B, lora_bias, scaling, dropout_p = (
+            [values[at[name]] if name in at else absent for name in names]
+            for values, absent in ((lora_A, None), (lora_B, None), (lora_bias, None), (scaling, 0.0),
+                                   (dropout_p, 0.0)))
+    if not (training and any(p > 0 for p in dropout_p)):
+        return mixed.MixedAdapters(lora_A, lora_B, lora_bias, scaling, [0.0] * len(names), [0] * len(names))
+    return mixed.MixedAdapters(lora_A, lora_B, lora_bias, scaling, dropout_p, mixed.dropout_seeds(dropout_p))
 
 
 class FusedLoraLinear(PeftLoraLinear):

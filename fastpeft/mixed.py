@@ -15,14 +15,19 @@ batch row (``"__base__"``: no adapter; a name this layer does not hold: no adapt
   it;
 - ``fused`` (cpu backend): one C++ pass (``fastpeft._C.lora_mixed_``) over runs of consecutive rows of one adapter,
   the shrink ``x A_a^T`` and the expand ``y += s_a xa B_a^T + s_a b_a`` in place, rows of one adapter back to back
-  so its A and B stay in cache (SGMV-style; at decode each run is one row: BGMV);
+  so its A and B stay in cache (SGMV-style; at decode each run is one row: BGMV); fp32 adapters are read where PEFT
+  keeps them;
 - ``sgmv`` (triton backend): one Triton launch for the shrink of every row by its own adapter, one for the expand
   (``fastpeft.kernels.mixed_lora``).
 
 The grouping of rows by adapter is computed once per distinct ``adapter_names`` list (PEFT hands the same list to
 every layer of a forward, and a ``generate`` call the same list at every step) and cached (``row_groups``). The
-kernels' operands derived from the adapters (fp32 copies, ``B^T``, the Triton stacks) are kept across calls while
-the adapters are unchanged, up to ``fastpeft._derived.DERIVED_CACHE_BYTES``.
+kernels' operands derived from the adapters (fp32 copies of other dtypes, the Triton stacks) are kept across calls
+while the adapters are frozen and unchanged, up to ``fastpeft._derived.DERIVED_CACHE_BYTES``.
+
+This runs once per adapted layer per decoded token, after the base product has streamed the layer's weight through
+the caches, so every Python step here runs cold: a call whose route is settled takes it without building the other
+candidates, and the adapters are summarized in one pass.
 
 Dropout (training, ``p_a > 0``): adapter ``a`` applies fastpeft's Philox mask (``fastpeft._philox``) drawn from its
 own seed over its own gathered sub-batch (rows in batch order, tokens in order), as PEFT applies each adapter's own
@@ -169,8 +174,12 @@ def collect_adapters(groups: RowGroups, lora_A: Mapping[str, torch.Tensor], lora
     if not training:
         return MixedAdapters(As, Bs, biases, scales, [0.0] * len(names), [0] * len(names))
     ps = [0.0 if A is None else float(dropout_p.get(name, 0.0)) for name, A in zip(names, As)]
-    seeds = [int(draw_seeds(1, [p], True)[0]) if p > 0 else 0 for p in ps]
-    return MixedAdapters(As, Bs, biases, scales, ps, seeds)
+    return MixedAdapters(As, Bs, biases, scales, ps, dropout_seeds(ps))
+
+
+def dropout_seeds(dropout_p: Sequence[float]) -> list[int]:
+    """One seed per adapter from torch's generator for each ``p > 0`` (0 for the others), in adapter order."""
+    return [int(draw_seeds(1, [p], True)[0]) if p > 0 else 0 for p in dropout_p]
 
 
 # ---------------------------------------------------------------------------------------------------- the spec
@@ -213,42 +222,41 @@ def _compose(x2, y2, plan: RowPlan, adapters: MixedAdapters, present: list[int])
     return y2
 
 
-# Adapter copies the mixed kernels keep (fp32, B^T, the Triton stacks), shared with the cpu backend's: fp32 adapters
-# in a contiguous (r, K) A need no copy of A; B^T is one copy of each B used in a mixed batch.
+# Adapter copies the mixed kernels keep (fp32 copies of other dtypes, the Triton stacks), shared with the cpu
+# backend's; fp32 contiguous adapters, PEFT's default, are read in place.
 _derived = SHARED
 _F32 = torch.float32
 _EMPTY = torch.empty(0)
 
 
-def _cpu_operands(adapters: MixedAdapters, i: int, transpose) -> tuple:
-    """Adapter ``i`` as ``fastpeft._C.lora_mixed_`` takes it: ``A`` ``(r, K)``, ``B^T`` ``(r, N)`` and ``s b``
-    ``(N,)`` (or empty), contiguous fp32, kept across calls for frozen adapters (``fastpeft._derived``; trainable
-    ones are converted per call, ``B^T`` by ``transpose``, the C++ ``stack_transposed``)."""
-    A, B, b, s = adapters.lora_A[i], adapters.lora_B[i], adapters.lora_bias[i], adapters.scaling[i]
-    if not (A.dtype == _F32 and A.is_contiguous()):
-        A = _derived.get_one(A, lambda: A.detach().to(_F32).contiguous())
-    Bt = _derived.get_one(B, lambda: transpose([B]))
-    if b is not None:
-        b = _derived.get_one(b, lambda: (b.detach().to(_F32) * s).contiguous(), extra=s)
-    return A, Bt, _EMPTY if b is None else b
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as contiguous fp32: itself when it is, else a copy (kept across calls for a frozen adapter)."""
+    if t.dtype == _F32 and t.is_contiguous():
+        return t
+    return _derived.get_one(t, lambda: t.detach().to(_F32).contiguous())
+
+
+def _cpu_operands(adapters: MixedAdapters, K: int, N: int) -> tuple:
+    """The adapters as ``fastpeft._C.lora_mixed_`` takes them: lists of ``A`` ``(r, K)``, ``B`` ``(N, r)`` and
+    ``b`` ``(N,)`` (empty for none), contiguous fp32 (an adapter the layer lacks: rank 0)."""
+    As, Bs, biases = [], [], []
+    for A, B, b in zip(adapters.lora_A, adapters.lora_B, adapters.lora_bias):
+        if A is None:
+            As.append(torch.zeros(0, K))
+            Bs.append(torch.zeros(N, 0))
+        else:
+            As.append(_fp32(A))
+            Bs.append(_fp32(B))
+        biases.append(_EMPTY if b is None else _fp32(b))
+    return As, Bs, biases
 
 
 def _fused_cpu(x2, y2, plan: RowPlan, adapters: MixedAdapters, present: list[int]) -> torch.Tensor:
     """Route ``fused`` (cpu backend): ``fastpeft._C.lora_mixed_`` over the plan's runs, ``y2`` updated in place."""
     from . import _C  # type: ignore[attr-defined]
 
-    N, K = y2.shape[1], x2.shape[1]
-    As, Bts, biases = [], [], []
-    for i, A in enumerate(adapters.lora_A):
-        if A is None:
-            A, Bt, b = torch.zeros(0, K), torch.zeros(0, N), _EMPTY
-        else:
-            A, Bt, b = _cpu_operands(adapters, i, _C.stack_transposed)
-        As.append(A)
-        Bts.append(Bt)
-        biases.append(b)
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    _C.lora_mixed_(y2, x2, plan.runs, As, Bts, biases, adapters.scaling)
+    As, Bs, biases = _cpu_operands(adapters, x2.shape[1], y2.shape[1])
+    _C.lora_mixed_(y2, x2 if x2.stride(-1) == 1 else x2.contiguous(), plan.runs, As, Bs, biases, adapters.scaling)
     return y2
 
 
@@ -278,32 +286,33 @@ def _sgmv_eligible(adapters: MixedAdapters, present: list[int]) -> bool:
     return rank_tile(max(adapters.lora_A[i].shape[0] for i in present)) is not None
 
 
-def _fused_eligible(x2, y2, adapters: MixedAdapters, present: list[int]) -> bool:
-    """``fused`` / ``sgmv`` may serve this call (``fastpeft.routing.ROUTE_LIMITS``): no dropout, and ``x`` widens to
-    each adapter's dtype without rounding (PEFT's cast then loses nothing, so computing in fp32 is its meaning)."""
-    return all(adapters.dropout_p[i] == 0 and lossless(x2.dtype, adapters.lora_A[i].dtype) for i in present)
+def _summary(x2, adapters: MixedAdapters, present: list[int]) -> tuple:
+    """``(adapter dtypes, total rank, any dropout, kernels may serve)`` of the call in one pass over its adapters.
+    The kernels (``fused`` / ``sgmv``, ``fastpeft.routing.ROUTE_LIMITS``) need no dropout and ``x`` widening to each
+    adapter's dtype without rounding (PEFT's cast then loses nothing, so computing in fp32 is its meaning)."""
+    dtypes, rank, dropout, kernels = [], 0, False, True
+    for i in present:
+        A = adapters.lora_A[i]
+        dtypes.append(A.dtype)
+        rank += A.shape[0]
+        if adapters.dropout_p[i] > 0:
+            dropout = kernels = False
+        elif kernels and not lossless(x2.dtype, A.dtype):
+            kernels = False
+    return dtypes, rank, dropout, kernels
 
 
-def _route_key(backend: str, x2, y2, adapters: MixedAdapters, present: list[int]) -> routing.RouteKey:
-    As = [adapters.lora_A[i] for i in present]
-    return routing.make_key("lora_mixed_forward", backend, "dense", x2.dtype, y2.dtype, [A.dtype for A in As],
-                            x2.shape[0], y2.shape[1], x2.shape[1], any(adapters.dropout_p[i] > 0 for i in present),
-                            sum(A.shape[0] for A in As), len(As))
-
-
-def add_mixed_lora_(x: torch.Tensor, y: torch.Tensor, adapter_names: Sequence[str],
-                    adapters: MixedAdapters) -> torch.Tensor:
+def add_mixed_lora_(x: torch.Tensor, y: torch.Tensor, groups: RowGroups, adapters: MixedAdapters) -> torch.Tensor:
     """Add each row's own adapter update to the base output ``y``, by the route chosen for this call.
 
     Args:
-        x: ``(B, ..., K)`` fp16/bf16/fp32, the layer input; ``B == len(adapter_names)``.
+        x: ``(B, ..., K)`` fp16/bf16/fp32, the layer input; ``B == len(groups.names)``.
         y: ``(B, ..., N)``, the base output (any float dtype); updated in place when no autograd is recorded.
-        adapter_names: one adapter name (or ``"__base__"``) per batch row.
-        adapters: the layer's adapters in ``row_groups(adapter_names).adapters`` order (``collect_adapters``).
+        groups: ``row_groups(adapter_names)``, one adapter name (or ``"__base__"``) per batch row.
+        adapters: the layer's adapters in ``groups.adapters`` order (``collect_adapters``).
     Returns:
-        ``(B, ..., N)`` in ``y``'s dtype: ``y`` itself, or a new tensor where autograd needs one.
+        ``(B, ..., N)`` in ``y``'s dtype: ``y``'s values updated in place, or a new tensor where autograd needs one.
     """
-    groups = row_groups(adapter_names)
     present = adapters.present()
     if not present:
         return y
@@ -311,16 +320,20 @@ def add_mixed_lora_(x: torch.Tensor, y: torch.Tensor, adapter_names: Sequence[st
     y2 = y.reshape(-1, y.shape[-1])
     plan = groups.plan(x2.shape[0] // len(groups.names), x2.device)
     if _records_autograd(x, y, adapters, present) or torch.compiler.is_compiling():
-        out = _compose(x2, y2, plan, adapters, present)
-        return out.view(y.shape)
+        return _compose(x2, y2, plan, adapters, present).view(y.shape)
     backend = get_backend(x2, y2)
+    dtypes, rank, dropout, kernels = _summary(x2, adapters, present)
     routes = {"compose": _compose}
-    if _fused_eligible(x2, y2, adapters, present):
+    if kernels:
         if backend.name == "cpu":
             routes["fused"] = _fused_cpu
         elif backend.name == "triton" and _sgmv_eligible(adapters, present):
             routes["sgmv"] = _sgmv_triton
-    key = _route_key(backend.name, x2, y2, adapters, present)
+    key = routing.make_key("lora_mixed_forward", backend.name, "dense", x2.dtype, y2.dtype, dtypes, x2.shape[0],
+                           y2.shape[1], x2.shape[1], dropout, rank, len(present))
+    route = routing.take(key, routes)
+    if route is not None:  # settled: run it on y itself, nothing else built
+        return routes[route](x2, y2, plan, adapters, present).view(y.shape)
     updaters = {name: (lambda out, fn=fn: fn(x2, out, plan, adapters, present)) for name, fn in routes.items()}
     out = routing.run_in_place(key, updaters, y2, device=x2.device.type, unmeasured=_unmeasured(backend, routes))
     return out.view(y.shape)

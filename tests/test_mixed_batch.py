@@ -169,15 +169,23 @@ def test_adapters_changed_in_place_are_seen_by_the_next_call(pinned):
 
 
 def test_kept_adapter_copies_are_bounded_in_bytes(monkeypatch):
-    """Beyond the byte bound the least recently used copies are dropped and derived again: same output."""
+    """fp32 adapters are read where PEFT keeps them (no copy is made); fp16 ones through fp32 copies, kept across
+    calls for frozen adapters, and beyond the byte bound the least recently used copies are dropped and derived
+    again: same output."""
     monkeypatch.setattr(mixed, "_derived", DerivedTensors(max_bytes=2000))
-    reference, fused = twins()
     x = torch.randn(7, 37)
     routing.set_route(OP, "fused")
     try:
         with torch.no_grad():
+            reference, fused = twins()
+            assert_close("y", fused(x, adapter_names=NAMES), reference(x, adapter_names=NAMES), FP32_TOL)
+            assert not mixed._derived._entries, "fp32 adapters were copied"
+            exact = reference
+            reference, fused = twins(dtype=torch.float16)
             for _ in range(2):
-                assert_close("y", fused(x, adapter_names=NAMES), reference(x, adapter_names=NAMES), FP32_TOL)
+                assert_within_2x("y", fused(x.half(), adapter_names=NAMES), reference(x.half(), adapter_names=NAMES),
+                                 exact(x, adapter_names=NAMES))
+                assert routing.last_route(OP) == "fused"
     finally:
         routing.set_route(OP, None)
     assert 0 < mixed._derived._bytes <= 2000 or len(mixed._derived._entries) == 1
@@ -408,7 +416,7 @@ def test_cpu_kernel_rejects_runs_out_of_bounds():
         pytest.skip("the C++ extension is not built")
     y, x = torch.zeros(2, 5), torch.zeros(2, 3)
     with pytest.raises(RuntimeError, match="out of bounds"):
-        cpu._C.lora_mixed_(y, x, torch.tensor([[0, 3, 0]]), [torch.zeros(2, 3)], [torch.zeros(2, 5)],
+        cpu._C.lora_mixed_(y, x, torch.tensor([[0, 3, 0]]), [torch.zeros(2, 3)], [torch.zeros(5, 2)],
                            [torch.empty(0)], [1.0])
 
 

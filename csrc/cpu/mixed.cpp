@@ -2,11 +2,11 @@
 //
 // For each run [start, end) of rows that share adapter i (fastpeft/mixed.py builds the runs, sorted by adapter so
 // one adapter's A and B stay in cache across its runs):
-//   y[m, :] += s_i * (x[m, :] A_i^T) B_i^T + bias_i      for m in [start, end), accumulated in fp32, y rounded once.
+//   y[m, :] += s_i * ((x[m, :] A_i^T) B_i^T + bias_i)      for m in [start, end), accumulated in fp32, y rounded once.
 // The shrink is the kernel table's xa_rows and the expand its epilogue_rows, on row pointers offset to the run, so
-// each run is a small segmented GEMM (one row per run at decode: a batched GEMV). B_i comes as B_i^T (r_i, N), the
-// layout the expand streams: the caller keeps that copy across calls (transposing every adapter's B per call cost
-// as much as reading it).
+// each run is a small segmented GEMM (one row per run at decode: a batched GEMV). A_i and B_i are read as PEFT keeps
+// them, (r_i, K) and (N, r_i): each thread transposes B_i into its own (r_i, N) buffer when its next chunk of rows
+// changes adapter (chunks are sorted by adapter), so no caller makes or keeps a B^T per call.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -27,33 +27,49 @@ struct Chunk {
 
 int64_t element_size(int dt) { return dt == kF32 ? 4 : 2; }
 
+// Scratch of each thread, kept across calls: a decode step calls this once per layer, and a fresh B^T buffer of
+// r * N floats is large enough for malloc to map new pages each time.
+struct Scratch {
+  std::vector<float> buf, xs, Bt;
+};
+thread_local Scratch t_scratch;
+
+float* at_least(std::vector<float>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  return v.data();
+}
+
 }  // namespace
 
 void lora_mixed_(at::Tensor& y, const at::Tensor& x, const at::Tensor& runs, const std::vector<at::Tensor>& A,
-                 const std::vector<at::Tensor>& Bt, const std::vector<at::Tensor>& bias,
+                 const std::vector<at::Tensor>& B, const std::vector<at::Tensor>& bias,
                  const std::vector<double>& scaling) {
   check_activation_rows(y, "y");
   check_activation_rows(x, "x");
   const int64_t M = x.size(0), Kd = x.size(1), N = y.size(1);
   const int64_t n = static_cast<int64_t>(A.size());
   TORCH_CHECK(y.size(0) == M, "fastpeft._C.lora_mixed_: y has ", y.size(0), " rows, x has ", M);
-  TORCH_CHECK(static_cast<int64_t>(Bt.size()) == n && static_cast<int64_t>(bias.size()) == n &&
+  TORCH_CHECK(static_cast<int64_t>(B.size()) == n && static_cast<int64_t>(bias.size()) == n &&
                   static_cast<int64_t>(scaling.size()) == n,
-              "fastpeft._C.lora_mixed_: A, Bt, bias and scaling must have one entry per adapter");
+              "fastpeft._C.lora_mixed_: A, B, bias and scaling must have one entry per adapter");
   TORCH_CHECK(runs.scalar_type() == at::kLong && runs.is_contiguous() && runs.dim() == 2 && runs.size(1) == 3,
               "fastpeft._C.lora_mixed_: runs must be contiguous int64 (S, 3)");
-  std::vector<const float*> bias_ptr(n, nullptr);
+  // s_i * bias_i, made here: the epilogue adds the bias as it is.
+  std::vector<std::vector<float>> scaled_bias(n);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t r = A[i].dim() == 2 ? A[i].size(0) : -1;
     TORCH_CHECK(A[i].scalar_type() == at::kFloat && A[i].is_contiguous() && r >= 0 && A[i].size(1) == Kd,
                 "fastpeft._C.lora_mixed_: A[", i, "] must be contiguous fp32 (r, ", Kd, "), got ", A[i].sizes());
-    TORCH_CHECK(Bt[i].scalar_type() == at::kFloat && Bt[i].is_contiguous() && Bt[i].dim() == 2 &&
-                    Bt[i].size(0) == r && Bt[i].size(1) == N,
-                "fastpeft._C.lora_mixed_: Bt[", i, "] must be contiguous fp32 (", r, ", ", N, "), got ", Bt[i].sizes());
+    TORCH_CHECK(B[i].scalar_type() == at::kFloat && B[i].is_contiguous() && B[i].dim() == 2 && B[i].size(0) == N &&
+                    B[i].size(1) == r,
+                "fastpeft._C.lora_mixed_: B[", i, "] must be contiguous fp32 (", N, ", ", r, "), got ", B[i].sizes());
     if (bias[i].numel()) {
       TORCH_CHECK(bias[i].scalar_type() == at::kFloat && bias[i].is_contiguous() && bias[i].numel() == N,
                   "fastpeft._C.lora_mixed_: bias[", i, "] must be contiguous fp32 (", N, ") or empty");
-      bias_ptr[i] = bias[i].data_ptr<float>();
+      const float* b = bias[i].data_ptr<float>();
+      const float s = static_cast<float>(scaling[i]);
+      scaled_bias[i].resize(N);
+      for (int64_t j = 0; j < N; ++j) scaled_bias[i][j] = s * b[j];
     }
   }
   std::vector<Chunk> chunks;
@@ -76,17 +92,23 @@ void lora_mixed_(at::Tensor& y, const at::Tensor& x, const at::Tensor& runs, con
   const int64_t rows_per_chunk = std::max<int64_t>(1, M / static_cast<int64_t>(chunks.size()));
   const int64_t grain = std::max<int64_t>(1, rows_grain((Kd + N) * max_r) / rows_per_chunk);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), grain, [&](int64_t b, int64_t e) {
-    std::vector<float> buf(4 * std::max(Kd, N));
-    std::vector<float> xs(kChunkRows * max_r);
+    float* buf = at_least(t_scratch.buf, 4 * std::max(Kd, N));
+    float* xs = at_least(t_scratch.xs, kChunkRows * max_r);
+    float* Bt = at_least(t_scratch.Bt, max_r * N);  // B^T of adapter `held`
+    int64_t held = -1;
     for (int64_t c = b; c < e; ++c) {
       const Chunk& ch = chunks[c];
       const int64_t rows = ch.end - ch.start, r = A[ch.adapter].size(0);
       const float s = static_cast<float>(scaling[ch.adapter]);
+      if (ch.adapter != held) {
+        kt.transpose_f32(B[ch.adapter].data_ptr<float>(), r, N, r, Bt, N);
+        held = ch.adapter;
+      }
       kt.xa_rows(dtx, xp + ch.start * ldx * element_size(dtx), ldx, Kd, 0, rows, A[ch.adapter].data_ptr<float>(),
-                 r, 0.f, 0u, xs.data(), r, buf.data());
+                 r, 0.f, 0u, xs, r, buf);
       for (int64_t j = 0; j < rows * r; ++j) xs[j] *= s;
-      kt.epilogue_rows(dty, yp + ch.start * ldy * element_size(dty), ldy, N, 0, rows, xs.data(), r,
-                       Bt[ch.adapter].data_ptr<float>(), bias_ptr[ch.adapter], buf.data());
+      kt.epilogue_rows(dty, yp + ch.start * ldy * element_size(dty), ldy, N, 0, rows, xs, r, Bt,
+                       scaled_bias[ch.adapter].empty() ? nullptr : scaled_bias[ch.adapter].data(), buf);
     }
   });
 }

@@ -19,7 +19,7 @@ int64_t rows_grain(int64_t work_per_row);
 
 // mixed.cpp
 void lora_mixed_(at::Tensor& y, const at::Tensor& x, const at::Tensor& runs, const std::vector<at::Tensor>& A,
-                 const std::vector<at::Tensor>& Bt, const std::vector<at::Tensor>& bias,
+                 const std::vector<at::Tensor>& B, const std::vector<at::Tensor>& bias,
                  const std::vector<double>& scaling);
 
 // pair_gemm.cpp

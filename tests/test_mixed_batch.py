@@ -508,32 +508,37 @@ def _isas():
 
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-def test_cpu_pass_on_every_simd_path(isa, dtype):
-    """``_C.lora_mixed_`` on each SIMD path of this CPU, activations of every dtype with fp32 adapters, runs longer
-    than one chunk of rows, against the compose route."""
+@pytest.mark.parametrize("tokens", [40, 1], ids=["runs", "decode"])
+def test_cpu_pass_on_every_simd_path(isa, dtype, tokens):
+    """``_C.lora_mixed_`` on each SIMD path of this CPU, activations of every dtype with fp32 adapters, against the
+    compose route: runs longer than one chunk of rows, and decode (one token per row: rows whose rank is a multiple
+    of the vector width are expanded from B directly, ranks 8 and 16 cover every width, rank 3 none)."""
     from fastpeft.backends import cpu
 
     torch.manual_seed(9)
-    K, N, T = 37, 29, 40
-    names = ["u", "__base__", "v", "u", "u"]
+    K, N = 37, 29
+    names = ["u", "__base__", "v", "u", "w", "v", "w"]
+    ranks = {"u": 3, "v": 8, "w": 16}
+    weights = {n: (torch.randn(r, K), torch.randn(N, r), torch.randn(N)) for n, r in ranks.items()}
     groups = mixed.row_groups(names)
-    weights = {n: (torch.randn(r, K), torch.randn(N, r), torch.randn(N)) for n, r in (("u", 3), ("v", 8))}
     adapters = mixed.collect_adapters(groups, {n: w[0] for n, w in weights.items()},
-                                      {n: w[1] for n, w in weights.items()}, {"v": weights["v"][2]},
-                                      {"u": 0.7, "v": 1.5}, {}, training=False)
-    x = torch.randn(len(names) * T, K).to(dtype)
-    y = torch.randn(len(names) * T, N).to(dtype)
-    plan = groups.plan(T, x.device)
-    expected = mixed._compose(x.float(), y.float().clone(), plan, adapters, [0, 1])
+                                      {n: w[1] for n, w in weights.items()},
+                                      {"v": weights["v"][2], "w": weights["w"][2]}, {"u": 0.7, "v": 1.5, "w": 0.3},
+                                      {}, training=False)
+    x = torch.randn(len(names) * tokens, K).to(dtype)
+    y = torch.randn(len(names) * tokens, N).to(dtype)
+    plan = groups.plan(tokens, x.device)
+    present = [0, 1, 2]
+    expected = mixed._compose(x.float(), y.float().clone(), plan, adapters, present)
     cpu._C.set_isa(isa)
     try:
-        actual = mixed._fused_cpu(x, y.clone(), plan, adapters, [0, 1])
+        actual = mixed._fused_cpu(x, y.clone(), plan, adapters, present)
     finally:
         cpu._C.set_isa("auto")
     if dtype == torch.float32:
         assert_close("y", actual, expected, FP32_TOL)
     else:
-        assert_within_2x("y", actual, mixed._compose(x, y.clone(), plan, adapters, [0, 1]), expected)
+        assert_within_2x("y", actual, mixed._compose(x, y.clone(), plan, adapters, present), expected)
 
 
 @pytest.mark.gpu

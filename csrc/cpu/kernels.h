@@ -91,6 +91,12 @@ struct KernelTable {
   void (*qgemv_rows)(const QuantDesc& q, int64_t n0, int64_t n1, const float* x, int64_t M, float* y, int64_t ldy,
                      const float* bias, const float* xs, const float* B, int64_t R, float lora_scale, float* buf);
 
+  // y[n] = y[n] + bias[n] + sum_j xs[j] B[n, j] for n < N, in place, rounded once to y's dtype: one activation row
+  // (dtype dt) expanded with B (N, R) fp32 as PEFT keeps it; R must be a multiple of vector_width. bias: (N,) or null.
+  void (*expand_row_b)(int dt, void* y, int64_t N, const float* xs, int64_t R, const float* B, const float* bias);
+  // Floats per vector of this code path (16 avx512, 8 avx2, 4 generic).
+  int vector_width;
+
   // dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols (fp32; the adapters' B to the B^T the passes stream).
   void (*transpose_f32)(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd);
 };

@@ -1,5 +1,6 @@
 // The generic build of kernels_impl.h; chosen at run time by ops.cpp from cpuid.
 #include <cstdint>
+#include <utility>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>  // SSE2 (x86-64 baseline) for the Philox multiply
 #endif
@@ -14,7 +15,8 @@ namespace fastpeft {
 const KernelTable& kernels_generic() {
   static const KernelTable table{"generic", isa_generic::dropout_scale, isa_generic::xa_rows, isa_generic::epilogue_rows,
                                  isa_generic::dy_rows, isa_generic::dx_rows, isa_generic::outer_cols,
-                                 isa_generic::dequant_rows, isa_generic::qgemv_rows, isa_generic::transpose_f32};
+                                 isa_generic::dequant_rows, isa_generic::qgemv_rows, isa_generic::expand_row_b, 4,
+                                 isa_generic::transpose_f32};
   return table;
 }
 }  // namespace fastpeft

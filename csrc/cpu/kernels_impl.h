@@ -409,6 +409,72 @@ void epilogue_rows(int dt, void* y, int64_t ldy, int64_t N, int64_t m0, int64_t 
   }
 }
 
+// ------------------------------------------------------------------------------ expand from B as PEFT keeps it
+// Lane masks of one level of reduce_lanes. Vectors a and b each hold VW / S segments of S partial sums; output
+// segment sigma (of S / 2 lanes) takes the low (lo) or high (hi) half of segment sigma / 2 of a (sigma even) or of b
+// (sigma odd), so that adding the two shuffles halves the segments. Indices are into the concatenation (a, b).
+struct HalvingMasks {
+  int lo[VW], hi[VW];
+};
+constexpr HalvingMasks halving_masks(int S) {
+  HalvingMasks m{};
+  for (int o = 0; o < VW; ++o) {
+    const int sigma = o / (S / 2), w = o % (S / 2);
+    m.lo[o] = (sigma % 2 ? VW : 0) + (sigma / 2) * S + w;
+    m.hi[o] = m.lo[o] + S / 2;
+  }
+  return m;
+}
+
+constexpr int bit_reverse(int v, int bits) {
+  int r = 0;
+  for (int b = 0; b < bits; ++b) r |= ((v >> b) & 1) << (bits - 1 - b);
+  return r;
+}
+constexpr int kLogVW = VW == 16 ? 4 : VW == 8 ? 3 : 2;
+
+// a and b with every segment of S partial sums halved (halving_masks), the shuffles' lanes literal constants.
+template <int S, size_t... I>
+inline vf halve(vf a, vf b, std::index_sequence<I...>) {
+  constexpr HalvingMasks m = halving_masks(S);
+  return __builtin_shufflevector(a, b, m.lo[I]...) + __builtin_shufflevector(a, b, m.hi[I]...);
+}
+
+// p[0] lane L = the lane sum of the input p[bit_reverse(L)], for the S = VW vectors p: log2(VW) levels of pairwise
+// shuffles and adds (VW - 1 of each) instead of VW separate lane sums. p is overwritten.
+template <int S>
+inline void reduce_lanes(vf* p) {
+  if constexpr (S > 1) {
+    for (int i = 0; i < S / 2; ++i) p[i] = halve<S>(p[2 * i], p[2 * i + 1], std::make_index_sequence<VW>{});
+    reduce_lanes<S / 2>(p);
+  }
+}
+
+// y[n] = round(y[n] + bias[n] + sum_j xs[j] B[n, j]) in y's dtype for n < N: one activation row's expand with B
+// (N, R) fp32 read where it lies, R a multiple of VW. Each VW outputs are VW dot products of length R, summed across
+// lanes together (reduce_lanes), so no B^T is made for a row that uses its adapter once (decode).
+void expand_row_b(int dt, void* y, int64_t N, const float* xs, int64_t R, const float* B, const float* bias) {
+  int64_t n = 0;
+  for (; n + VW <= N; n += VW) {
+    vf p[VW];
+    for (int i = 0; i < VW; ++i) {  // rows in order (the stream the prefetcher follows), slots bit-reversed
+      const float* row = B + (n + i) * R;
+      vf acc = load_f32(row) * load_f32(xs);
+      for (int64_t j = VW; j < R; j += VW) acc += load_f32(row + j) * load_f32(xs + j);
+      p[bit_reverse(i, kLogVW)] = acc;
+    }
+    reduce_lanes<VW>(p);
+    vf v = p[0];
+    if (bias) v += load_f32(bias + n);
+    store_act(dt, y, n, load_act(dt, y, n) + v);
+  }
+  for (; n < N; ++n) {
+    float v = bias ? bias[n] : 0.f;
+    for (int64_t j = 0; j < R; ++j) v += xs[j] * B[n * R + j];
+    store_act1(dt, y, n, load_act1(dt, y, n) + v);
+  }
+}
+
 // buf: MB * N floats.
 void dy_rows(int dt, const void* dy, int64_t lddy, int64_t N, int64_t m0, int64_t m1, const float* Bt, int64_t R,
              const float* svec, float* g, float* colsum, float* buf) {

@@ -5,8 +5,9 @@
 //   y[m, :] += s_i * ((x[m, :] A_i^T) B_i^T + bias_i)      for m in [start, end), accumulated in fp32, y rounded once.
 // The shrink is the kernel table's xa_rows and the expand its epilogue_rows, on row pointers offset to the run, so
 // each run is a small segmented GEMM (one row per run at decode: a batched GEMV). A_i and B_i are read as PEFT keeps
-// them, (r_i, K) and (N, r_i): each thread transposes B_i into its own (r_i, N) buffer when its next chunk of rows
-// changes adapter (chunks are sorted by adapter), so no caller makes or keeps a B^T per call.
+// them, (r_i, K) and (N, r_i): a chunk of one row (decode) is expanded from B_i directly (kernel table:
+// expand_row_b); for longer chunks each thread transposes B_i into its own (r_i, N) buffer when its next chunk
+// changes adapter (chunks are sorted by adapter). No caller makes or keeps a B^T per call.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -100,15 +101,20 @@ void lora_mixed_(at::Tensor& y, const at::Tensor& x, const at::Tensor& runs, con
       const Chunk& ch = chunks[c];
       const int64_t rows = ch.end - ch.start, r = A[ch.adapter].size(0);
       const float s = static_cast<float>(scaling[ch.adapter]);
+      kt.xa_rows(dtx, xp + ch.start * ldx * element_size(dtx), ldx, Kd, 0, rows, A[ch.adapter].data_ptr<float>(),
+                 r, 0.f, 0u, xs, r, buf);
+      for (int64_t j = 0; j < rows * r; ++j) xs[j] *= s;
+      const float* bias_s = scaled_bias[ch.adapter].empty() ? nullptr : scaled_bias[ch.adapter].data();
+      if (rows == 1 && r % kt.vector_width == 0) {  // a row that uses its adapter once: expand from B as it is
+        kt.expand_row_b(dty, yp + ch.start * ldy * element_size(dty), N, xs, r, B[ch.adapter].data_ptr<float>(),
+                        bias_s);
+        continue;
+      }
       if (ch.adapter != held) {
         kt.transpose_f32(B[ch.adapter].data_ptr<float>(), r, N, r, Bt, N);
         held = ch.adapter;
       }
-      kt.xa_rows(dtx, xp + ch.start * ldx * element_size(dtx), ldx, Kd, 0, rows, A[ch.adapter].data_ptr<float>(),
-                 r, 0.f, 0u, xs, r, buf);
-      for (int64_t j = 0; j < rows * r; ++j) xs[j] *= s;
-      kt.epilogue_rows(dty, yp + ch.start * ldy * element_size(dty), ldy, N, 0, rows, xs, r, Bt,
-                       scaled_bias[ch.adapter].empty() ? nullptr : scaled_bias[ch.adapter].data(), buf);
+      kt.epilogue_rows(dty, yp + ch.start * ldy * element_size(dty), ldy, N, 0, rows, xs, r, Bt, bias_s, buf);
     }
   });
 }

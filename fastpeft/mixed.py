@@ -15,15 +15,15 @@ batch row (``"__base__"``: no adapter; a name this layer does not hold: no adapt
   it;
 - ``fused`` (cpu backend): one C++ pass (``fastpeft._C.lora_mixed_``) over runs of consecutive rows of one adapter,
   the shrink ``x A_a^T`` and the expand ``y += s_a xa B_a^T + s_a b_a`` in place, rows of one adapter back to back
-  so its A and B stay in cache (SGMV-style; at decode each run is one row: BGMV); fp32 adapters are read where PEFT
-  keeps them;
+  so its A and B stay in cache (SGMV-style; at decode each run is one row: BGMV), the adapters read where PEFT keeps
+  them;
 - ``sgmv`` (triton backend): one Triton launch for the shrink of every row by its own adapter, one for the expand
   (``fastpeft.kernels.mixed_lora``).
 
 The grouping of rows by adapter is computed once per distinct ``adapter_names`` list (PEFT hands the same list to
-every layer of a forward, and a ``generate`` call the same list at every step) and cached (``row_groups``). The
-kernels' operands derived from the adapters (fp32 copies of other dtypes, the Triton stacks) are kept across calls
-while the adapters are frozen and unchanged, up to ``fastpeft._derived.DERIVED_CACHE_BYTES``.
+every layer of a forward, and a ``generate`` call the same list at every step) and cached (``row_groups``). The C++
+pass reads the adapters as PEFT keeps them; the Triton stacks of the adapters are kept across calls while the
+adapters are frozen and unchanged, up to ``fastpeft._derived.DERIVED_CACHE_BYTES``.
 
 This runs once per adapted layer per decoded token, after the base product has streamed the layer's weight through
 the caches, so every Python step here runs cold: a call whose route is settled takes it without building the other
@@ -222,41 +222,17 @@ def _compose(x2, y2, plan: RowPlan, adapters: MixedAdapters, present: list[int])
     return y2
 
 
-# Adapter copies the mixed kernels keep (fp32 copies of other dtypes, the Triton stacks), shared with the cpu
-# backend's; fp32 contiguous adapters, PEFT's default, are read in place.
+# The Triton stacks of the adapters, kept across calls for frozen adapters (shared with the cpu backend's copies).
 _derived = SHARED
-_F32 = torch.float32
-_EMPTY = torch.empty(0)
-
-
-def _fp32(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as contiguous fp32: itself when it is, else a copy (kept across calls for a frozen adapter)."""
-    if t.dtype == _F32 and t.is_contiguous():
-        return t
-    return _derived.get_one(t, lambda: t.detach().to(_F32).contiguous())
-
-
-def _cpu_operands(adapters: MixedAdapters, K: int, N: int) -> tuple:
-    """The adapters as ``fastpeft._C.lora_mixed_`` takes them: lists of ``A`` ``(r, K)``, ``B`` ``(N, r)`` and
-    ``b`` ``(N,)`` (empty for none), contiguous fp32 (an adapter the layer lacks: rank 0)."""
-    As, Bs, biases = [], [], []
-    for A, B, b in zip(adapters.lora_A, adapters.lora_B, adapters.lora_bias):
-        if A is None:
-            As.append(torch.zeros(0, K))
-            Bs.append(torch.zeros(N, 0))
-        else:
-            As.append(_fp32(A))
-            Bs.append(_fp32(B))
-        biases.append(_EMPTY if b is None else _fp32(b))
-    return As, Bs, biases
 
 
 def _fused_cpu(x2, y2, plan: RowPlan, adapters: MixedAdapters, present: list[int]) -> torch.Tensor:
-    """Route ``fused`` (cpu backend): ``fastpeft._C.lora_mixed_`` over the plan's runs, ``y2`` updated in place."""
+    """Route ``fused`` (cpu backend): ``fastpeft._C.lora_mixed_`` over the plan's runs, ``y2`` updated in place. It
+    takes the adapters as the layer holds them (None for one the layer lacks): fp32 ones are read in place."""
     from . import _C  # type: ignore[attr-defined]
 
-    As, Bs, biases = _cpu_operands(adapters, x2.shape[1], y2.shape[1])
-    _C.lora_mixed_(y2, x2 if x2.stride(-1) == 1 else x2.contiguous(), plan.runs, As, Bs, biases, adapters.scaling)
+    _C.lora_mixed_(y2, x2 if x2.stride(-1) == 1 else x2.contiguous(), plan.runs, adapters.lora_A, adapters.lora_B,
+                   adapters.lora_bias, adapters.scaling)
     return y2
 
 

@@ -168,19 +168,17 @@ def test_adapters_changed_in_place_are_seen_by_the_next_call(pinned):
         assert_close("y", fused(x, adapter_names=NAMES), reference(x, adapter_names=NAMES), FP32_TOL)
 
 
-def test_kept_adapter_copies_are_bounded_in_bytes(monkeypatch):
-    """fp32 adapters are read where PEFT keeps them (no copy is made); fp16 ones through fp32 copies, kept across
-    calls for frozen adapters, and beyond the byte bound the least recently used copies are dropped and derived
-    again: same output."""
-    monkeypatch.setattr(mixed, "_derived", DerivedTensors(max_bytes=2000))
+def test_cpu_pass_reads_adapters_of_any_dtype_and_keeps_no_copy(monkeypatch):
+    """The C++ pass takes the adapters as PEFT holds them: fp32 read in place, fp16 converted inside the call; no copy
+    of either is kept across calls."""
+    monkeypatch.setattr(mixed, "_derived", DerivedTensors(max_bytes=2**20))
     x = torch.randn(7, 37)
     routing.set_route(OP, "fused")
     try:
         with torch.no_grad():
-            reference, fused = twins()
-            assert_close("y", fused(x, adapter_names=NAMES), reference(x, adapter_names=NAMES), FP32_TOL)
-            assert not mixed._derived._entries, "fp32 adapters were copied"
-            exact = reference
+            exact, fused = twins()
+            assert_close("y", fused(x, adapter_names=NAMES), exact(x, adapter_names=NAMES), FP32_TOL)
+            assert routing.last_route(OP) == "fused"
             reference, fused = twins(dtype=torch.float16)
             for _ in range(2):
                 assert_within_2x("y", fused(x.half(), adapter_names=NAMES), reference(x.half(), adapter_names=NAMES),
@@ -188,7 +186,33 @@ def test_kept_adapter_copies_are_bounded_in_bytes(monkeypatch):
                 assert routing.last_route(OP) == "fused"
     finally:
         routing.set_route(OP, None)
-    assert 0 < mixed._derived._bytes <= 2000 or len(mixed._derived._entries) == 1
+    assert not mixed._derived._entries, "the C++ route kept adapter copies"
+
+
+def test_kept_copies_are_bounded_in_bytes():
+    """``DerivedTensors`` keeps copies of frozen tensors up to its byte bound, least recently used dropped first, and
+    derives a dropped one again (same value); trainable tensors are never kept."""
+    cache = DerivedTensors(max_bytes=3 * 400)
+    frozen = [torch.randn(100) for _ in range(4)]  # 400 bytes each
+    made = []
+
+    def doubled(t):
+        made.append(t)
+        return t * 2
+
+    for t in frozen:
+        torch.testing.assert_close(cache.get_one(t, lambda t=t: doubled(t)), t * 2)
+    assert cache._bytes <= 3 * 400 and len(cache._entries) == 3
+    made.clear()
+    torch.testing.assert_close(cache.get_one(frozen[3], lambda: doubled(frozen[3])), frozen[3] * 2)
+    assert not made, "a kept copy was derived again"
+    torch.testing.assert_close(cache.get_one(frozen[0], lambda: doubled(frozen[0])), frozen[0] * 2)
+    assert made == [frozen[0]], "the dropped copy was not derived again"
+    frozen[3].mul_(3)  # an in-place change (version counter) invalidates its copy
+    torch.testing.assert_close(cache.get_one(frozen[3], lambda: doubled(frozen[3])), frozen[3] * 2)
+    trainable = torch.randn(100, requires_grad=True)
+    cache.get_one(trainable, lambda: trainable.detach() * 2)
+    assert all(trainable is not ref() for refs, *_ in cache._entries.values() for ref in refs)
 
 
 def test_decode_rows_each_with_its_own_adapter_on_the_fused_route():
@@ -416,8 +440,9 @@ def test_cpu_kernel_rejects_runs_out_of_bounds():
         pytest.skip("the C++ extension is not built")
     y, x = torch.zeros(2, 5), torch.zeros(2, 3)
     with pytest.raises(RuntimeError, match="out of bounds"):
-        cpu._C.lora_mixed_(y, x, torch.tensor([[0, 3, 0]]), [torch.zeros(2, 3)], [torch.zeros(5, 2)],
-                           [torch.empty(0)], [1.0])
+        cpu._C.lora_mixed_(y, x, torch.tensor([[0, 3, 0]]), [torch.zeros(2, 3)], [torch.zeros(5, 2)], [None], [1.0])
+    with pytest.raises(RuntimeError, match=r"B\[0\] must be \(5, 2\)"):
+        cpu._C.lora_mixed_(y, x, torch.tensor([[0, 2, 0]]), [torch.zeros(2, 3)], [torch.zeros(2, 5)], [None], [1.0])
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)], ids=["interp", "cuda"])

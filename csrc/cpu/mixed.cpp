@@ -5,9 +5,9 @@
 //   y[m, :] += s_i * ((x[m, :] A_i^T) B_i^T + bias_i)      for m in [start, end), accumulated in fp32, y rounded once.
 // The shrink is the kernel table's xa_rows and the expand its epilogue_rows, on row pointers offset to the run, so
 // each run is a small segmented GEMM (one row per run at decode: a batched GEMV). A_i and B_i are read as PEFT keeps
-// them, (r_i, K) and (N, r_i): a chunk of one row (decode) is expanded from B_i directly (kernel table:
-// expand_row_b); for longer chunks each thread transposes B_i into its own (r_i, N) buffer when its next chunk
-// changes adapter (chunks are sorted by adapter). No caller makes or keeps a B^T per call.
+// them, (r_i, K) and (N, r_i) (adapters of another dtype are converted per call): a chunk of one row (decode) is
+// expanded from B_i directly (kernel table: expand_row_b); for longer chunks each thread transposes B_i into its own
+// (r_i, N) buffer when its next chunk changes adapter (chunks are sorted by adapter). No caller makes or keeps a B^T.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -42,9 +42,9 @@ float* at_least(std::vector<float>& v, int64_t n) {
 
 }  // namespace
 
-void lora_mixed_(at::Tensor& y, const at::Tensor& x, const at::Tensor& runs, const std::vector<at::Tensor>& A,
-                 const std::vector<at::Tensor>& B, const std::vector<at::Tensor>& bias,
-                 const std::vector<double>& scaling) {
+void lora_mixed_(at::Tensor& y, const at::Tensor& x, const at::Tensor& runs,
+                 const std::vector<c10::optional<at::Tensor>>& A, const std::vector<c10::optional<at::Tensor>>& B,
+                 const std::vector<c10::optional<at::Tensor>>& bias, const std::vector<double>& scaling) {
   check_activation_rows(y, "y");
   check_activation_rows(x, "x");
   const int64_t M = x.size(0), Kd = x.size(1), N = y.size(1);
@@ -55,22 +55,31 @@ void lora_mixed_(at::Tensor& y, const at::Tensor& x, const at::Tensor& runs, con
               "fastpeft._C.lora_mixed_: A, B, bias and scaling must have one entry per adapter");
   TORCH_CHECK(runs.scalar_type() == at::kLong && runs.is_contiguous() && runs.dim() == 2 && runs.size(1) == 3,
               "fastpeft._C.lora_mixed_: runs must be contiguous int64 (S, 3)");
-  // s_i * bias_i, made here: the epilogue adds the bias as it is.
+  // The adapters as contiguous fp32 (themselves when they are: PEFT's default), rank 0 for an absent one, and
+  // s_i * bias_i (the epilogue adds the bias as it is).
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> A32(n), B32(n);
+  std::vector<int64_t> rank(n, 0);
   std::vector<std::vector<float>> scaled_bias(n);
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t r = A[i].dim() == 2 ? A[i].size(0) : -1;
-    TORCH_CHECK(A[i].scalar_type() == at::kFloat && A[i].is_contiguous() && r >= 0 && A[i].size(1) == Kd,
-                "fastpeft._C.lora_mixed_: A[", i, "] must be contiguous fp32 (r, ", Kd, "), got ", A[i].sizes());
-    TORCH_CHECK(B[i].scalar_type() == at::kFloat && B[i].is_contiguous() && B[i].dim() == 2 && B[i].size(0) == N &&
-                    B[i].size(1) == r,
-                "fastpeft._C.lora_mixed_: B[", i, "] must be contiguous fp32 (", N, ", ", r, "), got ", B[i].sizes());
-    if (bias[i].numel()) {
-      TORCH_CHECK(bias[i].scalar_type() == at::kFloat && bias[i].is_contiguous() && bias[i].numel() == N,
-                  "fastpeft._C.lora_mixed_: bias[", i, "] must be contiguous fp32 (", N, ") or empty");
-      const float* b = bias[i].data_ptr<float>();
+    if (!A[i].has_value()) continue;
+    TORCH_CHECK(B[i].has_value(), "fastpeft._C.lora_mixed_: adapter ", i, " has A but no B");
+    A32[i] = A[i]->to(at::kFloat).contiguous();
+    B32[i] = B[i]->to(at::kFloat).contiguous();
+    const int64_t r = A32[i].dim() == 2 ? A32[i].size(0) : -1;
+    TORCH_CHECK(r >= 0 && A32[i].size(1) == Kd, "fastpeft._C.lora_mixed_: A[", i, "] must be (r, ", Kd, "), got ",
+                A32[i].sizes());
+    TORCH_CHECK(B32[i].dim() == 2 && B32[i].size(0) == N && B32[i].size(1) == r, "fastpeft._C.lora_mixed_: B[", i,
+                "] must be (", N, ", ", r, "), got ", B32[i].sizes());
+    rank[i] = r;
+    if (bias[i].has_value()) {
+      TORCH_CHECK(bias[i]->numel() == N, "fastpeft._C.lora_mixed_: bias[", i, "] must have ", N, " elements, got ",
+                  bias[i]->sizes());
+      const at::Tensor b = bias[i]->to(at::kFloat).contiguous();
+      const float* bp = b.data_ptr<float>();
       const float s = static_cast<float>(scaling[i]);
       scaled_bias[i].resize(N);
-      for (int64_t j = 0; j < N; ++j) scaled_bias[i][j] = s * b[j];
+      for (int64_t j = 0; j < N; ++j) scaled_bias[i][j] = s * bp[j];
     }
   }
   std::vector<Chunk> chunks;
@@ -80,8 +89,8 @@ void lora_mixed_(at::Tensor& y, const at::Tensor& x, const at::Tensor& runs, con
     const int64_t start = rp[3 * s], end = rp[3 * s + 1], a = rp[3 * s + 2];
     TORCH_CHECK(0 <= start && start <= end && end <= M && 0 <= a && a < n, "fastpeft._C.lora_mixed_: run ", s,
                 " = [", start, ", ", end, ", ", a, "] is out of bounds (", M, " rows, ", n, " adapters)");
-    if (A[a].size(0) == 0) continue;
-    max_r = std::max<int64_t>(max_r, A[a].size(0));
+    if (rank[a] == 0) continue;
+    max_r = std::max<int64_t>(max_r, rank[a]);
     for (int64_t c = start; c < end; c += kChunkRows) chunks.push_back({c, std::min(end, c + kChunkRows), a});
   }
   if (chunks.empty()) return;
@@ -99,19 +108,19 @@ void lora_mixed_(at::Tensor& y, const at::Tensor& x, const at::Tensor& runs, con
     int64_t held = -1;
     for (int64_t c = b; c < e; ++c) {
       const Chunk& ch = chunks[c];
-      const int64_t rows = ch.end - ch.start, r = A[ch.adapter].size(0);
+      const int64_t rows = ch.end - ch.start, r = rank[ch.adapter];
       const float s = static_cast<float>(scaling[ch.adapter]);
-      kt.xa_rows(dtx, xp + ch.start * ldx * element_size(dtx), ldx, Kd, 0, rows, A[ch.adapter].data_ptr<float>(),
+      kt.xa_rows(dtx, xp + ch.start * ldx * element_size(dtx), ldx, Kd, 0, rows, A32[ch.adapter].data_ptr<float>(),
                  r, 0.f, 0u, xs, r, buf);
       for (int64_t j = 0; j < rows * r; ++j) xs[j] *= s;
       const float* bias_s = scaled_bias[ch.adapter].empty() ? nullptr : scaled_bias[ch.adapter].data();
       if (rows == 1 && r % kt.vector_width == 0) {  // a row that uses its adapter once: expand from B as it is
-        kt.expand_row_b(dty, yp + ch.start * ldy * element_size(dty), N, xs, r, B[ch.adapter].data_ptr<float>(),
+        kt.expand_row_b(dty, yp + ch.start * ldy * element_size(dty), N, xs, r, B32[ch.adapter].data_ptr<float>(),
                         bias_s);
         continue;
       }
       if (ch.adapter != held) {
-        kt.transpose_f32(B[ch.adapter].data_ptr<float>(), r, N, r, Bt, N);
+        kt.transpose_f32(B32[ch.adapter].data_ptr<float>(), r, N, r, Bt, N);
         held = ch.adapter;
       }
       kt.epilogue_rows(dty, yp + ch.start * ldy * element_size(dty), ldy, N, 0, rows, xs, r, Bt, bias_s, buf);

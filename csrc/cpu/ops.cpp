@@ -736,6 +736,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "with b not transposed");
   m.def("widened_mm_available", &fastpeft::widened_mm_available, "whether widened_mm runs on this CPU (oneDNN has a "
         "bf16 block kernel for it)");
-  m.def("lora_mixed_", &fastpeft::lora_mixed_, "(y, x, runs (S, 3) int64, [A32 (r_i, K)], [B32 (N, r_i)], "
-        "[bias32 (N,) | empty], [s_i]): y[rows] += s_i (x A_i^T B_i^T + bias_i) per run of rows, in place");
+  m.def("lora_mixed_", &fastpeft::lora_mixed_, "(y, x, runs (S, 3) int64, [A (r_i, K) | None], [B (N, r_i) | None], "
+        "[bias (N,) | None], [s_i]): y[rows] += s_i (x A_i^T B_i^T + bias_i) per run of rows, in place (None: the "
+        "layer lacks adapter i)");
 }

@@ -18,8 +18,9 @@ void check_activation_rows(const at::Tensor& t, const char* name);
 int64_t rows_grain(int64_t work_per_row);
 
 // mixed.cpp
-void lora_mixed_(at::Tensor& y, const at::Tensor& x, const at::Tensor& runs, const std::vector<at::Tensor>& A,
-                 const std::vector<at::Tensor>& B, const std::vector<at::Tensor>& bias,
+void lora_mixed_(at::Tensor& y, const at::Tensor& x, const at::Tensor& runs,
+                 const std::vector<c10::optional<at::Tensor>>& A, const std::vector<c10::optional<at::Tensor>>& B,
+                 const std::vector<c10::optional<at::Tensor>>& bias,
                  const std::vector<double>& scaling);
 
 // pair_gemm.cpp

@@ -212,5 +212,6 @@ def test_fsdp2_two_processes_equal_single_process(dist_runs):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # fastpeft comes from the installed package, as in a user's job: the repository root stays off sys.path, where its
+    # kernels/ would shadow the `kernels` package that bitsandbytes (imported by transformers) looks for.
     _worker(sys.argv[1])

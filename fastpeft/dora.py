@@ -221,11 +221,16 @@ def _block_rows(t: torch.Tensor) -> int:
 
 
 def _scaled(z: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
-            add: Optional[torch.Tensor] = None) -> torch.Tensor:
+            add: Optional[torch.Tensor] = None, backend=None) -> torch.Tensor:
     """``add + z * scale`` (``add`` None, an ``(N,)`` or an ``(M, N)`` tensor) computed in fp32 and rounded once to
-    ``dtype``: ``z`` ``(M, N)`` any float dtype, ``scale`` fp32 ``(N,)``. One pass with the output written in
-    ``dtype`` (no fp32 ``(M, N)`` result and separate cast pass); on the CPU in row blocks
-    (``EPILOGUE_BLOCK_ELEMENTS``) where a 16-bit operand or output would make torch widen through fp32 copies."""
+    ``dtype``: ``z`` ``(M, N)`` any float dtype, ``scale`` fp32 ``(N,)``. One pass of ``backend`` where it has one
+    (``Backend.scale_columns``); else torch, with the output written in ``dtype`` (no fp32 ``(M, N)`` result and
+    separate cast pass), on the CPU in row blocks (``EPILOGUE_BLOCK_ELEMENTS``) where a 16-bit operand or output would
+    make torch widen through fp32 copies."""
+    if backend is not None:
+        out = backend.scale_columns(z, scale, dtype, add)
+        if out is not None:
+            return out
     out = torch.empty(z.shape, dtype=dtype, device=z.device)
     mixed = z.dtype != _F32 or dtype != _F32 or (add is not None and add.dim() == 2 and add.dtype != _F32)
     rows = _block_rows(z) if mixed else max(1, z.shape[0])
@@ -248,10 +253,14 @@ def _widened_blocks(t: torch.Tensor, dtype: torch.dtype):
     return ((slice(start, start + rows), t[start:start + rows].to(dtype)) for start in range(0, t.shape[0], rows))
 
 
-def _column_dots(dy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def _column_dots(dy: torch.Tensor, z: torch.Tensor, backend=None) -> torch.Tensor:
     """``sum_m dy[m, :] * z[m, :]`` as fp32 ``(N,)``, each product and the sum in fp32, for ``(M, N)`` tensors of any
-    float dtypes: a 16-bit ``dy`` is widened a block of rows at a time into one reused fp32 buffer
-    (``EPILOGUE_BLOCK_ELEMENTS``), never whole."""
+    float dtypes: one pass of ``backend`` where it has one (``Backend.column_dots``); else torch, a 16-bit ``dy``
+    widened a block of rows at a time into one reused fp32 buffer (``EPILOGUE_BLOCK_ELEMENTS``), never whole."""
+    if backend is not None:
+        out = backend.column_dots(dy, z)
+        if out is not None:
+            return out
     rows = _block_rows(dy)
     acc = torch.zeros(dy.shape[1], dtype=_F32, device=dy.device)
     buf = torch.empty(min(rows, dy.shape[0]), dy.shape[1], dtype=_F32, device=dy.device)
@@ -337,7 +346,7 @@ def _forward(route, backend, x, weight, bias, A, B, scale, s, p, seed):
     if p == 0:
         z, h = _lora_part(route, backend, x, weight, None, A, B, s, 0.0, 0, None)
         # c * z (+ b) in fp32, written once in x's dtype.
-        y = _scaled(z, scale, x.dtype, None if bias is None else bias.detach().to(_F32))
+        y = _scaled(z, scale, x.dtype, None if bias is None else bias.detach().to(_F32), backend)
         return y, h, z
     ks = keep_scale(backend, x.shape[0], x.shape[1], p, seed, x.device)
     xd_a = _dropped(_cast(x, A.dtype), ks) if route == "compose" else None
@@ -345,13 +354,13 @@ def _forward(route, backend, x, weight, bias, A, B, scale, s, p, seed):
     z = _second_base_product(backend, x, ks, p, weight, A.dtype, xd_a)
     del ks, xd_a
     z.addmm_(_cast(h, z.dtype), _cast(B.detach().t(), z.dtype), alpha=s)
-    return _scaled(z, scale - 1.0, x.dtype, L), h, z
+    return _scaled(z, scale - 1.0, x.dtype, L, backend), h, z
 
 
 # --------------------------------------------------------------------------------------------------- backward
 def _backward_compose(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_dx, needs_dA):
     """``(dX, dA, dB)`` by vendor GEMMs (formulas: module docstring)."""
-    g = _scaled(dy, scale, dy.dtype)
+    g = _scaled(dy, scale, dy.dtype, backend=backend)
     # g B and g^T h in B's dtype, g widened a block of rows at a time (no whole fp32 copy of g).
     Bd, ha = B.detach(), _cast(h, B.dtype)
     gB = g.new_empty(g.shape[0], B.shape[1], dtype=B.dtype)
@@ -374,7 +383,7 @@ def _backward_compose(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_
         if ks is None:
             dx = torch.mm(g, W).addmm_(_cast(gB, g.dtype), _cast(A.detach(), g.dtype))
         else:
-            e = _scaled(dy, scale - 1.0, dy.dtype)
+            e = _scaled(dy, scale - 1.0, dy.dtype, backend=backend)
             inner = torch.mm(e, W).to(_F32).addmm_(gB.to(_F32), A.detach().to(_F32))
             dx = _cast(torch.mm(dy, W).to(_F32).addcmul_(inner, ks), dy.dtype)
     return dx, dA, dB
@@ -383,11 +392,11 @@ def _backward_compose(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_
 def _backward_fused(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_dx, needs_dA):
     """``(dX, dA, dB)`` by the backend's LoRA backward on ``g = c * dY`` (its own measured route); with dropout,
     ``dX`` is then corrected from ``g W`` to ``dY W + e W * mask / (1 - p)``, i.e. ``+ (mask / (1 - p) - 1) * e W``."""
-    g = _scaled(dy, scale, dy.dtype)
+    g = _scaled(dy, scale, dy.dtype, backend=backend)
     dx, dA, dB, _ = backend.lora_backward(g.contiguous(), x if needs_dA else None, weight, [A], [B], [h], [s], [p],
                                           [seed], needs_dx, needs_dA)
     if needs_dx and p > 0:
-        e = _scaled(dy, scale - 1.0, dy.dtype)
+        e = _scaled(dy, scale - 1.0, dy.dtype, backend=backend)
         ks = keep_scale(backend, dy.shape[0], weight.shape[1], p, seed, dy.device).sub_(1.0)
         dx = _cast(dx.to(_F32).addcmul_(_grad_product(backend, e, weight).to(_F32), ks), dy.dtype)
     return dx, dA[0], dB[0]
@@ -465,7 +474,7 @@ class DoraLinearFunction(torch.autograd.Function):
         dy = grad_y.contiguous()
         dm = None
         if needs_dm:
-            dm = (_column_dots(dy, z) / norm).to(magnitude.dtype)
+            dm = (_column_dots(dy, z, backend) / norm).to(magnitude.dtype)
         dx = dA = dB = None
         if needs_dx or needs_dA or needs_dB:
             grads = ("dx" if needs_dx else "") + ("dA" if needs_dA else "")

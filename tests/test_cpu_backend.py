@@ -561,3 +561,48 @@ def test_no_copy_is_kept_of_a_trainable_adapter():
         B.data.mul_(-2.0)  # unseen by the version counter
         assert torch.equal(_bt_all([B]), B.detach().t()), "a kept copy of a trainable B was read"
     assert not torch.equal(first, B.detach().t())
+
+
+# ------------------------------------------------------------------------------------ DoRA's column passes
+@pytest.mark.parametrize("z_dt,out_dt,add_kind", [("bf16", "bf16", "none"), ("bf16", "bf16", "vector"),
+                                                  ("fp32", "bf16", "rows-bf16"), ("fp16", "fp16", "rows-fp32"),
+                                                  ("fp32", "fp32", "vector"), ("bf16", "fp32", "rows-bf16")])
+def test_scale_columns_is_fp32_arithmetic_rounded_once(isa, z_dt, out_dt, add_kind):
+    """``_C.scale_columns``: ``add + z * scale`` in fp64 rounded to the output dtype, on odd shapes and a row stride
+    beyond N; within one rounding of the output dtype (and fp32 arithmetic's own error)."""
+    g = torch.Generator().manual_seed(len(z_dt) * 7 + len(add_kind))
+    M, N = 37, 53
+    z = torch.randn(M, N + 5, generator=g).to(DT[z_dt])[:, :N]
+    scale = torch.rand(N, generator=g) + 0.5
+    add = {"none": None, "vector": torch.randn(N, generator=g),
+           "rows-bf16": torch.randn(M, N, generator=g).to(torch.bfloat16),
+           "rows-fp32": torch.randn(M, N, generator=g)}[add_kind]
+    got = _C.scale_columns(z, scale, add, DT[out_dt])
+    exact = z.double() * scale.double() + (0 if add is None else add.double())
+    assert got.dtype == DT[out_dt] and got.shape == (M, N)
+    ulp = {"fp32": 2.0 ** -23, "bf16": 2.0 ** -8, "fp16": 2.0 ** -11}[out_dt]
+    assert ((got.double() - exact).abs() <= ulp * exact.abs() + 1e-6).all()
+    assert torch.equal(got, exact.to(DT[out_dt])) or out_dt == "fp32"  # 16-bit: the fp64 value rounded once
+
+
+@pytest.mark.parametrize("a_dt,b_dt", [("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp32"), ("fp32", "fp32")])
+@pytest.mark.parametrize("M,N", [(1, 7), (37, 53), (130, 300)])
+def test_column_dots_are_fp32_sums_of_exact_products(isa, a_dt, b_dt, M, N):
+    g = torch.Generator().manual_seed(M + N)
+    a = torch.randn(M, N + 2, generator=g).to(DT[a_dt])[:, :N]
+    b = torch.randn(M, N, generator=g).to(DT[b_dt])
+    got = _C.column_dots(a, b)
+    exact = (a.double() * b.double()).sum(0)
+    assert got.dtype == torch.float32 and got.shape == (N,)
+    assert ((got.double() - exact).abs() <= 1e-6 * (a.double().abs() * b.double().abs()).sum(0) + 1e-9).all()
+
+
+def test_column_passes_reject_what_they_cannot_read():
+    with pytest.raises(RuntimeError, match="scale must be contiguous fp32 of shape \\[3\\]"):
+        _C.scale_columns(torch.ones(2, 3), torch.ones(4), None, torch.float32)
+    with pytest.raises(RuntimeError, match="add must be \\(3\\) or \\(2, 3\\)"):
+        _C.scale_columns(torch.ones(2, 3), torch.ones(3), torch.ones(3, 3), torch.float32)
+    with pytest.raises(RuntimeError, match="z needs unit column stride"):
+        _C.scale_columns(torch.ones(3, 2).t(), torch.ones(3), None, torch.float32)
+    with pytest.raises(RuntimeError, match="column_dots: a .* and b .* differ"):
+        _C.column_dots(torch.ones(2, 3), torch.ones(3, 3))

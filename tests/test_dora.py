@@ -224,6 +224,30 @@ def test_keep_scale_drawn_by_the_cpu_mask_pass_is_the_masked_dx_pass(rows, cols,
     assert 0 < int((got == 0).sum()) < rows * cols or rows * cols == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpu_column_passes_are_the_torch_epilogues(dtype):
+    """DoRA's column scaling and magnitude-gradient dots by the cpu backend's one-pass kernels equal the torch
+    implementation they replace (fp32 arithmetic, one rounding), for every kind of ``add``."""
+    if "cpu" not in backends_here():
+        pytest.skip(f"backend cpu unavailable: {availability('cpu')[1]}")
+    from fastpeft.backends import cpu
+
+    torch.manual_seed(5)
+    M, N = 33, 70
+    z, dy = torch.randn(M, N).to(dtype), torch.randn(M, N).to(dtype)
+    scale = torch.rand(N) + 0.5
+    for add in (None, torch.randn(N), torch.randn(M, N).to(dtype)):
+        got = dora._scaled(z, scale, dtype, add, cpu.BACKEND)
+        want = dora._scaled(z, scale, dtype, add)
+        assert got.dtype == dtype
+        if dtype == torch.float32:
+            assert_close("scaled", got, want, 1e-6)
+        else:  # fp32 arithmetic may differ in its last bit (a fused multiply-add): at most one bf16 step apart
+            assert ((got.float() - want.float()).abs() <= 2 ** -7 * want.float().abs()).all()
+            assert (got == want).float().mean() > 0.99
+    assert_close("column dots", dora._column_dots(dy, z, cpu.BACKEND), dora._column_dots(dy, z), 1e-5)
+
+
 def test_norm_without_the_weight_matches_the_formed_weight():
     """``n_j^2 = ||W_j||^2 + 2 s B_j . (W A^T)_j + s^2 B_j A A^T B_j^T`` against ``||W + s B A||`` formed."""
     x, W, b, A, B, m = op_case((5,), 37, 29, 3, torch.float32, torch.float32, transposed=True)

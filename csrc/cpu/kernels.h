@@ -91,6 +91,14 @@ struct KernelTable {
   void (*qgemv_rows)(const QuantDesc& q, int64_t n0, int64_t n1, const float* x, int64_t M, float* y, int64_t ldy,
                      const float* bias, const float* xs, const float* B, int64_t R, float lora_scale, float* buf);
 
+  // out[m, n] = round(add(m, n) + z[m, n] * scale[n]) in dt_out (fp32 arithmetic) for m in [m0, m1), n < N; add is
+  // null, one (N,) row (ldadd 0) or (M, N) rows of dtype dt_add. DoRA's column scaling of an (M, N) tensor.
+  void (*scale_columns_rows)(int dt_z, const void* z, int64_t ldz, int64_t N, int64_t m0, int64_t m1,
+                             const float* scale, int dt_add, const void* add, int64_t ldadd, int dt_out, void* out,
+                             int64_t ldo);
+  // acc[n - n0] += sum_{m < M} a[m, n] b[m, n] for n in [n0, n1), fp32, rows in order. DoRA's magnitude gradient.
+  void (*column_dots_cols)(int dt_a, const void* a, int64_t lda, int dt_b, const void* b, int64_t ldb, int64_t M,
+                           int64_t n0, int64_t n1, float* acc);
   // y[n] = y[n] + bias[n] + sum_j xs[j] B[n, j] for n < N, in place, rounded once to y's dtype: one activation row
   // (dtype dt) expanded with B (N, R) fp32 as PEFT keeps it; R must be a multiple of vector_width. bias: (N,) or null.
   void (*expand_row_b)(int dt, void* y, int64_t N, const float* xs, int64_t R, const float* B, const float* bias);

@@ -409,6 +409,43 @@ void epilogue_rows(int dt, void* y, int64_t ldy, int64_t N, int64_t m0, int64_t 
   }
 }
 
+// ------------------------------------------------------------------------------------- column scaling (DoRA)
+// out[m, n] = round(add(m, n) + z[m, n] * scale[n]) in dt_out, fp32 arithmetic, for m in [m0, m1), n < N; add(m, n) =
+// add[m * ldadd + n] of dtype dt_add (ldadd 0: one (N,) row for every m), or 0 when add is null.
+void scale_columns_rows(int dt_z, const void* z, int64_t ldz, int64_t N, int64_t m0, int64_t m1, const float* scale,
+                        int dt_add, const void* add, int64_t ldadd, int dt_out, void* out, int64_t ldo) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const void* zr = row_ptr(dt_z, z, ldz, m);
+    const void* ar = add ? row_ptr(dt_add, add, ldadd, m) : nullptr;
+    void* orow = row_ptr(dt_out, out, ldo, m);
+    int64_t n = 0;
+    for (; n + VW <= N; n += VW) {
+      vf v = load_act(dt_z, zr, n) * load_f32(scale + n);
+      if (ar) v = load_act(dt_add, ar, n) + v;
+      store_act(dt_out, orow, n, v);
+    }
+    for (; n < N; ++n) {
+      float v = load_act1(dt_z, zr, n) * scale[n];
+      if (ar) v = load_act1(dt_add, ar, n) + v;
+      store_act1(dt_out, orow, n, v);
+    }
+  }
+}
+
+// acc[n - n0] += sum_{m < M} a[m, n] * b[m, n] for n in [n0, n1), fp32 products and sums, m in order (a column strip:
+// threads split the columns, so no partial sums are reduced and the order does not depend on the thread count).
+void column_dots_cols(int dt_a, const void* a, int64_t lda, int dt_b, const void* b, int64_t ldb, int64_t M,
+                      int64_t n0, int64_t n1, float* acc) {
+  for (int64_t m = 0; m < M; ++m) {
+    const void* ar = row_ptr(dt_a, a, lda, m);
+    const void* br = row_ptr(dt_b, b, ldb, m);
+    int64_t n = n0;
+    for (; n + VW <= n1; n += VW)
+      store_f32(acc + n - n0, load_f32(acc + n - n0) + load_act(dt_a, ar, n) * load_act(dt_b, br, n));
+    for (; n < n1; ++n) acc[n - n0] += load_act1(dt_a, ar, n) * load_act1(dt_b, br, n);
+  }
+}
+
 // ------------------------------------------------------------------------------ expand from B as PEFT keeps it
 // Lane masks of one level of reduce_lanes. Vectors a and b each hold VW / S segments of S partial sums; output
 // segment sigma (of S / 2 lanes) takes the low (lo) or high (hi) half of segment sigma / 2 of a (sigma even) or of b

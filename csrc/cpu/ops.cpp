@@ -170,6 +170,57 @@ at::Tensor dropout_scale(int64_t seed, int64_t rows, int64_t cols, double p, dou
   return out;
 }
 
+// out = round(add + z * scale) in out_dtype, fp32 arithmetic: z (M, N) activation rows, scale fp32 (N,), add None,
+// fp32 (N,) or (M, N) activation rows. One pass, nothing (M, N) in fp32.
+at::Tensor scale_columns(const at::Tensor& z, const at::Tensor& scale, const c10::optional<at::Tensor>& add,
+                         at::ScalarType out_dtype) {
+  check_rows(z, "z");
+  const int64_t M = z.size(0), N = z.size(1);
+  check_f32(scale, "scale", {N});
+  int dt_add = kF32;
+  const void* ap = nullptr;
+  int64_t ldadd = 0;
+  if (add.has_value()) {
+    if (add->dim() == 1) {
+      check_f32(*add, "add", {N});
+    } else {
+      check_rows(*add, "add");
+      TORCH_CHECK(add->size(0) == M && add->size(1) == N, "fastpeft._C.scale_columns: add must be (", N, ") or (", M,
+                  ", ", N, "), got ", add->sizes());
+      dt_add = dtype_code(*add);
+      ldadd = add->stride(0);
+    }
+    ap = add->data_ptr();
+  }
+  auto out = at::empty({M, N}, z.options().dtype(out_dtype));
+  const int dt_z = dtype_code(z), dt_out = dtype_code(out);
+  const void* zp = z.data_ptr();
+  void* op = out.data_ptr();
+  const float* sp = scale.data_ptr<float>();
+  // An element costs about as much as 8 multiply-adds of the passes grain() was set by (a load, widening, store).
+  at::parallel_for(0, M, grain(8 * N), [&](int64_t b, int64_t e) {
+    K().scale_columns_rows(dt_z, zp, z.stride(0), N, b, e, sp, dt_add, ap, ldadd, dt_out, op, N);
+  });
+  return out;
+}
+
+// sum_m a[m, :] * b[m, :] as fp32 (N,), products and sums in fp32: a, b (M, N) activation rows.
+at::Tensor column_dots(const at::Tensor& a, const at::Tensor& b) {
+  check_rows(a, "a");
+  check_rows(b, "b");
+  TORCH_CHECK(a.sizes() == b.sizes(), "fastpeft._C.column_dots: a ", a.sizes(), " and b ", b.sizes(), " differ");
+  const int64_t M = a.size(0), N = a.size(1);
+  auto out = at::zeros({N}, at::kFloat);
+  const int dt_a = dtype_code(a), dt_b = dtype_code(b);
+  const void* ap = a.data_ptr();
+  const void* bp = b.data_ptr();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, N, grain(8 * M), [&](int64_t n0, int64_t n1) {
+    K().column_dots_cols(dt_a, ap, a.stride(0), dt_b, bp, b.stride(0), M, n0, n1, o + n0);
+  });
+  return out;
+}
+
 at::Tensor keep_mask(int64_t seed, int64_t rows, int64_t cols, double p) {
   return dropout_scale(seed, rows, cols, p, 1.0).ne(0);
 }
@@ -707,6 +758,9 @@ int64_t rows_grain(int64_t work_per_row) { return grain(work_per_row); }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastpeft CPU kernels: fused LoRA passes with an on-the-fly Philox dropout mask";
   m.def("isa", &fastpeft::isa, "the SIMD code path chosen at run time: avx512, avx2 or generic");
+  m.def("scale_columns", &fastpeft::scale_columns, "(z (M, N), scale fp32 (N,), add None | fp32 (N,) | (M, N), "
+        "out_dtype) -> round(add + z * scale) (M, N) in out_dtype, fp32 arithmetic");
+  m.def("column_dots", &fastpeft::column_dots, "(a (M, N), b (M, N)) -> sum_m a[m] * b[m] fp32 (N,)");
   m.def("dropout_scale", &fastpeft::dropout_scale, "(seed, rows, cols, p, scale) -> fp32 (rows, cols): scale where kept, else 0");
   m.def("native_lowp_gemm", &fastpeft::native_lowp_gemm, "(\"bf16\"|\"fp16\") -> whether the CPU has native GEMM support");
   m.def("supported_isas", &fastpeft::supported_isas, "code paths this CPU can run");

@@ -57,6 +57,17 @@ class Backend:
         at offset ``m * cols + k``) by one pass of this backend, or None where it has none."""
         return None
 
+    def scale_columns(self, z: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                      add: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """``add + z * scale`` computed in fp32 and rounded once to ``dtype`` (``z`` ``(M, N)``, ``scale`` fp32
+        ``(N,)``, ``add`` None, fp32 ``(N,)`` or ``(M, N)``) by one pass of this backend, or None where it has none."""
+        return None
+
+    def column_dots(self, a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
+        """``sum_m a[m, :] * b[m, :]`` as fp32 ``(N,)`` for ``(M, N)`` tensors, products and sums in fp32, by one pass
+        of this backend, or None where it has none."""
+        return None
+
     # ---------------------------------------------------------------------------------------- widened products
     def widened_mm_eligible(self, a: torch.Tensor, b: torch.Tensor) -> bool:
         """Whether ``widened_mm(a, b)`` runs here for these operands."""

@@ -622,6 +622,21 @@ class CpuBackend(Backend):
             return None
         return _C.dropout_scale(int(seed), int(rows), int(cols), float(p), 1.0 / (1.0 - float(p)))
 
+    def scale_columns(self, z, scale, dtype, add=None):
+        if add is not None:  # one fp32 row for every m, or (M, N) rows of an activation dtype
+            if not (add.is_cpu and (add.dtype == _F32 if add.dim() == 1 else add.dtype in _DTYPE_CODES)):
+                return None
+            add = add.contiguous() if add.dim() == 1 else _rows(add)
+        if not (z.is_cpu and z.dim() == 2 and z.dtype in _DTYPE_CODES and dtype in _DTYPE_CODES
+                and scale.is_cpu and scale.dtype == _F32):
+            return None
+        return _C.scale_columns(_rows(z), scale.contiguous(), add, dtype)
+
+    def column_dots(self, a, b):
+        if not (a.is_cpu and b.is_cpu and a.dim() == 2 and a.dtype in _DTYPE_CODES and b.dtype in _DTYPE_CODES):
+            return None
+        return _C.column_dots(_rows(a), _rows(b))
+
     # ---------------------------------------------------------------------------------------- widened products
     def widened_mm_eligible(self, a, b):
         return (_C is not None and a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16 and a.dim() == 2

@@ -18,10 +18,13 @@ Runs are interleaved (one of each per round) after a warm-up; the table gives me
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from side_by_side import interleaved_medians  # noqa: E402
 
 
 def _calls(ext, x, dy, W, W32) -> dict:
@@ -61,16 +64,8 @@ def main(argv=None) -> None:
     for M in args.M:
         x = torch.randn(M, args.K, generator=gen).to(torch.bfloat16)
         dy = torch.randn(M, args.N, generator=gen).to(torch.bfloat16)
-        calls = _calls(_C, x, dy, W, W32)
-        times: dict[str, list[float]] = {name: [] for name in calls}
-        for call in calls.values():
-            call()
-        for _ in range(args.rounds):
-            for name, call in calls.items():
-                start = time.perf_counter()
-                call()
-                times[name].append(time.perf_counter() - start)
-        cells = " | ".join(f"{statistics.median(times[name]) * 1e6:.0f}" for name in calls)
+        medians_ms = interleaved_medians(_calls(_C, x, dy, W, W32), lambda call: call(), args.rounds, warmup=1)
+        cells = " | ".join(f"{ms * 1e3:.0f}" for ms in medians_ms.values())
         print(f"| {M} | {cells} |")
 
 

@@ -223,9 +223,7 @@ def _mixed_adapters(layer: nn.Module, groups: mixed.RowGroups) -> mixed.MixedAda
             [values[at[name]] if name in at else absent for name in names]
             for values, absent in ((lora_A, None), (lora_B, None), (lora_bias, None), (scaling, 0.0),
                                    (dropout_p, 0.0)))
-    if not (training and any(p > 0 for p in dropout_p)):
-        return mixed.MixedAdapters(lora_A, lora_B, lora_bias, scaling, [0.0] * len(names), [0] * len(names))
-    return mixed.MixedAdapters(lora_A, lora_B, lora_bias, scaling, dropout_p, mixed.dropout_seeds(dropout_p))
+    return mixed.MixedAdapters.of(lora_A, lora_B, lora_bias, scaling, dropout_p, training)
 
 
 class FusedLoraLinear(PeftLoraLinear):

@@ -152,6 +152,16 @@ class MixedAdapters:
     dropout_p: list
     seeds: list
 
+    @classmethod
+    def of(cls, lora_A: list, lora_B: list, lora_bias: list, scaling: list, dropout_p: Sequence[float],
+           training: bool) -> "MixedAdapters":
+        """The adapters with their dropout: ``dropout_p`` applies only when ``training``, and then each adapter with
+        ``p > 0`` gets a seed drawn from torch's generator, in adapter order."""
+        if not (training and any(p > 0 for p in dropout_p)):
+            return cls(lora_A, lora_B, lora_bias, scaling, [0.0] * len(lora_A), [0] * len(lora_A))
+        return cls(lora_A, lora_B, lora_bias, scaling, list(dropout_p),
+                   [int(draw_seeds(1, [p], True)[0]) if p > 0 else 0 for p in dropout_p])
+
     def present(self) -> list[int]:
         return [i for i, A in enumerate(self.lora_A) if A is not None]
 
@@ -171,15 +181,8 @@ def collect_adapters(groups: RowGroups, lora_A: Mapping[str, torch.Tensor], lora
         Bs = [None if A is None else lora_B[name] for name, A in zip(names, As)]
         biases = [None if A is None else lora_bias.get(name) for name, A in zip(names, As)]
         scales = [0.0 if A is None else float(scaling[name]) for name, A in zip(names, As)]
-    if not training:
-        return MixedAdapters(As, Bs, biases, scales, [0.0] * len(names), [0] * len(names))
     ps = [0.0 if A is None else float(dropout_p.get(name, 0.0)) for name, A in zip(names, As)]
-    return MixedAdapters(As, Bs, biases, scales, ps, dropout_seeds(ps))
-
-
-def dropout_seeds(dropout_p: Sequence[float]) -> list[int]:
-    """One seed per adapter from torch's generator for each ``p > 0`` (0 for the others), in adapter order."""
-    return [int(draw_seeds(1, [p], True)[0]) if p > 0 else 0 for p in dropout_p]
+    return MixedAdapters.of(As, Bs, biases, scales, ps, training)
 
 
 # ---------------------------------------------------------------------------------------------------- the spec

@@ -639,9 +639,9 @@ class CpuBackend(Backend):
 
     # ---------------------------------------------------------------------------------------- widened products
     def widened_mm_eligible(self, a, b):
-        return (_C is not None and a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16 and a.dim() == 2
-                and b.dim() == 2 and a.is_cpu and b.is_cpu and a.stride(1) == 1 and b.stride(1) == 1
-                and _C.widened_mm_available())
+        # fused_pairs_x's conditions (b read in place), with a of unit column stride as _C.widened_mm reads it.
+        return (_C is not None and a.is_cpu and b.is_cpu and a.dim() == 2 and a.stride(1) == 1
+                and _pairs_eligible(a, b, interleave_x=True))
 
     def widened_mm(self, a, b, interleave_a=False):
         return _C.widened_mm(a, b, interleave_a)

@@ -215,3 +215,10 @@ if __name__ == "__main__":
     # fastpeft comes from the installed package, as in a user's job: the repository root stays off sys.path, where its
     # kernels/ would shadow the `kernels` package that bitsandbytes (imported by transformers) looks for.
     _worker(sys.argv[1])
+    # Everything is saved and the process group is destroyed: end here, past the interpreter's teardown, where a
+    # worker has now and then aborted after finishing its work ("terminate called without an active exception", a
+    # background thread of torch.distributed destroyed while joinable). An error during the work still exits
+    # non-zero, through the exception.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

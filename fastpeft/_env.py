@@ -24,3 +24,11 @@ def read(name: str) -> Optional[str]:
         raw = _DATA.get(name.encode())
         return None if raw is None else os.fsdecode(raw)
     return os.environ.get(name)
+
+
+def raw(name: bytes):
+    """The value of environment variable ``name`` in a form only for comparing with an earlier ``raw(name)``
+    (bytes on POSIX; None when unset): one dict lookup, no decoding."""
+    if _FAST:
+        return _DATA.get(name)
+    return os.environ.get(name.decode())

@@ -226,13 +226,90 @@ def _mixed_adapters(layer: nn.Module, groups: mixed.RowGroups) -> mixed.MixedAda
     return mixed.MixedAdapters.of(lora_A, lora_B, lora_bias, scaling, dropout_p, training)
 
 
+class SettledLayerCall:
+    """A :class:`FusedLoraLinear`'s evaluation call over a dense base (``nn.Linear`` / ``Conv1D``), resolved once
+    (``functional.SettledLoraForward``), with what it read from the layer. :meth:`output` serves a later call by it
+    while the layer still holds the same base module and parameters (by identity, dtype and device), the same active
+    adapters, scalings and adapter count, no hooks on the base, nothing merged or disabled, no variant and no
+    dropout in training; else it returns None and the call takes the full path (which may settle it again). Reading
+    that costs a fraction of resolving the call."""
+
+    __slots__ = ("forward", "base", "weight", "bias", "transposed", "active", "adapter_count", "adapters")
+
+    def __init__(self, forward, base, weight, bias, transposed, active, adapter_count, adapters):
+        self.forward, self.base, self.weight, self.bias, self.transposed = forward, base, weight, bias, transposed
+        self.active, self.adapter_count, self.adapters = active, adapter_count, adapters
+
+    @classmethod
+    def of(cls, layer: nn.Module, x: torch.Tensor, active: list, bias: Optional[torch.Tensor], arguments: tuple):
+        """The settled call of ``layer`` for ``x`` whose ``active`` adapters gave ``adapter_arguments`` =
+        ``arguments``, or None where the call is not one it can serve (or its route is not final yet)."""
+        lora_A, lora_B, lora_bias, scaling, dropout_p, training = arguments
+        base = direct_base_layer(layer)
+        weight = base._parameters.get("weight")
+        if (type(base) not in _DENSE_BASE_TYPES or weight is None or layer.lora_variant
+                or (training and any(dropout_p)) or base is not layer._modules["base_layer"]):
+            return None
+        forward = functional.SettledLoraForward.of(x, weight.t() if layer.fan_in_fan_out else weight, bias, lora_A,
+                                                   lora_B, lora_bias, scaling)
+        if forward is None:
+            return None
+        dropouts = layer._modules["lora_dropout"]._modules
+        adapters = tuple((name, A, B, b, s, dropouts[name], isinstance(dropouts[name], nn.Dropout))
+                         for name, A, B, b, s in zip(active, lora_A, lora_B, lora_bias, forward.arguments[5]))
+        held = layer._active_adapter
+        settled = cls(forward, base, weight, bias, layer.fan_in_fan_out, list(held) if isinstance(held, list) else
+                      held, len(layer._modules["lora_A"]._modules), adapters)
+        # Adapter weights held outside the parameter dicts (a parametrization computes them per read) never match:
+        # such a layer is not kept settled.
+        return settled if settled.holds(layer) else None
+
+    def output(self, layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """``layer(x)`` by the settled call, or None where the layer or the call is not what it was settled for."""
+        if not self.holds(layer):
+            return None
+        return self.forward.output(x, self.weight.t() if self.transposed else None)
+
+    def holds(self, layer: nn.Module) -> bool:
+        """Whether ``layer`` still holds what this call was settled with (see the class docstring)."""
+        modules = layer._modules
+        base = modules["base_layer"]
+        params = base._parameters
+        weight = params.get("weight")
+        if (base is not self.base or weight is not self.weight or params.get("bias") is not self.bias
+                or weight.dtype is not self.forward.dtype or not weight.is_cpu or base._forward_hooks
+                or base._forward_pre_hooks or layer._disable_adapters or layer.merged_adapters or layer.lora_variant
+                or layer._active_adapter != self.active):
+            return False
+        downs = modules["lora_A"]._modules
+        if len(downs) != self.adapter_count:
+            return False
+        ups, dropouts, scalings = modules["lora_B"]._modules, modules["lora_dropout"]._modules, layer.scaling
+        for name, A, B, b, s, dropout, may_drop in self.adapters:
+            down, up = downs.get(name), ups.get(name)
+            if (down is None or up is None or down._parameters.get("weight") is not A
+                    or up._parameters.get("weight") is not B or (b is not None and up._parameters.get("bias") is not b)
+                    or scalings.get(name) != s or dropouts.get(name) is not dropout
+                    or (may_drop and dropout.training and dropout.p > 0)):
+                return False
+        return True
+
+
 class FusedLoraLinear(PeftLoraLinear):
     """PEFT's ``lora.Linear`` (over ``nn.Linear``, transformers ``Conv1D`` or a quantized base) with a fused forward.
 
     ``forward(x)``: ``x`` is ``(..., in_features)`` in the base weight's dtype; returns ``(..., out_features)``.
     Over a bitsandbytes base, ``merge``/``unmerge`` dequantize, add and requantize (PEFT's generic class would add
-    the delta to the packed bytes).
+    the delta to the packed bytes). An evaluation call over a dense base is kept resolved (``SettledLayerCall``)
+    for the calls that repeat it.
     """
+
+    _fastpeft_settled: Optional[SettledLayerCall] = None  # a class default: reading it never reaches __getattr__
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_fastpeft_settled", None)  # dispatch state of this process, rebuilt by the first call
+        return state
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         from .quant import is_bnb_quantized
@@ -281,6 +358,11 @@ class FusedLoraLinear(PeftLoraLinear):
         return active, found[0], found[1]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        settled = self._fastpeft_settled
+        if settled is not None and not (args or kwargs):
+            y = settled.output(self, x)
+            if y is not None:
+                return y
         if kwargs.get("adapter_names") is not None:
             return mixed_batch_forward(self, x, args, kwargs, super().forward)
         call = self._fused_call(x, args, kwargs)
@@ -302,7 +384,11 @@ class FusedLoraLinear(PeftLoraLinear):
             y = served_output(self, x, weight, active)
             if y is not None:
                 return y
-        return functional.lora_linear(x, weight, bias, *adapter_arguments(self, active))
+        arguments = adapter_arguments(self, active)
+        y = functional.lora_linear(x, weight, bias, *arguments)
+        if not torch.is_grad_enabled():
+            self._fastpeft_settled = SettledLayerCall.of(self, x, active, bias, arguments)
+        return y
 
 
 class FusedIA3Linear(PeftIA3Linear):

@@ -269,6 +269,8 @@ _choices: dict[RouteKey, Choice] = {}
 _pins: dict[str, str] = {}  # op -> route, from set_route
 _file_state: dict[str, object] = {"loaded": False, "entries": {}}
 _last: dict[str, str] = {}  # op -> the route the latest call ran (tests read it)
+# Changes whenever a pin or a choice of this process changes (see ``generation``).
+_generation = [0]
 
 
 # --------------------------------------------------------------------------------------------------- pinning
@@ -312,10 +314,23 @@ def _pinned(op: str) -> Optional[str]:
     return None
 
 
+def generation() -> int:
+    """A number that changes whenever :func:`set_route` or :func:`clear_choices` runs or a choice is made (measured,
+    read from the cache file, or the only route). Whoever keeps a route taken by :func:`final` keeps this number
+    with it and takes the route again once it differs (``FASTPEFT_ROUTE`` is read per call and must be compared
+    too)."""
+    return _generation[0]
+
+
+def _changed() -> None:
+    _generation[0] += 1
+
+
 def set_route(op: Optional[str], route: Optional[str]) -> None:
     """Pin ``route`` for ``op`` (``op=None``: every op that has such a route); ``route=None`` or ``"auto"`` removes
     the pin. Raises ``ValueError`` for an unknown op or route."""
     with _lock:
+        _changed()
         ops = list(ROUTES) if op is None else [op]
         for name in ops:
             if name not in ROUTES:
@@ -336,10 +351,17 @@ def set_route(op: Optional[str], route: Optional[str]) -> None:
 def clear_choices() -> None:
     """Forget every choice made in this process (the cache file is left as it is)."""
     with _lock:
+        _changed()
         _choices.clear()
         _last.clear()
         _file_state["loaded"] = False
         _file_state["entries"] = {}
+
+
+def note_taken(op: str, route: str) -> None:
+    """Record that a call of ``op`` ran ``route`` (for :func:`last_route`) where the caller took a :func:`final`
+    route itself."""
+    _last[op] = route
 
 
 def last_route(op: str) -> Optional[str]:
@@ -536,7 +558,9 @@ def run(key: RouteKey, candidates: dict[str, Callable[[], object]], device: str 
     if unmeasured is not None and unmeasured in candidates:
         _last[key.op] = unmeasured
         with _lock:
-            _choices.setdefault(key, Choice(unmeasured, "unmeasured", {}, "speed is not measured here"))
+            if key not in _choices:
+                _choices[key] = Choice(unmeasured, "unmeasured", {}, "speed is not measured here")
+                _changed()
         return candidates[unmeasured]()
     choice = _choices.get(key)
     if choice is None or choice.route not in candidates:
@@ -610,17 +634,27 @@ def take(key: RouteKey, eligible) -> Optional[str]:
     return route
 
 
+def final(key: RouteKey, eligible) -> Optional[str]:
+    """The route every later call with ``key`` will take among the ``eligible`` route names, as long as
+    :func:`generation` and ``FASTPEFT_ROUTE`` stay as they are: a pin, or a choice that will not be measured again
+    (read from the cache file, measured twice, or the only route). None otherwise. Nothing is counted."""
+    route, counted = _decided(key, eligible)
+    return route if counted is None else None  # a counted choice is still to be measured again
+
+
 def _choose(key: RouteKey, candidates, device: str, pinned: Optional[str]):
     note = f"pinned {pinned!r} is not eligible here" if pinned is not None else ""
     if len(candidates) == 1:
         (route, fn), = candidates.items()
         _choices[key] = Choice(route, "only route", {}, note)
+        _changed()
         _last[key.op] = route
         return fn()
     fingerprint = machine_fingerprint(device)
     stored = _load_file().get(fingerprint, {}).get(key.as_string())
     if stored and stored.get("route") in candidates:
         _choices[key] = Choice(stored["route"], "cache file", dict(stored.get("timings_ms", {})), note)
+        _changed()
         _last[key.op] = stored["route"]
         return candidates[stored["route"]]()
     return _measure(key, candidates, device, note, again=False)
@@ -637,6 +671,7 @@ def _measure(key: RouteKey, candidates, device: str, note: str, again: bool):
     note = "; ".join(filter(None, [note] + errors))
     choice = Choice(best, "measured again" if again else "measured", timings, note)
     _choices[key] = choice
+    _changed()
     if again or not CONFIRM_AFTER_CALLS:
         _store_file(machine_fingerprint(device), key, choice)
     _last[key.op] = best

@@ -87,6 +87,12 @@ def backend_info() -> dict[str, dict]:
     return info
 
 
+def selection_state() -> tuple:
+    """What the backend ``get_backend`` picks depends on besides the call's tensors (``set_backend`` and
+    ``FASTPEFT_BACKEND``), for comparing with an earlier value."""
+    return _forced, _env.raw(b"FASTPEFT_BACKEND")
+
+
 def _selected_name() -> str:
     if _forced:
         return _forced

@@ -652,6 +652,11 @@ class CpuBackend(Backend):
         key = self._key("lora_forward", x, weight, lora_A, dropout_p)
         return _run_routes(key, _FORWARD_ROUTES, _forward_eligible, args, (x, weight, lora_A))
 
+    def settled_lora_forward(self, x, weight, lora_A, dropout_p):
+        key = self._key("lora_forward", x, weight, lora_A, dropout_p)
+        route = routes.final(key, _EligibleRoutes(_FORWARD_ROUTES, _forward_eligible, (x, weight, lora_A)))
+        return None if route is None else (route, _FORWARD_ROUTES[route])
+
     def base_linear(self, x, weight, bias):
         # The LoRA forward's routes with no adapters: the same measured choice of base product, without IA3's scaling
         # of x by ones. Where that choice is bitsandbytes' serving kernel (both bnb routes are the bare kernel here),

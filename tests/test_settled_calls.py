@@ -1,0 +1,318 @@
+"""Evaluation calls kept resolved (``fastpeft.layers.SettledLayerCall``, ``functional.SettledLoraForward``): a
+repeated no-grad call of a fused LoRA layer skips dispatch, and every change to the layer, the input or the dispatch
+settings after it was settled gives PEFT's output again (the settled call declines and the full path runs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from checks import assert_close
+from model_helpers import MLP, Conv1DMLP
+from peft import LoraConfig
+from test_peft_parity import FP32_TOL, twins
+from torch import nn
+
+import fastpeft
+from fastpeft import functional
+from fastpeft import routing as routes
+from fastpeft.layers import FusedLoraLinear
+
+
+@pytest.fixture
+def final_routes(monkeypatch):
+    """First measurements are final, so calls settle at once; no pins, and none left behind."""
+    monkeypatch.delenv("FASTPEFT_ROUTE", raising=False)
+    monkeypatch.setattr(routes, "CONFIRM_AFTER_CALLS", 0)
+    routes.clear_choices()
+    yield
+    routes.set_route(None, None)
+    fastpeft.set_backend(None)
+    routes.clear_choices()
+
+
+class CountResolved:
+    """Counts calls that took the full path (``functional.lora_linear``) instead of a settled call."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        full = functional.lora_linear
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return full(*args, **kwargs)
+
+        monkeypatch.setattr(functional, "lora_linear", counted)
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, FusedLoraLinear)]
+
+
+def outputs_agree(reference, fused, x, tol=FP32_TOL, label=""):
+    """Two no-grad eval calls of each model (the first may settle, the second runs settled) give PEFT's output."""
+    with torch.no_grad():
+        want = reference(x)
+        for attempt in range(2):
+            assert_close(f"{label} call {attempt}", fused(x), want, tol)
+
+
+def mlp_twins(**config):
+    config = dict(dict(r=4, lora_alpha=8, target_modules=["up", "down"], init_lora_weights=False), **config)
+    reference, fused = twins(MLP, LoraConfig(**config), extra_adapters=[("other", LoraConfig(**config))])
+    reference.eval()
+    fused.eval()
+    return reference, fused
+
+
+def test_final_names_a_route_only_once_it_will_not_be_measured_again(monkeypatch):
+    monkeypatch.delenv("FASTPEFT_ROUTE", raising=False)
+    monkeypatch.setattr(routes, "CONFIRM_AFTER_CALLS", 3)
+    routes.clear_choices()
+    try:
+        key = routes.make_key("lora_forward", "cpu", "dense", torch.float32, torch.float32, [torch.float32], 8, 64,
+                              48, False, 4, 1)
+        names = {"compose", "fused"}
+        candidates = {name: (lambda name=name: name) for name in sorted(names)}
+        before = routes.generation()
+        assert routes.final(key, names) is None, "nothing chosen yet"
+        chosen = routes.run(key, candidates)
+        assert routes.generation() != before, "a choice was made"
+        assert routes.final(key, names) is None, "a first measurement is measured again"
+        for _ in range(routes.CONFIRM_AFTER_CALLS):  # the last one is the confirming measurement
+            assert routes.final(key, names) is None
+            routes.run(key, candidates)
+        assert routes.routes()[0]["source"] == "measured again"
+        assert routes.final(key, names) in names
+        assert routes.final(key, {"gemv"}) is None, "the choice cannot serve this call"
+        chosen = routes.final(key, names)
+        other = ({"compose", "fused"} - {chosen}).pop()
+        before = routes.generation()
+        routes.set_route("lora_forward", other)
+        assert routes.generation() != before and routes.final(key, names) == other
+        before = routes.generation()
+        routes.clear_choices()
+        assert routes.generation() != before
+    finally:
+        routes.set_route(None, None)
+        routes.clear_choices()
+
+
+def test_repeated_evaluation_calls_run_settled_and_match_peft(final_routes, monkeypatch):
+    reference, fused = mlp_twins()
+    x = torch.randn(3, 5, 23)
+    outputs_agree(reference, fused, x, label="settling")
+    layers = lora_layers(fused)
+    assert layers and all(layer._fastpeft_settled is not None for layer in layers)
+    counter = CountResolved(monkeypatch)
+    outputs_agree(reference, fused, torch.randn(3, 5, 23), label="settled")
+    outputs_agree(reference, fused, torch.randn(2, 7, 23), label="same rows bucket")
+    assert counter.calls == 0, "every call of the same dtype and rows bucket ran settled"
+    outputs_agree(reference, fused, torch.randn(1, 23), label="one row")
+    # Another rows bucket resolves again; a layer settled before a later layer's first choice was made (which
+    # changes the route generation) resolves once more.
+    assert len(layers) <= counter.calls <= 2 * len(layers)
+    counter.calls = 0
+    outputs_agree(reference, fused, torch.randn(1, 23), label="one row settled")
+    assert counter.calls == 0
+    with torch.enable_grad():
+        x = torch.randn(4, 23, requires_grad=True)
+        fused(x).sum().backward()
+    assert x.grad is not None and counter.calls == len(layers), "a call that records autograd never runs settled"
+
+
+def _set_scale(model):
+    for layer in lora_layers(model) or [m for m in model.modules() if hasattr(m, "set_scale")]:
+        layer.set_scale("default", 0.3)
+
+
+def _scaling_dict(model):
+    for m in model.modules():
+        if hasattr(m, "scaling") and "default" in getattr(m, "scaling", {}):
+            m.scaling["default"] = -1.7
+
+
+def _base_layers(model):
+    return [m.base_layer for m in model.modules() if hasattr(m, "lora_A")]
+
+
+def _replace_base_weight(model):
+    torch.manual_seed(11)
+    for base in _base_layers(model):
+        base.weight = nn.Parameter(torch.randn_like(base.weight), requires_grad=False)
+
+
+def _edit_base_weight(model):
+    with torch.no_grad():
+        for base in _base_layers(model):
+            base.weight.mul_(-2.0)
+
+
+def _replace_base_bias(model):
+    for base in _base_layers(model):
+        base.bias = nn.Parameter(torch.full_like(base.bias, 0.25), requires_grad=False)
+
+
+def _hook_on_base(model):
+    for base in _base_layers(model):
+        base.register_forward_hook(lambda module, args, out: out * 3)
+
+
+def _edit_adapter(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "lora_B"):
+                m.lora_B["default"].weight.add_(0.5)
+
+
+def _replace_adapter(model):
+    torch.manual_seed(12)
+    for m in model.modules():
+        if hasattr(m, "lora_A"):
+            m.lora_A["default"].weight = nn.Parameter(torch.randn_like(m.lora_A["default"].weight))
+
+
+def _add_adapter_and_activate_both(model):
+    torch.manual_seed(13)
+    model.add_adapter("third", LoraConfig(r=2, lora_alpha=3, target_modules=["up", "down"], init_lora_weights=False))
+    model.base_model.set_adapter(["default", "third"])
+
+
+def _delete_adapter(model):
+    model.delete_adapter("other")
+
+
+def _merge(model):
+    model.merge_adapter()
+
+
+def _merge_then_unmerge(model):
+    model.merge_adapter()
+    model.unmerge_adapter()
+
+
+CHANGES = {
+    "set_adapter": lambda model: model.set_adapter("other"),
+    "set_scale": _set_scale,
+    "scaling dict": _scaling_dict,
+    "replaced base weight": _replace_base_weight,
+    "base weight edited in place": _edit_base_weight,
+    "replaced base bias": _replace_base_bias,
+    "hook on the base layer": _hook_on_base,
+    "adapter edited in place": _edit_adapter,
+    "replaced adapter weight": _replace_adapter,
+    "added adapter, both active": _add_adapter_and_activate_both,
+    "deleted adapter": _delete_adapter,
+    "merged": _merge,
+    "merged and unmerged": _merge_then_unmerge,
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_settled_call_follows_a_change_to_the_layer(final_routes, change):
+    reference, fused = mlp_twins()
+    outputs_agree(reference, fused, torch.randn(6, 23), label="before")
+    assert all(layer._fastpeft_settled is not None for layer in lora_layers(fused))
+    for model in (reference, fused):
+        CHANGES[change](model)
+    outputs_agree(reference, fused, torch.randn(6, 23), label=change)
+
+
+def test_settled_call_follows_disabled_adapters_and_dtype(final_routes):
+    reference, fused = mlp_twins()
+    x = torch.randn(6, 23)
+    outputs_agree(reference, fused, x, label="before")
+    with reference.disable_adapter(), fused.disable_adapter():
+        outputs_agree(reference, fused, x, label="disabled")
+    outputs_agree(reference, fused, x, label="enabled again")
+    for model in (reference, fused):
+        model.to(torch.bfloat16)  # the same Parameter objects, new data and dtype
+    with torch.no_grad():
+        want = reference(x.bfloat16()).float()
+        for attempt in range(2):
+            got = fused(x.bfloat16())
+            assert got.dtype == torch.bfloat16
+            assert_close(f"bf16 call {attempt}", got.float(), want, 2e-2)
+        with pytest.raises(TypeError, match="dtype"):
+            fused(x)  # an fp32 input for a bf16 layer: the full path's error, not a settled result
+
+
+def test_settled_call_leaves_training_mode_dropout_to_the_full_path(final_routes, monkeypatch):
+    reference, fused = mlp_twins(lora_dropout=0.5)
+    x = torch.randn(16, 23)
+    outputs_agree(reference, fused, x, label="eval")
+    counter = CountResolved(monkeypatch)
+    fused.train()
+    with torch.no_grad():
+        dropped = fused(x)
+        eval_out = reference(x)
+    assert counter.calls == len(lora_layers(fused)), "dropout in training is drawn by the full path"
+    assert (dropped - eval_out).abs().max() > 1e-3, "dropout was applied"
+    fused.eval()
+    outputs_agree(reference, fused, x, label="eval again")
+
+
+def test_settled_call_follows_pins_and_the_backend(final_routes, monkeypatch):
+    reference, fused = mlp_twins()
+    x = torch.randn(6, 23)
+    outputs_agree(reference, fused, x, label="before")
+    for route in ("compose", "fused", "gemv"):
+        routes.set_route("lora_forward", route)
+        outputs_agree(reference, fused, x, label=f"pinned {route}")
+        assert routes.last_route("lora_forward") == route
+    routes.set_route(None, None)
+    monkeypatch.setenv("FASTPEFT_ROUTE", "lora_forward=compose")
+    outputs_agree(reference, fused, x, label="FASTPEFT_ROUTE")
+    assert routes.last_route("lora_forward") == "compose"
+    monkeypatch.setenv("FASTPEFT_ROUTE", "lora_forward=gemv")
+    outputs_agree(reference, fused, x, label="FASTPEFT_ROUTE changed")
+    assert routes.last_route("lora_forward") == "gemv"
+    monkeypatch.delenv("FASTPEFT_ROUTE")
+    fastpeft.set_backend("reference")
+    outputs_agree(reference, fused, x, label="reference backend")
+    assert all(layer._fastpeft_settled is None for layer in lora_layers(fused)), "the reference backend settles none"
+    fastpeft.set_backend(None)
+    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    outputs_agree(reference, fused, x, label="FASTPEFT_BACKEND")
+    assert all(layer._fastpeft_settled is None for layer in lora_layers(fused))
+
+
+def test_settled_call_over_conv1d_and_bad_inputs(final_routes):
+    config = LoraConfig(r=3, lora_alpha=6, target_modules=["fc", "proj"], fan_in_fan_out=True,
+                        init_lora_weights=False)
+    reference, fused = twins(Conv1DMLP, config)
+    reference.eval()
+    fused.eval()
+    outputs_agree(reference, fused, torch.randn(2, 4, 19), label="conv1d")
+    assert all(layer._fastpeft_settled is not None for layer in lora_layers(fused))
+    with torch.no_grad():
+        for base in _base_layers(reference) + _base_layers(fused):
+            base.weight.mul_(0.5)  # the transposed view is taken per call
+    outputs_agree(reference, fused, torch.randn(2, 4, 19), label="conv1d edited")
+    with torch.no_grad(), pytest.raises(ValueError, match="features"):
+        fused(torch.randn(2, 4, 18))
+
+
+def test_parametrized_adapter_weight_is_never_settled(final_routes):
+    from torch.nn.utils import parametrize
+
+    reference, fused = mlp_twins()
+    for model in (reference, fused):
+        for layer in [m for m in model.modules() if hasattr(m, "lora_A")]:
+            parametrize.register_parametrization(layer.lora_A["default"], "weight", _Doubled())
+    outputs_agree(reference, fused, torch.randn(6, 23), label="parametrized")
+    assert all(layer._fastpeft_settled is None for layer in lora_layers(fused))
+
+
+class _Doubled(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def test_settled_state_is_not_pickled(final_routes):
+    import copy
+
+    reference, fused = mlp_twins()
+    outputs_agree(reference, fused, torch.randn(6, 23), label="before")
+    twin = copy.deepcopy(fused)
+    assert all(layer._fastpeft_settled is None for layer in lora_layers(twin))
+    outputs_agree(reference, twin, torch.randn(6, 23), label="deep copy")

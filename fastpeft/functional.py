@@ -335,59 +335,71 @@ def dispatch_state() -> tuple:
     return (routing.generation(), _env.raw(b"FASTPEFT_ROUTE"), *selection_state())
 
 
-class SettledLoraForward:
-    """An evaluation call of :func:`lora_linear` resolved once, for a caller that repeats it with new inputs: the
-    route its backend takes for every call like it and the arguments other than ``x``, so a repeat skips resolving
-    (at decode sizes resolving cost as much as the product itself). Built only for calls that record no autograd
-    and draw no dropout, over a dense weight; :meth:`output` declines (returns None) any call whose dispatch could
-    differ: grad mode, autocast, torch.compile, another device, dtype, ``K`` or ``M`` bucket, or a changed
-    :func:`dispatch_state`. The caller checks that its arguments (the tensors themselves, the scalings) are
-    unchanged."""
+def may_settle(x: torch.Tensor) -> bool:
+    """Whether a call on ``x`` may be kept resolved (:class:`SettledCall`): it records no autograd, runs outside
+    autocast and torch.compile, on a plain CPU tensor that does not require grad."""
+    return not (torch.is_grad_enabled() or type(x) is not torch.Tensor or not x.is_cpu or x.requires_grad
+                or x.dim() == 0 or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling())
 
-    __slots__ = ("state", "dtype", "k", "m_low", "m_high", "route", "function", "arguments")
 
-    def __init__(self, state, dtype, k, m_low, m_high, route, function, arguments):
-        self.state, self.dtype, self.k, self.m_low, self.m_high = state, dtype, k, m_low, m_high
-        self.route, self.function, self.arguments = route, function, arguments
+def settled_route(op: str, x2: torch.Tensor, weight, lora_A: Sequence[torch.Tensor]):
+    """``(route, function)`` of ``op`` for an evaluation call on ``x2`` ``(M, K)`` (``Backend.settled_route``), or
+    None where it is not settled."""
+    return get_backend(x2, weight).settled_route(op, x2, weight, lora_A)
 
-    @classmethod
-    def of(cls, x: torch.Tensor, weight, bias: Optional[torch.Tensor], lora_A: Sequence[torch.Tensor],
-           lora_B: Sequence[torch.Tensor], lora_bias: Sequence[Optional[torch.Tensor]], scaling: Sequence[float]):
-        """The settled call of ``lora_linear(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p,
-        training)`` without dropout, or None where it is not settled (yet) or not this kind of call. ``weight``
-        is the tensor itself (not a copy): the call reads it as it is then."""
-        if (torch.is_grad_enabled() or not isinstance(weight, torch.Tensor) or type(x) is not torch.Tensor
-                or not x.is_cpu or x.dim() == 0 or torch.is_autocast_enabled(x.device.type)
-                or torch.compiler.is_compiling()):
-            return None
-        x2, _ = _flatten(x)
-        n = len(lora_A)
-        zeros = [0.0] * n
-        settled = get_backend(x2, weight).settled_lora_forward(x2, weight, lora_A, zeros)
-        if settled is None:
-            return None
+
+class SettledCall:
+    """An evaluation call resolved once, for a caller that repeats it with new inputs: ``function(x2)`` runs the
+    routes its backend takes for every call like it (``taken``: ``(op, route)`` pairs) with the arguments other than
+    ``x`` bound, so a repeat skips resolving (at decode sizes resolving cost as much as the product itself).
+    :meth:`output` declines (returns None) a call whose dispatch could differ: one :func:`may_settle` refuses,
+    another dtype, ``K`` or ``M`` bucket, or a changed :func:`dispatch_state`. The caller checks that what it bound
+    (its tensors, scalings) is unchanged."""
+
+    __slots__ = ("state", "dtype", "k", "m_low", "m_high", "taken", "function")
+
+    def __init__(self, x2: torch.Tensor, taken: tuple, function):
         m = routing.bucket(x2.shape[0])
-        arguments = (weight, bias, list(lora_A), list(lora_B), list(lora_bias), [float(s) for s in scaling], zeros,
-                     [0] * n)
-        return cls(dispatch_state(), x.dtype, x2.shape[1], m // 2 if m > 1 else 0, m, *settled, arguments)
+        self.state, self.dtype, self.k, self.m_low, self.m_high = (dispatch_state(), x2.dtype, x2.shape[1],
+                                                                   m // 2 if m > 1 else 0, m)
+        self.taken, self.function = taken, function
 
-    def output(self, x: torch.Tensor, weight=None) -> Optional[torch.Tensor]:
-        """``lora_linear``'s output for ``x`` ``(..., K)`` (``weight``: a fresh view of the same weight where the
-        caller passes one, e.g. a transpose), or None where this call's dispatch could differ."""
-        if (torch.is_grad_enabled() or type(x) is not torch.Tensor or x.dtype is not self.dtype or not x.is_cpu
-                or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
+    def output(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The call's output for ``x`` ``(..., K)`` (``(..., N)``), or None where its dispatch could differ."""
+        if x.dtype is not self.dtype or not may_settle(x) or x.shape[-1] != self.k:
             return None
         dims = x.dim()
-        if dims == 0 or x.shape[-1] != self.k:
-            return None
         x2 = x if dims == 2 else x.reshape(-1, self.k)
         if not self.m_low < x2.shape[0] <= self.m_high or dispatch_state() != self.state:
             return None
-        arguments = self.arguments if weight is None else (weight, *self.arguments[1:])
         with kept_copies():  # nothing trains in this call
-            y = self.function(x2, *arguments)[0]
-        routing.note_taken("lora_forward", self.route)
+            y = self.function(x2)
+        for op, route in self.taken:
+            routing.note_taken(op, route)
         return y if dims == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+
+def settled_lora_linear(x: torch.Tensor, weight, transposed: bool, bias: Optional[torch.Tensor],
+                        lora_A: Sequence[torch.Tensor], lora_B: Sequence[torch.Tensor],
+                        lora_bias: Sequence[Optional[torch.Tensor]], scaling: Sequence[float]) -> Optional[SettledCall]:
+    """:func:`lora_linear` without dropout for calls like this one on ``x``, settled, or None where it is not
+    settled (yet) or :func:`may_settle` refuses. ``weight`` (``(N, K)``, or ``(K, N)`` stored for
+    ``transposed``, transposed per call) and the other tensors are bound as they are: their values are read per
+    call."""
+    if not may_settle(x):
+        return None
+    x2, _ = _flatten(x)
+    found = settled_route("lora_forward", x2, weight.t() if transposed else weight, lora_A)
+    if found is None:
+        return None
+    route, forward = found
+    n = len(lora_A)
+    rest = (bias, list(lora_A), list(lora_B), list(lora_bias), [float(s) for s in scaling], [0.0] * n, [0] * n)
+    if transposed:
+        function = lambda x2: forward(x2, weight.t(), *rest)[0]  # noqa: E731
+    else:
+        function = lambda x2: forward(x2, weight, *rest)[0]  # noqa: E731
+    return SettledCall(x2, (("lora_forward", route),), function)
 
 
 def add_lora_update(x: torch.Tensor, y: torch.Tensor, weight, lora_A: Sequence[torch.Tensor],

@@ -23,6 +23,7 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
 from . import dora, functional, mixed
+from .quant import QuantizedWeight, is_bnb_quantized
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -64,6 +65,10 @@ BASE_WEIGHT_READERS: list[BaseWeightReader] = [read_dense_base]
 # computes some calls in bf16 whatever the input dtype): ``rule(layer, x, base, weight, active)`` returns the
 # layer's output for such a call, else None. ``fastpeft.layers_bnb.register_bnb_layers`` adds bitsandbytes' rule.
 SERVING_RULES: list[Callable] = []
+# ``settle(layer, x, base, weight, active)``: for a call a ``SERVING_RULES`` entry served, ``(call, arguments)``
+# where the rule's output is kept resolved (``functional.SettledCall``, and the active adapters'
+# ``adapter_arguments``), else None.
+SERVING_SETTLERS: list[Callable] = []
 
 
 def read_base_weight(base: nn.Module, fan_in_fan_out: bool):
@@ -227,48 +232,47 @@ def _mixed_adapters(layer: nn.Module, groups: mixed.RowGroups) -> mixed.MixedAda
 
 
 class SettledLayerCall:
-    """A :class:`FusedLoraLinear`'s evaluation call over a dense base (``nn.Linear`` / ``Conv1D``), resolved once
-    (``functional.SettledLoraForward``), with what it read from the layer. :meth:`output` serves a later call by it
-    while the layer still holds the same base module and parameters (by identity, dtype and device), the same active
-    adapters, scalings and adapter count, no hooks on the base, nothing merged or disabled, no variant and no
-    dropout in training; else it returns None and the call takes the full path (which may settle it again). Reading
-    that costs a fraction of resolving the call."""
+    """A :class:`FusedLoraLinear`'s evaluation call resolved once (a ``functional.SettledCall``), with what it read
+    from the layer. :meth:`output` serves a later call by it while the layer still holds the same base module, base
+    weight (a dense one by identity, dtype and device; a quantized one as the same ``QuantizedWeight``, which
+    bitsandbytes' in-place repack or requantization replaces) and bias, the same active adapters, their parameters,
+    scalings and adapter count, no hooks on the base, nothing merged or disabled, no LoRA variant, and no dropout in
+    training; else it returns None and the call takes the full path (which may settle it again). Checking that costs
+    a fraction of resolving the call."""
 
-    __slots__ = ("forward", "base", "weight", "bias", "transposed", "active", "adapter_count", "adapters")
+    __slots__ = ("call", "base", "weight", "bias", "quantized", "compute_dtype", "active", "adapter_count",
+                 "adapters")
 
-    def __init__(self, forward, base, weight, bias, transposed, active, adapter_count, adapters):
-        self.forward, self.base, self.weight, self.bias, self.transposed = forward, base, weight, bias, transposed
-        self.active, self.adapter_count, self.adapters = active, adapter_count, adapters
+    def __init__(self, call, base, weight, bias, quantized, compute_dtype, active, adapter_count, adapters):
+        self.call, self.base, self.weight, self.bias, self.quantized = call, base, weight, bias, quantized
+        self.compute_dtype, self.active, self.adapter_count, self.adapters = (compute_dtype, active, adapter_count,
+                                                                              adapters)
 
     @classmethod
-    def of(cls, layer: nn.Module, x: torch.Tensor, active: list, bias: Optional[torch.Tensor], arguments: tuple):
-        """The settled call of ``layer`` for ``x`` whose ``active`` adapters gave ``adapter_arguments`` =
-        ``arguments``, or None where the call is not one it can serve (or its route is not final yet)."""
+    def of(cls, layer: nn.Module, active: list, weight, arguments: tuple, call) -> Optional["SettledLayerCall"]:
+        """``call`` (a ``functional.SettledCall`` or None) kept with what ``layer`` holds now; ``weight`` is the
+        call's base weight (tensor or ``QuantizedWeight``), ``arguments`` the active adapters'
+        ``adapter_arguments``. None where ``call`` is None or the layer holds something this class cannot check."""
+        if call is None or layer.lora_variant:
+            return None
         lora_A, lora_B, lora_bias, scaling, dropout_p, training = arguments
-        base = direct_base_layer(layer)
-        weight = base._parameters.get("weight")
-        if (type(base) not in _DENSE_BASE_TYPES or weight is None or layer.lora_variant
-                or (training and any(dropout_p)) or base is not layer._modules["base_layer"]):
-            return None
-        forward = functional.SettledLoraForward.of(x, weight.t() if layer.fan_in_fan_out else weight, bias, lora_A,
-                                                   lora_B, lora_bias, scaling)
-        if forward is None:
-            return None
+        base = layer._modules["base_layer"]
+        params = base._parameters
+        quantized = None if isinstance(weight, torch.Tensor) else weight
         dropouts = layer._modules["lora_dropout"]._modules
         adapters = tuple((name, A, B, b, s, dropouts[name], isinstance(dropouts[name], nn.Dropout))
-                         for name, A, B, b, s in zip(active, lora_A, lora_B, lora_bias, forward.arguments[5]))
+                         for name, A, B, b, s in zip(active, lora_A, lora_B, lora_bias, scaling))
         held = layer._active_adapter
-        settled = cls(forward, base, weight, bias, layer.fan_in_fan_out, list(held) if isinstance(held, list) else
-                      held, len(layer._modules["lora_A"]._modules), adapters)
-        # Adapter weights held outside the parameter dicts (a parametrization computes them per read) never match:
-        # such a layer is not kept settled.
+        settled = cls(call, base, params.get("weight"), params.get("bias"), quantized,
+                      getattr(base, "compute_dtype", None), list(held) if isinstance(held, list) else held,
+                      len(layer._modules["lora_A"]._modules), adapters)
+        # A weight held outside the parameter dicts (a parametrization computes it per read) never matches: such a
+        # layer is not kept settled.
         return settled if settled.holds(layer) else None
 
     def output(self, layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
         """``layer(x)`` by the settled call, or None where the layer or the call is not what it was settled for."""
-        if not self.holds(layer):
-            return None
-        return self.forward.output(x, self.weight.t() if self.transposed else None)
+        return self.call.output(x) if self.holds(layer) else None
 
     def holds(self, layer: nn.Module) -> bool:
         """Whether ``layer`` still holds what this call was settled with (see the class docstring)."""
@@ -276,10 +280,15 @@ class SettledLayerCall:
         base = modules["base_layer"]
         params = base._parameters
         weight = params.get("weight")
-        if (base is not self.base or weight is not self.weight or params.get("bias") is not self.bias
-                or weight.dtype is not self.forward.dtype or not weight.is_cpu or base._forward_hooks
-                or base._forward_pre_hooks or layer._disable_adapters or layer.merged_adapters or layer.lora_variant
-                or layer._active_adapter != self.active):
+        if (base is not self.base or weight is None or weight is not self.weight or params.get("bias") is not self.bias
+                or base._forward_hooks or base._forward_pre_hooks or layer._disable_adapters or layer.merged_adapters
+                or layer.lora_variant or layer._active_adapter != self.active):
+            return False
+        if self.quantized is None:
+            if weight.dtype is not self.call.dtype or not weight.is_cpu:
+                return False
+        elif (base.training or getattr(base, "compute_dtype", None) is not self.compute_dtype
+              or not is_bnb_quantized(base) or QuantizedWeight.from_bnb_linear(base) is not self.quantized):
             return False
         downs = modules["lora_A"]._modules
         if len(downs) != self.adapter_count:
@@ -295,21 +304,60 @@ class SettledLayerCall:
         return True
 
 
-class FusedLoraLinear(PeftLoraLinear):
-    """PEFT's ``lora.Linear`` (over ``nn.Linear``, transformers ``Conv1D`` or a quantized base) with a fused forward.
+def settled_lora_call(layer, x, active, weight, bias, arguments) -> Optional[SettledLayerCall]:
+    """The layer's call of ``functional.lora_linear`` settled (``SettledLayerCall``), where it can be: no dropout
+    drawn, and a base bias read as the parameter itself (a quantized base's bias cast to its compute dtype is a
+    copy made per call)."""
+    lora_A, lora_B, lora_bias, scaling, dropout_p, training = arguments
+    params = layer._modules["base_layer"]._parameters
+    if (training and any(dropout_p)) or bias is not params.get("bias"):
+        return None
+    transposed = False
+    if isinstance(weight, torch.Tensor):  # bind the parameter itself, whose data a later call reads as it is then
+        weight, transposed = params.get("weight"), layer.fan_in_fan_out
+        if weight is None:
+            return None
+    call = functional.settled_lora_linear(x, weight, transposed, bias, lora_A, lora_B, lora_bias, scaling)
+    return SettledLayerCall.of(layer, active, weight, arguments, call)
 
-    ``forward(x)``: ``x`` is ``(..., in_features)`` in the base weight's dtype; returns ``(..., out_features)``.
-    Over a bitsandbytes base, ``merge``/``unmerge`` dequantize, add and requantize (PEFT's generic class would add
-    the delta to the packed bytes). An evaluation call over a dense base is kept resolved (``SettledLayerCall``)
-    for the calls that repeat it.
-    """
+
+def settled_served_call(layer, x, weight, active) -> Optional[SettledLayerCall]:
+    """The layer's call served by a ``SERVING_SETTLERS`` entry, settled, where one settles it."""
+    for settle in SERVING_SETTLERS:
+        found = settle(layer, x, direct_base_layer(layer), weight, active)
+        if found is not None:
+            call, arguments = found
+            return SettledLayerCall.of(layer, active, weight, arguments, call)
+    return None
+
+
+class KeepsSettledCalls:
+    """Mixin of the fused LoRA layers: the layer's latest evaluation call kept resolved (``SettledLayerCall``) for
+    the calls that repeat it. Dispatch state of this process: never pickled or deep-copied."""
 
     _fastpeft_settled: Optional[SettledLayerCall] = None  # a class default: reading it never reaches __getattr__
 
     def __getstate__(self):
         state = super().__getstate__()
-        state.pop("_fastpeft_settled", None)  # dispatch state of this process, rebuilt by the first call
+        state.pop("_fastpeft_settled", None)
         return state
+
+    def _settled_output(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+        """``self(x)`` by the kept call where it serves this one, else None."""
+        settled = self._fastpeft_settled
+        if settled is None or args or kwargs:
+            return None
+        return settled.output(self, x)
+
+
+class FusedLoraLinear(KeepsSettledCalls, PeftLoraLinear):
+    """PEFT's ``lora.Linear`` (over ``nn.Linear``, transformers ``Conv1D`` or a quantized base) with a fused forward.
+
+    ``forward(x)``: ``x`` is ``(..., in_features)`` in the base weight's dtype; returns ``(..., out_features)``.
+    Over a bitsandbytes base, ``merge``/``unmerge`` dequantize, add and requantize (PEFT's generic class would add
+    the delta to the packed bytes). An evaluation call is kept resolved (``KeepsSettledCalls``) for the calls that
+    repeat it.
+    """
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         from .quant import is_bnb_quantized
@@ -358,11 +406,9 @@ class FusedLoraLinear(PeftLoraLinear):
         return active, found[0], found[1]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        settled = self._fastpeft_settled
-        if settled is not None and not (args or kwargs):
-            y = settled.output(self, x)
-            if y is not None:
-                return y
+        y = self._settled_output(x, args, kwargs)
+        if y is not None:
+            return y
         if kwargs.get("adapter_names") is not None:
             return mixed_batch_forward(self, x, args, kwargs, super().forward)
         call = self._fused_call(x, args, kwargs)
@@ -383,11 +429,13 @@ class FusedLoraLinear(PeftLoraLinear):
         if SERVING_RULES and not isinstance(weight, torch.Tensor):
             y = served_output(self, x, weight, active)
             if y is not None:
+                if not torch.is_grad_enabled():
+                    self._fastpeft_settled = settled_served_call(self, x, weight, active)
                 return y
         arguments = adapter_arguments(self, active)
         y = functional.lora_linear(x, weight, bias, *arguments)
         if not torch.is_grad_enabled():
-            self._fastpeft_settled = SettledLayerCall.of(self, x, active, bias, arguments)
+            self._fastpeft_settled = settled_lora_call(self, x, active, weight, bias, arguments)
         return y
 
 

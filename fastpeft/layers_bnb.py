@@ -39,6 +39,8 @@ from .layers import (
     BASE_WEIGHT_READERS,
     FUSED_LAYER_TYPES,
     SERVING_RULES,
+    SERVING_SETTLERS,
+    KeepsSettledCalls,
     _any_dropout,
     _has_hooks,
     adapter_arguments,
@@ -48,6 +50,8 @@ from .layers import (
     mixed_batch_forward,
     parameter,
     quantized_product,
+    settled_lora_call,
+    settled_served_call,
 )
 from .quant import QuantizedWeight, is_bnb_quantized
 
@@ -87,18 +91,29 @@ def served_lora_forward(layer: nn.Module, x: torch.Tensor, base: nn.Module, qw: 
     """PEFT's output for a call :func:`served_in_bf16` holds for: ``x`` ``(..., K)`` -> ``(..., N)`` in ``x``'s
     dtype, ``base(x) = (x W^T computed in bf16, cast to the compute dtype) + bias`` as bitsandbytes forms it, plus
     the active adapters' terms in their own dtype (``functional.add_lora_update``)."""
-    dtype = compute_dtype(base, x)
     x2 = x.reshape(-1, x.shape[-1])
-    y = functional.base_linear(x2.to(torch.bfloat16), qw, None).to(dtype)
-    bias = parameter(base, "bias")
-    if bias is not None:
-        y = y + bias.to(dtype)
-    if y.dtype != x.dtype:
-        y = y.to(x.dtype)
+    update = None
     if active:
         lora_A, lora_B, lora_bias, scaling, _, _ = adapter_arguments(layer, active)
-        y = functional.add_lora_update(x2, y, qw, lora_A, lora_B, lora_bias, scaling)
+
+        def update(x2, y):
+            return functional.add_lora_update(x2, y, qw, lora_A, lora_B, lora_bias, scaling)
+
+    y = _served(x2, lambda xb: functional.base_linear(xb, qw, None), parameter(base, "bias"),
+                compute_dtype(base, x), update)
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _served(x2: torch.Tensor, base_product, bias: Optional[torch.Tensor], dtype: torch.dtype, update) -> torch.Tensor:
+    """bitsandbytes' serving meaning on ``x2`` ``(M, K)``: ``base_product`` of ``x2`` rounded to bf16, cast to the
+    compute ``dtype``, plus ``bias`` in it, then in ``x2``'s dtype, with ``update(x2, y)`` (the adapter terms, or
+    None) applied."""
+    y = base_product(x2.to(torch.bfloat16)).to(dtype)
+    if bias is not None:
+        y = y + bias.to(dtype)
+    if y.dtype != x2.dtype:
+        y = y.to(x2.dtype)
+    return y if update is None else update(x2, y)
 
 
 def serving_rule(layer: nn.Module, x: torch.Tensor, base: nn.Module, weight, active: list):
@@ -106,6 +121,41 @@ def serving_rule(layer: nn.Module, x: torch.Tensor, base: nn.Module, weight, act
     if isinstance(weight, QuantizedWeight) and served_in_bf16(base, x):
         return served_lora_forward(layer, x, base, weight, active)
     return None
+
+
+def settle_served(layer: nn.Module, x: torch.Tensor, base: nn.Module, weight, active: list):
+    """``fastpeft.layers.SERVING_SETTLERS`` entry: for a call :func:`serving_rule` serves, ``(call, arguments)``
+    with ``call`` a ``functional.SettledCall`` of :func:`served_lora_forward` (the base product's and the adapter
+    update's settled routes), where both are settled."""
+    if not (isinstance(weight, QuantizedWeight) and served_in_bf16(base, x) and functional.may_settle(x)):
+        return None
+    x2 = x.reshape(-1, x.shape[-1])
+    found = functional.settled_route("lora_forward", x2.to(torch.bfloat16), weight, [])
+    if found is None:
+        return None
+    base_route, base_forward = found
+    taken = [("lora_forward", base_route)]
+    arguments = adapter_arguments(layer, active)
+    update = None
+    if active:
+        lora_A, lora_B, lora_bias, scaling, _, _ = arguments
+        found = functional.settled_route("lora_update", x2, weight, lora_A)
+        if found is None:
+            return None
+        route, add = found
+        taken.append(("lora_update", route))
+        scaling, zeros = [float(s) for s in scaling], [0.0] * len(lora_A)
+
+        def update(x2, y):
+            return add(x2, y, lora_A, lora_B, lora_bias, scaling, zeros, [0] * len(zeros))[0]
+
+    bias, dtype = parameter(base, "bias"), compute_dtype(base, x)
+
+    def base_product(xb):
+        return base_forward(xb, weight, None, [], [], [], [], [], [])[0]
+
+    call = functional.SettledCall(x2, tuple(taken), lambda x2: _served(x2, base_product, bias, dtype, update))
+    return call, arguments
 
 
 def read_bnb_base(base: nn.Module, fan_in_fan_out: bool):
@@ -120,8 +170,9 @@ def read_bnb_base(base: nn.Module, fan_in_fan_out: bool):
     return QuantizedWeight.from_bnb_linear(base), bias
 
 
-class _FusedBnbLoraMixin:
-    """Forward shared by the LoRA twins; ``x`` ``(..., in_features)`` -> ``(..., out_features)`` in ``x``'s dtype."""
+class _FusedBnbLoraMixin(KeepsSettledCalls):
+    """Forward shared by the LoRA twins; ``x`` ``(..., in_features)`` -> ``(..., out_features)`` in ``x``'s dtype.
+    An evaluation call is kept resolved for the calls that repeat it (``KeepsSettledCalls``)."""
 
     _fastpeft_bnb_twin = True  # fastpeft.dora: DoRA runs over the decoded QuantizedWeight
 
@@ -134,6 +185,9 @@ class _FusedBnbLoraMixin:
         return super().unmerge()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self._settled_output(x, args, kwargs)
+        if y is not None:
+            return y
         if kwargs.get("adapter_names") is not None:  # the base layer's own (quantized) forward, adapters fused
             return mixed_batch_forward(self, x, args, kwargs, super().forward)
         base = direct_base_layer(self)
@@ -154,6 +208,8 @@ class _FusedBnbLoraMixin:
         if not (with_dora and active):
             served = serving_rule(self, x, base, qw, active)
             if served is not None:
+                if not torch.is_grad_enabled():
+                    self._fastpeft_settled = settled_served_call(self, x, qw, active)
                 return served
         dtype = compute_dtype(base, x)
         xc = x if x.dtype == dtype else x.to(dtype)  # (a no-op .to still costs a dispatch: this runs per token)
@@ -167,7 +223,10 @@ class _FusedBnbLoraMixin:
         elif with_dora:
             y = dora.layer_forward(self, xc, active, qw, bias, base.weight, layer_name(self))
         else:
-            y = functional.lora_linear(xc, qw, bias, *adapter_arguments(self, active))
+            arguments = adapter_arguments(self, active)
+            y = functional.lora_linear(xc, qw, bias, *arguments)
+            if xc is x and not torch.is_grad_enabled():  # (a call that converts x is not kept resolved)
+                self._fastpeft_settled = settled_lora_call(self, x, active, qw, bias, arguments)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
@@ -230,4 +289,6 @@ def register_bnb_layers(registry: Optional[dict] = None, readers: Optional[list]
         readers.append(read_bnb_base)
     if bnb is not None and serving_rule not in SERVING_RULES:
         SERVING_RULES.append(serving_rule)
+    if bnb is not None and settle_served not in SERVING_SETTLERS:
+        SERVING_SETTLERS.append(settle_served)
     return registry

@@ -208,19 +208,7 @@ class QuantizedWeight:
             stamp = (data.data_ptr(), data._version, state.absmax.data_ptr(), state.absmax._version,
                      bool(getattr(state, "packing_format_for_cpu", False)), tuple(state.shape), data.numel(),
                      data.element_size())
-        key = id(state)
-        cached = _FROM_STATE.get(key)
-        if cached is not None and cached[0]() is state and cached[1] == stamp:
-            return cached[2]
-        data = data.detach()
-        raw = data if data.dtype == torch.uint8 else data.view(torch.uint8)
-        weight = cls._from_quant_state(raw, state)
-        try:
-            ref = weakref.ref(state, lambda dead, key=key: _forget_state(key, dead))
-        except TypeError:  # a state object that cannot be weakly referenced: no cache
-            return weight
-        _FROM_STATE[key] = (ref, stamp, weight)
-        return weight
+        return _kept(state, stamp, lambda: cls._from_quant_state(data.detach(), state))
 
     @classmethod
     def _from_quant_state(cls, data: torch.Tensor, state) -> "QuantizedWeight":
@@ -259,8 +247,12 @@ class QuantizedWeight:
             extra = {}
             if module is not None and getattr(getattr(module, "state", None), "threshold", 0.0):
                 extra["threshold"] = float(module.state.threshold)
-            return cls(kind="int8", shape=tuple(param.shape), dtype=torch.float32, data=param.data, absmax=scb,
-                       extra=extra)
+            with torch._C.DisableTorchFunctionSubclass():  # plain tensor facts of a tensor subclass, as above
+                stamp = (param.data_ptr(), param._version, scb.data_ptr(), scb._version, tuple(param.shape),
+                         tuple(extra.items()))
+            return _kept(param, stamp,
+                         lambda: cls(kind="int8", shape=tuple(param.shape), dtype=torch.float32, data=param.data,
+                                     absmax=scb, extra=extra))
         raise ValueError(f"fastpeft: {type(param).__name__} of dtype {param.dtype} is not a quantized bitsandbytes "
                          "weight (not yet quantized? move the model to its device first)")
 
@@ -268,6 +260,23 @@ class QuantizedWeight:
     def from_bnb_linear(cls, module) -> "QuantizedWeight":
         """From a ``bitsandbytes.nn.Linear4bit`` or ``Linear8bitLt`` (quantized)."""
         return cls.from_param(module.weight, module)
+
+
+def _kept(owner, stamp: tuple, make) -> "QuantizedWeight":
+    """The ``QuantizedWeight`` kept with ``owner`` (a QuantState, or an int8 parameter) while ``stamp`` (pointers and
+    version counters of its tensors) is unchanged, else ``make()``, kept from then on. The same object for the same
+    stamp: callers may compare identities."""
+    key = id(owner)
+    cached = _FROM_STATE.get(key)
+    if cached is not None and cached[0]() is owner and cached[1] == stamp:
+        return cached[2]
+    weight = make()
+    try:
+        ref = weakref.ref(owner, lambda dead, key=key: _forget_state(key, dead))
+    except TypeError:  # an object that cannot be weakly referenced: no cache
+        return weight
+    _FROM_STATE[key] = (ref, stamp, weight)
+    return weight
 
 
 def _forget_state(key: int, dead_ref) -> None:

@@ -586,3 +586,90 @@ def test_generic_class_with_disabled_or_merged_adapters_never_runs_bitsandbytes_
         with pm.disable_adapter(), torch.no_grad():
             assert_close("disabled y (eval, served in bf16)", pm(x), _served_reference(pm, x, leaves).detach(), 1e-2)
     assert not calls, f"bitsandbytes' forward ran on {len(calls)} calls"
+
+
+def _requantize_in_place(base: nn.Module, factor: float) -> None:
+    """Quantize ``factor`` times the base's weight into the same parameter object (new data, new scales)."""
+    weight = base.weight
+    dense = _dense(base) * factor
+    if weight.dtype == torch.int8:
+        codes, scales, _ = bnb.functional.int8_vectorwise_quant(dense.half())
+        weight.data, weight.SCB = codes, scales
+        return
+    state = weight.quant_state
+    packed, weight.quant_state = bnb.functional.quantize_4bit(dense.to(state.dtype), blocksize=state.blocksize,
+                                                              compress_statistics=state.nested,
+                                                              quant_type=state.quant_type)
+    weight.data = packed
+
+
+@pytest.mark.parametrize("served", [True, False], ids=["served-in-bf16", "fp32-products"])
+@pytest.mark.parametrize("layer_class", ["peft-bnb", "generic"])
+@pytest.mark.parametrize("base", [BASES[0], BASES[3]])
+def test_repeated_evaluation_calls_run_settled_and_follow_the_base(base, layer_class, served, monkeypatch):
+    """Repeated no-grad calls of a QLoRA layer run settled (``fastpeft.layers.SettledLayerCall``) and give the
+    oracle's output, also after the quantized weight is rewritten (merge and unmerge requantize it), an adapter is
+    edited, the base is put in training mode, or the input requires grad (bitsandbytes serves neither in bf16)."""
+    from fastpeft import routing
+
+    kind, nested = base
+    if served and kind == "int8":
+        pytest.skip("bitsandbytes serves only 4-bit layers in bf16")
+    monkeypatch.delenv("FASTPEFT_ROUTE", raising=False)
+    monkeypatch.setattr(routing, "CONFIRM_AFTER_CALLS", 0)  # the first choice is final: calls settle at once
+    routing.clear_choices()
+    pm = _lora_model(kind, nested, torch.float32, seed=6, peft_bnb_classes=layer_class == "peft-bnb")
+    fastpeft.accelerate(pm, strict=True)
+    for module in pm.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = served
+    pm.eval()
+    layers = [m for m in pm.modules() if hasattr(m, "_fastpeft_settled")]
+    assert len(layers) == 2
+
+    def oracle(x):
+        if served and not x.requires_grad:
+            leaves = {n: p.detach().float() for n, p in pm.named_parameters() if p.requires_grad}
+            return _served_reference(pm, x, leaves).detach(), 1e-2
+        return _lora_reference(pm, x)[0].detach(), TOL[torch.float32]
+
+    def check(label, rows=5):
+        for attempt in range(2):  # the first call may settle, the second runs settled
+            x = torch.randn(rows, K)
+            want, tol = oracle(x)
+            with torch.no_grad():
+                assert_close(f"{label} call {attempt}", pm(x), want, tol)
+
+    check("first calls")
+    assert all(layer._fastpeft_settled is not None for layer in layers)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05)
+    check("adapter edited")
+    with pytest.warns(UserWarning):
+        pm.merge_adapter()
+    with pytest.warns(UserWarning):
+        pm.unmerge_adapter()  # both replace the quantized weight
+    check("requantized")
+    for layer in layers:  # new values in the same parameter, as bitsandbytes' in-place CPU repack writes them
+        _requantize_in_place(layer.get_base_layer(), 1.5)
+    check("rewritten in place")
+    for layer in layers:
+        layer.get_base_layer().train()
+    x = torch.randn(5, K)
+    with torch.no_grad():
+        assert_close("base in training", pm(x), _lora_reference(pm, x)[0].detach(), TOL[torch.float32])
+    for layer in layers:
+        layer.get_base_layer().eval()
+    check("base in eval again")
+    x = torch.randn(5, K, requires_grad=True)
+    if served:  # (under no_grad the second layer's input does not require grad: served)
+        leaves = {n: p.detach().float() for n, p in pm.named_parameters() if p.requires_grad}
+        want, tol = _served_reference(pm, x, leaves, served=("down",)).detach(), 1e-2
+    else:
+        want, tol = _lora_reference(pm, x)[0].detach(), TOL[torch.float32]
+    with torch.no_grad():
+        assert_close("x requires grad", pm(x), want, tol)
+    check("one row", rows=1)
+    routing.clear_choices()

@@ -96,12 +96,13 @@ class Backend:
         """Returns ``y`` ``(M, N)`` and ``xa[i] = drop_i(x_i) @ A_i^T`` ``(M, r_i)``, kept for ``dB``."""
         raise NotImplementedError
 
-    def settled_lora_forward(self, x: torch.Tensor, weight, lora_A: Sequence[torch.Tensor],
-                             dropout_p: Sequence[float]):
-        """``(route, function)``: the route and the function of ``lora_forward``'s arguments (same return) that
-        ``lora_forward`` runs for every call like this one (same dtypes, weight layout, adapters, ``M`` bucket) as
-        long as ``fastpeft.routing.generation()`` and ``FASTPEFT_ROUTE`` stay as they are; None where that is not
-        known yet (a choice still to be confirmed) or this backend does not say."""
+    def settled_route(self, op: str, x: torch.Tensor, weight, lora_A: Sequence[torch.Tensor]):
+        """``(route, function)`` for an evaluation call of ``op`` (``lora_forward`` without dropout, with its
+        arguments and return; ``lora_update``: ``add_lora_``'s update, ``function(x, y, lora_A, lora_B, lora_bias,
+        scaling, dropout_p, seeds)`` with zero dropout, returning ``(y, xa)``):
+        the route this backend takes for every call like this one (same dtypes, weight layout, adapters, ``M``
+        bucket) while ``fastpeft.routing.generation()`` and ``FASTPEFT_ROUTE`` stay as they are. None where that is
+        not known yet (a choice still to be confirmed) or this backend does not say."""
         return None
 
     def lora_backward(

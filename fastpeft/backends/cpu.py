@@ -652,10 +652,16 @@ class CpuBackend(Backend):
         key = self._key("lora_forward", x, weight, lora_A, dropout_p)
         return _run_routes(key, _FORWARD_ROUTES, _forward_eligible, args, (x, weight, lora_A))
 
-    def settled_lora_forward(self, x, weight, lora_A, dropout_p):
-        key = self._key("lora_forward", x, weight, lora_A, dropout_p)
-        route = routes.final(key, _EligibleRoutes(_FORWARD_ROUTES, _forward_eligible, (x, weight, lora_A)))
-        return None if route is None else (route, _FORWARD_ROUTES[route])
+    def settled_route(self, op, x, weight, lora_A):
+        key = self._key(op, x, weight, lora_A, [0.0] * len(lora_A))
+        if op == "lora_forward":
+            table, eligible = _FORWARD_ROUTES, _EligibleRoutes(_FORWARD_ROUTES, _forward_eligible, (x, weight, lora_A))
+        elif op == "lora_update":
+            table = eligible = _UPDATE_ROUTES
+        else:
+            return None
+        route = routes.final(key, eligible)
+        return None if route is None else (route, table[route])
 
     def base_linear(self, x, weight, bias):
         # The LoRA forward's routes with no adapters: the same measured choice of base product, without IA3's scaling

@@ -343,26 +343,28 @@ def may_settle(x: torch.Tensor) -> bool:
 
 
 def settled_route(op: str, x2: torch.Tensor, weight, lora_A: Sequence[torch.Tensor]):
-    """``(route, function)`` of ``op`` for an evaluation call on ``x2`` ``(M, K)`` (``Backend.settled_route``), or
-    None where it is not settled."""
+    """``(route, function, counted)`` of ``op`` for an evaluation call on ``x2`` ``(M, K)``
+    (``Backend.settled_route``), or None where it is not settled."""
     return get_backend(x2, weight).settled_route(op, x2, weight, lora_A)
 
 
 class SettledCall:
     """An evaluation call resolved once, for a caller that repeats it with new inputs: ``function(x2)`` runs the
-    routes its backend takes for every call like it (``taken``: ``(op, route)`` pairs) with the arguments other than
-    ``x`` bound, so a repeat skips resolving (at decode sizes resolving cost as much as the product itself).
-    :meth:`output` declines (returns None) a call whose dispatch could differ: one :func:`may_settle` refuses,
-    another dtype, ``K`` or ``M`` bucket, or a changed :func:`dispatch_state`. The caller checks that what it bound
-    (its tensors, scalings) is unchanged."""
+    routes its backend takes for every call like it (``taken``: ``settled_route`` results, by op name) with the
+    arguments other than ``x`` bound, so a repeat skips resolving (at decode sizes resolving cost as much as the
+    product itself). :meth:`output` declines (returns None) a call whose dispatch could differ: one
+    :func:`may_settle` refuses, another dtype, ``K`` or ``M`` bucket, a changed :func:`dispatch_state`, or a call due
+    to measure a route again. The caller checks that what it bound (its tensors, scalings) is unchanged."""
 
-    __slots__ = ("state", "dtype", "k", "m_low", "m_high", "taken", "function")
+    __slots__ = ("state", "dtype", "k", "m_low", "m_high", "taken", "counted", "function")
 
-    def __init__(self, x2: torch.Tensor, taken: tuple, function):
+    def __init__(self, x2: torch.Tensor, taken: dict, function):
         m = routing.bucket(x2.shape[0])
         self.state, self.dtype, self.k, self.m_low, self.m_high = (dispatch_state(), x2.dtype, x2.shape[1],
                                                                    m // 2 if m > 1 else 0, m)
-        self.taken, self.function = taken, function
+        self.taken = tuple((op, found[0]) for op, found in taken.items())
+        self.counted = tuple(found[2] for found in taken.values() if found[2] is not None)
+        self.function = function
 
     def output(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The call's output for ``x`` ``(..., K)`` (``(..., N)``), or None where its dispatch could differ."""
@@ -372,8 +374,13 @@ class SettledCall:
         x2 = x if dims == 2 else x.reshape(-1, self.k)
         if not self.m_low < x2.shape[0] <= self.m_high or dispatch_state() != self.state:
             return None
+        for choice in self.counted:  # a first measurement, counted toward the one that confirms it
+            if routing.confirming_due(choice):
+                return None
         with kept_copies():  # nothing trains in this call
             y = self.function(x2)
+        for choice in self.counted:
+            routing.count_call(choice)
         for op, route in self.taken:
             routing.note_taken(op, route)
         return y if dims == 2 else y.view(*x.shape[:-1], y.shape[-1])
@@ -392,14 +399,14 @@ def settled_lora_linear(x: torch.Tensor, weight, transposed: bool, bias: Optiona
     found = settled_route("lora_forward", x2, weight.t() if transposed else weight, lora_A)
     if found is None:
         return None
-    route, forward = found
+    forward = found[1]
     n = len(lora_A)
     rest = (bias, list(lora_A), list(lora_B), list(lora_bias), [float(s) for s in scaling], [0.0] * n, [0] * n)
     if transposed:
         function = lambda x2: forward(x2, weight.t(), *rest)[0]  # noqa: E731
     else:
         function = lambda x2: forward(x2, weight, *rest)[0]  # noqa: E731
-    return SettledCall(x2, (("lora_forward", route),), function)
+    return SettledCall(x2, {"lora_forward": found}, function)
 
 
 def add_lora_update(x: torch.Tensor, y: torch.Tensor, weight, lora_A: Sequence[torch.Tensor],

@@ -130,31 +130,27 @@ def settle_served(layer: nn.Module, x: torch.Tensor, base: nn.Module, weight, ac
     if not (isinstance(weight, QuantizedWeight) and served_in_bf16(base, x) and functional.may_settle(x)):
         return None
     x2 = x.reshape(-1, x.shape[-1])
-    found = functional.settled_route("lora_forward", x2.to(torch.bfloat16), weight, [])
-    if found is None:
-        return None
-    base_route, base_forward = found
-    taken = [("lora_forward", base_route)]
+    taken = {"lora_forward": functional.settled_route("lora_forward", x2.to(torch.bfloat16), weight, [])}
     arguments = adapter_arguments(layer, active)
+    if active:
+        taken["lora_update"] = functional.settled_route("lora_update", x2, weight, arguments[0])
+    if None in taken.values():
+        return None
+    base_forward = taken["lora_forward"][1]
+
+    def base_product(xb):
+        return base_forward(xb, weight, None, [], [], [], [], [], [])[0]
+
     update = None
     if active:
-        lora_A, lora_B, lora_bias, scaling, _, _ = arguments
-        found = functional.settled_route("lora_update", x2, weight, lora_A)
-        if found is None:
-            return None
-        route, add = found
-        taken.append(("lora_update", route))
+        add, (lora_A, lora_B, lora_bias, scaling, _, _) = taken["lora_update"][1], arguments
         scaling, zeros = [float(s) for s in scaling], [0.0] * len(lora_A)
 
         def update(x2, y):
             return add(x2, y, lora_A, lora_B, lora_bias, scaling, zeros, [0] * len(zeros))[0]
 
     bias, dtype = parameter(base, "bias"), compute_dtype(base, x)
-
-    def base_product(xb):
-        return base_forward(xb, weight, None, [], [], [], [], [], [])[0]
-
-    call = functional.SettledCall(x2, tuple(taken), lambda x2: _served(x2, base_product, bias, dtype, update))
+    call = functional.SettledCall(x2, taken, lambda x2: _served(x2, base_product, bias, dtype, update))
     return call, arguments
 
 

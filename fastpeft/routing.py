@@ -316,9 +316,8 @@ def _pinned(op: str) -> Optional[str]:
 
 def generation() -> int:
     """A number that changes whenever :func:`set_route` or :func:`clear_choices` runs or a choice is made (measured,
-    read from the cache file, or the only route). Whoever keeps a route taken by :func:`final` keeps this number
-    with it and takes the route again once it differs (``FASTPEFT_ROUTE`` is read per call and must be compared
-    too)."""
+    read from the cache file, or the only route). Whoever keeps a route of :func:`settled_call` keeps this number
+    with it and asks again once it differs (``FASTPEFT_ROUTE`` is read per call and must be compared too)."""
     return _generation[0]
 
 
@@ -359,8 +358,8 @@ def clear_choices() -> None:
 
 
 def note_taken(op: str, route: str) -> None:
-    """Record that a call of ``op`` ran ``route`` (for :func:`last_route`) where the caller took a :func:`final`
-    route itself."""
+    """Record that a call of ``op`` ran ``route`` (for :func:`last_route`) where the caller took a route of
+    :func:`settled_call` itself."""
     _last[op] = route
 
 
@@ -634,12 +633,25 @@ def take(key: RouteKey, eligible) -> Optional[str]:
     return route
 
 
-def final(key: RouteKey, eligible) -> Optional[str]:
-    """The route every later call with ``key`` will take among the ``eligible`` route names, as long as
-    :func:`generation` and ``FASTPEFT_ROUTE`` stay as they are: a pin, or a choice that will not be measured again
-    (read from the cache file, measured twice, or the only route). None otherwise. Nothing is counted."""
+def settled_call(key: RouteKey, eligible) -> Optional[tuple[str, Optional[Choice]]]:
+    """``(route, counted)`` for a caller that keeps the route of ``key`` among the ``eligible`` route names and takes
+    it itself in later calls, as long as :func:`generation` and ``FASTPEFT_ROUTE`` stay as they are: the route
+    :func:`take` would name, and the measured choice whose calls count toward its confirming measurement (None when
+    none is counted: a pin, or a choice that will not be measured again). Such a caller counts each call it serves
+    with :func:`count_call`. None where ``run`` must decide the next call. Nothing is counted here."""
     route, counted = _decided(key, eligible)
-    return route if counted is None else None  # a counted choice is still to be measured again
+    return None if route is None else (route, counted)
+
+
+def confirming_due(choice: Choice) -> bool:
+    """Whether the next call of ``choice``'s key is its confirming measurement (which only :func:`run` makes)."""
+    return choice.calls + 1 >= CONFIRM_AFTER_CALLS
+
+
+def count_call(choice: Choice) -> None:
+    """Count one call served by a route :func:`settled_call` named with ``choice``, as :func:`take` counts it (the
+    caller has checked :func:`confirming_due` first)."""
+    choice.calls += 1
 
 
 def _choose(key: RouteKey, candidates, device: str, pinned: Optional[str]):

@@ -64,7 +64,9 @@ def mlp_twins(**config):
     return reference, fused
 
 
-def test_final_names_a_route_only_once_it_will_not_be_measured_again(monkeypatch):
+def test_settled_call_names_the_route_and_the_choice_it_counts(monkeypatch):
+    """``routing.settled_call`` names what ``take`` would take and the first measurement whose calls a settled caller
+    counts (``count_call``) until the confirming measurement is due, which it leaves to ``run``."""
     monkeypatch.delenv("FASTPEFT_ROUTE", raising=False)
     monkeypatch.setattr(routes, "CONFIRM_AFTER_CALLS", 3)
     routes.clear_choices()
@@ -74,27 +76,47 @@ def test_final_names_a_route_only_once_it_will_not_be_measured_again(monkeypatch
         names = {"compose", "fused"}
         candidates = {name: (lambda name=name: name) for name in sorted(names)}
         before = routes.generation()
-        assert routes.final(key, names) is None, "nothing chosen yet"
+        assert routes.settled_call(key, names) is None, "nothing chosen yet"
         chosen = routes.run(key, candidates)
         assert routes.generation() != before, "a choice was made"
-        assert routes.final(key, names) is None, "a first measurement is measured again"
-        for _ in range(routes.CONFIRM_AFTER_CALLS):  # the last one is the confirming measurement
-            assert routes.final(key, names) is None
-            routes.run(key, candidates)
+        assert routes.settled_call(key, {"gemv"}) is None, "the choice cannot serve this call"
+        route, counted = routes.settled_call(key, names)
+        assert route == chosen and counted is not None and counted.source == "measured"
+        served = 0
+        while not routes.confirming_due(counted):
+            routes.count_call(counted)
+            served += 1
+        assert served == routes.CONFIRM_AFTER_CALLS - 1
+        assert routes.settled_call(key, names) is None, "the next call measures again"
+        routes.run(key, candidates)
         assert routes.routes()[0]["source"] == "measured again"
-        assert routes.final(key, names) in names
-        assert routes.final(key, {"gemv"}) is None, "the choice cannot serve this call"
-        chosen = routes.final(key, names)
-        other = ({"compose", "fused"} - {chosen}).pop()
+        route, counted = routes.settled_call(key, names)
+        assert route in names and counted is None, "a confirmed choice counts nothing"
+        other = ({"compose", "fused"} - {route}).pop()
         before = routes.generation()
         routes.set_route("lora_forward", other)
-        assert routes.generation() != before and routes.final(key, names) == other
+        assert routes.generation() != before and routes.settled_call(key, names) == (other, None)
         before = routes.generation()
         routes.clear_choices()
         assert routes.generation() != before
     finally:
         routes.set_route(None, None)
         routes.clear_choices()
+
+
+def test_calls_run_settled_while_their_route_awaits_confirmation(final_routes, monkeypatch):
+    """A first measurement serves settled calls too, counted, and the call due to confirm it takes the full path."""
+    monkeypatch.setattr(routes, "CONFIRM_AFTER_CALLS", 5)
+    reference, fused = mlp_twins()
+    counter = CountResolved(monkeypatch)
+    calls = 12
+    for _ in range(calls):
+        outputs_agree(reference, fused, torch.randn(6, 23), label="confirming")
+    layers = len(lora_layers(fused))
+    # per layer: the measuring call and the confirming one; a choice made elsewhere (another layer's key) changes
+    # the route generation and costs a layer one more resolution
+    assert 2 * layers <= counter.calls <= 4 * layers < 2 * calls * layers
+    assert {row["source"] for row in routes.routes()} == {"measured again"}
 
 
 def test_repeated_evaluation_calls_run_settled_and_match_peft(final_routes, monkeypatch):

@@ -97,12 +97,13 @@ class Backend:
         raise NotImplementedError
 
     def settled_route(self, op: str, x: torch.Tensor, weight, lora_A: Sequence[torch.Tensor]):
-        """``(route, function)`` for an evaluation call of ``op`` (``lora_forward`` without dropout, with its
-        arguments and return; ``lora_update``: ``add_lora_``'s update, ``function(x, y, lora_A, lora_B, lora_bias,
-        scaling, dropout_p, seeds)`` with zero dropout, returning ``(y, xa)``):
-        the route this backend takes for every call like this one (same dtypes, weight layout, adapters, ``M``
-        bucket) while ``fastpeft.routing.generation()`` and ``FASTPEFT_ROUTE`` stay as they are. None where that is
-        not known yet (a choice still to be confirmed) or this backend does not say."""
+        """``(route, function, counted)`` for an evaluation call of ``op`` (``lora_forward`` without dropout, with
+        its arguments and return; ``lora_update``: ``add_lora_``'s update, ``function(x, y, lora_A, lora_B,
+        lora_bias, scaling, dropout_p, seeds)`` with zero dropout, returning ``(y, xa)``): the route this backend
+        takes for every call like this one (same dtypes, weight layout, adapters, ``M`` bucket) while
+        ``fastpeft.routing.generation()`` and ``FASTPEFT_ROUTE`` stay as they are, and the choice whose calls count
+        toward its confirming measurement (``fastpeft.routing.settled_call``). None where the next call must be
+        decided by measuring, or this backend does not say."""
         return None
 
     def lora_backward(

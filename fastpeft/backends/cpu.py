@@ -660,8 +660,8 @@ class CpuBackend(Backend):
             table = eligible = _UPDATE_ROUTES
         else:
             return None
-        route = routes.final(key, eligible)
-        return None if route is None else (route, table[route])
+        found = routes.settled_call(key, eligible)
+        return None if found is None else (found[0], table[found[0]], found[1])
 
     def base_linear(self, x, weight, bias):
         # The LoRA forward's routes with no adapters: the same measured choice of base product, without IA3's scaling

@@ -362,27 +362,25 @@ class SettledCall:
         m = routing.bucket(x2.shape[0])
         self.state, self.dtype, self.k, self.m_low, self.m_high = (dispatch_state(), x2.dtype, x2.shape[1],
                                                                    m // 2 if m > 1 else 0, m)
-        self.taken = tuple((op, found[0]) for op, found in taken.items())
+        self.taken = {op: found[0] for op, found in taken.items()}
         self.counted = tuple(found[2] for found in taken.values() if found[2] is not None)
         self.function = function
 
     def output(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The call's output for ``x`` ``(..., K)`` (``(..., N)``), or None where its dispatch could differ."""
-        if x.dtype is not self.dtype or not may_settle(x) or x.shape[-1] != self.k:
+        if type(x) is not torch.Tensor or x.dtype is not self.dtype or not may_settle(x) or x.shape[-1] != self.k:
             return None
-        dims = x.dim()
-        x2 = x if dims == 2 else x.reshape(-1, self.k)
-        if not self.m_low < x2.shape[0] <= self.m_high or dispatch_state() != self.state:
+        if not self.m_low < x.numel() // self.k <= self.m_high or dispatch_state() != self.state:
             return None
         for choice in self.counted:  # a first measurement, counted toward the one that confirms it
             if routing.confirming_due(choice):
                 return None
+        dims = x.dim()
         with kept_copies():  # nothing trains in this call
-            y = self.function(x2)
+            y = self.function(x if dims == 2 else x.reshape(-1, self.k))
         for choice in self.counted:
             routing.count_call(choice)
-        for op, route in self.taken:
-            routing.note_taken(op, route)
+        routing.note_taken(self.taken)
         return y if dims == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 

@@ -231,6 +231,10 @@ def _mixed_adapters(layer: nn.Module, groups: mixed.RowGroups) -> mixed.MixedAda
     return mixed.MixedAdapters.of(lora_A, lora_B, lora_bias, scaling, dropout_p, training)
 
 
+# Settled calls a layer keeps, for different dtypes or rows buckets (``SettledLayerCall``).
+SETTLED_CALLS_PER_LAYER = 4
+
+
 class SettledLayerCall:
     """A :class:`FusedLoraLinear`'s evaluation call resolved once (a ``functional.SettledCall``), with what it read
     from the layer. :meth:`output` serves a later call by it while the layer still holds the same base module, base
@@ -240,11 +244,12 @@ class SettledLayerCall:
     training; else it returns None and the call takes the full path (which may settle it again). Checking that costs
     a fraction of resolving the call."""
 
-    __slots__ = ("call", "base", "weight", "bias", "quantized", "compute_dtype", "active", "adapter_count",
+    __slots__ = ("calls", "base", "weight", "bias", "quantized", "compute_dtype", "active", "adapter_count",
                  "adapters")
 
     def __init__(self, call, base, weight, bias, quantized, compute_dtype, active, adapter_count, adapters):
-        self.call, self.base, self.weight, self.bias, self.quantized = call, base, weight, bias, quantized
+        self.calls = (call,)  # one per dtype and rows bucket (a prompt's prefill, then its decode steps)
+        self.base, self.weight, self.bias, self.quantized = base, weight, bias, quantized
         self.compute_dtype, self.active, self.adapter_count, self.adapters = (compute_dtype, active, adapter_count,
                                                                               adapters)
 
@@ -271,8 +276,24 @@ class SettledLayerCall:
         return settled if settled.holds(layer) else None
 
     def output(self, layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """``layer(x)`` by the settled call, or None where the layer or the call is not what it was settled for."""
-        return self.call.output(x) if self.holds(layer) else None
+        """``layer(x)`` by a settled call for ``x``, or None where the layer is not what they were settled for or
+        none serves ``x``."""
+        if not self.holds(layer):
+            return None
+        for call in self.calls:
+            y = call.output(x)
+            if y is not None:
+                return y
+        return None
+
+    def joined(self, kept: Optional["SettledLayerCall"], layer: nn.Module) -> "SettledLayerCall":
+        """This settled call with the calls of ``kept`` for other dtypes or rows buckets, where ``kept`` still holds
+        for ``layer`` (then both describe the same layer state); at most ``SETTLED_CALLS_PER_LAYER``."""
+        if kept is not None and kept is not self and kept.holds(layer):
+            new = self.calls[0]
+            others = tuple(c for c in kept.calls if (c.dtype, c.m_high) != (new.dtype, new.m_high))
+            self.calls = (new,) + others[:SETTLED_CALLS_PER_LAYER - 1]
+        return self
 
     def holds(self, layer: nn.Module) -> bool:
         """Whether ``layer`` still holds what this call was settled with (see the class docstring)."""
@@ -285,7 +306,7 @@ class SettledLayerCall:
                 or layer.lora_variant or layer._active_adapter != self.active):
             return False
         if self.quantized is None:
-            if weight.dtype is not self.call.dtype or not weight.is_cpu:
+            if weight.dtype is not self.calls[0].dtype or not weight.is_cpu:
                 return False
         elif (base.training or getattr(base, "compute_dtype", None) is not self.compute_dtype
               or not is_bnb_quantized(base) or QuantizedWeight.from_bnb_linear(base) is not self.quantized):
@@ -341,6 +362,11 @@ class KeepsSettledCalls:
         state = super().__getstate__()
         state.pop("_fastpeft_settled", None)
         return state
+
+    def _keep_settled(self, settled: Optional[SettledLayerCall]) -> None:
+        """Keep a call the full path just settled, with the kept ones for other dtypes and rows buckets."""
+        if settled is not None:
+            self._fastpeft_settled = settled.joined(self._fastpeft_settled, self)
 
     def _settled_output(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
         """``self(x)`` by the kept call where it serves this one, else None."""
@@ -430,12 +456,12 @@ class FusedLoraLinear(KeepsSettledCalls, PeftLoraLinear):
             y = served_output(self, x, weight, active)
             if y is not None:
                 if not torch.is_grad_enabled():
-                    self._fastpeft_settled = settled_served_call(self, x, weight, active)
+                    self._keep_settled(settled_served_call(self, x, weight, active))
                 return y
         arguments = adapter_arguments(self, active)
         y = functional.lora_linear(x, weight, bias, *arguments)
         if not torch.is_grad_enabled():
-            self._fastpeft_settled = settled_lora_call(self, x, active, weight, bias, arguments)
+            self._keep_settled(settled_lora_call(self, x, active, weight, bias, arguments))
         return y
 
 

@@ -205,7 +205,7 @@ class _FusedBnbLoraMixin(KeepsSettledCalls):
             served = serving_rule(self, x, base, qw, active)
             if served is not None:
                 if not torch.is_grad_enabled():
-                    self._fastpeft_settled = settled_served_call(self, x, qw, active)
+                    self._keep_settled(settled_served_call(self, x, qw, active))
                 return served
         dtype = compute_dtype(base, x)
         xc = x if x.dtype == dtype else x.to(dtype)  # (a no-op .to still costs a dispatch: this runs per token)
@@ -222,7 +222,7 @@ class _FusedBnbLoraMixin(KeepsSettledCalls):
             arguments = adapter_arguments(self, active)
             y = functional.lora_linear(xc, qw, bias, *arguments)
             if xc is x and not torch.is_grad_enabled():  # (a call that converts x is not kept resolved)
-                self._fastpeft_settled = settled_lora_call(self, x, active, qw, bias, arguments)
+                self._keep_settled(settled_lora_call(self, x, active, qw, bias, arguments))
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
 

@@ -357,10 +357,10 @@ def clear_choices() -> None:
         _file_state["entries"] = {}
 
 
-def note_taken(op: str, route: str) -> None:
-    """Record that a call of ``op`` ran ``route`` (for :func:`last_route`) where the caller took a route of
+def note_taken(taken: dict[str, str]) -> None:
+    """Record that a call ran ``taken[op]`` for each ``op`` (for :func:`last_route`) where the caller took routes of
     :func:`settled_call` itself."""
-    _last[op] = route
+    _last.update(taken)
 
 
 def last_route(op: str) -> Optional[str]:

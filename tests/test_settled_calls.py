@@ -142,6 +142,24 @@ def test_repeated_evaluation_calls_run_settled_and_match_peft(final_routes, monk
     assert x.grad is not None and counter.calls == len(layers), "a call that records autograd never runs settled"
 
 
+def test_a_layer_keeps_settled_calls_per_rows_bucket(final_routes, monkeypatch):
+    """A prompt's prefill and its decode steps alternate rows buckets: each keeps its own settled call."""
+    reference, fused = mlp_twins()
+    for rows in (16, 1, 16, 1):  # settle both
+        outputs_agree(reference, fused, torch.randn(rows, 23), label=f"{rows} rows")
+    counter = CountResolved(monkeypatch)
+    for rows in (16, 1, 9, 1, 16):
+        outputs_agree(reference, fused, torch.randn(rows, 23), label=f"{rows} rows")
+    assert counter.calls == 0
+    for rows in (2, 3, 5, 33, 70):  # more buckets than a layer keeps: the oldest are dropped
+        outputs_agree(reference, fused, torch.randn(rows, 23), label=f"{rows} rows")
+    assert max(len(layer._fastpeft_settled.calls) for layer in lora_layers(fused)) <= 4
+    for model in (reference, fused):
+        model.set_adapter("other")  # the layer changed: the kept calls for every bucket decline
+    outputs_agree(reference, fused, torch.randn(1, 23), label="other adapter")
+    assert all(len(layer._fastpeft_settled.calls) == 1 for layer in lora_layers(fused))
+
+
 def _set_scale(model):
     for layer in lora_layers(model) or [m for m in model.modules() if hasattr(m, "set_scale")]:
         layer.set_scale("default", 0.3)
@@ -289,13 +307,14 @@ def test_settled_call_follows_pins_and_the_backend(final_routes, monkeypatch):
     outputs_agree(reference, fused, x, label="FASTPEFT_ROUTE changed")
     assert routes.last_route("lora_forward") == "gemv"
     monkeypatch.delenv("FASTPEFT_ROUTE")
+    counter = CountResolved(monkeypatch)
     fastpeft.set_backend("reference")
     outputs_agree(reference, fused, x, label="reference backend")
-    assert all(layer._fastpeft_settled is None for layer in lora_layers(fused)), "the reference backend settles none"
+    assert counter.calls == 2 * len(lora_layers(fused)), "the reference backend settles nothing"
     fastpeft.set_backend(None)
     monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
     outputs_agree(reference, fused, x, label="FASTPEFT_BACKEND")
-    assert all(layer._fastpeft_settled is None for layer in lora_layers(fused))
+    assert counter.calls == 4 * len(lora_layers(fused))
 
 
 def test_settled_call_over_conv1d_and_bad_inputs(final_routes):
@@ -312,6 +331,8 @@ def test_settled_call_over_conv1d_and_bad_inputs(final_routes):
     outputs_agree(reference, fused, torch.randn(2, 4, 19), label="conv1d edited")
     with torch.no_grad(), pytest.raises(ValueError, match="features"):
         fused(torch.randn(2, 4, 18))
+    with torch.no_grad(), pytest.raises(TypeError, match="must be a torch.Tensor"):
+        lora_layers(fused)[0](torch.randn(2, 4, 19).tolist())
 
 
 def test_parametrized_adapter_weight_is_never_settled(final_routes):

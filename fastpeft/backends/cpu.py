@@ -313,20 +313,27 @@ def _down_projections(x, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, f
     and what the output needs from them: ``xs`` = the scaled ``xa_i`` side by side (M, R) fp32, the ``B_i`` as fp32
     ``(N, r_i)``, ``sum_i s_i b_i`` (fp32, or None) and the factor still to apply to ``xs B^T``: 1, or with
     ``fold_single_scale`` and one adapter its scaling, left unapplied for the kernel (one torch call less)."""
+    if len(lora_A) == 1:  # the common case without the loop's lists (this runs per layer per decoded token)
+        A, B, b, s = lora_A[0], lora_B[0], lora_bias[0], scaling[0]
+        xi = x if (x.dtype == A.dtype or A.dtype == _F32) else x.to(A.dtype)  # as adapter_inputs casts
+        xa32 = _C.lora_xa(_rows(xi), _f32(A), float(dropout_p[0]), int(seeds[0]))
+        bias_sum = None if b is None else b.detach().to(_F32) * float(s)
+        xs = xa32 if (fold_single_scale or s == 1) else xa32 * float(s)
+        return ([xa32 if A.dtype == _F32 else xa32.to(A.dtype)], xs, [_f32(B)], bias_sum,
+                float(s) if fold_single_scale else 1.0)
     xa_out, xs_cols, B32 = [], [], []
     bias_sum = None
-    fold = fold_single_scale and len(lora_A) == 1
     for xi, A, B, b, s, p, seed in zip(adapter_inputs(x, lora_A), lora_A, lora_B, lora_bias, scaling, dropout_p,
                                        seeds):
         xa32 = _C.lora_xa(_rows(xi), _f32(A), float(p), int(seed))
         xa_out.append(xa32 if A.dtype == _F32 else xa32.to(A.dtype))
-        xs_cols.append(xa32 * float(s) if (s != 1 and not fold) else xa32)
+        xs_cols.append(xa32 * float(s) if s != 1 else xa32)
         B32.append(_f32(B))
         if b is not None:
             term = b.detach().to(_F32) * float(s)
             bias_sum = term if bias_sum is None else bias_sum + term
-    xs = xs_cols[0] if len(xs_cols) == 1 else torch.cat(xs_cols, 1)  # lora_xa's result is contiguous
-    return xa_out, xs, B32, bias_sum, (float(scaling[0]) if fold else 1.0)
+    xs = torch.cat(xs_cols, 1) if xs_cols else None  # lora_xa's results are contiguous
+    return xa_out, xs, B32, bias_sum, 1.0
 
 
 def _forward_compose(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, wide=False):

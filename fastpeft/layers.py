@@ -190,6 +190,11 @@ def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: 
     row's adapter term added by ``fastpeft.mixed``. Calls fastpeft cannot fuse run ``peft_forward`` (PEFT's layer
     forward), with one warning per layer type and reason."""
     adapter_names = kwargs["adapter_names"]
+    settled = layer._fastpeft_settled_mixed
+    if settled is not None and not args and len(kwargs) == 1:
+        y = settled.output(layer, x, adapter_names)
+        if y is not None:
+            return y
     groups = mixed.row_groups(adapter_names)
     variants = layer.lora_variant
     if (args or len(kwargs) > 1 or len(x) != len(groups.names) or layer.merged_adapters
@@ -211,7 +216,11 @@ def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: 
     if layer.disable_adapters:
         return layer.base_layer(x)
     result = layer.base_layer(x)
-    return mixed.add_mixed_lora_(x, result, groups, _mixed_adapters(layer, groups))
+    adapters = _mixed_adapters(layer, groups)
+    y = mixed.add_mixed_lora_(x, result, groups, adapters)
+    if not torch.is_grad_enabled():
+        layer._keep_settled_mixed(SettledMixedLayerCall.of(layer, mixed.SettledMixedCall.of(x, y, groups, adapters)))
+    return y
 
 
 def _mixed_adapters(layer: nn.Module, groups: mixed.RowGroups) -> mixed.MixedAdapters:
@@ -231,27 +240,62 @@ def _mixed_adapters(layer: nn.Module, groups: mixed.RowGroups) -> mixed.MixedAda
     return mixed.MixedAdapters.of(lora_A, lora_B, lora_bias, scaling, dropout_p, training)
 
 
-# Settled calls a layer keeps, for different dtypes or rows buckets (``SettledLayerCall``).
+# Settled calls a layer keeps, for different dtypes or rows buckets (``SettledLayerCall``), or batch shapes
+# (``SettledMixedLayerCall``).
 SETTLED_CALLS_PER_LAYER = 4
+
+
+class HeldAdapters:
+    """What a settled call read of a layer's adapters: for each adapter name it used, the parameters (by identity),
+    the scaling and the dropout module; the names the layer did not hold; the layer's adapter count.
+    :meth:`unchanged` says whether the layer still holds exactly that, with nothing merged or disabled, no LoRA
+    variant, and no dropout in training."""
+
+    __slots__ = ("records", "absent", "count")
+
+    def __init__(self, layer: nn.Module, names, lora_A, lora_B, lora_bias, scaling):
+        dropouts = layer._modules["lora_dropout"]._modules
+        self.records = tuple((name, A, B, b, s, dropouts[name], isinstance(dropouts[name], nn.Dropout))
+                             for name, A, B, b, s in zip(names, lora_A, lora_B, lora_bias, scaling) if A is not None)
+        self.absent = tuple(name for name, A in zip(names, lora_A) if A is None)
+        self.count = len(layer._modules["lora_A"]._modules)
+
+    def unchanged(self, layer: nn.Module) -> bool:
+        modules = layer._modules
+        downs = modules["lora_A"]._modules
+        if (layer._disable_adapters or layer.merged_adapters or layer.lora_variant or len(downs) != self.count
+                or any(name in downs for name in self.absent)):
+            return False
+        ups, dropouts, scalings = modules["lora_B"]._modules, modules["lora_dropout"]._modules, layer.scaling
+        for name, A, B, b, s, dropout, may_drop in self.records:
+            down, up = downs.get(name), ups.get(name)
+            if (down is None or up is None or down._parameters.get("weight") is not A
+                    or up._parameters.get("weight") is not B or (b is not None and up._parameters.get("bias") is not b)
+                    or scalings.get(name) != s or dropouts.get(name) is not dropout
+                    or (may_drop and dropout.training and dropout.p > 0)):
+                return False
+        return True
+
+
+def _joined(new, kept: tuple, same) -> tuple:
+    """``(new, *kept)`` without the kept calls ``same(call, new)`` holds for, at most ``SETTLED_CALLS_PER_LAYER``."""
+    return (new,) + tuple(call for call in kept if not same(call, new))[:SETTLED_CALLS_PER_LAYER - 1]
 
 
 class SettledLayerCall:
     """A :class:`FusedLoraLinear`'s evaluation call resolved once (a ``functional.SettledCall``), with what it read
     from the layer. :meth:`output` serves a later call by it while the layer still holds the same base module, base
     weight (a dense one by identity, dtype and device; a quantized one as the same ``QuantizedWeight``, which
-    bitsandbytes' in-place repack or requantization replaces) and bias, the same active adapters, their parameters,
-    scalings and adapter count, no hooks on the base, nothing merged or disabled, no LoRA variant, and no dropout in
-    training; else it returns None and the call takes the full path (which may settle it again). Checking that costs
-    a fraction of resolving the call."""
+    bitsandbytes' in-place repack or requantization replaces) and bias, no hooks on the base, the same active
+    adapters, and its adapters ``HeldAdapters.unchanged``; else it returns None and the call takes the full path
+    (which may settle it again). Checking that costs a fraction of resolving the call."""
 
-    __slots__ = ("calls", "base", "weight", "bias", "quantized", "compute_dtype", "active", "adapter_count",
-                 "adapters")
+    __slots__ = ("calls", "base", "weight", "bias", "quantized", "compute_dtype", "active", "adapters")
 
-    def __init__(self, call, base, weight, bias, quantized, compute_dtype, active, adapter_count, adapters):
+    def __init__(self, call, base, weight, bias, quantized, compute_dtype, active, adapters):
         self.calls = (call,)  # one per dtype and rows bucket (a prompt's prefill, then its decode steps)
         self.base, self.weight, self.bias, self.quantized = base, weight, bias, quantized
-        self.compute_dtype, self.active, self.adapter_count, self.adapters = (compute_dtype, active, adapter_count,
-                                                                              adapters)
+        self.compute_dtype, self.active, self.adapters = compute_dtype, active, adapters
 
     @classmethod
     def of(cls, layer: nn.Module, active: list, weight, arguments: tuple, call) -> Optional["SettledLayerCall"]:
@@ -260,17 +304,12 @@ class SettledLayerCall:
         ``adapter_arguments``. None where ``call`` is None or the layer holds something this class cannot check."""
         if call is None or layer.lora_variant:
             return None
-        lora_A, lora_B, lora_bias, scaling, dropout_p, training = arguments
         base = layer._modules["base_layer"]
         params = base._parameters
-        quantized = None if isinstance(weight, torch.Tensor) else weight
-        dropouts = layer._modules["lora_dropout"]._modules
-        adapters = tuple((name, A, B, b, s, dropouts[name], isinstance(dropouts[name], nn.Dropout))
-                         for name, A, B, b, s in zip(active, lora_A, lora_B, lora_bias, scaling))
         held = layer._active_adapter
-        settled = cls(call, base, params.get("weight"), params.get("bias"), quantized,
-                      getattr(base, "compute_dtype", None), list(held) if isinstance(held, list) else held,
-                      len(layer._modules["lora_A"]._modules), adapters)
+        settled = cls(call, base, params.get("weight"), params.get("bias"),
+                      None if isinstance(weight, torch.Tensor) else weight, getattr(base, "compute_dtype", None),
+                      list(held) if isinstance(held, list) else held, HeldAdapters(layer, active, *arguments[:4]))
         # A weight held outside the parameter dicts (a parametrization computes it per read) never matches: such a
         # layer is not kept settled.
         return settled if settled.holds(layer) else None
@@ -288,22 +327,19 @@ class SettledLayerCall:
 
     def joined(self, kept: Optional["SettledLayerCall"], layer: nn.Module) -> "SettledLayerCall":
         """This settled call with the calls of ``kept`` for other dtypes or rows buckets, where ``kept`` still holds
-        for ``layer`` (then both describe the same layer state); at most ``SETTLED_CALLS_PER_LAYER``."""
+        for ``layer`` (then both describe the same layer state)."""
         if kept is not None and kept is not self and kept.holds(layer):
-            new = self.calls[0]
-            others = tuple(c for c in kept.calls if (c.dtype, c.m_high) != (new.dtype, new.m_high))
-            self.calls = (new,) + others[:SETTLED_CALLS_PER_LAYER - 1]
+            self.calls = _joined(self.calls[0], kept.calls,
+                                 lambda a, b: (a.dtype, a.m_high) == (b.dtype, b.m_high))
         return self
 
     def holds(self, layer: nn.Module) -> bool:
         """Whether ``layer`` still holds what this call was settled with (see the class docstring)."""
-        modules = layer._modules
-        base = modules["base_layer"]
+        base = layer._modules["base_layer"]
         params = base._parameters
         weight = params.get("weight")
         if (base is not self.base or weight is None or weight is not self.weight or params.get("bias") is not self.bias
-                or base._forward_hooks or base._forward_pre_hooks or layer._disable_adapters or layer.merged_adapters
-                or layer.lora_variant or layer._active_adapter != self.active):
+                or base._forward_hooks or base._forward_pre_hooks or layer._active_adapter != self.active):
             return False
         if self.quantized is None:
             if weight.dtype is not self.calls[0].dtype or not weight.is_cpu:
@@ -311,18 +347,43 @@ class SettledLayerCall:
         elif (base.training or getattr(base, "compute_dtype", None) is not self.compute_dtype
               or not is_bnb_quantized(base) or QuantizedWeight.from_bnb_linear(base) is not self.quantized):
             return False
-        downs = modules["lora_A"]._modules
-        if len(downs) != self.adapter_count:
-            return False
-        ups, dropouts, scalings = modules["lora_B"]._modules, modules["lora_dropout"]._modules, layer.scaling
-        for name, A, B, b, s, dropout, may_drop in self.adapters:
-            down, up = downs.get(name), ups.get(name)
-            if (down is None or up is None or down._parameters.get("weight") is not A
-                    or up._parameters.get("weight") is not B or (b is not None and up._parameters.get("bias") is not b)
-                    or scalings.get(name) != s or dropouts.get(name) is not dropout
-                    or (may_drop and dropout.training and dropout.p > 0)):
-                return False
-        return True
+        return self.adapters.unchanged(layer)
+
+
+class SettledMixedLayerCall:
+    """A layer's mixed-adapter calls without autograd resolved once (``mixed.SettledMixedCall``, one per batch shape
+    and ``adapter_names`` list), each with the adapters of its batch as the layer held them (``HeldAdapters``: the
+    batches of different lists use different adapters). :meth:`output` runs the base layer and a settled pass while
+    that call's adapters are unchanged, else returns None."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self, calls: tuple):
+        self.calls = calls  # ((SettledMixedCall, HeldAdapters), ...)
+
+    @classmethod
+    def of(cls, layer: nn.Module, call) -> Optional["SettledMixedLayerCall"]:
+        if call is None or layer.lora_variant:
+            return None
+        held = call.adapters
+        adapters = HeldAdapters(layer, call.groups.adapters, held.lora_A, held.lora_B, held.lora_bias, held.scaling)
+        return cls(((call, adapters),)) if adapters.unchanged(layer) else None
+
+    def output(self, layer: nn.Module, x: torch.Tensor, adapter_names) -> Optional[torch.Tensor]:
+        for call, adapters in self.calls:
+            if call.serves(x, adapter_names):
+                if not adapters.unchanged(layer):
+                    return None
+                return call.add_(x, layer.base_layer(x))
+        return None
+
+    def joined(self, kept: Optional["SettledMixedLayerCall"], layer: nn.Module) -> "SettledMixedLayerCall":
+        """This settled call with the calls of ``kept`` for other shapes or lists whose adapters are unchanged."""
+        if kept is not None and kept is not self:
+            still = tuple(pair for pair in kept.calls if pair[1].unchanged(layer))
+            self.calls = _joined(self.calls[0], still, lambda a, b: (a[0].dtype, a[0].shape, a[0].groups) == (
+                b[0].dtype, b[0].shape, b[0].groups))
+        return self
 
 
 def settled_lora_call(layer, x, active, weight, bias, arguments) -> Optional[SettledLayerCall]:
@@ -356,17 +417,24 @@ class KeepsSettledCalls:
     """Mixin of the fused LoRA layers: the layer's latest evaluation call kept resolved (``SettledLayerCall``) for
     the calls that repeat it. Dispatch state of this process: never pickled or deep-copied."""
 
-    _fastpeft_settled: Optional[SettledLayerCall] = None  # a class default: reading it never reaches __getattr__
+    # class defaults: reading them never reaches nn.Module.__getattr__
+    _fastpeft_settled: Optional[SettledLayerCall] = None
+    _fastpeft_settled_mixed: Optional[SettledMixedLayerCall] = None
 
     def __getstate__(self):
         state = super().__getstate__()
         state.pop("_fastpeft_settled", None)
+        state.pop("_fastpeft_settled_mixed", None)
         return state
 
     def _keep_settled(self, settled: Optional[SettledLayerCall]) -> None:
         """Keep a call the full path just settled, with the kept ones for other dtypes and rows buckets."""
         if settled is not None:
             self._fastpeft_settled = settled.joined(self._fastpeft_settled, self)
+
+    def _keep_settled_mixed(self, settled: Optional[SettledMixedLayerCall]) -> None:
+        if settled is not None:
+            self._fastpeft_settled_mixed = settled.joined(self._fastpeft_settled_mixed, self)
 
     def _settled_output(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
         """``self(x)`` by the kept call where it serves this one, else None."""
@@ -432,11 +500,11 @@ class FusedLoraLinear(KeepsSettledCalls, PeftLoraLinear):
         return active, found[0], found[1]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if kwargs.get("adapter_names") is not None:
+            return mixed_batch_forward(self, x, args, kwargs, super().forward)
         y = self._settled_output(x, args, kwargs)
         if y is not None:
             return y
-        if kwargs.get("adapter_names") is not None:
-            return mixed_batch_forward(self, x, args, kwargs, super().forward)
         call = self._fused_call(x, args, kwargs)
         if call is None:
             return super().forward(x, *args, **kwargs)

@@ -181,11 +181,11 @@ class _FusedBnbLoraMixin(KeepsSettledCalls):
         return super().unmerge()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if kwargs.get("adapter_names") is not None:  # the base layer's own (quantized) forward, adapters fused
+            return mixed_batch_forward(self, x, args, kwargs, super().forward)
         y = self._settled_output(x, args, kwargs)
         if y is not None:
             return y
-        if kwargs.get("adapter_names") is not None:  # the base layer's own (quantized) forward, adapters fused
-            return mixed_batch_forward(self, x, args, kwargs, super().forward)
         base = direct_base_layer(self)
         downs = self._modules["lora_A"]._modules
         active = [name for name in self.active_adapters if name in downs]

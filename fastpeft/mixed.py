@@ -36,6 +36,8 @@ dropout module to its sub-batch. Calls that record autograd run the ``compose`` 
 
 from __future__ import annotations
 
+import functools
+import importlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -47,7 +49,7 @@ from . import routing
 from ._derived import SHARED
 from .backends import get_backend
 from .backends.compose import lossless
-from .functional import draw_seeds
+from .functional import dispatch_state, draw_seeds, may_settle
 from .reference import apply_dropout
 
 BASE_NAME = "__base__"
@@ -229,11 +231,17 @@ def _compose(x2, y2, plan: RowPlan, adapters: MixedAdapters, present: list[int])
 _derived = SHARED
 
 
+@functools.cache
+def _extension():
+    """``fastpeft._C`` (imported where the cpu backend serves a call, so it is built), once: an import statement
+    per call costs a microsecond."""
+    return importlib.import_module("fastpeft._C")
+
+
 def _fused_cpu(x2, y2, plan: RowPlan, adapters: MixedAdapters, present: list[int]) -> torch.Tensor:
     """Route ``fused`` (cpu backend): ``fastpeft._C.lora_mixed_`` over the plan's runs, ``y2`` updated in place. It
     takes the adapters as the layer holds them (None for one the layer lacks): fp32 ones are read in place."""
-    from . import _C  # type: ignore[attr-defined]
-
+    _C = _extension()
     _C.lora_mixed_(y2, x2 if x2.stride(-1) == 1 else x2.contiguous(), plan.runs, adapters.lora_A, adapters.lora_B,
                    adapters.lora_bias, adapters.scaling)
     return y2
@@ -300,6 +308,17 @@ def add_mixed_lora_(x: torch.Tensor, y: torch.Tensor, groups: RowGroups, adapter
     plan = groups.plan(x2.shape[0] // len(groups.names), x2.device)
     if _records_autograd(x, y, adapters, present) or torch.compiler.is_compiling():
         return _compose(x2, y2, plan, adapters, present).view(y.shape)
+    backend, key, routes = _routes_of_call(x2, y2, adapters, present)
+    route = routing.take(key, routes)
+    if route is not None:  # settled: run it on y itself, nothing else built
+        return routes[route](x2, y2, plan, adapters, present).view(y.shape)
+    updaters = {name: (lambda out, fn=fn: fn(x2, out, plan, adapters, present)) for name, fn in routes.items()}
+    out = routing.run_in_place(key, updaters, y2, device=x2.device.type, unmeasured=_unmeasured(backend, routes))
+    return out.view(y.shape)
+
+
+def _routes_of_call(x2, y2, adapters: MixedAdapters, present: list[int]) -> tuple:
+    """``(backend, route key, {route: function})`` of a call without autograd of :func:`add_mixed_lora_`."""
     backend = get_backend(x2, y2)
     dtypes, rank, dropout, kernels = _summary(x2, adapters, present)
     routes = {"compose": _compose}
@@ -310,12 +329,55 @@ def add_mixed_lora_(x: torch.Tensor, y: torch.Tensor, groups: RowGroups, adapter
             routes["sgmv"] = _sgmv_triton
     key = routing.make_key("lora_mixed_forward", backend.name, "dense", x2.dtype, y2.dtype, dtypes, x2.shape[0],
                            y2.shape[1], x2.shape[1], dropout, rank, len(present))
-    route = routing.take(key, routes)
-    if route is not None:  # settled: run it on y itself, nothing else built
-        return routes[route](x2, y2, plan, adapters, present).view(y.shape)
-    updaters = {name: (lambda out, fn=fn: fn(x2, out, plan, adapters, present)) for name, fn in routes.items()}
-    out = routing.run_in_place(key, updaters, y2, device=x2.device.type, unmeasured=_unmeasured(backend, routes))
-    return out.view(y.shape)
+    return backend, key, routes
+
+
+class SettledMixedCall:
+    """A call of :func:`add_mixed_lora_` without autograd resolved once, for a caller that repeats it with new
+    inputs (a decode step of ``generate`` with ``adapter_names``): the route its key takes, the row plan and the
+    adapters, so a repeat skips resolving (after the base product streamed the layer's weight, resolving cost more
+    than the C++ pass itself). :meth:`serves` declines a call whose dispatch could differ (another ``adapter_names``
+    list, dtype, shape, grad or autocast mode, a changed ``functional.dispatch_state``, or a call due to measure the
+    route again); the caller checks that its adapters are unchanged."""
+
+    __slots__ = ("state", "groups", "dtype", "shape", "plan", "adapters", "present", "function", "route", "counted")
+
+    def __init__(self, state, groups, dtype, shape, plan, adapters, present, function, route, counted):
+        self.state, self.groups, self.dtype, self.shape, self.plan = state, groups, dtype, shape, plan
+        self.adapters, self.present, self.function, self.route, self.counted = (adapters, present, function, route,
+                                                                                 counted)
+
+    @classmethod
+    def of(cls, x: torch.Tensor, y: torch.Tensor, groups: RowGroups,
+           adapters: MixedAdapters) -> Optional["SettledMixedCall"]:
+        """The call of ``add_mixed_lora_(x, y, groups, adapters)`` just made, settled, or None where it cannot be
+        (autograd or dropout, a route still to be measured, or no adapter present)."""
+        present = adapters.present()
+        if not present or not may_settle(x) or any(adapters.dropout_p):
+            return None
+        x2 = x.reshape(-1, x.shape[-1])
+        _, key, routes = _routes_of_call(x2, y.reshape(-1, y.shape[-1]), adapters, present)
+        found = routing.settled_call(key, routes)
+        if found is None:
+            return None
+        plan = groups.plan(x2.shape[0] // len(groups.names), x2.device)
+        return cls(dispatch_state(), groups, x.dtype, x.shape, plan, adapters, present, routes[found[0]],
+                   {"lora_mixed_forward": found[0]}, found[1])
+
+    def serves(self, x: torch.Tensor, adapter_names) -> bool:
+        """Whether this call may add the adapters' terms for ``x`` with ``adapter_names``."""
+        return (type(x) is torch.Tensor and x.dtype is self.dtype and x.shape == self.shape
+                and may_settle(x) and row_groups(adapter_names) is self.groups and dispatch_state() == self.state
+                and (self.counted is None or not routing.confirming_due(self.counted)))
+
+    def add_(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` (the base output for ``x``, a call :meth:`serves`) with each row's adapter terms added in place."""
+        y2 = self.function(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), self.plan, self.adapters,
+                           self.present)
+        if self.counted is not None:
+            routing.count_call(self.counted)
+        routing.note_taken(self.route)
+        return y2.view(y.shape)
 
 
 def _unmeasured(backend, candidates) -> Optional[str]:

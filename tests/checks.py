@@ -42,3 +42,18 @@ def assert_by_dtype_rule(name: str, got, want, oracle, ref_same_dtype=None, all_
         assert_close(name, got, want, 1e-5)
     else:
         assert_within_2x(name, got, ref_same_dtype if ref_same_dtype is not None else want, oracle)
+
+
+class CallCounter:
+    """Counts the calls of ``getattr(owner, name)``, replaced through ``monkeypatch`` by a counting wrapper (to prove
+    which path a call took)."""
+
+    def __init__(self, monkeypatch, owner, name: str):
+        self.calls = 0
+        wrapped = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return wrapped(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)

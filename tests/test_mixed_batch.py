@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from checks import assert_close, assert_within_2x
+from checks import CallCounter, assert_close, assert_within_2x
 from model_helpers import MLP, tiny_transformer
 from peft import LoraConfig, get_peft_model
 
@@ -603,3 +603,91 @@ def test_outputs_stay_right_through_the_confirming_measurement(monkeypatch):
     sources = {row["source"] for row in routing.routes() if row["op"] == OP}
     assert sources == {"measured again"}, sources
     routing.clear_choices()
+
+
+def count_full_calls(monkeypatch) -> CallCounter:
+    """Counts mixed calls that took the full path (``mixed.add_mixed_lora_``) instead of a settled call."""
+    return CallCounter(monkeypatch, mixed, "add_mixed_lora_")
+
+
+def _mixed_layers(model):
+    return [m for m in model.modules() if hasattr(m, "_fastpeft_settled_mixed")]
+
+
+def _agree(reference, fused, x, names, label):
+    with torch.no_grad():
+        want = reference(x, adapter_names=names)
+        for attempt in range(2):  # the first call may settle, the second runs settled
+            assert_close(f"{label} call {attempt}", fused(x, adapter_names=names), want, FP32_TOL)
+
+
+@pytest.mark.parametrize("pinned", [("cpu", "fused"), ("cpu", "compose")], ids=["fused", "compose"], indirect=True)
+def test_repeated_mixed_calls_run_settled_and_follow_changes(pinned, monkeypatch):
+    """A repeated evaluation call with the same ``adapter_names`` and shape runs settled (the base layer, then the
+    route's pass, nothing resolved); every change to the adapters of the batch afterwards gives PEFT's output."""
+    reference, fused = twins()
+    _agree(reference, fused, torch.randn(7, 37), NAMES, "settling")
+    _agree(reference, fused, torch.randn(7, 5, 37), NAMES, "prefill shape")
+    assert all(layer._fastpeft_settled_mixed is not None for layer in _mixed_layers(fused))
+    counter = count_full_calls(monkeypatch)
+    _agree(reference, fused, torch.randn(7, 37), NAMES, "settled")
+    _agree(reference, fused, torch.randn(7, 5, 37), list(NAMES), "settled, an equal list")
+    assert counter.calls == 0, "both shapes of this names list run settled"
+    _agree(reference, fused, torch.randn(3, 37), ["c", "a", "c"], "another names list")
+    assert counter.calls == len(_mixed_layers(fused)), "another list resolves once, then runs settled"
+
+    def change(label, mutate):
+        for model in (reference, fused):
+            mutate(model)
+        _agree(reference, fused, torch.randn(7, 37), NAMES, label)
+
+    def edit(model):
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B.a" in name:
+                    param.add_(0.3)
+
+    def scale(model):
+        for layer in model.modules():
+            if hasattr(layer, "scaling") and "b" in getattr(layer, "scaling", {}):
+                layer.scaling["b"] = -2.5
+
+    def replace(model):
+        torch.manual_seed(21)
+        for layer in model.modules():
+            if hasattr(layer, "lora_A") and "a" in layer.lora_A:
+                layer.lora_A["a"].weight = torch.nn.Parameter(torch.randn_like(layer.lora_A["a"].weight))
+
+    def readd_c_everywhere(model):  # "c" was absent from the down layers
+        model.delete_adapter("c")
+        torch.manual_seed(22)
+        model.add_adapter("c", LoraConfig(r=2, lora_alpha=6, target_modules=["up", "down"], init_lora_weights=False))
+        model.eval()
+
+    for label, mutate in (("edited in place", edit), ("scaling", scale), ("replaced weight", replace),
+                          ("c added where it was absent", readd_c_everywhere)):
+        change(label, mutate)
+    x = torch.randn(7, 37)
+    with torch.no_grad(), reference.disable_adapter(), fused.disable_adapter():
+        assert_close("disabled", fused(x, adapter_names=NAMES), reference(x, adapter_names=NAMES), FP32_TOL)
+    _agree(reference, fused, x, NAMES, "enabled again")
+    fused.base_model.model.blocks[0]["up"].merge(adapter_names=["a"])
+    with torch.no_grad(), pytest.raises(ValueError, match="merged adapters"):
+        fused(x, adapter_names=NAMES)
+
+
+def test_settled_mixed_call_leaves_training_dropout_to_the_full_path(monkeypatch):
+    """(PEFT's model refuses ``adapter_names`` in training mode; a layer called directly takes them.)"""
+    reference, fused = twins(dropout=0.5)
+    layer = fused.base_model.model.blocks[0]["up"]
+    x = torch.randn(7, 37)
+    with torch.no_grad():
+        want = reference.base_model.model.blocks[0]["up"](x, adapter_names=NAMES)
+        for attempt in range(2):
+            assert_close(f"eval call {attempt}", layer(x, adapter_names=NAMES), want, FP32_TOL)
+        assert layer._fastpeft_settled_mixed is not None
+        counter = count_full_calls(monkeypatch)
+        layer.train()
+        dropped = layer(x, adapter_names=NAMES)
+    assert counter.calls == 1, "dropout in training is drawn by the full path"
+    assert (dropped - want).abs().max() > 1e-3

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from checks import assert_close
+from checks import CallCounter, assert_close
 from model_helpers import MLP, Conv1DMLP
 from peft import LoraConfig
 from test_peft_parity import FP32_TOL, twins
@@ -30,18 +30,9 @@ def final_routes(monkeypatch):
     routes.clear_choices()
 
 
-class CountResolved:
+def count_resolved(monkeypatch) -> CallCounter:
     """Counts calls that took the full path (``functional.lora_linear``) instead of a settled call."""
-
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        full = functional.lora_linear
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return full(*args, **kwargs)
-
-        monkeypatch.setattr(functional, "lora_linear", counted)
+    return CallCounter(monkeypatch, functional, "lora_linear")
 
 
 def lora_layers(model):
@@ -108,7 +99,7 @@ def test_calls_run_settled_while_their_route_awaits_confirmation(final_routes, m
     """A first measurement serves settled calls too, counted, and the call due to confirm it takes the full path."""
     monkeypatch.setattr(routes, "CONFIRM_AFTER_CALLS", 5)
     reference, fused = mlp_twins()
-    counter = CountResolved(monkeypatch)
+    counter = count_resolved(monkeypatch)
     calls = 12
     for _ in range(calls):
         outputs_agree(reference, fused, torch.randn(6, 23), label="confirming")
@@ -125,7 +116,7 @@ def test_repeated_evaluation_calls_run_settled_and_match_peft(final_routes, monk
     outputs_agree(reference, fused, x, label="settling")
     layers = lora_layers(fused)
     assert layers and all(layer._fastpeft_settled is not None for layer in layers)
-    counter = CountResolved(monkeypatch)
+    counter = count_resolved(monkeypatch)
     outputs_agree(reference, fused, torch.randn(3, 5, 23), label="settled")
     outputs_agree(reference, fused, torch.randn(2, 7, 23), label="same rows bucket")
     assert counter.calls == 0, "every call of the same dtype and rows bucket ran settled"
@@ -147,7 +138,7 @@ def test_a_layer_keeps_settled_calls_per_rows_bucket(final_routes, monkeypatch):
     reference, fused = mlp_twins()
     for rows in (16, 1, 16, 1):  # settle both
         outputs_agree(reference, fused, torch.randn(rows, 23), label=f"{rows} rows")
-    counter = CountResolved(monkeypatch)
+    counter = count_resolved(monkeypatch)
     for rows in (16, 1, 9, 1, 16):
         outputs_agree(reference, fused, torch.randn(rows, 23), label=f"{rows} rows")
     assert counter.calls == 0
@@ -280,7 +271,7 @@ def test_settled_call_leaves_training_mode_dropout_to_the_full_path(final_routes
     reference, fused = mlp_twins(lora_dropout=0.5)
     x = torch.randn(16, 23)
     outputs_agree(reference, fused, x, label="eval")
-    counter = CountResolved(monkeypatch)
+    counter = count_resolved(monkeypatch)
     fused.train()
     with torch.no_grad():
         dropped = fused(x)
@@ -307,7 +298,7 @@ def test_settled_call_follows_pins_and_the_backend(final_routes, monkeypatch):
     outputs_agree(reference, fused, x, label="FASTPEFT_ROUTE changed")
     assert routes.last_route("lora_forward") == "gemv"
     monkeypatch.delenv("FASTPEFT_ROUTE")
-    counter = CountResolved(monkeypatch)
+    counter = count_resolved(monkeypatch)
     fastpeft.set_backend("reference")
     outputs_agree(reference, fused, x, label="reference backend")
     assert counter.calls == 2 * len(lora_layers(fused)), "the reference backend settles nothing"

@@ -26,6 +26,10 @@ every op that has it, ``FASTPEFT_ROUTE=lora_forward=gemv,lora_backward=fused`` p
 eligible for a call (``gemv`` for a transposed weight) is reported in :func:`routes` and the call is measured as
 usual. :func:`routes` lists every choice made in this process, with the timings behind it.
 
+A caller that repeats one kind of evaluation call (a fused layer at decode) may keep the route :func:`settled_call`
+names and take it itself while :func:`generation` and ``FASTPEFT_ROUTE`` are unchanged, counting its calls toward a
+first measurement's confirmation with :func:`count_call` (``fastpeft.layers.SettledLayerCall``).
+
 Every route of every op is tested against ``fastpeft.reference`` by pinning it, so a route changes speed, never
 meaning (within the tolerance rules of the tests). Processes of one distributed job may choose different routes for
 the same key (each measures its own machine); their results then differ by rounding only, never by more than the

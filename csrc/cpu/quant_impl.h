@@ -214,6 +214,9 @@ void dequant_rows(const QuantDesc& q, int64_t n0, int64_t n1, float* out, int64_
   for (int64_t n = n0; n < n1; ++n) decode_row(q, table, n, out + (n - n0) * ldo);
 }
 
+// Groups of four rows ahead whose bytes qgemv_rows requests before it reads them.
+constexpr int64_t kGemvPrefetchGroups = 4;
+
 void qgemv_rows(const QuantDesc& q, int64_t n0, int64_t n1, const float* x, int64_t M, float* y, int64_t ldy,
                 const float* bias, const float* xs, const float* B, int64_t R, float lora_scale, float* buf) {
   const CodeTable table(q.code);
@@ -232,8 +235,20 @@ void qgemv_rows(const QuantDesc& q, int64_t n0, int64_t n1, const float* x, int6
   int64_t n = n0;
   if (direct) {
     float acc4[4];
+    const int64_t row_bytes = K * elem;
     for (; n + 4 <= n1; n += 4) {
       const void* rows = q.data + n * q.ldw * elem;
+      // Decoding reads every weight row once, from memory: the hardware prefetcher restarts at each 4 KiB page
+      // (a few rows), so the rows kGemvPrefetchGroups groups ahead are requested here.
+      if (n + 4 * (kGemvPrefetchGroups + 1) <= n1) {
+        const char* ahead = static_cast<const char*>(rows) + 4 * kGemvPrefetchGroups * q.ldw * elem;
+        for (int j = 0; j < 4; ++j)
+          for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(ahead + j * q.ldw * elem + b, 0, 0);
+        if (B) {  // and the adapters' rows of B for those outputs
+          const char* b_ahead = reinterpret_cast<const char*>(B + (n + 4 * kGemvPrefetchGroups) * R);
+          for (int64_t b = 0; b < 4 * R * 4; b += 64) __builtin_prefetch(b_ahead + b, 0, 0);
+        }
+      }
       for (int64_t m = 0; m < M; ++m) {
         dot4_act(x + m * K, q.wdtype, rows, q.ldw, K, acc4);
         for (int j = 0; j < 4; ++j) finish(m, n + j, acc4[j]);

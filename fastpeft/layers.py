@@ -191,7 +191,7 @@ def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: 
     forward), with one warning per layer type and reason."""
     adapter_names = kwargs["adapter_names"]
     settled = layer._fastpeft_settled_mixed
-    if settled is not None and not args and len(kwargs) == 1:
+    if settled is not None and not args and len(kwargs) == 1 and not torch.is_grad_enabled():
         y = settled.output(layer, x, adapter_names)
         if y is not None:
             return y
@@ -439,7 +439,7 @@ class KeepsSettledCalls:
     def _settled_output(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
         """``self(x)`` by the kept call where it serves this one, else None."""
         settled = self._fastpeft_settled
-        if settled is None or args or kwargs:
+        if settled is None or args or kwargs or torch.is_grad_enabled():  # (a training call checks nothing more)
             return None
         return settled.output(self, x)
 

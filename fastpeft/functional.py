@@ -338,7 +338,7 @@ def dispatch_state() -> tuple:
 def may_settle(x: torch.Tensor) -> bool:
     """Whether a call on ``x`` may be kept resolved (:class:`SettledCall`): it records no autograd, runs outside
     autocast and torch.compile, on a plain CPU tensor that does not require grad."""
-    return not (torch.is_grad_enabled() or type(x) is not torch.Tensor or not x.is_cpu or x.requires_grad
+    return not (type(x) is not torch.Tensor or torch.is_grad_enabled() or not x.is_cpu or x.requires_grad
                 or x.dim() == 0 or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling())
 
 
@@ -356,31 +356,26 @@ class SettledCall:
     :func:`may_settle` refuses, another dtype, ``K`` or ``M`` bucket, a changed :func:`dispatch_state`, or a call due
     to measure a route again. The caller checks that what it bound (its tensors, scalings) is unchanged."""
 
-    __slots__ = ("state", "dtype", "k", "m_low", "m_high", "taken", "counted", "function")
+    __slots__ = ("state", "dtype", "k", "m_low", "m_high", "taken", "function")
 
     def __init__(self, x2: torch.Tensor, taken: dict, function):
         m = routing.bucket(x2.shape[0])
         self.state, self.dtype, self.k, self.m_low, self.m_high = (dispatch_state(), x2.dtype, x2.shape[1],
                                                                    m // 2 if m > 1 else 0, m)
-        self.taken = {op: found[0] for op, found in taken.items()}
-        self.counted = tuple(found[2] for found in taken.values() if found[2] is not None)
+        self.taken = routing.TakenRoutes({op: (found[0], found[2]) for op, found in taken.items()})
         self.function = function
 
     def output(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The call's output for ``x`` ``(..., K)`` (``(..., N)``), or None where its dispatch could differ."""
-        if type(x) is not torch.Tensor or x.dtype is not self.dtype or not may_settle(x) or x.shape[-1] != self.k:
+        if not may_settle(x) or x.dtype is not self.dtype or x.shape[-1] != self.k:
             return None
-        if not self.m_low < x.numel() // self.k <= self.m_high or dispatch_state() != self.state:
+        if (not self.m_low < x.numel() // self.k <= self.m_high or dispatch_state() != self.state
+                or self.taken.due()):
             return None
-        for choice in self.counted:  # a first measurement, counted toward the one that confirms it
-            if routing.confirming_due(choice):
-                return None
         dims = x.dim()
         with kept_copies():  # nothing trains in this call
             y = self.function(x if dims == 2 else x.reshape(-1, self.k))
-        for choice in self.counted:
-            routing.count_call(choice)
-        routing.note_taken(self.taken)
+        self.taken.served()
         return y if dims == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 

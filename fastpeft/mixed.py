@@ -340,12 +340,11 @@ class SettledMixedCall:
     list, dtype, shape, grad or autocast mode, a changed ``functional.dispatch_state``, or a call due to measure the
     route again); the caller checks that its adapters are unchanged."""
 
-    __slots__ = ("state", "groups", "dtype", "shape", "plan", "adapters", "present", "function", "route", "counted")
+    __slots__ = ("state", "groups", "dtype", "shape", "plan", "adapters", "present", "function", "taken")
 
-    def __init__(self, state, groups, dtype, shape, plan, adapters, present, function, route, counted):
+    def __init__(self, state, groups, dtype, shape, plan, adapters, present, function, taken):
         self.state, self.groups, self.dtype, self.shape, self.plan = state, groups, dtype, shape, plan
-        self.adapters, self.present, self.function, self.route, self.counted = (adapters, present, function, route,
-                                                                                 counted)
+        self.adapters, self.present, self.function, self.taken = adapters, present, function, taken
 
     @classmethod
     def of(cls, x: torch.Tensor, y: torch.Tensor, groups: RowGroups,
@@ -362,21 +361,19 @@ class SettledMixedCall:
             return None
         plan = groups.plan(x2.shape[0] // len(groups.names), x2.device)
         return cls(dispatch_state(), groups, x.dtype, x.shape, plan, adapters, present, routes[found[0]],
-                   {"lora_mixed_forward": found[0]}, found[1])
+                   routing.TakenRoutes({"lora_mixed_forward": found}))
 
     def serves(self, x: torch.Tensor, adapter_names) -> bool:
         """Whether this call may add the adapters' terms for ``x`` with ``adapter_names``."""
-        return (type(x) is torch.Tensor and x.dtype is self.dtype and x.shape == self.shape
-                and may_settle(x) and row_groups(adapter_names) is self.groups and dispatch_state() == self.state
-                and (self.counted is None or not routing.confirming_due(self.counted)))
+        return (may_settle(x) and x.dtype is self.dtype and x.shape == self.shape
+                and row_groups(adapter_names) is self.groups and dispatch_state() == self.state
+                and not self.taken.due())
 
     def add_(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``y`` (the base output for ``x``, a call :meth:`serves`) with each row's adapter terms added in place."""
         y2 = self.function(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), self.plan, self.adapters,
                            self.present)
-        if self.counted is not None:
-            routing.count_call(self.counted)
-        routing.note_taken(self.route)
+        self.taken.served()
         return y2.view(y.shape)
 
 

@@ -28,7 +28,7 @@ usual. :func:`routes` lists every choice made in this process, with the timings 
 
 A caller that repeats one kind of evaluation call (a fused layer at decode) may keep the route :func:`settled_call`
 names and take it itself while :func:`generation` and ``FASTPEFT_ROUTE`` are unchanged, counting its calls toward a
-first measurement's confirmation with :func:`count_call` (``fastpeft.layers.SettledLayerCall``).
+first measurement's confirmation (:class:`TakenRoutes`; ``fastpeft.layers.SettledLayerCall``).
 
 Every route of every op is tested against ``fastpeft.reference`` by pinning it, so a route changes speed, never
 meaning (within the tolerance rules of the tests). Processes of one distributed job may choose different routes for
@@ -361,12 +361,6 @@ def clear_choices() -> None:
         _file_state["entries"] = {}
 
 
-def note_taken(taken: dict[str, str]) -> None:
-    """Record that a call ran ``taken[op]`` for each ``op`` (for :func:`last_route`) where the caller took routes of
-    :func:`settled_call` itself."""
-    _last.update(taken)
-
-
 def last_route(op: str) -> Optional[str]:
     """The route the latest call of ``op`` in this process ran (None before any)."""
     return _last.get(op)
@@ -642,20 +636,34 @@ def settled_call(key: RouteKey, eligible) -> Optional[tuple[str, Optional[Choice
     it itself in later calls, as long as :func:`generation` and ``FASTPEFT_ROUTE`` stay as they are: the route
     :func:`take` would name, and the measured choice whose calls count toward its confirming measurement (None when
     none is counted: a pin, or a choice that will not be measured again). Such a caller counts each call it serves
-    with :func:`count_call`. None where ``run`` must decide the next call. Nothing is counted here."""
+    (:class:`TakenRoutes`). None where ``run`` must decide the next call. Nothing is counted here."""
     route, counted = _decided(key, eligible)
     return None if route is None else (route, counted)
 
 
-def confirming_due(choice: Choice) -> bool:
-    """Whether the next call of ``choice``'s key is its confirming measurement (which only :func:`run` makes)."""
-    return choice.calls + 1 >= CONFIRM_AFTER_CALLS
+class TakenRoutes:
+    """The routes a caller keeps and takes itself for one kind of call: ``found`` maps each op to
+    :func:`settled_call`'s ``(route, counted)``. Before each call it serves, the caller asks :meth:`due` (a counted
+    first measurement is due for its confirming measurement, which only :func:`run` makes: the call must take the
+    full path); after it, :meth:`served` counts the call as :func:`take` counts it and records the routes for
+    :func:`last_route`."""
 
+    __slots__ = ("routes", "counted")
 
-def count_call(choice: Choice) -> None:
-    """Count one call served by a route :func:`settled_call` named with ``choice``, as :func:`take` counts it (the
-    caller has checked :func:`confirming_due` first)."""
-    choice.calls += 1
+    def __init__(self, found: dict):
+        self.routes = {op: route for op, (route, _) in found.items()}
+        self.counted = tuple(counted for _, counted in found.values() if counted is not None)
+
+    def due(self) -> bool:
+        for choice in self.counted:  # (a loop, not any(): this runs per settled call, almost always over nothing)
+            if choice.calls + 1 >= CONFIRM_AFTER_CALLS:
+                return True
+        return False
+
+    def served(self) -> None:
+        for choice in self.counted:
+            choice.calls += 1
+        _last.update(self.routes)
 
 
 def _choose(key: RouteKey, candidates, device: str, pinned: Optional[str]):

@@ -57,7 +57,7 @@ def mlp_twins(**config):
 
 def test_settled_call_names_the_route_and_the_choice_it_counts(monkeypatch):
     """``routing.settled_call`` names what ``take`` would take and the first measurement whose calls a settled caller
-    counts (``count_call``) until the confirming measurement is due, which it leaves to ``run``."""
+    counts (``TakenRoutes.served``) until the confirming measurement is due, which it leaves to ``run``."""
     monkeypatch.delenv("FASTPEFT_ROUTE", raising=False)
     monkeypatch.setattr(routes, "CONFIRM_AFTER_CALLS", 3)
     routes.clear_choices()
@@ -74,8 +74,9 @@ def test_settled_call_names_the_route_and_the_choice_it_counts(monkeypatch):
         route, counted = routes.settled_call(key, names)
         assert route == chosen and counted is not None and counted.source == "measured"
         served = 0
-        while not routes.confirming_due(counted):
-            routes.count_call(counted)
+        taken = routes.TakenRoutes({"lora_forward": (route, counted)})
+        while not taken.due():
+            taken.served()
             served += 1
         assert served == routes.CONFIRM_AFTER_CALLS - 1
         assert routes.settled_call(key, names) is None, "the next call measures again"

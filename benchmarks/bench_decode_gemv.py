@@ -5,8 +5,9 @@ the adapter term) against torch's ``F.linear``, one token, a model's worth of di
     PYTHONSAFEPATH=1 .venv/bin/python benchmarks/bench_decode_gemv.py --shape 576 576 --layers 400 --dtype fp32
 
 ``--layers`` distinct ``(N, K)`` weights (default 200 of 1536 x 576, 354 MB in bf16: more than the caches hold) are
-multiplied by one row of ``x`` in turn; each provider runs over all of them once per round, rounds interleaved;
-medians of ``--rounds`` in microseconds per layer, and the bytes of the weight over that time.
+multiplied by one row of ``x`` in turn; each provider runs over all of them once per round, rounds interleaved
+(``side_by_side.interleaved_medians``, one warm-up round); medians of ``--rounds`` in microseconds per layer, and the
+bytes of the weight over that time.
 
 - ``torch``: ``F.linear(x, W)``;
 - ``gemv``: ``_C.dense_lora_gemv`` with no adapter (fastpeft's decoding GEMV, fp32 sums, one rounding);
@@ -17,12 +18,15 @@ medians of ``--rounds`` in microseconds per layer, and the bytes of the weight o
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import os
+import sys
 
 import torch
 
 from fastpeft.backends import cpu as cpu_backend
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from side_by_side import interleaved_medians  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -59,20 +63,15 @@ def main(argv=None):
             ext.dense_lora_gemv(x, W, None, ext.lora_xa(x, A, 0.0, 0), B, 2.0)
 
     providers = {"torch": torch_linear, "gemv": gemv, "gemv+lora": gemv_lora}
-    samples: dict = {name: [] for name in providers}
     with torch.inference_mode():
-        for _ in range(args.rounds):
-            for name, run in providers.items():
-                start = time.perf_counter()
-                run()
-                samples[name].append((time.perf_counter() - start) / args.layers * 1e6)
+        medians = interleaved_medians(providers, lambda run: run(), args.rounds, warmup=1)
     size = N * K * weights[0].element_size()
     print(f"{args.layers} layers of {N} x {K} {args.dtype} ({size / 1e6:.2f} MB each), {torch.get_num_threads()} "
           f"threads, ISA {ext.isa()}")
     print("| provider | us per layer | GB/s of weight |")
     print("| --- | --- | --- |")
-    for name, values in samples.items():
-        us = statistics.median(values)
+    for name, ms in medians.items():
+        us = ms * 1e3 / args.layers
         print(f"| {name} | {us:.1f} | {size / (us * 1e-6) / 1e9:.1f} |")
 
 

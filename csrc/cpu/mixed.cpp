@@ -22,6 +22,12 @@ namespace {
 // Runs longer than this are split, so one long prompt does not keep every other thread idle.
 constexpr int64_t kChunkRows = 32;
 
+// Besides its rows' (K + N) r multiply-adds each, a chunk reads its adapter's (K + N) r elements, from memory at
+// decode, where every chunk is one row through its own adapter and the read is nearly all of the chunk's time. The
+// task grain counts each element read as this many multiply-adds, so a decode step's chunks are split over the
+// threads instead of all running on the calling one.
+constexpr int64_t kAdapterReadCost = 16;
+
 struct Chunk {
   int64_t start, end, adapter;
 };
@@ -100,7 +106,8 @@ void lora_mixed_(at::Tensor& y, const at::Tensor& x, const at::Tensor& runs,
   char* yp = static_cast<char*>(y.data_ptr());
   const int64_t ldx = x.stride(0), ldy = y.stride(0);
   const int64_t rows_per_chunk = std::max<int64_t>(1, M / static_cast<int64_t>(chunks.size()));
-  const int64_t grain = std::max<int64_t>(1, rows_grain((Kd + N) * max_r) / rows_per_chunk);
+  const int64_t grain =
+      std::max<int64_t>(1, rows_grain((Kd + N) * max_r) / (rows_per_chunk + kAdapterReadCost));
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), grain, [&](int64_t b, int64_t e) {
     float* buf = at_least(t_scratch.buf, 4 * std::max(Kd, N));
     float* xs = at_least(t_scratch.xs, kChunkRows * max_r);

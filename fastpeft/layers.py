@@ -186,9 +186,9 @@ def _unfused_mixed_reason(layer: nn.Module, adapter_names, args, kwargs) -> str:
 def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict,
                         peft_forward: Callable[..., torch.Tensor]) -> torch.Tensor:
     """PEFT's mixed-adapter batch for a LoRA layer (``kwargs["adapter_names"]``: one adapter name, or ``"__base__"``,
-    per row of ``x`` ``(B, ..., in_features)``): PEFT's checks and errors, the base layer's own forward, then each
-    row's adapter term added by ``fastpeft.mixed``. Calls fastpeft cannot fuse run ``peft_forward`` (PEFT's layer
-    forward), with one warning per layer type and reason."""
+    per row of ``x`` ``(B, ..., in_features)``): PEFT's checks and errors, the base product
+    (:func:`mixed_base_output`), then each row's adapter term added by ``fastpeft.mixed``. Calls fastpeft cannot
+    fuse run ``peft_forward`` (PEFT's layer forward), with one warning per layer type and reason."""
     adapter_names = kwargs["adapter_names"]
     settled = layer._fastpeft_settled_mixed
     if settled is not None and not args and len(kwargs) == 1 and not torch.is_grad_enabled():
@@ -215,12 +215,29 @@ def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: 
             return peft_forward(x, *args, adapter_names=adapter_names, **others)
     if layer.disable_adapters:
         return layer.base_layer(x)
-    result = layer.base_layer(x)
+    result = mixed_base_output(layer, x)
     adapters = _mixed_adapters(layer, groups)
     y = mixed.add_mixed_lora_(x, result, groups, adapters)
     if not torch.is_grad_enabled():
-        layer._keep_settled_mixed(SettledMixedLayerCall.of(layer, mixed.SettledMixedCall.of(x, y, groups, adapters)))
+        layer._keep_settled_mixed(SettledMixedLayerCall.of(layer, x, mixed.SettledMixedCall.of(x, y, groups, adapters)))
     return y
+
+
+def mixed_base_output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The base layer's output for a mixed-adapter batch ``x`` ``(..., in_features)``. An evaluation call
+    (``functional.may_settle``) on a plain dense base without hooks takes fastpeft's measured base product
+    (``functional.base_linear``: at a few rows the decoding GEMV reads an fp32 weight faster than torch's GEMM), as
+    the single-adapter path's fused forward does; any other call runs the base layer's own forward, with its
+    errors."""
+    base = layer._modules["base_layer"]
+    found = None if _has_hooks(base) or not functional.may_settle(x) else read_dense_base(base, layer.fan_in_fan_out)
+    if found is None:
+        return layer.base_layer(x)
+    weight, bias = found
+    if x.dtype is not weight.dtype or x.shape[-1] != weight.shape[1] or not weight.is_cpu:
+        return layer.base_layer(x)
+    y = functional.base_linear(x.reshape(-1, x.shape[-1]), weight, bias)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _mixed_adapters(layer: nn.Module, groups: mixed.RowGroups) -> mixed.MixedAdapters:
@@ -353,37 +370,61 @@ class SettledLayerCall:
 class SettledMixedLayerCall:
     """A layer's mixed-adapter calls without autograd resolved once (``mixed.SettledMixedCall``, one per batch shape
     and ``adapter_names`` list), each with the adapters of its batch as the layer held them (``HeldAdapters``: the
-    batches of different lists use different adapters). :meth:`output` runs the base layer and a settled pass while
-    that call's adapters are unchanged, else returns None."""
+    batches of different lists use different adapters), and the base product settled as a call with no adapters
+    (``base``, a ``SettledLayerCall``, where :func:`mixed_base_output` takes fastpeft's base product and it
+    settles). :meth:`output` runs the base product and a settled pass while that call's adapters are unchanged,
+    else returns None."""
 
-    __slots__ = ("calls",)
+    __slots__ = ("calls", "base")
 
-    def __init__(self, calls: tuple):
+    def __init__(self, calls: tuple, base: Optional[SettledLayerCall]):
         self.calls = calls  # ((SettledMixedCall, HeldAdapters), ...)
+        self.base = base
 
     @classmethod
-    def of(cls, layer: nn.Module, call) -> Optional["SettledMixedLayerCall"]:
+    def of(cls, layer: nn.Module, x: torch.Tensor, call) -> Optional["SettledMixedLayerCall"]:
+        """``call`` (the ``mixed.SettledMixedCall`` of the evaluation call on ``x`` just made, or None) kept with
+        the adapters it read and the base product settled for ``x``."""
         if call is None or layer.lora_variant:
             return None
         held = call.adapters
         adapters = HeldAdapters(layer, call.groups.adapters, held.lora_A, held.lora_B, held.lora_bias, held.scaling)
-        return cls(((call, adapters),)) if adapters.unchanged(layer) else None
+        if not adapters.unchanged(layer):
+            return None
+        return cls(((call, adapters),), _settled_base_product(layer, x))
 
     def output(self, layer: nn.Module, x: torch.Tensor, adapter_names) -> Optional[torch.Tensor]:
         for call, adapters in self.calls:
             if call.serves(x, adapter_names):
                 if not adapters.unchanged(layer):
                     return None
-                return call.add_(x, layer.base_layer(x))
+                y = None if self.base is None else self.base.output(layer, x)
+                return call.add_(x, mixed_base_output(layer, x) if y is None else y)
         return None
 
     def joined(self, kept: Optional["SettledMixedLayerCall"], layer: nn.Module) -> "SettledMixedLayerCall":
-        """This settled call with the calls of ``kept`` for other shapes or lists whose adapters are unchanged."""
+        """This settled call with the calls of ``kept`` for other shapes or lists whose adapters are unchanged, and
+        its settled base products for other dtypes or rows buckets."""
         if kept is not None and kept is not self:
             still = tuple(pair for pair in kept.calls if pair[1].unchanged(layer))
             self.calls = _joined(self.calls[0], still, lambda a, b: (a[0].dtype, a[0].shape, a[0].groups) == (
                 b[0].dtype, b[0].shape, b[0].groups))
+            if self.base is None:
+                self.base = kept.base if kept.base is not None and kept.base.holds(layer) else None
+            else:
+                self.base = self.base.joined(kept.base, layer)
         return self
+
+
+def _settled_base_product(layer: nn.Module, x: torch.Tensor) -> Optional[SettledLayerCall]:
+    """:func:`mixed_base_output`'s fastpeft base product for calls like the one on ``x``, settled as a layer call
+    with no adapters (checked against the layer's base module, weight, bias and hooks), or None where the base
+    layer's own forward serves it or the product is not settled."""
+    base = layer._modules["base_layer"]
+    found = None if _has_hooks(base) else read_dense_base(base, layer.fan_in_fan_out)
+    if found is None or x.dtype is not found[0].dtype or x.shape[-1] != found[0].shape[1]:
+        return None
+    return settled_lora_call(layer, x, [], found[0], found[1], ([], [], [], [], [], False))
 
 
 def settled_lora_call(layer, x, active, weight, bias, arguments) -> Optional[SettledLayerCall]:

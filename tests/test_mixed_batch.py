@@ -621,9 +621,89 @@ def _agree(reference, fused, x, names, label):
             assert_close(f"{label} call {attempt}", fused(x, adapter_names=names), want, FP32_TOL)
 
 
+# lora_forward's CPU routes without adapters (the base product of a mixed evaluation call), by dtype.
+BASE_PRODUCT_ROUTES = [("fp32", r) for r in ("compose", "fused", "gemv")] + [
+    ("bf16", r) for r in ("compose", "fused", "compose_fp32", "fused_fp32", "fused_pairs", "fused_pairs_x", "gemv")]
+
+
+@pytest.mark.parametrize("dtype,route", BASE_PRODUCT_ROUTES, ids=[f"{d}-{r}" for d, r in BASE_PRODUCT_ROUTES])
+def test_evaluation_base_product_by_every_route_follows_the_base(dtype, route):
+    """A mixed evaluation call over a dense base computes the base product by fastpeft's routes (each forced here),
+    settled after its first call; replacing the base weight, editing its bias in place or hooking the base layer
+    afterwards gives PEFT's output again (a hooked base runs its own forward, hook included)."""
+    set_backend("cpu")
+    routing.set_route("lora_forward", route)
+    routing.set_route(OP, "fused")
+    try:
+        kwargs = {} if dtype == "fp32" else {"base_dtype": torch.bfloat16}
+        reference, fused = twins(width=64, hidden=96, **kwargs)
+        exact = copy.deepcopy(reference).float()
+        torch.manual_seed(5)
+        x = torch.randn(7, 64).to(torch.float32 if dtype == "fp32" else torch.bfloat16)
+
+        def agree(label):
+            with torch.no_grad():
+                for attempt in range(2):  # the first call may settle, the second runs settled
+                    actual, want = fused(x, adapter_names=NAMES), reference(x, adapter_names=NAMES)
+                    if dtype == "fp32":
+                        assert_close(f"{label} call {attempt}", actual, want, FP32_TOL)
+                    else:
+                        assert_within_2x(f"{label} call {attempt}", actual, want, exact(x.float(), adapter_names=NAMES))
+
+        own_forward = []
+        for layer in _mixed_layers(fused):  # counts the base layers' own forwards, which fastpeft's product skips
+            base = layer.base_layer
+            base.forward = lambda inp, base=base: own_forward.append(1) or torch.nn.Linear.forward(base, inp)
+        routing.clear_choices()
+        agree("first")
+        assert not own_forward, "the base product is fastpeft's, not the base layer's forward"
+        assert routing.last_route("lora_forward") == route
+        assert all(layer._fastpeft_settled_mixed.base is not None for layer in _mixed_layers(fused))
+
+        def each_base(fn):
+            for model in (reference, fused, exact):
+                for name, module in model.named_modules():
+                    if name.endswith(("up.base_layer", "down.base_layer")):
+                        fn(name, module)
+
+        torch.manual_seed(6)
+        weights = {}
+
+        def replace(name, base):
+            weights.setdefault(name, torch.randn_like(base.weight, dtype=torch.float32))
+            base.weight = torch.nn.Parameter(weights[name].to(base.weight.dtype), requires_grad=False)
+
+        each_base(replace)
+        agree("base weight replaced")
+        each_base(lambda name, base: base.bias.detach().add_(0.5))  # in place: the same parameter, a new version
+        agree("bias edited in place")
+        seen = []
+        handles = []
+        each_base(lambda name, base: handles.append(base.register_forward_hook(lambda *_: seen.append(1))))
+        agree("hooked base")
+        assert seen, "a hooked base runs its own forward"
+        for handle in handles:
+            handle.remove()
+        agree("hooks removed")
+    finally:
+        routing.set_route("lora_forward", None)
+        routing.set_route(OP, None)
+        set_backend(None)
+
+
+@pytest.fixture
+def pinned_base_product():
+    """Pin the route of the base products (``lora_forward`` without adapters) too: a new measured choice is a changed
+    dispatch for every settled call, and a test that counts the calls repeating one must not measure between them."""
+    routing.set_route("lora_forward", "compose")
+    yield
+    routing.set_route("lora_forward", None)
+
+
 @pytest.mark.parametrize("pinned", [("cpu", "fused"), ("cpu", "compose")], ids=["fused", "compose"], indirect=True)
+@pytest.mark.usefixtures("pinned_base_product")
 def test_repeated_mixed_calls_run_settled_and_follow_changes(pinned, monkeypatch):
-    """A repeated evaluation call with the same ``adapter_names`` and shape runs settled (the base layer, then the
+    """A repeated evaluation call with the same ``adapter_names`` and shape runs settled (the base product, then the
     route's pass, nothing resolved); every change to the adapters of the batch afterwards gives PEFT's output."""
     reference, fused = twins()
     _agree(reference, fused, torch.randn(7, 37), NAMES, "settling")

@@ -56,20 +56,17 @@ struct KernelTable {
   void (*xa_rows)(int dt, const void* x, int64_t ldx, int64_t K, int64_t m0, int64_t m1, const float* A, int64_t r,
                   float p, uint32_t seed, float* xa, int64_t ldxa, float* buf);
 
-  // y[m, :] = y[m, :] + bias + sum_j xs[m, j] * Bt[j, :], in place, rounded once to y's dtype.
-  // xs: (M, R) fp32 (already multiplied by the scalings); Bt: (R, N) fp32; bias: (N,) fp32 or null.
-  // buf: 4N floats of scratch.
-  void (*epilogue_rows)(int dt, void* y, int64_t ldy, int64_t N, int64_t m0, int64_t m1, const float* xs, int64_t R,
-                        const float* Bt, const float* bias, float* buf);
-
   // One pass over dy rows: g[m, j] = svec[j] * sum_n dy[m, n] Bt[j, n]; colsum[:] += dy[m, :] (if colsum).
   // buf: 4N floats of scratch.
   void (*dy_rows)(int dt, const void* dy, int64_t lddy, int64_t N, int64_t m0, int64_t m1, const float* Bt, int64_t R,
                   const float* svec, float* g, float* colsum, float* buf);
-  // dx[m, :] += g[m, :] A for m in [m0, m1), in place, rounded once to dx's dtype (A: (r, K) fp32, g: (M, r) fp32
-  // with row stride ldg): the dropout-free dx update, row by row. buf: 4K floats of scratch.
-  void (*dx_rows)(int dt_dx, void* dx, int64_t lddx, int64_t K, int64_t m0, int64_t m1, const float* A, int64_t r,
-                  const float* g, int64_t ldg, float* buf);
+  // y[m, n] = round(y[m, n] + bias[n] + sum_{j < R} c[m * ldc + j] rows[j, n]) in y's dtype dt, for m in [m0, m1),
+  // n < N: the dropout-free epilogue (c = xs, rows = B^T) and dx update (c = g, rows = A), row by row. P: the (R, N)
+  // fp32 rows matrix packed by pack_panels into panels_size(R, N) floats; bias: (N,) fp32 or null.
+  void (*expand_rows)(int dt, void* y, int64_t ldy, int64_t N, int64_t m0, int64_t m1, const float* c, int64_t ldc,
+                      int64_t R, const float* P, const float* bias);
+  int64_t (*panels_size)(int64_t R, int64_t N);
+  void (*pack_panels)(const float* rows, int64_t R, int64_t N, float* P);
   // For the columns [n0, n1) of an (M, cols) problem (threads split the columns, nothing is reduced), each column
   // strip's dropout mask drawn once and used by both products:
   //   out[j * ldo + n] = sum_m coef[m * ldc + j] * drop(src)[m, n] for j < R   (if src; dB^T = xa^T dy, dA = g^T x)

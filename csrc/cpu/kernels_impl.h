@@ -23,6 +23,19 @@ typedef _Float16 vh __attribute__((vector_size(VW * 2)));
 
 inline vf splat(float a) { return vf{} + a; }
 
+// splat(*p) as one broadcasting load. GCC lowers splat of a value it loads to a scalar load and a register broadcast,
+// and the broadcast takes a shuffle slot in the port the FMAs also use: a quarter of the FMA slots in the
+// multiply-add loops that broadcast one coefficient per four FMAs.
+inline vf load_splat(const float* p) {
+#if FASTPEFT_VW == 16
+  return (vf)_mm512_set1_ps(*p);
+#elif FASTPEFT_VW == 8
+  return (vf)_mm256_broadcast_ss(p);
+#else
+  return splat(*p);
+#endif
+}
+
 inline vf load_f32(const float* p) {
   vf v;
   __builtin_memcpy(&v, p, sizeof(v));
@@ -300,42 +313,6 @@ void dot_block(const float* X, const float* A, int64_t r, int64_t K, float* out,
   }
 }
 
-// T[i][:] = sum_j C[i * ldc + j] * rows[j, :] for i < NB (rows: (r, K)); four adapter rows per sweep over T.
-// Rows of A / B^T sit K floats apart (8 KiB at K = 2048): touching all r of them per column chunk puts 16 streams
-// in the same L1 sets and defeats the prefetcher (measured 20x slower), so only four streams are live at a time.
-template <int NB>
-void combine_block(const float* C, int64_t ldc, const float* rows, int64_t r, int64_t K, float* T) {
-  if (r == 0) {
-    for (int64_t k = 0; k < NB * K; ++k) T[k] = 0.f;
-    return;
-  }
-  for (int64_t j = 0; j < r; j += 4) {
-    const int64_t nj = (r - j) < 4 ? (r - j) : 4;
-    const float* p0 = rows + j * K;
-    const float* p1 = nj > 1 ? p0 + K : p0;
-    const float* p2 = nj > 2 ? p0 + 2 * K : p0;
-    const float* p3 = nj > 3 ? p0 + 3 * K : p0;
-    float c[NB][4];
-    for (int i = 0; i < NB; ++i)
-      for (int q = 0; q < 4; ++q) c[i][q] = q < nj ? C[i * ldc + j + q] : 0.f;
-    const bool first = j == 0;
-    int64_t k = 0;
-    for (; k + VW <= K; k += VW) {
-      const vf v0 = load_f32(p0 + k), v1 = load_f32(p1 + k), v2 = load_f32(p2 + k), v3 = load_f32(p3 + k);
-      for (int i = 0; i < NB; ++i) {
-        vf v = c[i][0] * v0 + c[i][1] * v1 + c[i][2] * v2 + c[i][3] * v3;
-        float* t = T + i * K + k;
-        store_f32(t, first ? v : load_f32(t) + v);
-      }
-    }
-    for (; k < K; ++k)
-      for (int i = 0; i < NB; ++i) {
-        float v = c[i][0] * p0[k] + c[i][1] * p1[k] + c[i][2] * p2[k] + c[i][3] * p3[k];
-        T[i * K + k] = first ? v : T[i * K + k] + v;
-      }
-  }
-}
-
 // acc[:] += sum_i coef[i] * X[i][:] for i < NB (X rows K apart): one read-modify-write of acc per row block.
 template <int NB>
 void axpy_block(float* acc, const float* coef, const float* X, int64_t K) {
@@ -396,16 +373,6 @@ void xa_rows(int dt, const void* x, int64_t ldx, int64_t K, int64_t m0, int64_t 
       }
     }
     FASTPEFT_BLOCK(nb, dot_block<NB>(buf, A, r, K, xa + mb * ldxa, ldxa))
-  }
-}
-
-// buf: MB * N floats.
-void epilogue_rows(int dt, void* y, int64_t ldy, int64_t N, int64_t m0, int64_t m1, const float* xs, int64_t R,
-                   const float* Bt, const float* bias, float* buf) {
-  for (int64_t mb = m0; mb < m1; mb += MB) {
-    const int nb = int((m1 - mb) < MB ? (m1 - mb) : MB);
-    FASTPEFT_BLOCK(nb, combine_block<NB>(xs + mb * R, R, Bt, R, N, buf))
-    for (int i = 0; i < nb; ++i) add_into(dt, row_ptr(dt, y, ldy, mb + i), buf + i * N, nullptr, bias, N);
   }
 }
 
@@ -529,14 +496,79 @@ void dy_rows(int dt, const void* dy, int64_t lddy, int64_t N, int64_t m0, int64_
   }
 }
 
-// dx[m, :] += g[m, :] A for m in [m0, m1), in place, rounded once to dx's dtype: the row-wise sweep, which streams dx
-// in order (outer_cols' column strips serve dx when a dropout mask is shared with dA). buf: MB * K floats.
-void dx_rows(int dt_dx, void* dx, int64_t lddx, int64_t K, int64_t m0, int64_t m1, const float* A, int64_t r,
-             const float* g, int64_t ldg, float* buf) {
-  for (int64_t mb = m0; mb < m1; mb += MB) {
-    const int nb = int((m1 - mb) < MB ? (m1 - mb) : MB);
-    FASTPEFT_BLOCK(nb, combine_block<NB>(g + mb * ldg, ldg, A, r, K, buf))
-    for (int i = 0; i < nb; ++i) add_into(dt_dx, row_ptr(dt_dx, dx, lddx, mb + i), buf + i * K, nullptr, nullptr, K);
+// ------------------------------------------------------------------------------------ expand by packed panels
+// y[m, :] += sum_j c[m, j] rows[j, :] (the epilogue's xs B^T, the backward's g A) with every output vector summed in
+// registers over all R rows. The (R, N) rows matrix is read as panels of EXPAND_W columns, each panel's R rows side
+// by side (pack_panels): R rows N floats apart would all fall in the same L1 sets, and summing a few of them at a
+// time through a buffer stores and reloads every output vector R / 4 times.
+constexpr int EXPAND_NV = VW == 16 ? 4 : 2;  // vectors per panel row: EXPAND_MB x EXPAND_NV accumulators in registers
+constexpr int64_t EXPAND_W = int64_t(EXPAND_NV) * VW;
+constexpr int EXPAND_MB = 4;         // output rows per register block
+constexpr int64_t EXPAND_ROWS = 32;  // output rows per sweep over one panel, which stays in L1 meanwhile
+
+int64_t panels_size(int64_t R, int64_t N) { return (N + EXPAND_W - 1) / EXPAND_W * R * EXPAND_W; }
+
+// P (panels_size(R, N) floats): panel p holds rows[j, p * EXPAND_W + w] at P[(p * R + j) * EXPAND_W + w], the last
+// panel's columns past N zero.
+void pack_panels(const float* rows, int64_t R, int64_t N, float* P) {
+  for (int64_t n0 = 0; n0 < N; n0 += EXPAND_W) {
+    const int64_t w = (N - n0) < EXPAND_W ? (N - n0) : EXPAND_W;
+    float* panel = P + n0 / EXPAND_W * R * EXPAND_W;
+    for (int64_t j = 0; j < R; ++j) {
+      float* d = panel + j * EXPAND_W;
+      __builtin_memcpy(d, rows + j * N + n0, sizeof(float) * w);
+      for (int64_t k = w; k < EXPAND_W; ++k) d[k] = 0.f;
+    }
+  }
+}
+
+// The NB rows of y from y (ldy apart), columns [n0, n0 + w) of one panel.
+template <int NB>
+void expand_block(int dt, void* y, int64_t ldy, int64_t n0, int64_t w, const float* c, int64_t ldc, int64_t R,
+                  const float* panel, const float* bias) {
+  vf acc[NB][EXPAND_NV];
+  for (int i = 0; i < NB; ++i)
+    for (int v = 0; v < EXPAND_NV; ++v) acc[i][v] = vf{};
+  for (int64_t j = 0; j < R; ++j) {
+    vf b[EXPAND_NV];
+    for (int v = 0; v < EXPAND_NV; ++v) b[v] = load_f32(panel + j * EXPAND_W + v * VW);
+    for (int i = 0; i < NB; ++i) {
+      const vf ci = load_splat(c + i * ldc + j);
+      for (int v = 0; v < EXPAND_NV; ++v) acc[i][v] += ci * b[v];
+    }
+  }
+  for (int i = 0; i < NB; ++i) {
+    void* row = row_ptr(dt, y, ldy, i);
+    if (w == EXPAND_W) {
+      for (int v = 0; v < EXPAND_NV; ++v) {
+        vf t = acc[i][v];
+        if (bias) t += load_f32(bias + n0 + v * VW);
+        store_act(dt, row, n0 + v * VW, load_act(dt, row, n0 + v * VW) + t);
+      }
+    } else {  // the last, partial panel
+      float t[EXPAND_W];
+      for (int v = 0; v < EXPAND_NV; ++v) store_f32(t + v * VW, acc[i][v]);
+      for (int64_t k = 0; k < w; ++k)
+        store_act1(dt, row, n0 + k, load_act1(dt, row, n0 + k) + (bias ? t[k] + bias[n0 + k] : t[k]));
+    }
+  }
+}
+
+// y[m, n] = round(y[m, n] + bias[n] + sum_{j < R} c[m * ldc + j] rows[j, n]) in y's dtype (dt) for m in [m0, m1),
+// n < N; P: rows packed by pack_panels; bias: (N,) fp32 or null.
+void expand_rows(int dt, void* y, int64_t ldy, int64_t N, int64_t m0, int64_t m1, const float* c, int64_t ldc,
+                 int64_t R, const float* P, const float* bias) {
+  for (int64_t mr = m0; mr < m1; mr += EXPAND_ROWS) {
+    const int64_t me = (m1 - mr) < EXPAND_ROWS ? m1 : mr + EXPAND_ROWS;
+    for (int64_t n0 = 0; n0 < N; n0 += EXPAND_W) {
+      const float* panel = P + n0 / EXPAND_W * R * EXPAND_W;
+      const int64_t w = (N - n0) < EXPAND_W ? (N - n0) : EXPAND_W;
+      for (int64_t mb = mr; mb < me; mb += EXPAND_MB) {
+        const int nb = int((me - mb) < EXPAND_MB ? (me - mb) : EXPAND_MB);
+        FASTPEFT_BLOCK(nb, expand_block<NB>(dt, row_ptr(dt, y, ldy, mb), ldy, n0, w, c + mb * ldc, ldc, R, panel,
+                                            bias))
+      }
+    }
   }
 }
 
@@ -545,10 +577,18 @@ void dx_rows(int dt_dx, void* dx, int64_t lddx, int64_t K, int64_t m0, int64_t m
 // reduction over the M rows (16 of 32 on AVX-512; 8 of 16 elsewhere).
 constexpr int OUTER_NV = VW == 16 ? 4 : 2, OUTER_JB = 4;
 constexpr int64_t OUTER_STRIP = int64_t(OUTER_NV) * VW;
+// How many rows ahead a sweep down a column strip requests the strip's lines: a strip is a line or a few of each row,
+// rows apart by a whole row, a stride the hardware prefetcher does not follow from memory.
+constexpr int64_t kStripPrefetchRows = 16;
 
 // out[j * ldo + n] = sum_{m < M} coef[m * ldc + j] * v(m, n) for j < R and n in [n0, n0 + w), w <= OUTER_STRIP,
 // where v(m, n) = src[m, n] (dtype dt, rows lds apart), times mask[m * OUTER_STRIP + n - n0] when mask is given.
 // add: out += the sums instead of out = the sums.
+inline void prefetch_strip(const void* row, int64_t offset, int64_t bytes) {
+  const char* p = static_cast<const char*>(row) + offset;
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
+}
+
 template <int JB>
 void outer_strip(int dt, const void* src, int64_t lds, int64_t M, int64_t n0, int64_t w, const float* coef,
                  int64_t ldc, int64_t j0, const float* mask, bool add, float* out, int64_t ldo) {
@@ -556,15 +596,18 @@ void outer_strip(int dt, const void* src, int64_t lds, int64_t M, int64_t n0, in
     vf acc[JB][OUTER_NV];
     for (int q = 0; q < JB; ++q)
       for (int v = 0; v < OUTER_NV; ++v) acc[q][v] = add ? load_f32(out + (j0 + q) * ldo + n0 + v * VW) : vf{};
+    const int64_t strip_bytes = OUTER_STRIP * elem_size(dt);
     for (int64_t m = 0; m < M; ++m) {
       const void* row = row_ptr(dt, src, lds, m);
+      if (j0 == 0 && m + kStripPrefetchRows < M)  // the first sweep down a strip reads it from memory
+        prefetch_strip(row_ptr(dt, src, lds, m + kStripPrefetchRows), n0 * elem_size(dt), strip_bytes);
       vf d[OUTER_NV];
       for (int v = 0; v < OUTER_NV; ++v) d[v] = load_act(dt, row, n0 + v * VW);
       if (mask)
         for (int v = 0; v < OUTER_NV; ++v) d[v] *= load_f32(mask + m * OUTER_STRIP + v * VW);
       const float* c = coef + m * ldc + j0;
       for (int q = 0; q < JB; ++q) {
-        const vf cq = splat(c[q]);
+        const vf cq = load_splat(c + q);
         for (int v = 0; v < OUTER_NV; ++v) acc[q][v] += cq * d[v];
       }
     }
@@ -590,14 +633,18 @@ void combine_strip(int dt, void* dst, int64_t lds, int64_t M, int64_t n0, int64_
                    int64_t R, const float* rows, int64_t ldr, const float* mask) {
   if (w == OUTER_STRIP) {
     // Two output rows per sweep over the strip of `rows`: each load of it feeds two FMAs.
+    const int64_t strip_bytes = OUTER_STRIP * elem_size(dt);
     for (int64_t m = 0; m < M; m += 2) {
       const int nm = (M - m) < 2 ? 1 : 2;
+      if (m + kStripPrefetchRows + 1 < M)
+        for (int64_t a = m + kStripPrefetchRows; a < m + kStripPrefetchRows + 2; ++a)
+          prefetch_strip(row_ptr(dt, dst, lds, a), n0 * elem_size(dt), strip_bytes);
       const float* c0 = coef + m * ldc;
       const float* c1 = nm > 1 ? c0 + ldc : c0;
       vf t0[OUTER_NV], t1[OUTER_NV];
       for (int v = 0; v < OUTER_NV; ++v) t0[v] = t1[v] = vf{};
       for (int64_t j = 0; j < R; ++j) {
-        const vf a0 = splat(c0[j]), a1 = splat(c1[j]);
+        const vf a0 = load_splat(c0 + j), a1 = load_splat(c1 + j);
         const float* a = rows + j * ldr + n0;
         for (int v = 0; v < OUTER_NV; ++v) {
           const vf rv = load_f32(a + v * VW);

@@ -239,15 +239,16 @@ def test_lora_every_isa_agrees(isa, xdt, M):
         assert rel_err(got[2][i], ref[2][i]) < 1e-5
 
 
-# Around the expand kernel's panels (64 columns on avx512, 16 on avx2, 8 generic) and its blocks of 4 and 32 rows.
+# Around the expand kernel's panels (64 columns on avx512, 16 on avx2, 8 generic), its tails (vectors, then single
+# columns) and its blocks of 4 and 32 rows.
 EXPAND_SHAPES = [(1, 1, 1), (5, 15, 3), (37, 97, 16), (70, 130, 21), (4, 200, 16), (33, 64, 2)]
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 def test_epilogue_and_dx_update_round_the_fp32_sum_once(isa, dtype):
     """``y += xs B^T + bias`` (``_C.lora_epilogue_``) and the dropout-free ``dx += g A`` (``_C.lora_dx_pass``), one
-    kernel over packed panels of the rank-rows matrix, on every SIMD path and on shapes around its panels and row
-    blocks: each output is the fp64 value rounded once to its dtype, up to the fp32 sum's error."""
+    kernel over panels of columns of the rank-rows matrix, on every SIMD path and on shapes around its panels, tails
+    and row blocks: each output is the fp64 value rounded once to its dtype, up to the fp32 sum's error."""
     gen = torch.Generator().manual_seed(9)
     ulp = {"fp32": 2.0**-23, "bf16": 2.0**-8, "fp16": 2.0**-10}[dtype]
     for M, N, R in EXPAND_SHAPES:

@@ -61,12 +61,11 @@ struct KernelTable {
   void (*dy_rows)(int dt, const void* dy, int64_t lddy, int64_t N, int64_t m0, int64_t m1, const float* Bt, int64_t R,
                   const float* svec, float* g, float* colsum, float* buf);
   // y[m, n] = round(y[m, n] + bias[n] + sum_{j < R} c[m * ldc + j] rows[j, n]) in y's dtype dt, for m in [m0, m1),
-  // n < N: the dropout-free epilogue (c = xs, rows = B^T) and dx update (c = g, rows = A), row by row. P: the (R, N)
-  // fp32 rows matrix packed by pack_panels into panels_size(R, N) floats; bias: (N,) fp32 or null.
+  // n < N: the dropout-free epilogue (c = xs, rows = B^T) and dx update (c = g, rows = A), row by row. rows: (R, N)
+  // fp32 contiguous; bias: (N,) fp32 or null.
   void (*expand_rows)(int dt, void* y, int64_t ldy, int64_t N, int64_t m0, int64_t m1, const float* c, int64_t ldc,
-                      int64_t R, const float* P, const float* bias);
-  int64_t (*panels_size)(int64_t R, int64_t N);
-  void (*pack_panels)(const float* rows, int64_t R, int64_t N, float* P);
+                      int64_t R, const float* rows, const float* bias);
+
   // For the columns [n0, n1) of an (M, cols) problem (threads split the columns, nothing is reduced), each column
   // strip's dropout mask drawn once and used by both products:
   //   out[j * ldo + n] = sum_m coef[m * ldc + j] * drop(src)[m, n] for j < R   (if src; dB^T = xa^T dy, dA = g^T x)

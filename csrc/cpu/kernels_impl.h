@@ -496,42 +496,26 @@ void dy_rows(int dt, const void* dy, int64_t lddy, int64_t N, int64_t m0, int64_
   }
 }
 
-// ------------------------------------------------------------------------------------ expand by packed panels
+// ---------------------------------------------------------------------------------------------- expand
 // y[m, :] += sum_j c[m, j] rows[j, :] (the epilogue's xs B^T, the backward's g A) with every output vector summed in
-// registers over all R rows. The (R, N) rows matrix is read as panels of EXPAND_W columns, each panel's R rows side
-// by side (pack_panels): R rows N floats apart would all fall in the same L1 sets, and summing a few of them at a
-// time through a buffer stores and reloads every output vector R / 4 times.
+// registers over all R rows: the rows matrix is read a panel of EXPAND_W columns at a time, and a block of
+// EXPAND_ROWS output rows takes each panel in turn while it is in L1. (Summing a few rows at a time through a buffer
+// stores and reloads every output vector R / 4 times.)
 constexpr int EXPAND_NV = VW == 16 ? 4 : 2;  // vectors per panel row: EXPAND_MB x EXPAND_NV accumulators in registers
 constexpr int64_t EXPAND_W = int64_t(EXPAND_NV) * VW;
 constexpr int EXPAND_MB = 4;         // output rows per register block
-constexpr int64_t EXPAND_ROWS = 32;  // output rows per sweep over one panel, which stays in L1 meanwhile
+constexpr int64_t EXPAND_ROWS = 32;  // output rows per sweep over one panel
 
-int64_t panels_size(int64_t R, int64_t N) { return (N + EXPAND_W - 1) / EXPAND_W * R * EXPAND_W; }
-
-// P (panels_size(R, N) floats): panel p holds rows[j, p * EXPAND_W + w] at P[(p * R + j) * EXPAND_W + w], the last
-// panel's columns past N zero.
-void pack_panels(const float* rows, int64_t R, int64_t N, float* P) {
-  for (int64_t n0 = 0; n0 < N; n0 += EXPAND_W) {
-    const int64_t w = (N - n0) < EXPAND_W ? (N - n0) : EXPAND_W;
-    float* panel = P + n0 / EXPAND_W * R * EXPAND_W;
-    for (int64_t j = 0; j < R; ++j) {
-      float* d = panel + j * EXPAND_W;
-      __builtin_memcpy(d, rows + j * N + n0, sizeof(float) * w);
-      for (int64_t k = w; k < EXPAND_W; ++k) d[k] = 0.f;
-    }
-  }
-}
-
-// The NB rows of y from y (ldy apart), columns [n0, n0 + w) of one panel.
+// The NB rows of y from y (ldy apart), columns [n0, n0 + EXPAND_W); rows: (R, N) fp32, N floats apart.
 template <int NB>
-void expand_block(int dt, void* y, int64_t ldy, int64_t n0, int64_t w, const float* c, int64_t ldc, int64_t R,
-                  const float* panel, const float* bias) {
+void expand_block(int dt, void* y, int64_t ldy, int64_t n0, const float* c, int64_t ldc, int64_t R, const float* rows,
+                  int64_t N, const float* bias) {
   vf acc[NB][EXPAND_NV];
   for (int i = 0; i < NB; ++i)
     for (int v = 0; v < EXPAND_NV; ++v) acc[i][v] = vf{};
   for (int64_t j = 0; j < R; ++j) {
     vf b[EXPAND_NV];
-    for (int v = 0; v < EXPAND_NV; ++v) b[v] = load_f32(panel + j * EXPAND_W + v * VW);
+    for (int v = 0; v < EXPAND_NV; ++v) b[v] = load_f32(rows + j * N + n0 + v * VW);
     for (int i = 0; i < NB; ++i) {
       const vf ci = load_splat(c + i * ldc + j);
       for (int v = 0; v < EXPAND_NV; ++v) acc[i][v] += ci * b[v];
@@ -539,36 +523,46 @@ void expand_block(int dt, void* y, int64_t ldy, int64_t n0, int64_t w, const flo
   }
   for (int i = 0; i < NB; ++i) {
     void* row = row_ptr(dt, y, ldy, i);
-    if (w == EXPAND_W) {
-      for (int v = 0; v < EXPAND_NV; ++v) {
-        vf t = acc[i][v];
-        if (bias) t += load_f32(bias + n0 + v * VW);
-        store_act(dt, row, n0 + v * VW, load_act(dt, row, n0 + v * VW) + t);
-      }
-    } else {  // the last, partial panel
-      float t[EXPAND_W];
-      for (int v = 0; v < EXPAND_NV; ++v) store_f32(t + v * VW, acc[i][v]);
-      for (int64_t k = 0; k < w; ++k)
-        store_act1(dt, row, n0 + k, load_act1(dt, row, n0 + k) + (bias ? t[k] + bias[n0 + k] : t[k]));
+    for (int v = 0; v < EXPAND_NV; ++v) {
+      vf t = acc[i][v];
+      if (bias) t += load_f32(bias + n0 + v * VW);
+      store_act(dt, row, n0 + v * VW, load_act(dt, row, n0 + v * VW) + t);
     }
   }
 }
 
+// The columns [n0, N) of one output row, fewer than EXPAND_W: a vector at a time, then one at a time.
+void expand_tail(int dt, void* row, int64_t n0, const float* c, int64_t R, const float* rows, int64_t N,
+                 const float* bias) {
+  int64_t n = n0;
+  for (; n + VW <= N; n += VW) {
+    vf t = vf{};
+    for (int64_t j = 0; j < R; ++j) t += load_splat(c + j) * load_f32(rows + j * N + n);
+    if (bias) t += load_f32(bias + n);
+    store_act(dt, row, n, load_act(dt, row, n) + t);
+  }
+  for (; n < N; ++n) {
+    float t = 0.f;
+    for (int64_t j = 0; j < R; ++j) t += c[j] * rows[j * N + n];
+    store_act1(dt, row, n, load_act1(dt, row, n) + (bias ? t + bias[n] : t));
+  }
+}
+
 // y[m, n] = round(y[m, n] + bias[n] + sum_{j < R} c[m * ldc + j] rows[j, n]) in y's dtype (dt) for m in [m0, m1),
-// n < N; P: rows packed by pack_panels; bias: (N,) fp32 or null.
+// n < N; rows: (R, N) fp32 contiguous; bias: (N,) fp32 or null.
 void expand_rows(int dt, void* y, int64_t ldy, int64_t N, int64_t m0, int64_t m1, const float* c, int64_t ldc,
-                 int64_t R, const float* P, const float* bias) {
+                 int64_t R, const float* rows, const float* bias) {
+  const int64_t whole = N - N % EXPAND_W;
   for (int64_t mr = m0; mr < m1; mr += EXPAND_ROWS) {
     const int64_t me = (m1 - mr) < EXPAND_ROWS ? m1 : mr + EXPAND_ROWS;
-    for (int64_t n0 = 0; n0 < N; n0 += EXPAND_W) {
-      const float* panel = P + n0 / EXPAND_W * R * EXPAND_W;
-      const int64_t w = (N - n0) < EXPAND_W ? (N - n0) : EXPAND_W;
+    for (int64_t n0 = 0; n0 < whole; n0 += EXPAND_W)
       for (int64_t mb = mr; mb < me; mb += EXPAND_MB) {
         const int nb = int((me - mb) < EXPAND_MB ? (me - mb) : EXPAND_MB);
-        FASTPEFT_BLOCK(nb, expand_block<NB>(dt, row_ptr(dt, y, ldy, mb), ldy, n0, w, c + mb * ldc, ldc, R, panel,
+        FASTPEFT_BLOCK(nb, expand_block<NB>(dt, row_ptr(dt, y, ldy, mb), ldy, n0, c + mb * ldc, ldc, R, rows, N,
                                             bias))
       }
-    }
+    if (whole < N)
+      for (int64_t m = mr; m < me; ++m) expand_tail(dt, row_ptr(dt, y, ldy, m), whole, c + m * ldc, R, rows, N, bias);
   }
 }
 

@@ -7,8 +7,8 @@
 // each run is a small segmented GEMM (one row per run at decode: a batched GEMV). A_i and B_i are read as PEFT keeps
 // them, (r_i, K) and (N, r_i) (adapters of another dtype are converted per call): a chunk of one row (decode) is
 // expanded from B_i directly (kernel table: expand_row_b); for longer chunks each thread transposes B_i into its own
-// (r_i, N) buffer and packs that into expand_rows' panels when its next chunk changes adapter (chunks are sorted by
-// adapter). No caller makes or keeps a B^T.
+// (r_i, N) buffer when its next chunk changes adapter (chunks are sorted by adapter). No caller makes or keeps a
+// B^T.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -38,7 +38,7 @@ int64_t element_size(int dt) { return dt == kF32 ? 4 : 2; }
 // Scratch of each thread, kept across calls: a decode step calls this once per layer, and a fresh B^T buffer of
 // r * N floats is large enough for malloc to map new pages each time.
 struct Scratch {
-  std::vector<float> buf, xs, Bt, panels;
+  std::vector<float> buf, xs, Bt;
 };
 thread_local Scratch t_scratch;
 
@@ -112,8 +112,7 @@ void lora_mixed_(at::Tensor& y, const at::Tensor& x, const at::Tensor& runs,
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), grain, [&](int64_t b, int64_t e) {
     float* buf = at_least(t_scratch.buf, 4 * std::max(Kd, N));
     float* xs = at_least(t_scratch.xs, kChunkRows * max_r);
-    float* Bt = at_least(t_scratch.Bt, max_r * N);  // B^T of adapter `held`, then packed for expand_rows
-    float* panels = at_least(t_scratch.panels, kt.panels_size(max_r, N));
+    float* Bt = at_least(t_scratch.Bt, max_r * N);  // B^T of adapter `held`
     int64_t held = -1;
     for (int64_t c = b; c < e; ++c) {
       const Chunk& ch = chunks[c];
@@ -130,10 +129,9 @@ void lora_mixed_(at::Tensor& y, const at::Tensor& x, const at::Tensor& runs,
       }
       if (ch.adapter != held) {
         kt.transpose_f32(B32[ch.adapter].data_ptr<float>(), r, N, r, Bt, N);
-        kt.pack_panels(Bt, r, N, panels);
         held = ch.adapter;
       }
-      kt.expand_rows(dty, yp + ch.start * ldy * element_size(dty), ldy, N, 0, rows, xs, r, r, panels, bias_s);
+      kt.expand_rows(dty, yp + ch.start * ldy * element_size(dty), ldy, N, 0, rows, xs, r, r, Bt, bias_s);
     }
   });
 }

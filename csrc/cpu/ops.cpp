@@ -232,18 +232,6 @@ at::Tensor keep_mask_at(int64_t seed, int64_t offset0, int64_t n, double p) {
   return out.ne(0);
 }
 
-// rows (R, N) fp32 contiguous packed for the kernel table's expand_rows, in scratch of the calling thread kept across
-// calls (a fresh buffer of R * N floats is large enough for malloc to map new pages every call); valid until this
-// thread's next call. The threads of a parallel region only read it.
-const float* packed_panels(const float* rows, int64_t R, int64_t N) {
-  thread_local std::vector<float> scratch;
-  const KernelTable& kt = K();
-  const size_t size = static_cast<size_t>(kt.panels_size(R, N));
-  if (scratch.size() < size) scratch.resize(size);
-  kt.pack_panels(rows, R, N, scratch.data());
-  return scratch.data();
-}
-
 // xa = drop(x) A^T in fp32: x (M, K) fp32/bf16/fp16, A (r, K) fp32 contiguous -> (M, r) fp32.
 at::Tensor lora_xa(const at::Tensor& x, const at::Tensor& A, double p, int64_t seed) {
   check_rows(x, "x");
@@ -279,9 +267,9 @@ void lora_epilogue_(at::Tensor& y, const at::Tensor& xs, const at::Tensor& Bt, c
   void* yp = y.data_ptr();
   const int64_t ldy = y.stride(0);
   const float* xsp = xs.data_ptr<float>();
-  const float* panels = packed_panels(Bt.data_ptr<float>(), R, N);
+  const float* Btp = Bt.data_ptr<float>();
   at::parallel_for(0, M, grain(N * (R + 1)), [&](int64_t b, int64_t e) {
-    K().expand_rows(dt, yp, ldy, N, b, e, xsp, R, R, panels, bp);
+    K().expand_rows(dt, yp, ldy, N, b, e, xsp, R, R, Btp, bp);
   });
 }
 
@@ -414,9 +402,8 @@ at::Tensor lora_dx_pass(const c10::optional<at::Tensor>& dx, const c10::optional
     void* dxp = dxt.data_ptr();
     const int dt_dx = dtype_code(dxt);
     const int64_t lddx = dxt.stride(0);
-    const float* panels = packed_panels(Ap, r, Kd);
     at::parallel_for(0, M, grain(Kd * r), [&](int64_t b, int64_t e) {
-      K().expand_rows(dt_dx, dxp, lddx, Kd, b, e, gp, ldg, r, panels, nullptr);
+      K().expand_rows(dt_dx, dxp, lddx, Kd, b, e, gp, ldg, r, Ap, nullptr);
     });
   }
   if (x.has_value() || dx_in_strips)

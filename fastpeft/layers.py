@@ -225,19 +225,25 @@ def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: 
 
 def mixed_base_output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The base layer's output for a mixed-adapter batch ``x`` ``(..., in_features)``. An evaluation call
-    (``functional.may_settle``) on a plain dense base without hooks takes fastpeft's measured base product
-    (``functional.base_linear``: at a few rows the decoding GEMV reads an fp32 weight faster than torch's GEMM), as
-    the single-adapter path's fused forward does; any other call runs the base layer's own forward, with its
-    errors."""
-    base = layer._modules["base_layer"]
-    found = None if _has_hooks(base) or not functional.may_settle(x) else read_dense_base(base, layer.fan_in_fan_out)
+    (``functional.may_settle``) on a plain dense base without hooks (:func:`_dense_base_for`) takes fastpeft's
+    measured base product (``functional.base_linear``: at a few rows the decoding GEMV reads an fp32 weight faster
+    than torch's GEMM), as the single-adapter path's fused forward does; any other call runs the base layer's own
+    forward, with its errors."""
+    found = _dense_base_for(layer, x) if functional.may_settle(x) else None
     if found is None:
         return layer.base_layer(x)
-    weight, bias = found
-    if x.dtype is not weight.dtype or x.shape[-1] != weight.shape[1] or not weight.is_cpu:
-        return layer.base_layer(x)
-    y = functional.base_linear(x.reshape(-1, x.shape[-1]), weight, bias)
+    y = functional.base_linear(x.reshape(-1, x.shape[-1]), *found)
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _dense_base_for(layer: nn.Module, x: torch.Tensor):
+    """``(weight (N, K), bias)`` of the layer's base for fastpeft's base product of ``x``: a dense base
+    (``read_dense_base``) without hooks, on the CPU, of ``x``'s dtype and width; else None."""
+    base = layer._modules["base_layer"]
+    found = None if _has_hooks(base) else read_dense_base(base, layer.fan_in_fan_out)
+    if found is None or x.dtype is not found[0].dtype or x.shape[-1] != found[0].shape[1] or not found[0].is_cpu:
+        return None
+    return found
 
 
 def _mixed_adapters(layer: nn.Module, groups: mixed.RowGroups) -> mixed.MixedAdapters:
@@ -372,8 +378,8 @@ class SettledMixedLayerCall:
     and ``adapter_names`` list), each with the adapters of its batch as the layer held them (``HeldAdapters``: the
     batches of different lists use different adapters), and the base product settled as a call with no adapters
     (``base``, a ``SettledLayerCall``, where :func:`mixed_base_output` takes fastpeft's base product and it
-    settles). :meth:`output` runs the base product and a settled pass while that call's adapters are unchanged,
-    else returns None."""
+    settles). :meth:`output` runs the base product and a settled pass while that call's adapters and the settled base
+    product are unchanged, else returns None."""
 
     __slots__ = ("calls", "base")
 
@@ -398,8 +404,12 @@ class SettledMixedLayerCall:
             if call.serves(x, adapter_names):
                 if not adapters.unchanged(layer):
                     return None
-                y = None if self.base is None else self.base.output(layer, x)
-                return call.add_(x, mixed_base_output(layer, x) if y is None else y)
+                if self.base is None:  # the base layer's own forward, or a base product not settled
+                    return call.add_(x, mixed_base_output(layer, x))
+                y = self.base.output(layer, x)
+                # None: the base changed, or its settled products serve other rows buckets; the full path settles
+                # this call again
+                return None if y is None else call.add_(x, y)
         return None
 
     def joined(self, kept: Optional["SettledMixedLayerCall"], layer: nn.Module) -> "SettledMixedLayerCall":
@@ -420,11 +430,8 @@ def _settled_base_product(layer: nn.Module, x: torch.Tensor) -> Optional[Settled
     """:func:`mixed_base_output`'s fastpeft base product for calls like the one on ``x``, settled as a layer call
     with no adapters (checked against the layer's base module, weight, bias and hooks), or None where the base
     layer's own forward serves it or the product is not settled."""
-    base = layer._modules["base_layer"]
-    found = None if _has_hooks(base) else read_dense_base(base, layer.fan_in_fan_out)
-    if found is None or x.dtype is not found[0].dtype or x.shape[-1] != found[0].shape[1]:
-        return None
-    return settled_lora_call(layer, x, [], found[0], found[1], ([], [], [], [], [], False))
+    found = _dense_base_for(layer, x)
+    return None if found is None else settled_lora_call(layer, x, [], *found, ([], [], [], [], [], False))
 
 
 def settled_lora_call(layer, x, active, weight, bias, arguments) -> Optional[SettledLayerCall]:

@@ -675,6 +675,8 @@ def test_evaluation_base_product_by_every_route_follows_the_base(dtype, route):
 
         each_base(replace)
         agree("base weight replaced")
+        assert all(layer._fastpeft_settled_mixed.base.holds(layer) for layer in _mixed_layers(fused)), (
+            "the changed base is settled again")
         each_base(lambda name, base: base.bias.detach().add_(0.5))  # in place: the same parameter, a new version
         agree("bias edited in place")
         seen = []

@@ -23,9 +23,8 @@ typedef _Float16 vh __attribute__((vector_size(VW * 2)));
 
 inline vf splat(float a) { return vf{} + a; }
 
-// splat(*p) as one broadcasting load. GCC lowers splat of a value it loads to a scalar load and a register broadcast,
-// and the broadcast takes a shuffle slot in the port the FMAs also use: a quarter of the FMA slots in the
-// multiply-add loops that broadcast one coefficient per four FMAs.
+// splat(*p) as one broadcasting load, where GCC lowers splat of a value it loads to a scalar load and a register
+// broadcast (two instructions in the multiply-add loops that broadcast one coefficient per few FMAs).
 inline vf load_splat(const float* p) {
 #if FASTPEFT_VW == 16
   return (vf)_mm512_set1_ps(*p);
@@ -326,23 +325,6 @@ void axpy_block(float* acc, const float* coef, const float* X, int64_t K) {
     float v = acc[k];
     for (int i = 0; i < NB; ++i) v += coef[i] * X[i * K + k];
     acc[k] = v;
-  }
-}
-
-// out[:] = round(out[:] + t[:] * mask[:] + bias[:]) in out's dtype (mask, bias may be null).
-inline void add_into(int dt_out, void* out, const float* t, const float* mask, const float* bias, int64_t K) {
-  int64_t k = 0;
-  for (; k + VW <= K; k += VW) {
-    vf v = load_f32(t + k);
-    if (mask) v *= load_f32(mask + k);
-    if (bias) v += load_f32(bias + k);
-    store_act(dt_out, out, k, load_act(dt_out, out, k) + v);
-  }
-  for (; k < K; ++k) {
-    float v = t[k];
-    if (mask) v *= mask[k];
-    if (bias) v += bias[k];
-    store_act1(dt_out, out, k, load_act1(dt_out, out, k) + v);
   }
 }
 

@@ -7,8 +7,7 @@
 // each run is a small segmented GEMM (one row per run at decode: a batched GEMV). A_i and B_i are read as PEFT keeps
 // them, (r_i, K) and (N, r_i) (adapters of another dtype are converted per call): a chunk of one row (decode) is
 // expanded from B_i directly (kernel table: expand_row_b); for longer chunks each thread transposes B_i into its own
-// (r_i, N) buffer when its next chunk changes adapter (chunks are sorted by adapter). No caller makes or keeps a
-// B^T.
+// (r_i, N) buffer when its next chunk changes adapter (chunks are sorted by adapter). No caller makes or keeps a B^T.
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -266,8 +266,7 @@ void lora_epilogue_(at::Tensor& y, const at::Tensor& xs, const at::Tensor& Bt, c
   const int dt = dtype_code(y);
   void* yp = y.data_ptr();
   const int64_t ldy = y.stride(0);
-  const float* xsp = xs.data_ptr<float>();
-  const float* Btp = Bt.data_ptr<float>();
+  const float *xsp = xs.data_ptr<float>(), *Btp = Bt.data_ptr<float>();
   at::parallel_for(0, M, grain(N * (R + 1)), [&](int64_t b, int64_t e) {
     K().expand_rows(dt, yp, ldy, N, b, e, xsp, R, R, Btp, bp);
   });

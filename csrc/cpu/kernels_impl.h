@@ -488,16 +488,17 @@ constexpr int64_t EXPAND_W = int64_t(EXPAND_NV) * VW;
 constexpr int EXPAND_MB = 4;         // output rows per register block
 constexpr int64_t EXPAND_ROWS = 32;  // output rows per sweep over one panel
 
-// The NB rows of y from y (ldy apart), columns [n0, n0 + EXPAND_W); rows: (R, N) fp32, N floats apart.
+// The NB rows of y from y (ldy apart), columns [n0, n0 + EXPAND_W); rows: (R, .) fp32, ldr floats apart. mask: null,
+// or NB rows of EXPAND_W factors (EXPAND_W floats apart) multiplying each row's sum before the bias is added.
 template <int NB>
 void expand_block(int dt, void* y, int64_t ldy, int64_t n0, const float* c, int64_t ldc, int64_t R, const float* rows,
-                  int64_t N, const float* bias) {
+                  int64_t ldr, const float* mask, const float* bias) {
   vf acc[NB][EXPAND_NV];
   for (int i = 0; i < NB; ++i)
     for (int v = 0; v < EXPAND_NV; ++v) acc[i][v] = vf{};
   for (int64_t j = 0; j < R; ++j) {
     vf b[EXPAND_NV];
-    for (int v = 0; v < EXPAND_NV; ++v) b[v] = load_f32(rows + j * N + n0 + v * VW);
+    for (int v = 0; v < EXPAND_NV; ++v) b[v] = load_f32(rows + j * ldr + n0 + v * VW);
     for (int i = 0; i < NB; ++i) {
       const vf ci = load_splat(c + i * ldc + j);
       for (int v = 0; v < EXPAND_NV; ++v) acc[i][v] += ci * b[v];
@@ -507,6 +508,7 @@ void expand_block(int dt, void* y, int64_t ldy, int64_t n0, const float* c, int6
     void* row = row_ptr(dt, y, ldy, i);
     for (int v = 0; v < EXPAND_NV; ++v) {
       vf t = acc[i][v];
+      if (mask) t *= load_f32(mask + i * EXPAND_W + v * VW);
       if (bias) t += load_f32(bias + n0 + v * VW);
       store_act(dt, row, n0 + v * VW, load_act(dt, row, n0 + v * VW) + t);
     }
@@ -541,7 +543,7 @@ void expand_rows(int dt, void* y, int64_t ldy, int64_t N, int64_t m0, int64_t m1
       for (int64_t mb = mr; mb < me; mb += EXPAND_MB) {
         const int nb = int((me - mb) < EXPAND_MB ? (me - mb) : EXPAND_MB);
         FASTPEFT_BLOCK(nb, expand_block<NB>(dt, row_ptr(dt, y, ldy, mb), ldy, n0, c + mb * ldc, ldc, R, rows, N,
-                                            bias))
+                                            nullptr, bias))
       }
     if (whole < N)
       for (int64_t m = mr; m < me; ++m) expand_tail(dt, row_ptr(dt, y, ldy, m), whole, c + m * ldc, R, rows, N, bias);
@@ -607,36 +609,15 @@ void outer_strip(int dt, const void* src, int64_t lds, int64_t M, int64_t n0, in
 // [n0, n0 + w), w <= OUTER_STRIP, in dst's dtype (rows lds apart); mask(m, n) = mask[m * OUTER_STRIP + n - n0], or 1.
 void combine_strip(int dt, void* dst, int64_t lds, int64_t M, int64_t n0, int64_t w, const float* coef, int64_t ldc,
                    int64_t R, const float* rows, int64_t ldr, const float* mask) {
-  if (w == OUTER_STRIP) {
-    // Two output rows per sweep over the strip of `rows`: each load of it feeds two FMAs.
+  if (w == OUTER_STRIP) {  // expand_rows' register blocks, each row's sum times its mask
     const int64_t strip_bytes = OUTER_STRIP * elem_size(dt);
-    for (int64_t m = 0; m < M; m += 2) {
-      const int nm = (M - m) < 2 ? 1 : 2;
-      if (m + kStripPrefetchRows + 1 < M)
-        for (int64_t a = m + kStripPrefetchRows; a < m + kStripPrefetchRows + 2; ++a)
-          prefetch_strip(row_ptr(dt, dst, lds, a), n0 * elem_size(dt), strip_bytes);
-      const float* c0 = coef + m * ldc;
-      const float* c1 = nm > 1 ? c0 + ldc : c0;
-      vf t0[OUTER_NV], t1[OUTER_NV];
-      for (int v = 0; v < OUTER_NV; ++v) t0[v] = t1[v] = vf{};
-      for (int64_t j = 0; j < R; ++j) {
-        const vf a0 = load_splat(c0 + j), a1 = load_splat(c1 + j);
-        const float* a = rows + j * ldr + n0;
-        for (int v = 0; v < OUTER_NV; ++v) {
-          const vf rv = load_f32(a + v * VW);
-          t0[v] += a0 * rv;
-          t1[v] += a1 * rv;
-        }
-      }
-      for (int i = 0; i < nm; ++i) {
-        void* row = row_ptr(dt, dst, lds, m + i);
-        const float* mk = mask ? mask + (m + i) * OUTER_STRIP : nullptr;
-        for (int v = 0; v < OUTER_NV; ++v) {
-          vf t = i == 0 ? t0[v] : t1[v];
-          if (mk) t *= load_f32(mk + v * VW);
-          store_act(dt, row, n0 + v * VW, load_act(dt, row, n0 + v * VW) + t);
-        }
-      }
+    for (int64_t m = 0; m < M; m += EXPAND_MB) {
+      const int nb = int((M - m) < EXPAND_MB ? (M - m) : EXPAND_MB);
+      for (int64_t a = m + kStripPrefetchRows; a < m + kStripPrefetchRows + nb && a < M; ++a)
+        prefetch_strip(row_ptr(dt, dst, lds, a), n0 * elem_size(dt), strip_bytes);
+      const float* mk = mask ? mask + m * OUTER_STRIP : nullptr;
+      FASTPEFT_BLOCK(nb, expand_block<NB>(dt, row_ptr(dt, dst, lds, m), lds, n0, coef + m * ldc, ldc, R, rows, ldr,
+                                          mk, nullptr))
     }
     return;
   }
@@ -651,6 +632,8 @@ void combine_strip(int dt, void* dst, int64_t lds, int64_t M, int64_t n0, int64_
     }
   }
 }
+
+static_assert(OUTER_STRIP == EXPAND_W, "combine_strip runs expand_block on whole strips");
 
 // Rows per chunk of outer_cols' reduction: bounds its mask buffer (OUTER_ROWS * OUTER_STRIP floats) whatever M is.
 constexpr int64_t OUTER_ROWS = outer_mask_rows;

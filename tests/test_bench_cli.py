@@ -97,6 +97,32 @@ def test_compose_provider_matches_peft(dtype):
         assert torch.allclose(a, b, rtol=tol, atol=tol * 10), "compose adapter gradient differs from PEFT's"
 
 
+@pytest.mark.parametrize("adapters", [1, 4, 16])
+def test_mixed_case_rows_each_use_an_adapter_the_layer_holds(adapters):
+    """A ``lora-mixed`` case's ``adapter_names`` name adapters its layers hold (a name the layer lacks would give
+    its rows no adapter term, and the case would time the base alone), and fastpeft's output is PEFT's."""
+    from fastpeft.bench import cases as C
+
+    case = C.Case(kind="lora-mixed", shape="2048", K=64, N=40, M=16, r=4, dtype="fp32", dropout=0.0, mode="infer",
+                  adapters=adapters)
+    device = torch.device("cpu")
+    x, dy = C.make_inputs(case, device)
+    names = case.adapter_names()
+    peft_built = C.build(case, "peft", device, x)
+    fast_built = C.build(case, "fastpeft", device, x, shared_base=peft_built.module.get_base_layer())
+    assert set(names) <= set(peft_built.module.lora_A), "every row's adapter is held"
+    assert len(set(names)) == min(adapters, C.MIXED_SEQUENCES)
+    outs = []
+    for built in (peft_built, fast_built):
+        built.select()
+        built.module.eval()
+        with torch.no_grad():
+            outs.append(C.caller(built.module, names)(x.detach()))
+    base = peft_built.module.get_base_layer()(x.detach())
+    assert (outs[0] - base).abs().amax(-1).min() > 1e-3, "every row gets an adapter term"
+    assert torch.allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
 def test_csv_has_memory_model_and_cost_model_rows(tiny_run):
     rows = _rows(tiny_run)
     metrics = {(r["level"], r["metric"]) for r in rows}

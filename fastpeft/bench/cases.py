@@ -85,7 +85,12 @@ class Case:
         """lora-mixed: the adapter of each sequence; None for the other kinds."""
         if self.kind != "lora-mixed":
             return None
-        return [f"mix{i % self.adapters}" for i in range(MIXED_SEQUENCES)]
+        return [mixed_adapter_name(i % self.adapters) for i in range(MIXED_SEQUENCES)]
+
+
+def mixed_adapter_name(i: int) -> str:
+    """The name of a mixed batch's adapter ``i`` (``i = 0``: the one ``get_peft_model`` creates)."""
+    return f"mix{i}"
 
 
 def scaled(dim: int, scale: int) -> int:
@@ -187,10 +192,12 @@ def _wrap(case: Case, base: nn.Module, seed: int) -> nn.Module:
     else:
         config = LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout, target_modules=["proj"],
                             init_lora_weights=False, use_dora=case.kind == "dora")
-    model = get_peft_model(_Holder(base), config)
-    for i in range(1, case.adapters if case.kind == "lora-mixed" else 1):
-        model.add_adapter(f"mix{i}", LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout,
-                                                target_modules=["proj"], init_lora_weights=False))
+    mixed = case.kind == "lora-mixed"
+    model = get_peft_model(_Holder(base), config, adapter_name=mixed_adapter_name(0) if mixed else "default")
+    for i in range(1, case.adapters if mixed else 1):
+        model.add_adapter(mixed_adapter_name(i), LoraConfig(r=case.r, lora_alpha=2 * case.r,
+                                                            lora_dropout=case.dropout, target_modules=["proj"],
+                                                            init_lora_weights=False))
     model.train()
     return model
 
@@ -234,7 +241,7 @@ def build(case: Case, provider: str, device: torch.device, x: torch.Tensor, seed
     model = _wrap(case, base, seed)
     layer = model.base_model.model.proj
     if case.kind == "lora-mixed":
-        model.base_model.set_adapter(["default"])
+        model.base_model.set_adapter([mixed_adapter_name(0)])
     params = [p for p in layer.parameters() if p.requires_grad]
     if provider == "peft":
         return Built(provider, layer, model, _select_backend(None), False, "", params)

@@ -41,6 +41,12 @@ struct Scratch {
 };
 thread_local Scratch t_scratch;
 
+// t itself when it is contiguous fp32 (PEFT's adapters), else a contiguous fp32 copy. Checked here: Tensor::to
+// goes through the dispatcher even when it returns t, and a decode step calls this for every adapter of every layer.
+at::Tensor contiguous_f32(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+}
+
 float* at_least(std::vector<float>& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(n);
   return v.data();
@@ -70,8 +76,8 @@ void lora_mixed_(at::Tensor& y, const at::Tensor& x, const at::Tensor& runs,
   for (int64_t i = 0; i < n; ++i) {
     if (!A[i].has_value()) continue;
     TORCH_CHECK(B[i].has_value(), "fastpeft._C.lora_mixed_: adapter ", i, " has A but no B");
-    A32[i] = A[i]->to(at::kFloat).contiguous();
-    B32[i] = B[i]->to(at::kFloat).contiguous();
+    A32[i] = contiguous_f32(*A[i]);
+    B32[i] = contiguous_f32(*B[i]);
     const int64_t r = A32[i].dim() == 2 ? A32[i].size(0) : -1;
     TORCH_CHECK(r >= 0 && A32[i].size(1) == Kd, "fastpeft._C.lora_mixed_: A[", i, "] must be (r, ", Kd, "), got ",
                 A32[i].sizes());
@@ -81,7 +87,7 @@ void lora_mixed_(at::Tensor& y, const at::Tensor& x, const at::Tensor& runs,
     if (bias[i].has_value()) {
       TORCH_CHECK(bias[i]->numel() == N, "fastpeft._C.lora_mixed_: bias[", i, "] must have ", N, " elements, got ",
                   bias[i]->sizes());
-      const at::Tensor b = bias[i]->to(at::kFloat).contiguous();
+      const at::Tensor b = contiguous_f32(*bias[i]);
       const float* bp = b.data_ptr<float>();
       const float s = static_cast<float>(scaling[i]);
       scaled_bias[i].resize(N);

@@ -431,7 +431,7 @@ def _settled_base_product(layer: nn.Module, x: torch.Tensor) -> Optional[Settled
     with no adapters (checked against the layer's base module, weight, bias and hooks), or None where the base
     layer's own forward serves it or the product is not settled."""
     found = _dense_base_for(layer, x)
-    return None if found is None else settled_lora_call(layer, x, [], *found, ([], [], [], [], [], False))
+    return None if found is None else settled_lora_call(layer, x, [], *found, adapter_arguments(layer, []))
 
 
 def settled_lora_call(layer, x, active, weight, bias, arguments) -> Optional[SettledLayerCall]:

@@ -614,11 +614,18 @@ def _mixed_layers(model):
     return [m for m in model.modules() if hasattr(m, "_fastpeft_settled_mixed")]
 
 
-def _agree(reference, fused, x, names, label):
+def _agree(reference, fused, x, names, label, exact=None):
+    """Two calls of ``fused`` (the first may settle, the second runs settled) give PEFT's output: within
+    ``FP32_TOL``, or for a low-precision ``x`` by the tolerance rule against ``exact`` (an fp32 copy of
+    ``reference``)."""
     with torch.no_grad():
         want = reference(x, adapter_names=names)
-        for attempt in range(2):  # the first call may settle, the second runs settled
-            assert_close(f"{label} call {attempt}", fused(x, adapter_names=names), want, FP32_TOL)
+        for attempt in range(2):
+            actual = fused(x, adapter_names=names)
+            if exact is None:
+                assert_close(f"{label} call {attempt}", actual, want, FP32_TOL)
+            else:
+                assert_within_2x(f"{label} call {attempt}", actual, want, exact(x.float(), adapter_names=names))
 
 
 # lora_forward's CPU routes without adapters (the base product of a mixed evaluation call), by dtype.
@@ -642,13 +649,7 @@ def test_evaluation_base_product_by_every_route_follows_the_base(dtype, route):
         x = torch.randn(7, 64).to(torch.float32 if dtype == "fp32" else torch.bfloat16)
 
         def agree(label):
-            with torch.no_grad():
-                for attempt in range(2):  # the first call may settle, the second runs settled
-                    actual, want = fused(x, adapter_names=NAMES), reference(x, adapter_names=NAMES)
-                    if dtype == "fp32":
-                        assert_close(f"{label} call {attempt}", actual, want, FP32_TOL)
-                    else:
-                        assert_within_2x(f"{label} call {attempt}", actual, want, exact(x.float(), adapter_names=NAMES))
+            _agree(reference, fused, x, NAMES, label, None if dtype == "fp32" else exact)
 
         own_forward = []
         for layer in _mixed_layers(fused):  # counts the base layers' own forwards, which fastpeft's product skips

@@ -559,14 +559,15 @@ constexpr int64_t OUTER_STRIP = int64_t(OUTER_NV) * VW;
 // rows apart by a whole row, a stride the hardware prefetcher does not follow from memory.
 constexpr int64_t kStripPrefetchRows = 16;
 
-// out[j * ldo + n] = sum_{m < M} coef[m * ldc + j] * v(m, n) for j < R and n in [n0, n0 + w), w <= OUTER_STRIP,
-// where v(m, n) = src[m, n] (dtype dt, rows lds apart), times mask[m * OUTER_STRIP + n - n0] when mask is given.
-// add: out += the sums instead of out = the sums.
+// Requests the cache lines of bytes bytes at offset bytes into row.
 inline void prefetch_strip(const void* row, int64_t offset, int64_t bytes) {
   const char* p = static_cast<const char*>(row) + offset;
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
 }
 
+// out[j * ldo + n] = sum_{m < M} coef[m * ldc + j] * v(m, n) for j < R and n in [n0, n0 + w), w <= OUTER_STRIP,
+// where v(m, n) = src[m, n] (dtype dt, rows lds apart), times mask[m * OUTER_STRIP + n - n0] when mask is given.
+// add: out += the sums instead of out = the sums.
 template <int JB>
 void outer_strip(int dt, const void* src, int64_t lds, int64_t M, int64_t n0, int64_t w, const float* coef,
                  int64_t ldc, int64_t j0, const float* mask, bool add, float* out, int64_t ldo) {

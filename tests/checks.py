@@ -4,6 +4,9 @@ low precision)."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 
@@ -57,3 +60,18 @@ class CallCounter:
             return wrapped(*args, **kwargs)
 
         monkeypatch.setattr(owner, name, counted)
+
+
+def require_triton_mode_for(device: str) -> None:
+    """Skip unless this session's Triton mode runs Triton kernels on ``device``'s tensors: CPU tensors only in the
+    interpreter, CUDA tensors only compiled. conftest fixes the mode once, before Triton is imported (the interpreter
+    where there is no CUDA device): ``@triton.jit`` and Triton's own library functions take the mode when they are
+    decorated, so a process cannot switch between the two."""
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if device == "cpu":
+        if not interpreting:
+            pytest.skip("CPU tensors run only in Triton's interpreter; this session compiles (a CUDA device is here)")
+    elif not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (none here)")
+    elif interpreting:
+        pytest.skip("this session runs Triton's interpreter (TRITON_INTERPRET=1); CUDA kernels are checked compiled")

@@ -8,12 +8,11 @@ against that row's single-adapter run, on every route of every backend available
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 
 import pytest
 import torch
-from checks import CallCounter, assert_close, assert_within_2x
+from checks import CallCounter, assert_close, assert_within_2x, require_triton_mode_for
 from model_helpers import MLP, tiny_transformer
 from peft import LoraConfig, get_peft_model
 
@@ -30,10 +29,6 @@ BACKEND_ROUTES = [("reference", "compose"), ("cpu", "compose"), ("cpu", "fused")
                   ("triton", "sgmv")]
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @pytest.fixture
 def pinned(request):
     """Force a backend and pin a mixed route for one test; restore automatic choice afterwards."""
@@ -41,8 +36,8 @@ def pinned(request):
     ok, why = availability(backend)
     if not ok:
         pytest.skip(f"backend {backend} not available: {why}")
-    if backend == "triton" and not _interpreting():
-        pytest.skip("these cases use CPU tensors, which the triton backend runs only in Triton's interpreter")
+    if backend == "triton":
+        require_triton_mode_for("cpu")  # these cases use CPU tensors
     set_backend(backend)
     routing.set_route(OP, route)
     yield backend, route
@@ -456,8 +451,7 @@ def test_sgmv_kernels(dtype, device):
     ok, why = availability("triton")
     if not ok:
         pytest.skip(why)
-    if (device == "cpu") != _interpreting():
-        pytest.skip("Triton runs CPU tensors only in its interpreter, CUDA tensors only compiled")
+    require_triton_mode_for(device)
     from fastpeft.kernels import mixed_lora
 
     torch.manual_seed(8)
@@ -572,6 +566,7 @@ def test_cpu_pass_on_every_simd_path(isa, dtype, tokens):
 def test_cuda_model_rows_match_peft(route):
     """On a GPU: the fused twins on CUDA tensors (the triton backend's routes) against PEFT (tf32 tensor cores in the
     sgmv kernels: 5e-3)."""
+    require_triton_mode_for("cuda")
     reference, fused = (m.cuda() for m in twins())
     x = torch.randn(7, 5, 37, device="cuda")
     set_backend("triton")

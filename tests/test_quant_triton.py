@@ -4,25 +4,23 @@ On the CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``) agai
 ``QuantizedWeight.dequantize()``; bf16 runs too (the launcher widens the bf16 operands to fp32 for the interpreter's
 broken bf16 ``tl.dot``). The kernel's launches are compiled ahead of time for sm_80 and sm_90, and checked for
 tensor-core instructions, spills, stack and shared memory, by ``tests/test_triton_compile.py`` (recorded launches).
-Nothing here needs a GPU or is skipped on CPU CI.
+Nothing here needs a GPU or is skipped on CPU CI; in a session on a CUDA machine (compiled Triton) the interpreter
+cases skip and the ``gpu`` case runs.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 bnb = pytest.importorskip("bitsandbytes")
 
-from checks import assert_close  # noqa: E402
+from checks import assert_close, require_triton_mode_for  # noqa: E402
 
 from fastpeft.backends.reference_backend import ReferenceBackend  # noqa: E402
 from fastpeft.quant import QuantizedWeight  # noqa: E402
@@ -34,16 +32,10 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
 def _kernels(interpret: bool):
-    """``fastpeft.kernels.quant_matmul`` decorated in the wanted mode (``@triton.jit`` decides at import)."""
-    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-    from triton.runtime.interpreter import InterpretedFunction
-
+    """``fastpeft.kernels.quant_matmul``, where this session's Triton mode is the wanted one (else the test skips)."""
+    require_triton_mode_for("cpu" if interpret else "cuda")
     from fastpeft.kernels import quant_matmul
 
-    if isinstance(quant_matmul._quant_gemm_kernel, InterpretedFunction) != interpret:
-        # its @triton.jit helpers live in _common: both must be decorated in the same mode
-        importlib.reload(sys.modules["fastpeft.kernels._common"])
-        quant_matmul = importlib.reload(sys.modules["fastpeft.kernels.quant_matmul"])
     return quant_matmul
 
 
@@ -228,14 +220,10 @@ DEQUANT_WEIGHTS = [
 
 
 def _dequant_module(interpret: bool):
-    """``fastpeft.kernels.dequant`` decorated in the wanted mode (its tile decoder lives in quant_matmul)."""
+    """``fastpeft.kernels.dequant``, where this session's Triton mode is the wanted one (else the test skips)."""
     _kernels(interpret)
-    from triton.runtime.interpreter import InterpretedFunction
-
     from fastpeft.kernels import dequant
 
-    if isinstance(dequant._dequant_kernel, InterpretedFunction) != interpret:
-        dequant = importlib.reload(sys.modules["fastpeft.kernels.dequant"])
     return dequant
 
 

@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # import. PYTHONSAFEPATH keeps the working directory off sys.path in these commands and every process they start.
 RUN := PYTHONSAFEPATH=1 $(PY)
 
-.PHONY: venv install lint test test-dist demo bench gpu-check clean
+.PHONY: venv install install-into-python lint test test-dist demo bench gpu-check clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -52,9 +52,18 @@ bench: install
 	$(RUN) -m pytest -q benchmarks --benchmark-only
 
 # Everything that needs a CUDA GPU in one call (gpu tests, the GPU timing grid, BENCHMARKS.md's measured-GPU
-# section); without a GPU it says so and exits 0.
+# section); without a GPU it says so and exits 0. `make gpu-check PY=python3` uses a python that already holds a CUDA
+# torch, triton, peft and transformers (an offline GPU machine): fastpeft is installed into it without a virtual
+# environment and without fetching anything. GPU_CHECK_ARGS passes options on (`--out DIR` for the log and results).
+ifeq ($(PY),$(VENV)/bin/python)
 gpu-check: install
-	$(RUN) benchmarks/gpu_check.py
+else
+gpu-check: install-into-python
+endif
+	$(RUN) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
+install-into-python:
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
 
 clean:
 	rm -rf $(VENV) build *.egg-info fastpeft/*.so

@@ -70,6 +70,26 @@ def section(device: str, versions: str, commands: list, test_summary: str, table
     return "\n".join(body)
 
 
+def route_choices_table(path: str) -> str:
+    """A markdown table of the route choices in the grid's ``routes.json``: op, sizes, dtypes, the route taken and
+    every candidate's measured milliseconds (empty when the file is missing)."""
+    import json
+
+    if not os.path.exists(path):
+        return ""
+    with open(path) as handle:
+        choices = json.load(handle)
+    lines = ["Route choices (`routes.json`):", "",
+             "| op | M bucket | N | K | dtypes | dropout | grads | route | how | candidates (ms) |",
+             "| --- | ---: | ---: | ---: | --- | --- | --- | --- | --- | --- |"]
+    for c in sorted(choices, key=lambda c: (c["op"], c["n"], c["k"], c["m_bucket"], c["dtypes"], str(c["dropout"]),
+                                            str(c["grads"]))):
+        timings = ", ".join(f"{route} {ms:.3g}" for route, ms in sorted(c["timings_ms"].items(), key=lambda t: t[1]))
+        lines.append(f"| {c['op']} | {c['m_bucket']} | {c['n']} | {c['k']} | {c['dtypes']} | {c['dropout']} | "
+                     f"{c['grads'] or '-'} | {c['route']} | {c['source']} | {timings} |")
+    return "\n".join(lines)
+
+
 def write_section(path: str, text: str) -> None:
     """Replace the text between the markers in ``path`` (or append the section when the markers are missing)."""
     from fastpeft._atomic import atomic_file
@@ -117,6 +137,7 @@ def main(argv=None) -> int:
             _run([py, "-m", "fastpeft.bench", "--replot", bench_out, "--no-plots"], 60, log)
         tables = open(results_md).read().split("## Layers", 1)[-1] if os.path.exists(results_md) else \
             "(the timing grid wrote no results: see gpu-check.log)"
+        tables += "\n\n" + route_choices_table(os.path.join(bench_out, "routes.json"))
         print(f"gpu-check: timing grid exit status {status_bench}; tables in {results_md}")
     text = section(device, versions, [["python", *tests[1:]], ["python", *bench[1:]]], summary, tables)
     target = os.path.join(args.out, "BENCHMARKS-gpu.md") if args.dry_run else os.path.join(REPO, "BENCHMARKS.md")

@@ -123,6 +123,23 @@ def test_mixed_case_rows_each_use_an_adapter_the_layer_holds(adapters):
     assert torch.allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 
 
+def test_route_choices_name_the_routes_that_served_fastpeft(tiny_run):
+    """routes.json lists the choices fastpeft made during the run, each with its op, route and how it was chosen;
+    every measured choice carries the timing of the route it took, and that route was the fastest measured."""
+    import json
+
+    from fastpeft import routing
+
+    with open(os.path.join(tiny_run, "routes.json")) as f:
+        choices = json.load(f)
+    ops = {c["op"] for c in choices}
+    assert {"lora_forward", "lora_backward", "ia3_forward"} <= ops, ops
+    for c in choices:
+        assert c["route"] in routing.ROUTES[c["op"]], c
+        if c["source"].startswith("measured"):
+            assert c["timings_ms"][c["route"]] == min(c["timings_ms"].values()), c
+
+
 def test_csv_has_memory_model_and_cost_model_rows(tiny_run):
     rows = _rows(tiny_run)
     metrics = {(r["level"], r["metric"]) for r in rows}

@@ -38,6 +38,8 @@ def test_dry_run_runs_the_plan_and_writes_the_section(gpu_check, tmp_path):
     assert collected >= 10, summary
     assert "### lora, fp32, dropout 0.1" in text and "compose ms" in text and "fastpeft ms" in text
     assert "pytest -q -rfs -p no:cacheprovider -m gpu" in text and "-m fastpeft.bench --device cpu" in text
+    routes = [line for line in text.splitlines() if line.startswith("| lora_forward |")]
+    assert routes and all(line.split("|")[8].strip() in line.split("|")[10] for line in routes), routes
 
 
 def test_section_replaces_only_the_text_between_the_markers(gpu_check, tmp_path):

@@ -42,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--quick", action="store_true", help="a small grid that finishes in about 2 minutes on 2 cores")
-    p.add_argument("--out", default=None, help="directory for results.csv, results.md and the PNG plots")
+    p.add_argument("--out", default=None, help="directory for results.csv, results.md, routes.json and the PNG plots")
     p.add_argument("--scale", type=int, default=None,
                    help="divide every layer dimension by this (rounded up to 64) for small machines "
                         "(default 1, --quick 32)")
@@ -104,6 +104,19 @@ def _layer_rows(case, timings, builts, memory):
     return rows
 
 
+def write_route_choices(path: str) -> None:
+    """``path`` (JSON): every route choice fastpeft made in this process so far (``fastpeft.routing.routes()``: the
+    key's op, sizes and dtypes, the route taken, how it was chosen and each candidate's measured milliseconds), so
+    a run says which route served each fastpeft timing and what the others cost on this machine."""
+    import json
+
+    from fastpeft import routing
+    from fastpeft._atomic import atomic_file
+
+    with atomic_file(path, "w") as handle:
+        json.dump(routing.routes(), handle, indent=1, sort_keys=True, default=str)
+
+
 def run_layers(args, device, providers, writer, progress) -> None:
     import torch
 
@@ -147,7 +160,8 @@ def run_layers(args, device, providers, writer, progress) -> None:
                                         "saved_activation_bytes": (saved["saved_activation_bytes"], "bytes"),
                                         "peak_bytes": (peak, how)}
             writer.write(_layer_rows(case, timings, builts, memory))
-            del builts, runners, shared
+            write_route_choices(os.path.join(args.out, "routes.json"))  # after each case: a run
+            del builts, runners, shared  # stopped at a time limit keeps what it measured
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -222,7 +236,7 @@ def main(argv=None) -> int:
     for required in ("base", "peft"):
         if required not in providers and (args.kinds and not args.no_layers):
             providers.insert(0 if required == "base" else 1, required)  # ratios are relative to both
-    out_dir = args.out or "bench-out"
+    out_dir = args.out = args.out or "bench-out"
     os.makedirs(out_dir, exist_ok=True)
     writer = report.CsvWriter(os.path.join(out_dir, "results.csv"), report.environment(device, args.threads))
 
@@ -246,7 +260,8 @@ def main(argv=None) -> int:
     rows, paths = write_outputs(out_dir, command, not args.no_plots, not args.no_cost_model)
     for line in report.summary(rows):
         print(line, file=sys.stderr)
-    print(f"fastpeft-bench: {time.time() - start:.0f} s; wrote {out_dir}/results.csv, {out_dir}/results.md"
+    print(f"fastpeft-bench: {time.time() - start:.0f} s; wrote {out_dir}/results.csv, {out_dir}/results.md, "
+          f"{out_dir}/routes.json"
           + "".join(f", {p}" for p in paths), file=sys.stderr)
     return 0
 

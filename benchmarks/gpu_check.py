@@ -9,9 +9,11 @@ On a CUDA machine it runs, in order, each step under its own time limit (under 6
 2. the layer timing grid: LLaMA-7B shapes (q/k/v/o, up, down), M from 1 to 4096, bf16, dropout 0 and 0.1, LoRA and
    QLoRA NF4, inference and training, providers base / PEFT / the plain composition / fastpeft (its measured routes)
    (``python -m fastpeft.bench``, CUDA events);
-3. writes the results into ``BENCHMARKS.md`` between the ``gpu-check`` markers of its measured-GPU section (GPU name,
-   torch and triton versions, the commands, the pytest summary and the timing tables), and everything into
-   ``--out``.
+3. two host profiles of one 4096 x 4096 decode call (``benchmarks/host_profile.py``: inference, and a training step
+   with dropout), where the GPU waits on the host;
+4. writes the results into ``BENCHMARKS.md`` between the ``gpu-check`` markers of its measured-GPU section (GPU name,
+   torch and triton versions, the commands, the pytest summary, the timing tables, the route choices and the host
+   profiles), and everything into ``--out`` (six files: few enough for a lent machine's output folder).
 
 Without a CUDA device it says so and exits 0 (nothing to measure). ``--dry-run`` runs the same steps on the CPU at a
 tiny size (collecting the ``gpu`` tests instead of running them) and writes the section into ``--out`` only, so the
@@ -31,11 +33,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
 # (step, seconds): a lent machine starts bare, so the build (about 100 s with 16 jobs), a cold Triton cache (the gpu
 # tests took 132 s cold, 41 s warm) and the grid must all fit in one call of a 15-minute lease
-LIMITS = {"tests": 150, "bench": 200}
+LIMITS = {"tests": 150, "bench": 200, "profile": 45}
 GPU_GRID = ["--device", "cuda", "--shapes", "7b-qkvo,7b-up,7b-down", "--tokens", "1,16,128,1024,4096",
             "--dtypes", "bf16", "--kinds", "lora,qlora-nf4", "--modes", "infer,fwd+bwd", "--dropouts", "0,0.1",
             "--providers", "base,peft,compose,fastpeft", "--budget", "0.1", "--no-model", "--no-cost-model",
-            "--no-progress"]
+            "--no-progress", "--no-plots"]
+# (name, host_profile.py arguments): a decode-sized call in inference and in training with dropout
+PROFILES = [("infer", ["--mode", "infer"]), ("train", ["--mode", "fwd+bwd", "--dropout", "0.1"])]
+GPU_PROFILE = ["--device", "cuda", "--shape", "7b-qkvo", "--tokens", "1", "--dtype", "bf16"]
+DRY_PROFILE = ["--device", "cpu", "--shape", "7b-qkvo", "--scale", "64", "--tokens", "1", "--dtype", "fp32",
+               "--calls", "20"]
 DRY_GRID = ["--device", "cpu", "--scale", "64", "--shapes", "7b-qkvo", "--tokens", "1,16", "--dtypes", "fp32",
             "--kinds", "lora", "--modes", "infer,fwd+bwd", "--dropouts", "0,0.1", "--budget", "0.01",
             "--providers", "base,peft,compose,fastpeft", "--no-model", "--no-memory", "--no-cost-model",
@@ -138,8 +145,18 @@ def main(argv=None) -> int:
         tables = open(results_md).read().split("## Layers", 1)[-1] if os.path.exists(results_md) else \
             "(the timing grid wrote no results: see gpu-check.log)"
         tables += "\n\n" + route_choices_table(os.path.join(bench_out, "routes.json"))
+        commands = [["python", *tests[1:]], ["python", *bench[1:]]]
+        for name, extra in PROFILES:
+            path = os.path.join(args.out, f"host-profile-{name}.md")
+            profile = [py, os.path.join(REPO, "benchmarks", "host_profile.py"),
+                       *(DRY_PROFILE if args.dry_run else GPU_PROFILE), *extra, "--out", path]
+            commands.append(["python", os.path.relpath(profile[1], REPO), *profile[2:-2]])
+            status_profile, _ = _run(profile, LIMITS["profile"], log)
+            text = open(path).read() if status_profile == 0 and os.path.exists(path) else \
+                f"(host profile {name} failed with exit status {status_profile}: see gpu-check.log)"
+            tables += "\n\n" + text.replace("# Host profile", "Host profile", 1)
         print(f"gpu-check: timing grid exit status {status_bench}; tables in {results_md}")
-    text = section(device, versions, [["python", *tests[1:]], ["python", *bench[1:]]], summary, tables)
+    text = section(device, versions, commands, summary, tables)
     target = os.path.join(args.out, "BENCHMARKS-gpu.md") if args.dry_run else os.path.join(REPO, "BENCHMARKS.md")
     write_section(target, text)
     print(f"gpu-check: wrote {target}")

@@ -38,6 +38,11 @@ def test_dry_run_runs_the_plan_and_writes_the_section(gpu_check, tmp_path):
     assert collected >= 10, summary
     assert "### lora, fp32, dropout 0.1" in text and "compose ms" in text and "fastpeft ms" in text
     assert "pytest -q -rfs -p no:cacheprovider -m gpu" in text and "-m fastpeft.bench --device cpu" in text
+    for mode in ("infer", "fwd+bwd"):  # the host profiles: per-call times of every provider and the hot functions
+        head = next(i for i, line in enumerate(text.splitlines()) if line.startswith("Host profile:") and mode in line)
+        per_call = text.splitlines()[head + 2]
+        assert all(f"{p} " in per_call for p in ("base", "peft", "fastpeft", "compose")), per_call
+    assert text.count("| `") > 40, "the profiles' tables of functions"
     routes = [line for line in text.splitlines() if line.startswith("| lora_forward |")]
     assert routes and all(line.split("|")[8].strip() in line.split("|")[10] for line in routes), routes
 

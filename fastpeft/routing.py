@@ -101,6 +101,8 @@ ROUTES: dict[str, dict[str, str]] = {
         "decoded_fused": "a quantized weight decoded into a reused buffer of dY's dtype and the vendor GEMM for dY W "
                          "(compose's), fused's C++ passes over dY and over x and dX for the adapters",
         "small": "one C++ call for the whole fp32 single-adapter backward",
+        "gemv": "fused with dY W by one pass over the weight in column strips, every dY row at once "
+                "(fastpeft._C.strip_mm: exact products of dY's dtype, fp32 sums), dX rounded once",
         "passes": "Triton: dY W by the vendor GEMM, G = dY B by the down-projection kernel, the masked G A by the "
                   "low-rank kernel, dA by its kernel",
         "fused_gemm": "Triton: dY W and G = dY B from the same dY tiles, (G A) * mask in the GEMM's epilogue",
@@ -168,7 +170,8 @@ ROUTES: dict[str, dict[str, str]] = {
 ROUTE_LIMITS: dict[str, str] = {
     "compose_fp32 / fused_fp32": "x (or dY) in bf16/fp16: in fp32 they are compose / fused",
     "decoded_fused": "a quantized weight (for a dense one it is fused)",
-    "gemv": "a dense weight of unit column stride (not a transposed fan_in_fan_out view), or a quantized weight",
+    "gemv": "a dense weight of unit column stride (not a transposed fan_in_fan_out view), or (forward only) a "
+            "quantized weight",
     "small": "dense fp32 dY, weight and adapters, one adapter whose A is contiguous",
     "fused (IA3)": "a quantized weight (for a dense one it is compose)",
     "bnb_native": "forward only; bitsandbytes with its AVX-512 BF16 CPU kernel loaded; a 4-bit weight with "

@@ -177,6 +177,7 @@ def test_lora_matches_reference(case, xdt, adt, p):
     expected = {"compose", "fused"} | ({"compose_fp32", "fused_fp32"} if xdt != "fp32" else set())
     expected |= {"small"} if (exact and len(ranks) == 1) else set()
     expected |= {"fused_pairs"} if pairs else set()
+    expected |= {"gemv"} if layout != "transposed" else set()
     assert set(ran) == expected, f"backward routes run: {ran}"
 
 
@@ -422,6 +423,35 @@ def test_widened_mm_nn_is_the_fp32_product_of_the_bf16_operands(M, N, K):
     assert rel_err((a @ b).float(), exact) > 1e-4 or K == 1
 
 
+# ------------------------------------------------------------------------------ the one-pass product dY W (strips)
+STRIP_SHAPES = [(1, 1, 1), (1, 37, 130), (3, 64, 65), (4, 129, 1), (7, 5, 200), (33, 96, 70)]
+
+
+@pytest.mark.skipif(not AVAILABLE, reason="fastpeft._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("M,N,K", STRIP_SHAPES, ids=[f"{m}x{n}x{k}" for m, n, k in STRIP_SHAPES])
+def test_strip_mm_is_the_fp32_product(M, N, K, dtype):
+    """``_C.strip_mm(a, w)`` = ``a w`` in fp32 against fp64 on the same values (rows with strides beyond their
+    lengths, partial column strips): the products are exact in fp32, the only error is fp32 summation."""
+    g = torch.Generator().manual_seed(M * 1000 + N * 10 + K)
+    a = torch.randn(M, N + 2, generator=g).to(dtype)[:, :N]
+    w = torch.randn(N, K + 5, generator=g).to(dtype)[:, :K]
+    got = _C.strip_mm(a, w)
+    assert got.dtype == torch.float32 and got.shape == (M, K)
+    exact = a.double() @ w.double()
+    assert rel_err(got, exact) <= 1e-6 * max(1.0, N ** 0.5)
+
+
+@pytest.mark.skipif(not AVAILABLE, reason="fastpeft._C not built")
+def test_strip_mm_rejects_what_it_cannot_multiply():
+    with pytest.raises(RuntimeError, match="strip_mm: a is \\(2, 4\\) but w has 3 rows"):
+        _C.strip_mm(torch.ones(2, 4), torch.ones(3, 5))
+    with pytest.raises(RuntimeError, match="w needs unit column stride"):
+        _C.strip_mm(torch.ones(2, 4), torch.ones(5, 4).t())
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        _C.strip_mm(torch.ones(2, 4, dtype=torch.float64), torch.ones(4, 5, dtype=torch.float64))
+
+
 def test_widened_mm_rejects_what_it_cannot_multiply():
     if not _C.widened_mm_available():
         with pytest.raises(RuntimeError, match="no bf16 block kernel"):
@@ -437,7 +467,7 @@ def test_widened_mm_rejects_what_it_cannot_multiply():
         _C.widened_mm_nn(torch.ones(2, 4, dtype=torch.bfloat16), torch.ones(3, 4, dtype=torch.bfloat16))
 
 
-@pytest.mark.parametrize("route", ["compose", "fused", "small"])
+@pytest.mark.parametrize("route", ["compose", "fused", "small", "gemv"])
 def test_adapters_of_different_16bit_dtypes_see_peft_cumulative_cast(route):
     """PEFT casts x cumulatively over the active adapters: with a bf16 then an fp16 adapter, the second sees
     fp16(bf16(x)), in backward as in forward. Each gradient is held to the 2x rule against an fp64 oracle built from

@@ -411,6 +411,25 @@ at::Tensor lora_dx_pass(const c10::optional<at::Tensor>& dx, const c10::optional
   return dA;
 }
 
+// a (M, N) @ w (N, K) as fp32 (M, K): one pass over w in column strips (threads split the columns), each strip's
+// products with every row of a accumulated in fp32 registers, so w is read once whatever M is; a and w in fp32,
+// bf16 or fp16 (each product of two bf16/fp16 values is exact in fp32), rows of unit column stride. LoRA's dY W at
+// decode-sized M, where a vendor GEMM runs as a GEMV of its own.
+at::Tensor strip_mm(const at::Tensor& a, const at::Tensor& w) {
+  check_rows(a, "a");
+  check_rows(w, "w");
+  const int64_t M = a.size(0), N = a.size(1), Kd = w.size(1);
+  TORCH_CHECK(w.size(0) == N, "fastpeft._C: strip_mm: a is (", M, ", ", N, ") but w has ", w.size(0), " rows");
+  // The coefficients the strips read: a^T as fp32 (N, M), row n holding column n of a (a few KB at decode sizes).
+  at::Tensor coef = at::empty({N, M}, at::kFloat);
+  coef.copy_(a.t());
+  at::Tensor out = at::empty({M, Kd}, at::kFloat);
+  if (M == 0 || Kd == 0) return out;
+  if (N == 0) return out.zero_();
+  column_passes(&w, nullptr, nullptr, N, Kd, coef.data_ptr<float>(), M, M, 0.0, 0, out.data_ptr<float>());
+  return out;
+}
+
 // ------------------------------------------------------------------------------------ quantized base weights
 // Python (cpu.py, _quant_args) passes a quantized weight as one tuple:
 //   (kind, N, K, data, absmax, nested_absmax|None, nested_code|None, nested_offset, nested_blocksize, blocksize,
@@ -780,6 +799,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_grad_x", &fastpeft::quant_grad_x, "(dy32, qweight, tile_rows|0) -> dy w (M, K) fp32");
   m.def("lora_small_backward", &fastpeft::lora_small_backward, "(dy, W, x|None, A, B, h, s, p, seed, need_dx) -> "
         "[dx, dA, dB, db] for one fp32 adapter (decode-sized M)");
+  m.def("strip_mm", &fastpeft::strip_mm, "(a (M, N), w (N, K)) -> a w (M, K) fp32: w read once in column strips, "
+        "exact products, fp32 sums");
   m.def("lora_dx_pass", &fastpeft::lora_dx_pass, "(dx|None, x|None, A32, g32, p, seed) -> dA32 (dx updated in place)");
   m.def("widened_mm", &fastpeft::widened_mm, "(a bf16 (M, K), b bf16 (N, K), interleave_a=False) -> a b^T (M, N) "
         "fp32: exact products, fp32 sums, by oneDNN's bf16 block kernel (pair_gemm.cpp); interleave_a rearranges a "

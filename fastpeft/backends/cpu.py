@@ -282,12 +282,14 @@ def _base_product(route: str, x, weight, bias) -> torch.Tensor:
 
 def _grad_product(route: str, dy, weight) -> torch.Tensor:
     """``dY W`` ``(M, K)`` by ``route``: in ``dY``'s dtype for ``compose``, fp32 (not yet rounded) for
-    ``compose_fp32``, ``fused_pairs`` (``_pairs_mm``) and ``fused`` (a quantized weight decoded tile by tile inside
-    the product)."""
+    ``compose_fp32``, ``fused_pairs`` (``_pairs_mm``), ``gemv`` (``_C.strip_mm``) and ``fused`` (a quantized weight
+    decoded tile by tile inside the product)."""
     if route == "fused" and isinstance(weight, QuantizedWeight):
         return _C.quant_grad_x(dy.float().contiguous(), _quant_args(weight, dy.dtype), 0)
     if route == "fused_pairs":
         return _pairs_mm(dy, weight.detach().t())
+    if route == "gemv":  # the weight read once in column strips, exact products of dY's dtype, fp32 sums
+        return _C.strip_mm(dy, weight.detach() if weight.dtype == dy.dtype else weight.detach().to(dy.dtype))
     dtype = _F32 if route in ("compose_fp32", "fused_fp32") else dy.dtype
     return torch.mm(dy if dy.dtype == dtype else dy.to(dtype), _weight_as(weight, dtype, dy.dtype))
 
@@ -447,8 +449,8 @@ def _backward_fused(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds
                     wide=False, product="fused"):
     """Route ``fused`` (``fused_fp32`` with ``wide``): ``_C.lora_dy_pass`` over ``dY``, ``dY W`` by torch's GEMM (a
     quantized weight decoded tile by tile; ``decoded_fused``, ``product="compose"``: decoded into a reused buffer
-    first, as the composition does; ``fused_pairs``, ``product="fused_pairs"``: ``_pairs_mm``), ``_C.lora_dx_pass``
-    over ``x`` and ``dX``."""
+    first, as the composition does; ``fused_pairs``, ``product="fused_pairs"``: ``_pairs_mm``; ``gemv``,
+    ``product="gemv"``: ``_C.strip_mm``), ``_C.lora_dx_pass`` over ``x`` and ``dX``."""
     ranks = [A.shape[0] for A in lora_A]
     single = len(lora_A) == 1
     xa32 = _f32(xa[0]) if single else torch.cat([h.detach().to(_F32) for h in xa], 1).contiguous()
@@ -559,6 +561,7 @@ _BACKWARD_ROUTES = {
     "fused_pairs": partial(_backward_fused, product="fused_pairs"),
     "decoded_fused": partial(_backward_fused, product="compose"),
     "small": _backward_small,
+    "gemv": partial(_backward_fused, product="gemv"),
 }
 
 
@@ -566,6 +569,8 @@ def _backward_eligible(route: str, dy, weight, lora_A, lora_B, xa) -> bool:
     shared = _shared_eligible(route, dy, weight)
     if shared is not None:
         return shared
+    if route == "gemv":
+        return not isinstance(weight, QuantizedWeight) and weight.stride(-1) == 1
     return (route == "small" and not isinstance(weight, QuantizedWeight) and len(lora_A) == 1
             and lora_A[0].is_contiguous() and _all_fp32([dy, weight, lora_A[0], lora_B[0], xa[0]]))
 

@@ -16,7 +16,8 @@ machine. The pieces the routes are built from:
 - backward: ``_C.lora_dy_pass`` (``g_i = s_i dY B_i`` and the bias gradient in one sweep over the rows of ``dY``,
   ``dB`` by column strips of ``dY``) and ``_C.lora_dx_pass`` (``dX += (g_i A_i) * mask_i / (1 - p_i)`` and
   ``dA_i = g_i^T drop_i(x)``; with dropout one sweep over column strips of ``x`` and ``dX`` that draws each strip's
-  mask once for both). Column strips let threads own disjoint columns of ``dA``/``dB``: no per-thread partial sums.
+  mask once for both). Column strips let threads own disjoint columns of ``dA``/``dB``: no per-thread partial sums;
+  ``_C.strip_mm`` computes ``dY W`` the same way, the weight read once for every row of ``dY`` (``gemv``).
 
 All accumulation is fp32; adapter arithmetic runs in the adapters' dtype (PEFT keeps them fp32 under a bf16 base), so
 ``xa``, ``dA`` and ``dB`` match the reference to fp32 rounding on every route.

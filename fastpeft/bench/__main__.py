@@ -160,8 +160,9 @@ def run_layers(args, device, providers, writer, progress) -> None:
                                         "saved_activation_bytes": (saved["saved_activation_bytes"], "bytes"),
                                         "peak_bytes": (peak, how)}
             writer.write(_layer_rows(case, timings, builts, memory))
-            write_route_choices(os.path.join(args.out, "routes.json"))  # after each case: a run
-            del builts, runners, shared  # stopped at a time limit keeps what it measured
+            # after each case, as results.csv: a run stopped at a time limit keeps what it measured
+            write_route_choices(os.path.join(args.out, "routes.json"))
+            del builts, runners, shared
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -257,6 +258,7 @@ def main(argv=None) -> int:
         run_model(args, device, providers, writer)
     if not args.no_cost_model:
         writer.write(cost_model_rows())
+    write_route_choices(os.path.join(out_dir, "routes.json"))  # the model-level runs' choices too
     rows, paths = write_outputs(out_dir, command, not args.no_plots, not args.no_cost_model)
     for line in report.summary(rows):
         print(line, file=sys.stderr)

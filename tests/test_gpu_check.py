@@ -54,3 +54,24 @@ def test_section_replaces_only_the_text_between_the_markers(gpu_check, tmp_path)
     assert path.read_text() == f"# head\n\n{gpu_check.BEGIN}\nnew\n{gpu_check.END}\n\n## tail\n"
     repo_benchmarks = open(os.path.join(os.path.dirname(SCRIPT), os.pardir, "BENCHMARKS.md")).read()
     assert gpu_check.BEGIN in repo_benchmarks and gpu_check.END in repo_benchmarks
+
+
+def test_lent_machine_script_parses_and_its_pins_exist(tmp_path):
+    """``benchmarks/lent_gpu_check.sh`` (gpu-check on an offline lent machine): valid bash, the three packages it
+    fetches are pinned in requirements-dev.txt, and without wheels it stops before installing anything."""
+    import re
+    import shutil
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(SCRIPT))
+    script = os.path.join(repo, "benchmarks", "lent_gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    with open(os.path.join(repo, "requirements-dev.txt")) as f:
+        pinned = set(re.findall(r"^(peft|transformers|bitsandbytes)==\S+$", f.read(), re.M))
+    assert pinned == {"peft", "transformers", "bitsandbytes"}
+    copy = tmp_path / "repo"
+    (copy / "benchmarks").mkdir(parents=True)
+    shutil.copy(script, copy / "benchmarks")
+    proc = subprocess.run(["bash", str(copy / "benchmarks" / "lent_gpu_check.sh")], capture_output=True, text=True,
+                          env=dict(os.environ, OUT=str(tmp_path / "out")))
+    assert proc.returncode == 2 and "no wheels in .whl/" in proc.stdout, proc.stdout + proc.stderr

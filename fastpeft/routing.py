@@ -42,6 +42,7 @@ import importlib
 import json
 import os
 import platform
+import random
 import threading
 import time
 import warnings
@@ -202,7 +203,9 @@ ROUTE_LIMITS: dict[str, str] = {
 # interleaved rounds (one run of each per round, so drift in the machine's load hits all alike) for TIMED_ROUNDS
 # rounds or until MEASURE_BUDGET_S seconds have gone on the rounds, whichever comes first (at least one round);
 # the median of each candidate's runs decides. Three sequential runs per candidate picked routes that lost by 20%
-# at decode sizes on a shared 2-core machine.
+# at decode sizes on a shared 2-core machine. Each round runs the candidates in its own fixed shuffled order: a
+# candidate that widens the weight to fp32 evicts the caches, and in one order every round the route after it was
+# always timed cold and the one after a light route always warm.
 TIMED_ROUNDS = 7
 MEASURE_BUDGET_S = 0.5
 # A measured choice is timed again at its key's CONFIRM_AFTER_CALLS-th call, and that measurement is the one the
@@ -523,8 +526,10 @@ def _time_candidates(candidates: dict[str, Callable[[], object]], device: str = 
         live[route] = fn
     samples: dict[str, list[float]] = {route: [] for route in live}
     spent = 0.0
-    for _ in range(TIMED_ROUNDS):
-        for route, fn in live.items():
+    for round_number in range(TIMED_ROUNDS):
+        order = list(live.items())
+        random.Random(round_number).shuffle(order)  # the same orders in every measurement: deterministic
+        for route, fn in order:
             sync()
             start = time.perf_counter()
             results[route] = fn()

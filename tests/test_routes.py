@@ -179,13 +179,26 @@ def test_route_table_names_every_route_with_its_limits():
 
 def test_candidates_are_timed_in_interleaved_rounds(fresh):
     """One warm-up run of each candidate, then rounds that run every candidate once, so a change in the machine's
-    load during measurement hits every route alike."""
+    load during measurement hits every route alike; the rounds' orders differ, so no route is always timed after the
+    same one (whose traffic may have evicted the caches), and are the same in every measurement."""
+    names = ["compose", "fused", "gemv", "small"]
+
     calls = []
-    routes.run(key(), {"compose": lambda: calls.append("compose") or 1, "fused": lambda: calls.append("fused") or 2})
-    assert len(calls) == 2 * (1 + routes.TIMED_ROUNDS)
-    assert calls == ["compose", "fused"] * (1 + routes.TIMED_ROUNDS)
-    (row,) = routes.routes()
-    assert set(row["timings_ms"]) == {"compose", "fused"}
+    routes.run(key(), {name: (lambda name=name: calls.append(name) or name) for name in names})
+    n = len(names)
+    assert len(calls) == n * (1 + routes.TIMED_ROUNDS)
+    assert calls[:n] == names, "warm-up in the table's order"
+    rounds = [calls[n * (i + 1): n * (i + 2)] for i in range(routes.TIMED_ROUNDS)]
+    assert all(sorted(r) == sorted(names) for r in rounds), rounds
+    assert len({tuple(r) for r in rounds}) > 1, rounds
+    for name in names:
+        before = {calls[i - 1] for i in range(n, len(calls)) if calls[i] == name}
+        assert len(before) >= 2, (name, rounds)
+    again = []
+    routes._time_candidates({name: (lambda name=name: again.append(name)) for name in names})
+    assert again == calls, "the same orders in a second measurement"
+    rows = routes.routes()
+    assert len(rows) == 1 and set(rows[0]["timings_ms"]) == set(names)
 
 
 def test_unmeasured_route_runs_without_timing_and_yields_to_a_pin(fresh):

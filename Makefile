@@ -62,8 +62,13 @@ gpu-check: install-into-python
 endif
 	$(RUN) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
-install-into-python:
+# Rebuilt only when sources change (a stamp per python), so the check's own call of it costs nothing after a build.
+PY_STAMP := build/.installed-into-$(subst /,_,$(PY))
+install-into-python: $(PY_STAMP)
+
+$(PY_STAMP): setup.py pyproject.toml $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
+	mkdir -p build && touch $@
 
 clean:
 	rm -rf $(VENV) build *.egg-info fastpeft/*.so

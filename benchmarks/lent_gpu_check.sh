@@ -9,8 +9,8 @@
 # The machine's python3 holds CUDA torch and triton but not this project's pins of the others. Everything the check
 # writes lands in $OUT (the lent machine's output folder; ./gpu-out-copy elsewhere): make.log, BENCHMARKS.md with its
 # measured-GPU section, and gpu/ (the check's log, host profiles and the timing grid's results and route choices):
-# eight files. Plan on about 100 s of build, up to 150 s of tests with a cold Triton cache, 200 s of grid and 90 s of
-# profiles; give the call about 600 s.
+# eight files. About 100 s of build, then the check's steps under their limits: up to 150 s of tests with a cold
+# Triton cache, 180 s of grid and 90 s of profiles, about 530 s in all: run it with the 600 s a call may take.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

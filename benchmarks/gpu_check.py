@@ -31,8 +31,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
-# (step, seconds): a lent machine starts bare, so the build (about 100 s with 16 jobs), a cold Triton cache (the gpu
-# tests took 132 s cold, 41 s warm) and the grid must all fit in one call of a 15-minute lease
+# (step, seconds): a lent machine starts bare, so the build, the tests' compiles into a cold Triton cache, the grid
+# and the profiles must all fit in one call of at most 600 s (BENCHMARKS.md's measured-GPU section has what each took)
 LIMITS = {"tests": 150, "bench": 180, "profile": 45}
 GPU_GRID = ["--device", "cuda", "--shapes", "7b-qkvo,7b-up,7b-down", "--tokens", "1,16,128,1024,4096",
             "--dtypes", "bf16", "--kinds", "lora,qlora-nf4", "--modes", "infer,fwd+bwd", "--dropouts", "0,0.1",

@@ -24,6 +24,14 @@ from fastpeft.backends import availability, set_backend
 FP32_TOL = 1e-5
 OP = "lora_mixed_forward"
 
+
+def triton_fp32_tol() -> float:
+    """fp32 tolerance of the Triton mixed kernels: full fp32 dots unless torch's matmul is allowed TF32, which the
+    kernels then use too (``fastpeft.kernels._common.dot_precision``)."""
+    from fastpeft.kernels._common import dot_precision
+
+    return 5e-3 if dot_precision() == "tf32" else FP32_TOL
+
 # The routes each backend offers for the mixed op (fastpeft.routing.ROUTES["lora_mixed_forward"]).
 BACKEND_ROUTES = [("reference", "compose"), ("cpu", "compose"), ("cpu", "fused"), ("triton", "compose"),
                   ("triton", "sgmv")]
@@ -479,7 +487,7 @@ def test_sgmv_kernels(dtype, device):
     stacked = mixed_lora.stack_adapters(to(A), to(B), to(bias), scaling, K, N, dev)
     actual = mixed_lora.mixed_lora_(y.to(dev), x.to(dev), mixed_lora.blocks_of(to(rows), dev), *stacked).cpu()
     if dtype == torch.float32:
-        assert_close("y", actual, exact, 5e-3 if mixed_lora.dot_precision() == "tf32" else FP32_TOL)
+        assert_close("y", actual, exact, triton_fp32_tol())
     else:
         assert_within_2x("y", actual, low, exact)
 
@@ -566,8 +574,6 @@ def test_cpu_pass_on_every_simd_path(isa, dtype, tokens):
 def test_cuda_model_rows_match_peft(route):
     """On a GPU: the fused twins on CUDA tensors (the triton backend's routes) against PEFT, within 1e-5 (5e-3 where
     torch's matmul is allowed TF32, which the sgmv kernels then use too)."""
-    from fastpeft.kernels._common import dot_precision
-
     require_triton_mode_for("cuda")
     reference, fused = (m.cuda() for m in twins())
     x = torch.randn(7, 5, 37, device="cuda")
@@ -581,7 +587,7 @@ def test_cuda_model_rows_match_peft(route):
     finally:
         routing.set_route(OP, None)
         set_backend(None)
-    assert_close("y", actual, expected, 5e-3 if dot_precision() == "tf32" else FP32_TOL)
+    assert_close("y", actual, expected, triton_fp32_tol())
 
 
 def test_outputs_stay_right_through_the_confirming_measurement(monkeypatch):

@@ -41,12 +41,6 @@ struct Scratch {
 };
 thread_local Scratch t_scratch;
 
-// t itself when it is contiguous fp32 (PEFT's adapters), else a contiguous fp32 copy. Checked here: Tensor::to
-// goes through the dispatcher even when it returns t, and a decode step calls this for every adapter of every layer.
-at::Tensor contiguous_f32(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
-}
-
 float* at_least(std::vector<float>& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(n);
   return v.data();

@@ -649,7 +649,7 @@ at::Tensor dense_lora_gemv(const at::Tensor& x, const at::Tensor& W, const c10::
                            const c10::optional<at::Tensor>& xs, const c10::optional<at::Tensor>& B,
                            double lora_scale) {
   const QuantDesc d = dense_desc(W);
-  const at::Tensor x32 = x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
+  const at::Tensor x32 = contiguous_f32(x);
   at::Tensor y = gemv_product(d, x32, bias, xs, B, check_product(d, x32, bias, xs, B), lora_scale);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }

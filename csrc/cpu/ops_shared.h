@@ -16,6 +16,11 @@ int activation_dtype(const at::Tensor& t);
 void check_activation_rows(const at::Tensor& t, const char* name);
 // Rows per at::parallel_for task for a row costing work_per_row multiply-adds.
 int64_t rows_grain(int64_t work_per_row);
+// t itself when it is contiguous fp32 (PEFT's adapters), else a contiguous fp32 copy. Checked here: Tensor::to
+// goes through the dispatcher even when it returns t, and a decode step calls this for every adapter of every layer.
+inline at::Tensor contiguous_f32(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+}
 
 // mixed.cpp
 void lora_mixed_(at::Tensor& y, const at::Tensor& x, const at::Tensor& runs,

@@ -290,7 +290,7 @@ def _grad_product(route: str, dy, weight) -> torch.Tensor:
     if route == "fused_pairs":
         return _pairs_mm(dy, weight.detach().t())
     if route == "gemv":  # the weight read once in column strips, exact products of dY's dtype, fp32 sums
-        return _C.strip_mm(dy, weight.detach() if weight.dtype == dy.dtype else weight.detach().to(dy.dtype))
+        return _C.strip_mm(dy, _weight_as(weight, dy.dtype, dy.dtype))
     dtype = _F32 if route in ("compose_fp32", "fused_fp32") else dy.dtype
     return torch.mm(dy if dy.dtype == dtype else dy.to(dtype), _weight_as(weight, dtype, dy.dtype))
 

@@ -28,6 +28,7 @@ provider from the same seed, never deep-copied (bitsandbytes repacks CPU 4-bit w
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -195,9 +196,7 @@ def _wrap(case: Case, base: nn.Module, seed: int) -> nn.Module:
     mixed = case.kind == "lora-mixed"
     model = get_peft_model(_Holder(base), config, adapter_name=mixed_adapter_name(0) if mixed else "default")
     for i in range(1, case.adapters if mixed else 1):
-        model.add_adapter(mixed_adapter_name(i), LoraConfig(r=case.r, lora_alpha=2 * case.r,
-                                                            lora_dropout=case.dropout, target_modules=["proj"],
-                                                            init_lora_weights=False))
+        model.add_adapter(mixed_adapter_name(i), copy.deepcopy(config))
     model.train()
     return model
 

@@ -18,11 +18,27 @@ _FAST = (os.name == "posix" and isinstance(_DATA, dict)
          and all(isinstance(key, bytes) for key in list(_DATA)[:8]))
 
 
+# name -> its bytes key, and raw bytes -> decoded value: encoding the name and decoding the value cost more than the
+# lookup itself, and the dispatch reads the same few variables, mostly unset or at one value, on every call.
+_KEYS: dict[str, bytes] = {}
+_DECODED: dict[bytes, str] = {}
+
+
 def read(name: str) -> Optional[str]:
     """The value of environment variable ``name`` as ``os.environ.get(name)`` gives it (None when unset)."""
     if _FAST:
-        raw = _DATA.get(name.encode())
-        return None if raw is None else os.fsdecode(raw)
+        key = _KEYS.get(name)
+        if key is None:
+            key = _KEYS[name] = name.encode()
+        raw = _DATA.get(key)
+        if raw is None:
+            return None
+        value = _DECODED.get(raw)
+        if value is None:
+            value = os.fsdecode(raw)
+            if len(_DECODED) < 64:  # a bounded memo: values set in a loop are decoded per read instead
+                _DECODED[raw] = value
+        return value
     return os.environ.get(name)
 
 

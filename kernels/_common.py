@@ -69,9 +69,17 @@ def exact_fp32(*dtypes: torch.dtype) -> bool:
     return dot_precision() == "ieee" and torch.float32 in dtypes
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for launch grids, in Python (``triton.cdiv`` from the host goes through Triton's JIT
+    wrapper: microseconds per call)."""
+    return -(-a // b)
+
+
 def next_pow2(n: int, floor: int = 16) -> int:
-    """Smallest power of two >= max(n, floor): ``tl.dot`` needs every dimension >= 16."""
-    return max(floor, triton.next_power_of_2(max(int(n), 1)))
+    """Smallest power of two >= max(n, floor): ``tl.dot`` needs every dimension >= 16. (In Python: calling
+    ``triton.next_power_of_2`` from the host goes through Triton's JIT wrapper, microseconds per launch.)"""
+    n = int(n)
+    return max(floor, 1 if n <= 1 else 1 << (n - 1).bit_length())
 
 
 # --------------------------------------------------------------------------------------------------- the kernel
@@ -437,7 +445,7 @@ def launch_gemm(a, b, out, *, bias=None, dn=None, up=None, rscale=None, down=Non
         config = INTERPRET_CONFIG
     if config is not None:
         kw = config_kwargs(config, a.dtype)
-        grid = (triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(N, kw["BLOCK_N"]),)
+        grid = (cdiv(M, kw["BLOCK_M"]) * cdiv(N, kw["BLOCK_N"]),)
         # the interpreter's stand-in tiles are recorded as the tiles a GPU would run there
         tiles = gemm_gpu_tiles if config is INTERPRET_CONFIG else (
             gemm_first_gpu_tile if config is INTERPRET_FIXED_CONFIG else None)
@@ -445,7 +453,7 @@ def launch_gemm(a, b, out, *, bias=None, dn=None, up=None, rscale=None, down=Non
         return kw["BLOCK_M"]
     exact = exact_fp32(a.dtype, *(t.dtype for t in (dn, up, upre) if t is not None))
     kernel = _autotuned(arch_of(a.device), a.dtype == torch.float32, exact)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     launch(kernel, grid, args, flags, gemm_gpu_tiles)
     return None
 

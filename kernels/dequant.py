@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TL_DTYPES, launch
+from ._common import TL_DTYPES, cdiv, launch
 from .quant_matmul import _dequant_tile, weight_args
 
 # (BLOCK_N, BLOCK_K, num_warps): 4 KB of output per program, enough to keep HBM busy and few registers for the gathers
@@ -53,7 +53,7 @@ def dequantize(qw, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch
         return out
     ptrs, scalars, (swn, swk), is_int8 = weight_args(qw)
     bn, bk, warps = TILE
-    grid = (triton.cdiv(N, bn), triton.cdiv(K, bk))
+    grid = (cdiv(N, bn), cdiv(K, bk))
     launch(_dequant_kernel, grid,
            (*ptrs, out, N, K, scalars["blocksize"], scalars["nbs"], scalars["noffset"], swn, swk, out.stride(0),
             out.stride(1)),

@@ -44,6 +44,7 @@ import triton.language as tl
 from ._common import (
     MAX_FUSED_R,
     UNMEASURED_SMALL_M,
+    cdiv,
     dot_precision,
     dropout_keep,
     exact_fp32,
@@ -190,7 +191,7 @@ def down_proj(a: torch.Tensor, dn: torch.Tensor, seed: int = 0, p: float = 0.0) 
         return out
     bm, bk, warps, stages = small_tile("down_proj", dn.dtype)
     br = min(next_pow2(R), 64)
-    grid = (triton.cdiv(M, bm), triton.cdiv(R, br))
+    grid = (cdiv(M, bm), cdiv(R, br))
     launch(_down_proj_kernel, grid,
            (a, dn, out, M, K, R, int(seed), float(p), a.stride(0), a.stride(1), dn.stride(0), dn.stride(1),
             out.stride(0), out.stride(1)),
@@ -209,7 +210,7 @@ def lowrank_update(base: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor, rsc
     R = lhs.shape[1]
     out = base if out is None else out
     bm, bn, warps, stages = small_tile("lowrank_update", rhs.dtype)
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    grid = (cdiv(M, bm), cdiv(N, bn))
     launch(_lowrank_update_kernel, grid,
            (base, lhs, rhs, rscale, vbias if vbias is not None else rscale, out, M, N, R, int(seed), float(p),
             base.stride(0), base.stride(1), lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1),
@@ -228,7 +229,7 @@ def grad_a(g: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, seed: int = 0, 
         return out.zero_()
     bm, bk, warps, stages = small_tile("grad_a", dtype)
     br = min(next_pow2(R), 64)
-    grid = (triton.cdiv(K, bk), triton.cdiv(R, br))
+    grid = (cdiv(K, bk), cdiv(R, br))
     launch(_grad_a_kernel, grid,
            (g, x, out, M, K, R, int(seed), float(p), g.stride(0), g.stride(1), x.stride(0), x.stride(1),
             out.stride(0), out.stride(1)),

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, exact_fp32, launch, next_pow2
+from ._common import cdiv, dot_precision, exact_fp32, launch, next_pow2
 
 BLOCK_M = 64
 BLOCK_K = 64
@@ -185,7 +185,7 @@ def mixed_lora_(y: torch.Tensor, x: torch.Tensor, blocks: tuple, A_all: torch.Te
             x.stride(0), A_all.stride(0), A_all.stride(1), xa.stride(0)),
            dict(INPUT_PRECISION=dot_precision(), BLOCK_M=BLOCK_M, BLOCK_K=block_k, BLOCK_R=rp, num_warps=warps,
                 num_stages=NUM_STAGES))
-    launch(_mixed_expand_kernel, (nb, triton.cdiv(N, block_n)),
+    launch(_mixed_expand_kernel, (nb, cdiv(N, block_n)),
            (y, xa, Bt_all, bias_all, order, blk_adapter, blk_start, blk_len, N,
             y.stride(0), xa.stride(0), Bt_all.stride(0), Bt_all.stride(1), bias_all.stride(0)),
            dict(INPUT_PRECISION=dot_precision(), BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=rp, num_warps=warps,

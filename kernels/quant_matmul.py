@@ -36,6 +36,7 @@ from ._common import (
     add_low_rank_product,
     arch_of,
     autotuned,
+    cdiv,
     config_kwargs,
     dot_dtype,
     dot_precision,
@@ -256,10 +257,10 @@ def quant_matmul(a: torch.Tensor, qw, *, transpose: bool = False, bias=None, vin
         config = INTERPRET_CONFIG
     if config is not None:
         kw = quant_config_kwargs(config, a.dtype)
-        grid = (triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(n_out, kw["BLOCK_N"]),)
+        grid = (cdiv(M, kw["BLOCK_M"]) * cdiv(n_out, kw["BLOCK_N"]),)
         launch(_quant_gemm_kernel, grid, args, {**flags, **kw}, gpu_tiles if config is INTERPRET_CONFIG else None)
         return out
     kernel = _autotuned(arch_of(a.device), a.dtype)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
     launch(kernel, grid, args, flags, gpu_tiles)
     return out

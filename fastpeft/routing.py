@@ -47,6 +47,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -62,7 +63,10 @@ ROUTES: dict[str, dict[str, str]] = {
     "lora_forward": {
         "compose": "vendor GEMM for x W^T in x's dtype (oneDNN/MKL on the CPU, cuBLAS on a GPU; a quantized weight "
                    "decoded into a reused buffer of x's dtype first); x A^T by the vendor GEMM in the adapter's dtype "
-                   "(p = 0) or by fastpeft's Philox pass (p > 0, no copy of x); y.addmm_(xa, B^T, alpha=s)",
+                   "(p = 0; x narrower than the adapter is widened in fastpeft's C++ pass on the CPU, as a torch copy "
+                   "on a GPU) or by fastpeft's Philox pass (p > 0, no copy of x); y.addmm_(xa, B^T, alpha=s)",
+        "compose_pass": "Triton: compose with x narrower than an adapter (bf16 x, fp32 A) widened in the registers of "
+                        "fastpeft's down-projection kernel at p = 0 too: no copy of x, one kernel launch more",
         "compose_fp32": "compose with the base product and update in fp32 (x, W widened transiently), rounded once",
         "fused": "vendor GEMM in x's dtype, then one C++ pass over x for all adapters (dropout regenerated) and one "
                  "in-place C++ epilogue over y; a quantized weight decoded tile by tile inside the product",
@@ -76,8 +80,10 @@ ROUTES: dict[str, dict[str, str]] = {
                          "base product), then fused's C++ passes for the adapters",
         "gemv": "one pass over the weight rows (decoded in registers for a quantized weight), every activation row, "
                 "the adapter term and the biases added in the same pass",
-        "bnb_native": "bitsandbytes' AVX-512 4-bit kernel for the base product (its tiled layout: the module's own "
-                      "after bitsandbytes repacked it, else one copy made once), then the composition's adapter terms",
+        "bnb_native": "bitsandbytes' own 4-bit kernel for the base product, then the composition's adapter terms: on "
+                      "the CPU its AVX-512 kernel (its tiled layout: the module's own after bitsandbytes repacked it, "
+                      "else one copy made once); on a GPU its CUDA product (torch.ops.bitsandbytes.gemm_4bit: its "
+                      "GEMV/GEMM kernels or its decode and cuBLAS, as it picks per shape) on the packed bytes",
         "bnb_native_fused": "bnb_native with the adapter terms by the C++ passes (fp32 update, y rounded once)",
         "passes": "Triton: vendor GEMM for x W^T, fastpeft's down-projection kernel (dropout drawn in registers) and "
                   "one in-place low-rank epilogue kernel over y",
@@ -92,6 +98,8 @@ ROUTES: dict[str, dict[str, str]] = {
         "compose": "dY W by the vendor GEMM in dY's dtype (a quantized weight decoded into a reused buffer first); "
                    "dY B, dY^T h, g A and g^T x by vendor GEMMs in the adapter's dtype; the masked dX/dA pass (C++ on "
                    "the CPU, a Triton kernel on a GPU) when p > 0",
+        "compose_pass": "Triton: compose with g^T x for x narrower than the adapter by fastpeft's dA kernel (x widened "
+                        "in registers, no copy) at p = 0 too",
         "compose_fp32": "compose in fp32 (dY, W widened transiently)",
         "fused": "one C++ pass over dY (dY B, dB, the bias gradient), the vendor GEMM for dY W, one C++ pass over x "
                  "and dX (dA, dropout regenerated); on the triton backend, a quantized weight decoded tile by tile "
@@ -175,11 +183,14 @@ ROUTE_LIMITS: dict[str, str] = {
             "quantized weight",
     "small": "dense fp32 dY, weight and adapters, one adapter whose A is contiguous",
     "fused (IA3)": "a quantized weight (for a dense one it is compose)",
-    "bnb_native": "forward only; bitsandbytes with its AVX-512 BF16 CPU kernel loaded; a 4-bit weight with "
+    "bnb_native": "forward only. CPU: bitsandbytes with its AVX-512 BF16 CPU kernel loaded; a 4-bit weight with "
                   "K % blocksize == 0 (that kernel decodes blocks that straddle two rows wrongly) and N % 32 == 0 "
-                  "(its tiling); x in bf16 (it computes in bf16)",
+                  "(its tiling); x in bf16 (it computes in bf16). GPU (triton backend): a 4-bit weight of x's dtype "
+                  "(bitsandbytes decodes straight to x's dtype), K % blocksize == 0, nested blocks of 256",
     "bnb_native_fused": "as bnb_native",
     "passes / split_gemm": "the triton backend (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)",
+    "compose_pass": "the triton backend; x (dY) narrower than an fp32 adapter without dropout (elsewhere it is "
+                    "compose)",
     "cuda_kernels": "offered by the triton backend's dense ops on CUDA tensors where the cuda backend is available "
                     "(the extension fastpeft._cuda built, an sm_80+ device); no quantized weight (it would decode the "
                     "whole weight per call)",
@@ -581,6 +592,33 @@ def run(key: RouteKey, candidates: dict[str, Callable[[], object]], device: str 
                     return _measure(key, candidates, device, choice.note, again=True)
     _last[key.op] = choice.route
     return candidates[choice.route]()
+
+
+class EligibleRoutes:
+    """The routes of an op (``table``) that may serve one call, as :func:`take` asks about them (``route in ...``):
+    only the asked route's conditions are checked, so a call whose route is settled skips the others' and builds no
+    candidate (at decode sizes that bookkeeping is a visible share of the call)."""
+
+    __slots__ = ("table", "check", "args")
+
+    def __init__(self, table: dict, check, args: tuple) -> None:
+        self.table, self.check, self.args = table, check, args
+
+    def __contains__(self, route: str) -> bool:
+        return route in self.table and self.check(route, *self.args)
+
+
+def run_table(key: RouteKey, table: dict, eligible, args: tuple, conditions: tuple, device: str = "cpu",
+              unmeasured: Optional[str] = None):
+    """Run the op of ``key`` by one of the routes in ``table`` (name -> function of ``args``), those for which
+    ``eligible(name, *conditions)`` holds: at once when the route is pinned or chosen already (only its own
+    conditions checked, no candidate built), else through :func:`run` (``device`` and ``unmeasured`` as there)."""
+    if unmeasured is None:
+        route = take(key, EligibleRoutes(table, eligible, conditions))
+        if route is not None:
+            return table[route](*args)
+    candidates = {name: partial(function, *args) for name, function in table.items() if eligible(name, *conditions)}
+    return run(key, candidates, device, unmeasured=unmeasured)
 
 
 def run_in_place(key: RouteKey, updaters: dict[str, Callable[[torch.Tensor], object]], target: torch.Tensor,

@@ -576,30 +576,6 @@ def _backward_eligible(route: str, dy, weight, lora_A, lora_B, xa) -> bool:
             and lora_A[0].is_contiguous() and _all_fp32([dy, weight, lora_A[0], lora_B[0], xa[0]]))
 
 
-class _EligibleRoutes:
-    """The routes of an op (``table``) that may serve one call, as ``routing.take`` asks about them
-    (``route in ...``): only the asked route's conditions are checked, so a call whose route is settled skips the
-    others' and builds no candidate (at decode sizes that bookkeeping is a visible share of the call)."""
-
-    __slots__ = ("table", "check", "args")
-
-    def __init__(self, table: dict, check, args: tuple) -> None:
-        self.table, self.check, self.args = table, check, args
-
-    def __contains__(self, route: str) -> bool:
-        return route in self.table and self.check(route, *self.args)
-
-
-def _run_routes(key, table: dict, eligible, args: tuple, conditions: tuple):
-    """Run the op of ``key`` by one of the routes in ``table`` (name -> function of ``args``), those for which
-    ``eligible(name, *conditions)`` holds: at once when the route is pinned or chosen already (only its own
-    conditions checked, no candidate built), else through ``routing.run``."""
-    route = routes.take(key, _EligibleRoutes(table, eligible, conditions))
-    if route is not None:
-        return table[route](*args)
-    return routes.run(key, {name: partial(run, *args) for name, run in table.items() if eligible(name, *conditions)})
-
-
 class CpuBackend(Backend):
     name = "cpu"
 
@@ -663,12 +639,13 @@ class CpuBackend(Backend):
     def lora_forward(self, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
         args = (x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
         key = self._key("lora_forward", x, weight, lora_A, dropout_p)
-        return _run_routes(key, _FORWARD_ROUTES, _forward_eligible, args, (x, weight, lora_A))
+        return routes.run_table(key, _FORWARD_ROUTES, _forward_eligible, args, (x, weight, lora_A))
 
     def settled_route(self, op, x, weight, lora_A):
         key = self._key(op, x, weight, lora_A, [0.0] * len(lora_A))
         if op == "lora_forward":
-            table, eligible = _FORWARD_ROUTES, _EligibleRoutes(_FORWARD_ROUTES, _forward_eligible, (x, weight, lora_A))
+            table = _FORWARD_ROUTES
+            eligible = routes.EligibleRoutes(table, _forward_eligible, (x, weight, lora_A))
         elif op == "lora_update":
             table = eligible = _UPDATE_ROUTES
         else:
@@ -702,7 +679,7 @@ class CpuBackend(Backend):
         args = (dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A)
         grads = ("dx" if needs_grad_x else "") + ("dA" if needs_grad_A else "")
         key = self._key("lora_backward", dy, weight, lora_A, dropout_p, grads)
-        return _run_routes(key, _BACKWARD_ROUTES, _backward_eligible, args, (dy, weight, lora_A, lora_B, xa))
+        return routes.run_table(key, _BACKWARD_ROUTES, _backward_eligible, args, (dy, weight, lora_A, lora_B, xa))
 
     # ------------------------------------------------------------------------------------------------------ IA3
     def _product(self, op_outputs, x, weight, bias, compute):

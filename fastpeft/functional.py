@@ -337,9 +337,22 @@ def dispatch_state() -> tuple:
 
 def may_settle(x: torch.Tensor) -> bool:
     """Whether a call on ``x`` may be kept resolved (:class:`SettledCall`): it records no autograd, runs outside
-    autocast and torch.compile, on a plain CPU tensor that does not require grad."""
-    return not (type(x) is not torch.Tensor or torch.is_grad_enabled() or not x.is_cpu or x.requires_grad
-                or x.dim() == 0 or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling())
+    autocast and torch.compile, on a plain CPU or CUDA tensor that does not require grad."""
+    if type(x) is not torch.Tensor or torch.is_grad_enabled() or x.requires_grad or x.dim() == 0:
+        return False
+    if x.is_cpu:
+        device_type = "cpu"
+    elif x.is_cuda:
+        device_type = "cuda"
+    else:
+        return False
+    return not (torch.is_autocast_enabled(device_type) or torch.compiler.is_compiling())
+
+
+def on_device(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether ``t`` is on ``device`` (a CPU tensor is asked without building its ``torch.device``: this runs on
+    every settled call)."""
+    return t.is_cpu if device.type == "cpu" else t.device == device
 
 
 def settled_route(op: str, x2: torch.Tensor, weight, lora_A: Sequence[torch.Tensor]):
@@ -354,20 +367,21 @@ class SettledCall:
     arguments other than ``x`` bound, so a repeat skips resolving (at decode sizes resolving cost as much as the
     product itself). :meth:`output` declines (returns None) a call whose dispatch could differ: one
     :func:`may_settle` refuses, another dtype, ``K`` or ``M`` bucket, a changed :func:`dispatch_state`, or a call due
-    to measure a route again. The caller checks that what it bound (its tensors, scalings) is unchanged."""
+    to measure a route again, or on another device. The caller checks that what it bound (its tensors, scalings) is
+    unchanged."""
 
-    __slots__ = ("state", "dtype", "k", "m_low", "m_high", "taken", "function")
+    __slots__ = ("state", "dtype", "device", "k", "m_low", "m_high", "taken", "function")
 
     def __init__(self, x2: torch.Tensor, taken: dict, function):
         m = routing.bucket(x2.shape[0])
-        self.state, self.dtype, self.k, self.m_low, self.m_high = (dispatch_state(), x2.dtype, x2.shape[1],
-                                                                   m // 2 if m > 1 else 0, m)
+        self.state, self.dtype, self.device, self.k, self.m_low, self.m_high = (
+            dispatch_state(), x2.dtype, x2.device, x2.shape[1], m // 2 if m > 1 else 0, m)
         self.taken = routing.TakenRoutes({op: (found[0], found[2]) for op, found in taken.items()})
         self.function = function
 
     def output(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The call's output for ``x`` ``(..., K)`` (``(..., N)``), or None where its dispatch could differ."""
-        if not may_settle(x) or x.dtype is not self.dtype or x.shape[-1] != self.k:
+        if not may_settle(x) or x.dtype is not self.dtype or x.shape[-1] != self.k or not on_device(x, self.device):
             return None
         if (not self.m_low < x.numel() // self.k <= self.m_high or dispatch_state() != self.state
                 or self.taken.due()):

@@ -365,7 +365,8 @@ class SettledLayerCall:
                 or base._forward_hooks or base._forward_pre_hooks or layer._active_adapter != self.active):
             return False
         if self.quantized is None:
-            if weight.dtype is not self.calls[0].dtype or not weight.is_cpu:
+            call = self.calls[0]
+            if weight.dtype is not call.dtype or not functional.on_device(weight, call.device):
                 return False
         elif (base.training or getattr(base, "compute_dtype", None) is not self.compute_dtype
               or not is_bnb_quantized(base) or QuantizedWeight.from_bnb_linear(base) is not self.quantized):

@@ -49,7 +49,7 @@ from . import routing
 from ._derived import SHARED
 from .backends import get_backend
 from .backends.compose import lossless
-from .functional import dispatch_state, draw_seeds, may_settle
+from .functional import dispatch_state, draw_seeds, may_settle, on_device
 from .reference import apply_dropout
 
 BASE_NAME = "__base__"
@@ -337,13 +337,14 @@ class SettledMixedCall:
     inputs (a decode step of ``generate`` with ``adapter_names``): the route its key takes, the row plan and the
     adapters, so a repeat skips resolving (after the base product streamed the layer's weight, resolving cost more
     than the C++ pass itself). :meth:`serves` declines a call whose dispatch could differ (another ``adapter_names``
-    list, dtype, shape, grad or autocast mode, a changed ``functional.dispatch_state``, or a call due to measure the
-    route again); the caller checks that its adapters are unchanged."""
+    list, dtype, shape, device, grad or autocast mode, a changed ``functional.dispatch_state``, or a call due to
+    measure the route again); the caller checks that its adapters are unchanged."""
 
-    __slots__ = ("state", "groups", "dtype", "shape", "plan", "adapters", "present", "function", "taken")
+    __slots__ = ("state", "groups", "dtype", "shape", "device", "plan", "adapters", "present", "function", "taken")
 
-    def __init__(self, state, groups, dtype, shape, plan, adapters, present, function, taken):
-        self.state, self.groups, self.dtype, self.shape, self.plan = state, groups, dtype, shape, plan
+    def __init__(self, state, groups, dtype, shape, device, plan, adapters, present, function, taken):
+        self.state, self.groups, self.dtype, self.shape, self.device = state, groups, dtype, shape, device
+        self.plan = plan
         self.adapters, self.present, self.function, self.taken = adapters, present, function, taken
 
     @classmethod
@@ -360,12 +361,12 @@ class SettledMixedCall:
         if found is None:
             return None
         plan = groups.plan(x2.shape[0] // len(groups.names), x2.device)
-        return cls(dispatch_state(), groups, x.dtype, x.shape, plan, adapters, present, routes[found[0]],
+        return cls(dispatch_state(), groups, x.dtype, x.shape, x.device, plan, adapters, present, routes[found[0]],
                    routing.TakenRoutes({"lora_mixed_forward": found}))
 
     def serves(self, x: torch.Tensor, adapter_names) -> bool:
         """Whether this call may add the adapters' terms for ``x`` with ``adapter_names``."""
-        return (may_settle(x) and x.dtype is self.dtype and x.shape == self.shape
+        return (may_settle(x) and x.dtype is self.dtype and x.shape == self.shape and on_device(x, self.device)
                 and row_groups(adapter_names) is self.groups and dispatch_state() == self.state
                 and not self.taken.due())
 

@@ -351,3 +351,23 @@ def test_settled_state_is_not_pickled(final_routes):
     twin = copy.deepcopy(fused)
     assert all(layer._fastpeft_settled is None for layer in lora_layers(twin))
     outputs_agree(reference, twin, torch.randn(6, 23), label="deep copy")
+
+
+@pytest.mark.gpu
+def test_settled_calls_on_cuda_follow_the_device(final_routes, monkeypatch):
+    """On a CUDA device repeated evaluation calls run settled (the triton backend's measured route, kept) and give
+    PEFT's output; a model moved to the CPU and back keeps its parameters' objects, and its settled calls decline
+    a call on another device instead of computing there."""
+    reference, fused = mlp_twins()
+    reference.cuda()
+    fused.cuda()
+    outputs_agree(reference, fused, torch.randn(3, 5, 23, device="cuda"), label="settling")
+    layers = lora_layers(fused)
+    assert layers and all(layer._fastpeft_settled is not None for layer in layers)
+    counter = count_resolved(monkeypatch)
+    outputs_agree(reference, fused, torch.randn(2, 7, 23, device="cuda"), label="settled")
+    assert counter.calls == 0, "every call of the same dtype and rows bucket ran settled"
+    reference.cpu()
+    fused.cpu()
+    outputs_agree(reference, fused, torch.randn(2, 7, 23), label="moved to the CPU")
+    assert counter.calls >= len(layers), "the CUDA calls declined the CPU input"

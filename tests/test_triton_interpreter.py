@@ -163,14 +163,16 @@ ROUTE_CASES = [
     ("fp32", None, (4,), 5, (0.0,), "auto", True, False, False, False),
     ("fp16", "fp32", (4,), 9, (0.2,), "auto", True, True, True, False),
     ("fp32", None, (3, 5), 7, (0.0, 0.3), "auto", False, True, False, True),
+    ("fp16", "fp32", (4,), 6, (0.0,), "auto", True, False, True, False),
 ]
 
 
 @pytest.mark.parametrize("case", ROUTE_CASES, ids=_lora_id)
 def test_every_route_matches_reference(kernels_for, case):
-    """The triton backend's routes (``compose``, ``passes``, ``split_gemm``, ``fused_gemm``), each pinned through
-    ``fastpeft.routing``, against the fp64 reference: a route changes speed, never meaning. Ineligible pins (the
-    fused GEMM forward with a dropped adapter among several) are reported by ``last_route`` and skipped."""
+    """The triton backend's routes (``compose``, ``compose_pass``, ``passes``, ``split_gemm``, ``fused_gemm``), each
+    pinned through ``fastpeft.routing``, against the fp64 reference: a route changes speed, never meaning.
+    Ineligible pins (the fused GEMM forward with a dropped adapter among several; ``compose_pass`` where x is as
+    wide as every adapter without dropout) are reported by ``last_route`` and skipped."""
     from fastpeft import routing
 
     device, _, _, backend = kernels_for
@@ -183,7 +185,7 @@ def test_every_route_matches_reference(kernels_for, case):
     dx_r, dA_r, dB_r, db_r = REF.lora_backward(*bwd)
     ran = {"lora_forward": [], "lora_backward": []}
     try:
-        for route in ("compose", "passes", "split_gemm", "fused_gemm", "cuda_kernels"):
+        for route in ("compose", "compose_pass", "passes", "split_gemm", "fused_gemm", "cuda_kernels"):
             routing.set_route("lora_forward", route)
             routing.set_route("lora_backward", route)
             y, xa = backend.lora_forward(*args)
@@ -207,8 +209,11 @@ def test_every_route_matches_reference(kernels_for, case):
         routing.set_route("lora_backward", None)
     drops, n = sum(p > 0 for p in d["ps"]), len(d["ps"])
     fused_serves = {"lora_forward": drops == 0 or n == 1, "lora_backward": drops <= 1}
+    # x narrower than an adapter without dropout: compose widens a copy of x, compose_pass widens it in the pass
+    widened = any(A.dtype == torch.float32 != d["x"].dtype and p == 0 for A, p in zip(d["A"], d["ps"]))
     for op, names in ran.items():
         assert {"compose", "passes", "split_gemm"} <= set(names), (op, names)
+        assert ("compose_pass" in names) == widened, (op, names)
         assert ("fused_gemm" in names) == fused_serves[op], (op, names)
         assert ("cuda_kernels" in names) == _cuda_kernels_serve(device), (op, names)
 

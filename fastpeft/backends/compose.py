@@ -34,28 +34,34 @@ def lossless(src: torch.dtype, dst: torch.dtype) -> bool:
     return src == dst or dst == _F32
 
 
-def add_adapters(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, down: DownPass):
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call where it is already ``dtype`` (a no-op ``.to`` still costs a dispatch: these
+    functions run per layer call, and on a GPU at decode sizes the host's dispatches are the whole cost)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def add_adapters(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, down: DownPass,
+                 widen_by_copy: bool = False):
     """``y += sum_i s_i (drop_i(x_i) A_i^T B_i^T + b_i)`` on the base output ``y`` (``(M, N)`` in ``x``'s dtype):
-    ``x A^T`` by torch in the adapter's dtype (by ``down`` with dropout, or where ``x`` must be widened: no copy
-    of ``x``), the update by ``addmm_`` in ``y``'s dtype (several adapters: summed in fp32, ``y`` rounded once).
-    Returns ``(y, xa)`` with ``xa[i]`` ``(M, r_i)`` in ``A_i``'s dtype."""
+    ``x A^T`` by torch in the adapter's dtype (by ``down`` with dropout; where ``x`` is narrower than the adapter, by
+    ``down`` too, no copy of ``x``, unless ``widen_by_copy``: then torch widens a copy, one vendor call instead of
+    the pass's launch), the update by ``addmm_`` in ``y``'s dtype (several adapters: summed in fp32, ``y`` rounded
+    once). Returns ``(y, xa)`` with ``xa[i]`` ``(M, r_i)`` in ``A_i``'s dtype. Records no autograd (the backends'
+    contract): the operands are not detached."""
     xa_out, terms = [], []
     for xi, A, B, b, s, p, seed in zip(adapter_inputs(x, lora_A), lora_A, lora_B, lora_bias, scaling, dropout_p,
                                        seeds):
-        if p == 0 and xi.dtype == A.dtype:
-            xa = torch.mm(xi, A.detach().t())
+        if p == 0 and (xi.dtype == A.dtype or widen_by_copy):
+            xa = torch.mm(as_dtype(xi, A.dtype), A.t())
         else:
-            xa32 = down(xi, A, float(p), int(seed))
-            xa = xa32 if A.dtype == _F32 else xa32.to(A.dtype)
+            xa = as_dtype(down(xi, A, float(p), int(seed)), A.dtype)
         xa_out.append(xa)
-        terms.append((xa, B.detach(), b, float(s)))
+        terms.append((xa, B, b, float(s)))
     if len(terms) == 1:
         xa, B, b, s = terms[0]
-        Bt = B.t()
-        y.addmm_(xa if xa.dtype == y.dtype else xa.to(y.dtype), Bt if Bt.dtype == y.dtype else Bt.to(y.dtype),
-                 alpha=s)  # (a no-op .to still costs a dispatch: this runs per decoded token)
+        y.addmm_(as_dtype(xa, y.dtype), as_dtype(B.t(), y.dtype), alpha=s)
         if b is not None:
-            y.add_(b.detach().to(y.dtype), alpha=s)
+            y.add_(as_dtype(b, y.dtype), alpha=s)
     elif terms:
         # One rounding of y for all adapters, as the reference sums them before its single cast.
         xs = torch.cat([(xa.to(_F32) * s) for xa, _, _, s in terms], 1)
@@ -63,16 +69,18 @@ def add_adapters(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, dow
         update = torch.mm(xs, bt)
         for _, _, b, s in terms:
             if b is not None:
-                update.add_(b.detach().to(_F32), alpha=s)
+                update.add_(b.to(_F32), alpha=s)
         y = y.add_(update) if y.dtype == _F32 else (y.to(_F32) + update).to(y.dtype)
     return y, xa_out
 
 
-def backward(dy, x, grad_x, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_A, masked: MaskedPass):
+def backward(dy, x, grad_x, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_A, masked: MaskedPass,
+             widen_by_copy: bool = False):
     """The adapters' part of LoRA's backward around the base product ``grad_x = dY W`` (or None when ``dX`` is
     not wanted): ``g_i = s_i dY B_i``, ``dB_i = s_i dY^T h_i`` and ``db_i = s_i sum_m dY`` by torch in the
     adapter's dtype; ``dX += (g_i A_i) * mask_i`` and ``dA_i = g_i^T drop_i(x)`` by torch without dropout, by
-    ``masked`` with it (or where ``x`` is narrower than ``A``). Returns ``(dX, dA, dB, db)``."""
+    ``masked`` with it (or where ``x`` is narrower than ``A``, unless ``widen_by_copy``: then torch widens a copy of
+    ``x`` for ``dA``, as in :func:`add_adapters`). Returns ``(dX, dA, dB, db)``."""
     acc = grad_x
     if grad_x is not None and len(lora_A) > 1 and grad_x.dtype != _F32:
         acc = grad_x.float()  # several adapters: carried in fp32 like the reference, rounded once
@@ -87,22 +95,23 @@ def backward(dy, x, grad_x, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs
             d = widened.get(B.dtype)
             if d is None:
                 d = widened[B.dtype] = dy.to(B.dtype)
-        g = torch.mm(d, B).mul_(float(s))
-        grad_B.append(torch.mm(d.t(), h.to(B.dtype)).mul_(float(s)))
-        grad_bias.append(d.sum(0).mul_(float(s)))
+        s = float(s)
+        g = torch.mm(d, B).mul_(s)
+        grad_B.append(torch.mm(d.t(), as_dtype(h, B.dtype)).mul_(s))
+        grad_bias.append(d.sum(0).mul_(s))
         xi = next(inputs) if needs_grad_A else None
         if p == 0:
             if acc is not None:
-                acc.addmm_(g.to(acc.dtype), A.to(acc.dtype))
+                acc.addmm_(as_dtype(g, acc.dtype), as_dtype(A, acc.dtype))
             if xi is None:
                 grad_A.append(None)
-            elif xi.dtype == A.dtype:
-                grad_A.append(torch.mm(g.t(), xi))
+            elif xi.dtype == A.dtype or widen_by_copy:
+                grad_A.append(as_dtype(torch.mm(as_dtype(g, A.dtype).t(), as_dtype(xi, A.dtype)), A.dtype))
             else:  # x narrower than A: widened in registers by the pass, no copy of x
-                grad_A.append(masked(None, xi, A, g.to(_F32), 0.0, 0).to(A.dtype))
+                grad_A.append(as_dtype(masked(None, xi, A, as_dtype(g, _F32), 0.0, 0), A.dtype))
             continue
-        dA = masked(acc, xi, A, g.to(_F32), float(p), int(seed))
-        grad_A.append(dA.to(A.dtype) if xi is not None else None)
+        dA = masked(acc, xi, A, as_dtype(g, _F32), float(p), int(seed))
+        grad_A.append(as_dtype(dA, A.dtype) if xi is not None else None)
     if acc is not None and acc is not grad_x:
         grad_x = acc.to(grad_x.dtype)
     return grad_x, grad_A, grad_B, grad_bias

@@ -91,32 +91,57 @@ def _triton_masked(acc, xi, A, g32, p, seed):
     return lora.grad_a(g32, xi.float() if _interpreted_bf16(xi) else xi, torch.float32, seed, p)
 
 
-def _compose_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
-    """Route ``compose``: cuBLAS (torch) for the base, ``fastpeft.backends.compose`` for the adapters."""
+def _compose_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, widen_by_copy=True):
+    """Routes ``compose`` and ``compose_pass``: cuBLAS (torch) for the base, ``fastpeft.backends.compose`` for the
+    adapters; where x is narrower than an adapter (bf16 x, fp32 A) ``compose`` widens a copy of x for the vendor GEMM
+    and ``compose_pass`` widens it in the registers of fastpeft's down-projection kernel (no copy, one launch more
+    from the host)."""
     w = weight if weight.dtype == x.dtype else weight.to(x.dtype)
-    y = torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
-    return compose.add_adapters(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, _triton_down)
+    y = torch.nn.functional.linear(x, w, None if bias is None else compose.as_dtype(bias, x.dtype))
+    return compose.add_adapters(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, _triton_down,
+                                widen_by_copy)
 
 
-def _compose_backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A):
-    """Route ``compose``: ``dY W`` by cuBLAS (torch), ``fastpeft.backends.compose`` for the adapters."""
+def _compose_backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A,
+                      widen_by_copy=True):
+    """Routes ``compose`` and ``compose_pass``: ``dY W`` by cuBLAS (torch), ``fastpeft.backends.compose`` for the
+    adapters (``dA`` from a widened copy of x, or by the dA kernel, as in :func:`_compose_forward`)."""
     grad_x = None
     if needs_grad_x:
         grad_x = torch.mm(dy, weight if weight.dtype == dy.dtype else weight.to(dy.dtype))
     return compose.backward(dy, x, grad_x, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_A,
-                            _triton_masked)
+                            _triton_masked, widen_by_copy)
+
+
+def _other_device(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a CUDA tensor on a device other than the current one (Triton launches on the current one)."""
+    return t.is_cuda and t.get_device() != torch.cuda.current_device()
 
 
 def _on_input_device(method):
-    """Run a backend method with the CUDA device of its first tensor argument current: Triton launches on the
-    current device, and a model spread over several GPUs (``device_map="auto"``) has layers on cuda:1 and beyond."""
+    """Run a backend method with the CUDA device of its first tensor argument current: a model spread over several
+    GPUs (``device_map="auto"``) has layers on cuda:1 and beyond. Where that device is current already (every call
+    on one GPU) no context is entered: it costs microseconds."""
 
     @functools.wraps(method)
     def wrapper(self, first, *args, **kwargs):
-        if first.is_cuda:
+        if _other_device(first):
             with torch.cuda.device(first.device):
                 return method(self, first, *args, **kwargs)
         return method(self, first, *args, **kwargs)
+
+    return wrapper
+
+
+def _on_input_device_call(function):
+    """``function(first, ...)`` run as :func:`_on_input_device` runs a method."""
+
+    @functools.wraps(function)
+    def wrapper(first, *args):
+        if _other_device(first):
+            with torch.cuda.device(first.device):
+                return function(first, *args)
+        return function(first, *args)
 
     return wrapper
 
@@ -132,6 +157,92 @@ def _cuda_kernels(x, weight):
         return None
     backend = _instances["cuda"]
     return backend if backend.supports(x, weight) else None
+
+
+def _forward_kernels(mode, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
+    """Routes ``passes``, ``split_gemm`` and ``fused_gemm``: ``fastpeft.kernels.lora.lora_forward`` in ``mode``."""
+    from fastpeft.kernels import lora
+
+    if _interpreted_bf16(x, weight, bias, *lora_A, *lora_B, *lora_bias):
+        y, xa = lora.lora_forward(*_widen([x, weight, bias, lora_A, lora_B, lora_bias]), scaling, dropout_p, seeds,
+                                  mode=mode)
+        return y.to(x.dtype), [h.to(A.dtype) for h, A in zip(xa, lora_A)]
+    return lora.lora_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, mode=mode)
+
+
+def _forward_cuda_kernels(x, weight, *rest):
+    """Route ``cuda_kernels``: the ``cuda`` backend's forward."""
+    return _cuda_kernels(x, weight).lora_forward(x, weight, *rest)
+
+
+def _backward_kernels(mode, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x,
+                      needs_grad_A):
+    """Routes ``passes``, ``split_gemm`` and ``fused_gemm``: ``fastpeft.kernels.lora.lora_backward`` in ``mode``."""
+    from fastpeft.kernels import lora
+
+    if _interpreted_bf16(grad_y, x, weight, *lora_A, *lora_B, *xa):
+        dx, dA, dB, db = lora.lora_backward(*_widen([grad_y, x, weight, lora_A, lora_B, xa]), scaling, dropout_p,
+                                            seeds, needs_grad_x, needs_grad_A, mode=mode)
+        return (_cast(dx, grad_y.dtype), [_cast(g, A.dtype) for g, A in zip(dA, lora_A)],
+                [g.to(B.dtype) for g, B in zip(dB, lora_B)], [g.to(B.dtype) for g, B in zip(db, lora_B)])
+    return lora.lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x,
+                              needs_grad_A, mode=mode)
+
+
+def _backward_cuda_kernels(grad_y, x, weight, *rest):
+    """Route ``cuda_kernels``: the ``cuda`` backend's backward."""
+    return _cuda_kernels(grad_y, weight).lora_backward(grad_y, x, weight, *rest)
+
+
+# The routes of the dense lora_forward and lora_backward (fastpeft.routing.ROUTES), in the order they are measured,
+# and the conditions under which each may serve a call (fastpeft.routing.ROUTE_LIMITS). Module-level functions, so
+# a call whose route is chosen already builds no candidate (routing.run_table) and an evaluation call can be kept
+# settled (settled_route).
+def _route_table(compose_route, kernels, cuda_route) -> dict:
+    """One op's routes: the composition (``compose``, and ``compose_pass`` with x widened in the pass), the
+    kernels' modes under their route names, and the cuda backend's kernels."""
+    table = {"compose": compose_route, "compose_pass": functools.partial(compose_route, widen_by_copy=False)}
+    table.update({route: functools.partial(kernels, mode) for mode, route in _ROUTE_OF_MODE.items()})
+    table["cuda_kernels"] = cuda_route
+    return table
+
+
+_FORWARD_ROUTES = _route_table(_compose_forward, _forward_kernels, _forward_cuda_kernels)
+_BACKWARD_ROUTES = _route_table(_compose_backward, _backward_kernels, _backward_cuda_kernels)
+
+
+def _fused_gemm_eligible(lora_A, dropout_p, most_dropped: int) -> bool:
+    """The fused GEMM takes the call: some adapter, their padded total rank in its epilogue tile, and at most
+    ``most_dropped`` adapters with dropout (any number where there is one adapter)."""
+    if not lora_A or not _fused_gemm_fits(sum(A.shape[0] for A in lora_A)):
+        return False
+    return len(lora_A) == 1 or sum(1 for p in dropout_p if p > 0) <= most_dropped
+
+
+def _narrower_input(a, lora_A, dropout_p) -> bool:
+    """Whether ``a`` (x or dY) is narrower than some adapter without dropout: only then do ``compose`` and
+    ``compose_pass`` differ."""
+    return any(A.dtype != a.dtype and A.dtype == torch.float32 and p == 0 for A, p in zip(lora_A, dropout_p))
+
+
+def _forward_eligible(route: str, x, weight, lora_A, dropout_p) -> bool:
+    if route == "compose_pass":
+        return _narrower_input(x, lora_A, dropout_p)
+    if route == "fused_gemm":
+        return _fused_gemm_eligible(lora_A, dropout_p, 0)
+    if route == "cuda_kernels":
+        return _cuda_kernels(x, weight) is not None
+    return True
+
+
+def _backward_eligible(route: str, grad_y, weight, lora_A, dropout_p, needs_grad_x) -> bool:
+    if route == "compose_pass":
+        return _narrower_input(grad_y, lora_A, dropout_p)
+    if route == "fused_gemm":
+        return needs_grad_x and _fused_gemm_eligible(lora_A, dropout_p, 1)
+    if route == "cuda_kernels":
+        return _cuda_kernels(grad_y, weight) is not None
+    return True
 
 
 class TritonBackend(Backend):
@@ -160,9 +271,9 @@ class TritonBackend(Backend):
             return False
         if weight.layout != torch.strided or x.layout != torch.strided:
             return False
-        if x.device.type == "cuda" and weight.device == x.device:
-            return True
-        return x.device.type == "cpu" and weight.device.type == "cpu" and _interpret()
+        if x.is_cuda:  # (device indices, not torch.device objects: this runs on every call)
+            return weight.is_cuda and weight.get_device() == x.get_device()
+        return x.is_cpu and weight.is_cpu and _interpret()
 
     # ----------------------------------------------------------------------------------------------------- LoRA
     @staticmethod
@@ -173,29 +284,26 @@ class TritonBackend(Backend):
     def lora_forward(self, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
         if not isinstance(weight, torch.Tensor):
             return _quant().lora_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
-        from fastpeft.kernels import lora
-
         args = (x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
+        unmeasured = None
+        if _interpret():
+            from fastpeft.kernels import lora
 
-        def kernel_mode(mode):
-            if _interpreted_bf16(x, weight, bias, *lora_A, *lora_B, *lora_bias):
-                y, xa = lora.lora_forward(*_widen([x, weight, bias, lora_A, lora_B, lora_bias]), scaling, dropout_p,
-                                          seeds, mode=mode)
-                return y.to(x.dtype), [h.to(A.dtype) for h, A in zip(xa, lora_A)]
-            return lora.lora_forward(*args, mode=mode)
+            total_r = sum(A.shape[0] for A in lora_A)
+            unmeasured = _ROUTE_OF_MODE[lora.choose_forward_mode(x.shape[0], total_r, dropout_p)]
+        return routes.run_table(self._key("lora_forward", x, weight, lora_A, dropout_p), _FORWARD_ROUTES,
+                                _forward_eligible, args, (x, weight, lora_A, dropout_p), x.device.type, unmeasured)
 
-        candidates = {"compose": lambda: _compose_forward(*args), "passes": lambda: kernel_mode("small"),
-                      "split_gemm": lambda: kernel_mode("split")}
-        total_r = sum(A.shape[0] for A in lora_A)
-        drops = sum(1 for p in dropout_p if p > 0)
-        if lora_A and _fused_gemm_fits(total_r) and (drops == 0 or len(lora_A) == 1):
-            candidates["fused_gemm"] = lambda: kernel_mode("fused")
-        cuda = _cuda_kernels(x, weight)
-        if cuda is not None:
-            candidates["cuda_kernels"] = lambda: cuda.lora_forward(*args)
-        unmeasured = _ROUTE_OF_MODE[lora.choose_forward_mode(x.shape[0], total_r, dropout_p)] if _interpret() else None
-        return routes.run(self._key("lora_forward", x, weight, lora_A, dropout_p), candidates, x.device.type,
-                          unmeasured=unmeasured)
+    def settled_route(self, op, x, weight, lora_A):
+        if op != "lora_forward" or _interpret():
+            return None
+        if not isinstance(weight, torch.Tensor):
+            found = _quant().settled_forward(x, weight, lora_A)
+            return None if found is None else (found[0], _on_input_device_call(found[1]), found[2])
+        zeros = [0.0] * len(lora_A)
+        eligible = routes.EligibleRoutes(_FORWARD_ROUTES, _forward_eligible, (x, weight, lora_A, zeros))
+        found = routes.settled_call(self._key(op, x, weight, lora_A, zeros), eligible)
+        return None if found is None else (found[0], _on_input_device_call(_FORWARD_ROUTES[found[0]]), found[1])
 
     @_on_input_device
     def lora_backward(self, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x,
@@ -203,32 +311,17 @@ class TritonBackend(Backend):
         if not isinstance(weight, torch.Tensor):
             return _quant().lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds,
                                           needs_grad_x, needs_grad_A)
-        from fastpeft.kernels import lora
-
         args = (grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A)
+        unmeasured = None
+        if _interpret():
+            from fastpeft.kernels import lora
 
-        def kernel_mode(mode):
-            if _interpreted_bf16(grad_y, x, weight, *lora_A, *lora_B, *xa):
-                dx, dA, dB, db = lora.lora_backward(*_widen([grad_y, x, weight, lora_A, lora_B, xa]), scaling,
-                                                    dropout_p, seeds, needs_grad_x, needs_grad_A, mode=mode)
-                return (_cast(dx, grad_y.dtype), [_cast(g, A.dtype) for g, A in zip(dA, lora_A)],
-                        [g.to(B.dtype) for g, B in zip(dB, lora_B)], [g.to(B.dtype) for g, B in zip(db, lora_B)])
-            return lora.lora_backward(*args, mode=mode)
-
-        candidates = {"compose": lambda: _compose_backward(*args), "passes": lambda: kernel_mode("small"),
-                      "split_gemm": lambda: kernel_mode("split")}
-        total_r = sum(A.shape[0] for A in lora_A)
-        drops = sum(1 for p in dropout_p if p > 0)
-        if lora_A and needs_grad_x and _fused_gemm_fits(total_r) and drops <= 1:
-            candidates["fused_gemm"] = lambda: kernel_mode("fused")
-        cuda = _cuda_kernels(grad_y, weight)
-        if cuda is not None:
-            candidates["cuda_kernels"] = lambda: cuda.lora_backward(*args)
-        unmeasured = _ROUTE_OF_MODE[lora.choose_backward_mode(grad_y.shape[0], total_r, dropout_p)] \
-            if _interpret() else None
+            total_r = sum(A.shape[0] for A in lora_A)
+            unmeasured = _ROUTE_OF_MODE[lora.choose_backward_mode(grad_y.shape[0], total_r, dropout_p)]
         grads = ("dx" if needs_grad_x else "") + ("dA" if needs_grad_A else "")
-        return routes.run(self._key("lora_backward", grad_y, weight, lora_A, dropout_p, grads), candidates,
-                          grad_y.device.type, unmeasured=unmeasured)
+        return routes.run_table(self._key("lora_backward", grad_y, weight, lora_A, dropout_p, grads),
+                                _BACKWARD_ROUTES, _backward_eligible, args,
+                                (grad_y, weight, lora_A, dropout_p, needs_grad_x), grad_y.device.type, unmeasured)
 
     # ------------------------------------------------------------------------------------------------------ IA3
     @_on_input_device

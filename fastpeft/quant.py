@@ -156,10 +156,11 @@ class QuantizedWeight:
         return w.to(self.dtype).to(dtype or self.dtype)
 
     def to(self, device) -> "QuantizedWeight":
-        """A copy on ``device`` (tensors moved; used by tests and by the interpreter path)."""
+        """A copy on ``device`` (tensors moved; used by tests and by the interpreter path), with none of this
+        weight's ``derived`` copies (they live on this weight's device)."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return replace(self, data=move(self.data), absmax=move(self.absmax), code=move(self.code),
-                       nested_absmax=move(self.nested_absmax), nested_code=move(self.nested_code))
+                       nested_absmax=move(self.nested_absmax), nested_code=move(self.nested_code), derived={})
 
     def cpu_kernel_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This 4-bit weight in the layout bitsandbytes' AVX-512 CPU kernel reads: ``(packed, absmax)`` with packed
@@ -187,7 +188,7 @@ class QuantizedWeight:
             import bitsandbytes.functional as bnbf
 
             cb, scb, _ = bnbf.int8_vectorwise_quant(dense.detach().to(torch.float16).contiguous())
-            return replace(self, data=cb, absmax=scb)
+            return replace(self, data=cb, absmax=scb, derived={})
         packed, state = quantize_4bit_bnb(dense.detach().to(self.dtype), self.blocksize, self.nested, self.kind)
         return QuantizedWeight.from_quant_state(packed, state)
 

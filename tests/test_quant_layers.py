@@ -16,7 +16,7 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 
-from checks import assert_close, rel_err  # noqa: E402
+from checks import CallCounter, assert_close, rel_err  # noqa: E402
 from quant_oracle import dequantize_4bit  # noqa: E402
 
 import fastpeft  # noqa: E402
@@ -673,3 +673,53 @@ def test_repeated_evaluation_calls_run_settled_and_follow_the_base(base, layer_c
         assert_close("x requires grad", pm(x), want, tol)
     check("one row", rows=1)
     routing.clear_choices()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("base", [BASES[0], BASES[2]])
+def test_qlora_on_gpu_runs_settled_on_every_route(base, monkeypatch):
+    """bf16 QLoRA (PEFT's bitsandbytes classes) on a CUDA device: repeated evaluation calls at decode and prefill
+    sizes run settled on the measured route and match the fp32 oracle, and so does each forward route pinned in turn
+    (``bnb_native``, bitsandbytes' own CUDA product, where the layer's K is whole blocks); a training step's input
+    gradient too."""
+    from fastpeft import routing
+    from fastpeft.backends.triton import quantized as triton_quant
+
+    kind, nested = base
+    monkeypatch.delenv("FASTPEFT_ROUTE", raising=False)
+    monkeypatch.setattr(routing, "CONFIRM_AFTER_CALLS", 0)  # the first choice is final: calls settle at once
+    routing.clear_choices()
+    pm = _lora_model(kind, nested, torch.bfloat16, seed=7).to("cuda")
+    fastpeft.accelerate(pm, strict=True)
+    pm.eval()
+    layers = [m for m in pm.modules() if isinstance(m, FusedLoraLinear)]
+    assert len(layers) == 2
+    tol = TOL[torch.bfloat16]
+    try:
+        for rows in (1, 1, 33, 33):  # the first call of each rows bucket settles, the second runs settled
+            x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                assert_close(f"M={rows}", pm(x), _lora_reference(pm, x)[0].detach(), tol)
+        assert all(layer._fastpeft_settled is not None for layer in layers)
+        products = CallCounter(monkeypatch, triton_quant, "bnb_product")
+        for route in ("compose", "bnb_native", "fused"):
+            routing.set_route("lora_forward", route)
+            for rows in (1, 33):
+                x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
+                with torch.no_grad():
+                    assert_close(f"{route} M={rows}", pm(x), _lora_reference(pm, x)[0].detach(), tol)
+            if route != "bnb_native":
+                assert routing.last_route("lora_forward") == route
+        # bnb_native serves the up projection (K = 64: whole blocks per row); the down one (K = 96) is measured
+        # among the other routes
+        assert products.calls == 2
+        routing.set_route("lora_forward", None)
+        pm.train()
+        x = torch.randn(9, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        pm(x).float().sum().backward()
+        y_ref, x_ref, _ = _lora_reference(pm, x)
+        y_ref.sum().backward()
+        assert_close("dx", x.grad, x_ref.grad, tol)
+    finally:
+        routing.set_route(None, None)
+        routing.clear_choices()

@@ -269,8 +269,10 @@ def test_compose_route_reuses_one_buffer_per_dtype(qm):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_compose_route_on_gpu_matches_reference(kind):
-    """On a CUDA device: the compiled dequantizing kernel writes the oracle's decoding, and the compose route (that
-    buffer times x by cuBLAS) matches the reference backend, forward and backward, bf16 activations."""
+    """On a CUDA device: the compiled dequantizing kernel and the compose route's buffer (bitsandbytes' CUDA decoder
+    for a 4-bit weight of the activations' dtype) hold the oracle's decoding bit for bit, and the routes of the LoRA
+    forward (``compose``, and for 4-bit ``bnb_native``: bitsandbytes' CUDA product) and the compose backward match
+    the reference backend, bf16 activations."""
     from fastpeft import routing
     from fastpeft.backends.triton import quantized as triton_quant
 
@@ -280,21 +282,32 @@ def test_compose_route_on_gpu_matches_reference(kind):
     qc = q.to("cuda")
     got = dequant.dequantize(qc, dt)
     assert torch.equal(got.cpu(), oracle.to(q.dtype).to(dt))
+    if kind != "int8":
+        import bitsandbytes  # noqa: F401  (registers the decoder the buffer uses)
+
+        assert triton_quant._bnb_decoder(qc, dt) is not None
+        assert torch.equal(triton_quant.dense_weight(qc, dt).cpu(), oracle.to(q.dtype).to(dt))
     x = torch.randn(300, 512, device="cuda", dtype=dt)
     As = [torch.randn(16, 512, device="cuda") * 0.1]
     Bs = [torch.randn(256, 16, device="cuda") * 0.1]
     args = (As, Bs, [None], [0.5], [0.0], [7])
-    for op in _QUANT_OPS:
-        routing.set_route(op, "compose")
+    y_ref, _ = REF.lora_forward(x.float(), qc, None, *args)
+    forward_routes = ("compose", "bnb_native") if kind != "int8" else ("compose",)
     try:
+        for route in forward_routes:
+            for op in _QUANT_OPS:
+                routing.set_route(op, route)
+            for rows in (x, x[:1]):  # bitsandbytes' product picks its GEMV for one row
+                y, xa = triton_quant.lora_forward(rows, qc, None, *args)
+                assert_close(f"{route}: y (M={rows.shape[0]})", y, y_ref[: rows.shape[0]], TOL[dt])
+                _ran(route, "lora_forward")
+        routing.set_route("lora_backward", "compose")
         y, xa = triton_quant.lora_forward(x, qc, None, *args)
-        y_ref, _ = REF.lora_forward(x.float(), qc, None, *args)
-        assert_close("y", y, y_ref, TOL[dt])
         gy = torch.randn_like(y)
         dx = triton_quant.lora_backward(gy, x, qc, As, Bs, xa, [0.5], [0.0], [7], True, True)[0]
         dx_ref = REF.lora_backward(gy.float(), x.float(), qc, As, Bs, xa, [0.5], [0.0], [7], True, True)[0]
         assert_close("dx", dx, dx_ref, TOL[dt])
-        _ran("compose", "lora_forward", "lora_backward")
+        _ran("compose", "lora_backward")
     finally:
         for op in _QUANT_OPS:
             routing.set_route(op, None)

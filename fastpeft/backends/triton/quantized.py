@@ -10,14 +10,21 @@ backward, run by one of two routes (``fastpeft.routing``), timed on a GPU like e
   that is reused by every call of that dtype and device (grown to the largest weight), then the vendor GEMM (cuBLAS)
   multiplies and the epilogue terms are added in fp32 and rounded once. It wins where the product is compute-bound.
 
+The LoRA forward has a third route on a GPU, ``bnb_native``: bitsandbytes' own CUDA 4-bit product (its GEMV and
+GEMM kernels, or its decode and cuBLAS, as it chooses per shape) for the base, the composition's adapter terms
+after it. ``compose`` and ``bnb_native`` add the adapters as the dense composition does
+(``fastpeft.backends.compose``); ``fused`` carries the up-projection in its epilogue.
+
 Under Triton's interpreter, where timings mean nothing, ``fused`` runs unless a route is pinned. The rank-``r``
-pieces are small torch matmuls in both.
+pieces are small torch matmuls in every route.
 
 Dropout masks come from ``fastpeft._philox`` (the canonical mask), regenerated in backward from the seed.
 """
 
 from __future__ import annotations
 
+import functools
+import sys
 from typing import Optional
 
 import torch
@@ -26,6 +33,7 @@ from ... import routing as routes
 from ..._philox import dropout_keep_mask
 from ...quant import QuantizedWeight
 from ...reference import adapter_inputs
+from .. import compose
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -68,22 +76,46 @@ def supports(x: torch.Tensor, weight) -> bool:
 # The routes of the quantized ops (fastpeft.routing.ROUTES): decode tile by tile inside the product, or once into a
 # reused buffer for the vendor GEMM.
 ROUTES = ("fused", "compose")
+# The LoRA forward's routes: those, and bitsandbytes' CUDA product where it serves the call (``_bnb_serves``).
+FORWARD_ROUTES = ROUTES + ("bnb_native",)
 _buffers: dict = {}  # (device, dtype) -> flat buffer holding the latest decoded weight of that dtype
 
 
+def _bnb_decoder(weight: QuantizedWeight, dtype: torch.dtype):
+    """bitsandbytes' CUDA 4-bit decoder (``torch.ops.bitsandbytes.dequantize_4bit.out``) where it writes this
+    weight's decoding bit for bit as fastpeft means it (a 4-bit weight on a GPU decoded to its own dtype: one
+    rounding of ``code * absmax`` computed in fp32), else None. One launch from the host through torch's dispatcher,
+    against a Triton launch's binding of every argument: at decode sizes on a GPU the launches are the cost."""
+    if weight.kind == "int8" or dtype != weight.dtype or not weight.data.is_cuda:
+        return None
+    if sys.modules.get("bitsandbytes") is None or not hasattr(torch.ops.bitsandbytes, "dequantize_4bit"):
+        return None
+    return torch.ops.bitsandbytes.dequantize_4bit.out
+
+
 def dense_weight(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
-    """``deq(W)`` as an ``(N, K)`` view of the reused ``(device, dtype)`` buffer (grown when a larger weight comes).
+    """``deq(W)`` as an ``(N, K)`` view of the reused ``(device, dtype)`` buffer (grown when a larger weight comes),
+    written by bitsandbytes' CUDA decoder where it decodes exactly as fastpeft does (``_bnb_decoder``), else by
+    ``fastpeft.kernels.dequant``.
 
     The view is valid until the next call for the same device and dtype: the ops here use it at once, on the
     current stream, and never keep it."""
-    from ...kernels import dequant
-
     N, K = weight.shape
     key = (weight.data.device, dtype)
     buf = _buffers.get(key)
     if buf is None or buf.numel() < N * K:
         buf = _buffers[key] = torch.empty(N * K, dtype=dtype, device=weight.data.device)
-    return dequant.dequantize(weight, dtype, out=buf[: N * K].view(N, K))
+    out = buf[: N * K].view(N, K)
+    decode = _bnb_decoder(weight, dtype)
+    if decode is not None:
+        absmax = weight.derived.get("absmax_f32")  # double quantization undone once per weight (exact, fp32)
+        if absmax is None:
+            absmax = weight.derived["absmax_f32"] = weight.absmax_float().contiguous()
+        decode(weight.data, absmax, weight.blocksize, weight.kind, [N, K], dtype, out=out)
+        return out
+    from ...kernels import dequant
+
+    return dequant.dequantize(weight, dtype, out=out)
 
 
 def _product(route: str, a: torch.Tensor, weight: QuantizedWeight, *, transpose: bool = False, bias=None, vin=None,
@@ -111,12 +143,48 @@ def _product(route: str, a: torch.Tensor, weight: QuantizedWeight, *, transpose:
     return acc.to(out_dtype)
 
 
-def _routed(op: str, x: torch.Tensor, weight: QuantizedWeight, lora_A, dropout_p, grads: str, run):
-    """``run(route)`` by the route ``fastpeft.routing`` takes for this call (``fused`` unmeasured off a GPU)."""
+def _routed(op: str, x: torch.Tensor, weight: QuantizedWeight, lora_A, dropout_p, grads: str, run,
+            names=ROUTES):
+    """``run(route)`` by the route ``fastpeft.routing`` takes for this call among ``names`` (``fused`` unmeasured off
+    a GPU)."""
     key = routes.key_of_call(op, "triton", weight.kind, x, weight, lora_A, dropout_p, grads)
-    candidates = {route: (lambda route=route: run(route)) for route in ROUTES}
-    unmeasured = None if x.device.type == "cuda" else "fused"
+    unmeasured = None if x.is_cuda else "fused"
+    if unmeasured is None:
+        route = routes.take(key, names)
+        if route is not None:  # chosen already: no candidates built
+            return run(route)
+    candidates = {route: (lambda route=route: run(route)) for route in names}
     return routes.run(key, candidates, x.device.type, unmeasured=unmeasured)
+
+
+def _bnb_serves(x: torch.Tensor, weight: QuantizedWeight) -> bool:
+    """Whether bitsandbytes' CUDA 4-bit product (``torch.ops.bitsandbytes.gemm_4bit``) computes this call's base
+    product as fastpeft means it (``fastpeft.routing.ROUTE_LIMITS``): a 4-bit weight on a GPU decoded to x's own dtype
+    (fastpeft rounds the decoded weight to the weight's dtype first), whole blocks per row, bitsandbytes' nested block
+    of 256."""
+    if not x.is_cuda or weight.kind == "int8" or x.dtype != weight.dtype or weight.shape[1] % weight.blocksize:
+        return False
+    if weight.nested and weight.nested_blocksize != 256:
+        return False
+    bnb = sys.modules.get("bitsandbytes")  # the weight came from bitsandbytes: imported already where it serves
+    return bnb is not None and hasattr(torch.ops.bitsandbytes, "gemm_4bit")
+
+
+def bnb_product(x: torch.Tensor, weight: QuantizedWeight, bias) -> torch.Tensor:
+    """``x deq(W)^T + b`` ``(M, N)`` in x's dtype by bitsandbytes' CUDA 4-bit product, from the packed bytes as they
+    are (where ``_bnb_serves``)."""
+    extra = {}
+    absmax = weight.absmax
+    if weight.nested:
+        offset = weight.derived.get("bnb_offset")
+        if offset is None:
+            offset = weight.derived["bnb_offset"] = torch.tensor(weight.nested_offset, dtype=torch.float32,
+                                                                 device=weight.device)
+        extra = dict(absmax_8bit=weight.absmax, absmax_code=weight.nested_code, absmax_offset=offset)
+        absmax = weight.nested_absmax
+    return torch.ops.bitsandbytes.gemm_4bit.default(
+        x, weight.data.view(-1, 1), list(weight.shape), absmax, weight.blocksize, weight.kind,
+        bias=None if bias is None else bias.to(x.dtype), **extra)
 
 
 def _keep_scale(seed: int, rows: int, cols: int, p: float, dtype, device) -> Optional[torch.Tensor]:
@@ -127,14 +195,49 @@ def _keep_scale(seed: int, rows: int, cols: int, p: float, dtype, device) -> Opt
 
 def lora_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
     """``y = x deq(W)^T + b + sum_i s_i (drop_i(x_i) A_i^T B_i^T + b_i)`` and ``xa[i]`` (see the contract)."""
+    names = FORWARD_ROUTES if _bnb_serves(x, weight) else ROUTES
     return _routed("lora_forward", x, weight, lora_A, dropout_p, "", lambda route: _lora_forward(
-        route, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds))
+        route, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds), names)
+
+
+def settled_forward(x, weight: QuantizedWeight, lora_A):
+    """``(route, function, counted)`` of an evaluation call of ``lora_forward`` without dropout on ``x``, as
+    ``Backend.settled_route`` says it, or None where the route is still to be measured (or off a GPU)."""
+    if not x.is_cuda:
+        return None
+    zeros = [0.0] * len(lora_A)
+    names = FORWARD_ROUTES if _bnb_serves(x, weight) else ROUTES
+    found = routes.settled_call(routes.key_of_call("lora_forward", "triton", weight.kind, x, weight, lora_A, zeros,
+                                                   ""), names)
+    if found is None:
+        return None
+    return found[0], functools.partial(_lora_forward, found[0]), found[1]
+
+
+def _down(lk):
+    """``compose.DownPass`` for the adapters of a quantized base: fastpeft's down-projection kernel (the mask drawn
+    in registers) where it runs, else torch with ``fastpeft._philox``'s mask."""
+
+    def down(xi, A, p, seed):
+        if lk is not None:
+            return lk.down_proj(xi, A.t(), seed, p)
+        xd = xi.to(A.dtype)
+        keep = _keep_scale(seed, xd.shape[0], xd.shape[1], p, A.dtype, xd.device)
+        return ((xd if keep is None else xd * keep) @ A.t()).float()
+
+    return down
 
 
 def _lora_forward(route, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
+    lk = _lora_kernels(x) if any(p > 0 for p in dropout_p) else None
+    if route != "fused":
+        # The base by the route's product, the adapters as the dense composition adds them (a copy of x widened
+        # for fp32 adapters rather than one more kernel launch: at decode sizes the host's launches are the cost).
+        y = bnb_product(x, weight, bias) if route == "bnb_native" else _product(route, x, weight, bias=bias)
+        return compose.add_adapters(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, _down(lk),
+                                    widen_by_copy=True)
     xa, pre, upre = [], [], []
     extra_bias = None
-    lk = _lora_kernels(x) if any(p > 0 for p in dropout_p) else None
     for xi, A, B, b, s, p, seed in zip(adapter_inputs(x, lora_A), lora_A, lora_B, lora_bias, scaling, dropout_p,
                                        seeds):
         xi = xi.to(A.dtype)

@@ -6,9 +6,9 @@
 On a CUDA machine it runs, in order, each step under its own time limit (7 minutes in all):
 
 1. every ``gpu``-marked test (``pytest -m gpu tests``);
-2. the layer timing grid: LLaMA-7B shapes (q/k/v/o, up, down), M from 1 to 4096, bf16, dropout 0 and 0.1, LoRA and
-   QLoRA NF4, inference and training, providers base / PEFT / the plain composition / fastpeft (its measured routes)
-   (``python -m fastpeft.bench``, CUDA events);
+2. the layer timing grid: LLaMA-7B shapes (q/k/v/o and up), M 1, 16, 1024 and 4096, bf16, dropout 0 and 0.1, LoRA
+   and QLoRA NF4, inference and training, providers base / PEFT / the plain composition / fastpeft (its measured
+   routes) (``python -m fastpeft.bench``, CUDA events): 64 points, about the 180 s its step may take;
 3. two host profiles of one 4096 x 4096 decode call (``benchmarks/host_profile.py``: inference, and a training step
    with dropout), where the GPU waits on the host;
 4. writes the results into ``BENCHMARKS.md`` between the ``gpu-check`` markers of its measured-GPU section (GPU name,
@@ -34,7 +34,7 @@ BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
 # (step, seconds): a lent machine starts bare, so the build, the tests' compiles into a cold Triton cache, the grid
 # and the profiles must all fit in one call of at most 600 s (BENCHMARKS.md's measured-GPU section has what each took)
 LIMITS = {"tests": 150, "bench": 180, "profile": 45}
-GPU_GRID = ["--device", "cuda", "--shapes", "7b-qkvo,7b-up,7b-down", "--tokens", "1,16,128,1024,4096",
+GPU_GRID = ["--device", "cuda", "--shapes", "7b-qkvo,7b-up", "--tokens", "1,16,1024,4096",
             "--dtypes", "bf16", "--kinds", "lora,qlora-nf4", "--modes", "infer,fwd+bwd", "--dropouts", "0,0.1",
             "--providers", "base,peft,compose,fastpeft", "--budget", "0.1", "--no-model", "--no-cost-model",
             "--no-progress", "--no-plots"]

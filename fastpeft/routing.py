@@ -185,8 +185,9 @@ ROUTE_LIMITS: dict[str, str] = {
     "fused (IA3)": "a quantized weight (for a dense one it is compose)",
     "bnb_native": "forward only. CPU: bitsandbytes with its AVX-512 BF16 CPU kernel loaded; a 4-bit weight with "
                   "K % blocksize == 0 (that kernel decodes blocks that straddle two rows wrongly) and N % 32 == 0 "
-                  "(its tiling); x in bf16 (it computes in bf16). GPU (triton backend): a 4-bit weight of x's dtype "
-                  "(bitsandbytes decodes straight to x's dtype), K % blocksize == 0, nested blocks of 256",
+                  "(its tiling); x in bf16 (it computes in bf16). GPU (triton backend): a 4-bit weight stored in x's "
+                  "dtype or in fp32 (bitsandbytes decodes straight to x's dtype: one rounding, as fastpeft's decode "
+                  "then), K % blocksize == 0, nested blocks of 256",
     "bnb_native_fused": "as bnb_native",
     "passes / split_gemm": "the triton backend (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)",
     "compose_pass": "the triton backend; x (dY) narrower than an fp32 adapter without dropout (elsewhere it is "

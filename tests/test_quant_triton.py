@@ -266,11 +266,28 @@ def test_compose_route_reuses_one_buffer_per_dtype(qm):
     assert len(triton_quant._buffers) == 2, "one buffer per compute dtype"
 
 
+@pytest.mark.parametrize("stored,dtype", [("fp32", "bf16"), ("fp32", "fp16"), ("bf16", "bf16"), ("bf16", "fp32"),
+                                          ("fp16", "bf16")])
+def test_one_rounding_rule_says_when_a_direct_decode_is_fastpeft_s(stored, dtype):
+    """``decodes_in_one_rounding`` (where bitsandbytes' CUDA decoder and product may serve) holds exactly where
+    decoding straight to the compute dtype gives fastpeft's decoding, which rounds to the stored dtype first."""
+    from fastpeft.backends.triton import quantized as triton_quant
+
+    q, oracle = _packed_weight("nf4", True, 64, 64, 256, DTYPES[stored])
+    exact = (q.code[q.codes().reshape(-1).long()] * q.absmax_float().repeat_interleave(q.blocksize)).view(64, 256)
+    assert torch.equal(exact.to(DTYPES[stored]), oracle), "code * absmax in fp32 is the tests' decoder's value"
+    direct = exact.to(DTYPES[dtype])  # one rounding, as bitsandbytes' CUDA decoder writes it
+    same = torch.equal(q.dequantize(DTYPES[dtype]), direct)
+    assert same == triton_quant.decodes_in_one_rounding(DTYPES[stored], DTYPES[dtype]), (stored, dtype)
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("stored", ["bf16", "fp32"])
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
-def test_compose_route_on_gpu_matches_reference(kind):
+def test_compose_route_on_gpu_matches_reference(kind, stored):
     """On a CUDA device: the compiled dequantizing kernel and the compose route's buffer (bitsandbytes' CUDA decoder
-    for a 4-bit weight of the activations' dtype) hold the oracle's decoding bit for bit, and the routes of the LoRA
+    for a 4-bit weight stored in the activations' dtype or in fp32) hold the oracle's decoding bit for bit, and the
+    routes of the LoRA
     forward (``compose``, and for 4-bit ``bnb_native``: bitsandbytes' CUDA product) and the compose backward match
     the reference backend, bf16 activations."""
     from fastpeft import routing
@@ -278,7 +295,9 @@ def test_compose_route_on_gpu_matches_reference(kind):
 
     dequant = _dequant_module(False)
     dt = torch.bfloat16
-    q, oracle = _packed_weight(kind, True, 64, 256, 512, torch.bfloat16)
+    if kind == "int8" and stored == "fp32":
+        pytest.skip("an int8 weight has one stored dtype")
+    q, oracle = _packed_weight(kind, True, 64, 256, 512, DTYPES[stored])
     qc = q.to("cuda")
     got = dequant.dequantize(qc, dt)
     assert torch.equal(got.cpu(), oracle.to(q.dtype).to(dt))

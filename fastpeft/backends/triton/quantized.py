@@ -81,12 +81,19 @@ FORWARD_ROUTES = ROUTES + ("bnb_native",)
 _buffers: dict = {}  # (device, dtype) -> flat buffer holding the latest decoded weight of that dtype
 
 
+def decodes_in_one_rounding(weight_dtype: torch.dtype, dtype: torch.dtype) -> bool:
+    """Whether decoding a 4-bit weight stored as ``weight_dtype`` straight into ``dtype`` (bitsandbytes' CUDA
+    kernels: ``code * absmax`` in fp32, rounded once to ``dtype``) gives fastpeft's decoding, which rounds to the
+    weight's dtype first and then to ``dtype``: where the two dtypes are one, or the weight's is fp32 (exact)."""
+    return dtype == weight_dtype or weight_dtype == torch.float32
+
+
 def _bnb_decoder(weight: QuantizedWeight, dtype: torch.dtype):
     """bitsandbytes' CUDA 4-bit decoder (``torch.ops.bitsandbytes.dequantize_4bit.out``) where it writes this
-    weight's decoding bit for bit as fastpeft means it (a 4-bit weight on a GPU decoded to its own dtype: one
-    rounding of ``code * absmax`` computed in fp32), else None. One launch from the host through torch's dispatcher,
-    against a Triton launch's binding of every argument: at decode sizes on a GPU the launches are the cost."""
-    if weight.kind == "int8" or dtype != weight.dtype or not weight.data.is_cuda:
+    weight's decoding bit for bit as fastpeft means it (``decodes_in_one_rounding``), else None. One launch from the
+    host through torch's dispatcher, against a Triton launch's binding of every argument: at decode sizes on a GPU
+    the launches are the cost."""
+    if weight.kind == "int8" or not decodes_in_one_rounding(weight.dtype, dtype) or not weight.data.is_cuda:
         return None
     if sys.modules.get("bitsandbytes") is None or not hasattr(torch.ops.bitsandbytes, "dequantize_4bit"):
         return None
@@ -159,10 +166,11 @@ def _routed(op: str, x: torch.Tensor, weight: QuantizedWeight, lora_A, dropout_p
 
 def _bnb_serves(x: torch.Tensor, weight: QuantizedWeight) -> bool:
     """Whether bitsandbytes' CUDA 4-bit product (``torch.ops.bitsandbytes.gemm_4bit``) computes this call's base
-    product as fastpeft means it (``fastpeft.routing.ROUTE_LIMITS``): a 4-bit weight on a GPU decoded to x's own dtype
-    (fastpeft rounds the decoded weight to the weight's dtype first), whole blocks per row, bitsandbytes' nested block
-    of 256."""
-    if not x.is_cuda or weight.kind == "int8" or x.dtype != weight.dtype or weight.shape[1] % weight.blocksize:
+    product as fastpeft means it (``fastpeft.routing.ROUTE_LIMITS``): a 4-bit weight on a GPU that bitsandbytes
+    decodes straight to x's dtype as fastpeft does (``decodes_in_one_rounding``), whole blocks per row,
+    bitsandbytes' nested block of 256."""
+    if (not x.is_cuda or weight.kind == "int8" or not decodes_in_one_rounding(weight.dtype, x.dtype)
+            or weight.shape[1] % weight.blocksize):
         return False
     if weight.nested and weight.nested_blocksize != 256:
         return False

@@ -40,6 +40,21 @@ def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+_zeros: dict = {}  # (device, dtype) -> a 0-dim zero, the ignored input of a beta=0 addmm
+
+
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """``s * (a @ b)`` as one vendor GEMM call (``addmm`` with ``beta=0`` and ``alpha=s``; its input, a 0-dim zero, is
+    never read): ``mm`` then ``mul_`` is two dispatches, and on a GPU at decode sizes each costs as much as the
+    arithmetic."""
+    key = (a.device, a.dtype)
+    zero = _zeros.get(key)
+    if zero is None:
+        with torch.inference_mode(False):  # kept across calls: never an inference tensor
+            zero = _zeros[key] = torch.zeros((), dtype=a.dtype, device=a.device)
+    return torch.addmm(zero, a, b, beta=0, alpha=s)
+
+
 def add_adapters(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, down: DownPass,
                  widen_by_copy: bool = False):
     """``y += sum_i s_i (drop_i(x_i) A_i^T B_i^T + b_i)`` on the base output ``y`` (``(M, N)`` in ``x``'s dtype):
@@ -96,8 +111,8 @@ def backward(dy, x, grad_x, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs
             if d is None:
                 d = widened[B.dtype] = dy.to(B.dtype)
         s = float(s)
-        g = torch.mm(d, B).mul_(s)
-        grad_B.append(torch.mm(d.t(), as_dtype(h, B.dtype)).mul_(s))
+        g = scaled_mm(d, B, s)
+        grad_B.append(scaled_mm(d.t(), as_dtype(h, B.dtype), s))
         grad_bias.append(d.sum(0).mul_(s))
         xi = next(inputs) if needs_grad_A else None
         if p == 0:

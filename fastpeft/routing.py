@@ -220,6 +220,11 @@ ROUTE_LIMITS: dict[str, str] = {
 # always timed cold and the one after a light route always warm.
 TIMED_ROUNDS = 7
 MEASURE_BUDGET_S = 0.5
+# After the first timed round a candidate that took over PRUNE_FACTOR times the fastest, and at least PRUNE_MIN_S
+# longer, is timed no more (its one sample stands for it): on a GPU some kernel routes run 20-200x slower than the
+# composition at large M (65 ms against 0.7 ms on the H200), and timing them every round spent the budget on them.
+PRUNE_FACTOR = 5.0
+PRUNE_MIN_S = 1e-3
 # A measured choice is timed again at its key's CONFIRM_AFTER_CALLS-th call, and that measurement is the one the
 # cache file keeps (0: the first measurement is final).
 CONFIRM_AFTER_CALLS = 32
@@ -523,8 +528,9 @@ def _store_file(fingerprint: str, key: RouteKey, choice: Choice) -> None:
 # ------------------------------------------------------------------------------------------------- choosing
 def _time_candidates(candidates: dict[str, Callable[[], object]], device: str = "cpu"):
     """``(median seconds per route, last result per route, errors)`` over interleaved rounds after one warm-up run
-    of each candidate; a candidate that raises is dropped (its error kept). On CUDA each run is bracketed by
-    synchronizations, so the clock sees the kernels and not only their launches."""
+    of each candidate; a candidate that raises is dropped (its error kept), one far slower than the fastest after
+    the first round is timed no more (``PRUNE_FACTOR``). On CUDA each run is bracketed by synchronizations, so the
+    clock sees the kernels and not only their launches."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     results: dict[str, object] = {}
     errors: list[str] = []
@@ -551,6 +557,10 @@ def _time_candidates(candidates: dict[str, Callable[[], object]], device: str = 
             spent += elapsed
         if spent > MEASURE_BUDGET_S:
             break
+        if round_number == 0 and live:
+            fastest = min(ts[0] for ts in samples.values())
+            live = {route: fn for route, fn in live.items()
+                    if not (samples[route][0] > PRUNE_FACTOR * fastest and samples[route][0] - fastest > PRUNE_MIN_S)}
     medians = {route: sorted(ts)[len(ts) // 2] for route, ts in samples.items()}
     return medians, results, errors
 

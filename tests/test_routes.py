@@ -420,3 +420,23 @@ def test_fingerprint_names_the_build_of_the_compiled_kernels(monkeypatch):
     assert "|build=" in first
     monkeypatch.setattr(routes, "_build_stamp", lambda: "_C:other")
     assert routes.machine_fingerprint("cpu") != first
+
+
+def test_a_far_slower_candidate_is_timed_once(fresh):
+    """After the first timed round a candidate over ``PRUNE_FACTOR`` times the fastest (and ``PRUNE_MIN_S`` longer)
+    runs no more; its one sample is its timing, and the fast candidates are timed every round."""
+    import time
+
+    calls = []
+
+    def slow():
+        calls.append("slow")
+        time.sleep(0.01)
+        return "slow"
+
+    candidates = {"compose": lambda: calls.append("compose") or "compose", "fused": slow}
+    assert routes.run(key(), candidates) == "compose"
+    assert calls.count("slow") == 2, "the warm-up and the first round"
+    assert calls.count("compose") == 1 + routes.TIMED_ROUNDS
+    timings = routes.routes()[0]["timings_ms"]
+    assert timings["fused"] >= 10.0 > timings["compose"]

@@ -221,8 +221,8 @@ ROUTE_LIMITS: dict[str, str] = {
 TIMED_ROUNDS = 7
 MEASURE_BUDGET_S = 0.5
 # After the first timed round a candidate that took over PRUNE_FACTOR times the fastest, and at least PRUNE_MIN_S
-# longer, is timed no more (its one sample stands for it): on a GPU some kernel routes run 20-200x slower than the
-# composition at large M (65 ms against 0.7 ms on the H200), and timing them every round spent the budget on them.
+# longer, is timed no more (its one sample stands for it): on a GPU some kernel routes run tens of times slower than
+# the composition at large M (BENCHMARKS.md's route choices), and timing them every round spent the budget on them.
 PRUNE_FACTOR = 5.0
 PRUNE_MIN_S = 1e-3
 # A measured choice is timed again at its key's CONFIRM_AFTER_CALLS-th call, and that measurement is the one the

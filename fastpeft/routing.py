@@ -608,7 +608,8 @@ def run(key: RouteKey, candidates: dict[str, Callable[[], object]], device: str 
 class EligibleRoutes:
     """The routes of an op (``table``) that may serve one call, as :func:`take` asks about them (``route in ...``):
     only the asked route's conditions are checked, so a call whose route is settled skips the others' and builds no
-    candidate (at decode sizes that bookkeeping is a visible share of the call)."""
+    candidate (at decode sizes that bookkeeping is a visible share of the call). Iterating yields every eligible
+    route, in the table's order."""
 
     __slots__ = ("table", "check", "args")
 
@@ -618,18 +619,29 @@ class EligibleRoutes:
     def __contains__(self, route: str) -> bool:
         return route in self.table and self.check(route, *self.args)
 
+    def __iter__(self):
+        return (route for route in self.table if self.check(route, *self.args))
+
+
+def run_named(key: RouteKey, names, runner: Callable[[str], object], device: str = "cpu",
+              unmeasured: Optional[str] = None):
+    """``runner(route)`` for the route of ``key`` among ``names`` (asked with ``in``, iterated for the candidates):
+    at once when the route is pinned or chosen already (no candidate built), else through :func:`run` (``device``
+    and ``unmeasured`` as there)."""
+    if unmeasured is None:
+        route = take(key, names)
+        if route is not None:
+            return runner(route)
+    return run(key, {name: partial(runner, name) for name in names}, device, unmeasured=unmeasured)
+
 
 def run_table(key: RouteKey, table: dict, eligible, args: tuple, conditions: tuple, device: str = "cpu",
               unmeasured: Optional[str] = None):
     """Run the op of ``key`` by one of the routes in ``table`` (name -> function of ``args``), those for which
-    ``eligible(name, *conditions)`` holds: at once when the route is pinned or chosen already (only its own
-    conditions checked, no candidate built), else through :func:`run` (``device`` and ``unmeasured`` as there)."""
-    if unmeasured is None:
-        route = take(key, EligibleRoutes(table, eligible, conditions))
-        if route is not None:
-            return table[route](*args)
-    candidates = {name: partial(function, *args) for name, function in table.items() if eligible(name, *conditions)}
-    return run(key, candidates, device, unmeasured=unmeasured)
+    ``eligible(name, *conditions)`` holds (only the taken route's conditions checked where it is chosen already):
+    :func:`run_named` over them."""
+    return run_named(key, EligibleRoutes(table, eligible, conditions), lambda route: table[route](*args), device,
+                     unmeasured)
 
 
 def run_in_place(key: RouteKey, updaters: dict[str, Callable[[torch.Tensor], object]], target: torch.Tensor,

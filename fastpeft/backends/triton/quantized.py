@@ -155,13 +155,7 @@ def _routed(op: str, x: torch.Tensor, weight: QuantizedWeight, lora_A, dropout_p
     """``run(route)`` by the route ``fastpeft.routing`` takes for this call among ``names`` (``fused`` unmeasured off
     a GPU)."""
     key = routes.key_of_call(op, "triton", weight.kind, x, weight, lora_A, dropout_p, grads)
-    unmeasured = None if x.is_cuda else "fused"
-    if unmeasured is None:
-        route = routes.take(key, names)
-        if route is not None:  # chosen already: no candidates built
-            return run(route)
-    candidates = {route: (lambda route=route: run(route)) for route in names}
-    return routes.run(key, candidates, x.device.type, unmeasured=unmeasured)
+    return routes.run_named(key, names, run, x.device.type, unmeasured=None if x.is_cuda else "fused")
 
 
 def _bnb_serves(x: torch.Tensor, weight: QuantizedWeight) -> bool:

@@ -81,6 +81,14 @@ FORWARD_ROUTES = ROUTES + ("bnb_native",)
 _buffers: dict = {}  # (device, dtype) -> flat buffer holding the latest decoded weight of that dtype
 
 
+def _bnb_op(name: str):
+    """``torch.ops.bitsandbytes.<name>`` where bitsandbytes is loaded (a weight that came from it has loaded it:
+    nothing is imported here) and registers it, else None."""
+    if sys.modules.get("bitsandbytes") is None or not hasattr(torch.ops.bitsandbytes, name):
+        return None
+    return getattr(torch.ops.bitsandbytes, name)
+
+
 def decodes_in_one_rounding(weight_dtype: torch.dtype, dtype: torch.dtype) -> bool:
     """Whether decoding a 4-bit weight stored as ``weight_dtype`` straight into ``dtype`` (bitsandbytes' CUDA
     kernels: ``code * absmax`` in fp32, rounded once to ``dtype``) gives fastpeft's decoding, which rounds to the
@@ -95,9 +103,8 @@ def _bnb_decoder(weight: QuantizedWeight, dtype: torch.dtype):
     the launches are the cost."""
     if weight.kind == "int8" or not decodes_in_one_rounding(weight.dtype, dtype) or not weight.data.is_cuda:
         return None
-    if sys.modules.get("bitsandbytes") is None or not hasattr(torch.ops.bitsandbytes, "dequantize_4bit"):
-        return None
-    return torch.ops.bitsandbytes.dequantize_4bit.out
+    decode = _bnb_op("dequantize_4bit")
+    return None if decode is None else decode.out
 
 
 def dense_weight(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -168,8 +175,7 @@ def _bnb_serves(x: torch.Tensor, weight: QuantizedWeight) -> bool:
         return False
     if weight.nested and weight.nested_blocksize != 256:
         return False
-    bnb = sys.modules.get("bitsandbytes")  # the weight came from bitsandbytes: imported already where it serves
-    return bnb is not None and hasattr(torch.ops.bitsandbytes, "gemm_4bit")
+    return _bnb_op("gemm_4bit") is not None
 
 
 def bnb_product(x: torch.Tensor, weight: QuantizedWeight, bias) -> torch.Tensor:
@@ -184,7 +190,7 @@ def bnb_product(x: torch.Tensor, weight: QuantizedWeight, bias) -> torch.Tensor:
                                                                  device=weight.device)
         extra = dict(absmax_8bit=weight.absmax, absmax_code=weight.nested_code, absmax_offset=offset)
         absmax = weight.nested_absmax
-    return torch.ops.bitsandbytes.gemm_4bit.default(
+    return _bnb_op("gemm_4bit").default(
         x, weight.data.view(-1, 1), list(weight.shape), absmax, weight.blocksize, weight.kind,
         bias=None if bias is None else bias.to(x.dtype), **extra)
 
@@ -195,11 +201,15 @@ def _keep_scale(seed: int, rows: int, cols: int, p: float, dtype, device) -> Opt
     return dropout_keep_mask(seed, rows, cols, p, device=device).to(dtype) / (1.0 - p)
 
 
+def _forward_routes(x: torch.Tensor, weight: QuantizedWeight) -> tuple:
+    """The LoRA forward's routes for this call: ``FORWARD_ROUTES`` where bitsandbytes' product serves it."""
+    return FORWARD_ROUTES if _bnb_serves(x, weight) else ROUTES
+
+
 def lora_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
     """``y = x deq(W)^T + b + sum_i s_i (drop_i(x_i) A_i^T B_i^T + b_i)`` and ``xa[i]`` (see the contract)."""
-    names = FORWARD_ROUTES if _bnb_serves(x, weight) else ROUTES
     return _routed("lora_forward", x, weight, lora_A, dropout_p, "", lambda route: _lora_forward(
-        route, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds), names)
+        route, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds), _forward_routes(x, weight))
 
 
 def settled_forward(x, weight: QuantizedWeight, lora_A):
@@ -208,9 +218,8 @@ def settled_forward(x, weight: QuantizedWeight, lora_A):
     if not x.is_cuda:
         return None
     zeros = [0.0] * len(lora_A)
-    names = FORWARD_ROUTES if _bnb_serves(x, weight) else ROUTES
     found = routes.settled_call(routes.key_of_call("lora_forward", "triton", weight.kind, x, weight, lora_A, zeros,
-                                                   ""), names)
+                                                   ""), _forward_routes(x, weight))
     if found is None:
         return None
     return found[0], functools.partial(_lora_forward, found[0]), found[1]
@@ -218,10 +227,10 @@ def settled_forward(x, weight: QuantizedWeight, lora_A):
 
 def _down(lk):
     """``compose.DownPass`` for the adapters of a quantized base: fastpeft's down-projection kernel (the mask drawn
-    in registers) where it runs, else torch with ``fastpeft._philox``'s mask."""
+    in registers) for an adapter with dropout where it runs, else torch (with ``fastpeft._philox``'s mask)."""
 
     def down(xi, A, p, seed):
-        if lk is not None:
+        if p > 0 and lk is not None:
             return lk.down_proj(xi, A.t(), seed, p)
         xd = xi.to(A.dtype)
         keep = _keep_scale(seed, xd.shape[0], xd.shape[1], p, A.dtype, xd.device)
@@ -240,14 +249,10 @@ def _lora_forward(route, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dr
                                     widen_by_copy=True)
     xa, pre, upre = [], [], []
     extra_bias = None
+    down = _down(lk)
     for xi, A, B, b, s, p, seed in zip(adapter_inputs(x, lora_A), lora_A, lora_B, lora_bias, scaling, dropout_p,
                                        seeds):
-        xi = xi.to(A.dtype)
-        if p > 0 and lk is not None:
-            h = lk.down_proj(xi, A.t(), int(seed), float(p)).to(A.dtype)
-        else:
-            keep = _keep_scale(int(seed), xi.shape[0], xi.shape[1], float(p), A.dtype, x.device)
-            h = (xi if keep is None else xi * keep) @ A.t()
+        h = compose.as_dtype(down(xi, A, float(p), int(seed)), A.dtype)
         xa.append(h)
         pre.append(h.float() * float(s))
         upre.append(B.t().float())

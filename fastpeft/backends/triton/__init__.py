@@ -198,6 +198,17 @@ def _backward_cuda_kernels(grad_y, x, weight, *rest):
 # and the conditions under which each may serve a call (fastpeft.routing.ROUTE_LIMITS). Module-level functions, so
 # a call whose route is chosen already builds no candidate (routing.run_table) and an evaluation call can be kept
 # settled (settled_route).
+def _unmeasured_route(op: str, rows: int, lora_A, dropout_p):
+    """Under Triton's interpreter (timings mean nothing) the route whose kernels ``fastpeft.kernels.lora``'s mode
+    rule picks for this call of the ``forward`` or ``backward``; None where routes are measured."""
+    if not _interpret():
+        return None
+    from fastpeft.kernels import lora
+
+    choose = lora.choose_forward_mode if op == "forward" else lora.choose_backward_mode
+    return _ROUTE_OF_MODE[choose(rows, sum(A.shape[0] for A in lora_A), dropout_p)]
+
+
 def _route_table(compose_route, kernels, cuda_route) -> dict:
     """One op's routes: the composition (``compose``, and ``compose_pass`` with x widened in the pass), the
     kernels' modes under their route names, and the cuda backend's kernels."""
@@ -285,12 +296,7 @@ class TritonBackend(Backend):
         if not isinstance(weight, torch.Tensor):
             return _quant().lora_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
         args = (x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
-        unmeasured = None
-        if _interpret():
-            from fastpeft.kernels import lora
-
-            total_r = sum(A.shape[0] for A in lora_A)
-            unmeasured = _ROUTE_OF_MODE[lora.choose_forward_mode(x.shape[0], total_r, dropout_p)]
+        unmeasured = _unmeasured_route("forward", x.shape[0], lora_A, dropout_p)
         return routes.run_table(self._key("lora_forward", x, weight, lora_A, dropout_p), _FORWARD_ROUTES,
                                 _forward_eligible, args, (x, weight, lora_A, dropout_p), x.device.type, unmeasured)
 
@@ -312,12 +318,7 @@ class TritonBackend(Backend):
             return _quant().lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds,
                                           needs_grad_x, needs_grad_A)
         args = (grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A)
-        unmeasured = None
-        if _interpret():
-            from fastpeft.kernels import lora
-
-            total_r = sum(A.shape[0] for A in lora_A)
-            unmeasured = _ROUTE_OF_MODE[lora.choose_backward_mode(grad_y.shape[0], total_r, dropout_p)]
+        unmeasured = _unmeasured_route("backward", grad_y.shape[0], lora_A, dropout_p)
         grads = ("dx" if needs_grad_x else "") + ("dA" if needs_grad_A else "")
         return routes.run_table(self._key("lora_backward", grad_y, weight, lora_A, dropout_p, grads),
                                 _BACKWARD_ROUTES, _backward_eligible, args,

@@ -118,30 +118,32 @@ def _other_device(t: torch.Tensor) -> bool:
     return t.is_cuda and t.get_device() != torch.cuda.current_device()
 
 
+def _on_device_of(first: torch.Tensor, function, *args, **kwargs):
+    """``function(*args, **kwargs)`` with the CUDA device of ``first`` current: a model spread over several GPUs
+    (``device_map="auto"``) has layers on cuda:1 and beyond. Where that device is current already (every call on one
+    GPU) no context is entered: it costs microseconds."""
+    if _other_device(first):
+        with torch.cuda.device(first.device):
+            return function(*args, **kwargs)
+    return function(*args, **kwargs)
+
+
 def _on_input_device(method):
-    """Run a backend method with the CUDA device of its first tensor argument current: a model spread over several
-    GPUs (``device_map="auto"``) has layers on cuda:1 and beyond. Where that device is current already (every call
-    on one GPU) no context is entered: it costs microseconds."""
+    """A backend method run on the device of its first tensor argument (:func:`_on_device_of`)."""
 
     @functools.wraps(method)
     def wrapper(self, first, *args, **kwargs):
-        if _other_device(first):
-            with torch.cuda.device(first.device):
-                return method(self, first, *args, **kwargs)
-        return method(self, first, *args, **kwargs)
+        return _on_device_of(first, method, self, first, *args, **kwargs)
 
     return wrapper
 
 
 def _on_input_device_call(function):
-    """``function(first, ...)`` run as :func:`_on_input_device` runs a method."""
+    """``function(first, ...)`` run on the device of ``first`` (:func:`_on_device_of`)."""
 
     @functools.wraps(function)
     def wrapper(first, *args):
-        if _other_device(first):
-            with torch.cuda.device(first.device):
-                return function(first, *args)
-        return function(first, *args)
+        return _on_device_of(first, function, first, *args)
 
     return wrapper
 

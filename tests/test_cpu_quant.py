@@ -71,10 +71,33 @@ def test_dequantize_bit_equal_to_bitsandbytes(isa, kind, nested, shape):
             break  # int8 dequantizes to fp32 whatever the layer's dtype
 
 
+@pytest.mark.parametrize("shape", [(37, 45), (5, 1), (3, 4096), (40, 96)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("kind,nested", KINDS, ids=KIND_IDS)
+def test_dequantize_into_16bit_buffers_bit_equal_to_bitsandbytes(isa, kind, nested, shape):
+    """The compose routes' reused buffer is written in x's 16-bit dtype straight from the packed weight, blocks (and
+    nested blocks) straddling rows included; a buffer of another dtype than the rounding gets round-to-nearest-even."""
+    N, K = shape
+    for wname in ("fp32", "bf16", "fp16"):
+        qw, dense = quantize(kind, nested, N, K, DT[wname], seed=N * K + 1)
+        for bufname in ("bf16", "fp16"):
+            for round_name in (bufname, "fp32"):
+                out = torch.full((N, K), float("nan"), dtype=DT[bufname])
+                _C.quant_dequantize_into(_quant_args(qw, DT[round_name]), out)
+                want = dense.to(qw.dtype).to(DT[round_name]).to(DT[bufname])
+                assert torch.equal(out, want), (
+                    f"{isa} {kind} w={wname} buffer={bufname} rounded to {round_name}: "
+                    f"{(out != want).sum().item()} of {out.numel()} values differ")
+        if kind == "int8":
+            break
+
+
 @pytest.mark.parametrize("blocksize", [32, 128, 4096])
 def test_dequantize_blocksizes(isa, blocksize):
     qw, dense = quantize("nf4", True, 19, 300, torch.float32, seed=blocksize, blocksize=blocksize)
     assert torch.equal(_C.quant_dequantize(_quant_args(qw, torch.float32)), dense)
+    out = torch.empty(19, 300, dtype=torch.bfloat16)
+    _C.quant_dequantize_into(_quant_args(qw, torch.bfloat16), out)
+    assert torch.equal(out, dense.to(torch.bfloat16))
 
 
 # --------------------------------------------------------------------------------------------------- products

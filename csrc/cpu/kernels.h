@@ -77,8 +77,9 @@ struct KernelTable {
   void (*outer_cols)(int dt, const void* src, int64_t lds, int64_t M, int64_t cols, int64_t n0, int64_t n1,
                      const float* coef, int64_t ldc, int64_t R, float p, uint32_t seed, float* out, int64_t ldo,
                      int dt_dst, void* dst, int64_t ldd, const float* rows, float* mask_buf);
-  // out[(n - n0) * ldo + k] = dequantized w[n, k] (fp32, rounded per q.round1/round2) for n in [n0, n1).
-  void (*dequant_rows)(const QuantDesc& q, int64_t n0, int64_t n1, float* out, int64_t ldo);
+  // Row n - n0 of out (dtype dt_out, row stride ldo elements) = dequantized w[n, :] rounded per q.round1/round2,
+  // for n in [n0, n1), stored to a bf16/fp16 out with round-to-nearest-even (exact when q.round2 is out's dtype).
+  void (*dequant_rows)(const QuantDesc& q, int64_t n0, int64_t n1, int dt_out, void* out, int64_t ldo);
 
   // The decoding GEMV, for n in [n0, n1) and every m < M (x: (M, K) fp32 contiguous):
   //   y[m * ldy + n] = sum_k x[m, k] w[n, k] + bias[n] + lora_scale * sum_j xs[m, j] B[n, j]

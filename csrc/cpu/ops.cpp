@@ -526,7 +526,7 @@ int64_t tile_rows(int64_t N, int64_t Kd, int64_t requested) {
 
 void dequant_tile(const QuantDesc& d, int64_t n0, int64_t n1, float* out) {
   at::parallel_for(n0, n1, std::max<int64_t>(1, 16384 / d.K), [&](int64_t b, int64_t e) {
-    K().dequant_rows(d, b, e, out + (b - n0) * d.K, d.K);
+    K().dequant_rows(d, b, e, kF32, out + (b - n0) * d.K, d.K);
   });
 }
 
@@ -550,18 +550,10 @@ void quant_dequantize_into(const py::tuple& qt, at::Tensor out) {
     dequant_tile(q.d, 0, N, out.data_ptr<float>());
     return;
   }
+  char* base = static_cast<char*>(out.data_ptr());
+  const int64_t row_bytes = Kd * out.element_size();
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / Kd), [&](int64_t b, int64_t e) {
-    std::vector<float> row(Kd);
-    for (int64_t n = b; n < e; ++n) {
-      K().dequant_rows(q.d, n, n + 1, row.data(), Kd);
-      if (dt == kBF16) {
-        auto* o = reinterpret_cast<c10::BFloat16*>(out.data_ptr()) + n * Kd;
-        for (int64_t k = 0; k < Kd; ++k) o[k] = c10::BFloat16(row[k]);
-      } else {
-        auto* o = reinterpret_cast<at::Half*>(out.data_ptr()) + n * Kd;
-        for (int64_t k = 0; k < Kd; ++k) o[k] = at::Half(row[k]);
-      }
-    }
+    K().dequant_rows(q.d, b, e, dt, base + b * row_bytes, Kd);
   });
 }
 

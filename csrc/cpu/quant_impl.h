@@ -15,13 +15,28 @@ namespace {
 typedef uint8_t vb __attribute__((vector_size(VW)));
 typedef int8_t vsb __attribute__((vector_size(VW)));
 
-// The 4-bit block scale; the product is forced through memory so that -ffp-contract=fast cannot fuse it with the
-// add (bitsandbytes and fastpeft.quant round the product first).
-inline float block_scale(const QuantDesc& q, int64_t b) {
-  if (!q.qabsmax) return q.absmax[b];
-  volatile float prod = q.nested_code[q.qabsmax[b]] * q.nested_absmax[b / q.nested_blocksize];
-  return prod + q.nested_offset;
-}
+// The 4-bit block scales of consecutive blocks from block b on, without a division per block (an integer division
+// costs as much as decoding several vectors). The nested product is forced through memory so that
+// -ffp-contract=fast cannot fuse it with the add (bitsandbytes and fastpeft.quant round the product first).
+struct BlockScales {
+  const QuantDesc& q;
+  int64_t b, nested, nested_left;  // block, its nested block, blocks left in that nested block
+  BlockScales(const QuantDesc& qd, int64_t first) : q(qd), b(first), nested(0), nested_left(0) {
+    if (q.qabsmax) {
+      nested = first / q.nested_blocksize;
+      nested_left = q.nested_blocksize - first % q.nested_blocksize;
+    }
+  }
+  float next() {
+    if (!q.qabsmax) return q.absmax[b++];
+    volatile float prod = q.nested_code[q.qabsmax[b++]] * q.nested_absmax[nested];
+    if (--nested_left == 0) {
+      ++nested;
+      nested_left = q.nested_blocksize;
+    }
+    return prod + q.nested_offset;
+  }
+};
 
 // The VW 4-bit indices stored in the VW/2 bytes at p, in element order (high nibble first): each byte is
 // duplicated and widened to two 32-bit lanes, then shifted by 4 (even lanes) or 0 (odd lanes) and masked.
@@ -97,22 +112,21 @@ inline float round_to1(int dt, float v) {
   return v;
 }
 
-inline void round_row(const QuantDesc& q, float* out, int64_t K) {
-  if (q.round1 == kF32 && q.round2 == kF32) return;
-  int64_t k = 0;
-  for (; k + VW <= K; k += VW) store_f32(out + k, round_to(q.round2, round_to(q.round1, load_f32(out + k))));
-  for (; k < K; ++k) out[k] = round_to1(q.round2, round_to1(q.round1, out[k]));
-}
+// round_to(round2, round_to(round1, v)): the decoded value as the reference rounds it, once to the weight's stored
+// dtype and once to x's (either is a no-op for fp32).
+inline vf round_decoded(const QuantDesc& q, vf v) { return round_to(q.round2, round_to(q.round1, v)); }
+inline float round_decoded1(const QuantDesc& q, float v) { return round_to1(q.round2, round_to1(q.round1, v)); }
 
-// Row n of the weight, dequantized into out[0, K).
-inline void decode_row(const QuantDesc& q, const CodeTable& table, int64_t n, float* out) {
+// Row n of the weight, dequantized into out[0, K) of dtype dt_out (a 16-bit out rounded to nearest even: exact where
+// q.round2 is its dtype).
+inline void decode_row(const QuantDesc& q, const CodeTable& table, int64_t n, int dt_out, void* out) {
   const int64_t K = q.K;
   if (q.kind == 2) {
     const int64_t elem = q.wdtype == kF32 ? 4 : 2;
     const void* row = q.data + n * q.ldw * elem;
     int64_t k = 0;
-    for (; k + VW <= K; k += VW) store_f32(out + k, load_act(q.wdtype, row, k));
-    for (; k < K; ++k) out[k] = load_act1(q.wdtype, row, k);
+    for (; k + VW <= K; k += VW) store_act(dt_out, out, k, load_act(q.wdtype, row, k));
+    for (; k < K; ++k) store_act1(dt_out, out, k, load_act1(q.wdtype, row, k));
     return;  // dense weights are used as they are (the caller rounds x to their dtype)
   }
   if (q.kind == 1) {
@@ -125,28 +139,29 @@ inline void decode_row(const QuantDesc& q, const CodeTable& table, int64_t n, fl
       vsb raw;
       __builtin_memcpy(&raw, src + k, VW);
       const vf w = __builtin_convertvector(__builtin_convertvector(raw, vi), vf);
-      store_f32(out + k, (w * vs) * vinv);
+      store_act(dt_out, out, k, round_decoded(q, (w * vs) * vinv));
     }
-    for (; k < K; ++k) out[k] = (float(src[k]) * s) * inv127;
+    for (; k < K; ++k) store_act1(dt_out, out, k, round_decoded1(q, (float(src[k]) * s) * inv127));
   } else {
     const int64_t i0 = n * K, i1 = i0 + K, bs = q.blocksize;
-    int64_t i = i0;
-    while (i < i1) {
-      const int64_t b = i / bs, bend = (b + 1) * bs < i1 ? (b + 1) * bs : i1;
-      const float s = block_scale(q, b);
+    int64_t i = i0, bend = (i0 / bs + 1) * bs;
+    BlockScales scales(q, i0 / bs);
+    for (; i < i1; bend += bs) {
+      if (bend > i1) bend = i1;
+      const float s = scales.next();
       if (i & 1) {  // a row that starts mid-byte (odd K): one low nibble, then byte-aligned
-        out[i - i0] = table.code[q.data[i >> 1] & 15] * s;
+        store_act1(dt_out, out, i - i0, round_decoded1(q, table.code[q.data[i >> 1] & 15] * s));
         ++i;
       }
       const vf vs = splat(s);
-      for (; i + VW <= bend; i += VW) store_f32(out + (i - i0), table.lookup(nibbles(q.data + (i >> 1))) * vs);
+      for (; i + VW <= bend; i += VW)
+        store_act(dt_out, out, i - i0, round_decoded(q, table.lookup(nibbles(q.data + (i >> 1))) * vs));
       for (; i < bend; ++i) {
         const uint8_t byte = q.data[i >> 1];
-        out[i - i0] = table.code[(i & 1) ? (byte & 15) : (byte >> 4)] * s;
+        store_act1(dt_out, out, i - i0, round_decoded1(q, table.code[(i & 1) ? (byte & 15) : (byte >> 4)] * s));
       }
     }
   }
-  round_row(q, out, K);
 }
 
 // Four independent accumulators hide the FMA latency.
@@ -209,9 +224,9 @@ inline void dot4_act(const float* a, int dt, const void* w, int64_t ldw, int64_t
   return dot4_rows<kF16>(a, w, ldw, K, out);
 }
 
-void dequant_rows(const QuantDesc& q, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+void dequant_rows(const QuantDesc& q, int64_t n0, int64_t n1, int dt_out, void* out, int64_t ldo) {
   const CodeTable table(q.code);
-  for (int64_t n = n0; n < n1; ++n) decode_row(q, table, n, out + (n - n0) * ldo);
+  for (int64_t n = n0; n < n1; ++n) decode_row(q, table, n, dt_out, row_ptr(dt_out, out, ldo, n - n0));
 }
 
 // Groups of four rows ahead whose bytes qgemv_rows requests before it reads them.
@@ -257,7 +272,7 @@ void qgemv_rows(const QuantDesc& q, int64_t n0, int64_t n1, const float* x, int6
   }
   for (; n < n1; ++n) {
     const void* row = q.data + n * q.ldw * elem;
-    if (!direct) decode_row(q, table, n, buf);
+    if (!direct) decode_row(q, table, n, kF32, buf);
     for (int64_t m = 0; m < M; ++m) {
       finish(m, n, !direct ? dot(x + m * K, buf, K)
                    : q.wdtype == kF32 ? dot(x + m * K, static_cast<const float*>(row), K)

@@ -301,19 +301,23 @@ def _base_product(a: torch.Tensor, weight) -> torch.Tensor:
     return out
 
 
-def _second_base_product(backend, x, ks, p, weight, dtype, xd=None) -> torch.Tensor:
+def _second_base_product(backend, x, keep, p, seed, weight, dtype, xd=None) -> torch.Tensor:
     """``drop(x) W^T`` ``(M, N)`` in ``dtype`` (the adapters'), PEFT's second base product, by a route of
     ``widened_product``: ``widen`` is ``_base_product`` on ``drop(x)`` in ``dtype`` (``xd`` when the caller has it);
     ``pairs`` / ``pairs_x`` (bf16 ``x`` and weight, fp32 adapters) multiply the kept elements of ``x`` by ``W`` in
     bf16 with every product exact and fp32 sums (``Backend.widened_mm``, rearranging tiles of ``W`` / the kept
     ``x``), then scale by ``1 / (1 - p)``: PEFT's numbers up to the order of the sums, with no fp32 copy of ``x`` or
-    of ``W``. ``ks`` is ``keep_scale``'s ``(M, K)``."""
+    of ``W``. ``keep()`` returns ``keep_scale``'s ``(M, K)`` for ``seed``; the kept ``x`` is drawn by the backend's
+    one pass where it has one (``Backend.dropout_combine``), without it."""
     def widen():
-        return _base_product(xd if xd is not None else _dropped(_cast(x, dtype), ks), weight)
+        return _base_product(xd if xd is not None else _dropped(_cast(x, dtype), keep()), weight)
+
+    def kept():  # exact in bf16; 1 / (1 - p) after the sums
+        out = backend.dropout_combine(None, x, p, seed, 1.0, 0.0)
+        return out if out is not None else x.masked_fill(keep() == 0, 0)
 
     candidates = {"widen": widen}
     if dtype == _F32 and isinstance(weight, torch.Tensor) and backend.widened_mm_eligible(x, weight):
-        kept = lambda: x.masked_fill(ks == 0, 0)  # noqa: E731  (exact in bf16; 1 / (1 - p) after the sums)
         for route, interleave_x in (("pairs", False), ("pairs_x", True)):
             candidates[route] = (lambda interleave_x=interleave_x:
                                  backend.widened_mm(kept(), weight.detach(), interleave_x).mul_(1.0 / (1.0 - p)))
@@ -348,11 +352,18 @@ def _forward(route, backend, x, weight, bias, A, B, scale, s, p, seed):
         # c * z (+ b) in fp32, written once in x's dtype.
         y = _scaled(z, scale, x.dtype, None if bias is None else bias.detach().to(_F32), backend)
         return y, h, z
-    ks = keep_scale(backend, x.shape[0], x.shape[1], p, seed, x.device)
-    xd_a = _dropped(_cast(x, A.dtype), ks) if route == "compose" else None
+    drawn = []
+
+    def keep():  # keep_scale, drawn once and only where a route needs the whole (M, K) of it
+        if not drawn:
+            drawn.append(keep_scale(backend, x.shape[0], x.shape[1], p, seed, x.device))
+        return drawn[0]
+
+    xd_a = _dropped(_cast(x, A.dtype), keep()) if route == "compose" else None
     L, h = _lora_part(route, backend, x, weight, bias, A, B, s, p, seed, xd_a)
-    z = _second_base_product(backend, x, ks, p, weight, A.dtype, xd_a)
-    del ks, xd_a
+    z = _second_base_product(backend, x, keep, p, seed, weight, A.dtype, xd_a)
+    drawn.clear()  # the (M, K) mask is transient
+    del xd_a
     z.addmm_(_cast(h, z.dtype), _cast(B.detach().t(), z.dtype), alpha=s)
     return _scaled(z, scale - 1.0, x.dtype, L, backend), h, z
 
@@ -397,8 +408,14 @@ def _backward_fused(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_dx
                                           [seed], needs_dx, needs_dA)
     if needs_dx and p > 0:
         e = _scaled(dy, scale - 1.0, dy.dtype, backend=backend)
-        ks = keep_scale(backend, dy.shape[0], weight.shape[1], p, seed, dy.device).sub_(1.0)
-        dx = _cast(dx.to(_F32).addcmul_(_grad_product(backend, e, weight).to(_F32), ks), dy.dtype)
+        eW = _grad_product(backend, e, weight)
+        # keep_scale - 1 where kept (fp32, as keep_scale(...).sub_(1.0) holds it) and -1 where dropped
+        kept = float(torch.tensor(1.0 / (1.0 - p), dtype=_F32) - 1.0)
+        corrected = backend.dropout_combine(dx, eW, p, seed, kept, -1.0, out=dx if dx.dtype == dy.dtype else None)
+        if corrected is None:
+            ks = keep_scale(backend, dy.shape[0], weight.shape[1], p, seed, dy.device).sub_(1.0)
+            corrected = dx.to(_F32).addcmul_(eW.to(_F32), ks)
+        dx = _cast(corrected, dy.dtype)
     return dx, dA[0], dB[0]
 
 

@@ -655,6 +655,37 @@ def test_column_dots_are_fp32_sums_of_exact_products(isa, a_dt, b_dt, M, N):
     assert ((got.double() - exact).abs() <= 1e-6 * (a.double().abs() * b.double().abs()).sum(0) + 1e-9).all()
 
 
+@pytest.mark.parametrize("a_dt,b_dt,out_dt", [("none", "bf16", "bf16"), ("none", "fp32", "fp32"),
+                                               ("bf16", "bf16", "bf16"), ("fp32", "bf16", "fp32"),
+                                               ("fp16", "fp16", "fp16")])
+@pytest.mark.parametrize("M,N,seed", [(1, 7, 3), (37, 1030, 11), (5, 4, 2**31 + 5)])
+def test_masked_combine_is_the_canonical_mask_applied_in_fp32(isa, a_dt, b_dt, out_dt, M, N, seed):
+    """``_C.masked_combine``: ``a + b * (kept where keep_scale keeps, else dropped)`` in fp64 rounded once to the
+    output dtype (one rounding of it, fp32 arithmetic's error besides), the mask element ``(m, n)`` at offset
+    ``m * N + n`` (``_C.dropout_scale``'s); a dropped coefficient of 0 writes +0 even over inf/NaN (a dropped copy of
+    x); in place when ``out`` is ``a``; rows of ``b`` with a stride beyond ``N``."""
+    g = torch.Generator().manual_seed(M * N)
+    p = 0.3
+    b = torch.randn(M, N + 3, generator=g).to(DT[b_dt])[:, :N]
+    keep = _C.dropout_scale(seed, M, N, p, 1.0) != 0
+    assert keep.any() and not keep.all(), "the mask must keep some and drop some: test is vacuous"
+    if a_dt == "none":
+        b[0, 0], b[-1, -1] = float("inf"), float("nan")
+        got = _C.masked_combine(None, b, seed, p, 1.0, 0.0, None)
+        want = b.masked_fill(~keep, 0)
+        assert got.dtype == b.dtype and torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num(), want.nan_to_num()) and not got.signbit()[~keep].any()
+        return
+    a = torch.randn(M, N, generator=g).to(DT[a_dt])
+    kept, dropped = 0.4285714, -1.0
+    exact = a.double() + b.double() * torch.where(keep, kept, dropped).double()
+    out = a if DT[out_dt] == a.dtype else torch.empty(M, N, dtype=DT[out_dt])
+    got = _C.masked_combine(a, b, seed, p, kept, dropped, out)
+    assert got.data_ptr() == out.data_ptr() and got.dtype == DT[out_dt]
+    ulp = {"fp32": 2.0 ** -22, "bf16": 2.0 ** -8, "fp16": 2.0 ** -10}[out_dt]
+    assert ((got.double() - exact).abs() <= ulp * exact.abs() + 1e-6).all()
+
+
 def test_column_passes_reject_what_they_cannot_read():
     with pytest.raises(RuntimeError, match="scale must be contiguous fp32 of shape \\[3\\]"):
         _C.scale_columns(torch.ones(2, 3), torch.ones(4), None, torch.float32)
@@ -664,3 +695,7 @@ def test_column_passes_reject_what_they_cannot_read():
         _C.scale_columns(torch.ones(3, 2).t(), torch.ones(3), None, torch.float32)
     with pytest.raises(RuntimeError, match="column_dots: a .* and b .* differ"):
         _C.column_dots(torch.ones(2, 3), torch.ones(3, 3))
+    with pytest.raises(RuntimeError, match="masked_combine: a .* and b .* differ"):
+        _C.masked_combine(torch.ones(2, 3), torch.ones(3, 3), 0, 0.5, 1.0, 0.0, None)
+    with pytest.raises(RuntimeError, match="out needs unit column stride"):
+        _C.masked_combine(None, torch.ones(2, 3), 0, 0.5, 1.0, 0.0, torch.ones(3, 2).t())

@@ -104,6 +104,13 @@ struct KernelTable {
 
   // dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols (fp32; the adapters' B to the B^T the passes stream).
   void (*transpose_f32)(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd);
+
+  // out[m, n] = round(a[m, n] + b[m, n] * (keep(m * N + n) ? kept : dropped)) in dt_out (fp32 arithmetic) for m in
+  // [m0, m1), n < N; keep is dropout_scale's mask for seed and p; a null reads as 0; dropped == 0 writes +0 whatever
+  // b holds; out may be a. A dropped copy of x (DoRA's second base product) and DoRA's dropout correction of dX.
+  void (*masked_combine_rows)(int dt_a, const void* a, int64_t lda, int dt_b, const void* b, int64_t ldb, int64_t N,
+                              int64_t m0, int64_t m1, uint32_t seed, float p, float kept, float dropped, int dt_out,
+                              void* out, int64_t ldo);
 };
 
 const KernelTable& kernels_generic();

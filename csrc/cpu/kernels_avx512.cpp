@@ -22,7 +22,8 @@ const KernelTable& kernels_avx512() {
                                  isa_avx512::dy_rows, isa_avx512::expand_rows, isa_avx512::outer_cols,
                                  isa_avx512::dequant_rows, isa_avx512::qgemv_rows, isa_avx512::scale_columns_rows,
                                  isa_avx512::column_dots_cols, isa_avx512::expand_row_b, 16,
-                                 isa_avx512::transpose_f32};
+                                 isa_avx512::transpose_f32,
+                                 isa_avx512::masked_combine_rows};
   return table;
 }
 }  // namespace fastpeft

@@ -275,6 +275,41 @@ inline void* row_ptr(int dt, void* base, int64_t ld, int64_t m) {
   return static_cast<char*>(base) + m * ld * elem_size(dt);
 }
 
+// out[m, n] = round(a[m, n] + b[m, n] * (keep(m * N + n) ? kept : dropped)) in dt_out, fp32 arithmetic, for m in
+// [m0, m1) and n < N, keep being dropout_scale's mask for seed and p over an (M, N) tensor. a null reads as 0; a
+// dropped coefficient of exactly 0 writes +0 whatever b holds (masked_fill's meaning). out may be a (in place).
+void masked_combine_rows(int dt_a, const void* a, int64_t lda, int dt_b, const void* b, int64_t ldb, int64_t N,
+                         int64_t m0, int64_t m1, uint32_t seed, float p, float kept, float dropped, int dt_out,
+                         void* out, int64_t ldo) {
+  constexpr int64_t kChunk = 512;  // mask elements drawn at a time: 2 KB of L1
+  float keep[kChunk];
+  const bool zero_dropped = dropped == 0.f;
+  const vf kv = splat(kept), dv = splat(dropped);
+  for (int64_t m = m0; m < m1; ++m) {
+    const void* ar = a ? row_ptr(dt_a, a, lda, m) : nullptr;
+    const void* br = row_ptr(dt_b, b, ldb, m);
+    void* orow = row_ptr(dt_out, out, ldo, m);
+    for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
+      const int64_t w = (N - n0) < kChunk ? (N - n0) : kChunk;
+      dropout_scale(seed, m * N + n0, w, p, 1.f, keep);
+      int64_t i = 0;
+      for (; i + VW <= w; i += VW) {
+        const vi kept_lanes = load_f32(keep + i) != vf{};
+        vf v = load_act(dt_b, br, n0 + i) * (vf)(((vi)kv & kept_lanes) | ((vi)dv & ~kept_lanes));
+        if (zero_dropped) v = (vf)((vi)v & kept_lanes);
+        if (ar) v = load_act(dt_a, ar, n0 + i) + v;
+        store_act(dt_out, orow, n0 + i, v);
+      }
+      for (; i < w; ++i) {
+        const bool k = keep[i] != 0.f;
+        float v = (k || !zero_dropped) ? load_act1(dt_b, br, n0 + i) * (k ? kept : dropped) : 0.f;
+        if (ar) v = load_act1(dt_a, ar, n0 + i) + v;
+        store_act1(dt_out, orow, n0 + i, v);
+      }
+    }
+  }
+}
+
 // Up to four activation rows are processed together (a row block) so that every load of an adapter row (A or
 // B^T, r x K floats, streamed from L2 for each block) and every read-modify-write of a per-thread column sum
 // feeds four rows' worth of FMAs: a quarter of the L2 traffic of a row-at-a-time loop.

@@ -204,6 +204,38 @@ at::Tensor scale_columns(const at::Tensor& z, const at::Tensor& scale, const c10
   return out;
 }
 
+// out = round(a + b * (kept where dropout_scale's mask for (seed, p) over (M, N) keeps, else dropped)) in out's
+// dtype, fp32 arithmetic, one pass with the mask drawn in registers' reach (never an (M, N) mask): b (M, N) activation
+// rows; a None or like b; out None (a new tensor of b's dtype) or (M, N) activation rows, which may be a.
+at::Tensor masked_combine(const c10::optional<at::Tensor>& a, const at::Tensor& b, int64_t seed, double p,
+                          double kept, double dropped, const c10::optional<at::Tensor>& out) {
+  check_rows(b, "b");
+  const int64_t M = b.size(0), N = b.size(1);
+  if (a.has_value()) {
+    check_rows(*a, "a");
+    TORCH_CHECK(a->sizes() == b.sizes(), "fastpeft._C.masked_combine: a ", a->sizes(), " and b ", b.sizes(), " differ");
+  }
+  at::Tensor o;
+  if (out.has_value()) {
+    o = *out;
+    check_rows(o, "out");
+    TORCH_CHECK(o.sizes() == b.sizes(), "fastpeft._C.masked_combine: out ", o.sizes(), " and b ", b.sizes(), " differ");
+  } else {
+    o = at::empty({M, N}, b.options());
+  }
+  const int dt_a = a.has_value() ? dtype_code(*a) : kF32, dt_b = dtype_code(b), dt_o = dtype_code(o);
+  const void* ap = a.has_value() ? a->data_ptr() : nullptr;
+  const int64_t lda = a.has_value() ? a->stride(0) : 0;
+  const void* bp = b.data_ptr();
+  void* op = o.data_ptr();
+  // An element costs a mask draw (the Philox rounds) besides its loads and store.
+  at::parallel_for(0, M, grain(16 * N), [&](int64_t m0, int64_t m1) {
+    K().masked_combine_rows(dt_a, ap, lda, dt_b, bp, b.stride(0), N, m0, m1, uint32_t(seed), float(p), float(kept),
+                            float(dropped), dt_o, op, o.stride(0));
+  });
+  return o;
+}
+
 // sum_m a[m, :] * b[m, :] as fp32 (N,), products and sums in fp32: a, b (M, N) activation rows.
 at::Tensor column_dots(const at::Tensor& a, const at::Tensor& b) {
   check_rows(a, "a");
@@ -770,6 +802,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scale_columns", &fastpeft::scale_columns, "(z (M, N), scale fp32 (N,), add None | fp32 (N,) | (M, N), "
         "out_dtype) -> round(add + z * scale) (M, N) in out_dtype, fp32 arithmetic");
   m.def("column_dots", &fastpeft::column_dots, "(a (M, N), b (M, N)) -> sum_m a[m] * b[m] fp32 (N,)");
+  m.def("masked_combine", &fastpeft::masked_combine,
+        "(a|None, b (M, N), seed, p, kept, dropped, out|None) -> out = round(a + b * (kept where the canonical mask "
+        "keeps element m * N + n, else dropped)), fp32 arithmetic; dropped == 0 writes +0");
   m.def("dropout_scale", &fastpeft::dropout_scale, "(seed, rows, cols, p, scale) -> fp32 (rows, cols): scale where kept, else 0");
   m.def("native_lowp_gemm", &fastpeft::native_lowp_gemm, "(\"bf16\"|\"fp16\") -> whether the CPU has native GEMM support");
   m.def("supported_isas", &fastpeft::supported_isas, "code paths this CPU can run");

@@ -57,6 +57,14 @@ class Backend:
         at offset ``m * cols + k``) by one pass of this backend, or None where it has none."""
         return None
 
+    def dropout_combine(self, a: Optional[torch.Tensor], b: torch.Tensor, p: float, seed: int, kept: float,
+                        dropped: float, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """``a + b * (kept where dropout_scale's mask keeps, else dropped)`` computed in fp32 and rounded once to
+        ``out``'s dtype (``out`` None: a new tensor of ``b``'s dtype; it may be ``a``), for ``(M, N)`` ``b`` and
+        ``a`` None or like ``b``; ``dropped == 0`` writes 0 whatever ``b`` holds. One pass of this backend with the
+        mask drawn as it goes (no ``(M, N)`` mask), or None where it has none."""
+        return None
+
     def scale_columns(self, z: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
                       add: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """``add + z * scale`` computed in fp32 and rounded once to ``dtype`` (``z`` ``(M, N)``, ``scale`` fp32

@@ -611,6 +611,15 @@ class CpuBackend(Backend):
             return None
         return _C.dropout_scale(int(seed), int(rows), int(cols), float(p), 1.0 / (1.0 - float(p)))
 
+    def dropout_combine(self, a, b, p, seed, kept, dropped, out=None):
+        operands = [t for t in (a, b, out) if t is not None]
+        if not all(t.is_cpu and t.dim() == 2 and t.dtype in _DTYPE_CODES and t.shape == b.shape for t in operands):
+            return None
+        if out is not None and out.stride(-1) != 1:
+            return None
+        return _C.masked_combine(None if a is None else _rows(a), _rows(b), int(seed), float(p), float(kept),
+                                 float(dropped), out)
+
     def scale_columns(self, z, scale, dtype, add=None):
         if add is not None:  # one fp32 row for every m, or (M, N) rows of an activation dtype
             if not (add.is_cpu and (add.dtype == _F32 if add.dim() == 1 else add.dtype in _DTYPE_CODES)):

@@ -44,6 +44,7 @@ the norm, the scale and the epilogue stay fp32, as in PEFT.
 
 from __future__ import annotations
 
+import struct
 from typing import Optional
 
 import torch
@@ -54,6 +55,11 @@ from .backends import get_backend
 from .functional import _autocast, _call_mode, _flatten, draw_seeds
 
 _F32 = torch.float32
+
+
+def _as_fp32(value: float) -> float:
+    """``value`` rounded to the nearest fp32 (what an fp32 tensor would hold)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 # ------------------------------------------------------------------------------------------------------- the norm
@@ -410,7 +416,7 @@ def _backward_fused(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_dx
         e = _scaled(dy, scale - 1.0, dy.dtype, backend=backend)
         eW = _grad_product(backend, e, weight)
         # keep_scale - 1 where kept (fp32, as keep_scale(...).sub_(1.0) holds it) and -1 where dropped
-        kept = float(torch.tensor(1.0 / (1.0 - p), dtype=_F32) - 1.0)
+        kept = _as_fp32(_as_fp32(1.0 / (1.0 - p)) - 1.0)
         corrected = backend.dropout_combine(dx, eW, p, seed, kept, -1.0, out=dx if dx.dtype == dy.dtype else None)
         if corrected is None:
             ks = keep_scale(backend, dy.shape[0], weight.shape[1], p, seed, dy.device).sub_(1.0)

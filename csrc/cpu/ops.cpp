@@ -205,8 +205,9 @@ at::Tensor scale_columns(const at::Tensor& z, const at::Tensor& scale, const c10
 }
 
 // out = round(a + b * (kept where dropout_scale's mask for (seed, p) over (M, N) keeps, else dropped)) in out's
-// dtype, fp32 arithmetic, one pass with the mask drawn in registers' reach (never an (M, N) mask): b (M, N) activation
-// rows; a None or like b; out None (a new tensor of b's dtype) or (M, N) activation rows, which may be a.
+// dtype, fp32 arithmetic, in one pass that draws the mask a few hundred elements at a time (never an (M, N) mask):
+// b (M, N) activation rows; a None or like b; out None (a new tensor of b's dtype) or (M, N) activation rows, which
+// may be a.
 at::Tensor masked_combine(const c10::optional<at::Tensor>& a, const at::Tensor& b, int64_t seed, double p,
                           double kept, double dropped, const c10::optional<at::Tensor>& out) {
   check_rows(b, "b");

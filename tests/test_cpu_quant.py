@@ -100,6 +100,32 @@ def test_dequantize_blocksizes(isa, blocksize):
     assert torch.equal(out, dense.to(torch.bfloat16))
 
 
+def test_decode_buffers_idle_for_a_while_are_released(monkeypatch):
+    """The compose routes' buffers are reused per (shape, dtype) on a thread; one that later decodes have not used
+    (an fp32 buffer measurement made beside the bf16 one the chosen route uses) is released, the one in use is not,
+    and a released buffer comes back, decoded right, when asked for again."""
+    import threading
+
+    monkeypatch.setattr(cpu_backend, "BUFFER_IDLE_DECODES", 4)
+    qw, dense = quantize("nf4", True, 19, 64, torch.float32, seed=5)
+    got = {}
+
+    def decodes():  # a fresh thread: its own buffers, none left by other tests
+        wide = cpu_backend._decoded(qw, torch.float32, torch.bfloat16)
+        assert torch.equal(wide, dense.to(torch.bfloat16).float())
+        narrow = [cpu_backend._decoded(qw, torch.bfloat16, torch.bfloat16) for _ in range(7)]  # a sweep at 8
+        store = cpu_backend._buffers.state["store"]
+        got["kept"] = sorted(str(dtype) for _, dtype in store)
+        got["same"] = all(n.data_ptr() == narrow[0].data_ptr() for n in narrow)
+        again = cpu_backend._decoded(qw, torch.float32, torch.bfloat16)
+        got["again"] = torch.equal(again, dense.to(torch.bfloat16).float())
+
+    worker = threading.Thread(target=decodes)
+    worker.start()
+    worker.join()
+    assert got == {"kept": ["torch.bfloat16"], "same": True, "again": True}
+
+
 # --------------------------------------------------------------------------------------------------- products
 @pytest.mark.parametrize("M", [1, 7, 16, 17, 45])
 @pytest.mark.parametrize("kind,nested", KINDS, ids=KIND_IDS)

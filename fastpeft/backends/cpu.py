@@ -124,21 +124,32 @@ def _bt_all(lora_B) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ base-product pieces
 _buffers = threading.local()
+# A decode buffer that this many decodes on its thread have not used is released: measurement decodes into buffers of
+# every candidate's dtype (an fp32 one beside the bf16 one), and most are never used again by the chosen route.
+BUFFER_IDLE_DECODES = 256
 
 
 def _decoded(weight: QuantizedWeight, buffer_dtype: torch.dtype, round_to: torch.dtype) -> torch.Tensor:
     """``weight.dequantize().to(round_to)`` written into a reused ``(N, K)`` buffer of ``buffer_dtype`` (one per
-    shape and dtype per thread, kept for the thread's life: a quantized model holds one dense copy of each distinct
-    projection shape, never one per layer). The caller must be done with it before the next call on this thread."""
-    store = getattr(_buffers, "store", None)
-    if store is None:
-        store = _buffers.store = {}
+    shape and dtype per thread: a quantized model holds one dense copy of each distinct projection shape in use,
+    never one per layer; one that ``BUFFER_IDLE_DECODES`` decodes on the thread have not used is released at the next
+    sweep, every ``BUFFER_IDLE_DECODES`` decodes). The caller must be done with it before the next call on this
+    thread."""
+    state = getattr(_buffers, "state", None)
+    if state is None:
+        state = _buffers.state = {"store": {}, "decodes": 0}
+    store = state["store"]
+    state["decodes"] = now = state["decodes"] + 1
     key = (weight.shape, buffer_dtype)
-    buf = store.get(key)
-    if buf is None:
-        buf = store[key] = torch.empty(weight.shape, dtype=buffer_dtype)
-    _C.quant_dequantize_into(_quant_args(weight, round_to), buf)
-    return buf
+    entry = store.get(key)
+    if entry is None:
+        entry = store[key] = [torch.empty(weight.shape, dtype=buffer_dtype), now]
+    entry[1] = now
+    if now % BUFFER_IDLE_DECODES == 0:
+        for idle in [k for k, (_, last) in store.items() if now - last >= BUFFER_IDLE_DECODES]:
+            del store[idle]
+    _C.quant_dequantize_into(_quant_args(weight, round_to), entry[0])
+    return entry[0]
 
 
 def _weight_as(weight, dtype: torch.dtype, round_to: torch.dtype) -> torch.Tensor:

@@ -118,8 +118,10 @@ inline vf round_decoded(const QuantDesc& q, vf v) { return round_to(q.round2, ro
 inline float round_decoded1(const QuantDesc& q, float v) { return round_to1(q.round2, round_to1(q.round1, v)); }
 
 // Row n of the weight, dequantized into out[0, K) of dtype dt_out (a 16-bit out rounded to nearest even: exact where
-// q.round2 is its dtype).
-inline void decode_row(const QuantDesc& q, const CodeTable& table, int64_t n, int dt_out, void* out) {
+// q.round2 is its dtype). Kept out of line: inlined into qgemv_rows, it made the compiler lay out that function's
+// dense-row loop (decoding over weights read from memory) measurably slower, for one call per weight row saved.
+__attribute__((noinline)) void decode_row(const QuantDesc& q, const CodeTable& table, int64_t n, int dt_out,
+                                          void* out) {
   const int64_t K = q.K;
   if (q.kind == 2) {
     const int64_t elem = q.wdtype == kF32 ? 4 : 2;

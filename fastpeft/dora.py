@@ -313,8 +313,8 @@ def _second_base_product(backend, x, keep, p, seed, weight, dtype, xd=None) -> t
     ``pairs`` / ``pairs_x`` (bf16 ``x`` and weight, fp32 adapters) multiply the kept elements of ``x`` by ``W`` in
     bf16 with every product exact and fp32 sums (``Backend.widened_mm``, rearranging tiles of ``W`` / the kept
     ``x``), then scale by ``1 / (1 - p)``: PEFT's numbers up to the order of the sums, with no fp32 copy of ``x`` or
-    of ``W``. ``keep()`` returns ``keep_scale``'s ``(M, K)`` for ``seed``; the kept ``x`` is drawn by the backend's
-    one pass where it has one (``Backend.dropout_combine``), without it."""
+    of ``W``. ``keep()`` returns ``keep_scale``'s ``(M, K)`` for ``seed``; where the backend has a masked pass
+    (``Backend.dropout_combine``) the kept ``x`` comes from it, with no ``(M, K)`` mask."""
     def widen():
         return _base_product(xd if xd is not None else _dropped(_cast(x, dtype), keep()), weight)
 

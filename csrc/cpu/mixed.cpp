@@ -32,8 +32,6 @@ struct Chunk {
   int64_t start, end, adapter;
 };
 
-int64_t element_size(int dt) { return dt == kF32 ? 4 : 2; }
-
 // Scratch of each thread, kept across calls: a decode step calls this once per layer, and a fresh B^T buffer of
 // r * N floats is large enough for malloc to map new pages each time.
 struct Scratch {

@@ -557,9 +557,10 @@ int64_t tile_rows(int64_t N, int64_t Kd, int64_t requested) {
   return std::min(rows, N);
 }
 
-void dequant_tile(const QuantDesc& d, int64_t n0, int64_t n1, float* out) {
+// Rows [n0, n1) of the weight decoded into out (contiguous rows of K elements of dtype dt), in one parallel pass.
+void dequant_tile(const QuantDesc& d, int64_t n0, int64_t n1, void* out, int dt = kF32) {
   at::parallel_for(n0, n1, std::max<int64_t>(1, 16384 / d.K), [&](int64_t b, int64_t e) {
-    K().dequant_rows(d, b, e, kF32, out + (b - n0) * d.K, d.K);
+    K().dequant_rows(d, b, e, dt, static_cast<char*>(out) + (b - n0) * d.K * element_size(dt), d.K);
   });
 }
 
@@ -578,16 +579,7 @@ void quant_dequantize_into(const py::tuple& qt, at::Tensor out) {
   const int64_t N = q.d.N, Kd = q.d.K;
   TORCH_CHECK(out.device().is_cpu() && out.dim() == 2 && out.size(0) == N && out.size(1) == Kd && out.is_contiguous(),
               "fastpeft._C: out must be a contiguous CPU (", N, ", ", Kd, ") tensor, got ", out.sizes());
-  const int dt = dtype_code(out);
-  if (dt == kF32) {
-    dequant_tile(q.d, 0, N, out.data_ptr<float>());
-    return;
-  }
-  char* base = static_cast<char*>(out.data_ptr());
-  const int64_t row_bytes = Kd * out.element_size();
-  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / Kd), [&](int64_t b, int64_t e) {
-    K().dequant_rows(q.d, b, e, dt, base + b * row_bytes, Kd);
-  });
+  dequant_tile(q.d, 0, N, out.data_ptr(), dtype_code(out));
 }
 
 // Checks the operands of y = x w^T + bias + lora_scale xs B^T against w's (N, K); returns R (0 without xs/B).

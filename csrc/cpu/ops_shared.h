@@ -14,6 +14,8 @@ const KernelTable& active_kernels();
 int activation_dtype(const at::Tensor& t);
 // Raises unless t is a 2-D CPU fp32/bf16/fp16 tensor with unit column stride.
 void check_activation_rows(const at::Tensor& t, const char* name);
+// Bytes per element of DType code dt.
+inline int64_t element_size(int dt) { return dt == kF32 ? 4 : 2; }
 // Rows per at::parallel_for task for a row costing work_per_row multiply-adds.
 int64_t rows_grain(int64_t work_per_row);
 // t itself when it is contiguous fp32 (PEFT's adapters), else a contiguous fp32 copy. Checked here: Tensor::to

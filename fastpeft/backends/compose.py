@@ -121,7 +121,7 @@ def backward(dy, x, grad_x, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs
             if xi is None:
                 grad_A.append(None)
             elif xi.dtype == A.dtype or widen_by_copy:
-                grad_A.append(as_dtype(torch.mm(as_dtype(g, A.dtype).t(), as_dtype(xi, A.dtype)), A.dtype))
+                grad_A.append(torch.mm(as_dtype(g, A.dtype).t(), as_dtype(xi, A.dtype)))
             else:  # x narrower than A: widened in registers by the pass, no copy of x
                 grad_A.append(as_dtype(masked(None, xi, A, as_dtype(g, _F32), 0.0, 0), A.dtype))
             continue

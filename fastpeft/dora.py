@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from . import reference, routing
 from .backends import get_backend
+from .backends.base import Backend
 from .functional import _autocast, _call_mode, _flatten, draw_seeds
 
 _F32 = torch.float32
@@ -227,17 +228,18 @@ def _block_rows(t: torch.Tensor) -> int:
 
 
 def _scaled(z: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
-            add: Optional[torch.Tensor] = None, backend=None) -> torch.Tensor:
+            add: Optional[torch.Tensor] = None, backend=None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``add + z * scale`` (``add`` None, an ``(N,)`` or an ``(M, N)`` tensor) computed in fp32 and rounded once to
-    ``dtype``: ``z`` ``(M, N)`` any float dtype, ``scale`` fp32 ``(N,)``. One pass of ``backend`` where it has one
-    (``Backend.scale_columns``); else torch, with the output written in ``dtype`` (no fp32 ``(M, N)`` result and
-    separate cast pass), on the CPU in row blocks (``EPILOGUE_BLOCK_ELEMENTS``) where a 16-bit operand or output would
-    make torch widen through fp32 copies."""
+    ``dtype``: ``z`` ``(M, N)`` any float dtype, ``scale`` fp32 ``(N,)``; written into ``out`` (``(M, N)`` of
+    ``dtype``) when given. One pass of ``backend`` where it has one (``Backend.scale_columns``); else torch, with the
+    output written in ``dtype`` (no fp32 ``(M, N)`` result and separate cast pass), on the CPU in row blocks
+    (``EPILOGUE_BLOCK_ELEMENTS``) where a 16-bit operand or output would make torch widen through fp32 copies."""
     if backend is not None:
-        out = backend.scale_columns(z, scale, dtype, add)
-        if out is not None:
-            return out
-    out = torch.empty(z.shape, dtype=dtype, device=z.device)
+        done = backend.scale_columns(z, scale, dtype, add, out)
+        if done is not None:
+            return done
+    if out is None:
+        out = torch.empty(z.shape, dtype=dtype, device=z.device)
     mixed = z.dtype != _F32 or dtype != _F32 or (add is not None and add.dim() == 2 and add.dtype != _F32)
     rows = _block_rows(z) if mixed else max(1, z.shape[0])
     for start in range(0, z.shape[0], rows):
@@ -414,15 +416,38 @@ def _backward_fused(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_dx
                                           [seed], needs_dx, needs_dA)
     if needs_dx and p > 0:
         e = _scaled(dy, scale - 1.0, dy.dtype, backend=backend)
-        eW = _grad_product(backend, e, weight)
-        # keep_scale - 1 where kept (fp32, as keep_scale(...).sub_(1.0) holds it) and -1 where dropped
-        kept = _as_fp32(_as_fp32(1.0 / (1.0 - p)) - 1.0)
-        corrected = backend.dropout_combine(dx, eW, p, seed, kept, -1.0, out=dx if dx.dtype == dy.dtype else None)
-        if corrected is None:
-            ks = keep_scale(backend, dy.shape[0], weight.shape[1], p, seed, dy.device).sub_(1.0)
-            corrected = dx.to(_F32).addcmul_(eW.to(_F32), ks)
-        dx = _cast(corrected, dy.dtype)
+        dx = _dropout_corrected(backend, dx, _grad_product(backend, e, weight), p, seed, dy.dtype)
     return dx, dA[0], dB[0]
+
+
+def _dropout_corrected(backend, dx: torch.Tensor, eW: torch.Tensor, p: float, seed: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """``dx + (mask / (1 - p) - 1) * eW`` in fp32, rounded once to ``dtype`` (``(M, K)`` tensors): the backend's
+    masked pass where it has one (into ``dx`` when that is already ``dtype``), else ``keep_scale``."""
+    # keep_scale - 1 where kept (fp32, as keep_scale(...).sub_(1.0) holds it) and -1 where dropped
+    kept = _as_fp32(_as_fp32(1.0 / (1.0 - p)) - 1.0)
+    out = dx if dx.dtype == dtype else torch.empty(dx.shape, dtype=dtype, device=dx.device)
+    corrected = backend.dropout_combine(dx, eW, p, seed, kept, -1.0, out=out)
+    if corrected is None:
+        ks = keep_scale(backend, dx.shape[0], dx.shape[1], p, seed, dx.device).sub_(1.0)
+        corrected = dx.to(_F32).addcmul_(eW.to(_F32), ks)
+    return _cast(corrected, dtype)
+
+
+def _backward_stacked(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_dx, needs_dA):
+    """Route ``stacked`` (dropout, ``dX`` wanted, a bf16 weight the backend multiplies by ``widened_mm``):
+    ``g = c * dY`` and ``e = (c - 1) * dY`` are the two halves of one ``(2M, N)`` matrix, multiplied by ``W`` in one
+    widened product (``W`` read once for both, exact products, fp32 sums); the adapter's masked term is added to
+    ``g W`` in fp32 (``Backend.lora_backward_onto``), then ``dX = g W + s (g B) A * mask / (1 - p)
+    + (mask / (1 - p) - 1) * e W`` is rounded once."""
+    M, N = dy.shape
+    stacked = torch.empty(2 * M, N, dtype=dy.dtype, device=dy.device)
+    g = _scaled(dy, scale, dy.dtype, backend=backend, out=stacked[:M])
+    _scaled(dy, scale - 1.0, dy.dtype, backend=backend, out=stacked[M:])
+    product = backend.widened_mm(stacked, weight.detach().t())
+    acc = product[:M]
+    dA, dB = backend.lora_backward_onto(acc, g, x if needs_dA else None, A, B, h, s, p, seed)
+    return _dropout_corrected(backend, acc, product[M:], p, seed, dy.dtype), dA, dB
 
 
 def _grad_product(backend, dy: torch.Tensor, weight) -> torch.Tensor:
@@ -448,12 +473,22 @@ def _grad_product(backend, dy: torch.Tensor, weight) -> torch.Tensor:
     return dx
 
 
-_BACKWARDS = {"compose": _backward_compose, "fused": _backward_fused}
+_BACKWARDS = {"compose": _backward_compose, "fused": _backward_fused, "stacked": _backward_stacked}
 
 
 def _routes_for(weight) -> tuple[str, ...]:
     """``compose`` is torch's dense GEMMs: a ``QuantizedWeight`` runs ``fused`` (the backend decodes it)."""
     return ("compose", "fused") if isinstance(weight, torch.Tensor) else ("fused",)
+
+
+def _backward_routes(backend, dy, weight, A, p, needs_dx) -> tuple[str, ...]:
+    """``_routes_for`` plus ``stacked`` where it may run (fastpeft.routing.ROUTE_LIMITS)."""
+    routes = _routes_for(weight)
+    if (p > 0 and needs_dx and isinstance(weight, torch.Tensor) and A.dtype == _F32
+            and type(backend).lora_backward_onto is not Backend.lora_backward_onto
+            and backend.widened_mm_eligible(dy, weight.detach().t(), interleave_a=False)):
+        routes += ("stacked",)
+    return routes
 
 
 def _route_key(op, backend, x, weight, A, p, grads=""):
@@ -501,9 +536,10 @@ class DoraLinearFunction(torch.autograd.Function):
         dx = dA = dB = None
         if needs_dx or needs_dA or needs_dB:
             grads = ("dx" if needs_dx else "") + ("dA" if needs_dA else "")
+            eligible = _backward_routes(backend, dy, ctx.weight, A, ctx.dropout_p, needs_dx)
             candidates = {route: (lambda fn=fn: fn(backend, dy, x, ctx.weight, A, B, h, scale, ctx.scaling,
                                                    ctx.dropout_p, ctx.seed, needs_dx, needs_dA))
-                          for route, fn in _BACKWARDS.items() if route in _routes_for(ctx.weight)}
+                          for route, fn in _BACKWARDS.items() if route in eligible}
             key = _route_key("dora_backward", backend, dy, ctx.weight, A, ctx.dropout_p, grads)
             dx, dA, dB = routing.run(key, candidates, dy.device.type, unmeasured=_unmeasured(backend))
             dA = None if dA is None or not needs_dA else _cast(dA, A.dtype)

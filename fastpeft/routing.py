@@ -172,6 +172,10 @@ ROUTES: dict[str, dict[str, str]] = {
                    "((c - 1) dY) W + s (c dY B) A",
         "fused": "DoRA backward through the backend's LoRA backward on c dY (its own measured route); with dropout "
                  "one more vendor GEMM corrects dX by (mask / (1 - p) - 1) * ((c - 1) dY) W",
+        "stacked": "with dropout: c dY and (c - 1) dY as the halves of one (2M, N) bf16 matrix multiplied by W in one "
+                   "widened product (W read once for both; exact products, fp32 sums), the adapter's masked dX term "
+                   "added to the fp32 c dY W by the backend's passes, the dropout correction and the rounding in one "
+                   "masked pass",
     },
 }
 
@@ -202,6 +206,9 @@ ROUTE_LIMITS: dict[str, str] = {
                             "sgmv: the triton backend, ranks <= 64",
     "dora_forward / dora_backward": "a dense base weight and one active adapter (several adapters with DoRA, a "
                                     "quantized base or autocast: PEFT's own forward)",
+    "stacked (DoRA)": "dora_backward with dropout when dX is wanted: dY and a dense weight in bf16, fp32 adapters, "
+                      "the weight or its transpose of unit column stride; a backend with widened_mm and "
+                      "lora_backward_onto (cpu)",
     "fused_pairs": "x (dY) and a dense weight in bf16, the weight or its transpose of unit column stride; the cpu "
                    "backend where fastpeft._C.widened_mm runs (as pairs)",
     "fused_pairs_x / pairs_x": "as fused_pairs / pairs, with a weight of unit column stride",

@@ -641,6 +641,13 @@ def test_scale_columns_is_fp32_arithmetic_rounded_once(isa, z_dt, out_dt, add_ki
     ulp = {"fp32": 2.0 ** -23, "bf16": 2.0 ** -8, "fp16": 2.0 ** -11}[out_dt]
     assert ((got.double() - exact).abs() <= ulp * exact.abs() + 1e-6).all()
     assert torch.equal(got, exact.to(DT[out_dt])) or out_dt == "fp32"  # 16-bit: the fp64 value rounded once
+    # Into rows of a larger buffer (a row stride beyond N): the same values there, nothing around them touched.
+    buffer = torch.full((M + 2, N + 3), 7.0, dtype=DT[out_dt])
+    into = _C.scale_columns(z, scale, add, DT[out_dt], buffer[1:M + 1, :N])
+    assert into.data_ptr() == buffer[1, 0].data_ptr() and torch.equal(buffer[1:M + 1, :N], got)
+    untouched = torch.ones_like(buffer, dtype=torch.bool)
+    untouched[1:M + 1, :N] = False
+    assert (buffer[untouched] == 7.0).all()
 
 
 @pytest.mark.parametrize("a_dt,b_dt", [("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp32"), ("fp32", "fp32")])
@@ -686,6 +693,40 @@ def test_masked_combine_is_the_canonical_mask_applied_in_fp32(isa, a_dt, b_dt, o
     assert ((got.double() - exact).abs() <= ulp * exact.abs() + 1e-6).all()
 
 
+@pytest.mark.parametrize("p", [0.0, 0.25], ids=lambda p: f"drop{p}")
+@pytest.mark.parametrize("dt", ["bf16", "fp32"])
+@pytest.mark.parametrize("with_x", [True, False], ids=["dA", "no-dA"])
+def test_lora_backward_onto_adds_the_masked_adapter_term_to_a_given_product(dt, p, with_x):
+    """``CpuBackend.lora_backward_onto``: ``acc += s (dY B) A * mask / (1 - p)`` in place and ``(dA, dB)`` =
+    ``(s (dY B)^T drop(x), s dY^T xa)``, against fp64 sums with ``keep_scale``'s mask, odd shapes, a row stride of
+    ``dY`` beyond N and ``acc`` as the rows of a larger product."""
+    from fastpeft.backends.cpu import CpuBackend
+    from fastpeft.dora import keep_scale
+
+    g = torch.Generator().manual_seed(int(p * 100) + len(dt))
+    M, K, N, r, s, seed = 13, 37, 29, 3, 0.7, 1234
+    dy = torch.randn(M, N + 4, generator=g).to(DT[dt])[:, :N]
+    x = torch.randn(M, K, generator=g).to(DT[dt])
+    A, B = torch.randn(r, K, generator=g), torch.randn(N, r, generator=g)
+    xa = torch.randn(M, r, generator=g)
+    product = torch.randn(2 * M, K, generator=g)
+    before = product.clone()
+    backend = CpuBackend()
+    dA, dB = backend.lora_backward_onto(product[:M], dy, x if with_x else None, A, B, xa, s, p, seed)
+    mask = (keep_scale(backend, M, K, p, seed, "cpu") if p > 0 else torch.ones(M, K)).double()
+    gB = dy.double() @ B.double() * s
+    want_acc = before[:M].double() + (gB @ A.double()) * mask
+    assert (product[:M].double() - want_acc).abs().max() <= 1e-5 * (1 + want_acc.abs().max())
+    assert torch.equal(product[M:], before[M:]), "rows beyond acc were written"
+    want_dB = s * dy.double().t() @ xa.double()
+    assert dB.dtype == torch.float32 and (dB.double() - want_dB).abs().max() <= 1e-5 * (1 + want_dB.abs().max())
+    if with_x:
+        want_dA = gB.t() @ (x.double() * mask)
+        assert dA.dtype == torch.float32 and (dA.double() - want_dA).abs().max() <= 1e-5 * (1 + want_dA.abs().max())
+    else:
+        assert dA is None
+
+
 def test_column_passes_reject_what_they_cannot_read():
     with pytest.raises(RuntimeError, match="scale must be contiguous fp32 of shape \\[3\\]"):
         _C.scale_columns(torch.ones(2, 3), torch.ones(4), None, torch.float32)
@@ -693,6 +734,8 @@ def test_column_passes_reject_what_they_cannot_read():
         _C.scale_columns(torch.ones(2, 3), torch.ones(3), torch.ones(3, 3), torch.float32)
     with pytest.raises(RuntimeError, match="z needs unit column stride"):
         _C.scale_columns(torch.ones(3, 2).t(), torch.ones(3), None, torch.float32)
+    with pytest.raises(RuntimeError, match="scale_columns: out must be \\(2, 3\\) of the output dtype"):
+        _C.scale_columns(torch.ones(2, 3), torch.ones(3), None, torch.float32, torch.empty(2, 3, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="column_dots: a .* and b .* differ"):
         _C.column_dots(torch.ones(2, 3), torch.ones(3, 3))
     with pytest.raises(RuntimeError, match="masked_combine: a .* and b .* differ"):

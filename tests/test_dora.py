@@ -110,7 +110,13 @@ def check_every_route_pair(backend, x, W, b, A, B, m, s, p, floor=1e-6):
     widened = ["widen"]
     if p > 0 and get_backend(x, W).widened_mm_eligible(x.reshape(-1, K), W) and A.dtype == torch.float32:
         widened += ["pairs", "pairs_x"]
-    for (fwd, bwd), product in itertools.product(ROUTE_PAIRS, widened):
+    pairs = list(ROUTE_PAIRS)
+    if "stacked" in dora._backward_routes(get_backend(x, W), x.reshape(-1, K), W, A, p, True):
+        pairs += [(fwd, "stacked") for fwd in ("compose", "fused")]
+    elif p > 0 and backend == "cpu" and x.dtype == torch.bfloat16 and A.dtype == torch.float32:
+        assert not get_backend(x, W).widened_mm_eligible(x.reshape(-1, K), W.t(), interleave_a=False), \
+            "the stacked route was left out where it may run"
+    for (fwd, bwd), product in itertools.product(pairs, widened):
         routing.set_route("dora_forward", fwd)
         routing.set_route("dora_backward", bwd)
         routing.set_route("widened_product", product)
@@ -820,6 +826,31 @@ def test_no_n_by_k_tensor_per_call_and_peft_as_control(clean_routes, route, p):
             assert rec.largest >= N * K, "control: PEFT's DoRA formed no N x K weight, so the check proves nothing"
         else:
             assert rec.largest < N * K, f"fastpeft formed a tensor of {rec.largest} elements (N x K = {N * K})"
+
+
+def test_stacked_backward_forms_no_n_by_k_tensor_and_ran():
+    """The stacked backward (bf16 base, PEFT's fp32 adapters, dropout): its (2M, N) and (2M, K) products stay below
+    N x K at M=5 < N=29 < K=37, and it is the route that ran."""
+    N, K = 29, 37
+    layer = get_peft_model(nn.Sequential(nn.Linear(K, N).to(torch.bfloat16)),
+                           LoraConfig(r=3, target_modules=["0"], use_dora=True, lora_dropout=0.1,
+                                      init_lora_weights=False))
+    fastpeft.accelerate(layer)
+    x = torch.randn(5, K, dtype=torch.bfloat16, requires_grad=True)
+    if "stacked" not in dora._backward_routes(get_backend(x, layer.base_model.model[0].base_layer.weight), x,
+                                              layer.base_model.model[0].base_layer.weight,
+                                              layer.base_model.model[0].lora_A["default"].weight, 0.1, True):
+        pytest.skip("no widened bf16 product on this CPU: the stacked route cannot run")
+    routing.set_route("dora_backward", "stacked")
+    try:
+        layer.train()
+        with RecordSizes() as rec:
+            layer(x).float().sum().backward()
+        assert routing.last_route("dora_backward") == "stacked"
+    finally:
+        routing.set_route("dora_backward", None)
+    assert rec.largest < N * K, f"fastpeft formed a tensor of {rec.largest} elements (N x K = {N * K})"
+    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 def several_on_one_linear(K, N, p, build=None, quantized_kind=None):

@@ -171,9 +171,10 @@ at::Tensor dropout_scale(int64_t seed, int64_t rows, int64_t cols, double p, dou
 }
 
 // out = round(add + z * scale) in out_dtype, fp32 arithmetic: z (M, N) activation rows, scale fp32 (N,), add None,
-// fp32 (N,) or (M, N) activation rows. One pass, nothing (M, N) in fp32.
+// fp32 (N,) or (M, N) activation rows; out None (a new tensor) or (M, N) rows of out_dtype (e.g. rows of a larger
+// buffer). One pass, nothing (M, N) in fp32.
 at::Tensor scale_columns(const at::Tensor& z, const at::Tensor& scale, const c10::optional<at::Tensor>& add,
-                         at::ScalarType out_dtype) {
+                         at::ScalarType out_dtype, const c10::optional<at::Tensor>& out_rows) {
   check_rows(z, "z");
   const int64_t M = z.size(0), N = z.size(1);
   check_f32(scale, "scale", {N});
@@ -192,14 +193,24 @@ at::Tensor scale_columns(const at::Tensor& z, const at::Tensor& scale, const c10
     }
     ap = add->data_ptr();
   }
-  auto out = at::empty({M, N}, z.options().dtype(out_dtype));
+  at::Tensor out;
+  if (out_rows.has_value()) {
+    out = *out_rows;
+    check_rows(out, "out");
+    TORCH_CHECK(out.size(0) == M && out.size(1) == N && out.scalar_type() == out_dtype,
+                "fastpeft._C.scale_columns: out must be (", M, ", ", N, ") of the output dtype, got ", out.sizes(), " ",
+                out.scalar_type());
+  } else {
+    out = at::empty({M, N}, z.options().dtype(out_dtype));
+  }
   const int dt_z = dtype_code(z), dt_out = dtype_code(out);
   const void* zp = z.data_ptr();
   void* op = out.data_ptr();
+  const int64_t ldo = out.stride(0);
   const float* sp = scale.data_ptr<float>();
   // An element costs about as much as 8 multiply-adds of the passes grain() was set by (a load, widening, store).
   at::parallel_for(0, M, grain(8 * N), [&](int64_t b, int64_t e) {
-    K().scale_columns_rows(dt_z, zp, z.stride(0), N, b, e, sp, dt_add, ap, ldadd, dt_out, op, N);
+    K().scale_columns_rows(dt_z, zp, z.stride(0), N, b, e, sp, dt_add, ap, ldadd, dt_out, op, ldo);
   });
   return out;
 }
@@ -793,7 +804,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastpeft CPU kernels: fused LoRA passes with an on-the-fly Philox dropout mask";
   m.def("isa", &fastpeft::isa, "the SIMD code path chosen at run time: avx512, avx2 or generic");
   m.def("scale_columns", &fastpeft::scale_columns, "(z (M, N), scale fp32 (N,), add None | fp32 (N,) | (M, N), "
-        "out_dtype) -> round(add + z * scale) (M, N) in out_dtype, fp32 arithmetic");
+        "out_dtype, out=None) -> round(add + z * scale) (M, N) in out_dtype, fp32 arithmetic, into out's rows when "
+        "given", py::arg("z"), py::arg("scale"), py::arg("add"), py::arg("out_dtype"), py::arg("out") = py::none());
   m.def("column_dots", &fastpeft::column_dots, "(a (M, N), b (M, N)) -> sum_m a[m] * b[m] fp32 (N,)");
   m.def("masked_combine", &fastpeft::masked_combine,
         "(a|None, b (M, N), seed, p, kept, dropped, out|None) -> out = round(a + b * (kept where the canonical mask "

@@ -66,9 +66,12 @@ class Backend:
         return None
 
     def scale_columns(self, z: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
-                      add: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+                      add: Optional[torch.Tensor] = None,
+                      out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """``add + z * scale`` computed in fp32 and rounded once to ``dtype`` (``z`` ``(M, N)``, ``scale`` fp32
-        ``(N,)``, ``add`` None, fp32 ``(N,)`` or ``(M, N)``) by one pass of this backend, or None where it has none."""
+        ``(N,)``, ``add`` None, fp32 ``(N,)`` or ``(M, N)``) by one pass of this backend, written into ``out``
+        (``(M, N)`` of ``dtype``, e.g. rows of a larger buffer) when given, or None where it has none (``out``
+        untouched)."""
         return None
 
     def column_dots(self, a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
@@ -77,8 +80,10 @@ class Backend:
         return None
 
     # ---------------------------------------------------------------------------------------- widened products
-    def widened_mm_eligible(self, a: torch.Tensor, b: torch.Tensor) -> bool:
-        """Whether ``widened_mm(a, b)`` runs here for these operands."""
+    def widened_mm_eligible(self, a: torch.Tensor, b: torch.Tensor, interleave_a: bool = True) -> bool:
+        """Whether ``widened_mm(a, b)`` runs here for these operands: with ``interleave_a`` (the default) under both
+        values of it (``b`` of unit column stride), else without it (``b`` may also be the transposed view of a
+        row-major matrix)."""
         return False
 
     def widened_mm(self, a: torch.Tensor, b: torch.Tensor, interleave_a: bool = False) -> torch.Tensor:
@@ -87,6 +92,15 @@ class Backend:
         operand widened. ``interleave_a``: the kernel rearranges ``a`` rather than tiles of ``b`` (the same numbers;
         which is faster depends on the shapes). Only where ``widened_mm_eligible``."""
         raise NotImplementedError(f"backend {self.name!r} has no widened bf16 product")
+
+    def lora_backward_onto(self, acc: torch.Tensor, dy: torch.Tensor, x: Optional[torch.Tensor], lora_A: torch.Tensor,
+                           lora_B: torch.Tensor, xa: torch.Tensor, scaling: float, dropout_p: float,
+                           seed: int) -> Optional[tuple]:
+        """One adapter's backward onto a base product the caller already has: ``acc`` fp32 ``(M, K)`` (``dY W``) gets
+        ``s (dY B) A * mask / (1 - p)`` added in place; returns ``(dA, dB)`` in fp32, ``dA = s (dY B)^T drop(x)``
+        (None when ``x`` is None) and ``dB = s dY^T xa``. ``dy`` ``(M, N)``, ``xa`` ``(M, r)`` as the forward returned
+        it, the mask regenerated from ``seed``. None where this backend has no such passes (nothing written)."""
+        return None
 
     # ----------------------------------------------------------------------------------------------------- LoRA
     def lora_forward(

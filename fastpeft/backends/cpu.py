@@ -631,7 +631,7 @@ class CpuBackend(Backend):
         return _C.masked_combine(None if a is None else _rows(a), _rows(b), int(seed), float(p), float(kept),
                                  float(dropped), out)
 
-    def scale_columns(self, z, scale, dtype, add=None):
+    def scale_columns(self, z, scale, dtype, add=None, out=None):
         if add is not None:  # one fp32 row for every m, or (M, N) rows of an activation dtype
             if not (add.is_cpu and (add.dtype == _F32 if add.dim() == 1 else add.dtype in _DTYPE_CODES)):
                 return None
@@ -639,7 +639,9 @@ class CpuBackend(Backend):
         if not (z.is_cpu and z.dim() == 2 and z.dtype in _DTYPE_CODES and dtype in _DTYPE_CODES
                 and scale.is_cpu and scale.dtype == _F32):
             return None
-        return _C.scale_columns(_rows(z), scale.contiguous(), add, dtype)
+        if out is not None and not (out.is_cpu and out.dtype == dtype and out.shape == z.shape and out.stride(-1) == 1):
+            return None
+        return _C.scale_columns(_rows(z), scale.contiguous(), add, dtype, out)
 
     def column_dots(self, a, b):
         if not (a.is_cpu and b.is_cpu and a.dim() == 2 and a.dtype in _DTYPE_CODES and b.dtype in _DTYPE_CODES):
@@ -647,13 +649,26 @@ class CpuBackend(Backend):
         return _C.column_dots(_rows(a), _rows(b))
 
     # ---------------------------------------------------------------------------------------- widened products
-    def widened_mm_eligible(self, a, b):
-        # fused_pairs_x's conditions (b read in place), with a of unit column stride as _C.widened_mm reads it.
+    def widened_mm_eligible(self, a, b, interleave_a=True):
+        # fused_pairs(_x)'s conditions, with a of unit column stride as _C.widened_mm(_nn) reads it.
         return (_C is not None and a.is_cpu and b.is_cpu and a.dim() == 2 and a.stride(1) == 1
-                and _pairs_eligible(a, b, interleave_x=True))
+                and _pairs_eligible(a, b, interleave_x=interleave_a))
 
     def widened_mm(self, a, b, interleave_a=False):
+        if b.stride(1) != 1:  # the transposed view of a row-major (K, N) matrix
+            if interleave_a:
+                raise ValueError("fastpeft cpu backend: widened_mm(interleave_a=True) needs b of unit column stride")
+            return _C.widened_mm_nn(a, b.t())
         return _C.widened_mm(a, b, interleave_a)
+
+    def lora_backward_onto(self, acc, dy, x, lora_A, lora_B, xa, scaling, dropout_p, seed):
+        if not (acc.is_cpu and acc.dtype == _F32 and acc.dim() == 2 and acc.stride(1) == 1 and dy.is_cpu
+                and dy.dtype in _DTYPE_CODES and (x is None or x.dtype in _DTYPE_CODES)):
+            return None
+        r = lora_A.shape[0]
+        g, dB, _ = _C.lora_dy_pass(_rows(dy), _bt_all([lora_B]), _f32(xa), _scale_vector([r], [scaling]), True, False)
+        dA = _C.lora_dx_pass(acc, None if x is None else _rows(x), _f32(lora_A), g, float(dropout_p), int(seed))
+        return (dA if x is not None else None), dB
 
     # ----------------------------------------------------------------------------------------------------- LoRA
     def lora_forward(self, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):

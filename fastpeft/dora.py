@@ -354,12 +354,15 @@ def _lora_part(route, backend, x, weight, bias, A, B, s, p, seed, xd_a):
 
 
 def _forward(route, backend, x, weight, bias, A, B, scale, s, p, seed):
-    """``(y, h, z)`` of the DoRA forward (module docstring) for 2-D ``x`` ``(M, K)``; ``scale`` fp32 ``(N,)``."""
+    """``(y, h, z, z_factor)`` of the DoRA forward (module docstring) for 2-D ``x`` ``(M, K)``; ``scale`` fp32
+    ``(N,)``; ``z`` holds ``z_factor`` times the unscaled product (1 but for the ``stacked`` route)."""
+    if route == "stacked":
+        return _forward_stacked(backend, x, weight, bias, A, B, scale, s, p, seed)
     if p == 0:
         z, h = _lora_part(route, backend, x, weight, None, A, B, s, 0.0, 0, None)
         # c * z (+ b) in fp32, written once in x's dtype.
         y = _scaled(z, scale, x.dtype, None if bias is None else bias.detach().to(_F32), backend)
-        return y, h, z
+        return y, h, z, 1.0
     drawn = []
 
     def keep():  # keep_scale, drawn once and only where a route needs the whole (M, K) of it
@@ -373,7 +376,28 @@ def _forward(route, backend, x, weight, bias, A, B, scale, s, p, seed):
     drawn.clear()  # the (M, K) mask is transient
     del xd_a
     z.addmm_(_cast(h, z.dtype), _cast(B.detach().t(), z.dtype), alpha=s)
-    return _scaled(z, scale - 1.0, x.dtype, L, backend), h, z
+    return _scaled(z, scale - 1.0, x.dtype, L, backend), h, z, 1.0
+
+
+def _forward_stacked(backend, x, weight, bias, A, B, scale, s, p, seed):
+    """Route ``stacked`` (dropout, bf16 ``x`` and weight, fp32 adapters, a backend with ``widened_mm``): ``x`` and its
+    kept elements (exact in bf16, ``1 / (1 - p)`` after the sums) are the halves of one ``(2M, K)`` matrix multiplied
+    by ``W`` in one widened product ``P`` (``W`` read once for both; exact products, fp32 sums). With
+    ``h = kept(x) A^T / (1 - p)``: ``z' = P_2 + (1 - p) s h B^T = (1 - p) z`` and
+    ``y = P_1 + b + s h B^T + ((c - 1) / (1 - p)) z'``, rounded once. Returns ``z'`` with ``z_factor = 1 - p``."""
+    M, K = x.shape
+    stacked = torch.empty(2 * M, K, dtype=x.dtype, device=x.device)
+    stacked[:M].copy_(x)
+    kept = backend.dropout_combine(None, x, p, seed, 1.0, 0.0, out=stacked[M:])
+    if kept is None:
+        torch.mul(x, keep_scale(backend, M, K, p, seed, x.device) != 0, out=stacked[M:])
+    product = backend.widened_mm(stacked, weight.detach())
+    keep = 1.0 - p
+    h = backend.lora_down(stacked[M:], A).mul_(1.0 / keep)
+    z = backend.lora_up_onto(product[M:], h, B, keep * s)
+    b = None if bias is None else bias.detach().to(x.dtype).to(_F32)
+    base = backend.lora_up_onto(product[:M], h, B, s, b)
+    return _scaled(z, (scale - 1.0).div_(keep), x.dtype, base, backend), h, z, keep
 
 
 # --------------------------------------------------------------------------------------------------- backward
@@ -481,6 +505,15 @@ def _routes_for(weight) -> tuple[str, ...]:
     return ("compose", "fused") if isinstance(weight, torch.Tensor) else ("fused",)
 
 
+def _forward_routes(backend, x, weight, A, p) -> tuple[str, ...]:
+    """``_routes_for`` plus ``stacked`` where it may run (fastpeft.routing.ROUTE_LIMITS)."""
+    routes = _routes_for(weight)
+    if (p > 0 and isinstance(weight, torch.Tensor) and A.dtype == _F32
+            and backend.widened_mm_eligible(x, weight.detach(), interleave_a=False)):
+        routes += ("stacked",)
+    return routes
+
+
 def _backward_routes(backend, dy, weight, A, p, needs_dx) -> tuple[str, ...]:
     """``_routes_for`` plus ``stacked`` where it may run (fastpeft.routing.ROUTE_LIMITS)."""
     routes = _routes_for(weight)
@@ -514,12 +547,12 @@ class DoraLinearFunction(torch.autograd.Function):
         scale = magnitude.detach().to(_F32) / norm
         candidates = {route: (lambda route=route: _forward(route, backend, x, weight, bias, lora_A, lora_B, scale,
                                                              scaling, dropout_p, seed))
-                      for route in _routes_for(weight)}
+                      for route in _forward_routes(backend, x, weight, lora_A, dropout_p)}
         key = _route_key("dora_forward", backend, x, weight, lora_A, dropout_p)
-        y, h, z = routing.run(key, candidates, x.device.type, unmeasured=_unmeasured(backend))
+        y, h, z, z_factor = routing.run(key, candidates, x.device.type, unmeasured=_unmeasured(backend))
         _, needs_dA, _, needs_dm = ctx.needs_input_grad[:4]
         ctx.backend, ctx.weight = backend, weight
-        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.z_factor = scaling, dropout_p, seed, z_factor
         ctx.save_for_backward(x if needs_dA else None, lora_A, lora_B, h, z if needs_dm else None, scale, norm,
                               magnitude)
         return y
@@ -532,7 +565,8 @@ class DoraLinearFunction(torch.autograd.Function):
         dy = grad_y.contiguous()
         dm = None
         if needs_dm:
-            dm = (_column_dots(dy, z, backend) / norm).to(magnitude.dtype)
+            dm = (_column_dots(dy, z, backend) / (norm * ctx.z_factor if ctx.z_factor != 1.0 else norm)
+                  ).to(magnitude.dtype)
         dx = dA = dB = None
         if needs_dx or needs_dA or needs_dB:
             grads = ("dx" if needs_dx else "") + ("dA" if needs_dA else "")
@@ -615,7 +649,7 @@ def dora_linear(
         y = routing.run(_route_key("dora_forward", backend, x2, weight, lora_A, p),
                         {route: (lambda route=route: _forward(route, backend, x2, weight, bias, lora_A, lora_B, scale,
                                                                 s, p, seed)[0])
-                         for route in _routes_for(weight)},
+                         for route in _forward_routes(backend, x2, weight, lora_A, p)},
                         x2.device.type, unmeasured=_unmeasured(backend))
     else:
         y = DoraLinearFunction.apply(x2, lora_A, lora_B, magnitude, weight, bias, norm, s, p, seed)

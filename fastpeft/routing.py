@@ -156,6 +156,10 @@ ROUTES: dict[str, dict[str, str]] = {
                    "route of widened_product",
         "fused": "DoRA through the backend's LoRA forward (its own measured route) for x W^T + s x A^T B^T, then the "
                  "fp32 scaling epilogue; with dropout the second base product by a route of widened_product",
+        "stacked": "with dropout: x and its kept elements as the halves of one (2M, K) bf16 matrix multiplied by W in "
+                   "one widened product (W read once for both; exact products, fp32 sums, 1 / (1 - p) after them), "
+                   "the adapter's update added to both halves in fp32 by the backend's passes, the scaling and the "
+                   "rounding in one pass",
     },
     "widened_product": {
         "widen": "a GEMM in the wider dtype of a product PEFT runs there (fp32 adapters over a bf16 base: DoRA's "
@@ -206,9 +210,9 @@ ROUTE_LIMITS: dict[str, str] = {
                             "sgmv: the triton backend, ranks <= 64",
     "dora_forward / dora_backward": "a dense base weight and one active adapter (several adapters with DoRA, a "
                                     "quantized base or autocast: PEFT's own forward)",
-    "stacked (DoRA)": "dora_backward with dropout when dX is wanted: dY and a dense weight in bf16, fp32 adapters, "
-                      "the weight or its transpose of unit column stride; a backend with widened_mm and "
-                      "lora_backward_onto (cpu)",
+    "stacked (DoRA)": "dora_forward with dropout, dora_backward with dropout when dX is wanted: x (dY) and a dense "
+                      "weight in bf16, fp32 adapters, the weight or its transpose of unit column stride; a backend "
+                      "with widened_mm (and for the backward lora_backward_onto): cpu",
     "fused_pairs": "x (dY) and a dense weight in bf16, the weight or its transpose of unit column stride; the cpu "
                    "backend where fastpeft._C.widened_mm runs (as pairs)",
     "fused_pairs_x / pairs_x": "as fused_pairs / pairs, with a weight of unit column stride",

@@ -110,13 +110,16 @@ def check_every_route_pair(backend, x, W, b, A, B, m, s, p, floor=1e-6):
     widened = ["widen"]
     if p > 0 and get_backend(x, W).widened_mm_eligible(x.reshape(-1, K), W) and A.dtype == torch.float32:
         widened += ["pairs", "pairs_x"]
-    pairs = list(ROUTE_PAIRS)
-    if "stacked" in dora._backward_routes(get_backend(x, W), x.reshape(-1, K), W, A, p, True):
-        pairs += [(fwd, "stacked") for fwd in ("compose", "fused")]
-    elif p > 0 and backend == "cpu" and x.dtype == torch.bfloat16 and A.dtype == torch.float32:
-        assert not get_backend(x, W).widened_mm_eligible(x.reshape(-1, K), W.t(), interleave_a=False), \
-            "the stacked route was left out where it may run"
-    for (fwd, bwd), product in itertools.product(pairs, widened):
+    forwards = dora._forward_routes(get_backend(x, W), x.reshape(-1, K), W, A, p)
+    backwards = dora._backward_routes(get_backend(x, W), x.reshape(-1, K), W, A, p, True)
+    if p > 0 and backend == "cpu" and x.dtype == torch.bfloat16 and A.dtype == torch.float32 and \
+            get_backend(x, W).widened_mm_eligible(x.reshape(-1, K), W.t(), interleave_a=False):
+        assert "stacked" in forwards and "stacked" in backwards, "the stacked routes were left out where they may run"
+    assert set(ROUTE_PAIRS) <= set(itertools.product(forwards, backwards))
+    # The stacked forward computes its second base product itself: no route of widened_product runs there.
+    combos = [(f, b, product) for f, b in itertools.product(forwards, backwards)
+              for product in (widened if f != "stacked" else [None])]
+    for fwd, bwd, product in combos:
         routing.set_route("dora_forward", fwd)
         routing.set_route("dora_backward", bwd)
         routing.set_route("widened_product", product)
@@ -127,7 +130,7 @@ def check_every_route_pair(backend, x, W, b, A, B, m, s, p, floor=1e-6):
 
         got = run_with_grads(fused, x, A, B, m)
         assert routing.last_route("dora_forward") == fwd and routing.last_route("dora_backward") == bwd
-        if p > 0:
+        if p > 0 and product is not None:
             assert routing.last_route("widened_product") == product
         for name, a, e, e32 in zip(("y", "dX", "dA", "dB", "dm"), got, expected, expected32):
             label = f"{backend} {fwd}/{bwd}/{product} {name}"
@@ -828,9 +831,9 @@ def test_no_n_by_k_tensor_per_call_and_peft_as_control(clean_routes, route, p):
             assert rec.largest < N * K, f"fastpeft formed a tensor of {rec.largest} elements (N x K = {N * K})"
 
 
-def test_stacked_backward_forms_no_n_by_k_tensor_and_ran():
-    """The stacked backward (bf16 base, PEFT's fp32 adapters, dropout): its (2M, N) and (2M, K) products stay below
-    N x K at M=5 < N=29 < K=37, and it is the route that ran."""
+def test_stacked_routes_form_no_n_by_k_tensor_and_ran():
+    """The stacked forward and backward (bf16 base, PEFT's fp32 adapters, dropout): their (2M, K) and (2M, N)
+    operands and products stay below N x K at M=5 < N=29 < K=37, and they are the routes that ran."""
     N, K = 29, 37
     layer = get_peft_model(nn.Sequential(nn.Linear(K, N).to(torch.bfloat16)),
                            LoraConfig(r=3, target_modules=["0"], use_dora=True, lora_dropout=0.1,
@@ -841,13 +844,15 @@ def test_stacked_backward_forms_no_n_by_k_tensor_and_ran():
                                               layer.base_model.model[0].base_layer.weight,
                                               layer.base_model.model[0].lora_A["default"].weight, 0.1, True):
         pytest.skip("no widened bf16 product on this CPU: the stacked route cannot run")
+    routing.set_route("dora_forward", "stacked")
     routing.set_route("dora_backward", "stacked")
     try:
         layer.train()
         with RecordSizes() as rec:
             layer(x).float().sum().backward()
-        assert routing.last_route("dora_backward") == "stacked"
+        assert routing.last_route("dora_forward") == "stacked" and routing.last_route("dora_backward") == "stacked"
     finally:
+        routing.set_route("dora_forward", None)
         routing.set_route("dora_backward", None)
     assert rec.largest < N * K, f"fastpeft formed a tensor of {rec.largest} elements (N x K = {N * K})"
     assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -93,6 +93,23 @@ class Backend:
         which is faster depends on the shapes). Only where ``widened_mm_eligible``."""
         raise NotImplementedError(f"backend {self.name!r} has no widened bf16 product")
 
+    def lora_down(self, x: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
+        """``x A^T`` ``(M, r)`` in fp32 for ``x`` ``(M, K)`` of any float dtype and ``lora_A`` ``(r, K)``: products and
+        sums in fp32. Default: torch, ``x`` widened a block of rows at a time (no whole fp32 copy of it)."""
+        At = lora_A.detach().to(torch.float32).t()
+        out = torch.empty(x.shape[0], At.shape[1], dtype=torch.float32, device=x.device)
+        rows = max(1, (1 << 18) // max(1, x.shape[1]))
+        for start in range(0, x.shape[0], rows):
+            torch.mm(x[start:start + rows].to(torch.float32), At, out=out[start:start + rows])
+        return out
+
+    def lora_up_onto(self, acc: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor, scale: float,
+                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``acc += scale h B^T (+ bias)`` in place and returned: ``acc`` fp32 ``(M, N)`` (rows of a larger buffer
+        allowed), ``h`` fp32 ``(M, r)``, ``lora_B`` ``(N, r)``, ``bias`` fp32 ``(N,)`` or None. Default: torch."""
+        acc.addmm_(h, lora_B.detach().to(torch.float32).t(), alpha=scale)
+        return acc if bias is None else acc.add_(bias)
+
     def lora_backward_onto(self, acc: torch.Tensor, dy: torch.Tensor, x: Optional[torch.Tensor], lora_A: torch.Tensor,
                            lora_B: torch.Tensor, xa: torch.Tensor, scaling: float, dropout_p: float,
                            seed: int) -> Optional[tuple]:

@@ -661,6 +661,17 @@ class CpuBackend(Backend):
             return _C.widened_mm_nn(a, b.t())
         return _C.widened_mm(a, b, interleave_a)
 
+    def lora_down(self, x, lora_A):
+        if not (x.is_cpu and x.dim() == 2 and x.dtype in _DTYPE_CODES):
+            return super().lora_down(x, lora_A)
+        return _C.lora_xa(_rows(x), _f32(lora_A), 0.0, 0)
+
+    def lora_up_onto(self, acc, h, lora_B, scale, bias=None):
+        if not (acc.is_cpu and acc.dim() == 2 and acc.dtype in _DTYPE_CODES and acc.stride(1) == 1):
+            return super().lora_up_onto(acc, h, lora_B, scale, bias)
+        _C.lora_epilogue_(acc, _f32(h * scale), _bt_all([lora_B]), None if bias is None else _f32(bias))
+        return acc
+
     def lora_backward_onto(self, acc, dy, x, lora_A, lora_B, xa, scaling, dropout_p, seed):
         if not (acc.is_cpu and acc.dtype == _F32 and acc.dim() == 2 and acc.stride(1) == 1 and dy.is_cpu
                 and dy.dtype in _DTYPE_CODES and (x is None or x.dtype in _DTYPE_CODES)):

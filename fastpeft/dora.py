@@ -279,6 +279,27 @@ def _column_dots(dy: torch.Tensor, z: torch.Tensor, backend=None) -> torch.Tenso
     return acc
 
 
+def _scaled_grads(backend, dy: torch.Tensor, scale: torch.Tensor, z: Optional[torch.Tensor],
+                  with_e: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(ge, dots)``: ``ge`` ``(M, N)`` holds ``g = c * dY`` in ``dY``'s dtype, or ``(2M, N)`` with
+    ``e = (c - 1) * dY`` below it (``with_e``: the dropout's correction needs it); ``dots = sum_m dY * z`` fp32
+    ``(N,)`` when ``z`` is given (the magnitude's gradient), else None. One sweep over ``dY`` where the backend has it
+    (``Backend.column_dots`` with outputs), else a pass each."""
+    M, N = dy.shape
+    ge = torch.empty((2 if with_e else 1) * M, N, dtype=dy.dtype, device=dy.device)
+    scales = [scale] + ([scale - 1.0] if with_e else [])
+    outs = [ge[:M]] + ([ge[M:]] if with_e else [])
+    dots = None
+    if z is not None:
+        dots = backend.column_dots(dy, z, scales, outs)
+        if dots is not None:
+            return ge, dots
+        dots = _column_dots(dy, z, backend)
+    for sc, out in zip(scales, outs):
+        _scaled(dy, sc, dy.dtype, backend=backend, out=out)
+    return ge, dots
+
+
 # ---------------------------------------------------------------------------------------------------- forward
 WIDEN_BLOCK_ELEMENTS = 1 << 20  # rows of W widened at a time when the product runs in a wider dtype (4 MB in fp32)
 
@@ -401,9 +422,10 @@ def _forward_stacked(backend, x, weight, bias, A, B, scale, s, p, seed):
 
 
 # --------------------------------------------------------------------------------------------------- backward
-def _backward_compose(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_dx, needs_dA):
-    """``(dX, dA, dB)`` by vendor GEMMs (formulas: module docstring)."""
-    g = _scaled(dy, scale, dy.dtype, backend=backend)
+def _backward_compose(backend, dy, ge, x, weight, A, B, h, s, p, seed, needs_dx, needs_dA):
+    """``(dX, dA, dB)`` by vendor GEMMs (formulas: module docstring); ``ge`` as ``_scaled_grads`` makes it."""
+    M = dy.shape[0]
+    g = ge[:M]
     # g B and g^T h in B's dtype, g widened a block of rows at a time (no whole fp32 copy of g).
     Bd, ha = B.detach(), _cast(h, B.dtype)
     gB = g.new_empty(g.shape[0], B.shape[1], dtype=B.dtype)
@@ -426,21 +448,19 @@ def _backward_compose(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_
         if ks is None:
             dx = torch.mm(g, W).addmm_(_cast(gB, g.dtype), _cast(A.detach(), g.dtype))
         else:
-            e = _scaled(dy, scale - 1.0, dy.dtype, backend=backend)
-            inner = torch.mm(e, W).to(_F32).addmm_(gB.to(_F32), A.detach().to(_F32))
+            inner = torch.mm(ge[M:], W).to(_F32).addmm_(gB.to(_F32), A.detach().to(_F32))
             dx = _cast(torch.mm(dy, W).to(_F32).addcmul_(inner, ks), dy.dtype)
     return dx, dA, dB
 
 
-def _backward_fused(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_dx, needs_dA):
+def _backward_fused(backend, dy, ge, x, weight, A, B, h, s, p, seed, needs_dx, needs_dA):
     """``(dX, dA, dB)`` by the backend's LoRA backward on ``g = c * dY`` (its own measured route); with dropout,
     ``dX`` is then corrected from ``g W`` to ``dY W + e W * mask / (1 - p)``, i.e. ``+ (mask / (1 - p) - 1) * e W``."""
-    g = _scaled(dy, scale, dy.dtype, backend=backend)
-    dx, dA, dB, _ = backend.lora_backward(g.contiguous(), x if needs_dA else None, weight, [A], [B], [h], [s], [p],
+    M = dy.shape[0]
+    dx, dA, dB, _ = backend.lora_backward(ge[:M], x if needs_dA else None, weight, [A], [B], [h], [s], [p],
                                           [seed], needs_dx, needs_dA)
     if needs_dx and p > 0:
-        e = _scaled(dy, scale - 1.0, dy.dtype, backend=backend)
-        dx = _dropout_corrected(backend, dx, _grad_product(backend, e, weight), p, seed, dy.dtype)
+        dx = _dropout_corrected(backend, dx, _grad_product(backend, ge[M:], weight), p, seed, dy.dtype)
     return dx, dA[0], dB[0]
 
 
@@ -458,19 +478,16 @@ def _dropout_corrected(backend, dx: torch.Tensor, eW: torch.Tensor, p: float, se
     return _cast(corrected, dtype)
 
 
-def _backward_stacked(backend, dy, x, weight, A, B, h, scale, s, p, seed, needs_dx, needs_dA):
+def _backward_stacked(backend, dy, ge, x, weight, A, B, h, s, p, seed, needs_dx, needs_dA):
     """Route ``stacked`` (dropout, ``dX`` wanted, a bf16 weight the backend multiplies by ``widened_mm``):
     ``g = c * dY`` and ``e = (c - 1) * dY`` are the two halves of one ``(2M, N)`` matrix, multiplied by ``W`` in one
     widened product (``W`` read once for both, exact products, fp32 sums); the adapter's masked term is added to
     ``g W`` in fp32 (``Backend.lora_backward_onto``), then ``dX = g W + s (g B) A * mask / (1 - p)
     + (mask / (1 - p) - 1) * e W`` is rounded once."""
-    M, N = dy.shape
-    stacked = torch.empty(2 * M, N, dtype=dy.dtype, device=dy.device)
-    g = _scaled(dy, scale, dy.dtype, backend=backend, out=stacked[:M])
-    _scaled(dy, scale - 1.0, dy.dtype, backend=backend, out=stacked[M:])
-    product = backend.widened_mm(stacked, weight.detach().t())
+    M = dy.shape[0]
+    product = backend.widened_mm(ge, weight.detach().t())
     acc = product[:M]
-    dA, dB = backend.lora_backward_onto(acc, g, x if needs_dA else None, A, B, h, s, p, seed)
+    dA, dB = backend.lora_backward_onto(acc, ge[:M], x if needs_dA else None, A, B, h, s, p, seed)
     return _dropout_corrected(backend, acc, product[M:], p, seed, dy.dtype), dA, dB
 
 
@@ -563,21 +580,23 @@ class DoraLinearFunction(torch.autograd.Function):
         needs_dx, needs_dA, needs_dB, needs_dm = ctx.needs_input_grad[:4]
         backend = ctx.backend
         dy = grad_y.contiguous()
-        dm = None
-        if needs_dm:
-            dm = (_column_dots(dy, z, backend) / (norm * ctx.z_factor if ctx.z_factor != 1.0 else norm)
-                  ).to(magnitude.dtype)
-        dx = dA = dB = None
+        dots = dx = dA = dB = None
         if needs_dx or needs_dA or needs_dB:
+            # c dY (and (c - 1) dY for the dropout's correction of dX) in the sweep that sums the magnitude's dots.
+            ge, dots = _scaled_grads(backend, dy, scale, z if needs_dm else None, needs_dx and ctx.dropout_p > 0)
             grads = ("dx" if needs_dx else "") + ("dA" if needs_dA else "")
             eligible = _backward_routes(backend, dy, ctx.weight, A, ctx.dropout_p, needs_dx)
-            candidates = {route: (lambda fn=fn: fn(backend, dy, x, ctx.weight, A, B, h, scale, ctx.scaling,
+            candidates = {route: (lambda fn=fn: fn(backend, dy, ge, x, ctx.weight, A, B, h, ctx.scaling,
                                                    ctx.dropout_p, ctx.seed, needs_dx, needs_dA))
                           for route, fn in _BACKWARDS.items() if route in eligible}
             key = _route_key("dora_backward", backend, dy, ctx.weight, A, ctx.dropout_p, grads)
             dx, dA, dB = routing.run(key, candidates, dy.device.type, unmeasured=_unmeasured(backend))
             dA = None if dA is None or not needs_dA else _cast(dA, A.dtype)
             dB = _cast(dB, B.dtype) if needs_dB else None
+        dm = None
+        if needs_dm:
+            dots = _column_dots(dy, z, backend) if dots is None else dots
+            dm = (dots / (norm * ctx.z_factor if ctx.z_factor != 1.0 else norm)).to(magnitude.dtype)
         return dx, dA, dB, dm, None, None, None, None, None, None
 
 

@@ -27,13 +27,16 @@ Saved for backward: ``x`` (when ``A`` needs a gradient), ``h`` (``M x r``), ``z`
 gradient), ``c`` and ``n``. Never a mask, a dropped copy of ``x`` or anything ``N x K``; the mask is regenerated
 from the seed (``fastpeft._philox``) by the backend's own masked pass.
 
-Two routes per op (``fastpeft.routing.ROUTES``: ``dora_forward``, ``dora_backward``): ``compose`` (vendor GEMMs in
+Routes per op (``fastpeft.routing.ROUTES``: ``dora_forward``, ``dora_backward``): ``compose`` (vendor GEMMs in
 torch) and ``fused`` (the backend's LoRA op, by its own measured route, plus the DoRA epilogue), so every backend
-(reference, cpu, triton, cuda) serves DoRA by construction. The second base product of dropout runs in the
-adapters' dtype, as PEFT's does; for fp32 adapters over a bf16 base that is an fp32 GEMM, which the ``pairs`` routes
-of ``widened_product`` compute from the bf16 operands (exact products, fp32 sums) where the backend can. A
-bitsandbytes base (``QuantizedWeight``) runs the ``fused`` route: every product with ``W`` goes through the backend's
-quantized products, which decode it as they do for LoRA.
+(reference, cpu, triton, cuda) serves DoRA by construction; with dropout, where the backend multiplies bf16
+operands into fp32 sums (``Backend.widened_mm``), ``stacked`` runs each pair of products with ``W`` (``x`` and its
+kept elements forward, ``c dY`` and ``(c - 1) dY`` backward) as one product of ``2M`` rows, ``W`` read once for both.
+The second base product of dropout runs in the adapters' dtype, as PEFT's does; for fp32 adapters over a bf16 base
+that is an fp32 GEMM, which the ``pairs`` routes of ``widened_product`` (and ``stacked``) compute from the bf16
+operands (exact products, fp32 sums) where the backend can. A bitsandbytes base (``QuantizedWeight``) runs the
+``fused`` route: every product with ``W`` goes through the backend's quantized products, which decode it as they do
+for LoRA.
 
 Beside other active adapters (``stacked_linear``), PEFT lets each DoRA adapter without active dropout scale the
 running sum of the adapters before it, and one with dropout add its own second base product; that path is torch ops
@@ -570,6 +573,8 @@ class DoraLinearFunction(torch.autograd.Function):
         _, needs_dA, _, needs_dm = ctx.needs_input_grad[:4]
         ctx.backend, ctx.weight = backend, weight
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.z_factor = scaling, dropout_p, seed, z_factor
+        if needs_dm and z.untyped_storage().nbytes() > z.numel() * z.element_size():
+            z = z.clone()  # a view into a larger product (stacked): keep z's own elements only, not the whole buffer
         ctx.save_for_backward(x if needs_dA else None, lora_A, lora_B, h, z if needs_dm else None, scale, norm,
                               magnitude)
         return y

@@ -846,15 +846,24 @@ def test_stacked_routes_form_no_n_by_k_tensor_and_ran():
         pytest.skip("no widened bf16 product on this CPU: the stacked route cannot run")
     routing.set_route("dora_forward", "stacked")
     routing.set_route("dora_backward", "stacked")
+    saved_bytes = []
+
+    def pack(t):
+        saved_bytes.append(t.untyped_storage().nbytes())
+        return t
+
     try:
         layer.train()
-        with RecordSizes() as rec:
-            layer(x).float().sum().backward()
+        with RecordSizes() as rec, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = layer(x)
+        y.float().sum().backward()
         assert routing.last_route("dora_forward") == "stacked" and routing.last_route("dora_backward") == "stacked"
     finally:
         routing.set_route("dora_forward", None)
         routing.set_route("dora_backward", None)
     assert rec.largest < N * K, f"fastpeft formed a tensor of {rec.largest} elements (N x K = {N * K})"
+    # z is saved as its own (M, N) fp32, not as a view holding the whole (2M, N) product alive.
+    assert saved_bytes and max(saved_bytes) < 2 * 5 * N * 4, f"saved storages of {sorted(saved_bytes)} bytes"
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 

@@ -31,7 +31,7 @@ Routes per op (``fastpeft.routing.ROUTES``: ``dora_forward``, ``dora_backward``)
 torch) and ``fused`` (the backend's LoRA op, by its own measured route, plus the DoRA epilogue), so every backend
 (reference, cpu, triton, cuda) serves DoRA by construction; with dropout, where the backend multiplies bf16
 operands into fp32 sums (``Backend.widened_mm``), ``stacked`` runs each pair of products with ``W`` (``x`` and its
-kept elements forward, ``c dY`` and ``(c - 1) dY`` backward) as one product of ``2M`` rows, ``W`` read once for both.
+kept elements forward, ``c dY`` and ``(c - 1) dY`` backward) as one product over ``2M`` rows, ``W`` read once.
 The second base product of dropout runs in the adapters' dtype, as PEFT's does; for fp32 adapters over a bf16 base
 that is an fp32 GEMM, which the ``pairs`` routes of ``widened_product`` (and ``stacked``) compute from the bf16
 operands (exact products, fp32 sums) where the backend can. A bitsandbytes base (``QuantizedWeight``) runs the
@@ -405,22 +405,20 @@ def _forward(route, backend, x, weight, bias, A, B, scale, s, p, seed):
 
 def _forward_stacked(backend, x, weight, bias, A, B, scale, s, p, seed):
     """Route ``stacked`` (dropout, bf16 ``x`` and weight, fp32 adapters, a backend with ``widened_mm``): ``x`` and its
-    kept elements (exact in bf16, ``1 / (1 - p)`` after the sums) are the halves of one ``(2M, K)`` matrix multiplied
-    by ``W`` in one widened product ``P`` (``W`` read once for both; exact products, fp32 sums). With
+    kept elements (exact in bf16, ``1 / (1 - p)`` after the sums) multiplied by ``W`` in one widened product
+    (``Backend.widened_mm_parts``: ``W`` read once for both; exact products, fp32 sums), ``P_1`` and ``P_2``. With
     ``h = kept(x) A^T / (1 - p)``: ``z' = P_2 + (1 - p) s h B^T = (1 - p) z`` and
     ``y = P_1 + b + s h B^T + ((c - 1) / (1 - p)) z'``, rounded once. Returns ``z'`` with ``z_factor = 1 - p``."""
-    M, K = x.shape
-    stacked = torch.empty(2 * M, K, dtype=x.dtype, device=x.device)
-    stacked[:M].copy_(x)
-    kept = backend.dropout_combine(None, x, p, seed, 1.0, 0.0, out=stacked[M:])
+    kept = backend.dropout_combine(None, x, p, seed, 1.0, 0.0)
     if kept is None:
-        torch.mul(x, keep_scale(backend, M, K, p, seed, x.device) != 0, out=stacked[M:])
-    product = backend.widened_mm(stacked, weight.detach())
+        kept = x * (keep_scale(backend, x.shape[0], x.shape[1], p, seed, x.device) != 0)
+    base, z = backend.widened_mm_parts([x, kept], weight.detach())
     keep = 1.0 - p
-    h = backend.lora_down(stacked[M:], A).mul_(1.0 / keep)
-    z = backend.lora_up_onto(product[M:], h, B, keep * s)
+    h = backend.lora_down(kept, A).mul_(1.0 / keep)
+    del kept
+    z = backend.lora_up_onto(z, h, B, keep * s)
     b = None if bias is None else bias.detach().to(x.dtype).to(_F32)
-    base = backend.lora_up_onto(product[:M], h, B, s, b)
+    base = backend.lora_up_onto(base, h, B, s, b)
     return _scaled(z, (scale - 1.0).div_(keep), x.dtype, base, backend), h, z, keep
 
 
@@ -574,7 +572,7 @@ class DoraLinearFunction(torch.autograd.Function):
         ctx.backend, ctx.weight = backend, weight
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.z_factor = scaling, dropout_p, seed, z_factor
         if needs_dm and z.untyped_storage().nbytes() > z.numel() * z.element_size():
-            z = z.clone()  # a view into a larger product (stacked): keep z's own elements only, not the whole buffer
+            z = z.clone()  # a view into a larger buffer: keep z's own elements only, not the whole buffer
         ctx.save_for_backward(x if needs_dA else None, lora_A, lora_B, h, z if needs_dm else None, scale, norm,
                               magnitude)
         return y

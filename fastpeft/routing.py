@@ -156,8 +156,8 @@ ROUTES: dict[str, dict[str, str]] = {
                    "route of widened_product",
         "fused": "DoRA through the backend's LoRA forward (its own measured route) for x W^T + s x A^T B^T, then the "
                  "fp32 scaling epilogue; with dropout the second base product by a route of widened_product",
-        "stacked": "with dropout: x and its kept elements as the halves of one (2M, K) bf16 matrix multiplied by W in "
-                   "one widened product (W read once for both; exact products, fp32 sums, 1 / (1 - p) after them), "
+        "stacked": "with dropout: x and its kept elements multiplied by W in one widened product over their 2M rows "
+                   "(each tile of W rearranged once for both; exact products, fp32 sums, 1 / (1 - p) after them), "
                    "the adapter's update added to both halves in fp32 by the backend's passes, the scaling and the "
                    "rounding in one pass",
     },

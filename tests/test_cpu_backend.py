@@ -423,6 +423,29 @@ def test_widened_mm_nn_is_the_fp32_product_of_the_bf16_operands(M, N, K):
     assert rel_err((a @ b).float(), exact) > 1e-4 or K == 1
 
 
+@pytest.mark.skipif(not AVAILABLE or not _C.widened_mm_available(), reason="no oneDNN bf16 block kernel here")
+@pytest.mark.parametrize("rows", [(5, 7), (64, 1), (70, 130, 3), (1, 1)], ids=lambda r: "+".join(map(str, r)))
+@pytest.mark.parametrize("K", [37, 64, 129])
+def test_widened_mm_parts_is_each_part_times_b(rows, K):
+    """``_C.widened_mm_parts([a_i], b, transposed_b)``: each part's product equals ``widened_mm`` /
+    ``widened_mm_nn`` on that part alone, bit for bit (the same dot products; only the grouping of rows into tiles
+    differs), for parts whose rows end inside a tile of 64, odd K, both layouts of b and rows with a stride beyond K."""
+    g = torch.Generator().manual_seed(sum(rows) * 100 + K)
+    N = 75
+    parts = [torch.randn(m, K + 2, generator=g).to(torch.bfloat16)[:, :K] for m in rows]
+    w = torch.randn(N, K, generator=g).to(torch.bfloat16)
+    for transposed, b in ((True, w), (False, w.t().contiguous())):
+        got = _C.widened_mm_parts(parts, b, transposed)
+        assert len(got) == len(parts)
+        for a, c in zip(parts, got):
+            want = _C.widened_mm(a, b, False) if transposed else _C.widened_mm_nn(a, b)
+            assert c.dtype == torch.float32 and c.shape == (a.shape[0], N) and torch.equal(c, want)
+    with pytest.raises(RuntimeError, match="widened_mm_parts: a is .* second dimensions"):
+        _C.widened_mm_parts([parts[0], torch.ones(2, K + 1, dtype=torch.bfloat16)], w, True)
+    with pytest.raises(RuntimeError, match="widened_mm_parts: give at least one a"):
+        _C.widened_mm_parts([], w, True)
+
+
 # ------------------------------------------------------------------------------ the one-pass product dY W (strips)
 STRIP_SHAPES = [(1, 1, 1), (1, 37, 130), (3, 64, 65), (4, 129, 1), (7, 5, 200), (33, 96, 70)]
 

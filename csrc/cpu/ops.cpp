@@ -865,6 +865,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "instead of b", py::arg("a"), py::arg("b"), py::arg("interleave_a") = false);
   m.def("widened_mm_nn", &fastpeft::widened_mm_nn, "(a bf16 (M, R), b bf16 (R, N)) -> a b (M, N) fp32: as widened_mm "
         "with b not transposed");
+  m.def("widened_mm_parts", &fastpeft::widened_mm_parts, "([a_i bf16 (M_i, K)], b bf16, transposed_b) -> [a_i b^T] "
+        "(b (N, K)) or [a_i b] (b (K, N)) fp32: as widened_mm / widened_mm_nn on every a_i, each tile of b "
+        "rearranged once for all of them");
   m.def("widened_mm_available", &fastpeft::widened_mm_available, "whether widened_mm runs on this CPU (oneDNN has a "
         "bf16 block kernel for it)");
   m.def("lora_mixed_", &fastpeft::lora_mixed_, "(y, x, runs (S, 3) int64, [A (r_i, K) | None], [B (N, r_i) | None], "

@@ -34,5 +34,6 @@ void lora_mixed_(at::Tensor& y, const at::Tensor& x, const at::Tensor& runs,
 bool widened_mm_available();
 at::Tensor widened_mm(const at::Tensor& a, const at::Tensor& b, bool interleave_a);
 at::Tensor widened_mm_nn(const at::Tensor& a, const at::Tensor& b);
+std::vector<at::Tensor> widened_mm_parts(const std::vector<at::Tensor>& as, const at::Tensor& b, bool transposed_b);
 
 }  // namespace fastpeft

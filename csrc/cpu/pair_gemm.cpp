@@ -13,7 +13,9 @@
 // column tiles than threads) and never copied whole: a weight-sized copy would be an N x K allocation per call.
 //   - widened_mm, b (N, K) row-major (a x W^T product): a pair is one 32-bit load from a row of b; with interleave_a,
 //     a is interleaved whole instead and b read in place (pair_product_packing_a), cheaper for a few rows of a;
-//   - widened_mm_nn, b (K, N) row-major (a dY W product, W (N_layer, K_layer)): a pair is two consecutive rows of b.
+//   - widened_mm_nn, b (K, N) row-major (a dY W product, W (N_layer, K_layer)): a pair is two consecutive rows of b;
+//   - widened_mm_parts, several a_i times one b (either layout): each tile of b is interleaved once for all of them
+//     (DoRA's x W^T and drop(x) W^T).
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
@@ -78,17 +80,23 @@ void check_operands(const char* fn, const at::Tensor& a, const at::Tensor& b, in
   TORCH_CHECK(widened_mm_available(), "fastpeft._C.", fn, ": oneDNN has no bf16 block kernel on this CPU");
 }
 
-// C (M, N) fp32 = a (M, K) B (K, N), B given by `b` (bf16) and `transposed_b` (b is (N, K), else (K, N)).
-at::Tensor pair_product(const at::Tensor& a, const at::Tensor& b, bool transposed_b) {
-  const int64_t M = a.size(0), K = a.size(1), N = transposed_b ? b.size(0) : b.size(1);
-  const int64_t ld_a = a.stride(0), ld_b = b.stride(0);
-  auto c = at::empty({M, N}, a.options().dtype(at::kFloat));
-  if (M == 0 || N == 0) return c;
+// C_i (M_i, N) fp32 = a_i (M_i, K) B (K, N) for every a_i, B given by `b` (bf16) and `transposed_b` (b is (N, K),
+// else (K, N)). The a_i are one operand of sum M_i rows to the tiling (a tile of rows never spans two of them), so
+// each tile of b is interleaved once for all of them: several products with one weight read it once.
+std::vector<at::Tensor> pair_product(const std::vector<at::Tensor>& as, const at::Tensor& b, bool transposed_b) {
+  const int64_t K = as[0].size(1), N = transposed_b ? b.size(0) : b.size(1), ld_b = b.stride(0);
+  const size_t parts = as.size();
+  std::vector<at::Tensor> cs;
+  std::vector<int64_t> first_row(parts + 1, 0);  // part i holds rows [first_row[i], first_row[i + 1])
+  for (size_t i = 0; i < parts; ++i) {
+    cs.push_back(at::empty({as[i].size(0), N}, as[i].options().dtype(at::kFloat)));
+    first_row[i + 1] = first_row[i] + as[i].size(0);
+  }
+  const int64_t M = first_row[parts];
+  if (M == 0 || N == 0) return cs;
   const int64_t even_k = K & ~int64_t(1);
-  const auto* A = reinterpret_cast<const at::BFloat16*>(a.data_ptr());
   const auto* Bw = reinterpret_cast<const uint16_t*>(b.data_ptr());
   const auto* Bv = reinterpret_cast<const at::BFloat16*>(b.data_ptr());
-  float* C = c.data_ptr<float>();
   // b's element (k, n) of B, for the odd-K tail.
   auto b_at = [&](int64_t k, int64_t n) {
     return static_cast<float>(transposed_b ? Bv[n * ld_b + k] : Bv[k * ld_b + n]);
@@ -110,25 +118,30 @@ at::Tensor pair_product(const at::Tensor& a, const at::Tensor& b, bool transpose
           pairs_across_rows(Bw, ld_b, even_k, c0, cn, pairs.data());
         }
       }
-      for (int64_t m0 = m_begin; m0 < m_end; m0 += kTileRows) {
-        const int64_t mn = std::min(kTileRows, m_end - m0);
-        float* out = C + m0 * N + c0;
+      size_t part = 0;
+      for (int64_t m0 = m_begin; m0 < m_end;) {
+        while (first_row[part + 1] <= m0) ++part;
+        const int64_t mn = std::min({kTileRows, m_end - m0, first_row[part + 1] - m0}), row = m0 - first_row[part];
+        const int64_t ld_a = as[part].stride(0);
+        const auto* A = reinterpret_cast<const at::BFloat16*>(as[part].data_ptr()) + row * ld_a;
+        float* out = cs[part].data_ptr<float>() + row * N + c0;
         if (even_k > 0) {
-          at::native::cpublas::brgemm(mn, cn, even_k, ld_a, kTileCols, N, false, A + m0 * ld_a, packed, out, true);
+          at::native::cpublas::brgemm(mn, cn, even_k, ld_a, kTileCols, N, false, A, packed, out, true);
         } else {
           for (int64_t i = 0; i < mn; ++i) std::fill(out + i * N, out + i * N + cn, 0.f);
         }
         if (even_k != K) {  // odd K: the last column's rank-1 term, each product exact in fp32
           for (int64_t i = 0; i < mn; ++i) {
-            const float l = static_cast<float>(A[(m0 + i) * ld_a + K - 1]);
+            const float l = static_cast<float>(A[i * ld_a + K - 1]);
             for (int64_t j = 0; j < cn; ++j) out[i * N + j] += l * b_at(K - 1, c0 + j);
           }
         }
+        m0 += mn;
       }
     }
     if (even_k > 0) at::native::cpublas::brgemm_release(true);
   });
-  return c;
+  return cs;
 }
 
 // C (M, N) fp32 = a (M, K) b^T for b (N, K), with a interleaved whole ([K/2][M] words, activation-sized) and b read
@@ -199,12 +212,18 @@ bool widened_mm_available() {
 
 at::Tensor widened_mm(const at::Tensor& a, const at::Tensor& b, bool interleave_a) {
   check_operands("widened_mm", a, b, 1);
-  return interleave_a ? pair_product_packing_a(a, b) : pair_product(a, b, true);
+  return interleave_a ? pair_product_packing_a(a, b) : pair_product({a}, b, true)[0];
 }
 
 at::Tensor widened_mm_nn(const at::Tensor& a, const at::Tensor& b) {
   check_operands("widened_mm_nn", a, b, 0);
-  return pair_product(a, b, false);
+  return pair_product({a}, b, false)[0];
+}
+
+std::vector<at::Tensor> widened_mm_parts(const std::vector<at::Tensor>& as, const at::Tensor& b, bool transposed_b) {
+  TORCH_CHECK(!as.empty(), "fastpeft._C.widened_mm_parts: give at least one a");
+  for (const auto& a : as) check_operands("widened_mm_parts", a, b, transposed_b ? 1 : 0);
+  return pair_product(as, b, transposed_b);
 }
 
 }  // namespace fastpeft

@@ -95,6 +95,12 @@ class Backend:
         which is faster depends on the shapes). Only where ``widened_mm_eligible``."""
         raise NotImplementedError(f"backend {self.name!r} has no widened bf16 product")
 
+    def widened_mm_parts(self, parts: Sequence[torch.Tensor], b: torch.Tensor) -> list:
+        """``[a b^T for a in parts]`` as ``widened_mm`` computes each (``b`` may also be the transposed view of a
+        row-major matrix, as ``widened_mm_eligible(a, b, interleave_a=False)`` allows), where the backend can in one
+        pass over ``b`` for all of them. Default: one ``widened_mm`` each."""
+        return [self.widened_mm(a, b) for a in parts]
+
     def lora_down(self, x: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
         """``x A^T`` ``(M, r)`` in fp32 for ``x`` ``(M, K)`` of any float dtype and ``lora_A`` ``(r, K)``: products and
         sums in fp32. Default: torch, ``x`` widened a block of rows at a time (no whole fp32 copy of it)."""

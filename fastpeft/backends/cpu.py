@@ -666,6 +666,12 @@ class CpuBackend(Backend):
             return _C.widened_mm_nn(a, b.t())
         return _C.widened_mm(a, b, interleave_a)
 
+    def widened_mm_parts(self, parts, b):
+        # each tile of b rearranged once for every part (a tile of rows never spans two parts)
+        if b.stride(1) == 1:
+            return _C.widened_mm_parts(list(parts), b, True)
+        return _C.widened_mm_parts(list(parts), b.t(), False)
+
     def lora_down(self, x, lora_A):
         if not (x.is_cpu and x.dim() == 2 and x.dtype in _DTYPE_CODES):
             return super().lora_down(x, lora_A)

@@ -112,10 +112,13 @@ def split_bf16(t: torch.Tensor) -> torch.Tensor:
 def _weight_times_adapter(weight: torch.Tensor, A32: torch.Tensor) -> torch.Tensor:
     """``W A^T`` ``(N, r)`` in fp32 for a dense weight narrower than fp32 ``A`` ``(r, K)`` (PEFT forms ``W + s B A``
     in fp32), by a route of ``widened_product``: ``widen`` (``_base_product``: the weight widened a block of rows at
-    a time) or ``pairs`` (a bf16 weight times ``split_bf16(A)`` by ``Backend.widened_mm``: exact products, fp32
-    sums, three partial results added)."""
+    a time), ``down`` (the weight's rows through the backend's down-projection, ``Backend.lora_down``: fp32
+    arithmetic, the rows read in place) or ``pairs`` (a bf16 weight times ``split_bf16(A)`` by
+    ``Backend.widened_mm``: exact products, fp32 sums, three partial results added)."""
     backend = get_backend(A32, weight)
     candidates = {"widen": lambda: _base_product(A32, weight).t()}
+    if weight.stride(1) == 1:
+        candidates["down"] = lambda: backend.lora_down(weight.detach(), A32)
     r = A32.shape[0]
     if weight.dtype == torch.bfloat16 and backend.widened_mm_eligible(weight, weight):
         def pairs():

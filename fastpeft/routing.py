@@ -170,6 +170,8 @@ ROUTES: dict[str, dict[str, str]] = {
                  "(fastpeft._C.widened_mm); the dropout mask applied to x in bf16, 1 / (1 - p) after the sums; for "
                  "W A^T, A split exactly into three bf16 parts",
         "pairs_x": "pairs with the kernel rearranging the kept x into bf16 pairs and reading the weight in place",
+        "down": "W A^T of the norm: the weight's rows through the backend's down-projection (the C++ x A^T pass on the "
+                "cpu backend), fp32 arithmetic, the weight read in place",
     },
     "dora_backward": {
         "compose": "DoRA backward by vendor GEMMs on c dY (c = m/n): dX, dA, dB; with dropout dY W and the masked "

@@ -764,6 +764,31 @@ def test_lora_backward_onto_adds_the_masked_adapter_term_to_a_given_product(dt, 
         assert dA is None
 
 
+@pytest.mark.parametrize("which", ["cpu", "base-class"])
+def test_lora_down_and_up_onto_are_fp32_products(which):
+    """``Backend.lora_down`` (``x A^T`` in fp32) and ``Backend.lora_up_onto`` (``acc += scale h B^T + bias`` in place)
+    on the cpu backend's C++ passes and as the base class computes them in torch (which the backends without such
+    passes use): against fp64, a bf16 ``x`` with a row stride beyond K, ``acc`` as rows of a larger buffer."""
+    from fastpeft.backends.base import Backend
+    from fastpeft.backends.cpu import CpuBackend
+
+    backend = CpuBackend() if which == "cpu" else Backend()
+    g = torch.Generator().manual_seed(5)
+    M, K, N, r = 37, 53, 29, 3
+    x = torch.randn(M, K + 4, generator=g).to(torch.bfloat16)[:, :K]
+    A, B, bias = torch.randn(r, K, generator=g), torch.randn(N, r, generator=g), torch.randn(N, generator=g)
+    h = backend.lora_down(x, A)
+    want_h = x.double() @ A.double().t()
+    assert h.dtype == torch.float32 and h.shape == (M, r) and rel_err(h, want_h) <= 1e-6
+    buffer = torch.randn(M + 3, N, generator=g)
+    before = buffer.clone()
+    out = backend.lora_up_onto(buffer[2:M + 2], h, B, 0.7, bias)
+    assert out.data_ptr() == buffer[2].data_ptr()
+    want = before[2:M + 2].double() + 0.7 * h.double() @ B.double().t() + bias.double()
+    assert rel_err(buffer[2:M + 2], want) <= 1e-6
+    assert torch.equal(buffer[:2], before[:2]) and torch.equal(buffer[M + 2:], before[M + 2:])
+
+
 def test_column_passes_reject_what_they_cannot_read():
     with pytest.raises(RuntimeError, match="scale must be contiguous fp32 of shape \\[3\\]"):
         _C.scale_columns(torch.ones(2, 3), torch.ones(4), None, torch.float32)

@@ -192,9 +192,9 @@ def test_split_bf16_parts_sum_to_the_fp32_tensor():
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_norm_of_a_bf16_weight_under_fp32_adapters_is_peft_fp32_norm(clean_routes, backend):
-    """PEFT forms ``W + s B A`` in fp32 from the bf16 weight: every route of ``W A^T`` (``widen``; ``pairs`` where the
-    backend has the widened product) within 1e-6 of that norm in fp64. A ``W A^T`` taken in bf16 (A rounded) misses
-    it by far more here, where the adapter term is comparable to the weight's."""
+    """PEFT forms ``W + s B A`` in fp32 from the bf16 weight: every route of ``W A^T`` (``widen``, ``down``;
+    ``pairs`` where the backend has the widened product) within 1e-6 of that norm in fp64. A ``W A^T`` taken in bf16
+    (A rounded) misses it by far more here, where the adapter term is comparable to the weight's."""
     if backend not in backends_here():
         pytest.skip(f"backend {backend} unavailable: {availability(backend)[1]}")
     g = torch.Generator().manual_seed(8)
@@ -208,8 +208,8 @@ def test_norm_of_a_bf16_weight_under_fp32_adapters_is_peft_fp32_norm(clean_route
                + s * s * (B @ (A @ A.t()) * B).sum(1)).clamp_min(0).sqrt()
     assert rel_err(rounded, expected) > 1e-5, "the case cannot tell an A rounded to bf16 apart: test is vacuous"
     set_backend(backend)
-    routes = ["widen"] + (["pairs"] if get_backend(A, W).widened_mm_eligible(W, W) else [])
-    assert backend != "cpu" or not fastpeft._C.widened_mm_available() or routes == ["widen", "pairs"]
+    routes = ["widen", "down"] + (["pairs"] if get_backend(A, W).widened_mm_eligible(W, W) else [])
+    assert backend != "cpu" or not fastpeft._C.widened_mm_available() or routes == ["widen", "down", "pairs"]
     for route in routes:
         routing.set_route("widened_product", route)
         got = dora.weight_norm(W, A, B, s)

@@ -103,10 +103,11 @@ class Backend:
 
     def lora_down(self, x: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
         """``x A^T`` ``(M, r)`` in fp32 for ``x`` ``(M, K)`` of any float dtype and ``lora_A`` ``(r, K)``: products and
-        sums in fp32. Default: torch, ``x`` widened a block of rows at a time (no whole fp32 copy of it)."""
+        sums in fp32. Default: torch, ``x`` widened a block of rows at a time (at most half of them: no whole fp32
+        copy of it, which for DoRA's ``W A^T`` would be an ``N x K`` tensor)."""
         At = lora_A.detach().to(torch.float32).t()
         out = torch.empty(x.shape[0], At.shape[1], dtype=torch.float32, device=x.device)
-        rows = max(1, (1 << 18) // max(1, x.shape[1]))
+        rows = max(1, min((x.shape[0] + 1) // 2, (1 << 18) // max(1, x.shape[1])))
         for start in range(0, x.shape[0], rows):
             torch.mm(x[start:start + rows].to(torch.float32), At, out=out[start:start + rows])
         return out

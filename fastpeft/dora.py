@@ -288,22 +288,16 @@ def _column_dots(dy: torch.Tensor, z: torch.Tensor, backend=None) -> torch.Tenso
 def _scaled_grads(backend, dy: torch.Tensor, scale: torch.Tensor, z: Optional[torch.Tensor],
                   with_e: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(ge, dots)``: ``ge`` ``(M, N)`` holds ``g = c * dY`` in ``dY``'s dtype, or ``(2M, N)`` with
-    ``e = (c - 1) * dY`` below it (``with_e``: the dropout's correction needs it); ``dots = sum_m dY * z`` fp32
-    ``(N,)`` when ``z`` is given (the magnitude's gradient), else None. One sweep over ``dY`` where the backend has it
-    (``Backend.column_dots`` with outputs), else a pass each."""
+    ``e = (c - 1) * dY`` below it (``with_e``: the dropout's correction needs it; the stacked backward multiplies
+    both rows at once); ``dots = sum_m dY * z`` fp32 ``(N,)`` when ``z`` is given (the magnitude's gradient), else
+    None. The scaled rows by row-parallel passes, the dots by column strips (a column-strip pass that also wrote the
+    rows would stride its writes by whole rows)."""
     M, N = dy.shape
     ge = torch.empty((2 if with_e else 1) * M, N, dtype=dy.dtype, device=dy.device)
-    scales = [scale] + ([scale - 1.0] if with_e else [])
-    outs = [ge[:M]] + ([ge[M:]] if with_e else [])
-    dots = None
-    if z is not None:
-        dots = backend.column_dots(dy, z, scales, outs)
-        if dots is not None:
-            return ge, dots
-        dots = _column_dots(dy, z, backend)
-    for sc, out in zip(scales, outs):
-        _scaled(dy, sc, dy.dtype, backend=backend, out=out)
-    return ge, dots
+    _scaled(dy, scale, dy.dtype, backend=backend, out=ge[:M])
+    if with_e:
+        _scaled(dy, scale - 1.0, dy.dtype, backend=backend, out=ge[M:])
+    return ge, (None if z is None else _column_dots(dy, z, backend))
 
 
 # ---------------------------------------------------------------------------------------------------- forward

@@ -94,11 +94,8 @@ struct KernelTable {
                              const float* scale, int dt_add, const void* add, int64_t ldadd, int dt_out, void* out,
                              int64_t ldo);
   // acc[n - n0] += sum_{m < M} a[m, n] b[m, n] for n in [n0, n1), fp32, rows in order. DoRA's magnitude gradient.
-  // In the same sweep, for each of the `outs` (0, 1 or 2) outputs: out_i[m, n] = round(a[m, n] * scale_i[n]) in
-  // dt_out (rows ldo apart): DoRA's c dY and (c - 1) dY, read from dY once with the dots.
   void (*column_dots_cols)(int dt_a, const void* a, int64_t lda, int dt_b, const void* b, int64_t ldb, int64_t M,
-                           int64_t n0, int64_t n1, float* acc, int outs, const float* const* scales, int dt_out,
-                           void* const* out, int64_t ldo);
+                           int64_t n0, int64_t n1, float* acc);
   // y[n] = y[n] + bias[n] + sum_j xs[j] B[n, j] for n < N, in place, rounded once to y's dtype: one activation row
   // (dtype dt) expanded with B (N, R) fp32 as PEFT keeps it; R must be a multiple of vector_width. bias: (N,) or null.
   void (*expand_row_b)(int dt, void* y, int64_t N, const float* xs, int64_t R, const float* B, const float* bias);

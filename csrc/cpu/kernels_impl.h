@@ -419,26 +419,14 @@ void scale_columns_rows(int dt_z, const void* z, int64_t ldz, int64_t N, int64_t
 // acc[n - n0] += sum_{m < M} a[m, n] * b[m, n] for n in [n0, n1), fp32 products and sums, m in order (a column strip:
 // threads split the columns, so no partial sums are reduced and the order does not depend on the thread count).
 void column_dots_cols(int dt_a, const void* a, int64_t lda, int dt_b, const void* b, int64_t ldb, int64_t M,
-                      int64_t n0, int64_t n1, float* acc, int outs, const float* const* scales, int dt_out,
-                      void* const* out, int64_t ldo) {
+                      int64_t n0, int64_t n1, float* acc) {
   for (int64_t m = 0; m < M; ++m) {
     const void* ar = row_ptr(dt_a, a, lda, m);
     const void* br = row_ptr(dt_b, b, ldb, m);
-    void* o0 = outs > 0 ? row_ptr(dt_out, out[0], ldo, m) : nullptr;
-    void* o1 = outs > 1 ? row_ptr(dt_out, out[1], ldo, m) : nullptr;
     int64_t n = n0;
-    for (; n + VW <= n1; n += VW) {
-      const vf av = load_act(dt_a, ar, n);
-      store_f32(acc + n - n0, load_f32(acc + n - n0) + av * load_act(dt_b, br, n));
-      if (o0) store_act(dt_out, o0, n, av * load_f32(scales[0] + n));
-      if (o1) store_act(dt_out, o1, n, av * load_f32(scales[1] + n));
-    }
-    for (; n < n1; ++n) {
-      const float av = load_act1(dt_a, ar, n);
-      acc[n - n0] += av * load_act1(dt_b, br, n);
-      if (o0) store_act1(dt_out, o0, n, av * scales[0][n]);
-      if (o1) store_act1(dt_out, o1, n, av * scales[1][n]);
-    }
+    for (; n + VW <= n1; n += VW)
+      store_f32(acc + n - n0, load_f32(acc + n - n0) + load_act(dt_a, ar, n) * load_act(dt_b, br, n));
+    for (; n < n1; ++n) acc[n - n0] += load_act1(dt_a, ar, n) * load_act1(dt_b, br, n);
   }
 }
 

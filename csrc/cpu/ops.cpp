@@ -248,44 +248,21 @@ at::Tensor masked_combine(const c10::optional<at::Tensor>& a, const at::Tensor& 
   return o;
 }
 
-// sum_m a[m, :] * b[m, :] as fp32 (N,), products and sums in fp32: a, b (M, N) activation rows. With scales and
-// outs (one or two of each, fp32 (N,) and (M, N) rows of one activation dtype): out_i = round(a * scale_i) in the
-// same sweep over a (DoRA's c dY and (c - 1) dY beside its magnitude gradient).
-at::Tensor column_dots(const at::Tensor& a, const at::Tensor& b, const std::vector<at::Tensor>& scales,
-                       const std::vector<at::Tensor>& outs) {
+// sum_m a[m, :] * b[m, :] as fp32 (N,), products and sums in fp32: a, b (M, N) activation rows.
+at::Tensor column_dots(const at::Tensor& a, const at::Tensor& b) {
   check_rows(a, "a");
   check_rows(b, "b");
   TORCH_CHECK(a.sizes() == b.sizes(), "fastpeft._C.column_dots: a ", a.sizes(), " and b ", b.sizes(), " differ");
   const int64_t M = a.size(0), N = a.size(1);
-  TORCH_CHECK(scales.size() == outs.size() && outs.size() <= 2,
-              "fastpeft._C.column_dots: give as many scales as outs, at most 2 (got ", scales.size(), " and ",
-              outs.size(), ")");
-  const float* sp[2] = {nullptr, nullptr};
-  void* op[2] = {nullptr, nullptr};
-  int64_t ldo = 0;
-  int dt_out = kF32;
-  for (size_t i = 0; i < outs.size(); ++i) {
-    check_f32(scales[i], "scale", {N});
-    check_rows(outs[i], "out");
-    TORCH_CHECK(outs[i].sizes() == a.sizes() && outs[i].scalar_type() == outs[0].scalar_type() &&
-                    outs[i].stride(0) == outs[0].stride(0),
-                "fastpeft._C.column_dots: every out must be like a ", a.sizes(), " and like each other, got ",
-                outs[i].sizes(), " ", outs[i].scalar_type());
-    sp[i] = scales[i].data_ptr<float>();
-    op[i] = outs[i].data_ptr();
-    ldo = outs[i].stride(0);
-    dt_out = dtype_code(outs[i]);
-  }
-  auto dots = at::zeros({N}, at::kFloat);
-  const int dt_a = dtype_code(a), dt_b = dtype_code(b), n_outs = int(outs.size());
+  auto out = at::zeros({N}, at::kFloat);
+  const int dt_a = dtype_code(a), dt_b = dtype_code(b);
   const void* ap = a.data_ptr();
   const void* bp = b.data_ptr();
-  float* o = dots.data_ptr<float>();
-  at::parallel_for(0, N, grain((8 + 4 * n_outs) * M), [&](int64_t n0, int64_t n1) {
-    K().column_dots_cols(dt_a, ap, a.stride(0), dt_b, bp, b.stride(0), M, n0, n1, o + n0, n_outs, sp, dt_out, op,
-                         ldo);
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, N, grain(8 * M), [&](int64_t n0, int64_t n1) {
+    K().column_dots_cols(dt_a, ap, a.stride(0), dt_b, bp, b.stride(0), M, n0, n1, o + n0);
   });
-  return dots;
+  return out;
 }
 
 at::Tensor keep_mask(int64_t seed, int64_t rows, int64_t cols, double p) {
@@ -829,10 +806,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scale_columns", &fastpeft::scale_columns, "(z (M, N), scale fp32 (N,), add None | fp32 (N,) | (M, N), "
         "out_dtype, out=None) -> round(add + z * scale) (M, N) in out_dtype, fp32 arithmetic, into out's rows when "
         "given", py::arg("z"), py::arg("scale"), py::arg("add"), py::arg("out_dtype"), py::arg("out") = py::none());
-  m.def("column_dots", &fastpeft::column_dots, "(a (M, N), b (M, N), scales=[], outs=[]) -> sum_m a[m] * b[m] fp32 "
-        "(N,); with one or two fp32 (N,) scales, outs[i] = round(a * scales[i]) in the same sweep",
-        py::arg("a"), py::arg("b"), py::arg("scales") = std::vector<at::Tensor>{},
-        py::arg("outs") = std::vector<at::Tensor>{});
+  m.def("column_dots", &fastpeft::column_dots, "(a (M, N), b (M, N)) -> sum_m a[m] * b[m] fp32 (N,)");
   m.def("masked_combine", &fastpeft::masked_combine,
         "(a|None, b (M, N), seed, p, kept, dropped, out|None) -> out = round(a + b * (kept where the canonical mask "
         "keeps element m * N + n, else dropped)), fp32 arithmetic; dropped == 0 writes +0");

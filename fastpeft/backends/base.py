@@ -74,11 +74,9 @@ class Backend:
         untouched)."""
         return None
 
-    def column_dots(self, a: torch.Tensor, b: torch.Tensor, scales: Sequence[torch.Tensor] = (),
-                    outs: Sequence[torch.Tensor] = ()) -> Optional[torch.Tensor]:
+    def column_dots(self, a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
         """``sum_m a[m, :] * b[m, :]`` as fp32 ``(N,)`` for ``(M, N)`` tensors, products and sums in fp32, by one pass
-        of this backend, or None where it has none. With ``scales`` (fp32 ``(N,)``) and as many ``outs`` (``(M, N)``
-        of one dtype): ``outs[i] = a * scales[i]`` rounded once, in the same pass (None: nothing written)."""
+        of this backend, or None where it has none."""
         return None
 
     # ---------------------------------------------------------------------------------------- widened products

@@ -643,15 +643,10 @@ class CpuBackend(Backend):
             return None
         return _C.scale_columns(_rows(z), scale.contiguous(), add, dtype, out)
 
-    def column_dots(self, a, b, scales=(), outs=()):
+    def column_dots(self, a, b):
         if not (a.is_cpu and b.is_cpu and a.dim() == 2 and a.dtype in _DTYPE_CODES and b.dtype in _DTYPE_CODES):
             return None
-        if outs and not (len(outs) <= 2 and all(
-                o.is_cpu and o.dtype == outs[0].dtype and o.dtype in _DTYPE_CODES and o.shape == a.shape
-                and o.stride() == outs[0].stride() and o.stride(1) == 1 for o in outs)
-                and all(sc.is_cpu and sc.dtype == _F32 for sc in scales)):
-            return None
-        return _C.column_dots(_rows(a), _rows(b), [sc.contiguous() for sc in scales], list(outs))
+        return _C.column_dots(_rows(a), _rows(b))
 
     # ---------------------------------------------------------------------------------------- widened products
     def widened_mm_eligible(self, a, b, interleave_a=True):

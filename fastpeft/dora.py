@@ -479,14 +479,17 @@ def _dropout_corrected(backend, dx: torch.Tensor, eW: torch.Tensor, p: float, se
 def _backward_stacked(backend, dy, ge, x, weight, A, B, h, s, p, seed, needs_dx, needs_dA):
     """Route ``stacked`` (dropout, ``dX`` wanted, a bf16 weight the backend multiplies by ``widened_mm``):
     ``g = c * dY`` and ``e = (c - 1) * dY`` are the two halves of one ``(2M, N)`` matrix, multiplied by ``W`` in one
-    widened product (``W`` read once for both, exact products, fp32 sums); the adapter's masked term is added to
-    ``g W`` in fp32 (``Backend.lora_backward_onto``), then ``dX = g W + s (g B) A * mask / (1 - p)
-    + (mask / (1 - p) - 1) * e W`` is rounded once."""
+    widened product (``W`` read once for both, exact products, fp32 sums); then ``dX = g W + s (g B) A * mask /
+    (1 - p) + (mask / (1 - p) - 1) * e W``, rounded once, by the backend's masked passes
+    (``Backend.lora_backward_onto`` with the correction: one mask draw for ``dA`` and ``dX``)."""
     M = dy.shape[0]
     product = backend.widened_mm(ge, weight.detach().t())
-    acc = product[:M]
-    dA, dB = backend.lora_backward_onto(acc, ge[:M], x if needs_dA else None, A, B, h, s, p, seed)
-    return _dropout_corrected(backend, acc, product[M:], p, seed, dy.dtype), dA, dB
+    dx = torch.empty(M, product.shape[1], dtype=dy.dtype, device=dy.device)
+    done = backend.lora_backward_onto(product[:M], ge[:M], x if needs_dA else None, A, B, h, s, p, seed,
+                                      corrected=(product[M:], dx))
+    if done is None:  # not a route of this backend (_backward_routes offers it only where the passes exist)
+        raise RuntimeError(f"fastpeft: backend {backend.name!r} has no lora_backward_onto for the stacked route")
+    return dx, done[0], done[1]
 
 
 def _grad_product(backend, dy: torch.Tensor, weight) -> torch.Tensor:

@@ -716,13 +716,15 @@ def test_masked_combine_is_the_canonical_mask_applied_in_fp32(isa, a_dt, b_dt, o
     assert ((got.double() - exact).abs() <= ulp * exact.abs() + 1e-6).all()
 
 
+@pytest.mark.parametrize("corrected", [False, True], ids=["in-place", "corrected"])
 @pytest.mark.parametrize("p", [0.0, 0.25], ids=lambda p: f"drop{p}")
 @pytest.mark.parametrize("dt", ["bf16", "fp32"])
 @pytest.mark.parametrize("with_x", [True, False], ids=["dA", "no-dA"])
-def test_lora_backward_onto_adds_the_masked_adapter_term_to_a_given_product(dt, p, with_x):
-    """``CpuBackend.lora_backward_onto``: ``acc += s (dY B) A * mask / (1 - p)`` in place and ``(dA, dB)`` =
-    ``(s (dY B)^T drop(x), s dY^T xa)``, against fp64 sums with ``keep_scale``'s mask, odd shapes, a row stride of
-    ``dY`` beyond N and ``acc`` as the rows of a larger product."""
+def test_lora_backward_onto_adds_the_masked_adapter_term_to_a_given_product(dt, p, with_x, corrected):
+    """``CpuBackend.lora_backward_onto``: ``acc += s (dY B) A * mask / (1 - p)`` in place (or, ``corrected=(e, out)``,
+    ``acc`` only read and ``out`` = that plus ``(mask / (1 - p) - 1) * e``, rounded to ``out``'s dtype) and
+    ``(dA, dB)`` = ``(s (dY B)^T drop(x), s dY^T xa)``, against fp64 sums with ``keep_scale``'s mask, odd shapes, a
+    row stride of ``dY`` beyond N and ``acc`` as the rows of a larger product."""
     from fastpeft.backends.cpu import CpuBackend
     from fastpeft.dora import keep_scale
 
@@ -735,11 +737,19 @@ def test_lora_backward_onto_adds_the_masked_adapter_term_to_a_given_product(dt, 
     product = torch.randn(2 * M, K, generator=g)
     before = product.clone()
     backend = CpuBackend()
-    dA, dB = backend.lora_backward_onto(product[:M], dy, x if with_x else None, A, B, xa, s, p, seed)
+    e, out = torch.randn(M, K, generator=g), torch.empty(M, K, dtype=DT[dt])
+    dA, dB = backend.lora_backward_onto(product[:M], dy, x if with_x else None, A, B, xa, s, p, seed,
+                                        **({"corrected": (e, out)} if corrected else {}))
     mask = (keep_scale(backend, M, K, p, seed, "cpu") if p > 0 else torch.ones(M, K)).double()
     gB = dy.double() @ B.double() * s
     want_acc = before[:M].double() + (gB @ A.double()) * mask
-    assert (product[:M].double() - want_acc).abs().max() <= 1e-5 * (1 + want_acc.abs().max())
+    if corrected:
+        want = want_acc + (mask - 1) * e.double()
+        assert (out.double() - want).abs().max() <= (2.0 ** -8 if dt == "bf16" else 1e-5) * (1 + want.abs().max())
+        if p > 0:
+            assert torch.equal(product[:M], before[:M]), "acc was written"
+    else:
+        assert (product[:M].double() - want_acc).abs().max() <= 1e-5 * (1 + want_acc.abs().max())
     assert torch.equal(product[M:], before[M:]), "rows beyond acc were written"
     want_dB = s * dy.double().t() @ xa.double()
     assert dB.dtype == torch.float32 and (dB.double() - want_dB).abs().max() <= 1e-5 * (1 + want_dB.abs().max())
@@ -773,6 +783,35 @@ def test_lora_down_and_up_onto_are_fp32_products(which):
     want = before[2:M + 2].double() + 0.7 * h.double() @ B.double().t() + bias.double()
     assert rel_err(buffer[2:M + 2], want) <= 1e-6
     assert torch.equal(buffer[:2], before[:2]) and torch.equal(buffer[M + 2:], before[M + 2:])
+
+
+@pytest.mark.parametrize("out_dt", ["bf16", "fp32"])
+@pytest.mark.parametrize("M,K", [(1, 7), (13, 130), (70, 64)])
+def test_lora_dx_pass_writes_the_masked_correction_in_the_same_sweep(isa, out_dt, M, K):
+    """``_C.lora_dx_pass(dx, x, A, g, p, seed, extra, out)``: ``dx`` only read, ``out = dx + (g A) * mask / (1 - p)
+    + (mask / (1 - p) - 1) * extra`` within one rounding of ``out``'s dtype of the fp64 value (whole and partial
+    column strips, rows with strides beyond K), ``dA`` the same as without the correction."""
+    g_ = torch.Generator().manual_seed(M * 131 + K)
+    p, seed, r = 0.3, 77, 3
+    acc = torch.randn(M, K + 2, generator=g_)[:, :K]
+    e = torch.randn(M, K, generator=g_)
+    g = torch.randn(M, r, generator=g_)
+    A = torch.randn(r, K, generator=g_)
+    x = torch.randn(M, K, generator=g_).to(torch.bfloat16)
+    out = torch.empty(M, K + 1, dtype=DT[out_dt])[:, :K]
+    before = acc.clone()
+    dA = _C.lora_dx_pass(acc, x, A, g, p, seed, e, out)
+    assert torch.equal(acc, before), "dx was written"
+    mask = _C.dropout_scale(seed, M, K, p, 1.0 / (1.0 - p)).double()
+    assert (mask == 0).any() and (mask != 0).any(), "the mask must keep some and drop some: test is vacuous"
+    exact = before.double() + (g.double() @ A.double()) * mask + (mask - 1) * e.double()
+    ulp = {"fp32": 2.0 ** -21, "bf16": 2.0 ** -8}[out_dt]
+    assert ((out.double() - exact).abs() <= ulp * exact.abs() + 1e-5).all()
+    assert torch.equal(dA, _C.lora_dx_pass(None, x, A, g, p, seed))
+    with pytest.raises(RuntimeError, match="extra and out go together, with dx and p > 0"):
+        _C.lora_dx_pass(acc, x, A, g, 0.0, seed, e, out)
+    with pytest.raises(RuntimeError, match="extra must be fp32"):
+        _C.lora_dx_pass(acc, x, A, g, p, seed, e.to(torch.bfloat16), out)
 
 
 def test_column_passes_reject_what_they_cannot_read():

@@ -44,6 +44,18 @@ struct QuantDesc {
 // (every ISA's strip): its scratch is min(M, outer_mask_rows) * outer_mask_cols floats.
 constexpr int64_t outer_mask_rows = 1024, outer_mask_cols = 64;
 
+// Where outer_cols' masked dst update goes instead of dst itself (DoRA's dropout correction of dX in the same pass):
+//   out[m, n] = round(dst[m, n] + mask(m, n) * t(m, n) + (mask(m, n) - 1) * extra[m, n]) in dt_out,
+// t the adapter term, mask(m, n) = keep / (1 - p) as in outer_cols; extra: (M, cols) fp32 rows ld_extra apart; dst is
+// only read.
+struct MaskedCorrection {
+  const float* extra;
+  int64_t ld_extra;
+  int dt_out;
+  void* out;
+  int64_t ld_out;
+};
+
 struct KernelTable {
   const char* isa;  // "avx512", "avx2" or "generic"
 
@@ -74,9 +86,11 @@ struct KernelTable {
   // src/dst: rows of dtype dt/dt_dst, lds/ldd apart; rows: (R, cols) fp32; drop(src) = src * mask, mask(m, n) =
   // keep(m * cols + n) / (1 - p) when p > 0, else 1. mask_buf: min(M, outer_mask_rows) *
   // outer_mask_cols floats of scratch (when p > 0).
+  // corr: null, or where the dst update goes instead (MaskedCorrection; dst then only read).
   void (*outer_cols)(int dt, const void* src, int64_t lds, int64_t M, int64_t cols, int64_t n0, int64_t n1,
                      const float* coef, int64_t ldc, int64_t R, float p, uint32_t seed, float* out, int64_t ldo,
-                     int dt_dst, void* dst, int64_t ldd, const float* rows, float* mask_buf);
+                     int dt_dst, void* dst, int64_t ldd, const float* rows, float* mask_buf,
+                     const MaskedCorrection* corr);
   // Row n - n0 of out (dtype dt_out, row stride ldo elements) = dequantized w[n, :] rounded per q.round1/round2,
   // for n in [n0, n1), stored to a bf16/fp16 out with round-to-nearest-even (exact when q.round2 is out's dtype).
   void (*dequant_rows)(const QuantDesc& q, int64_t n0, int64_t n1, int dt_out, void* out, int64_t ldo);

@@ -527,7 +527,8 @@ constexpr int64_t EXPAND_ROWS = 32;  // output rows per sweep over one panel
 // or NB rows of EXPAND_W factors (EXPAND_W floats apart) multiplying each row's sum before the bias is added.
 template <int NB>
 void expand_block(int dt, void* y, int64_t ldy, int64_t n0, const float* c, int64_t ldc, int64_t R, const float* rows,
-                  int64_t ldr, const float* mask, const float* bias) {
+                  int64_t ldr, const float* mask, const float* bias, const MaskedCorrection* corr = nullptr,
+                  int64_t row0 = 0) {
   vf acc[NB][EXPAND_NV];
   for (int i = 0; i < NB; ++i)
     for (int v = 0; v < EXPAND_NV; ++v) acc[i][v] = vf{};
@@ -541,6 +542,17 @@ void expand_block(int dt, void* y, int64_t ldy, int64_t n0, const float* c, int6
   }
   for (int i = 0; i < NB; ++i) {
     void* row = row_ptr(dt, y, ldy, i);
+    if (corr) {  // out = round(dst + mask t + (mask - 1) extra), dst only read (mask present: outer_cols with p > 0)
+      const float* e = corr->extra + (row0 + i) * corr->ld_extra;
+      void* orow = row_ptr(corr->dt_out, corr->out, corr->ld_out, row0 + i);
+      const vf one = splat(1.f);
+      for (int v = 0; v < EXPAND_NV; ++v) {
+        const vf mk = load_f32(mask + i * EXPAND_W + v * VW);
+        const vf val = load_act(dt, row, n0 + v * VW) + mk * acc[i][v] + (mk - one) * load_f32(e + n0 + v * VW);
+        store_act(corr->dt_out, orow, n0 + v * VW, val);
+      }
+      continue;
+    }
     for (int v = 0; v < EXPAND_NV; ++v) {
       vf t = acc[i][v];
       if (mask) t *= load_f32(mask + i * EXPAND_W + v * VW);
@@ -644,7 +656,8 @@ void outer_strip(int dt, const void* src, int64_t lds, int64_t M, int64_t n0, in
 // dst[m, n] = round(dst[m, n] + mask(m, n) * sum_{j < R} coef[m * ldc + j] * rows[j * ldr + n]) for m < M and n in
 // [n0, n0 + w), w <= OUTER_STRIP, in dst's dtype (rows lds apart); mask(m, n) = mask[m * OUTER_STRIP + n - n0], or 1.
 void combine_strip(int dt, void* dst, int64_t lds, int64_t M, int64_t n0, int64_t w, const float* coef, int64_t ldc,
-                   int64_t R, const float* rows, int64_t ldr, const float* mask) {
+                   int64_t R, const float* rows, int64_t ldr, const float* mask, const MaskedCorrection* corr,
+                   int64_t row0) {
   if (w == OUTER_STRIP) {  // expand_rows' register blocks, each row's sum times its mask
     const int64_t strip_bytes = OUTER_STRIP * elem_size(dt);
     for (int64_t m = 0; m < M; m += EXPAND_MB) {
@@ -653,7 +666,7 @@ void combine_strip(int dt, void* dst, int64_t lds, int64_t M, int64_t n0, int64_
         prefetch_strip(row_ptr(dt, dst, lds, a), n0 * elem_size(dt), strip_bytes);
       const float* mk = mask ? mask + m * OUTER_STRIP : nullptr;
       FASTPEFT_BLOCK(nb, expand_block<NB>(dt, row_ptr(dt, dst, lds, m), lds, n0, coef + m * ldc, ldc, R, rows, ldr,
-                                          mk, nullptr))
+                                          mk, nullptr, corr, row0 + m))
     }
     return;
   }
@@ -663,6 +676,13 @@ void combine_strip(int dt, void* dst, int64_t lds, int64_t M, int64_t n0, int64_
     for (int64_t n = n0; n < n0 + w; ++n) {
       float t = 0.f;
       for (int64_t j = 0; j < R; ++j) t += c[j] * rows[j * ldr + n];
+      if (corr) {
+        const float mk = mask[m * OUTER_STRIP + n - n0];
+        const float e = corr->extra[(row0 + m) * corr->ld_extra + n];
+        store_act1(corr->dt_out, row_ptr(corr->dt_out, corr->out, corr->ld_out, row0 + m), n,
+                   load_act1(dt, row, n) + mk * t + (mk - 1.f) * e);
+        continue;
+      }
       if (mask) t *= mask[m * OUTER_STRIP + n - n0];
       store_act1(dt, row, n, load_act1(dt, row, n) + t);
     }
@@ -681,9 +701,11 @@ static_assert(OUTER_STRIP <= outer_mask_cols, "outer_cols' mask buffer (kernels.
 //   out[j * ldo + n] = sum_{m < M} coef[m * ldc + j] * drop(src)[m, n] for j < R   (if src: dA = g^T drop(x))
 //   dst[m, n] += mask(m, n) * sum_j coef[m * ldc + j] * rows[j * cols + n]        (if dst: dx += (g A) * mask)
 // drop(src)[m, n] = src[m, n] * mask(m, n), mask(m, n) = keep(m * cols + n) / (1 - p) when p > 0, else 1.
+// With corr (p > 0), the dst update is written to corr's out with its correction instead (MaskedCorrection).
 void outer_cols(int dt, const void* src, int64_t lds, int64_t M, int64_t cols, int64_t n0, int64_t n1,
                 const float* coef, int64_t ldc, int64_t R, float p, uint32_t seed, float* out, int64_t ldo,
-                int dt_dst, void* dst, int64_t ldd, const float* rows, float* mask_buf) {
+                int dt_dst, void* dst, int64_t ldd, const float* rows, float* mask_buf,
+                const MaskedCorrection* corr) {
   const float scale = p > 0.f ? 1.f / (1.f - p) : 1.f;
   for (int64_t n = n0; n < n1; n += OUTER_STRIP) {
     const int64_t w = (n1 - n) < OUTER_STRIP ? (n1 - n) : OUTER_STRIP;
@@ -696,7 +718,8 @@ void outer_cols(int dt, const void* src, int64_t lds, int64_t M, int64_t cols, i
         mask = mask_buf;
       }
       const float* c = coef + m0 * ldc;
-      if (dst) combine_strip(dt_dst, row_ptr(dt_dst, dst, ldd, m0), ldd, mc, n, w, c, ldc, R, rows, cols, mask);
+      if (dst)
+        combine_strip(dt_dst, row_ptr(dt_dst, dst, ldd, m0), ldd, mc, n, w, c, ldc, R, rows, cols, mask, corr, m0);
       if (!src) continue;
       const void* srows = row_ptr(dt, src, lds, m0);
       const bool add = m0 > 0;

@@ -356,7 +356,8 @@ at::Tensor stack_transposed(const std::vector<at::Tensor>& Bs) {
 // src) and dst += (coef rows) * mask in place (if dst; rows (R, C) fp32). src, dst: rows of any float dtype. Threads
 // own disjoint column ranges, so no partial sums exist and the result does not depend on the thread count.
 void column_passes(const at::Tensor* src, at::Tensor* dst, const float* rows, int64_t M, int64_t C, const float* coef,
-                   int64_t ldc, int64_t R, double p, int64_t seed, float* out) {
+                   int64_t ldc, int64_t R, double p, int64_t seed, float* out,
+                   const MaskedCorrection* corr = nullptr) {
   const int dt = src ? dtype_code(*src) : kF32, dt_dst = dst ? dtype_code(*dst) : kF32;
   const void* sp = src ? src->data_ptr() : nullptr;
   void* dp = dst ? dst->data_ptr() : nullptr;
@@ -369,7 +370,7 @@ void column_passes(const at::Tensor* src, at::Tensor* dst, const float* rows, in
     // Every mask element is written before it is read: no zero-filling of the scratch.
     std::unique_ptr<float[]> mask(p > 0 ? new float[std::min(M, outer_mask_rows) * outer_mask_cols] : nullptr);
     K().outer_cols(dt, sp, lds, M, C, b * W, std::min(C, e * W), coef, ldc, R, float(p), uint32_t(seed), out, C,
-                   dt_dst, dp, ldd, rows, mask.get());
+                   dt_dst, dp, ldd, rows, mask.get(), corr);
   });
 }
 
@@ -417,9 +418,12 @@ std::vector<at::Tensor> lora_dy_pass(const at::Tensor& dy, const at::Tensor& Bt,
 
 // For one adapter: dx += (g A) * mask/(1-p) in place (if dx given) and dA = g^T drop(x) (r, K) fp32 returned (if x
 // given, else empty). With dropout, one sweep over column strips of x and dx, each strip's mask drawn once for both.
-// g (M, r) fp32 with unit column stride, A (r, K) fp32.
+// g (M, r) fp32 with unit column stride, A (r, K) fp32. With extra (fp32 (M, K) rows) and out ((M, K) rows), p > 0:
+// dx is only read and out = round(dx + (g A) * mask/(1-p) + (mask/(1-p) - 1) * extra) instead (DoRA's dropout
+// correction of dX in the same sweep).
 at::Tensor lora_dx_pass(const c10::optional<at::Tensor>& dx, const c10::optional<at::Tensor>& x, const at::Tensor& A,
-                        const at::Tensor& g, double p, int64_t seed) {
+                        const at::Tensor& g, double p, int64_t seed, const c10::optional<at::Tensor>& extra,
+                        const c10::optional<at::Tensor>& out_rows) {
   const int64_t r = A.size(0), Kd = A.size(1), M = g.size(0);
   check_f32(A, "A", {r, Kd});
   TORCH_CHECK(g.scalar_type() == at::kFloat && g.dim() == 2 && g.size(1) == r && g.stride(1) == 1,
@@ -436,6 +440,21 @@ at::Tensor lora_dx_pass(const c10::optional<at::Tensor>& dx, const c10::optional
     TORCH_CHECK(xt.size(0) == M && xt.size(1) == Kd, "fastpeft._C: x shape mismatch");
     dA = at::empty({r, Kd}, at::kFloat);
   }
+  MaskedCorrection corr{};
+  const bool corrected = extra.has_value() || out_rows.has_value();
+  if (corrected) {
+    TORCH_CHECK(extra.has_value() && out_rows.has_value() && dx.has_value() && p > 0,
+                "fastpeft._C.lora_dx_pass: extra and out go together, with dx and p > 0");
+    check_rows(*extra, "extra");
+    TORCH_CHECK(extra->scalar_type() == at::kFloat && extra->size(0) == M && extra->size(1) == Kd,
+                "fastpeft._C.lora_dx_pass: extra must be fp32 (", M, ", ", Kd, "), got ", extra->scalar_type(), " ",
+                extra->sizes());
+    check_rows(*out_rows, "out");
+    TORCH_CHECK(out_rows->size(0) == M && out_rows->size(1) == Kd, "fastpeft._C.lora_dx_pass: out must be (", M,
+                ", ", Kd, "), got ", out_rows->sizes());
+    corr = MaskedCorrection{extra->data_ptr<float>(), extra->stride(0), dtype_code(*out_rows), out_rows->data_ptr(),
+                            out_rows->stride(0)};
+  }
   const float *Ap = A.data_ptr<float>(), *gp = g.data_ptr<float>();
   const int64_t ldg = g.stride(0);
   // Without dropout there is no mask to share: dx by the row-wise sweep, which streams dx in order (column strips
@@ -451,7 +470,7 @@ at::Tensor lora_dx_pass(const c10::optional<at::Tensor>& dx, const c10::optional
   }
   if (x.has_value() || dx_in_strips)
     column_passes(x.has_value() ? &xt : nullptr, dx_in_strips, Ap, M, Kd, gp, ldg, r, p, seed,
-                  x.has_value() ? dA.data_ptr<float>() : nullptr);
+                  x.has_value() ? dA.data_ptr<float>() : nullptr, corrected ? &corr : nullptr);
   return dA;
 }
 
@@ -758,7 +777,7 @@ std::vector<at::Tensor> lora_small_backward(const at::Tensor& dy, const at::Tens
     c10::optional<at::Tensor> acc = need_dx ? c10::optional<at::Tensor>(dx) : c10::nullopt;
     c10::optional<at::Tensor> xr =
         x.has_value() ? c10::optional<at::Tensor>(x->stride(1) == 1 ? *x : x->contiguous()) : c10::nullopt;
-    dA = lora_dx_pass(acc, xr, Ac, g, p, seed);
+    dA = lora_dx_pass(acc, xr, Ac, g, p, seed, c10::nullopt, c10::nullopt);
   } else if (!loops) {
     if (need_dx) dx.addmm_(g, Ac);
     if (x.has_value()) dA = at::mm(g.t(), *x);
@@ -833,7 +852,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "[dx, dA, dB, db] for one fp32 adapter (decode-sized M)");
   m.def("strip_mm", &fastpeft::strip_mm, "(a (M, N), w (N, K)) -> a w (M, K) fp32: w read once in column strips, "
         "exact products, fp32 sums");
-  m.def("lora_dx_pass", &fastpeft::lora_dx_pass, "(dx|None, x|None, A32, g32, p, seed) -> dA32 (dx updated in place)");
+  m.def("lora_dx_pass", &fastpeft::lora_dx_pass, "(dx|None, x|None, A32, g32, p, seed, extra=None, out=None) -> dA32 "
+        "(dx updated in place; with extra and out, p > 0: out = round(dx + (g A) mask/(1-p) + (mask/(1-p) - 1) extra), "
+        "dx only read)", py::arg("dx"), py::arg("x"), py::arg("A"), py::arg("g"), py::arg("p"), py::arg("seed"),
+        py::arg("extra") = py::none(), py::arg("out") = py::none());
   m.def("widened_mm", &fastpeft::widened_mm, "(a bf16 (M, K), b bf16 (N, K), interleave_a=False) -> a b^T (M, N) "
         "fp32: exact products, fp32 sums, by oneDNN's bf16 block kernel (pair_gemm.cpp); interleave_a rearranges a "
         "instead of b", py::arg("a"), py::arg("b"), py::arg("interleave_a") = false);

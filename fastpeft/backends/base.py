@@ -118,12 +118,15 @@ class Backend:
         return acc if bias is None else acc.add_(bias)
 
     def lora_backward_onto(self, acc: torch.Tensor, dy: torch.Tensor, x: Optional[torch.Tensor], lora_A: torch.Tensor,
-                           lora_B: torch.Tensor, xa: torch.Tensor, scaling: float, dropout_p: float,
-                           seed: int) -> Optional[tuple]:
+                           lora_B: torch.Tensor, xa: torch.Tensor, scaling: float, dropout_p: float, seed: int,
+                           corrected: Optional[tuple] = None) -> Optional[tuple]:
         """One adapter's backward onto a base product the caller already has: ``acc`` fp32 ``(M, K)`` (``dY W``) gets
         ``s (dY B) A * mask / (1 - p)`` added in place; returns ``(dA, dB)`` in fp32, ``dA = s (dY B)^T drop(x)``
         (None when ``x`` is None) and ``dB = s dY^T xa``. ``dy`` ``(M, N)``, ``xa`` ``(M, r)`` as the forward returned
-        it, the mask regenerated from ``seed``. None where this backend has no such passes (nothing written)."""
+        it, the mask regenerated from ``seed``. ``corrected = (e, out)`` (``e`` fp32 ``(M, K)``, ``out`` ``(M, K)``):
+        ``acc`` is only read and ``out = acc + s (dY B) A * mask / (1 - p) + (mask / (1 - p) - 1) * e`` is written,
+        rounded once to ``out``'s dtype (DoRA's dropout correction). None where this backend has no such passes
+        (nothing written)."""
         return None
 
     # ----------------------------------------------------------------------------------------------------- LoRA

@@ -678,13 +678,24 @@ class CpuBackend(Backend):
         _C.lora_epilogue_(acc, _f32(h * scale), _bt_all([lora_B]), None if bias is None else _f32(bias))
         return acc
 
-    def lora_backward_onto(self, acc, dy, x, lora_A, lora_B, xa, scaling, dropout_p, seed):
+    def lora_backward_onto(self, acc, dy, x, lora_A, lora_B, xa, scaling, dropout_p, seed, corrected=None):
         if not (acc.is_cpu and acc.dtype == _F32 and acc.dim() == 2 and acc.stride(1) == 1 and dy.is_cpu
                 and dy.dtype in _DTYPE_CODES and (x is None or x.dtype in _DTYPE_CODES)):
             return None
+        if corrected is not None and not all(t.is_cpu and t.dim() == 2 and t.shape == acc.shape and t.stride(1) == 1
+                                             for t in corrected):
+            return None
         r = lora_A.shape[0]
         g, dB, _ = _C.lora_dy_pass(_rows(dy), _bt_all([lora_B]), _f32(xa), _scale_vector([r], [scaling]), True, False)
-        dA = _C.lora_dx_pass(acc, None if x is None else _rows(x), _f32(lora_A), g, float(dropout_p), int(seed))
+        xr, A32 = None if x is None else _rows(x), _f32(lora_A)
+        if corrected is None or dropout_p == 0:
+            dA = _C.lora_dx_pass(acc, xr, A32, g, float(dropout_p), int(seed))
+            if corrected is not None:  # no mask: the correction's term is zero
+                corrected[1].copy_(acc)
+        else:  # the term, the correction and the rounding in the same column strips as dA, one mask draw
+            e, out = corrected
+            dA = _C.lora_dx_pass(acc, xr, A32, g, float(dropout_p), int(seed), e if e.dtype == _F32 else e.float(),
+                                 out)
         return (dA if x is not None else None), dB
 
     # ----------------------------------------------------------------------------------------------------- LoRA

@@ -814,6 +814,51 @@ def test_lora_dx_pass_writes_the_masked_correction_in_the_same_sweep(isa, out_dt
         _C.lora_dx_pass(acc, x, A, g, p, seed, e.to(torch.bfloat16), out)
 
 
+EMPTY_BATCH_ROUTES = {
+    "lora": {"lora_forward": ["compose", "fused", "gemv", "compose_fp32", "fused_fp32", "fused_pairs", "fused_pairs_x"],
+             "lora_backward": ["compose", "fused", "small", "gemv", "compose_fp32", "fused_fp32", "fused_pairs"]},
+    "dora": {"dora_forward": ["compose", "fused", "stacked"], "dora_backward": ["compose", "fused", "stacked"]},
+}
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"drop{p}")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_an_empty_batch_gives_zero_adapter_gradients_on_every_route(kind, dtype, p):
+    """A training step on no rows (the upstream gradient an expanded empty tensor, as ``sum().backward()`` gives it):
+    every pinned route returns an empty output and input gradient and all-zero adapter gradients (an empty tensor's
+    data pointer is null and its strides arbitrary: the C++ passes must still write their zero sums)."""
+    import torch.nn as nn
+    from peft import LoraConfig, get_peft_model
+
+    import fastpeft
+
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(37, 29).to(DT[dtype])),
+                           LoraConfig(r=3, target_modules=["0"], lora_dropout=p, use_dora=kind == "dora",
+                                      init_lora_weights=False))
+    fastpeft.accelerate(model, strict=True)
+    model.train()
+    params = [t for t in model.parameters() if t.requires_grad]
+    (fwd_op, forwards), (bwd_op, backwards) = EMPTY_BATCH_ROUTES[kind].items()
+    try:
+        for fwd in forwards:
+            for bwd in backwards:
+                routes.set_route(fwd_op, fwd)
+                routes.set_route(bwd_op, bwd)
+                for t in params:
+                    t.grad = None
+                x = torch.randn(0, 37, dtype=DT[dtype], requires_grad=True)
+                y = model(x)
+                y.float().sum().backward()
+                assert y.shape == (0, 29) and x.grad.shape == (0, 37), f"{fwd}/{bwd}"
+                for t in params:
+                    assert t.grad is not None and not t.grad.any(), f"{fwd}/{bwd}: a nonzero gradient from no rows"
+    finally:
+        routes.set_route(fwd_op, None)
+        routes.set_route(bwd_op, None)
+
+
 def test_column_passes_reject_what_they_cannot_read():
     with pytest.raises(RuntimeError, match="scale must be contiguous fp32 of shape \\[3\\]"):
         _C.scale_columns(torch.ones(2, 3), torch.ones(4), None, torch.float32)

@@ -124,7 +124,9 @@ int dtype_code(const at::Tensor& t) {
 void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "fastpeft._C: ", name, " must be a CPU tensor");
   TORCH_CHECK(t.dim() == 2, "fastpeft._C: ", name, " must be 2-D, got ", t.dim(), "-D");
-  TORCH_CHECK(t.stride(1) == 1 || t.size(1) <= 1, "fastpeft._C: ", name, " needs unit column stride");
+  // An empty tensor may carry any strides (an expanded gradient of no rows): no element is read.
+  TORCH_CHECK(t.stride(1) == 1 || t.size(1) <= 1 || t.numel() == 0, "fastpeft._C: ", name,
+              " needs unit column stride");
   dtype_code(t);
 }
 
@@ -358,6 +360,10 @@ at::Tensor stack_transposed(const std::vector<at::Tensor>& Bs) {
 void column_passes(const at::Tensor* src, at::Tensor* dst, const float* rows, int64_t M, int64_t C, const float* coef,
                    int64_t ldc, int64_t R, double p, int64_t seed, float* out,
                    const MaskedCorrection* corr = nullptr) {
+  if (M == 0) {  // no rows: the sums are zero (an empty src's data pointer is null, which outer_cols reads as "no src")
+    if (out) std::fill(out, out + R * C, 0.f);
+    return;
+  }
   const int dt = src ? dtype_code(*src) : kF32, dt_dst = dst ? dtype_code(*dst) : kF32;
   const void* sp = src ? src->data_ptr() : nullptr;
   void* dp = dst ? dst->data_ptr() : nullptr;

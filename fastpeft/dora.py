@@ -214,6 +214,14 @@ def _dropped(xi: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
     return xi * ks if xi.dtype == _F32 else (xi.to(_F32) * ks).to(xi.dtype)
 
 
+def _kept(backend, x: torch.Tensor, p: float, seed: int, keep) -> torch.Tensor:
+    """``x`` with its dropped elements zeroed and the kept ones as they are (exact in ``x``'s dtype; ``1 / (1 - p)``
+    is the caller's to apply): the backend's masked pass where it has one, else ``keep()`` (``keep_scale``'s
+    ``(M, K)`` for ``seed``)."""
+    out = backend.dropout_combine(None, x, p, seed, 1.0, 0.0)
+    return out if out is not None else x.masked_fill(keep() == 0, 0)
+
+
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -285,19 +293,15 @@ def _column_dots(dy: torch.Tensor, z: torch.Tensor, backend=None) -> torch.Tenso
     return acc
 
 
-def _scaled_grads(backend, dy: torch.Tensor, scale: torch.Tensor, z: Optional[torch.Tensor],
-                  with_e: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(ge, dots)``: ``ge`` ``(M, N)`` holds ``g = c * dY`` in ``dY``'s dtype, or ``(2M, N)`` with
-    ``e = (c - 1) * dY`` below it (``with_e``: the dropout's correction needs it; the stacked backward multiplies
-    both rows at once); ``dots = sum_m dY * z`` fp32 ``(N,)`` when ``z`` is given (the magnitude's gradient), else
-    None. The scaled rows by row-parallel passes, the dots by column strips (a column-strip pass that also wrote the
-    rows would stride its writes by whole rows)."""
+def _scaled_grads(backend, dy: torch.Tensor, scale: torch.Tensor, with_e: bool) -> torch.Tensor:
+    """``(M, N)`` holding ``g = c * dY`` in ``dY``'s dtype, or ``(2M, N)`` with ``e = (c - 1) * dY`` below it
+    (``with_e``: the dropout's correction needs it; the stacked backward multiplies both halves at once)."""
     M, N = dy.shape
     ge = torch.empty((2 if with_e else 1) * M, N, dtype=dy.dtype, device=dy.device)
     _scaled(dy, scale, dy.dtype, backend=backend, out=ge[:M])
     if with_e:
         _scaled(dy, scale - 1.0, dy.dtype, backend=backend, out=ge[M:])
-    return ge, (None if z is None else _column_dots(dy, z, backend))
+    return ge
 
 
 # ---------------------------------------------------------------------------------------------------- forward
@@ -341,15 +345,12 @@ def _second_base_product(backend, x, keep, p, seed, weight, dtype, xd=None) -> t
     def widen():
         return _base_product(xd if xd is not None else _dropped(_cast(x, dtype), keep()), weight)
 
-    def kept():  # exact in bf16; 1 / (1 - p) after the sums
-        out = backend.dropout_combine(None, x, p, seed, 1.0, 0.0)
-        return out if out is not None else x.masked_fill(keep() == 0, 0)
-
     candidates = {"widen": widen}
     if dtype == _F32 and isinstance(weight, torch.Tensor) and backend.widened_mm_eligible(x, weight):
         for route, interleave_x in (("pairs", False), ("pairs_x", True)):
             candidates[route] = (lambda interleave_x=interleave_x:
-                                 backend.widened_mm(kept(), weight.detach(), interleave_x).mul_(1.0 / (1.0 - p)))
+                                 backend.widened_mm(_kept(backend, x, p, seed, keep), weight.detach(),
+                                                    interleave_x).mul_(1.0 / (1.0 - p)))
     kind = "dense" if isinstance(weight, torch.Tensor) else weight.kind
     key = routing.make_key("widened_product", backend.name, kind, x.dtype, weight.dtype, (dtype,), x.shape[0],
                            weight.shape[0], weight.shape[1], True, 0, 1)
@@ -406,9 +407,7 @@ def _forward_stacked(backend, x, weight, bias, A, B, scale, s, p, seed):
     (``Backend.widened_mm_parts``: ``W`` read once for both; exact products, fp32 sums), ``P_1`` and ``P_2``. With
     ``h = kept(x) A^T / (1 - p)``: ``z' = P_2 + (1 - p) s h B^T = (1 - p) z`` and
     ``y = P_1 + b + s h B^T + ((c - 1) / (1 - p)) z'``, rounded once. Returns ``z'`` with ``z_factor = 1 - p``."""
-    kept = backend.dropout_combine(None, x, p, seed, 1.0, 0.0)
-    if kept is None:
-        kept = x * (keep_scale(backend, x.shape[0], x.shape[1], p, seed, x.device) != 0)
+    kept = _kept(backend, x, p, seed, lambda: keep_scale(backend, x.shape[0], x.shape[1], p, seed, x.device))
     base, z = backend.widened_mm_parts([x, kept], weight.detach())
     keep = 1.0 - p
     h = backend.lora_down(kept, A).mul_(1.0 / keep)
@@ -571,8 +570,6 @@ class DoraLinearFunction(torch.autograd.Function):
         _, needs_dA, _, needs_dm = ctx.needs_input_grad[:4]
         ctx.backend, ctx.weight = backend, weight
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.z_factor = scaling, dropout_p, seed, z_factor
-        if needs_dm and z.untyped_storage().nbytes() > z.numel() * z.element_size():
-            z = z.clone()  # a view into a larger buffer: keep z's own elements only, not the whole buffer
         ctx.save_for_backward(x if needs_dA else None, lora_A, lora_B, h, z if needs_dm else None, scale, norm,
                               magnitude)
         return y
@@ -583,10 +580,12 @@ class DoraLinearFunction(torch.autograd.Function):
         needs_dx, needs_dA, needs_dB, needs_dm = ctx.needs_input_grad[:4]
         backend = ctx.backend
         dy = grad_y.contiguous()
-        dots = dx = dA = dB = None
+        dm = dx = dA = dB = None
+        if needs_dm:
+            dm = (_column_dots(dy, z, backend) / (norm * ctx.z_factor if ctx.z_factor != 1.0 else norm)
+                  ).to(magnitude.dtype)
         if needs_dx or needs_dA or needs_dB:
-            # c dY (and (c - 1) dY for the dropout's correction of dX) in the sweep that sums the magnitude's dots.
-            ge, dots = _scaled_grads(backend, dy, scale, z if needs_dm else None, needs_dx and ctx.dropout_p > 0)
+            ge = _scaled_grads(backend, dy, scale, needs_dx and ctx.dropout_p > 0)
             grads = ("dx" if needs_dx else "") + ("dA" if needs_dA else "")
             eligible = _backward_routes(backend, dy, ctx.weight, A, ctx.dropout_p, needs_dx)
             candidates = {route: (lambda fn=fn: fn(backend, dy, ge, x, ctx.weight, A, B, h, ctx.scaling,
@@ -596,10 +595,6 @@ class DoraLinearFunction(torch.autograd.Function):
             dx, dA, dB = routing.run(key, candidates, dy.device.type, unmeasured=_unmeasured(backend))
             dA = None if dA is None or not needs_dA else _cast(dA, A.dtype)
             dB = _cast(dB, B.dtype) if needs_dB else None
-        dm = None
-        if needs_dm:
-            dots = _column_dots(dy, z, backend) if dots is None else dots
-            dm = (dots / (norm * ctx.z_factor if ctx.z_factor != 1.0 else norm)).to(magnitude.dtype)
         return dx, dA, dB, dm, None, None, None, None, None, None
 
 

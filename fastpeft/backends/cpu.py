@@ -655,11 +655,9 @@ class CpuBackend(Backend):
                 and _pairs_eligible(a, b, interleave_x=interleave_a))
 
     def widened_mm(self, a, b, interleave_a=False):
-        if b.stride(1) != 1:  # the transposed view of a row-major (K, N) matrix
-            if interleave_a:
-                raise ValueError("fastpeft cpu backend: widened_mm(interleave_a=True) needs b of unit column stride")
-            return _C.widened_mm_nn(a, b.t())
-        return _C.widened_mm(a, b, interleave_a)
+        if interleave_a and b.stride(1) != 1:
+            raise ValueError("fastpeft cpu backend: widened_mm(interleave_a=True) needs b of unit column stride")
+        return _pairs_mm(a, b, interleave_a)  # b of unit column stride, or the transposed view of a row-major matrix
 
     def widened_mm_parts(self, parts, b):
         # each tile of b rearranged once for every part (a tile of rows never spans two parts)

@@ -370,14 +370,15 @@ class SettledCall:
     to measure a route again, or on another device. The caller checks that what it bound (its tensors, scalings) is
     unchanged."""
 
-    __slots__ = ("state", "dtype", "device", "k", "m_low", "m_high", "taken", "function")
+    __slots__ = ("state", "dtype", "device", "k", "m_low", "m_high", "taken", "function", "any_rows")
 
-    def __init__(self, x2: torch.Tensor, taken: dict, function):
+    def __init__(self, x2: torch.Tensor, taken: dict, function, any_rows: bool = False):
         m = routing.bucket(x2.shape[0])
         self.state, self.dtype, self.device, self.k, self.m_low, self.m_high = (
             dispatch_state(), x2.dtype, x2.device, x2.shape[1], m // 2 if m > 1 else 0, m)
         self.taken = routing.TakenRoutes({op: (found[0], found[2]) for op, found in taken.items()})
         self.function = function
+        self.any_rows = any_rows  # function takes (..., K) itself (else (M, K), reshaped here)
 
     def output(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The call's output for ``x`` ``(..., K)`` (``(..., N)``), or None where its dispatch could differ."""
@@ -388,9 +389,13 @@ class SettledCall:
             return None
         dims = x.dim()
         with kept_copies():  # nothing trains in this call
-            y = self.function(x if dims == 2 else x.reshape(-1, self.k))
+            if self.any_rows or dims == 2:
+                y = self.function(x)
+                self.taken.served()
+                return y
+            y = self.function(x.reshape(-1, self.k))
         self.taken.served()
-        return y if dims == 2 else y.view(*x.shape[:-1], y.shape[-1])
+        return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def settled_lora_linear(x: torch.Tensor, weight, transposed: bool, bias: Optional[torch.Tensor],
@@ -409,6 +414,10 @@ def settled_lora_linear(x: torch.Tensor, weight, transposed: bool, bias: Optiona
     forward = found[1]
     n = len(lora_A)
     rest = (bias, list(lora_A), list(lora_B), list(lora_bias), [float(s) for s in scaling], [0.0] * n, [0] * n)
+    if not transposed:
+        special = get_backend(x2, weight).settled_forward(found[0], weight, *rest[:5])
+        if special is not None:
+            return SettledCall(x2, {"lora_forward": found}, special, any_rows=True)
     if transposed:
         function = lambda x2: forward(x2, weight.t(), *rest)[0]  # noqa: E731
     else:

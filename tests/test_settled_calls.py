@@ -309,6 +309,62 @@ def test_settled_call_follows_pins_and_the_backend(final_routes, monkeypatch):
     assert counter.calls == 4 * len(lora_layers(fused))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_settled_gemv_is_one_call_and_reads_its_adapters_per_call(final_routes, monkeypatch, dtype):
+    """Route ``gemv`` settled with one adapter and no ``lora_bias`` (``CpuBackend.settled_forward``): each layer call
+    is one ``_C.dense_lora_gemv`` call (no separate down-projection), for ``x`` with 1, 2 and 3 dimensions; a
+    non-contiguous ``x``, adapters updated in place and adapters cast to bf16 (the route's own function then) all give
+    PEFT's output (fp32: 1e-5; bf16: within 2x of PEFT's own error against an fp32 copy)."""
+    import copy
+
+    from checks import assert_within_2x
+
+    from fastpeft import _C
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], init_lora_weights=False)
+    reference, fused = twins(MLP, config, dtype=dtype)
+    reference.eval()
+    fused.eval()
+    oracle = copy.deepcopy(reference).float()
+    routes.set_route("lora_forward", "gemv")
+    layers = lora_layers(fused)
+
+    def agree(x, label, all_fp32=dtype == torch.float32):
+        with torch.no_grad():
+            want, exact = reference(x), oracle(x.float())
+            for attempt in range(2):  # the first call may settle
+                got = fused(x)
+                assert got.shape == want.shape and got.dtype == want.dtype, label
+                if all_fp32:
+                    assert_close(f"{label} call {attempt}", got, want, FP32_TOL)
+                else:
+                    assert_within_2x(f"{label} call {attempt}", got.double(), want.double(), exact.double())
+
+    agree(torch.randn(1, 23).to(dtype), "settling")
+    one_call, down = CallCounter(monkeypatch, _C, "dense_lora_gemv"), CallCounter(monkeypatch, _C, "lora_xa")
+    for shape in [(23,), (1, 23), (1, 1, 23)]:
+        agree(torch.randn(*shape).to(dtype), f"x {shape}")
+    assert routes.last_route("lora_forward") == "gemv"
+    assert down.calls == 0 and one_call.calls == 2 * 3 * len(layers), "one C++ call per settled layer call"
+    agree(torch.randn(23, 1).to(dtype).t(), "non-contiguous x")
+    with torch.no_grad():
+        for model in (reference, fused, oracle):
+            for name, param in model.named_parameters():
+                if "lora_A" in name:
+                    param.mul_(-0.5)  # an optimizer's in-place update: same tensors, new values
+    agree(torch.randn(1, 23).to(dtype), "adapters updated in place")
+    down.calls = 0
+    for model in (reference, fused, oracle):
+        for layer in model.modules():
+            if hasattr(layer, "lora_A"):
+                for adapter in (layer.lora_A["default"], layer.lora_B["default"]):
+                    adapter.to(torch.bfloat16 if model is not oracle else torch.float32)
+                    if model is oracle:  # the fp32 oracle of bf16 adapters: their rounded values
+                        adapter.weight.data = adapter.weight.data.bfloat16().float()
+    agree(torch.randn(1, 23).to(dtype), "bf16 adapters", all_fp32=False)
+    assert down.calls > 0, "adapters the one call does not take go through the route's own function"
+
+
 def test_settled_call_over_conv1d_and_bad_inputs(final_routes):
     config = LoraConfig(r=3, lora_alpha=6, target_modules=["fc", "proj"], fan_in_fan_out=True,
                         init_lora_weights=False)

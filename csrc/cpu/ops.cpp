@@ -680,6 +680,43 @@ at::Tensor quant_linear(const at::Tensor& x, const py::tuple& qt, const c10::opt
   return y;
 }
 
+// t (M, K) as contiguous fp32: a 16-bit t with unit column stride widened by a plain loop here (torch's conversion
+// costs a dispatch that matters at decode sizes), anything else by torch.
+at::Tensor widened_rows(const at::Tensor& t) {
+  const auto st = t.scalar_type();
+  if (st == at::kFloat || t.dim() != 2 || t.stride(1) != 1 || (st != at::kBFloat16 && st != at::kHalf))
+    return contiguous_f32(t);
+  const int64_t M = t.size(0), C = t.size(1), ld = t.stride(0);
+  auto out = at::empty({M, C}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    if (st == at::kBFloat16) {
+      const at::BFloat16* p = t.data_ptr<at::BFloat16>() + m * ld;
+      for (int64_t c = 0; c < C; ++c) o[m * C + c] = float(p[c]);
+    } else {
+      const at::Half* p = t.data_ptr<at::Half>() + m * ld;
+      for (int64_t c = 0; c < C; ++c) o[m * C + c] = float(p[c]);
+    }
+  }
+  return out;
+}
+
+// y (M, N) fp32 contiguous rounded to bf16/fp16 (round to nearest even, c10's conversions, as torch's .to).
+at::Tensor narrowed_rows(const at::Tensor& y, at::ScalarType st) {
+  if (st != at::kBFloat16 && st != at::kHalf) return y.to(st);
+  auto out = at::empty(y.sizes(), y.options().dtype(st));
+  const float* p = y.data_ptr<float>();
+  const int64_t n = y.numel();
+  if (st == at::kBFloat16) {
+    at::BFloat16* o = out.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < n; ++i) o[i] = at::BFloat16(p[i]);
+  } else {
+    at::Half* o = out.data_ptr<at::Half>();
+    for (int64_t i = 0; i < n; ++i) o[i] = at::Half(p[i]);
+  }
+  return out;
+}
+
 QuantDesc dense_desc(const at::Tensor& W) {
   check_rows(W, "W");
   QuantDesc d{};
@@ -696,14 +733,38 @@ QuantDesc dense_desc(const at::Tensor& W) {
 // y = x W^T + bias + lora_scale xs B^T in fp32 (M, N). For decode-sized M, where torch's GEMV plus separate
 // adapter ops cost several thread-pool round trips for a few microseconds of work.
 // x (M, K) in any float dtype (widened here: at decode sizes each torch call made from Python costs as much as
-// the arithmetic), the result rounded once to x's dtype.
+// the arithmetic), the result rounded once to x's dtype. With A (r, K) fp32 contiguous instead of xs, the
+// down-projection xs = x A^T is computed here too (lora_xa's kernel without dropout): a settled decode call is then
+// one call from Python.
 at::Tensor dense_lora_gemv(const at::Tensor& x, const at::Tensor& W, const c10::optional<at::Tensor>& bias,
                            const c10::optional<at::Tensor>& xs, const c10::optional<at::Tensor>& B,
-                           double lora_scale) {
+                           double lora_scale, const c10::optional<at::Tensor>& A) {
   const QuantDesc d = dense_desc(W);
-  const at::Tensor x32 = contiguous_f32(x);
-  at::Tensor y = gemv_product(d, x32, bias, xs, B, check_product(d, x32, bias, xs, B), lora_scale);
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  // (..., K) -> (..., N): leading dimensions flattened here rather than by a reshape and a view from Python.
+  const bool flat = x.dim() != 2;
+  TORCH_CHECK(x.dim() >= 1, "fastpeft._C.dense_lora_gemv: x must have at least one dimension");
+  const at::Tensor x32 = widened_rows(flat ? x.reshape({-1, x.size(-1)}) : x);
+  c10::optional<at::Tensor> down = xs;
+  if (A.has_value()) {
+    TORCH_CHECK(!xs.has_value() && B.has_value(), "fastpeft._C.dense_lora_gemv: A takes the place of xs and needs B");
+    const int64_t r = A->dim() == 2 ? A->size(0) : -1, M = x32.size(0);
+    check_f32(*A, "A", {r, d.K});
+    at::Tensor h = at::empty({M, r}, at::kFloat);
+    if (M > 0) {
+      std::vector<float> buf(size_t(4 * d.K));
+      K().xa_rows(kF32, x32.data_ptr<float>(), d.K, d.K, 0, M, A->data_ptr<float>(), r, 0.f, 0u,
+                  h.data_ptr<float>(), r, buf.data());
+    }
+    down = h;
+  }
+  at::Tensor y = gemv_product(d, x32, bias, down, B, check_product(d, x32, bias, down, B), lora_scale);
+  if (x.scalar_type() != at::kFloat) y = narrowed_rows(y, x.scalar_type());
+  if (flat) {
+    std::vector<int64_t> sizes = x.sizes().vec();
+    sizes.back() = d.N;
+    y = y.view(sizes);
+  }
+  return y;
 }
 
 // dX = dY w in fp32 (M, K); dy (M, N) fp32 contiguous. Tile by tile: dX += dY[:, tile] w[tile].
@@ -850,8 +911,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(N, K) fp32/bf16/fp16, reused across calls");
   m.def("quant_linear", &fastpeft::quant_linear, "(x32, qweight, bias32|None, xs32|None, B32|None, lora_scale, gemv_rows, tile_rows|0) -> "
         "x w^T + bias + lora_scale xs B^T (M, N) fp32");
-  m.def("dense_lora_gemv", &fastpeft::dense_lora_gemv, "(x, W, bias32|None, xs32|None, B32|None, lora_scale) -> "
-        "x W^T + bias + lora_scale xs B^T (M, N) in x's dtype, accumulated in fp32, one pass over W");
+  m.def("dense_lora_gemv", &fastpeft::dense_lora_gemv, "(x, W, bias32|None, xs32|None, B32|None, lora_scale, "
+        "A32=None) -> x W^T + bias + lora_scale xs B^T (..., N) in x's dtype (x (..., K)), accumulated in fp32, one pass over W; "
+        "with A instead of xs, xs = x A^T computed here", py::arg("x"), py::arg("W"), py::arg("bias"), py::arg("xs"),
+        py::arg("B"), py::arg("lora_scale"), py::arg("A") = py::none());
   m.def("quant_grad_x", &fastpeft::quant_grad_x, "(dy32, qweight, tile_rows|0) -> dy w (M, K) fp32");
   m.def("lora_small_backward", &fastpeft::lora_small_backward, "(dy, W, x|None, A, B, h, s, p, seed, need_dx) -> "
         "[dx, dA, dB, db] for one fp32 adapter (decode-sized M)");

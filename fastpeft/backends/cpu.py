@@ -427,6 +427,20 @@ def _forward_one_pass(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropo
     return (y if y.dtype == x.dtype else y.to(x.dtype)), xa_out
 
 
+def _settled_gemv(weight, bias, A, B, scaling, x):
+    """Route ``gemv`` of a settled call with one adapter and no ``lora_bias`` (``CpuBackend.settled_forward``): the
+    down-projection, the base product and the update in one ``_C.dense_lora_gemv`` call; ``x`` ``(..., K)``, ``y``
+    ``(..., N)`` in ``x``'s dtype. The route's own function where an adapter is not contiguous fp32 (PEFT's
+    default), the weight not of ``x``'s dtype or ``x`` not contiguous."""
+    if (A.dtype is _F32 and B.dtype is _F32 and weight.dtype is x.dtype and A.is_contiguous()
+            and B.is_contiguous() and x.is_contiguous()):
+        return _C.dense_lora_gemv(x, weight, None if bias is None else _bias_as_reference_adds(bias, x.dtype), None,
+                                  B, scaling, A)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _forward_one_pass(x2, weight, bias, [A], [B], [None], [scaling], [0.0], [0])[0]
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
 def _bias_as_reference_adds(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The base bias ``(N,)`` as contiguous fp32 holding the values of ``bias`` rounded to ``dtype``: the reference
     adds it in ``x``'s dtype. An fp32 bias of an fp32 layer passes as it is (the kernels only read it)."""
@@ -713,6 +727,11 @@ class CpuBackend(Backend):
             return None
         found = routes.settled_call(key, eligible)
         return None if found is None else (found[0], table[found[0]], found[1])
+
+    def settled_forward(self, route, weight, bias, lora_A, lora_B, lora_bias, scaling):
+        if route != "gemv" or not isinstance(weight, torch.Tensor) or len(lora_A) != 1 or lora_bias[0] is not None:
+            return None
+        return partial(_settled_gemv, weight, bias, lora_A[0], lora_B[0], float(scaling[0]))
 
     def base_linear(self, x, weight, bias):
         # The LoRA forward's routes with no adapters: the same measured choice of base product, without IA3's scaling

@@ -62,6 +62,20 @@ def test_mask_high_counter_word(isa, offset0):
     assert torch.equal(got, want)
 
 
+def test_mask_at_probabilities_equal_to_drawn_uniforms(isa):
+    """The vector loop compares each folded Philox word with an integer threshold found once per ``p``: ``p`` equal
+    to uniforms the mask itself draws (ties keep), the ends 0 and 1, a tiny ``p``, and probabilities alternating
+    between calls (the threshold kept for the last ``p`` must not serve another), bit-exact with the spec."""
+    seed, n = 31337, 4099
+    u = philox_uniform(seed, torch.arange(n, dtype=torch.int64))
+    drawn = u.sort().values
+    probabilities = [drawn[n // 2].item(), drawn[7].item(), drawn[-1].item(), 0.0, 1.0, 1e-10, 0.5]
+    for p in probabilities + probabilities[::-1]:
+        got = _C.keep_mask_at(seed, 0, n, p)
+        want = u >= torch.tensor(p, dtype=torch.float32)
+        assert torch.equal(got, want), f"{isa} p={p!r}: {(got != want).sum().item()} mask bits differ"
+
+
 def test_dropout_scale_values():
     out = _C.dropout_scale(5, 9, 70, 0.25, 1 / 0.75)
     keep = dropout_keep_mask(5, 9, 70, 0.25)

@@ -139,6 +139,40 @@ inline void mulhilo(uint32_t k, vu c, vu& hi, vu& lo) {
 }
 
 // The four output words for counters (c0, c1, 0, 0) and key (seed, 0): fastpeft._philox.philox_words per lane.
+#if FASTPEFT_VW == 16
+// Each 32-bit state word in the low half of a 64-bit lane, 8 lanes a register, two registers for the 16 lanes:
+// vpmuludq then yields a round's product whole (its low half is the new c1/c3, its high half shifted down feeds
+// c0/c2), where the 32-bit layout needs two multiplies, three shifts and two blends per product. The high halves
+// hold garbage that vpmuludq never reads and that is dropped when the words are packed back.
+inline void philox4_v(vu c0, vu c1, uint32_t k0, uint32_t k1, vu out[4]) {
+  const __m512i a0 = (__m512i)c0, a1 = (__m512i)c1;
+  __m512i x0[2] = {_mm512_cvtepu32_epi64(_mm512_castsi512_si256(a0)),
+                   _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(a0, 1))};
+  __m512i x1[2] = {_mm512_cvtepu32_epi64(_mm512_castsi512_si256(a1)),
+                   _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(a1, 1))};
+  __m512i x2[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+  __m512i x3[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+  const __m512i ka = _mm512_set1_epi64(kRoundA), kb = _mm512_set1_epi64(kRoundB);
+  for (int round = 0; round < 10; ++round) {
+    const __m512i key0 = _mm512_set1_epi32(int(k0)), key1 = _mm512_set1_epi32(int(k1));
+    for (int h = 0; h < 2; ++h) {
+      const __m512i pb = _mm512_mul_epu32(x2[h], kb), pa = _mm512_mul_epu32(x0[h], ka);
+      x0[h] = _mm512_ternarylogic_epi32(_mm512_srli_epi64(pb, 32), x1[h], key0, 0x96);  // a ^ b ^ c
+      x2[h] = _mm512_ternarylogic_epi32(_mm512_srli_epi64(pa, 32), x3[h], key1, 0x96);
+      x1[h] = pb;
+      x3[h] = pa;
+    }
+    k0 += kKeyA;
+    k1 += kKeyB;
+  }
+  // The even 32-bit lanes of both registers, in lane order.
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  out[0] = (vu)_mm512_permutex2var_epi32(x0[0], even, x0[1]);
+  out[1] = (vu)_mm512_permutex2var_epi32(x1[0], even, x1[1]);
+  out[2] = (vu)_mm512_permutex2var_epi32(x2[0], even, x2[1]);
+  out[3] = (vu)_mm512_permutex2var_epi32(x3[0], even, x3[1]);
+}
+#else
 inline void philox4_v(vu c0, vu c1, uint32_t k0, uint32_t k1, vu out[4]) {
   vu c2 = vu{}, c3 = vu{};
   for (int round = 0; round < 10; ++round) {
@@ -157,6 +191,7 @@ inline void philox4_v(vu c0, vu c1, uint32_t k0, uint32_t k1, vu out[4]) {
   out[2] = c2;
   out[3] = c3;
 }
+#endif
 
 inline void philox4_1(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1, uint32_t out[4]) {
   uint32_t c2 = 0, c3 = 0;
@@ -176,12 +211,8 @@ inline void philox4_1(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1, uint32
   out[3] = c3;
 }
 
-// u = fold31(int32(word)) * 2^-31 in fp32, as Triton's uint_to_uniform_float.
-inline vf uniform_v(vu word) {
-  vi w = (vi)word;
-  w = w ^ (w >> 31);
-  return __builtin_convertvector(w, vf) * kUniformScale;
-}
+// u = fold31(int32(word)) * 2^-31 in fp32, as Triton's uint_to_uniform_float (the vector loop compares the folded
+// word with keep_threshold instead).
 inline float uniform_1(uint32_t word) {
   int32_t w = int32_t(word);
   if (w < 0) w = ~w;
@@ -223,6 +254,25 @@ inline void interleave4(const vf m[4], vf o[4]) {
 #endif
 }
 
+// The smallest folded word (see uniform_1) whose uniform is >= p, 2^31 where none is: since the conversion to fp32 is
+// monotonic, uniform(word) >= p exactly when fold31(word) >= this, one integer compare per element in the vector
+// loop instead of a conversion, a multiply and a float compare.
+inline uint32_t keep_threshold(float p) {
+  // Callers draw a mask row by row with one p: the search (31 steps) is made once per p on each thread.
+  static thread_local float last_p = 0.f;
+  static thread_local uint32_t last_threshold = 0;
+  if (p == last_p) return last_threshold;
+  uint32_t lo = 0, hi = 0x80000000u;  // the answer lies in [lo, hi]
+  while (lo < hi) {
+    const uint32_t mid = lo + (hi - lo) / 2;
+    if (uniform_1(mid) >= p) hi = mid;
+    else lo = mid + 1;
+  }
+  last_p = p;
+  last_threshold = lo;
+  return lo;
+}
+
 // out[i] = keep(offset0 + i) ? scale : 0 for i < n. Element offset o takes word o % 4 of the Philox call on counter
 // o / 4 (fastpeft._philox): the vector loop runs one call per lane for 4 * VW elements, the head and tail (offsets
 // outside whole quads of this row) one scalar call per quad.
@@ -238,7 +288,8 @@ void dropout_scale(uint32_t seed, int64_t offset0, int64_t n, float p, float sca
   if (head > 0) scalar_quad(head);
   vu iota;
   for (int l = 0; l < VW; ++l) iota[l] = uint32_t(l);
-  const vf pv = splat(p), sv = splat(scale), zero = vf{};
+  const vf sv = splat(scale), zero = vf{};
+  const vu threshold = vu{} + keep_threshold(p);
   for (; i + 4 * VW <= n; i += 4 * VW) {
     const uint64_t q = uint64_t(offset0 + i) >> 2;
     const uint32_t lo = uint32_t(q), hi = uint32_t(q >> 32);
@@ -247,7 +298,10 @@ void dropout_scale(uint32_t seed, int64_t offset0, int64_t n, float p, float sca
     vu words[4];
     philox4_v(c0, c1, seed, 0u, words);
     vf m[4];
-    for (int w = 0; w < 4; ++w) m[w] = (uniform_v(words[w]) >= pv) ? sv : zero;
+    for (int w = 0; w < 4; ++w) {
+      const vi folded = (vi)words[w] ^ ((vi)words[w] >> 31);
+      m[w] = ((vu)folded >= threshold) ? sv : zero;
+    }
     vf o[4];
     interleave4(m, o);
     for (int v = 0; v < 4; ++v) store_f32(out + i + v * VW, o[v]);

@@ -41,7 +41,7 @@ struct QuantDesc {
 };
 
 // outer_cols draws its dropout masks in chunks of at most outer_mask_rows rows of at most outer_mask_cols columns
-// (every ISA's strip): its scratch is min(M, outer_mask_rows) * outer_mask_cols floats.
+// (a whole number of every ISA's strips): its scratch is min(M, outer_mask_rows) * outer_mask_cols floats.
 constexpr int64_t outer_mask_rows = 1024, outer_mask_cols = 64;
 
 // Where outer_cols' masked dst update goes instead of dst itself (DoRA's dropout correction of dX in the same pass):

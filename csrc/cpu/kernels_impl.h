@@ -578,11 +578,11 @@ constexpr int EXPAND_MB = 4;         // output rows per register block
 constexpr int64_t EXPAND_ROWS = 32;  // output rows per sweep over one panel
 
 // The NB rows of y from y (ldy apart), columns [n0, n0 + EXPAND_W); rows: (R, .) fp32, ldr floats apart. mask: null,
-// or NB rows of EXPAND_W factors (EXPAND_W floats apart) multiplying each row's sum before the bias is added.
+// or NB rows of EXPAND_W factors (ldm floats apart) multiplying each row's sum before the bias is added.
 template <int NB>
 void expand_block(int dt, void* y, int64_t ldy, int64_t n0, const float* c, int64_t ldc, int64_t R, const float* rows,
-                  int64_t ldr, const float* mask, const float* bias, const MaskedCorrection* corr = nullptr,
-                  int64_t row0 = 0) {
+                  int64_t ldr, const float* mask, int64_t ldm, const float* bias,
+                  const MaskedCorrection* corr = nullptr, int64_t row0 = 0) {
   vf acc[NB][EXPAND_NV];
   for (int i = 0; i < NB; ++i)
     for (int v = 0; v < EXPAND_NV; ++v) acc[i][v] = vf{};
@@ -601,7 +601,7 @@ void expand_block(int dt, void* y, int64_t ldy, int64_t n0, const float* c, int6
       void* orow = row_ptr(corr->dt_out, corr->out, corr->ld_out, row0 + i);
       const vf one = splat(1.f);
       for (int v = 0; v < EXPAND_NV; ++v) {
-        const vf mk = load_f32(mask + i * EXPAND_W + v * VW);
+        const vf mk = load_f32(mask + i * ldm + v * VW);
         const vf val = load_act(dt, row, n0 + v * VW) + mk * acc[i][v] + (mk - one) * load_f32(e + n0 + v * VW);
         store_act(corr->dt_out, orow, n0 + v * VW, val);
       }
@@ -609,7 +609,7 @@ void expand_block(int dt, void* y, int64_t ldy, int64_t n0, const float* c, int6
     }
     for (int v = 0; v < EXPAND_NV; ++v) {
       vf t = acc[i][v];
-      if (mask) t *= load_f32(mask + i * EXPAND_W + v * VW);
+      if (mask) t *= load_f32(mask + i * ldm + v * VW);
       if (bias) t += load_f32(bias + n0 + v * VW);
       store_act(dt, row, n0 + v * VW, load_act(dt, row, n0 + v * VW) + t);
     }
@@ -644,7 +644,7 @@ void expand_rows(int dt, void* y, int64_t ldy, int64_t N, int64_t m0, int64_t m1
       for (int64_t mb = mr; mb < me; mb += EXPAND_MB) {
         const int nb = int((me - mb) < EXPAND_MB ? (me - mb) : EXPAND_MB);
         FASTPEFT_BLOCK(nb, expand_block<NB>(dt, row_ptr(dt, y, ldy, mb), ldy, n0, c + mb * ldc, ldc, R, rows, N,
-                                            nullptr, bias))
+                                            nullptr, 0, bias))
       }
     if (whole < N)
       for (int64_t m = mr; m < me; ++m) expand_tail(dt, row_ptr(dt, y, ldy, m), whole, c + m * ldc, R, rows, N, bias);
@@ -667,11 +667,11 @@ inline void prefetch_strip(const void* row, int64_t offset, int64_t bytes) {
 }
 
 // out[j * ldo + n] = sum_{m < M} coef[m * ldc + j] * v(m, n) for j < R and n in [n0, n0 + w), w <= OUTER_STRIP,
-// where v(m, n) = src[m, n] (dtype dt, rows lds apart), times mask[m * OUTER_STRIP + n - n0] when mask is given.
+// where v(m, n) = src[m, n] (dtype dt, rows lds apart), times mask[m * ldm + n - n0] when mask is given.
 // add: out += the sums instead of out = the sums.
 template <int JB>
 void outer_strip(int dt, const void* src, int64_t lds, int64_t M, int64_t n0, int64_t w, const float* coef,
-                 int64_t ldc, int64_t j0, const float* mask, bool add, float* out, int64_t ldo) {
+                 int64_t ldc, int64_t j0, const float* mask, int64_t ldm, bool add, float* out, int64_t ldo) {
   if (w == OUTER_STRIP) {
     vf acc[JB][OUTER_NV];
     for (int q = 0; q < JB; ++q)
@@ -684,7 +684,7 @@ void outer_strip(int dt, const void* src, int64_t lds, int64_t M, int64_t n0, in
       vf d[OUTER_NV];
       for (int v = 0; v < OUTER_NV; ++v) d[v] = load_act(dt, row, n0 + v * VW);
       if (mask)
-        for (int v = 0; v < OUTER_NV; ++v) d[v] *= load_f32(mask + m * OUTER_STRIP + v * VW);
+        for (int v = 0; v < OUTER_NV; ++v) d[v] *= load_f32(mask + m * ldm + v * VW);
       const float* c = coef + m * ldc + j0;
       for (int q = 0; q < JB; ++q) {
         const vf cq = load_splat(c + q);
@@ -700,7 +700,7 @@ void outer_strip(int dt, const void* src, int64_t lds, int64_t M, int64_t n0, in
     for (int q = 0; q < JB; ++q) acc[q] = add ? out[(j0 + q) * ldo + n] : 0.f;
     for (int64_t m = 0; m < M; ++m) {
       float d = load_act1(dt, row_ptr(dt, src, lds, m), n);
-      if (mask) d *= mask[m * OUTER_STRIP + n - n0];
+      if (mask) d *= mask[m * ldm + n - n0];
       for (int q = 0; q < JB; ++q) acc[q] += coef[m * ldc + j0 + q] * d;
     }
     for (int q = 0; q < JB; ++q) out[(j0 + q) * ldo + n] = acc[q];
@@ -708,19 +708,19 @@ void outer_strip(int dt, const void* src, int64_t lds, int64_t M, int64_t n0, in
 }
 
 // dst[m, n] = round(dst[m, n] + mask(m, n) * sum_{j < R} coef[m * ldc + j] * rows[j * ldr + n]) for m < M and n in
-// [n0, n0 + w), w <= OUTER_STRIP, in dst's dtype (rows lds apart); mask(m, n) = mask[m * OUTER_STRIP + n - n0], or 1.
+// [n0, n0 + w), w <= OUTER_STRIP, in dst's dtype (rows lds apart); mask(m, n) = mask[m * ldm + n - n0], or 1.
 void combine_strip(int dt, void* dst, int64_t lds, int64_t M, int64_t n0, int64_t w, const float* coef, int64_t ldc,
-                   int64_t R, const float* rows, int64_t ldr, const float* mask, const MaskedCorrection* corr,
-                   int64_t row0) {
+                   int64_t R, const float* rows, int64_t ldr, const float* mask, int64_t ldm,
+                   const MaskedCorrection* corr, int64_t row0) {
   if (w == OUTER_STRIP) {  // expand_rows' register blocks, each row's sum times its mask
     const int64_t strip_bytes = OUTER_STRIP * elem_size(dt);
     for (int64_t m = 0; m < M; m += EXPAND_MB) {
       const int nb = int((M - m) < EXPAND_MB ? (M - m) : EXPAND_MB);
       for (int64_t a = m + kStripPrefetchRows; a < m + kStripPrefetchRows + nb && a < M; ++a)
         prefetch_strip(row_ptr(dt, dst, lds, a), n0 * elem_size(dt), strip_bytes);
-      const float* mk = mask ? mask + m * OUTER_STRIP : nullptr;
+      const float* mk = mask ? mask + m * ldm : nullptr;
       FASTPEFT_BLOCK(nb, expand_block<NB>(dt, row_ptr(dt, dst, lds, m), lds, n0, coef + m * ldc, ldc, R, rows, ldr,
-                                          mk, nullptr, corr, row0 + m))
+                                          mk, ldm, nullptr, corr, row0 + m))
     }
     return;
   }
@@ -731,13 +731,13 @@ void combine_strip(int dt, void* dst, int64_t lds, int64_t M, int64_t n0, int64_
       float t = 0.f;
       for (int64_t j = 0; j < R; ++j) t += c[j] * rows[j * ldr + n];
       if (corr) {
-        const float mk = mask[m * OUTER_STRIP + n - n0];
+        const float mk = mask[m * ldm + n - n0];
         const float e = corr->extra[(row0 + m) * corr->ld_extra + n];
         store_act1(corr->dt_out, row_ptr(corr->dt_out, corr->out, corr->ld_out, row0 + m), n,
                    load_act1(dt, row, n) + mk * t + (mk - 1.f) * e);
         continue;
       }
-      if (mask) t *= mask[m * OUTER_STRIP + n - n0];
+      if (mask) t *= mask[m * ldm + n - n0];
       store_act1(dt, row, n, load_act1(dt, row, n) + t);
     }
   }
@@ -745,44 +745,51 @@ void combine_strip(int dt, void* dst, int64_t lds, int64_t M, int64_t n0, int64_
 
 static_assert(OUTER_STRIP == EXPAND_W, "combine_strip runs expand_block on whole strips");
 
-// Rows per chunk of outer_cols' reduction: bounds its mask buffer (OUTER_ROWS * OUTER_STRIP floats) whatever M is.
+// Rows per chunk of outer_cols' reduction: bounds its mask buffer (OUTER_ROWS * outer_mask_cols floats) whatever M
+// is.
 constexpr int64_t OUTER_ROWS = outer_mask_rows;
-static_assert(OUTER_STRIP <= outer_mask_cols, "outer_cols' mask buffer (kernels.h)");
+static_assert(outer_mask_cols % OUTER_STRIP == 0, "outer_cols' mask chunks hold whole strips (kernels.h)");
 
-// For the columns [n0, n1) of an (M, cols) problem, each column strip's dropout mask drawn once (per chunk of
-// OUTER_ROWS rows, into mask_buf: min(M, OUTER_ROWS) * OUTER_STRIP floats) and used by both products, so threads own
-// disjoint columns and nothing is reduced afterwards:
+// For the columns [n0, n1) of an (M, cols) problem, each column strip's dropout mask drawn once and used by both
+// products, so threads own disjoint columns and nothing is reduced afterwards:
 //   out[j * ldo + n] = sum_{m < M} coef[m * ldc + j] * drop(src)[m, n] for j < R   (if src: dA = g^T drop(x))
 //   dst[m, n] += mask(m, n) * sum_j coef[m * ldc + j] * rows[j * cols + n]        (if dst: dx += (g A) * mask)
 // drop(src)[m, n] = src[m, n] * mask(m, n), mask(m, n) = keep(m * cols + n) / (1 - p) when p > 0, else 1.
-// With corr (p > 0), the dst update is written to corr's out with its correction instead (MaskedCorrection).
+// The mask is drawn outer_mask_cols columns of a row at a time (per chunk of OUTER_ROWS rows, into mask_buf:
+// min(M, OUTER_ROWS) * outer_mask_cols floats), whatever the ISA's strip: drawn one narrow strip at a time, a row's
+// piece is shorter than one vector Philox call covers (AVX2: 16 columns against 32) and every element took a scalar
+// call. With corr (p > 0), the dst update is written to corr's out with its correction instead (MaskedCorrection).
 void outer_cols(int dt, const void* src, int64_t lds, int64_t M, int64_t cols, int64_t n0, int64_t n1,
                 const float* coef, int64_t ldc, int64_t R, float p, uint32_t seed, float* out, int64_t ldo,
                 int dt_dst, void* dst, int64_t ldd, const float* rows, float* mask_buf,
                 const MaskedCorrection* corr) {
   const float scale = p > 0.f ? 1.f / (1.f - p) : 1.f;
-  for (int64_t n = n0; n < n1; n += OUTER_STRIP) {
-    const int64_t w = (n1 - n) < OUTER_STRIP ? (n1 - n) : OUTER_STRIP;
+  for (int64_t nc = n0; nc < n1; nc += outer_mask_cols) {
+    const int64_t wc = (n1 - nc) < outer_mask_cols ? (n1 - nc) : outer_mask_cols;
     for (int64_t m0 = 0; m0 < M || m0 == 0; m0 += OUTER_ROWS) {  // M == 0 still writes the zero sums
       const int64_t mc = (M - m0) < OUTER_ROWS ? (M - m0) : OUTER_ROWS;
-      const float* mask = nullptr;
-      if (p > 0.f) {
+      if (p > 0.f)
         for (int64_t m = 0; m < mc; ++m)
-          dropout_scale(seed, (m0 + m) * cols + n, w, p, scale, mask_buf + m * OUTER_STRIP);
-        mask = mask_buf;
-      }
+          dropout_scale(seed, (m0 + m) * cols + nc, wc, p, scale, mask_buf + m * outer_mask_cols);
       const float* c = coef + m0 * ldc;
-      if (dst)
-        combine_strip(dt_dst, row_ptr(dt_dst, dst, ldd, m0), ldd, mc, n, w, c, ldc, R, rows, cols, mask, corr, m0);
-      if (!src) continue;
-      const void* srows = row_ptr(dt, src, lds, m0);
-      const bool add = m0 > 0;
-      for (int64_t j = 0; j < R; j += OUTER_JB) {
-        switch ((R - j) < OUTER_JB ? (R - j) : OUTER_JB) {
-          case 1: outer_strip<1>(dt, srows, lds, mc, n, w, c, ldc, j, mask, add, out, ldo); break;
-          case 2: outer_strip<2>(dt, srows, lds, mc, n, w, c, ldc, j, mask, add, out, ldo); break;
-          case 3: outer_strip<3>(dt, srows, lds, mc, n, w, c, ldc, j, mask, add, out, ldo); break;
-          default: outer_strip<OUTER_JB>(dt, srows, lds, mc, n, w, c, ldc, j, mask, add, out, ldo); break;
+      for (int64_t n = nc; n < nc + wc; n += OUTER_STRIP) {
+        const int64_t w = (nc + wc - n) < OUTER_STRIP ? (nc + wc - n) : OUTER_STRIP;
+        const float* mask = p > 0.f ? mask_buf + (n - nc) : nullptr;
+        if (dst)
+          combine_strip(dt_dst, row_ptr(dt_dst, dst, ldd, m0), ldd, mc, n, w, c, ldc, R, rows, cols, mask,
+                        outer_mask_cols, corr, m0);
+        if (!src) continue;
+        const void* srows = row_ptr(dt, src, lds, m0);
+        const bool add = m0 > 0;
+        for (int64_t j = 0; j < R; j += OUTER_JB) {
+          switch ((R - j) < OUTER_JB ? (R - j) : OUTER_JB) {
+            case 1: outer_strip<1>(dt, srows, lds, mc, n, w, c, ldc, j, mask, outer_mask_cols, add, out, ldo); break;
+            case 2: outer_strip<2>(dt, srows, lds, mc, n, w, c, ldc, j, mask, outer_mask_cols, add, out, ldo); break;
+            case 3: outer_strip<3>(dt, srows, lds, mc, n, w, c, ldc, j, mask, outer_mask_cols, add, out, ldo); break;
+            default:
+              outer_strip<OUTER_JB>(dt, srows, lds, mc, n, w, c, ldc, j, mask, outer_mask_cols, add, out, ldo);
+              break;
+          }
         }
       }
     }

@@ -387,15 +387,11 @@ class SettledCall:
         if (not self.m_low < x.numel() // self.k <= self.m_high or dispatch_state() != self.state
                 or self.taken.due()):
             return None
-        dims = x.dim()
+        as_given = self.any_rows or x.dim() == 2
         with kept_copies():  # nothing trains in this call
-            if self.any_rows or dims == 2:
-                y = self.function(x)
-                self.taken.served()
-                return y
-            y = self.function(x.reshape(-1, self.k))
+            y = self.function(x if as_given else x.reshape(-1, self.k))
         self.taken.served()
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y if as_given else y.view(*x.shape[:-1], y.shape[-1])
 
 
 def settled_lora_linear(x: torch.Tensor, weight, transposed: bool, bias: Optional[torch.Tensor],
@@ -414,13 +410,12 @@ def settled_lora_linear(x: torch.Tensor, weight, transposed: bool, bias: Optiona
     forward = found[1]
     n = len(lora_A)
     rest = (bias, list(lora_A), list(lora_B), list(lora_bias), [float(s) for s in scaling], [0.0] * n, [0] * n)
-    if not transposed:
-        special = get_backend(x2, weight).settled_forward(found[0], weight, *rest[:5])
-        if special is not None:
-            return SettledCall(x2, {"lora_forward": found}, special, any_rows=True)
     if transposed:
         function = lambda x2: forward(x2, weight.t(), *rest)[0]  # noqa: E731
     else:
+        special = get_backend(x2, weight).settled_forward(found[0], weight, *rest[:5])
+        if special is not None:
+            return SettledCall(x2, {"lora_forward": found}, special, any_rows=True)
         function = lambda x2: forward(x2, weight, *rest)[0]  # noqa: E731
     return SettledCall(x2, {"lora_forward": found}, function)
 

@@ -689,14 +689,14 @@ at::Tensor widened_rows(const at::Tensor& t) {
   const int64_t M = t.size(0), C = t.size(1), ld = t.stride(0);
   auto out = at::empty({M, C}, at::kFloat);
   float* o = out.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    if (st == at::kBFloat16) {
-      const at::BFloat16* p = t.data_ptr<at::BFloat16>() + m * ld;
-      for (int64_t c = 0; c < C; ++c) o[m * C + c] = float(p[c]);
-    } else {
-      const at::Half* p = t.data_ptr<at::Half>() + m * ld;
-      for (int64_t c = 0; c < C; ++c) o[m * C + c] = float(p[c]);
-    }
+  if (st == at::kBFloat16) {
+    const at::BFloat16* p = t.data_ptr<at::BFloat16>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t c = 0; c < C; ++c) o[m * C + c] = float(p[m * ld + c]);
+  } else {
+    const at::Half* p = t.data_ptr<at::Half>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t c = 0; c < C; ++c) o[m * C + c] = float(p[m * ld + c]);
   }
   return out;
 }
@@ -732,8 +732,8 @@ QuantDesc dense_desc(const at::Tensor& W) {
 // The one-pass GEMV over a dense (N, K) weight (unit column stride, any row stride; fp32/bf16/fp16):
 // y = x W^T + bias + lora_scale xs B^T in fp32 (M, N). For decode-sized M, where torch's GEMV plus separate
 // adapter ops cost several thread-pool round trips for a few microseconds of work.
-// x (M, K) in any float dtype (widened here: at decode sizes each torch call made from Python costs as much as
-// the arithmetic), the result rounded once to x's dtype. With A (r, K) fp32 contiguous instead of xs, the
+// x (..., K) in any float dtype (widened here: at decode sizes each torch call made from Python costs as much as
+// the arithmetic), the result (..., N) rounded once to x's dtype. With A (r, K) fp32 contiguous instead of xs, the
 // down-projection xs = x A^T is computed here too (lora_xa's kernel without dropout): a settled decode call is then
 // one call from Python.
 at::Tensor dense_lora_gemv(const at::Tensor& x, const at::Tensor& W, const c10::optional<at::Tensor>& bias,

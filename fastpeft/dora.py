@@ -412,10 +412,14 @@ def _forward_stacked(backend, x, weight, bias, A, B, scale, s, p, seed):
     keep = 1.0 - p
     h = backend.lora_down(kept, A).mul_(1.0 / keep)
     del kept
-    z = backend.lora_up_onto(z, h, B, keep * s)
     b = None if bias is None else bias.detach().to(x.dtype).to(_F32)
-    base = backend.lora_up_onto(base, h, B, s, b)
-    return _scaled(z, (scale - 1.0).div_(keep), x.dtype, base, backend), h, z, keep
+    f = (scale - 1.0).div_(keep)
+    y = backend.dora_epilogue(z, base, h, B, keep * s, s, f, b, x.dtype)  # the three steps below in one pass
+    if y is None:
+        z = backend.lora_up_onto(z, h, B, keep * s)
+        base = backend.lora_up_onto(base, h, B, s, b)
+        y = _scaled(z, f, x.dtype, base, backend)
+    return y, h, z, keep
 
 
 # --------------------------------------------------------------------------------------------------- backward

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from checks import assert_by_dtype_rule, assert_within_2x, rel_err
+from checks import assert_by_dtype_rule, assert_close, assert_within_2x, rel_err
 
 from fastpeft import reference as spec
 from fastpeft import routing as routes
@@ -905,6 +905,38 @@ def test_an_empty_batch_gives_zero_adapter_gradients_on_every_route(kind, dtype,
     finally:
         routes.set_route(fwd_op, None)
         routes.set_route(bwd_op, None)
+
+
+@pytest.mark.parametrize("out_dt", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("M,N,R", [(1, 5, 1), (7, 130, 16), (13, 64, 3), (70, 257, 8)])
+def test_dora_epilogue_is_the_three_steps_in_fp32(isa, out_dt, M, N, R):
+    """``_C.dora_epilogue``: ``z += k h B^T`` in place and ``round(base + bias + s h B^T + f z)``, against the same
+    arithmetic in fp64 (fp32 sums of R + 3 terms, one rounding to the output dtype), for whole panels, tail columns and
+    row blocks of every size, with and without a bias, ``z`` and ``base`` as rows of wider buffers."""
+    gen = torch.Generator().manual_seed(M * 1000 + N)
+    z_wide, base_wide = torch.randn(M, N + 3, generator=gen), torch.randn(M, N + 5, generator=gen)
+    z, base = z_wide[:, 1:1 + N], base_wide[:, :N]
+    h, B = torch.randn(M, R, generator=gen), torch.randn(N, R, generator=gen)
+    f, bias = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    k, s = 0.9, 1.7
+    outside = (z_wide[:, 0].clone(), z_wide[:, N + 1:].clone())
+    for b in (None, bias):
+        z0 = z.clone()
+        u = h.double() @ B.double().T
+        want_z = z0.double() + k * u
+        want = base.double() + s * u + f.double() * want_z + (0 if b is None else b.double())
+        got = _C.dora_epilogue(z, base, h, _C.stack_transposed([B]), k, s, f, b, DT[out_dt])
+        assert got.dtype == DT[out_dt] and got.shape == (M, N)
+        assert_close(f"{isa} z", z, want_z, 1e-6 * (R + 2))
+        ulp = 1e-6 * (R + 4) if out_dt == "fp32" else 2 * torch.finfo(DT[out_dt]).eps
+        worst = ((got.double() - want).abs() - want.abs() * ulp - 1e-6 * (R + 4)).max().item()
+        assert worst <= 0, f"{isa} {out_dt} M={M} N={N} R={R}: off by {worst:.3g} past one rounding"
+        z.copy_(z0)
+    assert torch.equal(z_wide[:, 0], outside[0]) and torch.equal(z_wide[:, N + 1:], outside[1]), "z's neighbours"
+    with pytest.raises(RuntimeError, match="z and base must be fp32"):
+        _C.dora_epilogue(z, base.bfloat16(), h, _C.stack_transposed([B]), k, s, f, None, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="h must be fp32"):
+        _C.dora_epilogue(z, base, h.double(), _C.stack_transposed([B]), k, s, f, None, torch.bfloat16)
 
 
 def test_column_passes_reject_what_they_cannot_read():

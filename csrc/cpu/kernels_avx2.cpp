@@ -23,7 +23,8 @@ const KernelTable& kernels_avx2() {
                                  isa_avx2::dequant_rows, isa_avx2::qgemv_rows, isa_avx2::scale_columns_rows,
                                  isa_avx2::column_dots_cols, isa_avx2::expand_row_b, 8,
                                  isa_avx2::transpose_f32,
-                                 isa_avx2::masked_combine_rows};
+                                 isa_avx2::masked_combine_rows,
+                                 isa_avx2::dora_epilogue_rows};
   return table;
 }
 }  // namespace fastpeft

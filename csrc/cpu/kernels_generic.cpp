@@ -18,7 +18,8 @@ const KernelTable& kernels_generic() {
                                  isa_generic::dequant_rows, isa_generic::qgemv_rows, isa_generic::scale_columns_rows,
                                  isa_generic::column_dots_cols, isa_generic::expand_row_b, 4,
                                  isa_generic::transpose_f32,
-                                 isa_generic::masked_combine_rows};
+                                 isa_generic::masked_combine_rows,
+                                 isa_generic::dora_epilogue_rows};
   return table;
 }
 }  // namespace fastpeft

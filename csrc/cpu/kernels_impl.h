@@ -577,13 +577,11 @@ constexpr int64_t EXPAND_W = int64_t(EXPAND_NV) * VW;
 constexpr int EXPAND_MB = 4;         // output rows per register block
 constexpr int64_t EXPAND_ROWS = 32;  // output rows per sweep over one panel
 
-// The NB rows of y from y (ldy apart), columns [n0, n0 + EXPAND_W); rows: (R, .) fp32, ldr floats apart. mask: null,
-// or NB rows of EXPAND_W factors (ldm floats apart) multiplying each row's sum before the bias is added.
+// acc[i][v] = sum_{j < R} c[i * ldc + j] rows[j * ldr + n0 + v * VW] for NB rows: one EXPAND_W panel of each row's
+// sum over the R rows, kept in registers.
 template <int NB>
-void expand_block(int dt, void* y, int64_t ldy, int64_t n0, const float* c, int64_t ldc, int64_t R, const float* rows,
-                  int64_t ldr, const float* mask, int64_t ldm, const float* bias,
-                  const MaskedCorrection* corr = nullptr, int64_t row0 = 0) {
-  vf acc[NB][EXPAND_NV];
+inline void panel_sums(const float* c, int64_t ldc, int64_t R, const float* rows, int64_t ldr, int64_t n0,
+                       vf acc[NB][EXPAND_NV]) {
   for (int i = 0; i < NB; ++i)
     for (int v = 0; v < EXPAND_NV; ++v) acc[i][v] = vf{};
   for (int64_t j = 0; j < R; ++j) {
@@ -594,6 +592,16 @@ void expand_block(int dt, void* y, int64_t ldy, int64_t n0, const float* c, int6
       for (int v = 0; v < EXPAND_NV; ++v) acc[i][v] += ci * b[v];
     }
   }
+}
+
+// The NB rows of y from y (ldy apart), columns [n0, n0 + EXPAND_W); rows: (R, .) fp32, ldr floats apart. mask: null,
+// or NB rows of EXPAND_W factors (ldm floats apart) multiplying each row's sum before the bias is added.
+template <int NB>
+void expand_block(int dt, void* y, int64_t ldy, int64_t n0, const float* c, int64_t ldc, int64_t R, const float* rows,
+                  int64_t ldr, const float* mask, int64_t ldm, const float* bias,
+                  const MaskedCorrection* corr = nullptr, int64_t row0 = 0) {
+  vf acc[NB][EXPAND_NV];
+  panel_sums<NB>(c, ldc, R, rows, ldr, n0, acc);
   for (int i = 0; i < NB; ++i) {
     void* row = row_ptr(dt, y, ldy, i);
     if (corr) {  // out = round(dst + mask t + (mask - 1) extra), dst only read (mask present: outer_cols with p > 0)
@@ -630,6 +638,52 @@ void expand_tail(int dt, void* row, int64_t n0, const float* c, int64_t R, const
     float t = 0.f;
     for (int64_t j = 0; j < R; ++j) t += c[j] * rows[j * N + n];
     store_act1(dt, row, n, load_act1(dt, row, n) + (bias ? t + bias[n] : t));
+  }
+}
+
+// DoRA's stacked forward epilogue for NB rows (z, base: fp32 rows ldz / ldb apart; h: NB rows of R, ldh apart):
+//   u = h Bt;  z += k u in place;  out = round(base + bias + s u + f z) in dt_out,
+// u summed in registers one EXPAND_W panel at a time (panel_sums), the tail columns one by one.
+template <int NB>
+void dora_epilogue_block(float* z, int64_t ldz, const float* base, int64_t ldb, int64_t N, const float* h,
+                         int64_t ldh, int64_t R, const float* Bt, float k, float s, const float* f, const float* bias,
+                         int dt_out, void* out, int64_t ldo) {
+  const vf kv = splat(k), sv = splat(s);
+  const int64_t whole = N - N % EXPAND_W;
+  for (int64_t n0 = 0; n0 < whole; n0 += EXPAND_W) {
+    vf acc[NB][EXPAND_NV];
+    panel_sums<NB>(h, ldh, R, Bt, N, n0, acc);
+    for (int i = 0; i < NB; ++i) {
+      void* orow = row_ptr(dt_out, out, ldo, i);
+      for (int v = 0; v < EXPAND_NV; ++v) {
+        const int64_t n = n0 + v * VW;
+        const vf zv = load_f32(z + i * ldz + n) + kv * acc[i][v];
+        store_f32(z + i * ldz + n, zv);
+        vf o = load_f32(base + i * ldb + n) + sv * acc[i][v] + load_f32(f + n) * zv;
+        if (bias) o += load_f32(bias + n);
+        store_act(dt_out, orow, n, o);
+      }
+    }
+  }
+  for (int i = 0; i < NB; ++i) {
+    void* orow = row_ptr(dt_out, out, ldo, i);
+    for (int64_t n = whole; n < N; ++n) {
+      float u = 0.f;
+      for (int64_t j = 0; j < R; ++j) u += h[i * ldh + j] * Bt[j * N + n];
+      const float zn = z[i * ldz + n] + k * u;
+      z[i * ldz + n] = zn;
+      store_act1(dt_out, orow, n, base[i * ldb + n] + s * u + f[n] * zn + (bias ? bias[n] : 0.f));
+    }
+  }
+}
+
+void dora_epilogue_rows(float* z, int64_t ldz, const float* base, int64_t ldb, int64_t N, int64_t m0, int64_t m1,
+                        const float* h, int64_t ldh, int64_t R, const float* Bt, float k, float s, const float* f,
+                        const float* bias, int dt_out, void* out, int64_t ldo) {
+  for (int64_t m = m0; m < m1; m += EXPAND_MB) {
+    const int nb = int((m1 - m) < EXPAND_MB ? (m1 - m) : EXPAND_MB);
+    FASTPEFT_BLOCK(nb, dora_epilogue_block<NB>(z + m * ldz, ldz, base + m * ldb, ldb, N, h + m * ldh, ldh, R, Bt, k,
+                                               s, f, bias, dt_out, row_ptr(dt_out, out, ldo, m), ldo))
   }
 }
 

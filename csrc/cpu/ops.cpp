@@ -251,6 +251,41 @@ at::Tensor masked_combine(const c10::optional<at::Tensor>& a, const at::Tensor& 
 }
 
 // sum_m a[m, :] * b[m, :] as fp32 (N,), products and sums in fp32: a, b (M, N) activation rows.
+// DoRA's stacked forward epilogue in one pass: u = h Bt; z += k u in place; returns round(base + bias + s u + f z)
+// (M, N) in out_dtype. z, base: (M, N) fp32 rows; h (M, R), Bt (R, N) (B transposed, stack_transposed), f (N,),
+// bias (N,) or None: fp32.
+at::Tensor dora_epilogue(at::Tensor& z, const at::Tensor& base, const at::Tensor& h, const at::Tensor& Bt, double k,
+                         double s, const at::Tensor& f, const c10::optional<at::Tensor>& bias,
+                         at::ScalarType out_dtype) {
+  check_rows(z, "z");
+  check_rows(base, "base");
+  const int64_t M = z.size(0), N = z.size(1), R = Bt.dim() == 2 ? Bt.size(0) : -1;
+  TORCH_CHECK(z.scalar_type() == at::kFloat && base.scalar_type() == at::kFloat && base.sizes() == z.sizes(),
+              "fastpeft._C.dora_epilogue: z and base must be fp32 of one shape, got ", z.sizes(), " and ",
+              base.sizes());
+  check_f32(Bt, "Bt", {R, N});
+  TORCH_CHECK(h.scalar_type() == at::kFloat && h.dim() == 2 && h.size(0) == M && h.size(1) == R && h.stride(1) == 1,
+              "fastpeft._C.dora_epilogue: h must be fp32 (", M, ", ", R, ") with unit column stride, got ", h.sizes());
+  check_f32(f, "f", {N});
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    check_f32(*bias, "bias", {N});
+    bp = bias->data_ptr<float>();
+  }
+  auto out = at::empty({M, N}, z.options().dtype(out_dtype));
+  const int dt_out = dtype_code(out);
+  float* zp = z.data_ptr<float>();
+  const float *basep = base.data_ptr<float>(), *hp = h.data_ptr<float>(), *Btp = Bt.data_ptr<float>(),
+              *fp = f.data_ptr<float>();
+  void* op = out.data_ptr();
+  const int64_t ldz = z.stride(0), ldb = base.stride(0), ldh = h.stride(0), ldo = out.stride(0);
+  at::parallel_for(0, M, grain(N * (R + 4)), [&](int64_t b, int64_t e) {
+    K().dora_epilogue_rows(zp, ldz, basep, ldb, N, b, e, hp, ldh, R, Btp, float(k), float(s), fp, bp, dt_out, op,
+                           ldo);
+  });
+  return out;
+}
+
 at::Tensor column_dots(const at::Tensor& a, const at::Tensor& b) {
   check_rows(a, "a");
   check_rows(b, "b");
@@ -892,6 +927,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out_dtype, out=None) -> round(add + z * scale) (M, N) in out_dtype, fp32 arithmetic, into out's rows when "
         "given", py::arg("z"), py::arg("scale"), py::arg("add"), py::arg("out_dtype"), py::arg("out") = py::none());
   m.def("column_dots", &fastpeft::column_dots, "(a (M, N), b (M, N)) -> sum_m a[m] * b[m] fp32 (N,)");
+  m.def("dora_epilogue", &fastpeft::dora_epilogue, "(z fp32 (M, N), base fp32 (M, N), h (M, R), Bt (R, N), k, s, "
+        "f (N,), bias (N,)|None, out_dtype) -> round(base + bias + s u + f z') with u = h Bt and z' = z + k u "
+        "written into z: DoRA's stacked forward epilogue in one pass");
   m.def("masked_combine", &fastpeft::masked_combine,
         "(a|None, b (M, N), seed, p, kept, dropped, out|None) -> out = round(a + b * (kept where the canonical mask "
         "keeps element m * N + n, else dropped)), fp32 arithmetic; dropped == 0 writes +0");

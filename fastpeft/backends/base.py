@@ -117,6 +117,15 @@ class Backend:
         acc.addmm_(h, lora_B.detach().to(torch.float32).t(), alpha=scale)
         return acc if bias is None else acc.add_(bias)
 
+    def dora_epilogue(self, z: torch.Tensor, base: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor, k: float,
+                      s: float, f: torch.Tensor, bias: Optional[torch.Tensor],
+                      dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """DoRA's stacked forward epilogue in one pass of this backend: with ``u = h B^T``, ``z += k u`` in place and
+        ``round(base + bias + s u + f z)`` returned in ``dtype`` (fp32 arithmetic). ``z``, ``base`` fp32 ``(M, N)``,
+        ``h`` fp32 ``(M, r)``, ``lora_B`` ``(N, r)``, ``f`` fp32 ``(N,)``, ``bias`` fp32 ``(N,)`` or None. None where
+        this backend has no such pass (``z`` untouched)."""
+        return None
+
     def lora_backward_onto(self, acc: torch.Tensor, dy: torch.Tensor, x: Optional[torch.Tensor], lora_A: torch.Tensor,
                            lora_B: torch.Tensor, xa: torch.Tensor, scaling: float, dropout_p: float, seed: int,
                            corrected: Optional[tuple] = None) -> Optional[tuple]:

@@ -690,6 +690,13 @@ class CpuBackend(Backend):
         _C.lora_epilogue_(acc, _f32(h * scale), _bt_all([lora_B]), None if bias is None else _f32(bias))
         return acc
 
+    def dora_epilogue(self, z, base, h, lora_B, k, s, f, bias, dtype):
+        if not (dtype in _DTYPE_CODES and f.is_cpu and f.dtype == _F32
+                and all(t.is_cpu and t.dtype == _F32 and t.dim() == 2 and t.stride(1) == 1 for t in (z, base, h))):
+            return None
+        return _C.dora_epilogue(z, base, h, _bt_all([lora_B]), float(k), float(s), f.contiguous(),
+                                None if bias is None else _f32(bias), dtype)
+
     def lora_backward_onto(self, acc, dy, x, lora_A, lora_B, xa, scaling, dropout_p, seed, corrected=None):
         if not (acc.is_cpu and acc.dtype == _F32 and acc.dim() == 2 and acc.stride(1) == 1 and dy.is_cpu
                 and dy.dtype in _DTYPE_CODES and (x is None or x.dtype in _DTYPE_CODES)):

@@ -250,7 +250,6 @@ at::Tensor masked_combine(const c10::optional<at::Tensor>& a, const at::Tensor& 
   return o;
 }
 
-// sum_m a[m, :] * b[m, :] as fp32 (N,), products and sums in fp32: a, b (M, N) activation rows.
 // DoRA's stacked forward epilogue in one pass: u = h Bt; z += k u in place; returns round(base + bias + s u + f z)
 // (M, N) in out_dtype. z, base: (M, N) fp32 rows; h (M, R), Bt (R, N) (B transposed, stack_transposed), f (N,),
 // bias (N,) or None: fp32.
@@ -286,6 +285,7 @@ at::Tensor dora_epilogue(at::Tensor& z, const at::Tensor& base, const at::Tensor
   return out;
 }
 
+// sum_m a[m, :] * b[m, :] as fp32 (N,), products and sums in fp32: a, b (M, N) activation rows.
 at::Tensor column_dots(const at::Tensor& a, const at::Tensor& b) {
   check_rows(a, "a");
   check_rows(b, "b");

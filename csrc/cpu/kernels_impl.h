@@ -107,39 +107,8 @@ inline float hsum(vf v) {
 constexpr uint32_t kRoundA = 0xD2511F53u, kRoundB = 0xCD9E8D57u, kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;
 constexpr float kUniformScale = 4.6566127342e-10f;
 
-// hi and lo 32 bits of k * c per lane. Explicit intrinsics where available: GCC lowers the generic 64-bit vector
-// multiply to a slow emulation (measured ~100 ns per element on AVX2), while vpmuludq on even/odd lanes is 2 uops.
-inline void mulhilo(uint32_t k, vu c, vu& hi, vu& lo) {
-#if FASTPEFT_VW == 16  // only the AVX-512 unit uses 16 lanes (GCC does not define __AVX512F__ under a target pragma)
-  const __m512i kv = _mm512_set1_epi32(int(k));
-  const __m512i a = (__m512i)c;
-  const __m512i pe = _mm512_mul_epu32(a, kv), po = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), kv);
-  hi = (vu)_mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe, 32), po);
-  lo = (vu)_mm512_mask_blend_epi32(0xAAAA, pe, _mm512_slli_epi64(po, 32));
-#elif FASTPEFT_VW == 8  // the AVX2 unit
-  const __m256i kv = _mm256_set1_epi32(int(k));
-  const __m256i a = (__m256i)c;
-  const __m256i pe = _mm256_mul_epu32(a, kv), po = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), kv);
-  hi = (vu)_mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
-  lo = (vu)_mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
-#elif FASTPEFT_VW == 4 && (defined(__x86_64__) || defined(__i386__))
-  const __m128i kv = _mm_set1_epi32(int(k));
-  const __m128i a = (__m128i)c;
-  const __m128i pe = _mm_mul_epu32(a, kv), po = _mm_mul_epu32(_mm_srli_epi64(a, 32), kv);
-  // SSE2 has no 32-bit blend: interleave the even and odd products back into lane order.
-  const __m128i h = _mm_unpacklo_epi32(_mm_shuffle_epi32(pe, 0xDD), _mm_shuffle_epi32(po, 0xDD));
-  const __m128i l = _mm_unpacklo_epi32(_mm_shuffle_epi32(pe, 0x88), _mm_shuffle_epi32(po, 0x88));
-  hi = (vu)h;
-  lo = (vu)l;
-#else
-  vu64 p = __builtin_convertvector(c, vu64) * uint64_t(k);
-  hi = __builtin_convertvector(p >> 32, vu);
-  lo = __builtin_convertvector(p, vu);
-#endif
-}
-
 // The four output words for counters (c0, c1, 0, 0) and key (seed, 0): fastpeft._philox.philox_words per lane.
-#if FASTPEFT_VW == 16
+#if FASTPEFT_VW == 16  // only the AVX-512 unit uses 16 lanes (GCC does not define __AVX512F__ under a target pragma)
 // Each 32-bit state word in the low half of a 64-bit lane, 8 lanes a register, two registers for the 16 lanes:
 // vpmuludq then yields a round's product whole (its low half is the new c1/c3, its high half shifted down feeds
 // c0/c2), where the 32-bit layout needs two multiplies, three shifts and two blends per product. The high halves
@@ -173,6 +142,31 @@ inline void philox4_v(vu c0, vu c1, uint32_t k0, uint32_t k1, vu out[4]) {
   out[3] = (vu)_mm512_permutex2var_epi32(x3[0], even, x3[1]);
 }
 #else
+// hi and lo 32 bits of k * c per lane. Explicit intrinsics where available: GCC lowers the generic 64-bit vector
+// multiply to a slow emulation (measured ~100 ns per element on AVX2), while vpmuludq on even/odd lanes is 2 uops.
+inline void mulhilo(uint32_t k, vu c, vu& hi, vu& lo) {
+#if FASTPEFT_VW == 8  // the AVX2 unit
+  const __m256i kv = _mm256_set1_epi32(int(k));
+  const __m256i a = (__m256i)c;
+  const __m256i pe = _mm256_mul_epu32(a, kv), po = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), kv);
+  hi = (vu)_mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
+  lo = (vu)_mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
+#elif FASTPEFT_VW == 4 && (defined(__x86_64__) || defined(__i386__))
+  const __m128i kv = _mm_set1_epi32(int(k));
+  const __m128i a = (__m128i)c;
+  const __m128i pe = _mm_mul_epu32(a, kv), po = _mm_mul_epu32(_mm_srli_epi64(a, 32), kv);
+  // SSE2 has no 32-bit blend: interleave the even and odd products back into lane order.
+  const __m128i h = _mm_unpacklo_epi32(_mm_shuffle_epi32(pe, 0xDD), _mm_shuffle_epi32(po, 0xDD));
+  const __m128i l = _mm_unpacklo_epi32(_mm_shuffle_epi32(pe, 0x88), _mm_shuffle_epi32(po, 0x88));
+  hi = (vu)h;
+  lo = (vu)l;
+#else
+  vu64 p = __builtin_convertvector(c, vu64) * uint64_t(k);
+  hi = __builtin_convertvector(p >> 32, vu);
+  lo = __builtin_convertvector(p, vu);
+#endif
+}
+
 inline void philox4_v(vu c0, vu c1, uint32_t k0, uint32_t k1, vu out[4]) {
   vu c2 = vu{}, c3 = vu{};
   for (int round = 0; round < 10; ++round) {

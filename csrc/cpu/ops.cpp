@@ -135,6 +135,14 @@ void check_f32(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
               " must be contiguous fp32 of shape ", shape, ", got ", t.scalar_type(), " ", t.sizes());
 }
 
+// fp32 (rows, cols) with unit column stride and any row stride (rows < 0: any number of rows).
+void check_f32_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 2 && (rows < 0 || t.size(0) == rows) && t.size(1) == cols &&
+                  t.stride(1) == 1,
+              "fastpeft._C: ", name, " must be fp32 (", rows < 0 ? std::string("M") : std::to_string(rows), ", ", cols,
+              ") with unit column stride, got ", t.scalar_type(), " ", t.sizes());
+}
+
 int64_t grain(int64_t work_per_row) {
   // About 1M multiply-adds (~0.2 ms) per task: decode-sized calls (M <= 16 at 2048 x r=16) run inline. Waking the
   // pool for less work lost more than it won, badly so on a loaded machine (measured: 2x the frozen base at M=16).
@@ -263,8 +271,7 @@ at::Tensor dora_epilogue(at::Tensor& z, const at::Tensor& base, const at::Tensor
               "fastpeft._C.dora_epilogue: z and base must be fp32 of one shape, got ", z.sizes(), " and ",
               base.sizes());
   check_f32(Bt, "Bt", {R, N});
-  TORCH_CHECK(h.scalar_type() == at::kFloat && h.dim() == 2 && h.size(0) == M && h.size(1) == R && h.stride(1) == 1,
-              "fastpeft._C.dora_epilogue: h must be fp32 (", M, ", ", R, ") with unit column stride, got ", h.sizes());
+  check_f32_rows(h, "h", M, R);
   check_f32(f, "f", {N});
   const float* bp = nullptr;
   if (bias.has_value()) {
@@ -467,8 +474,7 @@ at::Tensor lora_dx_pass(const c10::optional<at::Tensor>& dx, const c10::optional
                         const c10::optional<at::Tensor>& out_rows) {
   const int64_t r = A.size(0), Kd = A.size(1), M = g.size(0);
   check_f32(A, "A", {r, Kd});
-  TORCH_CHECK(g.scalar_type() == at::kFloat && g.dim() == 2 && g.size(1) == r && g.stride(1) == 1,
-              "fastpeft._C: g must be fp32 (M, r) with unit column stride");
+  check_f32_rows(g, "g", -1, r);
   at::Tensor dxt, xt, dA;
   if (dx.has_value()) {
     dxt = *dx;

@@ -5,14 +5,15 @@ A LoRA dropout mask is never stored. Element ``(m, k)`` of adapter ``i``'s mask 
 
     keep[m, k] = uniform(seed_i, m * K + k) >= p
 
-where, for an element offset ``o``, ``uniform(seed, o)`` is word ``o % 4`` of one Philox-4x32-10 call on the counter
-``q = o // 4``: counter ``(q_lo, q_hi, 0, 0)``, key ``(seed_lo, seed_hi)``, 10 rounds, the four output words in
-Triton's ``tl.randint4x`` order. Four consecutive elements share one call, so a pass over ``x`` runs a quarter of
-the rounds that one call per element would. The word is read as int32, folded to 31 bits (``x < 0 -> ~x``) and
-scaled by ``4.6566127342e-10`` in float32 (Triton's ``uint_to_uniform_float``); the comparison is made in float32.
-Because the Triton kernels (``tl.rand4x`` on ``o // 4``), the C++ extension, the CUDA header and this file compute
-the same function, every backend draws the same mask for the same seed, and backward regenerates forward's mask
-from the seed alone.
+where, for an element offset ``o``, ``uniform(seed, o) = h * 2**-16`` in float32 and ``h`` is the 16-bit half
+``o % 2`` (0: the low half) of word ``(o // 2) % 4`` of one Philox-4x32-10 call on the counter ``q = o // 8``:
+counter ``(q_lo, q_hi, 0, 0)``, key ``(seed_lo, seed_hi)``, 10 rounds, the four output words in Triton's
+``tl.randint4x`` order. Eight consecutive elements share one call, so a pass over ``x`` runs an eighth of the rounds
+that one call per element would. The comparison is made in float32, where ``h * 2**-16`` is exact: an element is
+kept exactly when ``h >= ceil(p * 65536)``, so ``p`` acts at a resolution of ``2**-16`` (the kept fraction is
+``1 - ceil(p * 65536) / 65536``, within ``1.6e-5`` of ``1 - p``). Because the Triton kernels (``tl.randint4x`` on
+``o // 8``), the C++ extension, the CUDA header and this file compute the same function, every backend draws the
+same mask for the same seed, and backward regenerates forward's mask from the seed alone.
 
 Torch has no uint32 arithmetic, so the words live in int64 tensors; the 32x32-bit products are split into 16-bit
 halves so that nothing overflows int64.
@@ -27,7 +28,7 @@ _ROUND_A = 0xD2511F53
 _ROUND_B = 0xCD9E8D57
 _KEY_A = 0x9E3779B9
 _KEY_B = 0xBB67AE85
-UNIFORM_SCALE = 4.6566127342e-10
+HALF_SCALE = 2.0**-16  # a 16-bit draw h as the uniform h * 2**-16 (exact in float32)
 
 
 def _mul_hi_lo(const: int, word: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,20 +58,19 @@ def philox_words(seed: int, counters: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return c0, c1, c2, c3
 
 
-def philox_uint32(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """The mask word of each non-negative int64 element offset ``o``: word ``o % 4`` of Philox on counter ``o // 4``,
-    as int64 in [0, 2**32)."""
+def philox_half(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """The 16-bit draw of each non-negative int64 element offset ``o``: half ``o % 2`` (0: low) of word
+    ``(o // 2) % 4`` of Philox on counter ``o // 8``, as int64 in [0, 2**16)."""
     offsets = offsets.to(torch.int64)
-    words = torch.stack(philox_words(seed, offsets >> 2), dim=-1)
-    return torch.gather(words, -1, (offsets & 3).unsqueeze(-1)).squeeze(-1)
+    words = torch.stack(philox_words(seed, offsets >> 3), dim=-1)
+    word = torch.gather(words, -1, ((offsets >> 1) & 3).unsqueeze(-1)).squeeze(-1)
+    return (word >> ((offsets & 1) * 16)) & 0xFFFF
 
 
 def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """The mask uniforms of element ``offsets``: float32 in [0, 1), same shape as ``offsets``."""
-    word = philox_uint32(seed, offsets)
-    as_int32 = torch.where(word >= 2**31, word - 2**32, word)
-    folded = torch.where(as_int32 < 0, ~as_int32, as_int32)
-    return folded.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
+    """The mask uniforms of element ``offsets``: float32 in [0, 1) (multiples of ``2**-16``), same shape as
+    ``offsets``."""
+    return philox_half(seed, offsets).to(torch.float32) * torch.tensor(HALF_SCALE, dtype=torch.float32)
 
 
 def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:

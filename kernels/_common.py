@@ -12,9 +12,9 @@ The low-rank down-projection ``down`` reuses the ``a`` tiles the base GEMM alrea
 and the up-projection runs in the epilogue, so ``out`` is written once. ``COLSUM`` writes per-row-block partial
 column sums of ``(acc + bias) * other`` (the IA3 vector gradients) instead of needing a second pass.
 
-Dropout masks are never stored: element ``(m, c)`` keeps iff ``dropout_keep(seed, m * drop_cols + c, p)``: word
-``o % 4`` of ``tl.rand4x(seed, o // 4)`` for the element offset ``o`` (int64), compared with ``p`` in fp32, which is
-``fastpeft._philox`` bit for bit.
+Dropout masks are never stored: element ``(m, c)`` keeps iff ``dropout_keep(seed, m * drop_cols + c, p)``: half
+``o % 2`` of word ``(o // 2) % 4`` of ``tl.randint4x(seed, o // 8)`` for the element offset ``o`` (int64), as a
+multiple of ``2**-16`` compared with ``p`` in fp32, which is ``fastpeft._philox`` bit for bit.
 """
 
 from __future__ import annotations
@@ -85,14 +85,17 @@ def next_pow2(n: int, floor: int = 16) -> int:
 # --------------------------------------------------------------------------------------------------- the kernel
 @triton.jit
 def dropout_keep(seed, offsets, p):
-    """The keep mask of non-negative int64 element ``offsets``: word ``offsets % 4`` of the Philox call on counter
-    ``offsets // 4`` (four neighbouring elements share one call in fastpeft's mask specification), as a uniform in
-    [0, 1) compared with ``p``. Each element still runs its own call here: the GPU kernels gain nothing in rounds,
-    they only draw the same mask as the CPU passes, which do share the call."""
-    u0, u1, u2, u3 = tl.rand4x(seed, offsets // 4)
-    word = offsets % 4
-    u = tl.where(word == 0, u0, tl.where(word == 1, u1, tl.where(word == 2, u2, u3)))
-    return u >= p
+    """The keep mask of non-negative int64 element ``offsets``: the 16-bit half ``offsets % 2`` (0: low) of word
+    ``(offsets // 2) % 4`` of the Philox call on counter ``offsets // 8`` (eight neighbouring elements share one call
+    in fastpeft's mask specification), as the uniform ``h * 2**-16`` compared with ``p`` in fp32. Each element still
+    runs its own call here: the GPU kernels gain nothing in rounds, they only draw the same mask as the CPU passes,
+    which do share the call."""
+    w0, w1, w2, w3 = tl.randint4x(seed, offsets // 8)
+    # Range compares on o % 8 pick the word (they compiled to fewer registers than 32-bit word indices did).
+    word = offsets % 8
+    w = tl.where(word < 2, w0, tl.where(word < 4, w1, tl.where(word < 6, w2, w3)))
+    half = tl.where(offsets % 2 == 0, w & 0xFFFF, w >> 16)
+    return half.to(tl.float32) * 1.52587890625e-05 >= p
 
 
 @triton.jit

@@ -8,6 +8,8 @@ a tiny floor). The dropout mask must equal ``fastpeft._philox`` bit for bit, on 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from checks import assert_by_dtype_rule, assert_close, assert_within_2x, rel_err
@@ -50,10 +52,10 @@ def test_mask_matches_philox_spec(isa, seed, rows, cols, p):
     assert torch.equal(got, want), f"{isa}: {(got != want).sum().item()} mask bits differ"
 
 
-@pytest.mark.parametrize("offset0", [2**32 - 21, 3 * 2**32 + 5, 2**34 - 70, 2**34 - 4 * 17, 2**40 - 7])
+@pytest.mark.parametrize("offset0", [2**35 - 21, 3 * 2**35 + 5, 2**35 - 70, 2**35 - 8 * 17, 2**40 - 7])
 def test_mask_high_counter_word(isa, offset0):
-    """Counters (offset // 4) past 2**32 use the high Philox counter word; a vector of counters that straddles the
-    wrap (offsets around 2**34) must carry. Unaligned starts and ends take the scalar quads."""
+    """Counters (offset // 8) past 2**32 use the high Philox counter word; a vector of counters that straddles the
+    wrap (offsets around 2**35) must carry. Unaligned starts and ends take the scalar calls or a cut block."""
     n, p, seed = 203, 0.4, 4242
     got = _C.keep_mask_at(seed, offset0, n, p)
     want = philox_uniform(seed, torch.arange(offset0, offset0 + n, dtype=torch.int64)) >= torch.tensor(
@@ -62,14 +64,27 @@ def test_mask_high_counter_word(isa, offset0):
     assert torch.equal(got, want)
 
 
+def test_mask_every_start_and_length(isa):
+    """A range is drawn in vector blocks of Philox calls that start at the call holding its first element: starts
+    at every position within a call, and lengths that end inside the first call, cut the first block, fill whole
+    blocks (up to two AVX-512 blocks) or end one element past them, are each the spec's elements."""
+    seed, p = 2024, 0.3
+    spec = philox_uniform(seed, torch.arange(4096, dtype=torch.int64)) >= torch.tensor(p, dtype=torch.float32)
+    for start in range(0, 17):
+        for n in (1, 2, 7, 8, 9, 15, 16, 17, 31, 63, 64, 65, 127, 128, 129, 200, 255, 256, 257, 1000):
+            got = _C.keep_mask_at(seed, start, n, p)
+            assert torch.equal(got, spec[start:start + n]), f"{isa}: start {start}, {n} elements"
+
+
 def test_mask_at_probabilities_equal_to_drawn_uniforms(isa):
-    """The vector loop compares each folded Philox word with an integer threshold found once per ``p``: ``p`` equal
-    to uniforms the mask itself draws (ties keep), the ends 0 and 1, a tiny ``p``, and probabilities alternating
-    between calls (the threshold kept for the last ``p`` must not serve another), bit-exact with the spec."""
+    """The vector loop compares each 16-bit draw with the integer threshold ``ceil(p * 65536)``: ``p`` equal to
+    uniforms the mask itself draws (ties keep), just above and below them, the ends 0 and 1, a tiny ``p``, and
+    probabilities alternating between calls, bit-exact with the spec."""
     seed, n = 31337, 4099
     u = philox_uniform(seed, torch.arange(n, dtype=torch.int64))
     drawn = u.sort().values
     probabilities = [drawn[n // 2].item(), drawn[7].item(), drawn[-1].item(), 0.0, 1.0, 1e-10, 0.5]
+    probabilities += [math.nextafter(drawn[n // 2].item(), 1.0), math.nextafter(drawn[7].item(), 0.0)]
     for p in probabilities + probabilities[::-1]:
         got = _C.keep_mask_at(seed, 0, n, p)
         want = u >= torch.tensor(p, dtype=torch.float32)

@@ -198,16 +198,16 @@ def host_reference(tmp_path_factory):
 
 @pytest.mark.parametrize("seed", [0, 1, 42, 2**31 - 1, 2**33 + 5])
 def test_cuda_philox_header_matches_python_bit_for_bit(host_reference, seed):
-    from fastpeft._philox import dropout_keep_mask, philox_uint32, philox_uniform
+    from fastpeft._philox import dropout_keep_mask, philox_half, philox_uniform
 
     rows, cols, p = 7, 131, 0.37
-    offsets = list(range(rows * cols)) + [2**32 - 1, 2**32, 2**32 + 12345, 2**34 - 1, 2**34, 2**34 + 6,
+    offsets = list(range(rows * cols)) + [2**32 - 1, 2**32, 2**32 + 12345, 2**35 - 1, 2**35, 2**35 + 6,
                                           3 * 2**40 + 7]
     out = subprocess.run([host_reference, "philox", str(seed), repr(p)], input="\n".join(map(str, offsets)),
                          capture_output=True, text=True, check=True).stdout.split()
-    words, bits, keep = (torch.tensor([int(v) for v in out[i::3]], dtype=torch.int64) for i in range(3))
+    draws, bits, keep = (torch.tensor([int(v) for v in out[i::3]], dtype=torch.int64) for i in range(3))
     offs = torch.tensor(offsets, dtype=torch.int64)
-    assert torch.equal(words, philox_uint32(seed, offs)), "Philox words differ"
+    assert torch.equal(draws, philox_half(seed, offs)), "16-bit Philox draws differ"
     assert torch.equal(bits, philox_uniform(seed, offs).view(torch.int32).to(torch.int64)), "uniforms differ"
     expected_keep = dropout_keep_mask(seed, rows, cols, p).flatten().to(torch.int64)
     assert torch.equal(keep[: rows * cols], expected_keep), "keep masks differ"

@@ -225,7 +225,7 @@ def test_philox_spec_is_tritons_randint4x(kernels_for):
     import triton
     import triton.language as tl
 
-    from fastpeft._philox import philox_uint32, philox_words
+    from fastpeft._philox import philox_half, philox_words
 
     device = kernels_for[0]
 
@@ -246,9 +246,9 @@ def test_philox_spec_is_tritons_randint4x(kernels_for):
     words_kernel[(1,)](out, counters.to(device), seed, counters.numel(), BLOCK=16)
     want = torch.stack(philox_words(seed, counters), -1).reshape(-1)
     assert torch.equal(out.cpu(), want), "fastpeft._philox words differ from tl.randint4x"
-    offsets = torch.arange(4 * 2**32 - 6, 4 * 2**32 + 6, dtype=torch.int64)
-    assert torch.equal(philox_uint32(seed, offsets),
-                       torch.stack(philox_words(seed, offsets >> 2), -1).gather(-1, (offsets & 3)[:, None])[:, 0])
+    offsets = torch.arange(8 * 2**32 - 10, 8 * 2**32 + 10, dtype=torch.int64)
+    words = torch.stack(philox_words(seed, offsets >> 3), -1).gather(-1, ((offsets >> 1) & 3)[:, None])[:, 0]
+    assert torch.equal(philox_half(seed, offsets), torch.where(offsets % 2 == 0, words & 0xFFFF, words >> 16))
 
 
 @pytest.mark.parametrize("mode", ["fused", "split", "small"])

@@ -41,8 +41,10 @@ struct QuantDesc {
 };
 
 // outer_cols draws its dropout masks in chunks of at most outer_mask_rows rows of at most outer_mask_cols columns
-// (a whole number of every ISA's strips): its scratch is min(M, outer_mask_rows) * outer_mask_cols floats.
-constexpr int64_t outer_mask_rows = 1024, outer_mask_cols = 64;
+// (the widest ISA's chunk: one AVX-512 block of Philox calls, 16 calls of 8 elements): its scratch is
+// min(M, outer_mask_rows) * outer_mask_cols floats. Threads split the columns in units of outer_split_cols (whole
+// strips of every ISA): smaller than a mask chunk, so that two threads share a few hundred columns evenly.
+constexpr int64_t outer_mask_rows = 512, outer_mask_cols = 128, outer_split_cols = 64;
 
 // Where outer_cols' masked dst update goes instead of dst itself (DoRA's dropout correction of dX in the same pass):
 //   out[m, n] = round(dst[m, n] + mask(m, n) * t(m, n) + (mask(m, n) - 1) * extra[m, n]) in dt_out,
@@ -59,8 +61,8 @@ struct MaskedCorrection {
 struct KernelTable {
   const char* isa;  // "avx512", "avx2" or "generic"
 
-  // out[i] = (uniform(seed, offset0 + i) >= p) ? scale : 0, for i < n. The canonical fastpeft mask
-  // (fastpeft._philox: word o % 4 of the Philox call on counter o / 4), bit-exact with the Triton and CUDA kernels.
+  // out[i] = (uniform(seed, offset0 + i) >= p) ? scale : 0, for i < n. The canonical fastpeft mask (fastpeft._philox:
+  // half o % 2 of word (o / 2) % 4 of the Philox call on counter o / 8), bit-exact with the Triton and CUDA kernels.
   void (*dropout_scale)(uint32_t seed, int64_t offset0, int64_t n, float p, float scale, float* out);
 
   // xa[m, j] = sum_k drop(x)[m, k] * A[j, k] for m in [m0, m1); A: (r, K) fp32; xa: (M, r) fp32 with row stride ldxa.

@@ -105,7 +105,6 @@ inline float hsum(vf v) {
 
 // ------------------------------------------------------------------------------------------- Philox-4x32-10
 constexpr uint32_t kRoundA = 0xD2511F53u, kRoundB = 0xCD9E8D57u, kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;
-constexpr float kUniformScale = 4.6566127342e-10f;
 
 // The four output words for counters (c0, c1, 0, 0) and key (seed, 0): fastpeft._philox.philox_words per lane.
 #if FASTPEFT_VW == 16  // only the AVX-512 unit uses 16 lanes (GCC does not define __AVX512F__ under a target pragma)
@@ -205,16 +204,9 @@ inline void philox4_1(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1, uint32
   out[3] = c3;
 }
 
-// u = fold31(int32(word)) * 2^-31 in fp32, as Triton's uint_to_uniform_float (the vector loop compares the folded
-// word with keep_threshold instead).
-inline float uniform_1(uint32_t word) {
-  int32_t w = int32_t(word);
-  if (w < 0) w = ~w;
-  return float(w) * kUniformScale;
-}
-
-// o (4 * VW floats in order) = m[0][0], m[1][0], m[2][0], m[3][0], m[0][1], ...: lane l of Philox call word w is
-// element 4 l + w. Two rounds of register shuffles; element-wise stores of the same cost ~1 cycle per element.
+// o (4 * VW values in order) = m[0][0], m[1][0], m[2][0], m[3][0], m[0][1], ...: lane l of Philox call word w goes
+// to position 4 l + w (the mask's word order, each word holding two draws). Two rounds of register shuffles;
+// element-wise stores of the same cost ~1 cycle per element.
 inline void interleave4(const vf m[4], vf o[4]) {
 #if FASTPEFT_VW == 16
   const vf a = __builtin_shufflevector(m[0], m[1], 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
@@ -248,59 +240,89 @@ inline void interleave4(const vf m[4], vf o[4]) {
 #endif
 }
 
-// The smallest folded word (see uniform_1) whose uniform is >= p, 2^31 where none is: since the conversion to fp32 is
-// monotonic, uniform(word) >= p exactly when fold31(word) >= this, one integer compare per element in the vector
-// loop instead of a conversion, a multiply and a float compare.
+// A mask element's 16-bit draw (fastpeft._philox): element offset o takes half o % 2 (0: the low 16 bits) of word
+// (o / 2) % 4 of the Philox call on counter o / 8, so that one call serves eight elements.
+inline uint32_t half_of(const uint32_t w[4], uint64_t o) { return (w[(o >> 1) & 3u] >> ((o & 1u) * 16u)) & 0xFFFFu; }
+
+// The smallest 16-bit draw h that keeps, i.e. with h * 2^-16 >= p in fp32 (exact: both sides are fp32 values and the
+// product is a power-of-two scaling): ceil(p * 65536). 65536 (nothing kept) for p >= 1 or NaN, 0 for p <= 0.
 inline uint32_t keep_threshold(float p) {
-  // Callers draw a mask row by row with one p: the search (31 steps) is made once per p on each thread.
-  static thread_local float last_p = 0.f;
-  static thread_local uint32_t last_threshold = 0;
-  if (p == last_p) return last_threshold;
-  uint32_t lo = 0, hi = 0x80000000u;  // the answer lies in [lo, hi]
-  while (lo < hi) {
-    const uint32_t mid = lo + (hi - lo) / 2;
-    if (uniform_1(mid) >= p) hi = mid;
-    else lo = mid + 1;
-  }
-  last_p = p;
-  last_threshold = lo;
-  return lo;
+  if (p <= 0.f) return 0;
+  if (!(p < 1.f)) return 65536;
+  const double scaled = double(p) * 65536.0;  // exact
+  const uint32_t t = uint32_t(scaled);
+  return double(t) < scaled ? t + 1 : t;
 }
 
-// out[i] = keep(offset0 + i) ? scale : 0 for i < n. Element offset o takes word o % 4 of the Philox call on counter
-// o / 4 (fastpeft._philox): the vector loop runs one call per lane for 4 * VW elements, the head and tail (offsets
-// outside whole quads of this row) one scalar call per quad.
+// (a[0], b[0], a[1], b[1], ...) over the low halves of a and b (lo) and over their high halves (hi).
+inline void zip2(vf a, vf b, vf& lo, vf& hi) {
+#if FASTPEFT_VW == 16
+  lo = __builtin_shufflevector(a, b, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  hi = __builtin_shufflevector(a, b, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+#elif FASTPEFT_VW == 8
+  lo = __builtin_shufflevector(a, b, 0, 8, 1, 9, 2, 10, 3, 11);
+  hi = __builtin_shufflevector(a, b, 4, 12, 5, 13, 6, 14, 7, 15);
+#elif FASTPEFT_VW == 4
+  lo = __builtin_shufflevector(a, b, 0, 4, 1, 5);
+  hi = __builtin_shufflevector(a, b, 2, 6, 3, 7);
+#else
+#error "zip2: no shuffle pattern for this FASTPEFT_VW"
+#endif
+}
+
+// The 8 * VW mask values of the VW Philox calls on counters q, q + 1, ...: out[j] = keep(8 q + j) ? scale : 0. The
+// calls' words are put in element order as 32-bit pairs of draws (interleave4), then each word's two halves are
+// compared and zipped.
+inline void mask_block(uint32_t seed, uint64_t q, vu iota, vu threshold, vf sv, float* out) {
+  const uint32_t lo = uint32_t(q), hi = uint32_t(q >> 32);
+  vu c0 = iota + lo;
+  vu c1 = (vu{} + hi) + ((c0 < lo) ? 1u : 0u);  // carry into the high word when the low word wraps
+  vu words[4];
+  philox4_v(c0, c1, seed, 0u, words);
+  vf wv[4], ordered[4];
+  for (int w = 0; w < 4; ++w) wv[w] = (vf)words[w];
+  interleave4(wv, ordered);
+  const vf zero = vf{};
+  for (int v = 0; v < 4; ++v) {
+    const vu pair = (vu)ordered[v];
+    const vf low = ((pair & 0xFFFFu) >= threshold) ? sv : zero, high = ((pair >> 16) >= threshold) ? sv : zero;
+    vf first, second;
+    zip2(low, high, first, second);
+    store_f32(out + 2 * v * VW, first);
+    store_f32(out + (2 * v + 1) * VW, second);
+  }
+}
+
+// out[i] = keep(offset0 + i) ? scale : 0 for i < n. Vector blocks of 8 * VW elements start at the octet (one Philox
+// call) holding offset0; a block cut by either end of the range is drawn into scratch and copied, unless it needs
+// at most two calls: those run one scalar call per octet.
 void dropout_scale(uint32_t seed, int64_t offset0, int64_t n, float p, float scale, float* out) {
-  int64_t i = 0;
-  auto scalar_quad = [&](int64_t end) {  // elements i .. end-1, all in the quad of offset0 + i
-    const uint64_t q = uint64_t(offset0 + i) >> 2;
-    uint32_t w[4];
-    philox4_1(uint32_t(q), uint32_t(q >> 32), seed, 0u, w);
-    for (; i < end; ++i) out[i] = (uniform_1(w[uint64_t(offset0 + i) & 3u]) >= p) ? scale : 0.f;
-  };
-  const int64_t lead = (4 - (offset0 & 3)) & 3, head = lead < n ? lead : n;
-  if (head > 0) scalar_quad(head);
+  constexpr int64_t kBlock = 8 * VW;
+  const uint32_t t = keep_threshold(p);
   vu iota;
   for (int l = 0; l < VW; ++l) iota[l] = uint32_t(l);
-  const vf sv = splat(scale), zero = vf{};
-  const vu threshold = vu{} + keep_threshold(p);
-  for (; i + 4 * VW <= n; i += 4 * VW) {
-    const uint64_t q = uint64_t(offset0 + i) >> 2;
-    const uint32_t lo = uint32_t(q), hi = uint32_t(q >> 32);
-    vu c0 = iota + lo;
-    vu c1 = (vu{} + hi) + ((c0 < lo) ? 1u : 0u);  // carry into the high word when the low word wraps
-    vu words[4];
-    philox4_v(c0, c1, seed, 0u, words);
-    vf m[4];
-    for (int w = 0; w < 4; ++w) {
-      const vi folded = (vi)words[w] ^ ((vi)words[w] >> 31);
-      m[w] = ((vu)folded >= threshold) ? sv : zero;
+  const vu threshold = vu{} + t;
+  const vf sv = splat(scale);
+  const int64_t end = offset0 + n;
+  for (int64_t base = offset0 & ~int64_t(7); base < end; base += kBlock) {
+    const int64_t from = base > offset0 ? base : offset0, to = (base + kBlock) < end ? (base + kBlock) : end;
+    float* dst = out + (from - offset0);
+    if (from == base && to == base + kBlock) {
+      mask_block(seed, uint64_t(base) >> 3, iota, threshold, sv, dst);
+    } else if (to - base <= 16) {
+      for (int64_t o = from; o < to;) {
+        const uint64_t q = uint64_t(o) >> 3;
+        uint32_t w[4];
+        philox4_1(uint32_t(q), uint32_t(q >> 32), seed, 0u, w);
+        for (const int64_t octet_end = int64_t(q + 1) << 3; o < to && o < octet_end; ++o)
+          out[o - offset0] = half_of(w, uint64_t(o)) >= t ? scale : 0.f;
+      }
+    } else {
+      alignas(64) float scratch[kBlock];
+      mask_block(seed, uint64_t(base) >> 3, iota, threshold, sv, scratch);
+      __builtin_memcpy(dst, scratch + (from - base), sizeof(float) * size_t(to - from));
     }
-    vf o[4];
-    interleave4(m, o);
-    for (int v = 0; v < 4; ++v) store_f32(out + i + v * VW, o[v]);
   }
-  while (i < n) scalar_quad(i + 4 < n ? i + 4 : n);
 }
 
 // buf[k] = x[k] * mask[k] (mask may be null) in fp32.
@@ -793,49 +815,52 @@ void combine_strip(int dt, void* dst, int64_t lds, int64_t M, int64_t n0, int64_
 
 static_assert(OUTER_STRIP == EXPAND_W, "combine_strip runs expand_block on whole strips");
 
-// Rows per chunk of outer_cols' reduction: bounds its mask buffer (OUTER_ROWS * outer_mask_cols floats) whatever M
-// is.
+// Rows per chunk of outer_cols' reduction: bounds its mask buffer (OUTER_ROWS * MASK_COLS floats) whatever M is.
 constexpr int64_t OUTER_ROWS = outer_mask_rows;
-static_assert(outer_mask_cols % OUTER_STRIP == 0, "outer_cols' mask chunks hold whole strips (kernels.h)");
+// Columns of a row drawn at a time: one vector block of Philox calls (dropout_scale), at least 64, whole strips, and
+// no wider than the caller's scratch rows (kernels.h's outer_mask_cols, the widest ISA's).
+constexpr int64_t MASK_COLS = 8 * VW < 64 ? 64 : 8 * VW;
+static_assert(MASK_COLS % OUTER_STRIP == 0 && MASK_COLS <= outer_mask_cols, "outer_cols' mask chunks (kernels.h)");
+static_assert(outer_split_cols % OUTER_STRIP == 0, "column_passes splits columns in whole strips (kernels.h)");
 
 // For the columns [n0, n1) of an (M, cols) problem, each column strip's dropout mask drawn once and used by both
 // products, so threads own disjoint columns and nothing is reduced afterwards:
 //   out[j * ldo + n] = sum_{m < M} coef[m * ldc + j] * drop(src)[m, n] for j < R   (if src: dA = g^T drop(x))
 //   dst[m, n] += mask(m, n) * sum_j coef[m * ldc + j] * rows[j * cols + n]        (if dst: dx += (g A) * mask)
 // drop(src)[m, n] = src[m, n] * mask(m, n), mask(m, n) = keep(m * cols + n) / (1 - p) when p > 0, else 1.
-// The mask is drawn outer_mask_cols columns of a row at a time (per chunk of OUTER_ROWS rows, into mask_buf:
-// min(M, OUTER_ROWS) * outer_mask_cols floats), whatever the ISA's strip: drawn one narrow strip at a time, a row's
-// piece is shorter than one vector Philox call covers (AVX2: 16 columns against 32) and every element took a scalar
-// call. With corr (p > 0), the dst update is written to corr's out with its correction instead (MaskedCorrection).
+// The mask is drawn MASK_COLS columns of a row at a time (per chunk of OUTER_ROWS rows, into mask_buf:
+// min(M, OUTER_ROWS) * MASK_COLS floats), whatever the ISA's strip: a strip's piece of a row is shorter than one
+// vector block of Philox calls, and would leave its elements to scalar calls. With corr (p > 0), the dst update is
+// written to corr's out with its correction instead (MaskedCorrection).
 void outer_cols(int dt, const void* src, int64_t lds, int64_t M, int64_t cols, int64_t n0, int64_t n1,
                 const float* coef, int64_t ldc, int64_t R, float p, uint32_t seed, float* out, int64_t ldo,
                 int dt_dst, void* dst, int64_t ldd, const float* rows, float* mask_buf,
                 const MaskedCorrection* corr) {
   const float scale = p > 0.f ? 1.f / (1.f - p) : 1.f;
-  for (int64_t nc = n0; nc < n1; nc += outer_mask_cols) {
-    const int64_t wc = (n1 - nc) < outer_mask_cols ? (n1 - nc) : outer_mask_cols;
+  for (int64_t nc = n0; nc < n1; nc += MASK_COLS) {
+    const int64_t wc = (n1 - nc) < MASK_COLS ? (n1 - nc) : MASK_COLS;
     for (int64_t m0 = 0; m0 < M || m0 == 0; m0 += OUTER_ROWS) {  // M == 0 still writes the zero sums
       const int64_t mc = (M - m0) < OUTER_ROWS ? (M - m0) : OUTER_ROWS;
       if (p > 0.f)
         for (int64_t m = 0; m < mc; ++m)
-          dropout_scale(seed, (m0 + m) * cols + nc, wc, p, scale, mask_buf + m * outer_mask_cols);
+          dropout_scale(seed, (m0 + m) * cols + nc, wc, p, scale, mask_buf + m * MASK_COLS);
       const float* c = coef + m0 * ldc;
       for (int64_t n = nc; n < nc + wc; n += OUTER_STRIP) {
         const int64_t w = (nc + wc - n) < OUTER_STRIP ? (nc + wc - n) : OUTER_STRIP;
         const float* mask = p > 0.f ? mask_buf + (n - nc) : nullptr;
         if (dst)
           combine_strip(dt_dst, row_ptr(dt_dst, dst, ldd, m0), ldd, mc, n, w, c, ldc, R, rows, cols, mask,
-                        outer_mask_cols, corr, m0);
+                        MASK_COLS, corr, m0);
         if (!src) continue;
         const void* srows = row_ptr(dt, src, lds, m0);
         const bool add = m0 > 0;
         for (int64_t j = 0; j < R; j += OUTER_JB) {
           switch ((R - j) < OUTER_JB ? (R - j) : OUTER_JB) {
-            case 1: outer_strip<1>(dt, srows, lds, mc, n, w, c, ldc, j, mask, outer_mask_cols, add, out, ldo); break;
-            case 2: outer_strip<2>(dt, srows, lds, mc, n, w, c, ldc, j, mask, outer_mask_cols, add, out, ldo); break;
-            case 3: outer_strip<3>(dt, srows, lds, mc, n, w, c, ldc, j, mask, outer_mask_cols, add, out, ldo); break;
+            case 1: outer_strip<1>(dt, srows, lds, mc, n, w, c, ldc, j, mask, MASK_COLS, add, out, ldo); break;
+            case 2: outer_strip<2>(dt, srows, lds, mc, n, w, c, ldc, j, mask, MASK_COLS, add, out, ldo); break;
+            case 3: outer_strip<3>(dt, srows, lds, mc, n, w, c, ldc, j, mask, MASK_COLS, add, out, ldo); break;
             default:
-              outer_strip<OUTER_JB>(dt, srows, lds, mc, n, w, c, ldc, j, mask, outer_mask_cols, add, out, ldo);
+              outer_strip<OUTER_JB>(dt, srows, lds, mc, n, w, c, ldc, j, mask, MASK_COLS, add, out, ldo);
               break;
           }
         }

@@ -410,9 +410,9 @@ void column_passes(const at::Tensor* src, at::Tensor* dst, const float* rows, in
   const void* sp = src ? src->data_ptr() : nullptr;
   void* dp = dst ? dst->data_ptr() : nullptr;
   const int64_t lds = src ? src->stride(0) : 0, ldd = dst ? dst->stride(0) : 0;
-  // Work in units of outer_mask_cols columns (a whole number of every ISA's strips): ~M * R * outer_mask_cols
+  // Work in units of outer_split_cols columns (a whole number of every ISA's strips): ~M * R * outer_split_cols
   // multiply-adds per product per unit, plus the mask's Philox draws.
-  const int64_t W = outer_mask_cols, units = (C + W - 1) / W;
+  const int64_t W = outer_split_cols, units = (C + W - 1) / W;
   const int64_t per_unit = M * W * (R * ((src ? 1 : 0) + (dst ? 1 : 0)) + (p > 0 ? 20 : 0));
   at::parallel_for(0, units, grain(per_unit), [&](int64_t b, int64_t e) {
     // Every mask element is written before it is read: no zero-filling of the scratch.

@@ -2,7 +2,7 @@
 // tests/test_cuda_compile.py so that the mask and the formulas the kernels use are checked against
 // fastpeft._philox and fastpeft.reference on a machine without a GPU. Not part of the extension.
 //
-//   host_reference philox <seed> <p>      stdin: offsets, one a line; stdout: "<word> <uniform bits> <keep>"
+//   host_reference philox <seed> <p>      stdin: offsets, one a line; stdout: "<16-bit draw> <uniform bits> <keep>"
 //   host_reference lora <in.bin> <out.bin>  fp32 LoRA forward/backward pieces, layout in read_problem below
 #include <cstdio>
 #include <cstdlib>
@@ -18,11 +18,11 @@ namespace {
 int run_philox(uint64_t seed, float p) {
   unsigned long long offset = 0;
   while (std::scanf("%llu", &offset) == 1) {
-    const uint32_t word = fastpeft::philox_word(seed, offset);
+    const uint32_t draw = fastpeft::philox_half(seed, offset);
     const float u = fastpeft::philox_uniform(seed, offset);
     uint32_t bits = 0;
     std::memcpy(&bits, &u, sizeof(bits));
-    std::printf("%u %u %d\n", word, bits, u >= p ? 1 : 0);
+    std::printf("%u %u %d\n", draw, bits, u >= p ? 1 : 0);
   }
   return 0;
 }

@@ -1,6 +1,7 @@
 // fastpeft's dropout RNG for CUDA C++: Philox-4x32-10, bit-exact with fastpeft/_philox.py and the Triton kernels'
-// dropout_keep (word offset % 4 of tl.rand4x(seed, offset / 4)). Header-only and __host__ __device__ so that the same code runs in the kernels and in a
-// host program the tests compile with g++ to compare masks bit for bit with the Python spec (no GPU needed).
+// dropout_keep (16-bit half offset % 2 of word (offset / 2) % 4 of tl.randint4x(seed, offset / 8)). Header-only and
+// __host__ __device__ so that the same code runs in the kernels and in a host program the tests compile with g++ to
+// compare masks bit for bit with the Python spec (no GPU needed).
 #pragma once
 
 #include <stdint.h>
@@ -18,8 +19,8 @@ constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;
 constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
 constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
-// 2**-31 rounded as Triton rounds it: maps a 31-bit integer into [0, 1) in float32.
-constexpr float kUniformScale = 4.6566127342e-10f;
+// 2**-16: a 16-bit draw h as the uniform h * 2**-16 in [0, 1), exact in float32.
+constexpr float kHalfScale = 1.52587890625e-05f;
 
 FASTPEFT_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
 #if defined(__CUDA_ARCH__)
@@ -29,10 +30,11 @@ FASTPEFT_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
 #endif
 }
 
-// The mask word of element offset o: word o % 4 of Philox-4x32-10 on counter (q_lo, q_hi, 0, 0), q = o / 4, with key
-// (seed_lo, seed_hi). Each element runs its own call here (the CPU passes share one call among four elements).
-FASTPEFT_HD uint32_t philox_word(uint64_t seed, uint64_t offset) {
-  const uint64_t q = offset >> 2;
+// The 16-bit draw of element offset o: half o % 2 (0: the low bits) of word (o / 2) % 4 of Philox-4x32-10 on counter
+// (q_lo, q_hi, 0, 0), q = o / 8, with key (seed_lo, seed_hi). Each element runs its own call here (the CPU passes
+// share one call among eight elements).
+FASTPEFT_HD uint32_t philox_half(uint64_t seed, uint64_t offset) {
+  const uint64_t q = offset >> 3;
   uint32_t c0 = (uint32_t)q, c1 = (uint32_t)(q >> 32), c2 = 0u, c3 = 0u;
   uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
 #if defined(__CUDACC__)
@@ -49,15 +51,14 @@ FASTPEFT_HD uint32_t philox_word(uint64_t seed, uint64_t offset) {
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
-  const uint32_t w = (uint32_t)(offset & 3u);
-  return w == 0 ? c0 : (w == 1 ? c1 : (w == 2 ? c2 : c3));
+  const uint32_t w = (uint32_t)((offset >> 1) & 3u);
+  const uint32_t word = w == 0 ? c0 : (w == 1 ? c1 : (w == 2 ? c2 : c3));
+  return (offset & 1u) ? (word >> 16) : (word & 0xFFFFu);
 }
 
-// Triton's uint_to_uniform_float: the word read as int32, folded to 31 bits (x < 0 -> ~x), scaled in float32.
+// The uniform h * 2**-16 of the 16-bit draw h, in float32 (exact).
 FASTPEFT_HD float philox_uniform(uint64_t seed, uint64_t offset) {
-  int32_t word = (int32_t)philox_word(seed, offset);
-  if (word < 0) word = ~word;
-  return (float)word * kUniformScale;
+  return (float)philox_half(seed, offset) * kHalfScale;
 }
 
 // keep[m, k] = uniform(seed, m * K + k) >= p, compared in float32.

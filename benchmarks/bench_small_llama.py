@@ -13,21 +13,25 @@ Shape: hidden 576, intermediate 1536, 9 attention heads and 3 key/value heads, 3
 - ``decode``: greedy generation of ``--new-tokens`` tokens (no early stop) from a 16-token prompt, eval mode, adapters
   unmerged; the frozen row is the model without adapters.
 
-All models are built from one seed and timed in interleaved rounds (medians). The overhead column is the step's time
-over the frozen model's minus 1.
+All models are built from one seed and timed in interleaved rounds; the ms columns are medians over the rounds. The
+overhead columns are paired: in each round a model's time over the frozen model's of the same round, minus 1, and
+the median of that over the rounds (the host's speed changes between rounds cancel in each ratio). The last columns
+divide fastpeft's paired overhead by PEFT's: the ratio of the two medians, and the quartiles of the ratio taken round
+by round (how much one run can move it).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import warnings
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from side_by_side import interleaved_medians  # noqa: E402
+from side_by_side import interleaved_times, paired_overheads  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -94,8 +98,8 @@ def main(argv=None):
     print(f"SmolLM2-135M-shaped LLaMA, {args.layers} layers, r=16 on {len(TARGETS)} projections, dropout 0.05, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print("| dtype | mode | frozen ms | peft ms | fastpeft ms | peft overhead | fastpeft overhead | fastpeft/peft "
-          "overhead |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "overhead | per-round quartiles |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.dtypes:
         dtype = DTYPES[name]
         models = {p: build(args, dtype, p) for p in ("frozen", "peft", "fastpeft")}
@@ -113,11 +117,15 @@ def main(argv=None):
 
         for mode in args.modes:
             run = step if mode == "train-step" else decode
-            t = interleaved_medians(models, run, args.rounds)
-            over = {p: t[p] / t["frozen"] - 1 for p in ("peft", "fastpeft")}
+            times = interleaved_times(models, run, args.rounds)
+            t = {p: statistics.median(ts) for p, ts in times.items()}
+            paired = paired_overheads(times, "frozen")
+            over = {p: statistics.median(paired[p]) for p in ("peft", "fastpeft")}
             ratio = over["fastpeft"] / over["peft"] if over["peft"] > 0 else float("nan")
+            per_round = [f / q for f, q in zip(paired["fastpeft"], paired["peft"]) if q > 0]
+            q1, _, q3 = statistics.quantiles(per_round, n=4) if len(per_round) >= 2 else (float("nan"),) * 3
             print(f"| {name} | {mode} | {t['frozen']:.1f} | {t['peft']:.1f} | {t['fastpeft']:.1f} | "
-                  f"{over['peft']:+.1%} | {over['fastpeft']:+.1%} | {ratio:.2f} |", flush=True)
+                  f"{over['peft']:+.1%} | {over['fastpeft']:+.1%} | {ratio:.2f} | {q1:.2f}-{q3:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -389,9 +389,9 @@ constexpr int MB = 4;
 // vector fit its 32 registers, and each activation load feeds four FMAs), two where 16 registers would spill.
 constexpr int DOT_J = VW == 16 ? 4 : 2;
 
-// out[i * ldo + j] = sum_k X[i][k] * A[j, k] for i < NB, j < r. X: NB rows of K floats, K apart.
+// out[i * ldo + j] = sum_k X[i][k] * A[j, k] for i < NB, j < r. X: NB rows of K floats, ldx apart.
 template <int NB>
-void dot_block(const float* X, const float* A, int64_t r, int64_t K, float* out, int64_t ldo) {
+void dot_block(const float* X, int64_t ldx, const float* A, int64_t r, int64_t K, float* out, int64_t ldo) {
   for (int64_t j = 0; j < r; j += DOT_J) {
     const int64_t nj = (r - j) < DOT_J ? (r - j) : DOT_J;
     const float* a[DOT_J];
@@ -404,31 +404,31 @@ void dot_block(const float* X, const float* A, int64_t r, int64_t K, float* out,
       vf v[DOT_J];
       for (int q = 0; q < DOT_J; ++q) v[q] = load_f32(a[q] + k);
       for (int i = 0; i < NB; ++i) {
-        const vf xv = load_f32(X + i * K + k);
+        const vf xv = load_f32(X + i * ldx + k);
         for (int q = 0; q < DOT_J; ++q) s[i][q] += xv * v[q];
       }
     }
     for (int i = 0; i < NB; ++i)
       for (int q = 0; q < nj; ++q) {
         float t = hsum(s[i][q]);
-        for (int64_t kk = k; kk < K; ++kk) t += X[i * K + kk] * a[q][kk];
+        for (int64_t kk = k; kk < K; ++kk) t += X[i * ldx + kk] * a[q][kk];
         out[i * ldo + j + q] = t;
       }
   }
 }
 
-// acc[:] += sum_i coef[i] * X[i][:] for i < NB (X rows K apart): one read-modify-write of acc per row block.
+// acc[:] += sum_i coef[i] * X[i][:] for i < NB (X rows ldx apart): one read-modify-write of acc per row block.
 template <int NB>
-void axpy_block(float* acc, const float* coef, const float* X, int64_t K) {
+void axpy_block(float* acc, const float* coef, const float* X, int64_t ldx, int64_t K) {
   int64_t k = 0;
   for (; k + VW <= K; k += VW) {
     vf v = load_f32(acc + k);
-    for (int i = 0; i < NB; ++i) v += coef[i] * load_f32(X + i * K + k);
+    for (int i = 0; i < NB; ++i) v += coef[i] * load_f32(X + i * ldx + k);
     store_f32(acc + k, v);
   }
   for (; k < K; ++k) {
     float v = acc[k];
-    for (int i = 0; i < NB; ++i) v += coef[i] * X[i * K + k];
+    for (int i = 0; i < NB; ++i) v += coef[i] * X[i * ldx + k];
     acc[k] = v;
   }
 }
@@ -449,6 +449,11 @@ void xa_rows(int dt, const void* x, int64_t ldx, int64_t K, int64_t m0, int64_t 
   const float scale = p > 0.f ? 1.f / (1.f - p) : 1.f;
   for (int64_t mb = m0; mb < m1; mb += MB) {
     const int nb = int((m1 - mb) < MB ? (m1 - mb) : MB);
+    if (dt == kF32 && p <= 0.f) {  // fp32 rows without dropout are read where they lie
+      FASTPEFT_BLOCK(nb, dot_block<NB>(static_cast<const float*>(row_ptr(dt, x, ldx, mb)), ldx, A, r, K,
+                                       xa + mb * ldxa, ldxa))
+      continue;
+    }
     for (int i = 0; i < nb; ++i) {
       float* row = buf + i * K;
       const void* xrow = row_ptr(dt, x, ldx, mb + i);
@@ -459,7 +464,7 @@ void xa_rows(int dt, const void* x, int64_t ldx, int64_t K, int64_t m0, int64_t 
         load_row(dt, xrow, K, nullptr, row);
       }
     }
-    FASTPEFT_BLOCK(nb, dot_block<NB>(buf, A, r, K, xa + mb * ldxa, ldxa))
+    FASTPEFT_BLOCK(nb, dot_block<NB>(buf, K, A, r, K, xa + mb * ldxa, ldxa))
   }
 }
 
@@ -571,14 +576,21 @@ void dy_rows(int dt, const void* dy, int64_t lddy, int64_t N, int64_t m0, int64_
              const float* svec, float* g, float* colsum, float* buf) {
   for (int64_t mb = m0; mb < m1; mb += MB) {
     const int nb = int((m1 - mb) < MB ? (m1 - mb) : MB);
-    for (int i = 0; i < nb; ++i) load_row(dt, row_ptr(dt, dy, lddy, mb + i), N, nullptr, buf + i * N);
+    // fp32 rows are read where they lie; 16-bit ones widened into buf first.
+    const float* rows = static_cast<const float*>(row_ptr(dt, dy, lddy, mb));
+    int64_t ld = lddy;
+    if (dt != kF32) {
+      for (int i = 0; i < nb; ++i) load_row(dt, row_ptr(dt, dy, lddy, mb + i), N, nullptr, buf + i * N);
+      rows = buf;
+      ld = N;
+    }
     float* gm = g + mb * R;
-    FASTPEFT_BLOCK(nb, dot_block<NB>(buf, Bt, R, N, gm, R))
+    FASTPEFT_BLOCK(nb, dot_block<NB>(rows, ld, Bt, R, N, gm, R))
     for (int i = 0; i < nb; ++i)
       for (int64_t j = 0; j < R; ++j) gm[i * R + j] *= svec[j];
     if (colsum) {
       const float ones[MB] = {1.f, 1.f, 1.f, 1.f};
-      FASTPEFT_BLOCK(nb, axpy_block<NB>(colsum, ones, buf, N))
+      FASTPEFT_BLOCK(nb, axpy_block<NB>(colsum, ones, rows, ld, N))
     }
   }
 }

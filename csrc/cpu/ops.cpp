@@ -826,22 +826,41 @@ at::Tensor quant_grad_x(const at::Tensor& dy, const py::tuple& qt, int64_t tile_
   return dx;
 }
 
-// Backward of one fp32 adapter at decode-sized M, every step in one call (from Python each of the ~10 small
-// products and reductions cost a dispatch comparable to its arithmetic):
+// Backward of one fp32-weight adapter, every step in one call (from Python each of the ~10 small products and
+// reductions cost a dispatch comparable to its arithmetic at decode-sized M):
 //   g = s dy B;  dB = s dy^T h;  db = s sum_m dy;  dx = dy W + (g A) * mask;  dA = g^T drop(x)
-// dy (M, N), W (N, K) (any strides), x (M, K) or None (no dA), A (r, K) contiguous, B (N, r), h (M, r): fp32.
+// dy (M, N), W (N, K) (any strides) and x (M, K) or None (no dA) of one dtype; A (r, K), B (N, r), h (M, r) fp32.
+// fp32 dy: BLAS or, at M <= 4, plain loops; bf16/fp16 dy: dy W by at::mm, then lora_dy_pass and lora_dx_pass.
 // Returns [dx or undefined (need_dx false), dA or undefined, dB, db].
 std::vector<at::Tensor> lora_small_backward(const at::Tensor& dy, const at::Tensor& W, const c10::optional<at::Tensor>& x,
                                             const at::Tensor& A, const at::Tensor& B, const at::Tensor& h, double s,
                                             double p, int64_t seed, bool need_dx) {
+  const bool narrow = dy.scalar_type() != at::kFloat;
   for (const at::Tensor* t : {&dy, &W, &A, &B, &h})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->device().is_cpu(),
-                "fastpeft._C: lora_small_backward takes 2-D fp32 CPU tensors");
+    TORCH_CHECK(t->dim() == 2 && t->device().is_cpu(), "fastpeft._C: lora_small_backward takes 2-D CPU tensors");
+  for (const at::Tensor* t : {&A, &B, &h})
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "fastpeft._C: lora_small_backward takes fp32 A, B and h");
+  TORCH_CHECK(W.scalar_type() == dy.scalar_type() && (!x.has_value() || x->scalar_type() == dy.scalar_type()),
+              "fastpeft._C: lora_small_backward takes dy, W and x of one dtype, got ", dy.scalar_type(), ", ",
+              W.scalar_type(), (x.has_value() ? ", " : ""), (x.has_value() ? x->scalar_type() : dy.scalar_type()));
   const int64_t M = dy.size(0), N = dy.size(1), r = A.size(0), Kd = A.size(1);
   TORCH_CHECK(B.sizes() == at::IntArrayRef({N, r}) && h.sizes() == at::IntArrayRef({M, r}) && W.size(0) == N &&
                   W.size(1) == Kd,
               "fastpeft._C: lora_small_backward shapes disagree");
   at::Tensor dx = need_dx ? at::mm(dy, W) : at::Tensor();
+  if (narrow) {
+    // bf16/fp16 dY, W and x: the fused route's passes (fp32 arithmetic, dX rounded once in place), in one call
+    // instead of one Python-side call each.
+    const at::Tensor dyc = dy.stride(1) == 1 ? dy : dy.contiguous();
+    auto gdb = lora_dy_pass(dyc, stack_transposed({B}), h.contiguous(), at::full({r}, s, at::kFloat), true, true);
+    c10::optional<at::Tensor> acc = need_dx ? c10::optional<at::Tensor>(dx) : c10::nullopt;
+    c10::optional<at::Tensor> xr =
+        x.has_value() ? c10::optional<at::Tensor>(x->stride(1) == 1 ? *x : x->contiguous()) : c10::nullopt;
+    at::Tensor dA = (acc.has_value() || xr.has_value())
+                        ? lora_dx_pass(acc, xr, A.contiguous(), gdb[0], p, seed, c10::nullopt, c10::nullopt)
+                        : at::Tensor();
+    return {dx, dA, gdb[1], gdb[2].mul_(s)};
+  }
   // M <= 4: the rank-r products are a few thousand multiply-adds: plain loops on the calling thread (each at::mm
   // cost ~20 us of dispatch and thread-pool wake-up here, more than its arithmetic). Larger M: BLAS (the loops are
   // SSE2 only, this file has no -mavx2, and reach 2M multiply-adds at M=16).
@@ -961,7 +980,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("B"), py::arg("lora_scale"), py::arg("A") = py::none());
   m.def("quant_grad_x", &fastpeft::quant_grad_x, "(dy32, qweight, tile_rows|0) -> dy w (M, K) fp32");
   m.def("lora_small_backward", &fastpeft::lora_small_backward, "(dy, W, x|None, A, B, h, s, p, seed, need_dx) -> "
-        "[dx, dA, dB, db] for one fp32 adapter (decode-sized M)");
+        "[dx, dA, dB, db] for one fp32 adapter, dy/W/x fp32 or all bf16/fp16");
   m.def("strip_mm", &fastpeft::strip_mm, "(a (M, N), w (N, K)) -> a w (M, K) fp32: w read once in column strips, "
         "exact products, fp32 sums");
   m.def("lora_dx_pass", &fastpeft::lora_dx_pass, "(dx|None, x|None, A32, g32, p, seed, extra=None, out=None) -> dA32 "

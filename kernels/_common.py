@@ -91,7 +91,7 @@ def dropout_keep(seed, offsets, p):
     runs its own call here: the GPU kernels gain nothing in rounds, they only draw the same mask as the CPU passes,
     which do share the call."""
     w0, w1, w2, w3 = tl.randint4x(seed, offsets // 8)
-    # Range compares on o % 8 pick the word (they compiled to fewer registers than 32-bit word indices did).
+    # Range compares on o % 8 pick the word: selecting by a word index costs the fused GEMM registers (stack at r=64).
     word = offsets % 8
     w = tl.where(word < 2, w0, tl.where(word < 4, w1, tl.where(word < 6, w2, w3)))
     half = tl.where(offsets % 2 == 0, w & 0xFFFF, w >> 16)

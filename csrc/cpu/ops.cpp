@@ -826,7 +826,7 @@ at::Tensor quant_grad_x(const at::Tensor& dy, const py::tuple& qt, int64_t tile_
   return dx;
 }
 
-// Backward of one fp32-weight adapter, every step in one call (from Python each of the ~10 small products and
+// Backward of one adapter with fp32 A and B, every step in one call (from Python each of the ~10 small products and
 // reductions cost a dispatch comparable to its arithmetic at decode-sized M):
 //   g = s dy B;  dB = s dy^T h;  db = s sum_m dy;  dx = dy W + (g A) * mask;  dA = g^T drop(x)
 // dy (M, N), W (N, K) (any strides) and x (M, K) or None (no dA) of one dtype; A (r, K), B (N, r), h (M, r) fp32.

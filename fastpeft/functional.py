@@ -404,7 +404,9 @@ def settled_lora_linear(x: torch.Tensor, weight, transposed: bool, bias: Optiona
     if not may_settle(x):
         return None
     x2, _ = _flatten(x)
-    found = settled_route("lora_forward", x2, weight.t() if transposed else weight, lora_A)
+    w = weight.t() if transposed else weight
+    backend = get_backend(x2, w)
+    found = backend.settled_route("lora_forward", x2, w, lora_A)
     if found is None:
         return None
     forward = found[1]
@@ -413,7 +415,7 @@ def settled_lora_linear(x: torch.Tensor, weight, transposed: bool, bias: Optiona
     if transposed:
         function = lambda x2: forward(x2, weight.t(), *rest)[0]  # noqa: E731
     else:
-        special = get_backend(x2, weight).settled_forward(found[0], weight, *rest[:5])
+        special = backend.settled_forward(found[0], weight, *rest[:5])
         if special is not None:
             return SettledCall(x2, {"lora_forward": found}, special, any_rows=True)
         function = lambda x2: forward(x2, weight, *rest)[0]  # noqa: E731

@@ -109,8 +109,7 @@ ROUTES: dict[str, dict[str, str]] = {
                        "fp32 sums: fastpeft._C.widened_mm_nn over oneDNN's bf16 block kernel), dX rounded once",
         "decoded_fused": "a quantized weight decoded into a reused buffer of dY's dtype and the vendor GEMM for dY W "
                          "(compose's), fused's C++ passes over dY and over x and dX for the adapters",
-        "small": "one C++ call for the whole single-adapter backward: fp32 by BLAS (plain loops at M <= 4), bf16/fp16 "
-                 "by fused's passes",
+        "small": "one C++ call for the whole fp32 single-adapter backward",
         "gemv": "fused with dY W by one pass over the weight in column strips, every dY row at once "
                 "(fastpeft._C.strip_mm: exact products of dY's dtype, fp32 sums), dX rounded once",
         "passes": "Triton: dY W by the vendor GEMM, G = dY B by the down-projection kernel, the masked G A by the "
@@ -192,7 +191,7 @@ ROUTE_LIMITS: dict[str, str] = {
     "decoded_fused": "a quantized weight (for a dense one it is fused)",
     "gemv": "a dense weight of unit column stride (not a transposed fan_in_fan_out view), or (forward only) a "
             "quantized weight",
-    "small": "one adapter, fp32, on a dense weight of dY's dtype (fp32, bf16 or fp16)",
+    "small": "dense fp32 dY, weight and adapters, one adapter whose A is contiguous",
     "fused (IA3)": "a quantized weight (for a dense one it is compose)",
     "bnb_native": "forward only. CPU: bitsandbytes with its AVX-512 BF16 CPU kernel loaded; a 4-bit weight with "
                   "K % blocksize == 0 (that kernel decodes blocks that straddle two rows wrongly) and N % 32 == 0 "

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from checks import assert_by_dtype_rule, assert_close, assert_within_2x, rel_err
+from checks import CallCounter, assert_by_dtype_rule, assert_close, assert_within_2x, rel_err
 
 from fastpeft import reference as spec
 from fastpeft import routing as routes
@@ -204,7 +204,7 @@ def test_lora_matches_reference(case, xdt, adt, p):
             assert_by_dtype_rule(f"{route}: dB[{i}]", got[2][i], ref[2][i], ora[2][i], all_fp32=exact)
             assert_by_dtype_rule(f"{route}: dbias[{i}]", got[3][i], ref[3][i], ora[3][i], all_fp32=exact)
     expected = {"compose", "fused"} | ({"compose_fp32", "fused_fp32"} if xdt != "fp32" else set())
-    expected |= {"small"} if (adt == "fp32" and len(ranks) == 1) else set()
+    expected |= {"small"} if (exact and len(ranks) == 1) else set()
     expected |= {"fused_pairs"} if pairs else set()
     expected |= {"gemv"} if layout != "transposed" else set()
     assert set(ran) == expected, f"backward routes run: {ran}"
@@ -519,34 +519,45 @@ def test_widened_mm_rejects_what_it_cannot_multiply():
         _C.widened_mm_nn(torch.ones(2, 4, dtype=torch.bfloat16), torch.ones(3, 4, dtype=torch.bfloat16))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 @pytest.mark.parametrize("M,K,N", [(1, 37, 29), (16, 130, 67), (77, 64, 200)])
-def test_small_route_on_16bit_is_fused_arithmetic_in_one_call(dtype, p, M, K, N):
-    """``small`` with a bf16/fp16 dY and weight runs the ``fused`` route's passes (``dY W`` by torch, then
-    ``lora_dy_pass`` and ``lora_dx_pass``) inside one C++ call: every output bit-equal to ``fused``'s, a strided x
-    and dY included; a weight of another dtype is refused by name."""
+def test_fused_backward_of_one_fp32_adapter_is_one_call_of_its_passes(monkeypatch, dtype, p, M, K, N):
+    """The ``fused`` backward of one fp32 adapter with ``dY W`` in ``dY``'s dtype is one ``_C.lora_fused_backward``
+    call: every output bit-equal to its passes called one by one (``lora_dy_pass``, torch's ``dY W``,
+    ``lora_dx_pass``), a strided x and dY included, with and without dX and dA; ``dY``, ``W`` and ``x`` of different
+    dtypes are refused by name."""
+    from fastpeft.backends import cpu as cpu_backend
+
     g = torch.Generator().manual_seed(M + K + N)
     x = torch.randn(M, 2 * K, generator=g)[:, ::2].to(dtype)
     W = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
     A, B = torch.randn(16, K, generator=g) / K ** 0.5, torch.randn(N, 16, generator=g)
     dy = torch.randn(N, M, generator=g).to(dtype).t()
-    xa = [_C.lora_xa(x.contiguous(), A, p, 77)]
-    args = (dy, x, W, [A], [B], xa, [1.5], [p], [77], True, True)
+    h = _C.lora_xa(x.contiguous(), A, p, 77)
+    dyc = dy.contiguous()  # the backend's rows
+    g_, dB, colsum = _C.lora_dy_pass(dyc, _C.stack_transposed([B]), h, torch.full((16,), 1.5), True, True)
+    dx = torch.mm(dyc, W)
+    dA = _C.lora_dx_pass(dx, x.contiguous(), A, g_, p, 77, None, None)
+    calls = CallCounter(monkeypatch, cpu_backend._C, "lora_fused_backward")
+    routes.set_route("lora_backward", "fused")
     try:
-        routes.set_route("lora_backward", "fused")
-        want = CPU.lora_backward(*args)
-        assert routes.last_route("lora_backward") == "fused"
-        routes.set_route("lora_backward", "small")
-        got = CPU.lora_backward(*args)
-        assert routes.last_route("lora_backward") == "small"
+        for needs_dx, needs_dA in ((True, True), (True, False), (False, True)):
+            got = CPU.lora_backward(dy, x, W, [A], [B], [h], [1.5], [p], [77], needs_dx, needs_dA)
+            assert routes.last_route("lora_backward") == "fused"
+            assert (got[0] is None) != needs_dx and (got[1][0] is None) != needs_dA
+            if needs_dx:
+                assert torch.equal(got[0], dx), "dx"
+            if needs_dA:
+                assert torch.equal(got[1][0], dA), "dA"
+            assert torch.equal(got[2][0], dB), "dB"
+            assert torch.equal(got[3][0], colsum * 1.5), "dbias"
     finally:
         routes.set_route("lora_backward", None)
-    assert torch.equal(got[0], want[0]), "dx"
-    for name, i in (("dA", 1), ("dB", 2), ("dbias", 3)):
-        assert torch.equal(got[i][0], want[i][0]), name
-    with pytest.raises(RuntimeError, match="dy, W and x of one dtype"):
-        _C.lora_small_backward(dy, W.float(), x, A, B, xa[0], 1.5, p, 77, True)
+    assert calls.calls == 3
+    other = torch.float32 if dtype != torch.float32 else torch.bfloat16
+    with pytest.raises(RuntimeError, match="lora_fused_backward: dy, W and x must have one dtype"):
+        _C.lora_fused_backward(dy, W.to(other), x, A, B, h, 1.5, p, 77)
 
 
 @pytest.mark.parametrize("route", ["compose", "fused", "small", "gemv"])

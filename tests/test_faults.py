@@ -22,7 +22,9 @@ from fastpeft import functional, reference
 from fastpeft.functional import draw_seeds
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PROPERTY = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Derandomized: every run draws the same examples (the measured routes may differ between runs; the examples must
+# not, or a run fails on an example no other run saw).
+PROPERTY = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
 
 def _make_x(M, K, dtype, strided, g):

@@ -204,33 +204,40 @@ inline void philox4_1(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1, uint32
   out[3] = c3;
 }
 
-// o (4 * VW values in order) = m[0][0], m[1][0], m[2][0], m[3][0], m[0][1], ...: lane l of Philox call word w goes
-// to position 4 l + w (the mask's word order, each word holding two draws). Two rounds of register shuffles;
-// element-wise stores of the same cost ~1 cycle per element.
-inline void interleave4(const vf m[4], vf o[4]) {
+// (a[0], b[0], a[1], b[1], ...) over the low halves of a and b (lo) and over their high halves (hi).
+inline void zip2(vf a, vf b, vf& lo, vf& hi) {
 #if FASTPEFT_VW == 16
-  const vf a = __builtin_shufflevector(m[0], m[1], 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const vf b = __builtin_shufflevector(m[0], m[1], 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  const vf c = __builtin_shufflevector(m[2], m[3], 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const vf d = __builtin_shufflevector(m[2], m[3], 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  lo = __builtin_shufflevector(a, b, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  hi = __builtin_shufflevector(a, b, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+#elif FASTPEFT_VW == 8
+  lo = __builtin_shufflevector(a, b, 0, 8, 1, 9, 2, 10, 3, 11);
+  hi = __builtin_shufflevector(a, b, 4, 12, 5, 13, 6, 14, 7, 15);
+#elif FASTPEFT_VW == 4
+  lo = __builtin_shufflevector(a, b, 0, 4, 1, 5);
+  hi = __builtin_shufflevector(a, b, 2, 6, 3, 7);
+#else
+#error "zip2: no shuffle pattern for this FASTPEFT_VW"
+#endif
+}
+
+// o (4 * VW values in order) = m[0][0], m[1][0], m[2][0], m[3][0], m[0][1], ...: lane l of Philox call word w goes
+// to position 4 l + w (the mask's word order, each word holding two draws). Two rounds of register shuffles (zip2,
+// then the same on pairs of lanes); element-wise stores of the same cost ~1 cycle per element.
+inline void interleave4(const vf m[4], vf o[4]) {
+  vf a, b, c, d;
+  zip2(m[0], m[1], a, b);
+  zip2(m[2], m[3], c, d);
+#if FASTPEFT_VW == 16
   o[0] = __builtin_shufflevector(a, c, 0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
   o[1] = __builtin_shufflevector(a, c, 8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
   o[2] = __builtin_shufflevector(b, d, 0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
   o[3] = __builtin_shufflevector(b, d, 8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
 #elif FASTPEFT_VW == 8
-  const vf a = __builtin_shufflevector(m[0], m[1], 0, 8, 1, 9, 2, 10, 3, 11);
-  const vf b = __builtin_shufflevector(m[0], m[1], 4, 12, 5, 13, 6, 14, 7, 15);
-  const vf c = __builtin_shufflevector(m[2], m[3], 0, 8, 1, 9, 2, 10, 3, 11);
-  const vf d = __builtin_shufflevector(m[2], m[3], 4, 12, 5, 13, 6, 14, 7, 15);
   o[0] = __builtin_shufflevector(a, c, 0, 1, 8, 9, 2, 3, 10, 11);
   o[1] = __builtin_shufflevector(a, c, 4, 5, 12, 13, 6, 7, 14, 15);
   o[2] = __builtin_shufflevector(b, d, 0, 1, 8, 9, 2, 3, 10, 11);
   o[3] = __builtin_shufflevector(b, d, 4, 5, 12, 13, 6, 7, 14, 15);
 #elif FASTPEFT_VW == 4
-  const vf a = __builtin_shufflevector(m[0], m[1], 0, 4, 1, 5);
-  const vf b = __builtin_shufflevector(m[0], m[1], 2, 6, 3, 7);
-  const vf c = __builtin_shufflevector(m[2], m[3], 0, 4, 1, 5);
-  const vf d = __builtin_shufflevector(m[2], m[3], 2, 6, 3, 7);
   o[0] = __builtin_shufflevector(a, c, 0, 1, 4, 5);
   o[1] = __builtin_shufflevector(a, c, 2, 3, 6, 7);
   o[2] = __builtin_shufflevector(b, d, 0, 1, 4, 5);
@@ -254,21 +261,6 @@ inline uint32_t keep_threshold(float p) {
   return double(t) < scaled ? t + 1 : t;
 }
 
-// (a[0], b[0], a[1], b[1], ...) over the low halves of a and b (lo) and over their high halves (hi).
-inline void zip2(vf a, vf b, vf& lo, vf& hi) {
-#if FASTPEFT_VW == 16
-  lo = __builtin_shufflevector(a, b, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  hi = __builtin_shufflevector(a, b, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-#elif FASTPEFT_VW == 8
-  lo = __builtin_shufflevector(a, b, 0, 8, 1, 9, 2, 10, 3, 11);
-  hi = __builtin_shufflevector(a, b, 4, 12, 5, 13, 6, 14, 7, 15);
-#elif FASTPEFT_VW == 4
-  lo = __builtin_shufflevector(a, b, 0, 4, 1, 5);
-  hi = __builtin_shufflevector(a, b, 2, 6, 3, 7);
-#else
-#error "zip2: no shuffle pattern for this FASTPEFT_VW"
-#endif
-}
 
 // The 8 * VW mask values of the VW Philox calls on counters q, q + 1, ...: out[j] = keep(8 q + j) ? scale : 0. The
 // calls' words are put in element order as 32-bit pairs of draws (interleave4), then each word's two halves are

@@ -721,6 +721,13 @@ at::Tensor quant_linear(const at::Tensor& x, const py::tuple& qt, const c10::opt
   return y;
 }
 
+// out[m * C + c] = float(in[m * ld + c]) for a 16-bit element type T (c10's exact widening).
+template <typename T>
+void widen_rows(const T* in, int64_t ld, int64_t M, int64_t C, float* out) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < C; ++c) out[m * C + c] = float(in[m * ld + c]);
+}
+
 // t (M, K) as contiguous fp32: a 16-bit t with unit column stride widened by a plain loop here (torch's conversion
 // costs a dispatch that matters at decode sizes), anything else by torch.
 at::Tensor widened_rows(const at::Tensor& t) {
@@ -729,32 +736,23 @@ at::Tensor widened_rows(const at::Tensor& t) {
     return contiguous_f32(t);
   const int64_t M = t.size(0), C = t.size(1), ld = t.stride(0);
   auto out = at::empty({M, C}, at::kFloat);
-  float* o = out.data_ptr<float>();
-  if (st == at::kBFloat16) {
-    const at::BFloat16* p = t.data_ptr<at::BFloat16>();
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t c = 0; c < C; ++c) o[m * C + c] = float(p[m * ld + c]);
-  } else {
-    const at::Half* p = t.data_ptr<at::Half>();
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t c = 0; c < C; ++c) o[m * C + c] = float(p[m * ld + c]);
-  }
+  if (st == at::kBFloat16) widen_rows(t.data_ptr<at::BFloat16>(), ld, M, C, out.data_ptr<float>());
+  else widen_rows(t.data_ptr<at::Half>(), ld, M, C, out.data_ptr<float>());
   return out;
+}
+
+// out[i] = T(in[i]) for i < n: c10's round-to-nearest-even conversion, as torch's .to.
+template <typename T>
+void narrow_all(const float* in, int64_t n, T* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = T(in[i]);
 }
 
 // y (M, N) fp32 contiguous rounded to bf16/fp16 (round to nearest even, c10's conversions, as torch's .to).
 at::Tensor narrowed_rows(const at::Tensor& y, at::ScalarType st) {
   if (st != at::kBFloat16 && st != at::kHalf) return y.to(st);
   auto out = at::empty(y.sizes(), y.options().dtype(st));
-  const float* p = y.data_ptr<float>();
-  const int64_t n = y.numel();
-  if (st == at::kBFloat16) {
-    at::BFloat16* o = out.data_ptr<at::BFloat16>();
-    for (int64_t i = 0; i < n; ++i) o[i] = at::BFloat16(p[i]);
-  } else {
-    at::Half* o = out.data_ptr<at::Half>();
-    for (int64_t i = 0; i < n; ++i) o[i] = at::Half(p[i]);
-  }
+  if (st == at::kBFloat16) narrow_all(y.data_ptr<float>(), y.numel(), out.data_ptr<at::BFloat16>());
+  else narrow_all(y.data_ptr<float>(), y.numel(), out.data_ptr<at::Half>());
   return out;
 }
 
@@ -826,41 +824,47 @@ at::Tensor quant_grad_x(const at::Tensor& dy, const py::tuple& qt, int64_t tile_
   return dx;
 }
 
-// Backward of one adapter with fp32 A and B, every step in one call (from Python each of the ~10 small products and
-// reductions cost a dispatch comparable to its arithmetic at decode-sized M):
+// The fused backward of one adapter with fp32 A, B and h, in one call (each Python-side call of the sequence costs
+// microseconds, which add up at small M): dx = dy W by at::mm in dy's dtype (W given), then lora_dy_pass (g, dB,
+// the column sums) and lora_dx_pass (dx += (g A) * mask in place, dA = g^T drop(x) when x is given). dy (M, N), W
+// (N, K) and x (M, K) activations of one dtype (fp32, bf16 or fp16; any row stride). Returns [dx or undefined, dA or
+// undefined, dB, db = s sum_m dy].
+std::vector<at::Tensor> lora_fused_backward(const at::Tensor& dy, const c10::optional<at::Tensor>& W,
+                                            const c10::optional<at::Tensor>& x, const at::Tensor& A,
+                                            const at::Tensor& B, const at::Tensor& h, double s, double p,
+                                            int64_t seed) {
+  const int64_t r = A.dim() == 2 ? A.size(0) : -1;
+  TORCH_CHECK((!W.has_value() || W->scalar_type() == dy.scalar_type()) &&
+                  (!x.has_value() || x->scalar_type() == dy.scalar_type()),
+              "fastpeft._C.lora_fused_backward: dy, W and x must have one dtype, got dy ", dy.scalar_type(),
+              W.has_value() ? ", W " : "", W.has_value() ? W->scalar_type() : dy.scalar_type(),
+              x.has_value() ? ", x " : "", x.has_value() ? x->scalar_type() : dy.scalar_type());
+  const at::Tensor dyc = dy.dim() == 2 && dy.stride(1) != 1 ? dy.contiguous() : dy;
+  auto gdb = lora_dy_pass(dyc, stack_transposed({B}), h, at::full({r}, s, at::kFloat), true, true);
+  c10::optional<at::Tensor> dx, xr;
+  if (W.has_value()) dx = at::mm(dy, *W);
+  if (x.has_value()) xr = x->dim() == 2 && x->stride(1) != 1 ? x->contiguous() : *x;
+  at::Tensor dA;
+  if (dx.has_value() || xr.has_value()) dA = lora_dx_pass(dx, xr, A, gdb[0], p, seed, c10::nullopt, c10::nullopt);
+  return {dx.has_value() ? *dx : at::Tensor(), dA, gdb[1], gdb[2].mul_(s)};
+}
+
+// Backward of one fp32 adapter at decode-sized M, every step in one call (from Python each of the ~10 small
+// products and reductions cost a dispatch comparable to its arithmetic):
 //   g = s dy B;  dB = s dy^T h;  db = s sum_m dy;  dx = dy W + (g A) * mask;  dA = g^T drop(x)
-// dy (M, N), W (N, K) (any strides) and x (M, K) or None (no dA) of one dtype; A (r, K), B (N, r), h (M, r) fp32.
-// fp32 dy: BLAS or, at M <= 4, plain loops; bf16/fp16 dy: dy W by at::mm, then lora_dy_pass and lora_dx_pass.
+// dy (M, N), W (N, K) (any strides), x (M, K) or None (no dA), A (r, K) contiguous, B (N, r), h (M, r): fp32.
 // Returns [dx or undefined (need_dx false), dA or undefined, dB, db].
 std::vector<at::Tensor> lora_small_backward(const at::Tensor& dy, const at::Tensor& W, const c10::optional<at::Tensor>& x,
                                             const at::Tensor& A, const at::Tensor& B, const at::Tensor& h, double s,
                                             double p, int64_t seed, bool need_dx) {
-  const bool narrow = dy.scalar_type() != at::kFloat;
   for (const at::Tensor* t : {&dy, &W, &A, &B, &h})
-    TORCH_CHECK(t->dim() == 2 && t->device().is_cpu(), "fastpeft._C: lora_small_backward takes 2-D CPU tensors");
-  for (const at::Tensor* t : {&A, &B, &h})
-    TORCH_CHECK(t->scalar_type() == at::kFloat, "fastpeft._C: lora_small_backward takes fp32 A, B and h");
-  TORCH_CHECK(W.scalar_type() == dy.scalar_type() && (!x.has_value() || x->scalar_type() == dy.scalar_type()),
-              "fastpeft._C: lora_small_backward takes dy, W and x of one dtype, got ", dy.scalar_type(), ", ",
-              W.scalar_type(), (x.has_value() ? ", " : ""), (x.has_value() ? x->scalar_type() : dy.scalar_type()));
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->device().is_cpu(),
+                "fastpeft._C: lora_small_backward takes 2-D fp32 CPU tensors");
   const int64_t M = dy.size(0), N = dy.size(1), r = A.size(0), Kd = A.size(1);
   TORCH_CHECK(B.sizes() == at::IntArrayRef({N, r}) && h.sizes() == at::IntArrayRef({M, r}) && W.size(0) == N &&
                   W.size(1) == Kd,
               "fastpeft._C: lora_small_backward shapes disagree");
   at::Tensor dx = need_dx ? at::mm(dy, W) : at::Tensor();
-  if (narrow) {
-    // bf16/fp16 dY, W and x: the fused route's passes (fp32 arithmetic, dX rounded once in place), in one call
-    // instead of one Python-side call each.
-    const at::Tensor dyc = dy.stride(1) == 1 ? dy : dy.contiguous();
-    auto gdb = lora_dy_pass(dyc, stack_transposed({B}), h.contiguous(), at::full({r}, s, at::kFloat), true, true);
-    c10::optional<at::Tensor> acc = need_dx ? c10::optional<at::Tensor>(dx) : c10::nullopt;
-    c10::optional<at::Tensor> xr =
-        x.has_value() ? c10::optional<at::Tensor>(x->stride(1) == 1 ? *x : x->contiguous()) : c10::nullopt;
-    at::Tensor dA = (acc.has_value() || xr.has_value())
-                        ? lora_dx_pass(acc, xr, A.contiguous(), gdb[0], p, seed, c10::nullopt, c10::nullopt)
-                        : at::Tensor();
-    return {dx, dA, gdb[1], gdb[2].mul_(s)};
-  }
   // M <= 4: the rank-r products are a few thousand multiply-adds: plain loops on the calling thread (each at::mm
   // cost ~20 us of dispatch and thread-pool wake-up here, more than its arithmetic). Larger M: BLAS (the loops are
   // SSE2 only, this file has no -mavx2, and reach 2M multiply-adds at M=16).
@@ -980,7 +984,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("B"), py::arg("lora_scale"), py::arg("A") = py::none());
   m.def("quant_grad_x", &fastpeft::quant_grad_x, "(dy32, qweight, tile_rows|0) -> dy w (M, K) fp32");
   m.def("lora_small_backward", &fastpeft::lora_small_backward, "(dy, W, x|None, A, B, h, s, p, seed, need_dx) -> "
-        "[dx, dA, dB, db] for one fp32 adapter, dy/W/x fp32 or all bf16/fp16");
+        "[dx, dA, dB, db] for one fp32 adapter (decode-sized M)");
+  m.def("lora_fused_backward", &fastpeft::lora_fused_backward, "(dy, W|None, x|None, A32, B32, h32, s, p, seed) -> "
+        "[dx|None, dA|None, dB, db]: one adapter's fused backward (dy W by at::mm, lora_dy_pass, lora_dx_pass) in one "
+        "call; dy, W, x of one dtype");
   m.def("strip_mm", &fastpeft::strip_mm, "(a (M, N), w (N, K)) -> a w (M, K) fp32: w read once in column strips, "
         "exact products, fp32 sums");
   m.def("lora_dx_pass", &fastpeft::lora_dx_pass, "(dx|None, x|None, A32, g32, p, seed, extra=None, out=None) -> dA32 "

@@ -477,6 +477,13 @@ def _backward_fused(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds
     quantized weight decoded tile by tile; ``decoded_fused``, ``product="compose"``: decoded into a reused buffer
     first, as the composition does; ``fused_pairs``, ``product="fused_pairs"``: ``_pairs_mm``; ``gemv``,
     ``product="gemv"``: ``_C.strip_mm``), ``_C.lora_dx_pass`` over ``x`` and ``dX``."""
+    if (product == "fused" and not wide and len(lora_A) == 1 and isinstance(weight, torch.Tensor)
+            and weight.dtype == dy.dtype and _all_fp32([lora_A[0], lora_B[0], xa[0]])):
+        # One fp32 adapter and dY W in dY's dtype: the sequence below in one C++ call (_C.lora_fused_backward).
+        dx, dA, dB, db = _C.lora_fused_backward(dy, weight.detach() if needs_grad_x else None,
+                                                _rows(x) if needs_grad_A else None, _f32(lora_A[0]), lora_B[0].detach(),
+                                                _f32(xa[0]), float(scaling[0]), float(dropout_p[0]), int(seeds[0]))
+        return (dx if needs_grad_x else None), [dA if needs_grad_A else None], [dB], [db]
     ranks = [A.shape[0] for A in lora_A]
     single = len(lora_A) == 1
     xa32 = _f32(xa[0]) if single else torch.cat([h.detach().to(_F32) for h in xa], 1).contiguous()
@@ -526,9 +533,8 @@ def _scale_vector(ranks, scaling) -> torch.Tensor:
 
 
 def _backward_small(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A):
-    """Route ``small``: the whole single-adapter backward (fp32 adapters; ``dY`` and the weight fp32, or both bf16 or
-    fp16) in one C++ call (each torch call from Python costs microseconds, as much as the adapter's arithmetic at
-    decode sizes)."""
+    """Route ``small``: the whole fp32 single-adapter backward in one C++ call (each torch call from Python costs
+    microseconds, as much as the adapter's arithmetic at decode sizes)."""
     dx, dA, dB, db = _C.lora_small_backward(dy, weight, x if needs_grad_A else None, lora_A[0], lora_B[0], xa[0],
                                             float(scaling[0]), float(dropout_p[0]), int(seeds[0]), needs_grad_x)
     return (dx if needs_grad_x else None), [dA if needs_grad_A else None], [dB], [db]
@@ -598,12 +604,8 @@ def _backward_eligible(route: str, dy, weight, lora_A, lora_B, xa) -> bool:
         return shared
     if route == "gemv":
         return not isinstance(weight, QuantizedWeight) and weight.stride(-1) == 1
-    if route != "small" or isinstance(weight, QuantizedWeight) or len(lora_A) != 1:
-        return False
-    # fp32 adapters; dY and the weight all fp32, or both of one 16-bit dtype (x, when dA is wanted, is dY's dtype:
-    # the backend's forward took it with that weight).
-    return (_all_fp32([lora_A[0], lora_B[0], xa[0]]) and weight.dtype == dy.dtype
-            and (dy.dtype == _F32 or dy.dtype in (torch.bfloat16, torch.float16)))
+    return (route == "small" and not isinstance(weight, QuantizedWeight) and len(lora_A) == 1
+            and lora_A[0].is_contiguous() and _all_fp32([dy, weight, lora_A[0], lora_B[0], xa[0]]))
 
 
 class CpuBackend(Backend):

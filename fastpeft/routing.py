@@ -134,6 +134,12 @@ ROUTES: dict[str, dict[str, str]] = {
         "sgmv": "Triton: mixed-adapter batch, one shrink kernel (each row by its own A) and one expand kernel (each "
                 "row's y += s xa B^T in place), adapters indexed per row (fastpeft.kernels.mixed_lora)",
     },
+    "gemv_prefetch": {
+        "nta": "the decoding GEMV over a dense weight requests the rows four groups ahead with the non-temporal hint",
+        "l2": "the same requests into L2 (prefetcht1): where a non-temporal request fills L1 alone, a far-ahead one is "
+              "evicted before it is read",
+        "none": "no software requests: the hardware prefetcher alone",
+    },
     "ia3_forward": {
         "compose": "vendor GEMM in x's dtype (a quantized weight decoded into a reused buffer), scaling by torch",
         "compose_fp32": "compose with the GEMM in fp32",
@@ -192,6 +198,8 @@ ROUTE_LIMITS: dict[str, str] = {
     "gemv": "a dense weight of unit column stride (not a transposed fan_in_fan_out view), or (forward only) a "
             "quantized weight",
     "small": "dense fp32 dY, weight and adapters, one adapter whose A is contiguous",
+    "nta / l2 / none (gemv_prefetch)": "the cpu backend's decoding GEMV over a dense weight (the gemv routes); the "
+                                       "three compute the same numbers",
     "fused (IA3)": "a quantized weight (for a dense one it is compose)",
     "bnb_native": "forward only. CPU: bitsandbytes with its AVX-512 BF16 CPU kernel loaded; a 4-bit weight with "
                   "K % blocksize == 0 (that kernel decodes blocks that straddle two rows wrongly) and N % 32 == 0 "

@@ -661,6 +661,55 @@ def test_dense_gemv_with_the_down_projection_and_leading_dims(isa, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_dense_gemv_prefetch_modes_change_no_number(isa, dtype):
+    """``_C.dense_lora_gemv``'s ``prefetch`` (0 none, 1 non-temporal, 2 into L2) only requests memory: the three
+    give bit-equal results, with weights tall enough that rows are requested ahead (at least 20 rows a thread), a
+    row-sliced weight, the adapter term and a bias, against an fp64 product rounded once; any other value is
+    refused by name."""
+    dt = DT[dtype]
+    gen = torch.Generator().manual_seed(23)
+    for M, N, K in [(1, 97, 123), (2, 261, 64), (1, 44, 2048), (3, 23, 9)]:
+        W = torch.randn(N, K + 3, generator=gen).to(dt)[:, 1:1 + K]
+        x = torch.randn(M, K, generator=gen).to(dt)
+        A, B, bias = torch.randn(4, K, generator=gen), torch.randn(N, 4, generator=gen), torch.randn(N, generator=gen)
+        outs = [_C.dense_lora_gemv(x, W, bias, None, B, 0.5, A, mode) for mode in (0, 1, 2)]
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), (M, N, K, dtype)
+        want = x.double() @ W.double().T + bias.double() + 0.5 * (x.double() @ A.double().T) @ B.double().T
+        tol = 1e-5 if dt == torch.float32 else 2 * torch.finfo(dt).eps
+        assert rel_err(outs[0].double(), want) <= tol, (M, N, K, dtype)
+    with pytest.raises(RuntimeError, match="dense_lora_gemv: prefetch must be"):
+        _C.dense_lora_gemv(x, W, None, None, None, 1.0, None, 3)
+
+
+@pytest.mark.parametrize("xdt", ["fp32", "bf16"])
+def test_gemv_prefetch_routes_pinned_through_the_forward(xdt):
+    """Each route of ``gemv_prefetch`` pinned in turn under the forward's ``gemv`` route: the call takes it
+    (``last_route``) and every route gives the same output, PEFT's within the dtype rule; unpinned, the choice is
+    measured among the three and kept."""
+    x, W, b, A, B, lb, s = make_case(2, 123, 97, [8], DT[xdt], torch.float32, True, False, "contig")
+    ps, seeds = [0.0], [5]
+    y_ref, _ = REF.lora_forward(x, W, b, A, B, lb, s, ps, seeds)
+    y_o, _ = REF.lora_forward(x.float(), W.float(), as_f32(b), A, B, lb, s, ps, seeds)
+    outputs = {}
+    routes.set_route("lora_forward", "gemv")
+    try:
+        for route in each_route("gemv_prefetch"):
+            y, _ = CPU.lora_forward(x, W, b, A, B, lb, s, ps, seeds)
+            assert routes.last_route("gemv_prefetch") == route
+            assert_by_dtype_rule(f"{route}: y", y, y_ref, y_o, all_fp32=xdt == "fp32")
+            outputs[route] = y
+        routes.clear_choices()
+        y, _ = CPU.lora_forward(x, W, b, A, B, lb, s, ps, seeds)
+        chosen = [row for row in routes.routes() if row["op"] == "gemv_prefetch"]
+        assert len(chosen) == 1 and set(chosen[0]["timings_ms"]) == set(routes.ROUTES["gemv_prefetch"]), chosen
+    finally:
+        routes.set_route(None, None)
+        routes.clear_choices()
+    assert set(outputs) == set(routes.ROUTES["gemv_prefetch"])
+    assert all(torch.equal(y, outputs["nta"]) for y in outputs.values()), "a prefetch hint changed a number"
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 def test_stacked_transpose_every_shape_and_layout(isa, dtype):
     """``_C.stack_transposed``: 8 x 8 register tiles where they fit and element by element at every edge, rows a
     power of two apart (the cache-set case), a column-sliced and a transposed-view ``B``, several adapters stacked,

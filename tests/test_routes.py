@@ -173,7 +173,8 @@ def test_settled_names_the_route_run_would_take_without_measuring(fresh):
 def test_route_table_names_every_route_with_its_limits():
     table = routes.route_table()
     assert set(table["routes"]) == {"lora_forward", "lora_backward", "lora_update", "lora_mixed_forward", "ia3_forward",
-                                    "ia3_backward", "dora_forward", "dora_backward", "widened_product"}
+                                    "ia3_backward", "dora_forward", "dora_backward", "widened_product",
+                                    "gemv_prefetch"}
     assert "compose" in table["routes"]["lora_forward"] and "bnb_native" in table["limits"]
 
 

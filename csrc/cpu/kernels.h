@@ -12,6 +12,10 @@ namespace fastpeft {
 
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
+// How the decoding GEMV requests dense weight rows ahead of the ones it reads: not at all (the hardware prefetcher
+// alone), with the non-temporal hint, or into L2 (prefetcht1).
+enum GemvPrefetch : int { kPrefetchNone = 0, kPrefetchNonTemporal = 1, kPrefetchL2 = 2 };
+
 // A quantized (N, K) base weight in bitsandbytes' canonical layout (see fastpeft/quant.py), described without a copy.
 // Dequantized value of element i = n*K + k (flattened row-major):
 //   4-bit: code[nibble(i)] * scale(i / blocksize), nibble(i) = high nibble of data[i/2] for even i, else low;
@@ -101,8 +105,12 @@ struct KernelTable {
   //   y[m * ldy + n] = sum_k x[m, k] w[n, k] + bias[n] + lora_scale * sum_j xs[m, j] B[n, j]
   // with w dequantized one row at a time into buf (K floats, stays in L1) and never stored elsewhere.
   // bias: (N,) fp32 or null; xs: (M, R) fp32 (LoRA down-projection, already scaled) and B: (N, R) fp32, or null.
+  // prefetch (a GemvPrefetch): how rows of a dense weight ahead of the one being read are requested. Which is fastest
+  // depends on the CPU's caches (a non-temporal request lands in L1 alone on some, which a far-ahead request then
+  // leaves before it is read), so the caller measures it (fastpeft.routing, op gemv_prefetch).
   void (*qgemv_rows)(const QuantDesc& q, int64_t n0, int64_t n1, const float* x, int64_t M, float* y, int64_t ldy,
-                     const float* bias, const float* xs, const float* B, int64_t R, float lora_scale, float* buf);
+                     const float* bias, const float* xs, const float* B, int64_t R, float lora_scale, float* buf,
+                     int prefetch);
 
   // out[m, n] = round(add(m, n) + z[m, n] * scale[n]) in dt_out (fp32 arithmetic) for m in [m0, m1), n < N; add is
   // null, one (N,) row (ldadd 0) or (M, N) rows of dtype dt_add. DoRA's column scaling of an (M, N) tensor.

@@ -675,7 +675,7 @@ int64_t check_product(const QuantDesc& d, const at::Tensor& x, const c10::option
 // The one-pass GEMV (kernels.h: qgemv_rows) over any QuantDesc, parallel over weight rows.
 at::Tensor gemv_product(const QuantDesc& d, const at::Tensor& x, const c10::optional<at::Tensor>& bias,
                         const c10::optional<at::Tensor>& xs, const c10::optional<at::Tensor>& B, int64_t R,
-                        double lora_scale) {
+                        double lora_scale, int prefetch = kPrefetchNonTemporal) {
   const int64_t M = x.size(0), N = d.N;
   auto y = at::empty({M, N}, at::kFloat);
   if (M == 0) return y;
@@ -686,7 +686,7 @@ at::Tensor gemv_product(const QuantDesc& d, const at::Tensor& x, const c10::opti
   const float* Bp = R ? B->data_ptr<float>() : nullptr;
   at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, d.K * M)), [&](int64_t b, int64_t e) {
     std::vector<float> buf(d.K + 64);
-    K().qgemv_rows(d, b, e, xp, M, yp, N, bp, xsp, Bp, R, float(lora_scale), buf.data());
+    K().qgemv_rows(d, b, e, xp, M, yp, N, bp, xsp, Bp, R, float(lora_scale), buf.data(), prefetch);
   });
   return y;
 }
@@ -777,7 +777,9 @@ QuantDesc dense_desc(const at::Tensor& W) {
 // one call from Python.
 at::Tensor dense_lora_gemv(const at::Tensor& x, const at::Tensor& W, const c10::optional<at::Tensor>& bias,
                            const c10::optional<at::Tensor>& xs, const c10::optional<at::Tensor>& B,
-                           double lora_scale, const c10::optional<at::Tensor>& A) {
+                           double lora_scale, const c10::optional<at::Tensor>& A, int64_t prefetch) {
+  TORCH_CHECK(prefetch == kPrefetchNone || prefetch == kPrefetchNonTemporal || prefetch == kPrefetchL2,
+              "fastpeft._C.dense_lora_gemv: prefetch must be 0 (none), 1 (non-temporal) or 2 (L2), got ", prefetch);
   const QuantDesc d = dense_desc(W);
   // (..., K) -> (..., N): leading dimensions flattened here rather than by a reshape and a view from Python.
   const bool flat = x.dim() != 2;
@@ -796,7 +798,8 @@ at::Tensor dense_lora_gemv(const at::Tensor& x, const at::Tensor& W, const c10::
     }
     down = h;
   }
-  at::Tensor y = gemv_product(d, x32, bias, down, B, check_product(d, x32, bias, down, B), lora_scale);
+  at::Tensor y = gemv_product(d, x32, bias, down, B, check_product(d, x32, bias, down, B), lora_scale,
+                              int(prefetch));
   if (x.scalar_type() != at::kFloat) y = narrowed_rows(y, x.scalar_type());
   if (flat) {
     std::vector<int64_t> sizes = x.sizes().vec();
@@ -980,8 +983,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x w^T + bias + lora_scale xs B^T (M, N) fp32");
   m.def("dense_lora_gemv", &fastpeft::dense_lora_gemv, "(x, W, bias32|None, xs32|None, B32|None, lora_scale, "
         "A32=None) -> x W^T + bias + lora_scale xs B^T (..., N) in x's dtype (x (..., K)), accumulated in fp32, one pass over W; "
-        "with A instead of xs, xs = x A^T computed here", py::arg("x"), py::arg("W"), py::arg("bias"), py::arg("xs"),
-        py::arg("B"), py::arg("lora_scale"), py::arg("A") = py::none());
+        "with A instead of xs, xs = x A^T computed here; prefetch: how rows ahead are requested (0 none, 1 "
+        "non-temporal, 2 into L2)", py::arg("x"), py::arg("W"), py::arg("bias"), py::arg("xs"), py::arg("B"),
+        py::arg("lora_scale"), py::arg("A") = py::none(), py::arg("prefetch") = int64_t(fastpeft::kPrefetchNonTemporal));
   m.def("quant_grad_x", &fastpeft::quant_grad_x, "(dy32, qweight, tile_rows|0) -> dy w (M, K) fp32");
   m.def("lora_small_backward", &fastpeft::lora_small_backward, "(dy, W, x|None, A, B, h, s, p, seed, need_dx) -> "
         "[dx, dA, dB, db] for one fp32 adapter (decode-sized M)");

@@ -234,8 +234,18 @@ void dequant_rows(const QuantDesc& q, int64_t n0, int64_t n1, int dt_out, void* 
 // Groups of four rows ahead whose bytes qgemv_rows requests before it reads them.
 constexpr int64_t kGemvPrefetchGroups = 4;
 
+// `bytes` from p on, a request per cache line, with the hint `prefetch` names (never kPrefetchNone here).
+inline void request_lines(const char* p, int64_t bytes, int prefetch) {
+  if (prefetch == kPrefetchL2) {
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 2);
+  } else {
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 0);
+  }
+}
+
 void qgemv_rows(const QuantDesc& q, int64_t n0, int64_t n1, const float* x, int64_t M, float* y, int64_t ldy,
-                const float* bias, const float* xs, const float* B, int64_t R, float lora_scale, float* buf) {
+                const float* bias, const float* xs, const float* B, int64_t R, float lora_scale, float* buf,
+                int prefetch) {
   const CodeTable table(q.code);
   const int64_t K = q.K;
   // Dense rows are read where they lie: fp32 directly, bf16/fp16 widened in registers for M <= 2, where one
@@ -257,14 +267,11 @@ void qgemv_rows(const QuantDesc& q, int64_t n0, int64_t n1, const float* x, int6
       const void* rows = q.data + n * q.ldw * elem;
       // Decoding reads every weight row once, from memory: the hardware prefetcher restarts at each 4 KiB page
       // (a few rows), so the rows kGemvPrefetchGroups groups ahead are requested here.
-      if (n + 4 * (kGemvPrefetchGroups + 1) <= n1) {
+      if (prefetch != kPrefetchNone && n + 4 * (kGemvPrefetchGroups + 1) <= n1) {
         const char* ahead = static_cast<const char*>(rows) + 4 * kGemvPrefetchGroups * q.ldw * elem;
-        for (int j = 0; j < 4; ++j)
-          for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(ahead + j * q.ldw * elem + b, 0, 0);
-        if (B) {  // and the adapters' rows of B for those outputs
-          const char* b_ahead = reinterpret_cast<const char*>(B + (n + 4 * kGemvPrefetchGroups) * R);
-          for (int64_t b = 0; b < 4 * R * 4; b += 64) __builtin_prefetch(b_ahead + b, 0, 0);
-        }
+        for (int j = 0; j < 4; ++j) request_lines(ahead + j * q.ldw * elem, row_bytes, prefetch);
+        if (B)  // and the adapters' rows of B for those outputs
+          request_lines(reinterpret_cast<const char*>(B + (n + 4 * kGemvPrefetchGroups) * R), 4 * R * 4, prefetch);
       }
       for (int64_t m = 0; m < M; ++m) {
         dot4_act(x + m * K, q.wdtype, rows, q.ldw, K, acc4);

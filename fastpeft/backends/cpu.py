@@ -201,11 +201,23 @@ def _tiled_product(x, weight: QuantizedWeight, bias32, xs, B, lora_scale, gemv: 
                            x.shape[0] if gemv else 0, 0)
 
 
+# gemv_prefetch's routes: how _C.dense_lora_gemv requests weight rows ahead (its ``prefetch`` argument).
+_GEMV_PREFETCH = {"nta": 1, "l2": 2, "none": 0}
+
+
+def _prefetch_key(x, weight) -> routes.RouteKey:
+    """The route key of the GEMV's prefetch choice for ``x`` ``(M, K)`` and a dense ``weight`` ``(N, K)``."""
+    N, K = weight.shape
+    return routes.make_key("gemv_prefetch", "cpu", "dense", x.dtype, weight.dtype, (), x.shape[0], N, K, False, 0, 0)
+
+
 def _dense_gemv(x, weight, bias32, xs, B, lora_scale) -> torch.Tensor:
     """``x W^T + bias32 + lora_scale xs B^T`` by ``_C.dense_lora_gemv``, accumulated in fp32 and rounded once to
-    ``x``'s dtype."""
-    return _C.dense_lora_gemv(x, weight if weight.dtype == x.dtype else weight.detach().to(x.dtype), bias32, xs, B,
-                              lora_scale)
+    ``x``'s dtype, with the measured choice of ``gemv_prefetch``."""
+    w = weight if weight.dtype == x.dtype else weight.detach().to(x.dtype)
+    return routes.run_named(_prefetch_key(x, w), _GEMV_PREFETCH,
+                            lambda name: _C.dense_lora_gemv(x, w, bias32, xs, B, lora_scale, None,
+                                                            _GEMV_PREFETCH[name]))
 
 
 _bnb_kernel: dict[str, object] = {}
@@ -427,15 +439,16 @@ def _forward_one_pass(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropo
     return (y if y.dtype == x.dtype else y.to(x.dtype)), xa_out
 
 
-def _settled_gemv(weight, bias, A, B, scaling, x):
+def _settled_gemv(weight, bias, A, B, scaling, prefetch, x):
     """Route ``gemv`` of a settled call with one adapter and no ``lora_bias`` (``CpuBackend.settled_forward``): the
-    down-projection, the base product and the update in one ``_C.dense_lora_gemv`` call; ``x`` ``(..., K)``, ``y``
-    ``(..., N)`` in ``x``'s dtype. The route's own function where an adapter is not contiguous fp32 (PEFT's
-    default), the weight not of ``x``'s dtype or ``x`` not contiguous."""
+    down-projection, the base product and the update in one ``_C.dense_lora_gemv`` call (``prefetch``: the settled
+    ``gemv_prefetch`` argument); ``x`` ``(..., K)``, ``y`` ``(..., N)`` in ``x``'s dtype. The route's own function
+    where an adapter is not contiguous fp32 (PEFT's default), the weight not of ``x``'s dtype or ``x`` not
+    contiguous."""
     if (A.dtype is _F32 and B.dtype is _F32 and weight.dtype is x.dtype and A.is_contiguous()
             and B.is_contiguous() and x.is_contiguous()):
         return _C.dense_lora_gemv(x, weight, None if bias is None else _bias_as_reference_adds(bias, x.dtype), None,
-                                  B, scaling, A)
+                                  B, scaling, A, prefetch)
     x2 = x.reshape(-1, x.shape[-1])
     y = _forward_one_pass(x2, weight, bias, [A], [B], [None], [scaling], [0.0], [0])[0]
     return y.view(*x.shape[:-1], y.shape[-1])
@@ -742,10 +755,15 @@ class CpuBackend(Backend):
         found = routes.settled_call(key, eligible)
         return None if found is None else (found[0], table[found[0]], found[1])
 
-    def settled_forward(self, route, weight, bias, lora_A, lora_B, lora_bias, scaling):
+    def settled_forward(self, route, x, weight, bias, lora_A, lora_B, lora_bias, scaling):
         if route != "gemv" or not isinstance(weight, torch.Tensor) or len(lora_A) != 1 or lora_bias[0] is not None:
             return None
-        return partial(_settled_gemv, weight, bias, lora_A[0], lora_B[0], float(scaling[0]))
+        prefetch = routes.settled_call(_prefetch_key(x, weight), _GEMV_PREFETCH)
+        if prefetch is None:  # its first calls are measured on the route's own path
+            return None
+        function = partial(_settled_gemv, weight, bias, lora_A[0], lora_B[0], float(scaling[0]),
+                           _GEMV_PREFETCH[prefetch[0]])
+        return function, {"gemv_prefetch": (prefetch[0], None, prefetch[1])}
 
     def base_linear(self, x, weight, bias):
         # The LoRA forward's routes with no adapters: the same measured choice of base product, without IA3's scaling

@@ -608,15 +608,19 @@ def test_adapters_of_different_16bit_dtypes_see_peft_cumulative_cast(route):
 def test_dense_gemv_rows_in_fours_and_tails(isa, dtype):
     """``_C.dense_lora_gemv`` reads weight rows four at a time where it can and one at a time for the rest (and for
     the tail of K): every count of leftover rows and columns, a row-sliced weight (row stride > K), and the bias and
-    LoRA terms, against an fp64 product rounded once to the input dtype."""
+    LoRA terms (ranks below, at and past a vector of every ISA, taken into the four-row dots where ``M * R`` fits the
+    kernel's scratch and added per output where it does not: the last case), against an fp64 product rounded once to
+    the input dtype."""
     dt = DT[dtype]
     gen = torch.Generator().manual_seed(7)
-    for M, N, K in [(1, 1, 1), (1, 3, 15), (2, 4, 16), (1, 5, 17), (2, 97, 123), (1, 8, 64), (3, 6, 33)]:
+    for M, N, K, R in [(1, 1, 1, 3), (1, 3, 15, 3), (2, 4, 16, 3), (1, 5, 17, 3), (2, 97, 123, 3), (1, 8, 64, 3),
+                       (3, 6, 33, 3), (1, 21, 40, 16), (2, 13, 50, 20), (1, 9, 30, 8), (1, 7, 64, 37),
+                       (3, 9, 16, 37)]:
         wide = torch.randn(N, K + 5, generator=gen).to(dt)
         W = wide[:, 2:2 + K]  # unit column stride, row stride K + 5
         x = torch.randn(M, K, generator=gen).to(dt)
         bias = torch.randn(N, generator=gen)
-        xs, B = torch.randn(M, 3, generator=gen), torch.randn(N, 3, generator=gen)
+        xs, B = torch.randn(M, R, generator=gen), torch.randn(N, R, generator=gen)
         got = _C.dense_lora_gemv(x, W, bias, xs, B, 0.5)
         want = x.double() @ W.double().T + bias.double() + 0.5 * xs.double() @ B.double().T
         assert got.dtype == dt and got.shape == (M, N)

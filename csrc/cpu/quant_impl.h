@@ -196,10 +196,13 @@ inline float dot_act(const float* a, int dt, const void* w, int64_t K) {
   return s;
 }
 
-// a . w_j for the four rows w_j = w + j * ldw (dtype DT, widened in registers): one accumulator per row keeps
-// four independent FMA chains in flight, where one row at a time waits on its own chain and its lane sum.
+// a . w_j + c . b_j for the four rows w_j = w + j * ldw (dtype DT, widened in registers) and, where c is given, the
+// four rows b_j = b + j * R of an (N, R) fp32 matrix: one accumulator per row keeps four independent FMA chains in
+// flight, where one row at a time waits on its own chain and its lane sum; the rank-R term joins the same
+// accumulators before their one lane sum (a separate R-long dot per output cost as much as its lane sum).
 template <int DT>
-inline void dot4_rows(const float* a, const void* w, int64_t ldw, int64_t K, float* out) {
+inline void dot4_rows(const float* a, const void* w, int64_t ldw, int64_t K, const float* c, const float* b,
+                      int64_t R, float* out) {
   typedef typename std::conditional<DT == kF32, float, uint16_t>::type elem_t;
   const elem_t* r = static_cast<const elem_t*>(w);
   vf s0{}, s1{}, s2{}, s3{};
@@ -211,19 +214,35 @@ inline void dot4_rows(const float* a, const void* w, int64_t ldw, int64_t K, flo
     s2 += av * load_act(DT, r + 2 * ldw, k);
     s3 += av * load_act(DT, r + 3 * ldw, k);
   }
+  int64_t j = 0;
+  if (c) {
+    for (; j + VW <= R; j += VW) {
+      const vf cv = load_f32(c + j);
+      s0 += cv * load_f32(b + j);
+      s1 += cv * load_f32(b + R + j);
+      s2 += cv * load_f32(b + 2 * R + j);
+      s3 += cv * load_f32(b + 3 * R + j);
+    }
+  }
   out[0] = hsum(s0);
   out[1] = hsum(s1);
   out[2] = hsum(s2);
   out[3] = hsum(s3);
   for (; k < K; ++k) {
-    for (int j = 0; j < 4; ++j) out[j] += a[k] * load_act1(DT, r + j * ldw, k);
+    for (int i = 0; i < 4; ++i) out[i] += a[k] * load_act1(DT, r + i * ldw, k);
+  }
+  if (c) {
+    for (; j < R; ++j) {
+      for (int i = 0; i < 4; ++i) out[i] += c[j] * b[i * R + j];
+    }
   }
 }
 
-inline void dot4_act(const float* a, int dt, const void* w, int64_t ldw, int64_t K, float* out) {
-  if (dt == kF32) return dot4_rows<kF32>(a, w, ldw, K, out);
-  if (dt == kBF16) return dot4_rows<kBF16>(a, w, ldw, K, out);
-  return dot4_rows<kF16>(a, w, ldw, K, out);
+inline void dot4_act(const float* a, int dt, const void* w, int64_t ldw, int64_t K, const float* c, const float* b,
+                     int64_t R, float* out) {
+  if (dt == kF32) return dot4_rows<kF32>(a, w, ldw, K, c, b, R, out);
+  if (dt == kBF16) return dot4_rows<kBF16>(a, w, ldw, K, c, b, R, out);
+  return dot4_rows<kF16>(a, w, ldw, K, c, b, R, out);
 }
 
 void dequant_rows(const QuantDesc& q, int64_t n0, int64_t n1, int dt_out, void* out, int64_t ldo) {
@@ -262,6 +281,10 @@ void qgemv_rows(const QuantDesc& q, int64_t n0, int64_t n1, const float* x, int6
   int64_t n = n0;
   if (direct) {
     float acc4[4];
+    // lora_scale * xs in buf (unused by dense rows read in place), so the four-row dots take the rank-R term in.
+    const bool folded = xs && M * R <= K + 64;
+    if (folded)
+      for (int64_t i = 0; i < M * R; ++i) buf[i] = lora_scale * xs[i];
     const int64_t row_bytes = K * elem;
     for (; n + 4 <= n1; n += 4) {
       const void* rows = q.data + n * q.ldw * elem;
@@ -274,8 +297,13 @@ void qgemv_rows(const QuantDesc& q, int64_t n0, int64_t n1, const float* x, int6
           request_lines(reinterpret_cast<const char*>(B + (n + 4 * kGemvPrefetchGroups) * R), 4 * R * 4, prefetch);
       }
       for (int64_t m = 0; m < M; ++m) {
-        dot4_act(x + m * K, q.wdtype, rows, q.ldw, K, acc4);
-        for (int j = 0; j < 4; ++j) finish(m, n + j, acc4[j]);
+        if (folded) {  // the rank-R term inside the rows' dots: only the bias is left to add
+          dot4_act(x + m * K, q.wdtype, rows, q.ldw, K, buf + m * R, B + n * R, R, acc4);
+          for (int j = 0; j < 4; ++j) y[m * ldy + n + j] = bias ? acc4[j] + bias[n + j] : acc4[j];
+        } else {
+          dot4_act(x + m * K, q.wdtype, rows, q.ldw, K, nullptr, nullptr, 0, acc4);
+          for (int j = 0; j < 4; ++j) finish(m, n + j, acc4[j]);
+        }
       }
     }
   }

@@ -415,7 +415,7 @@ def settled_lora_linear(x: torch.Tensor, weight, transposed: bool, bias: Optiona
     if transposed:
         function = lambda x2: forward(x2, weight.t(), *rest)[0]  # noqa: E731
     else:
-        special = backend.settled_forward(found[0], x2, weight, *rest[:5])
+        special = backend.settled_forward(found[0], weight, *rest[:5])
         if special is not None:
             function, more = special
             return SettledCall(x2, {"lora_forward": found, **more}, function, any_rows=True)

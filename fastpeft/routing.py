@@ -85,6 +85,9 @@ ROUTES: dict[str, dict[str, str]] = {
                       "else one copy made once); on a GPU its CUDA product (torch.ops.bitsandbytes.gemm_4bit: its "
                       "GEMV/GEMM kernels or its decode and cuBLAS, as it picks per shape) on the packed bytes",
         "bnb_native_fused": "bnb_native with the adapter terms by the C++ passes (fp32 update, y rounded once)",
+        "split_pairs": "compose with x A^T from fp32 A split exactly into three bf16 parts (each holding the next 8 "
+                       "significant bits), every product exact, fp32 sums, by oneDNN's bf16 block kernel (the bf16 "
+                       "units' speed, AMX where the CPU has it)",
         "passes": "Triton: vendor GEMM for x W^T, fastpeft's down-projection kernel (dropout drawn in registers) and "
                   "one in-place low-rank epilogue kernel over y",
         "fused_gemm": "Triton: one fused GEMM; the down-projection shares the X tiles of the K loop, the "
@@ -112,6 +115,9 @@ ROUTES: dict[str, dict[str, str]] = {
         "small": "one C++ call for the whole fp32 single-adapter backward",
         "gemv": "fused with dY W by one pass over the weight in column strips, every dY row at once "
                 "(fastpeft._C.strip_mm: exact products of dY's dtype, fp32 sums), dX rounded once",
+        "split_pairs": "dY W by the composition's GEMM; dY B, dY^T h, the bias gradient and g^T x with every fp32 "
+                       "operand split exactly into three bf16 parts (exact products, fp32 sums, oneDNN's bf16 block "
+                       "kernel); dX += g A as compose adds it",
         "passes": "Triton: dY W by the vendor GEMM, G = dY B by the down-projection kernel, the masked G A by the "
                   "low-rank kernel, dA by its kernel",
         "fused_gemm": "Triton: dY W and G = dY B from the same dY tiles, (G A) * mask in the GEMM's epilogue",
@@ -198,6 +204,8 @@ ROUTE_LIMITS: dict[str, str] = {
     "gemv": "a dense weight of unit column stride (not a transposed fan_in_fan_out view), or (forward only) a "
             "quantized weight",
     "small": "dense fp32 dY, weight and adapters, one adapter whose A is contiguous",
+    "split_pairs": "x (dY) in bf16, one adapter with fp32 A (and h), no dropout; the cpu backend where "
+                   "fastpeft._C.widened_mm runs",
     "nta / l2 / none (gemv_prefetch)": "the cpu backend's decoding GEMV over a dense weight (the gemv routes); the "
                                        "three compute the same numbers",
     "fused (IA3)": "a quantized weight (for a dense one it is compose)",

@@ -186,6 +186,9 @@ def test_lora_matches_reference(case, xdt, adt, p):
     pairs = xdt == "bf16" and _C.widened_mm_available()
     expected |= {"fused_pairs"} if pairs else set()
     expected |= {"fused_pairs_x"} if pairs and layout != "transposed" else set()
+    # split_pairs: bf16 x, one fp32 adapter, no dropout, where oneDNN has a bf16 block kernel.
+    split = pairs and adt == "fp32" and len(ranks) == 1 and p == 0
+    expected |= {"split_pairs"} if split else set()
     assert set(ran) == expected, f"forward routes run: {ran}"
 
     gy = torch.randn(M, N, generator=torch.Generator().manual_seed(9)).to(DT[xdt])
@@ -207,7 +210,73 @@ def test_lora_matches_reference(case, xdt, adt, p):
     expected |= {"small"} if (exact and len(ranks) == 1) else set()
     expected |= {"fused_pairs"} if pairs else set()
     expected |= {"gemv"} if layout != "transposed" else set()
+    expected |= {"split_pairs"} if split else set()
     assert set(ran) == expected, f"backward routes run: {ran}"
+
+
+@pytest.mark.skipif(_C is None or not _C.widened_mm_available(), reason="oneDNN has no bf16 block kernel here")
+@pytest.mark.parametrize("M,K,N,r", [(0, 64, 32, 16), (1, 123, 97, 16), (37, 130, 70, 5), (200, 96, 260, 20)])
+def test_split_pairs_route_every_gradient_subset(M, K, N, r):
+    """``split_pairs`` pinned (fp32 ``A``, ``B`` and ``h`` split exactly into three bf16 parts): an empty batch, ranks
+    below and past a vector, odd sizes, a bias and a ``lora_bias``; the forward and each subset of wanted gradients
+    within the 2x rule of the reference run in bf16 (the fp32 outputs ``xa``, ``dA``, ``dB`` and the bias gradient
+    are fp32 products of the bf16 activations, so the rule leaves them little room); the call takes the route."""
+    x, W, b, A, B, lb, s = make_case(M, K, N, [r], torch.bfloat16, torch.float32, True, True, "contig", seed=M + r)
+    ps, seeds = [0.0], [3]
+    f32 = ([t.float() for t in A], [t.float() for t in B], [as_f32(t) for t in lb], s, ps, seeds)
+    y_ref, xa_ref = REF.lora_forward(x, W, b, A, B, lb, s, ps, seeds)
+    y_o, xa_o = REF.lora_forward(x.float(), W.float(), as_f32(b), *f32)
+    gy = torch.randn(M, N, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    ref = REF.lora_backward(gy, x, W, A, B, xa_ref, s, ps, seeds, True, True)
+    ora = REF.lora_backward(gy.float(), x.float(), W.float(), f32[0], f32[1], [h.float() for h in xa_ref], s, ps,
+                            seeds, True, True)
+    try:
+        routes.set_route("lora_forward", "split_pairs")
+        routes.set_route("lora_backward", "split_pairs")
+        y, xa = CPU.lora_forward(x, W, b, A, B, lb, s, ps, seeds)
+        assert routes.last_route("lora_forward") == "split_pairs"
+        if M:
+            assert_by_dtype_rule("y", y, y_ref, y_o, all_fp32=False)
+            assert_by_dtype_rule("xa", xa[0], xa_ref[0], xa_o[0], all_fp32=False)
+        for gx, ga in [(True, True), (True, False), (False, True), (False, False)]:
+            got = CPU.lora_backward(gy, x if ga else None, W, A, B, xa[0:1], s, ps, seeds, gx, ga)
+            assert routes.last_route("lora_backward") == "split_pairs"
+            assert (got[0] is None) == (not gx) and (got[1][0] is None) == (not ga)
+            named = [("dx", got[0], ref[0], ora[0]), ("dA", got[1][0], ref[1][0], ora[1][0]),
+                     ("dB", got[2][0], ref[2][0], ora[2][0]), ("dbias", got[3][0], ref[3][0], ora[3][0])]
+            for name, have, want, oracle in named:
+                if have is None:
+                    continue
+                assert have.shape == want.shape and have.dtype == want.dtype, name
+                if M:
+                    assert_by_dtype_rule(f"{name} (dx={gx}, dA={ga})", have, want, oracle, all_fp32=False)
+                else:
+                    assert not have.any(), name
+    finally:
+        routes.set_route(None, None)
+
+
+@pytest.mark.skipif(_C is None or not _C.widened_mm_available(), reason="oneDNN has no bf16 block kernel here")
+def test_split_products_refuse_bad_operands_and_keep_nan():
+    """``_C.lora_xa_split`` / ``_C.lora_backward_split`` name the operand and the problem; a NaN in ``A`` reaches
+    ``x A^T`` as NaN (its split keeps it NaN), and fp32 values past bf16's mantissa come back exactly."""
+    x, A = torch.randn(5, 40).to(torch.bfloat16), torch.randn(3, 40)
+    with pytest.raises(RuntimeError, match="lora_xa_split: x must be a 2-D bf16"):
+        _C.lora_xa_split(x.float(), A)
+    with pytest.raises(RuntimeError, match="lora_xa_split: A must be fp32"):
+        _C.lora_xa_split(x, A.to(torch.bfloat16))
+    dy, Bt, h = torch.randn(5, 7).to(torch.bfloat16), torch.randn(3, 7), torch.randn(5, 3)
+    with pytest.raises(RuntimeError, match="lora_backward_split: h must be fp32 \\(5, 3\\)"):
+        _C.lora_backward_split(dy, x, A, Bt, h[:4], 1.0)
+    with pytest.raises(RuntimeError, match="lora_backward_split: x has 4 rows, grad_y 5"):
+        _C.lora_backward_split(dy, x[:4], A, Bt, h, 1.0)
+    bad = A.clone()
+    bad[1, 7] = float("nan")
+    got = _C.lora_xa_split(x, bad)
+    assert got[:, 1].isnan().all() and not got[:, [0, 2]].isnan().any()
+    # 24 significant bits, 8 per part: one row of x of ones gives each element back exactly (two parts would not)
+    fine = torch.tensor([[1.0 + 2.0 ** -12 + 2.0 ** -20], [-3.0 - 2.0 ** -10 - 2.0 ** -19], [2.0 ** -30]])
+    assert torch.equal(_C.lora_xa_split(torch.ones(2, 1).to(torch.bfloat16), fine), fine.t().expand(2, 3))
 
 
 @pytest.mark.parametrize("needs_grad_x,needs_grad_A", [(True, False), (False, True), (False, False)])

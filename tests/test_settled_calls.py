@@ -99,6 +99,9 @@ def test_settled_call_names_the_route_and_the_choice_it_counts(monkeypatch):
 def test_calls_run_settled_while_their_route_awaits_confirmation(final_routes, monkeypatch):
     """A first measurement serves settled calls too, counted, and the call due to confirm it takes the full path."""
     monkeypatch.setattr(routes, "CONFIRM_AFTER_CALLS", 5)
+    # the gemv route's prefetch choice is a choice of its own (made whenever timing picks gemv): pinned, only the
+    # forward's choices are made here
+    routes.set_route("gemv_prefetch", "l2")
     reference, fused = mlp_twins()
     counter = count_resolved(monkeypatch)
     calls = 12

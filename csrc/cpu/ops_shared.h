@@ -36,4 +36,9 @@ at::Tensor widened_mm(const at::Tensor& a, const at::Tensor& b, bool interleave_
 at::Tensor widened_mm_nn(const at::Tensor& a, const at::Tensor& b);
 std::vector<at::Tensor> widened_mm_parts(const std::vector<at::Tensor>& as, const at::Tensor& b, bool transposed_b);
 
+// split_products.cpp
+at::Tensor lora_xa_split(const at::Tensor& x, const at::Tensor& A);
+std::vector<at::Tensor> lora_backward_split(const at::Tensor& dy, const c10::optional<at::Tensor>& x,
+                                            const at::Tensor& A, const at::Tensor& Bt, const at::Tensor& h, double s);
+
 }  // namespace fastpeft

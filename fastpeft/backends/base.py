@@ -164,17 +164,15 @@ class Backend:
         decided by measuring, or this backend does not say."""
         return None
 
-    def settled_forward(self, route: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    def settled_forward(self, route: str, weight: torch.Tensor, bias: Optional[torch.Tensor],
                         lora_A: Sequence[torch.Tensor], lora_B: Sequence[torch.Tensor],
                         lora_bias: Sequence[Optional[torch.Tensor]], scaling: Sequence[float]):
         """``(function, settled)``: a function ``x (..., K) -> y (..., N)`` that serves the settled ``lora_forward``
-        calls of ``route`` (from :meth:`settled_route`, for calls like ``x`` ``(M, K)``) with these tensors bound,
-        faster than the route's own function with its arguments bound, and the settled choices of further ops it
-        takes (``{op: (route, None, counted)}`` from ``fastpeft.routing.settled_call``, counted and checked as the
-        forward's is); or None where
-        this backend has none or a choice it needs is not settled. The tensors are bound by identity: their values,
-        dtypes and layouts are read per call, and a call the function cannot serve as it is goes to the route's
-        function."""
+        calls of ``route`` (from :meth:`settled_route`) with these tensors bound, faster than the route's own function
+        with its arguments bound, and the settled choices of further ops it takes (``{op: (route, None, counted)}``
+        from ``fastpeft.routing.settled_call``, counted and checked as the forward's is); or None where this backend
+        has none or a choice it needs is not settled. The tensors are bound by identity: their values, dtypes and
+        layouts are read per call, and a call the function cannot serve as it is goes to the route's function."""
         return None
 
     def lora_backward(

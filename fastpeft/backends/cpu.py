@@ -205,19 +205,25 @@ def _tiled_product(x, weight: QuantizedWeight, bias32, xs, B, lora_scale, gemv: 
 _GEMV_PREFETCH = {"nta": 1, "l2": 2, "none": 0}
 
 
-def _prefetch_key(x, weight) -> routes.RouteKey:
-    """The route key of the GEMV's prefetch choice for ``x`` ``(M, K)`` and a dense ``weight`` ``(N, K)``."""
+def _prefetch_key(weight) -> routes.RouteKey:
+    """The route key of the GEMV's prefetch choice for a dense ``weight`` ``(N, K)``: the choice is about streaming
+    the weight's rows, whatever the number of activation rows, so it is keyed (and measured) at one row."""
     N, K = weight.shape
-    return routes.make_key("gemv_prefetch", "cpu", "dense", x.dtype, weight.dtype, (), x.shape[0], N, K, False, 0, 0)
+    return routes.make_key("gemv_prefetch", "cpu", "dense", weight.dtype, weight.dtype, (), 1, N, K, False, 0, 0)
 
 
 def _dense_gemv(x, weight, bias32, xs, B, lora_scale) -> torch.Tensor:
     """``x W^T + bias32 + lora_scale xs B^T`` by ``_C.dense_lora_gemv``, accumulated in fp32 and rounded once to
-    ``x``'s dtype, with the measured choice of ``gemv_prefetch``."""
+    ``x``'s dtype, with the choice of ``gemv_prefetch`` (measured on ``x``'s first row when not made yet)."""
     w = weight if weight.dtype == x.dtype else weight.detach().to(x.dtype)
-    return routes.run_named(_prefetch_key(x, w), _GEMV_PREFETCH,
-                            lambda name: _C.dense_lora_gemv(x, w, bias32, xs, B, lora_scale, None,
-                                                            _GEMV_PREFETCH[name]))
+    key = _prefetch_key(w)
+    name = routes.take(key, _GEMV_PREFETCH)
+    if name is None and x.shape[0] > 0:
+        one, xs1 = x[:1], None if xs is None else xs[:1]
+        routes.run(key, {route: partial(_C.dense_lora_gemv, one, w, bias32, xs1, B, lora_scale, None, mode)
+                         for route, mode in _GEMV_PREFETCH.items()})
+        name = routes.last_route("gemv_prefetch")
+    return _C.dense_lora_gemv(x, w, bias32, xs, B, lora_scale, None, _GEMV_PREFETCH.get(name, 1))
 
 
 _bnb_kernel: dict[str, object] = {}
@@ -415,6 +421,19 @@ def _add_adapters_fused(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, see
     return y, xa_out
 
 
+def _split_down(xi, A, p, seed):
+    """``compose.DownPass`` of ``split_pairs`` (``p`` is 0 there): ``_C.lora_xa_split``, ``A`` split exactly into three
+    bf16 parts, exact products and fp32 sums on the bf16 units."""
+    return _C.lora_xa_split(_rows(xi), _f32(A))
+
+
+def _forward_split_pairs(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
+    """Route ``split_pairs`` (bf16 ``x``, one fp32 adapter, no dropout): ``compose`` with ``x A^T`` by
+    ``_C.lora_xa_split``."""
+    return compose.add_adapters(x, _gemm_product(x, weight, bias, False), lora_A, lora_B, lora_bias, scaling,
+                                dropout_p, seeds, _split_down)
+
+
 # lora_update's routes: each adds the adapter terms to a base output in place and returns (y, xa).
 _UPDATE_ROUTES = {"compose": _add_adapters, "fused": _add_adapters_fused}
 
@@ -531,6 +550,28 @@ def _backward_fused(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds
     return grad_x, grad_A, grad_B, grad_bias
 
 
+def _backward_split_pairs(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A):
+    """Route ``split_pairs`` (bf16 ``dY``, one fp32 adapter, no dropout): ``dY W`` by the composition's GEMM;
+    ``g = s dY B``, ``dB``, the bias gradient and ``dA = g^T x`` by ``_C.lora_backward_split`` (every fp32 operand
+    split exactly into three bf16 parts: exact products, fp32 sums, on the bf16 units); ``dX += g A`` as the
+    composition adds it (``addmm_`` in ``dX``'s dtype)."""
+    A32 = _f32(lora_A[0])
+    g, dA, dB, db = _C.lora_backward_split(dy, _rows(x) if needs_grad_A else None, A32, _bt_all(lora_B),
+                                           _f32(xa[0]), float(scaling[0]))
+    grad_x = None
+    if needs_grad_x:
+        grad_x = _grad_product("compose", dy, weight)
+        grad_x.addmm_(g.to(grad_x.dtype), A32.to(grad_x.dtype))
+    return grad_x, [dA if needs_grad_A else None], [dB.to(lora_B[0].dtype)], [db.to(lora_B[0].dtype)]
+
+
+def _split_pairs_eligible(a, lora_A, dropout_p, more=()) -> bool:
+    """``split_pairs``: ``a`` (``x`` or ``dY``) bf16, one adapter whose ``A`` (and ``more``) is fp32, no dropout, and
+    oneDNN's bf16 block kernel on this CPU (``_C.widened_mm``)."""
+    return (a.dtype == torch.bfloat16 and len(lora_A) == 1 and dropout_p[0] == 0
+            and _all_fp32([lora_A[0], *more]) and _C.widened_mm_available())
+
+
 _SCALE_VECTORS: dict[tuple, torch.Tensor] = {}
 
 
@@ -570,6 +611,7 @@ _FORWARD_ROUTES = {
     "gemv": _forward_one_pass,
     "bnb_native": _forward_bnb,
     "bnb_native_fused": partial(_forward_bnb, fused=True),
+    "split_pairs": _forward_split_pairs,
 }
 
 
@@ -590,10 +632,12 @@ def _shared_eligible(route: str, a, weight) -> Optional[bool]:
     return None
 
 
-def _forward_eligible(route: str, x, weight, lora_A) -> bool:
+def _forward_eligible(route: str, x, weight, lora_A, dropout_p) -> bool:
     shared = _shared_eligible(route, x, weight)
     if shared is not None:
         return shared and (route != "decoded_fused" or bool(lora_A))
+    if route == "split_pairs":
+        return bool(lora_A) and _split_pairs_eligible(x, lora_A, dropout_p)
     if route == "gemv":
         return isinstance(weight, QuantizedWeight) or weight.stride(-1) == 1
     return route in _BNB_ROUTES and _bnb_eligible(x, weight)
@@ -608,13 +652,16 @@ _BACKWARD_ROUTES = {
     "decoded_fused": partial(_backward_fused, product="compose"),
     "small": _backward_small,
     "gemv": partial(_backward_fused, product="gemv"),
+    "split_pairs": _backward_split_pairs,
 }
 
 
-def _backward_eligible(route: str, dy, weight, lora_A, lora_B, xa) -> bool:
+def _backward_eligible(route: str, dy, weight, lora_A, lora_B, xa, dropout_p) -> bool:
     shared = _shared_eligible(route, dy, weight)
     if shared is not None:
         return shared
+    if route == "split_pairs":
+        return _split_pairs_eligible(dy, lora_A, dropout_p, (xa[0],))
     if route == "gemv":
         return not isinstance(weight, QuantizedWeight) and weight.stride(-1) == 1
     return (route == "small" and not isinstance(weight, QuantizedWeight) and len(lora_A) == 1
@@ -741,13 +788,13 @@ class CpuBackend(Backend):
     def lora_forward(self, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
         args = (x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
         key = self._key("lora_forward", x, weight, lora_A, dropout_p)
-        return routes.run_table(key, _FORWARD_ROUTES, _forward_eligible, args, (x, weight, lora_A))
+        return routes.run_table(key, _FORWARD_ROUTES, _forward_eligible, args, (x, weight, lora_A, dropout_p))
 
     def settled_route(self, op, x, weight, lora_A):
         key = self._key(op, x, weight, lora_A, [0.0] * len(lora_A))
         if op == "lora_forward":
             table = _FORWARD_ROUTES
-            eligible = routes.EligibleRoutes(table, _forward_eligible, (x, weight, lora_A))
+            eligible = routes.EligibleRoutes(table, _forward_eligible, (x, weight, lora_A, [0.0] * len(lora_A)))
         elif op == "lora_update":
             table = eligible = _UPDATE_ROUTES
         else:
@@ -755,10 +802,10 @@ class CpuBackend(Backend):
         found = routes.settled_call(key, eligible)
         return None if found is None else (found[0], table[found[0]], found[1])
 
-    def settled_forward(self, route, x, weight, bias, lora_A, lora_B, lora_bias, scaling):
+    def settled_forward(self, route, weight, bias, lora_A, lora_B, lora_bias, scaling):
         if route != "gemv" or not isinstance(weight, torch.Tensor) or len(lora_A) != 1 or lora_bias[0] is not None:
             return None
-        prefetch = routes.settled_call(_prefetch_key(x, weight), _GEMV_PREFETCH)
+        prefetch = routes.settled_call(_prefetch_key(weight), _GEMV_PREFETCH)
         if prefetch is None:  # its first calls are measured on the route's own path
             return None
         function = partial(_settled_gemv, weight, bias, lora_A[0], lora_B[0], float(scaling[0]),
@@ -791,7 +838,8 @@ class CpuBackend(Backend):
         args = (dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A)
         grads = ("dx" if needs_grad_x else "") + ("dA" if needs_grad_A else "")
         key = self._key("lora_backward", dy, weight, lora_A, dropout_p, grads)
-        return routes.run_table(key, _BACKWARD_ROUTES, _backward_eligible, args, (dy, weight, lora_A, lora_B, xa))
+        return routes.run_table(key, _BACKWARD_ROUTES, _backward_eligible, args,
+                                (dy, weight, lora_A, lora_B, xa, dropout_p))
 
     # ------------------------------------------------------------------------------------------------------ IA3
     def _product(self, op_outputs, x, weight, bias, compute):

@@ -1,0 +1,181 @@
+// The adapter products of a bf16 layer with fp32 adapters (PEFT's default) on the CPU's bf16 dot-product units,
+// at fp32 accuracy.
+//
+// Every fp32 operand of an adapter product (A, B, h = x A^T, g = s dY B) is split exactly into bf16 parts: the
+// first part is the value rounded to bf16, each next part the rounded remainder (8 more significant bits each), so
+// three parts hold all 24 bits of an fp32 value. The bf16 activations (x, dY) need no split. A product of a bf16
+// activation with the three parts, each product exact in fp32 and the sums in fp32 (widened_mm / widened_mm_nn over
+// oneDNN's bf16 block kernel, AMX where the CPU has it), is the fp32 product up to the order of the sums, at the bf16
+// units' speed instead of the fp32 FMA's:
+//   h = x A^T            = sum_i x P_i(A)^T             (fp32 result, saved for backward)
+//   g = s dY B           = s sum_i dY P_i(B^T)^T
+//   dB^T = s h^T dY      = s sum_i P_i(h^T) dY          and db = s 1^T dY from a row of ones beside the parts
+//   dA = g^T x           = sum_i P_i(g^T) x
+// The updates of the bf16 outputs (y += s h B^T, dX += g A) are left to the caller: they are bound by the pass over
+// the (M, N) output, not by their multiply-adds.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "ops_shared.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace fastpeft {
+
+namespace {
+
+// v rounded to the nearest bf16, ties to even (torch's .to(torch.bfloat16)), as its 16 bits; NaN stays NaN. Written on
+// the bits so that the loops below vectorize (c10's conversion does not).
+inline uint16_t bf16_bits(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  const uint16_t rounded = uint16_t((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+  return v != v ? uint16_t(0x7FC0) : rounded;
+}
+inline float bf16_value(uint16_t h) {
+  const uint32_t b = uint32_t(h) << 16;
+  float v;
+  std::memcpy(&v, &b, 4);
+  return v;
+}
+
+// in[0, C) fp32: part i of each element at out + i * part_stride (bf16 bits). Parts past the first are what the parts
+// before left, rounded.
+inline void split_row_scalar(const float* in, int64_t C, int parts, uint16_t* out, int64_t part_stride) {
+  for (int64_t c = 0; c < C; ++c) {
+    float rest = in[c];
+    for (int i = 0; i < parts; ++i) {
+      const uint16_t p = bf16_bits(rest);
+      out[i * part_stride + c] = p;
+      rest -= bf16_value(p);
+    }
+  }
+}
+
+#if defined(__x86_64__)
+// split_row_scalar sixteen elements at a time (the compiler does not vectorize the scalar form's rounding); AVX-512F
+// and BW only, which every CPU widened_mm runs on has.
+__attribute__((target("avx512f,avx512bw"))) void split_row_avx512(const float* in, int64_t C, int parts,
+                                                                   uint16_t* out, int64_t part_stride) {
+  const __m512i round_bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+  const __m512i quiet_nan = _mm512_set1_epi32(0x7FC0);
+  int64_t c = 0;
+  for (; c + 16 <= C; c += 16) {
+    __m512 rest = _mm512_loadu_ps(in + c);
+    for (int i = 0; i < parts; ++i) {
+      const __m512i b = _mm512_castps_si512(rest);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), one);
+      __m512i hi = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, round_bias), lsb), 16);
+      hi = _mm512_mask_mov_epi32(hi, _mm512_cmp_ps_mask(rest, rest, _CMP_UNORD_Q), quiet_nan);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * part_stride + c), _mm512_cvtepi32_epi16(hi));
+      rest = _mm512_sub_ps(rest, _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16)));
+    }
+  }
+  split_row_scalar(in + c, C - c, parts, out + c, part_stride);
+}
+#endif
+
+inline void split_row(const float* in, int64_t C, int parts, uint16_t* out, int64_t part_stride) {
+#if defined(__x86_64__)
+  static const bool wide = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  }();
+  if (wide) return split_row_avx512(in, C, parts, out, part_stride);
+#endif
+  split_row_scalar(in, C, parts, out, part_stride);
+}
+
+// split_row over the rows of src (rows, C) fp32 contiguous into dst (parts blocks of (rows, C), part_stride apart).
+void split_into(const float* src, int64_t rows, int64_t C, int parts, uint16_t* dst, int64_t part_stride) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) split_row(src + r * C, C, parts, dst + r * C, part_stride);
+  });
+}
+
+// t (R, C) fp32, or with `transposed` t (C, R) and its transpose split: bf16 (parts * R + ones, C) contiguous, rows
+// [P_0(t); ...; P_{parts-1}(t)] and, with `ones`, a last row of ones.
+at::Tensor split_parts(const at::Tensor& t, int parts, bool transposed, bool ones) {
+  const at::Tensor tc = transposed ? t.to(at::kFloat).t().contiguous() : contiguous_f32(t);
+  const int64_t R = tc.size(0), C = tc.size(1);
+  auto out = at::empty({parts * R + (ones ? 1 : 0), C}, at::kBFloat16);
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  split_into(tc.data_ptr<float>(), R, C, parts, dst, R * C);
+  if (ones) std::fill(dst + parts * R * C, dst + (parts * R + 1) * C, bf16_bits(1.0f));
+  return out;
+}
+
+// out (n0, n1) fp32 = scale * (part 0 + (part 1 + part 2)), part i of element (a, b) at P[a * lda + b + i * step]: the
+// partial products of the three split parts, the small ones summed first. The parts lie side by side in P's columns
+// (P (rows, 3r): n1 = r, lda = 3r, step = r) or stacked in its rows (P (3r (+ 1), cols): n0 = r, lda = cols,
+// step = r * cols).
+at::Tensor sum_parts(const at::Tensor& P, int64_t n0, int64_t n1, int64_t lda, int64_t step, float scale) {
+  auto out = at::empty({n0, n1}, at::kFloat);
+  const float* p = P.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < n0; ++i) {
+    const float* row = p + i * lda;
+    for (int64_t j = 0; j < n1; ++j) o[i * n1 + j] = scale * (row[j] + (row[step + j] + row[2 * step + j]));
+  }
+  return out;
+}
+
+void check_bf16_activation(const at::Tensor& t, const char* fn, const char* name, int64_t cols) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.scalar_type() == at::kBFloat16 && t.stride(1) == 1 &&
+                  t.size(1) == cols,
+              "fastpeft._C.", fn, ": ", name, " must be a 2-D bf16 CPU tensor with unit column stride and ", cols,
+              " columns, got ", t.scalar_type(), " of shape ", t.sizes(), " and strides ", t.strides());
+}
+
+void check_adapter(const at::Tensor& t, const char* fn, const char* name, int64_t rows, int64_t cols) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.scalar_type() == at::kFloat && t.size(0) == rows &&
+                  t.size(1) == cols,
+              "fastpeft._C.", fn, ": ", name, " must be fp32 (", rows, ", ", cols, "), got ", t.scalar_type(), " ",
+              t.sizes());
+}
+
+}  // namespace
+
+at::Tensor lora_xa_split(const at::Tensor& x, const at::Tensor& A) {
+  TORCH_CHECK(A.dim() == 2, "fastpeft._C.lora_xa_split: A must be (r, K), got ", A.sizes());
+  const int64_t r = A.size(0), K = A.size(1);
+  check_adapter(A, "lora_xa_split", "A", r, K);
+  check_bf16_activation(x, "lora_xa_split", "x", K);
+  if (x.size(0) == 0 || r == 0) return at::zeros({x.size(0), r}, at::kFloat);
+  return sum_parts(widened_mm(x, split_parts(A, 3, false, false), false), x.size(0), r, 3 * r, r, 1.0f);
+}
+
+std::vector<at::Tensor> lora_backward_split(const at::Tensor& dy, const c10::optional<at::Tensor>& x,
+                                            const at::Tensor& A, const at::Tensor& Bt, const at::Tensor& h, double s) {
+  TORCH_CHECK(A.dim() == 2 && Bt.dim() == 2 && dy.dim() == 2,
+              "fastpeft._C.lora_backward_split: grad_y, A and Bt must be 2-D");
+  const int64_t r = A.size(0), K = A.size(1), N = Bt.size(1), M = dy.size(0);
+  check_adapter(A, "lora_backward_split", "A", r, K);
+  check_adapter(Bt, "lora_backward_split", "Bt", r, N);
+  check_adapter(h, "lora_backward_split", "h", M, r);
+  check_bf16_activation(dy, "lora_backward_split", "grad_y", N);
+  if (x.has_value()) {
+    check_bf16_activation(*x, "lora_backward_split", "x", K);
+    TORCH_CHECK(x->size(0) == M, "fastpeft._C.lora_backward_split: x has ", x->size(0), " rows, grad_y ", M);
+  }
+  const float sf = float(s);
+  if (M == 0 || r == 0)
+    return {at::zeros({M, r}, at::kFloat), x.has_value() ? at::zeros({r, K}, at::kFloat) : at::Tensor(),
+            at::zeros({N, r}, at::kFloat), at::zeros({N}, at::kFloat)};
+  // g = s dY B; [dB^T; db] = s [h^T; 1^T] dY; dA = g^T x.
+  const at::Tensor g = sum_parts(widened_mm(dy, split_parts(Bt, 3, false, false), false), M, r, 3 * r, r, sf);
+  const at::Tensor T = widened_mm_nn(split_parts(h, 3, true, true), dy);  // (3r + 1, N)
+  const at::Tensor dB = sum_parts(T, r, N, N, r * N, sf).t().contiguous();
+  const at::Tensor db = T.select(0, 3 * r).mul(s);
+  at::Tensor dA;
+  if (x.has_value()) dA = sum_parts(widened_mm_nn(split_parts(g, 3, true, false), *x), r, K, K, r * K, 1.0f);
+  return {g, dA, dB, db};
+}
+
+}  // namespace fastpeft

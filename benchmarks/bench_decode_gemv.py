@@ -10,9 +10,10 @@ multiplied by one row of ``x`` in turn; each provider runs over all of them once
 bytes of the weight over that time.
 
 - ``torch``: ``F.linear(x, W)``;
-- ``gemv``: ``_C.dense_lora_gemv`` with no adapter (fastpeft's decoding GEMV, fp32 sums, one rounding);
-- ``gemv+lora``: ``_C.lora_xa`` then ``_C.dense_lora_gemv`` with a rank-16 fp32 adapter (PEFT's adapter dtype), the
-  two calls of the ``gemv`` route.
+- ``gemv <hint>``: ``_C.dense_lora_gemv`` with no adapter (fastpeft's decoding GEMV, fp32 sums, one rounding), rows
+  ahead requested with each of ``--prefetch``'s hints (the choices of ``gemv_prefetch``: ``nta``, ``l2``, ``none``);
+- ``gemv+lora <hint>``: ``_C.dense_lora_gemv`` with a rank-16 fp32 adapter (PEFT's adapter dtype) and ``A`` given,
+  ``x A^T`` computed in the same call, as a settled ``gemv`` decode call makes it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from functools import partial
 
 import torch
 
@@ -29,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from side_by_side import interleaved_medians  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+PREFETCH = {"nta": 1, "l2": 2, "none": 0}  # dense_lora_gemv's prefetch argument per gemv_prefetch route
 
 
 def main(argv=None):
@@ -39,6 +42,7 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prefetch", nargs="+", choices=list(PREFETCH), default=list(PREFETCH))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     ext = cpu_backend._C
@@ -54,15 +58,18 @@ def main(argv=None):
         for W in weights:
             torch.nn.functional.linear(x, W)
 
-    def gemv():
+    def gemv(mode):
         for W in weights:
-            ext.dense_lora_gemv(x, W, None, None, None, 1.0)
+            ext.dense_lora_gemv(x, W, None, None, None, 1.0, None, mode)
 
-    def gemv_lora():
+    def gemv_lora(mode):
         for W, A, B in zip(weights, downs, ups):
-            ext.dense_lora_gemv(x, W, None, ext.lora_xa(x, A, 0.0, 0), B, 2.0)
+            ext.dense_lora_gemv(x, W, None, None, B, 2.0, A, mode)
 
-    providers = {"torch": torch_linear, "gemv": gemv, "gemv+lora": gemv_lora}
+    providers = {"torch": torch_linear}
+    for name in args.prefetch:
+        providers[f"gemv {name}"] = partial(gemv, PREFETCH[name])
+        providers[f"gemv+lora {name}"] = partial(gemv_lora, PREFETCH[name])
     with torch.inference_mode():
         medians = interleaved_medians(providers, lambda run: run(), args.rounds, warmup=1)
     size = N * K * weights[0].element_size()

@@ -103,7 +103,8 @@ struct KernelTable {
 
   // The decoding GEMV, for n in [n0, n1) and every m < M (x: (M, K) fp32 contiguous):
   //   y[m * ldy + n] = sum_k x[m, k] w[n, k] + bias[n] + lora_scale * sum_j xs[m, j] B[n, j]
-  // with w dequantized one row at a time into buf (K floats, stays in L1) and never stored elsewhere.
+  // with w dequantized one row at a time into buf (K + 64 floats, stays in L1) and never stored elsewhere; a dense
+  // weight's rows are read in place, and buf holds lora_scale * xs instead where M * R <= K + 64.
   // bias: (N,) fp32 or null; xs: (M, R) fp32 (LoRA down-projection, already scaled) and B: (N, R) fp32, or null.
   // prefetch (a GemvPrefetch): how rows of a dense weight ahead of the one being read are requested. Which is fastest
   // depends on the CPU's caches (a non-temporal request lands in L1 alone on some, which a far-ahead request then

@@ -982,7 +982,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_linear", &fastpeft::quant_linear, "(x32, qweight, bias32|None, xs32|None, B32|None, lora_scale, gemv_rows, tile_rows|0) -> "
         "x w^T + bias + lora_scale xs B^T (M, N) fp32");
   m.def("dense_lora_gemv", &fastpeft::dense_lora_gemv, "(x, W, bias32|None, xs32|None, B32|None, lora_scale, "
-        "A32=None) -> x W^T + bias + lora_scale xs B^T (..., N) in x's dtype (x (..., K)), accumulated in fp32, one pass over W; "
+        "A32=None, prefetch=1) -> x W^T + bias + lora_scale xs B^T (..., N) in x's dtype (x (..., K)), accumulated in fp32, one pass over W; "
         "with A instead of xs, xs = x A^T computed here; prefetch: how rows ahead are requested (0 none, 1 "
         "non-temporal, 2 into L2)", py::arg("x"), py::arg("W"), py::arg("bias"), py::arg("xs"), py::arg("B"),
         py::arg("lora_scale"), py::arg("A") = py::none(), py::arg("prefetch") = int64_t(fastpeft::kPrefetchNonTemporal));

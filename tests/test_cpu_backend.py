@@ -257,9 +257,10 @@ def test_split_pairs_route_every_gradient_subset(M, K, N, r):
 
 
 @pytest.mark.skipif(_C is None or not _C.widened_mm_available(), reason="oneDNN has no bf16 block kernel here")
-def test_split_products_refuse_bad_operands_and_keep_nan():
+def test_split_products_refuse_bad_operands_and_keep_nan(isa):
     """``_C.lora_xa_split`` / ``_C.lora_backward_split`` name the operand and the problem; a NaN in ``A`` reaches
-    ``x A^T`` as NaN (its split keeps it NaN), and fp32 values past bf16's mantissa come back exactly."""
+    ``x A^T`` as NaN (its split keeps it NaN), and fp32 values past bf16's mantissa come back exactly (the split is
+    each ISA's kernel: the ``isa`` fixture runs every one)."""
     x, A = torch.randn(5, 40).to(torch.bfloat16), torch.randn(3, 40)
     with pytest.raises(RuntimeError, match="lora_xa_split: x must be a 2-D bf16"):
         _C.lora_xa_split(x.float(), A)

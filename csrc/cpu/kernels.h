@@ -142,6 +142,11 @@ struct KernelTable {
   void (*dora_epilogue_rows)(float* z, int64_t ldz, const float* base, int64_t ldb, int64_t N, int64_t m0, int64_t m1,
                              const float* h, int64_t ldh, int64_t R, const float* Bt, float k, float s, const float* f,
                              const float* bias, int dt_out, void* out, int64_t ldo);
+
+  // Part i of in[0, C) fp32 as bf16 bits at out + i * part_stride, for i < parts: part 0 is the value rounded to bf16
+  // (to nearest even, NaN kept), each next part the rounded remainder the parts before it left, so three parts hold
+  // all 24 significant bits of an fp32 value exactly (split_products.cpp).
+  void (*split_bf16_row)(const float* in, int64_t C, int parts, uint16_t* out, int64_t part_stride);
 };
 
 const KernelTable& kernels_generic();

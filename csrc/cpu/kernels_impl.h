@@ -920,6 +920,25 @@ void transpose_f32(const float* src, int64_t lds, int64_t rows, int64_t cols, fl
 
 #undef FASTPEFT_BLOCK
 
+// kernels.h: split_bf16_row, with the activation stores' rounding.
+void split_bf16_row(const float* in, int64_t C, int parts, uint16_t* out, int64_t part_stride) {
+  int64_t c = 0;
+  for (; c + VW <= C; c += VW) {
+    vf rest = load_f32(in + c);
+    for (int i = 0; i < parts; ++i) {
+      store_act(kBF16, out + i * part_stride, c, rest);
+      rest -= load_act(kBF16, out + i * part_stride, c);
+    }
+  }
+  for (; c < C; ++c) {
+    float rest = in[c];
+    for (int i = 0; i < parts; ++i) {
+      store_act1(kBF16, out + i * part_stride, c, rest);
+      rest -= load_act1(kBF16, out + i * part_stride, c);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace FASTPEFT_NS
 }  // namespace fastpeft

@@ -31,6 +31,8 @@ void lora_mixed_(at::Tensor& y, const at::Tensor& x, const at::Tensor& runs,
                  const std::vector<double>& scaling);
 
 // pair_gemm.cpp
+// Raises unless t is a 2-D bf16 CPU tensor with unit column stride (the message names fastpeft._C.<fn> and name).
+void check_bf16_rows(const char* fn, const at::Tensor& t, const char* name);
 bool widened_mm_available();
 at::Tensor widened_mm(const at::Tensor& a, const at::Tensor& b, bool interleave_a);
 at::Tensor widened_mm_nn(const at::Tensor& a, const at::Tensor& b);

@@ -65,13 +65,6 @@ void pairs_across_rows(const uint16_t* b, int64_t ld, int64_t even_k, int64_t c0
   }
 }
 
-void check_bf16_rows(const char* fn, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.scalar_type() == at::kBFloat16 &&
-                  (t.stride(1) == 1 || t.numel() == 0),  // an empty tensor's strides are never used
-              "fastpeft._C.", fn, ": ", name, " must be a 2-D bf16 CPU tensor with unit column stride, got ",
-              t.scalar_type(), " of shape ", t.sizes(), " and strides ", t.strides());
-}
-
 // Both operands' layout, their inner dimensions (a's columns against b's dimension `inner`), and the CPU.
 void check_operands(const char* fn, const at::Tensor& a, const at::Tensor& b, int inner) {
   check_bf16_rows(fn, a, "a");
@@ -192,6 +185,13 @@ at::Tensor pair_product_packing_a(const at::Tensor& a, const at::Tensor& b) {
 }
 
 }  // namespace
+
+void check_bf16_rows(const char* fn, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.scalar_type() == at::kBFloat16 &&
+                  (t.stride(1) == 1 || t.numel() == 0),  // an empty tensor's strides are never used
+              "fastpeft._C.", fn, ": ", name, " must be a 2-D bf16 CPU tensor with unit column stride, got ",
+              t.scalar_type(), " of shape ", t.sizes(), " and strides ", t.strides());
+}
 
 bool widened_mm_available() {
   // cpublas::brgemm raises where oneDNN has no bf16 block kernel for this CPU (below AVX-512) or torch runs without

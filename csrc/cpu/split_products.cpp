@@ -17,85 +17,20 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "ops_shared.h"
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 namespace fastpeft {
 
 namespace {
 
-// v rounded to the nearest bf16, ties to even (torch's .to(torch.bfloat16)), as its 16 bits; NaN stays NaN. Written on
-// the bits so that the loops below vectorize (c10's conversion does not).
-inline uint16_t bf16_bits(float v) {
-  uint32_t b;
-  std::memcpy(&b, &v, 4);
-  const uint16_t rounded = uint16_t((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-  return v != v ? uint16_t(0x7FC0) : rounded;
-}
-inline float bf16_value(uint16_t h) {
-  const uint32_t b = uint32_t(h) << 16;
-  float v;
-  std::memcpy(&v, &b, 4);
-  return v;
-}
-
-// in[0, C) fp32: part i of each element at out + i * part_stride (bf16 bits). Parts past the first are what the parts
-// before left, rounded.
-inline void split_row_scalar(const float* in, int64_t C, int parts, uint16_t* out, int64_t part_stride) {
-  for (int64_t c = 0; c < C; ++c) {
-    float rest = in[c];
-    for (int i = 0; i < parts; ++i) {
-      const uint16_t p = bf16_bits(rest);
-      out[i * part_stride + c] = p;
-      rest -= bf16_value(p);
-    }
-  }
-}
-
-#if defined(__x86_64__)
-// split_row_scalar sixteen elements at a time (the compiler does not vectorize the scalar form's rounding); AVX-512F
-// and BW only, which every CPU widened_mm runs on has.
-__attribute__((target("avx512f,avx512bw"))) void split_row_avx512(const float* in, int64_t C, int parts,
-                                                                   uint16_t* out, int64_t part_stride) {
-  const __m512i round_bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
-  const __m512i quiet_nan = _mm512_set1_epi32(0x7FC0);
-  int64_t c = 0;
-  for (; c + 16 <= C; c += 16) {
-    __m512 rest = _mm512_loadu_ps(in + c);
-    for (int i = 0; i < parts; ++i) {
-      const __m512i b = _mm512_castps_si512(rest);
-      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), one);
-      __m512i hi = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, round_bias), lsb), 16);
-      hi = _mm512_mask_mov_epi32(hi, _mm512_cmp_ps_mask(rest, rest, _CMP_UNORD_Q), quiet_nan);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * part_stride + c), _mm512_cvtepi32_epi16(hi));
-      rest = _mm512_sub_ps(rest, _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16)));
-    }
-  }
-  split_row_scalar(in + c, C - c, parts, out + c, part_stride);
-}
-#endif
-
-inline void split_row(const float* in, int64_t C, int parts, uint16_t* out, int64_t part_stride) {
-#if defined(__x86_64__)
-  static const bool wide = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  }();
-  if (wide) return split_row_avx512(in, C, parts, out, part_stride);
-#endif
-  split_row_scalar(in, C, parts, out, part_stride);
-}
-
-// split_row over the rows of src (rows, C) fp32 contiguous into dst (parts blocks of (rows, C), part_stride apart).
+// The kernels' split_bf16_row over the rows of src (rows, C) fp32 contiguous into dst (parts blocks of (rows, C),
+// part_stride apart).
 void split_into(const float* src, int64_t rows, int64_t C, int parts, uint16_t* dst, int64_t part_stride) {
+  const KernelTable& k = active_kernels();
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) split_row(src + r * C, C, parts, dst + r * C, part_stride);
+    for (int64_t r = r0; r < r1; ++r) k.split_bf16_row(src + r * C, C, parts, dst + r * C, part_stride);
   });
 }
 
@@ -107,7 +42,7 @@ at::Tensor split_parts(const at::Tensor& t, int parts, bool transposed, bool one
   auto out = at::empty({parts * R + (ones ? 1 : 0), C}, at::kBFloat16);
   uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   split_into(tc.data_ptr<float>(), R, C, parts, dst, R * C);
-  if (ones) std::fill(dst + parts * R * C, dst + (parts * R + 1) * C, bf16_bits(1.0f));
+  if (ones) out.select(0, parts * R).fill_(1.0);
   return out;
 }
 
@@ -126,11 +61,10 @@ at::Tensor sum_parts(const at::Tensor& P, int64_t n0, int64_t n1, int64_t lda, i
   return out;
 }
 
+// check_bf16_rows' layout, and `cols` columns.
 void check_bf16_activation(const at::Tensor& t, const char* fn, const char* name, int64_t cols) {
-  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.scalar_type() == at::kBFloat16 && t.stride(1) == 1 &&
-                  t.size(1) == cols,
-              "fastpeft._C.", fn, ": ", name, " must be a 2-D bf16 CPU tensor with unit column stride and ", cols,
-              " columns, got ", t.scalar_type(), " of shape ", t.sizes(), " and strides ", t.strides());
+  check_bf16_rows(fn, t, name);
+  TORCH_CHECK(t.size(1) == cols, "fastpeft._C.", fn, ": ", name, " must have ", cols, " columns, got ", t.sizes());
 }
 
 void check_adapter(const at::Tensor& t, const char* fn, const char* name, int64_t rows, int64_t cols) {

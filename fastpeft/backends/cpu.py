@@ -223,7 +223,8 @@ def _dense_gemv(x, weight, bias32, xs, B, lora_scale) -> torch.Tensor:
         routes.run(key, {route: partial(_C.dense_lora_gemv, one, w, bias32, xs1, B, lora_scale, None, mode)
                          for route, mode in _GEMV_PREFETCH.items()})
         name = routes.last_route("gemv_prefetch")
-    return _C.dense_lora_gemv(x, w, bias32, xs, B, lora_scale, None, _GEMV_PREFETCH.get(name, 1))
+    # (no rows: nothing was measured or is read; any hint serves)
+    return _C.dense_lora_gemv(x, w, bias32, xs, B, lora_scale, None, _GEMV_PREFETCH[name or "nta"])
 
 
 _bnb_kernel: dict[str, object] = {}

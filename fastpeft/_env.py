@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from . import guards
+
 _DATA = getattr(os.environ, "_data", None)
 _FAST = (os.name == "posix" and isinstance(_DATA, dict)
          and all(isinstance(key, bytes) for key in list(_DATA)[:8]))
@@ -48,3 +50,9 @@ def raw(name: bytes):
     if _FAST:
         return _DATA.get(name)
     return os.environ.get(name.decode())
+
+
+def raw_guard(name: bytes) -> Optional[tuple]:
+    """A guard (``fastpeft.guards``) that ``raw(name)`` stays what it is now, or None where ``raw`` does not read a
+    dict."""
+    return guards.item_is(_DATA, name) if _FAST else None

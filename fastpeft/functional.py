@@ -43,7 +43,7 @@ import torch
 
 from . import _env, reference, routing
 from ._derived import kept_copies
-from .backends import get_backend, selection_state
+from .backends import get_backend, selection_guards, selection_state
 
 
 def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -335,6 +335,15 @@ def dispatch_state() -> tuple:
     return (routing.generation(), _env.raw(b"FASTPEFT_ROUTE"), *selection_state())
 
 
+def dispatch_guards() -> Optional[list]:
+    """:func:`dispatch_state` now as guards (``fastpeft.guards``): they hold while it is unchanged. None where one
+    of its values cannot be guarded."""
+    route, selection = _env.raw_guard(b"FASTPEFT_ROUTE"), selection_guards()
+    if route is None or selection is None:
+        return None
+    return [routing.generation_guard(), route, *selection]
+
+
 def may_settle(x: torch.Tensor) -> bool:
     """Whether a call on ``x`` may be kept resolved (:class:`SettledCall`): it records no autograd, runs outside
     autocast and torch.compile, on a plain CPU or CUDA tensor that does not require grad."""
@@ -370,15 +379,27 @@ class SettledCall:
     to measure a route again, or on another device. The caller checks that what it bound (its tensors, scalings) is
     unchanged."""
 
-    __slots__ = ("state", "dtype", "device", "k", "m_low", "m_high", "taken", "function", "any_rows")
+    __slots__ = ("state", "guards", "dtype", "device", "k", "m_low", "m_high", "taken", "function", "any_rows")
 
     def __init__(self, x2: torch.Tensor, taken: dict, function, any_rows: bool = False):
         m = routing.bucket(x2.shape[0])
         self.state, self.dtype, self.device, self.k, self.m_low, self.m_high = (
             dispatch_state(), x2.dtype, x2.device, x2.shape[1], m // 2 if m > 1 else 0, m)
+        # the same state as guards, for a function C++ can serve (bind_native)
+        self.guards = dispatch_guards() if hasattr(function, "bind_native") else None
         self.taken = routing.TakenRoutes({op: (found[0], found[2]) for op, found in taken.items()})
         self.function = function
         self.any_rows = any_rows  # function takes (..., K) itself (else (M, K), reshaped here)
+
+    def bind_native(self, native, layer_guards: list):
+        """``native`` (a ``fastpeft._C.SettledGemv``, or None: one is made with ``layer_guards``, the guards on the
+        caller's state) with this call added where C++ can serve it under the conditions :meth:`output` checks (the
+        dispatch state as guards); ``native`` as it was where this call's function has no such form or a route it
+        takes awaits its confirming measurement (whose calls only :meth:`output` counts)."""
+        if self.guards is None or self.taken.counted or self.device.type != "cpu":
+            return native
+        return self.function.bind_native(native, layer_guards, self.guards, self.dtype, self.k, self.m_low,
+                                         self.m_high, self.taken.routes)
 
     def output(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The call's output for ``x`` ``(..., K)`` (``(..., N)``), or None where its dispatch could differ."""

@@ -22,7 +22,7 @@ from peft.tuners.ia3.layer import Linear as PeftIA3Linear
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
-from . import dora, functional, mixed
+from . import dora, functional, guards, mixed
 from .quant import QuantizedWeight, is_bnb_quantized
 
 try:
@@ -130,7 +130,8 @@ def adapter_arguments(layer: nn.Module, active: list) -> tuple:
         up = ups[name]
         lora_A.append(parameter(downs[name], "weight"))
         lora_B.append(parameter(up, "weight"))
-        lora_bias.append(parameter(up, "bias") if with_bias.get(name, False) else None)
+        # PEFT's forward calls lora_B as a module: a bias registered there is added whatever lora_bias says
+        lora_bias.append(parameter(up, "bias") if "bias" in up._parameters or with_bias.get(name, False) else None)
         scaling.append(scalings[name])
         dropout = dropouts[name]
         dropout_p.append(dropout.p if isinstance(dropout, nn.Dropout) else 0.0)
@@ -293,11 +294,30 @@ class HeldAdapters:
         for name, A, B, b, s, dropout, may_drop in self.records:
             down, up = downs.get(name), ups.get(name)
             if (down is None or up is None or down._parameters.get("weight") is not A
-                    or up._parameters.get("weight") is not B or (b is not None and up._parameters.get("bias") is not b)
+                    or up._parameters.get("weight") is not B or up._parameters.get("bias") is not b
                     or scalings.get(name) != s or dropouts.get(name) is not dropout
                     or (may_drop and dropout.training and dropout.p > 0)):
                 return False
         return True
+
+    def guards(self, layer: nn.Module) -> list:
+        """:meth:`unchanged` as guards (``fastpeft.guards``) on ``layer`` as it is now (where ``unchanged`` holds)."""
+        modules = layer._modules
+        downs, ups, dropouts = modules["lora_A"], modules["lora_B"], modules["lora_dropout"]
+        found = [guards.item_is(modules, name) for name in ("lora_A", "lora_B", "lora_dropout")]
+        found += [guards.attribute_falsy(layer, name) for name in ("_disable_adapters", "merged_adapters",
+                                                                     "lora_variant")]
+        found += [(guards.LENGTH_IS, downs._modules, None, self.count), guards.item_is(layer.__dict__, "scaling")]
+        found += [(guards.LACKS, downs._modules, name, None) for name in self.absent]
+        for name, A, B, b, s, dropout, may_drop in self.records:
+            down, up = downs._modules[name], ups._modules[name]
+            found += [guards.item_is(downs._modules, name), (guards.ITEM_IS, down._parameters, "weight", A),
+                      guards.item_is(ups._modules, name), (guards.ITEM_IS, up._parameters, "weight", B),
+                      (guards.ITEM_IS, up._parameters, "bias", b), (guards.ITEM_EQUAL, layer.scaling, name, s),
+                      (guards.ITEM_IS, dropouts._modules, name, dropout)]
+            if may_drop:
+                found.append((guards.NOT_DROPPING, dropout.__dict__, None, None))
+        return found
 
 
 def _joined(new, kept: tuple, same) -> tuple:
@@ -372,6 +392,23 @@ class SettledLayerCall:
               or not is_bnb_quantized(base) or QuantizedWeight.from_bnb_linear(base) is not self.quantized):
             return False
         return self.adapters.unchanged(layer)
+
+    def native(self, layer: nn.Module):
+        """A ``fastpeft._C.SettledGemv`` serving this call's settled calls that C++ can serve (``SettledCall
+        .bind_native``) under :meth:`holds` as guards, or None where none can be served so."""
+        if self.quantized is not None or self.weight is None or not self.holds(layer):
+            return None
+        base = layer._modules["base_layer"]
+        layer_guards = [guards.item_is(layer._modules, "base_layer"), (guards.ITEM_IS, base._parameters, "weight",
+                                                                        self.weight),
+                        (guards.ITEM_IS, base._parameters, "bias", self.bias),
+                        guards.attribute_falsy(base, "_forward_hooks"),
+                        guards.attribute_falsy(base, "_forward_pre_hooks"),
+                        guards.attribute_equal(layer, "_active_adapter", self.active), *self.adapters.guards(layer)]
+        native = None
+        for call in self.calls:
+            native = call.bind_native(native, layer_guards)
+        return native
 
 
 class SettledMixedLayerCall:
@@ -469,17 +506,19 @@ class KeepsSettledCalls:
     # class defaults: reading them never reaches nn.Module.__getattr__
     _fastpeft_settled: Optional[SettledLayerCall] = None
     _fastpeft_settled_mixed: Optional[SettledMixedLayerCall] = None
+    _fastpeft_native = None  # the kept calls C++ serves (SettledLayerCall.native)
 
     def __getstate__(self):
         state = super().__getstate__()
-        state.pop("_fastpeft_settled", None)
-        state.pop("_fastpeft_settled_mixed", None)
+        for name in ("_fastpeft_settled", "_fastpeft_settled_mixed", "_fastpeft_native"):
+            state.pop(name, None)
         return state
 
     def _keep_settled(self, settled: Optional[SettledLayerCall]) -> None:
         """Keep a call the full path just settled, with the kept ones for other dtypes and rows buckets."""
         if settled is not None:
-            self._fastpeft_settled = settled.joined(self._fastpeft_settled, self)
+            self._fastpeft_settled = settled = settled.joined(self._fastpeft_settled, self)
+            self._fastpeft_native = settled.native(self)
 
     def _keep_settled_mixed(self, settled: Optional[SettledMixedLayerCall]) -> None:
         if settled is not None:
@@ -549,6 +588,11 @@ class FusedLoraLinear(KeepsSettledCalls, PeftLoraLinear):
         return active, found[0], found[1]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        native = self._fastpeft_native
+        if native is not None and not (args or kwargs or torch.compiler.is_compiling()):
+            y = native(x)  # None where a condition of the settled calls fails: the path below checks them again
+            if y is not None:
+                return y
         if kwargs.get("adapter_names") is not None:
             return mixed_batch_forward(self, x, args, kwargs, super().forward)
         y = self._settled_output(x, args, kwargs)

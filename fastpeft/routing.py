@@ -52,7 +52,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import _env
+from . import _env, guards
 from ._atomic import atomic_file, locked
 
 CACHE_VERSION = 1
@@ -375,6 +375,17 @@ def generation() -> int:
     read from the cache file, or the only route). Whoever keeps a route of :func:`settled_call` keeps this number
     with it and asks again once it differs (``FASTPEFT_ROUTE`` is read per call and must be compared too)."""
     return _generation[0]
+
+
+def last_routes() -> dict:
+    """The dict :func:`last_route` reads (op -> the route the latest call ran), for a caller outside Python that
+    records the routes it takes in it."""
+    return _last
+
+
+def generation_guard() -> tuple:
+    """A guard (``fastpeft.guards``) that :func:`generation` stays what it is now."""
+    return (guards.ITEM_IS, _generation, 0, _generation[0])
 
 
 def _changed() -> None:

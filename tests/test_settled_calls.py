@@ -47,6 +47,19 @@ def outputs_agree(reference, fused, x, tol=FP32_TOL, label=""):
             assert_close(f"{label} call {attempt}", fused(x), want, tol)
 
 
+def settle(reference, fused, rows: int) -> None:
+    """Settle every layer on calls of ``rows`` rows; one-row calls are pinned to route ``gemv`` and must settle into
+    the form C++ serves (``_C.SettledGemv``) and be served by it."""
+    if rows == 1:
+        routes.set_route("lora_forward", "gemv")
+    for _ in range(2 if rows == 1 else 1):  # gemv's prefetch choice is made by the first call: the second settles
+        outputs_agree(reference, fused, torch.randn(rows, 23), label="settling")
+    layers = lora_layers(fused)
+    assert layers and all(layer._fastpeft_settled is not None for layer in layers)
+    if rows == 1:
+        assert all(layer._fastpeft_native is not None and layer._fastpeft_native.served > 0 for layer in layers)
+
+
 def mlp_twins(**config):
     config = dict(dict(r=4, lora_alpha=8, target_modules=["up", "down"], init_lora_weights=False), **config)
     reference, fused = twins(MLP, LoraConfig(**config), extra_adapters=[("other", LoraConfig(**config))])
@@ -242,20 +255,43 @@ CHANGES = {
 }
 
 
+def _lora_bias_added(model):
+    for m in model.modules():
+        if hasattr(m, "lora_B"):
+            m.lora_B["default"].bias = nn.Parameter(torch.full((m.lora_B["default"].out_features,), 0.75))
+
+
+def _another_dropout_module(model):
+    for m in model.modules():
+        if hasattr(m, "lora_dropout"):
+            m.lora_dropout["default"] = nn.Dropout(0.4).eval()  # draws nothing, but is not the settled module
+
+
+def _scaling_replaced(model):
+    for m in model.modules():
+        if hasattr(m, "scaling") and "default" in getattr(m, "scaling", {}):
+            m.scaling = dict(m.scaling, default=2.5)
+
+
+CHANGES.update({"lora_B bias added": _lora_bias_added, "another dropout module": _another_dropout_module,
+                "scaling dict replaced": _scaling_replaced})
+
+
+@pytest.mark.parametrize("rows", [6, 1], ids=["6 rows", "1 row (C++)"])
 @pytest.mark.parametrize("change", list(CHANGES))
-def test_settled_call_follows_a_change_to_the_layer(final_routes, change):
+def test_settled_call_follows_a_change_to_the_layer(final_routes, change, rows):
     reference, fused = mlp_twins()
-    outputs_agree(reference, fused, torch.randn(6, 23), label="before")
-    assert all(layer._fastpeft_settled is not None for layer in lora_layers(fused))
+    settle(reference, fused, rows)
     for model in (reference, fused):
         CHANGES[change](model)
-    outputs_agree(reference, fused, torch.randn(6, 23), label=change)
+    outputs_agree(reference, fused, torch.randn(rows, 23), label=change)
 
 
-def test_settled_call_follows_disabled_adapters_and_dtype(final_routes):
+@pytest.mark.parametrize("rows", [6, 1], ids=["6 rows", "1 row (C++)"])
+def test_settled_call_follows_disabled_adapters_and_dtype(final_routes, rows):
     reference, fused = mlp_twins()
-    x = torch.randn(6, 23)
-    outputs_agree(reference, fused, x, label="before")
+    x = torch.randn(rows, 23)
+    settle(reference, fused, rows)
     with reference.disable_adapter(), fused.disable_adapter():
         outputs_agree(reference, fused, x, label="disabled")
     outputs_agree(reference, fused, x, label="enabled again")
@@ -271,10 +307,11 @@ def test_settled_call_follows_disabled_adapters_and_dtype(final_routes):
             fused(x)  # an fp32 input for a bf16 layer: the full path's error, not a settled result
 
 
-def test_settled_call_leaves_training_mode_dropout_to_the_full_path(final_routes, monkeypatch):
+@pytest.mark.parametrize("rows", [16, 1], ids=["16 rows", "1 row (C++)"])
+def test_settled_call_leaves_training_mode_dropout_to_the_full_path(final_routes, monkeypatch, rows):
     reference, fused = mlp_twins(lora_dropout=0.5)
-    x = torch.randn(16, 23)
-    outputs_agree(reference, fused, x, label="eval")
+    x = torch.randn(rows, 23)
+    settle(reference, fused, rows)
     counter = count_resolved(monkeypatch)
     fused.train()
     with torch.no_grad():
@@ -286,10 +323,29 @@ def test_settled_call_leaves_training_mode_dropout_to_the_full_path(final_routes
     outputs_agree(reference, fused, x, label="eval again")
 
 
-def test_settled_call_follows_pins_and_the_backend(final_routes, monkeypatch):
+@pytest.mark.parametrize("rows", [16, 1], ids=["16 rows", "1 row (C++)"])
+def test_settled_call_leaves_a_new_drawing_dropout_module_to_the_full_path(final_routes, monkeypatch, rows):
+    """A layer's dropout module replaced by one in training mode (the model in eval): PEFT draws with it, so the
+    settled calls decline and the full path draws."""
     reference, fused = mlp_twins()
-    x = torch.randn(6, 23)
-    outputs_agree(reference, fused, x, label="before")
+    x = torch.randn(rows, 23)
+    settle(reference, fused, rows)
+    with torch.no_grad():
+        eval_out = reference(x)
+    for layer in lora_layers(fused):
+        layer.lora_dropout["default"] = nn.Dropout(0.5)
+    counter = count_resolved(monkeypatch)
+    with torch.no_grad():
+        dropped = fused(x)
+    assert counter.calls == len(lora_layers(fused)), "dropout in training is drawn by the full path"
+    assert (dropped - eval_out).abs().max() > 1e-3, "dropout was applied"
+
+
+@pytest.mark.parametrize("rows", [6, 1], ids=["6 rows", "1 row (C++)"])
+def test_settled_call_follows_pins_and_the_backend(final_routes, monkeypatch, rows):
+    reference, fused = mlp_twins()
+    x = torch.randn(rows, 23)
+    settle(reference, fused, rows)
     for route in ("compose", "fused", "gemv"):
         routes.set_route("lora_forward", route)
         outputs_agree(reference, fused, x, label=f"pinned {route}")
@@ -301,7 +357,12 @@ def test_settled_call_follows_pins_and_the_backend(final_routes, monkeypatch):
     monkeypatch.setenv("FASTPEFT_ROUTE", "lora_forward=gemv")
     outputs_agree(reference, fused, x, label="FASTPEFT_ROUTE changed")
     assert routes.last_route("lora_forward") == "gemv"
+    outputs_agree(reference, fused, x, label="settled under FASTPEFT_ROUTE")  # one row: served from C++
+    monkeypatch.setenv("FASTPEFT_ROUTE", "lora_forward=compose")
+    outputs_agree(reference, fused, x, label="FASTPEFT_ROUTE changed back")
+    assert routes.last_route("lora_forward") == "compose"
     monkeypatch.delenv("FASTPEFT_ROUTE")
+    settle(reference, fused, rows)  # then only the backend changes
     counter = count_resolved(monkeypatch)
     fastpeft.set_backend("reference")
     outputs_agree(reference, fused, x, label="reference backend")
@@ -315,9 +376,10 @@ def test_settled_call_follows_pins_and_the_backend(final_routes, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_settled_gemv_is_one_call_and_reads_its_adapters_per_call(final_routes, monkeypatch, dtype):
     """Route ``gemv`` settled with one adapter and no ``lora_bias`` (``CpuBackend.settled_forward``): each layer call
-    is one ``_C.dense_lora_gemv`` call (no separate down-projection), for ``x`` with 1, 2 and 3 dimensions; a
-    non-contiguous ``x``, adapters updated in place and adapters cast to bf16 (the route's own function then) all give
-    PEFT's output (fp32: 1e-5; bf16: within 2x of PEFT's own error against an fp32 copy)."""
+    is one C++ call, served by the layer's ``_C.SettledGemv`` (no separate down-projection, no ``_C`` call from
+    Python), for ``x`` with 1, 2 and 3 dimensions; a non-contiguous ``x`` (left to the Python path), adapters
+    updated in place and adapters cast to bf16 (the route's own function then) all give PEFT's output (fp32: 1e-5;
+    bf16: within 2x of PEFT's own error against an fp32 copy)."""
     import copy
 
     from checks import assert_within_2x
@@ -344,12 +406,23 @@ def test_settled_gemv_is_one_call_and_reads_its_adapters_per_call(final_routes, 
                     assert_within_2x(f"{label} call {attempt}", got.double(), want.double(), exact.double())
 
     agree(torch.randn(1, 23).to(dtype), "settling")
+    agree(torch.randn(1, 23).to(dtype), "settled")  # the prefetch choice made by the first call changed dispatch
+    assert all(layer._fastpeft_native is not None for layer in layers)
+
+    def served():
+        return sum(layer._fastpeft_native.served for layer in layers)
+
     one_call, down = CallCounter(monkeypatch, _C, "dense_lora_gemv"), CallCounter(monkeypatch, _C, "lora_xa")
+    before = served()
     for shape in [(23,), (1, 23), (1, 1, 23)]:
         agree(torch.randn(*shape).to(dtype), f"x {shape}")
-    assert routes.last_route("lora_forward") == "gemv"
-    assert down.calls == 0 and one_call.calls == 2 * 3 * len(layers), "one C++ call per settled layer call"
-    agree(torch.randn(23, 1).to(dtype).t(), "non-contiguous x")
+    assert routes.last_route("lora_forward") == "gemv" and routes.last_route("gemv_prefetch") is not None
+    assert down.calls == 0 and one_call.calls == 0, "no call from Python"
+    assert served() - before == 2 * 3 * len(layers), "one C++ call per settled layer call"
+    before = served()
+    agree(torch.randn(1, 46).to(dtype)[:, ::2], "non-contiguous x")
+    # the first layer's input is x (its call takes the Python path); the later layers' inputs are contiguous
+    assert served() - before == 2 * (len(layers) - 1), "C++ serves contiguous x only"
     with torch.no_grad():
         for model in (reference, fused, oracle):
             for name, param in model.named_parameters():
@@ -407,8 +480,9 @@ def test_settled_state_is_not_pickled(final_routes):
 
     reference, fused = mlp_twins()
     outputs_agree(reference, fused, torch.randn(6, 23), label="before")
+    settle(reference, fused, 1)
     twin = copy.deepcopy(fused)
-    assert all(layer._fastpeft_settled is None for layer in lora_layers(twin))
+    assert all(layer._fastpeft_settled is None and layer._fastpeft_native is None for layer in lora_layers(twin))
     outputs_agree(reference, twin, torch.randn(6, 23), label="deep copy")
 
 
@@ -430,3 +504,63 @@ def test_settled_calls_on_cuda_follow_the_device(final_routes, monkeypatch):
     fused.cpu()
     outputs_agree(reference, fused, torch.randn(2, 7, 23), label="moved to the CPU")
     assert counter.calls >= len(layers), "the CUDA calls declined the CPU input"
+
+
+class _Raises:
+    """An object whose truth value and equality raise."""
+
+    def __bool__(self):
+        raise RuntimeError("no truth value")
+
+    def __eq__(self, other):
+        raise RuntimeError("no equality")
+
+    __hash__ = object.__hash__
+
+
+def test_guards_read_in_cpp_mean_what_python_says():
+    """Each guard kind (``fastpeft.guards``) read by ``_C.guards_hold`` gives the answer of ``guards.holds`` and the
+    one written here, for lookups that find, miss or raise; a list holds only when each of its guards does."""
+    from types import SimpleNamespace
+
+    from fastpeft import _C
+    from fastpeft import guards as g
+
+    obj, other, odd = SimpleNamespace(a=1, empty=[], full=[0], nan=float("nan")), object(), _Raises()
+    table = {"obj": obj, "zero": 0, "one": 1.0, "odd": odd, "none": None}
+    drop, still, off = nn.Dropout(0.3), nn.Dropout(0.0), nn.Dropout(0.3).eval()
+    cases = [
+        ((g.ITEM_IS, table, "obj", obj), True), ((g.ITEM_IS, table, "obj", other), False),
+        ((g.ITEM_IS, table, "missing", None), True), ((g.ITEM_IS, table, "none", None), True),
+        ((g.ITEM_IS, [obj], 0, obj), True), ((g.ITEM_IS, [obj], 3, None), True), ((g.ITEM_IS, [obj], 3, obj), False),
+        ((g.ITEM_EQUAL, table, "one", 1), True), ((g.ITEM_EQUAL, table, "one", 1.5), False),
+        ((g.ITEM_EQUAL, table, "missing", 0), False), ((g.ITEM_EQUAL, table, "odd", 1), False),
+        ((g.ITEM_EQUAL, table, "odd", odd), True),  # the object itself: equal without asking it
+        ((g.ITEM_FALSY, table, "zero", None), True), ((g.ITEM_FALSY, table, "one", None), False),
+        ((g.ITEM_FALSY, table, "missing", None), True), ((g.ITEM_FALSY, table, "odd", None), False),
+        ((g.ATTR_IS, obj, "a", 1), True), ((g.ATTR_IS, obj, "a", 2), False), ((g.ATTR_IS, obj, "b", None), False),
+        ((g.ATTR_FALSY, obj, "empty", None), True), ((g.ATTR_FALSY, obj, "full", None), False),
+        ((g.ATTR_FALSY, obj, "b", None), False), ((g.ATTR_FALSY, SimpleNamespace(x=odd), "x", None), False),
+        ((g.ATTR_EQUAL, obj, "a", 1.0), True), ((g.ATTR_EQUAL, obj, "a", 2), False),
+        ((g.ATTR_EQUAL, obj, "b", None), False), ((g.ATTR_EQUAL, obj, "nan", obj.nan), True),
+        ((g.ATTR_EQUAL, obj, "nan", float("nan")), False),
+        ((g.LENGTH_IS, table, None, 5), True), ((g.LENGTH_IS, table, None, 4), False),
+        ((g.LENGTH_IS, obj, None, 0), False),
+        ((g.LACKS, table, "missing", None), True), ((g.LACKS, table, "obj", None), False),
+        ((g.LACKS, obj, "a", None), False),
+        ((g.NOT_DROPPING, off.__dict__, None, None), True), ((g.NOT_DROPPING, still.__dict__, None, None), True),
+        ((g.NOT_DROPPING, drop.__dict__, None, None), False), ((g.NOT_DROPPING, {"training": True}, None, None), False),
+        ((g.NOT_DROPPING, {}, None, None), True), ((g.NOT_DROPPING, {"training": odd, "p": 0}, None, None), False),
+    ]
+    for guard, expected in cases:
+        assert g.holds(guard) is expected, guard
+        assert _C.guards_hold([guard]) is expected, guard
+    holding = [guard for guard, expected in cases if expected]
+    assert _C.guards_hold(holding) and _C.guards_hold([])
+    for guard, expected in cases:
+        if not expected:
+            assert not _C.guards_hold(holding[:3] + [guard] + holding[3:]), guard
+    with pytest.raises(RuntimeError, match="guard is"):
+        _C.guards_hold([(g.ITEM_IS, table, "obj")])
+    with pytest.raises(RuntimeError, match="unknown guard kind"):
+        _C.guards_hold([(99, table, "obj", obj)])

@@ -768,6 +768,8 @@ QuantDesc dense_desc(const at::Tensor& W) {
   return d;
 }
 
+}  // namespace
+
 // The one-pass GEMV over a dense (N, K) weight (unit column stride, any row stride; fp32/bf16/fp16):
 // y = x W^T + bias + lora_scale xs B^T in fp32 (M, N). For decode-sized M, where torch's GEMV plus separate
 // adapter ops cost several thread-pool round trips for a few microseconds of work.
@@ -808,6 +810,8 @@ at::Tensor dense_lora_gemv(const at::Tensor& x, const at::Tensor& W, const c10::
   }
   return y;
 }
+
+namespace {
 
 // dX = dY w in fp32 (M, K); dy (M, N) fp32 contiguous. Tile by tile: dX += dY[:, tile] w[tile].
 at::Tensor quant_grad_x(const at::Tensor& dy, const py::tuple& qt, int64_t tile_request) {
@@ -954,6 +958,7 @@ int64_t rows_grain(int64_t work_per_row) { return grain(work_per_row); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastpeft CPU kernels: fused LoRA passes with an on-the-fly Philox dropout mask";
+  fastpeft::register_settled_gemv(m);
   m.def("isa", &fastpeft::isa, "the SIMD code path chosen at run time: avx512, avx2 or generic");
   m.def("scale_columns", &fastpeft::scale_columns, "(z (M, N), scale fp32 (N,), add None | fp32 (N,) | (M, N), "
         "out_dtype, out=None) -> round(add + z * scale) (M, N) in out_dtype, fp32 arithmetic, into out's rows when "

@@ -24,6 +24,14 @@ inline at::Tensor contiguous_f32(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
 }
 
+// ops.cpp: the one-pass decoding GEMV (see its definition).
+at::Tensor dense_lora_gemv(const at::Tensor& x, const at::Tensor& W, const c10::optional<at::Tensor>& bias,
+                           const c10::optional<at::Tensor>& xs, const c10::optional<at::Tensor>& B,
+                           double lora_scale, const c10::optional<at::Tensor>& A, int64_t prefetch);
+
+// settled_gemv.cpp: the SettledGemv class and guards_hold.
+void register_settled_gemv(py::module& m);
+
 // mixed.cpp
 void lora_mixed_(at::Tensor& y, const at::Tensor& x, const at::Tensor& runs,
                  const std::vector<c10::optional<at::Tensor>>& A, const std::vector<c10::optional<at::Tensor>>& B,

@@ -11,12 +11,13 @@ measured fastest for its shape (``fastpeft.routing``).
 from __future__ import annotations
 
 import importlib
+import sys
 import warnings
 from typing import Optional
 
 import torch
 
-from .. import _env
+from .. import _env, guards
 from .base import Backend
 from .reference_backend import ReferenceBackend
 
@@ -24,6 +25,7 @@ BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
 _MODULES = {"cpu": ".cpu", "triton": ".triton", "cuda": ".cuda"}
 _instances: dict[str, Backend] = {"reference": ReferenceBackend()}
 _load_errors: dict[str, str] = {}
+_this_module = sys.modules[__name__]
 _forced: Optional[str] = None
 # Availability does not change within a process, except Triton's, which depends on TRITON_INTERPRET: cached per
 # (name, that variable), because get_backend asks on every call.
@@ -91,6 +93,13 @@ def selection_state() -> tuple:
     """What the backend ``get_backend`` picks depends on besides the call's tensors (``set_backend`` and
     ``FASTPEFT_BACKEND``), for comparing with an earlier value."""
     return _forced, _env.raw(b"FASTPEFT_BACKEND")
+
+
+def selection_guards() -> Optional[list]:
+    """:func:`selection_state` as guards (``fastpeft.guards``) on its values now; None where the environment is not
+    a dict a guard can read (``fastpeft._env``)."""
+    environment = _env.raw_guard(b"FASTPEFT_BACKEND")
+    return None if environment is None else [(guards.ATTR_IS, _this_module, "_forced", _forced), environment]
 
 
 def _selected_name() -> str:

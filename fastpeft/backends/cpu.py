@@ -474,6 +474,25 @@ def _settled_gemv(weight, bias, A, B, scaling, prefetch, x):
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
+class SettledGemvFunction(partial):
+    """:func:`_settled_gemv` with everything but ``x`` bound (a ``partial``: called at its speed), which can also
+    hand the same calls to ``_C.SettledGemv`` (:meth:`bind_native`), which serves them without running Python."""
+
+    def bind_native(self, native, layer_guards: list, guards: list, dtype: torch.dtype, k: int, m_low: int,
+                    m_high: int, taken: dict):
+        """``native`` (a ``_C.SettledGemv``; None: a new one over ``layer_guards``) serving the calls on ``x`` of
+        ``dtype`` and ``K = k`` with ``m_low < M <= m_high`` rows too, under ``guards`` (the dispatch state they
+        were settled under), recording the routes ``taken`` (op -> route); ``native`` as given where the weight is
+        not of ``dtype`` (:func:`_settled_gemv` would take the route's own function)."""
+        weight, bias, A, B, scaling, prefetch = self.args
+        if weight.dtype != dtype:
+            return native
+        if native is None:
+            native = _C.SettledGemv(layer_guards, routes.last_routes())
+        native.add(guards, weight, bias, A, B, scaling, prefetch, k, m_low, m_high, taken)
+        return native
+
+
 def _bias_as_reference_adds(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The base bias ``(N,)`` as contiguous fp32 holding the values of ``bias`` rounded to ``dtype``: the reference
     adds it in ``x``'s dtype. An fp32 bias of an fp32 layer passes as it is (the kernels only read it)."""
@@ -809,8 +828,8 @@ class CpuBackend(Backend):
         prefetch = routes.settled_call(_prefetch_key(weight), _GEMV_PREFETCH)
         if prefetch is None:  # its first calls are measured on the route's own path
             return None
-        function = partial(_settled_gemv, weight, bias, lora_A[0], lora_B[0], float(scaling[0]),
-                           _GEMV_PREFETCH[prefetch[0]])
+        function = SettledGemvFunction(_settled_gemv, weight, bias, lora_A[0], lora_B[0], float(scaling[0]),
+                                       _GEMV_PREFETCH[prefetch[0]])
         return function, {"gemv_prefetch": (prefetch[0], None, prefetch[1])}
 
     def base_linear(self, x, weight, bias):

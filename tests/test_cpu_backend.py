@@ -703,21 +703,30 @@ def test_dense_gemv_rows_in_fours_and_tails(isa, dtype):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 def test_dense_gemv_with_the_down_projection_and_leading_dims(isa, dtype):
     """``_C.dense_lora_gemv(..., A=A)`` computes ``xs = x A^T`` itself: the same numbers as ``_C.lora_xa`` followed by
-    the two-call form (bit for bit), for 0, 1 and several rows, ``x`` with leading dimensions (``(..., K)`` in,
-    ``(..., N)`` out), a bias, and against an fp64 product rounded once; bad arguments are refused by name."""
+    the two-call form (bit for bit) on 1, 2 and 3 threads (the threads split A's rows, then the weight's: large
+    enough weights for several threads, ranks below the thread count), for 0, 1 and several rows, ``x`` with leading
+    dimensions (``(..., K)`` in, ``(..., N)`` out), a bias, and against an fp64 product rounded once; bad arguments
+    are refused by name."""
     dt = DT[dtype]
     gen = torch.Generator().manual_seed(17)
+    threads = torch.get_num_threads()
     for lead, N, K, r in [((1,), 5, 17, 3), ((1, 1), 48, 576, 16), ((2, 3), 97, 123, 4), ((0,), 6, 33, 2),
-                          ((), 7, 19, 5), ((3,), 1, 1, 1)]:
+                          ((), 7, 19, 5), ((3,), 1, 1, 1), ((1,), 1000, 576, 16), ((1,), 301, 576, 1),
+                          ((2,), 700, 200, 2)]:
         W = torch.randn(N, K, generator=gen).to(dt)
         x = torch.randn(*lead, K, generator=gen).to(dt)
         A, B = torch.randn(r, K, generator=gen), torch.randn(N, r, generator=gen)
         bias = torch.randn(N, generator=gen)
-        got = _C.dense_lora_gemv(x, W, bias, None, B, 0.5, A)
-        assert got.dtype == dt and got.shape == (*lead, N), (lead, got.shape)
         x2 = x.reshape(-1, K)
         two_calls = _C.dense_lora_gemv(x2, W, bias, _C.lora_xa(x2, A, 0.0, 0), B, 0.5)
-        assert torch.equal(got.reshape(-1, N), two_calls), (lead, N, K, r)
+        try:
+            for count in (1, 2, 3):
+                torch.set_num_threads(count)
+                got = _C.dense_lora_gemv(x, W, bias, None, B, 0.5, A)
+                assert got.dtype == dt and got.shape == (*lead, N), (lead, got.shape)
+                assert torch.equal(got.reshape(-1, N), two_calls), (lead, N, K, r, count)
+        finally:
+            torch.set_num_threads(threads)
         if x2.shape[0]:
             want = x2.double() @ W.double().T + bias.double() + 0.5 * (x2.double() @ A.double().T) @ B.double().T
             tol = 1e-5 if dt == torch.float32 else 2 * torch.finfo(dt).eps

@@ -6,6 +6,9 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#if AT_PARALLEL_OPENMP
+#include <omp.h>
+#endif
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 #define FASTPEFT_X86 1
@@ -672,6 +675,12 @@ int64_t check_product(const QuantDesc& d, const at::Tensor& x, const c10::option
   return R;
 }
 
+// Rows of the weight per at::parallel_for task of the decoding GEMV: ~64k multiply-adds.
+int64_t gemv_grain(const QuantDesc& d, int64_t M) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, d.K * M)); }
+// The GEMV's threads take whole groups of this many weight rows (qgemv_rows dots dense rows four at a time, and a
+// row's sums depend on whether it falls in a group of four): the result is the same on any number of threads.
+constexpr int64_t kGemvRowGroup = 4;
+
 // The one-pass GEMV (kernels.h: qgemv_rows) over any QuantDesc, parallel over weight rows.
 at::Tensor gemv_product(const QuantDesc& d, const at::Tensor& x, const c10::optional<at::Tensor>& bias,
                         const c10::optional<at::Tensor>& xs, const c10::optional<at::Tensor>& B, int64_t R,
@@ -684,10 +693,53 @@ at::Tensor gemv_product(const QuantDesc& d, const at::Tensor& x, const c10::opti
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   const float* xsp = R ? xs->data_ptr<float>() : nullptr;
   const float* Bp = R ? B->data_ptr<float>() : nullptr;
-  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, d.K * M)), [&](int64_t b, int64_t e) {
+  const int64_t groups = (N + kGemvRowGroup - 1) / kGemvRowGroup;
+  at::parallel_for(0, groups, std::max<int64_t>(1, gemv_grain(d, M) / kGemvRowGroup), [&](int64_t b, int64_t e) {
     std::vector<float> buf(d.K + 64);
-    K().qgemv_rows(d, b, e, xp, M, yp, N, bp, xsp, Bp, R, float(lora_scale), buf.data(), prefetch);
+    K().qgemv_rows(d, b * kGemvRowGroup, std::min(N, e * kGemvRowGroup), xp, M, yp, N, bp, xsp, Bp, R,
+                   float(lora_scale), buf.data(), prefetch);
   });
+  return y;
+}
+
+// h = x A^T (M, r), then gemv_product with xs = h, in one parallel region: the threads split A's rows, meet at a
+// barrier, then split the weight's rows in groups as gemv_product does. A (r * K floats, from memory in a decode
+// step) was one thread's serial step before the GEMV. x (M, K) fp32 contiguous, A (r, K) fp32 contiguous, B (N, r)
+// fp32; the same sums as the two steps apart (each output's dot is the same whichever thread computes it).
+at::Tensor gemv_product_with_down(const QuantDesc& d, const at::Tensor& x, const c10::optional<at::Tensor>& bias,
+                                  const at::Tensor& A, const at::Tensor& B, double lora_scale, int prefetch) {
+  const int64_t M = x.size(0), N = d.N, r = A.size(0), Kd = d.K;
+  auto y = at::empty({M, N}, at::kFloat);
+  if (M == 0) return y;
+  auto h = at::empty({M, r}, at::kFloat);
+  const float* xp = x.data_ptr<float>();
+  const float* Ap = A.data_ptr<float>();
+  const float* Bp = B.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  float* hp = h.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = gemv_grain(d, M);
+  const int64_t threads =
+      at::in_parallel_region() ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + grain - 1) / grain));
+#if AT_PARALLEL_OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+  {
+#if AT_PARALLEL_OPENMP
+    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+    const int64_t t = 0, T = 1;
+#endif
+    std::vector<float> buf(std::max<int64_t>(4 * Kd, Kd + 64));
+    const int64_t r0 = r * t / T, r1 = r * (t + 1) / T;
+    if (r1 > r0) K().xa_rows(kF32, xp, Kd, Kd, 0, M, Ap + r0 * Kd, r1 - r0, 0.f, 0u, hp + r0, r, buf.data());
+#if AT_PARALLEL_OPENMP
+#pragma omp barrier
+#endif
+    const int64_t groups = (N + kGemvRowGroup - 1) / kGemvRowGroup;
+    const int64_t n0 = groups * t / T * kGemvRowGroup, n1 = std::min(N, groups * (t + 1) / T * kGemvRowGroup);
+    if (n1 > n0) K().qgemv_rows(d, n0, n1, xp, M, yp, N, bp, hp, Bp, r, float(lora_scale), buf.data(), prefetch);
+  }
   return y;
 }
 
@@ -787,21 +839,18 @@ at::Tensor dense_lora_gemv(const at::Tensor& x, const at::Tensor& W, const c10::
   const bool flat = x.dim() != 2;
   TORCH_CHECK(x.dim() >= 1, "fastpeft._C.dense_lora_gemv: x must have at least one dimension");
   const at::Tensor x32 = widened_rows(flat ? x.reshape({-1, x.size(-1)}) : x);
-  c10::optional<at::Tensor> down = xs;
+  at::Tensor y;
   if (A.has_value()) {
     TORCH_CHECK(!xs.has_value() && B.has_value(), "fastpeft._C.dense_lora_gemv: A takes the place of xs and needs B");
-    const int64_t r = A->dim() == 2 ? A->size(0) : -1, M = x32.size(0);
+    const int64_t r = A->dim() == 2 ? A->size(0) : -1;
     check_f32(*A, "A", {r, d.K});
-    at::Tensor h = at::empty({M, r}, at::kFloat);
-    if (M > 0) {
-      std::vector<float> buf(size_t(4 * d.K));
-      K().xa_rows(kF32, x32.data_ptr<float>(), d.K, d.K, 0, M, A->data_ptr<float>(), r, 0.f, 0u,
-                  h.data_ptr<float>(), r, buf.data());
-    }
-    down = h;
+    check_dense_f32(x32, "x", d.K);
+    check_f32(*B, "B", {d.N, r});
+    if (bias.has_value()) check_f32(*bias, "bias", {d.N});
+    y = gemv_product_with_down(d, x32, bias, *A, *B, lora_scale, int(prefetch));
+  } else {
+    y = gemv_product(d, x32, bias, xs, B, check_product(d, x32, bias, xs, B), lora_scale, int(prefetch));
   }
-  at::Tensor y = gemv_product(d, x32, bias, down, B, check_product(d, x32, bias, down, B), lora_scale,
-                              int(prefetch));
   if (x.scalar_type() != at::kFloat) y = narrowed_rows(y, x.scalar_type());
   if (flat) {
     std::vector<int64_t> sizes = x.sizes().vec();

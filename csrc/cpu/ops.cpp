@@ -921,9 +921,10 @@ std::vector<at::Tensor> lora_small_backward(const at::Tensor& dy, const at::Tens
                   W.size(1) == Kd,
               "fastpeft._C: lora_small_backward shapes disagree");
   at::Tensor dx = need_dx ? at::mm(dy, W) : at::Tensor();
-  // M <= 4: the rank-r products are a few thousand multiply-adds: plain loops on the calling thread (each at::mm
-  // cost ~20 us of dispatch and thread-pool wake-up here, more than its arithmetic). Larger M: BLAS (the loops are
-  // SSE2 only, this file has no -mavx2, and reach 2M multiply-adds at M=16).
+  // M <= 4: the rank-r products with dy are a few thousand multiply-adds: plain loops on the calling thread (each
+  // at::mm cost ~20 us of dispatch and thread-pool wake-up here, more than its arithmetic), then dx += g A and
+  // dA = g^T x in one column pass (column_passes). Larger M: BLAS (the loops are SSE2 only, this file has no -mavx2,
+  // and reach 2M multiply-adds at M=16).
   const bool loops = M <= 4;
   const at::Tensor Ac = A.contiguous();
   at::Tensor g, dB, db;
@@ -936,27 +937,31 @@ std::vector<at::Tensor> lora_small_backward(const at::Tensor& dy, const at::Tens
     const float *dyp = dyc.data_ptr<float>(), *Bp = Bc.data_ptr<float>(), *hp = hc.data_ptr<float>();
     const float sf = float(s);
     g = at::zeros({M, r}, at::kFloat);
-    dB = at::zeros({N, r}, at::kFloat);
-    db = at::zeros({N}, at::kFloat);
+    dB = at::empty({N, r}, at::kFloat);
+    db = at::empty({N}, at::kFloat);
     float *gp = g.data_ptr<float>(), *dBp = dB.data_ptr<float>(), *dbp = db.data_ptr<float>();
-    for (int64_t m = 0; m < M; ++m) {
-      const float* dym = dyp + m * N;
-      float* gm = gp + m * r;
-      const float* hm = hp + m * r;
-      for (int64_t n = 0; n < N; ++n) {
-        const float c = dym[n];
-        const float* Bn = Bp + n * r;
-        float* dBn = dBp + n * r;
+    // Column n of dy at a time: dB's row n and db[n] are summed over m, scaled and written once (dB is N * r
+    // floats, larger than L1; zero-filling it and scaling it in passes of their own read and wrote it twice more).
+    // Every sum runs in the order of the m-outer loops it replaces.
+    for (int64_t n = 0; n < N; ++n) {
+      const float* Bn = Bp + n * r;
+      float* dBn = dBp + n * r;
+      float colsum = 0.f;
+      for (int64_t j = 0; j < r; ++j) dBn[j] = 0.f;
+      for (int64_t m = 0; m < M; ++m) {
+        const float c = dyp[m * N + n];
+        const float* hm = hp + m * r;
+        float* gm = gp + m * r;
         for (int64_t j = 0; j < r; ++j) {
           gm[j] += c * Bn[j];
           dBn[j] += c * hm[j];
         }
-        dbp[n] += c;
+        colsum += c;
       }
+      for (int64_t j = 0; j < r; ++j) dBn[j] *= sf;
+      dbp[n] = colsum * sf;
     }
     for (int64_t i = 0; i < M * r; ++i) gp[i] *= sf;
-    for (int64_t i = 0; i < N * r; ++i) dBp[i] *= sf;
-    for (int64_t n = 0; n < N; ++n) dbp[n] *= sf;
   }
   at::Tensor dA;
   if (p != 0.0) {  // the mask is regenerated inside the pass
@@ -967,29 +972,13 @@ std::vector<at::Tensor> lora_small_backward(const at::Tensor& dy, const at::Tens
   } else if (!loops) {
     if (need_dx) dx.addmm_(g, Ac);
     if (x.has_value()) dA = at::mm(g.t(), *x);
-  } else {
-    const float *gp = g.data_ptr<float>(), *Ap = Ac.data_ptr<float>();
-    float* dxp = need_dx ? dx.data_ptr<float>() : nullptr;  // at::mm returns a contiguous result
-    for (int64_t m = 0; m < M && dxp; ++m)
-      for (int64_t j = 0; j < r; ++j) {
-        const float c = gp[m * r + j];
-        const float* Aj = Ap + j * Kd;
-        float* dxm = dxp + m * Kd;
-        for (int64_t k = 0; k < Kd; ++k) dxm[k] += c * Aj[k];
-      }
-    if (x.has_value()) {
-      dA = at::zeros({r, Kd}, at::kFloat);
-      float* dAp = dA.data_ptr<float>();
-      const at::Tensor xc = x->contiguous();
-      const float* xp = xc.data_ptr<float>();
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t j = 0; j < r; ++j) {
-          const float c = gp[m * r + j];
-          const float* xm = xp + m * Kd;
-          float* dAj = dAp + j * Kd;
-          for (int64_t k = 0; k < Kd; ++k) dAj[k] += c * xm[k];
-        }
-    }
+  } else if (need_dx || x.has_value()) {
+    // dx += g A and dA = g^T x in one pass over column strips, in the kernel table's vectors (this file's loops
+    // are SSE2 only), threads splitting the columns
+    const at::Tensor xr = x.has_value() && x->stride(1) != 1 ? x->contiguous() : (x.has_value() ? *x : at::Tensor());
+    if (x.has_value()) dA = at::empty({r, Kd}, at::kFloat);
+    column_passes(x.has_value() ? &xr : nullptr, need_dx ? &dx : nullptr, Ac.data_ptr<float>(), M, Kd,
+                  g.data_ptr<float>(), r, r, 0.0, 0, x.has_value() ? dA.data_ptr<float>() : nullptr);
   }
   return {dx, dA, dB, db};
 }

@@ -12,6 +12,9 @@ Shape: hidden 576, intermediate 1536, 9 attention heads and 3 key/value heads, 3
   frozen base costs inside adapter training).
 - ``decode``: greedy generation of ``--new-tokens`` tokens (no early stop) from a 16-token prompt, eval mode, adapters
   unmerged; the frozen row is the model without adapters.
+- ``layer-sweep``: each of the model's adapted projections called once on one token, in the model's order, eval
+  mode, no grad (the projections alone, without attention and norms, caches as cold as the weights' stream makes
+  them); the frozen row calls the frozen model's projections. The overhead columns are then microseconds a call.
 
 All models are built from one seed and timed in interleaved rounds; the ms columns are medians over the rounds. The
 overhead columns are paired: in each round a model's time over the frozen model's of the same round, minus 1, and
@@ -61,6 +64,19 @@ def build(args, dtype, provider):
     return model
 
 
+def _projections(model) -> list:
+    """The model's LoRA target projections in call order (the adapted layers, or the frozen model's nn.Linear)."""
+    from peft import PeftModel
+
+    llama = model.base_model.model if isinstance(model, PeftModel) else model
+    out = []
+    for block in llama.model.layers:
+        for name in TARGETS:
+            attention = name in ("q_proj", "k_proj", "v_proj", "o_proj")
+            out.append(getattr(block.self_attn if attention else block.mlp, name))
+    return out
+
+
 def make_step(models, opts, ids):
     """One training step of the model it is given: the frozen model backpropagates to its input embeddings, the
     adapted ones to their adapters and take an AdamW step."""
@@ -90,7 +106,8 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--modes", nargs="+", default=["train-step", "decode"], choices=["train-step", "decode"])
+    parser.add_argument("--modes", nargs="+", default=["train-step", "decode"],
+                        choices=["train-step", "decode", "layer-sweep"])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     ids = torch.randint(3, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(3))
@@ -115,9 +132,28 @@ def main(argv=None):
                                max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                                pad_token_id=0)
 
+        projections = {id(m): _projections(m) for m in models.values()}
+        inputs = {width: torch.randn(1, 1, width, dtype=dtype) for width in (576, 1536)}
+
+        def sweep(model, projections=projections, inputs=inputs):
+            # (eval mode is set before timing: the walk over a PEFT model's modules costs milliseconds)
+            with torch.no_grad():
+                for layer in projections[id(model)]:
+                    layer(inputs[layer.in_features])
+
         for mode in args.modes:
-            run = step if mode == "train-step" else decode
+            run = {"train-step": step, "decode": decode, "layer-sweep": sweep}[mode]
+            if mode == "layer-sweep":
+                for model in models.values():
+                    model.eval()
             times = interleaved_times(models, run, args.rounds)
+            if mode == "layer-sweep":
+                t = {p: statistics.median(ts) for p, ts in times.items()}
+                calls = len(projections[id(models["frozen"])])
+                over = {p: (t[p] - t["frozen"]) / calls * 1e3 for p in ("peft", "fastpeft")}
+                print(f"| {name} | {mode} | {t['frozen']:.2f} | {t['peft']:.2f} | {t['fastpeft']:.2f} "
+                      f"| {over['peft']:+.1f} us a call | {over['fastpeft']:+.1f} us a call | | |", flush=True)
+                continue
             t = {p: statistics.median(ts) for p, ts in times.items()}
             paired = paired_overheads(times, "frozen")
             over = {p: statistics.median(paired[p]) for p in ("peft", "fastpeft")}

@@ -399,12 +399,15 @@ class SettledLayerCall:
         if self.quantized is not None or self.weight is None or not self.holds(layer):
             return None
         base = layer._modules["base_layer"]
-        layer_guards = [guards.item_is(layer._modules, "base_layer"), (guards.ITEM_IS, base._parameters, "weight",
-                                                                        self.weight),
-                        (guards.ITEM_IS, base._parameters, "bias", self.bias),
-                        guards.attribute_falsy(base, "_forward_hooks"),
-                        guards.attribute_falsy(base, "_forward_pre_hooks"),
-                        guards.attribute_equal(layer, "_active_adapter", self.active), *self.adapters.guards(layer)]
+        layer_guards = [
+            guards.item_is(layer._modules, "base_layer"),
+            (guards.ITEM_IS, base._parameters, "weight", self.weight),
+            (guards.ITEM_IS, base._parameters, "bias", self.bias),
+            guards.attribute_falsy(base, "_forward_hooks"),
+            guards.attribute_falsy(base, "_forward_pre_hooks"),
+            guards.attribute_equal(layer, "_active_adapter", self.active),
+            *self.adapters.guards(layer),
+        ]
         native = None
         for call in self.calls:
             native = call.bind_native(native, layer_guards)

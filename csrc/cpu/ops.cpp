@@ -676,7 +676,9 @@ int64_t check_product(const QuantDesc& d, const at::Tensor& x, const c10::option
 }
 
 // Rows of the weight per at::parallel_for task of the decoding GEMV: ~64k multiply-adds.
-int64_t gemv_grain(const QuantDesc& d, int64_t M) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, d.K * M)); }
+int64_t gemv_grain(const QuantDesc& d, int64_t M) {
+  return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, d.K * M));
+}
 // The GEMV's threads take whole groups of this many weight rows (qgemv_rows dots dense rows four at a time, and a
 // row's sums depend on whether it falls in a group of four): the result is the same on any number of threads.
 constexpr int64_t kGemvRowGroup = 4;
@@ -719,8 +721,8 @@ at::Tensor gemv_product_with_down(const QuantDesc& d, const at::Tensor& x, const
   float* hp = h.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t grain = gemv_grain(d, M);
-  const int64_t threads =
-      at::in_parallel_region() ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + grain - 1) / grain));
+  const int64_t tasks = std::max<int64_t>(1, (N + grain - 1) / grain);
+  const int64_t threads = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), tasks);
 #if AT_PARALLEL_OPENMP
 #pragma omp parallel num_threads(threads)
 #endif

@@ -564,3 +564,20 @@ def test_guards_read_in_cpp_mean_what_python_says():
         _C.guards_hold([(g.ITEM_IS, table, "obj")])
     with pytest.raises(RuntimeError, match="unknown guard kind"):
         _C.guards_hold([(99, table, "obj", obj)])
+
+
+def test_a_layer_served_from_cpp_compiles_in_one_graph(final_routes):
+    """A model whose layers hold a ``_C.SettledGemv`` (settled eager one-row calls) compiles with ``fullgraph=True``
+    (the forward leaves the C++ object to eager calls), and the compiled model gives PEFT's output."""
+    from test_compile import RecordingBackend
+
+    reference, fused = mlp_twins()
+    settle(reference, fused, 1)
+    torch._dynamo.reset()
+    rec = RecordingBackend()
+    compiled = torch.compile(fused, fullgraph=True, backend=rec)
+    x = torch.randn(1, 23)
+    with torch.no_grad():
+        assert_close("compiled", compiled(x), reference(x), FP32_TOL)
+    assert len(rec.graphs) == 1 and rec.calls(torch.ops.fastpeft.lora_linear), "one graph, fastpeft's op in it"
+    torch._dynamo.reset()

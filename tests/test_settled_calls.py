@@ -581,3 +581,19 @@ def test_a_layer_served_from_cpp_compiles_in_one_graph(final_routes):
         assert_close("compiled", compiled(x), reference(x), FP32_TOL)
     assert len(rec.graphs) == 1 and rec.calls(torch.ops.fastpeft.lora_linear), "one graph, fastpeft's op in it"
     torch._dynamo.reset()
+
+
+def test_a_model_with_calls_served_from_cpp_is_freed(final_routes):
+    """A layer's ``_C.SettledGemv`` holds the layer's own dicts (its guards) and the layer holds it: the garbage
+    collector sees that cycle, so a model dropped after decoding frees its weights."""
+    import gc
+    import weakref
+
+    reference, fused = mlp_twins()
+    settle(reference, fused, 1)
+    layer = lora_layers(fused)[0]
+    kept = [weakref.ref(t) for t in (layer.base_layer.weight, layer.lora_A["default"].weight)]
+    kept.append(weakref.ref(layer))
+    del layer, fused
+    gc.collect()
+    assert all(ref() is None for ref in kept), "the model outlived its last reference"

@@ -212,12 +212,60 @@ class SettledGemv {
   int64_t served() const { return served_; }
   size_t size() const { return entries_.size(); }
 
+  // The cyclic garbage collector's view. The guards hold the layer's own dicts, and the layer holds this object:
+  // without these the cycle, and the weights it reaches, would outlive the model.
+  int traverse(visitproc visit_one, void* arg) const {
+    for (const std::vector<Guard>* list : guard_lists()) {
+      for (const Guard& g : *list)
+        for (const py::object* o : {&g.container, &g.key, &g.expected})
+          if (o->ptr()) {
+            const int status = visit_one(o->ptr(), arg);
+            if (status) return status;
+          }
+    }
+    for (const Entry& e : entries_)
+      if (e.routes.ptr()) {
+        const int status = visit_one(e.routes.ptr(), arg);
+        if (status) return status;
+      }
+    if (last_.ptr()) return visit_one(last_.ptr(), arg);
+    return 0;
+  }
+
+  // Drops everything it holds (the collector breaking a cycle): it then serves nothing.
+  void clear() {
+    layer_guards_.clear();
+    entries_.clear();
+    last_ = py::dict();
+  }
+
  private:
+  std::vector<const std::vector<Guard>*> guard_lists() const {
+    std::vector<const std::vector<Guard>*> lists{&layer_guards_};
+    for (const Entry& e : entries_) lists.push_back(&e.guards);
+    return lists;
+  }
+
   std::vector<Guard> layer_guards_;
   std::vector<Entry> entries_;
   py::dict last_;  // routing's op -> latest route, updated per served call as functional.SettledCall does
   int64_t served_ = 0;
 };
+
+// The type's garbage-collector slots: traverse and clear the objects a SettledGemv holds.
+void collectable(PyHeapTypeObject* heap_type) {
+  PyTypeObject* type = &heap_type->ht_type;
+  type->tp_flags |= Py_TPFLAGS_HAVE_GC;
+  type->tp_traverse = [](PyObject* self, visitproc visit, void* arg) -> int {
+    Py_VISIT(Py_TYPE(self));  // a heap type's instances hold their type
+    if (!py::detail::is_holder_constructed(self)) return 0;
+    return py::cast<const SettledGemv&>(py::handle(self)).traverse(visit, arg);
+  };
+  type->tp_clear = [](PyObject* self) -> int {
+    if (py::detail::is_holder_constructed(self)) py::cast<SettledGemv&>(py::handle(self)).clear();
+    return 0;
+  };
+}
 
 bool guards_hold(const py::sequence& guards) { return all_hold(parse_guards(guards)); }
 
@@ -230,7 +278,8 @@ void register_settled_gemv(py::module& m) {
                           "latest routes; add(guards, W, bias|None, A32, B32, scale, prefetch, K, m_low, m_high, "
                           "routes) binds one call (its dispatch guards, dense_lora_gemv's operands, the input's K "
                           "and rows bucket (m_low, m_high], the routes it records); __call__(x) -> y, or None where a "
-                          "guard or a condition of the call fails")
+                          "guard or a condition of the call fails",
+                          py::custom_type_setup(collectable))
       .def(py::init<const py::sequence&, py::dict>(), py::arg("layer_guards"), py::arg("last"))
       .def("add", &SettledGemv::add, py::arg("guards"), py::arg("W"), py::arg("bias"), py::arg("A"), py::arg("B"),
            py::arg("scale"), py::arg("prefetch"), py::arg("K"), py::arg("m_low"), py::arg("m_high"),

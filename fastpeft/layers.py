@@ -395,8 +395,9 @@ class SettledLayerCall:
 
     def native(self, layer: nn.Module):
         """A ``fastpeft._C.SettledGemv`` serving this call's settled calls that C++ can serve (``SettledCall
-        .bind_native``) under :meth:`holds` as guards, or None where none can be served so."""
-        if self.quantized is not None or self.weight is None or not self.holds(layer):
+        .bind_native``) under :meth:`holds` as guards, or None where none can be served so. ``layer`` holds what this
+        call was settled with (:meth:`of` and :meth:`joined` keep only such calls)."""
+        if self.quantized is not None or self.weight is None:
             return None
         base = layer._modules["base_layer"]
         layer_guards = [

@@ -675,7 +675,7 @@ int64_t check_product(const QuantDesc& d, const at::Tensor& x, const c10::option
   return R;
 }
 
-// Rows of the weight per at::parallel_for task of the decoding GEMV: ~64k multiply-adds.
+// Weight rows worth a thread in the decoding GEMV: ~64k multiply-adds.
 int64_t gemv_grain(const QuantDesc& d, int64_t M) {
   return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, d.K * M));
 }
@@ -683,65 +683,59 @@ int64_t gemv_grain(const QuantDesc& d, int64_t M) {
 // row's sums depend on whether it falls in a group of four): the result is the same on any number of threads.
 constexpr int64_t kGemvRowGroup = 4;
 
-// The one-pass GEMV (kernels.h: qgemv_rows) over any QuantDesc, parallel over weight rows.
+// The one-pass GEMV (kernels.h: qgemv_rows) over any QuantDesc: y = x w^T + bias + lora_scale xs B^T (M, N) fp32,
+// threads taking whole groups of kGemvRowGroup weight rows. With A (R, K) fp32 contiguous in place of xs, xs = x A^T
+// is computed first in the same parallel region: the threads split A's rows, meet at a barrier, then split the
+// weight's rows (A, R * K floats from memory in a decode step, was one thread's serial step before the GEMV). Each
+// output's sums are the same whichever thread computes it.
 at::Tensor gemv_product(const QuantDesc& d, const at::Tensor& x, const c10::optional<at::Tensor>& bias,
                         const c10::optional<at::Tensor>& xs, const c10::optional<at::Tensor>& B, int64_t R,
-                        double lora_scale, int prefetch = kPrefetchNonTemporal) {
-  const int64_t M = x.size(0), N = d.N;
+                        double lora_scale, int prefetch = kPrefetchNonTemporal, const at::Tensor* A = nullptr) {
+  const int64_t M = x.size(0), N = d.N, Kd = d.K;
   auto y = at::empty({M, N}, at::kFloat);
   if (M == 0) return y;
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  const float* xsp = R ? xs->data_ptr<float>() : nullptr;
   const float* Bp = R ? B->data_ptr<float>() : nullptr;
+  at::Tensor h = A ? at::empty({M, R}, at::kFloat) : at::Tensor();
+  const float* lora = A ? h.data_ptr<float>() : (R ? xs->data_ptr<float>() : nullptr);
   const int64_t groups = (N + kGemvRowGroup - 1) / kGemvRowGroup;
-  at::parallel_for(0, groups, std::max<int64_t>(1, gemv_grain(d, M) / kGemvRowGroup), [&](int64_t b, int64_t e) {
-    std::vector<float> buf(d.K + 64);
-    K().qgemv_rows(d, b * kGemvRowGroup, std::min(N, e * kGemvRowGroup), xp, M, yp, N, bp, xsp, Bp, R,
-                   float(lora_scale), buf.data(), prefetch);
-  });
-  return y;
-}
-
-// h = x A^T (M, r), then gemv_product with xs = h, in one parallel region: the threads split A's rows, meet at a
-// barrier, then split the weight's rows in groups as gemv_product does. A (r * K floats, from memory in a decode
-// step) was one thread's serial step before the GEMV. x (M, K) fp32 contiguous, A (r, K) fp32 contiguous, B (N, r)
-// fp32; the same sums as the two steps apart (each output's dot is the same whichever thread computes it).
-at::Tensor gemv_product_with_down(const QuantDesc& d, const at::Tensor& x, const c10::optional<at::Tensor>& bias,
-                                  const at::Tensor& A, const at::Tensor& B, double lora_scale, int prefetch) {
-  const int64_t M = x.size(0), N = d.N, r = A.size(0), Kd = d.K;
-  auto y = at::empty({M, N}, at::kFloat);
-  if (M == 0) return y;
-  auto h = at::empty({M, r}, at::kFloat);
-  const float* xp = x.data_ptr<float>();
-  const float* Ap = A.data_ptr<float>();
-  const float* Bp = B.data_ptr<float>();
-  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  float* hp = h.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t grain = gemv_grain(d, M);
-  const int64_t tasks = std::max<int64_t>(1, (N + grain - 1) / grain);
-  const int64_t threads = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), tasks);
+  const int64_t grain = std::max<int64_t>(1, gemv_grain(d, M) / kGemvRowGroup);
+  const size_t buf_floats = size_t(std::max<int64_t>(4 * Kd, Kd + 64));
+  auto down = [&](int64_t t, int64_t T, float* buf) {  // this thread's share of h = x A^T
+    const int64_t r0 = R * t / T, r1 = R * (t + 1) / T;
+    if (r1 > r0)
+      K().xa_rows(kF32, xp, Kd, Kd, 0, M, A->data_ptr<float>() + r0 * Kd, r1 - r0, 0.f, 0u, h.data_ptr<float>() + r0,
+                  R, buf);
+  };
+  auto rows = [&](int64_t g0, int64_t g1, float* buf) {  // weight row groups [g0, g1)
+    const int64_t n0 = g0 * kGemvRowGroup, n1 = std::min(N, g1 * kGemvRowGroup);
+    if (n1 > n0) K().qgemv_rows(d, n0, n1, xp, M, yp, N, bp, lora, Bp, R, float(lora_scale), buf, prefetch);
+  };
 #if AT_PARALLEL_OPENMP
-#pragma omp parallel num_threads(threads)
-#endif
+  const int64_t threads =
+      at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), (groups + grain - 1) / grain);
+#pragma omp parallel num_threads(std::max<int64_t>(1, threads))
   {
-#if AT_PARALLEL_OPENMP
     const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-#else
-    const int64_t t = 0, T = 1;
-#endif
-    std::vector<float> buf(std::max<int64_t>(4 * Kd, Kd + 64));
-    const int64_t r0 = r * t / T, r1 = r * (t + 1) / T;
-    if (r1 > r0) K().xa_rows(kF32, xp, Kd, Kd, 0, M, Ap + r0 * Kd, r1 - r0, 0.f, 0u, hp + r0, r, buf.data());
-#if AT_PARALLEL_OPENMP
+    std::vector<float> buf(buf_floats);
+    if (A) {
+      down(t, T, buf.data());
 #pragma omp barrier
-#endif
-    const int64_t groups = (N + kGemvRowGroup - 1) / kGemvRowGroup;
-    const int64_t n0 = groups * t / T * kGemvRowGroup, n1 = std::min(N, groups * (t + 1) / T * kGemvRowGroup);
-    if (n1 > n0) K().qgemv_rows(d, n0, n1, xp, M, yp, N, bp, hp, Bp, r, float(lora_scale), buf.data(), prefetch);
+    }
+    rows(groups * t / T, groups * (t + 1) / T, buf.data());
   }
+#else
+  if (A) {
+    std::vector<float> buf(buf_floats);
+    down(0, 1, buf.data());
+  }
+  at::parallel_for(0, groups, grain, [&](int64_t b, int64_t e) {
+    std::vector<float> buf(buf_floats);
+    rows(b, e, buf.data());
+  });
+#endif
   return y;
 }
 
@@ -849,7 +843,7 @@ at::Tensor dense_lora_gemv(const at::Tensor& x, const at::Tensor& W, const c10::
     check_dense_f32(x32, "x", d.K);
     check_f32(*B, "B", {d.N, r});
     if (bias.has_value()) check_f32(*bias, "bias", {d.N});
-    y = gemv_product_with_down(d, x32, bias, *A, *B, lora_scale, int(prefetch));
+    y = gemv_product(d, x32, bias, c10::nullopt, B, r, lora_scale, int(prefetch), &*A);
   } else {
     y = gemv_product(d, x32, bias, xs, B, check_product(d, x32, bias, xs, B), lora_scale, int(prefetch));
   }

@@ -8,13 +8,20 @@ import statistics
 import time
 from typing import Callable
 
+from fastpeft.bench.timing import warm_until_routes_confirmed
+
 
 def interleaved_times(models: dict, run: Callable, rounds: int, warmup: int = 2) -> dict:
     """``{name: [milliseconds of run(model) in each round]}``: every round runs every model once, in the given order
-    on even rounds and reversed on odd ones (a drift within a round then hits the first and the last alike)."""
-    for _ in range(warmup):
+    on even rounds and reversed on odd ones (a drift within a round then hits the first and the last alike). The
+    warm-up rounds go on until fastpeft's route choices are final."""
+    def run_round():
         for model in models.values():
             run(model)
+
+    for _ in range(warmup):
+        run_round()
+    warm_until_routes_confirmed(run_round)
     times = {name: [] for name in models}
     order = list(models.items())
     for i in range(rounds):

@@ -15,10 +15,13 @@ keeps the fastest, and reuses it for every later call with that key:
   memory only), filed under a fingerprint of this machine: CPU model and SIMD path (or GPU name), thread count, the
   versions of fastpeft, torch and bitsandbytes, and the build of fastpeft's compiled kernels. A different machine,
   version or build measures again;
-- a first call often runs while the process is still busy (loading a model, other threads starting, cold caches),
-  and a choice timed then would be kept for good: a measured choice is timed once more at its key's
-  ``CONFIRM_AFTER_CALLS``-th call, and only that second measurement is written to the file (until then the first
-  one serves this process).
+- the first measurement times the candidates back to back, each run on the caches and allocator state the
+  previous candidate left, and often while the process is still busy (loading a model, other threads starting):
+  a route can win there and lose where the op really runs (between the other ops of a training step, which leave
+  other data in the caches and other free memory behind). So a first choice serves this process only until its
+  key's ``CONFIRM_AFTER_CALLS``-th call; from then on the key's real calls take the candidates that came within
+  ``ROTATE_WITHIN`` of the fastest in turn (``CALL_ROUNDS`` rounds, each in its own shuffled order), each call
+  timed as it runs, and the route with the lowest median over its calls is kept and written to the file.
 
 Eligibility is a matter of correctness or limits, never speed (see ``ROUTE_LIMITS``); among eligible routes only
 the clock decides. ``FASTPEFT_ROUTE`` or :func:`set_route` pins a route: ``FASTPEFT_ROUTE=compose`` pins it for
@@ -46,6 +49,7 @@ import random
 import threading
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, NamedTuple, Optional
@@ -254,9 +258,14 @@ MEASURE_BUDGET_S = 0.5
 # the composition at large M (BENCHMARKS.md's route choices), and timing them every round spent the budget on them.
 PRUNE_FACTOR = 5.0
 PRUNE_MIN_S = 1e-3
-# A measured choice is timed again at its key's CONFIRM_AFTER_CALLS-th call, and that measurement is the one the
-# cache file keeps (0: the first measurement is final).
+# From a measured choice's CONFIRM_AFTER_CALLS-th call on, the key's real calls time the routes that came within
+# ROTATE_WITHIN of the fastest in the first measurement, one route a call, CALL_ROUNDS calls each, and the lowest
+# median is the choice the cache file keeps (CONFIRM_AFTER_CALLS = 0: the first measurement is final). Timed in
+# isolation, a route can lose by several percent to one it beats inside a training step (BENCHMARKS.md); within
+# ROTATE_WITHIN such a flip is plausible, and a route further behind costs its calls more than a flip could gain.
 CONFIRM_AFTER_CALLS = 32
+ROTATE_WITHIN = 2.0
+CALL_ROUNDS = 7
 
 
 class RouteKey(NamedTuple):
@@ -311,13 +320,50 @@ def key_of_call(op: str, backend: str, weight_kind: str, x, weight, lora_A, drop
                     any(p > 0 for p in dropout_p), sum(A.shape[0] for A in lora_A), len(lora_A), grads)
 
 
+class CallRotation:
+    """The routes a first choice's key times in its real calls (see ``ROTATE_WITHIN``): ``CALL_ROUNDS`` rounds, each
+    taking every route once in an order shuffled by the key and the round (deterministic), and each call's seconds.
+    A scheduled route that a call cannot take is passed over by the first call that can take a later one."""
+
+    __slots__ = ("schedule", "position", "samples")
+
+    def __init__(self, key: RouteKey, routes: list):
+        seed = zlib.crc32(key.as_string().encode())
+        self.schedule: list[str] = []
+        for round_number in range(CALL_ROUNDS):
+            order = sorted(routes)
+            random.Random(seed + round_number).shuffle(order)
+            self.schedule.extend(order)
+        self.position = 0
+        self.samples: dict[str, list[float]] = {route: [] for route in routes}
+
+    def next_index(self, eligible) -> Optional[int]:
+        """Where in the schedule the next call among ``eligible`` routes is, or None if no route left in it is."""
+        for index in range(self.position, len(self.schedule)):
+            if self.schedule[index] in eligible:
+                return index
+        return None
+
+    def record(self, index: int, seconds: float) -> None:
+        self.samples[self.schedule[index]].append(seconds)
+        self.position = index + 1
+
+    @property
+    def done(self) -> bool:
+        return self.position >= len(self.schedule)
+
+    def medians_ms(self) -> dict[str, float]:
+        return {route: round(sorted(ts)[len(ts) // 2] * 1e3, 4) for route, ts in self.samples.items() if ts}
+
+
 @dataclass
 class Choice:
     route: str
-    source: str  # "measured", "measured again", "cache file", "only route", "unmeasured"
+    source: str  # "measured", "measured in calls", "measured once", "cache file", "only route", "unmeasured"
     timings_ms: dict[str, float]
     note: str = ""
-    calls: int = 0  # calls served since a first measurement ("measured"), until it is measured again
+    calls: int = 0  # calls served since a first measurement ("measured"), until its routes are timed in calls
+    rotation: Optional[CallRotation] = None  # while the key's calls time the close routes in turn
 
 
 _lock = threading.RLock()
@@ -612,7 +658,8 @@ def run(key: RouteKey, candidates: dict[str, Callable[[], object]], device: str 
     ``candidates`` maps each route eligible for this call to a zero-argument function computing the op's result
     (pure: no input is modified). A pinned route runs when eligible; else the choice for ``key`` (memory, then the
     cache file); else every candidate is timed now and the fastest kept. A candidate that raises during measurement
-    is dropped from the choice (its error is kept in the table).
+    is dropped from the choice (its error is kept in the table). From a first choice's ``CONFIRM_AFTER_CALLS``-th
+    call on, each call takes the next route of the choice's rotation instead, timed (see ``ROTATE_WITHIN``).
 
     ``unmeasured`` names the route to take without timing, for calls whose speed means nothing (Triton's
     interpreter running GPU kernels on the CPU, where tests pin every route in turn); it is kept in memory only."""
@@ -630,17 +677,20 @@ def run(key: RouteKey, candidates: dict[str, Callable[[], object]], device: str 
                 _changed()
         return candidates[unmeasured]()
     choice = _choices.get(key)
+    if choice is not None and choice.source == "measured" and CONFIRM_AFTER_CALLS:
+        choice.calls += 1
+        if choice.calls >= CONFIRM_AFTER_CALLS:
+            with _lock:
+                if _choices.get(key) is choice and choice.source == "measured":
+                    index = None if _deterministic() else _rotation(key, choice).next_index(candidates)
+                    if index is not None:
+                        return _timed_call(key, choice, index, candidates, device)
+                    choice = _confirm(key, choice, device)
     if choice is None or choice.route not in candidates:
         with _lock:
             choice = _choices.get(key)
             if choice is None or choice.route not in candidates:
                 return _choose(key, candidates, device, pinned)
-    if choice.source == "measured" and CONFIRM_AFTER_CALLS:
-        choice.calls += 1
-        if choice.calls >= CONFIRM_AFTER_CALLS:
-            with _lock:
-                if _choices.get(key) is choice and choice.source == "measured":
-                    return _measure(key, candidates, device, choice.note, again=True)
     _last[key.op] = choice.route
     return candidates[choice.route]()
 
@@ -688,8 +738,9 @@ def run_in_place(key: RouteKey, updaters: dict[str, Callable[[torch.Tensor], obj
                  device: str = "cpu", unmeasured: Optional[str] = None):
     """``run`` for an op whose routes update ``target`` in place: ``updaters[route](t)`` updates ``t`` and returns
     the op's result. A route taken without measuring (pinned, chosen already, or ``unmeasured``) updates ``target``
-    itself; a measurement runs every candidate several times, each on its own copy of ``target``."""
-    route = settled(key, updaters) or unmeasured
+    itself, and so does a call that times a route for a first choice's key (:func:`rotating`); a measurement runs
+    every candidate several times, each on its own copy of ``target``."""
+    route = settled(key, updaters) or unmeasured or rotating(key, updaters)
     if route is not None:
         update = updaters[route]
         candidates = {route: lambda: update(target)}
@@ -714,7 +765,7 @@ def _decided(key: RouteKey, eligible, some: bool = False) -> tuple:
         return None, None
     if choice.source == "measured" and CONFIRM_AFTER_CALLS:
         if choice.calls + 1 >= CONFIRM_AFTER_CALLS:
-            return None, None  # the next run measures again: every candidate runs
+            return None, None  # the next run times a route of the rotation: run decides which
         return choice.route, choice
     return choice.route, None
 
@@ -744,7 +795,7 @@ def settled_call(key: RouteKey, eligible) -> Optional[tuple[str, Optional[Choice
     """``(route, counted)`` for a caller that keeps the route of ``key`` among the ``eligible`` route names and takes
     it itself in later calls, as long as :func:`generation` and ``FASTPEFT_ROUTE`` stay as they are: the route
     :func:`take` would name, and the measured choice whose calls count toward its confirming measurement (None when
-    none is counted: a pin, or a choice that will not be measured again). Such a caller counts each call it serves
+    none is counted: a pin, or a choice that will not be timed again). Such a caller counts each call it serves
     (:class:`TakenRoutes`). None where ``run`` must decide the next call. Nothing is counted here."""
     route, counted = _decided(key, eligible)
     return None if route is None else (route, counted)
@@ -775,6 +826,70 @@ class TakenRoutes:
         _last.update(self.routes)
 
 
+def rotating(key: RouteKey, eligible) -> Optional[str]:
+    """The route the next call of ``key`` times for its first choice's confirmation when that call is due (see
+    ``ROTATE_WITHIN``), else None. ``run`` takes that route when it is offered, so an op whose routes update a tensor
+    in place offers that one alone and lets it update the tensor itself."""
+    if _pinned(key.op) is not None:
+        return None
+    choice = _choices.get(key)
+    if choice is None or choice.source != "measured" or not CONFIRM_AFTER_CALLS:
+        return None
+    if choice.calls + 1 < CONFIRM_AFTER_CALLS or _deterministic():
+        return None
+    with _lock:
+        rotation = _rotation(key, choice)
+        index = rotation.next_index(eligible)
+        return None if index is None else rotation.schedule[index]
+
+
+def _deterministic() -> bool:
+    """Under ``torch.use_deterministic_algorithms(True)`` a first choice is kept without a rotation: every later call
+    of its key takes the same route, so equal calls give equal bits within the process."""
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def _rotation(key: RouteKey, choice: Choice) -> CallRotation:
+    """The rotation of a first choice, started at its first due call over the routes within ``ROTATE_WITHIN``."""
+    if choice.rotation is None:
+        fastest = min(choice.timings_ms.values())
+        close = [route for route, ms in choice.timings_ms.items() if ms <= ROTATE_WITHIN * fastest]
+        choice.rotation = CallRotation(key, close)
+    return choice.rotation
+
+
+def _timed_call(key: RouteKey, choice: Choice, index: int, candidates, device: str):
+    """A real call of ``key`` by the route at ``index`` of its rotation, timed; the rotation's last call confirms."""
+    rotation = choice.rotation
+    route = rotation.schedule[index]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    result = candidates[route]()
+    sync()
+    rotation.record(index, time.perf_counter() - start)
+    _last[key.op] = route
+    if rotation.done:
+        _confirm(key, choice, device)
+    return result
+
+
+def _confirm(key: RouteKey, choice: Choice, device: str) -> Choice:
+    """Keep the route of lowest median over the rotation's calls, written to the cache file with those medians; the
+    first choice where no call was timed (deterministic algorithms, or no call could take a route of the rotation)."""
+    timings = choice.rotation.medians_ms() if choice.rotation is not None else {}
+    if timings:
+        first = ", ".join(f"{route} {ms}" for route, ms in choice.timings_ms.items())
+        note = "; ".join(filter(None, [choice.note, f"first measurement (ms): {first}"]))
+        confirmed = Choice(min(timings, key=timings.get), "measured in calls", timings, note)
+    else:
+        confirmed = Choice(choice.route, "measured once", dict(choice.timings_ms), choice.note)
+    _choices[key] = confirmed
+    _changed()
+    _store_file(machine_fingerprint(device), key, confirmed)
+    return confirmed
+
+
 def _choose(key: RouteKey, candidates, device: str, pinned: Optional[str]):
     note = f"pinned {pinned!r} is not eligible here" if pinned is not None else ""
     if len(candidates) == 1:
@@ -790,25 +905,46 @@ def _choose(key: RouteKey, candidates, device: str, pinned: Optional[str]):
         _changed()
         _last[key.op] = stored["route"]
         return candidates[stored["route"]]()
-    return _measure(key, candidates, device, note, again=False)
+    return _measure(key, candidates, device, note)
 
 
-def _measure(key: RouteKey, candidates, device: str, note: str, again: bool):
-    """Time the candidates and keep the fastest for ``key``; the second measurement (``again``, or the first when
-    ``CONFIRM_AFTER_CALLS`` is 0) is also written to the cache file."""
+def _measure(key: RouteKey, candidates, device: str, note: str):
+    """Time the candidates and keep the fastest for ``key``; written to the cache file when
+    ``CONFIRM_AFTER_CALLS`` is 0 (else the choice confirmed in calls is, :func:`_timed_call`)."""
     medians, results, errors = _time_candidates(candidates, device)
     timings = {route: round(seconds * 1e3, 4) for route, seconds in medians.items()}
     if not timings:
         raise RuntimeError(f"fastpeft: every route failed for {key.as_string()}: " + "; ".join(errors))
     best = min(timings, key=timings.get)
     note = "; ".join(filter(None, [note] + errors))
-    choice = Choice(best, "measured again" if again else "measured", timings, note)
+    choice = Choice(best, "measured", timings, note)
     _choices[key] = choice
     _changed()
-    if again or not CONFIRM_AFTER_CALLS:
+    if not CONFIRM_AFTER_CALLS:
         _store_file(machine_fingerprint(device), key, choice)
     _last[key.op] = best
     return results[best]
+
+
+def unconfirmed() -> int:
+    """How many more calls the choices of this process that await confirmation need before they are final: the rest
+    of their first ``CONFIRM_AFTER_CALLS`` calls and of their rotations (a rotation not started yet counted as every
+    route of the first measurement within ``ROTATE_WITHIN``). 0 when every choice is final. A benchmark warms up
+    until this stops falling, so its timed calls are not calls of a rotation."""
+    if not CONFIRM_AFTER_CALLS or _deterministic():
+        return 0
+    total = 0
+    with _lock:
+        for choice in _choices.values():
+            if choice.source != "measured":
+                continue
+            total += max(0, CONFIRM_AFTER_CALLS - 1 - choice.calls)  # the last of them is a rotation call
+            if choice.rotation is not None:
+                total += len(choice.rotation.schedule) - choice.rotation.position
+            else:
+                fastest = min(choice.timings_ms.values())
+                total += CALL_ROUNDS * sum(ms <= ROTATE_WITHIN * fastest for ms in choice.timings_ms.values())
+    return total
 
 
 def routes() -> list[dict]:

@@ -591,9 +591,10 @@ def test_cuda_model_rows_match_peft(route):
 
 
 def test_outputs_stay_right_through_the_confirming_measurement(monkeypatch):
-    """The mixed routes update the base output in place once a route is settled; the call at which the route table
-    measures a key again must not run an in-place route several times (each call equals PEFT's)."""
+    """The mixed routes update the base output in place once a route is settled; the calls in which the route table
+    times a key's routes in turn must not run an in-place route several times (each call equals PEFT's)."""
     monkeypatch.setattr(routing, "CONFIRM_AFTER_CALLS", 3)
+    monkeypatch.setattr(routing, "CALL_ROUNDS", 2)
     monkeypatch.setenv("FASTPEFT_ROUTE_CACHE", "off")
     monkeypatch.delenv("FASTPEFT_ROUTE", raising=False)
     routing.clear_choices()
@@ -604,7 +605,7 @@ def test_outputs_stay_right_through_the_confirming_measurement(monkeypatch):
         for call in range(8):
             assert_close(f"y, call {call}", fused(x, adapter_names=NAMES), want, FP32_TOL)
     sources = {row["source"] for row in routing.routes() if row["op"] == OP}
-    assert sources == {"measured again"}, sources
+    assert sources == {"measured in calls"}, sources
     routing.clear_choices()
 
 

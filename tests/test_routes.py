@@ -10,6 +10,7 @@ import errno
 import json
 import multiprocessing
 import threading
+import time
 import warnings
 
 import pytest
@@ -339,77 +340,158 @@ def test_environment_reads_follow_os_environ(monkeypatch):
     assert _env.read(name) is None
 
 
-def test_a_first_measurement_is_measured_again_before_it_is_written(fresh, monkeypatch):
-    """A choice timed at a key's first call (often while the process is still busy starting) serves this process
-    until the key's CONFIRM_AFTER_CALLS-th call, which times every candidate again; only that second choice goes to
-    the cache file. ``settled`` names no route for the confirming call, so in-place routes are not run repeatedly."""
+def sleeper(log: list, name: str, seconds: dict):
+    """A candidate that records its run and sleeps ``seconds[phase]`` (the test sets ``seconds["phase"]``)."""
+    def run():
+        log.append(name)
+        time.sleep(seconds[seconds["phase"]])
+        return name
+    return run
+
+
+def test_a_first_choice_is_confirmed_by_timing_its_close_routes_in_real_calls(fresh, monkeypatch):
+    """A choice timed at a key's first call (back to back, often while the process is busy starting) serves until
+    the key's CONFIRM_AFTER_CALLS-th call; from then on each real call takes one of the routes that came within
+    ROTATE_WITHIN of the fastest, timed, CALL_ROUNDS calls each, and the lowest median is kept and written to the
+    cache file. A route far behind in the first measurement is not given real calls."""
     monkeypatch.setattr(routes, "CONFIRM_AFTER_CALLS", 3)
-    busy = {"first": True}
-    calls = {"compose": 0, "fused": 0}
-
-    def compose():
-        calls["compose"] += 1
-        return "compose"
-
-    def fused():  # slow only while the "machine is busy": during the first measurement
-        calls["fused"] += 1
-        if busy["first"]:
-            torch.randn(300, 300) @ torch.randn(300, 300)
-        return "fused"
-
-    def slow_compose():
-        calls["compose"] += 1
-        torch.randn(200, 200) @ torch.randn(200, 200)
-        return "compose"
-
-    assert routes.run(key(), {"compose": compose, "fused": fused}) == "compose"
+    monkeypatch.setattr(routes, "CALL_ROUNDS", 3)
+    log: list = []
+    compose = {"phase": "first", "first": 0.002, "calls": 0.006}
+    fused = {"phase": "first", "first": 0.003, "calls": 0.001}
+    gemv = {"phase": "first", "first": 0.02, "calls": 0.0}
+    candidates = {"compose": sleeper(log, "compose", compose), "fused": sleeper(log, "fused", fused),
+                  "gemv": sleeper(log, "gemv", gemv)}
+    assert routes.run(key(), candidates) == "compose"
     assert routes.routes()[0]["source"] == "measured" and not fresh.exists()
-    busy["first"] = False
-    candidates = {"compose": slow_compose, "fused": fused}
+    for seconds in (compose, fused, gemv):
+        seconds["phase"] = "calls"
+    log.clear()
     for _ in range(2):  # calls 1 and 2 after the measurement keep its choice
         assert routes.run(key(), candidates) == "compose"
-    assert routes.settled(key(), candidates) is None, "the next call (the third) measures again"
-    before = dict(calls)
-    assert routes.run(key(), candidates) == "fused"
-    assert calls["compose"] > before["compose"] and calls["fused"] > before["fused"] + 1
+    assert routes.settled(key(), candidates) is None, "the third call times a route of the rotation"
+    assert routes.take(key(), set(candidates)) is None
+    assert routes.rotating(key(), candidates) in ("compose", "fused")
+    rotated = [routes.run(key(), candidates) for _ in range(2 * routes.CALL_ROUNDS)]
+    assert log[2:] == rotated, "each call runs one route, the one whose result it returns"
+    assert sorted(rotated) == ["compose"] * 3 + ["fused"] * 3, "gemv was over ROTATE_WITHIN x the fastest"
     (row,) = routes.routes()
-    assert row["route"] == "fused" and row["source"] == "measured again"
+    assert row["route"] == "fused" and row["source"] == "measured in calls"
+    assert set(row["timings_ms"]) == {"compose", "fused"} and row["timings_ms"]["fused"] < row["timings_ms"]["compose"]
+    assert "first measurement" in row["note"]
     stored = json.loads(fresh.read_text())["machines"][routes.machine_fingerprint("cpu")]
     assert stored[key().as_string()]["route"] == "fused"
-    assert routes.settled(key(), candidates) == "fused"
-    after = dict(calls)
+    assert routes.settled(key(), candidates) == "fused" and routes.rotating(key(), candidates) is None
+    log.clear()
     for _ in range(5):
         assert routes.run(key(), candidates) == "fused"
-    assert calls["compose"] == after["compose"], "a confirmed choice is not measured again"
+    assert log == ["fused"] * 5, "a confirmed choice is not timed again"
+
+
+def test_a_rotation_passes_over_routes_a_call_cannot_take(fresh, monkeypatch):
+    """A call whose candidates lack the next scheduled route takes the next one it has; the passed-over call is not
+    made up, and the rotation's end keeps the best of what was timed."""
+    monkeypatch.setattr(routes, "CONFIRM_AFTER_CALLS", 1)
+    monkeypatch.setattr(routes, "CALL_ROUNDS", 1)
+    log: list = []
+    seconds = {"phase": "t", "t": 0.001}
+    candidates = {name: sleeper(log, name, seconds) for name in ("compose", "fused")}
+    routes.run(key(), candidates)
+    first = routes.rotating(key(), candidates)
+    assert first in candidates and routes.rotating(key(), {"gemv"}) is None
+    other = ({"compose", "fused"} - {first}).pop()
+    log.clear()
+    assert routes.run(key(), {other: candidates[other]}) == other
+    assert log == [other]
+    (row,) = routes.routes()
+    assert row["source"] == "measured in calls" and row["route"] == other and set(row["timings_ms"]) == {other}
+
+
+def test_an_in_place_op_updates_its_target_once_per_call_through_the_rotation(fresh, monkeypatch):
+    """``run_in_place`` offers the rotation's route alone on the real target: no copy, one update per call."""
+    monkeypatch.setattr(routes, "CONFIRM_AFTER_CALLS", 2)
+    monkeypatch.setattr(routes, "CALL_ROUNDS", 2)
+    target = torch.zeros(3)
+    updaters = {name: (lambda t, name=name: (t.add_(1.0), name)[1]) for name in ("compose", "fused")}
+    routes.run_in_place(key(), updaters, target)
+    assert target.tolist() == [0.0] * 3, "the measurement updates copies"
+    calls = 0
+    while routes.routes()[0]["source"] != "measured in calls":
+        routes.run_in_place(key(), updaters, target)
+        calls += 1
+        assert target.tolist() == [float(calls)] * 3
+    assert 2 * routes.CALL_ROUNDS <= calls <= 2 * routes.CALL_ROUNDS + 1
+
+
+def test_deterministic_algorithms_keep_the_first_choice(fresh, monkeypatch):
+    """Under ``torch.use_deterministic_algorithms`` no rotation runs: the due call keeps the first choice for good."""
+    monkeypatch.setattr(routes, "CONFIRM_AFTER_CALLS", 2)
+    log: list = []
+    seconds = {"phase": "t", "t": 0.001}
+    candidates = {name: sleeper(log, name, seconds) for name in ("compose", "fused")}
+    chosen = routes.run(key(), candidates)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        log.clear()
+        assert routes.rotating(key(), candidates) is None, "the due call takes no route in turn"
+        results = [routes.run(key(), candidates) for _ in range(6)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert results == [chosen] * 6 and log == [chosen] * 6
+    (row,) = routes.routes()
+    assert row["source"] == "measured once" and row["route"] == chosen
+    assert json.loads(fresh.read_text())["machines"][routes.machine_fingerprint("cpu")][key().as_string()]
+
+
+def test_unconfirmed_counts_the_calls_left_and_the_bench_warms_up_through_them(fresh, monkeypatch):
+    """``unconfirmed`` falls by one per call of a key awaiting confirmation, to 0 when the choice is final; the
+    bench's warm-up runs rounds until it stops falling (a key no round calls does not keep it going)."""
+    from fastpeft.bench.timing import warm_until_routes_confirmed
+
+    monkeypatch.setattr(routes, "CONFIRM_AFTER_CALLS", 3)
+    monkeypatch.setattr(routes, "CALL_ROUNDS", 2)
+    log: list = []
+    seconds = {"phase": "t", "t": 0.0005}
+    candidates = {name: sleeper(log, name, seconds) for name in ("compose", "fused")}
+    assert routes.unconfirmed() == 0
+    routes.run(key(), candidates)
+    close = len(routes.routes()[0]["timings_ms"])  # both within ROTATE_WITHIN of each other here
+    left = [routes.unconfirmed()]
+    assert left[0] == 2 + routes.CALL_ROUNDS * close, "two calls of the first choice, then the rotation"
+    while routes.routes()[0]["source"] == "measured":
+        routes.run(key(), candidates)
+        left.append(routes.unconfirmed())
+    assert left == list(range(left[0], -1, -1))
+    routes.run(key(m=1), candidates)  # a second key, never called again: the warm-up stops after one idle round
+    stale = routes.unconfirmed()
+    assert stale > 0
+    assert warm_until_routes_confirmed(lambda: None) == 1 and routes.unconfirmed() == stale
+    rounds = warm_until_routes_confirmed(lambda: routes.run(key(m=1), candidates))
+    assert routes.unconfirmed() == 0 and rounds == stale
+    assert {row["source"] for row in routes.routes()} == {"measured in calls"}
 
 
 def test_take_serves_a_settled_route_and_counts_the_call_toward_confirming_it(fresh, monkeypatch):
     """``take`` is ``run`` without the candidates for a call whose route is already decided: it names the pinned or
-    chosen route and counts the call as ``run`` does, so the confirming measurement still comes on time; it names
-    none where ``run`` has to decide (nothing chosen, an ineligible pin or choice, the confirming call)."""
+    chosen route and counts the call as ``run`` does, so the rotation that confirms the choice still comes on time;
+    it names none where ``run`` has to decide (nothing chosen, an ineligible pin or choice, a call of the rotation)."""
     monkeypatch.setattr(routes, "CONFIRM_AFTER_CALLS", 4)
+    monkeypatch.setattr(routes, "CALL_ROUNDS", 2)
     names = {"compose", "fused"}
     assert routes.take(key(), names) is None
-    calls = {"compose": 0, "fused": 0}
-
-    def candidate(name):
-        def run():
-            calls[name] += 1
-            if name == "compose":
-                torch.randn(200, 200) @ torch.randn(200, 200)
-            return name
-        return run
-
-    candidates = {name: candidate(name) for name in sorted(names)}
-    assert routes.run(key(), candidates) == "fused"
-    assert routes.take(key(), {"compose", "gemv"}) is None, "the choice cannot serve this call"
+    log: list = []
+    seconds = {"phase": "t", "t": 0.001}
+    candidates = {name: sleeper(log, name, seconds) for name in sorted(names)}
+    chosen = routes.run(key(), candidates)
+    assert routes.take(key(), {"gemv"}) is None, "the choice cannot serve this call"
     taken = [routes.take(key(), names) for _ in range(2)] + [routes.run(key(), candidates)]
-    assert taken == ["fused"] * 3 and routes.last_route("lora_forward") == "fused"
-    assert routes.take(key(), names) is None, "calls 1-3 were counted alike: the 4th is the confirming measurement"
-    before = dict(calls)
-    routes.run(key(), candidates)
-    assert calls["compose"] > before["compose"] and routes.routes()[0]["source"] == "measured again"
-    assert routes.take(key(), names) == "fused"
+    assert taken == [chosen] * 3 and routes.last_route("lora_forward") == chosen
+    assert routes.take(key(), names) is None, "calls 1-3 were counted alike: the 4th times a route in turn"
+    while routes.routes()[0]["source"] == "measured":
+        assert routes.take(key(), names) is None
+        routes.run(key(), candidates)
+    assert routes.take(key(), names) == routes.routes()[0]["route"]
     routes.set_route("lora_forward", "gemv")
     assert routes.take(key(), {"compose", "gemv"}) == "gemv" and routes.last_route("lora_forward") == "gemv"
     assert routes.take(key(), names) is None, "a pin outside the names may serve among the op's other routes"

@@ -359,7 +359,9 @@ class CallRotation:
 @dataclass
 class Choice:
     route: str
-    source: str  # "measured", "measured in calls", "measured once", "cache file", "only route", "unmeasured"
+    # "measured", then "measured in calls" (or "measured again": run(in_calls=False); "measured once": deterministic
+    # algorithms); "cache file", "only route", "unmeasured"
+    source: str
     timings_ms: dict[str, float]
     note: str = ""
     calls: int = 0  # calls served since a first measurement ("measured"), until its routes are timed in calls
@@ -652,7 +654,7 @@ def _time_candidates(candidates: dict[str, Callable[[], object]], device: str = 
 
 
 def run(key: RouteKey, candidates: dict[str, Callable[[], object]], device: str = "cpu",
-        unmeasured: Optional[str] = None):
+        unmeasured: Optional[str] = None, in_calls: bool = True):
     """Run the op by its chosen route and return the route's result.
 
     ``candidates`` maps each route eligible for this call to a zero-argument function computing the op's result
@@ -660,6 +662,9 @@ def run(key: RouteKey, candidates: dict[str, Callable[[], object]], device: str 
     cache file); else every candidate is timed now and the fastest kept. A candidate that raises during measurement
     is dropped from the choice (its error is kept in the table). From a first choice's ``CONFIRM_AFTER_CALLS``-th
     call on, each call takes the next route of the choice's rotation instead, timed (see ``ROTATE_WITHIN``).
+    ``in_calls=False`` is for candidates that are a side measurement rather than the call's own work (a one-row
+    probe of a choice the call then uses): timing them inside real calls would add their time to whatever route of
+    another op runs around them, so the due call times every candidate back to back once more instead.
 
     ``unmeasured`` names the route to take without timing, for calls whose speed means nothing (Triton's
     interpreter running GPU kernels on the CPU, where tests pin every route in turn); it is kept in memory only."""
@@ -682,6 +687,8 @@ def run(key: RouteKey, candidates: dict[str, Callable[[], object]], device: str 
         if choice.calls >= CONFIRM_AFTER_CALLS:
             with _lock:
                 if _choices.get(key) is choice and choice.source == "measured":
+                    if not in_calls and not _deterministic():
+                        return _measure(key, candidates, device, choice.note, again=True)
                     index = None if _deterministic() else _rotation(key, choice).next_index(candidates)
                     if index is not None:
                         return _timed_call(key, choice, index, candidates, device)
@@ -908,19 +915,20 @@ def _choose(key: RouteKey, candidates, device: str, pinned: Optional[str]):
     return _measure(key, candidates, device, note)
 
 
-def _measure(key: RouteKey, candidates, device: str, note: str):
-    """Time the candidates and keep the fastest for ``key``; written to the cache file when
-    ``CONFIRM_AFTER_CALLS`` is 0 (else the choice confirmed in calls is, :func:`_timed_call`)."""
+def _measure(key: RouteKey, candidates, device: str, note: str, again: bool = False):
+    """Time the candidates and keep the fastest for ``key``; written to the cache file when it is measured
+    ``again`` (``run(in_calls=False)``'s confirmation) or ``CONFIRM_AFTER_CALLS`` is 0 (else the choice confirmed in
+    calls is, :func:`_timed_call`)."""
     medians, results, errors = _time_candidates(candidates, device)
     timings = {route: round(seconds * 1e3, 4) for route, seconds in medians.items()}
     if not timings:
         raise RuntimeError(f"fastpeft: every route failed for {key.as_string()}: " + "; ".join(errors))
     best = min(timings, key=timings.get)
     note = "; ".join(filter(None, [note] + errors))
-    choice = Choice(best, "measured", timings, note)
+    choice = Choice(best, "measured again" if again else "measured", timings, note)
     _choices[key] = choice
     _changed()
-    if not CONFIRM_AFTER_CALLS:
+    if again or not CONFIRM_AFTER_CALLS:
         _store_file(machine_fingerprint(device), key, choice)
     _last[key.op] = best
     return results[best]

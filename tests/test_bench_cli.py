@@ -239,3 +239,42 @@ def test_every_median_carries_its_spread_and_busy_timings_are_flagged(tiny_run, 
     monkeypatch.setattr(report, "unsteady", lambda median, q25, q75: False)
     assert "timings are marked" not in "\n".join(report._busy_note(rows))
     assert not report.summary(rows)[-1].startswith("warning")
+
+
+FAULTS_AFTER = """
+import resource, sys, torch
+from fastpeft.bench.timing import steady_allocator
+if sys.argv[1] == "steady":
+    print(steady_allocator())
+faults = []
+for _ in range(4):  # 48 MiB: over glibc's largest dynamic mmap threshold (32 MiB), under the steady one (64 MiB)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = torch.ones(12 << 20)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    del t
+print(max(faults[1:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.parametrize("allocator", ["default", "steady"])
+def test_steady_allocator_serves_a_freed_large_block_again_without_page_faults(allocator):
+    """With the bench's ``--allocator steady`` a large tensor allocated again after one was freed reuses the heap;
+    glibc's default maps it afresh each time and faults in every page (12288 of 4 KiB for 48 MiB)."""
+    import platform
+    import subprocess
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    env = dict(os.environ, PYTHONSAFEPATH="1")
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    env.pop("MALLOC_TRIM_THRESHOLD_", None)
+    done = subprocess.run([sys.executable, "-c", FAULTS_AFTER, allocator], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    faults = int(done.stdout.strip().splitlines()[-1])
+    if allocator == "steady":
+        assert "mmap threshold 64 MiB" in done.stdout, done.stdout
+        assert faults < 1000, faults
+    else:
+        assert faults > 10000, faults

@@ -388,6 +388,25 @@ def test_a_first_choice_is_confirmed_by_timing_its_close_routes_in_real_calls(fr
     assert log == ["fused"] * 5, "a confirmed choice is not timed again"
 
 
+def test_a_probe_is_confirmed_by_a_second_measurement_not_in_calls(fresh, monkeypatch):
+    """``run(in_calls=False)`` (a side measurement, not the call's own work) times every candidate back to back again
+    at the due call, and that choice is final and written to the file; no call takes a route in turn."""
+    monkeypatch.setattr(routes, "CONFIRM_AFTER_CALLS", 3)
+    log: list = []
+    seconds = {"phase": "t", "t": 0.0005}
+    candidates = {name: sleeper(log, name, seconds) for name in ("compose", "fused")}
+    chosen = routes.run(key(), candidates, in_calls=False)
+    log.clear()
+    assert [routes.run(key(), candidates, in_calls=False) for _ in range(2)] == [chosen] * 2 and log == [chosen] * 2
+    assert routes.take(key(), set(candidates)) is None, "the third call is due"
+    log.clear()
+    routes.run(key(), candidates, in_calls=False)
+    assert log.count("compose") >= 2 and log.count("fused") >= 2, "every candidate timed again"
+    (row,) = routes.routes()
+    assert row["source"] == "measured again" and not routes.unconfirmed()
+    assert json.loads(fresh.read_text())["machines"][routes.machine_fingerprint("cpu")][key().as_string()]
+
+
 def test_a_rotation_passes_over_routes_a_call_cannot_take(fresh, monkeypatch):
     """A call whose candidates lack the next scheduled route takes the next one it has; the passed-over call is not
     made up, and the rotation's end keeps the best of what was timed."""

@@ -221,7 +221,7 @@ def _dense_gemv(x, weight, bias32, xs, B, lora_scale) -> torch.Tensor:
     if name is None and x.shape[0] > 0:
         one, xs1 = x[:1], None if xs is None else xs[:1]
         routes.run(key, {route: partial(_C.dense_lora_gemv, one, w, bias32, xs1, B, lora_scale, None, mode)
-                         for route, mode in _GEMV_PREFETCH.items()})
+                         for route, mode in _GEMV_PREFETCH.items()}, in_calls=False)  # a probe, not the call
         name = routes.last_route("gemv_prefetch")
     # (no rows: nothing was measured or is read; any hint serves)
     return _C.dense_lora_gemv(x, w, bias32, xs, B, lora_scale, None, _GEMV_PREFETCH[name or "nta"])

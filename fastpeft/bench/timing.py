@@ -36,6 +36,37 @@ def summarize(samples: Sequence[float]) -> dict:
     return {"median_ms": statistics.median(ordered), "q25_ms": q[0], "q75_ms": q[2], "reps": n}
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def steady_allocator(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 << 20) -> str:
+    """Fix glibc malloc's mmap and trim thresholds for this process (``mallopt``; what ``MALLOC_MMAP_THRESHOLD_`` and
+    ``MALLOC_TRIM_THRESHOLD_`` set at start-up) and say what was done.
+
+    By default glibc serves a block over its mmap threshold by a fresh ``mmap`` (page faults on first touch, every
+    time) and raises that threshold to the size of each such block freed, and it returns the top of the heap to the
+    system past the trim threshold. Which tensors of a step are faulted in afresh then depends on what the process
+    allocated and freed before, not on the step: one provider's time moves by a third from one process to the next.
+    Fixed thresholds serve every block below ``mmap_threshold`` from the heap and keep freed memory, so each
+    provider's steps run without page faults whatever ran before them."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return "allocator left as it is (not glibc)"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        done = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1 and libc.mallopt(_M_TRIM_THRESHOLD,
+                                                                                       trim_threshold) == 1
+    except (OSError, AttributeError) as exc:
+        return f"allocator left as it is ({exc})"
+    if not done:
+        return "allocator left as it is (mallopt refused)"
+    return f"glibc malloc: mmap threshold {mmap_threshold >> 20} MiB, trim threshold {trim_threshold >> 20} MiB"
+
+
 def warm_until_routes_confirmed(run_round: Callable[[], object], max_rounds: int = 400) -> int:
     """Run ``run_round`` while the route choices awaiting confirmation (``fastpeft.routing.unconfirmed``) keep
     getting closer to final, at most ``max_rounds`` times; returns the rounds run. A measured choice times its close

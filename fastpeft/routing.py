@@ -325,7 +325,7 @@ class CallRotation:
     taking every route once in an order shuffled by the key and the round (deterministic), and each call's seconds.
     A scheduled route that a call cannot take is passed over by the first call that can take a later one."""
 
-    __slots__ = ("schedule", "position", "samples")
+    __slots__ = ("schedule", "position", "samples", "failed")
 
     def __init__(self, key: RouteKey, routes: list):
         seed = zlib.crc32(key.as_string().encode())
@@ -336,13 +336,22 @@ class CallRotation:
             self.schedule.extend(order)
         self.position = 0
         self.samples: dict[str, list[float]] = {route: [] for route in routes}
+        self.failed: dict[str, str] = {}  # route -> the error that took it out of the rotation
 
     def next_index(self, eligible) -> Optional[int]:
         """Where in the schedule the next call among ``eligible`` routes is, or None if no route left in it is."""
         for index in range(self.position, len(self.schedule)):
-            if self.schedule[index] in eligible:
+            route = self.schedule[index]
+            if route in eligible and route not in self.failed:
                 return index
         return None
+
+    def fail(self, index: int, error: str) -> None:
+        """The route at ``index`` raised in a call: it takes no further part (its samples dropped)."""
+        route = self.schedule[index]
+        self.failed[route] = error
+        self.samples.pop(route, None)
+        self.position = index + 1
 
     def record(self, index: int, seconds: float) -> None:
         self.samples[self.schedule[index]].append(seconds)
@@ -684,7 +693,8 @@ def run(key: RouteKey, candidates: dict[str, Callable[[], object]], device: str 
     choice = _choices.get(key)
     if choice is not None and choice.source == "measured" and CONFIRM_AFTER_CALLS:
         choice.calls += 1
-        if choice.calls >= CONFIRM_AFTER_CALLS:
+        # (a CUDA graph being captured records this call once, and a timed call would synchronize inside it)
+        if choice.calls >= CONFIRM_AFTER_CALLS and not (device == "cuda" and torch.cuda.is_current_stream_capturing()):
             with _lock:
                 if _choices.get(key) is choice and choice.source == "measured":
                     if not in_calls and not _deterministic():
@@ -872,9 +882,17 @@ def _timed_call(key: RouteKey, choice: Choice, index: int, candidates, device: s
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
-    result = candidates[route]()
-    sync()
-    rotation.record(index, time.perf_counter() - start)
+    try:
+        result = candidates[route]()
+    except Exception as exc:  # a route that ran in the first measurement fails on this call: the call takes the
+        if route == choice.route or choice.route not in candidates:  # first choice, the rotation goes on without it
+            raise
+        rotation.fail(index, f"{route}: {type(exc).__name__}: {exc}")
+        route = choice.route
+        result = candidates[route]()
+    else:
+        sync()
+        rotation.record(index, time.perf_counter() - start)
     _last[key.op] = route
     if rotation.done:
         _confirm(key, choice, device)
@@ -887,7 +905,8 @@ def _confirm(key: RouteKey, choice: Choice, device: str) -> Choice:
     timings = choice.rotation.medians_ms() if choice.rotation is not None else {}
     if timings:
         first = ", ".join(f"{route} {ms}" for route, ms in choice.timings_ms.items())
-        note = "; ".join(filter(None, [choice.note, f"first measurement (ms): {first}"]))
+        failed = list(choice.rotation.failed.values())
+        note = "; ".join(filter(None, [choice.note, f"first measurement (ms): {first}", *failed]))
         confirmed = Choice(min(timings, key=timings.get), "measured in calls", timings, note)
     else:
         confirmed = Choice(choice.route, "measured once", dict(choice.timings_ms), choice.note)

@@ -426,6 +426,33 @@ def test_a_rotation_passes_over_routes_a_call_cannot_take(fresh, monkeypatch):
     assert row["source"] == "measured in calls" and row["route"] == other and set(row["timings_ms"]) == {other}
 
 
+def test_a_route_that_fails_in_a_rotation_call_leaves_it_and_the_call_takes_the_first_choice(fresh, monkeypatch):
+    """A route that ran in the first measurement but raises in a real call: that call returns the first choice's
+    result, the route is timed no more and is named in the confirmed choice's note."""
+    monkeypatch.setattr(routes, "CONFIRM_AFTER_CALLS", 1)
+    monkeypatch.setattr(routes, "CALL_ROUNDS", 3)
+    state = {"broken": False}
+
+    def compose():
+        time.sleep(0.002)
+        return "compose"
+
+    def fused():
+        if state["broken"]:
+            raise RuntimeError("lost its kernel")
+        time.sleep(0.003)
+        return "fused"
+
+    candidates = {"compose": compose, "fused": fused}
+    assert routes.run(key(), candidates) == "compose"
+    state["broken"] = True
+    results = [routes.run(key(), candidates) for _ in range(2 * routes.CALL_ROUNDS)]
+    assert set(results) == {"compose"}
+    (row,) = routes.routes()
+    assert row["source"] == "measured in calls" and row["route"] == "compose"
+    assert set(row["timings_ms"]) == {"compose"} and "fused: RuntimeError: lost its kernel" in row["note"]
+
+
 def test_an_in_place_op_updates_its_target_once_per_call_through_the_rotation(fresh, monkeypatch):
     """``run_in_place`` offers the rotation's route alone on the real target: no copy, one update per call."""
     monkeypatch.setattr(routes, "CONFIRM_AFTER_CALLS", 2)

@@ -261,8 +261,8 @@ PRUNE_MIN_S = 1e-3
 # From a measured choice's CONFIRM_AFTER_CALLS-th call on, the key's real calls time the routes that came within
 # ROTATE_WITHIN of the fastest in the first measurement, one route a call, CALL_ROUNDS calls each, and the lowest
 # median is the choice the cache file keeps (CONFIRM_AFTER_CALLS = 0: the first measurement is final). Timed in
-# isolation, a route can lose by several percent to one it beats inside a training step (BENCHMARKS.md); within
-# ROTATE_WITHIN such a flip is plausible, and a route further behind costs its calls more than a flip could gain.
+# isolation, a route can lose to one it beats inside a training step (BENCHMARKS.md); within ROTATE_WITHIN such a
+# flip is plausible, and a route further behind costs its calls more than a flip could gain.
 CONFIRM_AFTER_CALLS = 32
 ROTATE_WITHIN = 2.0
 CALL_ROUNDS = 7

@@ -48,7 +48,7 @@ def steady_allocator(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 <
     By default glibc serves a block over its mmap threshold by a fresh ``mmap`` (page faults on first touch, every
     time) and raises that threshold to the size of each such block freed, and it returns the top of the heap to the
     system past the trim threshold. Which tensors of a step are faulted in afresh then depends on what the process
-    allocated and freed before, not on the step: one provider's time moves by a third from one process to the next.
+    allocated and freed before, not on the step: a provider's time depends on what ran before it in the process.
     Fixed thresholds serve every block below ``mmap_threshold`` from the heap and keep freed memory, so each
     provider's steps run without page faults whatever ran before them."""
     import ctypes

@@ -357,9 +357,9 @@ def test_a_first_choice_is_confirmed_by_timing_its_close_routes_in_real_calls(fr
     monkeypatch.setattr(routes, "CONFIRM_AFTER_CALLS", 3)
     monkeypatch.setattr(routes, "CALL_ROUNDS", 3)
     log: list = []
-    compose = {"phase": "first", "first": 0.002, "calls": 0.006}
-    fused = {"phase": "first", "first": 0.003, "calls": 0.001}
-    gemv = {"phase": "first", "first": 0.02, "calls": 0.0}
+    compose = {"phase": "first", "first": 0.004, "calls": 0.006}
+    fused = {"phase": "first", "first": 0.005, "calls": 0.001}
+    gemv = {"phase": "first", "first": 0.03, "calls": 0.0}
     candidates = {"compose": sleeper(log, "compose", compose), "fused": sleeper(log, "fused", fused),
                   "gemv": sleeper(log, "gemv", gemv)}
     assert routes.run(key(), candidates) == "compose"
@@ -434,13 +434,13 @@ def test_a_route_that_fails_in_a_rotation_call_leaves_it_and_the_call_takes_the_
     state = {"broken": False}
 
     def compose():
-        time.sleep(0.002)
+        time.sleep(0.004)
         return "compose"
 
     def fused():
         if state["broken"]:
             raise RuntimeError("lost its kernel")
-        time.sleep(0.003)
+        time.sleep(0.005)
         return "fused"
 
     candidates = {"compose": compose, "fused": fused}
@@ -466,7 +466,9 @@ def test_an_in_place_op_updates_its_target_once_per_call_through_the_rotation(fr
         routes.run_in_place(key(), updaters, target)
         calls += 1
         assert target.tolist() == [float(calls)] * 3
-    assert 2 * routes.CALL_ROUNDS <= calls <= 2 * routes.CALL_ROUNDS + 1
+    # one call more than the rotation's when the first due call counted the last of the first choice's calls
+    rotated = len(routes.routes()[0]["timings_ms"]) * routes.CALL_ROUNDS
+    assert rotated <= calls <= rotated + 1
 
 
 def test_deterministic_algorithms_keep_the_first_choice(fresh, monkeypatch):

@@ -623,12 +623,18 @@ def _store_file(fingerprint: str, key: RouteKey, choice: Choice) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- choosing
+def _sync(device: str) -> Callable[[], None]:
+    """What brackets a timed run on ``device``: on CUDA a synchronization, so the clock sees the kernels and not
+    only their launches."""
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
 def _time_candidates(candidates: dict[str, Callable[[], object]], device: str = "cpu"):
     """``(median seconds per route, last result per route, errors)`` over interleaved rounds after one warm-up run
     of each candidate; a candidate that raises is dropped (its error kept), one far slower than the fastest after
     the first round is timed no more (``PRUNE_FACTOR``). On CUDA each run is bracketed by synchronizations, so the
     clock sees the kernels and not only their launches."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = _sync(device)
     results: dict[str, object] = {}
     errors: list[str] = []
     live = {}
@@ -697,9 +703,10 @@ def run(key: RouteKey, candidates: dict[str, Callable[[], object]], device: str 
         if choice.calls >= CONFIRM_AFTER_CALLS and not (device == "cuda" and torch.cuda.is_current_stream_capturing()):
             with _lock:
                 if _choices.get(key) is choice and choice.source == "measured":
-                    if not in_calls and not _deterministic():
+                    deterministic = _deterministic()
+                    if not in_calls and not deterministic:
                         return _measure(key, candidates, device, choice.note, again=True)
-                    index = None if _deterministic() else _rotation(key, choice).next_index(candidates)
+                    index = None if deterministic else _rotation(key, choice).next_index(candidates)
                     if index is not None:
                         return _timed_call(key, choice, index, candidates, device)
                     choice = _confirm(key, choice, device)
@@ -869,17 +876,21 @@ def _deterministic() -> bool:
 def _rotation(key: RouteKey, choice: Choice) -> CallRotation:
     """The rotation of a first choice, started at its first due call over the routes within ``ROTATE_WITHIN``."""
     if choice.rotation is None:
-        fastest = min(choice.timings_ms.values())
-        close = [route for route, ms in choice.timings_ms.items() if ms <= ROTATE_WITHIN * fastest]
-        choice.rotation = CallRotation(key, close)
+        choice.rotation = CallRotation(key, _close_routes(choice))
     return choice.rotation
+
+
+def _close_routes(choice: Choice) -> list:
+    """The routes of a first measurement within ``ROTATE_WITHIN`` of its fastest: those its rotation times."""
+    fastest = min(choice.timings_ms.values())
+    return [route for route, ms in choice.timings_ms.items() if ms <= ROTATE_WITHIN * fastest]
 
 
 def _timed_call(key: RouteKey, choice: Choice, index: int, candidates, device: str):
     """A real call of ``key`` by the route at ``index`` of its rotation, timed; the rotation's last call confirms."""
     rotation = choice.rotation
     route = rotation.schedule[index]
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = _sync(device)
     sync()
     start = time.perf_counter()
     try:
@@ -969,8 +980,7 @@ def unconfirmed() -> int:
             if choice.rotation is not None:
                 total += len(choice.rotation.schedule) - choice.rotation.position
             else:
-                fastest = min(choice.timings_ms.values())
-                total += CALL_ROUNDS * sum(ms <= ROTATE_WITHIN * fastest for ms in choice.timings_ms.values())
+                total += CALL_ROUNDS * len(_close_routes(choice))
     return total
 
 

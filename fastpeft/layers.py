@@ -273,16 +273,23 @@ class HeldAdapters:
     """What a settled call read of a layer's adapters: for each adapter name it used, the parameters (by identity),
     the scaling and the dropout module; the names the layer did not hold; the layer's adapter count.
     :meth:`unchanged` says whether the layer still holds exactly that, with nothing merged or disabled, no LoRA
-    variant, and no dropout in training."""
+    variant, and no dropout in training, or (``drawing``: a training call's adapters) each dropout module in the
+    training mode and with the ``p`` it had."""
 
-    __slots__ = ("records", "absent", "count")
+    __slots__ = ("records", "absent", "count", "drawing")
 
-    def __init__(self, layer: nn.Module, names, lora_A, lora_B, lora_bias, scaling):
+    def __init__(self, layer: nn.Module, names, lora_A, lora_B, lora_bias, scaling, drawing: bool = False):
         dropouts = layer._modules["lora_dropout"]._modules
-        self.records = tuple((name, A, B, b, s, dropouts[name], isinstance(dropouts[name], nn.Dropout))
+
+        def dropout_state(dropout):
+            may_drop = isinstance(dropout, nn.Dropout)
+            return (may_drop, dropout.training, dropout.p) if may_drop else (False, None, None)
+
+        self.records = tuple((name, A, B, b, s, dropouts[name], *dropout_state(dropouts[name]))
                              for name, A, B, b, s in zip(names, lora_A, lora_B, lora_bias, scaling) if A is not None)
         self.absent = tuple(name for name, A in zip(names, lora_A) if A is None)
         self.count = len(layer._modules["lora_A"]._modules)
+        self.drawing = drawing
 
     def unchanged(self, layer: nn.Module) -> bool:
         modules = layer._modules
@@ -291,17 +298,23 @@ class HeldAdapters:
                 or any(name in downs for name in self.absent)):
             return False
         ups, dropouts, scalings = modules["lora_B"]._modules, modules["lora_dropout"]._modules, layer.scaling
-        for name, A, B, b, s, dropout, may_drop in self.records:
+        drawing = self.drawing
+        for name, A, B, b, s, dropout, may_drop, training, p in self.records:
             down, up = downs.get(name), ups.get(name)
             if (down is None or up is None or down._parameters.get("weight") is not A
                     or up._parameters.get("weight") is not B or up._parameters.get("bias") is not b
-                    or scalings.get(name) != s or dropouts.get(name) is not dropout
-                    or (may_drop and dropout.training and dropout.p > 0)):
+                    or scalings.get(name) != s or dropouts.get(name) is not dropout):
+                return False
+            if may_drop and ((dropout.training is not training or dropout.p != p) if drawing
+                             else (dropout.training and dropout.p > 0)):
                 return False
         return True
 
     def guards(self, layer: nn.Module) -> list:
-        """:meth:`unchanged` as guards (``fastpeft.guards``) on ``layer`` as it is now (where ``unchanged`` holds)."""
+        """:meth:`unchanged` as guards (``fastpeft.guards``) on ``layer`` as it is now (where ``unchanged`` holds), for
+        adapters held without ``drawing``."""
+        if self.drawing:
+            raise ValueError("fastpeft: a training call's adapters have no guard form (they are checked in Python)")
         modules = layer._modules
         downs, ups, dropouts = modules["lora_A"], modules["lora_B"], modules["lora_dropout"]
         found = [guards.item_is(modules, name) for name in ("lora_A", "lora_B", "lora_dropout")]
@@ -309,7 +322,7 @@ class HeldAdapters:
                                                                      "lora_variant")]
         found += [(guards.LENGTH_IS, downs._modules, None, self.count), guards.item_is(layer.__dict__, "scaling")]
         found += [(guards.LACKS, downs._modules, name, None) for name in self.absent]
-        for name, A, B, b, s, dropout, may_drop in self.records:
+        for name, A, B, b, s, dropout, may_drop, _, _ in self.records:
             down, up = downs._modules[name], ups._modules[name]
             found += [guards.item_is(downs._modules, name), (guards.ITEM_IS, down._parameters, "weight", A),
                       guards.item_is(ups._modules, name), (guards.ITEM_IS, up._parameters, "weight", B),
@@ -341,10 +354,12 @@ class SettledLayerCall:
         self.compute_dtype, self.active, self.adapters = compute_dtype, active, adapters
 
     @classmethod
-    def of(cls, layer: nn.Module, active: list, weight, arguments: tuple, call) -> Optional["SettledLayerCall"]:
-        """``call`` (a ``functional.SettledCall`` or None) kept with what ``layer`` holds now; ``weight`` is the
-        call's base weight (tensor or ``QuantizedWeight``), ``arguments`` the active adapters'
-        ``adapter_arguments``. None where ``call`` is None or the layer holds something this class cannot check."""
+    def of(cls, layer: nn.Module, active: list, weight, arguments: tuple, call,
+           drawing: bool = False) -> Optional["SettledLayerCall"]:
+        """``call`` (a ``functional.SettledCall``, a ``functional.SettledTrainingCall`` with ``drawing``, or None)
+        kept with what ``layer`` holds now; ``weight`` is the call's base weight (tensor or ``QuantizedWeight``),
+        ``arguments`` the active adapters' ``adapter_arguments``. None where ``call`` is None or the layer holds
+        something this class cannot check."""
         if call is None or layer.lora_variant:
             return None
         base = layer._modules["base_layer"]
@@ -352,7 +367,8 @@ class SettledLayerCall:
         held = layer._active_adapter
         settled = cls(call, base, params.get("weight"), params.get("bias"),
                       None if isinstance(weight, torch.Tensor) else weight, getattr(base, "compute_dtype", None),
-                      list(held) if isinstance(held, list) else held, HeldAdapters(layer, active, *arguments[:4]))
+                      list(held) if isinstance(held, list) else held,
+                      HeldAdapters(layer, active, *arguments[:4], drawing=drawing))
         # A weight held outside the parameter dicts (a parametrization computes it per read) never matches: such a
         # layer is not kept settled.
         return settled if settled.holds(layer) else None
@@ -493,6 +509,19 @@ def settled_lora_call(layer, x, active, weight, bias, arguments) -> Optional[Set
     return SettledLayerCall.of(layer, active, weight, arguments, call)
 
 
+def settled_training_call(layer, x, active, weight, bias, arguments) -> Optional[SettledLayerCall]:
+    """The layer's training call of ``functional.lora_linear`` (grad enabled) settled, where it can be: a dense base
+    weight and bias read as the parameters themselves, the dropout the call applied drawn per call."""
+    lora_A, lora_B, lora_bias, scaling, dropout_p, training = arguments
+    params = layer._modules["base_layer"]._parameters
+    if not isinstance(weight, torch.Tensor) or bias is not params.get("bias") or params.get("weight") is None:
+        return None
+    ps = dropout_p if training else [0.0] * len(dropout_p)
+    call = functional.settled_lora_training(x, params["weight"], layer.fan_in_fan_out, bias, lora_A, lora_B,
+                                            lora_bias, scaling, ps)
+    return SettledLayerCall.of(layer, active, params["weight"], arguments, call, drawing=True)
+
+
 def settled_served_call(layer, x, weight, active) -> Optional[SettledLayerCall]:
     """The layer's call served by a ``SERVING_SETTLERS`` entry, settled, where one settles it."""
     for settle in SERVING_SETTLERS:
@@ -504,17 +533,20 @@ def settled_served_call(layer, x, weight, active) -> Optional[SettledLayerCall]:
 
 
 class KeepsSettledCalls:
-    """Mixin of the fused LoRA layers: the layer's latest evaluation call kept resolved (``SettledLayerCall``) for
-    the calls that repeat it. Dispatch state of this process: never pickled or deep-copied."""
+    """Mixin of the fused LoRA layers: the layer's latest evaluation call, and its latest training call, kept
+    resolved (``SettledLayerCall``) for the calls that repeat them. Dispatch state of this process: never pickled or
+    deep-copied."""
 
     # class defaults: reading them never reaches nn.Module.__getattr__
     _fastpeft_settled: Optional[SettledLayerCall] = None
+    _fastpeft_settled_training: Optional[SettledLayerCall] = None
     _fastpeft_settled_mixed: Optional[SettledMixedLayerCall] = None
     _fastpeft_native = None  # the kept calls C++ serves (SettledLayerCall.native)
 
     def __getstate__(self):
         state = super().__getstate__()
-        for name in ("_fastpeft_settled", "_fastpeft_settled_mixed", "_fastpeft_native"):
+        for name in ("_fastpeft_settled", "_fastpeft_settled_training", "_fastpeft_settled_mixed",
+                     "_fastpeft_native"):
             state.pop(name, None)
         return state
 
@@ -524,14 +556,20 @@ class KeepsSettledCalls:
             self._fastpeft_settled = settled = settled.joined(self._fastpeft_settled, self)
             self._fastpeft_native = settled.native(self)
 
+    def _keep_settled_training(self, settled: Optional[SettledLayerCall]) -> None:
+        """Keep a training call the full path just settled, with the kept ones for other dtypes and rows buckets."""
+        if settled is not None:
+            self._fastpeft_settled_training = settled.joined(self._fastpeft_settled_training, self)
+
     def _keep_settled_mixed(self, settled: Optional[SettledMixedLayerCall]) -> None:
         if settled is not None:
             self._fastpeft_settled_mixed = settled.joined(self._fastpeft_settled_mixed, self)
 
     def _settled_output(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
-        """``self(x)`` by the kept call where it serves this one, else None."""
-        settled = self._fastpeft_settled
-        if settled is None or args or kwargs or torch.is_grad_enabled():  # (a training call checks nothing more)
+        """``self(x)`` by the kept call (evaluation or training, by whether grad is enabled) where it serves this
+        one, else None."""
+        settled = self._fastpeft_settled_training if torch.is_grad_enabled() else self._fastpeft_settled
+        if settled is None or args or kwargs:
             return None
         return settled.output(self, x)
 
@@ -627,6 +665,8 @@ class FusedLoraLinear(KeepsSettledCalls, PeftLoraLinear):
         y = functional.lora_linear(x, weight, bias, *arguments)
         if not torch.is_grad_enabled():
             self._keep_settled(settled_lora_call(self, x, active, weight, bias, arguments))
+        else:
+            self._keep_settled_training(settled_training_call(self, x, active, weight, bias, arguments))
         return y
 
 

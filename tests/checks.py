@@ -62,6 +62,34 @@ class CallCounter:
         monkeypatch.setattr(owner, name, counted)
 
 
+class FusedCallCounter:
+    """Counts the fused LoRA calls: those of the full path (``functional.lora_linear``) and those a settled training
+    call served (``functional.SettledTrainingCall.output`` returning an output, or raising inside), so a test knows
+    fastpeft's forward (not PEFT's fallback) ran."""
+
+    def __init__(self, monkeypatch):
+        from fastpeft import functional
+
+        self.full = CallCounter(monkeypatch, functional, "lora_linear")
+        self.settled = 0
+        serve = functional.SettledTrainingCall.output
+
+        def counted(call, x):
+            try:
+                y = serve(call, x)
+            except BaseException:  # served, and stopped inside (e.g. a checkpoint's recompute stopping early)
+                self.settled += 1
+                raise
+            self.settled += y is not None
+            return y
+
+        monkeypatch.setattr(functional.SettledTrainingCall, "output", counted)
+
+    @property
+    def calls(self) -> int:
+        return self.full.calls + self.settled
+
+
 def require_triton_mode_for(device: str) -> None:
     """Skip unless this session's Triton mode runs Triton kernels on ``device``'s tensors: CPU tensors only in the
     interpreter, CUDA tensors only compiled. conftest fixes the mode once, before Triton is imported (the interpreter

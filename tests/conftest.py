@@ -1,5 +1,5 @@
-"""pytest set-up for the suite: the Triton mode, thread count, route cache and the ``gpu``/``dist`` markers. The
-comparison helpers are in ``checks.py``, the tiny models in ``model_helpers.py``."""
+"""pytest set-up for the suite: the Triton mode, thread count, route cache, the ``final_routes`` fixture and the
+``gpu``/``dist`` markers. The comparison helpers are in ``checks.py``, the tiny models in ``model_helpers.py``."""
 
 from __future__ import annotations
 
@@ -27,6 +27,21 @@ if "FASTPEFT_ROUTE_CACHE" not in os.environ:
     import tempfile
 
     os.environ["FASTPEFT_ROUTE_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="fastpeft-routes-"), "routes.json")
+
+
+@pytest.fixture
+def final_routes(monkeypatch):
+    """First measurements are final, so calls settle at once; no pins, and none left behind."""
+    import fastpeft
+    from fastpeft import routing
+
+    monkeypatch.delenv("FASTPEFT_ROUTE", raising=False)
+    monkeypatch.setattr(routing, "CONFIRM_AFTER_CALLS", 0)
+    routing.clear_choices()
+    yield
+    routing.set_route(None, None)
+    fastpeft.set_backend(None)
+    routing.clear_choices()
 
 
 def pytest_configure(config):

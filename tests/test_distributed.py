@@ -90,15 +90,22 @@ def _worker(out_dir: str) -> None:
     import fastpeft.functional as functional
 
     torch.set_num_threads(1)
-    # Count fused calls: a layer that fell back to PEFT's forward (e.g. on a sharded weight) would pass silently.
+    # Count fused calls, by the full path or a settled training call: a layer that fell back to PEFT's forward
+    # (e.g. on a sharded weight) would pass silently.
     fused_calls = [0]
-    original = functional.lora_linear
+    original, original_settled = functional.lora_linear, functional.SettledTrainingCall.output
 
     def counting(*args, **kwargs):
         fused_calls[0] += 1
         return original(*args, **kwargs)
 
+    def counting_settled(self, x):
+        y = original_settled(self, x)
+        fused_calls[0] += y is not None
+        return y
+
     functional.lora_linear = counting
+    functional.SettledTrainingCall.output = counting_settled
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     per = BATCH // world

@@ -18,18 +18,6 @@ from fastpeft import routing as routes
 from fastpeft.layers import FusedLoraLinear
 
 
-@pytest.fixture
-def final_routes(monkeypatch):
-    """First measurements are final, so calls settle at once; no pins, and none left behind."""
-    monkeypatch.delenv("FASTPEFT_ROUTE", raising=False)
-    monkeypatch.setattr(routes, "CONFIRM_AFTER_CALLS", 0)
-    routes.clear_choices()
-    yield
-    routes.set_route(None, None)
-    fastpeft.set_backend(None)
-    routes.clear_choices()
-
-
 def count_resolved(monkeypatch) -> CallCounter:
     """Counts calls that took the full path (``functional.lora_linear``) instead of a settled call."""
     return CallCounter(monkeypatch, functional, "lora_linear")
@@ -115,6 +103,7 @@ def test_settled_call_names_the_route_and_the_choice_it_counts(monkeypatch):
 
 def test_calls_run_settled_while_their_route_awaits_confirmation(final_routes, monkeypatch):
     """A first measurement serves settled calls too, counted, and the calls that confirm it take the full path."""
+    monkeypatch.setenv("FASTPEFT_ROUTE_CACHE", "off")  # (choices other tests stored would be read, not measured)
     monkeypatch.setattr(routes, "CONFIRM_AFTER_CALLS", 5)
     monkeypatch.setattr(routes, "CALL_ROUNDS", 2)
     # the gemv route's prefetch choice is a choice of its own (made whenever timing picks gemv): pinned, only the

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from checks import assert_close, assert_within_2x
+from checks import FusedCallCounter, assert_close, assert_within_2x
 from model_helpers import MLP
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import LoraLayer
@@ -37,16 +37,9 @@ def _randomize_lora_B(model, std=0.2):
 
 @pytest.fixture
 def count_fused(monkeypatch):
-    """Counts calls of the fused LoRA function, so a test knows the fused path (not PEFT's fallback) ran."""
-    calls = [0]
-    original = functional.lora_linear
-
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(functional, "lora_linear", counting)
-    return calls
+    """Counts the fused LoRA calls (full path and settled training calls), so a test knows the fused path (not
+    PEFT's fallback) ran."""
+    return FusedCallCounter(monkeypatch)
 
 
 # ------------------------------------------------------------------------------------------------------ Trainer
@@ -78,7 +71,7 @@ def test_trainer_trains_and_saves_peft_adapter(tmp_path, count_fused):
     assert result.global_step == 4
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
-    assert count_fused[0] >= 4 * 14, "Trainer did not run the fused layers"
+    assert count_fused.calls >= 4 * 14, "Trainer did not run the fused layers"
     lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     assert len(lora_layers) == 14 and all(type(m) is FusedLoraLinear for m in lora_layers)
     for n, p in model.named_parameters():
@@ -143,7 +136,7 @@ def test_checkpoint_block_same_grads_with_dropout(reentrant, count_fused):
         y.backward(g)
         runs[(use_ckpt, seed)] = (y.detach(), xi.grad.clone(), _grads(model))
     (y0, dx0, g0), (y1, dx1, g1), (y2, _, g2) = runs[(False, 11)], runs[(True, 11)], runs[(False, 12)]
-    assert count_fused[0] == 4 * 2 + 4 * 2  # 4 layers x 2 plain runs, x 2 for the checkpointed run (recompute)
+    assert count_fused.calls == 4 * 2 + 4 * 2  # 4 layers x 2 plain runs, x 2 for the checkpointed run (recompute)
     assert len(g0) == 8
     assert torch.equal(y1, y0)
     assert torch.equal(dx1, dx0), "dX differs under checkpointing"

@@ -832,6 +832,35 @@ class CpuBackend(Backend):
                                        _GEMV_PREFETCH[prefetch[0]])
         return function, {"gemv_prefetch": (prefetch[0], None, prefetch[1])}
 
+    def settled_training(self, x, weight, lora_A, dropout_p, grads):
+        conditions = (x, weight, lora_A, dropout_p)
+        forward = routes.settled_call(self._key("lora_forward", *conditions),
+                                      routes.EligibleRoutes(_FORWARD_ROUTES, _forward_eligible, conditions))
+        # dY (M, N) has x's dtype and rows: the backward's key is read off x (its routes' conditions per call)
+        backward = routes.settled_call(self._key("lora_backward", *conditions, grads), _BACKWARD_ROUTES)
+        if forward is None or backward is None:
+            return None
+        return {"lora_forward": (forward[0], partial(self._taken_forward, forward[0]), forward[1]),
+                "lora_backward": (backward[0], partial(self._taken_backward, backward[0], grads), backward[1])}
+
+    def _taken_forward(self, route, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
+        """``lora_forward`` by ``route`` where its conditions hold for this call, else by the full method."""
+        if _forward_eligible(route, x, weight, lora_A, dropout_p):
+            return _FORWARD_ROUTES[route](x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
+        return self.lora_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
+
+    def _taken_backward(self, route, grads, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds,
+                        needs_grad_x, needs_grad_A):
+        """``lora_backward`` by ``route`` where this call wants the ``grads`` it was settled for and the route's
+        conditions hold, else by the full method."""
+        dy = _rows(grad_y)
+        if (needs_grad_x is ("dx" in grads) and needs_grad_A is ("dA" in grads)
+                and _backward_eligible(route, dy, weight, lora_A, lora_B, xa, dropout_p)):
+            return _BACKWARD_ROUTES[route](dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x,
+                                           needs_grad_A)
+        return self.lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x,
+                                  needs_grad_A)
+
     def base_linear(self, x, weight, bias):
         # The LoRA forward's routes with no adapters: the same measured choice of base product, without IA3's scaling
         # of x by ones. Where that choice is bitsandbytes' serving kernel (both bnb routes are the bare kernel here),

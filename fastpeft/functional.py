@@ -461,8 +461,8 @@ class SettledTrainingCall:
     is unchanged."""
 
     __slots__ = ("state", "dtype", "device", "device_type", "k", "m_low", "m_high", "x_grad", "grad_A", "taken",
-                 "forward", "backward", "weight", "transposed", "bias", "tensors", "n", "scaling", "dropout_p",
-                 "drawing", "zero_seeds")
+                 "forward", "backward", "native", "weight", "transposed", "bias", "tensors", "n", "scaling",
+                 "dropout_p", "drawing", "zero_seeds")
 
     def __init__(self, x2: torch.Tensor, taken: dict, weight: torch.Tensor, transposed: bool,
                  bias: Optional[torch.Tensor], lora_A: list, lora_B: list, lora_bias: list, scaling: list,
@@ -472,7 +472,8 @@ class SettledTrainingCall:
             dispatch_state(), x2.dtype, x2.device, x2.shape[1], m // 2 if m > 1 else 0, m)
         self.device_type = x2.device.type
         self.x_grad, self.grad_A = x2.requires_grad, any(A.requires_grad for A in lora_A)
-        self.taken = routing.TakenRoutes({op: (found[0], found[2]) for op, found in taken.items()})
+        self.native = taken.get("native")
+        self.taken = routing.TakenRoutes({op: (found[0], found[2]) for op, found in taken.items() if op != "native"})
         self.forward, self.backward = taken["lora_forward"][1], taken["lora_backward"][1]
         self.weight, self.transposed, self.bias = weight, transposed, bias
         self.tensors, self.n = (*lora_A, *lora_B, *lora_bias), len(lora_A)
@@ -500,8 +501,12 @@ class SettledTrainingCall:
             return None
         seeds = draw_seeds(n, self.dropout_p, True).tolist() if self.drawing else self.zero_seeds
         x2 = x if x.dim() == 2 else x.reshape(-1, self.k)
-        y = LoRALinearFunction.apply(x2, weight.t() if self.transposed else weight, bias, n, self.scaling,
-                                     self.dropout_p, seeds, self, *tensors)
+        w = weight.t() if self.transposed else weight
+        y = None
+        if self.native is not None:
+            y = self.native(x2, w, bias, tensors[0], tensors[1], self.scaling[0], self.dropout_p[0], seeds[0])
+        if y is None:
+            y = LoRALinearFunction.apply(x2, w, bias, n, self.scaling, self.dropout_p, seeds, self, *tensors)
         self.taken.served()
         return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
@@ -524,7 +529,7 @@ def settled_lora_training(x: torch.Tensor, weight: torch.Tensor, transposed: boo
     backend = get_backend(x2, w)
     grads = ("dx" if x2.requires_grad else "") + ("dA" if any(A.requires_grad for A in lora_A) else "")
     ps = [float(p) for p in dropout_p]
-    taken = backend.settled_training(x2, w, list(lora_A), ps, grads)
+    taken = backend.settled_training(x2, w, list(lora_A), list(lora_B), list(lora_bias), ps, grads)
     if taken is None:
         return None
     return SettledTrainingCall(x2, taken, weight, transposed, bias, list(lora_A), list(lora_B), list(lora_bias),

@@ -319,3 +319,78 @@ def test_a_model_with_settled_training_calls_compiles_in_one_graph(final_routes)
     for name, want in want_grads.items():
         assert_close(f"compiled {name}", grads[name], want, FP32_TOL)
     torch._dynamo.reset()
+
+
+def _count_native(monkeypatch) -> list:
+    """Counts the calls served by ``_C.settled_lora_training`` (forward and backward in C++)."""
+    from fastpeft.backends import cpu
+
+    calls = []
+    serve = cpu._C.settled_lora_training
+
+    def counted(*args):
+        calls.append(1)
+        return serve(*args)
+
+    monkeypatch.setattr(cpu._C, "settled_lora_training", counted)
+    return calls
+
+
+@pytest.mark.parametrize("backward", ["small", "fused"])
+@pytest.mark.parametrize("what", ["x with grad", "x without grad", "lora_B frozen", "lora_A frozen"])
+def test_settled_training_in_cpp_matches_peft(final_routes, monkeypatch, backward, what):
+    """One fp32 adapter with routes gemv and small/fused: the settled call runs both directions in C++ and gives
+    PEFT's output and every gradient, whichever gradients are asked."""
+    routes.set_route("lora_forward", "gemv")
+    routes.set_route("lora_backward", backward)
+    reference, fused = training_twins()
+    if what in ("lora_B frozen", "lora_A frozen"):
+        for model in (reference, fused):
+            for layer in [m for m in model.modules() if hasattr(m, "lora_A")]:
+                (layer.lora_B if what == "lora_B frozen" else layer.lora_A)["default"].weight.requires_grad_(False)
+    x = torch.randn(2, 3, 23, requires_grad=what != "x without grad")
+    steps_agree(reference, fused, x, "settling")
+    native = _count_native(monkeypatch)
+    steps_agree(reference, fused, x, what)
+    assert len(native) == 2 * 4, "the settled calls did not run in C++"
+
+
+@pytest.mark.parametrize("backward", ["small", "fused"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_settled_training_in_cpp_equals_the_python_routes(final_routes, monkeypatch, backward, p):
+    """The C++ autograd node runs the same kernels as the Python routes: outputs, dropout masks and gradients are
+    bit-equal to the same model's calls through the full path."""
+    routes.set_route("lora_forward", "gemv")
+    routes.set_route("lora_backward", backward)
+    _, fused = training_twins(lora_dropout=p)
+    x = torch.randn(5, 23, requires_grad=True)
+    dy = torch.randn(5, 11)
+    for _ in range(2):
+        step(fused, x, dy)
+    native = _count_native(monkeypatch)
+    torch.manual_seed(3)
+    y, dx, grads = step(fused, x, dy)
+    assert len(native) == 4
+    y2, dx2, grads2 = _unsettled_step(fused, x, dy, 3)
+    assert len(native) == 4
+    assert torch.equal(y, y2) and torch.equal(dx, dx2)
+    for name in grads:
+        assert torch.equal(grads[name], grads2[name]), name
+
+
+def test_settled_training_in_cpp_leaves_an_adapter_it_cannot_read_to_python(final_routes, monkeypatch):
+    """``lora_A``'s data replaced by a transposed copy (the same parameter object): the C++ call declines it and the
+    settled call's Python routes serve it, with PEFT's results."""
+    routes.set_route("lora_forward", "gemv")
+    routes.set_route("lora_backward", "fused")
+    reference, fused = training_twins()
+    x = torch.randn(4, 23, requires_grad=True)
+    steps_agree(reference, fused, x, "settling")
+    for model in (reference, fused):
+        for layer in [m for m in model.modules() if hasattr(m, "lora_A")]:
+            A = layer.lora_A["default"].weight
+            A.data = A.data.t().contiguous().t()
+    native = _count_native(monkeypatch)
+    counter = FusedCallCounter(monkeypatch)
+    steps_agree(reference, fused, x, "lora_A not contiguous")
+    assert not native and counter.full.calls == 0 and counter.settled == 8

@@ -983,6 +983,74 @@ std::vector<at::Tensor> lora_small_backward(const at::Tensor& dy, const at::Tens
 
 std::string isa() { return K().isa; }
 
+// A settled training call of one fp32 adapter over an fp32 dense weight, forward and backward in C++: the forward
+// is route gemv (xa = drop(x) A^T by lora_xa, then dense_lora_gemv), the backward route small or fused, as the
+// Python routes call them. Its autograd node runs no Python: at decode sizes the Python of a custom autograd
+// Function and of the route functions costs about as much as the adapter's arithmetic. The caller (Python) checks
+// that the call fits (functional.SettledTrainingCall) and counts it for the route table.
+enum SettledBackward : int64_t { kBackwardSmall = 0, kBackwardFused = 1 };
+
+struct SettledLoraTraining : public torch::autograd::Function<SettledLoraTraining> {
+  // x (M, K) fp32, any row stride; A (r, K) contiguous fp32; B (N, r) fp32; W (N, K) fp32, unit column stride, not
+  // requiring grad; bias (N,) or undefined. Returns y (M, N) fp32.
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& A,
+                            const at::Tensor& B, const at::Tensor& W, const c10::optional<at::Tensor>& bias, double s,
+                            double p, int64_t seed, int64_t prefetch, int64_t backward) {
+    const at::Tensor xr = x.stride(1) == 1 ? x : x.contiguous();
+    at::Tensor xa = lora_xa(xr, A, p, seed);
+    c10::optional<at::Tensor> bias32;
+    if (bias.has_value()) bias32 = contiguous_f32(*bias);
+    at::Tensor y = dense_lora_gemv(xr, W, bias32, xa, B, s, c10::nullopt, prefetch);
+    // x is kept only for dA (never a dropped copy: the mask is regenerated from the seed)
+    ctx->save_for_backward({A.requires_grad() ? xr : at::Tensor(), A, B, xa});
+    ctx->saved_data["W"] = W;
+    ctx->saved_data["s"] = s;
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["backward"] = backward;
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &A = saved[1], &B = saved[2], &xa = saved[3];
+    const at::Tensor W = ctx->saved_data["W"].toTensor();
+    const double s = ctx->saved_data["s"].toDouble(), p = ctx->saved_data["p"].toDouble();
+    const int64_t seed = ctx->saved_data["seed"].toInt();
+    const bool need_dx = ctx->needs_input_grad(0), need_dA = ctx->needs_input_grad(1) && x.defined();
+    const at::Tensor dy = grads[0].stride(1) == 1 ? grads[0] : grads[0].contiguous();
+    c10::optional<at::Tensor> xo;
+    if (need_dA) xo = x;
+    std::vector<at::Tensor> out;
+    if (ctx->saved_data["backward"].toInt() == kBackwardSmall) {
+      out = lora_small_backward(dy, W, xo, A, B, xa, s, p, seed, need_dx);
+    } else {
+      c10::optional<at::Tensor> Wo;
+      if (need_dx) Wo = W;
+      out = lora_fused_backward(dy, Wo, xo, A, B, xa, s, p, seed);
+    }
+    // (x, A, B, W, bias, s, p, seed, prefetch, backward)
+    return {need_dx ? out[0] : at::Tensor(), need_dA ? out[1] : at::Tensor(),
+            ctx->needs_input_grad(2) ? out[2] : at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor settled_lora_training(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& W,
+                                 const c10::optional<at::Tensor>& bias, double s, double p, int64_t seed,
+                                 int64_t prefetch, int64_t backward) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && W.scalar_type() == at::kFloat &&
+                  A.scalar_type() == at::kFloat && B.scalar_type() == at::kFloat && A.is_contiguous() &&
+                  W.dim() == 2 && W.stride(1) == 1 && !W.requires_grad() &&
+                  (!bias.has_value() || !bias->requires_grad()),
+              "fastpeft._C.settled_lora_training: takes 2-D fp32 x, a frozen fp32 W of unit column stride and "
+              "contiguous fp32 A");
+  TORCH_CHECK(backward == kBackwardSmall || backward == kBackwardFused,
+              "fastpeft._C.settled_lora_training: backward must be 0 (small) or 1 (fused), got ", backward);
+  return SettledLoraTraining::apply(x, A, B, W, bias, s, p, seed, prefetch, backward);
+}
+
 }  // namespace
 
 // For the other binding files (ops_shared.h).
@@ -1028,6 +1096,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "non-temporal, 2 into L2)", py::arg("x"), py::arg("W"), py::arg("bias"), py::arg("xs"), py::arg("B"),
         py::arg("lora_scale"), py::arg("A") = py::none(), py::arg("prefetch") = int64_t(fastpeft::kPrefetchNonTemporal));
   m.def("quant_grad_x", &fastpeft::quant_grad_x, "(dy32, qweight, tile_rows|0) -> dy w (M, K) fp32");
+  m.def("settled_lora_training", &fastpeft::settled_lora_training,
+        "(x fp32 (M, K), A, B, W, bias|None, s, p, seed, prefetch, backward 0 small | 1 fused) -> y (M, N) with an "
+        "autograd node in C++: one fp32 adapter's settled training call, route gemv forward");
   m.def("lora_small_backward", &fastpeft::lora_small_backward, "(dy, W, x|None, A, B, h, s, p, seed, need_dx) -> "
         "[dx, dA, dB, db] for one fp32 adapter (decode-sized M)");
   m.def("lora_fused_backward", &fastpeft::lora_fused_backward, "(dy, W|None, x|None, A32, B32, h32, s, p, seed) -> "

@@ -176,15 +176,19 @@ class Backend:
         return None
 
     def settled_training(self, x: torch.Tensor, weight: torch.Tensor, lora_A: Sequence[torch.Tensor],
+                         lora_B: Sequence[torch.Tensor], lora_bias: Sequence[Optional[torch.Tensor]],
                          dropout_p: Sequence[float], grads: str) -> Optional[dict]:
         """``{"lora_forward": (route, forward, counted), "lora_backward": (route, backward, counted)}`` for training
-        calls of a fused LoRA layer like this one (``x`` ``(M, K)``, a dense frozen ``weight``, the adapters'
-        ``lora_A``, the ``dropout_p`` applied, ``grads`` the backward key's gradients: ``"dx"``, ``"dA"``, both or
-        none): the routes this backend takes for their forward and backward while ``fastpeft.routing.generation()``
-        and ``FASTPEFT_ROUTE`` stay as they are, the choices whose calls count toward their confirming measurements,
+        calls of a fused LoRA layer like this one (``x`` ``(M, K)``, a dense frozen ``weight``, the adapters, the
+        ``dropout_p`` applied, ``grads`` the backward key's gradients: ``"dx"``, ``"dA"``, both or none): the routes
+        this backend takes for their forward and backward while ``fastpeft.routing.generation()`` and
+        ``FASTPEFT_ROUTE`` stay as they are, the choices whose calls count toward their confirming measurements,
         and functions with :meth:`lora_forward`'s and :meth:`lora_backward`'s arguments and returns that take those
         routes without resolving them (a call they do not fit, by its tensors or gradients, goes to the full
-        method). None where a next call must be decided by measuring, or this backend does not say."""
+        method). Optionally more settled ops (``{op: (route, None, counted)}``) and ``"native"``: a function
+        ``(x, weight, bias, A, B, scaling, dropout_p, seed) -> y`` for one adapter that runs both directions of those
+        routes with its autograd node outside Python, returning None where a call's tensors do not fit it. None
+        where a next call must be decided by measuring, or this backend does not say."""
         return None
 
     def lora_backward(

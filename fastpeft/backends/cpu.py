@@ -688,6 +688,20 @@ def _backward_eligible(route: str, dy, weight, lora_A, lora_B, xa, dropout_p) ->
             and lora_A[0].is_contiguous() and _all_fp32([dy, weight, lora_A[0], lora_B[0], xa[0]]))
 
 
+# The backward routes _C.settled_lora_training runs in its autograd node (its ``backward`` argument).
+_NATIVE_BACKWARD = {"small": 0, "fused": 1}
+
+
+def _native_training(prefetch, backward, x, weight, bias, A, B, scaling, dropout_p, seed) -> Optional[torch.Tensor]:
+    """A settled fp32 training call with one adapter, routes ``gemv`` and ``small``/``fused``, forward and backward
+    in C++ (``_C.settled_lora_training``): ``x`` ``(M, K)`` -> ``y`` ``(M, N)`` recorded for autograd, or None where
+    this call's tensors do not fit it (a parameter's data replaced by another dtype or layout)."""
+    if (weight.dtype is _F32 and A.dtype is _F32 and B.dtype is _F32 and A.is_contiguous()
+            and weight.stride(1) == 1):
+        return _C.settled_lora_training(x, A, B, weight, bias, scaling, dropout_p, seed, prefetch, backward)
+    return None
+
+
 class CpuBackend(Backend):
     name = "cpu"
 
@@ -832,7 +846,7 @@ class CpuBackend(Backend):
                                        _GEMV_PREFETCH[prefetch[0]])
         return function, {"gemv_prefetch": (prefetch[0], None, prefetch[1])}
 
-    def settled_training(self, x, weight, lora_A, dropout_p, grads):
+    def settled_training(self, x, weight, lora_A, lora_B, lora_bias, dropout_p, grads):
         conditions = (x, weight, lora_A, dropout_p)
         forward = routes.settled_call(self._key("lora_forward", *conditions),
                                       routes.EligibleRoutes(_FORWARD_ROUTES, _forward_eligible, conditions))
@@ -840,8 +854,15 @@ class CpuBackend(Backend):
         backward = routes.settled_call(self._key("lora_backward", *conditions, grads), _BACKWARD_ROUTES)
         if forward is None or backward is None:
             return None
-        return {"lora_forward": (forward[0], partial(self._taken_forward, forward[0]), forward[1]),
-                "lora_backward": (backward[0], partial(self._taken_backward, backward[0], grads), backward[1])}
+        taken = {"lora_forward": (forward[0], partial(self._taken_forward, forward[0]), forward[1]),
+                 "lora_backward": (backward[0], partial(self._taken_backward, backward[0], grads), backward[1])}
+        if (forward[0] == "gemv" and backward[0] in _NATIVE_BACKWARD and x.dtype == _F32 and len(lora_A) == 1
+                and lora_bias[0] is None and _all_fp32([weight, lora_A[0], lora_B[0]])):
+            prefetch = routes.settled_call(_prefetch_key(weight), _GEMV_PREFETCH)
+            if prefetch is not None:  # (its first calls are measured on the route's own path)
+                taken["gemv_prefetch"] = (prefetch[0], None, prefetch[1])
+                taken["native"] = partial(_native_training, _GEMV_PREFETCH[prefetch[0]], _NATIVE_BACKWARD[backward[0]])
+        return taken
 
     def _taken_forward(self, route, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):
         """``lora_forward`` by ``route`` where its conditions hold for this call, else by the full method."""

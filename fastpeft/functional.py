@@ -456,9 +456,9 @@ class SettledTrainingCall:
     much as the adapter's own arithmetic. Dropout is drawn per call as the full path draws it (seeds from torch's
     generator). :meth:`output` declines (returns None) a call whose dispatch could differ: another dtype, ``K``,
     ``M`` bucket or device, ``x`` that requires grad where it did not (or the reverse), an adapter's or the base's
-    ``requires_grad`` changed, autocast, torch.compile, a changed :func:`dispatch_state`, or a route due for its
-    confirming measurement. The caller checks that what it bound (the layer's tensors, scalings, dropout modules)
-    is unchanged."""
+    ``requires_grad`` changed, autocast, torch.compile, a ``torch.func`` transform, a changed :func:`dispatch_state`,
+    or a route due for its confirming measurement. The caller checks that what it bound (the layer's tensors,
+    scalings, dropout modules) is unchanged."""
 
     __slots__ = ("state", "dtype", "device", "device_type", "k", "m_low", "m_high", "x_grad", "grad_A", "taken",
                  "forward", "backward", "native", "weight", "transposed", "bias", "tensors", "n", "scaling",
@@ -488,7 +488,8 @@ class SettledTrainingCall:
                 or x.requires_grad is not self.x_grad or not on_device(x, self.device)):
             return None
         if (not self.m_low < x.numel() // self.k <= self.m_high or torch.is_autocast_enabled(self.device_type)
-                or torch.compiler.is_compiling() or dispatch_state() != self.state or self.taken.due()):
+                or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+                or dispatch_state() != self.state or self.taken.due()):
             return None
         weight, bias, n = self.weight, self.bias, self.n
         if weight.requires_grad or (bias is not None and bias.requires_grad):

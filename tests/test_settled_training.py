@@ -394,3 +394,19 @@ def test_settled_training_in_cpp_leaves_an_adapter_it_cannot_read_to_python(fina
     counter = FusedCallCounter(monkeypatch)
     steps_agree(reference, fused, x, "lora_A not contiguous")
     assert not native and counter.full.calls == 0 and counter.settled == 8
+
+
+def test_settled_training_call_declines_under_a_torch_func_transform(final_routes, monkeypatch):
+    """Under ``torch.func.grad`` a settled call takes the full path, so a transform meets what an unsettled layer
+    does (the fused autograd Functions have no functorch rules: torch's own error), never the C++ node."""
+    routes.set_route("lora_forward", "gemv")
+    routes.set_route("lora_backward", "small")
+    reference, fused = training_twins()
+    x = torch.randn(1, 23, requires_grad=True)
+    steps_agree(reference, fused, x, "settling")
+    native = _count_native(monkeypatch)
+    counter = FusedCallCounter(monkeypatch)
+    layer = lora_layers(fused)[0]
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda xi: layer(xi).sum())(torch.randn(1, 23))
+    assert not native and counter.settled == 0 and counter.full.calls == 1

@@ -116,10 +116,10 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 def adapter_arguments(layer: nn.Module, active: list) -> tuple:
-    """``(lora_A, lora_B, lora_bias, scaling, dropout_p)`` lists of a PEFT LoRA layer's ``active`` adapters and
-    ``training`` (any of their dropout modules in training mode), as ``functional.lora_linear`` takes them. One pass
-    over the adapters, by the submodule dicts (no ``nn.Module.__getattr__``): this runs per layer per token in
-    decoding."""
+    """``(lora_A, lora_B, lora_bias, scaling, dropout_p)`` lists of a PEFT LoRA layer's ``active`` adapters
+    (``dropout_p`` 0 for an adapter whose dropout module is in eval mode) and ``training`` (any of their dropout
+    modules in training mode), as ``functional.lora_linear`` takes them. One pass over the adapters, by the
+    submodule dicts (no ``nn.Module.__getattr__``): this runs per layer per token in decoding."""
     modules = layer._modules
     downs, ups, dropouts = (modules["lora_A"]._modules, modules["lora_B"]._modules,
                             modules["lora_dropout"]._modules)
@@ -134,7 +134,8 @@ def adapter_arguments(layer: nn.Module, active: list) -> tuple:
         lora_bias.append(parameter(up, "bias") if "bias" in up._parameters or with_bias.get(name, False) else None)
         scaling.append(scalings[name])
         dropout = dropouts[name]
-        dropout_p.append(dropout.p if isinstance(dropout, nn.Dropout) else 0.0)
+        # each adapter's own module decides whether it drops (PEFT calls it), not the others' modes
+        dropout_p.append(dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0)
         training = training or dropout.training
     return lora_A, lora_B, lora_bias, scaling, dropout_p, training
 

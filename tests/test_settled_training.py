@@ -410,3 +410,29 @@ def test_settled_training_call_declines_under_a_torch_func_transform(final_route
     with pytest.raises(RuntimeError, match="setup_context"):
         torch.func.grad(lambda xi: layer(xi).sum())(torch.randn(1, 23))
     assert not native and counter.settled == 0 and counter.full.calls == 1
+
+
+def test_an_adapter_whose_dropout_module_is_in_eval_draws_nothing(final_routes):
+    """Two active adapters, one dropout module put in eval mode: PEFT calls each adapter's own module, so that
+    adapter's term is undropped while the other's is dropped; the same as that adapter having no dropout at all
+    (equal seeds, equal bits), on the full path and on settled calls."""
+    runs = []
+    for other in ("eval", "identity"):
+        _, fused = training_twins(lora_dropout=0.4)
+        fused.base_model.set_adapter(["default", "other"])
+        for layer in lora_layers(fused):
+            if other == "eval":
+                layer.lora_dropout["other"].eval()
+            else:
+                layer.lora_dropout["other"] = nn.Identity()
+        x, dy = torch.randn(6, 23, requires_grad=True), torch.randn(6, 11)
+        outs = []
+        for seed in (21, 22, 21):  # the first call takes the full path, later ones are settled
+            torch.manual_seed(seed)
+            outs.append(step(fused, x, dy))
+        runs.append(outs)
+    for (y, dx, grads), (y2, dx2, grads2) in zip(*runs):
+        assert torch.equal(y, y2) and torch.equal(dx, dx2)
+        for name in grads:
+            assert torch.equal(grads[name], grads2[name]), name
+    assert not torch.equal(runs[0][0][0], runs[0][1][0]), "no dropout was drawn for the training adapter"

@@ -859,8 +859,9 @@ def _gather_adapters(layer, cache: DoraCache, active: list, weight, weight_param
             check_tensors(where, weight, A, up.weight, magnitude)
             norm = cache.norm(name, weight_param, weight, A, up.weight, layer.scaling[name])
         # PEFT's rule: the dropped input (and, for DoRA, a second base product) only for a real dropout module in
-        # training.
-        p = _dropout_p(layer, name) if layer.training else 0.0
+        # training, in a layer in training (PEFT reuses the base output when the layer is not training, and its
+        # dropout module drops nothing when the module is not).
+        p = _dropout_p(layer, name) if layer.training and layer.lora_dropout[name].training else 0.0
         adapters.append([A, up.weight, up.bias if layer.lora_bias[name] else None, layer.scaling[name], magnitude,
                          norm, p])
     return adapters

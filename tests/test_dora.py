@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from checks import assert_close, assert_within_2x, rel_err
+from checks import CallCounter, assert_close, assert_within_2x, rel_err
 from model_helpers import MLP, Conv1DMLP
 from peft import LoraConfig, PeftModel, get_peft_model
 from test_peft_parity import (
@@ -322,6 +322,27 @@ def test_dora_dropout_eval_matches_peft_and_training_matches_spec():
     for name, a, e in zip(("y", "dX", "dA", "dB", "dm"), got, expected):
         assert_close(f"train drop0.1 {name}", a, e, FP32_TOL)
     assert rel_err(got[0], layer.eval()(x).detach()) > 1e-3, "dropout had no effect: test is vacuous"
+
+
+def test_dora_training_layer_with_its_dropout_module_in_eval_matches_peft(monkeypatch):
+    """A layer in training whose dropout module is in eval: PEFT's module drops nothing (and PEFT recomputes the
+    base product of the undropped input), so outputs and gradients are PEFT's, with nothing random to tell apart."""
+    peft_model, fused = dora_twins(MLP, r=3, lora_alpha=5, lora_dropout=0.3, target_modules=["up", "down"])
+    calls = CallCounter(monkeypatch, dora, "layer_forward")
+    x, upstream = torch.randn(6, 23), torch.randn(6, 11)
+    results = []
+    for model in (peft_model, fused):
+        model.train()
+        for layer in [m for m in model.modules() if hasattr(m, "lora_dropout")]:
+            layer.lora_dropout["default"].eval()
+        model.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        y = model(xi)
+        (y * upstream).sum().backward()
+        results.append([y.detach(), xi.grad] + [p.grad for p in trainable(model).values()])
+    assert calls.calls == 4, "the fused DoRA path did not run"
+    for i, (got, want) in enumerate(zip(results[1], results[0])):
+        assert_close(f"tensor {i}", got, want, FP32_TOL)
 
 
 @pytest.mark.parametrize("adapters", ["fp32", "bf16"])

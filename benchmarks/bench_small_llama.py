@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from side_by_side import interleaved_times, paired_overheads  # noqa: E402
 
-from fastpeft.bench.timing import steady_allocator  # noqa: E402
+from fastpeft.bench.timing import add_allocator_option, apply_allocator  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -110,12 +110,12 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=["train-step", "decode"],
                         choices=["train-step", "decode", "layer-sweep"])
-    parser.add_argument("--allocator", choices=("default", "steady"), default="default",
-                        help="steady: fixed glibc malloc thresholds (fastpeft.bench.timing.steady_allocator)")
+    add_allocator_option(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.allocator == "steady":
-        print(steady_allocator())
+    allocator = apply_allocator(args)
+    if allocator is not None:
+        print(allocator)
     ids = torch.randint(3, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(3))
     prompt = ids[:1, :16]
     print(f"SmolLM2-135M-shaped LLaMA, {args.layers} layers, r=16 on {len(TARGETS)} projections, dropout 0.05, "

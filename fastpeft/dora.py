@@ -590,7 +590,7 @@ class DoraLinearFunction(torch.autograd.Function):
                   ).to(magnitude.dtype)
         if needs_dx or needs_dA or needs_dB:
             ge = _scaled_grads(backend, dy, scale, needs_dx and ctx.dropout_p > 0)
-            grads = ("dx" if needs_dx else "") + ("dA" if needs_dA else "")
+            grads = routing.grads_key(needs_dx, needs_dA)
             eligible = _backward_routes(backend, dy, ctx.weight, A, ctx.dropout_p, needs_dx)
             candidates = {route: (lambda fn=fn: fn(backend, dy, ge, x, ctx.weight, A, B, h, ctx.scaling,
                                                    ctx.dropout_p, ctx.seed, needs_dx, needs_dA))

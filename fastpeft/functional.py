@@ -528,7 +528,7 @@ def settled_lora_training(x: torch.Tensor, weight: torch.Tensor, transposed: boo
     if not lora_A or torch.is_autocast_enabled(x2.device.type) or _call_mode(w, bias) != "autograd":
         return None
     backend = get_backend(x2, w)
-    grads = ("dx" if x2.requires_grad else "") + ("dA" if any(A.requires_grad for A in lora_A) else "")
+    grads = routing.grads_key(x2.requires_grad, any(A.requires_grad for A in lora_A))
     ps = [float(p) for p in dropout_p]
     taken = backend.settled_training(x2, w, list(lora_A), list(lora_B), list(lora_bias), ps, grads)
     if taken is None:

@@ -513,13 +513,12 @@ def settled_lora_call(layer, x, active, weight, bias, arguments) -> Optional[Set
 def settled_training_call(layer, x, active, weight, bias, arguments) -> Optional[SettledLayerCall]:
     """The layer's training call of ``functional.lora_linear`` (grad enabled) settled, where it can be: a dense base
     weight and bias read as the parameters themselves, the dropout the call applied drawn per call."""
-    lora_A, lora_B, lora_bias, scaling, dropout_p, training = arguments
+    lora_A, lora_B, lora_bias, scaling, dropout_p, _ = arguments  # (p is 0 where an adapter's module is in eval)
     params = layer._modules["base_layer"]._parameters
     if not isinstance(weight, torch.Tensor) or bias is not params.get("bias") or params.get("weight") is None:
         return None
-    ps = dropout_p if training else [0.0] * len(dropout_p)
     call = functional.settled_lora_training(x, params["weight"], layer.fan_in_fan_out, bias, lora_A, lora_B,
-                                            lora_bias, scaling, ps)
+                                            lora_bias, scaling, dropout_p)
     return SettledLayerCall.of(layer, active, params["weight"], arguments, call, drawing=True)
 
 

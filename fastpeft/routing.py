@@ -308,6 +308,12 @@ def make_key(op: str, backend: str, weight_kind: str, x_dtype, weight_dtype, ada
                     bool(dropout), bucket(total_rank), int(adapters), grads)
 
 
+def grads_key(needs_grad_x: bool, needs_grad_A: bool) -> str:
+    """A backward key's ``grads`` field: which of the input's and the adapters' ``lora_A`` gradients the call wants
+    (``"dx"``, ``"dA"``, ``"dxdA"`` or ``""``)."""
+    return ("dx" if needs_grad_x else "") + ("dA" if needs_grad_A else "")
+
+
 def key_of_call(op: str, backend: str, weight_kind: str, x, weight, lora_A, dropout_p, grads: str = "") -> RouteKey:
     """The ``RouteKey`` of one call of ``op`` on ``x`` (M, K) and ``weight`` (N, K) with the adapters' ``lora_A``
     and ``dropout_p`` (empty for IA3). Runs twice per layer call: the one-adapter case builds no list."""
@@ -698,9 +704,10 @@ def run(key: RouteKey, candidates: dict[str, Callable[[], object]], device: str 
         return candidates[unmeasured]()
     choice = _choices.get(key)
     if choice is not None and choice.source == "measured" and CONFIRM_AFTER_CALLS:
+        due = _due(choice)
         choice.calls += 1
         # (a CUDA graph being captured records this call once, and a timed call would synchronize inside it)
-        if choice.calls >= CONFIRM_AFTER_CALLS and not (device == "cuda" and torch.cuda.is_current_stream_capturing()):
+        if due and not (device == "cuda" and torch.cuda.is_current_stream_capturing()):
             with _lock:
                 if _choices.get(key) is choice and choice.source == "measured":
                     deterministic = _deterministic()
@@ -788,7 +795,7 @@ def _decided(key: RouteKey, eligible, some: bool = False) -> tuple:
     if choice is None or choice.route not in eligible:
         return None, None
     if choice.source == "measured" and CONFIRM_AFTER_CALLS:
-        if choice.calls + 1 >= CONFIRM_AFTER_CALLS:
+        if _due(choice):
             return None, None  # the next run times a route of the rotation: run decides which
         return choice.route, choice
     return choice.route, None
@@ -840,7 +847,7 @@ class TakenRoutes:
 
     def due(self) -> bool:
         for choice in self.counted:  # (a loop, not any(): this runs per settled call, almost always over nothing)
-            if choice.calls + 1 >= CONFIRM_AFTER_CALLS:
+            if _due(choice):
                 return True
         return False
 
@@ -859,12 +866,17 @@ def rotating(key: RouteKey, eligible) -> Optional[str]:
     choice = _choices.get(key)
     if choice is None or choice.source != "measured" or not CONFIRM_AFTER_CALLS:
         return None
-    if choice.calls + 1 < CONFIRM_AFTER_CALLS or _deterministic():
+    if not _due(choice) or _deterministic():
         return None
     with _lock:
         rotation = _rotation(key, choice)
         index = rotation.next_index(eligible)
         return None if index is None else rotation.schedule[index]
+
+
+def _due(choice: Choice) -> bool:
+    """Whether the next call of a first measurement's key (``"measured"``) is one its confirmation times."""
+    return choice.calls + 1 >= CONFIRM_AFTER_CALLS
 
 
 def _deterministic() -> bool:

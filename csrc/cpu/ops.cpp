@@ -999,7 +999,7 @@ struct SettledLoraTraining : public torch::autograd::Function<SettledLoraTrainin
     const at::Tensor xr = x.stride(1) == 1 ? x : x.contiguous();
     at::Tensor xa = lora_xa(xr, A, p, seed);
     c10::optional<at::Tensor> bias32;
-    if (bias.has_value()) bias32 = contiguous_f32(*bias);
+    if (bias.has_value()) bias32 = bias_as_reference_adds(*bias, at::kFloat);
     at::Tensor y = dense_lora_gemv(xr, W, bias32, xa, B, s, c10::nullopt, prefetch);
     // x is kept only for dA (never a dropped copy: the mask is regenerated from the seed)
     ctx->save_for_backward({A.requires_grad() ? xr : at::Tensor(), A, B, xa});

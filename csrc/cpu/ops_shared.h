@@ -24,6 +24,13 @@ inline at::Tensor contiguous_f32(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
 }
 
+// The base bias as the kernels take it: fp32 holding bias's values rounded to x's dtype (the reference adds it in
+// x's dtype), as cpu._bias_as_reference_adds.
+inline at::Tensor bias_as_reference_adds(const at::Tensor& bias, at::ScalarType dtype) {
+  if (bias.scalar_type() != dtype) return bias.to(dtype).to(at::kFloat).contiguous();
+  return contiguous_f32(bias);
+}
+
 // ops.cpp: the one-pass decoding GEMV (see its definition).
 at::Tensor dense_lora_gemv(const at::Tensor& x, const at::Tensor& W, const c10::optional<at::Tensor>& bias,
                            const c10::optional<at::Tensor>& xs, const c10::optional<at::Tensor>& B,

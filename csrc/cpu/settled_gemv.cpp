@@ -154,13 +154,6 @@ struct Entry {
   py::dict routes;
 };
 
-// The base bias as the kernels take it: fp32 holding bias's values rounded to x's dtype (the reference adds it in
-// x's dtype), as cpu._bias_as_reference_adds.
-at::Tensor bias_as_reference_adds(const at::Tensor& bias, at::ScalarType dtype) {
-  if (bias.scalar_type() != dtype) return bias.to(dtype).to(at::kFloat).contiguous();
-  return contiguous_f32(bias);
-}
-
 class SettledGemv {
  public:
   SettledGemv(const py::sequence& layer_guards, py::dict last)

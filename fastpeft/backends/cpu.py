@@ -692,12 +692,18 @@ def _backward_eligible(route: str, dy, weight, lora_A, lora_B, xa, dropout_p) ->
 _NATIVE_BACKWARD = {"small": 0, "fused": 1}
 
 
+def _native_fits(weight, A, B) -> bool:
+    """Whether ``_C.settled_lora_training`` takes these tensors: fp32 throughout, ``A`` contiguous, the weight of unit
+    column stride."""
+    return (weight.dtype is _F32 and A.dtype is _F32 and B.dtype is _F32 and A.is_contiguous()
+            and weight.stride(1) == 1)
+
+
 def _native_training(prefetch, backward, x, weight, bias, A, B, scaling, dropout_p, seed) -> Optional[torch.Tensor]:
     """A settled fp32 training call with one adapter, routes ``gemv`` and ``small``/``fused``, forward and backward
     in C++ (``_C.settled_lora_training``): ``x`` ``(M, K)`` -> ``y`` ``(M, N)`` recorded for autograd, or None where
-    this call's tensors do not fit it (a parameter's data replaced by another dtype or layout)."""
-    if (weight.dtype is _F32 and A.dtype is _F32 and B.dtype is _F32 and A.is_contiguous()
-            and weight.stride(1) == 1):
+    this call's tensors do not fit it (a parameter's data replaced by another dtype or layout since it settled)."""
+    if _native_fits(weight, A, B):
         return _C.settled_lora_training(x, A, B, weight, bias, scaling, dropout_p, seed, prefetch, backward)
     return None
 
@@ -857,7 +863,7 @@ class CpuBackend(Backend):
         taken = {"lora_forward": (forward[0], partial(self._taken_forward, forward[0]), forward[1]),
                  "lora_backward": (backward[0], partial(self._taken_backward, backward[0], grads), backward[1])}
         if (forward[0] == "gemv" and backward[0] in _NATIVE_BACKWARD and x.dtype == _F32 and len(lora_A) == 1
-                and lora_bias[0] is None and _all_fp32([weight, lora_A[0], lora_B[0]])):
+                and lora_bias[0] is None and _native_fits(weight, lora_A[0], lora_B[0])):
             prefetch = routes.settled_call(_prefetch_key(weight), _GEMV_PREFETCH)
             if prefetch is not None:  # (its first calls are measured on the route's own path)
                 taken["gemv_prefetch"] = (prefetch[0], None, prefetch[1])
@@ -875,7 +881,7 @@ class CpuBackend(Backend):
         """``lora_backward`` by ``route`` where this call wants the ``grads`` it was settled for and the route's
         conditions hold, else by the full method."""
         dy = _rows(grad_y)
-        if (needs_grad_x is ("dx" in grads) and needs_grad_A is ("dA" in grads)
+        if (routes.grads_key(needs_grad_x, needs_grad_A) == grads
                 and _backward_eligible(route, dy, weight, lora_A, lora_B, xa, dropout_p)):
             return _BACKWARD_ROUTES[route](dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x,
                                            needs_grad_A)
@@ -906,7 +912,7 @@ class CpuBackend(Backend):
     ):
         dy = _rows(grad_y)
         args = (dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A)
-        grads = ("dx" if needs_grad_x else "") + ("dA" if needs_grad_A else "")
+        grads = routes.grads_key(needs_grad_x, needs_grad_A)
         key = self._key("lora_backward", dy, weight, lora_A, dropout_p, grads)
         return routes.run_table(key, _BACKWARD_ROUTES, _backward_eligible, args,
                                 (dy, weight, lora_A, lora_B, xa, dropout_p))

@@ -18,6 +18,7 @@ import time
 import warnings
 
 from . import cases as C
+from .timing import add_allocator_option, apply_allocator
 
 # --quick: every kind and dtype at one small shape, M from 1 to 2048, forward and forward+backward, so the plots
 # and tables have every line, in under 2 minutes on 2 shared cores (the backward alone is in the full grid).
@@ -58,9 +59,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on the CPU (default 2)")
     p.add_argument("--budget", type=float, default=None, help="seconds of timed runs per case (CPU)")
-    p.add_argument("--allocator", choices=("default", "steady"), default="default",
-                   help="steady: fixed glibc malloc thresholds, so no provider's steps are faulted in afresh because "
-                        "of what ran before them (fastpeft.bench.timing.steady_allocator)")
+    add_allocator_option(p)
     p.add_argument("--no-layers", action="store_true", help="skip the layer-level timings")
     p.add_argument("--no-memory", action="store_true", help="skip saved-for-backward and peak memory")
     p.add_argument("--no-model", action="store_true", help="skip the LLaMA model-level benchmark")
@@ -235,10 +234,9 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    if args.allocator == "steady":
-        from .timing import steady_allocator
-
-        print(f"fastpeft-bench: {steady_allocator()}", file=sys.stderr)
+    allocator = apply_allocator(args)
+    if allocator is not None:
+        print(f"fastpeft-bench: {allocator}", file=sys.stderr)
     preset = QUICK if args.quick else FULL
     providers = args.providers or [p for p in C.default_providers(device) if p not in preset.get("skip_providers", ())]
     for required in ("base", "peft"):

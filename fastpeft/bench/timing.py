@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -65,6 +65,19 @@ def steady_allocator(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 <
     if not done:
         return "allocator left as it is (mallopt refused)"
     return f"glibc malloc: mmap threshold {mmap_threshold >> 20} MiB, trim threshold {trim_threshold >> 20} MiB"
+
+
+def add_allocator_option(parser) -> None:
+    """The benchmarks' ``--allocator {default,steady}`` option (an ``argparse`` parser); :func:`apply_allocator`
+    acts on it."""
+    parser.add_argument("--allocator", choices=("default", "steady"), default="default",
+                        help="steady: fixed glibc malloc thresholds, so no provider's steps are faulted in afresh "
+                             "because of what ran before them (fastpeft.bench.timing.steady_allocator)")
+
+
+def apply_allocator(args) -> Optional[str]:
+    """:func:`steady_allocator` where ``args.allocator`` asks for it: what was done, else None."""
+    return steady_allocator() if args.allocator == "steady" else None
 
 
 def warm_until_routes_confirmed(run_round: Callable[[], object], max_rounds: int = 400) -> int:

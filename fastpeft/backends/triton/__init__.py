@@ -321,7 +321,7 @@ class TritonBackend(Backend):
                                           needs_grad_x, needs_grad_A)
         args = (grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A)
         unmeasured = _unmeasured_route("backward", grad_y.shape[0], lora_A, dropout_p)
-        grads = ("dx" if needs_grad_x else "") + ("dA" if needs_grad_A else "")
+        grads = routes.grads_key(needs_grad_x, needs_grad_A)
         return routes.run_table(self._key("lora_backward", grad_y, weight, lora_A, dropout_p, grads),
                                 _BACKWARD_ROUTES, _backward_eligible, args,
                                 (grad_y, weight, lora_A, dropout_p, needs_grad_x), grad_y.device.type, unmeasured)

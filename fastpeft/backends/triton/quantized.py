@@ -276,7 +276,7 @@ def _lora_forward(route, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dr
 
 def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A):
     """``(dx, dA, dB, dbias)``; ``dx = dY deq(W) + sum_i (g_i A_i) * mask_i / (1 - p_i)`` with ``g_i = s_i dY B_i``."""
-    grads = ("dx" if needs_grad_x else "") + ("dA" if needs_grad_A else "")
+    grads = routes.grads_key(needs_grad_x, needs_grad_A)
     return _routed("lora_backward", grad_y, weight, lora_A, dropout_p, grads, lambda route: _lora_backward(
         route, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A))
 

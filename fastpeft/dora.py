@@ -205,7 +205,7 @@ def keep_scale(backend, rows: int, cols: int, p: float, seed: int, device) -> to
     ones_b = torch.ones(1, 1, dtype=_F32, device=device)
     h = torch.zeros(rows, 1, dtype=_F32, device=device)
     dx, _, _, _ = backend.lora_backward(ones, None, zero_base, [ones_a], [ones_b], [h], [1.0], [float(p)],
-                                        [int(seed)], True, False)
+                                        [int(seed)], True, False, needs_grad_bias=False)
     return dx
 
 
@@ -459,7 +459,7 @@ def _backward_fused(backend, dy, ge, x, weight, A, B, h, s, p, seed, needs_dx, n
     ``dX`` is then corrected from ``g W`` to ``dY W + e W * mask / (1 - p)``, i.e. ``+ (mask / (1 - p) - 1) * e W``."""
     M = dy.shape[0]
     dx, dA, dB, _ = backend.lora_backward(ge[:M], x if needs_dA else None, weight, [A], [B], [h], [s], [p],
-                                          [seed], needs_dx, needs_dA)
+                                          [seed], needs_dx, needs_dA, needs_grad_bias=False)
     if needs_dx and p > 0:
         dx = _dropout_corrected(backend, dx, _grad_product(backend, ge[M:], weight), p, seed, dy.dtype)
     return dx, dA[0], dB[0]
@@ -514,7 +514,7 @@ def _grad_product(backend, dy: torch.Tensor, weight) -> torch.Tensor:
     zeros_b = torch.zeros(weight.shape[0], 1, dtype=dy.dtype, device=dy.device)
     h = torch.zeros(dy.shape[0], 1, dtype=dy.dtype, device=dy.device)
     dx, _, _, _ = backend.lora_backward(dy.contiguous(), None, weight, [zeros_a], [zeros_b], [h], [0.0], [0.0], [0],
-                                        True, False)
+                                        True, False, needs_grad_bias=False)
     return dx
 
 

@@ -124,10 +124,12 @@ def _lora_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p
     return backend.lora_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
 
 
-def _lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A):
+def _lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A,
+                   needs_grad_bias=True):
     backend = get_backend(grad_y, weight)
     return backend.lora_backward(
-        grad_y.contiguous(), x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A
+        grad_y.contiguous(), x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A,
+        needs_grad_bias,
     )
 
 
@@ -172,26 +174,28 @@ def lora_linear_backward_op(
     seeds: torch.Tensor,
     needs_grad_x: bool,
     needs_grad_A: bool,
+    needs_grad_bias: bool,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Backward of ``fastpeft::lora_linear``; gradients not asked for come back as empty tensors."""
     dx, dA, dB, db = _lora_backward(
         grad_y, x if needs_grad_A else None, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds.tolist(),
-        needs_grad_x, needs_grad_A,
+        needs_grad_x, needs_grad_A, needs_grad_bias,
     )
     dx = dx if dx is not None else grad_y.new_empty(0)
     dA = [g if g is not None else A.new_empty(0) for g, A in zip(dA, lora_A)]
+    db = [g if g is not None and needs_grad_bias else B.new_empty(0) for g, B in zip(db, lora_B)]
     n = len(lora_A)
     flat = _unalias([dx, *dA, *dB, *db], [grad_y, x, weight, *lora_A, *lora_B, *xa])
     return flat[0], flat[1 : 1 + n], flat[1 + n : 1 + 2 * n], flat[1 + 2 * n :]
 
 
 @lora_linear_backward_op.register_fake
-def _(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A):
+def _(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A, needs_grad_bias):
     M, K = grad_y.shape[0], weight.shape[1]
     dx = grad_y.new_empty(M, K) if needs_grad_x else grad_y.new_empty(0)
     dA = [A.new_empty(A.shape) if needs_grad_A else A.new_empty(0) for A in lora_A]
     dB = [B.new_empty(B.shape) for B in lora_B]
-    db = [B.new_empty(B.shape[0]) for B in lora_B]
+    db = [B.new_empty(B.shape[0] if needs_grad_bias else 0) for B in lora_B]
     return dx, dA, dB, db
 
 
@@ -220,7 +224,7 @@ def _lora_setup_backward(ctx, grad_y, grad_xa):
     needs_grad_x = ctx.needs_input_grad[0]
     dx, dA, dB, db = lora_linear_backward_op(
         grad_y, x if x is not None else grad_y.new_empty(0), weight, lora_A, lora_B, xa, ctx.scaling,
-        ctx.dropout_p, seeds, needs_grad_x, ctx.needs_grad_A,
+        ctx.dropout_p, seeds, needs_grad_x, ctx.needs_grad_A, any(ctx.has_lora_bias),
     )
     grad_A = [g if ctx.needs_grad_A else None for g in dA]
     grad_bias = [g if has else None for g, has in zip(db, ctx.has_lora_bias)]
@@ -255,7 +259,7 @@ class LoRALinearFunction(torch.autograd.Function):
         run = _lora_backward if ctx.settled is None else ctx.settled.backward
         dx, dA, dB, db = run(
             grad_y, x, ctx.weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, ctx.seeds, needs_grad_x,
-            ctx.needs_grad_A,
+            ctx.needs_grad_A, any(ctx.has_lora_bias),
         )
         grad_bias = [g if has else None for g, has in zip(db, ctx.has_lora_bias)]
         return (dx, None, None, None, None, None, None, None, *dA, *dB, *grad_bias)

@@ -206,6 +206,15 @@ def test_lora_matches_reference(case, xdt, adt, p):
             assert_by_dtype_rule(f"{route}: dA[{i}]", got[1][i], ref[1][i], ora[1][i], all_fp32=exact)
             assert_by_dtype_rule(f"{route}: dB[{i}]", got[2][i], ref[2][i], ora[2][i], all_fp32=exact)
             assert_by_dtype_rule(f"{route}: dbias[{i}]", got[3][i], ref[3][i], ora[3][i], all_fp32=exact)
+        # Without the bias gradients asked, the same route gives the same other gradients; a bias gradient it still
+        # returns is the same, and the composition skips them.
+        lean = CPU.lora_backward(gy, x, W, A, B, xa_ref, s, ps, seeds, True, True, needs_grad_bias=False)
+        assert routes.last_route("lora_backward") == route
+        assert torch.equal(lean[0], got[0]), f"{route}: dx without the bias gradients"
+        for i in range(len(ranks)):
+            assert torch.equal(lean[1][i], got[1][i]) and torch.equal(lean[2][i], got[2][i]), route
+            assert lean[3][i] is None or torch.equal(lean[3][i], got[3][i]), route
+            assert lean[3][i] is None or route not in ("compose", "compose_fp32"), route
     expected = {"compose", "fused"} | ({"compose_fp32", "fused_fp32"} if xdt != "fp32" else set())
     expected |= {"small"} if (exact and len(ranks) == 1) else set()
     expected |= {"fused_pairs"} if pairs else set()

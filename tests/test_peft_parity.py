@@ -525,7 +525,7 @@ def test_lora_ops_pass_opcheck(case):
     # the backward op is not itself differentiable (no double backward), so its inputs carry no grad
     torch.library.opcheck(torch.ops.fastpeft.lora_linear_backward.default,
                           (y, x.detach(), W, [a.detach() for a in As], [b_.detach() for b_ in Bs], xa, scaling,
-                           list(spec["p"]), seeds, True, True))
+                           list(spec["p"]), seeds, True, True, any(spec["biases"])))
 
 
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "out"])

@@ -204,10 +204,12 @@ class Backend:
         seeds: Sequence[int],
         needs_grad_x: bool,
         needs_grad_A: bool,
-    ) -> tuple[Optional[torch.Tensor], list[Optional[torch.Tensor]], list[torch.Tensor], list[torch.Tensor]]:
+        needs_grad_bias: bool = True,
+    ) -> tuple[Optional[torch.Tensor], list[Optional[torch.Tensor]], list[torch.Tensor], list[Optional[torch.Tensor]]]:
         """Returns ``(dx, dA, dB, dbias)``; ``dx`` None unless ``needs_grad_x``; ``dA[i]`` None unless
         ``needs_grad_A`` (``x`` may then be None). ``dbias[i] = s_i * grad_y.sum(0)`` (used only when the adapter
-        has a ``lora_bias``). Formulas: see ``fastpeft.functional.LoRALinearFunction``."""
+        has a ``lora_bias``), and may be None unless ``needs_grad_bias`` (a route may then skip its pass over
+        ``grad_y``). ``dB[i]`` may be a transposed view. Formulas: see ``fastpeft.functional.LoRALinearFunction``."""
         raise NotImplementedError
 
     def add_lora_(self, x, y, weight, lora_A, lora_B, lora_bias, scaling):

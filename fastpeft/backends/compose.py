@@ -90,12 +90,13 @@ def add_adapters(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, dow
 
 
 def backward(dy, x, grad_x, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_A, masked: MaskedPass,
-             widen_by_copy: bool = False):
+             widen_by_copy: bool = False, needs_grad_bias: bool = True):
     """The adapters' part of LoRA's backward around the base product ``grad_x = dY W`` (or None when ``dX`` is
     not wanted): ``g_i = s_i dY B_i``, ``dB_i = s_i dY^T h_i`` and ``db_i = s_i sum_m dY`` by torch in the
     adapter's dtype; ``dX += (g_i A_i) * mask_i`` and ``dA_i = g_i^T drop_i(x)`` by torch without dropout, by
     ``masked`` with it (or where ``x`` is narrower than ``A``, unless ``widen_by_copy``: then torch widens a copy of
-    ``x`` for ``dA``, as in :func:`add_adapters`). Returns ``(dX, dA, dB, db)``."""
+    ``x`` for ``dA``, as in :func:`add_adapters`). Returns ``(dX, dA, dB, db)``; ``db_i`` None unless
+    ``needs_grad_bias``."""
     acc = grad_x
     if grad_x is not None and len(lora_A) > 1 and grad_x.dtype != _F32:
         acc = grad_x.float()  # several adapters: carried in fp32 like the reference, rounded once
@@ -112,8 +113,10 @@ def backward(dy, x, grad_x, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs
                 d = widened[B.dtype] = dy.to(B.dtype)
         s = float(s)
         g = scaled_mm(d, B, s)
-        grad_B.append(scaled_mm(d.t(), as_dtype(h, B.dtype), s))
-        grad_bias.append(d.sum(0).mul_(s))
+        # (h^T dY)^T, the layout in which torch's autograd computes the composition's dB: the same products as
+        # dY^T h, and the vendor GEMM runs it faster (r rows of output rather than r columns). A transposed view.
+        grad_B.append(scaled_mm(as_dtype(h, B.dtype).t(), d, s).t())
+        grad_bias.append(d.sum(0).mul_(s) if needs_grad_bias else None)
         xi = next(inputs) if needs_grad_A else None
         if p == 0:
             if acc is not None:

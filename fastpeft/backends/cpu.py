@@ -512,19 +512,19 @@ def _forward_bnb(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p,
 
 # ----------------------------------------------------------------------------------------------- LoRA backward
 def _backward_compose(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A,
-                      wide=False):
+                      needs_grad_bias=True, wide=False):
     """Route ``compose`` (``compose_fp32`` with ``wide``): ``dY W`` by torch's GEMM (``wide``: in fp32, rounded
     once), then ``fastpeft.backends.compose.backward`` with the CPU's masked pass."""
     grad_x = _grad_product("compose_fp32" if wide else "compose", dy, weight) if needs_grad_x else None
     grad_x, grad_A, grad_B, grad_bias = compose.backward(dy, x, grad_x, lora_A, lora_B, xa, scaling, dropout_p, seeds,
-                                                         needs_grad_A, _cpu_masked)
+                                                         needs_grad_A, _cpu_masked, needs_grad_bias=needs_grad_bias)
     if wide and grad_x is not None:
         grad_x = grad_x.to(dy.dtype)
     return grad_x, grad_A, grad_B, grad_bias
 
 
 def _backward_fused(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A,
-                    wide=False, product="fused"):
+                    needs_grad_bias=True, wide=False, product="fused"):
     """Route ``fused`` (``fused_fp32`` with ``wide``): ``_C.lora_dy_pass`` over ``dY``, ``dY W`` by torch's GEMM (a
     quantized weight decoded tile by tile; ``decoded_fused``, ``product="compose"``: decoded into a reused buffer
     first, as the composition does; ``fused_pairs``, ``product="fused_pairs"``: ``_pairs_mm``; ``gemv``,
@@ -539,7 +539,7 @@ def _backward_fused(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds
     ranks = [A.shape[0] for A in lora_A]
     single = len(lora_A) == 1
     xa32 = _f32(xa[0]) if single else torch.cat([h.detach().to(_F32) for h in xa], 1).contiguous()
-    g, db, colsum = _C.lora_dy_pass(dy, _bt_all(lora_B), xa32, _scale_vector(ranks, scaling), True, True)
+    g, db, colsum = _C.lora_dy_pass(dy, _bt_all(lora_B), xa32, _scale_vector(ranks, scaling), True, needs_grad_bias)
 
     grad_x = None
     acc = None
@@ -554,12 +554,12 @@ def _backward_fused(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds
             acc = grad_x.float() if (len(lora_A) > 1 and grad_x.dtype != _F32) else grad_x
     grad_A: list[Optional[torch.Tensor]] = []
     grad_B: list[torch.Tensor] = []
-    grad_bias: list[torch.Tensor] = []
+    grad_bias: list[Optional[torch.Tensor]] = []
     off = 0
     inputs = adapter_inputs(x, lora_A) if needs_grad_A else iter(())
     for A, B, r, s, p, seed in zip(lora_A, lora_B, ranks, scaling, dropout_p, seeds):
         grad_B.append((db if single else db[:, off : off + r].contiguous()).to(B.dtype))
-        grad_bias.append((colsum * float(s)).to(B.dtype))
+        grad_bias.append((colsum * float(s)).to(B.dtype) if needs_grad_bias else None)
         xi = _rows(next(inputs)) if needs_grad_A else None
         if needs_grad_x or needs_grad_A:
             dA = _C.lora_dx_pass(acc, xi, _f32(A), g if single else g[:, off : off + r], float(p), int(seed))
@@ -570,7 +570,8 @@ def _backward_fused(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds
     return grad_x, grad_A, grad_B, grad_bias
 
 
-def _backward_split_pairs(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A):
+def _backward_split_pairs(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A,
+                          needs_grad_bias=True):
     """Route ``split_pairs`` (bf16 ``dY``, one fp32 adapter, no dropout): ``dY W`` by the composition's GEMM;
     ``g = s dY B``, ``dB``, the bias gradient and ``dA = g^T x`` by ``_C.lora_backward_split`` (every fp32 operand
     split exactly into three bf16 parts: exact products, fp32 sums, on the bf16 units); ``dX += g A`` as the
@@ -606,7 +607,8 @@ def _scale_vector(ranks, scaling) -> torch.Tensor:
     return vec
 
 
-def _backward_small(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A):
+def _backward_small(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A,
+                    needs_grad_bias=True):
     """Route ``small``: the whole fp32 single-adapter backward in one C++ call (each torch call from Python costs
     microseconds, as much as the adapter's arithmetic at decode sizes)."""
     dx, dA, dB, db = _C.lora_small_backward(dy, weight, x if needs_grad_A else None, lora_A[0], lora_B[0], xa[0],
@@ -877,16 +879,16 @@ class CpuBackend(Backend):
         return self.lora_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
 
     def _taken_backward(self, route, grads, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds,
-                        needs_grad_x, needs_grad_A):
+                        needs_grad_x, needs_grad_A, needs_grad_bias=True):
         """``lora_backward`` by ``route`` where this call wants the ``grads`` it was settled for and the route's
         conditions hold, else by the full method."""
         dy = _rows(grad_y)
         if (routes.grads_key(needs_grad_x, needs_grad_A) == grads
                 and _backward_eligible(route, dy, weight, lora_A, lora_B, xa, dropout_p)):
             return _BACKWARD_ROUTES[route](dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x,
-                                           needs_grad_A)
+                                           needs_grad_A, needs_grad_bias)
         return self.lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x,
-                                  needs_grad_A)
+                                  needs_grad_A, needs_grad_bias)
 
     def base_linear(self, x, weight, bias):
         # The LoRA forward's routes with no adapters: the same measured choice of base product, without IA3's scaling
@@ -908,10 +910,12 @@ class CpuBackend(Backend):
         return routes.run_in_place(key, updaters, y)
 
     def lora_backward(
-        self, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A
+        self, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A,
+        needs_grad_bias=True,
     ):
         dy = _rows(grad_y)
-        args = (dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A)
+        args = (dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A,
+                needs_grad_bias)
         grads = routes.grads_key(needs_grad_x, needs_grad_A)
         key = self._key("lora_backward", dy, weight, lora_A, dropout_p, grads)
         return routes.run_table(key, _BACKWARD_ROUTES, _backward_eligible, args,

@@ -101,7 +101,8 @@ class CudaBackend(Backend):
         return y.to(out_dtype), xa
 
     def lora_backward(
-        self, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A
+        self, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A,
+        needs_grad_bias=True,
     ):
         grad_A: list[Optional[torch.Tensor]] = []
         grad_B: list[torch.Tensor] = []

@@ -43,7 +43,8 @@ class ReferenceBackend(Backend):
         return y.to(out_dtype), xa
 
     def lora_backward(
-        self, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A
+        self, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A,
+        needs_grad_bias=True,
     ):
         grad_A: list[Optional[torch.Tensor]] = []
         grad_B: list[torch.Tensor] = []
@@ -56,7 +57,7 @@ class ReferenceBackend(Backend):
             xi = next(inputs).to(A.dtype) if x is not None else None  # the forward's input of this adapter
             dy = grad_y.to(B.dtype)
             grad_B.append((dy.t() @ h) * s)
-            grad_bias.append(dy.sum(0) * s)
+            grad_bias.append(dy.sum(0) * s if needs_grad_bias else None)
             g = (dy @ B) * s  # (M, r): gradient reaching xa
             keep_scale = None
             if p > 0:

@@ -103,14 +103,14 @@ def _compose_forward(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropou
 
 
 def _compose_backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A,
-                      widen_by_copy=True):
+                      needs_grad_bias=True, widen_by_copy=True):
     """Routes ``compose`` and ``compose_pass``: ``dY W`` by cuBLAS (torch), ``fastpeft.backends.compose`` for the
     adapters (``dA`` from a widened copy of x, or by the dA kernel, as in :func:`_compose_forward`)."""
     grad_x = None
     if needs_grad_x:
         grad_x = torch.mm(dy, weight if weight.dtype == dy.dtype else weight.to(dy.dtype))
     return compose.backward(dy, x, grad_x, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_A,
-                            _triton_masked, widen_by_copy)
+                            _triton_masked, widen_by_copy, needs_grad_bias)
 
 
 def _other_device(t: torch.Tensor) -> bool:
@@ -178,8 +178,9 @@ def _forward_cuda_kernels(x, weight, *rest):
 
 
 def _backward_kernels(mode, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x,
-                      needs_grad_A):
-    """Routes ``passes``, ``split_gemm`` and ``fused_gemm``: ``fastpeft.kernels.lora.lora_backward`` in ``mode``."""
+                      needs_grad_A, needs_grad_bias=True):
+    """Routes ``passes``, ``split_gemm`` and ``fused_gemm``: ``fastpeft.kernels.lora.lora_backward`` in ``mode`` (the
+    bias gradients come with its pass over ``dY`` whether asked or not)."""
     from fastpeft.kernels import lora
 
     if _interpreted_bf16(grad_y, x, weight, *lora_A, *lora_B, *xa):
@@ -315,11 +316,12 @@ class TritonBackend(Backend):
 
     @_on_input_device
     def lora_backward(self, grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x,
-                      needs_grad_A):
+                      needs_grad_A, needs_grad_bias=True):
         if not isinstance(weight, torch.Tensor):
             return _quant().lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds,
                                           needs_grad_x, needs_grad_A)
-        args = (grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A)
+        args = (grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs_grad_x, needs_grad_A,
+                needs_grad_bias)
         unmeasured = _unmeasured_route("backward", grad_y.shape[0], lora_A, dropout_p)
         grads = routes.grads_key(needs_grad_x, needs_grad_A)
         return routes.run_table(self._key("lora_backward", grad_y, weight, lora_A, dropout_p, grads),

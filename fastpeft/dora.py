@@ -427,15 +427,16 @@ def _backward_compose(backend, dy, ge, x, weight, A, B, h, s, p, seed, needs_dx,
     """``(dX, dA, dB)`` by vendor GEMMs (formulas: module docstring); ``ge`` as ``_scaled_grads`` makes it."""
     M = dy.shape[0]
     g = ge[:M]
-    # g B and g^T h in B's dtype, g widened a block of rows at a time (no whole fp32 copy of g).
+    # g B and g^T h in B's dtype, g widened a block of rows at a time (no whole fp32 copy of g); dB as (h^T g)^T,
+    # the layout of the LoRA composition's (fastpeft.backends.compose.backward).
     Bd, ha = B.detach(), _cast(h, B.dtype)
     gB = g.new_empty(g.shape[0], B.shape[1], dtype=B.dtype)
-    dB = g.new_zeros(B.shape, dtype=B.dtype)
+    dB_t = g.new_zeros(B.shape[::-1], dtype=B.dtype)
     for rows, block in _widened_blocks(g, B.dtype):
         torch.mm(block, Bd, out=gB[rows])
-        dB.addmm_(block.t(), ha[rows])
+        dB_t.addmm_(ha[rows].t(), block)
     gB.mul_(s)
-    dB.mul_(s)
+    dB = dB_t.mul_(s).t()
     ks = keep_scale(backend, dy.shape[0], weight.shape[1], p, seed, dy.device) if p > 0 and (needs_dx or needs_dA) \
         else None
     dA = None

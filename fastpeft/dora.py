@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from . import reference, routing
 from .backends import get_backend
 from .backends.base import Backend
-from .functional import _autocast, _call_mode, _flatten, draw_seeds
+from .functional import _autocast, _call_mode, _flatten, draw_seeds, held_weight, hold_weight
 
 _F32 = torch.float32
 
@@ -573,7 +573,8 @@ class DoraLinearFunction(torch.autograd.Function):
         key = _route_key("dora_forward", backend, x, weight, lora_A, dropout_p)
         y, h, z, z_factor = routing.run(key, candidates, x.device.type, unmeasured=_unmeasured(backend))
         _, needs_dA, _, needs_dm = ctx.needs_input_grad[:4]
-        ctx.backend, ctx.weight = backend, weight
+        ctx.backend = backend
+        hold_weight(ctx, weight)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.z_factor = scaling, dropout_p, seed, z_factor
         ctx.save_for_backward(x if needs_dA else None, lora_A, lora_B, h, z if needs_dm else None, scale, norm,
                               magnitude)
@@ -583,7 +584,7 @@ class DoraLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, A, B, h, z, scale, norm, magnitude = ctx.saved_tensors
         needs_dx, needs_dA, needs_dB, needs_dm = ctx.needs_input_grad[:4]
-        backend = ctx.backend
+        backend, weight = ctx.backend, held_weight(ctx)
         dy = grad_y.contiguous()
         dm = dx = dA = dB = None
         if needs_dm:
@@ -592,11 +593,11 @@ class DoraLinearFunction(torch.autograd.Function):
         if needs_dx or needs_dA or needs_dB:
             ge = _scaled_grads(backend, dy, scale, needs_dx and ctx.dropout_p > 0)
             grads = routing.grads_key(needs_dx, needs_dA)
-            eligible = _backward_routes(backend, dy, ctx.weight, A, ctx.dropout_p, needs_dx)
-            candidates = {route: (lambda fn=fn: fn(backend, dy, ge, x, ctx.weight, A, B, h, ctx.scaling,
+            eligible = _backward_routes(backend, dy, weight, A, ctx.dropout_p, needs_dx)
+            candidates = {route: (lambda fn=fn: fn(backend, dy, ge, x, weight, A, B, h, ctx.scaling,
                                                    ctx.dropout_p, ctx.seed, needs_dx, needs_dA))
                           for route, fn in _BACKWARDS.items() if route in eligible}
-            key = _route_key("dora_backward", backend, dy, ctx.weight, A, ctx.dropout_p, grads)
+            key = _route_key("dora_backward", backend, dy, weight, A, ctx.dropout_p, grads)
             dx, dA, dB = routing.run(key, candidates, dy.device.type, unmeasured=_unmeasured(backend))
             dA = None if dA is None or not needs_dA else _cast(dA, A.dtype)
             dB = _cast(dB, B.dtype) if needs_dB else None
@@ -734,7 +735,8 @@ class _InputProducts(torch.autograd.Function):
         h = None if A is None else torch.mm(xd, A.detach().t())
         z = _base_product(xd, weight) if with_base else None
         del xd
-        ctx.backend, ctx.weight, ctx.p, ctx.seed = backend, weight, p, seed
+        ctx.backend, ctx.p, ctx.seed = backend, p, seed
+        hold_weight(ctx, weight)
         ctx.save_for_backward(x if A is not None and ctx.needs_input_grad[1] else None, A)
         return h, z
 
@@ -747,7 +749,7 @@ class _InputProducts(torch.autograd.Function):
         if needs_dx and dh is not None:
             d = torch.mm(dh, A.detach())
         if needs_dx and dz is not None:
-            dzw = _grad_product(ctx.backend, dz.contiguous(), ctx.weight)
+            dzw = _grad_product(ctx.backend, dz.contiguous(), held_weight(ctx))
             d = dzw if d is None else d.add_(dzw)
         ks = None
         if ctx.p > 0 and (d is not None or needs_dA):

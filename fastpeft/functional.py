@@ -46,6 +46,27 @@ from ._derived import kept_copies
 from .backends import get_backend, selection_guards, selection_state
 
 
+def hold_weight(ctx, weight) -> None:
+    """Keep a frozen base weight (a tensor or a ``QuantizedWeight``) on ``ctx`` for the backward, outside
+    ``save_for_backward``, with the version check autograd makes for saved tensors: :func:`held_weight` raises where
+    the weight was changed in place in between (PEFT's graph raises there too) instead of giving gradients of the
+    changed weight."""
+    ctx.weight = weight
+    tracked = isinstance(weight, torch.Tensor) and not weight.is_inference()
+    ctx.weight_version = weight._version if tracked else None
+
+
+def held_weight(ctx):
+    """The weight :func:`hold_weight` kept, unchanged since the forward (else a RuntimeError saying so)."""
+    weight = ctx.weight
+    if ctx.weight_version is not None and weight._version != ctx.weight_version:
+        raise RuntimeError(
+            f"fastpeft: the base weight {tuple(weight.shape)} of a layer was modified in place after the forward "
+            f"whose backward is running (version {weight._version}, the forward saw {ctx.weight_version}): its "
+            "gradients would come from the changed weight. Run the forward again after changing the weight.")
+    return weight
+
+
 def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     if x.dim() == 2:  # already (M, K): no reshape call (torch calls cost microseconds at decode sizes)
         return x, (x.shape[0],)
@@ -244,7 +265,8 @@ class LoRALinearFunction(torch.autograd.Function):
         lora_A, lora_B, lora_bias = _split3(adapter_tensors, n)
         run = _lora_forward if settled is None else settled.forward
         y, xa = run(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds)
-        ctx.weight, ctx.n, ctx.scaling, ctx.dropout_p, ctx.seeds = weight, n, scaling, dropout_p, seeds
+        hold_weight(ctx, weight)
+        ctx.n, ctx.scaling, ctx.dropout_p, ctx.seeds = n, scaling, dropout_p, seeds
         ctx.settled = settled
         ctx.needs_grad_A = any(A.requires_grad for A in lora_A)
         ctx.has_lora_bias = [b is not None for b in lora_bias]
@@ -258,7 +280,7 @@ class LoRALinearFunction(torch.autograd.Function):
         needs_grad_x = ctx.needs_input_grad[0]
         run = _lora_backward if ctx.settled is None else ctx.settled.backward
         dx, dA, dB, db = run(
-            grad_y, x, ctx.weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, ctx.seeds, needs_grad_x,
+            grad_y, x, held_weight(ctx), lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, ctx.seeds, needs_grad_x,
             ctx.needs_grad_A, any(ctx.has_lora_bias),
         )
         grad_bias = [g if has else None for g, has in zip(db, ctx.has_lora_bias)]
@@ -653,7 +675,8 @@ class IA3LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, is_feedforward):
-        ctx.weight, ctx.is_feedforward = weight, is_feedforward
+        hold_weight(ctx, weight)
+        ctx.is_feedforward = is_feedforward
         backend = get_backend(x, weight)
         if not is_feedforward and backend.ia3_keeps_base_output:
             y, z = backend.ia3_forward_keep_base(x, weight, bias, scale)
@@ -667,12 +690,12 @@ class IA3LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, bias, scale, z = ctx.saved_tensors
+        weight = held_weight(ctx)
         if ctx.backend is not None:
-            dx, dscale = ctx.backend.ia3_backward_from_base(grad_y.contiguous(), z, ctx.weight, scale,
+            dx, dscale = ctx.backend.ia3_backward_from_base(grad_y.contiguous(), z, weight, scale,
                                                             ctx.needs_input_grad[0])
         else:
-            dx, dscale = _ia3_backward(grad_y, x, ctx.weight, bias, scale, ctx.is_feedforward,
-                                       ctx.needs_input_grad[0])
+            dx, dscale = _ia3_backward(grad_y, x, weight, bias, scale, ctx.is_feedforward, ctx.needs_input_grad[0])
         return dx, None, None, dscale, None
 
 

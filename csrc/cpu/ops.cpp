@@ -1004,6 +1004,8 @@ struct SettledLoraTraining : public torch::autograd::Function<SettledLoraTrainin
     // x is kept only for dA (never a dropped copy: the mask is regenerated from the seed)
     ctx->save_for_backward({A.requires_grad() ? xr : at::Tensor(), A, B, xa});
     ctx->saved_data["W"] = W;
+    // W is kept outside save_for_backward (it gets no gradient): its version is checked as autograd would
+    ctx->saved_data["W_version"] = W.is_inference() ? int64_t(-1) : int64_t(W._version());
     ctx->saved_data["s"] = s;
     ctx->saved_data["p"] = p;
     ctx->saved_data["seed"] = seed;
@@ -1016,6 +1018,11 @@ struct SettledLoraTraining : public torch::autograd::Function<SettledLoraTrainin
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &A = saved[1], &B = saved[2], &xa = saved[3];
     const at::Tensor W = ctx->saved_data["W"].toTensor();
+    const int64_t seen = ctx->saved_data["W_version"].toInt();
+    TORCH_CHECK(seen < 0 || int64_t(W._version()) == seen, "fastpeft: the base weight (", W.size(0), ", ", W.size(1),
+                ") of a layer was modified in place after the forward whose backward is running (version ",
+                W._version(), ", the forward saw ", seen, "): its gradients would come from the changed weight. Run "
+                "the forward again after changing the weight.");
     const double s = ctx->saved_data["s"].toDouble(), p = ctx->saved_data["p"].toDouble();
     const int64_t seed = ctx->saved_data["seed"].toInt();
     const bool need_dx = ctx->needs_input_grad(0), need_dA = ctx->needs_input_grad(1) && x.defined();

@@ -830,8 +830,9 @@ def layer_forward(layer, x: torch.Tensor, active: list, weight, bias: Optional[t
     come from are unchanged. Under autocast the operands are cast as autocast would cast them
     (``autocast_adapters``) and the call runs with autocast off, so the fp32 parts (norm, scale, epilogue) stay
     fp32."""
-    if torch.compiler.is_compiling():
-        # A graph being compiled computes the norms in the graph: the cache's stamps are Python-side state.
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        # A graph being compiled computes the norms in the graph: the cache's stamps are Python-side state. Under a
+        # torch.func transform the tensors are wrappers, with no storage to stamp.
         cache = _UNCACHED
     else:
         cache = layer.__dict__.get("_fastpeft_dora_cache")

@@ -107,13 +107,15 @@ def _call_mode(weight, bias) -> str:
 
     - ``"custom_op"``: under torch.compile with a dense weight, the registered ``torch.library`` op, whose
       autograd also returns the base weight's and bias's gradients when they require grad;
-    - ``"reference"``: eager with a trainable base (not PEFT's frozen set-up): autograd through the spec;
+    - ``"reference"``: eager with a trainable base (not PEFT's frozen set-up), or under a ``torch.func`` transform
+      (``grad``, ``vmap``, ``jacrev``: they run neither the eager Functions, which have no functorch rules, nor the
+      kernels, whose operands are then wrapped tensors): autograd through the spec;
     - ``"inference"``: no autograd recording;
     - ``"autograd"``: the eager ``autograd.Function`` (frozen base).
     """
     if isinstance(weight, torch.Tensor) and torch.compiler.is_compiling():
         return "custom_op"
-    if _base_needs_grad(weight, bias):
+    if _base_needs_grad(weight, bias) or torch._C._are_functorch_transforms_active():
         return "reference"
     return "autograd" if torch.is_grad_enabled() else "inference"
 
@@ -376,8 +378,9 @@ def dispatch_guards() -> Optional[list]:
 
 def may_settle(x: torch.Tensor) -> bool:
     """Whether a call on ``x`` may be kept resolved (:class:`SettledCall`): it records no autograd, runs outside
-    autocast and torch.compile, on a plain CPU or CUDA tensor that does not require grad."""
-    if type(x) is not torch.Tensor or torch.is_grad_enabled() or x.requires_grad or x.dim() == 0:
+    autocast, torch.compile and ``torch.func`` transforms, on a plain CPU or CUDA tensor that does not require grad."""
+    if (type(x) is not torch.Tensor or torch.is_grad_enabled() or x.requires_grad or x.dim() == 0
+            or torch._C._are_functorch_transforms_active()):
         return False
     if x.is_cpu:
         device_type = "cpu"

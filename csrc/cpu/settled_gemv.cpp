@@ -176,7 +176,8 @@ class SettledGemv {
     if (at::GradMode::is_enabled() || Py_TYPE(o) != reinterpret_cast<PyTypeObject*>(THPVariableClass))
       return py::none();
     const at::Tensor& t = THPVariable_Unpack(o);
-    if (t.layout() != at::kStrided || t.requires_grad() || t.dim() == 0 || !t.device().is_cpu() ||
+    // (a torch.func transform's wrapper has no storage: the kernels cannot read it)
+    if (!t.has_storage() || t.layout() != at::kStrided || t.requires_grad() || t.dim() == 0 || !t.device().is_cpu() ||
         !t.is_contiguous() || at::autocast::is_autocast_enabled(at::kCPU))
       return py::none();
     const int64_t K = t.size(-1);

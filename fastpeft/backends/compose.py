@@ -113,8 +113,9 @@ def backward(dy, x, grad_x, lora_A, lora_B, xa, scaling, dropout_p, seeds, needs
                 d = widened[B.dtype] = dy.to(B.dtype)
         s = float(s)
         g = scaled_mm(d, B, s)
-        # (h^T dY)^T, the layout in which torch's autograd computes the composition's dB: the same products as
-        # dY^T h, and the vendor GEMM runs it faster (r rows of output rather than r columns). A transposed view.
+        # (h^T dY)^T: the products of dY^T h in the layout torch's autograd computes the composition's dB in, where
+        # the vendor GEMM has r output rows rather than r output columns (BENCHMARKS.md times both). A transposed
+        # view.
         grad_B.append(scaled_mm(as_dtype(h, B.dtype).t(), d, s).t())
         grad_bias.append(d.sum(0).mul_(s) if needs_grad_bias else None)
         xi = next(inputs) if needs_grad_A else None

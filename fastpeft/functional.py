@@ -517,12 +517,11 @@ class SettledTrainingCall:
                 or x.requires_grad is not self.x_grad or not on_device(x, self.device)):
             return None
         if (not self.m_low < x.numel() // self.k <= self.m_high or torch.is_autocast_enabled(self.device_type)
-                or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
                 or dispatch_state() != self.state or self.taken.due()):
             return None
         weight, bias, n = self.weight, self.bias, self.n
-        if weight.requires_grad or (bias is not None and bias.requires_grad):
-            return None  # a trainable base is differentiated through the reference (lora_linear's "reference" mode)
+        if _call_mode(weight, bias) != "autograd":
+            return None  # torch.compile, a torch.func transform or a trainable base: lora_linear's other modes
         tensors = self.tensors
         grad_A = False
         for A in tensors[:n]:

@@ -13,7 +13,6 @@ from peft import IA3Config, LoraConfig
 from test_peft_parity import twins
 from test_settled_training import _count_native, step
 
-import fastpeft  # noqa: F401  (the twins accelerate with it)
 from fastpeft import routing as routes
 
 CHANGED = "modified by an inplace operation|modified in place after the forward"

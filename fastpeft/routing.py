@@ -1,11 +1,11 @@
 """The route table (``fastpeft.routing``): every way each op can run, and the measured choice among them.
 
-An op (``lora_forward``, ``lora_backward``, ``lora_mixed_forward``, ``ia3_forward``, ``ia3_backward``,
-``dora_forward``, ``dora_backward``, ``widened_product``) can run by several *routes* that compute the same thing
-with different kernels. Which one is fastest depends on the machine (a CPU with AVX512-BF16 and AMX runs bf16 GEMMs
-~4x faster than fp32; one with AVX2 only runs them many times slower), on the shapes and on the dtypes, so no
-threshold in the code decides it. The first call of a *route key* times every eligible route on the real tensors,
-keeps the fastest, and reuses it for every later call with that key:
+An op (``lora_forward``, ``lora_backward``, ``lora_mixed_forward``, ``lora_down``, ``ia3_forward``,
+``ia3_backward``, ``dora_forward``, ``dora_backward``, ``widened_product``) can run by several *routes* that compute
+the same thing with different kernels. Which one is fastest depends on the machine (a CPU with AVX512-BF16 and AMX
+runs bf16 GEMMs ~4x faster than fp32; one with AVX2 only runs them many times slower), on the shapes and on the
+dtypes, so no threshold in the code decides it. The first call of a *route key* times every eligible route on the
+real tensors, keeps the fastest, and reuses it for every later call with that key:
 
 - the key (``RouteKey``): op, backend, weight kind (``dense``/``nf4``/``fp4``/``int8``), the dtypes of ``x``, the
   weight and the adapters, ``M`` rounded up to a power of two, ``N`` and ``K``, dropout on/off, the total rank
@@ -21,7 +21,9 @@ keeps the fastest, and reuses it for every later call with that key:
   other data in the caches and other free memory behind). So a first choice serves this process only until its
   key's ``CONFIRM_AFTER_CALLS``-th call; from then on the key's real calls take the candidates that came within
   ``ROTATE_WITHIN`` of the fastest in turn (``CALL_ROUNDS`` rounds, each in its own shuffled order), each call
-  timed as it runs, and the route with the lowest median over its calls is kept and written to the file.
+  timed as it runs, and the route with the lowest median over its calls is kept and written to the file. An op
+  that a route of another op runs (``lora_down``, ``widened_product``) is called many times over while that route
+  is timed: those calls are not counted, and take the op's choice as it is.
 
 Eligibility is a matter of correctness or limits, never speed (see ``ROUTE_LIMITS``); among eligible routes only
 the clock decides. ``FASTPEFT_ROUTE`` or :func:`set_route` pins a route: ``FASTPEFT_ROUTE=compose`` pins it for
@@ -149,6 +151,13 @@ ROUTES: dict[str, dict[str, str]] = {
         "l2": "the same requests into L2 (prefetcht1): where a non-temporal request fills L1 alone, a far-ahead one is "
               "evicted before it is read",
         "none": "no software requests: the hardware prefetcher alone",
+    },
+    "lora_down": {
+        "rows": "the cpu backend's x A^T pass (fastpeft._C.lora_xa) over blocks of four rows of x and four of A as "
+                "A is stored: each rank a dot product of vector-width partial sums",
+        "transposed": "the same pass over A transposed once per call, its ranks padded to whole vectors: one "
+                      "accumulator of ranks per row, 16 rows (8 under AVX2) sharing each vector of A^T, each rank's "
+                      "products summed in k order",
     },
     "ia3_forward": {
         "compose": "vendor GEMM in x's dtype (a quantized weight decoded into a reused buffer), scaling by torch",
@@ -384,6 +393,7 @@ class Choice:
 
 
 _lock = threading.RLock()
+_measuring = threading.local()  # .depth: how many measurements (_time_candidates) this thread is inside
 _choices: dict[RouteKey, Choice] = {}
 _pins: dict[str, str] = {}  # op -> route, from set_route
 _file_state: dict[str, object] = {"loaded": False, "entries": {}}
@@ -635,11 +645,25 @@ def _sync(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
+def _in_measurement() -> bool:
+    """Whether this thread is timing some key's candidates (a route that runs an op of its own calls that op many
+    times over while it is timed: those calls are not the inner key's real calls, and are not counted)."""
+    return getattr(_measuring, "depth", 0) > 0
+
+
 def _time_candidates(candidates: dict[str, Callable[[], object]], device: str = "cpu"):
     """``(median seconds per route, last result per route, errors)`` over interleaved rounds after one warm-up run
     of each candidate; a candidate that raises is dropped (its error kept), one far slower than the fastest after
     the first round is timed no more (``PRUNE_FACTOR``). On CUDA each run is bracketed by synchronizations, so the
     clock sees the kernels and not only their launches."""
+    _measuring.depth = getattr(_measuring, "depth", 0) + 1
+    try:
+        return _timed_candidates(candidates, device)
+    finally:
+        _measuring.depth -= 1
+
+
+def _timed_candidates(candidates: dict[str, Callable[[], object]], device: str):
     sync = _sync(device)
     results: dict[str, object] = {}
     errors: list[str] = []
@@ -703,7 +727,7 @@ def run(key: RouteKey, candidates: dict[str, Callable[[], object]], device: str 
                 _changed()
         return candidates[unmeasured]()
     choice = _choices.get(key)
-    if choice is not None and choice.source == "measured" and CONFIRM_AFTER_CALLS:
+    if choice is not None and choice.source == "measured" and CONFIRM_AFTER_CALLS and not _in_measurement():
         due = _due(choice)
         choice.calls += 1
         # (a CUDA graph being captured records this call once, and a timed call would synchronize inside it)
@@ -816,7 +840,7 @@ def take(key: RouteKey, eligible) -> Optional[str]:
     route, counted = _decided(key, eligible, some=True)
     if route is None:
         return None
-    if counted is not None:
+    if counted is not None and not _in_measurement():
         counted.calls += 1
     _last[key.op] = route
     return route
@@ -846,14 +870,17 @@ class TakenRoutes:
         self.counted = tuple(counted for _, counted in found.values() if counted is not None)
 
     def due(self) -> bool:
+        if self.counted and _in_measurement():
+            return False
         for choice in self.counted:  # (a loop, not any(): this runs per settled call, almost always over nothing)
             if _due(choice):
                 return True
         return False
 
     def served(self) -> None:
-        for choice in self.counted:
-            choice.calls += 1
+        if not (self.counted and _in_measurement()):
+            for choice in self.counted:
+                choice.calls += 1
         _last.update(self.routes)
 
 

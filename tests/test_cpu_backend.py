@@ -171,15 +171,20 @@ def test_lora_matches_reference(case, xdt, adt, p):
     exact = xdt == adt == "fp32"
     y_ref, xa_ref = REF.lora_forward(x, W, b, *args)
     y_o, xa_o = REF.lora_forward(x.float(), W.float(), as_f32(b), *f32)
-    ran = []
+    ran, downs = [], set()
     for route in each_route("lora_forward"):
-        y, xa = CPU.lora_forward(x, W, b, *args)
-        if routes.last_route("lora_forward") != route:
-            continue
-        ran.append(route)
-        assert_by_dtype_rule(f"{route}: y", y, y_ref, y_o, all_fp32=exact)
-        for i in range(len(ranks)):
-            assert_by_dtype_rule(f"{route}: xa[{i}]", xa[i], xa_ref[i], xa_o[i], all_fp32=exact)
+        for down in each_route("lora_down"):  # the down-projection kernel of the routes that call _C.lora_xa
+            routes._last.pop("lora_down", None)
+            y, xa = CPU.lora_forward(x, W, b, *args)
+            if routes.last_route("lora_forward") != route:
+                continue
+            ran.append(route)
+            downs.add(routes.last_route("lora_down"))
+            assert_by_dtype_rule(f"{route} ({down}): y", y, y_ref, y_o, all_fp32=exact)
+            for i in range(len(ranks)):
+                assert_by_dtype_rule(f"{route} ({down}): xa[{i}]", xa[i], xa_ref[i], xa_o[i], all_fp32=exact)
+    ran = sorted(set(ran))
+    assert downs - {None} == set(routes.ROUTES["lora_down"]), downs  # both kernels served some route
     expected = {"compose", "fused"} | ({"gemv"} if layout != "transposed" else set())
     expected |= {"compose_fp32", "fused_fp32"} if xdt != "fp32" else set()
     # fused_pairs: bf16 x and weight (make_case rounds W to x's dtype), where oneDNN has a bf16 block kernel.
@@ -596,6 +601,74 @@ def test_widened_mm_rejects_what_it_cannot_multiply():
         _C.widened_mm(torch.ones(2, 4, dtype=torch.bfloat16), torch.ones(3, 5, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="widened_mm_nn: a is .* a's columns must match b's rows"):
         _C.widened_mm_nn(torch.ones(2, 4, dtype=torch.bfloat16), torch.ones(3, 4, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("M,K,r", [(1, 300, 16), (5, 40, 24), (16, 300, 16), (37, 257, 16), (53, 513, 8),
+                                   (18, 256, 130), (33, 31, 1)])
+def test_down_projection_kernels_are_each_rows_fp32_dot(isa, transposed, dtype, p, M, K, r):
+    """``_C.lora_xa`` by either kernel (``lora_down``'s routes): ``drop(x) A^T`` within fp32 summation error of the
+    fp64 product of the dropped rows, ranks that fill no whole vector, more ranks than one sweep of the transposed
+    kernel takes (130), K across its staged chunks (257, 513), row blocks with remainders, rows of x with a stride
+    beyond K; each row's values do not depend on the rows that come with it."""
+    dt = DT[dtype]
+    g = torch.Generator().manual_seed(M * K + r)
+    x = torch.randn(M, K + 5, generator=g).to(dt)[:, :K]
+    A = torch.randn(r, K, generator=g)
+    got = _C.lora_xa(x, A, p, 99, transposed)
+    assert got.dtype == torch.float32 and got.shape == (M, r)
+    keep = _C.dropout_scale(99, M, K, p, 1.0 / (1.0 - p)) if p > 0 else torch.ones(M, K)
+    if p > 0 and M * K > 100:
+        assert (keep == 0).any() and (keep != 0).any(), "the mask must keep some and drop some: test is vacuous"
+    dropped = x.double() * keep.double()
+    exact = dropped @ A.double().T
+    bound = 4 * K * 2.0 ** -24 * (dropped.abs() @ A.double().abs().T) + 1e-30
+    assert ((got.double() - exact).abs() <= bound).all()
+    assert not torch.equal(got, torch.zeros_like(got))
+    if p == 0 and M > 1:
+        assert torch.equal(_C.lora_xa(x[M - 1:], A, 0.0, 0, transposed), got[M - 1:])
+
+
+def test_down_projection_kernel_is_measured_kept_and_pinned(monkeypatch):
+    """The cpu backend's ``x A^T`` (``lora_down``): the first call of a key times both kernels and keeps one; later
+    calls of the key take the kept kernel without building a key, and give its bits; ``set_route`` and
+    ``FASTPEFT_ROUTE`` pins take effect at once over a kept choice; another M bucket is another key."""
+    from fastpeft.backends import cpu as cpu_backend
+
+    monkeypatch.setenv("FASTPEFT_ROUTE_CACHE", "off")
+    g = torch.Generator().manual_seed(5)
+    x, A = torch.randn(40, 300, generator=g), torch.randn(16, 300, generator=g)
+    bits = {name: _C.lora_xa(x, A, 0.2, 7, name == "transposed") for name in routes.ROUTES["lora_down"]}
+    assert not torch.equal(bits["rows"], bits["transposed"]), "the kernels must differ in rounding: test is vacuous"
+    routes.clear_choices()
+    cpu_backend._down_settled.clear()
+    first = cpu_backend._lora_xa(x, A, 0.2, 7)
+    chosen = [c for c in routes.routes() if c["op"] == "lora_down"]
+    assert len(chosen) == 1 and set(chosen[0]["timings_ms"]) == {"rows", "transposed"}, chosen
+    kept = chosen[0]["route"]
+    assert torch.equal(first, bits[kept])
+    keys = CallCounter(monkeypatch, cpu_backend, "_down_key")
+    for _ in range(3):
+        assert torch.equal(cpu_backend._lora_xa(x, A, 0.2, 7), bits[kept])
+    assert keys.calls == 0, "a kept choice builds no key"
+    other = "rows" if kept == "transposed" else "transposed"
+    routes.set_route("lora_down", other)
+    try:
+        assert torch.equal(cpu_backend._lora_xa(x, A, 0.2, 7), bits[other])
+        assert routes.last_route("lora_down") == other
+    finally:
+        routes.set_route("lora_down", None)
+    assert torch.equal(cpu_backend._lora_xa(x, A, 0.2, 7), bits[kept])
+    monkeypatch.setenv("FASTPEFT_ROUTE", f"lora_down={other}")
+    assert torch.equal(cpu_backend._lora_xa(x, A, 0.2, 7), bits[other])
+    monkeypatch.delenv("FASTPEFT_ROUTE")
+    assert torch.equal(cpu_backend._lora_xa(x, A, 0.2, 7), bits[kept])
+    cpu_backend._lora_xa(x[:3], A, 0.2, 7)
+    assert len([c for c in routes.routes() if c["op"] == "lora_down"]) == 2
+    routes.clear_choices()
+    cpu_backend._down_settled.clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

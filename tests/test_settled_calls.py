@@ -106,9 +106,10 @@ def test_calls_run_settled_while_their_route_awaits_confirmation(final_routes, m
     monkeypatch.setenv("FASTPEFT_ROUTE_CACHE", "off")  # (choices other tests stored would be read, not measured)
     monkeypatch.setattr(routes, "CONFIRM_AFTER_CALLS", 5)
     monkeypatch.setattr(routes, "CALL_ROUNDS", 2)
-    # the gemv route's prefetch choice is a choice of its own (made whenever timing picks gemv): pinned, only the
-    # forward's choices are made here
+    # the gemv route's prefetch choice and the down-projection's kernel are choices of their own (made whenever
+    # timing picks a route that uses them): pinned, only the forward's choices are made here
     routes.set_route("gemv_prefetch", "l2")
+    routes.set_route("lora_down", "rows")
     reference, fused = mlp_twins()
     counter = count_resolved(monkeypatch)
     calls = 12

@@ -263,6 +263,7 @@ def test_settled_training_calls_count_toward_their_routes_confirmation(monkeypat
     monkeypatch.setattr(routes, "CALL_ROUNDS", 1)
     routes.clear_choices()
     routes.set_route("gemv_prefetch", "none")  # (its probe's confirmation would change the routes' generation)
+    routes.set_route("lora_down", "transposed")  # (so would the down-projection's; both serve a native call)
     try:
         reference, fused = training_twins()
         x = torch.randn(6, 23, requires_grad=True)

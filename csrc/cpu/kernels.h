@@ -147,6 +147,12 @@ struct KernelTable {
   // (to nearest even, NaN kept), each next part the rounded remainder the parts before it left, so three parts hold
   // all 24 significant bits of an fp32 value exactly (split_products.cpp).
   void (*split_bf16_row)(const float* in, int64_t C, int parts, uint16_t* out, int64_t part_stride);
+
+  // xa_rows with A given transposed and padded: At (K, RP) fp32, RP a multiple of vector_width >= r, columns past r
+  // zero. The same sums, each lane's in k order (xa_rows sums vector_width strided partials, then those). buf:
+  // 16 * 256 floats of scratch.
+  void (*xa_rows_t)(int dt, const void* x, int64_t ldx, int64_t K, int64_t m0, int64_t m1, const float* At, int64_t r,
+                    int64_t RP, float p, uint32_t seed, float* xa, int64_t ldxa, float* buf);
 };
 
 const KernelTable& kernels_generic();

@@ -19,7 +19,8 @@ const KernelTable& kernels_generic() {
                                  isa_generic::column_dots_cols, isa_generic::expand_row_b, 4,
                                  isa_generic::transpose_f32,
                                  isa_generic::masked_combine_rows,
-                                 isa_generic::dora_epilogue_rows, isa_generic::split_bf16_row};
+                                 isa_generic::dora_epilogue_rows, isa_generic::split_bf16_row,
+                                 isa_generic::xa_rows_t};
   return table;
 }
 }  // namespace fastpeft

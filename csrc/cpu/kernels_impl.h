@@ -460,6 +460,83 @@ void xa_rows(int dt, const void* x, int64_t ldx, int64_t K, int64_t m0, int64_t 
   }
 }
 
+// ------------------------------------------------------------------------- down-projection, adapter transposed
+// xa_rows_t keeps one accumulator vector per activation row, its lanes being VW ranks: each step over k loads one
+// vector of At (k's VW ranks) and multiplies it by one broadcast element of every row of the block. The adapter is
+// streamed once per XT_ROWS rows (dot_block streams it once per four, from L2 for a wide K) and no lanes need summing
+// at the end. Rows that are not fp32, or are dropped, are staged XT_KC elements at a time, in L1.
+constexpr int XT_ROWS = VW == 16 ? 16 : 8;  // accumulators of one rank group: half the register file or less
+constexpr int64_t XT_KC = 256;              // k per staged chunk: XT_ROWS x XT_KC floats (16 KB on AVX-512)
+constexpr int64_t XT_GROUPS = 8;            // rank groups (VW ranks each) per sweep over the rows
+
+// acc[i * groups + gi] += sum_{kk < w} X[i][kk] * At[kk * RP + gi * VW + lane], for i < NB, gi < groups.
+template <int NB>
+void xt_chunk(const float* const* X, int64_t w, const float* At, int64_t RP, int64_t groups, vf* acc) {
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    vf s[NB];
+    for (int i = 0; i < NB; ++i) s[i] = acc[i * groups + gi];
+    const float* a = At + gi * VW;
+    for (int64_t kk = 0; kk < w; ++kk) {
+      const vf av = load_f32(a + kk * RP);
+      for (int i = 0; i < NB; ++i) s[i] += load_splat(X[i] + kk) * av;
+    }
+    for (int i = 0; i < NB; ++i) acc[i * groups + gi] = s[i];
+  }
+}
+
+// Rows [m, m + NB) of xa_rows_t for the ranks [j0, j0 + groups * VW) of At.
+template <int NB>
+void xt_block(int dt, const void* x, int64_t ldx, int64_t K, int64_t m, const float* At, int64_t RP, int64_t j0,
+              int64_t groups, int64_t r, float p, float scale, uint32_t seed, float* xa, int64_t ldxa, float* stage) {
+  vf acc[NB * XT_GROUPS];
+  for (int64_t i = 0; i < NB * groups; ++i) acc[i] = vf{};
+  const bool direct = dt == kF32 && p <= 0.f;
+  const float* X[NB];
+  for (int64_t k0 = 0; k0 < K; k0 += XT_KC) {
+    const int64_t w = (K - k0) < XT_KC ? (K - k0) : XT_KC;
+    for (int i = 0; i < NB; ++i) {
+      const void* src = static_cast<const char*>(row_ptr(dt, x, ldx, m + i)) + k0 * elem_size(dt);
+      if (direct) {
+        X[i] = static_cast<const float*>(src);
+        continue;
+      }
+      float* row = stage + i * XT_KC;
+      if (p > 0.f) {
+        dropout_scale(seed, (m + i) * K + k0, w, p, scale, row);
+        load_row(dt, src, w, row, row);
+      } else {
+        load_row(dt, src, w, nullptr, row);
+      }
+      X[i] = row;
+    }
+    xt_chunk<NB>(X, w, At + k0 * RP + j0, RP, groups, acc);
+  }
+  for (int i = 0; i < NB; ++i)
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      float lanes[VW];
+      store_f32(lanes, acc[i * groups + gi]);
+      for (int l = 0; l < VW && j0 + gi * VW + l < r; ++l) xa[(m + i) * ldxa + j0 + gi * VW + l] = lanes[l];
+    }
+}
+
+// xa_rows with A given transposed: At (K, RP) fp32, RP a multiple of VW >= r, columns past r zero. Each lane sums
+// its products in k order. buf: XT_ROWS * XT_KC floats of scratch.
+void xa_rows_t(int dt, const void* x, int64_t ldx, int64_t K, int64_t m0, int64_t m1, const float* At, int64_t r,
+               int64_t RP, float p, uint32_t seed, float* xa, int64_t ldxa, float* buf) {
+  const float scale = p > 0.f ? 1.f / (1.f - p) : 1.f;
+  for (int64_t j0 = 0; j0 < RP; j0 += XT_GROUPS * VW) {
+    const int64_t groups = (RP - j0) / VW < XT_GROUPS ? (RP - j0) / VW : XT_GROUPS;
+    int64_t m = m0;
+#define FASTPEFT_XT(NB)                                                                                       \
+  for (; m + NB <= m1; m += NB)                                                                               \
+    xt_block<NB>(dt, x, ldx, K, m, At, RP, j0, groups, r, p, scale, seed, xa, ldxa, buf);
+    FASTPEFT_XT(XT_ROWS)
+    FASTPEFT_XT(4)
+    FASTPEFT_XT(1)
+#undef FASTPEFT_XT
+  }
+}
+
 // ------------------------------------------------------------------------------------- column scaling (DoRA)
 // out[m, n] = round(add(m, n) + z[m, n] * scale[n]) in dt_out, fp32 arithmetic, for m in [m0, m1), n < N; add(m, n) =
 // add[m * ldadd + n] of dtype dt_add (ldadd 0: one (N,) row for every m), or 0 when add is null.

@@ -323,8 +323,10 @@ at::Tensor keep_mask_at(int64_t seed, int64_t offset0, int64_t n, double p) {
   return out.ne(0);
 }
 
-// xa = drop(x) A^T in fp32: x (M, K) fp32/bf16/fp16, A (r, K) fp32 contiguous -> (M, r) fp32.
-at::Tensor lora_xa(const at::Tensor& x, const at::Tensor& A, double p, int64_t seed) {
+// xa = drop(x) A^T in fp32: x (M, K) fp32/bf16/fp16, A (r, K) fp32 contiguous -> (M, r) fp32. transposed: by
+// xa_rows_t over A transposed once per call (the two kernels sum in different orders; which is faster depends on the
+// CPU, M and r, so fastpeft.backends.cpu measures it: op lora_down), else by xa_rows.
+at::Tensor lora_xa(const at::Tensor& x, const at::Tensor& A, double p, int64_t seed, bool transposed) {
   check_rows(x, "x");
   const int64_t M = x.size(0), Kd = x.size(1), r = A.size(0);
   check_f32(A, "A", {r, Kd});
@@ -334,7 +336,21 @@ at::Tensor lora_xa(const at::Tensor& x, const at::Tensor& A, double p, int64_t s
   const int64_t ldx = x.stride(0);
   float* out = xa.data_ptr<float>();
   const float* Ap = A.data_ptr<float>();
-  at::parallel_for(0, M, grain(Kd * (r + (p > 0 ? 20 : 0))), [&](int64_t b, int64_t e) {
+  const int64_t gr = grain(Kd * (r + (p > 0 ? 20 : 0)));
+  if (transposed) {
+    // A transposed, its columns zero-padded to whole vectors.
+    const KernelTable& kt = K();
+    const int64_t RP = (r + kt.vector_width - 1) / kt.vector_width * kt.vector_width;
+    at::Tensor At = at::zeros({Kd, RP}, at::kFloat);
+    kt.transpose_f32(Ap, Kd, r, Kd, At.data_ptr<float>(), RP);
+    const float* Atp = At.data_ptr<float>();
+    at::parallel_for(0, M, gr, [&](int64_t b, int64_t e) {
+      std::vector<float> buf(16 * 256);
+      kt.xa_rows_t(dt, xp, ldx, Kd, b, e, Atp, r, RP, float(p), uint32_t(seed), out, r, buf.data());
+    });
+    return xa;
+  }
+  at::parallel_for(0, M, gr, [&](int64_t b, int64_t e) {
     std::vector<float> buf(4 * Kd);
     K().xa_rows(dt, xp, ldx, Kd, b, e, Ap, r, float(p), uint32_t(seed), out, r, buf.data());
   });
@@ -995,9 +1011,9 @@ struct SettledLoraTraining : public torch::autograd::Function<SettledLoraTrainin
   // requiring grad; bias (N,) or undefined. Returns y (M, N) fp32.
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& A,
                             const at::Tensor& B, const at::Tensor& W, const c10::optional<at::Tensor>& bias, double s,
-                            double p, int64_t seed, int64_t prefetch, int64_t backward) {
+                            double p, int64_t seed, int64_t prefetch, int64_t backward, bool down_transposed) {
     const at::Tensor xr = x.stride(1) == 1 ? x : x.contiguous();
-    at::Tensor xa = lora_xa(xr, A, p, seed);
+    at::Tensor xa = lora_xa(xr, A, p, seed, down_transposed);
     c10::optional<at::Tensor> bias32;
     if (bias.has_value()) bias32 = bias_as_reference_adds(*bias, at::kFloat);
     at::Tensor y = dense_lora_gemv(xr, W, bias32, xa, B, s, c10::nullopt, prefetch);
@@ -1037,16 +1053,16 @@ struct SettledLoraTraining : public torch::autograd::Function<SettledLoraTrainin
       if (need_dx) Wo = W;
       out = lora_fused_backward(dy, Wo, xo, A, B, xa, s, p, seed);
     }
-    // (x, A, B, W, bias, s, p, seed, prefetch, backward)
+    // (x, A, B, W, bias, s, p, seed, prefetch, backward, down_transposed)
     return {need_dx ? out[0] : at::Tensor(), need_dA ? out[1] : at::Tensor(),
             ctx->needs_input_grad(2) ? out[2] : at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor settled_lora_training(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& W,
                                  const c10::optional<at::Tensor>& bias, double s, double p, int64_t seed,
-                                 int64_t prefetch, int64_t backward) {
+                                 int64_t prefetch, int64_t backward, bool down_transposed) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && W.scalar_type() == at::kFloat &&
                   A.scalar_type() == at::kFloat && B.scalar_type() == at::kFloat && A.is_contiguous() &&
                   W.dim() == 2 && W.stride(1) == 1 && !W.requires_grad() &&
@@ -1055,7 +1071,7 @@ at::Tensor settled_lora_training(const at::Tensor& x, const at::Tensor& A, const
               "contiguous fp32 A");
   TORCH_CHECK(backward == kBackwardSmall || backward == kBackwardFused,
               "fastpeft._C.settled_lora_training: backward must be 0 (small) or 1 (fused), got ", backward);
-  return SettledLoraTraining::apply(x, A, B, W, bias, s, p, seed, prefetch, backward);
+  return SettledLoraTraining::apply(x, A, B, W, bias, s, p, seed, prefetch, backward, down_transposed);
 }
 
 }  // namespace
@@ -1087,7 +1103,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_isa", &fastpeft::set_isa, "(name) -> name: force generic, avx2, avx512 or auto (testing aid)");
   m.def("keep_mask_at", &fastpeft::keep_mask_at, "(seed, offset0, n, p) -> bool (n,): keep(offset0 + i)");
   m.def("keep_mask", &fastpeft::keep_mask, "(seed, rows, cols, p) -> bool (rows, cols): fastpeft._philox.dropout_keep_mask");
-  m.def("lora_xa", &fastpeft::lora_xa, "(x, A32, p, seed) -> drop(x) A^T in fp32");
+  m.def("lora_xa", &fastpeft::lora_xa, "(x, A32, p, seed, transposed=False) -> drop(x) A^T in fp32 (transposed: "
+        "by the kernel over A transposed)", py::arg("x"), py::arg("A"), py::arg("p"), py::arg("seed"),
+        py::arg("transposed") = false);
   m.def("lora_epilogue_", &fastpeft::lora_epilogue_, "(y, xs32, Bt32 (R, N), bias32|None): y += xs Bt + bias in place");
   m.def("stack_transposed", &fastpeft::stack_transposed, "([B_i (N, r_i)]) -> (sum r_i, N) fp32: the B_i transposed "
         "and stacked, the layout lora_epilogue_ and lora_dy_pass take");
@@ -1104,8 +1122,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lora_scale"), py::arg("A") = py::none(), py::arg("prefetch") = int64_t(fastpeft::kPrefetchNonTemporal));
   m.def("quant_grad_x", &fastpeft::quant_grad_x, "(dy32, qweight, tile_rows|0) -> dy w (M, K) fp32");
   m.def("settled_lora_training", &fastpeft::settled_lora_training,
-        "(x fp32 (M, K), A, B, W, bias|None, s, p, seed, prefetch, backward 0 small | 1 fused) -> y (M, N) with an "
-        "autograd node in C++: one fp32 adapter's settled training call, route gemv forward");
+        "(x fp32 (M, K), A, B, W, bias|None, s, p, seed, prefetch, backward 0 small | 1 fused, down_transposed) -> "
+        "y (M, N) with an autograd node in C++: one fp32 adapter's settled training call, route gemv forward, x A^T "
+        "by lora_xa's transposed kernel or not");
   m.def("lora_small_backward", &fastpeft::lora_small_backward, "(dy, W, x|None, A, B, h, s, p, seed, need_dx) -> "
         "[dx, dA, dB, db] for one fp32 adapter (decode-sized M)");
   m.def("lora_fused_backward", &fastpeft::lora_fused_backward, "(dy, W|None, x|None, A32, B32, h32, s, p, seed) -> "

@@ -33,6 +33,7 @@ from typing import Optional
 
 import torch
 
+from .. import _env
 from .. import routing as routes
 from .._derived import SHARED, kept_copies_allowed
 from ..quant import QuantizedWeight
@@ -340,6 +341,44 @@ def _product_routes(x, weight, forward: bool) -> list[str]:
     return names
 
 
+# ---------------------------------------------------------------------------------------------------- lora_down
+_DOWN_ROUTES = ("rows", "transposed")
+
+# (x dtype, M bucket, K, rank, dropout on) -> (routing generation, FASTPEFT_ROUTE, TakenRoutes, transposed): the
+# settled lora_down choices, so that a call whose choice is made builds no route key (at decode sizes that costs
+# about as much as the pass).
+_down_settled: dict = {}
+
+
+def _down_key(x: torch.Tensor, A: torch.Tensor, p: float) -> routes.RouteKey:
+    """``lora_down``'s key: x's dtype, ``M`` bucket and ``K``, the rank and whether it drops (``N`` is 0)."""
+    return routes.make_key("lora_down", "cpu", "dense", x.dtype, x.dtype, (A.dtype,), x.shape[0], 0, x.shape[1],
+                           p > 0, A.shape[0], 1)
+
+
+def _lora_xa(x: torch.Tensor, A32: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """``_C.lora_xa(x, A32, p, seed)`` (``x`` ``(M, K)`` rows, ``A32`` fp32 ``(r, K)`` -> fp32 ``(M, r)``) by the
+    kernel op ``lora_down`` measured for this key: ``rows`` or ``transposed`` (the same products, summed in another
+    order)."""
+    local = (x.dtype, routes.bucket(x.shape[0]), x.shape[1], A32.shape[0], p > 0)
+    found = _down_settled.get(local)
+    if found is not None and found[0] == routes.generation() and found[1] == _env.read("FASTPEFT_ROUTE"):
+        taken = found[2]
+        if not taken.due():
+            taken.served()
+            return _C.lora_xa(x, A32, p, seed, found[3])
+    key = _down_key(x, A32, p)
+    out = routes.run(key, {"rows": lambda: _C.lora_xa(x, A32, p, seed, False),
+                           "transposed": lambda: _C.lora_xa(x, A32, p, seed, True)})
+    settled = routes.settled_call(key, _DOWN_ROUTES)
+    if settled is None:
+        _down_settled.pop(local, None)
+    else:
+        _down_settled[local] = (routes.generation(), _env.read("FASTPEFT_ROUTE"),
+                                routes.TakenRoutes({"lora_down": settled}), settled[0] == "transposed")
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ LoRA forward
 def _down_projections(x, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, fold_single_scale=False):
     """Every adapter's ``xa_i = drop_i(x_i) A_i^T`` (in ``A_i``'s dtype, returned for backward) by ``_C.lora_xa``,
@@ -349,7 +388,7 @@ def _down_projections(x, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, f
     if len(lora_A) == 1:  # the common case without the loop's lists (this runs per layer per decoded token)
         A, B, b, s = lora_A[0], lora_B[0], lora_bias[0], scaling[0]
         xi = x if (x.dtype == A.dtype or A.dtype == _F32) else x.to(A.dtype)  # as adapter_inputs casts
-        xa32 = _C.lora_xa(_rows(xi), _f32(A), float(dropout_p[0]), int(seeds[0]))
+        xa32 = _lora_xa(_rows(xi), _f32(A), float(dropout_p[0]), int(seeds[0]))
         bias_sum = None if b is None else b.detach().to(_F32) * float(s)
         xs = xa32 if (fold_single_scale or s == 1) else xa32 * float(s)
         return ([xa32 if A.dtype == _F32 else xa32.to(A.dtype)], xs, [_f32(B)], bias_sum,
@@ -358,7 +397,7 @@ def _down_projections(x, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, f
     bias_sum = None
     for xi, A, B, b, s, p, seed in zip(adapter_inputs(x, lora_A), lora_A, lora_B, lora_bias, scaling, dropout_p,
                                        seeds):
-        xa32 = _C.lora_xa(_rows(xi), _f32(A), float(p), int(seed))
+        xa32 = _lora_xa(_rows(xi), _f32(A), float(p), int(seed))
         xa_out.append(xa32 if A.dtype == _F32 else xa32.to(A.dtype))
         xs_cols.append(xa32 * float(s) if s != 1 else xa32)
         B32.append(_f32(B))
@@ -378,7 +417,7 @@ def _forward_compose(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropou
 
 def _cpu_down(xi, A, p, seed):
     """``compose.DownPass`` on the CPU: ``_C.lora_xa`` (mask regenerated, ``x`` widened in registers)."""
-    return _C.lora_xa(_rows(xi), _f32(A), p, seed)
+    return _lora_xa(_rows(xi), _f32(A), p, seed)
 
 
 def _cpu_masked(acc, xi, A, g32, p, seed):
@@ -701,12 +740,15 @@ def _native_fits(weight, A, B) -> bool:
             and weight.stride(1) == 1)
 
 
-def _native_training(prefetch, backward, x, weight, bias, A, B, scaling, dropout_p, seed) -> Optional[torch.Tensor]:
+def _native_training(prefetch, backward, down_transposed, x, weight, bias, A, B, scaling, dropout_p,
+                     seed) -> Optional[torch.Tensor]:
     """A settled fp32 training call with one adapter, routes ``gemv`` and ``small``/``fused``, forward and backward
-    in C++ (``_C.settled_lora_training``): ``x`` ``(M, K)`` -> ``y`` ``(M, N)`` recorded for autograd, or None where
-    this call's tensors do not fit it (a parameter's data replaced by another dtype or layout since it settled)."""
+    in C++ (``_C.settled_lora_training``; ``x A^T`` by ``lora_down``'s settled kernel): ``x`` ``(M, K)`` -> ``y``
+    ``(M, N)`` recorded for autograd, or None where this call's tensors do not fit it (a parameter's data replaced by
+    another dtype or layout since it settled)."""
     if _native_fits(weight, A, B):
-        return _C.settled_lora_training(x, A, B, weight, bias, scaling, dropout_p, seed, prefetch, backward)
+        return _C.settled_lora_training(x, A, B, weight, bias, scaling, dropout_p, seed, prefetch, backward,
+                                        down_transposed)
     return None
 
 
@@ -791,7 +833,7 @@ class CpuBackend(Backend):
     def lora_down(self, x, lora_A):
         if not (x.is_cpu and x.dim() == 2 and x.dtype in _DTYPE_CODES):
             return super().lora_down(x, lora_A)
-        return _C.lora_xa(_rows(x), _f32(lora_A), 0.0, 0)
+        return _lora_xa(_rows(x), _f32(lora_A), 0.0, 0)
 
     def lora_up_onto(self, acc, h, lora_B, scale, bias=None):
         if not (acc.is_cpu and acc.dim() == 2 and acc.dtype in _DTYPE_CODES and acc.stride(1) == 1):
@@ -867,9 +909,12 @@ class CpuBackend(Backend):
         if (forward[0] == "gemv" and backward[0] in _NATIVE_BACKWARD and x.dtype == _F32 and len(lora_A) == 1
                 and lora_bias[0] is None and _native_fits(weight, lora_A[0], lora_B[0])):
             prefetch = routes.settled_call(_prefetch_key(weight), _GEMV_PREFETCH)
-            if prefetch is not None:  # (its first calls are measured on the route's own path)
+            down = routes.settled_call(_down_key(x, lora_A[0], dropout_p[0]), _DOWN_ROUTES)
+            if prefetch is not None and down is not None:  # (their first calls are measured on the route's own path)
                 taken["gemv_prefetch"] = (prefetch[0], None, prefetch[1])
-                taken["native"] = partial(_native_training, _GEMV_PREFETCH[prefetch[0]], _NATIVE_BACKWARD[backward[0]])
+                taken["lora_down"] = (down[0], None, down[1])
+                taken["native"] = partial(_native_training, _GEMV_PREFETCH[prefetch[0]], _NATIVE_BACKWARD[backward[0]],
+                                          down[0] == "transposed")
         return taken
 
     def _taken_forward(self, route, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):

@@ -587,11 +587,15 @@ class DoraLinearFunction(torch.autograd.Function):
         backend, weight = ctx.backend, held_weight(ctx)
         dy = grad_y.contiguous()
         dm = dx = dA = dB = None
+        needs_grads = needs_dx or needs_dA or needs_dB
+        with_e = needs_dx and ctx.dropout_p > 0
+        # dY read once for sum_m dY z, c dY and (c - 1) dY where the backend has that pass.
+        prologue = backend.dora_grad_prologue(dy, z if needs_dm else None, scale, with_e) if needs_grads else None
         if needs_dm:
-            dm = (_column_dots(dy, z, backend) / (norm * ctx.z_factor if ctx.z_factor != 1.0 else norm)
-                  ).to(magnitude.dtype)
-        if needs_dx or needs_dA or needs_dB:
-            ge = _scaled_grads(backend, dy, scale, needs_dx and ctx.dropout_p > 0)
+            dots = prologue[0] if prologue is not None else _column_dots(dy, z, backend)
+            dm = (dots / (norm * ctx.z_factor if ctx.z_factor != 1.0 else norm)).to(magnitude.dtype)
+        if needs_grads:
+            ge = prologue[1] if prologue is not None else _scaled_grads(backend, dy, scale, with_e)
             grads = routing.grads_key(needs_dx, needs_dA)
             eligible = _backward_routes(backend, dy, weight, A, ctx.dropout_p, needs_dx)
             candidates = {route: (lambda fn=fn: fn(backend, dy, ge, x, weight, A, B, h, ctx.scaling,

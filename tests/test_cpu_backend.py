@@ -1003,6 +1003,31 @@ def test_column_dots_are_fp32_sums_of_exact_products(isa, a_dt, b_dt, M, N):
     assert ((got.double() - exact).abs() <= 1e-6 * (a.double().abs() * b.double().abs()).sum(0) + 1e-9).all()
 
 
+@pytest.mark.parametrize("dy_dt,z_dt", [("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp32")])
+@pytest.mark.parametrize("M,N", [(1, 7), (37, 53), (130, 300)])
+@pytest.mark.parametrize("with_z,with_e", [(True, True), (True, False), (False, True)])
+def test_dora_grad_prologue_is_column_dots_and_scale_columns_in_one_pass(isa, dy_dt, z_dt, M, N, with_z, with_e):
+    """``_C.dora_grad_prologue``: the bits of ``column_dots(dy, z)`` and of ``scale_columns(dy, c)`` (and of ``dy``
+    by ``c - 1`` below it) from one pass; ``dy`` rows with a stride beyond ``N``; and those passes are themselves
+    within fp32 rounding of the fp64 values."""
+    g = torch.Generator().manual_seed(M * N + with_e)
+    dy = torch.randn(M, N + 3, generator=g).to(DT[dy_dt])[:, :N]
+    z = torch.randn(M, N, generator=g).to(DT[z_dt]) if with_z else None
+    scale = torch.rand(N, generator=g) + 0.5
+    dots, ge = _C.dora_grad_prologue(dy, z, scale, with_e)
+    assert ge.dtype == dy.dtype and ge.shape == ((2 if with_e else 1) * M, N)
+    assert torch.equal(ge[:M], _C.scale_columns(dy, scale, None, dy.dtype, None))
+    if with_e:
+        assert torch.equal(ge[M:], _C.scale_columns(dy, scale - 1.0, None, dy.dtype, None))
+        assert not torch.equal(ge[M:], ge[:M])
+    if not with_z:
+        assert dots.numel() == 0
+        return
+    assert torch.equal(dots, _C.column_dots(dy, z))
+    exact = (dy.double() * z.double()).sum(0)
+    assert ((dots.double() - exact).abs() <= 1e-6 * (dy.double().abs() * z.double().abs()).sum(0) + 1e-9).all()
+
+
 @pytest.mark.parametrize("a_dt,b_dt,out_dt", [("none", "bf16", "bf16"), ("none", "fp32", "fp32"),
                                                ("bf16", "bf16", "bf16"), ("fp32", "bf16", "fp32"),
                                                ("fp16", "fp16", "fp16")])

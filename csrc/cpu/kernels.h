@@ -153,6 +153,12 @@ struct KernelTable {
   // 16 * 256 floats of scratch.
   void (*xa_rows_t)(int dt, const void* x, int64_t ldx, int64_t K, int64_t m0, int64_t m1, const float* At, int64_t r,
                     int64_t RP, float p, uint32_t seed, float* xa, int64_t ldxa, float* buf);
+  // DoRA's backward prologue for the columns [n0, n1): dots[n - n0] += sum_m dy[m, n] z[m, n] (if z; column_dots_cols'
+  // sums) and, in dy's dtype dt, ge[m, n] = round(dy[m, n] scale[n]) and (with_e) ge[M + m, n] = round(dy[m, n]
+  // (scale[n] - 1)) (scale_columns_rows' roundings): one pass over dy for what took three.
+  void (*dora_prologue_cols)(int dt, const void* dy, int64_t lddy, int dt_z, const void* z, int64_t ldz, int64_t M,
+                             int64_t n0, int64_t n1, const float* scale, float* dots, void* ge, int64_t ldge,
+                             bool with_e);
 };
 
 const KernelTable& kernels_generic();

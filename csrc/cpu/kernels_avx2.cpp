@@ -25,7 +25,8 @@ const KernelTable& kernels_avx2() {
                                  isa_avx2::transpose_f32,
                                  isa_avx2::masked_combine_rows,
                                  isa_avx2::dora_epilogue_rows, isa_avx2::split_bf16_row,
-                                 isa_avx2::xa_rows_t};
+                                 isa_avx2::xa_rows_t,
+                                 isa_avx2::dora_prologue_cols};
   return table;
 }
 }  // namespace fastpeft

@@ -25,7 +25,8 @@ const KernelTable& kernels_avx512() {
                                  isa_avx512::transpose_f32,
                                  isa_avx512::masked_combine_rows,
                                  isa_avx512::dora_epilogue_rows, isa_avx512::split_bf16_row,
-                                 isa_avx512::xa_rows_t};
+                                 isa_avx512::xa_rows_t,
+                                 isa_avx512::dora_prologue_cols};
   return table;
 }
 }  // namespace fastpeft

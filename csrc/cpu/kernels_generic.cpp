@@ -20,7 +20,8 @@ const KernelTable& kernels_generic() {
                                  isa_generic::transpose_f32,
                                  isa_generic::masked_combine_rows,
                                  isa_generic::dora_epilogue_rows, isa_generic::split_bf16_row,
-                                 isa_generic::xa_rows_t};
+                                 isa_generic::xa_rows_t,
+                                 isa_generic::dora_prologue_cols};
   return table;
 }
 }  // namespace fastpeft

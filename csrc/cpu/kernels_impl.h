@@ -574,6 +574,32 @@ void column_dots_cols(int dt_a, const void* a, int64_t lda, int dt_b, const void
   }
 }
 
+// column_dots_cols of (dy, z) and scale_columns_rows of dy by c (and by c - 1) in one pass over dy, for the columns
+// [n0, n1): the same expressions, so the same bits as those two passes.
+void dora_prologue_cols(int dt, const void* dy, int64_t lddy, int dt_z, const void* z, int64_t ldz, int64_t M,
+                        int64_t n0, int64_t n1, const float* scale, float* dots, void* ge, int64_t ldge, bool with_e) {
+  const vf one = splat(1.f);
+  for (int64_t m = 0; m < M; ++m) {
+    const void* dr = row_ptr(dt, dy, lddy, m);
+    const void* zr = z ? row_ptr(dt_z, z, ldz, m) : nullptr;
+    void* gr = row_ptr(dt, ge, ldge, m);
+    void* er = with_e ? row_ptr(dt, ge, ldge, M + m) : nullptr;
+    int64_t n = n0;
+    for (; n + VW <= n1; n += VW) {
+      const vf d = load_act(dt, dr, n), c = load_f32(scale + n);
+      if (zr) store_f32(dots + n - n0, load_f32(dots + n - n0) + d * load_act(dt_z, zr, n));
+      store_act(dt, gr, n, d * c);
+      if (er) store_act(dt, er, n, d * (c - one));
+    }
+    for (; n < n1; ++n) {
+      const float d = load_act1(dt, dr, n), c = scale[n];
+      if (zr) dots[n - n0] += d * load_act1(dt_z, zr, n);
+      store_act1(dt, gr, n, d * c);
+      if (er) store_act1(dt, er, n, d * (c - 1.f));
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------ expand from B as PEFT keeps it
 // Lane masks of one level of reduce_lanes. Vectors a and b each hold VW / S segments of S partial sums; output
 // segment sigma (of S / 2 lanes) takes the low (lo) or high (hi) half of segment sigma / 2 of a (sigma even) or of b

@@ -312,6 +312,39 @@ at::Tensor column_dots(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
+// DoRA's backward prologue in one pass over dy (M, N): {dots, ge} with dots (N,) fp32 = column_dots(dy, z) (empty
+// without z) and ge ((2 if with_e else 1) M, N) in dy's dtype: round(dy * scale) above round(dy * (scale - 1)), the
+// roundings of scale_columns. z (M, N) any float dtype, scale fp32 (N,). Threads split the columns, as column_dots.
+std::vector<at::Tensor> dora_grad_prologue(const at::Tensor& dy, const c10::optional<at::Tensor>& z,
+                                           const at::Tensor& scale, bool with_e) {
+  check_rows(dy, "dy");
+  const int64_t M = dy.size(0), N = dy.size(1);
+  check_f32(scale, "scale", {N});
+  const void* zp = nullptr;
+  int dt_z = kF32;
+  int64_t ldz = 0;
+  if (z.has_value()) {
+    check_rows(*z, "z");
+    TORCH_CHECK(z->sizes() == dy.sizes(), "fastpeft._C.dora_grad_prologue: dy ", dy.sizes(), " and z ", z->sizes(),
+                " differ");
+    zp = z->data_ptr();
+    dt_z = dtype_code(*z);
+    ldz = z->stride(0);
+  }
+  auto dots = z.has_value() ? at::zeros({N}, at::kFloat) : at::empty({0}, at::kFloat);
+  auto ge = at::empty({(with_e ? 2 : 1) * M, N}, dy.options());
+  const int dt = dtype_code(dy);
+  const void* dp = dy.data_ptr();
+  void* gp = ge.data_ptr();
+  float* op = z.has_value() ? dots.data_ptr<float>() : nullptr;
+  const float* sp = scale.data_ptr<float>();
+  at::parallel_for(0, N, grain(8 * M * (with_e ? 3 : 2)), [&](int64_t n0, int64_t n1) {
+    K().dora_prologue_cols(dt, dp, dy.stride(0), dt_z, zp, ldz, M, n0, n1, sp, op ? op + n0 : nullptr, gp, N,
+                           with_e);
+  });
+  return {dots, ge};
+}
+
 at::Tensor keep_mask(int64_t seed, int64_t rows, int64_t cols, double p) {
   return dropout_scale(seed, rows, cols, p, 1.0).ne(0);
 }
@@ -1090,6 +1123,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scale_columns", &fastpeft::scale_columns, "(z (M, N), scale fp32 (N,), add None | fp32 (N,) | (M, N), "
         "out_dtype, out=None) -> round(add + z * scale) (M, N) in out_dtype, fp32 arithmetic, into out's rows when "
         "given", py::arg("z"), py::arg("scale"), py::arg("add"), py::arg("out_dtype"), py::arg("out") = py::none());
+  m.def("dora_grad_prologue", &fastpeft::dora_grad_prologue,
+        "(dy (M, N), z (M, N)|None, scale fp32 (N,), with_e) -> [column_dots(dy, z) or empty, ge in dy's dtype: "
+        "dy * scale above dy * (scale - 1) with with_e]: DoRA's backward prologue in one pass");
   m.def("column_dots", &fastpeft::column_dots, "(a (M, N), b (M, N)) -> sum_m a[m] * b[m] fp32 (N,)");
   m.def("dora_epilogue", &fastpeft::dora_epilogue, "(z fp32 (M, N), base fp32 (M, N), h (M, R), Bt (R, N), k, s, "
         "f (N,), bias (N,)|None, out_dtype) -> round(base + bias + s u + f z') with u = h Bt and z' = z + k u "

@@ -79,6 +79,14 @@ class Backend:
         of this backend, or None where it has none."""
         return None
 
+    def dora_grad_prologue(self, dy: torch.Tensor, z: Optional[torch.Tensor], scale: torch.Tensor,
+                           with_e: bool) -> Optional[tuple]:
+        """DoRA's backward prologue in one pass over ``dy`` ``(M, N)``: ``(dots, ge)`` with ``dots`` =
+        ``column_dots(dy, z)`` (None without ``z``) and ``ge`` ``(M, N)`` = ``dy * scale`` in ``dy``'s dtype, or
+        ``(2M, N)`` with ``dy * (scale - 1)`` below it (``with_e``), each rounded once as ``scale_columns`` rounds;
+        ``scale`` fp32 ``(N,)``. None where this backend has no such pass."""
+        return None
+
     # ---------------------------------------------------------------------------------------- widened products
     def widened_mm_eligible(self, a: torch.Tensor, b: torch.Tensor, interleave_a: bool = True) -> bool:
         """Whether ``widened_mm(a, b)`` runs here for these operands: with ``interleave_a`` (the default) under both

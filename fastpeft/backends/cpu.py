@@ -813,6 +813,13 @@ class CpuBackend(Backend):
             return None
         return _C.column_dots(_rows(a), _rows(b))
 
+    def dora_grad_prologue(self, dy, z, scale, with_e):
+        if not (dy.is_cpu and dy.dim() == 2 and dy.dtype in _DTYPE_CODES and scale.is_cpu and scale.dtype == _F32
+                and (z is None or (z.is_cpu and z.dtype in _DTYPE_CODES and z.shape == dy.shape))):
+            return None
+        dots, ge = _C.dora_grad_prologue(_rows(dy), None if z is None else _rows(z), scale.contiguous(), with_e)
+        return (dots if z is not None else None), ge
+
     # ---------------------------------------------------------------------------------------- widened products
     def widened_mm_eligible(self, a, b, interleave_a=True):
         # fused_pairs(_x)'s conditions, with a of unit column stride as _C.widened_mm(_nn) reads it.

@@ -644,6 +644,15 @@ def test_down_projection_kernel_is_measured_kept_and_pinned(monkeypatch):
     assert not torch.equal(bits["rows"], bits["transposed"]), "the kernels must differ in rounding: test is vacuous"
     routes.clear_choices()
     cpu_backend._down_settled.clear()
+    try:
+        _kept_and_pinned(monkeypatch, cpu_backend, x, A, bits)
+    finally:
+        routes.set_route("lora_down", None)
+        routes.clear_choices()
+        cpu_backend._down_settled.clear()
+
+
+def _kept_and_pinned(monkeypatch, cpu_backend, x, A, bits):
     first = cpu_backend._lora_xa(x, A, 0.2, 7)
     chosen = [c for c in routes.routes() if c["op"] == "lora_down"]
     assert len(chosen) == 1 and set(chosen[0]["timings_ms"]) == {"rows", "transposed"}, chosen
@@ -655,11 +664,9 @@ def test_down_projection_kernel_is_measured_kept_and_pinned(monkeypatch):
     assert keys.calls == 0, "a kept choice builds no key"
     other = "rows" if kept == "transposed" else "transposed"
     routes.set_route("lora_down", other)
-    try:
-        assert torch.equal(cpu_backend._lora_xa(x, A, 0.2, 7), bits[other])
-        assert routes.last_route("lora_down") == other
-    finally:
-        routes.set_route("lora_down", None)
+    assert torch.equal(cpu_backend._lora_xa(x, A, 0.2, 7), bits[other])
+    assert routes.last_route("lora_down") == other
+    routes.set_route("lora_down", None)
     assert torch.equal(cpu_backend._lora_xa(x, A, 0.2, 7), bits[kept])
     monkeypatch.setenv("FASTPEFT_ROUTE", f"lora_down={other}")
     assert torch.equal(cpu_backend._lora_xa(x, A, 0.2, 7), bits[other])
@@ -667,8 +674,6 @@ def test_down_projection_kernel_is_measured_kept_and_pinned(monkeypatch):
     assert torch.equal(cpu_backend._lora_xa(x, A, 0.2, 7), bits[kept])
     cpu_backend._lora_xa(x[:3], A, 0.2, 7)
     assert len([c for c in routes.routes() if c["op"] == "lora_down"]) == 2
-    routes.clear_choices()
-    cpu_backend._down_settled.clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

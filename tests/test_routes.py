@@ -388,6 +388,32 @@ def test_a_first_choice_is_confirmed_by_timing_its_close_routes_in_real_calls(fr
     assert log == ["fused"] * 5, "a confirmed choice is not timed again"
 
 
+def test_calls_of_an_op_inside_another_keys_measurement_are_not_counted(fresh, monkeypatch):
+    """An op that the routes of another op call (``lora_down`` inside the forward's routes) runs many times while the
+    outer key's candidates are timed: those calls take the inner choice as it is and do not count toward its
+    confirmation, neither through ``run`` nor through ``take`` / ``TakenRoutes``; the inner key's real calls do."""
+    monkeypatch.setattr(routes, "CONFIRM_AFTER_CALLS", 3)
+    inner_key = key(op="lora_down")
+    inner = {"rows": lambda: "rows", "transposed": lambda: "transposed"}
+    inner_route = routes.run(inner_key, inner)
+    (choice,) = [c for k, c in routes._choices.items() if k == inner_key]
+    assert choice.source == "measured" and choice.calls == 0
+    taken = routes.TakenRoutes({"lora_down": routes.settled_call(inner_key, set(inner))})
+
+    def outer_route():
+        assert routes.run(inner_key, inner) == inner_route
+        assert routes.take(inner_key, set(inner)) == inner_route
+        assert not taken.due()
+        taken.served()
+        return "outer"
+
+    assert routes.run(key(), {"compose": outer_route, "fused": outer_route}) == "outer"
+    assert routes._choices[inner_key] is choice and choice.calls == 0, "calls inside a measurement were counted"
+    routes.run(inner_key, inner)
+    taken.served()
+    assert choice.calls == 2 and taken.due(), "the inner key's real calls count"
+
+
 def test_a_probe_is_confirmed_by_a_second_measurement_not_in_calls(fresh, monkeypatch):
     """``run(in_calls=False)`` (a side measurement, not the call's own work) times every candidate back to back again
     at the due call, and that choice is final and written to the file; no call takes a route in turn."""

@@ -149,8 +149,8 @@ struct KernelTable {
   void (*split_bf16_row)(const float* in, int64_t C, int parts, uint16_t* out, int64_t part_stride);
 
   // xa_rows with A given transposed and padded: At (K, RP) fp32, RP a multiple of vector_width >= r, columns past r
-  // zero. The same sums, each lane's in k order (xa_rows sums vector_width strided partials, then those). buf:
-  // 16 * 256 floats of scratch.
+  // zero. The same products summed in another order: each rank's in k order (xa_rows sums vector_width strided
+  // partials, then those). buf: 16 * 256 floats of scratch (XT_ROWS x XT_KC of kernels_impl.h at most).
   void (*xa_rows_t)(int dt, const void* x, int64_t ldx, int64_t K, int64_t m0, int64_t m1, const float* At, int64_t r,
                     int64_t RP, float p, uint32_t seed, float* xa, int64_t ldxa, float* buf);
   // DoRA's backward prologue for the columns [n0, n1): dots[n - n0] += sum_m dy[m, n] z[m, n] (if z; column_dots_cols'

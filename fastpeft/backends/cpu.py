@@ -9,7 +9,8 @@ machine. The pieces the routes are built from:
   decoded into a reused buffer by ``_C.quant_dequantize_into`` then torch's GEMM (``compose``), decoded tile by tile
   inside the product (``_C.quant_linear``, ``fused``), or bitsandbytes' own AVX-512 kernel (``bnb_native``);
 - ``_C.lora_xa``: ``drop_i(x_i) A_i^T`` in one pass over ``x``, the Philox mask (``fastpeft._philox``) regenerated
-  on the fly, never stored, ``x`` widened in registers;
+  on the fly, never stored, ``x`` widened in registers; by one of two kernels, ``A`` as stored or transposed, which
+  op ``lora_down`` measures per key (``_lora_xa``);
 - ``_C.lora_epilogue_``: ``y += sum_i s_i (xa_i B_i^T + b_i)`` in place, rounded once;
 - ``_C.dense_lora_gemv`` / the GEMV of ``_C.quant_linear``: each weight row read (or decoded) once and dotted with
   every activation row, the adapter term fused (``gemv``);

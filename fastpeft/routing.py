@@ -158,6 +158,8 @@ ROUTES: dict[str, dict[str, str]] = {
         "transposed": "the same pass over A transposed once per call, its ranks padded to whole vectors: one "
                       "accumulator of ranks per row, 16 rows (8 under AVX2) sharing each vector of A^T, each rank's "
                       "products summed in k order",
+        "split": "bf16 x: A split exactly into three bf16 parts, every product exact and the sums in fp32, by "
+                 "oneDNN's bf16 block kernel (fastpeft._C.lora_xa_split, the down-projection of split_pairs)",
     },
     "ia3_forward": {
         "compose": "vendor GEMM in x's dtype (a quantized weight decoded into a reused buffer), scaling by torch",
@@ -219,6 +221,7 @@ ROUTE_LIMITS: dict[str, str] = {
     "small": "dense fp32 dY, weight and adapters, one adapter whose A is contiguous",
     "split_pairs": "x (dY) in bf16, one adapter with fp32 A (and h), no dropout; the cpu backend where "
                    "fastpeft._C.widened_mm runs",
+    "split (lora_down)": "x in bf16, no dropout; the cpu backend where fastpeft._C.widened_mm runs",
     "nta / l2 / none (gemv_prefetch)": "the cpu backend's decoding GEMV over a dense weight (the gemv routes); the "
                                        "three compute the same numbers",
     "fused (IA3)": "a quantized weight (for a dense one it is compose)",

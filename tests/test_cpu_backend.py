@@ -184,7 +184,10 @@ def test_lora_matches_reference(case, xdt, adt, p):
             for i in range(len(ranks)):
                 assert_by_dtype_rule(f"{route} ({down}): xa[{i}]", xa[i], xa_ref[i], xa_o[i], all_fp32=exact)
     ran = sorted(set(ran))
-    assert downs - {None} == set(routes.ROUTES["lora_down"]), downs  # both kernels served some route
+    # every kernel served some route: split where the adapter's input is bf16 (x, or x cast to bf16 adapters) without
+    # dropout and oneDNN's bf16 kernel runs
+    split = "bf16" in (xdt, adt) and p == 0 and _C.widened_mm_available()
+    assert downs - {None} == {"rows", "transposed"} | ({"split"} if split else set()), downs
     expected = {"compose", "fused"} | ({"gemv"} if layout != "transposed" else set())
     expected |= {"compose_fp32", "fused_fp32"} if xdt != "fp32" else set()
     # fused_pairs: bf16 x and weight (make_case rounds W to x's dtype), where oneDNN has a bf16 block kernel.
@@ -674,6 +677,16 @@ def _kept_and_pinned(monkeypatch, cpu_backend, x, A, bits):
     assert torch.equal(cpu_backend._lora_xa(x, A, 0.2, 7), bits[kept])
     cpu_backend._lora_xa(x[:3], A, 0.2, 7)
     assert len([c for c in routes.routes() if c["op"] == "lora_down"]) == 2
+    # bf16 x: split (exact products through oneDNN's bf16 kernel) is a candidate without dropout only
+    xb = x.to(torch.bfloat16)
+    for p, split in ((0.0, _C.widened_mm_available()), (0.2, False)):
+        routes.clear_choices()
+        got = cpu_backend._lora_xa(xb, A, p, 7)
+        (row,) = [c for c in routes.routes() if c["op"] == "lora_down"]
+        assert set(row["timings_ms"]) == {"rows", "transposed"} | ({"split"} if split else set()), row
+        transposed = row["route"] == "transposed"
+        want = _C.lora_xa_split(xb, A) if row["route"] == "split" else _C.lora_xa(xb, A, p, 7, transposed)
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -343,11 +343,11 @@ def _product_routes(x, weight, forward: bool) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- lora_down
-_DOWN_ROUTES = ("rows", "transposed")
+_DOWN_ROUTES = ("rows", "transposed", "split")
 
-# (x dtype, M bucket, K, rank, dropout on) -> (routing generation, FASTPEFT_ROUTE, TakenRoutes, transposed): the
-# settled lora_down choices, so that a call whose choice is made builds no route key (at decode sizes that costs
-# about as much as the pass).
+# (x dtype, M bucket, K, rank, dropout on) -> (routing generation, FASTPEFT_ROUTE, TakenRoutes, route): the settled
+# lora_down choices, so that a call whose choice is made builds no route key (at decode sizes that costs about as
+# much as the pass).
 _down_settled: dict = {}
 
 
@@ -357,26 +357,40 @@ def _down_key(x: torch.Tensor, A: torch.Tensor, p: float) -> routes.RouteKey:
                            p > 0, A.shape[0], 1)
 
 
+def _down_routes(x: torch.Tensor, p: float) -> tuple:
+    """The ``lora_down`` routes that may serve ``x``: ``split`` takes bf16 ``x`` without dropout, where oneDNN's
+    bf16 block kernel runs (``_C.widened_mm``)."""
+    if x.dtype == torch.bfloat16 and p == 0 and _C.widened_mm_available():
+        return _DOWN_ROUTES
+    return _DOWN_ROUTES[:2]
+
+
+def _down_by(route: str, x: torch.Tensor, A32: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    if route == "split":
+        return _C.lora_xa_split(x, A32)
+    return _C.lora_xa(x, A32, p, seed, route == "transposed")
+
+
 def _lora_xa(x: torch.Tensor, A32: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """``_C.lora_xa(x, A32, p, seed)`` (``x`` ``(M, K)`` rows, ``A32`` fp32 ``(r, K)`` -> fp32 ``(M, r)``) by the
-    kernel op ``lora_down`` measured for this key: ``rows`` or ``transposed`` (the same products, summed in another
-    order)."""
+    """``drop(x) A32^T`` (``x`` ``(M, K)`` rows, ``A32`` fp32 ``(r, K)`` -> fp32 ``(M, r)``: the products exact in
+    fp32, the sums fp32) by the kernel op ``lora_down`` measured for this key: ``_C.lora_xa`` over ``A`` as stored
+    (``rows``) or transposed (``transposed``), or ``_C.lora_xa_split`` (``split``); they sum in different orders."""
     local = (x.dtype, routes.bucket(x.shape[0]), x.shape[1], A32.shape[0], p > 0)
     found = _down_settled.get(local)
     if found is not None and found[0] == routes.generation() and found[1] == _env.read("FASTPEFT_ROUTE"):
         taken = found[2]
         if not taken.due():
             taken.served()
-            return _C.lora_xa(x, A32, p, seed, found[3])
+            return _down_by(found[3], x, A32, p, seed)
     key = _down_key(x, A32, p)
-    out = routes.run(key, {"rows": lambda: _C.lora_xa(x, A32, p, seed, False),
-                           "transposed": lambda: _C.lora_xa(x, A32, p, seed, True)})
-    settled = routes.settled_call(key, _DOWN_ROUTES)
+    eligible = _down_routes(x, p)
+    out = routes.run(key, {route: partial(_down_by, route, x, A32, p, seed) for route in eligible})
+    settled = routes.settled_call(key, eligible)
     if settled is None:
         _down_settled.pop(local, None)
     else:
         _down_settled[local] = (routes.generation(), _env.read("FASTPEFT_ROUTE"),
-                                routes.TakenRoutes({"lora_down": settled}), settled[0] == "transposed")
+                                routes.TakenRoutes({"lora_down": settled}), settled[0])
     return out
 
 
@@ -917,7 +931,7 @@ class CpuBackend(Backend):
         if (forward[0] == "gemv" and backward[0] in _NATIVE_BACKWARD and x.dtype == _F32 and len(lora_A) == 1
                 and lora_bias[0] is None and _native_fits(weight, lora_A[0], lora_B[0])):
             prefetch = routes.settled_call(_prefetch_key(weight), _GEMV_PREFETCH)
-            down = routes.settled_call(_down_key(x, lora_A[0], dropout_p[0]), _DOWN_ROUTES)
+            down = routes.settled_call(_down_key(x, lora_A[0], dropout_p[0]), _DOWN_ROUTES[:2])  # x is fp32
             if prefetch is not None and down is not None:  # (their first calls are measured on the route's own path)
                 taken["gemv_prefetch"] = (prefetch[0], None, prefetch[1])
                 taken["lora_down"] = (down[0], None, down[1])

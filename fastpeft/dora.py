@@ -304,6 +304,19 @@ def _scaled_grads(backend, dy: torch.Tensor, scale: torch.Tensor, with_e: bool) 
     return ge
 
 
+def _grad_prologue(backend, dy: torch.Tensor, z: Optional[torch.Tensor], scale: torch.Tensor, with_e: bool,
+                   needs_ge: bool) -> tuple:
+    """``(dots, ge)``: ``dots = _column_dots(dy, z)`` (None without ``z``) and ``ge`` as ``_scaled_grads`` makes it
+    (None unless ``needs_ge``), in one pass over ``dY`` where the backend has it (``Backend.dora_grad_prologue``,
+    the same bits), else by those two."""
+    if needs_ge:
+        found = backend.dora_grad_prologue(dy, z, scale, with_e)
+        if found is not None:
+            return found
+    return (None if z is None else _column_dots(dy, z, backend),
+            _scaled_grads(backend, dy, scale, with_e) if needs_ge else None)
+
+
 # ---------------------------------------------------------------------------------------------------- forward
 WIDEN_BLOCK_ELEMENTS = 1 << 20  # rows of W widened at a time when the product runs in a wider dtype (4 MB in fp32)
 
@@ -588,14 +601,11 @@ class DoraLinearFunction(torch.autograd.Function):
         dy = grad_y.contiguous()
         dm = dx = dA = dB = None
         needs_grads = needs_dx or needs_dA or needs_dB
-        with_e = needs_dx and ctx.dropout_p > 0
-        # dY read once for sum_m dY z, c dY and (c - 1) dY where the backend has that pass.
-        prologue = backend.dora_grad_prologue(dy, z if needs_dm else None, scale, with_e) if needs_grads else None
+        dots, ge = _grad_prologue(backend, dy, z if needs_dm else None, scale, needs_dx and ctx.dropout_p > 0,
+                                  needs_grads)
         if needs_dm:
-            dots = prologue[0] if prologue is not None else _column_dots(dy, z, backend)
             dm = (dots / (norm * ctx.z_factor if ctx.z_factor != 1.0 else norm)).to(magnitude.dtype)
         if needs_grads:
-            ge = prologue[1] if prologue is not None else _scaled_grads(backend, dy, scale, with_e)
             grads = routing.grads_key(needs_dx, needs_dA)
             eligible = _backward_routes(backend, dy, weight, A, ctx.dropout_p, needs_dx)
             candidates = {route: (lambda fn=fn: fn(backend, dy, ge, x, weight, A, B, h, ctx.scaling,

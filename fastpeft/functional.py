@@ -364,7 +364,7 @@ def dispatch_state() -> tuple:
     """What the backend and route of every call depend on besides the call's own tensors and the route key:
     ``fastpeft.routing.generation()``, ``FASTPEFT_ROUTE``, ``set_backend`` and ``FASTPEFT_BACKEND``. Equal values
     mean unchanged dispatch."""
-    return (routing.generation(), _env.raw(b"FASTPEFT_ROUTE"), *selection_state())
+    return (*routing.choice_state(), *selection_state())
 
 
 def dispatch_guards() -> Optional[list]:

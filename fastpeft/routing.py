@@ -453,6 +453,12 @@ def generation() -> int:
     return _generation[0]
 
 
+def choice_state() -> tuple:
+    """What every route choice depends on besides its key: :func:`generation` and ``FASTPEFT_ROUTE`` (read per call).
+    A caller that keeps a route (:func:`settled_call`) keeps this with it; equal values mean the same choices."""
+    return (_generation[0], _env.raw(b"FASTPEFT_ROUTE"))
+
+
 def last_routes() -> dict:
     """The dict :func:`last_route` reads (op -> the route the latest call ran), for a caller outside Python that
     records the routes it takes in it."""
@@ -730,9 +736,9 @@ def run(key: RouteKey, candidates: dict[str, Callable[[], object]], device: str 
                 _changed()
         return candidates[unmeasured]()
     choice = _choices.get(key)
-    if choice is not None and choice.source == "measured" and CONFIRM_AFTER_CALLS and not _in_measurement():
+    if choice is not None and choice.source == "measured" and CONFIRM_AFTER_CALLS:
         due = _due(choice)
-        choice.calls += 1
+        _count(choice)
         # (a CUDA graph being captured records this call once, and a timed call would synchronize inside it)
         if due and not (device == "cuda" and torch.cuda.is_current_stream_capturing()):
             with _lock:
@@ -843,8 +849,8 @@ def take(key: RouteKey, eligible) -> Optional[str]:
     route, counted = _decided(key, eligible, some=True)
     if route is None:
         return None
-    if counted is not None and not _in_measurement():
-        counted.calls += 1
+    if counted is not None:
+        _count(counted)
     _last[key.op] = route
     return route
 
@@ -873,17 +879,14 @@ class TakenRoutes:
         self.counted = tuple(counted for _, counted in found.values() if counted is not None)
 
     def due(self) -> bool:
-        if self.counted and _in_measurement():
-            return False
         for choice in self.counted:  # (a loop, not any(): this runs per settled call, almost always over nothing)
             if _due(choice):
                 return True
         return False
 
     def served(self) -> None:
-        if not (self.counted and _in_measurement()):
-            for choice in self.counted:
-                choice.calls += 1
+        for choice in self.counted:
+            _count(choice)
         _last.update(self.routes)
 
 
@@ -905,8 +908,16 @@ def rotating(key: RouteKey, eligible) -> Optional[str]:
 
 
 def _due(choice: Choice) -> bool:
-    """Whether the next call of a first measurement's key (``"measured"``) is one its confirmation times."""
-    return choice.calls + 1 >= CONFIRM_AFTER_CALLS
+    """Whether the next call of a first measurement's key (``"measured"``) is one its confirmation times (never a
+    call made while some key's candidates are timed: see :func:`_in_measurement`)."""
+    return choice.calls + 1 >= CONFIRM_AFTER_CALLS and not _in_measurement()
+
+
+def _count(choice: Choice) -> None:
+    """Count a real call of a first measurement's key toward its confirmation (calls inside a measurement are not
+    the key's real calls)."""
+    if not _in_measurement():
+        choice.calls += 1
 
 
 def _deterministic() -> bool:

@@ -50,6 +50,10 @@ struct QuantDesc {
 // strips of every ISA): smaller than a mask chunk, so that two threads share a few hundred columns evenly.
 constexpr int64_t outer_mask_rows = 512, outer_mask_cols = 128, outer_split_cols = 64;
 
+// xa_rows_t stages at most down_t_rows rows of down_t_chunk elements each (the widest ISA's row block): its scratch
+// is down_t_rows * down_t_chunk floats.
+constexpr int64_t down_t_rows = 16, down_t_chunk = 256;
+
 // Where outer_cols' masked dst update goes instead of dst itself (DoRA's dropout correction of dX in the same pass):
 //   out[m, n] = round(dst[m, n] + mask(m, n) * t(m, n) + (mask(m, n) - 1) * extra[m, n]) in dt_out,
 // t the adapter term, mask(m, n) = keep / (1 - p) as in outer_cols; extra: (M, cols) fp32 rows ld_extra apart; dst is
@@ -150,7 +154,7 @@ struct KernelTable {
 
   // xa_rows with A given transposed and padded: At (K, RP) fp32, RP a multiple of vector_width >= r, columns past r
   // zero. The same products summed in another order: each rank's in k order (xa_rows sums vector_width strided
-  // partials, then those). buf: 16 * 256 floats of scratch (XT_ROWS x XT_KC of kernels_impl.h at most).
+  // partials, then those). buf: down_t_rows * down_t_chunk floats of scratch.
   void (*xa_rows_t)(int dt, const void* x, int64_t ldx, int64_t K, int64_t m0, int64_t m1, const float* At, int64_t r,
                     int64_t RP, float p, uint32_t seed, float* xa, int64_t ldxa, float* buf);
   // DoRA's backward prologue for the columns [n0, n1): dots[n - n0] += sum_m dy[m, n] z[m, n] (if z; column_dots_cols'

@@ -466,7 +466,8 @@ void xa_rows(int dt, const void* x, int64_t ldx, int64_t K, int64_t m0, int64_t 
 // streamed once per XT_ROWS rows (dot_block streams it once per four, from L2 for a wide K) and no lanes need summing
 // at the end. Rows that are not fp32, or are dropped, are staged XT_KC elements at a time, in L1.
 constexpr int XT_ROWS = VW == 16 ? 16 : 8;  // accumulators of one rank group: half the register file or less
-constexpr int64_t XT_KC = 256;              // k per staged chunk: XT_ROWS x XT_KC floats (16 KB on AVX-512)
+constexpr int64_t XT_KC = down_t_chunk;     // k per staged chunk: XT_ROWS x XT_KC floats (16 KB on AVX-512)
+static_assert(XT_ROWS <= down_t_rows, "kernels.h sizes xa_rows_t's scratch");
 constexpr int64_t XT_GROUPS = 8;            // rank groups (VW ranks each) per sweep over the rows
 
 // acc[i * groups + gi] += sum_{kk < w} X[i][kk] * At[kk * RP + gi * VW + lane], for i < NB, gi < groups.

@@ -378,7 +378,7 @@ at::Tensor lora_xa(const at::Tensor& x, const at::Tensor& A, double p, int64_t s
     kt.transpose_f32(Ap, Kd, r, Kd, At.data_ptr<float>(), RP);
     const float* Atp = At.data_ptr<float>();
     at::parallel_for(0, M, gr, [&](int64_t b, int64_t e) {
-      std::vector<float> buf(16 * 256);
+      std::vector<float> buf(down_t_rows * down_t_chunk);
       kt.xa_rows_t(dt, xp, ldx, Kd, b, e, Atp, r, RP, float(p), uint32_t(seed), out, r, buf.data());
     });
     return xa;

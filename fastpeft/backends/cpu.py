@@ -34,7 +34,6 @@ from typing import Optional
 
 import torch
 
-from .. import _env
 from .. import routing as routes
 from .._derived import SHARED, kept_copies_allowed
 from ..quant import QuantizedWeight
@@ -345,9 +344,9 @@ def _product_routes(x, weight, forward: bool) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- lora_down
 _DOWN_ROUTES = ("rows", "transposed", "split")
 
-# (x dtype, M bucket, K, rank, dropout on) -> (routing generation, FASTPEFT_ROUTE, TakenRoutes, route): the settled
-# lora_down choices, so that a call whose choice is made builds no route key (at decode sizes that costs about as
-# much as the pass).
+# (x dtype, M bucket, K, rank, dropout on) -> (routes.choice_state(), TakenRoutes, route): the settled lora_down
+# choices, so that a call whose choice is made builds no route key (at decode sizes that costs about as much as the
+# pass).
 _down_settled: dict = {}
 
 
@@ -357,12 +356,10 @@ def _down_key(x: torch.Tensor, A: torch.Tensor, p: float) -> routes.RouteKey:
                            p > 0, A.shape[0], 1)
 
 
-def _down_routes(x: torch.Tensor, p: float) -> tuple:
-    """The ``lora_down`` routes that may serve ``x``: ``split`` takes bf16 ``x`` without dropout, where oneDNN's
-    bf16 block kernel runs (``_C.widened_mm``)."""
-    if x.dtype == torch.bfloat16 and p == 0 and _C.widened_mm_available():
-        return _DOWN_ROUTES
-    return _DOWN_ROUTES[:2]
+def _down_routes(x: torch.Tensor, A32: torch.Tensor, p: float) -> tuple:
+    """The ``lora_down`` routes that may serve ``x``: ``split`` where ``split_pairs`` may (bf16 ``x``, no dropout,
+    oneDNN's bf16 block kernel)."""
+    return _DOWN_ROUTES if _split_pairs_eligible(x, [A32], [p]) else _DOWN_ROUTES[:2]
 
 
 def _down_by(route: str, x: torch.Tensor, A32: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -377,20 +374,19 @@ def _lora_xa(x: torch.Tensor, A32: torch.Tensor, p: float, seed: int) -> torch.T
     (``rows``) or transposed (``transposed``), or ``_C.lora_xa_split`` (``split``); they sum in different orders."""
     local = (x.dtype, routes.bucket(x.shape[0]), x.shape[1], A32.shape[0], p > 0)
     found = _down_settled.get(local)
-    if found is not None and found[0] == routes.generation() and found[1] == _env.read("FASTPEFT_ROUTE"):
-        taken = found[2]
+    if found is not None and found[0] == routes.choice_state():
+        taken = found[1]
         if not taken.due():
             taken.served()
-            return _down_by(found[3], x, A32, p, seed)
+            return _down_by(found[2], x, A32, p, seed)
     key = _down_key(x, A32, p)
-    eligible = _down_routes(x, p)
+    eligible = _down_routes(x, A32, p)
     out = routes.run(key, {route: partial(_down_by, route, x, A32, p, seed) for route in eligible})
     settled = routes.settled_call(key, eligible)
     if settled is None:
         _down_settled.pop(local, None)
     else:
-        _down_settled[local] = (routes.generation(), _env.read("FASTPEFT_ROUTE"),
-                                routes.TakenRoutes({"lora_down": settled}), settled[0])
+        _down_settled[local] = (routes.choice_state(), routes.TakenRoutes({"lora_down": settled}), settled[0])
     return out
 
 

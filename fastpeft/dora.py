@@ -29,9 +29,10 @@ from the seed (``fastpeft._philox``) by the backend's own masked pass.
 
 Routes per op (``fastpeft.routing.ROUTES``: ``dora_forward``, ``dora_backward``): ``compose`` (vendor GEMMs in
 torch) and ``fused`` (the backend's LoRA op, by its own measured route, plus the DoRA epilogue), so every backend
-(reference, cpu, triton, cuda) serves DoRA by construction; with dropout, where the backend multiplies bf16
-operands into fp32 sums (``Backend.widened_mm``), ``stacked`` runs each pair of products with ``W`` (``x`` and its
-kept elements forward, ``c dY`` and ``(c - 1) dY`` backward) as one product over ``2M`` rows, ``W`` read once.
+(reference, cpu, triton, cuda) serves DoRA by construction; with dropout and fp32 adapters, ``stacked`` runs each
+pair of products with ``W`` (``x`` and its dropped copy forward, ``c dY`` and ``(c - 1) dY`` backward) as one
+product over ``2M`` rows, ``W`` read once: the vendor GEMM for fp32 operands (on a backend with the one-pass DoRA
+epilogue), the backend's widened product for bf16 ones (``Backend.widened_mm``: bf16 operands into fp32 sums).
 The second base product of dropout runs in the adapters' dtype, as PEFT's does; for fp32 adapters over a bf16 base
 that is an fp32 GEMM, which the ``pairs`` routes of ``widened_product`` (and ``stacked``) compute from the bf16
 operands (exact products, fp32 sums) where the backend can. A bitsandbytes base (``QuantizedWeight``) runs the
@@ -415,6 +416,44 @@ def _forward(route, backend, x, weight, bias, A, B, scale, s, p, seed):
 
 
 def _forward_stacked(backend, x, weight, bias, A, B, scale, s, p, seed):
+    """Route ``stacked`` (dropout, fp32 adapters): ``x`` and its dropped copy multiplied by ``W`` in one product over
+    their ``2M`` rows, then the adapter's update, the scaling and the rounding in one pass: ``_stacked_fp32`` for an
+    fp32 ``x`` and weight, ``_stacked_widened`` for bf16 ones."""
+    if x.dtype == _F32:
+        return _stacked_fp32(backend, x, weight, bias, A, B, scale, s, p, seed)
+    return _stacked_widened(backend, x, weight, bias, A, B, scale, s, p, seed)
+
+
+def _stacked_fp32(backend, x, weight, bias, A, B, scale, s, p, seed):
+    """Route ``stacked`` for fp32 ``x``, weight and adapters: ``x`` and ``drop(x)`` (PEFT's dropped input, written by
+    the backend's masked pass) as the two halves of one transient ``(2M, K)`` matrix, multiplied by ``W`` in one
+    vendor GEMM (``W`` packed and read once for both): ``P_1 = x W^T``, ``P_2 = drop(x) W^T``. With
+    ``h = drop(x) A^T``: ``z = P_2 + s h B^T`` and ``y = P_1 + b + s h B^T + (c - 1) z`` in one pass, ``z`` written
+    into its own ``(M, N)`` (the ``(2M, N)`` product is transient). A dropped element of ``x`` is a zero of
+    ``drop(x)`` whatever ``x`` holds there (as the masked passes write it). Returns ``z`` with ``z_factor = 1``."""
+    M, K = x.shape
+    rows = x.new_empty(2 * M, K)
+    rows[:M].copy_(x)
+    xd = rows[M:]
+    if backend.dropout_combine(None, x, p, seed, _as_fp32(1.0 / (1.0 - p)), 0.0, out=xd) is None:
+        torch.mul(x, keep_scale(backend, M, K, p, seed, x.device), out=xd)
+    product = torch.mm(rows, weight.detach().t())
+    h = backend.lora_down(xd, A)
+    del rows, xd
+    base = product[:M]
+    b = None if bias is None else bias.detach().to(_F32)
+    f = scale - 1.0
+    z = torch.empty(M, product.shape[1], dtype=_F32, device=x.device)
+    y = backend.dora_epilogue(product[M:], base, h, B, s, s, f, b, x.dtype, z_out=z)
+    if y is None:
+        z.copy_(product[M:])
+        z = backend.lora_up_onto(z, h, B, s)
+        base = backend.lora_up_onto(base, h, B, s, b)
+        y = _scaled(z, f, x.dtype, base, backend)
+    return y, h, z, 1.0
+
+
+def _stacked_widened(backend, x, weight, bias, A, B, scale, s, p, seed):
     """Route ``stacked`` (dropout, bf16 ``x`` and weight, fp32 adapters, a backend with ``widened_mm``): ``x`` and its
     kept elements (exact in bf16, ``1 / (1 - p)`` after the sums) multiplied by ``W`` in one widened product
     (``Backend.widened_mm_parts``: ``W`` read once for both; exact products, fp32 sums), ``P_1`` and ``P_2``. With
@@ -494,13 +533,15 @@ def _dropout_corrected(backend, dx: torch.Tensor, eW: torch.Tensor, p: float, se
 
 
 def _backward_stacked(backend, dy, ge, x, weight, A, B, h, s, p, seed, needs_dx, needs_dA):
-    """Route ``stacked`` (dropout, ``dX`` wanted, a bf16 weight the backend multiplies by ``widened_mm``):
-    ``g = c * dY`` and ``e = (c - 1) * dY`` are the two halves of one ``(2M, N)`` matrix, multiplied by ``W`` in one
-    widened product (``W`` read once for both, exact products, fp32 sums); then ``dX = g W + s (g B) A * mask /
-    (1 - p) + (mask / (1 - p) - 1) * e W``, rounded once, by the backend's masked passes
-    (``Backend.lora_backward_onto`` with the correction: one mask draw for ``dA`` and ``dX``)."""
+    """Route ``stacked`` (dropout, ``dX`` wanted, fp32 adapters): ``g = c * dY`` and ``e = (c - 1) * dY`` are the two
+    halves of one ``(2M, N)`` matrix, multiplied by ``W`` in one product (``W`` read once for both: the vendor GEMM
+    for an fp32 ``dY`` and weight, else the backend's widened product of the bf16 ones, exact products and fp32
+    sums); then ``dX = g W + s (g B) A * mask / (1 - p) + (mask / (1 - p) - 1) * e W``, rounded once, by the
+    backend's masked passes (``Backend.lora_backward_onto`` with the correction: one mask draw for ``dA`` and
+    ``dX``)."""
     M = dy.shape[0]
-    product = backend.widened_mm(ge, weight.detach().t())
+    W = weight.detach()
+    product = torch.mm(ge, W) if ge.dtype == _F32 and W.dtype == _F32 else backend.widened_mm(ge, W.t())
     dx = torch.empty(M, product.shape[1], dtype=dy.dtype, device=dy.device)
     done = backend.lora_backward_onto(product[:M], ge[:M], x if needs_dA else None, A, B, h, s, p, seed,
                                       corrected=(product[M:], dx))
@@ -540,11 +581,17 @@ def _routes_for(weight) -> tuple[str, ...]:
     return ("compose", "fused") if isinstance(weight, torch.Tensor) else ("fused",)
 
 
+def _fp32_operands(backend, x, weight) -> bool:
+    """``stacked``'s fp32 case: ``x`` and a dense weight in fp32 on a backend with the one-pass passes it uses."""
+    return x.dtype == _F32 and weight.dtype == _F32 and type(backend).dora_epilogue is not Backend.dora_epilogue
+
+
 def _forward_routes(backend, x, weight, A, p) -> tuple[str, ...]:
     """``_routes_for`` plus ``stacked`` where it may run (fastpeft.routing.ROUTE_LIMITS)."""
     routes = _routes_for(weight)
     if (p > 0 and isinstance(weight, torch.Tensor) and A.dtype == _F32
-            and backend.widened_mm_eligible(x, weight.detach(), interleave_a=False)):
+            and (_fp32_operands(backend, x, weight)
+                 or backend.widened_mm_eligible(x, weight.detach(), interleave_a=False))):
         routes += ("stacked",)
     return routes
 
@@ -554,7 +601,8 @@ def _backward_routes(backend, dy, weight, A, p, needs_dx) -> tuple[str, ...]:
     routes = _routes_for(weight)
     if (p > 0 and needs_dx and isinstance(weight, torch.Tensor) and A.dtype == _F32
             and type(backend).lora_backward_onto is not Backend.lora_backward_onto
-            and backend.widened_mm_eligible(dy, weight.detach().t(), interleave_a=False)):
+            and (_fp32_operands(backend, dy, weight)
+                 or backend.widened_mm_eligible(dy, weight.detach().t(), interleave_a=False))):
         routes += ("stacked",)
     return routes
 

@@ -183,10 +183,11 @@ ROUTES: dict[str, dict[str, str]] = {
                    "route of widened_product",
         "fused": "DoRA through the backend's LoRA forward (its own measured route) for x W^T + s x A^T B^T, then the "
                  "fp32 scaling epilogue; with dropout the second base product by a route of widened_product",
-        "stacked": "with dropout: x and its kept elements multiplied by W in one widened product over their 2M rows "
-                   "(each tile of W rearranged once for both; exact products, fp32 sums, 1 / (1 - p) after them), "
-                   "the adapter's update added to both halves in fp32 by the backend's passes, the scaling and the "
-                   "rounding in one pass",
+        "stacked": "with dropout: x and its dropped copy multiplied by W in one product over their 2M rows: fp32 x "
+                   "and weight by the vendor GEMM over a transient (2M, K) copy (drop(x) written by the masked pass); "
+                   "bf16 ones by one widened product of x and its kept elements (each tile of W rearranged once for "
+                   "both; exact products, fp32 sums, 1 / (1 - p) after them); the adapter's update added to both "
+                   "halves in fp32, the scaling and the rounding in one pass",
     },
     "widened_product": {
         "widen": "a GEMM in the wider dtype of a product PEFT runs there (fp32 adapters over a bf16 base: DoRA's "
@@ -205,10 +206,10 @@ ROUTES: dict[str, dict[str, str]] = {
                    "((c - 1) dY) W + s (c dY B) A",
         "fused": "DoRA backward through the backend's LoRA backward on c dY (its own measured route); with dropout "
                  "one more vendor GEMM corrects dX by (mask / (1 - p) - 1) * ((c - 1) dY) W",
-        "stacked": "with dropout: c dY and (c - 1) dY as the halves of one (2M, N) bf16 matrix multiplied by W in one "
-                   "widened product (W read once for both; exact products, fp32 sums), the adapter's masked dX term "
-                   "added to the fp32 c dY W by the backend's passes, the dropout correction and the rounding in one "
-                   "masked pass",
+        "stacked": "with dropout: c dY and (c - 1) dY as the halves of one (2M, N) matrix multiplied by W in one "
+                   "product (W read once for both: the vendor GEMM in fp32, the widened product for bf16, exact "
+                   "products and fp32 sums), the adapter's masked dX term added to the fp32 c dY W by the backend's "
+                   "passes, the dropout correction and the rounding in one masked pass",
     },
 }
 
@@ -244,9 +245,10 @@ ROUTE_LIMITS: dict[str, str] = {
                             "sgmv: the triton backend, ranks <= 64",
     "dora_forward / dora_backward": "a dense base weight and one active adapter (several adapters with DoRA, a "
                                     "quantized base or autocast: PEFT's own forward)",
-    "stacked (DoRA)": "dora_forward with dropout, dora_backward with dropout when dX is wanted: x (dY) and a dense "
-                      "weight in bf16, fp32 adapters, the weight or its transpose of unit column stride; a backend "
-                      "with widened_mm (and for the backward lora_backward_onto): cpu",
+    "stacked (DoRA)": "dora_forward with dropout, dora_backward with dropout when dX is wanted: fp32 adapters and a "
+                      "dense weight; x (dY) and the weight in fp32 on a backend with the one-pass DoRA epilogue, or in "
+                      "bf16 with the weight or its transpose of unit column stride on a backend with widened_mm; for "
+                      "the backward lora_backward_onto: cpu",
     "fused_pairs": "x (dY) and a dense weight in bf16, the weight or its transpose of unit column stride; the cpu "
                    "backend where fastpeft._C.widened_mm runs (as pairs)",
     "fused_pairs_x / pairs_x": "as fused_pairs / pairs, with a weight of unit column stride",

@@ -112,8 +112,10 @@ def check_every_route_pair(backend, x, W, b, A, B, m, s, p, floor=1e-6):
         widened += ["pairs", "pairs_x"]
     forwards = dora._forward_routes(get_backend(x, W), x.reshape(-1, K), W, A, p)
     backwards = dora._backward_routes(get_backend(x, W), x.reshape(-1, K), W, A, p, True)
-    if p > 0 and backend == "cpu" and x.dtype == torch.bfloat16 and A.dtype == torch.float32 and \
-            get_backend(x, W).widened_mm_eligible(x.reshape(-1, K), W.t(), interleave_a=False):
+    if p > 0 and backend == "cpu" and A.dtype == torch.float32 and (
+            (x.dtype == W.dtype == torch.float32)
+            or (x.dtype == torch.bfloat16
+                and get_backend(x, W).widened_mm_eligible(x.reshape(-1, K), W.t(), interleave_a=False))):
         assert "stacked" in forwards and "stacked" in backwards, "the stacked routes were left out where they may run"
     assert set(ROUTE_PAIRS) <= set(itertools.product(forwards, backwards))
     # The stacked forward computes its second base product itself: no route of widened_product runs there; it runs
@@ -131,7 +133,7 @@ def check_every_route_pair(backend, x, W, b, A, B, m, s, p, floor=1e-6):
             torch.manual_seed(3)
             return dora.dora_linear(xx, W, b, AA, BB, mm, s, p, training=True)
 
-        backend_class.dora_epilogue = (lambda *args: None) if product == "three passes" else one_pass
+        backend_class.dora_epilogue = (lambda *args, **kwargs: None) if product == "three passes" else one_pass
         try:
             got = run_with_grads(fused, x, A, B, m)
         finally:
@@ -859,18 +861,21 @@ def test_no_n_by_k_tensor_per_call_and_peft_as_control(clean_routes, route, p):
             assert rec.largest < N * K, f"fastpeft formed a tensor of {rec.largest} elements (N x K = {N * K})"
 
 
-def test_stacked_routes_form_no_n_by_k_tensor_and_ran():
-    """The stacked forward and backward (bf16 base, PEFT's fp32 adapters, dropout): their (2M, K) and (2M, N)
-    operands and products stay below N x K at M=5 < N=29 < K=37, and they are the routes that ran."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_stacked_routes_form_no_n_by_k_tensor_and_ran(dtype):
+    """The stacked forward and backward (a bf16 or fp32 base, PEFT's fp32 adapters, dropout): their (2M, K) and
+    (2M, N) operands and products stay below N x K at M=5 < N=29 < K=37, they are the routes that ran, and nothing
+    saved holds the transient (2M, N) product."""
     N, K = 29, 37
-    layer = get_peft_model(nn.Sequential(nn.Linear(K, N).to(torch.bfloat16)),
+    layer = get_peft_model(nn.Sequential(nn.Linear(K, N).to(dtype)),
                            LoraConfig(r=3, target_modules=["0"], use_dora=True, lora_dropout=0.1,
                                       init_lora_weights=False))
     fastpeft.accelerate(layer)
-    x = torch.randn(5, K, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(5, K, dtype=dtype, requires_grad=True)
     if "stacked" not in dora._backward_routes(get_backend(x, layer.base_model.model[0].base_layer.weight), x,
                                               layer.base_model.model[0].base_layer.weight,
                                               layer.base_model.model[0].lora_A["default"].weight, 0.1, True):
+        assert dtype == torch.bfloat16, "the fp32 stacked route runs on every CPU"
         pytest.skip("no widened bf16 product on this CPU: the stacked route cannot run")
     routing.set_route("dora_forward", "stacked")
     routing.set_route("dora_backward", "stacked")

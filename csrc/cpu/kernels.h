@@ -141,11 +141,12 @@ struct KernelTable {
                               int64_t m0, int64_t m1, uint32_t seed, float p, float kept, float dropped, int dt_out,
                               void* out, int64_t ldo);
   // DoRA's stacked forward epilogue, rows [m0, m1): u = h[m] Bt (h (M, R) ldh apart, Bt (R, N) fp32 contiguous),
-  // z[m] += k u in place (fp32), out[m] = round(base[m] + bias + s u + f * z[m]) in dt_out (fp32 arithmetic); f (N,)
-  // fp32, bias (N,) fp32 or null, base fp32 rows.
-  void (*dora_epilogue_rows)(float* z, int64_t ldz, const float* base, int64_t ldb, int64_t N, int64_t m0, int64_t m1,
-                             const float* h, int64_t ldh, int64_t R, const float* Bt, float k, float s, const float* f,
-                             const float* bias, int dt_out, void* out, int64_t ldo);
+  // z[m] = zin[m] + k u (fp32; z may be zin: in place), out[m] = round(base[m] + bias + s u + f * z[m]) in dt_out
+  // (fp32 arithmetic; out may be base); f (N,) fp32, bias (N,) fp32 or null, base fp32 rows.
+  void (*dora_epilogue_rows)(const float* zin, int64_t ldzi, float* z, int64_t ldz, const float* base, int64_t ldb,
+                             int64_t N, int64_t m0, int64_t m1, const float* h, int64_t ldh, int64_t R,
+                             const float* Bt, float k, float s, const float* f, const float* bias, int dt_out,
+                             void* out, int64_t ldo);
 
   // Part i of in[0, C) fp32 as bf16 bits at out + i * part_stride, for i < parts: part 0 is the value rounded to bf16
   // (to nearest even, NaN kept), each next part the rounded remainder the parts before it left, so three parts hold

@@ -769,9 +769,9 @@ void expand_tail(int dt, void* row, int64_t n0, const float* c, int64_t R, const
 //   u = h Bt;  z += k u in place;  out = round(base + bias + s u + f z) in dt_out,
 // u summed in registers one EXPAND_W panel at a time (panel_sums), the tail columns one by one.
 template <int NB>
-void dora_epilogue_block(float* z, int64_t ldz, const float* base, int64_t ldb, int64_t N, const float* h,
-                         int64_t ldh, int64_t R, const float* Bt, float k, float s, const float* f, const float* bias,
-                         int dt_out, void* out, int64_t ldo) {
+void dora_epilogue_block(const float* zin, int64_t ldzi, float* z, int64_t ldz, const float* base, int64_t ldb,
+                         int64_t N, const float* h, int64_t ldh, int64_t R, const float* Bt, float k, float s,
+                         const float* f, const float* bias, int dt_out, void* out, int64_t ldo) {
   const vf kv = splat(k), sv = splat(s);
   const int64_t whole = N - N % EXPAND_W;
   for (int64_t n0 = 0; n0 < whole; n0 += EXPAND_W) {
@@ -781,7 +781,7 @@ void dora_epilogue_block(float* z, int64_t ldz, const float* base, int64_t ldb, 
       void* orow = row_ptr(dt_out, out, ldo, i);
       for (int v = 0; v < EXPAND_NV; ++v) {
         const int64_t n = n0 + v * VW;
-        const vf zv = load_f32(z + i * ldz + n) + kv * acc[i][v];
+        const vf zv = load_f32(zin + i * ldzi + n) + kv * acc[i][v];
         store_f32(z + i * ldz + n, zv);
         vf o = load_f32(base + i * ldb + n) + sv * acc[i][v] + load_f32(f + n) * zv;
         if (bias) o += load_f32(bias + n);
@@ -794,20 +794,21 @@ void dora_epilogue_block(float* z, int64_t ldz, const float* base, int64_t ldb, 
     for (int64_t n = whole; n < N; ++n) {
       float u = 0.f;
       for (int64_t j = 0; j < R; ++j) u += h[i * ldh + j] * Bt[j * N + n];
-      const float zn = z[i * ldz + n] + k * u;
+      const float zn = zin[i * ldzi + n] + k * u;
       z[i * ldz + n] = zn;
       store_act1(dt_out, orow, n, base[i * ldb + n] + s * u + f[n] * zn + (bias ? bias[n] : 0.f));
     }
   }
 }
 
-void dora_epilogue_rows(float* z, int64_t ldz, const float* base, int64_t ldb, int64_t N, int64_t m0, int64_t m1,
-                        const float* h, int64_t ldh, int64_t R, const float* Bt, float k, float s, const float* f,
-                        const float* bias, int dt_out, void* out, int64_t ldo) {
+void dora_epilogue_rows(const float* zin, int64_t ldzi, float* z, int64_t ldz, const float* base, int64_t ldb,
+                        int64_t N, int64_t m0, int64_t m1, const float* h, int64_t ldh, int64_t R, const float* Bt,
+                        float k, float s, const float* f, const float* bias, int dt_out, void* out, int64_t ldo) {
   for (int64_t m = m0; m < m1; m += EXPAND_MB) {
     const int nb = int((m1 - m) < EXPAND_MB ? (m1 - m) : EXPAND_MB);
-    FASTPEFT_BLOCK(nb, dora_epilogue_block<NB>(z + m * ldz, ldz, base + m * ldb, ldb, N, h + m * ldh, ldh, R, Bt, k,
-                                               s, f, bias, dt_out, row_ptr(dt_out, out, ldo, m), ldo))
+    FASTPEFT_BLOCK(nb, dora_epilogue_block<NB>(zin + m * ldzi, ldzi, z + m * ldz, ldz, base + m * ldb, ldb, N,
+                                               h + m * ldh, ldh, R, Bt, k, s, f, bias, dt_out,
+                                               row_ptr(dt_out, out, ldo, m), ldo))
   }
 }
 

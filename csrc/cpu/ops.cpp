@@ -261,18 +261,28 @@ at::Tensor masked_combine(const c10::optional<at::Tensor>& a, const at::Tensor& 
   return o;
 }
 
-// DoRA's stacked forward epilogue in one pass: u = h Bt; z += k u in place; returns round(base + bias + s u + f z)
-// (M, N) in out_dtype. z, base: (M, N) fp32 rows; h (M, R), Bt (R, N) (B transposed, stack_transposed), f (N,),
-// bias (N,) or None: fp32.
+// DoRA's stacked forward epilogue in one pass: u = h Bt; z += k u in place, or z_out = z + k u with z only read;
+// returns round(base + bias + s u + f (z + k u)) (M, N) in out_dtype. z, base, z_out: (M, N) fp32 rows; h (M, R),
+// Bt (R, N) (B transposed, stack_transposed), f (N,), bias (N,) or None: fp32.
 at::Tensor dora_epilogue(at::Tensor& z, const at::Tensor& base, const at::Tensor& h, const at::Tensor& Bt, double k,
                          double s, const at::Tensor& f, const c10::optional<at::Tensor>& bias,
-                         at::ScalarType out_dtype) {
+                         at::ScalarType out_dtype, const c10::optional<at::Tensor>& z_out) {
   check_rows(z, "z");
   check_rows(base, "base");
   const int64_t M = z.size(0), N = z.size(1), R = Bt.dim() == 2 ? Bt.size(0) : -1;
   TORCH_CHECK(z.scalar_type() == at::kFloat && base.scalar_type() == at::kFloat && base.sizes() == z.sizes(),
               "fastpeft._C.dora_epilogue: z and base must be fp32 of one shape, got ", z.sizes(), " and ",
               base.sizes());
+  float* zo = z.data_ptr<float>();
+  int64_t ldzo = z.stride(0);
+  if (z_out.has_value()) {
+    check_rows(*z_out, "z_out");
+    TORCH_CHECK(z_out->scalar_type() == at::kFloat && z_out->sizes() == z.sizes(),
+                "fastpeft._C.dora_epilogue: z_out must be fp32 ", z.sizes(), ", got ", z_out->scalar_type(), " ",
+                z_out->sizes());
+    zo = z_out->data_ptr<float>();
+    ldzo = z_out->stride(0);
+  }
   check_f32(Bt, "Bt", {R, N});
   check_f32_rows(h, "h", M, R);
   check_f32(f, "f", {N});
@@ -283,14 +293,14 @@ at::Tensor dora_epilogue(at::Tensor& z, const at::Tensor& base, const at::Tensor
   }
   auto out = at::empty({M, N}, z.options().dtype(out_dtype));
   const int dt_out = dtype_code(out);
-  float* zp = z.data_ptr<float>();
+  const float* zp = z.data_ptr<float>();
   const float *basep = base.data_ptr<float>(), *hp = h.data_ptr<float>(), *Btp = Bt.data_ptr<float>(),
               *fp = f.data_ptr<float>();
   void* op = out.data_ptr();
   const int64_t ldz = z.stride(0), ldb = base.stride(0), ldh = h.stride(0), ldo = out.stride(0);
   at::parallel_for(0, M, grain(N * (R + 4)), [&](int64_t b, int64_t e) {
-    K().dora_epilogue_rows(zp, ldz, basep, ldb, N, b, e, hp, ldh, R, Btp, float(k), float(s), fp, bp, dt_out, op,
-                           ldo);
+    K().dora_epilogue_rows(zp, ldz, zo, ldzo, basep, ldb, N, b, e, hp, ldh, R, Btp, float(k), float(s), fp, bp,
+                           dt_out, op, ldo);
   });
   return out;
 }
@@ -1128,8 +1138,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "dy * scale above dy * (scale - 1) with with_e]: DoRA's backward prologue in one pass");
   m.def("column_dots", &fastpeft::column_dots, "(a (M, N), b (M, N)) -> sum_m a[m] * b[m] fp32 (N,)");
   m.def("dora_epilogue", &fastpeft::dora_epilogue, "(z fp32 (M, N), base fp32 (M, N), h (M, R), Bt (R, N), k, s, "
-        "f (N,), bias (N,)|None, out_dtype) -> round(base + bias + s u + f z') with u = h Bt and z' = z + k u "
-        "written into z: DoRA's stacked forward epilogue in one pass");
+        "f (N,), bias (N,)|None, out_dtype, z_out (M, N)|None) -> round(base + bias + s u + f z') with u = h Bt and "
+        "z' = z + k u written into z_out, or into z without it: DoRA's stacked forward epilogue in one pass",
+        py::arg("z"), py::arg("base"), py::arg("h"), py::arg("Bt"), py::arg("k"), py::arg("s"), py::arg("f"),
+        py::arg("bias"), py::arg("out_dtype"), py::arg("z_out") = py::none());
   m.def("masked_combine", &fastpeft::masked_combine,
         "(a|None, b (M, N), seed, p, kept, dropped, out|None) -> out = round(a + b * (kept where the canonical mask "
         "keeps element m * N + n, else dropped)), fp32 arithmetic; dropped == 0 writes +0");

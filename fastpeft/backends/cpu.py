@@ -859,12 +859,13 @@ class CpuBackend(Backend):
         _C.lora_epilogue_(acc, _f32(h * scale), _bt_all([lora_B]), None if bias is None else _f32(bias))
         return acc
 
-    def dora_epilogue(self, z, base, h, lora_B, k, s, f, bias, dtype):
+    def dora_epilogue(self, z, base, h, lora_B, k, s, f, bias, dtype, z_out=None):
         if not (dtype in _DTYPE_CODES and f.is_cpu and f.dtype == _F32
-                and all(t.is_cpu and t.dtype == _F32 and t.dim() == 2 and t.stride(1) == 1 for t in (z, base, h))):
+                and all(t.is_cpu and t.dtype == _F32 and t.dim() == 2 and t.stride(1) == 1
+                        for t in (z, base, h) + (() if z_out is None else (z_out,)))):
             return None
         return _C.dora_epilogue(z, base, h, _bt_all([lora_B]), float(k), float(s), f.contiguous(),
-                                None if bias is None else _f32(bias), dtype)
+                                None if bias is None else _f32(bias), dtype, z_out)
 
     def lora_backward_onto(self, acc, dy, x, lora_A, lora_B, xa, scaling, dropout_p, seed, corrected=None):
         if not (acc.is_cpu and acc.dtype == _F32 and acc.dim() == 2 and acc.stride(1) == 1 and dy.is_cpu
@@ -874,7 +875,12 @@ class CpuBackend(Backend):
                                              for t in corrected):
             return None
         r = lora_A.shape[0]
-        g, dB, _ = _C.lora_dy_pass(_rows(dy), _bt_all([lora_B]), _f32(xa), _scale_vector([r], [scaling]), True, False)
+        if dy.dtype == _F32:  # dY B and dY^T xa by the vendor GEMM (the composition's layout of dB); no widening
+            g = torch.mm(dy, _f32(lora_B)).mul_(scaling)
+            dB = torch.mm(_f32(xa).t(), dy).mul_(scaling).t()
+        else:
+            g, dB, _ = _C.lora_dy_pass(_rows(dy), _bt_all([lora_B]), _f32(xa), _scale_vector([r], [scaling]), True,
+                                       False)
         xr, A32 = None if x is None else _rows(x), _f32(lora_A)
         if corrected is None or dropout_p == 0:
             dA = _C.lora_dx_pass(acc, xr, A32, g, float(dropout_p), int(seed))

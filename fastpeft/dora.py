@@ -395,6 +395,17 @@ def _forward(route, backend, x, weight, bias, A, B, scale, s, p, seed):
     if route == "stacked":
         return _forward_stacked(backend, x, weight, bias, A, B, scale, s, p, seed)
     if p == 0:
+        if route == "compose" and all(t.dtype == _F32 for t in (x, A, B)) and \
+                isinstance(weight, torch.Tensor) and weight.dtype == _F32:
+            # x W^T and x A^T by the vendor GEMM, then z += s h B^T and y = c z + b in one pass of the backend.
+            z = F.linear(x, weight.detach())
+            h = torch.mm(x, A.detach().t())
+            b = None if bias is None else bias.detach().to(_F32)
+            y = backend.dora_epilogue(z, None, h, B, s, 0.0, scale, b, x.dtype)
+            if y is None:  # no such pass: the update by the vendor GEMM, then the scaling
+                z.addmm_(h, B.detach().t(), alpha=s)
+                y = _scaled(z, scale, x.dtype, b, backend)
+            return y, h, z, 1.0
         z, h = _lora_part(route, backend, x, weight, None, A, B, s, 0.0, 0, None)
         # c * z (+ b) in fp32, written once in x's dtype.
         y = _scaled(z, scale, x.dtype, None if bias is None else bias.detach().to(_F32), backend)

@@ -8,6 +8,7 @@ a tiny floor). The dropout mask must equal ``fastpeft._philox`` bit for bit, on 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -1223,31 +1224,43 @@ def test_an_empty_batch_gives_zero_adapter_gradients_on_every_route(kind, dtype,
 @pytest.mark.parametrize("out_dt", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("M,N,R", [(1, 5, 1), (7, 130, 16), (13, 64, 3), (70, 257, 8)])
 def test_dora_epilogue_is_the_three_steps_in_fp32(isa, out_dt, M, N, R):
-    """``_C.dora_epilogue``: ``z += k h B^T`` in place and ``round(base + bias + s h B^T + f z)``, against the same
-    arithmetic in fp64 (fp32 sums of R + 3 terms, one rounding to the output dtype), for whole panels, tail columns and
-    row blocks of every size, with and without a bias, ``z`` and ``base`` as rows of wider buffers."""
+    """``_C.dora_epilogue``: ``z += k h B^T`` in place (or into ``z_out``, ``z`` only read) and
+    ``round(base + bias + s h B^T + f z)`` (without ``base``: ``round(f z + bias)``), against the same arithmetic in
+    fp64 (fp32 sums of R + 3 terms, one rounding to the output dtype), for whole panels, tail columns and row blocks
+    of every size, with and without a bias, ``z``, ``base`` and ``z_out`` as rows of wider buffers."""
     gen = torch.Generator().manual_seed(M * 1000 + N)
     z_wide, base_wide = torch.randn(M, N + 3, generator=gen), torch.randn(M, N + 5, generator=gen)
     z, base = z_wide[:, 1:1 + N], base_wide[:, :N]
+    out_wide = torch.full((M, N + 2), float("nan"))
     h, B = torch.randn(M, R, generator=gen), torch.randn(N, R, generator=gen)
     f, bias = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
     k, s = 0.9, 1.7
     outside = (z_wide[:, 0].clone(), z_wide[:, N + 1:].clone())
-    for b in (None, bias):
+    for b, with_base, z_out in itertools.product((None, bias), (True, False), (None, out_wide[:, 2:])):
         z0 = z.clone()
         u = h.double() @ B.double().T
         want_z = z0.double() + k * u
-        want = base.double() + s * u + f.double() * want_z + (0 if b is None else b.double())
-        got = _C.dora_epilogue(z, base, h, _C.stack_transposed([B]), k, s, f, b, DT[out_dt])
+        want = f.double() * want_z + (0 if b is None else b.double())
+        if with_base:
+            want = want + base.double() + s * u
+        got = _C.dora_epilogue(z, base if with_base else None, h, _C.stack_transposed([B]), k, s, f, b,
+                               DT[out_dt], z_out)
         assert got.dtype == DT[out_dt] and got.shape == (M, N)
-        assert_close(f"{isa} z", z, want_z, 1e-6 * (R + 2))
+        if z_out is None:
+            assert_close(f"{isa} z", z, want_z, 1e-6 * (R + 2))
+        else:
+            assert torch.equal(z, z0), "z was written though z_out was given"
+            assert_close(f"{isa} z_out", z_out, want_z, 1e-6 * (R + 2))
+            assert out_wide[:, :2].isnan().all(), "z_out's neighbours"
         ulp = 1e-6 * (R + 4) if out_dt == "fp32" else 2 * torch.finfo(DT[out_dt]).eps
         worst = ((got.double() - want).abs() - want.abs() * ulp - 1e-6 * (R + 4)).max().item()
         assert worst <= 0, f"{isa} {out_dt} M={M} N={N} R={R}: off by {worst:.3g} past one rounding"
         z.copy_(z0)
     assert torch.equal(z_wide[:, 0], outside[0]) and torch.equal(z_wide[:, N + 1:], outside[1]), "z's neighbours"
-    with pytest.raises(RuntimeError, match="z and base must be fp32"):
+    with pytest.raises(RuntimeError, match="base must be fp32"):
         _C.dora_epilogue(z, base.bfloat16(), h, _C.stack_transposed([B]), k, s, f, None, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="z_out must be fp32"):
+        _C.dora_epilogue(z, base, h, _C.stack_transposed([B]), k, s, f, None, torch.bfloat16, z.bfloat16())
     with pytest.raises(RuntimeError, match="h must be fp32"):
         _C.dora_epilogue(z, base, h.double(), _C.stack_transposed([B]), k, s, f, None, torch.bfloat16)
 

@@ -120,8 +120,10 @@ def check_every_route_pair(backend, x, W, b, A, B, m, s, p, floor=1e-6):
     assert set(ROUTE_PAIRS) <= set(itertools.product(forwards, backwards))
     # The stacked forward computes its second base product itself: no route of widened_product runs there; it runs
     # with the backend's one-pass epilogue and, as a backend without one would, with the three passes it replaces.
+    # So does compose without dropout (its scaling pass, or the update and the scaling).
     combos = [(f, b, product) for f, b in itertools.product(forwards, backwards)
-              for product in (widened if f != "stacked" else [None, "three passes"])]
+              for product in (widened if f != "stacked" else [None, "three passes"])
+              + (["three passes"] if f == "compose" and p == 0 else [])]
     backend_class = type(get_backend(x, W))
     one_pass = backend_class.dora_epilogue
     for fwd, bwd, product in combos:

@@ -140,9 +140,10 @@ struct KernelTable {
   void (*masked_combine_rows)(int dt_a, const void* a, int64_t lda, int dt_b, const void* b, int64_t ldb, int64_t N,
                               int64_t m0, int64_t m1, uint32_t seed, float p, float kept, float dropped, int dt_out,
                               void* out, int64_t ldo);
-  // DoRA's stacked forward epilogue, rows [m0, m1): u = h[m] Bt (h (M, R) ldh apart, Bt (R, N) fp32 contiguous),
-  // z[m] = zin[m] + k u (fp32; z may be zin: in place), out[m] = round(base[m] + bias + s u + f * z[m]) in dt_out
-  // (fp32 arithmetic; out may be base); f (N,) fp32, bias (N,) fp32 or null, base fp32 rows.
+  // DoRA's forward epilogue, rows [m0, m1): u = h[m] Bt (h (M, R) ldh apart, Bt (R, N) fp32 contiguous),
+  // z[m] = zin[m] + k u (fp32; z may be zin: in place), out[m] = round(base[m] + s u + f * z[m] + bias) in dt_out
+  // (fp32 arithmetic; out may be base), or round(f * z[m] + bias) where base is null; f (N,) fp32, bias (N,) fp32
+  // or null, base fp32 rows or null.
   void (*dora_epilogue_rows)(const float* zin, int64_t ldzi, float* z, int64_t ldz, const float* base, int64_t ldb,
                              int64_t N, int64_t m0, int64_t m1, const float* h, int64_t ldh, int64_t R,
                              const float* Bt, float k, float s, const float* f, const float* bias, int dt_out,

@@ -783,7 +783,7 @@ void dora_epilogue_block(const float* zin, int64_t ldzi, float* z, int64_t ldz, 
         const int64_t n = n0 + v * VW;
         const vf zv = load_f32(zin + i * ldzi + n) + kv * acc[i][v];
         store_f32(z + i * ldz + n, zv);
-        vf o = load_f32(base + i * ldb + n) + sv * acc[i][v] + load_f32(f + n) * zv;
+        vf o = base ? load_f32(base + i * ldb + n) + sv * acc[i][v] + load_f32(f + n) * zv : load_f32(f + n) * zv;
         if (bias) o += load_f32(bias + n);
         store_act(dt_out, orow, n, o);
       }
@@ -796,7 +796,8 @@ void dora_epilogue_block(const float* zin, int64_t ldzi, float* z, int64_t ldz, 
       for (int64_t j = 0; j < R; ++j) u += h[i * ldh + j] * Bt[j * N + n];
       const float zn = zin[i * ldzi + n] + k * u;
       z[i * ldz + n] = zn;
-      store_act1(dt_out, orow, n, base[i * ldb + n] + s * u + f[n] * zn + (bias ? bias[n] : 0.f));
+      const float o = base ? base[i * ldb + n] + s * u + f[n] * zn : f[n] * zn;
+      store_act1(dt_out, orow, n, bias ? o + bias[n] : o);
     }
   }
 }
@@ -806,7 +807,8 @@ void dora_epilogue_rows(const float* zin, int64_t ldzi, float* z, int64_t ldz, c
                         float k, float s, const float* f, const float* bias, int dt_out, void* out, int64_t ldo) {
   for (int64_t m = m0; m < m1; m += EXPAND_MB) {
     const int nb = int((m1 - m) < EXPAND_MB ? (m1 - m) : EXPAND_MB);
-    FASTPEFT_BLOCK(nb, dora_epilogue_block<NB>(zin + m * ldzi, ldzi, z + m * ldz, ldz, base + m * ldb, ldb, N,
+    FASTPEFT_BLOCK(nb, dora_epilogue_block<NB>(zin + m * ldzi, ldzi, z + m * ldz, ldz,
+                                               base ? base + m * ldb : nullptr, ldb, N,
                                                h + m * ldh, ldh, R, Bt, k, s, f, bias, dt_out,
                                                row_ptr(dt_out, out, ldo, m), ldo))
   }

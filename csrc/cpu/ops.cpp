@@ -22,6 +22,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels.h"
@@ -261,28 +262,30 @@ at::Tensor masked_combine(const c10::optional<at::Tensor>& a, const at::Tensor& 
   return o;
 }
 
-// DoRA's stacked forward epilogue in one pass: u = h Bt; z += k u in place, or z_out = z + k u with z only read;
-// returns round(base + bias + s u + f (z + k u)) (M, N) in out_dtype. z, base, z_out: (M, N) fp32 rows; h (M, R),
-// Bt (R, N) (B transposed, stack_transposed), f (N,), bias (N,) or None: fp32.
-at::Tensor dora_epilogue(at::Tensor& z, const at::Tensor& base, const at::Tensor& h, const at::Tensor& Bt, double k,
-                         double s, const at::Tensor& f, const c10::optional<at::Tensor>& bias,
-                         at::ScalarType out_dtype, const c10::optional<at::Tensor>& z_out) {
+// DoRA's forward epilogue in one pass: u = h Bt; z += k u in place, or z_out = z + k u with z only read; returns
+// round(base + bias + s u + f (z + k u)) (M, N) in out_dtype, without base round(f (z + k u) + bias) (the scaling
+// without dropout). z, base, z_out: (M, N) fp32 rows; h (M, R), Bt (R, N) (B transposed, stack_transposed), f (N,),
+// bias (N,) or None: fp32.
+at::Tensor dora_epilogue(at::Tensor& z, const c10::optional<at::Tensor>& base, const at::Tensor& h,
+                         const at::Tensor& Bt, double k, double s, const at::Tensor& f,
+                         const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype,
+                         const c10::optional<at::Tensor>& z_out) {
   check_rows(z, "z");
-  check_rows(base, "base");
   const int64_t M = z.size(0), N = z.size(1), R = Bt.dim() == 2 ? Bt.size(0) : -1;
-  TORCH_CHECK(z.scalar_type() == at::kFloat && base.scalar_type() == at::kFloat && base.sizes() == z.sizes(),
-              "fastpeft._C.dora_epilogue: z and base must be fp32 of one shape, got ", z.sizes(), " and ",
-              base.sizes());
-  float* zo = z.data_ptr<float>();
-  int64_t ldzo = z.stride(0);
-  if (z_out.has_value()) {
-    check_rows(*z_out, "z_out");
-    TORCH_CHECK(z_out->scalar_type() == at::kFloat && z_out->sizes() == z.sizes(),
-                "fastpeft._C.dora_epilogue: z_out must be fp32 ", z.sizes(), ", got ", z_out->scalar_type(), " ",
-                z_out->sizes());
-    zo = z_out->data_ptr<float>();
-    ldzo = z_out->stride(0);
-  }
+  TORCH_CHECK(z.scalar_type() == at::kFloat, "fastpeft._C.dora_epilogue: z must be fp32, got ", z.scalar_type());
+  // An optional fp32 (M, N) of rows like z: its data and row stride, (null, 0) without it.
+  auto like_z = [&](const c10::optional<at::Tensor>& t, const char* name) -> std::pair<float*, int64_t> {
+    if (!t.has_value()) return {nullptr, 0};
+    check_rows(*t, name);
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->sizes() == z.sizes(), "fastpeft._C.dora_epilogue: ", name,
+                " must be fp32 ", z.sizes(), ", got ", t->scalar_type(), " ", t->sizes());
+    return {t->data_ptr<float>(), t->stride(0)};
+  };
+  const std::pair<float*, int64_t> base_rows = like_z(base, "base"), out_rows = like_z(z_out, "z_out");
+  const float* basep = base_rows.first;
+  const int64_t ldb = base_rows.second;
+  float* zo = out_rows.first ? out_rows.first : z.data_ptr<float>();
+  const int64_t ldzo = out_rows.first ? out_rows.second : z.stride(0);
   check_f32(Bt, "Bt", {R, N});
   check_f32_rows(h, "h", M, R);
   check_f32(f, "f", {N});
@@ -294,10 +297,9 @@ at::Tensor dora_epilogue(at::Tensor& z, const at::Tensor& base, const at::Tensor
   auto out = at::empty({M, N}, z.options().dtype(out_dtype));
   const int dt_out = dtype_code(out);
   const float* zp = z.data_ptr<float>();
-  const float *basep = base.data_ptr<float>(), *hp = h.data_ptr<float>(), *Btp = Bt.data_ptr<float>(),
-              *fp = f.data_ptr<float>();
+  const float *hp = h.data_ptr<float>(), *Btp = Bt.data_ptr<float>(), *fp = f.data_ptr<float>();
   void* op = out.data_ptr();
-  const int64_t ldz = z.stride(0), ldb = base.stride(0), ldh = h.stride(0), ldo = out.stride(0);
+  const int64_t ldz = z.stride(0), ldh = h.stride(0), ldo = out.stride(0);
   at::parallel_for(0, M, grain(N * (R + 4)), [&](int64_t b, int64_t e) {
     K().dora_epilogue_rows(zp, ldz, zo, ldzo, basep, ldb, N, b, e, hp, ldh, R, Btp, float(k), float(s), fp, bp,
                            dt_out, op, ldo);
@@ -1137,9 +1139,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(dy (M, N), z (M, N)|None, scale fp32 (N,), with_e) -> [column_dots(dy, z) or empty, ge in dy's dtype: "
         "dy * scale above dy * (scale - 1) with with_e]: DoRA's backward prologue in one pass");
   m.def("column_dots", &fastpeft::column_dots, "(a (M, N), b (M, N)) -> sum_m a[m] * b[m] fp32 (N,)");
-  m.def("dora_epilogue", &fastpeft::dora_epilogue, "(z fp32 (M, N), base fp32 (M, N), h (M, R), Bt (R, N), k, s, "
-        "f (N,), bias (N,)|None, out_dtype, z_out (M, N)|None) -> round(base + bias + s u + f z') with u = h Bt and "
-        "z' = z + k u written into z_out, or into z without it: DoRA's stacked forward epilogue in one pass",
+  m.def("dora_epilogue", &fastpeft::dora_epilogue, "(z fp32 (M, N), base fp32 (M, N)|None, h (M, R), Bt (R, N), k, s, "
+        "f (N,), bias (N,)|None, out_dtype, z_out (M, N)|None) -> round(base + bias + s u + f z') (base None: "
+        "round(f z' + bias)) with u = h Bt and z' = z + k u written into z_out, or into z without it: DoRA's "
+        "forward epilogue in one pass",
         py::arg("z"), py::arg("base"), py::arg("h"), py::arg("Bt"), py::arg("k"), py::arg("s"), py::arg("f"),
         py::arg("bias"), py::arg("out_dtype"), py::arg("z_out") = py::none());
   m.def("masked_combine", &fastpeft::masked_combine,

@@ -125,14 +125,14 @@ class Backend:
         acc.addmm_(h, lora_B.detach().to(torch.float32).t(), alpha=scale)
         return acc if bias is None else acc.add_(bias)
 
-    def dora_epilogue(self, z: torch.Tensor, base: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor, k: float,
-                      s: float, f: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype,
+    def dora_epilogue(self, z: torch.Tensor, base: Optional[torch.Tensor], h: torch.Tensor, lora_B: torch.Tensor,
+                      k: float, s: float, f: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype,
                       z_out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-        """DoRA's stacked forward epilogue in one pass of this backend: with ``u = h B^T``, ``z += k u`` in place (or,
-        with ``z_out``, ``z_out = z + k u`` and ``z`` only read) and ``round(base + bias + s u + f (z + k u))``
-        returned in ``dtype`` (fp32 arithmetic). ``z``, ``base``, ``z_out`` fp32 ``(M, N)``, ``h`` fp32 ``(M, r)``,
-        ``lora_B`` ``(N, r)``, ``f`` fp32 ``(N,)``, ``bias`` fp32 ``(N,)`` or None. None where this backend has no
-        such pass (``z`` and ``z_out`` untouched)."""
+        """DoRA's forward epilogue in one pass of this backend: with ``u = h B^T``, ``z += k u`` in place (or, with
+        ``z_out``, ``z_out = z + k u`` and ``z`` only read) and ``round(base + bias + s u + f (z + k u))`` returned in
+        ``dtype`` (fp32 arithmetic); ``base`` None: ``round(f (z + k u) + bias)``, the scaling without dropout.
+        ``z``, ``base``, ``z_out`` fp32 ``(M, N)``, ``h`` fp32 ``(M, r)``, ``lora_B`` ``(N, r)``, ``f`` fp32 ``(N,)``,
+        ``bias`` fp32 ``(N,)`` or None. None where this backend has no such pass (``z`` and ``z_out`` untouched)."""
         return None
 
     def lora_backward_onto(self, acc: torch.Tensor, dy: torch.Tensor, x: Optional[torch.Tensor], lora_A: torch.Tensor,

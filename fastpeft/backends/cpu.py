@@ -862,7 +862,7 @@ class CpuBackend(Backend):
     def dora_epilogue(self, z, base, h, lora_B, k, s, f, bias, dtype, z_out=None):
         if not (dtype in _DTYPE_CODES and f.is_cpu and f.dtype == _F32
                 and all(t.is_cpu and t.dtype == _F32 and t.dim() == 2 and t.stride(1) == 1
-                        for t in (z, base, h) + (() if z_out is None else (z_out,)))):
+                        for t in (z, h) + tuple(t for t in (base, z_out) if t is not None))):
             return None
         return _C.dora_epilogue(z, base, h, _bt_all([lora_B]), float(k), float(s), f.contiguous(),
                                 None if bias is None else _f32(bias), dtype, z_out)

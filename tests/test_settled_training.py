@@ -337,12 +337,13 @@ def _count_native(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("backward", ["small", "fused"])
+@pytest.mark.parametrize("forward", ["gemv", "compose", "fused"])
+@pytest.mark.parametrize("backward", ["small", "fused", "compose"])
 @pytest.mark.parametrize("what", ["x with grad", "x without grad", "lora_B frozen", "lora_A frozen"])
-def test_settled_training_in_cpp_matches_peft(final_routes, monkeypatch, backward, what):
-    """One fp32 adapter with routes gemv and small/fused: the settled call runs both directions in C++ and gives
-    PEFT's output and every gradient, whichever gradients are asked."""
-    routes.set_route("lora_forward", "gemv")
+def test_settled_training_in_cpp_matches_peft(final_routes, monkeypatch, forward, backward, what):
+    """One fp32 adapter with each forward route and each backward route the C++ node runs: the settled call runs both
+    directions in C++ and gives PEFT's output and every gradient, whichever gradients are asked."""
+    routes.set_route("lora_forward", forward)
     routes.set_route("lora_backward", backward)
     reference, fused = training_twins()
     if what in ("lora_B frozen", "lora_A frozen"):
@@ -356,12 +357,13 @@ def test_settled_training_in_cpp_matches_peft(final_routes, monkeypatch, backwar
     assert len(native) == 2 * 4, "the settled calls did not run in C++"
 
 
-@pytest.mark.parametrize("backward", ["small", "fused"])
+@pytest.mark.parametrize("forward", ["gemv", "compose", "fused"])
+@pytest.mark.parametrize("backward", ["small", "fused", "compose"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_settled_training_in_cpp_equals_the_python_routes(final_routes, monkeypatch, backward, p):
-    """The C++ autograd node runs the same kernels as the Python routes: outputs, dropout masks and gradients are
-    bit-equal to the same model's calls through the full path."""
-    routes.set_route("lora_forward", "gemv")
+def test_settled_training_in_cpp_equals_the_python_routes(final_routes, monkeypatch, forward, backward, p):
+    """The C++ autograd node runs the same kernels and ATen calls as the Python routes: outputs, dropout masks and
+    gradients are bit-equal to the same model's calls through the full path."""
+    routes.set_route("lora_forward", forward)
     routes.set_route("lora_backward", backward)
     _, fused = training_twins(lora_dropout=p)
     x = torch.randn(5, 23, requires_grad=True)

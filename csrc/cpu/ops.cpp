@@ -1044,24 +1044,64 @@ std::vector<at::Tensor> lora_small_backward(const at::Tensor& dy, const at::Tens
 
 std::string isa() { return K().isa; }
 
-// A settled training call of one fp32 adapter over an fp32 dense weight, forward and backward in C++: the forward
-// is route gemv (xa = drop(x) A^T by lora_xa, then dense_lora_gemv), the backward route small or fused, as the
-// Python routes call them. Its autograd node runs no Python: at decode sizes the Python of a custom autograd
-// Function and of the route functions costs about as much as the adapter's arithmetic. The caller (Python) checks
-// that the call fits (functional.SettledTrainingCall) and counts it for the route table.
-enum SettledBackward : int64_t { kBackwardSmall = 0, kBackwardFused = 1 };
+// A settled training call of one fp32 adapter over an fp32 dense weight, forward and backward in C++, by the routes
+// the Python ones call, with the same kernels and ATen calls (so the same bits): forward gemv (xa = drop(x) A^T by
+// lora_xa, then dense_lora_gemv), compose (x W^T + b by at::linear; xa by at::mm without dropout, else lora_xa;
+// y.addmm_(xa, B^T, alpha=s)) or fused (at::linear, lora_xa, lora_epilogue_); backward small, fused or compose
+// (dx = dy W, g = s dy B and dB = s (h^T dy)^T by ATen GEMMs, then dx += g A and dA = g^T x, or lora_dx_pass with
+// the mask). Its autograd node runs no Python: at decode sizes the Python of a custom autograd Function and of the
+// route functions costs about as much as the adapter's arithmetic. The caller (Python) checks that the call fits
+// (functional.SettledTrainingCall) and counts it for the route table.
+enum SettledForward : int64_t { kForwardGemv = 0, kForwardCompose = 1, kForwardFused = 2 };
+enum SettledBackward : int64_t { kBackwardSmall = 0, kBackwardFused = 1, kBackwardCompose = 2 };
+
+// The compose route's backward of one fp32 adapter (fastpeft.backends.compose.backward): [dx or undefined, dA or
+// undefined, dB].
+std::vector<at::Tensor> lora_compose_backward(const at::Tensor& dy, const c10::optional<at::Tensor>& W,
+                                              const c10::optional<at::Tensor>& x, const at::Tensor& A,
+                                              const at::Tensor& B, const at::Tensor& h, double s, double p,
+                                              int64_t seed) {
+  c10::optional<at::Tensor> dx;
+  if (W.has_value()) dx = at::mm(dy, *W);
+  const at::Tensor zero = at::zeros({}, dy.options());  // the ignored input of a beta = 0 addmm
+  const at::Tensor g = at::addmm(zero, dy, B, 0.0, s);
+  const at::Tensor dB = at::addmm(zero, h.t(), dy, 0.0, s).t();
+  at::Tensor dA;
+  if (p != 0.0) {
+    dA = lora_dx_pass(dx, x, A, g, p, seed, c10::nullopt, c10::nullopt);
+  } else {
+    if (dx.has_value()) dx->addmm_(g, A);
+    if (x.has_value()) dA = at::mm(g.t(), *x);
+  }
+  return {dx.has_value() ? *dx : at::Tensor(), x.has_value() ? dA : at::Tensor(), dB};
+}
 
 struct SettledLoraTraining : public torch::autograd::Function<SettledLoraTraining> {
   // x (M, K) fp32, any row stride; A (r, K) contiguous fp32; B (N, r) fp32; W (N, K) fp32, unit column stride, not
   // requiring grad; bias (N,) or undefined. Returns y (M, N) fp32.
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& A,
                             const at::Tensor& B, const at::Tensor& W, const c10::optional<at::Tensor>& bias, double s,
-                            double p, int64_t seed, int64_t prefetch, int64_t backward, bool down_transposed) {
+                            double p, int64_t seed, int64_t prefetch, int64_t backward, bool down_transposed,
+                            int64_t forward_route) {
     const at::Tensor xr = x.stride(1) == 1 ? x : x.contiguous();
-    at::Tensor xa = lora_xa(xr, A, p, seed, down_transposed);
-    c10::optional<at::Tensor> bias32;
-    if (bias.has_value()) bias32 = bias_as_reference_adds(*bias, at::kFloat);
-    at::Tensor y = dense_lora_gemv(xr, W, bias32, xa, B, s, c10::nullopt, prefetch);
+    at::Tensor xa, y;
+    if (forward_route == kForwardGemv) {
+      xa = lora_xa(xr, A, p, seed, down_transposed);
+      c10::optional<at::Tensor> bias32;
+      if (bias.has_value()) bias32 = bias_as_reference_adds(*bias, at::kFloat);
+      y = dense_lora_gemv(xr, W, bias32, xa, B, s, c10::nullopt, prefetch);
+    } else {
+      c10::optional<at::Tensor> bias_x;  // rounded to x's dtype first, as the reference adds it
+      if (bias.has_value()) bias_x = bias->to(at::kFloat);
+      y = at::linear(x, W, bias_x);
+      if (forward_route == kForwardCompose) {
+        xa = p == 0.0 ? at::mm(x, A.t()) : lora_xa(xr, A, p, seed, down_transposed);
+        y.addmm_(xa, B.t(), 1.0, s);
+      } else {
+        xa = lora_xa(xr, A, p, seed, down_transposed);
+        lora_epilogue_(y, s == 1.0 ? xa : xa * s, stack_transposed({B}), c10::nullopt);
+      }
+    }
     // x is kept only for dA (never a dropped copy: the mask is regenerated from the seed)
     ctx->save_for_backward({A.requires_grad() ? xr : at::Tensor(), A, B, xa});
     ctx->saved_data["W"] = W;
@@ -1091,32 +1131,39 @@ struct SettledLoraTraining : public torch::autograd::Function<SettledLoraTrainin
     c10::optional<at::Tensor> xo;
     if (need_dA) xo = x;
     std::vector<at::Tensor> out;
-    if (ctx->saved_data["backward"].toInt() == kBackwardSmall) {
+    const int64_t route = ctx->saved_data["backward"].toInt();
+    if (route == kBackwardSmall) {
       out = lora_small_backward(dy, W, xo, A, B, xa, s, p, seed, need_dx);
     } else {
       c10::optional<at::Tensor> Wo;
       if (need_dx) Wo = W;
-      out = lora_fused_backward(dy, Wo, xo, A, B, xa, s, p, seed);
+      out = route == kBackwardFused ? lora_fused_backward(dy, Wo, xo, A, B, xa, s, p, seed)
+                                    : lora_compose_backward(dy, Wo, xo, A, B, xa, s, p, seed);
     }
-    // (x, A, B, W, bias, s, p, seed, prefetch, backward, down_transposed)
+    // (x, A, B, W, bias, s, p, seed, prefetch, backward, down_transposed, forward_route)
     return {need_dx ? out[0] : at::Tensor(), need_dA ? out[1] : at::Tensor(),
             ctx->needs_input_grad(2) ? out[2] : at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor settled_lora_training(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& W,
                                  const c10::optional<at::Tensor>& bias, double s, double p, int64_t seed,
-                                 int64_t prefetch, int64_t backward, bool down_transposed) {
+                                 int64_t prefetch, int64_t backward, bool down_transposed, int64_t forward_route) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && W.scalar_type() == at::kFloat &&
                   A.scalar_type() == at::kFloat && B.scalar_type() == at::kFloat && A.is_contiguous() &&
                   W.dim() == 2 && W.stride(1) == 1 && !W.requires_grad() &&
                   (!bias.has_value() || !bias->requires_grad()),
               "fastpeft._C.settled_lora_training: takes 2-D fp32 x, a frozen fp32 W of unit column stride and "
               "contiguous fp32 A");
-  TORCH_CHECK(backward == kBackwardSmall || backward == kBackwardFused,
-              "fastpeft._C.settled_lora_training: backward must be 0 (small) or 1 (fused), got ", backward);
-  return SettledLoraTraining::apply(x, A, B, W, bias, s, p, seed, prefetch, backward, down_transposed);
+  TORCH_CHECK(backward == kBackwardSmall || backward == kBackwardFused || backward == kBackwardCompose,
+              "fastpeft._C.settled_lora_training: backward must be 0 (small), 1 (fused) or 2 (compose), got ",
+              backward);
+  TORCH_CHECK(forward_route == kForwardGemv || forward_route == kForwardCompose || forward_route == kForwardFused,
+              "fastpeft._C.settled_lora_training: forward_route must be 0 (gemv), 1 (compose) or 2 (fused), got ",
+              forward_route);
+  return SettledLoraTraining::apply(x, A, B, W, bias, s, p, seed, prefetch, backward, down_transposed,
+                                    forward_route);
 }
 
 }  // namespace
@@ -1173,9 +1220,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lora_scale"), py::arg("A") = py::none(), py::arg("prefetch") = int64_t(fastpeft::kPrefetchNonTemporal));
   m.def("quant_grad_x", &fastpeft::quant_grad_x, "(dy32, qweight, tile_rows|0) -> dy w (M, K) fp32");
   m.def("settled_lora_training", &fastpeft::settled_lora_training,
-        "(x fp32 (M, K), A, B, W, bias|None, s, p, seed, prefetch, backward 0 small | 1 fused, down_transposed) -> "
-        "y (M, N) with an autograd node in C++: one fp32 adapter's settled training call, route gemv forward, x A^T "
-        "by lora_xa's transposed kernel or not");
+        "(x fp32 (M, K), A, B, W, bias|None, s, p, seed, prefetch, backward 0 small | 1 fused | 2 compose, "
+        "down_transposed, forward_route 0 gemv | 1 compose | 2 fused) -> y (M, N) with an autograd node in C++: one "
+        "fp32 adapter's settled training call, x A^T by lora_xa's transposed kernel or not",
+        py::arg("x"), py::arg("A"), py::arg("B"), py::arg("W"), py::arg("bias"), py::arg("s"), py::arg("p"),
+        py::arg("seed"), py::arg("prefetch"), py::arg("backward"), py::arg("down_transposed"),
+        py::arg("forward_route") = int64_t(0));
   m.def("lora_small_backward", &fastpeft::lora_small_backward, "(dy, W, x|None, A, B, h, s, p, seed, need_dx) -> "
         "[dx, dA, dB, db] for one fp32 adapter (decode-sized M)");
   m.def("lora_fused_backward", &fastpeft::lora_fused_backward, "(dy, W|None, x|None, A32, B32, h32, s, p, seed) -> "

@@ -740,8 +740,9 @@ def _backward_eligible(route: str, dy, weight, lora_A, lora_B, xa, dropout_p) ->
             and lora_A[0].is_contiguous() and _all_fp32([dy, weight, lora_A[0], lora_B[0], xa[0]]))
 
 
-# The backward routes _C.settled_lora_training runs in its autograd node (its ``backward`` argument).
-_NATIVE_BACKWARD = {"small": 0, "fused": 1}
+# The routes _C.settled_lora_training runs in its autograd node (its ``forward_route`` and ``backward`` arguments).
+_NATIVE_FORWARD = {"gemv": 0, "compose": 1, "fused": 2}
+_NATIVE_BACKWARD = {"small": 0, "fused": 1, "compose": 2}
 
 
 def _native_fits(weight, A, B) -> bool:
@@ -751,15 +752,16 @@ def _native_fits(weight, A, B) -> bool:
             and weight.stride(1) == 1)
 
 
-def _native_training(prefetch, backward, down_transposed, x, weight, bias, A, B, scaling, dropout_p,
+def _native_training(forward, prefetch, backward, down_transposed, x, weight, bias, A, B, scaling, dropout_p,
                      seed) -> Optional[torch.Tensor]:
-    """A settled fp32 training call with one adapter, routes ``gemv`` and ``small``/``fused``, forward and backward
-    in C++ (``_C.settled_lora_training``; ``x A^T`` by ``lora_down``'s settled kernel): ``x`` ``(M, K)`` -> ``y``
-    ``(M, N)`` recorded for autograd, or None where this call's tensors do not fit it (a parameter's data replaced by
-    another dtype or layout since it settled)."""
+    """A settled fp32 training call with one adapter, forward route ``gemv``, ``compose`` or ``fused`` and backward
+    route ``small``, ``fused`` or ``compose``, both directions in C++ by the routes' own kernels
+    (``_C.settled_lora_training``; ``x A^T`` by ``lora_down``'s settled kernel where the route calls it): ``x``
+    ``(M, K)`` -> ``y`` ``(M, N)`` recorded for autograd, or None where this call's tensors do not fit it (a
+    parameter's data replaced by another dtype or layout since it settled)."""
     if _native_fits(weight, A, B):
         return _C.settled_lora_training(x, A, B, weight, bias, scaling, dropout_p, seed, prefetch, backward,
-                                        down_transposed)
+                                        down_transposed, forward)
     return None
 
 
@@ -930,15 +932,23 @@ class CpuBackend(Backend):
             return None
         taken = {"lora_forward": (forward[0], partial(self._taken_forward, forward[0]), forward[1]),
                  "lora_backward": (backward[0], partial(self._taken_backward, backward[0], grads), backward[1])}
-        if (forward[0] == "gemv" and backward[0] in _NATIVE_BACKWARD and x.dtype == _F32 and len(lora_A) == 1
-                and lora_bias[0] is None and _native_fits(weight, lora_A[0], lora_B[0])):
-            prefetch = routes.settled_call(_prefetch_key(weight), _GEMV_PREFETCH)
-            down = routes.settled_call(_down_key(x, lora_A[0], dropout_p[0]), _DOWN_ROUTES[:2])  # x is fp32
-            if prefetch is not None and down is not None:  # (their first calls are measured on the route's own path)
-                taken["gemv_prefetch"] = (prefetch[0], None, prefetch[1])
-                taken["lora_down"] = (down[0], None, down[1])
-                taken["native"] = partial(_native_training, _GEMV_PREFETCH[prefetch[0]], _NATIVE_BACKWARD[backward[0]],
-                                          down[0] == "transposed")
+        if (forward[0] in _NATIVE_FORWARD and backward[0] in _NATIVE_BACKWARD and x.dtype == _F32
+                and len(lora_A) == 1 and lora_bias[0] is None and _native_fits(weight, lora_A[0], lora_B[0])):
+            # The kernel choices the forward route takes (their first calls are measured on the route's own path):
+            # the GEMV's prefetch for gemv, lora_down's kernel where the route runs _C.lora_xa (compose: with
+            # dropout only).
+            uses_down = forward[0] != "compose" or dropout_p[0] > 0
+            prefetch = routes.settled_call(_prefetch_key(weight), _GEMV_PREFETCH) if forward[0] == "gemv" else None
+            down = routes.settled_call(_down_key(x, lora_A[0], dropout_p[0]), _DOWN_ROUTES[:2]) if uses_down \
+                else None  # x is fp32: no split
+            if (prefetch is not None or forward[0] != "gemv") and (down is not None or not uses_down):
+                if prefetch is not None:
+                    taken["gemv_prefetch"] = (prefetch[0], None, prefetch[1])
+                if down is not None:
+                    taken["lora_down"] = (down[0], None, down[1])
+                taken["native"] = partial(_native_training, _NATIVE_FORWARD[forward[0]],
+                                          _GEMV_PREFETCH[prefetch[0]] if prefetch is not None else 0,
+                                          _NATIVE_BACKWARD[backward[0]], down is not None and down[0] == "transposed")
         return taken
 
     def _taken_forward(self, route, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):

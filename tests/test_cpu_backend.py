@@ -723,9 +723,13 @@ def test_fused_backward_of_one_fp32_adapter_is_one_call_of_its_passes(monkeypatc
                 assert torch.equal(got[1][0], dA), "dA"
             assert torch.equal(got[2][0], dB), "dB"
             assert torch.equal(got[3][0], colsum * 1.5), "dbias"
+        # Without a lora_bias to read them the column sums are not taken; the rest is unchanged.
+        got = CPU.lora_backward(dy, x, W, [A], [B], [h], [1.5], [p], [77], True, True, needs_grad_bias=False)
+        assert got[3][0] is None, "the bias gradient was computed though no lora_bias reads it"
+        assert torch.equal(got[0], dx) and torch.equal(got[1][0], dA) and torch.equal(got[2][0], dB)
     finally:
         routes.set_route("lora_backward", None)
-    assert calls.calls == 3
+    assert calls.calls == 4
     other = torch.float32 if dtype != torch.float32 else torch.bfloat16
     with pytest.raises(RuntimeError, match="lora_fused_backward: dy, W and x must have one dtype"):
         _C.lora_fused_backward(dy, W.to(other), x, A, B, h, 1.5, p, 77)

@@ -943,11 +943,11 @@ at::Tensor quant_grad_x(const at::Tensor& dy, const py::tuple& qt, int64_t tile_
 // microseconds, which add up at small M): dx = dy W by at::mm in dy's dtype (W given), then lora_dy_pass (g, dB,
 // the column sums) and lora_dx_pass (dx += (g A) * mask in place, dA = g^T drop(x) when x is given). dy (M, N), W
 // (N, K) and x (M, K) activations of one dtype (fp32, bf16 or fp16; any row stride). Returns [dx or undefined, dA or
-// undefined, dB, db = s sum_m dy].
+// undefined, dB, db = s sum_m dy or undefined (need_db false: a pass over dy that no lora_bias reads)].
 std::vector<at::Tensor> lora_fused_backward(const at::Tensor& dy, const c10::optional<at::Tensor>& W,
                                             const c10::optional<at::Tensor>& x, const at::Tensor& A,
                                             const at::Tensor& B, const at::Tensor& h, double s, double p,
-                                            int64_t seed) {
+                                            int64_t seed, bool need_db) {
   const int64_t r = A.dim() == 2 ? A.size(0) : -1;
   TORCH_CHECK((!W.has_value() || W->scalar_type() == dy.scalar_type()) &&
                   (!x.has_value() || x->scalar_type() == dy.scalar_type()),
@@ -955,23 +955,24 @@ std::vector<at::Tensor> lora_fused_backward(const at::Tensor& dy, const c10::opt
               W.has_value() ? ", W " : "", W.has_value() ? W->scalar_type() : dy.scalar_type(),
               x.has_value() ? ", x " : "", x.has_value() ? x->scalar_type() : dy.scalar_type());
   const at::Tensor dyc = dy.dim() == 2 && dy.stride(1) != 1 ? dy.contiguous() : dy;
-  auto gdb = lora_dy_pass(dyc, stack_transposed({B}), h, at::full({r}, s, at::kFloat), true, true);
+  auto gdb = lora_dy_pass(dyc, stack_transposed({B}), h, at::full({r}, s, at::kFloat), true, need_db);
   c10::optional<at::Tensor> dx, xr;
   if (W.has_value()) dx = at::mm(dy, *W);
   if (x.has_value()) xr = x->dim() == 2 && x->stride(1) != 1 ? x->contiguous() : *x;
   at::Tensor dA;
   if (dx.has_value() || xr.has_value()) dA = lora_dx_pass(dx, xr, A, gdb[0], p, seed, c10::nullopt, c10::nullopt);
-  return {dx.has_value() ? *dx : at::Tensor(), dA, gdb[1], gdb[2].mul_(s)};
+  return {dx.has_value() ? *dx : at::Tensor(), dA, gdb[1], need_db ? gdb[2].mul_(s) : at::Tensor()};
 }
 
 // Backward of one fp32 adapter at decode-sized M, every step in one call (from Python each of the ~10 small
 // products and reductions cost a dispatch comparable to its arithmetic):
 //   g = s dy B;  dB = s dy^T h;  db = s sum_m dy;  dx = dy W + (g A) * mask;  dA = g^T drop(x)
 // dy (M, N), W (N, K) (any strides), x (M, K) or None (no dA), A (r, K) contiguous, B (N, r), h (M, r): fp32.
-// Returns [dx or undefined (need_dx false), dA or undefined, dB, db].
+// Returns [dx or undefined (need_dx false), dA or undefined, dB, db (undefined past the loops' M when need_db is
+// false: a pass over dy that no lora_bias reads)].
 std::vector<at::Tensor> lora_small_backward(const at::Tensor& dy, const at::Tensor& W, const c10::optional<at::Tensor>& x,
                                             const at::Tensor& A, const at::Tensor& B, const at::Tensor& h, double s,
-                                            double p, int64_t seed, bool need_dx) {
+                                            double p, int64_t seed, bool need_dx, bool need_db) {
   for (const at::Tensor* t : {&dy, &W, &A, &B, &h})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->device().is_cpu(),
                 "fastpeft._C: lora_small_backward takes 2-D fp32 CPU tensors");
@@ -990,7 +991,7 @@ std::vector<at::Tensor> lora_small_backward(const at::Tensor& dy, const at::Tens
   if (!loops) {
     g = at::mm(dy, B).mul_(s);
     dB = at::mm(dy.t(), h).mul_(s);
-    db = dy.sum(0).mul_(s);
+    if (need_db) db = dy.sum(0).mul_(s);
   } else {
     const at::Tensor dyc = dy.contiguous(), Bc = B.contiguous(), hc = h.contiguous();
     const float *dyp = dyc.data_ptr<float>(), *Bp = Bc.data_ptr<float>(), *hp = hc.data_ptr<float>();
@@ -1133,11 +1134,11 @@ struct SettledLoraTraining : public torch::autograd::Function<SettledLoraTrainin
     std::vector<at::Tensor> out;
     const int64_t route = ctx->saved_data["backward"].toInt();
     if (route == kBackwardSmall) {
-      out = lora_small_backward(dy, W, xo, A, B, xa, s, p, seed, need_dx);
+      out = lora_small_backward(dy, W, xo, A, B, xa, s, p, seed, need_dx, false);
     } else {
       c10::optional<at::Tensor> Wo;
       if (need_dx) Wo = W;
-      out = route == kBackwardFused ? lora_fused_backward(dy, Wo, xo, A, B, xa, s, p, seed)
+      out = route == kBackwardFused ? lora_fused_backward(dy, Wo, xo, A, B, xa, s, p, seed, false)
                                     : lora_compose_backward(dy, Wo, xo, A, B, xa, s, p, seed);
     }
     // (x, A, B, W, bias, s, p, seed, prefetch, backward, down_transposed, forward_route)
@@ -1226,11 +1227,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("A"), py::arg("B"), py::arg("W"), py::arg("bias"), py::arg("s"), py::arg("p"),
         py::arg("seed"), py::arg("prefetch"), py::arg("backward"), py::arg("down_transposed"),
         py::arg("forward_route") = int64_t(0));
-  m.def("lora_small_backward", &fastpeft::lora_small_backward, "(dy, W, x|None, A, B, h, s, p, seed, need_dx) -> "
-        "[dx, dA, dB, db] for one fp32 adapter (decode-sized M)");
-  m.def("lora_fused_backward", &fastpeft::lora_fused_backward, "(dy, W|None, x|None, A32, B32, h32, s, p, seed) -> "
-        "[dx|None, dA|None, dB, db]: one adapter's fused backward (dy W by at::mm, lora_dy_pass, lora_dx_pass) in one "
-        "call; dy, W, x of one dtype");
+  m.def("lora_small_backward", &fastpeft::lora_small_backward, "(dy, W, x|None, A, B, h, s, p, seed, need_dx, "
+        "need_db=True) -> [dx, dA, dB, db|None] for one fp32 adapter (decode-sized M)",
+        py::arg("dy"), py::arg("W"), py::arg("x"), py::arg("A"), py::arg("B"), py::arg("h"), py::arg("s"),
+        py::arg("p"), py::arg("seed"), py::arg("need_dx"), py::arg("need_db") = true);
+  m.def("lora_fused_backward", &fastpeft::lora_fused_backward, "(dy, W|None, x|None, A32, B32, h32, s, p, seed, "
+        "need_db=True) -> [dx|None, dA|None, dB, db|None]: one adapter's fused backward (dy W by at::mm, "
+        "lora_dy_pass, lora_dx_pass) in one call; dy, W, x of one dtype",
+        py::arg("dy"), py::arg("W"), py::arg("x"), py::arg("A"), py::arg("B"), py::arg("h"), py::arg("s"),
+        py::arg("p"), py::arg("seed"), py::arg("need_db") = true);
   m.def("strip_mm", &fastpeft::strip_mm, "(a (M, N), w (N, K)) -> a w (M, K) fp32: w read once in column strips, "
         "exact products, fp32 sums");
   m.def("lora_dx_pass", &fastpeft::lora_dx_pass, "(dx|None, x|None, A32, g32, p, seed, extra=None, out=None) -> dA32 "

@@ -584,7 +584,8 @@ def _backward_fused(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds
         # One fp32 adapter and dY W in dY's dtype: the sequence below in one C++ call (_C.lora_fused_backward).
         dx, dA, dB, db = _C.lora_fused_backward(dy, weight.detach() if needs_grad_x else None,
                                                 _rows(x) if needs_grad_A else None, _f32(lora_A[0]), lora_B[0].detach(),
-                                                _f32(xa[0]), float(scaling[0]), float(dropout_p[0]), int(seeds[0]))
+                                                _f32(xa[0]), float(scaling[0]), float(dropout_p[0]), int(seeds[0]),
+                                                needs_grad_bias)
         return (dx if needs_grad_x else None), [dA if needs_grad_A else None], [dB], [db]
     ranks = [A.shape[0] for A in lora_A]
     single = len(lora_A) == 1
@@ -662,7 +663,8 @@ def _backward_small(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds
     """Route ``small``: the whole fp32 single-adapter backward in one C++ call (each torch call from Python costs
     microseconds, as much as the adapter's arithmetic at decode sizes)."""
     dx, dA, dB, db = _C.lora_small_backward(dy, weight, x if needs_grad_A else None, lora_A[0], lora_B[0], xa[0],
-                                            float(scaling[0]), float(dropout_p[0]), int(seeds[0]), needs_grad_x)
+                                            float(scaling[0]), float(dropout_p[0]), int(seeds[0]), needs_grad_x,
+                                            needs_grad_bias)
     return (dx if needs_grad_x else None), [dA if needs_grad_A else None], [dB], [db]
 
 

@@ -592,16 +592,13 @@ def _routes_for(weight) -> tuple[str, ...]:
     return ("compose", "fused") if isinstance(weight, torch.Tensor) else ("fused",)
 
 
-def _fp32_operands(backend, x, weight) -> bool:
-    """``stacked``'s fp32 case: ``x`` and a dense weight in fp32 on a backend with the one-pass passes it uses."""
-    return x.dtype == _F32 and weight.dtype == _F32 and type(backend).dora_epilogue is not Backend.dora_epilogue
 
 
 def _forward_routes(backend, x, weight, A, p) -> tuple[str, ...]:
     """``_routes_for`` plus ``stacked`` where it may run (fastpeft.routing.ROUTE_LIMITS)."""
     routes = _routes_for(weight)
     if (p > 0 and isinstance(weight, torch.Tensor) and A.dtype == _F32
-            and (_fp32_operands(backend, x, weight)
+            and ((x.dtype == weight.dtype == _F32 and type(backend).dora_epilogue is not Backend.dora_epilogue)
                  or backend.widened_mm_eligible(x, weight.detach(), interleave_a=False))):
         routes += ("stacked",)
     return routes
@@ -612,7 +609,7 @@ def _backward_routes(backend, dy, weight, A, p, needs_dx) -> tuple[str, ...]:
     routes = _routes_for(weight)
     if (p > 0 and needs_dx and isinstance(weight, torch.Tensor) and A.dtype == _F32
             and type(backend).lora_backward_onto is not Backend.lora_backward_onto
-            and (_fp32_operands(backend, dy, weight)
+            and (dy.dtype == weight.dtype == _F32
                  or backend.widened_mm_eligible(dy, weight.detach().t(), interleave_a=False))):
         routes += ("stacked",)
     return routes

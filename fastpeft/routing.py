@@ -246,9 +246,9 @@ ROUTE_LIMITS: dict[str, str] = {
     "dora_forward / dora_backward": "a dense base weight and one active adapter (several adapters with DoRA, a "
                                     "quantized base or autocast: PEFT's own forward)",
     "stacked (DoRA)": "dora_forward with dropout, dora_backward with dropout when dX is wanted: fp32 adapters and a "
-                      "dense weight; x (dY) and the weight in fp32 on a backend with the one-pass DoRA epilogue, or in "
-                      "bf16 with the weight or its transpose of unit column stride on a backend with widened_mm; for "
-                      "the backward lora_backward_onto: cpu",
+                      "dense weight; x (dY) and the weight in fp32 (the forward on a backend with the one-pass DoRA "
+                      "epilogue), or in bf16 with the weight or its transpose of unit column stride on a backend with "
+                      "widened_mm; for the backward lora_backward_onto: cpu",
     "fused_pairs": "x (dY) and a dense weight in bf16, the weight or its transpose of unit column stride; the cpu "
                    "backend where fastpeft._C.widened_mm runs (as pairs)",
     "fused_pairs_x / pairs_x": "as fused_pairs / pairs, with a weight of unit column stride",

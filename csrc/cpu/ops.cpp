@@ -990,7 +990,9 @@ std::vector<at::Tensor> lora_small_backward(const at::Tensor& dy, const at::Tens
   at::Tensor g, dB, db;
   if (!loops) {
     g = at::mm(dy, B).mul_(s);
-    dB = at::mm(dy.t(), h).mul_(s);
+    // (h^T dy)^T: r output rows rather than r output columns, the layout of the composition's dB (faster in the
+    // vendor GEMM; BENCHMARKS.md times both)
+    dB = at::mm(h.t(), dy).mul_(s).t();
     if (need_db) db = dy.sum(0).mul_(s);
   } else {
     const at::Tensor dyc = dy.contiguous(), Bc = B.contiguous(), hc = h.contiguous();

@@ -1071,7 +1071,7 @@ std::vector<at::Tensor> lora_compose_backward(const at::Tensor& dy, const c10::o
   const at::Tensor dB = at::addmm(zero, h.t(), dy, 0.0, s).t();
   at::Tensor dA;
   if (p != 0.0) {
-    dA = lora_dx_pass(dx, x, A, g, p, seed, c10::nullopt, c10::nullopt);
+    if (dx.has_value() || x.has_value()) dA = lora_dx_pass(dx, x, A, g, p, seed, c10::nullopt, c10::nullopt);
   } else {
     if (dx.has_value()) dx->addmm_(g, A);
     if (x.has_value()) dA = at::mm(g.t(), *x);

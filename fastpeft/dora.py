@@ -318,6 +318,24 @@ def _grad_prologue(backend, dy: torch.Tensor, z: Optional[torch.Tensor], scale: 
             _scaled_grads(backend, dy, scale, with_e) if needs_ge else None)
 
 
+def _epilogue(backend, z: torch.Tensor, base: Optional[torch.Tensor], h: torch.Tensor, B: torch.Tensor, k: float,
+              s: float, f: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype,
+              z_out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, z')``: ``z' = z + k h B^T`` (in place, or into ``z_out``) and ``y = round(base + bias + s h B^T + f z')``
+    in ``dtype`` (without ``base``: ``round(f z' + bias)``), fp32 arithmetic: the backend's one pass
+    (``Backend.dora_epilogue``) where it has one, else the passes it replaces (``lora_up_onto`` and ``_scaled``)."""
+    y = backend.dora_epilogue(z, base, h, B, k, s, f, bias, dtype, z_out=z_out)
+    zk = z if z_out is None else z_out
+    if y is None:
+        if zk is not z:
+            zk.copy_(z)
+        zk = backend.lora_up_onto(zk, h, B, k)
+        if base is not None:
+            base = backend.lora_up_onto(base, h, B, s, bias)
+        y = _scaled(zk, f, dtype, base if base is not None else bias, backend)
+    return y, zk
+
+
 # ---------------------------------------------------------------------------------------------------- forward
 WIDEN_BLOCK_ELEMENTS = 1 << 20  # rows of W widened at a time when the product runs in a wider dtype (4 MB in fp32)
 
@@ -400,11 +418,8 @@ def _forward(route, backend, x, weight, bias, A, B, scale, s, p, seed):
             # x W^T and x A^T by the vendor GEMM, then z += s h B^T and y = c z + b in one pass of the backend.
             z = F.linear(x, weight.detach())
             h = torch.mm(x, A.detach().t())
-            b = None if bias is None else bias.detach().to(_F32)
-            y = backend.dora_epilogue(z, None, h, B, s, 0.0, scale, b, x.dtype)
-            if y is None:  # no such pass: the update by the vendor GEMM, then the scaling
-                z.addmm_(h, B.detach().t(), alpha=s)
-                y = _scaled(z, scale, x.dtype, b, backend)
+            y, z = _epilogue(backend, z, None, h, B, s, 0.0, scale, None if bias is None else bias.detach().to(_F32),
+                             x.dtype)
             return y, h, z, 1.0
         z, h = _lora_part(route, backend, x, weight, None, A, B, s, 0.0, 0, None)
         # c * z (+ b) in fp32, written once in x's dtype.
@@ -454,13 +469,8 @@ def _stacked_fp32(backend, x, weight, bias, A, B, scale, s, p, seed):
     base = product[:M]
     b = None if bias is None else bias.detach().to(_F32)
     f = scale - 1.0
-    z = torch.empty(M, product.shape[1], dtype=_F32, device=x.device)
-    y = backend.dora_epilogue(product[M:], base, h, B, s, s, f, b, x.dtype, z_out=z)
-    if y is None:
-        z.copy_(product[M:])
-        z = backend.lora_up_onto(z, h, B, s)
-        base = backend.lora_up_onto(base, h, B, s, b)
-        y = _scaled(z, f, x.dtype, base, backend)
+    y, z = _epilogue(backend, product[M:], base, h, B, s, s, f, b, x.dtype,
+                     z_out=torch.empty(M, product.shape[1], dtype=_F32, device=x.device))
     return y, h, z, 1.0
 
 
@@ -477,11 +487,7 @@ def _stacked_widened(backend, x, weight, bias, A, B, scale, s, p, seed):
     del kept
     b = None if bias is None else bias.detach().to(x.dtype).to(_F32)
     f = (scale - 1.0).div_(keep)
-    y = backend.dora_epilogue(z, base, h, B, keep * s, s, f, b, x.dtype)  # the three steps below in one pass
-    if y is None:
-        z = backend.lora_up_onto(z, h, B, keep * s)
-        base = backend.lora_up_onto(base, h, B, s, b)
-        y = _scaled(z, f, x.dtype, base, backend)
+    y, z = _epilogue(backend, z, base, h, B, keep * s, s, f, b, x.dtype)
     return y, h, z, keep
 
 

@@ -879,9 +879,9 @@ class CpuBackend(Backend):
                                              for t in corrected):
             return None
         r = lora_A.shape[0]
-        if dy.dtype == _F32:  # dY B and dY^T xa by the vendor GEMM (the composition's layout of dB); no widening
-            g = torch.mm(dy, _f32(lora_B)).mul_(scaling)
-            dB = torch.mm(_f32(xa).t(), dy).mul_(scaling).t()
+        if dy.dtype == _F32:  # dY B and dY^T xa by the vendor GEMM, as the composition takes them; no widening
+            g = compose.scaled_mm(dy, _f32(lora_B), scaling)
+            dB = compose.scaled_mm(_f32(xa).t(), dy, scaling).t()
         else:
             g, dB, _ = _C.lora_dy_pass(_rows(dy), _bt_all([lora_B]), _f32(xa), _scale_vector([r], [scaling]), True,
                                        False)
@@ -936,21 +936,20 @@ class CpuBackend(Backend):
                  "lora_backward": (backward[0], partial(self._taken_backward, backward[0], grads), backward[1])}
         if (forward[0] in _NATIVE_FORWARD and backward[0] in _NATIVE_BACKWARD and x.dtype == _F32
                 and len(lora_A) == 1 and lora_bias[0] is None and _native_fits(weight, lora_A[0], lora_B[0])):
-            # The kernel choices the forward route takes (their first calls are measured on the route's own path):
-            # the GEMV's prefetch for gemv, lora_down's kernel where the route runs _C.lora_xa (compose: with
-            # dropout only).
-            uses_down = forward[0] != "compose" or dropout_p[0] > 0
-            prefetch = routes.settled_call(_prefetch_key(weight), _GEMV_PREFETCH) if forward[0] == "gemv" else None
-            down = routes.settled_call(_down_key(x, lora_A[0], dropout_p[0]), _DOWN_ROUTES[:2]) if uses_down \
-                else None  # x is fp32: no split
-            if (prefetch is not None or forward[0] != "gemv") and (down is not None or not uses_down):
-                if prefetch is not None:
-                    taken["gemv_prefetch"] = (prefetch[0], None, prefetch[1])
-                if down is not None:
-                    taken["lora_down"] = (down[0], None, down[1])
+            # The kernel choices the forward route takes, each settled first (their first calls are measured on the
+            # route's own path): the GEMV's prefetch for gemv, lora_down's kernel where the route runs _C.lora_xa
+            # (compose: with dropout only; x is fp32, so no split).
+            kernels = {}
+            if forward[0] == "gemv":
+                kernels["gemv_prefetch"] = routes.settled_call(_prefetch_key(weight), _GEMV_PREFETCH)
+            if forward[0] != "compose" or dropout_p[0] > 0:
+                kernels["lora_down"] = routes.settled_call(_down_key(x, lora_A[0], dropout_p[0]), _DOWN_ROUTES[:2])
+            if all(found is not None for found in kernels.values()):
+                taken.update({op: (found[0], None, found[1]) for op, found in kernels.items()})
+                prefetch, down = kernels.get("gemv_prefetch"), kernels.get("lora_down")
                 taken["native"] = partial(_native_training, _NATIVE_FORWARD[forward[0]],
-                                          _GEMV_PREFETCH[prefetch[0]] if prefetch is not None else 0,
-                                          _NATIVE_BACKWARD[backward[0]], down is not None and down[0] == "transposed")
+                                          _GEMV_PREFETCH[prefetch[0]] if prefetch else 0,
+                                          _NATIVE_BACKWARD[backward[0]], bool(down) and down[0] == "transposed")
         return taken
 
     def _taken_forward(self, route, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):

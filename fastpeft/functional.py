@@ -37,6 +37,8 @@ output ``x W^T + b`` instead of ``x`` (what PEFT saves), see ``IA3LinearFunction
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -664,6 +666,44 @@ def _ia3_setup_backward(ctx, grad_y):
 
 
 ia3_linear_op.register_autograd(_ia3_setup_backward, setup_context=_ia3_setup_context)
+
+
+_CUSTOM_OPS = (lora_linear_op, lora_linear_backward_op, ia3_linear_op, ia3_linear_backward_op)
+
+
+def compile_cache_tag(source: Optional[bytes] = None, schemas: Optional[Sequence[str]] = None) -> str:
+    """The tag fastpeft adds to ``torch.compiler.config.cache_key_tag``: a digest of this module's source (the custom
+    ops' fake implementations and registered autograd) and of the ops' schemas, by default the installed ones.
+
+    torch's FX-graph and AOTAutograd caches key a graph by its text, which names a custom op but not its schema or
+    the backward its registered autograd traces. Without the tag, a warm cache kept across a fastpeft upgrade could
+    serve a compiled backward that calls ``fastpeft::lora_linear_backward`` with the previous version's arguments
+    (an error) or with the previous version's gradient formula (wrong gradients). With it, such entries are missed
+    and recompiled once."""
+    digest = hashlib.sha256()
+    if source is None:
+        try:
+            source = Path(__file__).read_bytes()
+        except OSError:  # no readable source file (a zipped install): the schemas alone
+            source = b""
+    digest.update(source)
+    for schema in (schemas if schemas is not None else [str(op._opoverload._schema) for op in _CUSTOM_OPS]):
+        digest.update(schema.encode())
+    return "fastpeft-" + digest.hexdigest()[:16]
+
+
+def _tag_compile_caches() -> None:
+    """Add :func:`compile_cache_tag` to torch's compile-cache key tag, keeping a tag the user set (comma-joined)."""
+    config = getattr(getattr(torch, "compiler", None), "config", None)
+    if config is None or not hasattr(config, "cache_key_tag"):
+        return  # a torch without the tag has none of the caches it keys either
+    tag = compile_cache_tag()
+    current = config.cache_key_tag or ""
+    if tag not in current.split(","):
+        config.cache_key_tag = f"{current},{tag}" if current else tag
+
+
+_tag_compile_caches()
 
 
 class IA3LinearFunction(torch.autograd.Function):

@@ -69,6 +69,52 @@ def _grads(layer) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}
 
 
+def test_compile_cache_tag_follows_the_custom_ops_source_and_schemas():
+    """torch keys its compile caches by graph text, which names ``fastpeft::lora_linear_backward`` but not its schema
+    or the backward the registered autograd traces: fastpeft's tag (a digest of both) is in the key tag once, beside
+    a tag the user set, and changes with either input."""
+    from fastpeft import functional
+
+    tag = functional.compile_cache_tag()
+    assert tag.startswith("fastpeft-") and tag in torch.compiler.config.cache_key_tag.split(",")
+    schemas = [str(op._opoverload._schema) for op in functional._CUSTOM_OPS]
+    assert any("needs_grad_bias" in s for s in schemas)
+    source = open(functional.__file__, "rb").read()
+    assert functional.compile_cache_tag(source, schemas) == tag
+    assert functional.compile_cache_tag(source + b"#", schemas) != tag
+    changed = [s.replace(", bool needs_grad_bias", "") for s in schemas]
+    assert changed != schemas and functional.compile_cache_tag(source, changed) != tag
+    with torch.compiler.config.patch(cache_key_tag="users-tag"):
+        functional._tag_compile_caches()
+        functional._tag_compile_caches()
+        assert torch.compiler.config.cache_key_tag == f"users-tag,{tag}"
+
+
+def test_compile_cache_entries_are_keyed_by_the_fastpeft_tag():
+    """The inductor pipeline's AOTAutograd cache serves a fused layer's compiled forward and backward again under the
+    same fastpeft tag and misses it under another one (what a changed fastpeft sets), in a fresh cache directory."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_cache
+
+    layer = _lora_layer()
+    x = torch.randn(5, 37)
+
+    def compile_and_step() -> dict:
+        torch._dynamo.reset()
+        counters.clear()
+        xi = x.clone().requires_grad_(True)
+        torch.compile(layer, fullgraph=True, backend="inductor")(xi).sum().backward()
+        return dict(counters["aot_autograd"])
+
+    with fresh_cache():
+        assert compile_and_step().get("autograd_cache_saved") == 1
+        assert compile_and_step().get("autograd_cache_hit") == 1
+        with torch.compiler.config.patch(cache_key_tag="fastpeft-0000000000000000"):
+            other = compile_and_step()
+        assert other.get("autograd_cache_miss") == 1 and not other.get("autograd_cache_hit")
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("lora_bias", [False, True], ids=["bias=F", "bias=T"])
 def test_lora_layer_fullgraph_no_graph_break(lora_bias):
     """The fused layer is captured in ONE graph that calls ``fastpeft::lora_linear``; output and gradients equal the

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from . import reference, routing
 from .backends import get_backend
 from .backends.base import Backend
-from .functional import _autocast, _call_mode, _flatten, draw_seeds, held_weight, hold_weight
+from .functional import _autocast, _call_mode, _flatten, draw_seeds, held_weight, hold_weight, under_func_transform
 
 _F32 = torch.float32
 
@@ -906,7 +906,7 @@ def layer_forward(layer, x: torch.Tensor, active: list, weight, bias: Optional[t
     come from are unchanged. Under autocast the operands are cast as autocast would cast them
     (``autocast_adapters``) and the call runs with autocast off, so the fp32 parts (norm, scale, epilogue) stay
     fp32."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if torch.compiler.is_compiling() or under_func_transform():
         # A graph being compiled computes the norms in the graph: the cache's stamps are Python-side state. Under a
         # torch.func transform the tensors are wrappers, with no storage to stamp.
         cache = _UNCACHED

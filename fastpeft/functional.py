@@ -97,6 +97,12 @@ def _unalias(tensors: list[torch.Tensor], inputs: Sequence[Optional[torch.Tensor
     return out
 
 
+# under_func_transform() -> bool: whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``) is tracing this
+# call, whose tensors are wrappers without storage that neither the kernels nor Python-side caches and stamps can
+# read. The one place fastpeft names torch's private flag; bound directly, as it is asked on every call.
+under_func_transform = torch._C._are_functorch_transforms_active
+
+
 def _base_needs_grad(weight, bias) -> bool:
     """Whether autograd must reach the base weight or bias (not PEFT's frozen set-up)."""
     if not torch.is_grad_enabled():
@@ -117,7 +123,7 @@ def _call_mode(weight, bias) -> str:
     """
     if isinstance(weight, torch.Tensor) and torch.compiler.is_compiling():
         return "custom_op"
-    if _base_needs_grad(weight, bias) or torch._C._are_functorch_transforms_active():
+    if _base_needs_grad(weight, bias) or under_func_transform():
         return "reference"
     return "autograd" if torch.is_grad_enabled() else "inference"
 
@@ -382,7 +388,7 @@ def may_settle(x: torch.Tensor) -> bool:
     """Whether a call on ``x`` may be kept resolved (:class:`SettledCall`): it records no autograd, runs outside
     autocast, torch.compile and ``torch.func`` transforms, on a plain CPU or CUDA tensor that does not require grad."""
     if (type(x) is not torch.Tensor or torch.is_grad_enabled() or x.requires_grad or x.dim() == 0
-            or torch._C._are_functorch_transforms_active()):
+            or under_func_transform()):
         return False
     if x.is_cpu:
         device_type = "cpu"

@@ -158,8 +158,9 @@ ROUTES: dict[str, dict[str, str]] = {
         "transposed": "the same pass over A transposed once per call, its ranks padded to whole vectors: one "
                       "accumulator of ranks per row, 16 rows (8 under AVX2) sharing each vector of A^T, each rank's "
                       "products summed in k order",
-        "split": "bf16 x: A split exactly into three bf16 parts, every product exact and the sums in fp32, by "
-                 "oneDNN's bf16 block kernel (fastpeft._C.lora_xa_split, the down-projection of split_pairs)",
+        "split": "bf16 x: A split exactly into three bf16 parts (two without autograd, where h only feeds a bf16 "
+                 "output), every product exact and the sums in fp32, by oneDNN's bf16 block kernel "
+                 "(fastpeft._C.lora_xa_split, the down-projection of split_pairs)",
     },
     "ia3_forward": {
         "compose": "vendor GEMM in x's dtype (a quantized weight decoded into a reused buffer), scaling by torch",

@@ -275,6 +275,31 @@ def test_split_pairs_route_every_gradient_subset(M, K, N, r):
 
 
 @pytest.mark.skipif(_C is None or not _C.widened_mm_available(), reason="oneDNN has no bf16 block kernel here")
+@pytest.mark.parametrize("route", ["lora_down=split", "lora_forward=split_pairs"])
+def test_split_down_takes_two_parts_only_without_autograd(route):
+    """Without autograd ``h = x A^T`` only feeds a bf16 output, and the split down-projection takes ``A``'s leading 16
+    bits (two parts); with autograd, where ``h`` is kept for ``dB``, all of its bits (three). Both outputs within the
+    2x rule of the reference run in bf16; ``h`` equal to the kernel's with that many parts."""
+    x, W, b, A, B, lb, s = make_case(150, 200, 90, [12], torch.bfloat16, torch.float32, True, False, "contig", seed=4)
+    ps, seeds = [0.0], [3]
+    f32 = ([t.float() for t in A], [t.float() for t in B], [as_f32(t) for t in lb], s, ps, seeds)
+    y_ref, _ = REF.lora_forward(x, W, b, A, B, lb, s, ps, seeds)
+    y_o, _ = REF.lora_forward(x.float(), W.float(), as_f32(b), *f32)
+    op, name = route.split("=")
+    try:
+        routes.set_route(op, name)
+        for grad, parts in ((False, 2), (True, 3)):
+            with torch.set_grad_enabled(grad):
+                y, xa = CPU.lora_forward(x, W, b, A, B, lb, s, ps, seeds)
+            assert routes.last_route(op) == name
+            assert torch.equal(xa[0], _C.lora_xa_split(x, A[0].float(), parts)), (grad, parts)
+            assert_by_dtype_rule(f"y (grad={grad})", y, y_ref, y_o, all_fp32=False)
+    finally:
+        routes.set_route(None, None)
+    assert not torch.equal(_C.lora_xa_split(x, A[0].float(), 2), _C.lora_xa_split(x, A[0].float(), 3))
+
+
+@pytest.mark.skipif(_C is None or not _C.widened_mm_available(), reason="oneDNN has no bf16 block kernel here")
 def test_split_products_refuse_bad_operands_and_keep_nan(isa):
     """``_C.lora_xa_split`` / ``_C.lora_backward_split`` name the operand and the problem; a NaN in ``A`` reaches
     ``x A^T`` as NaN (its split keeps it NaN), and fp32 values past bf16's mantissa come back exactly (the split is
@@ -293,9 +318,15 @@ def test_split_products_refuse_bad_operands_and_keep_nan(isa):
     bad[1, 7] = float("nan")
     got = _C.lora_xa_split(x, bad)
     assert got[:, 1].isnan().all() and not got[:, [0, 2]].isnan().any()
-    # 24 significant bits, 8 per part: one row of x of ones gives each element back exactly (two parts would not)
+    # 24 significant bits, 8 per part: one row of x of ones gives each element back exactly; two parts keep the
+    # leading 16 bits (each part rounded to nearest)
     fine = torch.tensor([[1.0 + 2.0 ** -12 + 2.0 ** -20], [-3.0 - 2.0 ** -10 - 2.0 ** -19], [2.0 ** -30]])
-    assert torch.equal(_C.lora_xa_split(torch.ones(2, 1).to(torch.bfloat16), fine), fine.t().expand(2, 3))
+    ones = torch.ones(2, 1).to(torch.bfloat16)
+    assert torch.equal(_C.lora_xa_split(ones, fine), fine.t().expand(2, 3))
+    leading = torch.tensor([[1.0 + 2.0 ** -12, -3.0 - 2.0 ** -10, 2.0 ** -30]])
+    assert torch.equal(_C.lora_xa_split(ones, fine, 2), leading.expand(2, 3))
+    with pytest.raises(RuntimeError, match="lora_xa_split: parts must be 2 or 3, got 4"):
+        _C.lora_xa_split(ones, fine, 4)
 
 
 @pytest.mark.parametrize("needs_grad_x,needs_grad_A", [(True, False), (False, True), (False, False)])

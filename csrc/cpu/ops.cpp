@@ -1252,8 +1252,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("widened_mm_parts", &fastpeft::widened_mm_parts, "([a_i bf16 (M_i, K)], b bf16, transposed_b) -> [a_i b^T] "
         "(b (N, K)) or [a_i b] (b (K, N)) fp32: as widened_mm / widened_mm_nn on every a_i, each tile of b "
         "rearranged once for all of them");
-  m.def("lora_xa_split", &fastpeft::lora_xa_split, "(x bf16 (M, K), A fp32 (r, K)) -> x A^T (M, r) fp32: A split "
-        "exactly into three bf16 parts, exact products and fp32 sums by widened_mm (split_products.cpp)");
+  m.def("lora_xa_split", &fastpeft::lora_xa_split, "(x bf16 (M, K), A fp32 (r, K), parts=3) -> x A^T (M, r) fp32: "
+        "A split into bf16 parts (three: exactly; two: its leading 16 bits), exact products and fp32 sums by "
+        "widened_mm (split_products.cpp)", py::arg("x"), py::arg("A"), py::arg("parts") = 3);
   m.def("lora_backward_split", &fastpeft::lora_backward_split, "(dy bf16 (M, N), x bf16 (M, K)|None, A32 (r, K), "
         "Bt32 (r, N), h32 (M, r), s) -> [g = s dy B, dA = g^T x | undefined, dB, db] fp32: one adapter's products by "
         "exact three-part bf16 splits, exact products and fp32 sums (split_products.cpp)");

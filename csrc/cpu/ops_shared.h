@@ -54,7 +54,7 @@ at::Tensor widened_mm_nn(const at::Tensor& a, const at::Tensor& b);
 std::vector<at::Tensor> widened_mm_parts(const std::vector<at::Tensor>& as, const at::Tensor& b, bool transposed_b);
 
 // split_products.cpp
-at::Tensor lora_xa_split(const at::Tensor& x, const at::Tensor& A);
+at::Tensor lora_xa_split(const at::Tensor& x, const at::Tensor& A, int64_t parts);
 std::vector<at::Tensor> lora_backward_split(const at::Tensor& dy, const c10::optional<at::Tensor>& x,
                                             const at::Tensor& A, const at::Tensor& Bt, const at::Tensor& h, double s);
 

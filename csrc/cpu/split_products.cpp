@@ -46,17 +46,22 @@ at::Tensor split_parts(const at::Tensor& t, int parts, bool transposed, bool one
   return out;
 }
 
-// out (n0, n1) fp32 = scale * (part 0 + (part 1 + part 2)), part i of element (a, b) at P[a * lda + b + i * step]: the
-// partial products of the three split parts, the small ones summed first. The parts lie side by side in P's columns
-// (P (rows, 3r): n1 = r, lda = 3r, step = r) or stacked in its rows (P (3r (+ 1), cols): n0 = r, lda = cols,
-// step = r * cols).
-at::Tensor sum_parts(const at::Tensor& P, int64_t n0, int64_t n1, int64_t lda, int64_t step, float scale) {
+// out (n0, n1) fp32 = scale * (part 0 + (part 1 + part 2)), or scale * (part 0 + part 1) with two parts, part i of
+// element (a, b) at P[a * lda + b + i * step]: the partial products of the split parts, the small ones summed first.
+// The parts lie side by side in P's columns (P (rows, parts * r): n1 = r, lda = parts * r, step = r) or stacked in
+// its rows (P (parts * r (+ 1), cols): n0 = r, lda = cols, step = r * cols).
+at::Tensor sum_parts(const at::Tensor& P, int64_t n0, int64_t n1, int64_t lda, int64_t step, float scale,
+                     int parts = 3) {
   auto out = at::empty({n0, n1}, at::kFloat);
   const float* p = P.data_ptr<float>();
   float* o = out.data_ptr<float>();
   for (int64_t i = 0; i < n0; ++i) {
     const float* row = p + i * lda;
-    for (int64_t j = 0; j < n1; ++j) o[i * n1 + j] = scale * (row[j] + (row[step + j] + row[2 * step + j]));
+    if (parts == 2) {
+      for (int64_t j = 0; j < n1; ++j) o[i * n1 + j] = scale * (row[j] + row[step + j]);
+    } else {
+      for (int64_t j = 0; j < n1; ++j) o[i * n1 + j] = scale * (row[j] + (row[step + j] + row[2 * step + j]));
+    }
   }
   return out;
 }
@@ -76,13 +81,15 @@ void check_adapter(const at::Tensor& t, const char* fn, const char* name, int64_
 
 }  // namespace
 
-at::Tensor lora_xa_split(const at::Tensor& x, const at::Tensor& A) {
+at::Tensor lora_xa_split(const at::Tensor& x, const at::Tensor& A, int64_t parts) {
   TORCH_CHECK(A.dim() == 2, "fastpeft._C.lora_xa_split: A must be (r, K), got ", A.sizes());
+  TORCH_CHECK(parts == 2 || parts == 3, "fastpeft._C.lora_xa_split: parts must be 2 or 3, got ", parts);
   const int64_t r = A.size(0), K = A.size(1);
   check_adapter(A, "lora_xa_split", "A", r, K);
   check_bf16_activation(x, "lora_xa_split", "x", K);
   if (x.size(0) == 0 || r == 0) return at::zeros({x.size(0), r}, at::kFloat);
-  return sum_parts(widened_mm(x, split_parts(A, 3, false, false), false), x.size(0), r, 3 * r, r, 1.0f);
+  const int n = int(parts);
+  return sum_parts(widened_mm(x, split_parts(A, n, false, false), false), x.size(0), r, n * r, r, 1.0f, n);
 }
 
 std::vector<at::Tensor> lora_backward_split(const at::Tensor& dy, const c10::optional<at::Tensor>& x,

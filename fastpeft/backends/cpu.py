@@ -362,9 +362,16 @@ def _down_routes(x: torch.Tensor, A32: torch.Tensor, p: float) -> tuple:
     return _DOWN_ROUTES if _split_pairs_eligible(x, [A32], [p]) else _DOWN_ROUTES[:2]
 
 
+def _split_parts() -> int:
+    """How many bf16 parts ``_C.lora_xa_split`` splits ``A`` into for this call: three (all of fp32's bits) where
+    autograd may keep ``h = x A^T`` for ``dB``; two (its leading 16 bits, ``h`` within ~2^-16 of exact, a third fewer
+    products) without autograd, where ``h`` only feeds the update of a bf16 output that rounds to 8 bits."""
+    return 3 if torch.is_grad_enabled() else 2
+
+
 def _down_by(route: str, x: torch.Tensor, A32: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     if route == "split":
-        return _C.lora_xa_split(x, A32)
+        return _C.lora_xa_split(x, A32, _split_parts())
     return _C.lora_xa(x, A32, p, seed, route == "transposed")
 
 
@@ -473,9 +480,9 @@ def _add_adapters_fused(x, y, lora_A, lora_B, lora_bias, scaling, dropout_p, see
 
 
 def _split_down(xi, A, p, seed):
-    """``compose.DownPass`` of ``split_pairs`` (``p`` is 0 there): ``_C.lora_xa_split``, ``A`` split exactly into three
-    bf16 parts, exact products and fp32 sums on the bf16 units."""
-    return _C.lora_xa_split(_rows(xi), _f32(A))
+    """``compose.DownPass`` of ``split_pairs`` (``p`` is 0 there): ``_C.lora_xa_split``, ``A`` split into bf16 parts
+    (``_split_parts``), exact products and fp32 sums on the bf16 units."""
+    return _C.lora_xa_split(_rows(xi), _f32(A), _split_parts())
 
 
 def _forward_split_pairs(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):

@@ -47,9 +47,9 @@ struct QuantDesc {
 // outer_cols draws its dropout masks in chunks of at most outer_mask_rows rows of at most outer_mask_cols columns
 // (the widest ISA's chunk: one AVX-512 block of Philox calls, 16 calls of 8 elements): its scratch is
 // min(M, outer_mask_rows) * outer_mask_cols floats. A chunk of 64 rows keeps its mask (32 KB) and its rows of x and
-// dx in L1 and L2 while every strip of the chunk reads them again; chunks of 512 rows spilled them, which cost the
-// wide layers' masked passes (BENCHMARKS.md). Threads split the columns in units of outer_split_cols (whole strips of
-// every ISA): smaller than a mask chunk, so that two threads share a few hundred columns evenly.
+// dx in L1 and L2 while every strip of the chunk reads them again; much taller chunks spill them out of L2 on wide
+// layers (BENCHMARKS.md times both). Threads split the columns in units of outer_split_cols (whole strips of every
+// ISA): smaller than a mask chunk, so that two threads share a few hundred columns evenly.
 constexpr int64_t outer_mask_rows = 64, outer_mask_cols = 128, outer_split_cols = 64;
 
 // xa_rows_t stages at most down_t_rows rows of down_t_chunk elements each (the widest ISA's row block): its scratch

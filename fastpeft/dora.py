@@ -598,8 +598,6 @@ def _routes_for(weight) -> tuple[str, ...]:
     return ("compose", "fused") if isinstance(weight, torch.Tensor) else ("fused",)
 
 
-
-
 def _forward_routes(backend, x, weight, A, p) -> tuple[str, ...]:
     """``_routes_for`` plus ``stacked`` where it may run (fastpeft.routing.ROUTE_LIMITS)."""
     routes = _routes_for(weight)

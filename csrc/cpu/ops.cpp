@@ -964,6 +964,21 @@ std::vector<at::Tensor> lora_fused_backward(const at::Tensor& dy, const c10::opt
   return {dx.has_value() ? *dx : at::Tensor(), dA, gdb[1], need_db ? gdb[2].mul_(s) : at::Tensor()};
 }
 
+// The terms of one fp32 adapter that reach its input, from g = s dy B (M, r): dx += (g A) * mask/(1-p) in place (dx
+// given) and dA = g^T drop(x) returned (x given, else undefined); with dropout by lora_dx_pass (the mask regenerated,
+// one sweep for both), without by ATen GEMMs, as the Python composition takes them. A (r, K) contiguous.
+at::Tensor adapter_input_terms(const c10::optional<at::Tensor>& dx, const c10::optional<at::Tensor>& x,
+                               const at::Tensor& A, const at::Tensor& g, double p, int64_t seed) {
+  if (p != 0.0) {
+    if (!dx.has_value() && !x.has_value()) return at::Tensor();
+    c10::optional<at::Tensor> xr;
+    if (x.has_value()) xr = x->stride(1) == 1 ? *x : x->contiguous();
+    return lora_dx_pass(dx, xr, A, g, p, seed, c10::nullopt, c10::nullopt);
+  }
+  if (dx.has_value()) dx->addmm_(g, A);
+  return x.has_value() ? at::mm(g.t(), *x) : at::Tensor();
+}
+
 // Backward of one fp32 adapter at decode-sized M, every step in one call (from Python each of the ~10 small
 // products and reductions cost a dispatch comparable to its arithmetic):
 //   g = s dy B;  dB = s dy^T h;  db = s sum_m dy;  dx = dy W + (g A) * mask;  dA = g^T drop(x)
@@ -1026,14 +1041,9 @@ std::vector<at::Tensor> lora_small_backward(const at::Tensor& dy, const at::Tens
     for (int64_t i = 0; i < M * r; ++i) gp[i] *= sf;
   }
   at::Tensor dA;
-  if (p != 0.0) {  // the mask is regenerated inside the pass
+  if (p != 0.0 || !loops) {
     c10::optional<at::Tensor> acc = need_dx ? c10::optional<at::Tensor>(dx) : c10::nullopt;
-    c10::optional<at::Tensor> xr =
-        x.has_value() ? c10::optional<at::Tensor>(x->stride(1) == 1 ? *x : x->contiguous()) : c10::nullopt;
-    dA = lora_dx_pass(acc, xr, Ac, g, p, seed, c10::nullopt, c10::nullopt);
-  } else if (!loops) {
-    if (need_dx) dx.addmm_(g, Ac);
-    if (x.has_value()) dA = at::mm(g.t(), *x);
+    dA = adapter_input_terms(acc, x, Ac, g, p, seed);
   } else if (need_dx || x.has_value()) {
     // dx += g A and dA = g^T x in one pass over column strips, in the kernel table's vectors (this file's loops
     // are SSE2 only), threads splitting the columns
@@ -1069,14 +1079,8 @@ std::vector<at::Tensor> lora_compose_backward(const at::Tensor& dy, const c10::o
   const at::Tensor zero = at::zeros({}, dy.options());  // the ignored input of a beta = 0 addmm
   const at::Tensor g = at::addmm(zero, dy, B, 0.0, s);
   const at::Tensor dB = at::addmm(zero, h.t(), dy, 0.0, s).t();
-  at::Tensor dA;
-  if (p != 0.0) {
-    if (dx.has_value() || x.has_value()) dA = lora_dx_pass(dx, x, A, g, p, seed, c10::nullopt, c10::nullopt);
-  } else {
-    if (dx.has_value()) dx->addmm_(g, A);
-    if (x.has_value()) dA = at::mm(g.t(), *x);
-  }
-  return {dx.has_value() ? *dx : at::Tensor(), x.has_value() ? dA : at::Tensor(), dB};
+  const at::Tensor dA = adapter_input_terms(dx, x, A, g, p, seed);
+  return {dx.has_value() ? *dx : at::Tensor(), dA, dB};
 }
 
 struct SettledLoraTraining : public torch::autograd::Function<SettledLoraTraining> {

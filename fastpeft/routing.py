@@ -9,7 +9,8 @@ real tensors, keeps the fastest, and reuses it for every later call with that ke
 
 - the key (``RouteKey``): op, backend, weight kind (``dense``/``nf4``/``fp4``/``int8``), the dtypes of ``x``, the
   weight and the adapters, ``M`` rounded up to a power of two, ``N`` and ``K``, dropout on/off, the total rank
-  rounded up to a power of two, the number of adapters and what backward must return;
+  rounded up to a power of two, the number of adapters and what backward must return (for ``lora_down``, how many
+  parts of ``A`` its ``split`` route multiplies, which depends on whether autograd is on);
 - the choice is kept in memory (so one process takes the same route for the same key) and in a small versioned
   JSON file (``FASTPEFT_ROUTE_CACHE``, default ``$XDG_CACHE_HOME/fastpeft/routes.json``; ``off`` keeps choices in
   memory only), filed under a fingerprint of this machine: CPU model and SIMD path (or GPU name), thread count, the
@@ -296,7 +297,7 @@ class RouteKey(NamedTuple):
     dropout: bool
     rank_bucket: int
     adapters: int
-    grads: str = ""  # backward: which gradients are wanted; IA3: which outputs
+    grads: str = ""  # backward: which gradients are wanted; IA3: which outputs; lora_down: split's parts
 
     def as_string(self) -> str:
         dtypes = "/".join(_dtype_name(d) for d in self.dtypes)

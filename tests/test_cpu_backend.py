@@ -669,7 +669,8 @@ def test_down_projection_kernels_are_each_rows_fp32_dot(isa, transposed, dtype, 
 def test_down_projection_kernel_is_measured_kept_and_pinned(monkeypatch):
     """The cpu backend's ``x A^T`` (``lora_down``): the first call of a key times both kernels and keeps one; later
     calls of the key take the kept kernel without building a key, and give its bits; ``set_route`` and
-    ``FASTPEFT_ROUTE`` pins take effect at once over a kept choice; another M bucket is another key."""
+    ``FASTPEFT_ROUTE`` pins take effect at once over a kept choice; another M bucket is another key, and so is bf16
+    ``x`` with autograd on and off (``split`` multiplies three parts of ``A`` or two)."""
     from fastpeft.backends import cpu as cpu_backend
 
     monkeypatch.setenv("FASTPEFT_ROUTE_CACHE", "off")
@@ -719,6 +720,20 @@ def _kept_and_pinned(monkeypatch, cpu_backend, x, A, bits):
         transposed = row["route"] == "transposed"
         want = _C.lora_xa_split(xb, A) if row["route"] == "split" else _C.lora_xa(xb, A, p, 7, transposed)
         assert torch.equal(got, want)
+    if not _C.widened_mm_available():
+        return
+    # split multiplies two parts of A without autograd and three with it: each mode measures its own choice
+    routes.clear_choices()
+    cpu_backend._down_settled.clear()
+    for grad, parts in ((False, 2), (True, 3), (False, 2)):
+        with torch.set_grad_enabled(grad):
+            got = cpu_backend._lora_xa(xb, A, 0.0, 7)
+        (row,) = [c for c in routes.routes() if c["op"] == "lora_down" and c["grads"] == f"split parts={parts}"]
+        assert routes.last_route("lora_down") == row["route"]
+        want = (_C.lora_xa_split(xb, A, parts) if row["route"] == "split"
+                else _C.lora_xa(xb, A, 0.0, 7, row["route"] == "transposed"))
+        assert torch.equal(got, want), (grad, row["route"])
+    assert len([c for c in routes.routes() if c["op"] == "lora_down"]) == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

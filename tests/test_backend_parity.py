@@ -87,3 +87,36 @@ def test_peft_parity_suite_through_backend(backend):
     if backend == "triton":
         env["TRITON_INTERPRET"] = "1"
     _run_parity(env, f"FASTPEFT_BACKEND={backend}")
+
+
+# The suites that choose among routes built on oneDNN's bf16 block kernel (fastpeft._C.widened_mm) and assert which
+# routes are offered.
+_BLOCK_KERNEL_SUITES = ("test_cpu_backend.py", "test_dora.py", "test_routes.py", "test_settled_training.py")
+
+
+def test_cpu_suites_as_on_a_cpu_without_the_bf16_block_kernel():
+    """A CPU below AVX-512 (the AVX2 kind) has no oneDNN bf16 block kernel: ``_C.widened_mm`` is unavailable there,
+    the routes built on it (``split``, ``split_pairs``, ``pairs``, bf16 ``stacked``) are not offered, and fastpeft's
+    kernels run their AVX2 path. On a CPU that has the kernel, the cpu backend's and DoRA's suites and the PEFT parity
+    subset run once more as such a CPU would run them: oneDNN held to AVX2 (``ONEDNN_MAX_CPU_ISA``) and fastpeft's
+    kernels to theirs (``FASTPEFT_CPU_ISA``), in a fresh process (oneDNN reads the variable once)."""
+    supported, _ = _cpu_isas()
+    if "avx2" not in supported:
+        pytest.skip(f"this CPU cannot run the avx2 path (it runs {supported or 'no extension'})")
+    from fastpeft import _C
+
+    if not _C.widened_mm_available():
+        pytest.skip("oneDNN has no bf16 block kernel on this CPU: the default run is that run")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", FASTPEFT_CPU_ISA="avx2")
+    probe = "from fastpeft import _C; print(_C.widened_mm_available(), _C.isa())"
+    held = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert held.stdout.split()[-2:] == ["False", "avx2"], f"the variables did not take effect: {held.stdout}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore",
+         *(os.path.join(HERE, name) for name in _BLOCK_KERNEL_SUITES)],
+        env=env, cwd=os.path.dirname(HERE), capture_output=True, text=True, timeout=900,
+    )
+    tail = "\n".join(proc.stdout.splitlines()[-25:])
+    assert proc.returncode == 0, f"the suites failed without the bf16 block kernel:\n{tail}\n{proc.stderr[-2000:]}"
+    assert " passed" in tail and "failed" not in tail, tail
+    _run_parity(env, "ONEDNN_MAX_CPU_ISA=AVX2 FASTPEFT_CPU_ISA=avx2")

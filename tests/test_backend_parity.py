@@ -1,5 +1,6 @@
 """The PEFT parity suite again, with each backend forced through FASTPEFT_BACKEND, in a fresh process, and the
-``cpu`` backend once more on each SIMD path this CPU can run besides the one cpuid picks (FASTPEFT_CPU_ISA).
+``cpu`` backend once more on each SIMD path this CPU can run besides the one cpuid picks (FASTPEFT_CPU_ISA), and
+once as the AVX2 kind runs it, without oneDNN's bf16 block kernel (ONEDNN_MAX_CPU_ISA=AVX2).
 
 A fresh process is needed because ``TRITON_INTERPRET`` must be set before Triton is imported. The transformer
 families are left to the default run (they exercise the module layer, not the backend); the MLP, Conv1D,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 
 import pytest
 
@@ -32,15 +33,20 @@ def _available(name):
     return info["available"], info["reason"]
 
 
-def _run_parity(env: dict, label: str) -> None:
+def _run_suites(env: dict, label: str, files: Sequence[str], *args: str) -> None:
+    """pytest over ``files`` (in this directory) in a fresh process with ``env``; every test passes."""
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", SUBSET,
-         os.path.join(HERE, "test_peft_parity.py")],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args,
+         *(os.path.join(HERE, name) for name in files)],
         env=env, cwd=os.path.dirname(HERE), capture_output=True, text=True, timeout=900,
     )
     tail = "\n".join(proc.stdout.splitlines()[-25:])
-    assert proc.returncode == 0, f"parity suite failed with {label}:\n{tail}\n{proc.stderr[-2000:]}"
+    assert proc.returncode == 0, f"{', '.join(files)} failed with {label}:\n{tail}\n{proc.stderr[-2000:]}"
     assert " passed" in tail and "failed" not in tail, tail
+
+
+def _run_parity(env: dict, label: str) -> None:
+    _run_suites(env, label, ["test_peft_parity.py"], "-k", SUBSET)
 
 
 def _cpu_isas() -> tuple[list[str], str]:
@@ -112,12 +118,6 @@ def test_cpu_suites_as_on_a_cpu_without_the_bf16_block_kernel():
     probe = "from fastpeft import _C; print(_C.widened_mm_available(), _C.isa())"
     held = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert held.stdout.split()[-2:] == ["False", "avx2"], f"the variables did not take effect: {held.stdout}"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore",
-         *(os.path.join(HERE, name) for name in _BLOCK_KERNEL_SUITES)],
-        env=env, cwd=os.path.dirname(HERE), capture_output=True, text=True, timeout=900,
-    )
-    tail = "\n".join(proc.stdout.splitlines()[-25:])
-    assert proc.returncode == 0, f"the suites failed without the bf16 block kernel:\n{tail}\n{proc.stderr[-2000:]}"
-    assert " passed" in tail and "failed" not in tail, tail
-    _run_parity(env, "ONEDNN_MAX_CPU_ISA=AVX2 FASTPEFT_CPU_ISA=avx2")
+    label = "ONEDNN_MAX_CPU_ISA=AVX2 FASTPEFT_CPU_ISA=avx2"
+    _run_suites(env, label, _BLOCK_KERNEL_SUITES, "-W", "ignore")
+    _run_parity(env, label)

@@ -350,17 +350,17 @@ _DOWN_ROUTES = ("rows", "transposed", "split")
 _down_settled: dict = {}
 
 
-def _down_parts(x: torch.Tensor, p: float) -> int:
-    """How many bf16 parts of ``A`` route ``split`` would multiply for this call (``_split_parts``), 0 where ``x``
-    cannot take that route (not bf16, or dropout)."""
-    return _split_parts() if (x.dtype == torch.bfloat16 and p == 0) else 0
+def _down_parts(x: torch.Tensor, A32: torch.Tensor, p: float) -> int:
+    """How many bf16 parts of ``A`` route ``split`` would multiply for this call (``_split_parts``), 0 where it may
+    not serve the call (``_down_routes``)."""
+    return _split_parts() if _split_pairs_eligible(x, [A32], [p]) else 0
 
 
 def _down_key(x: torch.Tensor, A: torch.Tensor, p: float) -> routes.RouteKey:
     """``lora_down``'s key: x's dtype, ``M`` bucket and ``K``, the rank and whether it drops (``N`` is 0); for bf16
     ``x`` without dropout also the parts ``split`` would take, since with autograd on it multiplies a third more
     (its measured choice is not the one without)."""
-    parts = _down_parts(x, p)
+    parts = _down_parts(x, A, p)
     return routes.make_key("lora_down", "cpu", "dense", x.dtype, x.dtype, (A.dtype,), x.shape[0], 0, x.shape[1],
                            p > 0, A.shape[0], 1, f"split parts={parts}" if parts else "")
 
@@ -388,7 +388,7 @@ def _lora_xa(x: torch.Tensor, A32: torch.Tensor, p: float, seed: int) -> torch.T
     """``drop(x) A32^T`` (``x`` ``(M, K)`` rows, ``A32`` fp32 ``(r, K)`` -> fp32 ``(M, r)``: the products exact in
     fp32, the sums fp32) by the kernel op ``lora_down`` measured for this key: ``_C.lora_xa`` over ``A`` as stored
     (``rows``) or transposed (``transposed``), or ``_C.lora_xa_split`` (``split``); they sum in different orders."""
-    local = (x.dtype, routes.bucket(x.shape[0]), x.shape[1], A32.shape[0], p > 0, _down_parts(x, p))
+    local = (x.dtype, routes.bucket(x.shape[0]), x.shape[1], A32.shape[0], p > 0, _down_parts(x, A32, p))
     found = _down_settled.get(local)
     if found is not None and found[0] == routes.choice_state():
         taken = found[1]

@@ -29,6 +29,23 @@ if "FASTPEFT_ROUTE_CACHE" not in os.environ:
     os.environ["FASTPEFT_ROUTE_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="fastpeft-routes-"), "routes.json")
 
 
+@pytest.fixture(scope="session")
+def load_benchmark_script():
+    """``load(name)``: ``benchmarks/<name>.py`` as a module, loaded by path, so the repository root stays off
+    ``sys.path`` (its ``kernels/`` must never be importable as a top-level ``kernels``)."""
+    import importlib.util
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(folder, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
 @pytest.fixture
 def final_routes(monkeypatch):
     """First measurements are final, so calls settle at once; no pins, and none left behind."""

@@ -4,7 +4,6 @@ the measured-GPU section between its markers."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
@@ -14,11 +13,8 @@ SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module")
-def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def gpu_check(load_benchmark_script):
+    return load_benchmark_script("gpu_check")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the real check would run")

@@ -737,6 +737,42 @@ def _kept_and_pinned(monkeypatch, cpu_backend, x, A, bits):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,N", [(1, 37), (9, 64), (77, 575), (131, 2051)])
+def test_dy_pass_as_outer_products_every_isa(isa, dtype, M, N):
+    """``lora_dy_pass`` (``g = (dY B) svec``, ``dB = svec (dY^T xa)``, the column sums) against the fp64 products, for
+    total ranks of one and two vectors of the SIMD path (one sweep of outer products over column units, row blocks
+    of 8 or 4 with tails) and for a rank it does not take (the row and column passes): the same bits with one
+    thread and two (the sweep's column sums too), g and dB the same with and without the column sums, a
+    strided-row dY included."""
+    vw = {"avx512": 16, "avx2": 8, "generic": 4}[isa]
+    assert _C.dy_outer_takes(vw) and _C.dy_outer_takes(2 * vw) and not _C.dy_outer_takes(vw + 2)
+    threads = torch.get_num_threads()
+    try:
+        for R in (vw, 2 * vw, vw + 2):
+            gen = torch.Generator().manual_seed(M * N + R)
+            dy = torch.randn(M, N + 3, generator=gen)[:, :N].to(dtype)  # rows N + 3 apart
+            B, xa = torch.randn(N, R, generator=gen), torch.randn(M, R, generator=gen)
+            svec = torch.rand(R, generator=gen) + 0.5
+            got = {}
+            for n, colsum in ((1, True), (2, True), (2, False)):
+                torch.set_num_threads(n)
+                got[n, colsum] = _C.lora_dy_pass(dy, _C.stack_transposed([B]), xa, svec, True, colsum)
+            d64 = dy.double()
+            g, dB, cs = got[1, True]
+            assert_close(f"R={R} g", g, (d64 @ B.double()) * svec.double(), 2e-6)
+            assert_close(f"R={R} dB", dB, (d64.t() @ xa.double()) * svec.double(), 2e-6)
+            assert_close(f"R={R} column sums", cs, d64.sum(0), 2e-6)
+            # the row pass sums its column sums per thread (deterministic for a thread count); the sweep, by column
+            for i in range(3 if _C.dy_outer_takes(R) else 2):
+                assert torch.equal(got[1, True][i], got[2, True][i]), f"R={R}: output {i} differs with two threads"
+            assert got[2, False][2] is None or got[2, False][2].numel() == 0
+            for i in range(2):
+                assert torch.equal(got[2, False][i], got[2, True][i]), f"R={R}: output {i} moved with the column sums"
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 @pytest.mark.parametrize("M,K,N", [(1, 37, 29), (16, 130, 67), (77, 64, 200)])
 def test_fused_backward_of_one_fp32_adapter_is_one_call_of_its_passes(monkeypatch, dtype, p, M, K, N):

@@ -56,6 +56,9 @@ constexpr int64_t outer_mask_rows = 64, outer_mask_cols = 128, outer_split_cols 
 // is down_t_rows * down_t_chunk floats.
 constexpr int64_t down_t_rows = 16, down_t_chunk = 256;
 
+// dy_outer_cols widens at most outer_rows_max rows of 16-bit dy at a time (its row block).
+constexpr int64_t outer_rows_max = 8;
+
 // Where outer_cols' masked dst update goes instead of dst itself (DoRA's dropout correction of dX in the same pass):
 //   out[m, n] = round(dst[m, n] + mask(m, n) * t(m, n) + (mask(m, n) - 1) * extra[m, n]) in dt_out,
 // t the adapter term, mask(m, n) = keep / (1 - p) as in outer_cols; extra: (M, cols) fp32 rows ld_extra apart; dst is
@@ -84,6 +87,15 @@ struct KernelTable {
   // buf: 4N floats of scratch.
   void (*dy_rows)(int dt, const void* dy, int64_t lddy, int64_t N, int64_t m0, int64_t m1, const float* Bt, int64_t R,
                   const float* svec, float* g, float* colsum, float* buf);
+  // The same pass as sums of outer products, one sweep for both of its products, over the columns [n0, n1) of dy
+  // (M, N) (rows of dtype dt, lddy apart; threads split the columns):
+  //   g[m * R + j] = sum_{n0 <= n < n1} dy[m, n] B[n * R + j] for m < M        (written: the range's share of g)
+  //   dB[n * R + j] = sum_{m < M} dy[m, n] xs[m * R + j] for n in [n0, n1)      (written; rows summed in order)
+  //   colsum[n] = sum_{m < M} dy[m, n] for n in [n0, n1)                         (written, rows in order; if colsum)
+  // B (N, R), xs (M, R) (svec folded in), g (M, R), dB (N, R): fp32 rows. Only for R = vector_width or twice it:
+  // returns false, writing nothing, for any other R. buf: outer_rows_max * (n1 - n0) floats (16-bit dy).
+  bool (*dy_outer_cols)(int dt, const void* dy, int64_t lddy, int64_t M, int64_t n0, int64_t n1, const float* B,
+                        int64_t R, const float* xs, float* g, float* dB, float* colsum, float* buf);
   // y[m, n] = round(y[m, n] + bias[n] + sum_{j < R} c[m * ldc + j] rows[j, n]) in y's dtype dt, for m in [m0, m1),
   // n < N: the dropout-free epilogue (c = xs, rows = B^T) and dx update (c = g, rows = A), row by row. rows: (R, N)
   // fp32 contiguous; bias: (N,) fp32 or null.

@@ -19,7 +19,7 @@
 namespace fastpeft {
 const KernelTable& kernels_avx2() {
   static const KernelTable table{"avx2", isa_avx2::dropout_scale, isa_avx2::xa_rows,
-                                 isa_avx2::dy_rows, isa_avx2::expand_rows, isa_avx2::outer_cols,
+                                 isa_avx2::dy_rows, isa_avx2::dy_outer_cols, isa_avx2::expand_rows, isa_avx2::outer_cols,
                                  isa_avx2::dequant_rows, isa_avx2::qgemv_rows, isa_avx2::scale_columns_rows,
                                  isa_avx2::column_dots_cols, isa_avx2::expand_row_b, 8,
                                  isa_avx2::transpose_f32,

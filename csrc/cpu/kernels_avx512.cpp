@@ -19,7 +19,7 @@
 namespace fastpeft {
 const KernelTable& kernels_avx512() {
   static const KernelTable table{"avx512", isa_avx512::dropout_scale, isa_avx512::xa_rows,
-                                 isa_avx512::dy_rows, isa_avx512::expand_rows, isa_avx512::outer_cols,
+                                 isa_avx512::dy_rows, isa_avx512::dy_outer_cols, isa_avx512::expand_rows, isa_avx512::outer_cols,
                                  isa_avx512::dequant_rows, isa_avx512::qgemv_rows, isa_avx512::scale_columns_rows,
                                  isa_avx512::column_dots_cols, isa_avx512::expand_row_b, 16,
                                  isa_avx512::transpose_f32,

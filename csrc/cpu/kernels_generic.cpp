@@ -14,7 +14,7 @@
 namespace fastpeft {
 const KernelTable& kernels_generic() {
   static const KernelTable table{"generic", isa_generic::dropout_scale, isa_generic::xa_rows,
-                                 isa_generic::dy_rows, isa_generic::expand_rows, isa_generic::outer_cols,
+                                 isa_generic::dy_rows, isa_generic::dy_outer_cols, isa_generic::expand_rows, isa_generic::outer_cols,
                                  isa_generic::dequant_rows, isa_generic::qgemv_rows, isa_generic::scale_columns_rows,
                                  isa_generic::column_dots_cols, isa_generic::expand_row_b, 4,
                                  isa_generic::transpose_f32,

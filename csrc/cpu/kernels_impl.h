@@ -691,6 +691,134 @@ void dy_rows(int dt, const void* dy, int64_t lddy, int64_t N, int64_t m0, int64_
   }
 }
 
+// --------------------------------------------------------------------------------- the dY pass as outer products
+// dy_outer_cols' register blocking for R = RV * VW: OB rows of dy per block (each broadcast element feeds RV
+// multiply-adds into its row of g and RV into its column of dB), OU columns per step (their dB sums are
+// independent chains), each column's dB summed in OH partial chains (halves of the block's rows) so that the adds
+// of one column do not wait on each other. Sized so the accumulators, B's vectors and a broadcast fit the register
+// file: 32 vectors on AVX-512, 16 otherwise.
+template <int RV>
+struct OuterShape {
+  static constexpr int OB = RV == 1 ? 8 : 4;
+  static constexpr int OU = RV == 1 ? (VW == 16 ? 4 : 2) : (VW == 16 ? 2 : 1);
+  static constexpr int OH = RV == 1 ? 2 : 1;
+};
+
+// For NB rows rows[i][0 .. C) (fp32, C = c1 - c0 columns starting at column c0 of B and dB):
+//   g[i * R + j] = sum_{c < C} rows[i][c] * B[(c0 + c) * R + j]           (written)
+//   dB[(c0 + c) * R + j] += sum_{i < NB} rows[i][c] * xs[i * R + j]       (accumulated)
+// R = RV * VW; B (N, R), xs (NB, R) and dB (N, R) fp32 rows.
+template <int NB, int RV>
+void dy_outer_block(const float* const* rows, int64_t C, int64_t c0, const float* B, const float* xs, float* g,
+                    float* dB) {
+  using S = OuterShape<RV>;
+  constexpr int64_t R = RV * VW;
+  constexpr int OU = NB == S::OB ? S::OU : 1;
+  constexpr int OH = NB == S::OB ? S::OH : 1;
+  vf acc[NB][RV];
+  for (int i = 0; i < NB; ++i)
+    for (int v = 0; v < RV; ++v) acc[i][v] = vf{};
+  const float* Bc = B + c0 * R;
+  float* dBc = dB + c0 * R;
+  int64_t c = 0;
+  for (; c + OU <= C; c += OU) {
+    vf d[OU][OH][RV];
+    for (int u = 0; u < OU; ++u) {
+      vf b[RV];
+      for (int v = 0; v < RV; ++v) b[v] = load_f32(Bc + (c + u) * R + v * VW);
+      for (int h = 0; h < OH; ++h)
+        for (int v = 0; v < RV; ++v) d[u][h][v] = vf{};
+      for (int i = 0; i < NB; ++i) {
+        const vf e = load_splat(rows[i] + c + u);
+        const int h = i * OH / NB;
+        for (int v = 0; v < RV; ++v) {
+          acc[i][v] += e * b[v];
+          d[u][h][v] += e * load_f32(xs + i * R + v * VW);
+        }
+      }
+    }
+    for (int u = 0; u < OU; ++u)
+      for (int v = 0; v < RV; ++v) {
+        vf t = d[u][0][v];
+        for (int h = 1; h < OH; ++h) t += d[u][h][v];
+        float* out = dBc + (c + u) * R + v * VW;
+        store_f32(out, load_f32(out) + t);
+      }
+  }
+  for (; c < C; ++c) {
+    vf b[RV], d[RV];
+    for (int v = 0; v < RV; ++v) {
+      b[v] = load_f32(Bc + c * R + v * VW);
+      d[v] = vf{};
+    }
+    for (int i = 0; i < NB; ++i) {
+      const vf e = load_splat(rows[i] + c);
+      for (int v = 0; v < RV; ++v) {
+        acc[i][v] += e * b[v];
+        d[v] += e * load_f32(xs + i * R + v * VW);
+      }
+    }
+    for (int v = 0; v < RV; ++v) {
+      float* out = dBc + c * R + v * VW;
+      store_f32(out, load_f32(out) + d[v]);
+    }
+  }
+  for (int i = 0; i < NB; ++i)
+    for (int v = 0; v < RV; ++v) store_f32(g + i * R + v * VW, acc[i][v]);
+}
+
+template <int RV>
+void dy_outer_cols_rv(int dt, const void* dy, int64_t lddy, int64_t M, int64_t n0, int64_t n1, const float* B,
+                      const float* xs, float* g, float* dB, float* colsum, float* buf) {
+  constexpr int OB = OuterShape<RV>::OB;
+  static_assert(OB <= outer_rows_max, "the caller sizes buf for outer_rows_max rows");
+  constexpr int64_t R = RV * VW;
+  const int64_t C = n1 - n0;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t j = 0; j < R; ++j) dB[n * R + j] = 0.f;
+  if (colsum)
+    for (int64_t n = n0; n < n1; ++n) colsum[n] = 0.f;
+  const float* rows[OB];
+  for (int64_t m = 0; m < M; m += OB) {
+    const int nb = int(M - m < OB ? M - m : OB);
+    for (int i = 0; i < nb; ++i) {
+      const void* row = static_cast<const char*>(row_ptr(dt, dy, lddy, m + i)) + n0 * elem_size(dt);
+      if (dt == kF32) {
+        rows[i] = static_cast<const float*>(row);
+      } else {  // 16-bit rows widened once; each element then feeds 2 * R multiply-adds
+        load_row(dt, row, C, nullptr, buf + i * C);
+        rows[i] = buf + i * C;
+      }
+    }
+    if (colsum) {  // rows in order, while the block's rows are in cache
+      for (int i = 0; i < nb; ++i) {
+        int64_t c = 0;
+        for (; c + VW <= C; c += VW) store_f32(colsum + n0 + c, load_f32(colsum + n0 + c) + load_f32(rows[i] + c));
+        for (; c < C; ++c) colsum[n0 + c] += rows[i][c];
+      }
+    }
+    if (nb == OB) {
+      dy_outer_block<OB, RV>(rows, C, n0, B, xs + m * R, g + m * R, dB);
+    } else {
+      for (int i = 0; i < nb; ++i) dy_outer_block<1, RV>(rows + i, C, n0, B, xs + (m + i) * R, g + (m + i) * R, dB);
+    }
+  }
+}
+
+// See KernelTable::dy_outer_cols.
+bool dy_outer_cols(int dt, const void* dy, int64_t lddy, int64_t M, int64_t n0, int64_t n1, const float* B, int64_t R,
+                   const float* xs, float* g, float* dB, float* colsum, float* buf) {
+  if (R == VW) {
+    dy_outer_cols_rv<1>(dt, dy, lddy, M, n0, n1, B, xs, g, dB, colsum, buf);
+    return true;
+  }
+  if (R == 2 * VW) {
+    dy_outer_cols_rv<2>(dt, dy, lddy, M, n0, n1, B, xs, g, dB, colsum, buf);
+    return true;
+  }
+  return false;
+}
+
 // ---------------------------------------------------------------------------------------------- expand
 // y[m, :] += sum_j c[m, j] rows[j, :] (the epilogue's xs B^T, the backward's g A) with every output vector summed in
 // registers over all R rows: the rows matrix is read a panel of EXPAND_W columns at a time, and a block of

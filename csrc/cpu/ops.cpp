@@ -486,9 +486,57 @@ void column_passes(const at::Tensor* src, at::Tensor* dst, const float* rows, in
   });
 }
 
+// Whether K().dy_outer_cols takes a total rank R (one or two vectors of this code path).
+bool dy_outer_takes(int64_t R) { return R == K().vector_width || R == 2 * K().vector_width; }
+
+// Columns per unit of dy_pass_outer's work: set by N alone (eight units where N allows, 64 columns at least), so the
+// units' shares of g, summed in unit order, give the same bits whatever the thread count.
+int64_t dy_outer_unit(int64_t N) { return std::max<int64_t>(outer_split_cols, (N / 8) / outer_split_cols * outer_split_cols); }
+
+// g (M, R) = (dy B) * svec, dB (N, R) = svec * (dy^T xa) and, with need_colsum, colsum (N,) = dy.sum(0) (unscaled;
+// else undefined) in one sweep over dy by K().dy_outer_cols (R must pass dy_outer_takes). dy (M, N) rows of
+// fp32/bf16/fp16 with unit column stride; B: (N, R) fp32 rows (PEFT's layout); xa (M, R) fp32 contiguous, svec (R,)
+// fp32. Threads take whole units of columns: each unit writes its columns of dB and colsum and its share of g, and
+// the shares are summed in unit order.
+std::vector<at::Tensor> dy_pass_outer(const at::Tensor& dy, const float* B, int64_t R, const at::Tensor& xa,
+                                      const at::Tensor& svec, bool need_colsum) {
+  const int64_t M = dy.size(0), N = dy.size(1);
+  auto g = at::zeros({M, R}, at::kFloat);
+  if (M == 0 || N == 0)
+    return {g, at::zeros({N, R}, at::kFloat), need_colsum ? at::zeros({N}, at::kFloat) : at::Tensor()};
+  auto dB = at::empty({N, R}, at::kFloat);  // every element written by its unit
+  at::Tensor colsum = need_colsum ? at::empty({N}, at::kFloat) : at::Tensor();
+  float* csp = need_colsum ? colsum.data_ptr<float>() : nullptr;
+  const float *xap = xa.data_ptr<float>(), *sp = svec.data_ptr<float>();
+  std::vector<float> xs(size_t(M * R));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < R; ++j) xs[m * R + j] = xap[m * R + j] * sp[j];
+  const int64_t unit = dy_outer_unit(N), units = (N + unit - 1) / unit;
+  std::vector<float> shares(size_t(units * M * R));
+  const int dt = dtype_code(dy);
+  const void* dyp = dy.data_ptr();
+  const int64_t ldd = dy.stride(0);
+  float* dBp = dB.data_ptr<float>();
+  at::parallel_for(0, units, grain(M * unit * 2 * R), [&](int64_t b, int64_t e) {
+    std::vector<float> buf(dt == kF32 ? 0 : size_t(outer_rows_max * unit));
+    for (int64_t u = b; u < e; ++u)
+      K().dy_outer_cols(dt, dyp, ldd, M, u * unit, std::min(N, (u + 1) * unit), B, R, xs.data(),
+                        shares.data() + u * M * R, dBp, csp, buf.data());
+  });
+  float* gp = g.data_ptr<float>();
+  for (int64_t u = 0; u < units; ++u) {
+    const float* share = shares.data() + u * M * R;
+    for (int64_t i = 0; i < M * R; ++i) gp[i] += share[i];
+  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < R; ++j) gp[m * R + j] *= sp[j];
+  return {g, dB, colsum};
+}
+
 // One sweep over dy (M, N) for g (M, R) = (dy B) * svec and colsum (N,) = dy.sum(0) (unscaled) or empty; one more
 // for dB (N, R) = svec * (dy^T xa) or empty. Bt (R, N) fp32 contiguous (B transposed, as lora_epilogue_ takes it),
-// xa (M, R) fp32, svec (R,) fp32.
+// xa (M, R) fp32, svec (R,) fp32. With dB and an R that dy_outer_takes, all three come from one sweep of outer
+// products instead (dy_pass_outer).
 std::vector<at::Tensor> lora_dy_pass(const at::Tensor& dy, const at::Tensor& Bt, const at::Tensor& xa,
                                      const at::Tensor& svec, bool need_dB, bool need_colsum) {
   check_rows(dy, "grad_y");
@@ -496,6 +544,11 @@ std::vector<at::Tensor> lora_dy_pass(const at::Tensor& dy, const at::Tensor& Bt,
   check_f32(Bt, "Bt", {R, N});
   check_f32(xa, "xa", {M, R});
   check_f32(svec, "svec", {R});
+  if (need_dB && dy_outer_takes(R)) {
+    auto B = at::empty({N, R}, at::kFloat);
+    K().transpose_f32(Bt.data_ptr<float>(), N, R, N, B.data_ptr<float>(), R);
+    return dy_pass_outer(dy, B.data_ptr<float>(), R, xa, svec, need_colsum);
+  }
   auto g = at::empty({M, R}, at::kFloat);
   const int64_t gr = grain(N * R);
   // Per-thread column sums, reduced once at the end: no atomics, deterministic for a fixed thread count.
@@ -955,7 +1008,16 @@ std::vector<at::Tensor> lora_fused_backward(const at::Tensor& dy, const c10::opt
               W.has_value() ? ", W " : "", W.has_value() ? W->scalar_type() : dy.scalar_type(),
               x.has_value() ? ", x " : "", x.has_value() ? x->scalar_type() : dy.scalar_type());
   const at::Tensor dyc = dy.dim() == 2 && dy.stride(1) != 1 ? dy.contiguous() : dy;
-  auto gdb = lora_dy_pass(dyc, stack_transposed({B}), h, at::full({r}, s, at::kFloat), true, need_db);
+  const bool outer = dy_outer_takes(r) && B.scalar_type() == at::kFloat && B.dim() == 2 && B.size(1) == r &&
+                     B.is_contiguous();
+  if (outer) {  // B read where it lies: no B^T
+    check_rows(dyc, "grad_y");
+    check_f32(h, "xa", {dyc.size(0), r});
+    TORCH_CHECK(B.size(0) == dyc.size(1), "fastpeft._C.lora_fused_backward: B has ", B.size(0), " rows, dy ",
+                dyc.size(1), " columns");
+  }
+  auto gdb = outer ? dy_pass_outer(dyc, B.data_ptr<float>(), r, h, at::full({r}, s, at::kFloat), need_db)
+                   : lora_dy_pass(dyc, stack_transposed({B}), h, at::full({r}, s, at::kFloat), true, need_db);
   c10::optional<at::Tensor> dx, xr;
   if (W.has_value()) dx = at::mm(dy, *W);
   if (x.has_value()) xr = x->dim() == 2 && x->stride(1) != 1 ? x->contiguous() : *x;
@@ -1205,6 +1267,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dropout_scale", &fastpeft::dropout_scale, "(seed, rows, cols, p, scale) -> fp32 (rows, cols): scale where kept, else 0");
   m.def("native_lowp_gemm", &fastpeft::native_lowp_gemm, "(\"bf16\"|\"fp16\") -> whether the CPU has native GEMM support");
   m.def("supported_isas", &fastpeft::supported_isas, "code paths this CPU can run");
+  m.def("dy_outer_takes", &fastpeft::dy_outer_takes,
+        "(R) -> whether lora_dy_pass sweeps dY once as outer products for a total rank R on this SIMD path");
   m.def("set_isa", &fastpeft::set_isa, "(name) -> name: force generic, avx2, avx512 or auto (testing aid)");
   m.def("keep_mask_at", &fastpeft::keep_mask_at, "(seed, offset0, n, p) -> bool (n,): keep(offset0 + i)");
   m.def("keep_mask", &fastpeft::keep_mask, "(seed, rows, cols, p) -> bool (rows, cols): fastpeft._philox.dropout_keep_mask");

@@ -14,8 +14,10 @@ machine. The pieces the routes are built from:
 - ``_C.lora_epilogue_``: ``y += sum_i s_i (xa_i B_i^T + b_i)`` in place, rounded once;
 - ``_C.dense_lora_gemv`` / the GEMV of ``_C.quant_linear``: each weight row read (or decoded) once and dotted with
   every activation row, the adapter term fused (``gemv``);
-- backward: ``_C.lora_dy_pass`` (``g_i = s_i dY B_i`` and the bias gradient in one sweep over the rows of ``dY``,
-  ``dB`` by column strips of ``dY``) and ``_C.lora_dx_pass`` (``dX += (g_i A_i) * mask_i / (1 - p_i)`` and
+- backward: ``_C.lora_dy_pass`` (``g_i = s_i dY B_i``, ``dB`` and the bias gradient; where the total rank is one or
+  two SIMD vectors, in one sweep of outer products over units of ``dY``'s columns, each unit's share of ``g`` summed
+  in unit order; else ``g`` by a sweep over the rows of ``dY`` and ``dB`` by column strips) and ``_C.lora_dx_pass``
+  (``dX += (g_i A_i) * mask_i / (1 - p_i)`` and
   ``dA_i = g_i^T drop_i(x)``; with dropout one sweep over column strips of ``x`` and ``dX`` that draws each strip's
   mask once for both). Column strips let threads own disjoint columns of ``dA``/``dB``: no per-thread partial sums;
   ``_C.strip_mm`` computes ``dY W`` the same way, the weight read once for every row of ``dY`` (``gemv``).

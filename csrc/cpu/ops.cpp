@@ -489,9 +489,11 @@ void column_passes(const at::Tensor* src, at::Tensor* dst, const float* rows, in
 // Whether K().dy_outer_cols takes a total rank R (one or two vectors of this code path).
 bool dy_outer_takes(int64_t R) { return R == K().vector_width || R == 2 * K().vector_width; }
 
-// Columns per unit of dy_pass_outer's work: set by N alone (eight units where N allows, 64 columns at least), so the
-// units' shares of g, summed in unit order, give the same bits whatever the thread count.
-int64_t dy_outer_unit(int64_t N) { return std::max<int64_t>(outer_split_cols, (N / 8) / outer_split_cols * outer_split_cols); }
+// Columns per unit of dy_pass_outer's work: set by N alone, so the units' shares of g, summed in unit order, give the
+// same bits whatever the thread count. N / 8 rounded up to a multiple of 32 columns: at most eight units, and as
+// wide as that allows, since narrower units read dY in runs too short for the prefetchers (BENCHMARKS.md times
+// both).
+int64_t dy_outer_unit(int64_t N) { return std::max<int64_t>(32, (N + 255) / 256 * 32); }
 
 // g (M, R) = (dy B) * svec, dB (N, R) = svec * (dy^T xa) and, with need_colsum, colsum (N,) = dy.sum(0) (unscaled;
 // else undefined) in one sweep over dy by K().dy_outer_cols (R must pass dy_outer_takes). dy (M, N) rows of

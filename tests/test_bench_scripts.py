@@ -1,6 +1,9 @@
-"""``benchmarks/bench_floor.py``: its floor step runs the frozen layer's base products (so its time is the frozen
+"""Benchmark scripts that compare what fastpeft runs with a bound or another build.
+
+``benchmarks/bench_floor.py``: its floor step runs the frozen layer's base products (so its time is the frozen
 layer's GEMMs plus the data movement it names, not something cheaper), and the script prints one row per point
-with the floor's and fastpeft's ratios over the frozen layer."""
+with the floor's and fastpeft's ratios over the frozen layer. ``benchmarks/bench_dy_pass.py``: a row per shape and
+dtype, the SIMD path it was asked for, and the path restored after."""
 
 from __future__ import annotations
 
@@ -64,3 +67,23 @@ def test_script_prints_a_row_per_point_with_both_ratios(bench_floor, capsys):
     assert cells[0][4] != "-" and cells[1][4] == "-", cells  # dora-dropout has no onto floor
     for c in cells:
         assert all(float(v) > 0 for v in c[6:]), c
+
+
+def test_dy_pass_script_prints_a_row_per_point_and_restores_the_simd_path(load_benchmark_script, capsys):
+    from fastpeft import _C
+
+    script = load_benchmark_script("bench_dy_pass")
+    before = _C.isa()
+    threads = torch.get_num_threads()
+    try:
+        script.main(["--shapes", "3x40", "9x70", "--dtypes", "fp32", "bf16", "--rounds", "2", "--threads", "1",
+                     "--isa", "generic"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "SIMD path generic" in out, out
+    rows = [line for line in out.splitlines() if line.startswith(("| fp32 |", "| bf16 |"))]
+    assert [tuple(c.strip() for c in row.strip("|").split("|")[:2]) for row in rows] == [
+        ("fp32", "3 x 40"), ("fp32", "9 x 70"), ("bf16", "3 x 40"), ("bf16", "9 x 70")], rows
+    assert all(float(row.strip("|").split("|")[2]) > 0 for row in rows), rows
+    assert _C.isa() == before

@@ -1,0 +1,95 @@
+"""The backward's dY pass (``_C.lora_dy_pass``: ``g = s dY B``, ``dB``) timed across shapes, optionally against
+another build of the extension loaded into the same process.
+
+    PYTHONSAFEPATH=1 .venv/bin/python benchmarks/bench_dy_pass.py
+    PYTHONSAFEPATH=1 .venv/bin/python benchmarks/bench_dy_pass.py --isa avx2 \
+        --against /tmp/old/fastpeft/_C.cpython-311-x86_64-linux-gnu.so
+
+``--against`` takes the ``_C`` shared object of another checkout (built there with ``python setup.py build_ext
+--inplace``): both builds run the same calls on the same tensors, interleaved, so a kernel change is timed without
+a second process or a host drift between two runs. Each row gives the medians in microseconds, their ratio and the
+largest relative difference between the two builds' outputs. ``--isa`` forces a SIMD path in both builds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.machinery
+import importlib.util
+import itertools
+import statistics
+import time
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SHAPES = ["1x2048", "16x2048", "64x2048", "512x2048", "512x576", "512x1536", "512x192"]
+
+
+def load_build(path: str):
+    """The extension module in ``path`` (a ``_C`` shared object), loaded under its own name beside fastpeft's."""
+    loader = importlib.machinery.ExtensionFileLoader("_C", path)
+    spec = importlib.util.spec_from_loader("_C", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def median_us(calls: dict, rounds: int) -> dict:
+    """``{name: median microseconds}`` over ``rounds`` interleaved calls of each (the first four dropped)."""
+    times = {name: [] for name in calls}
+    for _ in range(rounds + 4):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts[4:]) * 1e6 for name, ts in times.items()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=SHAPES, help="M x N of dY")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=36)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--isa", default="auto", help="avx512, avx2, generic or auto (both builds)")
+    parser.add_argument("--against", help="another build's _C shared object to time beside this one")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from fastpeft import _C
+
+    builds = {"this build": _C}
+    if args.against:
+        builds = {"other build": load_build(args.against), "this build": _C}
+    for module in builds.values():
+        module.set_isa(args.isa)
+    print(f"{args.threads} threads, r={args.r}, SIMD path {_C.isa()}, sweep of outer products for this rank: "
+          f"{_C.dy_outer_takes(args.r)}; medians of {args.rounds} interleaved calls, us")
+    names = list(builds)
+    extra = " | this / other | max rel diff |" if args.against else " |"
+    print("| dtype | M x N | " + " | ".join(names) + extra)
+    print("| --- | --- |" + " --- |" * (len(names) + (2 if args.against else 0)))
+    gen = torch.Generator().manual_seed(0)
+    for dtype, shape in itertools.product(args.dtypes, args.shapes):
+        M, N = (int(v) for v in shape.lower().split("x"))
+        dy = torch.randn(M, N, generator=gen).to(DTYPES[dtype])
+        B = torch.randn(N, args.r, generator=gen)
+        Bt, xa, svec = B.t().contiguous(), torch.randn(M, args.r, generator=gen), torch.rand(args.r, generator=gen)
+        operands = (dy, Bt, xa, svec, True, False)
+        calls = {name: functools.partial(m.lora_dy_pass, *operands) for name, m in builds.items()}
+        got = median_us(calls, args.rounds)
+        row = f"| {dtype} | {M} x {N} | " + " | ".join(f"{got[n]:.1f}" for n in names)
+        if args.against:
+            outs = {name: call() for name, call in calls.items()}
+            diff = max(((outs["this build"][i] - outs["other build"][i]).abs().max()
+                        / outs["other build"][i].abs().max().clamp_min(1e-30)).item() for i in range(2))
+            row += f" | {got['this build'] / got['other build']:.2f} | {diff:.1e}"
+        print(row + " |", flush=True)
+    for module in builds.values():
+        module.set_isa("auto")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,8 +6,9 @@ another build of the extension loaded into the same process.
         --against /tmp/old/fastpeft/_C.cpython-311-x86_64-linux-gnu.so
 
 ``--against`` takes the ``_C`` shared object of another checkout (built there with ``python setup.py build_ext
---inplace``): both builds run the same calls on the same tensors, interleaved, so a kernel change is timed without
-a second process or a host drift between two runs. Each row gives the medians in microseconds, their ratio and the
+--inplace``) whose ``lora_dy_pass`` takes the adapters' ``B`` as a list, as this one does: both builds run the same
+calls on the same tensors, interleaved, so a kernel change is timed without a second process or a host drift
+between two runs. Each row gives the medians in microseconds, their ratio and the
 largest relative difference between the two builds' outputs. ``--isa`` forces a SIMD path in both builds.
 """
 
@@ -76,8 +77,8 @@ def main(argv=None) -> None:
         M, N = (int(v) for v in shape.lower().split("x"))
         dy = torch.randn(M, N, generator=gen).to(DTYPES[dtype])
         B = torch.randn(N, args.r, generator=gen)
-        Bt, xa, svec = B.t().contiguous(), torch.randn(M, args.r, generator=gen), torch.rand(args.r, generator=gen)
-        operands = (dy, Bt, xa, svec, True, False)
+        xa, svec = torch.randn(M, args.r, generator=gen), torch.rand(args.r, generator=gen)
+        operands = (dy, [B], xa, svec, True, False)
         calls = {name: functools.partial(m.lora_dy_pass, *operands) for name, m in builds.items()}
         got = median_us(calls, args.rounds)
         row = f"| {dtype} | {M} x {N} | " + " | ".join(f"{got[n]:.1f}" for n in names)

@@ -756,7 +756,7 @@ def test_dy_pass_as_outer_products_every_isa(isa, dtype, M, N):
             got = {}
             for n, colsum in ((1, True), (2, True), (2, False)):
                 torch.set_num_threads(n)
-                got[n, colsum] = _C.lora_dy_pass(dy, _C.stack_transposed([B]), xa, svec, True, colsum)
+                got[n, colsum] = _C.lora_dy_pass(dy, [B], xa, svec, True, colsum)
             d64 = dy.double()
             g, dB, cs = got[1, True]
             assert_close(f"R={R} g", g, (d64 @ B.double()) * svec.double(), 2e-6)
@@ -789,7 +789,7 @@ def test_fused_backward_of_one_fp32_adapter_is_one_call_of_its_passes(monkeypatc
     dy = torch.randn(N, M, generator=g).to(dtype).t()
     h = _C.lora_xa(x.contiguous(), A, p, 77)
     dyc = dy.contiguous()  # the backend's rows
-    g_, dB, colsum = _C.lora_dy_pass(dyc, _C.stack_transposed([B]), h, torch.full((16,), 1.5), True, True)
+    g_, dB, colsum = _C.lora_dy_pass(dyc, [B], h, torch.full((16,), 1.5), True, True)
     dx = torch.mm(dyc, W)
     dA = _C.lora_dx_pass(dx, x.contiguous(), A, g_, p, 77, None, None)
     calls = CallCounter(monkeypatch, cpu_backend._C, "lora_fused_backward")

@@ -430,19 +430,25 @@ void transpose_into(const T* src, int64_t s0, int64_t s1, int64_t N, int64_t r, 
     for (int64_t n = 0; n < N; ++n) dst[j * ldd + n] = static_cast<float>(src[n * s0 + j * s1]);
 }
 
-// The adapters' B_i (N, r_i), any strides, fp32/bf16/fp16, transposed and stacked into (sum r_i, N) contiguous
-// fp32: the layout lora_epilogue_ and lora_dy_pass stream. One blocked sweep; torch's strided copy of a transposed
-// (N, 16) view (B.t().contiguous()) took several times longer, per call, for the adapters that train.
-at::Tensor stack_transposed(const std::vector<at::Tensor>& Bs) {
-  TORCH_CHECK(!Bs.empty(), "fastpeft._C.stack_transposed: no adapters");
+// The adapters' B_i (N, r_i), checked: 2-D CPU tensors of a float dtype with one number of rows. Returns sum r_i.
+int64_t total_rank(const std::vector<at::Tensor>& Bs, const char* op) {
+  TORCH_CHECK(!Bs.empty(), "fastpeft._C.", op, ": no adapters");
   const int64_t N = Bs[0].dim() == 2 ? Bs[0].size(0) : -1;
   int64_t R = 0;
   for (const auto& B : Bs) {
-    TORCH_CHECK(B.device().is_cpu() && B.dim() == 2 && B.size(0) == N, "fastpeft._C.stack_transposed: every B must "
-                "be a 2-D CPU tensor with ", N, " rows, got ", B.sizes());
+    TORCH_CHECK(B.device().is_cpu() && B.dim() == 2 && B.size(0) == N, "fastpeft._C.", op, ": every B must be a "
+                "2-D CPU tensor with ", N, " rows, got ", B.sizes());
     dtype_code(B);
     R += B.size(1);
   }
+  return R;
+}
+
+// The adapters' B_i (N, r_i), any strides, fp32/bf16/fp16, transposed and stacked into (sum r_i, N) contiguous
+// fp32: the layout lora_epilogue_ and lora_dy_pass's row pass stream. One blocked sweep; torch's strided copy of a
+// transposed (N, 16) view (B.t().contiguous()) took several times longer, per call, for the adapters that train.
+at::Tensor stack_transposed(const std::vector<at::Tensor>& Bs) {
+  const int64_t R = total_rank(Bs, "stack_transposed"), N = Bs[0].size(0);
   auto out = at::empty({R, N}, at::kFloat);
   float* o = out.data_ptr<float>();
   for (const auto& B : Bs) {
@@ -495,24 +501,34 @@ bool dy_outer_takes(int64_t R) { return R == K().vector_width || R == 2 * K().ve
 // both).
 int64_t dy_outer_unit(int64_t N) { return std::max<int64_t>(32, (N + 255) / 256 * 32); }
 
+// xs[m * R + j] = xa[m, j] * svec[j]: the down-projection with each adapter's scale, so that the sums of dB over it
+// come out scaled. xa (M, R), svec (R,): contiguous fp32.
+std::vector<float> scaled_xa(const at::Tensor& xa, const at::Tensor& svec) {
+  const int64_t M = xa.size(0), R = xa.size(1);
+  const float *xap = xa.data_ptr<float>(), *sp = svec.data_ptr<float>();
+  std::vector<float> xs(size_t(M * R));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < R; ++j) xs[m * R + j] = xap[m * R + j] * sp[j];
+  return xs;
+}
+
 // g (M, R) = (dy B) * svec, dB (N, R) = svec * (dy^T xa) and, with need_colsum, colsum (N,) = dy.sum(0) (unscaled;
 // else undefined) in one sweep over dy by K().dy_outer_cols (R must pass dy_outer_takes). dy (M, N) rows of
-// fp32/bf16/fp16 with unit column stride; B: (N, R) fp32 rows (PEFT's layout); xa (M, R) fp32 contiguous, svec (R,)
-// fp32. Threads take whole units of columns: each unit writes its columns of dB and colsum and its share of g, and
-// the shares are summed in unit order.
-std::vector<at::Tensor> dy_pass_outer(const at::Tensor& dy, const float* B, int64_t R, const at::Tensor& xa,
+// fp32/bf16/fp16 with unit column stride; B: (N, R) contiguous fp32 (PEFT's layout, adapters side by side); xa (M, R)
+// contiguous fp32, svec (R,) fp32. Threads take whole units of columns: each unit writes its columns of dB and colsum
+// and its share of g, and the shares are summed in unit order.
+std::vector<at::Tensor> dy_pass_outer(const at::Tensor& dy, const at::Tensor& B, const at::Tensor& xa,
                                       const at::Tensor& svec, bool need_colsum) {
-  const int64_t M = dy.size(0), N = dy.size(1);
+  const int64_t M = dy.size(0), N = dy.size(1), R = B.size(1);
   auto g = at::zeros({M, R}, at::kFloat);
   if (M == 0 || N == 0)
     return {g, at::zeros({N, R}, at::kFloat), need_colsum ? at::zeros({N}, at::kFloat) : at::Tensor()};
   auto dB = at::empty({N, R}, at::kFloat);  // every element written by its unit
   at::Tensor colsum = need_colsum ? at::empty({N}, at::kFloat) : at::Tensor();
   float* csp = need_colsum ? colsum.data_ptr<float>() : nullptr;
-  const float *xap = xa.data_ptr<float>(), *sp = svec.data_ptr<float>();
-  std::vector<float> xs(size_t(M * R));
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t j = 0; j < R; ++j) xs[m * R + j] = xap[m * R + j] * sp[j];
+  const float* sp = svec.data_ptr<float>();
+  const std::vector<float> xs = scaled_xa(xa, svec);
+  const float* Bp = B.data_ptr<float>();
   const int64_t unit = dy_outer_unit(N), units = (N + unit - 1) / unit;
   std::vector<float> shares(size_t(units * M * R));
   const int dt = dtype_code(dy);
@@ -522,7 +538,7 @@ std::vector<at::Tensor> dy_pass_outer(const at::Tensor& dy, const float* B, int6
   at::parallel_for(0, units, grain(M * unit * 2 * R), [&](int64_t b, int64_t e) {
     std::vector<float> buf(dt == kF32 ? 0 : size_t(outer_rows_max * unit));
     for (int64_t u = b; u < e; ++u)
-      K().dy_outer_cols(dt, dyp, ldd, M, u * unit, std::min(N, (u + 1) * unit), B, R, xs.data(),
+      K().dy_outer_cols(dt, dyp, ldd, M, u * unit, std::min(N, (u + 1) * unit), Bp, R, xs.data(),
                         shares.data() + u * M * R, dBp, csp, buf.data());
   });
   float* gp = g.data_ptr<float>();
@@ -535,22 +551,26 @@ std::vector<at::Tensor> dy_pass_outer(const at::Tensor& dy, const float* B, int6
   return {g, dB, colsum};
 }
 
-// One sweep over dy (M, N) for g (M, R) = (dy B) * svec and colsum (N,) = dy.sum(0) (unscaled) or empty; one more
-// for dB (N, R) = svec * (dy^T xa) or empty. Bt (R, N) fp32 contiguous (B transposed, as lora_epilogue_ takes it),
-// xa (M, R) fp32, svec (R,) fp32. With dB and an R that dy_outer_takes, all three come from one sweep of outer
-// products instead (dy_pass_outer).
-std::vector<at::Tensor> lora_dy_pass(const at::Tensor& dy, const at::Tensor& Bt, const at::Tensor& xa,
+// g (M, R) = (dy B) * svec, dB (N, R) = svec * (dy^T xa) or empty, and colsum (N,) = dy.sum(0) (unscaled) or empty,
+// for the adapters Bs (B_i (N, r_i) as PEFT keeps them, any float dtype; B = [B_1 ... B_k], R = sum r_i). xa (M, R)
+// fp32, svec (R,) fp32. With dB and an R that dy_outer_takes: one sweep of outer products over B's own layout
+// (dy_pass_outer; one contiguous fp32 B read where it lies). Otherwise one sweep over the rows of dy against B^T for g
+// and the column sums, and one of column strips for dB.
+std::vector<at::Tensor> lora_dy_pass(const at::Tensor& dy, const std::vector<at::Tensor>& Bs, const at::Tensor& xa,
                                      const at::Tensor& svec, bool need_dB, bool need_colsum) {
   check_rows(dy, "grad_y");
-  const int64_t M = dy.size(0), N = dy.size(1), R = Bt.dim() == 2 ? Bt.size(0) : 0;
-  check_f32(Bt, "Bt", {R, N});
+  const int64_t M = dy.size(0), N = dy.size(1), R = total_rank(Bs, "lora_dy_pass");
+  TORCH_CHECK(Bs[0].size(0) == N, "fastpeft._C.lora_dy_pass: B has ", Bs[0].size(0), " rows, dy ", N, " columns");
   check_f32(xa, "xa", {M, R});
   check_f32(svec, "svec", {R});
   if (need_dB && dy_outer_takes(R)) {
-    auto B = at::empty({N, R}, at::kFloat);
-    K().transpose_f32(Bt.data_ptr<float>(), N, R, N, B.data_ptr<float>(), R);
-    return dy_pass_outer(dy, B.data_ptr<float>(), R, xa, svec, need_colsum);
+    const bool in_place = Bs.size() == 1 && Bs[0].scalar_type() == at::kFloat && Bs[0].is_contiguous();
+    std::vector<at::Tensor> as_f32;
+    if (!in_place)
+      for (const auto& B : Bs) as_f32.push_back(B.to(at::kFloat));
+    return dy_pass_outer(dy, in_place ? Bs[0] : at::cat(as_f32, 1), xa, svec, need_colsum);
   }
+  const at::Tensor Bt = stack_transposed(Bs);
   auto g = at::empty({M, R}, at::kFloat);
   const int64_t gr = grain(N * R);
   // Per-thread column sums, reduced once at the end: no atomics, deterministic for a fixed thread count.
@@ -558,7 +578,7 @@ std::vector<at::Tensor> lora_dy_pass(const at::Tensor& dy, const at::Tensor& Bt,
   const int dt = dtype_code(dy);
   const void* dyp = dy.data_ptr();
   const int64_t ldd = dy.stride(0);
-  const float *Btp = Bt.data_ptr<float>(), *xap = xa.data_ptr<float>(), *sp = svec.data_ptr<float>();
+  const float *Btp = Bt.data_ptr<float>(), *sp = svec.data_ptr<float>();
   float* gp = g.data_ptr<float>();
   at::parallel_for(0, M, gr, [&](int64_t b, int64_t e) {
     const int tid = at::get_thread_num();
@@ -566,11 +586,8 @@ std::vector<at::Tensor> lora_dy_pass(const at::Tensor& dy, const at::Tensor& Bt,
     K().dy_rows(dt, dyp, ldd, N, b, e, Btp, R, sp, gp, need_colsum ? cs.slab(tid) : nullptr, buf.data());
   });
   at::Tensor dB, colsum;
-  if (need_dB) {
-    // xs = xa * svec, so the column sums come out scaled; then B's own (N, r) layout by the blocked transpose.
-    std::vector<float> xs(size_t(M * R));
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t j = 0; j < R; ++j) xs[m * R + j] = xap[m * R + j] * sp[j];
+  if (need_dB) {  // over xa * svec, then B's own (N, r) layout by the blocked transpose
+    const std::vector<float> xs = scaled_xa(xa, svec);
     auto dBt = at::empty({R, N}, at::kFloat);  // every element written: no zeroing
     column_passes(&dy, nullptr, nullptr, M, N, xs.data(), R, R, 0.0, 0, dBt.data_ptr<float>());
     dB = at::empty({N, R}, at::kFloat);
@@ -1010,16 +1027,7 @@ std::vector<at::Tensor> lora_fused_backward(const at::Tensor& dy, const c10::opt
               W.has_value() ? ", W " : "", W.has_value() ? W->scalar_type() : dy.scalar_type(),
               x.has_value() ? ", x " : "", x.has_value() ? x->scalar_type() : dy.scalar_type());
   const at::Tensor dyc = dy.dim() == 2 && dy.stride(1) != 1 ? dy.contiguous() : dy;
-  const bool outer = dy_outer_takes(r) && B.scalar_type() == at::kFloat && B.dim() == 2 && B.size(1) == r &&
-                     B.is_contiguous();
-  if (outer) {  // B read where it lies: no B^T
-    check_rows(dyc, "grad_y");
-    check_f32(h, "xa", {dyc.size(0), r});
-    TORCH_CHECK(B.size(0) == dyc.size(1), "fastpeft._C.lora_fused_backward: B has ", B.size(0), " rows, dy ",
-                dyc.size(1), " columns");
-  }
-  auto gdb = outer ? dy_pass_outer(dyc, B.data_ptr<float>(), r, h, at::full({r}, s, at::kFloat), need_db)
-                   : lora_dy_pass(dyc, stack_transposed({B}), h, at::full({r}, s, at::kFloat), true, need_db);
+  auto gdb = lora_dy_pass(dyc, {B}, h, at::full({r}, s, at::kFloat), true, need_db);
   c10::optional<at::Tensor> dx, xr;
   if (W.has_value()) dx = at::mm(dy, *W);
   if (x.has_value()) xr = x->dim() == 2 && x->stride(1) != 1 ? x->contiguous() : *x;
@@ -1279,8 +1287,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("transposed") = false);
   m.def("lora_epilogue_", &fastpeft::lora_epilogue_, "(y, xs32, Bt32 (R, N), bias32|None): y += xs Bt + bias in place");
   m.def("stack_transposed", &fastpeft::stack_transposed, "([B_i (N, r_i)]) -> (sum r_i, N) fp32: the B_i transposed "
-        "and stacked, the layout lora_epilogue_ and lora_dy_pass take");
-  m.def("lora_dy_pass", &fastpeft::lora_dy_pass, "(dy, Bt32 (R, N), xa32, svec, need_dB, need_colsum) -> [g, dB (N, R) scaled, colsum]");
+        "and stacked, the layout lora_epilogue_ takes and lora_dy_pass's row pass streams");
+  m.def("lora_dy_pass", &fastpeft::lora_dy_pass, "(dy, [B_i (N, r_i)], xa32, svec, need_dB, need_colsum) -> [g, dB (N, R) scaled, colsum]");
   m.def("quant_dequantize", &fastpeft::quant_dequantize, "(qweight) -> dense (N, K) fp32");
   m.def("quant_dequantize_into", &fastpeft::quant_dequantize_into, "(qweight, out) -> None: the dense weight into out "
         "(N, K) fp32/bf16/fp16, reused across calls");

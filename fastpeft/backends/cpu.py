@@ -608,7 +608,7 @@ def _backward_fused(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds
     ranks = [A.shape[0] for A in lora_A]
     single = len(lora_A) == 1
     xa32 = _f32(xa[0]) if single else torch.cat([h.detach().to(_F32) for h in xa], 1).contiguous()
-    g, db, colsum = _C.lora_dy_pass(dy, _bt_all(lora_B), xa32, _scale_vector(ranks, scaling), True, needs_grad_bias)
+    g, db, colsum = _C.lora_dy_pass(dy, list(lora_B), xa32, _scale_vector(ranks, scaling), True, needs_grad_bias)
 
     grad_x = None
     acc = None
@@ -901,7 +901,7 @@ class CpuBackend(Backend):
             g = compose.scaled_mm(dy, _f32(lora_B), scaling)
             dB = compose.scaled_mm(_f32(xa).t(), dy, scaling).t()
         else:
-            g, dB, _ = _C.lora_dy_pass(_rows(dy), _bt_all([lora_B]), _f32(xa), _scale_vector([r], [scaling]), True,
+            g, dB, _ = _C.lora_dy_pass(_rows(dy), [lora_B], _f32(xa), _scale_vector([r], [scaling]), True,
                                        False)
         xr, A32 = None if x is None else _rows(x), _f32(lora_A)
         if corrected is None or dropout_p == 0:

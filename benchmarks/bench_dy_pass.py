@@ -1,15 +1,16 @@
-"""The backward's dY pass (``_C.lora_dy_pass``: ``g = s dY B``, ``dB``) timed across shapes, optionally against
-another build of the extension loaded into the same process.
+"""The backward's dY pass (``_C.lora_dy_pass``: ``g = s dY B``, ``dB``) timed across shapes by each of its two
+kernels (the routes of op ``lora_dy``: ``rows``, and ``outer`` where the rank is one or two SIMD vectors), optionally
+against another build of the extension loaded into the same process.
 
     PYTHONSAFEPATH=1 .venv/bin/python benchmarks/bench_dy_pass.py
     PYTHONSAFEPATH=1 .venv/bin/python benchmarks/bench_dy_pass.py --isa avx2 \
         --against /tmp/old/fastpeft/_C.cpython-311-x86_64-linux-gnu.so
 
-``--against`` takes the ``_C`` shared object of another checkout (built there with ``python setup.py build_ext
---inplace``) whose ``lora_dy_pass`` takes the adapters' ``B`` as a list, as this one does: both builds run the same
-calls on the same tensors, interleaved, so a kernel change is timed without a second process or a host drift
-between two runs. Each row gives the medians in microseconds, their ratio and the
-largest relative difference between the two builds' outputs. ``--isa`` forces a SIMD path in both builds.
+Each row gives the medians in microseconds of every kernel (interleaved calls on the same tensors), ``outer / rows``
+and the largest relative difference between the kernels' outputs. ``--against`` takes the ``_C`` shared object of
+another checkout (built there with ``python setup.py build_ext --inplace``) whose ``lora_dy_pass`` has this one's
+arguments: its kernels are timed in the same rounds, so a kernel change is timed without a second process or a host
+drift between two runs. ``--isa`` forces a SIMD path in both builds.
 """
 
 from __future__ import annotations
@@ -66,12 +67,14 @@ def main(argv=None) -> None:
         builds = {"other build": load_build(args.against), "this build": _C}
     for module in builds.values():
         module.set_isa(args.isa)
-    print(f"{args.threads} threads, r={args.r}, SIMD path {_C.isa()}, sweep of outer products for this rank: "
-          f"{_C.dy_outer_takes(args.r)}; medians of {args.rounds} interleaved calls, us")
-    names = list(builds)
-    extra = " | this / other | max rel diff |" if args.against else " |"
+    outer = _C.dy_outer_takes(args.r)
+    print(f"{args.threads} threads, r={args.r}, SIMD path {_C.isa()}, outer-product kernel for this rank: {outer}; "
+          f"medians of {args.rounds} interleaved calls, us")
+    kernels = ("rows", "outer") if outer else ("rows",)
+    names = [f"{build}: {kernel}" if args.against else kernel for build in builds for kernel in kernels]
+    extra = " | outer / rows | max rel diff |" if outer else " |"
     print("| dtype | M x N | " + " | ".join(names) + extra)
-    print("| --- | --- |" + " --- |" * (len(names) + (2 if args.against else 0)))
+    print("| --- | --- |" + " --- |" * (len(names) + (2 if outer else 0)))
     gen = torch.Generator().manual_seed(0)
     for dtype, shape in itertools.product(args.dtypes, args.shapes):
         M, N = (int(v) for v in shape.lower().split("x"))
@@ -79,14 +82,16 @@ def main(argv=None) -> None:
         B = torch.randn(N, args.r, generator=gen)
         xa, svec = torch.randn(M, args.r, generator=gen), torch.rand(args.r, generator=gen)
         operands = (dy, [B], xa, svec, True, False)
-        calls = {name: functools.partial(m.lora_dy_pass, *operands) for name, m in builds.items()}
+        calls = {name: functools.partial(module.lora_dy_pass, *operands, kernel == "outer")
+                 for name, (module, kernel) in zip(names, itertools.product(builds.values(), kernels))}
         got = median_us(calls, args.rounds)
         row = f"| {dtype} | {M} x {N} | " + " | ".join(f"{got[n]:.1f}" for n in names)
-        if args.against:
-            outs = {name: call() for name, call in calls.items()}
-            diff = max(((outs["this build"][i] - outs["other build"][i]).abs().max()
-                        / outs["other build"][i].abs().max().clamp_min(1e-30)).item() for i in range(2))
-            row += f" | {got['this build'] / got['other build']:.2f} | {diff:.1e}"
+        if outer:
+            rows_name, outer_name = names[-2], names[-1]  # this build's kernels
+            outs = {name: calls[name]() for name in (rows_name, outer_name)}
+            diff = max(((outs[outer_name][i] - outs[rows_name][i]).abs().max()
+                        / outs[rows_name][i].abs().max().clamp_min(1e-30)).item() for i in range(2))
+            row += f" | {got[outer_name] / got[rows_name]:.2f} | {diff:.1e}"
         print(row + " |", flush=True)
     for module in builds.values():
         module.set_isa("auto")

@@ -1,6 +1,6 @@
 """The route table (``fastpeft.routing``): every way each op can run, and the measured choice among them.
 
-An op (``lora_forward``, ``lora_backward``, ``lora_mixed_forward``, ``lora_down``, ``ia3_forward``,
+An op (``lora_forward``, ``lora_backward``, ``lora_mixed_forward``, ``lora_down``, ``lora_dy``, ``ia3_forward``,
 ``ia3_backward``, ``dora_forward``, ``dora_backward``, ``widened_product``) can run by several *routes* that compute
 the same thing with different kernels. Which one is fastest depends on the machine (a CPU with AVX512-BF16 and AMX
 runs bf16 GEMMs ~4x faster than fp32; one with AVX2 only runs them many times slower), on the shapes and on the
@@ -23,8 +23,8 @@ real tensors, keeps the fastest, and reuses it for every later call with that ke
   key's ``CONFIRM_AFTER_CALLS``-th call; from then on the key's real calls take the candidates that came within
   ``ROTATE_WITHIN`` of the fastest in turn (``CALL_ROUNDS`` rounds, each in its own shuffled order), each call
   timed as it runs, and the route with the lowest median over its calls is kept and written to the file. An op
-  that a route of another op runs (``lora_down``, ``widened_product``) is called many times over while that route
-  is timed: those calls are not counted, and take the op's choice as it is.
+  that a route of another op runs (``lora_down``, ``lora_dy``, ``widened_product``) is called many times over while
+  that route is timed: those calls are not counted, and take the op's choice as it is.
 
 Eligibility is a matter of correctness or limits, never speed (see ``ROUTE_LIMITS``); among eligible routes only
 the clock decides. ``FASTPEFT_ROUTE`` or :func:`set_route` pins a route: ``FASTPEFT_ROUTE=compose`` pins it for
@@ -163,6 +163,13 @@ ROUTES: dict[str, dict[str, str]] = {
                  "output), every product exact and the sums in fp32, by oneDNN's bf16 block kernel "
                  "(fastpeft._C.lora_xa_split, the down-projection of split_pairs)",
     },
+    "lora_dy": {
+        "rows": "the cpu backend's dY pass (fastpeft._C.lora_dy_pass) as a sweep over the rows of dY against B^T for "
+                "g = s dY B, and a sweep of column strips for dB = s dY^T h and the bias gradient",
+        "outer": "the same as one sweep of outer products over units of dY's columns: each dY element broadcast "
+                 "against B's row (g) and against the row's s h (dB), B read where it lies; each unit's share of g "
+                 "summed in unit order",
+    },
     "ia3_forward": {
         "compose": "vendor GEMM in x's dtype (a quantized weight decoded into a reused buffer), scaling by torch",
         "compose_fp32": "compose with the GEMM in fp32",
@@ -225,6 +232,8 @@ ROUTE_LIMITS: dict[str, str] = {
     "split_pairs": "x (dY) in bf16, one adapter with fp32 A (and h), no dropout; the cpu backend where "
                    "fastpeft._C.widened_mm runs",
     "split (lora_down)": "x in bf16, no dropout; the cpu backend where fastpeft._C.widened_mm runs",
+    "outer (lora_dy)": "dB wanted, and a total rank of one or two SIMD vectors of the CPU's code path "
+                       "(fastpeft._C.dy_outer_takes: 16 or 32 under AVX-512, 8 or 16 under AVX2)",
     "nta / l2 / none (gemv_prefetch)": "the cpu backend's decoding GEMV over a dense weight (the gemv routes); the "
                                        "three compute the same numbers",
     "fused (IA3)": "a quantized weight (for a dense one it is compose)",

@@ -3,7 +3,8 @@
 ``benchmarks/bench_floor.py``: its floor step runs the frozen layer's base products (so its time is the frozen
 layer's GEMMs plus the data movement it names, not something cheaper), and the script prints one row per point
 with the floor's and fastpeft's ratios over the frozen layer. ``benchmarks/bench_dy_pass.py``: a row per shape and
-dtype, the SIMD path it was asked for, and the path restored after."""
+dtype with both kernels' times, their ratio and difference, the SIMD path it was asked for, and the path restored
+after."""
 
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def test_dy_pass_script_prints_a_row_per_point_and_restores_the_simd_path(load_b
     threads = torch.get_num_threads()
     try:
         script.main(["--shapes", "3x40", "9x70", "--dtypes", "fp32", "bf16", "--rounds", "2", "--threads", "1",
-                     "--isa", "generic"])
+                     "--isa", "generic", "--r", "8"])  # two vectors of the generic path: both kernels run
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
@@ -85,5 +86,9 @@ def test_dy_pass_script_prints_a_row_per_point_and_restores_the_simd_path(load_b
     rows = [line for line in out.splitlines() if line.startswith(("| fp32 |", "| bf16 |"))]
     assert [tuple(c.strip() for c in row.strip("|").split("|")[:2]) for row in rows] == [
         ("fp32", "3 x 40"), ("fp32", "9 x 70"), ("bf16", "3 x 40"), ("bf16", "9 x 70")], rows
-    assert all(float(row.strip("|").split("|")[2]) > 0 for row in rows), rows
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    assert all(len(c) == 6 and float(c[2]) > 0 and float(c[3]) > 0 for c in cells), cells
+    # outer / rows is the ratio of the two medians; the kernels agree to fp32 rounding
+    assert all(abs(float(c[4]) - float(c[3]) / float(c[2])) <= 0.01 + 0.1 * float(c[4]) for c in cells), cells
+    assert all(float(c[5]) < 1e-5 for c in cells), cells
     assert _C.isa() == before

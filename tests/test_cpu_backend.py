@@ -132,7 +132,7 @@ CASES = [
     ("M1-r16", 1, 123, 97, [16], True, False, "contig"),
     ("M37-r1", 37, 123, 97, [1], False, False, "contig"),
     ("M64-r16-lorabias", 64, 256, 97, [16], True, True, "contig"),
-    ("M33-two-adapters", 33, 123, 97, [16, 3], True, True, "contig"),
+    ("M33-two-adapters", 33, 123, 97, [13, 3], True, True, "contig"),  # total rank 16: lora_dy's outer kernel
     ("M29-strided-x", 29, 123, 97, [8], True, False, "strided"),
     ("M31-transposed", 31, 123, 97, [16], False, True, "transposed"),
     # M <= 16: the one-pass GEMV (CpuBackend.GEMV_MAX_M), except for a transposed weight
@@ -204,26 +204,32 @@ def test_lora_matches_reference(case, xdt, adt, p):
     ref = REF.lora_backward(gy, x, W, A, B, xa_ref, s, ps, seeds, True, True)
     ora = REF.lora_backward(gy.float(), x.float(), W.float(), f32[0], f32[1], [h.float() for h in xa_ref], s, ps,
                             seeds, True, True)
-    ran = []
+    ran, dy_kernels = [], set()
     for route in each_route("lora_backward"):
-        got = CPU.lora_backward(gy, x, W, A, B, xa_ref, s, ps, seeds, True, True)
-        if routes.last_route("lora_backward") != route:
-            continue
-        ran.append(route)
-        assert_by_dtype_rule(f"{route}: dx", got[0], ref[0], ora[0], all_fp32=exact)
-        for i in range(len(ranks)):
-            assert_by_dtype_rule(f"{route}: dA[{i}]", got[1][i], ref[1][i], ora[1][i], all_fp32=exact)
-            assert_by_dtype_rule(f"{route}: dB[{i}]", got[2][i], ref[2][i], ora[2][i], all_fp32=exact)
-            assert_by_dtype_rule(f"{route}: dbias[{i}]", got[3][i], ref[3][i], ora[3][i], all_fp32=exact)
-        # Without the bias gradients asked, the same route gives the same other gradients; a bias gradient it still
-        # returns is the same, and the composition skips them.
-        lean = CPU.lora_backward(gy, x, W, A, B, xa_ref, s, ps, seeds, True, True, needs_grad_bias=False)
-        assert routes.last_route("lora_backward") == route
-        assert torch.equal(lean[0], got[0]), f"{route}: dx without the bias gradients"
-        for i in range(len(ranks)):
-            assert torch.equal(lean[1][i], got[1][i]) and torch.equal(lean[2][i], got[2][i]), route
-            assert lean[3][i] is None or torch.equal(lean[3][i], got[3][i]), route
-            assert lean[3][i] is None or route not in ("compose", "compose_fp32"), route
+        for dy_kernel in each_route("lora_dy"):  # the dY pass's kernel of the routes that call _C.lora_dy_pass
+            routes._last.pop("lora_dy", None)
+            got = CPU.lora_backward(gy, x, W, A, B, xa_ref, s, ps, seeds, True, True)
+            if routes.last_route("lora_backward") != route:
+                continue
+            ran.append(route)
+            dy_kernels.add(routes.last_route("lora_dy"))
+            what = f"{route} ({dy_kernel})"
+            assert_by_dtype_rule(f"{what}: dx", got[0], ref[0], ora[0], all_fp32=exact)
+            for i in range(len(ranks)):
+                assert_by_dtype_rule(f"{what}: dA[{i}]", got[1][i], ref[1][i], ora[1][i], all_fp32=exact)
+                assert_by_dtype_rule(f"{what}: dB[{i}]", got[2][i], ref[2][i], ora[2][i], all_fp32=exact)
+                assert_by_dtype_rule(f"{what}: dbias[{i}]", got[3][i], ref[3][i], ora[3][i], all_fp32=exact)
+            # Without the bias gradients asked, the same route gives the same other gradients; a bias gradient it
+            # still returns is the same, and the composition skips them.
+            lean = CPU.lora_backward(gy, x, W, A, B, xa_ref, s, ps, seeds, True, True, needs_grad_bias=False)
+            assert routes.last_route("lora_backward") == route
+            assert torch.equal(lean[0], got[0]), f"{what}: dx without the bias gradients"
+            for i in range(len(ranks)):
+                assert torch.equal(lean[1][i], got[1][i]) and torch.equal(lean[2][i], got[2][i]), what
+                assert lean[3][i] is None or torch.equal(lean[3][i], got[3][i]), what
+                assert lean[3][i] is None or route not in ("compose", "compose_fp32"), what
+    # both dY kernels served some route where the total rank is one or two SIMD vectors (fused always calls the pass)
+    assert dy_kernels - {None} == {"rows"} | ({"outer"} if _C.dy_outer_takes(sum(ranks)) else set()), dy_kernels
     expected = {"compose", "fused"} | ({"compose_fp32", "fused_fp32"} if xdt != "fp32" else set())
     expected |= {"small"} if (exact and len(ranks) == 1) else set()
     expected |= {"fused_pairs"} if pairs else set()
@@ -738,17 +744,17 @@ def _kept_and_pinned(monkeypatch, cpu_backend, x, A, bits):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M,N", [(1, 37), (9, 64), (77, 575), (131, 2051)])
-def test_dy_pass_as_outer_products_every_isa(isa, dtype, M, N):
-    """``lora_dy_pass`` (``g = (dY B) svec``, ``dB = svec (dY^T xa)``, the column sums) against the fp64 products, for
-    total ranks of one and two vectors of the SIMD path (one sweep of outer products over column units, row blocks
-    of 8 or 4 with tails) and for a rank it does not take (the row and column passes): the same bits with one
-    thread and two (the sweep's column sums too), g and dB the same with and without the column sums, a
-    strided-row dY included."""
+def test_dy_pass_kernels_every_isa(isa, dtype, M, N):
+    """``lora_dy_pass`` (``g = (dY B) svec``, ``dB = svec (dY^T xa)``, the column sums) against the fp64 products by
+    each of its kernels (``lora_dy``'s routes): the row and column passes for every rank, the sweep of outer products
+    over column units (row blocks of 8 or 4 with tails) for total ranks of one and two vectors of the SIMD path. Each
+    gives the same bits with one thread and two, g and dB the same with and without the column sums, a strided-row
+    dY included; the sweep refuses a rank it does not take, and a call without dB."""
     vw = {"avx512": 16, "avx2": 8, "generic": 4}[isa]
     assert _C.dy_outer_takes(vw) and _C.dy_outer_takes(2 * vw) and not _C.dy_outer_takes(vw + 2)
     threads = torch.get_num_threads()
     try:
-        for R in (vw, 2 * vw, vw + 2):
+        for R, outer in ((vw, True), (vw, False), (2 * vw, True), (2 * vw, False), (vw + 2, False)):
             gen = torch.Generator().manual_seed(M * N + R)
             dy = torch.randn(M, N + 3, generator=gen)[:, :N].to(dtype)  # rows N + 3 apart
             B, xa = torch.randn(N, R, generator=gen), torch.randn(M, R, generator=gen)
@@ -756,18 +762,28 @@ def test_dy_pass_as_outer_products_every_isa(isa, dtype, M, N):
             got = {}
             for n, colsum in ((1, True), (2, True), (2, False)):
                 torch.set_num_threads(n)
-                got[n, colsum] = _C.lora_dy_pass(dy, [B], xa, svec, True, colsum)
+                got[n, colsum] = _C.lora_dy_pass(dy, [B], xa, svec, True, colsum, outer)
             d64 = dy.double()
             g, dB, cs = got[1, True]
-            assert_close(f"R={R} g", g, (d64 @ B.double()) * svec.double(), 2e-6)
-            assert_close(f"R={R} dB", dB, (d64.t() @ xa.double()) * svec.double(), 2e-6)
-            assert_close(f"R={R} column sums", cs, d64.sum(0), 2e-6)
-            # the row pass sums its column sums per thread (deterministic for a thread count); the sweep, by column
-            for i in range(3 if _C.dy_outer_takes(R) else 2):
-                assert torch.equal(got[1, True][i], got[2, True][i]), f"R={R}: output {i} differs with two threads"
+            what = f"R={R} {'outer' if outer else 'rows'}"
+            assert_close(f"{what} g", g, (d64 @ B.double()) * svec.double(), 2e-6)
+            assert_close(f"{what} dB", dB, (d64.t() @ xa.double()) * svec.double(), 2e-6)
+            assert_close(f"{what} column sums", cs, d64.sum(0), 2e-6)
+            for i in range(3):
+                assert torch.equal(got[1, True][i], got[2, True][i]), f"{what}: output {i} differs with two threads"
             assert got[2, False][2] is None or got[2, False][2].numel() == 0
             for i in range(2):
-                assert torch.equal(got[2, False][i], got[2, True][i]), f"R={R}: output {i} moved with the column sums"
+                assert torch.equal(got[2, False][i], got[2, True][i]), f"{what}: output {i} moved with the column sums"
+            # without dB the row pass alone: the same g, and the column sums
+            g_only, no_dB, cs_only = _C.lora_dy_pass(dy, [B], xa, svec, False, True, False)
+            assert no_dB is None or no_dB.numel() == 0
+            if not outer:
+                assert torch.equal(g_only, g) and torch.equal(cs_only, cs), what
+        with pytest.raises(RuntimeError, match="lora_dy_pass: the outer-product kernel computes dB and takes a total "
+                                               "rank of one or two vectors"):
+            _C.lora_dy_pass(dy, [B], xa, svec, True, False, True)  # R = vw + 2
+        with pytest.raises(RuntimeError, match="need_dB=0"):
+            _C.lora_dy_pass(dy, [B[:, :vw]], xa[:, :vw].contiguous(), svec[:vw].contiguous(), False, False, True)
     finally:
         torch.set_num_threads(threads)
 
@@ -789,29 +805,35 @@ def test_fused_backward_of_one_fp32_adapter_is_one_call_of_its_passes(monkeypatc
     dy = torch.randn(N, M, generator=g).to(dtype).t()
     h = _C.lora_xa(x.contiguous(), A, p, 77)
     dyc = dy.contiguous()  # the backend's rows
-    g_, dB, colsum = _C.lora_dy_pass(dyc, [B], h, torch.full((16,), 1.5), True, True)
-    dx = torch.mm(dyc, W)
-    dA = _C.lora_dx_pass(dx, x.contiguous(), A, g_, p, 77, None, None)
     calls = CallCounter(monkeypatch, cpu_backend._C, "lora_fused_backward")
+    kernels = cpu_backend._dy_routes(16, True)
+    assert kernels == (("rows", "outer") if _C.dy_outer_takes(16) else ("rows",))
     routes.set_route("lora_backward", "fused")
     try:
-        for needs_dx, needs_dA in ((True, True), (True, False), (False, True)):
-            got = CPU.lora_backward(dy, x, W, [A], [B], [h], [1.5], [p], [77], needs_dx, needs_dA)
-            assert routes.last_route("lora_backward") == "fused"
-            assert (got[0] is None) != needs_dx and (got[1][0] is None) != needs_dA
-            if needs_dx:
-                assert torch.equal(got[0], dx), "dx"
-            if needs_dA:
-                assert torch.equal(got[1][0], dA), "dA"
-            assert torch.equal(got[2][0], dB), "dB"
-            assert torch.equal(got[3][0], colsum * 1.5), "dbias"
-        # Without a lora_bias to read them the column sums are not taken; the rest is unchanged.
-        got = CPU.lora_backward(dy, x, W, [A], [B], [h], [1.5], [p], [77], True, True, needs_grad_bias=False)
-        assert got[3][0] is None, "the bias gradient was computed though no lora_bias reads it"
-        assert torch.equal(got[0], dx) and torch.equal(got[1][0], dA) and torch.equal(got[2][0], dB)
+        for kernel in kernels:  # the dY pass's kernel pinned in turn (op lora_dy)
+            routes.set_route("lora_dy", kernel)
+            g_, dB, colsum = _C.lora_dy_pass(dyc, [B], h, torch.full((16,), 1.5), True, True, kernel == "outer")
+            dx = torch.mm(dyc, W)
+            dA = _C.lora_dx_pass(dx, x.contiguous(), A, g_, p, 77, None, None)
+            for needs_dx, needs_dA in ((True, True), (True, False), (False, True)):
+                got = CPU.lora_backward(dy, x, W, [A], [B], [h], [1.5], [p], [77], needs_dx, needs_dA)
+                assert routes.last_route("lora_backward") == "fused"
+                assert routes.last_route("lora_dy") == kernel
+                assert (got[0] is None) != needs_dx and (got[1][0] is None) != needs_dA
+                if needs_dx:
+                    assert torch.equal(got[0], dx), f"{kernel}: dx"
+                if needs_dA:
+                    assert torch.equal(got[1][0], dA), f"{kernel}: dA"
+                assert torch.equal(got[2][0], dB), f"{kernel}: dB"
+                assert torch.equal(got[3][0], colsum * 1.5), f"{kernel}: dbias"
+            # Without a lora_bias to read them the column sums are not taken; the rest is unchanged.
+            got = CPU.lora_backward(dy, x, W, [A], [B], [h], [1.5], [p], [77], True, True, needs_grad_bias=False)
+            assert got[3][0] is None, "the bias gradient was computed though no lora_bias reads it"
+            assert torch.equal(got[0], dx) and torch.equal(got[1][0], dA) and torch.equal(got[2][0], dB)
     finally:
         routes.set_route("lora_backward", None)
-    assert calls.calls == 4
+        routes.set_route("lora_dy", None)
+    assert calls.calls == 4 * len(kernels)
     other = torch.float32 if dtype != torch.float32 else torch.bfloat16
     with pytest.raises(RuntimeError, match="lora_fused_backward: dy, W and x must have one dtype"):
         _C.lora_fused_backward(dy, W.to(other), x, A, B, h, 1.5, p, 77)

@@ -175,7 +175,7 @@ def test_route_table_names_every_route_with_its_limits():
     table = routes.route_table()
     assert set(table["routes"]) == {"lora_forward", "lora_backward", "lora_update", "lora_mixed_forward", "ia3_forward",
                                     "ia3_backward", "dora_forward", "dora_backward", "widened_product",
-                                    "gemv_prefetch", "lora_down"}
+                                    "gemv_prefetch", "lora_down", "lora_dy"}
     assert "compose" in table["routes"]["lora_forward"] and "bnb_native" in table["limits"]
 
 

@@ -264,6 +264,7 @@ def test_settled_training_calls_count_toward_their_routes_confirmation(monkeypat
     routes.clear_choices()
     routes.set_route("gemv_prefetch", "none")  # (its probe's confirmation would change the routes' generation)
     routes.set_route("lora_down", "transposed")  # (so would the down-projection's; both serve a native call)
+    routes.set_route("lora_dy", "rows")  # (and the dY pass's kernel, which the fused backward's native call takes)
     try:
         reference, fused = training_twins()
         x = torch.randn(6, 23, requires_grad=True)
@@ -447,3 +448,39 @@ def test_an_adapter_whose_dropout_module_is_in_eval_draws_nothing(final_routes):
         for name in grads:
             assert torch.equal(grads[name], grads2[name]), name
     assert not torch.equal(runs[0][0][0], runs[0][1][0]), "no dropout was drawn for the training adapter"
+
+
+@pytest.mark.parametrize("kernel", ["rows", "outer"])
+def test_settled_training_in_cpp_takes_the_dy_kernel_of_its_key(final_routes, monkeypatch, kernel):
+    """With backward ``fused`` the C++ node runs the dY pass by the kernel op ``lora_dy`` settled for its key (its
+    ``dy_outer`` argument): PEFT's output and gradients, and the same bits as the full path with that kernel, for a
+    rank the outer-product kernel takes."""
+    from fastpeft import _C
+
+    rank = next((r for r in (16, 8, 4) if _C.dy_outer_takes(r)), None)
+    assert rank is not None, "no rank of one SIMD vector: the outer-product kernel is unreachable"
+    routes.set_route("lora_forward", "fused")
+    routes.set_route("lora_backward", "fused")
+    routes.set_route("lora_dy", kernel)
+    reference, fused = training_twins(r=rank)
+    x, dy = torch.randn(37, 23, requires_grad=True), torch.randn(37, 11)
+    steps_agree(reference, fused, x, "settling", dy=dy)
+    from fastpeft.backends import cpu
+
+    taken = []
+    serve = cpu._C.settled_lora_training
+
+    def recorded(*args):
+        taken.append(args[-1])  # dy_outer
+        return serve(*args)
+
+    monkeypatch.setattr(cpu._C, "settled_lora_training", recorded)
+    torch.manual_seed(3)
+    y, dx, grads = step(fused, x, dy)
+    assert taken == [kernel == "outer"] * 4, taken
+    y2, dx2, grads2 = _unsettled_step(fused, x, dy, 3)
+    assert routes.last_route("lora_dy") == kernel
+    assert torch.equal(y, y2) and torch.equal(dx, dx2)
+    for name in grads:
+        assert torch.equal(grads[name], grads2[name]), name
+    steps_agree(reference, fused, x, kernel, dy=dy)

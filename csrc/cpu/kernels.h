@@ -83,10 +83,9 @@ struct KernelTable {
   void (*xa_rows)(int dt, const void* x, int64_t ldx, int64_t K, int64_t m0, int64_t m1, const float* A, int64_t r,
                   float p, uint32_t seed, float* xa, int64_t ldxa, float* buf);
 
-  // One pass over dy rows: g[m, j] = svec[j] * sum_n dy[m, n] Bt[j, n]; colsum[:] += dy[m, :] (if colsum).
-  // buf: 4N floats of scratch.
+  // One pass over dy rows: g[m, j] = svec[j] * sum_n dy[m, n] Bt[j, n]. buf: 4N floats of scratch.
   void (*dy_rows)(int dt, const void* dy, int64_t lddy, int64_t N, int64_t m0, int64_t m1, const float* Bt, int64_t R,
-                  const float* svec, float* g, float* colsum, float* buf);
+                  const float* svec, float* g, float* buf);
   // The same pass as sums of outer products, one sweep for both of its products, over the columns [n0, n1) of dy
   // (M, N) (rows of dtype dt, lddy apart; threads split the columns):
   //   g[m * R + j] = sum_{n0 <= n < n1} dy[m, n] B[n * R + j] for m < M        (written: the range's share of g)

@@ -409,22 +409,6 @@ void dot_block(const float* X, int64_t ldx, const float* A, int64_t r, int64_t K
   }
 }
 
-// acc[:] += sum_i coef[i] * X[i][:] for i < NB (X rows ldx apart): one read-modify-write of acc per row block.
-template <int NB>
-void axpy_block(float* acc, const float* coef, const float* X, int64_t ldx, int64_t K) {
-  int64_t k = 0;
-  for (; k + VW <= K; k += VW) {
-    vf v = load_f32(acc + k);
-    for (int i = 0; i < NB; ++i) v += coef[i] * load_f32(X + i * ldx + k);
-    store_f32(acc + k, v);
-  }
-  for (; k < K; ++k) {
-    float v = acc[k];
-    for (int i = 0; i < NB; ++i) v += coef[i] * X[i * ldx + k];
-    acc[k] = v;
-  }
-}
-
 // Calls f(std::integral_constant-like NB) for a block of nb rows; the templates need NB at compile time so the
 // per-row accumulators live in registers.
 #define FASTPEFT_BLOCK(nb, CALL) \
@@ -669,7 +653,7 @@ void expand_row_b(int dt, void* y, int64_t N, const float* xs, int64_t R, const 
 
 // buf: MB * N floats.
 void dy_rows(int dt, const void* dy, int64_t lddy, int64_t N, int64_t m0, int64_t m1, const float* Bt, int64_t R,
-             const float* svec, float* g, float* colsum, float* buf) {
+             const float* svec, float* g, float* buf) {
   for (int64_t mb = m0; mb < m1; mb += MB) {
     const int nb = int((m1 - mb) < MB ? (m1 - mb) : MB);
     // fp32 rows are read where they lie; 16-bit ones widened into buf first.
@@ -684,10 +668,6 @@ void dy_rows(int dt, const void* dy, int64_t lddy, int64_t N, int64_t m0, int64_
     FASTPEFT_BLOCK(nb, dot_block<NB>(rows, ld, Bt, R, N, gm, R))
     for (int i = 0; i < nb; ++i)
       for (int64_t j = 0; j < R; ++j) gm[i * R + j] *= svec[j];
-    if (colsum) {
-      const float ones[MB] = {1.f, 1.f, 1.f, 1.f};
-      FASTPEFT_BLOCK(nb, axpy_block<NB>(colsum, ones, rows, ld, N))
-    }
   }
 }
 

@@ -153,27 +153,6 @@ int64_t grain(int64_t work_per_row) {
   return std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(1, work_per_row));
 }
 
-// Per-thread partial sums for a row-parallel loop: one zeroed (size)-float slab per thread that at::parallel_for
-// will actually use (divup(M, grain) capped by the thread count), so M=1 needs no reduction at all.
-struct Partials {
-  int64_t slabs, size;
-  std::vector<float> data;
-  Partials(int64_t M, int64_t grain_rows, int64_t size_)
-      : slabs(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (M + grain_rows - 1) / grain_rows))),
-        size(size_), data(size_t(slabs * size_), 0.f) {}
-  float* slab(int tid) { return data.data() + std::min<int64_t>(tid, slabs - 1) * size; }
-  // Serial sum into slab 0. Deliberately not a torch op: small torch reductions go parallel and, on a loaded
-  // machine, waiting for the pool to wake cost ~16 ms per call at M=1 (measured).
-  float* reduce() {
-    float* out = data.data();
-    for (int64_t t = 1; t < slabs; ++t) {
-      const float* src = data.data() + t * size;
-      for (int64_t i = 0; i < size; ++i) out[i] += src[i];
-    }
-    return out;
-  }
-};
-
 // ------------------------------------------------------------------------------------------------- bindings
 at::Tensor dropout_scale(int64_t seed, int64_t rows, int64_t cols, double p, double scale) {
   auto out = at::empty({rows, cols}, at::kFloat);
@@ -553,17 +532,22 @@ std::vector<at::Tensor> dy_pass_outer(const at::Tensor& dy, const at::Tensor& B,
 
 // g (M, R) = (dy B) * svec, dB (N, R) = svec * (dy^T xa) or empty, and colsum (N,) = dy.sum(0) (unscaled) or empty,
 // for the adapters Bs (B_i (N, r_i) as PEFT keeps them, any float dtype; B = [B_1 ... B_k], R = sum r_i). xa (M, R)
-// fp32, svec (R,) fp32. With dB and an R that dy_outer_takes: one sweep of outer products over B's own layout
-// (dy_pass_outer; one contiguous fp32 B read where it lies). Otherwise one sweep over the rows of dy against B^T for g
-// and the column sums, and one of column strips for dB.
+// fp32, svec (R,) fp32. Two kernels compute the same sums in different orders, and the cpu backend measures which
+// is faster per shape: with `outer` one sweep of outer products over B's own layout (dy_pass_outer; one contiguous
+// fp32 B read where it lies; needs dB and an R that dy_outer_takes), else one sweep over the rows of dy against B^T
+// for g and sweeps of column strips for dB and for the column sums. Both split the work by columns wherever they sum
+// over rows, so no result depends on the thread count.
 std::vector<at::Tensor> lora_dy_pass(const at::Tensor& dy, const std::vector<at::Tensor>& Bs, const at::Tensor& xa,
-                                     const at::Tensor& svec, bool need_dB, bool need_colsum) {
+                                     const at::Tensor& svec, bool need_dB, bool need_colsum, bool outer) {
   check_rows(dy, "grad_y");
   const int64_t M = dy.size(0), N = dy.size(1), R = total_rank(Bs, "lora_dy_pass");
   TORCH_CHECK(Bs[0].size(0) == N, "fastpeft._C.lora_dy_pass: B has ", Bs[0].size(0), " rows, dy ", N, " columns");
   check_f32(xa, "xa", {M, R});
   check_f32(svec, "svec", {R});
-  if (need_dB && dy_outer_takes(R)) {
+  if (outer) {
+    TORCH_CHECK(need_dB && dy_outer_takes(R), "fastpeft._C.lora_dy_pass: the outer-product kernel computes dB and "
+                "takes a total rank of one or two vectors of this SIMD path (", K().vector_width, " or ",
+                2 * K().vector_width, " fp32 lanes), got need_dB=", need_dB, " and rank ", R);
     const bool in_place = Bs.size() == 1 && Bs[0].scalar_type() == at::kFloat && Bs[0].is_contiguous();
     std::vector<at::Tensor> as_f32;
     if (!in_place)
@@ -572,18 +556,14 @@ std::vector<at::Tensor> lora_dy_pass(const at::Tensor& dy, const std::vector<at:
   }
   const at::Tensor Bt = stack_transposed(Bs);
   auto g = at::empty({M, R}, at::kFloat);
-  const int64_t gr = grain(N * R);
-  // Per-thread column sums, reduced once at the end: no atomics, deterministic for a fixed thread count.
-  Partials cs(M, gr, need_colsum ? N : 0);
   const int dt = dtype_code(dy);
   const void* dyp = dy.data_ptr();
   const int64_t ldd = dy.stride(0);
   const float *Btp = Bt.data_ptr<float>(), *sp = svec.data_ptr<float>();
   float* gp = g.data_ptr<float>();
-  at::parallel_for(0, M, gr, [&](int64_t b, int64_t e) {
-    const int tid = at::get_thread_num();
+  at::parallel_for(0, M, grain(N * R), [&](int64_t b, int64_t e) {
     std::vector<float> buf(4 * N);
-    K().dy_rows(dt, dyp, ldd, N, b, e, Btp, R, sp, gp, need_colsum ? cs.slab(tid) : nullptr, buf.data());
+    K().dy_rows(dt, dyp, ldd, N, b, e, Btp, R, sp, gp, buf.data());
   });
   at::Tensor dB, colsum;
   if (need_dB) {  // over xa * svec, then B's own (N, r) layout by the blocked transpose
@@ -593,9 +573,10 @@ std::vector<at::Tensor> lora_dy_pass(const at::Tensor& dy, const std::vector<at:
     dB = at::empty({N, R}, at::kFloat);
     K().transpose_f32(dBt.data_ptr<float>(), N, R, N, dB.data_ptr<float>(), R);
   }
-  if (need_colsum) {
+  if (need_colsum) {  // a pass of its own, so that dB's sums are blocked the same with and without it
+    const std::vector<float> ones(size_t(M), 1.f);
     colsum = at::empty({N}, at::kFloat);
-    std::memcpy(colsum.data_ptr<float>(), cs.reduce(), sizeof(float) * N);
+    column_passes(&dy, nullptr, nullptr, M, N, ones.data(), 1, 1, 0.0, 0, colsum.data_ptr<float>());
   }
   return {g, dB, colsum};
 }
@@ -1013,13 +994,13 @@ at::Tensor quant_grad_x(const at::Tensor& dy, const py::tuple& qt, int64_t tile_
 
 // The fused backward of one adapter with fp32 A, B and h, in one call (each Python-side call of the sequence costs
 // microseconds, which add up at small M): dx = dy W by at::mm in dy's dtype (W given), then lora_dy_pass (g, dB,
-// the column sums) and lora_dx_pass (dx += (g A) * mask in place, dA = g^T drop(x) when x is given). dy (M, N), W
-// (N, K) and x (M, K) activations of one dtype (fp32, bf16 or fp16; any row stride). Returns [dx or undefined, dA or
+// the column sums; its outer-product kernel with dy_outer) and lora_dx_pass (dx += (g A) * mask in place, dA = g^T
+// drop(x) when x is given). dy (M, N), W (N, K) and x (M, K) activations of one dtype (fp32, bf16 or fp16; any row stride). Returns [dx or undefined, dA or
 // undefined, dB, db = s sum_m dy or undefined (need_db false: a pass over dy that no lora_bias reads)].
 std::vector<at::Tensor> lora_fused_backward(const at::Tensor& dy, const c10::optional<at::Tensor>& W,
                                             const c10::optional<at::Tensor>& x, const at::Tensor& A,
                                             const at::Tensor& B, const at::Tensor& h, double s, double p,
-                                            int64_t seed, bool need_db) {
+                                            int64_t seed, bool need_db, bool dy_outer) {
   const int64_t r = A.dim() == 2 ? A.size(0) : -1;
   TORCH_CHECK((!W.has_value() || W->scalar_type() == dy.scalar_type()) &&
                   (!x.has_value() || x->scalar_type() == dy.scalar_type()),
@@ -1027,7 +1008,7 @@ std::vector<at::Tensor> lora_fused_backward(const at::Tensor& dy, const c10::opt
               W.has_value() ? ", W " : "", W.has_value() ? W->scalar_type() : dy.scalar_type(),
               x.has_value() ? ", x " : "", x.has_value() ? x->scalar_type() : dy.scalar_type());
   const at::Tensor dyc = dy.dim() == 2 && dy.stride(1) != 1 ? dy.contiguous() : dy;
-  auto gdb = lora_dy_pass(dyc, {B}, h, at::full({r}, s, at::kFloat), true, need_db);
+  auto gdb = lora_dy_pass(dyc, {B}, h, at::full({r}, s, at::kFloat), true, need_db, dy_outer);
   c10::optional<at::Tensor> dx, xr;
   if (W.has_value()) dx = at::mm(dy, *W);
   if (x.has_value()) xr = x->dim() == 2 && x->stride(1) != 1 ? x->contiguous() : *x;
@@ -1161,7 +1142,7 @@ struct SettledLoraTraining : public torch::autograd::Function<SettledLoraTrainin
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& A,
                             const at::Tensor& B, const at::Tensor& W, const c10::optional<at::Tensor>& bias, double s,
                             double p, int64_t seed, int64_t prefetch, int64_t backward, bool down_transposed,
-                            int64_t forward_route) {
+                            int64_t forward_route, bool dy_outer) {
     const at::Tensor xr = x.stride(1) == 1 ? x : x.contiguous();
     at::Tensor xa, y;
     if (forward_route == kForwardGemv) {
@@ -1190,6 +1171,7 @@ struct SettledLoraTraining : public torch::autograd::Function<SettledLoraTrainin
     ctx->saved_data["p"] = p;
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["backward"] = backward;
+    ctx->saved_data["dy_outer"] = dy_outer;
     return y;
   }
 
@@ -1216,19 +1198,21 @@ struct SettledLoraTraining : public torch::autograd::Function<SettledLoraTrainin
     } else {
       c10::optional<at::Tensor> Wo;
       if (need_dx) Wo = W;
-      out = route == kBackwardFused ? lora_fused_backward(dy, Wo, xo, A, B, xa, s, p, seed, false)
-                                    : lora_compose_backward(dy, Wo, xo, A, B, xa, s, p, seed);
+      out = route == kBackwardFused
+                ? lora_fused_backward(dy, Wo, xo, A, B, xa, s, p, seed, false, ctx->saved_data["dy_outer"].toBool())
+                : lora_compose_backward(dy, Wo, xo, A, B, xa, s, p, seed);
     }
-    // (x, A, B, W, bias, s, p, seed, prefetch, backward, down_transposed, forward_route)
+    // (x, A, B, W, bias, s, p, seed, prefetch, backward, down_transposed, forward_route, dy_outer)
     return {need_dx ? out[0] : at::Tensor(), need_dA ? out[1] : at::Tensor(),
-            ctx->needs_input_grad(2) ? out[2] : at::Tensor(), at::Tensor(), at::Tensor(),
+            ctx->needs_input_grad(2) ? out[2] : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor settled_lora_training(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& W,
                                  const c10::optional<at::Tensor>& bias, double s, double p, int64_t seed,
-                                 int64_t prefetch, int64_t backward, bool down_transposed, int64_t forward_route) {
+                                 int64_t prefetch, int64_t backward, bool down_transposed, int64_t forward_route,
+                                 bool dy_outer) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && W.scalar_type() == at::kFloat &&
                   A.scalar_type() == at::kFloat && B.scalar_type() == at::kFloat && A.is_contiguous() &&
                   W.dim() == 2 && W.stride(1) == 1 && !W.requires_grad() &&
@@ -1242,7 +1226,7 @@ at::Tensor settled_lora_training(const at::Tensor& x, const at::Tensor& A, const
               "fastpeft._C.settled_lora_training: forward_route must be 0 (gemv), 1 (compose) or 2 (fused), got ",
               forward_route);
   return SettledLoraTraining::apply(x, A, B, W, bias, s, p, seed, prefetch, backward, down_transposed,
-                                    forward_route);
+                                    forward_route, dy_outer);
 }
 
 }  // namespace
@@ -1288,7 +1272,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_epilogue_", &fastpeft::lora_epilogue_, "(y, xs32, Bt32 (R, N), bias32|None): y += xs Bt + bias in place");
   m.def("stack_transposed", &fastpeft::stack_transposed, "([B_i (N, r_i)]) -> (sum r_i, N) fp32: the B_i transposed "
         "and stacked, the layout lora_epilogue_ takes and lora_dy_pass's row pass streams");
-  m.def("lora_dy_pass", &fastpeft::lora_dy_pass, "(dy, [B_i (N, r_i)], xa32, svec, need_dB, need_colsum) -> [g, dB (N, R) scaled, colsum]");
+  m.def("lora_dy_pass", &fastpeft::lora_dy_pass, "(dy, [B_i (N, r_i)], xa32, svec, need_dB, need_colsum, outer) -> "
+        "[g, dB (N, R) scaled, colsum]; outer: the outer-product kernel (dy_outer_takes(R), need_dB), else the row "
+        "and column passes");
   m.def("quant_dequantize", &fastpeft::quant_dequantize, "(qweight) -> dense (N, K) fp32");
   m.def("quant_dequantize_into", &fastpeft::quant_dequantize_into, "(qweight, out) -> None: the dense weight into out "
         "(N, K) fp32/bf16/fp16, reused across calls");
@@ -1302,20 +1288,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_grad_x", &fastpeft::quant_grad_x, "(dy32, qweight, tile_rows|0) -> dy w (M, K) fp32");
   m.def("settled_lora_training", &fastpeft::settled_lora_training,
         "(x fp32 (M, K), A, B, W, bias|None, s, p, seed, prefetch, backward 0 small | 1 fused | 2 compose, "
-        "down_transposed, forward_route 0 gemv | 1 compose | 2 fused) -> y (M, N) with an autograd node in C++: one "
-        "fp32 adapter's settled training call, x A^T by lora_xa's transposed kernel or not",
+        "down_transposed, forward_route 0 gemv | 1 compose | 2 fused, dy_outer) -> y (M, N) with an autograd node in "
+        "C++: one fp32 adapter's settled training call, x A^T by lora_xa's transposed kernel or not, the fused "
+        "backward's dY pass by lora_dy_pass's outer-product kernel or not",
         py::arg("x"), py::arg("A"), py::arg("B"), py::arg("W"), py::arg("bias"), py::arg("s"), py::arg("p"),
         py::arg("seed"), py::arg("prefetch"), py::arg("backward"), py::arg("down_transposed"),
-        py::arg("forward_route") = int64_t(0));
+        py::arg("forward_route") = int64_t(0), py::arg("dy_outer") = false);
   m.def("lora_small_backward", &fastpeft::lora_small_backward, "(dy, W, x|None, A, B, h, s, p, seed, need_dx, "
         "need_db=True) -> [dx, dA, dB, db|None] for one fp32 adapter (decode-sized M)",
         py::arg("dy"), py::arg("W"), py::arg("x"), py::arg("A"), py::arg("B"), py::arg("h"), py::arg("s"),
         py::arg("p"), py::arg("seed"), py::arg("need_dx"), py::arg("need_db") = true);
   m.def("lora_fused_backward", &fastpeft::lora_fused_backward, "(dy, W|None, x|None, A32, B32, h32, s, p, seed, "
-        "need_db=True) -> [dx|None, dA|None, dB, db|None]: one adapter's fused backward (dy W by at::mm, "
-        "lora_dy_pass, lora_dx_pass) in one call; dy, W, x of one dtype",
+        "need_db=True, dy_outer=False) -> [dx|None, dA|None, dB, db|None]: one adapter's fused backward (dy W by "
+        "at::mm, lora_dy_pass (its outer-product kernel with dy_outer), lora_dx_pass) in one call; dy, W, x of one "
+        "dtype",
         py::arg("dy"), py::arg("W"), py::arg("x"), py::arg("A"), py::arg("B"), py::arg("h"), py::arg("s"),
-        py::arg("p"), py::arg("seed"), py::arg("need_db") = true);
+        py::arg("p"), py::arg("seed"), py::arg("need_db") = true, py::arg("dy_outer") = false);
   m.def("strip_mm", &fastpeft::strip_mm, "(a (M, N), w (N, K)) -> a w (M, K) fp32: w read once in column strips, "
         "exact products, fp32 sums");
   m.def("lora_dx_pass", &fastpeft::lora_dx_pass, "(dx|None, x|None, A32, g32, p, seed, extra=None, out=None) -> dA32 "

@@ -14,9 +14,10 @@ machine. The pieces the routes are built from:
 - ``_C.lora_epilogue_``: ``y += sum_i s_i (xa_i B_i^T + b_i)`` in place, rounded once;
 - ``_C.dense_lora_gemv`` / the GEMV of ``_C.quant_linear``: each weight row read (or decoded) once and dotted with
   every activation row, the adapter term fused (``gemv``);
-- backward: ``_C.lora_dy_pass`` (``g_i = s_i dY B_i``, ``dB`` and the bias gradient; where the total rank is one or
-  two SIMD vectors, in one sweep of outer products over units of ``dY``'s columns, each unit's share of ``g`` summed
-  in unit order; else ``g`` by a sweep over the rows of ``dY`` and ``dB`` by column strips) and ``_C.lora_dx_pass``
+- backward: ``_C.lora_dy_pass`` (``g_i = s_i dY B_i``, ``dB`` and the bias gradient) by one of two kernels, which op
+  ``lora_dy`` measures per key (``_dy_pass``): ``g`` by a sweep over the rows of ``dY``, ``dB`` and the bias gradient
+  by column strips (``rows``); or, where the total rank is one or two SIMD vectors, one sweep of outer products over
+  units of ``dY``'s columns, each unit's share of ``g`` summed in unit order (``outer``); and ``_C.lora_dx_pass``
   (``dX += (g_i A_i) * mask_i / (1 - p_i)`` and
   ``dA_i = g_i^T drop_i(x)``; with dropout one sweep over column strips of ``x`` and ``dX`` that draws each strip's
   mask once for both). Column strips let threads own disjoint columns of ``dA``/``dB``: no per-thread partial sums;
@@ -408,6 +409,67 @@ def _lora_xa(x: torch.Tensor, A32: torch.Tensor, p: float, seed: int) -> torch.T
     return out
 
 
+# ------------------------------------------------------------------------------------------------------ lora_dy
+_DY_ROUTES = ("rows", "outer")
+
+# (dY dtype, M bucket, N, adapters' dtypes, total rank, adapters) -> (routes.choice_state(), TakenRoutes, route): the
+# settled lora_dy choices, as _down_settled keeps lora_down's.
+_dy_settled: dict = {}
+
+
+def _dy_routes(rank: int, need_dB: bool) -> tuple:
+    """The ``lora_dy`` kernels that may serve a call: ``outer`` computes ``dB`` and takes a total rank of one or two
+    SIMD vectors of this CPU's code path (``_C.dy_outer_takes``)."""
+    return _DY_ROUTES if need_dB and _C.dy_outer_takes(rank) else _DY_ROUTES[:1]
+
+
+def _dy_key(dtype, M: int, N: int, lora_B) -> routes.RouteKey:
+    """``lora_dy``'s key: dY's dtype, ``M`` bucket and ``N``, the adapters' dtypes, total rank and count (``K`` is 0).
+    Not whether the bias gradient is wanted: a call's ``g`` and ``dB`` do not depend on it."""
+    rank = sum(B.shape[1] for B in lora_B)
+    return routes.make_key("lora_dy", "cpu", "dense", dtype, dtype, tuple(B.dtype for B in lora_B), M, N, 0, False,
+                           rank, len(lora_B))
+
+
+def _dy_taken(dtype, M: int, N: int, lora_B, eligible: tuple) -> Optional[str]:
+    """The ``lora_dy`` kernel among ``eligible`` that a call takes without measuring (a pin, or a choice made in this
+    process), the call counted toward the choice's confirmation; None where :func:`routes.run` must decide the call
+    (no choice yet, or one due for its confirming measurement). A kept choice builds no route key."""
+    local = (dtype, routes.bucket(M), N, tuple(B.dtype for B in lora_B), sum(B.shape[1] for B in lora_B),
+             len(lora_B))
+    found = _dy_settled.get(local)
+    if found is None or found[0] != routes.choice_state():
+        settled = routes.settled_call(_dy_key(dtype, M, N, lora_B), eligible)
+        if settled is None:
+            _dy_settled.pop(local, None)
+            return None
+        found = _dy_settled[local] = (routes.choice_state(), routes.TakenRoutes({"lora_dy": settled}), settled[0])
+    taken = found[1]
+    if taken.due():
+        return None
+    taken.served()
+    return found[2]
+
+
+def _dy_settled_route(dtype, M: int, N: int, lora_B) -> Optional[str]:
+    """:func:`_dy_taken` for a call of ``lora_dy`` that wants ``dB``."""
+    return _dy_taken(dtype, M, N, lora_B, _dy_routes(sum(B.shape[1] for B in lora_B), True))
+
+
+def _dy_pass(dy: torch.Tensor, lora_B, xa32: torch.Tensor, svec: torch.Tensor, need_dB: bool, need_colsum: bool):
+    """``_C.lora_dy_pass`` (``dy`` ``(M, N)`` rows, ``lora_B`` the ``B_i`` ``(N, r_i)``, ``xa32`` ``(M, R)`` fp32,
+    ``svec`` ``(R,)`` fp32 -> ``g`` ``(M, R)``, ``dB`` ``(N, R)`` or None, the column sums ``(N,)`` or None, all
+    fp32) by the kernel op ``lora_dy`` measured for this key: ``rows`` or ``outer``; they sum in different orders."""
+    M, N = dy.shape
+    eligible = _dy_routes(xa32.shape[1], need_dB)
+    kernel = _dy_taken(dy.dtype, M, N, lora_B, eligible)
+    if kernel is not None:
+        return _C.lora_dy_pass(dy, lora_B, xa32, svec, need_dB, need_colsum, kernel == "outer")
+    key = _dy_key(dy.dtype, M, N, lora_B)
+    return routes.run(key, {route: partial(_C.lora_dy_pass, dy, lora_B, xa32, svec, need_dB, need_colsum,
+                                           route == "outer") for route in eligible})
+
+
 # ------------------------------------------------------------------------------------------------ LoRA forward
 def _down_projections(x, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds, fold_single_scale=False):
     """Every adapter's ``xa_i = drop_i(x_i) A_i^T`` (in ``A_i``'s dtype, returned for backward) by ``_C.lora_xa``,
@@ -599,16 +661,20 @@ def _backward_fused(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds
     ``product="gemv"``: ``_C.strip_mm``), ``_C.lora_dx_pass`` over ``x`` and ``dX``."""
     if (product == "fused" and not wide and len(lora_A) == 1 and isinstance(weight, torch.Tensor)
             and weight.dtype == dy.dtype and _all_fp32([lora_A[0], lora_B[0], xa[0]])):
-        # One fp32 adapter and dY W in dY's dtype: the sequence below in one C++ call (_C.lora_fused_backward).
-        dx, dA, dB, db = _C.lora_fused_backward(dy, weight.detach() if needs_grad_x else None,
-                                                _rows(x) if needs_grad_A else None, _f32(lora_A[0]), lora_B[0].detach(),
-                                                _f32(xa[0]), float(scaling[0]), float(dropout_p[0]), int(seeds[0]),
-                                                needs_grad_bias)
-        return (dx if needs_grad_x else None), [dA if needs_grad_A else None], [dB], [db]
+        # One fp32 adapter and dY W in dY's dtype: the sequence below in one C++ call (_C.lora_fused_backward), once
+        # the dY pass's kernel is settled (until then the sequence below measures it).
+        kernel = _dy_settled_route(dy.dtype, dy.shape[0], dy.shape[1], lora_B)
+        if kernel is not None:
+            dx, dA, dB, db = _C.lora_fused_backward(dy, weight.detach() if needs_grad_x else None,
+                                                    _rows(x) if needs_grad_A else None, _f32(lora_A[0]),
+                                                    lora_B[0].detach(), _f32(xa[0]), float(scaling[0]),
+                                                    float(dropout_p[0]), int(seeds[0]), needs_grad_bias,
+                                                    kernel == "outer")
+            return (dx if needs_grad_x else None), [dA if needs_grad_A else None], [dB], [db]
     ranks = [A.shape[0] for A in lora_A]
     single = len(lora_A) == 1
     xa32 = _f32(xa[0]) if single else torch.cat([h.detach().to(_F32) for h in xa], 1).contiguous()
-    g, db, colsum = _C.lora_dy_pass(dy, list(lora_B), xa32, _scale_vector(ranks, scaling), True, needs_grad_bias)
+    g, db, colsum = _dy_pass(dy, list(lora_B), xa32, _scale_vector(ranks, scaling), True, needs_grad_bias)
 
     grad_x = None
     acc = None
@@ -772,8 +838,8 @@ def _native_fits(weight, A, B) -> bool:
             and weight.stride(1) == 1)
 
 
-def _native_training(forward, prefetch, backward, down_transposed, x, weight, bias, A, B, scaling, dropout_p,
-                     seed) -> Optional[torch.Tensor]:
+def _native_training(forward, prefetch, backward, down_transposed, dy_outer, x, weight, bias, A, B, scaling,
+                     dropout_p, seed) -> Optional[torch.Tensor]:
     """A settled fp32 training call with one adapter, forward route ``gemv``, ``compose`` or ``fused`` and backward
     route ``small``, ``fused`` or ``compose``, both directions in C++ by the routes' own kernels
     (``_C.settled_lora_training``; ``x A^T`` by ``lora_down``'s settled kernel where the route calls it): ``x``
@@ -781,7 +847,7 @@ def _native_training(forward, prefetch, backward, down_transposed, x, weight, bi
     parameter's data replaced by another dtype or layout since it settled)."""
     if _native_fits(weight, A, B):
         return _C.settled_lora_training(x, A, B, weight, bias, scaling, dropout_p, seed, prefetch, backward,
-                                        down_transposed, forward)
+                                        down_transposed, forward, dy_outer)
     return None
 
 
@@ -901,8 +967,7 @@ class CpuBackend(Backend):
             g = compose.scaled_mm(dy, _f32(lora_B), scaling)
             dB = compose.scaled_mm(_f32(xa).t(), dy, scaling).t()
         else:
-            g, dB, _ = _C.lora_dy_pass(_rows(dy), [lora_B], _f32(xa), _scale_vector([r], [scaling]), True,
-                                       False)
+            g, dB, _ = _dy_pass(_rows(dy), [lora_B], _f32(xa), _scale_vector([r], [scaling]), True, False)
         xr, A32 = None if x is None else _rows(x), _f32(lora_A)
         if corrected is None or dropout_p == 0:
             dA = _C.lora_dx_pass(acc, xr, A32, g, float(dropout_p), int(seed))
@@ -962,12 +1027,16 @@ class CpuBackend(Backend):
                 kernels["gemv_prefetch"] = routes.settled_call(_prefetch_key(weight), _GEMV_PREFETCH)
             if forward[0] != "compose" or dropout_p[0] > 0:
                 kernels["lora_down"] = routes.settled_call(_down_key(x, lora_A[0], dropout_p[0]), _DOWN_ROUTES[:2])
+            if backward[0] == "fused":  # the dY pass's kernel
+                kernels["lora_dy"] = routes.settled_call(_dy_key(x.dtype, x.shape[0], weight.shape[0], lora_B),
+                                                         _dy_routes(lora_A[0].shape[0], True))
             if all(found is not None for found in kernels.values()):
                 taken.update({op: (found[0], None, found[1]) for op, found in kernels.items()})
-                prefetch, down = kernels.get("gemv_prefetch"), kernels.get("lora_down")
+                prefetch, down, dy = kernels.get("gemv_prefetch"), kernels.get("lora_down"), kernels.get("lora_dy")
                 taken["native"] = partial(_native_training, _NATIVE_FORWARD[forward[0]],
                                           _GEMV_PREFETCH[prefetch[0]] if prefetch else 0,
-                                          _NATIVE_BACKWARD[backward[0]], bool(down) and down[0] == "transposed")
+                                          _NATIVE_BACKWARD[backward[0]], bool(down) and down[0] == "transposed",
+                                          bool(dy) and dy[0] == "outer")
         return taken
 
     def _taken_forward(self, route, x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seeds):

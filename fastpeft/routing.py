@@ -10,7 +10,7 @@ real tensors, keeps the fastest, and reuses it for every later call with that ke
 - the key (``RouteKey``): op, backend, weight kind (``dense``/``nf4``/``fp4``/``int8``), the dtypes of ``x``, the
   weight and the adapters, ``M`` rounded up to a power of two, ``N`` and ``K``, dropout on/off, the total rank
   rounded up to a power of two, the number of adapters and what backward must return (for ``lora_down``, how many
-  parts of ``A`` its ``split`` route multiplies, which depends on whether autograd is on);
+  parts of ``A`` its ``split`` route multiplies, which depends on whether the call is an inference call);
 - the choice is kept in memory (so one process takes the same route for the same key) and in a small versioned
   JSON file (``FASTPEFT_ROUTE_CACHE``, default ``$XDG_CACHE_HOME/fastpeft/routes.json``; ``off`` keeps choices in
   memory only), filed under a fingerprint of this machine: CPU model and SIMD path (or GPU name), thread count, the
@@ -159,7 +159,7 @@ ROUTES: dict[str, dict[str, str]] = {
         "transposed": "the same pass over A transposed once per call, its ranks padded to whole vectors: one "
                       "accumulator of ranks per row, 16 rows (8 under AVX2) sharing each vector of A^T, each rank's "
                       "products summed in k order",
-        "split": "bf16 x: A split exactly into three bf16 parts (two without autograd, where h only feeds a bf16 "
+        "split": "bf16 x: A split exactly into three bf16 parts (two in an inference call, where h only feeds a bf16 "
                  "output), every product exact and the sums in fp32, by oneDNN's bf16 block kernel "
                  "(fastpeft._C.lora_xa_split, the down-projection of split_pairs)",
     },

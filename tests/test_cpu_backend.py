@@ -8,6 +8,7 @@ a tiny floor). The dropout mask must equal ``fastpeft._philox`` bit for bit, on 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
@@ -282,10 +283,11 @@ def test_split_pairs_route_every_gradient_subset(M, K, N, r):
 
 @pytest.mark.skipif(_C is None or not _C.widened_mm_available(), reason="oneDNN has no bf16 block kernel here")
 @pytest.mark.parametrize("route", ["lora_down=split", "lora_forward=split_pairs"])
-def test_split_down_takes_two_parts_only_without_autograd(route):
-    """Without autograd ``h = x A^T`` only feeds a bf16 output, and the split down-projection takes ``A``'s leading 16
-    bits (two parts); with autograd, where ``h`` is kept for ``dB``, all of its bits (three). Both outputs within the
-    2x rule of the reference run in bf16; ``h`` equal to the kernel's with that many parts."""
+def test_split_down_takes_two_parts_only_in_an_inference_call(route):
+    """In an inference call (``fastpeft.functional`` runs those under ``kept_copies``) ``h = x A^T`` only feeds a bf16
+    output, and the split down-projection takes ``A``'s leading 16 bits (two parts); in any other call, where ``h``
+    may be kept for ``dB``, all of its bits (three), with grad disabled too (an autograd Function's forward runs so).
+    Both outputs within the 2x rule of the reference run in bf16; ``h`` equal to the kernel's with that many parts."""
     x, W, b, A, B, lb, s = make_case(150, 200, 90, [12], torch.bfloat16, torch.float32, True, False, "contig", seed=4)
     ps, seeds = [0.0], [3]
     f32 = ([t.float() for t in A], [t.float() for t in B], [as_f32(t) for t in lb], s, ps, seeds)
@@ -294,15 +296,42 @@ def test_split_down_takes_two_parts_only_without_autograd(route):
     op, name = route.split("=")
     try:
         routes.set_route(op, name)
-        for grad, parts in ((False, 2), (True, 3)):
-            with torch.set_grad_enabled(grad):
+        for inference, grad, parts in ((True, False, 2), (False, False, 3), (False, True, 3)):
+            with torch.set_grad_enabled(grad), (kept_copies() if inference else contextlib.nullcontext()):
                 y, xa = CPU.lora_forward(x, W, b, A, B, lb, s, ps, seeds)
             assert routes.last_route(op) == name
-            assert torch.equal(xa[0], _C.lora_xa_split(x, A[0].float(), parts)), (grad, parts)
-            assert_by_dtype_rule(f"y (grad={grad})", y, y_ref, y_o, all_fp32=False)
+            assert torch.equal(xa[0], _C.lora_xa_split(x, A[0].float(), parts)), (inference, grad, parts)
+            assert_by_dtype_rule(f"y (inference={inference}, grad={grad})", y, y_ref, y_o, all_fp32=False)
     finally:
         routes.set_route(None, None)
     assert not torch.equal(_C.lora_xa_split(x, A[0].float(), 2), _C.lora_xa_split(x, A[0].float(), 3))
+
+
+def test_a_training_call_keeps_h_from_every_bit_of_A():
+    """A training call through fastpeft's autograd Function (its forward runs with grad disabled) with the split
+    down-projection keeps ``h`` from all three parts of an ``A`` whose values use all of fp32's mantissa: the
+    ``lora_B`` gradient is the one of the three-part ``h``."""
+    if _C is None or not _C.widened_mm_available():
+        pytest.skip("oneDNN has no bf16 block kernel here")
+    from fastpeft import functional
+
+    x, W, b, A, B, lb, s = make_case(40, 64, 30, [8], torch.bfloat16, torch.float32, True, False, "contig", seed=6)
+    A = [A[0].detach().clone().requires_grad_(True)]
+    B = [B[0].detach().clone().requires_grad_(True)]
+    assert not torch.equal(_C.lora_xa_split(x, A[0].detach(), 2), _C.lora_xa_split(x, A[0].detach(), 3))
+    dy = torch.randn(40, 30, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    try:
+        routes.set_route("lora_down", "split")
+        routes.set_route("lora_forward", "fused")
+        routes.set_route("lora_backward", "compose")
+        functional.lora_linear(x, W, b, A, B, [None], s, [0.0], True).backward(dy)
+    finally:
+        routes.set_route(None, None)
+    h = _C.lora_xa_split(x, A[0].detach(), 3)
+    want = (dy.float().t() @ h * s[0])  # compose's dB: s (h^T dY)^T in fp32
+    assert torch.allclose(B[0].grad, want, rtol=1e-6, atol=1e-6)
+    h2 = _C.lora_xa_split(x, A[0].detach(), 2)
+    assert not torch.allclose(B[0].grad, dy.float().t() @ h2 * s[0], rtol=1e-6, atol=1e-6), "the test is vacuous"
 
 
 @pytest.mark.skipif(_C is None or not _C.widened_mm_available(), reason="oneDNN has no bf16 block kernel here")
@@ -676,7 +705,7 @@ def test_down_projection_kernel_is_measured_kept_and_pinned(monkeypatch):
     """The cpu backend's ``x A^T`` (``lora_down``): the first call of a key times both kernels and keeps one; later
     calls of the key take the kept kernel without building a key, and give its bits; ``set_route`` and
     ``FASTPEFT_ROUTE`` pins take effect at once over a kept choice; another M bucket is another key, and so is bf16
-    ``x`` with autograd on and off (``split`` multiplies three parts of ``A`` or two)."""
+    ``x`` in an inference call and in any other (``split`` multiplies two parts of ``A`` or three)."""
     from fastpeft.backends import cpu as cpu_backend
 
     monkeypatch.setenv("FASTPEFT_ROUTE_CACHE", "off")
@@ -728,17 +757,18 @@ def _kept_and_pinned(monkeypatch, cpu_backend, x, A, bits):
         assert torch.equal(got, want)
     if not _C.widened_mm_available():
         return
-    # split multiplies two parts of A without autograd and three with it: each mode measures its own choice
+    # split multiplies two parts of A in an inference call (kept_copies) and three in any other, grad mode
+    # regardless (an autograd Function's forward runs with grad disabled): each kind measures its own choice
     routes.clear_choices()
     cpu_backend._down_settled.clear()
-    for grad, parts in ((False, 2), (True, 3), (False, 2)):
-        with torch.set_grad_enabled(grad):
+    for inference, grad, parts in ((True, False, 2), (False, True, 3), (False, False, 3), (True, False, 2)):
+        with torch.set_grad_enabled(grad), (kept_copies() if inference else contextlib.nullcontext()):
             got = cpu_backend._lora_xa(xb, A, 0.0, 7)
         (row,) = [c for c in routes.routes() if c["op"] == "lora_down" and c["grads"] == f"split parts={parts}"]
         assert routes.last_route("lora_down") == row["route"]
         want = (_C.lora_xa_split(xb, A, parts) if row["route"] == "split"
                 else _C.lora_xa(xb, A, 0.0, 7, row["route"] == "transposed"))
-        assert torch.equal(got, want), (grad, row["route"])
+        assert torch.equal(got, want), (inference, grad, row["route"])
     assert len([c for c in routes.routes() if c["op"] == "lora_down"]) == 2
 
 

@@ -10,9 +10,9 @@ import pickle
 
 import pytest
 import torch
-from checks import FusedCallCounter, assert_close
+from checks import FusedCallCounter, assert_close, assert_within_2x
 from model_helpers import MLP, Conv1DMLP
-from peft import LoraConfig
+from peft import LoraConfig, get_peft_model
 from test_peft_parity import FP32_TOL, twins
 from test_settled_calls import CHANGES, lora_layers
 from torch import nn
@@ -339,7 +339,7 @@ def _count_native(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("forward", ["gemv", "compose", "fused"])
-@pytest.mark.parametrize("backward", ["small", "fused", "compose"])
+@pytest.mark.parametrize("backward", ["small", "fused", "compose", "gemv"])
 @pytest.mark.parametrize("what", ["x with grad", "x without grad", "lora_B frozen", "lora_A frozen"])
 def test_settled_training_in_cpp_matches_peft(final_routes, monkeypatch, forward, backward, what):
     """One fp32 adapter with each forward route and each backward route the C++ node runs: the settled call runs both
@@ -484,3 +484,62 @@ def test_settled_training_in_cpp_takes_the_dy_kernel_of_its_key(final_routes, mo
     for name in grads:
         assert torch.equal(grads[name], grads2[name]), name
     steps_agree(reference, fused, x, kernel, dy=dy)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
+@pytest.mark.parametrize("backward", ["fused", "compose", "gemv"])
+@pytest.mark.parametrize("forward", ["gemv", "compose", "fused"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_settled_training_in_cpp_over_a_16bit_base(final_routes, monkeypatch, dtype, forward, backward, p):
+    """A 16-bit base with PEFT's fp32 adapters: with each forward and backward route the C++ node runs and each of
+    lora_down's kernels (``split`` for bf16 without dropout where oneDNN has its bf16 kernel), the settled call runs
+    both directions in C++, gives the full path's bits for the same seeds, and PEFT's output and gradients within
+    the 16-bit tolerance."""
+    from fastpeft.backends import cpu
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], init_lora_weights=False, lora_dropout=p)
+    reference, fused = twins(MLP, config, extra_adapters=[("other", copy.deepcopy(config))], dtype=dtype)
+    reference.train(), fused.train()
+    adapter = next(m for m in fused.modules() if hasattr(m, "lora_A")).lora_A["default"].weight
+    assert adapter.dtype == torch.float32, "PEFT's adapters over a 16-bit base are fp32: the case is not the one meant"
+    # PEFT initializes them in the base's dtype: give them fp32's full mantissa, as training does, so that a kernel
+    # reading fewer of A's bits (split's two parts against three) changes the bits compared below
+    gen = torch.Generator().manual_seed(5)
+    for (name, param), (_, twin) in zip(reference.named_parameters(), fused.named_parameters()):
+        if "lora_A" in name:
+            noise = torch.randn(param.shape, generator=gen) * 1e-3
+            with torch.no_grad():
+                param.add_(noise)
+                twin.add_(noise)
+    fp32_twin = get_peft_model(MLP(), copy.deepcopy(config), adapter_name="default")
+    fp32_twin.add_adapter("other", copy.deepcopy(config))
+    fp32_twin.load_state_dict({k: v.float() for k, v in reference.state_dict().items()})
+    fp32_twin.train()
+    x = torch.randn(6, 23, dtype=dtype, requires_grad=True)
+    dy = torch.randn(6, 11, dtype=dtype)
+    routes.set_route("lora_forward", forward)
+    routes.set_route("lora_backward", backward)
+    downs = ["rows", "transposed"]
+    if dtype == torch.bfloat16 and p == 0 and cpu._C.widened_mm_available():
+        downs.append("split")
+    for down in downs:
+        routes.set_route("lora_down", down)
+        for _ in range(2):  # the first step after a pin takes the full path and settles
+            step(fused, x, dy)
+        native = _count_native(monkeypatch)
+        torch.manual_seed(11)
+        y, dx, grads = step(fused, x, dy)
+        assert len(native) == 4, f"{down}: the settled calls did not run in C++"
+        assert routes.last_route("lora_down") == down
+        y2, dx2, grads2 = _unsettled_step(fused, x, dy, 11)
+        assert len(native) == 4, "the full path ran in C++"
+        assert torch.equal(y, y2) and torch.equal(dx, dx2), down
+        for name in grads:
+            assert torch.equal(grads[name], grads2[name]), f"{down}: {name}"
+        if p == 0:  # PEFT's output and gradients by the low-precision rule (2x PEFT's own error in this dtype)
+            want = step(reference, x, dy)
+            oracle = step(fp32_twin, x.float(), dy.float())
+            for what, got, ref, exact in zip(("y", "dX"), (y, dx), want[:2], oracle[:2]):
+                assert_within_2x(f"{down}: {what}", got.float(), ref.float(), exact, 1e-3)
+            for name, exact in oracle[2].items():
+                assert_within_2x(f"{down}: {name}", grads[name].float(), want[2][name].float(), exact, 1e-3)

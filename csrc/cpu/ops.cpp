@@ -1110,55 +1110,97 @@ std::vector<at::Tensor> lora_small_backward(const at::Tensor& dy, const at::Tens
 
 std::string isa() { return K().isa; }
 
-// A settled training call of one fp32 adapter over an fp32 dense weight, forward and backward in C++, by the routes
-// the Python ones call, with the same kernels and ATen calls (so the same bits): forward gemv (xa = drop(x) A^T by
-// lora_xa, then dense_lora_gemv), compose (x W^T + b by at::linear; xa by at::mm without dropout, else lora_xa;
-// y.addmm_(xa, B^T, alpha=s)) or fused (at::linear, lora_xa, lora_epilogue_); backward small, fused or compose
-// (dx = dy W, g = s dy B and dB = s (h^T dy)^T by ATen GEMMs, then dx += g A and dA = g^T x, or lora_dx_pass with
-// the mask). Its autograd node runs no Python: at decode sizes the Python of a custom autograd Function and of the
-// route functions costs about as much as the adapter's arithmetic. The caller (Python) checks that the call fits
-// (functional.SettledTrainingCall) and counts it for the route table.
+// A settled training call of one fp32 adapter over a dense weight of x's dtype (fp32, bf16 or fp16), forward and
+// backward in C++, by the routes the Python ones call, with the same kernels and ATen calls (so the same bits):
+// forward gemv (xa = drop(x) A^T by lora_down's kernel, then dense_lora_gemv), compose (x W^T + b by at::linear; xa
+// by at::mm for fp32 x without dropout, else by lora_down's kernel; y.addmm_(xa, B^T, alpha=s) in y's dtype) or
+// fused (at::linear, lora_down's kernel, lora_epilogue_); backward small (fp32), fused, compose (dx = dy W, g = s dY
+// B and dB = s (h^T dY)^T by ATen GEMMs in fp32, then dx += g A and dA = g^T x, or lora_dx_pass) or gemv (fused's
+// passes around dx = dy W by strip_mm in fp32, rounded once). Its autograd node
+// runs no Python: at decode sizes the Python of a custom autograd Function and of the route functions costs about as
+// much as the adapter's arithmetic. The caller (Python) checks that the call fits (functional.SettledTrainingCall)
+// and counts it for the route table.
 enum SettledForward : int64_t { kForwardGemv = 0, kForwardCompose = 1, kForwardFused = 2 };
-enum SettledBackward : int64_t { kBackwardSmall = 0, kBackwardFused = 1, kBackwardCompose = 2 };
+enum SettledBackward : int64_t { kBackwardSmall = 0, kBackwardFused = 1, kBackwardCompose = 2, kBackwardGemv = 3 };
+// lora_down's kernels (fastpeft.backends.cpu._DOWN_ROUTES): rows, transposed, split.
+enum SettledDown : int64_t { kDownRows = 0, kDownTransposed = 1, kDownSplit = 2 };
+
+// xa = drop(x) A^T (M, r) fp32 by lora_down's kernel: lora_xa over A as stored or transposed, or lora_xa_split (bf16
+// x without dropout; three parts of A, as with autograd on).
+at::Tensor settled_down(const at::Tensor& x, const at::Tensor& A, double p, int64_t seed, int64_t down) {
+  return down == kDownSplit ? lora_xa_split(x, A, 3) : lora_xa(x, A, p, seed, down == kDownTransposed);
+}
 
 // The compose route's backward of one fp32 adapter (fastpeft.backends.compose.backward): [dx or undefined, dA or
-// undefined, dB].
+// undefined, dB]. A 16-bit dy is widened to fp32 once for g and dB; dx (dy's dtype) gets g A in its dtype without
+// dropout, and dA comes from lora_dx_pass (x widened in registers, no copy), as the composition takes them.
 std::vector<at::Tensor> lora_compose_backward(const at::Tensor& dy, const c10::optional<at::Tensor>& W,
                                               const c10::optional<at::Tensor>& x, const at::Tensor& A,
                                               const at::Tensor& B, const at::Tensor& h, double s, double p,
                                               int64_t seed) {
   c10::optional<at::Tensor> dx;
   if (W.has_value()) dx = at::mm(dy, *W);
-  const at::Tensor zero = at::zeros({}, dy.options());  // the ignored input of a beta = 0 addmm
-  const at::Tensor g = at::addmm(zero, dy, B, 0.0, s);
-  const at::Tensor dB = at::addmm(zero, h.t(), dy, 0.0, s).t();
-  const at::Tensor dA = adapter_input_terms(dx, x, A, g, p, seed);
+  const at::Tensor d = dy.scalar_type() == at::kFloat ? dy : dy.to(at::kFloat);
+  const at::Tensor zero = at::zeros({}, d.options());  // the ignored input of a beta = 0 addmm
+  const at::Tensor g = at::addmm(zero, d, B, 0.0, s);
+  const at::Tensor dB = at::addmm(zero, h.t(), d, 0.0, s).t();
+  at::Tensor dA;
+  if (dy.scalar_type() == at::kFloat) {
+    dA = adapter_input_terms(dx, x, A, g, p, seed);
+  } else if (p != 0.0) {  // the masked pass: dx updated in place, dA returned
+    c10::optional<at::Tensor> xr;
+    if (x.has_value()) xr = x->stride(1) == 1 ? *x : x->contiguous();
+    if (dx.has_value() || xr.has_value()) dA = lora_dx_pass(dx, xr, A, g, p, seed, c10::nullopt, c10::nullopt);
+  } else {
+    if (dx.has_value()) dx->addmm_(g.to(dy.scalar_type()), A.to(dy.scalar_type()));
+    if (x.has_value())
+      dA = lora_dx_pass(c10::nullopt, x->stride(1) == 1 ? *x : x->contiguous(), A, g, 0.0, 0, c10::nullopt,
+                        c10::nullopt);
+  }
   return {dx.has_value() ? *dx : at::Tensor(), dA, dB};
 }
 
+// The gemv route's backward of one fp32 adapter (cpu._backward_fused with product "gemv"): dx = dy W by strip_mm (one
+// pass over W in column strips, fp32), lora_dy_pass (its outer-product kernel with dy_outer) and lora_dx_pass into
+// that fp32 dx, rounded once to dy's dtype. [dx or undefined, dA or undefined, dB].
+std::vector<at::Tensor> lora_gemv_backward(const at::Tensor& dy, const c10::optional<at::Tensor>& W,
+                                           const c10::optional<at::Tensor>& x, const at::Tensor& A, const at::Tensor& B,
+                                           const at::Tensor& h, double s, double p, int64_t seed, bool dy_outer) {
+  const auto gdb = lora_dy_pass(dy, {B}, h, at::full({A.size(0)}, s, at::kFloat), true, false, dy_outer);
+  c10::optional<at::Tensor> acc;
+  if (W.has_value()) acc = strip_mm(dy, *W);
+  at::Tensor dA;
+  if (acc.has_value() || x.has_value()) dA = lora_dx_pass(acc, x, A, gdb[0], p, seed, c10::nullopt, c10::nullopt);
+  at::Tensor dx;
+  if (acc.has_value()) dx = acc->scalar_type() == dy.scalar_type() ? *acc : acc->to(dy.scalar_type());
+  return {dx, dA, gdb[1]};
+}
+
 struct SettledLoraTraining : public torch::autograd::Function<SettledLoraTraining> {
-  // x (M, K) fp32, any row stride; A (r, K) contiguous fp32; B (N, r) fp32; W (N, K) fp32, unit column stride, not
-  // requiring grad; bias (N,) or undefined. Returns y (M, N) fp32.
+  // x (M, K) fp32/bf16/fp16, any row stride; A (r, K) contiguous fp32; B (N, r) fp32; W (N, K) of x's dtype, unit
+  // column stride, not requiring grad; bias (N,) or undefined. Returns y (M, N) in x's dtype.
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& A,
                             const at::Tensor& B, const at::Tensor& W, const c10::optional<at::Tensor>& bias, double s,
-                            double p, int64_t seed, int64_t prefetch, int64_t backward, bool down_transposed,
+                            double p, int64_t seed, int64_t prefetch, int64_t backward, int64_t down,
                             int64_t forward_route, bool dy_outer) {
     const at::Tensor xr = x.stride(1) == 1 ? x : x.contiguous();
+    const auto dtype = x.scalar_type();
     at::Tensor xa, y;
     if (forward_route == kForwardGemv) {
-      xa = lora_xa(xr, A, p, seed, down_transposed);
+      xa = settled_down(xr, A, p, seed, down);
       c10::optional<at::Tensor> bias32;
-      if (bias.has_value()) bias32 = bias_as_reference_adds(*bias, at::kFloat);
+      if (bias.has_value()) bias32 = bias_as_reference_adds(*bias, dtype);
       y = dense_lora_gemv(xr, W, bias32, xa, B, s, c10::nullopt, prefetch);
     } else {
       c10::optional<at::Tensor> bias_x;  // rounded to x's dtype first, as the reference adds it
-      if (bias.has_value()) bias_x = bias->to(at::kFloat);
+      if (bias.has_value()) bias_x = bias->to(dtype);
       y = at::linear(x, W, bias_x);
       if (forward_route == kForwardCompose) {
-        xa = p == 0.0 ? at::mm(x, A.t()) : lora_xa(xr, A, p, seed, down_transposed);
-        y.addmm_(xa, B.t(), 1.0, s);
+        xa = p == 0.0 && dtype == at::kFloat ? at::mm(x, A.t()) : settled_down(xr, A, p, seed, down);
+        if (dtype == at::kFloat) y.addmm_(xa, B.t(), 1.0, s);
+        else y.addmm_(xa.to(dtype), B.t().to(dtype), 1.0, s);
       } else {
-        xa = lora_xa(xr, A, p, seed, down_transposed);
+        xa = settled_down(xr, A, p, seed, down);
         lora_epilogue_(y, s == 1.0 ? xa : xa * s, stack_transposed({B}), c10::nullopt);
       }
     }
@@ -1198,11 +1240,12 @@ struct SettledLoraTraining : public torch::autograd::Function<SettledLoraTrainin
     } else {
       c10::optional<at::Tensor> Wo;
       if (need_dx) Wo = W;
-      out = route == kBackwardFused
-                ? lora_fused_backward(dy, Wo, xo, A, B, xa, s, p, seed, false, ctx->saved_data["dy_outer"].toBool())
-                : lora_compose_backward(dy, Wo, xo, A, B, xa, s, p, seed);
+      const bool dy_outer = ctx->saved_data["dy_outer"].toBool();
+      if (route == kBackwardFused) out = lora_fused_backward(dy, Wo, xo, A, B, xa, s, p, seed, false, dy_outer);
+      else if (route == kBackwardGemv) out = lora_gemv_backward(dy, Wo, xo, A, B, xa, s, p, seed, dy_outer);
+      else out = lora_compose_backward(dy, Wo, xo, A, B, xa, s, p, seed);
     }
-    // (x, A, B, W, bias, s, p, seed, prefetch, backward, down_transposed, forward_route, dy_outer)
+    // (x, A, B, W, bias, s, p, seed, prefetch, backward, down, forward_route, dy_outer)
     return {need_dx ? out[0] : at::Tensor(), need_dA ? out[1] : at::Tensor(),
             ctx->needs_input_grad(2) ? out[2] : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
@@ -1211,22 +1254,28 @@ struct SettledLoraTraining : public torch::autograd::Function<SettledLoraTrainin
 
 at::Tensor settled_lora_training(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& W,
                                  const c10::optional<at::Tensor>& bias, double s, double p, int64_t seed,
-                                 int64_t prefetch, int64_t backward, bool down_transposed, int64_t forward_route,
+                                 int64_t prefetch, int64_t backward, int64_t down, int64_t forward_route,
                                  bool dy_outer) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && W.scalar_type() == at::kFloat &&
-                  A.scalar_type() == at::kFloat && B.scalar_type() == at::kFloat && A.is_contiguous() &&
-                  W.dim() == 2 && W.stride(1) == 1 && !W.requires_grad() &&
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(x.dim() == 2 && (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf) &&
+                  W.scalar_type() == dtype && A.scalar_type() == at::kFloat && B.scalar_type() == at::kFloat &&
+                  A.is_contiguous() && W.dim() == 2 && W.stride(1) == 1 && !W.requires_grad() &&
                   (!bias.has_value() || !bias->requires_grad()),
-              "fastpeft._C.settled_lora_training: takes 2-D fp32 x, a frozen fp32 W of unit column stride and "
-              "contiguous fp32 A");
-  TORCH_CHECK(backward == kBackwardSmall || backward == kBackwardFused || backward == kBackwardCompose,
-              "fastpeft._C.settled_lora_training: backward must be 0 (small), 1 (fused) or 2 (compose), got ",
-              backward);
+              "fastpeft._C.settled_lora_training: takes 2-D x (fp32, bf16 or fp16), a frozen W of x's dtype and unit "
+              "column stride, and contiguous fp32 A and fp32 B; got x ", dtype, ", W ", W.scalar_type(), ", A ",
+              A.scalar_type(), ", B ", B.scalar_type());
+  TORCH_CHECK(backward == kBackwardFused || backward == kBackwardCompose || backward == kBackwardGemv ||
+                  (backward == kBackwardSmall && dtype == at::kFloat),
+              "fastpeft._C.settled_lora_training: backward must be 0 (small, fp32 x only), 1 (fused), 2 (compose) or 3 "
+              "(gemv), got ", backward, " for ", dtype, " x");
   TORCH_CHECK(forward_route == kForwardGemv || forward_route == kForwardCompose || forward_route == kForwardFused,
               "fastpeft._C.settled_lora_training: forward_route must be 0 (gemv), 1 (compose) or 2 (fused), got ",
               forward_route);
-  return SettledLoraTraining::apply(x, A, B, W, bias, s, p, seed, prefetch, backward, down_transposed,
-                                    forward_route, dy_outer);
+  TORCH_CHECK(down == kDownRows || down == kDownTransposed ||
+                  (down == kDownSplit && dtype == at::kBFloat16 && p == 0.0),
+              "fastpeft._C.settled_lora_training: down must be 0 (rows), 1 (transposed) or 2 (split: bf16 x without "
+              "dropout), got ", down, " for ", dtype, " x and p = ", p);
+  return SettledLoraTraining::apply(x, A, B, W, bias, s, p, seed, prefetch, backward, down, forward_route, dy_outer);
 }
 
 }  // namespace
@@ -1287,12 +1336,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lora_scale"), py::arg("A") = py::none(), py::arg("prefetch") = int64_t(fastpeft::kPrefetchNonTemporal));
   m.def("quant_grad_x", &fastpeft::quant_grad_x, "(dy32, qweight, tile_rows|0) -> dy w (M, K) fp32");
   m.def("settled_lora_training", &fastpeft::settled_lora_training,
-        "(x fp32 (M, K), A, B, W, bias|None, s, p, seed, prefetch, backward 0 small | 1 fused | 2 compose, "
-        "down_transposed, forward_route 0 gemv | 1 compose | 2 fused, dy_outer) -> y (M, N) with an autograd node in "
-        "C++: one fp32 adapter's settled training call, x A^T by lora_xa's transposed kernel or not, the fused "
-        "backward's dY pass by lora_dy_pass's outer-product kernel or not",
+        "(x (M, K) fp32/bf16/fp16, A, B, W, bias|None, s, p, seed, prefetch, backward 0 small | 1 fused | 2 "
+        "compose | 3 gemv, down 0 rows | 1 transposed | 2 split, forward_route 0 gemv | 1 compose | 2 fused, dy_outer) -> y "
+        "(M, N) with an autograd node in C++: one fp32 adapter's settled training call, x A^T by lora_down's kernel, "
+        "the fused backward's dY pass by lora_dy_pass's outer-product kernel or not",
         py::arg("x"), py::arg("A"), py::arg("B"), py::arg("W"), py::arg("bias"), py::arg("s"), py::arg("p"),
-        py::arg("seed"), py::arg("prefetch"), py::arg("backward"), py::arg("down_transposed"),
+        py::arg("seed"), py::arg("prefetch"), py::arg("backward"), py::arg("down"),
         py::arg("forward_route") = int64_t(0), py::arg("dy_outer") = false);
   m.def("lora_small_backward", &fastpeft::lora_small_backward, "(dy, W, x|None, A, B, h, s, p, seed, need_dx, "
         "need_db=True) -> [dx, dA, dB, db|None] for one fp32 adapter (decode-sized M)",

@@ -361,8 +361,8 @@ def _down_parts(x: torch.Tensor, A32: torch.Tensor, p: float) -> int:
 
 def _down_key(x: torch.Tensor, A: torch.Tensor, p: float) -> routes.RouteKey:
     """``lora_down``'s key: x's dtype, ``M`` bucket and ``K``, the rank and whether it drops (``N`` is 0); for bf16
-    ``x`` without dropout also the parts ``split`` would take, since with autograd on it multiplies a third more
-    (its measured choice is not the one without)."""
+    ``x`` without dropout also the parts ``split`` would take, since outside an inference call it multiplies a third
+    more (its measured choice is not the one of an inference call)."""
     parts = _down_parts(x, A, p)
     return routes.make_key("lora_down", "cpu", "dense", x.dtype, x.dtype, (A.dtype,), x.shape[0], 0, x.shape[1],
                            p > 0, A.shape[0], 1, f"split parts={parts}" if parts else "")
@@ -375,10 +375,12 @@ def _down_routes(x: torch.Tensor, A32: torch.Tensor, p: float) -> tuple:
 
 
 def _split_parts() -> int:
-    """How many bf16 parts ``_C.lora_xa_split`` splits ``A`` into for this call: three (all of fp32's bits) where
-    autograd may keep ``h = x A^T`` for ``dB``; two (its leading 16 bits, ``h`` within ~2^-16 of exact, a third fewer
-    products) without autograd, where ``h`` only feeds the update of a bf16 output that rounds to 8 bits."""
-    return 3 if torch.is_grad_enabled() else 2
+    """How many bf16 parts ``_C.lora_xa_split`` splits ``A`` into for this call: two (its leading 16 bits, ``h``
+    within ~2^-16 of exact, a third fewer products) in an inference call (``fastpeft.functional`` runs those under
+    ``kept_copies``), where ``h`` only feeds the update of a bf16 output that rounds to 8 bits; three (all of fp32's
+    bits) in every other call, whose ``h`` may be kept for ``dB``. Grad mode cannot tell them apart: an autograd
+    Function runs its forward with grad disabled."""
+    return 2 if kept_copies_allowed() else 3
 
 
 def _down_by(route: str, x: torch.Tensor, A32: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -828,26 +830,27 @@ def _backward_eligible(route: str, dy, weight, lora_A, lora_B, xa, dropout_p) ->
 
 # The routes _C.settled_lora_training runs in its autograd node (its ``forward_route`` and ``backward`` arguments).
 _NATIVE_FORWARD = {"gemv": 0, "compose": 1, "fused": 2}
-_NATIVE_BACKWARD = {"small": 0, "fused": 1, "compose": 2}
+_NATIVE_BACKWARD = {"small": 0, "fused": 1, "compose": 2, "gemv": 3}
 
 
-def _native_fits(weight, A, B) -> bool:
-    """Whether ``_C.settled_lora_training`` takes these tensors: fp32 throughout, ``A`` contiguous, the weight of unit
-    column stride."""
-    return (weight.dtype is _F32 and A.dtype is _F32 and B.dtype is _F32 and A.is_contiguous()
+def _native_fits(x_dtype, weight, A, B) -> bool:
+    """Whether ``_C.settled_lora_training`` takes these tensors: fp32 adapters, ``A`` contiguous, the weight of
+    ``x``'s dtype (fp32, bf16 or fp16) and unit column stride."""
+    return (weight.dtype is x_dtype and A.dtype is _F32 and B.dtype is _F32 and A.is_contiguous()
             and weight.stride(1) == 1)
 
 
-def _native_training(forward, prefetch, backward, down_transposed, dy_outer, x, weight, bias, A, B, scaling,
-                     dropout_p, seed) -> Optional[torch.Tensor]:
-    """A settled fp32 training call with one adapter, forward route ``gemv``, ``compose`` or ``fused`` and backward
-    route ``small``, ``fused`` or ``compose``, both directions in C++ by the routes' own kernels
-    (``_C.settled_lora_training``; ``x A^T`` by ``lora_down``'s settled kernel where the route calls it): ``x``
-    ``(M, K)`` -> ``y`` ``(M, N)`` recorded for autograd, or None where this call's tensors do not fit it (a
-    parameter's data replaced by another dtype or layout since it settled)."""
-    if _native_fits(weight, A, B):
-        return _C.settled_lora_training(x, A, B, weight, bias, scaling, dropout_p, seed, prefetch, backward,
-                                        down_transposed, forward, dy_outer)
+def _native_training(forward, prefetch, backward, down, dy_outer, x, weight, bias, A, B, scaling, dropout_p,
+                     seed) -> Optional[torch.Tensor]:
+    """A settled training call with one fp32 adapter over a weight of ``x``'s dtype, forward route ``gemv``,
+    ``compose`` or ``fused`` and backward route ``small`` (fp32), ``fused``, ``compose`` or ``gemv``, both directions
+    in C++ by the routes' own kernels (``_C.settled_lora_training``; ``x A^T`` by ``lora_down``'s settled kernel where
+    the route calls it, ``down`` its index in ``_DOWN_ROUTES``; the dY pass by ``lora_dy``'s): ``x`` ``(M, K)`` ->
+    ``y`` ``(M, N)`` recorded for autograd, or None where this call's tensors do not fit it (a parameter's data
+    replaced by another dtype or layout since it settled)."""
+    if _native_fits(x.dtype, weight, A, B):
+        return _C.settled_lora_training(x, A, B, weight, bias, scaling, dropout_p, seed, prefetch, backward, down,
+                                        forward, dy_outer)
     return None
 
 
@@ -1017,17 +1020,18 @@ class CpuBackend(Backend):
             return None
         taken = {"lora_forward": (forward[0], partial(self._taken_forward, forward[0]), forward[1]),
                  "lora_backward": (backward[0], partial(self._taken_backward, backward[0], grads), backward[1])}
-        if (forward[0] in _NATIVE_FORWARD and backward[0] in _NATIVE_BACKWARD and x.dtype == _F32
-                and len(lora_A) == 1 and lora_bias[0] is None and _native_fits(weight, lora_A[0], lora_B[0])):
-            # The kernel choices the forward route takes, each settled first (their first calls are measured on the
-            # route's own path): the GEMV's prefetch for gemv, lora_down's kernel where the route runs _C.lora_xa
-            # (compose: with dropout only; x is fp32, so no split).
+        if (forward[0] in _NATIVE_FORWARD and backward[0] in _NATIVE_BACKWARD and len(lora_A) == 1
+                and lora_bias[0] is None and _native_fits(x.dtype, weight, lora_A[0], lora_B[0])):
+            # The kernel choices the routes take, each settled first (their first calls are measured on the route's
+            # own path): the GEMV's prefetch for gemv, lora_down's kernel where the route runs it (compose over fp32
+            # x: with dropout only), the dY pass's kernel for the fused backward.
             kernels = {}
             if forward[0] == "gemv":
                 kernels["gemv_prefetch"] = routes.settled_call(_prefetch_key(weight), _GEMV_PREFETCH)
-            if forward[0] != "compose" or dropout_p[0] > 0:
-                kernels["lora_down"] = routes.settled_call(_down_key(x, lora_A[0], dropout_p[0]), _DOWN_ROUTES[:2])
-            if backward[0] == "fused":  # the dY pass's kernel
+            if forward[0] != "compose" or dropout_p[0] > 0 or x.dtype != _F32:
+                kernels["lora_down"] = routes.settled_call(_down_key(x, lora_A[0], dropout_p[0]),
+                                                           _down_routes(x, lora_A[0], dropout_p[0]))
+            if backward[0] in ("fused", "gemv"):
                 kernels["lora_dy"] = routes.settled_call(_dy_key(x.dtype, x.shape[0], weight.shape[0], lora_B),
                                                          _dy_routes(lora_A[0].shape[0], True))
             if all(found is not None for found in kernels.values()):
@@ -1035,7 +1039,7 @@ class CpuBackend(Backend):
                 prefetch, down, dy = kernels.get("gemv_prefetch"), kernels.get("lora_down"), kernels.get("lora_dy")
                 taken["native"] = partial(_native_training, _NATIVE_FORWARD[forward[0]],
                                           _GEMV_PREFETCH[prefetch[0]] if prefetch else 0,
-                                          _NATIVE_BACKWARD[backward[0]], bool(down) and down[0] == "transposed",
+                                          _NATIVE_BACKWARD[backward[0]], _DOWN_ROUTES.index(down[0]) if down else 0,
                                           bool(dy) and dy[0] == "outer")
         return taken
 

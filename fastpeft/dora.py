@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference, routing
+from ._derived import kept_copies
 from .backends import get_backend
 from .backends.base import Backend
 from .functional import _autocast, _call_mode, _flatten, draw_seeds, held_weight, hold_weight, under_func_transform
@@ -743,11 +744,12 @@ def dora_linear(
         backend = get_backend(x2, weight)
         if scale is None:
             scale = magnitude.detach().to(_F32) / norm
-        y = routing.run(_route_key("dora_forward", backend, x2, weight, lora_A, p),
-                        {route: (lambda route=route: _forward(route, backend, x2, weight, bias, lora_A, lora_B, scale,
-                                                                s, p, seed)[0])
-                         for route in _forward_routes(backend, x2, weight, lora_A, p)},
-                        x2.device.type, unmeasured=_unmeasured(backend))
+        with kept_copies():  # nothing trains in this call (and h = x A^T only feeds the output)
+            y = routing.run(_route_key("dora_forward", backend, x2, weight, lora_A, p),
+                            {route: (lambda route=route: _forward(route, backend, x2, weight, bias, lora_A, lora_B,
+                                                                    scale, s, p, seed)[0])
+                             for route in _forward_routes(backend, x2, weight, lora_A, p)},
+                            x2.device.type, unmeasured=_unmeasured(backend))
     else:
         y = DoraLinearFunction.apply(x2, lora_A, lora_B, magnitude, weight, bias, norm, s, p, seed)
     return y if len(lead) == 1 else y.view(*lead, y.shape[-1])

@@ -20,13 +20,17 @@ import functools
 import importlib.machinery
 import importlib.util
 import itertools
-import statistics
-import time
+import os
+import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from side_by_side import interleaved_medians  # noqa: E402
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPES = ["1x2048", "16x2048", "64x2048", "512x2048", "512x576", "512x1536", "512x192"]
+WARMUP_ROUNDS = 4
 
 
 def load_build(path: str):
@@ -36,17 +40,6 @@ def load_build(path: str):
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
     return module
-
-
-def median_us(calls: dict, rounds: int) -> dict:
-    """``{name: median microseconds}`` over ``rounds`` interleaved calls of each (the first four dropped)."""
-    times = {name: [] for name in calls}
-    for _ in range(rounds + 4):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts[4:]) * 1e6 for name, ts in times.items()}
 
 
 def main(argv=None) -> None:
@@ -69,7 +62,7 @@ def main(argv=None) -> None:
         module.set_isa(args.isa)
     outer = _C.dy_outer_takes(args.r)
     print(f"{args.threads} threads, r={args.r}, SIMD path {_C.isa()}, outer-product kernel for this rank: {outer}; "
-          f"medians of {args.rounds} interleaved calls, us")
+          f"medians of {args.rounds} interleaved rounds after {WARMUP_ROUNDS} warm-up rounds, us")
     kernels = ("rows", "outer") if outer else ("rows",)
     names = [f"{build}: {kernel}" if args.against else kernel for build in builds for kernel in kernels]
     extra = " | outer / rows | max rel diff |" if outer else " |"
@@ -84,7 +77,8 @@ def main(argv=None) -> None:
         operands = (dy, [B], xa, svec, True, False)
         calls = {name: functools.partial(module.lora_dy_pass, *operands, kernel == "outer")
                  for name, (module, kernel) in zip(names, itertools.product(builds.values(), kernels))}
-        got = median_us(calls, args.rounds)
+        medians_ms = interleaved_medians(calls, lambda call: call(), args.rounds, warmup=WARMUP_ROUNDS)
+        got = {name: ms * 1e3 for name, ms in medians_ms.items()}
         row = f"| {dtype} | {M} x {N} | " + " | ".join(f"{got[n]:.1f}" for n in names)
         if outer:
             rows_name, outer_name = names[-2], names[-1]  # this build's kernels

@@ -35,13 +35,17 @@ the gap between the floor and ``fastpeft`` is what fastpeft leaves (its arithmet
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
 from typing import Callable
 
 import torch
 
-from fastpeft.bench import cases
-from fastpeft.bench.timing import summarize, warm_until_routes_confirmed
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from side_by_side import interleaved_times  # noqa: E402
+
+from fastpeft.bench import cases  # noqa: E402
+from fastpeft.bench.timing import summarize  # noqa: E402
 
 # kind -> (the bench's case kind, dropout)
 KINDS = {"lora": ("lora", 0.0), "dora": ("dora", 0.0), "dora-dropout": ("dora", 0.1)}
@@ -117,29 +121,6 @@ def floor_step(kind: str, x: torch.Tensor, weight: torch.Tensor, dy: torch.Tenso
     return step
 
 
-def time_interleaved(runners: dict, rounds: int) -> dict:
-    """``{name: summarize(ms)}`` of ``rounds`` interleaved rounds of ``runners`` (``name -> (prepare, run)``;
-    ``prepare`` untimed), in the given order on even rounds and reversed on odd ones, after warm-up rounds that go
-    on until fastpeft's route choices are final."""
-    def run_round():
-        for prepare, run in runners.values():
-            prepare()
-            run()
-
-    for _ in range(3):
-        run_round()
-    warm_until_routes_confirmed(run_round)
-    times = {name: [] for name in runners}
-    order = list(runners.items())
-    for i in range(rounds):
-        for name, (prepare, run) in (order if i % 2 == 0 else order[::-1]):
-            prepare()
-            start = time.perf_counter()
-            run()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: summarize(ts) for name, ts in times.items()}
-
-
 def measure(kind: str, dtype: str, M: int, N: int, K: int, r: int, rounds: int, peft: bool) -> dict:
     """Timings (``summarize``) of ``frozen``, ``floor``, ``floor onto`` (``ONTO_KINDS``), ``fastpeft`` (and
     ``peft``) for one point."""
@@ -158,7 +139,10 @@ def measure(kind: str, dtype: str, M: int, N: int, K: int, r: int, rounds: int, 
         built = cases.build(case, provider, device, x, shared_base=frozen.module)
         runners[provider] = cases.make_runner(built, "fwd+bwd", x, dy)
     with cases.backend_restored():
-        return time_interleaved(runners, rounds)
+        # each runner is (prepare, run): prepare untimed
+        times = interleaved_times(runners, lambda runner: runner[1](), rounds, warmup=3,
+                                  prepare=lambda runner: runner[0]())
+    return {name: summarize(ts) for name, ts in times.items()}
 
 
 def main(argv=None) -> None:

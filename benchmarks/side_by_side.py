@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 from fastpeft.bench.timing import warm_until_routes_confirmed
 
 
-def interleaved_times(models: dict, run: Callable, rounds: int, warmup: int = 2) -> dict:
+def interleaved_times(models: dict, run: Callable, rounds: int, warmup: int = 2,
+                      prepare: Optional[Callable] = None) -> dict:
     """``{name: [milliseconds of run(model) in each round]}``: every round runs every model once, in the given order
     on even rounds and reversed on odd ones (a drift within a round then hits the first and the last alike). The
-    warm-up rounds go on until fastpeft's route choices are final."""
+    warm-up rounds go on until fastpeft's route choices are final. ``prepare(model)``, if given, runs untimed before
+    each ``run(model)``."""
     def run_round():
         for model in models.values():
+            if prepare is not None:
+                prepare(model)
             run(model)
 
     for _ in range(warmup):
@@ -26,6 +30,8 @@ def interleaved_times(models: dict, run: Callable, rounds: int, warmup: int = 2)
     order = list(models.items())
     for i in range(rounds):
         for name, model in (order if i % 2 == 0 else order[::-1]):
+            if prepare is not None:
+                prepare(model)
             start = time.perf_counter()
             run(model)
             times[name].append((time.perf_counter() - start) * 1e3)

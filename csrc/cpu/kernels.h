@@ -91,9 +91,9 @@ struct KernelTable {
   //   g[m * R + j] = sum_{n0 <= n < n1} dy[m, n] B[n * R + j] for m < M        (written: the range's share of g)
   //   dB[n * R + j] = sum_{m < M} dy[m, n] xs[m * R + j] for n in [n0, n1)      (written; rows summed in order)
   //   colsum[n] = sum_{m < M} dy[m, n] for n in [n0, n1)                         (written, rows in order; if colsum)
-  // B (N, R), xs (M, R) (svec folded in), g (M, R), dB (N, R): fp32 rows. Only for R = vector_width or twice it:
-  // returns false, writing nothing, for any other R. buf: outer_rows_max * (n1 - n0) floats (16-bit dy).
-  bool (*dy_outer_cols)(int dt, const void* dy, int64_t lddy, int64_t M, int64_t n0, int64_t n1, const float* B,
+  // B (N, R), xs (M, R) (svec folded in), g (M, R), dB (N, R): fp32 rows. R must be vector_width or twice it (the
+  // caller checks: ops.cpp's dy_outer_takes). buf: outer_rows_max * (n1 - n0) floats (16-bit dy).
+  void (*dy_outer_cols)(int dt, const void* dy, int64_t lddy, int64_t M, int64_t n0, int64_t n1, const float* B,
                         int64_t R, const float* xs, float* g, float* dB, float* colsum, float* buf);
   // y[m, n] = round(y[m, n] + bias[n] + sum_{j < R} c[m * ldc + j] rows[j, n]) in y's dtype dt, for m in [m0, m1),
   // n < N: the dropout-free epilogue (c = xs, rows = B^T) and dx update (c = g, rows = A), row by row. rows: (R, N)

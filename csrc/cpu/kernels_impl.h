@@ -786,17 +786,10 @@ void dy_outer_cols_rv(int dt, const void* dy, int64_t lddy, int64_t M, int64_t n
 }
 
 // See KernelTable::dy_outer_cols.
-bool dy_outer_cols(int dt, const void* dy, int64_t lddy, int64_t M, int64_t n0, int64_t n1, const float* B, int64_t R,
+void dy_outer_cols(int dt, const void* dy, int64_t lddy, int64_t M, int64_t n0, int64_t n1, const float* B, int64_t R,
                    const float* xs, float* g, float* dB, float* colsum, float* buf) {
-  if (R == VW) {
-    dy_outer_cols_rv<1>(dt, dy, lddy, M, n0, n1, B, xs, g, dB, colsum, buf);
-    return true;
-  }
-  if (R == 2 * VW) {
-    dy_outer_cols_rv<2>(dt, dy, lddy, M, n0, n1, B, xs, g, dB, colsum, buf);
-    return true;
-  }
-  return false;
+  if (R == VW) dy_outer_cols_rv<1>(dt, dy, lddy, M, n0, n1, B, xs, g, dB, colsum, buf);
+  else dy_outer_cols_rv<2>(dt, dy, lddy, M, n0, n1, B, xs, g, dB, colsum, buf);
 }
 
 // ---------------------------------------------------------------------------------------------- expand

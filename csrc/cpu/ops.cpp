@@ -993,14 +993,16 @@ at::Tensor quant_grad_x(const at::Tensor& dy, const py::tuple& qt, int64_t tile_
 }
 
 // The fused backward of one adapter with fp32 A, B and h, in one call (each Python-side call of the sequence costs
-// microseconds, which add up at small M): dx = dy W by at::mm in dy's dtype (W given), then lora_dy_pass (g, dB,
-// the column sums; its outer-product kernel with dy_outer) and lora_dx_pass (dx += (g A) * mask in place, dA = g^T
-// drop(x) when x is given). dy (M, N), W (N, K) and x (M, K) activations of one dtype (fp32, bf16 or fp16; any row stride). Returns [dx or undefined, dA or
-// undefined, dB, db = s sum_m dy or undefined (need_db false: a pass over dy that no lora_bias reads)].
+// microseconds, which add up at small M): lora_dy_pass (g, dB, the column sums; its outer-product kernel with
+// dy_outer), dx = dy W (W given) by at::mm in dy's dtype, or with strip by strip_mm in fp32 (the gemv route's one
+// pass over W), then lora_dx_pass (dx += (g A) * mask in place, dA = g^T drop(x) when x is given), dx rounded once to
+// dy's dtype. dy (M, N), W (N, K) and x (M, K) activations of one dtype (fp32, bf16 or fp16; any row stride).
+// Returns [dx or undefined, dA or undefined, dB, db = s sum_m dy or undefined (need_db false: a pass over dy that no
+// lora_bias reads)].
 std::vector<at::Tensor> lora_fused_backward(const at::Tensor& dy, const c10::optional<at::Tensor>& W,
                                             const c10::optional<at::Tensor>& x, const at::Tensor& A,
                                             const at::Tensor& B, const at::Tensor& h, double s, double p,
-                                            int64_t seed, bool need_db, bool dy_outer) {
+                                            int64_t seed, bool need_db, bool dy_outer, bool strip) {
   const int64_t r = A.dim() == 2 ? A.size(0) : -1;
   TORCH_CHECK((!W.has_value() || W->scalar_type() == dy.scalar_type()) &&
                   (!x.has_value() || x->scalar_type() == dy.scalar_type()),
@@ -1010,26 +1012,37 @@ std::vector<at::Tensor> lora_fused_backward(const at::Tensor& dy, const c10::opt
   const at::Tensor dyc = dy.dim() == 2 && dy.stride(1) != 1 ? dy.contiguous() : dy;
   auto gdb = lora_dy_pass(dyc, {B}, h, at::full({r}, s, at::kFloat), true, need_db, dy_outer);
   c10::optional<at::Tensor> dx, xr;
-  if (W.has_value()) dx = at::mm(dy, *W);
+  if (W.has_value()) dx = strip ? strip_mm(dyc, *W) : at::mm(dy, *W);
   if (x.has_value()) xr = x->dim() == 2 && x->stride(1) != 1 ? x->contiguous() : *x;
   at::Tensor dA;
   if (dx.has_value() || xr.has_value()) dA = lora_dx_pass(dx, xr, A, gdb[0], p, seed, c10::nullopt, c10::nullopt);
+  if (dx.has_value() && dx->scalar_type() != dy.scalar_type()) dx = dx->to(dy.scalar_type());
   return {dx.has_value() ? *dx : at::Tensor(), dA, gdb[1], need_db ? gdb[2].mul_(s) : at::Tensor()};
 }
 
-// The terms of one fp32 adapter that reach its input, from g = s dy B (M, r): dx += (g A) * mask/(1-p) in place (dx
-// given) and dA = g^T drop(x) returned (x given, else undefined); with dropout by lora_dx_pass (the mask regenerated,
-// one sweep for both), without by ATen GEMMs, as the Python composition takes them. A (r, K) contiguous.
+// The terms of one fp32 adapter that reach its input, from g = s dy B (M, r) fp32: dx += (g A) * mask/(1-p) in place
+// (dx given) and dA = g^T drop(x) returned (x given, else undefined), as the Python composition takes them: with
+// dropout by lora_dx_pass (the mask regenerated, one sweep for both); without, dx by an ATen GEMM in dx's dtype and
+// dA by an ATen GEMM for fp32 x, by lora_dx_pass for 16-bit x (widened in registers, no copy). A (r, K) contiguous.
 at::Tensor adapter_input_terms(const c10::optional<at::Tensor>& dx, const c10::optional<at::Tensor>& x,
                                const at::Tensor& A, const at::Tensor& g, double p, int64_t seed) {
+  // the passes read x's rows with unit column stride
+  const auto rows = [&]() -> c10::optional<at::Tensor> {
+    if (!x.has_value()) return c10::nullopt;
+    return x->stride(1) == 1 ? *x : x->contiguous();
+  };
   if (p != 0.0) {
     if (!dx.has_value() && !x.has_value()) return at::Tensor();
-    c10::optional<at::Tensor> xr;
-    if (x.has_value()) xr = x->stride(1) == 1 ? *x : x->contiguous();
-    return lora_dx_pass(dx, xr, A, g, p, seed, c10::nullopt, c10::nullopt);
+    return lora_dx_pass(dx, rows(), A, g, p, seed, c10::nullopt, c10::nullopt);
   }
-  if (dx.has_value()) dx->addmm_(g, A);
-  return x.has_value() ? at::mm(g.t(), *x) : at::Tensor();
+  if (dx.has_value()) {
+    const auto dt = dx->scalar_type();
+    if (dt == at::kFloat) dx->addmm_(g, A);
+    else dx->addmm_(g.to(dt), A.to(dt));
+  }
+  if (!x.has_value()) return at::Tensor();
+  if (x->scalar_type() == at::kFloat) return at::mm(g.t(), *x);
+  return lora_dx_pass(c10::nullopt, rows(), A, g, 0.0, 0, c10::nullopt, c10::nullopt);
 }
 
 // Backward of one fp32 adapter at decode-sized M, every step in one call (from Python each of the ~10 small
@@ -1116,9 +1129,8 @@ std::string isa() { return K().isa; }
 // by at::mm for fp32 x without dropout, else by lora_down's kernel; y.addmm_(xa, B^T, alpha=s) in y's dtype) or
 // fused (at::linear, lora_down's kernel, lora_epilogue_); backward small (fp32), fused, compose (dx = dy W, g = s dY
 // B and dB = s (h^T dY)^T by ATen GEMMs in fp32, then dx += g A and dA = g^T x, or lora_dx_pass) or gemv (fused's
-// passes around dx = dy W by strip_mm in fp32, rounded once). Its autograd node
-// runs no Python: at decode sizes the Python of a custom autograd Function and of the route functions costs about as
-// much as the adapter's arithmetic. The caller (Python) checks that the call fits (functional.SettledTrainingCall)
+// passes around dx = dy W by strip_mm in fp32, rounded once). Its autograd node runs no Python: at decode sizes the
+// Python of a custom autograd Function and of the route functions costs about as much as the adapter's arithmetic. The caller (Python) checks that the call fits (functional.SettledTrainingCall)
 // and counts it for the route table.
 enum SettledForward : int64_t { kForwardGemv = 0, kForwardCompose = 1, kForwardFused = 2 };
 enum SettledBackward : int64_t { kBackwardSmall = 0, kBackwardFused = 1, kBackwardCompose = 2, kBackwardGemv = 3 };
@@ -1132,8 +1144,7 @@ at::Tensor settled_down(const at::Tensor& x, const at::Tensor& A, double p, int6
 }
 
 // The compose route's backward of one fp32 adapter (fastpeft.backends.compose.backward): [dx or undefined, dA or
-// undefined, dB]. A 16-bit dy is widened to fp32 once for g and dB; dx (dy's dtype) gets g A in its dtype without
-// dropout, and dA comes from lora_dx_pass (x widened in registers, no copy), as the composition takes them.
+// undefined, dB]. A 16-bit dy is widened to fp32 once for g and dB, as the composition widens it.
 std::vector<at::Tensor> lora_compose_backward(const at::Tensor& dy, const c10::optional<at::Tensor>& W,
                                               const c10::optional<at::Tensor>& x, const at::Tensor& A,
                                               const at::Tensor& B, const at::Tensor& h, double s, double p,
@@ -1144,36 +1155,8 @@ std::vector<at::Tensor> lora_compose_backward(const at::Tensor& dy, const c10::o
   const at::Tensor zero = at::zeros({}, d.options());  // the ignored input of a beta = 0 addmm
   const at::Tensor g = at::addmm(zero, d, B, 0.0, s);
   const at::Tensor dB = at::addmm(zero, h.t(), d, 0.0, s).t();
-  at::Tensor dA;
-  if (dy.scalar_type() == at::kFloat) {
-    dA = adapter_input_terms(dx, x, A, g, p, seed);
-  } else if (p != 0.0) {  // the masked pass: dx updated in place, dA returned
-    c10::optional<at::Tensor> xr;
-    if (x.has_value()) xr = x->stride(1) == 1 ? *x : x->contiguous();
-    if (dx.has_value() || xr.has_value()) dA = lora_dx_pass(dx, xr, A, g, p, seed, c10::nullopt, c10::nullopt);
-  } else {
-    if (dx.has_value()) dx->addmm_(g.to(dy.scalar_type()), A.to(dy.scalar_type()));
-    if (x.has_value())
-      dA = lora_dx_pass(c10::nullopt, x->stride(1) == 1 ? *x : x->contiguous(), A, g, 0.0, 0, c10::nullopt,
-                        c10::nullopt);
-  }
+  const at::Tensor dA = adapter_input_terms(dx, x, A, g, p, seed);
   return {dx.has_value() ? *dx : at::Tensor(), dA, dB};
-}
-
-// The gemv route's backward of one fp32 adapter (cpu._backward_fused with product "gemv"): dx = dy W by strip_mm (one
-// pass over W in column strips, fp32), lora_dy_pass (its outer-product kernel with dy_outer) and lora_dx_pass into
-// that fp32 dx, rounded once to dy's dtype. [dx or undefined, dA or undefined, dB].
-std::vector<at::Tensor> lora_gemv_backward(const at::Tensor& dy, const c10::optional<at::Tensor>& W,
-                                           const c10::optional<at::Tensor>& x, const at::Tensor& A, const at::Tensor& B,
-                                           const at::Tensor& h, double s, double p, int64_t seed, bool dy_outer) {
-  const auto gdb = lora_dy_pass(dy, {B}, h, at::full({A.size(0)}, s, at::kFloat), true, false, dy_outer);
-  c10::optional<at::Tensor> acc;
-  if (W.has_value()) acc = strip_mm(dy, *W);
-  at::Tensor dA;
-  if (acc.has_value() || x.has_value()) dA = lora_dx_pass(acc, x, A, gdb[0], p, seed, c10::nullopt, c10::nullopt);
-  at::Tensor dx;
-  if (acc.has_value()) dx = acc->scalar_type() == dy.scalar_type() ? *acc : acc->to(dy.scalar_type());
-  return {dx, dA, gdb[1]};
 }
 
 struct SettledLoraTraining : public torch::autograd::Function<SettledLoraTraining> {
@@ -1241,9 +1224,9 @@ struct SettledLoraTraining : public torch::autograd::Function<SettledLoraTrainin
       c10::optional<at::Tensor> Wo;
       if (need_dx) Wo = W;
       const bool dy_outer = ctx->saved_data["dy_outer"].toBool();
-      if (route == kBackwardFused) out = lora_fused_backward(dy, Wo, xo, A, B, xa, s, p, seed, false, dy_outer);
-      else if (route == kBackwardGemv) out = lora_gemv_backward(dy, Wo, xo, A, B, xa, s, p, seed, dy_outer);
-      else out = lora_compose_backward(dy, Wo, xo, A, B, xa, s, p, seed);
+      out = route == kBackwardCompose
+                ? lora_compose_backward(dy, Wo, xo, A, B, xa, s, p, seed)
+                : lora_fused_backward(dy, Wo, xo, A, B, xa, s, p, seed, false, dy_outer, route == kBackwardGemv);
     }
     // (x, A, B, W, bias, s, p, seed, prefetch, backward, down, forward_route, dy_outer)
     return {need_dx ? out[0] : at::Tensor(), need_dA ? out[1] : at::Tensor(),
@@ -1348,11 +1331,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dy"), py::arg("W"), py::arg("x"), py::arg("A"), py::arg("B"), py::arg("h"), py::arg("s"),
         py::arg("p"), py::arg("seed"), py::arg("need_dx"), py::arg("need_db") = true);
   m.def("lora_fused_backward", &fastpeft::lora_fused_backward, "(dy, W|None, x|None, A32, B32, h32, s, p, seed, "
-        "need_db=True, dy_outer=False) -> [dx|None, dA|None, dB, db|None]: one adapter's fused backward (dy W by "
-        "at::mm, lora_dy_pass (its outer-product kernel with dy_outer), lora_dx_pass) in one call; dy, W, x of one "
-        "dtype",
+        "need_db=True, dy_outer=False, strip=False) -> [dx|None, dA|None, dB, db|None]: one adapter's fused backward "
+        "(lora_dy_pass, its outer-product kernel with dy_outer; dy W by at::mm, or by strip_mm with strip; "
+        "lora_dx_pass) in one call; dy, W, x of one dtype",
         py::arg("dy"), py::arg("W"), py::arg("x"), py::arg("A"), py::arg("B"), py::arg("h"), py::arg("s"),
-        py::arg("p"), py::arg("seed"), py::arg("need_db") = true, py::arg("dy_outer") = false);
+        py::arg("p"), py::arg("seed"), py::arg("need_db") = true, py::arg("dy_outer") = false,
+        py::arg("strip") = false);
   m.def("strip_mm", &fastpeft::strip_mm, "(a (M, N), w (N, K)) -> a w (M, K) fp32: w read once in column strips, "
         "exact products, fp32 sums");
   m.def("lora_dx_pass", &fastpeft::lora_dx_pass, "(dx|None, x|None, A32, g32, p, seed, extra=None, out=None) -> dA32 "

@@ -344,12 +344,37 @@ def _product_routes(x, weight, forward: bool) -> list[str]:
     return names
 
 
+# ------------------------------------------------------------------------------------ kernel ops kept per call kind
+# lora_down and lora_dy are kernel choices inside routes, called per layer per step: a call whose choice is made takes
+# it from a dict keyed by the few values its route key is made of, and builds no route key (at decode sizes that
+# costs about as much as the pass). Entries: local key -> (routes.choice_state(), TakenRoutes, route).
+
+
+def _kept_kernel(kept: dict, local: tuple) -> Optional[str]:
+    """The route ``kept[local]`` names while the choices it was taken from stand and no confirming measurement is
+    due, the call counted toward it; else None (the caller runs :func:`routes.run`)."""
+    found = kept.get(local)
+    if found is None or found[0] != routes.choice_state() or found[1].due():
+        return None
+    found[1].served()
+    return found[2]
+
+
+def _keep_kernel(kept: dict, local: tuple, op: str, key: routes.RouteKey, eligible) -> bool:
+    """Keep under ``local`` the route of ``key`` among ``eligible`` that later calls may take themselves
+    (:func:`routes.settled_call`); False, and nothing kept, where the next call must go through :func:`routes.run`."""
+    settled = routes.settled_call(key, eligible)
+    if settled is None:
+        kept.pop(local, None)
+        return False
+    kept[local] = (routes.choice_state(), routes.TakenRoutes({op: settled}), settled[0])
+    return True
+
+
 # ---------------------------------------------------------------------------------------------------- lora_down
 _DOWN_ROUTES = ("rows", "transposed", "split")
 
-# (x dtype, M bucket, K, rank, dropout on, split parts) -> (routes.choice_state(), TakenRoutes, route): the settled
-# lora_down choices, so that a call whose choice is made builds no route key (at decode sizes that costs about as
-# much as the pass).
+# (x dtype, M bucket, K, rank, dropout on, split parts) -> the kept lora_down choice (_kept_kernel).
 _down_settled: dict = {}
 
 
@@ -394,28 +419,20 @@ def _lora_xa(x: torch.Tensor, A32: torch.Tensor, p: float, seed: int) -> torch.T
     fp32, the sums fp32) by the kernel op ``lora_down`` measured for this key: ``_C.lora_xa`` over ``A`` as stored
     (``rows``) or transposed (``transposed``), or ``_C.lora_xa_split`` (``split``); they sum in different orders."""
     local = (x.dtype, routes.bucket(x.shape[0]), x.shape[1], A32.shape[0], p > 0, _down_parts(x, A32, p))
-    found = _down_settled.get(local)
-    if found is not None and found[0] == routes.choice_state():
-        taken = found[1]
-        if not taken.due():
-            taken.served()
-            return _down_by(found[2], x, A32, p, seed)
+    route = _kept_kernel(_down_settled, local)
+    if route is not None:
+        return _down_by(route, x, A32, p, seed)
     key = _down_key(x, A32, p)
     eligible = _down_routes(x, A32, p)
     out = routes.run(key, {route: partial(_down_by, route, x, A32, p, seed) for route in eligible})
-    settled = routes.settled_call(key, eligible)
-    if settled is None:
-        _down_settled.pop(local, None)
-    else:
-        _down_settled[local] = (routes.choice_state(), routes.TakenRoutes({"lora_down": settled}), settled[0])
+    _keep_kernel(_down_settled, local, "lora_down", key, eligible)
     return out
 
 
 # ------------------------------------------------------------------------------------------------------ lora_dy
 _DY_ROUTES = ("rows", "outer")
 
-# (dY dtype, M bucket, N, adapters' dtypes, total rank, adapters) -> (routes.choice_state(), TakenRoutes, route): the
-# settled lora_dy choices, as _down_settled keeps lora_down's.
+# (dY dtype, M bucket, N, adapters' dtypes, total rank, adapters) -> the kept lora_dy choice (_kept_kernel).
 _dy_settled: dict = {}
 
 
@@ -435,27 +452,15 @@ def _dy_key(dtype, M: int, N: int, lora_B) -> routes.RouteKey:
 
 def _dy_taken(dtype, M: int, N: int, lora_B, eligible: tuple) -> Optional[str]:
     """The ``lora_dy`` kernel among ``eligible`` that a call takes without measuring (a pin, or a choice made in this
-    process), the call counted toward the choice's confirmation; None where :func:`routes.run` must decide the call
-    (no choice yet, or one due for its confirming measurement). A kept choice builds no route key."""
+    process, kept by :func:`_keep_kernel` first where it is not kept yet), the call counted toward the choice's
+    confirmation; None where :func:`routes.run` must decide the call (no choice yet, or one due for its confirming
+    measurement)."""
     local = (dtype, routes.bucket(M), N, tuple(B.dtype for B in lora_B), sum(B.shape[1] for B in lora_B),
              len(lora_B))
-    found = _dy_settled.get(local)
-    if found is None or found[0] != routes.choice_state():
-        settled = routes.settled_call(_dy_key(dtype, M, N, lora_B), eligible)
-        if settled is None:
-            _dy_settled.pop(local, None)
-            return None
-        found = _dy_settled[local] = (routes.choice_state(), routes.TakenRoutes({"lora_dy": settled}), settled[0])
-    taken = found[1]
-    if taken.due():
-        return None
-    taken.served()
-    return found[2]
-
-
-def _dy_settled_route(dtype, M: int, N: int, lora_B) -> Optional[str]:
-    """:func:`_dy_taken` for a call of ``lora_dy`` that wants ``dB``."""
-    return _dy_taken(dtype, M, N, lora_B, _dy_routes(sum(B.shape[1] for B in lora_B), True))
+    route = _kept_kernel(_dy_settled, local)
+    if route is None and _keep_kernel(_dy_settled, local, "lora_dy", _dy_key(dtype, M, N, lora_B), eligible):
+        route = _kept_kernel(_dy_settled, local)
+    return route
 
 
 def _dy_pass(dy: torch.Tensor, lora_B, xa32: torch.Tensor, svec: torch.Tensor, need_dB: bool, need_colsum: bool):
@@ -467,9 +472,9 @@ def _dy_pass(dy: torch.Tensor, lora_B, xa32: torch.Tensor, svec: torch.Tensor, n
     kernel = _dy_taken(dy.dtype, M, N, lora_B, eligible)
     if kernel is not None:
         return _C.lora_dy_pass(dy, lora_B, xa32, svec, need_dB, need_colsum, kernel == "outer")
-    key = _dy_key(dy.dtype, M, N, lora_B)
-    return routes.run(key, {route: partial(_C.lora_dy_pass, dy, lora_B, xa32, svec, need_dB, need_colsum,
-                                           route == "outer") for route in eligible})
+    return routes.run(_dy_key(dy.dtype, M, N, lora_B),
+                      {route: partial(_C.lora_dy_pass, dy, lora_B, xa32, svec, need_dB, need_colsum, route == "outer")
+                       for route in eligible})
 
 
 # ------------------------------------------------------------------------------------------------ LoRA forward
@@ -665,7 +670,7 @@ def _backward_fused(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seeds
             and weight.dtype == dy.dtype and _all_fp32([lora_A[0], lora_B[0], xa[0]])):
         # One fp32 adapter and dY W in dY's dtype: the sequence below in one C++ call (_C.lora_fused_backward), once
         # the dY pass's kernel is settled (until then the sequence below measures it).
-        kernel = _dy_settled_route(dy.dtype, dy.shape[0], dy.shape[1], lora_B)
+        kernel = _dy_taken(dy.dtype, dy.shape[0], dy.shape[1], lora_B, _dy_routes(lora_A[0].shape[0], True))
         if kernel is not None:
             dx, dA, dB, db = _C.lora_fused_backward(dy, weight.detach() if needs_grad_x else None,
                                                     _rows(x) if needs_grad_A else None, _f32(lora_A[0]),

@@ -42,17 +42,48 @@ inline vf load_f32(const float* p) {
 }
 inline void store_f32(float* p, vf v) { __builtin_memcpy(p, &v, sizeof(v)); }
 
+// VW fp16 values at p as fp32 (exact), and fp32 to fp16 at p with round-to-nearest-even. F16C's vector conversions
+// where the ISA has them: GCC 12 lowers __builtin_convertvector between _Float16 and float vectors to one conversion
+// per element, several times slower than the bf16 passes. Its per-element code uses the same F16C instruction, so
+// the scalar tails (load_act1, store_act1) round exactly as these do.
+inline vf widen_f16(const _Float16* p) {
+#if FASTPEFT_VW == 16
+  return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif FASTPEFT_VW == 8
+  return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  vh h;
+  __builtin_memcpy(&h, p, sizeof(h));
+  return __builtin_convertvector(h, vf);
+#endif
+}
+inline void narrow_f16(vf v, _Float16* p) {
+#if FASTPEFT_VW == 16
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif FASTPEFT_VW == 8
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  vh h = __builtin_convertvector(v, vh);
+  __builtin_memcpy(p, &h, sizeof(h));
+#endif
+}
+
 // Load VW activations of dtype dt as fp32 (bf16 is the top half of an fp32; fp16 converts exactly).
 inline vf load_act(int dt, const void* base, int64_t i) {
   if (dt == kF32) return load_f32(static_cast<const float*>(base) + i);
   if (dt == kBF16) {
+#if FASTPEFT_VW == 16  // one widening move (GCC splits the generic conversion into two halves and an insert)
+    const auto* p = reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i);
+    return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p)), 16);
+#else
     vu16 h;
     __builtin_memcpy(&h, static_cast<const uint16_t*>(base) + i, sizeof(h));
     return (vf)(__builtin_convertvector(h, vu) << 16);
+#endif
   }
-  vh h;
-  __builtin_memcpy(&h, static_cast<const _Float16*>(base) + i, sizeof(h));
-  return __builtin_convertvector(h, vf);
+  return widen_f16(static_cast<const _Float16*>(base) + i);
 }
 
 // Store fp32 as dtype dt with round-to-nearest-even (what torch's .to() does); NaN stays NaN.
@@ -62,12 +93,16 @@ inline void store_act(int dt, void* base, int64_t i, vf v) {
     vu b = (vu)v;
     vu r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
     r = (v != v) ? ((b >> 16) | 0x40u) : r;  // quiet NaN
+#if FASTPEFT_VW == 16  // one narrowing move
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(base) + i),
+                        _mm512_cvtepi32_epi16((__m512i)r));
+    return;
+#endif
     vu16 h = __builtin_convertvector(r, vu16);
     __builtin_memcpy(static_cast<uint16_t*>(base) + i, &h, sizeof(h));
     return;
   }
-  vh h = __builtin_convertvector(v, vh);
-  __builtin_memcpy(static_cast<_Float16*>(base) + i, &h, sizeof(h));
+  narrow_f16(v, static_cast<_Float16*>(base) + i);
 }
 
 // Scalar twins for the tails.

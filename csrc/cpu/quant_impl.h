@@ -97,7 +97,11 @@ inline vf round_to(int dt, vf v) {
     const vu b = (vu)v;
     return (vf)((b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u);
   }
-  if (dt == kF16) return __builtin_convertvector(__builtin_convertvector(v, vh), vf);
+  if (dt == kF16) {
+    _Float16 h[VW];
+    narrow_f16(v, h);
+    return widen_f16(h);
+  }
   return v;
 }
 inline float round_to1(int dt, float v) {

@@ -4,7 +4,7 @@
 layer's GEMMs plus the data movement it names, not something cheaper), and the script prints one row per point
 with the floor's and fastpeft's ratios over the frozen layer. ``benchmarks/bench_dy_pass.py``: a row per shape and
 dtype with both kernels' times, their ratio and difference, the SIMD path it was asked for, and the path restored
-after."""
+after. ``benchmarks/bench_passes.py``: a row per pass and dtype, and its passes compute what they name."""
 
 from __future__ import annotations
 
@@ -92,3 +92,67 @@ def test_dy_pass_script_prints_a_row_per_point_and_restores_the_simd_path(load_b
     assert all(abs(float(c[4]) - float(c[3]) / float(c[2])) <= 0.01 + 0.1 * float(c[4]) for c in cells), cells
     assert all(float(c[5]) < 1e-5 for c in cells), cells
     assert _C.isa() == before
+
+
+def test_passes_script_prints_a_row_per_pass_and_restores_the_simd_path(load_benchmark_script, capsys):
+    from fastpeft import _C
+
+    script = load_benchmark_script("bench_passes")
+    before = _C.isa()
+    threads = torch.get_num_threads()
+    try:
+        script.main(["--shape", "9x70", "--dtypes", "fp32", "fp16", "--rounds", "2", "--threads", "1",
+                     "--isa", "generic", "--r", "8"])  # two vectors of the generic path: the outer dY kernel runs
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "SIMD path generic" in out, out
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith(("| fp32 |", "| fp16 |"))]
+    assert [(c[0], c[1]) for c in rows] == [(dt, name) for dt in ("fp32", "fp16") for name in script.PASSES], rows
+    assert all(len(c) == 3 and float(c[2]) > 0 for c in rows), rows
+    assert _C.isa() == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_passes_script_runs_the_products_it_names(load_benchmark_script, dtype):
+    """Each timed pass against the same products in fp64 on widened inputs."""
+    from fastpeft import _C
+
+    script = load_benchmark_script("bench_passes")
+    gen = torch.Generator().manual_seed(3)
+    M, K, r = 13, 70, 5
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    A, B, g = (torch.randn(*s, generator=gen) for s in ((r, K), (K, r), (M, r)))
+    dst = torch.randn(M, K, generator=gen).to(dtype)
+    calls = script.pass_calls(_C, x, A, B, g)
+    x64, A64, B64, g64, d64 = (t.double() for t in (x, A, B, g, dst))
+    want = {
+        "dx expand": [d64 + g64 @ A64],
+        "dA strips": [g64.t() @ x64],
+        "dy rows": [2.0 * x64 @ B64, 2.0 * x64.t() @ g64],
+        "epilogue": [d64 + g64 @ B64.t()],
+    }
+    if "dy outer" in calls:
+        want["dy outer"] = want["dy rows"]
+    for name, expected in want.items():
+        target = dst.clone()
+        got = calls[name](target)
+        if name in ("dx expand", "epilogue"):
+            got = [target]
+        assert len(got) == len(expected), name
+        for a, b in zip(got, expected):
+            tol = 1e-5 if a.dtype == torch.float32 else 1e-2
+            assert torch.allclose(a.double(), b, rtol=tol, atol=tol * b.abs().max().item()), name
+    # the dropout passes against the mask the backend draws (fastpeft's Philox mask, scaled by 1 / (1 - p))
+    mask = _C.dropout_scale(3, M, K, 0.1, 1 / 0.9).double()
+    (h,) = calls["xa rows"](dst.clone())
+    ref = (x64 * mask) @ A64.t()
+    assert torch.allclose(h.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    mask = _C.dropout_scale(7, M, K, 0.1, 1 / 0.9).double()
+    target = dst.clone()
+    (dA,) = calls["masked both"](target)
+    ref_dA, ref_dx = g64.t() @ (x64 * mask), d64 + (g64 @ A64) * mask
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(dA.double(), ref_dA, rtol=1e-5, atol=1e-5 * ref_dA.abs().max().item())
+    assert torch.allclose(target.double(), ref_dx, rtol=tol, atol=tol * ref_dx.abs().max().item())

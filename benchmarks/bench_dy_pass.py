@@ -42,24 +42,38 @@ def load_build(path: str):
     return module
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", default=SHAPES, help="M x N of dY")
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+def add_build_options(parser: argparse.ArgumentParser, rounds: int) -> None:
+    """The options of a script that times a pass of ``_C``: rank, rounds, threads, SIMD path, another build."""
     parser.add_argument("--r", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=36)
+    parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--isa", default="auto", help="avx512, avx2, generic or auto (both builds)")
     parser.add_argument("--against", help="another build's _C shared object to time beside this one")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+
+
+def open_builds(args) -> dict:
+    """``{"this build": _C}``, after ``{"other build": ...}`` with ``--against``; each on the SIMD path ``--isa``
+    (give it back with ``set_isa("auto")``), torch on ``--threads`` threads."""
     from fastpeft import _C
 
+    torch.set_num_threads(args.threads)
     builds = {"this build": _C}
     if args.against:
         builds = {"other build": load_build(args.against), "this build": _C}
     for module in builds.values():
         module.set_isa(args.isa)
+    return builds
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=SHAPES, help="M x N of dY")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    add_build_options(parser, rounds=36)
+    args = parser.parse_args(argv)
+    from fastpeft import _C
+
+    builds = open_builds(args)
     outer = _C.dy_outer_takes(args.r)
     print(f"{args.threads} threads, r={args.r}, SIMD path {_C.isa()}, outer-product kernel for this rank: {outer}; "
           f"medians of {args.rounds} interleaved rounds after {WARMUP_ROUNDS} warm-up rounds, us")

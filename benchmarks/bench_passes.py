@@ -28,7 +28,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_dy_pass import DTYPES, load_build  # noqa: E402
+from bench_dy_pass import DTYPES, add_build_options, open_builds  # noqa: E402
 from side_by_side import interleaved_medians  # noqa: E402
 
 PASSES = ("dx expand", "dA strips", "masked both", "dy outer", "dy rows", "xa rows", "epilogue")
@@ -71,20 +71,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="512x2048", help="M x K of x")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16", "fp16"], choices=sorted(DTYPES))
-    parser.add_argument("--r", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=31)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--isa", default="auto", help="avx512, avx2, generic or auto (both builds)")
-    parser.add_argument("--against", help="another build's _C shared object to time beside this one")
+    add_build_options(parser, rounds=31)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     from fastpeft import _C
 
-    builds = {"this build": _C}
-    if args.against:
-        builds = {"other build": load_build(args.against), "this build": _C}
-    for module in builds.values():
-        module.set_isa(args.isa)
+    builds = open_builds(args)
     M, K = (int(v) for v in args.shape.lower().split("x"))
     print(f"{args.threads} threads, {M} x {K}, r={args.r}, SIMD path {_C.isa()}; medians of {args.rounds} "
           f"interleaved rounds after {WARMUP_ROUNDS} warm-up rounds, us")

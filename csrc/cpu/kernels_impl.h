@@ -854,6 +854,24 @@ inline void panel_sums(const float* c, int64_t ldc, int64_t R, const float* rows
   }
 }
 
+// expand_block's update of its NB rows for one dtype: the sums stay in registers (the loops unrolled, the dtype
+// fixed at compile time) instead of going through the stack, as they did with the dtype tested per vector.
+template <int NB, int DT>
+inline void add_panel(void* y, int64_t ldy, int64_t n0, const vf (&acc)[NB][EXPAND_NV], const float* mask,
+                      int64_t ldm, const float* bias) {
+#pragma GCC unroll 4
+  for (int i = 0; i < NB; ++i) {
+    void* row = row_ptr(DT, y, ldy, i);
+#pragma GCC unroll 4
+    for (int v = 0; v < EXPAND_NV; ++v) {
+      vf t = acc[i][v];
+      if (mask) t *= load_f32(mask + i * ldm + v * VW);
+      if (bias) t += load_f32(bias + n0 + v * VW);
+      store_act(DT, row, n0 + v * VW, load_act(DT, row, n0 + v * VW) + t);
+    }
+  }
+}
+
 // The NB rows of y from y (ldy apart), columns [n0, n0 + EXPAND_W); rows: (R, .) fp32, ldr floats apart. mask: null,
 // or NB rows of EXPAND_W factors (ldm floats apart) multiplying each row's sum before the bias is added.
 template <int NB>
@@ -862,24 +880,23 @@ void expand_block(int dt, void* y, int64_t ldy, int64_t n0, const float* c, int6
                   const MaskedCorrection* corr = nullptr, int64_t row0 = 0) {
   vf acc[NB][EXPAND_NV];
   panel_sums<NB>(c, ldc, R, rows, ldr, n0, acc);
-  for (int i = 0; i < NB; ++i) {
-    void* row = row_ptr(dt, y, ldy, i);
-    if (corr) {  // out = round(dst + mask t + (mask - 1) extra), dst only read (mask present: outer_cols with p > 0)
-      const float* e = corr->extra + (row0 + i) * corr->ld_extra;
-      void* orow = row_ptr(corr->dt_out, corr->out, corr->ld_out, row0 + i);
-      const vf one = splat(1.f);
-      for (int v = 0; v < EXPAND_NV; ++v) {
-        const vf mk = load_f32(mask + i * ldm + v * VW);
-        const vf val = load_act(dt, row, n0 + v * VW) + mk * acc[i][v] + (mk - one) * load_f32(e + n0 + v * VW);
-        store_act(corr->dt_out, orow, n0 + v * VW, val);
-      }
-      continue;
+  if (!corr) {
+    switch (dt) {
+      case kF32: add_panel<NB, kF32>(y, ldy, n0, acc, mask, ldm, bias); return;
+      case kBF16: add_panel<NB, kBF16>(y, ldy, n0, acc, mask, ldm, bias); return;
+      default: add_panel<NB, kF16>(y, ldy, n0, acc, mask, ldm, bias); return;
     }
+  }
+  // out = round(dst + mask t + (mask - 1) extra), dst only read (mask present: outer_cols with p > 0)
+  const vf one = splat(1.f);
+  for (int i = 0; i < NB; ++i) {
+    const void* row = row_ptr(dt, y, ldy, i);
+    const float* e = corr->extra + (row0 + i) * corr->ld_extra;
+    void* orow = row_ptr(corr->dt_out, corr->out, corr->ld_out, row0 + i);
     for (int v = 0; v < EXPAND_NV; ++v) {
-      vf t = acc[i][v];
-      if (mask) t *= load_f32(mask + i * ldm + v * VW);
-      if (bias) t += load_f32(bias + n0 + v * VW);
-      store_act(dt, row, n0 + v * VW, load_act(dt, row, n0 + v * VW) + t);
+      const vf mk = load_f32(mask + i * ldm + v * VW);
+      const vf val = load_act(dt, row, n0 + v * VW) + mk * acc[i][v] + (mk - one) * load_f32(e + n0 + v * VW);
+      store_act(corr->dt_out, orow, n0 + v * VW, val);
     }
   }
 }

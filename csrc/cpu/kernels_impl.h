@@ -719,10 +719,40 @@ struct OuterShape {
   static constexpr int OH = RV == 1 ? 2 : 1;
 };
 
+// OU columns c .. c + OU of dy_outer_block: acc[i] (row i's share of g) += rows[i][c + u] * B's row c + u, and dB's
+// row c + u += sum_i rows[i][c + u] * xs[i], each column's sum in OH partial chains (halves of the rows) added last.
+template <int NB, int RV, int OU, int OH>
+inline void outer_columns(const float* const* rows, int64_t c, const float* Bc, const float* xs, float* dBc,
+                          vf (&acc)[NB][RV]) {
+  constexpr int64_t R = RV * VW;
+  vf d[OU][OH][RV];
+  for (int u = 0; u < OU; ++u) {
+    vf b[RV];
+    for (int v = 0; v < RV; ++v) b[v] = load_f32(Bc + (c + u) * R + v * VW);
+    for (int h = 0; h < OH; ++h)
+      for (int v = 0; v < RV; ++v) d[u][h][v] = vf{};
+    for (int i = 0; i < NB; ++i) {
+      const vf e = load_splat(rows[i] + c + u);
+      const int h = i * OH / NB;
+      for (int v = 0; v < RV; ++v) {
+        acc[i][v] += e * b[v];
+        d[u][h][v] += e * load_f32(xs + i * R + v * VW);
+      }
+    }
+  }
+  for (int u = 0; u < OU; ++u)
+    for (int v = 0; v < RV; ++v) {
+      vf t = d[u][0][v];
+      for (int h = 1; h < OH; ++h) t += d[u][h][v];
+      float* out = dBc + (c + u) * R + v * VW;
+      store_f32(out, load_f32(out) + t);
+    }
+}
+
 // For NB rows rows[i][0 .. C) (fp32, C = c1 - c0 columns starting at column c0 of B and dB):
 //   g[i * R + j] = sum_{c < C} rows[i][c] * B[(c0 + c) * R + j]           (written)
 //   dB[(c0 + c) * R + j] += sum_{i < NB} rows[i][c] * xs[i * R + j]       (accumulated)
-// R = RV * VW; B (N, R), xs (NB, R) and dB (N, R) fp32 rows.
+// R = RV * VW; B (N, R), xs (NB, R) and dB (N, R) fp32 rows. OuterShape's OU columns a step, the last ones one by one.
 template <int NB, int RV>
 void dy_outer_block(const float* const* rows, int64_t C, int64_t c0, const float* B, const float* xs, float* g,
                     float* dB) {
@@ -736,48 +766,8 @@ void dy_outer_block(const float* const* rows, int64_t C, int64_t c0, const float
   const float* Bc = B + c0 * R;
   float* dBc = dB + c0 * R;
   int64_t c = 0;
-  for (; c + OU <= C; c += OU) {
-    vf d[OU][OH][RV];
-    for (int u = 0; u < OU; ++u) {
-      vf b[RV];
-      for (int v = 0; v < RV; ++v) b[v] = load_f32(Bc + (c + u) * R + v * VW);
-      for (int h = 0; h < OH; ++h)
-        for (int v = 0; v < RV; ++v) d[u][h][v] = vf{};
-      for (int i = 0; i < NB; ++i) {
-        const vf e = load_splat(rows[i] + c + u);
-        const int h = i * OH / NB;
-        for (int v = 0; v < RV; ++v) {
-          acc[i][v] += e * b[v];
-          d[u][h][v] += e * load_f32(xs + i * R + v * VW);
-        }
-      }
-    }
-    for (int u = 0; u < OU; ++u)
-      for (int v = 0; v < RV; ++v) {
-        vf t = d[u][0][v];
-        for (int h = 1; h < OH; ++h) t += d[u][h][v];
-        float* out = dBc + (c + u) * R + v * VW;
-        store_f32(out, load_f32(out) + t);
-      }
-  }
-  for (; c < C; ++c) {
-    vf b[RV], d[RV];
-    for (int v = 0; v < RV; ++v) {
-      b[v] = load_f32(Bc + c * R + v * VW);
-      d[v] = vf{};
-    }
-    for (int i = 0; i < NB; ++i) {
-      const vf e = load_splat(rows[i] + c);
-      for (int v = 0; v < RV; ++v) {
-        acc[i][v] += e * b[v];
-        d[v] += e * load_f32(xs + i * R + v * VW);
-      }
-    }
-    for (int v = 0; v < RV; ++v) {
-      float* out = dBc + c * R + v * VW;
-      store_f32(out, load_f32(out) + d[v]);
-    }
-  }
+  for (; c + OU <= C; c += OU) outer_columns<NB, RV, OU, OH>(rows, c, Bc, xs, dBc, acc);
+  for (; c < C; ++c) outer_columns<NB, RV, 1, 1>(rows, c, Bc, xs, dBc, acc);
   for (int i = 0; i < NB; ++i)
     for (int v = 0; v < RV; ++v) store_f32(g + i * R + v * VW, acc[i][v]);
 }

@@ -1009,11 +1009,11 @@ std::vector<at::Tensor> lora_fused_backward(const at::Tensor& dy, const c10::opt
               "fastpeft._C.lora_fused_backward: dy, W and x must have one dtype, got dy ", dy.scalar_type(),
               W.has_value() ? ", W " : "", W.has_value() ? W->scalar_type() : dy.scalar_type(),
               x.has_value() ? ", x " : "", x.has_value() ? x->scalar_type() : dy.scalar_type());
-  const at::Tensor dyc = dy.dim() == 2 && dy.stride(1) != 1 ? dy.contiguous() : dy;
+  const at::Tensor dyc = unit_column_stride(dy);
   auto gdb = lora_dy_pass(dyc, {B}, h, at::full({r}, s, at::kFloat), true, need_db, dy_outer);
   c10::optional<at::Tensor> dx, xr;
   if (W.has_value()) dx = strip ? strip_mm(dyc, *W) : at::mm(dy, *W);
-  if (x.has_value()) xr = x->dim() == 2 && x->stride(1) != 1 ? x->contiguous() : *x;
+  if (x.has_value()) xr = unit_column_stride(*x);
   at::Tensor dA;
   if (dx.has_value() || xr.has_value()) dA = lora_dx_pass(dx, xr, A, gdb[0], p, seed, c10::nullopt, c10::nullopt);
   if (dx.has_value() && dx->scalar_type() != dy.scalar_type()) dx = dx->to(dy.scalar_type());
@@ -1026,23 +1026,20 @@ std::vector<at::Tensor> lora_fused_backward(const at::Tensor& dy, const c10::opt
 // dA by an ATen GEMM for fp32 x, by lora_dx_pass for 16-bit x (widened in registers, no copy). A (r, K) contiguous.
 at::Tensor adapter_input_terms(const c10::optional<at::Tensor>& dx, const c10::optional<at::Tensor>& x,
                                const at::Tensor& A, const at::Tensor& g, double p, int64_t seed) {
-  // the passes read x's rows with unit column stride
-  const auto rows = [&]() -> c10::optional<at::Tensor> {
-    if (!x.has_value()) return c10::nullopt;
-    return x->stride(1) == 1 ? *x : x->contiguous();
-  };
   if (p != 0.0) {
     if (!dx.has_value() && !x.has_value()) return at::Tensor();
-    return lora_dx_pass(dx, rows(), A, g, p, seed, c10::nullopt, c10::nullopt);
+    c10::optional<at::Tensor> xr;
+    if (x.has_value()) xr = unit_column_stride(*x);
+    return lora_dx_pass(dx, xr, A, g, p, seed, c10::nullopt, c10::nullopt);
   }
-  if (dx.has_value()) {
+  if (dx.has_value()) {  // 16-bit dx: addmm_ in its dtype (Tensor::to costs a dispatch even where it returns t)
     const auto dt = dx->scalar_type();
     if (dt == at::kFloat) dx->addmm_(g, A);
     else dx->addmm_(g.to(dt), A.to(dt));
   }
   if (!x.has_value()) return at::Tensor();
   if (x->scalar_type() == at::kFloat) return at::mm(g.t(), *x);
-  return lora_dx_pass(c10::nullopt, rows(), A, g, 0.0, 0, c10::nullopt, c10::nullopt);
+  return lora_dx_pass(c10::nullopt, unit_column_stride(*x), A, g, 0.0, 0, c10::nullopt, c10::nullopt);
 }
 
 // Backward of one fp32 adapter at decode-sized M, every step in one call (from Python each of the ~10 small
@@ -1113,7 +1110,7 @@ std::vector<at::Tensor> lora_small_backward(const at::Tensor& dy, const at::Tens
   } else if (need_dx || x.has_value()) {
     // dx += g A and dA = g^T x in one pass over column strips, in the kernel table's vectors (this file's loops
     // are SSE2 only), threads splitting the columns
-    const at::Tensor xr = x.has_value() && x->stride(1) != 1 ? x->contiguous() : (x.has_value() ? *x : at::Tensor());
+    const at::Tensor xr = x.has_value() ? unit_column_stride(*x) : at::Tensor();
     if (x.has_value()) dA = at::empty({r, Kd}, at::kFloat);
     column_passes(x.has_value() ? &xr : nullptr, need_dx ? &dx : nullptr, Ac.data_ptr<float>(), M, Kd,
                   g.data_ptr<float>(), r, r, 0.0, 0, x.has_value() ? dA.data_ptr<float>() : nullptr);
@@ -1130,8 +1127,8 @@ std::string isa() { return K().isa; }
 // fused (at::linear, lora_down's kernel, lora_epilogue_); backward small (fp32), fused, compose (dx = dy W, g = s dY
 // B and dB = s (h^T dY)^T by ATen GEMMs in fp32, then dx += g A and dA = g^T x, or lora_dx_pass) or gemv (fused's
 // passes around dx = dy W by strip_mm in fp32, rounded once). Its autograd node runs no Python: at decode sizes the
-// Python of a custom autograd Function and of the route functions costs about as much as the adapter's arithmetic. The caller (Python) checks that the call fits (functional.SettledTrainingCall)
-// and counts it for the route table.
+// Python of a custom autograd Function and of the route functions costs about as much as the adapter's arithmetic.
+// The caller (Python) checks that the call fits (functional.SettledTrainingCall) and counts it for the route table.
 enum SettledForward : int64_t { kForwardGemv = 0, kForwardCompose = 1, kForwardFused = 2 };
 enum SettledBackward : int64_t { kBackwardSmall = 0, kBackwardFused = 1, kBackwardCompose = 2, kBackwardGemv = 3 };
 // lora_down's kernels (fastpeft.backends.cpu._DOWN_ROUTES): rows, transposed, split.
@@ -1166,7 +1163,7 @@ struct SettledLoraTraining : public torch::autograd::Function<SettledLoraTrainin
                             const at::Tensor& B, const at::Tensor& W, const c10::optional<at::Tensor>& bias, double s,
                             double p, int64_t seed, int64_t prefetch, int64_t backward, int64_t down,
                             int64_t forward_route, bool dy_outer) {
-    const at::Tensor xr = x.stride(1) == 1 ? x : x.contiguous();
+    const at::Tensor xr = unit_column_stride(x);
     const auto dtype = x.scalar_type();
     at::Tensor xa, y;
     if (forward_route == kForwardGemv) {
@@ -1213,7 +1210,7 @@ struct SettledLoraTraining : public torch::autograd::Function<SettledLoraTrainin
     const double s = ctx->saved_data["s"].toDouble(), p = ctx->saved_data["p"].toDouble();
     const int64_t seed = ctx->saved_data["seed"].toInt();
     const bool need_dx = ctx->needs_input_grad(0), need_dA = ctx->needs_input_grad(1) && x.defined();
-    const at::Tensor dy = grads[0].stride(1) == 1 ? grads[0] : grads[0].contiguous();
+    const at::Tensor dy = unit_column_stride(grads[0]);
     c10::optional<at::Tensor> xo;
     if (need_dA) xo = x;
     std::vector<at::Tensor> out;
@@ -1320,9 +1317,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_grad_x", &fastpeft::quant_grad_x, "(dy32, qweight, tile_rows|0) -> dy w (M, K) fp32");
   m.def("settled_lora_training", &fastpeft::settled_lora_training,
         "(x (M, K) fp32/bf16/fp16, A, B, W, bias|None, s, p, seed, prefetch, backward 0 small | 1 fused | 2 "
-        "compose | 3 gemv, down 0 rows | 1 transposed | 2 split, forward_route 0 gemv | 1 compose | 2 fused, dy_outer) -> y "
-        "(M, N) with an autograd node in C++: one fp32 adapter's settled training call, x A^T by lora_down's kernel, "
-        "the fused backward's dY pass by lora_dy_pass's outer-product kernel or not",
+        "compose | 3 gemv, down 0 rows | 1 transposed | 2 split, forward_route 0 gemv | 1 compose | 2 fused, "
+        "dy_outer) -> y (M, N) with an autograd node in C++: one fp32 adapter's settled training call, x A^T by "
+        "lora_down's kernel, the fused backward's dY pass by lora_dy_pass's outer-product kernel or not",
         py::arg("x"), py::arg("A"), py::arg("B"), py::arg("W"), py::arg("bias"), py::arg("s"), py::arg("p"),
         py::arg("seed"), py::arg("prefetch"), py::arg("backward"), py::arg("down"),
         py::arg("forward_route") = int64_t(0), py::arg("dy_outer") = false);

@@ -24,6 +24,12 @@ inline at::Tensor contiguous_f32(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
 }
 
+// t itself where its rows have unit column stride (or it is not 2-D: its callers' checks report that), else a
+// contiguous copy: the passes read rows of unit column stride.
+inline at::Tensor unit_column_stride(const at::Tensor& t) {
+  return t.dim() == 2 && t.stride(1) != 1 ? t.contiguous() : t;
+}
+
 // The base bias as the kernels take it: fp32 holding bias's values rounded to x's dtype (the reference adds it in
 // x's dtype), as cpu._bias_as_reference_adds.
 inline at::Tensor bias_as_reference_adds(const at::Tensor& bias, at::ScalarType dtype) {

@@ -350,25 +350,30 @@ def _product_routes(x, weight, forward: bool) -> list[str]:
 # costs about as much as the pass). Entries: local key -> (routes.choice_state(), TakenRoutes, route).
 
 
+def _is_current(found: Optional[tuple]) -> bool:
+    """Whether a kept entry stands: kept, and the choices it was taken from unchanged since."""
+    return found is not None and found[0] == routes.choice_state()
+
+
 def _kept_kernel(kept: dict, local: tuple) -> Optional[str]:
     """The route ``kept[local]`` names while the choices it was taken from stand and no confirming measurement is
     due, the call counted toward it; else None (the caller runs :func:`routes.run`)."""
     found = kept.get(local)
-    if found is None or found[0] != routes.choice_state() or found[1].due():
+    if not _is_current(found) or found[1].due():
         return None
     found[1].served()
     return found[2]
 
 
-def _keep_kernel(kept: dict, local: tuple, op: str, key: routes.RouteKey, eligible) -> bool:
+def _keep_kernel(kept: dict, local: tuple, op: str, key: routes.RouteKey, eligible) -> None:
     """Keep under ``local`` the route of ``key`` among ``eligible`` that later calls may take themselves
-    (:func:`routes.settled_call`); False, and nothing kept, where the next call must go through :func:`routes.run`."""
+    (:func:`routes.settled_call`); nothing kept (and an older entry dropped) where the next call must go through
+    :func:`routes.run`."""
     settled = routes.settled_call(key, eligible)
     if settled is None:
         kept.pop(local, None)
-        return False
-    kept[local] = (routes.choice_state(), routes.TakenRoutes({op: settled}), settled[0])
-    return True
+    else:
+        kept[local] = (routes.choice_state(), routes.TakenRoutes({op: settled}), settled[0])
 
 
 # ---------------------------------------------------------------------------------------------------- lora_down
@@ -457,10 +462,9 @@ def _dy_taken(dtype, M: int, N: int, lora_B, eligible: tuple) -> Optional[str]:
     measurement)."""
     local = (dtype, routes.bucket(M), N, tuple(B.dtype for B in lora_B), sum(B.shape[1] for B in lora_B),
              len(lora_B))
-    route = _kept_kernel(_dy_settled, local)
-    if route is None and _keep_kernel(_dy_settled, local, "lora_dy", _dy_key(dtype, M, N, lora_B), eligible):
-        route = _kept_kernel(_dy_settled, local)
-    return route
+    if not _is_current(_dy_settled.get(local)):  # (a kept choice that is only due stays kept)
+        _keep_kernel(_dy_settled, local, "lora_dy", _dy_key(dtype, M, N, lora_B), eligible)
+    return _kept_kernel(_dy_settled, local)
 
 
 def _dy_pass(dy: torch.Tensor, lora_B, xa32: torch.Tensor, svec: torch.Tensor, need_dB: bool, need_colsum: bool):
